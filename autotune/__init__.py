@@ -1,0 +1,1 @@
+"""Per-SKU tuning of the DSA kernels and the persistent config cache."""

@@ -1,0 +1,1 @@
+"""DeepSeek Sparse Attention: PyTorch ops, autograd, modules and the normative reference."""

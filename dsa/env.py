@@ -1,0 +1,36 @@
+"""Every ``DSA_*`` environment variable, read lazily (never at import time).
+
+| variable | values | meaning |
+|---|---|---|
+| ``DSA_BACKEND`` | ``auto`` (default), ``tilelang``, ``reference`` | which implementation the ops dispatch to |
+| ``DSA_CACHE_DIR`` | a directory | where tuned configs are written and read (default ``~/.cache/dsa-tilelang``) |
+| ``DSA_CPU_COMPILE_FLAGS`` | g++ flags | flags for C-target kernels (default ``-O2``) |
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+BACKENDS = ("auto", "tilelang", "reference")
+_DEFAULT_CACHE_DIR = Path("~/.cache/dsa-tilelang")
+_DEFAULT_CPU_FLAGS = "-O2"
+
+
+def backend() -> str:
+    """The value of ``DSA_BACKEND`` (``auto`` when unset)."""
+    value = os.environ.get("DSA_BACKEND", "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"DSA_BACKEND must be one of {BACKENDS}, got {value!r}")
+    return value
+
+
+def cache_dir() -> Path:
+    """The tuned-config cache directory (``DSA_CACHE_DIR`` or ``~/.cache/dsa-tilelang``)."""
+    raw = os.environ.get("DSA_CACHE_DIR")
+    return Path(raw).expanduser() if raw else _DEFAULT_CACHE_DIR.expanduser()
+
+
+def cpu_compile_flags() -> list[str]:
+    """g++ flags for C-target kernels (``DSA_CPU_COMPILE_FLAGS``, default ``-O2``)."""
+    return os.environ.get("DSA_CPU_COMPILE_FLAGS", _DEFAULT_CPU_FLAGS).split()

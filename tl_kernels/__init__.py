@@ -1,0 +1,1 @@
+"""TileLang kernel builders for DeepSeek Sparse Attention (compile-time parameters only)."""
