@@ -1,0 +1,315 @@
+"""The normative PyTorch definition of every DSA op.
+
+The docstrings in this module are the contract: a kernel is correct when it matches these functions. The math runs
+in float32 (float64 for float64 inputs). Nothing here materialises an ``[S, S_kv]`` matrix per head: ``index_scores``
+and ``sparse_mla`` walk the queries in chunks, so the reference stays usable at a few thousand tokens on a CPU.
+``dense_masked_attention`` is the deliberately obvious full-matrix version, used only as an oracle in tests.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsa import validation
+
+# Elements of the largest intermediate a chunk may hold (about 64 MB of float32), which bounds the reference's memory.
+CHUNK_ELEMENTS = 1 << 24
+INVALID_INDEX = -1
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64 (gradcheck); everything else is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chunk_rows(per_row_elements: int, rows: int) -> int:
+    """How many query rows one chunk may hold so that it stays under ``CHUNK_ELEMENTS``."""
+    return max(1, min(rows, CHUNK_ELEMENTS // max(1, per_row_elements)))
+
+
+def visibility_mask(
+    batch: int,
+    seq: int,
+    seq_kv: int,
+    *,
+    starts: torch.Tensor | None = None,
+    ends: torch.Tensor | None = None,
+    rows: slice = slice(None),
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Which key positions each query of the indexer may see.
+
+    Returns a bool tensor ``[B, len(rows), S_kv]``. Causal (the default) is aligned bottom-right: query ``t`` sees
+    ``s <= t + (S_kv - S)``. With ``starts``/``ends`` (``[B, S]`` int32) query ``t`` sees ``starts[b, t] <= s <
+    ends[b, t]``.
+    """
+    t = torch.arange(seq, device=device)[rows]
+    s = torch.arange(seq_kv, device=device)
+    if starts is None or ends is None:
+        mask = s[None, :] <= (t[:, None] + (seq_kv - seq))
+        return mask.unsqueeze(0).expand(batch, -1, -1)
+    lo = starts[:, rows].to(torch.int64).unsqueeze(-1)
+    hi = ends[:, rows].to(torch.int64).unsqueeze(-1)
+    return (s.view(1, 1, -1) >= lo) & (s.view(1, 1, -1) < hi)
+
+
+def index_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    k_scale: torch.Tensor | None = None,
+    starts: torch.Tensor | None = None,
+    ends: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Lightning-indexer scores of every key position for every query.
+
+    Args:
+        q (torch.Tensor): ``[B, S, H_i, D_i]``, bfloat16 or float8_e4m3fn (the reference also takes float32/float64).
+        k (torch.Tensor): ``[B, S_kv, D_i]``, the same dtype as ``q``.
+        weights (torch.Tensor): ``[B, S, H_i]``, float32: per-head weights. V3.2 folds the query quantisation scale,
+            ``H_i**-0.5`` and ``D_i**-0.5`` into them; this op does not.
+        k_scale (torch.Tensor | None): ``[B, S_kv]``, float32: per-key dequantisation scale; required for FP8 inputs,
+            must be None otherwise.
+        starts, ends (torch.Tensor | None): ``[B, S]``, int32, given together: query ``t`` sees ``starts <= s < ends``
+            (packed variable-length batches). Omitted: causal, aligned bottom-right (``s <= t + S_kv - S``).
+
+    Returns:
+        scores (torch.Tensor): ``[B, S, S_kv]``, float32 (float64 for float64 inputs):
+        ``k_scale[b, s] * sum_j weights[b, t, j] * relu(q[b, t, j] . k[b, s])`` accumulated in float32 where visible,
+        exactly ``-inf`` where not. Differentiable in ``q``, ``k`` and ``weights`` for floating inputs.
+    """
+    validation.check_index_scores(q, k, weights, k_scale, starts, ends)
+    batch, seq, heads, _ = q.shape
+    seq_kv = k.shape[1]
+    dtype = _compute_dtype(q.dtype)
+    kf = k.to(dtype)
+    wf = weights.to(dtype)
+    step = _chunk_rows(heads * seq_kv * batch, seq)
+    chunks = []
+    for t0 in range(0, seq, step):
+        rows = slice(t0, min(seq, t0 + step))
+        logits = torch.einsum("bthd,bsd->bths", q[:, rows].to(dtype), kf)
+        score = torch.einsum("bths,bth->bts", torch.relu(logits), wf[:, rows])
+        if k_scale is not None:
+            score = score * k_scale.to(dtype).unsqueeze(1)
+        visible = visibility_mask(batch, seq, seq_kv, starts=starts, ends=ends, rows=rows, device=q.device)
+        chunks.append(score.masked_fill(~visible, float("-inf")))
+    return torch.cat(chunks, dim=1)
+
+
+def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions of the ``k`` largest finite scores of each row.
+
+    Args:
+        scores (torch.Tensor): ``[B, S, S_kv]``, float32.
+        k (int): ``>= 1``; may exceed ``S_kv``.
+
+    Returns:
+        indices (torch.Tensor): ``[B, S, k]``, int32. The set of the ``k`` largest finite scores of the row (any
+        choice among exact ties). ``-inf`` and NaN are never selected. A row with fewer than ``k`` finite scores returns
+        every finite position and ``-1`` in the rest. No index appears twice; the order within a row is unspecified.
+    """
+    validation.check_topk_indices(scores, k)
+    finite = torch.where(torch.isfinite(scores), scores, torch.full_like(scores, float("-inf")))
+    take = min(k, scores.shape[-1])
+    values, idx = torch.topk(finite, take, dim=-1)
+    idx = idx.to(torch.int32).masked_fill(~torch.isfinite(values), INVALID_INDEX)
+    if take < k:
+        pad = torch.full((*idx.shape[:-1], k - take), INVALID_INDEX, dtype=torch.int32, device=idx.device)
+        idx = torch.cat([idx, pad], dim=-1)
+    return idx
+
+
+def valid_index_mask(indices: torch.Tensor, seq_kv: int, topk_length: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, S, k]`` bool: ``0 <= idx < S_kv`` and, with ``topk_length [B, S]``, position in the row ``< topk_length``."""
+    valid = (indices >= 0) & (indices < seq_kv)
+    if topk_length is not None:
+        position = torch.arange(indices.shape[-1], device=indices.device)
+        valid = valid & (position.view(1, 1, -1) < topk_length.unsqueeze(-1).to(torch.int64))
+    return valid
+
+
+def _effective_lse(lse: torch.Tensor, attn_sink: torch.Tensor | None) -> torch.Tensor:
+    """The softmax denominator's log: ``lse``, or ``logaddexp(lse, sink)`` with an attention sink."""
+    if attn_sink is None:
+        return lse
+    return torch.logaddexp(lse, attn_sink.to(lse.dtype).view(1, 1, -1))
+
+
+def _probabilities(scores: torch.Tensor, log_denominator: torch.Tensor) -> torch.Tensor:
+    """``exp(scores - log_denominator)`` that is 0 (never NaN) where the row is empty (denominator ``-inf``)."""
+    safe = torch.where(torch.isfinite(log_denominator), log_denominator, torch.zeros_like(log_denominator))
+    return torch.exp(scores - safe.unsqueeze(-1))
+
+
+class _SparseMLA(torch.autograd.Function):
+    """Chunked sparse MLA whose backward recomputes the probabilities (no gathered KV is kept between passes)."""
+
+    @staticmethod
+    def forward(ctx, q, kv, indices, sm_scale, d_v, topk_length, attn_sink):  # type: ignore[override]
+        out, lse = _sparse_mla_forward(q, kv, indices, sm_scale, d_v, topk_length, attn_sink)
+        ctx.save_for_backward(q, kv, indices, topk_length, attn_sink, out, lse)
+        ctx.sm_scale, ctx.d_v = sm_scale, d_v
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse):  # type: ignore[override]
+        q, kv, indices, topk_length, attn_sink, out, lse = ctx.saved_tensors
+        dq, dkv, d_sink = _sparse_mla_backward(
+            q, kv, indices, ctx.sm_scale, ctx.d_v, topk_length, attn_sink, out, lse, d_out, d_lse
+        )
+        return dq, dkv, None, None, None, None, d_sink
+
+
+def _gather_rows(kv: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``kv [B, S_kv, D]`` gathered at ``idx [B, c, k]`` (already clamped) -> ``[B, c, k, D]`` in ``dtype``."""
+    batch = kv.shape[0]
+    b = torch.arange(batch, device=kv.device).view(batch, 1, 1)
+    return kv[b, idx].to(dtype)
+
+
+def _chunk_plan(q: torch.Tensor, indices: torch.Tensor) -> int:
+    batch, _, heads, d_qk = q.shape
+    top = indices.shape[-1]
+    return _chunk_rows(batch * top * max(d_qk, heads), q.shape[1])
+
+
+def _chunk_scores(q_c, kv_c, valid_c, sm_scale):
+    """Masked scaled logits ``[B, c, H, k]`` of one chunk (``-inf`` at invalid entries)."""
+    scores = torch.einsum("bchd,bckd->bchk", q_c, kv_c) * sm_scale
+    return scores.masked_fill(~valid_c.unsqueeze(2), float("-inf"))
+
+
+def _sparse_mla_forward(q, kv, indices, sm_scale, d_v, topk_length, attn_sink):
+    batch, seq, heads, _ = q.shape
+    seq_kv = kv.shape[1]
+    dtype = _compute_dtype(q.dtype)
+    lse_dtype = dtype
+    out = torch.empty((batch, seq, heads, d_v), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, seq, heads), dtype=lse_dtype, device=q.device)
+    valid = valid_index_mask(indices, seq_kv, topk_length)
+    step = _chunk_plan(q, indices)
+    for t0 in range(0, seq, step):
+        rows = slice(t0, min(seq, t0 + step))
+        # Clamp the address of invalid entries (their score is masked), exactly as the kernels do.
+        idx = torch.where(valid[:, rows], indices[:, rows].to(torch.int64), 0)
+        kv_c = _gather_rows(kv, idx, dtype)
+        scores = _chunk_scores(q[:, rows].to(dtype), kv_c, valid[:, rows], sm_scale)
+        lse_c = torch.logsumexp(scores, dim=-1)
+        p = _probabilities(scores, _effective_lse(lse_c, attn_sink))
+        out[:, rows] = torch.einsum("bchk,bckd->bchd", p, kv_c[..., :d_v]).to(q.dtype)
+        lse[:, rows] = lse_c
+    return out, lse
+
+
+def _sparse_mla_backward(q, kv, indices, sm_scale, d_v, topk_length, attn_sink, out, lse, d_out, d_lse):
+    batch, seq, heads, d_qk = q.shape
+    seq_kv = kv.shape[1]
+    dtype = _compute_dtype(q.dtype)
+    dq = torch.zeros((batch, seq, heads, d_qk), dtype=dtype, device=q.device)
+    dkv = torch.zeros((batch, seq_kv, d_qk), dtype=dtype, device=q.device)
+    d_sink = torch.zeros((heads,), dtype=dtype, device=q.device) if attn_sink is not None else None
+    valid = valid_index_mask(indices, seq_kv, topk_length)
+    log_denominator = _effective_lse(lse.to(dtype), attn_sink)
+    step = _chunk_plan(q, indices)
+    batch_index = torch.arange(batch, device=q.device).view(batch, 1, 1)
+    for t0 in range(0, seq, step):
+        rows = slice(t0, min(seq, t0 + step))
+        idx = torch.where(valid[:, rows], indices[:, rows].to(torch.int64), 0)
+        kv_c = _gather_rows(kv, idx, dtype)
+        q_c = q[:, rows].to(dtype)
+        scores = _chunk_scores(q_c, kv_c, valid[:, rows], sm_scale)
+        p = _probabilities(scores, log_denominator[:, rows])
+        grad_scores = torch.zeros_like(p)
+        grad_kv = torch.zeros_like(kv_c)
+        if d_out is not None:
+            g = d_out[:, rows].to(dtype)
+            # delta = rowsum(out * d_out) is the softmax Jacobian's correction term (the sink has no value row).
+            delta = (out[:, rows].to(dtype) * g).sum(-1)
+            dp = torch.einsum("bchd,bckd->bchk", g, kv_c[..., :d_v])
+            grad_scores = p * (dp - delta.unsqueeze(-1))
+            grad_kv[..., :d_v] += torch.einsum("bchk,bchd->bckd", p, g)
+            if d_sink is not None:
+                sink_p = _probabilities(attn_sink.to(dtype).view(1, 1, -1, 1), log_denominator[:, rows]).squeeze(-1)
+                d_sink -= (sink_p * delta).sum(dim=(0, 1))
+        if d_lse is not None:
+            # d lse / d score = softmax over the valid scores alone (the sink is not part of lse).
+            grad_scores = grad_scores + _probabilities(scores, lse[:, rows].to(dtype)) * d_lse[:, rows].to(dtype).unsqueeze(-1)
+        grad_scores = grad_scores * sm_scale
+        dq[:, rows] = torch.einsum("bchk,bckd->bchd", grad_scores, kv_c)
+        grad_kv += torch.einsum("bchk,bchd->bckd", grad_scores, q_c)
+        grad_kv = grad_kv * valid[:, rows].unsqueeze(-1)
+        flat = (batch_index * seq_kv + idx).reshape(-1)
+        dkv.view(-1, d_qk).index_add_(0, flat, grad_kv.reshape(-1, d_qk))
+    d_sink_out = d_sink.to(attn_sink.dtype) if d_sink is not None else None
+    return dq.to(q.dtype), dkv.to(kv.dtype), d_sink_out
+
+
+def sparse_mla(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    indices: torch.Tensor,
+    *,
+    sm_scale: float,
+    d_v: int = 512,
+    topk_length: torch.Tensor | None = None,
+    attn_sink: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse multi-head latent attention over selected key positions.
+
+    Args:
+        q (torch.Tensor): ``[B, S, H, d_qk]``, bfloat16 (the reference also takes float32/float64).
+        kv (torch.Tensor): ``[B, S_kv, d_qk]``, the same dtype as ``q``: one latent head shared by every query head;
+            the value is ``kv[..., :d_v]``.
+        indices (torch.Tensor): ``[B, S, k]``, int32. An entry is valid iff ``0 <= idx < S_kv`` and, with
+            ``topk_length``, its position in the row is ``< topk_length[b, t]``. Invalid entries are ignored and
+            never read. Valid duplicates count once per occurrence (gather semantics). No causal masking here.
+        sm_scale (float): softmax scale, required (V3.2 uses ``192**-0.5 * mscale**2``).
+        d_v (int): value width, ``1 <= d_v <= d_qk``.
+        topk_length (torch.Tensor | None): ``[B, S]``, int32: how many leading entries of each row count.
+        attn_sink (torch.Tensor | None): ``[H]``, float32: an extra logit per head in the softmax denominator with
+            no value row.
+
+    Returns:
+        out (torch.Tensor): ``[B, S, H, d_v]``, the dtype of ``q``: softmax over the valid entries of
+        ``sm_scale * q . kv[idx]``, times ``kv[idx, :d_v]``; 0 for a query with no valid entry.
+        lse (torch.Tensor): ``[B, S, H]``, float32 (float64 for float64 inputs): natural-log log-sum-exp of the valid
+        scores alone (the sink excluded); ``-inf`` for a query with no valid entry.
+
+    Differentiable in ``q``, ``kv`` (summed over every query and duplicate that used a row) and ``attn_sink``; the
+    gradient also flows through ``lse``.
+    """
+    validation.check_sparse_mla(q, kv, indices, sm_scale, d_v, topk_length, attn_sink)
+    return _SparseMLA.apply(q, kv, indices, float(sm_scale), int(d_v), topk_length, attn_sink)
+
+
+def dense_masked_attention(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    sm_scale: float,
+    d_v: int,
+    attn_sink: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The obvious full-matrix masked attention, used only as an oracle.
+
+    Args:
+        q (torch.Tensor): ``[B, S, H, d_qk]``; kv (torch.Tensor): ``[B, S_kv, d_qk]`` (same floating dtype).
+        mask (torch.Tensor): ``[B, S, S_kv]`` or ``[B, S, H, S_kv]``, bool: True where a key takes part.
+        sm_scale (float), d_v (int), attn_sink (torch.Tensor | None ``[H]``): as in ``sparse_mla``.
+
+    Returns:
+        ``(out [B, S, H, d_v] in q's dtype, lse [B, S, H])`` with the conventions of ``sparse_mla``.
+    """
+    dtype = _compute_dtype(q.dtype)
+    scores = torch.einsum("bshd,btd->bsht", q.to(dtype), kv.to(dtype)) * sm_scale
+    full_mask = mask.unsqueeze(2) if mask.dim() == 3 else mask
+    scores = scores.masked_fill(~full_mask, float("-inf"))
+    # logsumexp over an all -inf row has a NaN gradient; compute it on zeros there and put -inf back afterwards.
+    empty = ~full_mask.any(dim=-1).expand(scores.shape[:-1])
+    lse = torch.logsumexp(scores.masked_fill(empty.unsqueeze(-1), 0.0), dim=-1).masked_fill(empty, float("-inf"))
+    p = _probabilities(scores, _effective_lse(lse, attn_sink))
+    out = torch.einsum("bsht,btd->bshd", p, kv[..., :d_v].to(dtype))
+    return out.to(q.dtype), lse
