@@ -1,0 +1,344 @@
+"""Compiling builders once per process, passing torch tensors to kernels, and static resource reports for sm_90a.
+
+``get_kernel(builder, target=..., **params)`` is the one way launchers compile: an in-process dict keyed by
+(builder module + qualname, sorted params, canonical target) sits on top of TileLang's own disk cache
+(``$TILELANG_CACHE_DIR``), so a repeated lookup costs about a microsecond and a new process reloads a compiled kernel
+from disk in milliseconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Callable, Hashable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tl_kernels import dsl
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "PASS_CONFIGS_ATTR",
+    "SMEM_LIMIT_BYTES",
+    "StaticReport",
+    "clear_cache",
+    "compile_hopper",
+    "get_kernel",
+    "static_report",
+    "to_kernel_arg",
+    "with_pass_configs",
+]
+
+SMEM_LIMIT_BYTES: int = 227 * 1024
+"""Most shared memory one H100/H200 thread block may use (static + dynamic opt-in)."""
+
+PASS_CONFIGS_ATTR = dsl.PASS_CONFIGS_ATTR
+with_pass_configs = dsl.with_pass_configs
+
+# The C target compiles with the cython adapter; tvm_ffi cannot run "c" in TileLang 0.1.15.
+_CPU_EXECUTION_BACKEND = "cython"
+
+_KernelKey = tuple[str, str, tuple[tuple[str, Hashable], ...], Hashable]
+_KERNELS: dict[_KernelKey, Any] = {}
+_FAST_KERNELS: dict[Hashable, Any] = {}
+_KEY_LOCKS: dict[_KernelKey, threading.Lock] = {}
+_LOCKS_LOCK = threading.Lock()
+
+
+def _target_key(target: dsl.Target) -> Hashable:
+    """A canonical, order-independent, hashable key for a target (``"c"``, a dict, or a ``tvm.target.Target``).
+
+    Cheap on purpose: it runs on every :func:`get_kernel` lookup.
+    """
+    if isinstance(target, str):
+        return target.strip()
+    if isinstance(target, Mapping):
+        try:
+            return tuple(sorted(target.items()))
+        except TypeError:  # unhashable or unorderable values (lists): fall back to canonical JSON
+            return json.dumps(dict(target), sort_keys=True, default=str)
+    export = getattr(target, "export", None)
+    if callable(export):  # tvm.target.Target: its exported config is a plain dict
+        return json.dumps(dict(export()), sort_keys=True, default=str)
+    raise TypeError(f"unsupported target {target!r}")
+
+
+def _compile_target(target: dsl.Target) -> dsl.Target:
+    """The target in the form ``tilelang.compile`` accepts (dicts are copied so callers cannot mutate cache keys)."""
+    if isinstance(target, Mapping):
+        return dict(target)
+    return target
+
+
+def _requested_pass_configs(func: Any) -> dict[str, Any] | None:
+    """The pass configs a prim_func requested through :func:`with_pass_configs`, as plain Python values."""
+    attrs = getattr(func, "attrs", None)
+    if attrs is None or PASS_CONFIGS_ATTR not in attrs:
+        return None
+    configs: dict[str, Any] = {}
+    for key, value in attrs[PASS_CONFIGS_ATTR].items():
+        configs[str(key)] = _to_python(value)
+    return configs
+
+
+def _to_python(value: Any) -> Any:
+    """A TVM attribute value (IntImm, String, ...) as a Python scalar."""
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    if hasattr(value, "value"):  # IntImm / FloatImm / Bool
+        raw = value.value
+        dtype = str(getattr(value, "dtype", ""))
+        return bool(raw) if dtype == "bool" else raw
+    return str(value)
+
+
+def _compile(builder: Callable[..., Any], target: dsl.Target, params: Mapping[str, Any]) -> Any:
+    """Build the prim_func and compile it for ``target`` (TileLang's disk cache makes repeats cheap)."""
+    import tilelang  # imported lazily: importing TileLang loads TVM (about a second)
+
+    from dsa import env
+
+    func = builder(**params, target=target)
+    pass_configs = _requested_pass_configs(func)
+    if dsl.is_cpu(target):
+        return tilelang.compile(
+            func,
+            target=_compile_target(target),
+            execution_backend=_CPU_EXECUTION_BACKEND,
+            compile_flags=env.cpu_compile_flags(),
+            pass_configs=pass_configs,
+        )
+    return tilelang.compile(func, target=_compile_target(target), pass_configs=pass_configs)
+
+
+def get_kernel(builder: Callable[..., Any], *, target: dsl.Target, **params: Hashable) -> Any:
+    """The ``JITKernel`` for ``builder(**params, target=target)``, compiled at most once per process.
+
+    ``params`` must be hashable (ints, floats, strings, bools, tuples). The C target compiles with
+    ``dsa.env.cpu_compile_flags()`` (``-O2`` by default); pass configs come from the prim_func
+    (:func:`tl_kernels.dsl.with_pass_configs`).
+    """
+    # Fast path: the caller's own keyword and target-dict order (one call site always passes the same order), so a
+    # hit costs no sorting. The canonical (sorted) key decides what is compiled; both keys map to the same kernel.
+    raw_target = tuple(target.items()) if type(target) is dict else target  # exact type: cheaper than an ABC check
+    fast_key = (builder, tuple(params.items()), raw_target)
+    try:
+        return _FAST_KERNELS[fast_key]
+    except (KeyError, TypeError):  # TypeError: an unhashable value somewhere; the canonical key will say which
+        pass
+    key: _KernelKey = (builder.__module__, builder.__qualname__, tuple(sorted(params.items())), _target_key(target))
+    with _LOCKS_LOCK:
+        key_lock = _KEY_LOCKS.setdefault(key, threading.Lock())
+    with key_lock:  # two threads asking for the same kernel compile it once; different kernels compile concurrently
+        kernel = _KERNELS.get(key)
+        if kernel is None:
+            logger.info("compiling %s.%s with %s for %s", key[0], key[1], params, target)
+            kernel = _compile(builder, target, params)
+            _KERNELS[key] = kernel
+    try:
+        _FAST_KERNELS[fast_key] = kernel
+    except TypeError:
+        pass
+    return kernel
+
+
+def clear_cache() -> None:
+    """Forget every in-process kernel (TileLang's disk cache is untouched)."""
+    with _LOCKS_LOCK:
+        _KERNELS.clear()
+        _FAST_KERNELS.clear()
+        _KEY_LOCKS.clear()
+
+
+_CPU_VIEWS: dict[torch.dtype, torch.dtype] = {
+    torch.bfloat16: torch.uint16,
+    torch.float8_e4m3fn: torch.uint8,
+}
+
+
+def to_kernel_arg(t: torch.Tensor, target: dsl.Target) -> torch.Tensor:
+    """``t`` as the kernel expects it: on the C target bf16 is viewed as uint16 and float8_e4m3fn as uint8 (no copy,
+    matching :func:`tl_kernels.dsl.storage_dtype`); unchanged otherwise."""
+    if dsl.is_cpu(target):
+        view = _CPU_VIEWS.get(t.dtype)
+        if view is not None:
+            return t.view(view)
+    return t
+
+
+@dataclasses.dataclass(frozen=True)
+class StaticReport:
+    """What ``ptxas -arch=sm_90a -v`` and the generated sources say about a compiled kernel (max over its entries).
+
+    Attributes:
+        registers: registers per thread at launch (a warp-specialised kernel's ``setmaxnreg`` split is not visible).
+        spill_bytes: spill stores plus spill loads, in bytes.
+        smem_bytes: static shared memory (from ptxas) plus the dynamic shared memory the host launches it with.
+        has_wgmma: whether the CUDA source issues Hopper ``wgmma`` instructions.
+        ptxas_log: the full ptxas output, for humans.
+    """
+
+    registers: int
+    spill_bytes: int
+    smem_bytes: int
+    has_wgmma: bool
+    ptxas_log: str
+
+    def problems(self, smem_limit_bytes: int = SMEM_LIMIT_BYTES, *, require_wgmma: bool = False) -> list[str]:
+        """Human-readable reasons this kernel should not be used (empty when it looks fine): any register spill,
+        shared memory over ``smem_limit_bytes``, and (with ``require_wgmma``) a GEMM that fell back from wgmma."""
+        found: list[str] = []
+        if require_wgmma and not self.has_wgmma:
+            found.append("no wgmma in the CUDA source (the GEMMs fell back to mma_sync)")
+        if self.spill_bytes > 0:
+            found.append(f"register spills: {self.spill_bytes} bytes of spill stores+loads")
+        if self.smem_bytes > smem_limit_bytes:
+            found.append(f"shared memory {self.smem_bytes} bytes exceeds the limit of {smem_limit_bytes} bytes")
+        return found
+
+
+@dataclasses.dataclass
+class _EntryUsage:
+    """ptxas figures for one entry function."""
+
+    registers: int = 0
+    spill_bytes: int = 0
+    static_smem_bytes: int = 0
+
+
+_PTXAS_ENTRY = re.compile(r"Compiling entry function '([^']+)'")
+_PTXAS_PROPERTIES = re.compile(r"Function properties for (\S+)")
+_PTXAS_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_USED = re.compile(r"Used (\d+) registers")
+_PTXAS_SMEM = re.compile(r"(\d+) bytes smem")
+_CUDA_ENTRY = re.compile(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)\s*\(")
+_HOST_INT_LITERAL = re.compile(r"^\(*(?:\(int64_t\))?\(*(\d+)\)*$")
+_PTXAS_ARCH = "sm_90a"
+
+
+def _find_ptxas() -> str:
+    """The ptxas of the toolkit TileLang compiles with (its ``CUDA_HOME``, which it reads from the environment or
+    derives from nvcc), else the one on ``PATH``."""
+    from tilelang.env import CUDA_HOME  # no environment reads of our own: TileLang already resolved the toolkit
+
+    if CUDA_HOME:
+        candidate = Path(CUDA_HOME) / "bin" / "ptxas"
+        if candidate.is_file():
+            return str(candidate)
+    found = shutil.which("ptxas")
+    if found is None:
+        raise FileNotFoundError("ptxas not found (set CUDA_HOME or put the CUDA toolkit's bin on PATH)")
+    return found
+
+
+def _parse_ptxas(log: str) -> dict[str, _EntryUsage]:
+    """Per-entry registers, spills and static shared memory from ``ptxas -v`` output."""
+    usage: dict[str, _EntryUsage] = {}
+    current: _EntryUsage | None = None
+    for line in log.splitlines():
+        if (match := _PTXAS_ENTRY.search(line)) or (match := _PTXAS_PROPERTIES.search(line)):
+            current = usage.setdefault(match.group(1), _EntryUsage())
+            continue
+        if current is None:
+            continue
+        if match := _PTXAS_SPILLS.search(line):
+            current.spill_bytes = int(match.group(1)) + int(match.group(2))
+        if match := _PTXAS_USED.search(line):
+            current.registers = int(match.group(1))
+            if smem := _PTXAS_SMEM.search(line):
+                current.static_smem_bytes = int(smem.group(1))
+    return usage
+
+
+def _entry_body(device_source: str, entry: str) -> str:
+    """The CUDA source of ``entry``: every stretch from a declaration or definition of it to the next kernel's (the
+    generated source declares each kernel before defining it); all of the source if ``entry`` is not found."""
+    marks = list(_CUDA_ENTRY.finditer(device_source))
+    ends = [mark.start() for mark in marks[1:]] + [len(device_source)]
+    parts = [device_source[mark.start() : end] for mark, end in zip(marks, ends) if mark.group(1) == entry]
+    return "".join(parts) if parts else device_source
+
+
+def _dynamic_smem_bytes(host_source: str, entry: str, device_source: str) -> int:
+    """The dynamic shared memory ``entry`` is launched with, read from TileLang's generated host code.
+
+    TVM's host code (tvm_ffi backend) calls each device kernel through ``TVMFFIFunctionCall(<entry>_packed,
+    stack_ffi_any, N, ...)``; its launch arguments end with the grid/block extents and, when the kernel declares
+    ``extern __shared__`` memory, the dynamic shared memory size in bytes as the last argument
+    (``stack_ffi_any[N-1].v_int64``). It is a literal for static tile shapes, which every builder here uses.
+    """
+    if "extern __shared__" not in _entry_body(device_source, entry):
+        return 0
+    launch = rf"TVMFFIFunctionCall\({re.escape(entry)}_packed,\s*\(TVMFFIAny\*\)\s*(\w+),\s*(\d+),"
+    call = re.search(launch, host_source)
+    if call is None:
+        raise RuntimeError(f"no launch of {entry!r} found in the host source; cannot read its dynamic shared memory")
+    stack, n_args = call.group(1), int(call.group(2))
+    assignment = re.compile(rf"\b{re.escape(stack)}\)\[{n_args - 1}\]\.v_int64\) = ([^;]+);")
+    values = assignment.findall(host_source[: call.start()])
+    if not values:
+        raise RuntimeError(f"launch of {entry!r}: no value for its last launch argument in the host source")
+    literal = _HOST_INT_LITERAL.match(values[-1].replace(" ", ""))
+    if literal is None:
+        raise RuntimeError(f"launch of {entry!r}: dynamic shared memory is not a constant ({values[-1]!r})")
+    return int(literal.group(1))
+
+
+def _kernel_ptx(kernel: Any) -> str:
+    """The PTX of a CUDA-compiled JITKernel (TileLang reruns nvcc on its source; ``export_ptx`` only logs errors)."""
+    return kernel._get_ptx()  # noqa: SLF001 - private, but the public export_ptx swallows failures
+
+
+def static_report(kernel: Any) -> StaticReport:
+    """Registers, spills, shared memory and wgmma use of a kernel compiled for sm_90a (max over entry functions).
+
+    Exports the PTX, runs ``ptxas -arch=sm_90a -v`` on it in a temporary directory, adds each entry's dynamic shared
+    memory (from the generated host code, see ``_dynamic_smem_bytes``) to ptxas's static figure, and looks for
+    ``wgmma`` in the CUDA source.
+    """
+    device_source = kernel.get_kernel_source()
+    host_source = kernel.get_host_source() or ""
+    ptx = _kernel_ptx(kernel)
+    with tempfile.TemporaryDirectory(prefix="dsa-ptxas-") as tmp:
+        ptx_path = Path(tmp) / "kernel.ptx"
+        ptx_path.write_text(ptx)
+        result = subprocess.run(
+            [_find_ptxas(), f"-arch={_PTXAS_ARCH}", "-v", str(ptx_path), "-o", str(Path(tmp) / "kernel.cubin")],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=tmp,
+        )
+    log = result.stdout + result.stderr
+    if result.returncode != 0:
+        raise RuntimeError(f"ptxas failed ({result.returncode}):\n{log}")
+    usage = _parse_ptxas(log)
+    if not usage:
+        raise RuntimeError(f"no entry functions in the ptxas output:\n{log}")
+    entries = set(_CUDA_ENTRY.findall(device_source)) or set(usage)
+    smem = 0
+    for name, entry in usage.items():
+        dynamic = _dynamic_smem_bytes(host_source, name, device_source) if name in entries else 0
+        smem = max(smem, entry.static_smem_bytes + dynamic)
+    return StaticReport(
+        registers=max(entry.registers for entry in usage.values()),
+        spill_bytes=max(entry.spill_bytes for entry in usage.values()),
+        smem_bytes=smem,
+        has_wgmma="wgmma" in device_source,
+        ptxas_log=log,
+    )
+
+
+def compile_hopper(builder: Callable[..., Any], **params: Hashable) -> tuple[Any, StaticReport]:
+    """Compile ``builder(**params)`` for sm_90a (through :func:`get_kernel`) and return it with its static report."""
+    kernel = get_kernel(builder, target=dsl.HOPPER_TARGET, **params)
+    return kernel, static_report(kernel)

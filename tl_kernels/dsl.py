@@ -1,0 +1,235 @@
+"""Helpers that let one TileLang builder lower for both the C target (CPU tier) and sm_90a (build/GPU tiers).
+
+The C target of TileLang 0.1.15 cannot hold ``alloc_shared``/``alloc_fragment`` buffers, cannot index local buffers
+from ``T.Parallel`` loops and has no C type for ``bfloat16`` or ``float8``. Builders therefore
+
+* allocate through :func:`allocators` (``shared``/``fragment``/``parallel`` map to ``alloc_local``/``alloc_local``/
+  ``T.grid`` on the C target and to the real thing on CUDA),
+* declare tensor dtypes through :func:`storage_dtype` (bf16 travels as ``uint16``, e4m3 as ``uint8`` on the C target;
+  the launcher views torch tensors to match with :func:`tl_kernels.build.to_kernel_arg`),
+* convert loaded elements with :func:`load_f32` and produce bf16 outputs with :func:`store_bf16`, which decode/encode
+  the bits on the C target and are plain casts on CUDA.
+
+Bit reinterpretation: ``T.reinterpret(value, dtype)`` (the 0.1.15 argument order; ``(dtype, value)`` is deprecated)
+lowers on the C target to ``*(float *)(&v_)`` over a local temporary (checked bit-exactly against torch in
+``tests/test_build_infra.py``: all 256 e4m3 codes, all 65536 bf16 codes, random and special float32 for rounding). The
+codecs use integer shifts and ``T.reinterpret`` only; NaN is detected on the bits, not by float comparison, so they stay
+correct under ``-ffast-math``.
+
+Builder modules with ``from __future__ import annotations``: ``T.prim_func`` evaluates string annotations against the
+kernel's globals plus the builder locals its *body* uses (its closure), so a local named only in an annotation (e.g. a
+``dtype = dsl.storage_dtype(...)`` used only in ``T.Tensor(shape, dtype)``) raises ``NameError``. Avoid the future
+import in builder modules, or make sure such names also appear in the body.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import tilelang.language as T
+from tvm import tirx
+
+__all__ = [
+    "CPU_TARGET",
+    "HOPPER_TARGET",
+    "Allocators",
+    "Target",
+    "allocators",
+    "is_cpu",
+    "load_f32",
+    "storage_dtype",
+    "store_bf16",
+    "with_pass_configs",
+]
+
+CPU_TARGET: str = "c"
+"""TileLang's C target: the grid becomes serial loops compiled by g++ (CPU tier)."""
+
+HOPPER_TARGET: dict[str, str] = {"kind": "cuda", "arch": "sm_90a"}
+"""sm_90a (not sm_90): nvcc rejects TileLang's ``warpgroup_reg_alloc`` without the ``a`` features."""
+
+PASS_CONFIGS_ATTR = "dsa.pass_configs"
+"""PrimFunc attribute through which a builder asks ``tl_kernels.build.get_kernel`` for TileLang pass configs."""
+
+Target = Any
+"""``"c"``, a target dict such as :data:`HOPPER_TARGET`, or a ``tvm.target.Target``."""
+
+# Target kinds that mean "runs on the host CPU". llvm is listed for completeness (the 0.1.15 wheel has no LLVM).
+_CPU_KINDS = frozenset({"c", "llvm"})
+
+_BF16_NAMES = frozenset({"bfloat16", "bf16"})
+_E4M3_NAMES = frozenset({"float8_e4m3fn", "float8_e4m3"})
+_BF16_STORAGE = "uint16"
+_E4M3_STORAGE = "uint8"
+
+# Bit layout constants of the formats decoded/encoded on the C target.
+_F32_EXPONENT_BIAS = 127
+_F32_MANTISSA_BITS = 23
+_F32_SIGN_BIT = 31
+_BF16_SHIFT = 16  # bf16 is the upper half of a float32
+_BF16_QUIET_NAN = 0x7FC0
+_BF16_SIGN_MASK = 0x8000
+_BF16_ROUND_BIAS = 0x7FFF  # plus the lowest kept bit gives round-to-nearest-even
+_F32_ABS_MASK = 0x7FFFFFFF
+_F32_INF_BITS = 0x7F800000
+_E4M3_EXPONENT_BIAS = 7
+_E4M3_MANTISSA_BITS = 3
+_E4M3_EXPONENT_MASK = 0xF
+_E4M3_MANTISSA_MASK = 0x7
+_E4M3_ABS_MASK = 0x7F
+_E4M3_NAN_ABS = 0x7F  # e4m3fn has no infinities; S.1111.111 is its only NaN
+_E4M3_SIGN_BIT = 7
+# A subnormal e4m3 value is mantissa * 2^(1 - bias - mantissa_bits) = mantissa * 2^-9 (exact in float32).
+_E4M3_SUBNORMAL_SCALE = 2.0 ** (1 - _E4M3_EXPONENT_BIAS - _E4M3_MANTISSA_BITS)
+
+
+def _target_kind(target: Target) -> str:
+    """The target's kind name (``"c"``, ``"cuda"``, ...)."""
+    if isinstance(target, str):
+        # "c" or a JSON-free kind name; CLI strings such as "cuda -arch=..." are rejected by TileLang anyway.
+        return target.split()[0].strip().lower()
+    if isinstance(target, Mapping):
+        return str(target["kind"]).lower()
+    kind = getattr(target, "kind", None)
+    if kind is not None:  # tvm.target.Target
+        return str(getattr(kind, "name", kind)).lower()
+    raise TypeError(f"unsupported target {target!r}: expected 'c', a dict with 'kind', or a tvm.target.Target")
+
+
+def is_cpu(target: Target) -> bool:
+    """Whether ``target`` lowers to host C code (the CPU tier) rather than CUDA."""
+    return _target_kind(target) in _CPU_KINDS
+
+
+class Allocators:
+    """Buffer allocation and parallel loops that lower on both targets.
+
+    On CUDA: ``shared`` -> ``T.alloc_shared``, ``fragment`` -> ``T.alloc_fragment``, ``parallel`` -> ``T.Parallel``.
+    On the C target: ``shared``/``fragment`` -> ``T.alloc_local`` (the C target supports one ``alloc_shared`` at most
+    and no fragments) and ``parallel`` -> ``T.grid`` (``T.Parallel`` cannot index local buffers there).
+    """
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.cpu = is_cpu(target)
+
+    def shared(self, shape: Any, dtype: str, **kwargs: Any) -> tirx.Buffer:
+        """A shared-memory tile on CUDA (``kwargs`` such as ``scope`` pass through there), a local array on CPU."""
+        if self.cpu:
+            return T.alloc_local(shape, dtype)
+        return T.alloc_shared(shape, dtype, **kwargs)
+
+    def fragment(self, shape: Any, dtype: str) -> tirx.Buffer:
+        """A register fragment on CUDA, a local array on CPU."""
+        if self.cpu:
+            return T.alloc_local(shape, dtype)
+        return T.alloc_fragment(shape, dtype)
+
+    def local(self, shape: Any, dtype: str) -> tirx.Buffer:
+        """A per-thread local array on both targets."""
+        return T.alloc_local(shape, dtype)
+
+    def parallel(self, *extents: Any, **kwargs: Any) -> Any:
+        """A ``T.Parallel`` loop nest on CUDA (``kwargs`` such as ``coalesced_width`` pass through there), a serial
+        ``T.grid`` nest on CPU (use as ``for i, j in ...``)."""
+        if self.cpu:
+            return T.grid(*extents)
+        return T.Parallel(*extents, **kwargs)
+
+
+def allocators(target: Target) -> Allocators:
+    """The :class:`Allocators` for ``target``."""
+    return Allocators(target)
+
+
+def with_pass_configs(func: tirx.PrimFunc, pass_configs: Mapping[str, Any]) -> tirx.PrimFunc:
+    """``func`` carrying ``pass_configs`` that ``tl_kernels.build.get_kernel`` passes to ``tilelang.compile``.
+
+    Builders return ``dsl.with_pass_configs(main, {"tl.disable_warp_specialized": True})`` instead of ``main``.
+    """
+    return func.with_attr(PASS_CONFIGS_ATTR, {str(k): v for k, v in pass_configs.items()})
+
+
+def _canonical_dtype(dtype: Any) -> str:
+    """A dtype name as a plain string (accepts ``str``, ``tvm.DataType`` or ``torch.dtype``)."""
+    name = str(dtype)
+    return name.removeprefix("torch.")
+
+
+def storage_dtype(dtype: Any, target: Target) -> str:
+    """How a tensor of logical ``dtype`` is declared in the kernel signature for ``target``.
+
+    On the C target ``bfloat16 -> uint16`` and ``float8_e4m3fn``/``float8_e4m3 -> uint8`` (no C type exists for
+    them); everything else, and every dtype on CUDA, is unchanged.
+    """
+    name = _canonical_dtype(dtype)
+    if is_cpu(target):
+        if name in _BF16_NAMES:
+            return _BF16_STORAGE
+        if name in _E4M3_NAMES:
+            return _E4M3_STORAGE
+    return name
+
+
+def _decode_bf16_bits(bits: tirx.PrimExpr) -> tirx.PrimExpr:
+    """float32 from the 16 bf16 bits in ``bits`` (a ``uint16`` expression): the bits are the float32's upper half."""
+    widened = T.shift_left(T.Cast("uint32", bits), T.uint32(_BF16_SHIFT))
+    return T.reinterpret(widened, "float32")
+
+
+def _decode_e4m3_bits(bits: tirx.PrimExpr) -> tirx.PrimExpr:
+    """float32 from the 8 float8_e4m3fn bits in ``bits`` (a ``uint8`` expression), exactly.
+
+    Normal numbers rebias the 4-bit exponent (bias 7 -> 127) and widen the 3-bit mantissa; subnormals are
+    ``mantissa * 2^-9``; ``S.1111.111`` is NaN (e4m3fn has no infinities). The sign is ORed in as a bit, so
+    ``0x80`` decodes to ``-0.0``.
+    """
+    code = T.Cast("uint32", bits)
+    exponent = T.bitwise_and(T.shift_right(code, T.uint32(_E4M3_MANTISSA_BITS)), T.uint32(_E4M3_EXPONENT_MASK))
+    mantissa = T.bitwise_and(code, T.uint32(_E4M3_MANTISSA_MASK))
+    sign = T.shift_left(T.shift_right(code, T.uint32(_E4M3_SIGN_BIT)), T.uint32(_F32_SIGN_BIT))
+    normal_bits = T.bitwise_or(
+        T.shift_left(exponent + T.uint32(_F32_EXPONENT_BIAS - _E4M3_EXPONENT_BIAS), T.uint32(_F32_MANTISSA_BITS)),
+        T.shift_left(mantissa, T.uint32(_F32_MANTISSA_BITS - _E4M3_MANTISSA_BITS)),
+    )
+    subnormal = T.Cast("float32", mantissa) * T.float32(_E4M3_SUBNORMAL_SCALE)
+    magnitude_bits = T.if_then_else(
+        T.bitwise_and(code, T.uint32(_E4M3_ABS_MASK)) == T.uint32(_E4M3_NAN_ABS),
+        T.uint32(_BF16_QUIET_NAN << _BF16_SHIFT),
+        T.if_then_else(exponent == T.uint32(0), T.reinterpret(subnormal, "uint32"), normal_bits),
+    )
+    return T.reinterpret(T.bitwise_or(magnitude_bits, sign), "float32")
+
+
+def load_f32(value: tirx.PrimExpr, dtype: Any, target: Target) -> tirx.PrimExpr:
+    """float32 of one loaded element whose logical dtype is ``dtype``, carried in ``storage_dtype(dtype, target)``.
+
+    On the C target bf16 (``uint16`` bits) and e4m3 (``uint8`` bits) are decoded bit-exactly; other dtypes, and every
+    dtype on CUDA, are cast. ``value`` may appear more than once in the returned expression (the compiler CSEs the
+    loads), so pass a load or a local, not an expression with side effects such as an atomic.
+    """
+    name = _canonical_dtype(dtype)
+    if is_cpu(target):
+        if name in _BF16_NAMES:
+            return _decode_bf16_bits(value)
+        if name in _E4M3_NAMES:
+            return _decode_e4m3_bits(value)
+    return T.Cast("float32", value)
+
+
+def store_bf16(value_f32: tirx.PrimExpr, target: Target) -> tirx.PrimExpr:
+    """The storage form of ``bfloat16(value_f32)``: ``uint16`` bits on the C target, a ``bfloat16`` cast on CUDA.
+
+    Rounds to nearest even (ties to the even bf16), overflows to +-inf like torch, and keeps NaN a (quiet) NaN:
+    without the NaN branch the rounding bias could carry a NaN payload into the exponent and produce inf.
+    """
+    if not is_cpu(target):
+        return T.Cast("bfloat16", value_f32)
+    bits = T.reinterpret(T.Cast("float32", value_f32), "uint32")
+    is_nan = T.bitwise_and(bits, T.uint32(_F32_ABS_MASK)) > T.uint32(_F32_INF_BITS)
+    lowest_kept = T.bitwise_and(T.shift_right(bits, T.uint32(_BF16_SHIFT)), T.uint32(1))
+    rounded = T.shift_right(bits + T.uint32(_BF16_ROUND_BIAS) + lowest_kept, T.uint32(_BF16_SHIFT))
+    sign = T.bitwise_and(T.shift_right(bits, T.uint32(_BF16_SHIFT)), T.uint32(_BF16_SIGN_MASK))
+    nan_bits = T.bitwise_or(sign, T.uint32(_BF16_QUIET_NAN))
+    return T.Cast(_BF16_STORAGE, T.if_then_else(is_nan, nan_bits, rounded))
