@@ -138,8 +138,9 @@ def _effective_lse(lse: torch.Tensor, attn_sink: torch.Tensor | None) -> torch.T
 
 
 def _probabilities(scores: torch.Tensor, log_denominator: torch.Tensor) -> torch.Tensor:
-    """``exp(scores - log_denominator)`` that is 0 (never NaN) where the row is empty (denominator ``-inf``)."""
-    safe = torch.where(torch.isfinite(log_denominator), log_denominator, torch.zeros_like(log_denominator))
+    """``exp(scores - log_denominator)``: 0 (never NaN) where the row is empty (denominator ``-inf``)."""
+    # Only an empty row (-inf) needs a stand-in; a +inf denominator (an infinite sink) correctly gives 0 everywhere.
+    safe = torch.where(torch.isneginf(log_denominator), torch.zeros_like(log_denominator), log_denominator)
     return torch.exp(scores - safe.unsqueeze(-1))
 
 
@@ -156,7 +157,7 @@ class _SparseMLA(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out, d_lse):  # type: ignore[override]
         q, kv, indices, topk_length, attn_sink, out, lse = ctx.saved_tensors
-        dq, dkv, d_sink = _sparse_mla_backward(
+        dq, dkv, d_sink = sparse_mla_backward(
             q, kv, indices, ctx.sm_scale, ctx.d_v, topk_length, attn_sink, out, lse, d_out, d_lse
         )
         return dq, dkv, None, None, None, None, d_sink
@@ -203,7 +204,13 @@ def _sparse_mla_forward(q, kv, indices, sm_scale, d_v, topk_length, attn_sink):
     return out, lse
 
 
-def _sparse_mla_backward(q, kv, indices, sm_scale, d_v, topk_length, attn_sink, out, lse, d_out, d_lse):
+def sparse_mla_backward(q, kv, indices, sm_scale, d_v, topk_length, attn_sink, out, lse, d_out, d_lse):
+    """Gradients of ``sparse_mla`` recomputed from ``out`` and ``lse`` (chunked, nothing gathered is kept).
+
+    Args are those of ``sparse_mla`` plus ``out``/``lse`` from the forward and the incoming ``d_out [B, S, H, d_v]``
+    and ``d_lse [B, S, H]`` (either may be None). Returns ``(dq [B, S, H, d_qk], dkv [B, S_kv, d_qk], d_sink [H] or
+    None)`` in the dtypes of ``q``, ``kv`` and ``attn_sink``; ``dkv`` sums every query and duplicate that used a row.
+    """
     batch, seq, heads, d_qk = q.shape
     seq_kv = kv.shape[1]
     dtype = _compute_dtype(q.dtype)

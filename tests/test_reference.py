@@ -302,3 +302,17 @@ def test_pipeline_equals_v32_index_mask_formulation(batch, seq, extra_kv, heads,
         chosen = scores[b, t, indices[b, t][indices[b, t] >= 0].long()]
         oracle = scores[b, t, top[b, t]]
         assert torch.equal(chosen.sort().values, oracle[torch.isfinite(oracle)].sort().values), (b, t)
+
+
+def test_infinite_sinks():
+    """Pinned edge cases (found in review): a +inf sink takes all the mass (out = 0), a -inf sink is no sink."""
+    g = sts.generator(11)
+    q, kv = torch.randn(1, 2, 3, 8, generator=g), torch.randn(1, 5, 8, generator=g)
+    indices = torch.tensor([[[0, 1, 4], [2, -1, 3]]], dtype=torch.int32)
+    plain_out, plain_lse = reference.sparse_mla(q, kv, indices, sm_scale=0.5, d_v=6)
+    sink = torch.tensor([float("inf"), float("-inf"), 0.0])
+    out, lse = reference.sparse_mla(q, kv, indices, sm_scale=0.5, d_v=6, attn_sink=sink)
+    assert not out.isnan().any()
+    assert (out[:, :, 0] == 0).all()
+    assert_close(out[:, :, 1], plain_out[:, :, 1], atol=1e-7, rtol=1e-6)
+    assert_close(lse, plain_lse, atol=0, rtol=0, min_cos=None, name="lse")

@@ -1,0 +1,399 @@
+"""The op primitives as ``torch.library`` custom ops (namespace ``dsa``) and the autograd Functions over them.
+
+Primitives (each takes the already-chosen ``backend``, ``"tilelang"`` or ``"reference"``, as its last argument, so a
+compiled graph runs the implementation chosen when it was traced):
+
+| op | returns | implementation |
+|---|---|---|
+| ``dsa::index_scores`` | scores | launcher ``dsa.launch.indexer`` or ``dsa.reference.index_scores`` |
+| ``dsa::index_scores_bwd`` | (dq, dk, dweights) | PyTorch for both backends (there is no indexer backward kernel) |
+| ``dsa::topk_indices`` | indices | launcher ``dsa.launch.topk`` or ``dsa.reference.topk_indices`` |
+| ``dsa::sparse_mla`` | (out, lse) | launcher ``dsa.launch.sparse_mla_fwd`` or the reference forward |
+| ``dsa::sparse_mla_bwd`` | (dq, dkv) | launcher ``dsa.launch.sparse_mla_bwd`` or the reference's recompute backward |
+
+Each has a fake (meta) implementation, so ``torch.compile(fullgraph=True)`` traces through them. The ops are defined
+with ``torch.library.Library`` (not ``torch.library.custom_op``): its Python wrapper costs tens of microseconds per
+call, the plain dispatcher path a few. In eager mode the Functions below call the implementations directly (no
+dispatcher at all); under ``torch.compile`` they call the registered ops. Both paths run the same functions.
+
+Gradients:
+- ``sparse_mla``: ``dq``, ``dkv`` and ``d attn_sink``. ``lse`` is an output without gradient
+  (``mark_non_differentiable``): the backward kernel takes no ``d_lse``. The sink gradient is computed in PyTorch
+  from ``out``, ``d_out`` and ``lse`` (``-sum_{b,t} p_sink * rowsum(out * d_out)``), the same for both backends.
+- ``index_scores``: gradients for ``q``/``k`` when they are floating point (bfloat16, float32, float64) and for
+  ``weights`` always. FP8 ``q``/``k`` get none (quantisation has no useful derivative); ``weights`` still trains.
+  Positions that are invisible (score ``-inf``) receive no gradient.
+- ``topk_indices``: integer output, no gradient.
+
+The launchers are imported lazily on the first TileLang call (importing them compiles nothing).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from types import ModuleType
+
+import torch
+
+from dsa import reference
+from dsa.hardware import TILELANG
+
+_LAUNCH_INDEXER = "dsa.launch.indexer"
+_LAUNCH_TOPK = "dsa.launch.topk"
+_LAUNCH_SPARSE_MLA_FWD = "dsa.launch.sparse_mla_fwd"
+_LAUNCH_SPARSE_MLA_BWD = "dsa.launch.sparse_mla_bwd"
+
+FP8_DTYPES = (torch.float8_e4m3fn,)
+
+OptTensor = torch.Tensor | None
+
+# Bound the index_scores backward's largest intermediate ([B, rows, H_i, S_kv] float32) like the reference does.
+_BWD_CHUNK_ELEMENTS = 1 << 24
+
+
+def launcher(name: str) -> ModuleType:
+    """The launcher module ``name``, imported on first use (a ``sys.modules`` hit afterwards).
+
+    The function is looked up on the module at every call, so tests can replace it with a spy.
+    """
+    module = sys.modules.get(name)
+    return module if module is not None else importlib.import_module(name)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Implementations (plain functions; eager calls them directly, the registered ops wrap them).
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def index_scores_impl(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    weights: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    starts: torch.Tensor | None,
+    ends: torch.Tensor | None,
+    backend: str,
+) -> torch.Tensor:
+    """Forward of ``index_scores`` (contract in ``dsa.reference.index_scores``): scores ``[B, S, S_kv]`` float32."""
+    if backend == TILELANG:
+        return launcher(_LAUNCH_INDEXER).index_scores(q, k, weights, k_scale=k_scale, starts=starts, ends=ends)
+    with torch.no_grad():
+        return reference.index_scores(q, k, weights, k_scale=k_scale, starts=starts, ends=ends)
+
+
+def index_scores_bwd_impl(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    weights: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    starts: torch.Tensor | None,
+    ends: torch.Tensor | None,
+    d_scores: torch.Tensor,
+    need_qk: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of ``index_scores`` by recomputation, in float32 (float64 for float64 inputs), chunked over queries.
+
+    With ``G = d_scores * k_scale`` on visible positions (0 elsewhere) and ``L = q . k``:
+    ``dweights[t, j] = sum_s G[t, s] relu(L[t, j, s])``, ``dL = G * weights * (L > 0)``, ``dq = dL k``, ``dk = dL^T q``.
+
+    Args:
+        q ``[B, S, H_i, D_i]``, k ``[B, S_kv, D_i]``, weights ``[B, S, H_i]``, k_scale ``[B, S_kv]`` or None,
+        starts/ends ``[B, S]`` int32 or None: the forward's inputs.
+        d_scores (torch.Tensor): ``[B, S, S_kv]``, float: the gradient of the scores (ignored where invisible).
+        need_qk (bool): compute ``dq``/``dk``; when False they are returned empty (``[0]``), e.g. for FP8 inputs.
+
+    Returns:
+        dq ``[B, S, H_i, D_i]`` (q's dtype), dk ``[B, S_kv, D_i]`` (k's dtype), dweights ``[B, S, H_i]`` (weights'
+        dtype).
+    """
+    batch, seq, heads, dim = q.shape
+    seq_kv = k.shape[1]
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    kf = k.to(dtype)
+    wf = weights.to(dtype)
+    dw = torch.empty((batch, seq, heads), dtype=dtype, device=q.device)
+    dq = torch.empty((batch, seq, heads, dim), dtype=dtype, device=q.device) if need_qk else None
+    dk = torch.zeros((batch, seq_kv, dim), dtype=dtype, device=q.device) if need_qk else None
+    step = max(1, min(seq, _BWD_CHUNK_ELEMENTS // max(1, batch * heads * seq_kv)))
+    for t0 in range(0, seq, step):
+        rows = slice(t0, min(seq, t0 + step))
+        visible = reference.visibility_mask(batch, seq, seq_kv, starts=starts, ends=ends, rows=rows, device=q.device)
+        # where (not a product): the upstream gradient at -inf positions may be anything, NaN included.
+        g = torch.where(visible, d_scores[:, rows].to(dtype), torch.zeros((), dtype=dtype, device=q.device))
+        if k_scale is not None:
+            g = g * k_scale.to(dtype).unsqueeze(1)
+        q_c = q[:, rows].to(dtype)
+        logits = torch.einsum("bthd,bsd->bths", q_c, kf)
+        dw[:, rows] = torch.einsum("bts,bths->bth", g, torch.relu(logits))
+        if need_qk:
+            d_logits = g.unsqueeze(2) * wf[:, rows].unsqueeze(-1) * (logits > 0).to(dtype)
+            dq[:, rows] = torch.einsum("bths,bsd->bthd", d_logits, kf)
+            dk += torch.einsum("bths,bthd->bsd", d_logits, q_c)
+    if not need_qk:
+        empty = q.new_empty((0,), dtype=dtype)
+        return empty, empty.clone(), dw.to(weights.dtype)
+    return dq.to(q.dtype), dk.to(k.dtype), dw.to(weights.dtype)
+
+
+def topk_indices_impl(scores: torch.Tensor, k: int, backend: str) -> torch.Tensor:
+    """``topk_indices`` (contract in ``dsa.reference.topk_indices``): indices ``[B, S, k]`` int32."""
+    if backend == TILELANG:
+        return launcher(_LAUNCH_TOPK).topk_indices(scores, k)
+    return reference.topk_indices(scores, k)
+
+
+def sparse_mla_impl(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    indices: torch.Tensor,
+    sm_scale: float,
+    d_v: int,
+    topk_length: torch.Tensor | None,
+    attn_sink: torch.Tensor | None,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward of ``sparse_mla`` (contract in ``dsa.reference.sparse_mla``): ``(out [B, S, H, d_v], lse [B, S, H])``."""
+    if backend == TILELANG:
+        return launcher(_LAUNCH_SPARSE_MLA_FWD).sparse_mla_fwd(
+            q, kv, indices, sm_scale=sm_scale, d_v=d_v, topk_length=topk_length, attn_sink=attn_sink
+        )
+    with torch.no_grad():
+        return reference.sparse_mla(
+            q, kv, indices, sm_scale=sm_scale, d_v=d_v, topk_length=topk_length, attn_sink=attn_sink
+        )
+
+
+def sparse_mla_bwd_impl(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    d_out: torch.Tensor,
+    indices: torch.Tensor,
+    sm_scale: float,
+    d_v: int,
+    topk_length: torch.Tensor | None,
+    attn_sink: torch.Tensor | None,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward of ``sparse_mla``: ``(dq [B, S, H, d_qk] q's dtype, dkv [B, S_kv, d_qk] kv's dtype)``.
+
+    ``d_out [B, S, H, d_v]`` must have ``out``'s dtype. The reference path is the reference's recompute backward.
+    """
+    d_out = d_out.contiguous()
+    if backend == TILELANG:
+        return launcher(_LAUNCH_SPARSE_MLA_BWD).sparse_mla_bwd(
+            q, kv, out, lse, d_out, indices, sm_scale=sm_scale, d_v=d_v, topk_length=topk_length, attn_sink=attn_sink
+        )
+    dq, dkv, _ = reference.sparse_mla_backward(
+        q, kv, indices, sm_scale, d_v, topk_length, attn_sink, out, lse, d_out, None
+    )
+    return dq, dkv
+
+
+def attn_sink_grad(out: torch.Tensor, lse: torch.Tensor, d_out: torch.Tensor, attn_sink: torch.Tensor) -> torch.Tensor:
+    """Gradient of the loss with respect to ``attn_sink [H]``.
+
+    The sink's probability is ``p_sink = exp(sink - logaddexp(lse, sink))`` and it has no value row, so
+    ``d sink = -sum_{b,t} p_sink * rowsum(out * d_out)``. Rows where both ``lse`` and the sink are ``-inf`` add 0.
+
+    Args:
+        out ``[B, S, H, d_v]``, lse ``[B, S, H]`` float, d_out ``[B, S, H, d_v]``, attn_sink ``[H]`` float32.
+    Returns:
+        ``[H]`` in ``attn_sink``'s dtype.
+    """
+    dtype = torch.float64 if lse.dtype == torch.float64 else torch.float32
+    sink = attn_sink.to(dtype).view(1, 1, -1)
+    lse_f = lse.to(dtype)
+    denominator = torch.logaddexp(lse_f, sink)
+    finite = torch.isfinite(denominator)
+    p_sink = torch.where(finite, torch.exp(sink - torch.where(finite, denominator, 0.0)), 0.0)
+    delta = (out.to(dtype) * d_out.to(dtype)).sum(-1)
+    return (-(p_sink * delta).sum(dim=(0, 1))).to(attn_sink.dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Registration as torch.library ops (declarations only: nothing runs or compiles at import).
+# --------------------------------------------------------------------------------------------------------------------
+
+_LIB = torch.library.Library("dsa", "FRAGMENT")
+_LIB.define(
+    "index_scores(Tensor q, Tensor k, Tensor weights, Tensor? k_scale, Tensor? starts, Tensor? ends, str backend)"
+    " -> Tensor"
+)
+_LIB.define(
+    "index_scores_bwd(Tensor q, Tensor k, Tensor weights, Tensor? k_scale, Tensor? starts, Tensor? ends,"
+    " Tensor d_scores, bool need_qk) -> (Tensor, Tensor, Tensor)"
+)
+_LIB.define("topk_indices(Tensor scores, int k, str backend) -> Tensor")
+_LIB.define(
+    "sparse_mla(Tensor q, Tensor kv, Tensor indices, float sm_scale, int d_v, Tensor? topk_length,"
+    " Tensor? attn_sink, str backend) -> (Tensor, Tensor)"
+)
+_LIB.define(
+    "sparse_mla_bwd(Tensor q, Tensor kv, Tensor out, Tensor lse, Tensor d_out, Tensor indices, float sm_scale,"
+    " int d_v, Tensor? topk_length, Tensor? attn_sink, str backend) -> (Tensor, Tensor)"
+)
+_COMPOSITE = "CompositeExplicitAutograd"
+_LIB.impl("index_scores", index_scores_impl, _COMPOSITE)
+_LIB.impl("index_scores_bwd", index_scores_bwd_impl, _COMPOSITE)
+_LIB.impl("topk_indices", topk_indices_impl, _COMPOSITE)
+_LIB.impl("sparse_mla", sparse_mla_impl, _COMPOSITE)
+_LIB.impl("sparse_mla_bwd", sparse_mla_bwd_impl, _COMPOSITE)
+
+
+def _score_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("dsa::index_scores")
+def _index_scores_fake(
+    q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, k_scale: OptTensor, starts: OptTensor, ends: OptTensor,
+    backend: str,
+) -> torch.Tensor:
+    return q.new_empty((q.shape[0], q.shape[1], k.shape[1]), dtype=_score_dtype(q.dtype))
+
+
+@torch.library.register_fake("dsa::index_scores_bwd")
+def _index_scores_bwd_fake(
+    q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, k_scale: OptTensor, starts: OptTensor, ends: OptTensor,
+    d_scores: torch.Tensor, need_qk: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dw = torch.empty_like(weights)
+    if not need_qk:
+        empty = q.new_empty((0,), dtype=_score_dtype(q.dtype))
+        return empty, empty.clone(), dw
+    return torch.empty_like(q), torch.empty_like(k), dw
+
+
+@torch.library.register_fake("dsa::topk_indices")
+def _topk_indices_fake(scores: torch.Tensor, k: int, backend: str) -> torch.Tensor:
+    return scores.new_empty((scores.shape[0], scores.shape[1], k), dtype=torch.int32)
+
+
+@torch.library.register_fake("dsa::sparse_mla")
+def _sparse_mla_fake(
+    q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float, d_v: int, topk_length: OptTensor,
+    attn_sink: OptTensor, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, seq, heads, _ = q.shape
+    out = q.new_empty((batch, seq, heads, d_v))
+    lse = q.new_empty((batch, seq, heads), dtype=_score_dtype(q.dtype))
+    return out, lse
+
+
+@torch.library.register_fake("dsa::sparse_mla_bwd")
+def _sparse_mla_bwd_fake(
+    q: torch.Tensor, kv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, d_out: torch.Tensor,
+    indices: torch.Tensor, sm_scale: float, d_v: int,
+    topk_length: OptTensor, attn_sink: OptTensor, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(q), torch.empty_like(kv)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Calls: the registered op under torch.compile, the plain function in eager mode (same code, less overhead).
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def call_index_scores(
+    q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, k_scale: OptTensor, starts: OptTensor, ends: OptTensor,
+    backend: str,
+) -> torch.Tensor:
+    """``index_scores`` forward: the registered op under ``torch.compile``, the implementation in eager mode."""
+    if torch.compiler.is_compiling():
+        return torch.ops.dsa.index_scores(q, k, weights, k_scale, starts, ends, backend)
+    return index_scores_impl(q, k, weights, k_scale, starts, ends, backend)
+
+
+def call_topk_indices(scores: torch.Tensor, k: int, backend: str) -> torch.Tensor:
+    """``topk_indices``: the registered op under ``torch.compile``, the implementation in eager mode."""
+    if torch.compiler.is_compiling():
+        return torch.ops.dsa.topk_indices(scores, k, backend)
+    return topk_indices_impl(scores, k, backend)
+
+
+def call_sparse_mla(
+    q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float, d_v: int, topk_length: OptTensor,
+    attn_sink: OptTensor, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sparse_mla`` forward: the registered op under ``torch.compile``, the implementation in eager mode."""
+    if torch.compiler.is_compiling():
+        return torch.ops.dsa.sparse_mla(q, kv, indices, sm_scale, d_v, topk_length, attn_sink, backend)
+    return sparse_mla_impl(q, kv, indices, sm_scale, d_v, topk_length, attn_sink, backend)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Autograd Functions: they only manage ctx.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class IndexScoresFunction(torch.autograd.Function):
+    """``index_scores`` with gradients for ``q``, ``k`` (floating inputs only) and ``weights``."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, k_scale: OptTensor, starts: OptTensor,
+        ends: OptTensor, backend: str,
+    ) -> torch.Tensor:
+        scores = call_index_scores(q, k, weights, k_scale, starts, ends, backend)
+        ctx.save_for_backward(q, k, weights, k_scale, starts, ends)
+        return scores
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, d_scores: torch.Tensor) -> tuple:  # type: ignore[override]
+        q, k, weights, k_scale, starts, ends = ctx.saved_tensors
+        need_qk = q.dtype not in FP8_DTYPES and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
+        if torch.compiler.is_compiling():
+            dq, dk, dw = torch.ops.dsa.index_scores_bwd(q, k, weights, k_scale, starts, ends, d_scores, need_qk)
+        else:
+            dq, dk, dw = index_scores_bwd_impl(q, k, weights, k_scale, starts, ends, d_scores, need_qk)
+        dq = dq if need_qk and ctx.needs_input_grad[0] else None
+        dk = dk if need_qk and ctx.needs_input_grad[1] else None
+        dw = dw if ctx.needs_input_grad[2] else None
+        return dq, dk, dw, None, None, None, None
+
+
+class SparseMLAFunction(torch.autograd.Function):
+    """``sparse_mla`` with gradients for ``q``, ``kv`` and ``attn_sink``; ``lse`` is non-differentiable."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float, d_v: int, topk_length: OptTensor,
+        attn_sink: OptTensor, backend: str,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out, lse = call_sparse_mla(q, kv, indices, sm_scale, d_v, topk_length, attn_sink, backend)
+        ctx.save_for_backward(q, kv, indices, topk_length, attn_sink, out, lse)
+        ctx.sm_scale = sm_scale
+        ctx.d_v = d_v
+        ctx.backend = backend
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, d_out: torch.Tensor, _d_lse: OptTensor
+    ) -> tuple:
+        q, kv, indices, topk_length, attn_sink, out, lse = ctx.saved_tensors
+        dq = dkv = d_sink = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            args = (q, kv, out, lse, d_out, indices, ctx.sm_scale, ctx.d_v, topk_length, attn_sink, ctx.backend)
+            if torch.compiler.is_compiling():
+                dq, dkv = torch.ops.dsa.sparse_mla_bwd(*args)
+            else:
+                dq, dkv = sparse_mla_bwd_impl(*args)
+        if attn_sink is not None and ctx.needs_input_grad[6]:
+            d_sink = attn_sink_grad(out, lse, d_out, attn_sink)
+        return (
+            dq if ctx.needs_input_grad[0] else None,
+            dkv if ctx.needs_input_grad[1] else None,
+            None,
+            None,
+            None,
+            None,
+            d_sink,
+            None,
+        )

@@ -1,0 +1,498 @@
+"""DeepSeek Sparse Attention as ``nn.Module``s: the lightning indexer, DSA (MLA + indexer + sparse attention), a
+tiny LM.
+
+The formulation follows DeepSeek-V3.2-Exp's ``inference/model.py`` (prefill, no KV cache):
+
+- MLA in its absorbed ("MQA") form: the shared latent ``kv = [RMSNorm(c_kv) (kv_lora_rank), RoPE(k_pe)
+  (qk_rope_head_dim)]`` (576 = 512 + 64 in V3.2) is the single KV head; each query head's no-RoPE part is absorbed
+  through ``wkv_b``'s key block (``q_nope @ W_uk``, width kv_lora_rank) and concatenated with its RoPE part, so
+  ``q . kv`` equals the per-head ``q_nope . k_nope + q_pe . k_pe`` of the unabsorbed form. Attention returns latent
+  values (``d_v = kv_lora_rank``) that ``wkv_b``'s value block maps to ``v_head_dim`` per head. The softmax scale is
+  that of the unabsorbed head, ``(qk_nope + qk_rope)**-0.5``, times ``mscale**2`` when YaRN is on.
+- The main MLA uses interleaved RoPE (pairs ``(2i, 2i+1)``); the indexer uses the **non-interleaved** layout (pairs
+  ``(i, i + r/2)``): early public V3.2 code applied the interleaved one to the indexer, which was a bug.
+- Lightning indexer: ``q = wq_b(q_lora)``, ``k = LayerNorm(wk(x))``, RoPE on the first ``qk_rope_head_dim`` dims,
+  a Hadamard rotation (orthonormal, ``D_i**-0.5``), optional FP8 (e4m3) quantisation with one scale per 128-element
+  block (optionally a power of two, V3.2's ``ue8m0``), and per-head weights ``weights_proj(x) * H_i**-0.5 *
+  D_i**-0.5 * q_scale``: the ``dsa.ops.index_scores`` op does not scale.
+
+The modules compute in their parameters' dtype; the ops pick the kernels for bfloat16 on Hopper and the reference
+for float32/float64 (see ``dsa.ops``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsa import ops, training
+
+AttentionMode = Literal["sparse", "dense"]
+SPARSE: AttentionMode = "sparse"
+DENSE: AttentionMode = "dense"
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn value
+# V3.2's activation quantiser floors a block's absolute maximum here so an all-zero block gets a finite scale.
+FP8_AMAX_FLOOR = 1e-4
+
+
+@dataclass(frozen=True)
+class DSAConfig:
+    """Hyperparameters; the defaults are DeepSeek-V3.2-Exp's (671B config plus ``ModelArgs`` defaults).
+
+    ``n_layers``, ``inter_dim`` and ``vocab_size`` only matter to ``TinyDSAModel`` (a dense SwiGLU MLP stands in for
+    V3.2's MoE). RoPE/YaRN: ``rope_theta``, ``rope_factor``, ``beta_fast``, ``beta_slow`` and ``original_seq_len``
+    shape the frequencies once ``max_seq_len > original_seq_len``, which also multiplies the attention softmax scale
+    by ``mscale_factor**2`` with ``mscale_factor = 0.1 * mscale * ln(rope_factor) + 1``.
+    """
+
+    vocab_size: int = 129280
+    dim: int = 7168
+    n_layers: int = 61
+    inter_dim: int = 18432
+    n_heads: int = 128
+    q_lora_rank: int = 1536
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    max_seq_len: int = 163840
+    original_seq_len: int = 4096
+    rope_theta: float = 10000.0
+    rope_factor: float = 40.0
+    beta_fast: int = 32
+    beta_slow: int = 1
+    mscale: float = 1.0
+    norm_eps: float = 1e-6
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 2048
+    index_fp8: bool = True
+    index_scale_pow2: bool = True
+    quant_block: int = 128
+    # The indexer reads x and q_lora detached: its loss trains only the indexer (the V3.2 recipe).
+    detach_indexer_input: bool = True
+    init_std: float = 0.006
+
+    def __post_init__(self) -> None:
+        if self.index_head_dim & (self.index_head_dim - 1) or self.index_head_dim < 1:
+            raise ValueError(f"index_head_dim must be a power of two (Hadamard rotation), got {self.index_head_dim}")
+        if self.qk_rope_head_dim % 2 or self.qk_rope_head_dim > self.index_head_dim:
+            raise ValueError(f"qk_rope_head_dim must be even and <= index_head_dim, got {self.qk_rope_head_dim}")
+        if self.index_fp8 and self.index_head_dim > self.quant_block:
+            raise ValueError(
+                f"index_fp8 needs index_head_dim <= quant_block ({self.quant_block}): the index_scores op takes one "
+                f"k scale per key, got index_head_dim={self.index_head_dim}"
+            )
+
+    @classmethod
+    def tiny(cls, **overrides: object) -> DSAConfig:
+        """A configuration small enough for CPU tests and training (YaRN on, so ``mscale`` is exercised)."""
+        values: dict[str, object] = dict(
+            vocab_size=256,
+            dim=64,
+            n_layers=2,
+            inter_dim=128,
+            n_heads=4,
+            q_lora_rank=32,
+            kv_lora_rank=32,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=8,
+            v_head_dim=16,
+            max_seq_len=256,
+            original_seq_len=64,
+            index_n_heads=4,
+            index_head_dim=32,
+            index_topk=16,
+            index_fp8=False,
+            index_scale_pow2=False,
+            init_std=0.02,
+        )
+        values.update(overrides)
+        return cls(**values)  # type: ignore[arg-type]
+
+    def replace(self, **changes: object) -> DSAConfig:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Per-head query/key width of the unabsorbed form (192 in V3.2)."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def latent_dim(self) -> int:
+        """``d_qk`` of the absorbed form: the latent KV row width (576 in V3.2)."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
+    def yarn(self) -> bool:
+        return self.max_seq_len > self.original_seq_len
+
+    @property
+    def mscale_factor(self) -> float:
+        return 0.1 * self.mscale * math.log(self.rope_factor) + 1.0 if self.yarn else 1.0
+
+    @property
+    def sm_scale(self) -> float:
+        """``(qk_nope + qk_rope)**-0.5 * mscale**2`` (not ``latent_dim**-0.5``: absorption keeps the head's scale)."""
+        return self.qk_head_dim**-0.5 * self.mscale_factor**2
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64 (tests against float64 oracles); everything else is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def rope_inv_freq(config: DSAConfig) -> torch.Tensor:
+    """``[qk_rope_head_dim / 2]`` float32 inverse frequencies, YaRN-corrected when ``max_seq_len > original``."""
+    dim = config.qk_rope_head_dim
+    base = config.rope_theta
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if config.yarn:
+
+        def correction_dim(rotations: float) -> float:
+            return dim * math.log(config.original_seq_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low = max(math.floor(correction_dim(config.beta_fast)), 0)
+        high = min(math.ceil(correction_dim(config.beta_slow)), dim - 1)
+        if low == high:
+            high += 0.001  # avoid a zero-width ramp
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        smooth = 1 - ramp
+        freqs = freqs / config.rope_factor * (1 - smooth) + freqs * smooth
+    return freqs
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, seq: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos, sin [seq, r/2]`` float32 for positions ``0 .. seq-1``."""
+    angles = torch.outer(torch.arange(seq, device=device, dtype=torch.float32), inv_freq.to(device))
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, interleaved: bool) -> torch.Tensor:
+    """Rotate ``x [B, S, ..., r]`` by position (``cos``/``sin [S, r/2]``), in float32 (float64 for float64 input);
+    returns x's dtype.
+
+    ``interleaved``: pairs are ``(x[2i], x[2i+1])`` (the main MLA's layout); otherwise ``(x[i], x[i + r/2])`` (the
+    indexer's layout).
+    """
+    compute = _compute_dtype(x.dtype)
+    shape = (1, x.shape[1]) + (1,) * (x.dim() - 3) + (cos.shape[-1],)
+    c, s = cos.view(shape).to(compute), sin.view(shape).to(compute)
+    xf = x.to(compute)
+    if interleaved:
+        x1, x2 = xf[..., 0::2], xf[..., 1::2]
+        return torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2).to(x.dtype)
+    half = x.shape[-1] // 2
+    x1, x2 = xf[..., :half], xf[..., half:]
+    return torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).to(x.dtype)
+
+
+def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal Walsh-Hadamard transform of the last dimension: ``x @ H_n * n**-0.5`` (Sylvester order).
+
+    A fast transform (``log2 n`` butterfly stages, ``O(n log n)``), computed in float32 (float64 for float64
+    input); returns x's dtype.
+    ``n = x.shape[-1]`` must be a power of two.
+    """
+    n = x.shape[-1]
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"hadamard_transform needs a power-of-two last dimension, got {n}")
+    y = x.to(_compute_dtype(x.dtype)).reshape(-1, n)
+    half = 1
+    while half < n:
+        # Stage s pairs elements `half` apart inside blocks of 2*half: (a, b) -> (a + b, a - b).
+        pairs = y.view(-1, n // (2 * half), 2, half)
+        a, b = pairs[:, :, 0], pairs[:, :, 1]
+        y = torch.stack((a + b, a - b), dim=2).view(-1, n)
+        half *= 2
+    return (y * n**-0.5).view(x.shape).to(x.dtype)
+
+
+def quantize_fp8_blockwise(
+    x: torch.Tensor, *, block: int = 128, pow2_scale: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise ``x [..., n]`` to float8_e4m3fn with one scale per ``block`` elements of the last dimension.
+
+    ``scale = max(amax, 1e-4) / 448`` per block (rounded up to a power of two with ``pow2_scale``, V3.2's ``ue8m0``),
+    ``q = clamp(x / scale, -448, 448)``. A last dimension shorter than ``block`` is one block.
+
+    Returns:
+        ``q [..., n]`` float8_e4m3fn and ``scale [..., ceil(n / block)]`` float32, so ``x ~= q * scale``.
+    """
+    n = x.shape[-1]
+    size = min(block, n)
+    if n % size:
+        raise ValueError(f"the last dimension ({n}) must be a multiple of the quantisation block ({size})")
+    blocks = x.float().reshape(*x.shape[:-1], n // size, size)
+    scale = blocks.abs().amax(dim=-1).clamp_min(FP8_AMAX_FLOOR) / FP8_MAX
+    if pow2_scale:
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+    q = (blocks / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q.reshape(x.shape), scale
+
+
+def _linear(in_features: int, out_features: int) -> nn.Linear:
+    return nn.Linear(in_features, out_features, bias=False)
+
+
+@dataclass
+class IndexerOutput:
+    """What ``LightningIndexer`` returns.
+
+    Attributes:
+        indices (torch.Tensor): ``[B, S, index_topk]`` int32, ``-1`` where a query sees fewer positions.
+        scores (torch.Tensor | None): ``[B, S, S]`` float32 index scores (``-inf`` where not causal), when asked;
+            differentiable in the indexer's parameters (bfloat16/float32 path).
+    """
+
+    indices: torch.Tensor
+    scores: torch.Tensor | None = None
+
+
+class LightningIndexer(nn.Module):
+    """The DSA lightning indexer: scores every earlier token for every query and keeps the top-k.
+
+    Parameters: ``wq_b [H_i * D_i, q_lora_rank]``, ``wk [D_i, dim]``, ``k_norm`` (LayerNorm over ``D_i``),
+    ``weights_proj [H_i, dim]``.
+    """
+
+    def __init__(self, config: DSAConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.n_heads = config.index_n_heads
+        self.head_dim = config.index_head_dim
+        self.rope_dim = config.qk_rope_head_dim
+        self.wq_b = _linear(config.q_lora_rank, self.n_heads * self.head_dim)
+        self.wk = _linear(config.dim, self.head_dim)
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=config.norm_eps)
+        self.weights_proj = _linear(config.dim, self.n_heads)
+
+    def _rotate(self, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """RoPE (non-interleaved) on the first ``rope_dim`` dims, then the Hadamard rotation."""
+        t = torch.cat((apply_rope(t[..., : self.rope_dim], cos, sin, interleaved=False), t[..., self.rope_dim :]), -1)
+        return hadamard_transform(t)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        q_lora: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        *,
+        return_scores: bool = False,
+    ) -> IndexerOutput:
+        """Select the top-k key positions of every query.
+
+        Args:
+            x (torch.Tensor): ``[B, S, dim]``: the layer input.
+            q_lora (torch.Tensor): ``[B, S, q_lora_rank]``: MLA's normalised query low-rank activation.
+            cos, sin (torch.Tensor): ``[S, qk_rope_head_dim / 2]`` float32 (``rope_cos_sin``).
+            return_scores (bool): also return the ``[B, S, S]`` scores (for the training losses).
+        """
+        config = self.config
+        batch, seq, _ = x.shape
+        if config.detach_indexer_input:
+            x, q_lora = x.detach(), q_lora.detach()
+        q = self._rotate(self.wq_b(q_lora).view(batch, seq, self.n_heads, self.head_dim), cos, sin)
+        k = self._rotate(self.k_norm(self.wk(x)), cos, sin)
+        weights = self.weights_proj(x).to(_compute_dtype(x.dtype)) * (self.n_heads**-0.5 * self.head_dim**-0.5)
+        if config.index_fp8:
+            q8, q_scale = quantize_fp8_blockwise(q, block=config.quant_block, pow2_scale=config.index_scale_pow2)
+            k8, k_scale = quantize_fp8_blockwise(k, block=config.quant_block, pow2_scale=config.index_scale_pow2)
+            weights = weights * q_scale.squeeze(-1)  # the query scale folds into the per-head weight
+            scores = ops.index_scores(q8, k8, weights, k_scale=k_scale.squeeze(-1).contiguous())
+        else:
+            scores = ops.index_scores(q.contiguous(), k.contiguous(), weights)
+        indices = ops.topk_indices(scores.detach(), config.index_topk)
+        return IndexerOutput(indices=indices, scores=scores if return_scores else None)
+
+
+@dataclass
+class AttentionAux:
+    """Per-layer quantities the indexer losses need (``DSAttention.forward(..., return_aux=True)``).
+
+    Attributes:
+        index_scores (torch.Tensor): ``[B, S, S]`` float32, the indexer's scores (differentiable in the indexer).
+        indices (torch.Tensor): ``[B, S, k]`` int32, the indexer's selection.
+        attn_target (torch.Tensor): detached main-attention mass summed over heads: ``[B, S, S]`` over every causal
+            position in dense mode, ``[B, S, k]`` over ``indices`` in sparse mode (0 at invalid entries).
+        mode (str): ``"dense"`` or ``"sparse"``.
+    """
+
+    index_scores: torch.Tensor
+    indices: torch.Tensor
+    attn_target: torch.Tensor
+    mode: str
+
+
+class DSAttention(nn.Module):
+    """MLA with DeepSeek Sparse Attention (absorbed form; see the module docstring).
+
+    ``mode = "sparse"`` (default): each query attends to the indexer's top-k through ``dsa.ops.sparse_mla``.
+    ``mode = "dense"``: full causal attention (the warm-up stage); the indexer runs only when ``return_aux``. It
+    materialises the ``[B, S, H, S]`` probabilities in PyTorch (their head sum is the warm-up target), so it suits
+    warm-up lengths, not long contexts.
+    """
+
+    def __init__(self, config: DSAConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.mode: AttentionMode = SPARSE
+        h = config.n_heads
+        self.wq_a = _linear(config.dim, config.q_lora_rank)
+        self.q_norm = nn.RMSNorm(config.q_lora_rank, eps=config.norm_eps)
+        self.wq_b = _linear(config.q_lora_rank, h * config.qk_head_dim)
+        self.wkv_a = _linear(config.dim, config.kv_lora_rank + config.qk_rope_head_dim)
+        self.kv_norm = nn.RMSNorm(config.kv_lora_rank, eps=config.norm_eps)
+        self.wkv_b = _linear(config.kv_lora_rank, h * (config.qk_nope_head_dim + config.v_head_dim))
+        self.wo = _linear(h * config.v_head_dim, config.dim)
+        self.indexer = LightningIndexer(config)
+        # A plain float32 attribute, not a buffer: module.to(bfloat16) must not round the RoPE frequencies.
+        self.inv_freq = rope_inv_freq(config)
+
+    def latent_qkv(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The absorbed query, the latent KV and the query low-rank activation.
+
+        Returns:
+            q ``[B, S, H, kv_lora_rank + qk_rope]``, kv ``[B, S, kv_lora_rank + qk_rope]`` (x's dtype, contiguous)
+            and q_lora ``[B, S, q_lora_rank]``.
+        """
+        config = self.config
+        batch, seq, _ = x.shape
+        q_lora = self.q_norm(self.wq_a(x))
+        q = self.wq_b(q_lora).view(batch, seq, config.n_heads, config.qk_head_dim)
+        q_nope, q_pe = q.split([config.qk_nope_head_dim, config.qk_rope_head_dim], dim=-1)
+        q_pe = apply_rope(q_pe, cos, sin, interleaved=True)
+        kv_c, k_pe = self.wkv_a(x).split([config.kv_lora_rank, config.qk_rope_head_dim], dim=-1)
+        kv_c = self.kv_norm(kv_c)
+        k_pe = apply_rope(k_pe, cos, sin, interleaved=True)
+        w_uk = self._wkv_b_heads()[:, : config.qk_nope_head_dim]  # [H, qk_nope, kv_lora]
+        q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)
+        return torch.cat((q_latent, q_pe), dim=-1), torch.cat((kv_c, k_pe), dim=-1), q_lora
+
+    def _wkv_b_heads(self) -> torch.Tensor:
+        config = self.config
+        return self.wkv_b.weight.view(config.n_heads, config.qk_nope_head_dim + config.v_head_dim, config.kv_lora_rank)
+
+    def forward(self, x: torch.Tensor, *, return_aux: bool = False) -> torch.Tensor | tuple[torch.Tensor, AttentionAux]:
+        """Attention over ``x [B, S, dim]`` (positions ``0 .. S-1``); returns ``[B, S, dim]`` (and the aux)."""
+        config = self.config
+        batch, seq, _ = x.shape
+        cos, sin = rope_cos_sin(self.inv_freq, seq, x.device)
+        q, kv, q_lora = self.latent_qkv(x, cos, sin)
+        selection = None
+        if self.mode == SPARSE or return_aux:
+            selection = self.indexer(x, q_lora, cos, sin, return_scores=return_aux)
+        if self.mode == DENSE:
+            compute = _compute_dtype(q.dtype)
+            scores = torch.einsum("bshc,btc->bsht", q.to(compute), kv.to(compute)) * config.sm_scale
+            causal = torch.ones(seq, seq, dtype=torch.bool, device=x.device).tril()
+            probs = scores.masked_fill(~causal.view(1, seq, 1, seq), float("-inf")).softmax(dim=-1)
+            latent_out = torch.einsum("bsht,btc->bshc", probs.to(kv.dtype), kv[..., : config.kv_lora_rank])
+            target = probs.detach().sum(dim=2) if return_aux else None
+        else:
+            indices = selection.indices
+            latent_out, lse = ops.sparse_mla(q, kv, indices, sm_scale=config.sm_scale, d_v=config.kv_lora_rank)
+            target = None
+            if return_aux:
+                target = training.attention_mass_on_indices(q.detach(), kv.detach(), indices, lse, config.sm_scale)
+        w_uv = self._wkv_b_heads()[:, config.qk_nope_head_dim :]  # [H, v_head_dim, kv_lora]
+        out = self.wo(torch.einsum("bshc,hdc->bshd", latent_out, w_uv).flatten(2))
+        if not return_aux:
+            return out
+        return out, AttentionAux(selection.scores, selection.indices, target, self.mode)
+
+
+class _MLP(nn.Module):
+    """SwiGLU feed-forward: ``w2(silu(w1 x) * w3 x)``."""
+
+    def __init__(self, dim: int, inter_dim: int) -> None:
+        super().__init__()
+        self.w1 = _linear(dim, inter_dim)
+        self.w2 = _linear(inter_dim, dim)
+        self.w3 = _linear(dim, inter_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class _Block(nn.Module):
+    def __init__(self, config: DSAConfig) -> None:
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.attn = DSAttention(config)
+        self.ffn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.ffn = _MLP(config.dim, config.inter_dim)
+
+    def forward(self, x: torch.Tensor, *, return_aux: bool) -> tuple[torch.Tensor, AttentionAux | None]:
+        aux = None
+        if return_aux:
+            h, aux = self.attn(self.attn_norm(x), return_aux=True)
+        else:
+            h = self.attn(self.attn_norm(x))
+        x = x + h
+        return x + self.ffn(self.ffn_norm(x)), aux
+
+
+class TinyDSAModel(nn.Module):
+    """A small causal LM of DSA blocks (pre-norm attention + SwiGLU MLP), for tests and indexer training."""
+
+    def __init__(self, config: DSAConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(_Block(config) for _ in range(config.n_layers))
+        self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.head = _linear(config.dim, config.vocab_size)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) for every projection and the embedding; norms start at identity."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=self.config.init_std)
+            elif isinstance(module, (nn.RMSNorm, nn.LayerNorm)):
+                module.reset_parameters()
+
+    def set_attention_mode(self, mode: AttentionMode) -> None:
+        """``"dense"`` (warm-up) or ``"sparse"`` for every layer."""
+        if mode not in (SPARSE, DENSE):
+            raise ValueError(f"mode must be 'sparse' or 'dense', got {mode!r}")
+        for layer in self.layers:
+            layer.attn.mode = mode
+
+    def indexer_parameters(self) -> list[nn.Parameter]:
+        return [p for layer in self.layers for p in layer.attn.indexer.parameters()]
+
+    def main_parameters(self) -> list[nn.Parameter]:
+        indexer = {id(p) for p in self.indexer_parameters()}
+        return [p for p in self.parameters() if id(p) not in indexer]
+
+    def forward(
+        self, input_ids: torch.Tensor, *, return_aux: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, list[AttentionAux]]:
+        """``input_ids [B, S]`` int64 -> ``logits [B, S, vocab_size]`` (and one ``AttentionAux`` per layer)."""
+        if input_ids.dim() != 2 or input_ids.dtype != torch.int64:
+            raise ValueError(f"input_ids must be [B, S] int64, got {tuple(input_ids.shape)} {input_ids.dtype}")
+        x = self.embed(input_ids)
+        auxes = []
+        for layer in self.layers:
+            x, aux = layer(x, return_aux=return_aux)
+            auxes.append(aux)
+        logits = self.head(self.norm(x))
+        return (logits, auxes) if return_aux else logits

@@ -1,0 +1,112 @@
+"""The public DSA ops: validate, choose the implementation, run it (with autograd where it applies).
+
+Signatures and semantics are those of ``dsa.reference`` (the contract); see DESIGN.md. Each call:
+
+1. chooses the backend from the inputs' device and dtype and ``DSA_BACKEND`` (``dsa.hardware.select_backend``):
+   TileLang kernels on Hopper GPUs (and on the CPU with ``DSA_BACKEND=tilelang``, as C-target kernels), the
+   reference otherwise. Inputs whose dtype the kernels do not take (float32/float64) always run the reference;
+2. validates the inputs with ``dsa.validation`` (the kernel rules when the kernels will run), before any custom op,
+   so that a bad input raises a clear ``ValueError``/``TypeError`` naming the argument;
+3. runs the primitive: in eager mode the implementation is called directly, under ``torch.compile`` through the
+   ``dsa::*`` custom ops registered in ``dsa.autograd`` (fake implementations included, so ``fullgraph=True``
+   works). The backend is chosen when a graph is traced: a compiled graph keeps the implementation it was traced
+   with.
+
+Gradients: ``sparse_mla`` for ``q``, ``kv``, ``attn_sink`` (``lse`` has none); ``index_scores`` for ``weights``
+and, for floating (bfloat16/float32/float64) ``q``/``k``, for those too; FP8 ``q``/``k`` get none.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsa import autograd, validation
+from dsa.hardware import TILELANG, select_backend
+
+__all__ = ["index_scores", "topk_indices", "sparse_mla"]
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    if torch.compiler.is_compiling():
+        # Always go through the autograd Function under compile: AOT autograd decides what needs a backward.
+        return True
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def index_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    k_scale: torch.Tensor | None = None,
+    starts: torch.Tensor | None = None,
+    ends: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Lightning-indexer scores of every key position for every query (contract: ``dsa.reference.index_scores``).
+
+    Args:
+        q (torch.Tensor): ``[B, S, H_i, D_i]``, bfloat16 or float8_e4m3fn (float32/float64 run the reference).
+        k (torch.Tensor): ``[B, S_kv, D_i]``, the dtype of ``q``.
+        weights (torch.Tensor): ``[B, S, H_i]``, float32 (V3.2 folds the q scale, ``H_i**-0.5``, ``D_i**-0.5`` in).
+        k_scale (torch.Tensor | None): ``[B, S_kv]``, float32, FP8 only.
+        starts, ends (torch.Tensor | None): ``[B, S]``, int32, together; default causal (bottom-right aligned).
+
+    Returns:
+        scores (torch.Tensor): ``[B, S, S_kv]``, float32; exactly ``-inf`` where invisible. Differentiable in
+        ``weights`` and (floating inputs) ``q``, ``k``.
+    """
+    backend = select_backend(q.device, q.dtype in validation.INDEXER_KERNEL_DTYPES)
+    validation.check_index_scores(q, k, weights, k_scale, starts, ends, kernel=backend == TILELANG)
+    if _needs_grad(q, k, weights):
+        return autograd.IndexScoresFunction.apply(q, k, weights, k_scale, starts, ends, backend)
+    return autograd.call_index_scores(q, k, weights, k_scale, starts, ends, backend)
+
+
+def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions of the ``k`` largest finite scores per row (contract: ``dsa.reference.topk_indices``).
+
+    Args:
+        scores (torch.Tensor): ``[B, S, S_kv]``, float32 (float64 runs the reference).
+        k (int): ``>= 1``; may exceed ``S_kv``.
+
+    Returns:
+        indices (torch.Tensor): ``[B, S, k]``, int32, a set per row (order unspecified), ``-1`` padding when a row
+        has fewer than ``k`` finite scores. Not differentiable.
+    """
+    backend = select_backend(scores.device, scores.dtype == torch.float32)
+    validation.check_topk_indices(scores, k, kernel=backend == TILELANG)
+    return autograd.call_topk_indices(scores.detach(), int(k), backend)
+
+
+def sparse_mla(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    indices: torch.Tensor,
+    *,
+    sm_scale: float,
+    d_v: int = 512,
+    topk_length: torch.Tensor | None = None,
+    attn_sink: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse MLA attention over the selected key positions (contract: ``dsa.reference.sparse_mla``).
+
+    Args:
+        q (torch.Tensor): ``[B, S, H, d_qk]``, bfloat16 (float32/float64 run the reference).
+        kv (torch.Tensor): ``[B, S_kv, d_qk]``, the dtype of ``q``; the value is ``kv[..., :d_v]``.
+        indices (torch.Tensor): ``[B, S, k]``, int32; entries outside ``[0, S_kv)`` or past ``topk_length`` ignored.
+        sm_scale (float): softmax scale (V3.2: ``192**-0.5 * mscale**2``).
+        d_v (int): value width, ``<= d_qk``.
+        topk_length (torch.Tensor | None): ``[B, S]``, int32.
+        attn_sink (torch.Tensor | None): ``[H]``, float32.
+
+    Returns:
+        out (torch.Tensor): ``[B, S, H, d_v]``, q's dtype; 0 for a query with no valid index.
+        lse (torch.Tensor): ``[B, S, H]``, float32, natural log, sink excluded; ``-inf`` for a query with no valid
+        index. Not differentiable.
+    """
+    backend = select_backend(q.device, q.dtype in validation.ATTENTION_KERNEL_DTYPES)
+    validation.check_sparse_mla(q, kv, indices, sm_scale, d_v, topk_length, attn_sink, kernel=backend == TILELANG)
+    sm_scale, d_v = float(sm_scale), int(d_v)
+    if _needs_grad(q, kv, attn_sink):
+        return autograd.SparseMLAFunction.apply(q, kv, indices, sm_scale, d_v, topk_length, attn_sink, backend)
+    return autograd.call_sparse_mla(q, kv, indices, sm_scale, d_v, topk_length, attn_sink, backend)

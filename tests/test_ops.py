@@ -1,0 +1,548 @@
+"""The public op layer (``dsa.ops``): agreement with the reference, gradients, dispatch, compile, FlashMLA shim.
+
+Kernel-free: the TileLang path is exercised with spy launchers (fake ``dsa.launch.*`` modules that record the call
+and delegate to the reference), so these tests check the op layer's routing and autograd, not the kernels.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import types
+from collections.abc import Callable
+
+import pytest
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from dsa import autograd, compat, hardware, ops, reference
+from tests.helpers import assert_close, assert_topk_valid
+
+SM_SCALE = 0.37
+
+
+@pytest.fixture(autouse=True)
+def _fresh_hardware_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DSA_BACKEND", raising=False)
+    hardware.reset_caches()
+    yield
+    hardware.reset_caches()
+
+
+def _attention_inputs(
+    dtype: torch.dtype,
+    *,
+    batch: int = 2,
+    seq: int = 5,
+    heads: int = 3,
+    d_qk: int = 12,
+    seq_kv: int = 9,
+    top: int = 6,
+    seed: int = 0,
+    grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, seq, heads, d_qk, generator=g).to(dtype)
+    kv = torch.randn(batch, seq_kv, d_qk, generator=g).to(dtype)
+    # -1 and >= S_kv are invalid; duplicates occur; one row is entirely invalid.
+    indices = torch.randint(-1, seq_kv + 2, (batch, seq, top), generator=g, dtype=torch.int32)
+    indices[0, 0] = -1
+    if grad:
+        q.requires_grad_(True)
+        kv.requires_grad_(True)
+    return q, kv, indices
+
+
+def _indexer_inputs(
+    dtype: torch.dtype, *, batch: int = 2, seq: int = 6, heads: int = 3, dim: int = 8, seq_kv: int = 9, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, seq, heads, dim, generator=g).to(dtype)
+    k = torch.randn(batch, seq_kv, dim, generator=g).to(dtype)
+    w = torch.randn(batch, seq, heads, generator=g, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    return q, k, w
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Values and gradients against the reference
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_sink", [False, True])
+def test_sparse_mla_matches_reference_values_and_grads(dtype: torch.dtype, with_sink: bool) -> None:
+    q, kv, indices = _attention_inputs(dtype, grad=True)
+    topk_length = torch.randint(0, indices.shape[-1] + 1, indices.shape[:2], dtype=torch.int32)
+    sink = torch.randn(q.shape[2], requires_grad=True) if with_sink else None
+    kwargs = dict(sm_scale=SM_SCALE, d_v=8, topk_length=topk_length, attn_sink=sink)
+    out, lse = ops.sparse_mla(q, kv, indices, **kwargs)
+    ref_out, ref_lse = reference.sparse_mla(q, kv, indices, **kwargs)
+    tol = dict(atol=1e-2, rtol=1e-2) if dtype == torch.bfloat16 else dict(atol=1e-6, rtol=1e-6)
+    assert_close(out, ref_out, name="out", **tol)
+    assert_close(lse, ref_lse, name="lse", **tol)
+    assert not lse.requires_grad, "lse is documented as non-differentiable"
+    d_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    inputs = (q, kv) + ((sink,) if with_sink else ())
+    grads = torch.autograd.grad(out, inputs, d_out)
+    ref_grads = torch.autograd.grad(ref_out, inputs, d_out)
+    for name, got, want in zip(("dq", "dkv", "d_sink"), grads, ref_grads):
+        assert got.dtype == want.dtype, name
+        assert_close(got, want, name=name, **tol)
+
+
+def test_sparse_mla_gradcheck() -> None:
+    q, kv, indices = _attention_inputs(torch.float64, seq=3, heads=2, d_qk=6, seq_kv=5, top=4, grad=True)
+    sink = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda a, b, s: ops.sparse_mla(a, b, indices, sm_scale=SM_SCALE, d_v=4, attn_sink=s)[0], (q, kv, sink)
+    )
+
+
+@pytest.mark.parametrize("ranged", [False, True])
+def test_index_scores_matches_reference_values_and_grads(ranged: bool) -> None:
+    q, k, w = _indexer_inputs(torch.float64)
+    starts = ends = None
+    if ranged:
+        starts = torch.randint(0, 4, q.shape[:2], dtype=torch.int32)
+        ends = starts + torch.randint(0, 6, q.shape[:2], dtype=torch.int32)
+    for t in (q, k, w):
+        t.requires_grad_(True)
+    scores = ops.index_scores(q, k, w, starts=starts, ends=ends)
+    ref = reference.index_scores(q, k, w, starts=starts, ends=ends)
+    assert_close(scores, ref, atol=1e-12, rtol=1e-12, name="scores")
+    # The upstream gradient is NaN at invisible (-inf) positions: they must receive nothing.
+    d_scores = torch.randn(scores.shape, dtype=scores.dtype).masked_fill(torch.isneginf(ref), float("nan"))
+    grads = torch.autograd.grad(scores, (q, k, w), d_scores)
+    ref_grads = torch.autograd.grad(ref, (q, k, w), torch.nan_to_num(d_scores, nan=0.0))
+    for name, got, want in zip(("dq", "dk", "dweights"), grads, ref_grads):
+        assert_close(got, want, atol=1e-10, rtol=1e-10, name=name)
+
+
+def test_index_scores_gradcheck() -> None:
+    q, k, w = _indexer_inputs(torch.float64, seq=4, heads=2, dim=4, seq_kv=5)
+    for t in (q, k, w):
+        t.requires_grad_(True)
+    visible = torch.isfinite(reference.index_scores(q.detach(), k.detach(), w.detach()))
+    # gradcheck needs finite outputs: compare on the visible positions only.
+    assert torch.autograd.gradcheck(lambda a, b, c: ops.index_scores(a, b, c)[visible], (q, k, w))
+
+
+def test_index_scores_grad_dtypes_bf16_and_fp8() -> None:
+    q, k, w = _indexer_inputs(torch.bfloat16)
+    for t in (q, k, w):
+        t.requires_grad_(True)
+    scores = ops.index_scores(q, k, w)
+    dq, dk, dw = torch.autograd.grad(scores, (q, k, w), torch.ones_like(scores))
+    assert (dq.dtype, dk.dtype, dw.dtype) == (torch.bfloat16, torch.bfloat16, torch.float32)
+    # FP8: weights still get a gradient (equal to the reference's); q and k get none.
+    q8, k8 = q.detach().to(torch.float8_e4m3fn), k.detach().to(torch.float8_e4m3fn)
+    k_scale = torch.rand(k.shape[:2]) + 0.5
+    w2 = w.detach().clone().requires_grad_(True)
+    scores8 = ops.index_scores(q8, k8, w2, k_scale=k_scale)
+    (dw8,) = torch.autograd.grad(scores8, (w2,), torch.ones_like(scores8))
+    w3 = w.detach().clone().requires_grad_(True)
+    ref8 = reference.index_scores(q8, k8, w3, k_scale=k_scale)
+    (ref_dw8,) = torch.autograd.grad(ref8.masked_fill(torch.isneginf(ref8), 0.0), (w3,), torch.ones_like(ref8))
+    assert_close(dw8, ref_dw8, atol=1e-4, rtol=1e-5, name="dweights fp8")
+
+
+@given(k=st.integers(1, 12), seed=st.integers(0, 2**16))
+@example(k=12, seed=0)  # k > S_kv: -1 padding
+def test_topk_indices_contract(k: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(2, 4, 9, generator=g)
+    scores[0, 1, ::2] = float("-inf")
+    indices = ops.topk_indices(scores, k)
+    assert_topk_valid(scores, indices, k)
+
+
+def test_topk_indices_detaches_differentiable_scores() -> None:
+    q, k, w = _indexer_inputs(torch.float32)
+    w.requires_grad_(True)
+    indices = ops.topk_indices(ops.index_scores(q, k, w), 3)
+    assert indices.dtype == torch.int32 and not indices.requires_grad
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Validation happens before dispatch
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "mutate, error",
+    [
+        (lambda q, kv, i: (q, kv, i.to(torch.int64)), TypeError),
+        (lambda q, kv, i: (q, kv.float(), i), TypeError),
+        (lambda q, kv, i: (q[0], kv, i), ValueError),
+        (lambda q, kv, i: (q, kv[:, :, :-1], i), ValueError),
+    ],
+)
+def test_sparse_mla_rejects_bad_input_before_any_launch(
+    monkeypatch: pytest.MonkeyPatch, mutate: Callable, error: type[Exception]
+) -> None:
+    spies = _install_spies(monkeypatch)
+    monkeypatch.setenv("DSA_BACKEND", "tilelang")
+    q, kv, indices = mutate(*_attention_inputs(torch.bfloat16))
+    with pytest.raises(error):
+        ops.sparse_mla(q, kv, indices, sm_scale=SM_SCALE, d_v=8)
+    assert not any(spy.calls for spy in spies.values())
+
+
+def test_kernel_rules_apply_only_when_the_kernels_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    _install_spies(monkeypatch)
+    q, kv, indices = _attention_inputs(torch.bfloat16)
+    q_strided = q.transpose(1, 2).contiguous().transpose(1, 2)  # same values, not contiguous
+    ops.sparse_mla(q_strided, kv, indices, sm_scale=SM_SCALE, d_v=8)  # reference: fine
+    monkeypatch.setenv("DSA_BACKEND", "tilelang")
+    with pytest.raises(ValueError, match="contiguous"):
+        ops.sparse_mla(q_strided, kv, indices, sm_scale=SM_SCALE, d_v=8)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Dispatch
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class _Spy:
+    """A launcher function stand-in: records each call and returns the reference's result."""
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn = fn
+        self.calls: list[tuple] = []
+
+    def __call__(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN204
+        self.calls.append((args, kwargs))
+        return self.fn(*args, **kwargs)
+
+
+def _reference_bwd(  # noqa: ANN202
+    q, kv, out, lse, d_out, indices, *, sm_scale, d_v, topk_length=None, attn_sink=None  # noqa: ANN001
+):
+    return autograd.sparse_mla_bwd_impl(
+        q, kv, out, lse, d_out, indices, sm_scale, d_v, topk_length, attn_sink, hardware.REFERENCE
+    )
+
+
+def _install_spies(monkeypatch: pytest.MonkeyPatch) -> dict[str, _Spy]:
+    """Replace the four launcher modules with spies that delegate to the reference."""
+
+    def fwd(q, kv, indices, *, sm_scale, d_v, topk_length=None, attn_sink=None):  # noqa: ANN001, ANN202
+        with torch.no_grad():
+            return reference.sparse_mla(
+                q, kv, indices, sm_scale=sm_scale, d_v=d_v, topk_length=topk_length, attn_sink=attn_sink
+            )
+
+    spies = {
+        "index_scores": _Spy(lambda q, k, w, **kw: reference.index_scores(q, k, w, **kw)),
+        "topk_indices": _Spy(reference.topk_indices),
+        "sparse_mla_fwd": _Spy(fwd),
+        "sparse_mla_bwd": _Spy(_reference_bwd),
+    }
+    modules = {
+        "dsa.launch.indexer": "index_scores",
+        "dsa.launch.topk": "topk_indices",
+        "dsa.launch.sparse_mla_fwd": "sparse_mla_fwd",
+        "dsa.launch.sparse_mla_bwd": "sparse_mla_bwd",
+    }
+    for module, fn in modules.items():
+        monkeypatch.setitem(sys.modules, module, types.SimpleNamespace(**{fn: spies[fn]}))
+    return spies
+
+
+def _run_all_ops(dtype: torch.dtype) -> None:
+    q, kv, indices = _attention_inputs(dtype, grad=True)
+    out, _ = ops.sparse_mla(q, kv, indices, sm_scale=SM_SCALE, d_v=8)
+    out.float().sum().backward()
+    qi, ki, w = _indexer_inputs(dtype)
+    ops.topk_indices(ops.index_scores(qi, ki, w), 3)
+
+
+@pytest.mark.parametrize(
+    "backend, dtype, expect_kernels",
+    [
+        (None, torch.bfloat16, False),  # auto on CPU: reference
+        ("auto", torch.bfloat16, False),
+        ("reference", torch.bfloat16, False),
+        ("tilelang", torch.bfloat16, True),  # CPU + tilelang: the C-target kernels
+        ("tilelang", torch.float32, False),  # float32 always runs the reference
+    ],
+)
+def test_dispatch_honours_dsa_backend(
+    monkeypatch: pytest.MonkeyPatch, backend: str | None, dtype: torch.dtype, expect_kernels: bool
+) -> None:
+    spies = _install_spies(monkeypatch)
+    if backend is not None:
+        monkeypatch.setenv("DSA_BACKEND", backend)
+    _run_all_ops(dtype)
+    called = {name: len(spy.calls) for name, spy in spies.items()}
+    if expect_kernels:
+        # float32 scores reach the top-k kernel even though bf16 attention inputs produced them.
+        assert called == {"index_scores": 1, "topk_indices": 1, "sparse_mla_fwd": 1, "sparse_mla_bwd": 1}
+    else:
+        topk_calls = 1 if backend == "tilelang" else 0  # the indexer's float32 scores are kernel input for top-k
+        assert called == {"index_scores": 0, "topk_indices": topk_calls, "sparse_mla_fwd": 0, "sparse_mla_bwd": 0}
+
+
+def test_kernel_path_results_flow_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the launcher returns is what the op returns (no reference recomputation behind its back)."""
+    spies = _install_spies(monkeypatch)
+    monkeypatch.setenv("DSA_BACKEND", "tilelang")
+    sentinel = (torch.full((2, 5, 3, 8), 7.0, dtype=torch.bfloat16), torch.full((2, 5, 3), 3.0))
+    spies["sparse_mla_fwd"].fn = lambda *a, **k: sentinel
+    q, kv, indices = _attention_inputs(torch.bfloat16)
+    out, lse = ops.sparse_mla(q, kv, indices, sm_scale=SM_SCALE, d_v=8)
+    assert out is sentinel[0] and lse is sentinel[1]
+    args, kwargs = spies["sparse_mla_fwd"].calls[0]
+    assert kwargs == dict(sm_scale=SM_SCALE, d_v=8, topk_length=None, attn_sink=None)
+
+
+@pytest.mark.parametrize(
+    "capability, expected",
+    [((8, 0), "reference"), ((8, 9), "reference"), ((9, 0), "tilelang"), ((10, 0), "tilelang"), ((12, 0), "tilelang")],
+)
+def test_cuda_dispatch_by_capability(
+    monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int], expected: str
+) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+    assert hardware.select_backend(torch.device("cuda", 0), True) == expected
+    assert hardware.select_backend(torch.device("cuda", 0), False) == "reference"
+
+
+def test_non_hopper_warns_once_per_device(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    queried: list[int] = []
+
+    def capability(index: int | None = None) -> tuple[int, int]:
+        queried.append(index)
+        return (8, 6)
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    with caplog.at_level(logging.WARNING, logger="dsa.hardware"):
+        for _ in range(3):
+            assert hardware.select_backend(torch.device("cuda", 0), True) == "reference"
+        hardware.select_backend(torch.device("cuda", 1), True)
+    warnings = [r for r in caplog.records if r.name == "dsa.hardware" and r.levelno == logging.WARNING]
+    assert len(warnings) == 2, [r.getMessage() for r in warnings]
+    assert "8.6" in warnings[0].getMessage()
+    assert queried == [0, 1], "the capability is queried once per device"
+
+
+def test_forced_tilelang_on_old_gpu_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (8, 0))
+    monkeypatch.setenv("DSA_BACKEND", "tilelang")
+    with pytest.raises(RuntimeError, match="8.0"):
+        hardware.select_backend(torch.device("cuda", 0), True)
+    monkeypatch.setenv("DSA_BACKEND", "reference")
+    assert hardware.select_backend(torch.device("cuda", 0), True) == "reference"
+
+
+def test_bad_backend_value_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DSA_BACKEND", "triton")
+    q, kv, indices = _attention_inputs(torch.bfloat16)
+    with pytest.raises(ValueError, match="DSA_BACKEND"):
+        ops.sparse_mla(q, kv, indices, sm_scale=SM_SCALE, d_v=8)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# torch.compile and the registered custom ops
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class _OpsModule(torch.nn.Module):
+    """Indexer scores -> top-k -> sparse attention, with learnable projections on both paths."""
+
+    def __init__(self, d_qk: int = 12, heads: int = 3, index_heads: int = 2, index_dim: int = 8) -> None:
+        super().__init__()
+        self.heads, self.index_heads, self.index_dim = heads, index_heads, index_dim
+        self.q = torch.nn.Linear(d_qk, heads * d_qk, bias=False)
+        self.iq = torch.nn.Linear(d_qk, index_heads * index_dim, bias=False)
+        self.ik = torch.nn.Linear(d_qk, index_dim, bias=False)
+        self.iw = torch.nn.Linear(d_qk, index_heads, bias=False)
+        self.sink = torch.nn.Parameter(torch.randn(heads))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, s, d = x.shape
+        scores = ops.index_scores(
+            self.iq(x).view(b, s, self.index_heads, self.index_dim), self.ik(x), self.iw(x).float()
+        )
+        indices = ops.topk_indices(scores, 4)
+        q = self.q(x).view(b, s, self.heads, d)
+        out, _ = ops.sparse_mla(q, x, indices, sm_scale=SM_SCALE, d_v=8, attn_sink=self.sink)
+        return out, torch.logsumexp(scores, dim=-1)
+
+
+def test_torch_compile_fullgraph_matches_eager() -> None:
+    torch.manual_seed(0)
+    module = _OpsModule()
+    x = torch.randn(2, 7, 12, requires_grad=True)
+
+    def run(fn: Callable) -> list[torch.Tensor]:
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        out, index_lse = fn(x)
+        (out.square().sum() + index_lse.sum()).backward()
+        return [out.detach(), index_lse.detach(), x.grad.clone()] + [p.grad.clone() for p in module.parameters()]
+
+    eager = run(module)
+    torch._dynamo.reset()
+    # aot_eager traces forward and backward through the fake implementations without inductor's C++ build time.
+    compiled = run(torch.compile(module, fullgraph=True, backend="aot_eager"))
+    for i, (a, b) in enumerate(zip(compiled, eager)):
+        assert_close(a, b, atol=1e-5, rtol=1e-5, name=f"tensor {i}")
+
+
+def test_compiled_graph_runs_the_kernels_through_the_custom_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 under DSA_BACKEND=tilelang: the compiled forward and backward reach every launcher via dsa::* ops."""
+    spies = _install_spies(monkeypatch)
+    monkeypatch.setenv("DSA_BACKEND", "tilelang")
+    torch.manual_seed(0)
+    module = _OpsModule().bfloat16()
+    module.sink.data = module.sink.data.float()  # attn_sink is float32 by contract
+    x = torch.randn(2, 7, 12).bfloat16()
+    torch._dynamo.reset()
+    out, index_lse = torch.compile(module, fullgraph=True, backend="aot_eager")(x)
+    (out.float().square().sum() + index_lse.sum()).backward()
+    assert {name: len(spy.calls) for name, spy in spies.items()} == dict.fromkeys(spies, 1)
+    eager_out, _ = module(x)
+    assert_close(out, eager_out, atol=1e-2, rtol=1e-2)
+
+
+def test_registered_ops_have_fakes_and_run() -> None:
+    q, kv, indices = _attention_inputs(torch.float32)
+    out, lse = torch.ops.dsa.sparse_mla(q, kv, indices, SM_SCALE, 8, None, None, "reference")
+    ref_out, ref_lse = reference.sparse_mla(q, kv, indices, sm_scale=SM_SCALE, d_v=8)
+    assert_close(out, ref_out, atol=1e-6, rtol=1e-6)
+    assert_close(lse, ref_lse, atol=1e-6, rtol=1e-6, name="lse")
+    for op in ("index_scores", "index_scores_bwd", "topk_indices", "sparse_mla", "sparse_mla_bwd"):
+        checks = ("test_schema", "test_faketensor")
+        torch.library.opcheck(getattr(torch.ops.dsa, op), _opcheck_args(op), test_utils=checks)
+
+
+def _opcheck_args(op: str) -> tuple:
+    q, kv, indices = _attention_inputs(torch.float32)
+    qi, ki, w = _indexer_inputs(torch.float32)
+    scores = reference.index_scores(qi, ki, w)
+    out, lse = reference.sparse_mla(q, kv, indices, sm_scale=SM_SCALE, d_v=8)
+    return {
+        "index_scores": (qi, ki, w, None, None, None, "reference"),
+        "index_scores_bwd": (qi, ki, w, None, None, None, torch.randn_like(scores), True),
+        "topk_indices": (scores, 3, "reference"),
+        "sparse_mla": (q, kv, indices, SM_SCALE, 8, None, None, "reference"),
+        "sparse_mla_bwd": (q, kv, out, lse, torch.randn_like(out), indices, SM_SCALE, 8, None, None, "reference"),
+    }[op]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# FlashMLA compatibility shim
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _flashmla_oracle(q, kv, indices, sm_scale, d_v, attn_sink=None, topk_length=None):  # noqa: ANN001, ANN202
+    """FlashMLA's tests/ref.py semantics written independently (natural log, +inf lse for empty rows)."""
+    s_q, h_q, d_qk = q.shape
+    s_kv = kv.shape[0]
+    idx = indices[:, 0].to(torch.int64).clone()
+    if topk_length is not None:
+        idx[torch.arange(idx.shape[-1]).view(1, -1) >= topk_length.view(-1, 1)] = -1
+    invalid = (idx < 0) | (idx >= s_kv)
+    gathered = kv[:, 0][idx.clamp(0, s_kv - 1)].double()  # [s_q, topk, d_qk]
+    p = torch.einsum("shd,skd->shk", q.double(), gathered) * sm_scale
+    p = p.masked_fill(invalid.unsqueeze(1), float("-inf"))
+    lse = torch.logsumexp(p, dim=-1)
+    max_logits = p.max(dim=-1).values
+    lse_for_o = lse if attn_sink is None else torch.logaddexp(lse, attn_sink.double().view(1, -1))
+    lse_for_o = lse_for_o.masked_fill(torch.isneginf(lse_for_o), float("inf"))
+    out = torch.einsum("shk,skd->shd", torch.exp(p - lse_for_o.unsqueeze(-1)), gathered[..., :d_v])
+    return out, max_logits, lse.masked_fill(torch.isneginf(lse), float("inf"))
+
+
+@pytest.mark.parametrize("with_extras", [False, True])
+def test_flash_mla_sparse_fwd_matches_flashmla_semantics(with_extras: bool) -> None:
+    g = torch.Generator().manual_seed(3)
+    s_q, h_q, d_qk, s_kv, top, d_v = 6, 4, 16, 11, 5, 8
+    q = torch.randn(s_q, h_q, d_qk, generator=g).bfloat16()
+    kv = torch.randn(s_kv, 1, d_qk, generator=g).bfloat16()
+    indices = torch.randint(-1, s_kv + 3, (s_q, 1, top), generator=g, dtype=torch.int32)
+    indices[2] = -1  # an empty row
+    indices[3, 0, :2] = s_kv  # >= s_kv is invalid too
+    sink = torch.randn(h_q, generator=g) if with_extras else None
+    topk_length = torch.randint(0, top + 1, (s_q,), generator=g, dtype=torch.int32) if with_extras else None
+    out, max_logits, lse = compat.flash_mla_sparse_fwd(q, kv, indices, SM_SCALE, d_v, sink, topk_length)
+    ref_out, ref_max, ref_lse = _flashmla_oracle(q, kv, indices, SM_SCALE, d_v, sink, topk_length)
+    assert out.shape == (s_q, h_q, d_v) and out.dtype == torch.bfloat16
+    assert max_logits.dtype == lse.dtype == torch.float32
+    assert torch.isposinf(lse[2]).all() and torch.isneginf(max_logits[2]).all() and (out[2] == 0).all()
+    assert_close(out, ref_out, atol=1e-2, rtol=1e-2, name="out")
+    assert_close(max_logits, ref_max, atol=1e-5, rtol=1e-5, name="max_logits")
+    assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5, name="lse")
+    # The native op agrees (its empty-row lse is -inf rather than +inf).
+    native_out, native_lse = ops.sparse_mla(
+        q.unsqueeze(0), kv.squeeze(1).unsqueeze(0), indices.squeeze(1).unsqueeze(0), sm_scale=SM_SCALE, d_v=d_v,
+        topk_length=None if topk_length is None else topk_length.unsqueeze(0), attn_sink=sink,
+    )
+    assert torch.equal(out, native_out.squeeze(0))
+    assert torch.equal(lse, native_lse.squeeze(0).masked_fill(torch.isneginf(native_lse.squeeze(0)), float("inf")))
+    # base2=True reproduces FlashMLA's first sparse release (log2 units).
+    _, max2, lse2 = compat.flash_mla_sparse_fwd(q, kv, indices, SM_SCALE, d_v, sink, topk_length, base2=True)
+    assert_close(lse2, lse * math.log2(math.e), atol=1e-5, rtol=1e-6, name="lse base 2")
+    assert_close(max2, max_logits * math.log2(math.e), atol=1e-5, rtol=1e-6, name="max_logits base 2")
+
+
+def test_flash_mla_sparse_fwd_rejects_multiple_kv_heads() -> None:
+    q = torch.randn(2, 2, 8).bfloat16()
+    with pytest.raises(ValueError, match="h_kv = 1"):
+        compat.flash_mla_sparse_fwd(q, torch.randn(4, 2, 8).bfloat16(), torch.zeros(2, 2, 3, dtype=torch.int32), 0.1, 4)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Real launchers, when present (TileLang C target)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _launcher_or_skip(name: str) -> None:
+    try:
+        autograd.launcher(name)
+    except ImportError as exc:
+        pytest.skip(f"{name} not available: {exc}")
+
+
+# Static parameters shared with the kernel tests where possible, so TileLang's disk cache serves most compiles:
+# sparse MLA (3 heads, d_qk 80, d_v 64, no topk_length/sink) as in test_sparse_mla_fwd_kernel, top-k 48 as in
+# test_topk_kernel.
+CHAIN_HEADS, CHAIN_D_QK, CHAIN_D_V, CHAIN_TOPK = 3, 80, 64, 48
+
+
+@pytest.mark.cpu_kernel
+def test_full_chain_through_c_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """index_scores -> topk_indices -> sparse_mla forward and backward on the C-target kernels, against the
+    reference chain (only where the launchers exist)."""
+    for name in ("dsa.launch.indexer", "dsa.launch.topk", "dsa.launch.sparse_mla_fwd", "dsa.launch.sparse_mla_bwd"):
+        _launcher_or_skip(name)
+    g = torch.Generator().manual_seed(5)
+    batch, seq, seq_kv = 1, 6, 60  # bottom-right causal: every query sees 55..60 > 48 keys
+    qi = torch.randn(batch, seq, 4, 32, generator=g).bfloat16().requires_grad_(True)
+    ki = torch.randn(batch, seq_kv, 32, generator=g).bfloat16().requires_grad_(True)
+    w = torch.randn(batch, seq, 4, generator=g).requires_grad_(True)
+    q = torch.randn(batch, seq, CHAIN_HEADS, CHAIN_D_QK, generator=g).bfloat16().requires_grad_(True)
+    kv = torch.randn(batch, seq_kv, CHAIN_D_QK, generator=g).bfloat16().requires_grad_(True)
+
+    def chain() -> tuple[torch.Tensor, ...]:
+        scores = ops.index_scores(qi, ki, w)
+        indices = ops.topk_indices(scores, CHAIN_TOPK)
+        out, lse = ops.sparse_mla(q, kv, indices, sm_scale=SM_SCALE, d_v=CHAIN_D_V)
+        d_scores = torch.ones_like(scores)
+        grads = torch.autograd.grad((out.float().square().sum(), scores), (q, kv, qi, ki, w), (None, d_scores))
+        return (scores.detach(), indices, out.detach(), lse) + grads
+
+    expected = chain()
+    monkeypatch.setenv("DSA_BACKEND", "tilelang")
+    got = chain()
+    names = ("scores", "indices", "out", "lse", "dq", "dkv", "d index q", "d index k", "dweights")
+    assert_close(got[0], expected[0], atol=1e-3, rtol=1e-3, name=names[0])
+    assert_topk_valid(got[0], got[1], CHAIN_TOPK)
+    if not torch.equal(got[1].sort(-1).values, expected[1].sort(-1).values):
+        pytest.fail("the kernel chain selected a different top-k set than the reference chain (near-tie?)")
+    tolerances = dict(atol=2e-2, rtol=2e-2)
+    for name, a, b in zip(names[2:], got[2:], expected[2:]):
+        assert_close(a, b, name=name, **tolerances)
