@@ -1,0 +1,1 @@
+"""Launchers: take validated tensors, pick a config, compile through the cache, allocate outputs, run kernels."""

@@ -1,0 +1,417 @@
+"""Lightning indexer kernel (``tl_kernels.indexer`` through ``dsa.launch.indexer``).
+
+Tiers:
+- ``cpu_kernel``: the C-target build against ``dsa.reference.index_scores`` for bf16 and FP8, causal and range
+  visibility, ``S != S_kv`` both ways, rows that see nothing, weights of both signs; outputs NaN-poisoned, invisible
+  positions exactly ``-inf``. A few fixed static cases (each one compile); B, S, S_kv and the inputs vary freely.
+- ``build``: the default config and every config of the tuning space, for both dtypes and both modes, compile for
+  sm_90a at DeepSeek-V3.2 indexer shapes (64 heads x 128 dims) with no spills, shared memory within the limit and
+  wgmma in the source.
+- ``gpu``: the same properties against the CUDA kernels, every tuning-space config at V3.2 shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import time
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dsa import reference
+from dsa.launch import indexer as launch
+from tests import strategies
+from tests.helpers import assert_close, poison
+from tl_kernels import build as tl_build
+from tl_kernels import dsl
+from tl_kernels import indexer as kernels
+
+logger = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float8_e4m3fn": torch.float8_e4m3fn}
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+RANGE_PATTERNS = ("random", "packed", "empty", "full", "extreme")
+# Tolerances are relative to the largest |term sum| of a row, ``k_scale * sum_j |w_j| relu(q_j . k)`` (what the
+# reference returns for |weights|): with weights of both signs a score can cancel to far below its terms, and float32
+# rounding scales with the terms, not with the result.
+CPU_TOL = 2e-5  # float32 sums of exact bf16/e4m3 products: ~(H + D) ulps of the terms at most
+GPU_TOL = 2e-3  # wgmma accumulation (FP8 tensor cores keep fewer accumulator bits) and a different summation order
+MIN_COS = 0.9999
+V32 = {"heads": 64, "dim": 128}
+# (S, S_kv): more queries than keys, one key, S_kv just past two 64-key tiles, a square prefill.
+EDGE_SHAPES = [(9, 3), (1, 1), (5, 130), (70, 70)]
+
+
+@dataclasses.dataclass(frozen=True)
+class StaticCase:
+    """One compiled kernel: static parameters plus the config it runs with."""
+
+    name: str
+    heads: int
+    dim: int
+    dtype: str
+    mode: str
+    config: kernels.Config
+
+    @property
+    def static(self) -> dict[str, Any]:
+        return {"heads": self.heads, "dim": self.dim, "dtype": self.dtype, "mode": self.mode}
+
+
+# Few static cases (each one C-target compile of a few seconds); runtime sizes and inputs vary freely.
+CPU_CASES = tuple(
+    StaticCase(f"h4_d32_{dtype}_{mode}", 4, 32, dtype, mode, kernels.CPU_DEFAULT)
+    for dtype in kernels.DTYPES
+    for mode in kernels.MODES
+) + (
+    # 5 heads padded to 8 rows per query, 2 queries per block, 32-key tiles: the padding path.
+    StaticCase(
+        "h5_pad_fp8_range", 5, 32, "float8_e4m3fn", "range",
+        kernels.Config(q_rows=16, block_N=32, num_stages=1, threads=128),
+    ),
+)
+# The exact Hopper default schedule (2 queries x 64 heads x 256 keys) at V3.2 widths, on the C target.
+V32_CPU_CASES = (
+    StaticCase("v32_fp8_causal", 64, 128, "float8_e4m3fn", "causal", kernels.Config()),
+    StaticCase("v32_bf16_range", 64, 128, "bfloat16", "range", kernels.Config()),
+)
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every buffer the launcher expects the kernel to fully overwrite starts as NaN."""
+
+    def poisoned(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return poison(torch.empty(shape, dtype=dtype, device=device))
+
+    monkeypatch.setattr(launch, "new_output", poisoned)
+
+
+# ------------------------------------------------------------------------------------------------- problems
+
+
+@dataclasses.dataclass
+class Problem:
+    """Inputs of one indexer call (on CPU; moved to the device by ``run_and_check``)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    weights: torch.Tensor
+    k_scale: torch.Tensor | None
+    starts: torch.Tensor | None
+    ends: torch.Tensor | None
+
+    def to(self, device: torch.device | str) -> Problem:
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return Problem(*(move(getattr(self, f.name)) for f in dataclasses.fields(self)))
+
+
+def make_ranges(kind: str, seed: int, batch: int, seq: int, seq_kv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``starts, ends [B, S]`` int32 of one visibility pattern.
+
+    random: arbitrary bounds around ``[0, S_kv]`` (many empty rows, bounds past either end);
+    packed: variable-length sequences packed in the key axis, each query causal inside its own segment;
+    empty: no row sees anything (``starts >= ends``); full: every row sees every key;
+    extreme: random rows with some bounds at the int32 limits.
+    """
+    g = strategies.generator(seed)
+    shape = (batch, seq)
+    if kind == "random":
+        starts = torch.randint(-3, seq_kv + 3, shape, generator=g)
+        ends = starts + torch.randint(-3, seq_kv + 4, shape, generator=g)
+    elif kind == "packed":
+        starts = torch.empty(shape, dtype=torch.int64)
+        ends = torch.empty(shape, dtype=torch.int64)
+        for b in range(batch):
+            cuts = torch.randint(0, seq_kv + 1, (3,), generator=g).sort().values.tolist()
+            bounds = [0, *cuts, seq_kv]
+            for t in range(seq):
+                pos = (t * seq_kv) // seq  # the key position this query sits at
+                seg = max(i for i in range(len(bounds) - 1) if bounds[i] <= pos)
+                starts[b, t] = bounds[seg]
+                ends[b, t] = min(pos + 1, bounds[seg + 1])
+    elif kind == "empty":
+        starts = torch.randint(0, seq_kv + 2, shape, generator=g)
+        ends = starts - torch.randint(0, 3, shape, generator=g)
+    elif kind == "full":
+        starts = torch.zeros(shape, dtype=torch.int64)
+        ends = torch.full(shape, seq_kv, dtype=torch.int64)
+    elif kind == "extreme":
+        starts = torch.randint(-3, seq_kv + 3, shape, generator=g)
+        ends = starts + torch.randint(-3, seq_kv + 4, shape, generator=g)
+        pick = torch.rand(shape, generator=g)
+        starts = torch.where(pick < 0.3, torch.full_like(starts, INT32_MIN), starts)
+        ends = torch.where(pick > 0.7, torch.full_like(ends, INT32_MAX), ends)
+    else:
+        raise ValueError(f"unknown range pattern {kind!r}")
+    return starts.to(torch.int32), ends.to(torch.int32)
+
+
+def make_problem(
+    case: StaticCase, seed: int, batch: int, seq: int, seq_kv: int, range_kind: str = "random", spread: float = 1.0
+) -> Problem:
+    """Random inputs of ``case``'s dtype: normal q/k times ``spread`` (FP8: many exponents, subnormals included),
+    weights of both signs, positive per-key scales (FP8 only) and, in range mode, ``starts``/``ends``."""
+    g = strategies.generator(seed)
+    dtype = TORCH_DTYPES[case.dtype]
+    q = (torch.randn((batch, seq, case.heads, case.dim), generator=g) * spread).to(dtype)
+    k = (torch.randn((batch, seq_kv, case.dim), generator=g) * spread).to(dtype)
+    weights = torch.randn((batch, seq, case.heads), generator=g)
+    k_scale = None
+    if case.dtype == "float8_e4m3fn":
+        k_scale = torch.rand((batch, seq_kv), generator=g) * 2.0 + 0.01
+    starts = ends = None
+    if case.mode == "range":
+        starts, ends = make_ranges(range_kind, seed + 1, batch, seq, seq_kv)
+    return Problem(q, k, weights, k_scale, starts, ends)
+
+
+def run_and_check(
+    problem: Problem,
+    config: kernels.Config | None,
+    *,
+    device: torch.device | str = "cpu",
+    tol: float = CPU_TOL,
+) -> torch.Tensor:
+    """Run the launcher on ``problem`` and compare with the reference (computed on the CPU)."""
+    p = problem.to(device)
+    scores = launch.index_scores(
+        p.q, p.k, p.weights, k_scale=p.k_scale, starts=p.starts, ends=p.ends, config=config
+    )
+    assert scores.dtype == torch.float32 and scores.device.type == torch.device(device).type
+    kwargs = {"k_scale": problem.k_scale, "starts": problem.starts, "ends": problem.ends}
+    expected = reference.index_scores(problem.q, problem.k, problem.weights, **kwargs)
+    magnitude = reference.index_scores(problem.q, problem.k, problem.weights.abs(), **kwargs)
+    finite = torch.isfinite(magnitude)
+    scale = float(magnitude[finite].max()) if finite.any() else 0.0
+    scores = scores.cpu()
+    assert not torch.isnan(scores).any(), "unwritten (NaN-poisoned) or NaN scores"
+    assert_close(scores, expected, atol=tol * scale + 1e-30, rtol=tol, min_cos=MIN_COS, name="scores")
+    # Exactly -inf where invisible (assert_close already matched the -inf positions; this also rules out +inf).
+    assert torch.equal(torch.isinf(scores), torch.isneginf(expected))
+    return scores
+
+
+# --------------------------------------------------------------------------------------------------- CPU tier
+
+
+@st.composite
+def cpu_problems(draw: st.DrawFn, cases: tuple[StaticCase, ...], max_batch: int, max_seq: int, max_seq_kv: int):
+    case = draw(st.sampled_from(cases))
+    batch = draw(st.integers(1, max_batch))
+    seq = draw(st.integers(1, max_seq))
+    seq_kv = draw(st.integers(1, max_seq_kv))
+    range_kind = draw(st.sampled_from(RANGE_PATTERNS))
+    spread = draw(st.sampled_from((1.0, 0.02, 8.0)))  # FP8: normal range, many subnormals, large exponents
+    seed = draw(strategies.SEEDS)
+    return case, make_problem(case, seed, batch, seq, seq_kv, range_kind, spread)
+
+
+@pytest.mark.cpu_kernel
+@given(data=cpu_problems(CPU_CASES, max_batch=3, max_seq=40, max_seq_kv=150))
+def test_cpu_matches_reference(data: tuple[StaticCase, Problem]) -> None:
+    """C-target indexer vs the reference: bf16/FP8, causal/range, any B, S, S_kv (both S < S_kv and S > S_kv)."""
+    case, problem = data
+    run_and_check(problem, case.config)
+
+
+@pytest.mark.cpu_kernel
+@settings(max_examples=6)
+@given(data=cpu_problems(V32_CPU_CASES, max_batch=2, max_seq=5, max_seq_kv=600))
+def test_cpu_v32_width(data: tuple[StaticCase, Problem]) -> None:
+    """The Hopper default schedule at V3.2 widths (64 heads x 128 dims, 256-key tiles) on the C target."""
+    case, problem = data
+    run_and_check(problem, case.config)
+
+
+@pytest.mark.cpu_kernel
+@pytest.mark.parametrize("case", CPU_CASES[:4], ids=lambda c: c.name)
+@pytest.mark.parametrize(("seq", "seq_kv"), EDGE_SHAPES)
+def test_cpu_edge_shapes(case: StaticCase, seq: int, seq_kv: int) -> None:
+    """S > S_kv (causal: the first S - S_kv queries see nothing), a single key, S_kv past two key tiles, S == S_kv."""
+    problem = make_problem(case, 7, 2, seq, seq_kv, "random")
+    scores = run_and_check(problem, case.config)
+    if case.mode == "causal" and seq > seq_kv:
+        assert torch.isneginf(scores[:, : seq - seq_kv]).all()
+
+
+@pytest.mark.cpu_kernel
+@pytest.mark.parametrize("kind", ["empty", "extreme", "packed"])
+def test_cpu_range_patterns(kind: str) -> None:
+    """Every row empty (all -inf), bounds at the int32 limits, packed variable-length segments."""
+    case = next(c for c in CPU_CASES if c.mode == "range" and c.dtype == "bfloat16")
+    problem = make_problem(case, 3, 2, 33, 97, kind)
+    scores = run_and_check(problem, case.config)
+    if kind == "empty":
+        assert torch.isneginf(scores).all()
+
+
+@pytest.mark.cpu_kernel
+def test_cpu_launcher_default_config() -> None:
+    """Without an explicit config the launcher picks the C-target default and still matches the reference."""
+    case = CPU_CASES[0]
+    assert launch.select_config(case.static, {"batch": 1, "seq_len": 3, "seq_len_kv": 5}, torch.device("cpu")) == (
+        kernels.CPU_DEFAULT
+    )
+    run_and_check(make_problem(case, 11, 1, 3, 5), None)
+
+
+# ------------------------------------------------------------------------------------------ config checks
+
+
+def _hopper_configs(static: dict[str, Any]) -> list[kernels.Config]:
+    """The default config and every TUNING_SPACE combination check_config accepts for sm_90a, without repeats."""
+    checked = {**static, "target": dsl.HOPPER_TARGET}
+    configs = [kernels.default_config(checked)]
+    names = list(kernels.TUNING_SPACE)
+    for values in itertools.product(*(kernels.TUNING_SPACE[n] for n in names)):
+        config = dataclasses.replace(configs[0], **dict(zip(names, values)))
+        try:
+            kernels.check_config(checked, config)
+        except ValueError:
+            continue
+        if config not in configs:
+            configs.append(config)
+    return configs
+
+
+V32_STATICS = tuple({**V32, "dtype": dtype, "mode": mode} for dtype in kernels.DTYPES for mode in kernels.MODES)
+HOPPER_BUILDS = tuple((static, config) for static in V32_STATICS for config in _hopper_configs(static))
+
+
+def _build_id(item: tuple[dict[str, Any], kernels.Config]) -> str:
+    static, c = item
+    dtype = "fp8" if static["dtype"] == "float8_e4m3fn" else "bf16"
+    return f"{dtype}_{static['mode']}_r{c.q_rows}_n{c.block_N}_s{c.num_stages}_t{c.threads}"
+
+
+def test_tuning_space_is_small_and_valid() -> None:
+    """CI compiles every config: 2-4 per dtype and mode; the defaults pass their own checks; bad combos raise."""
+    for static in V32_STATICS:
+        configs = _hopper_configs(static)
+        assert 2 <= len(configs) <= 4, configs
+        assert configs[0] == kernels.Config()
+    hopper = {**V32_STATICS[0], "target": dsl.HOPPER_TARGET}
+    with pytest.raises(ValueError, match="warpgroups"):
+        kernels.check_config(hopper, kernels.Config(block_N=128, threads=512))
+    with pytest.raises(ValueError, match="shared memory"):
+        kernels.check_config({**hopper, "dtype": "bfloat16"}, kernels.Config(num_stages=4))
+    with pytest.raises(ValueError, match="wgmma K step"):
+        kernels.check_config({**hopper, "dtype": "float8_e4m3fn", "dim": 48}, kernels.Config())
+    with pytest.raises(ValueError, match="wgmma N limit"):
+        kernels.check_config({**hopper, "heads": 300}, kernels.Config())
+    with pytest.raises(ValueError, match="mode"):
+        kernels.check_config({**hopper, "mode": "sliding"}, kernels.Config())
+    # The C target accepts sizes the Hopper schedule cannot.
+    kernels.check_config({**hopper, "heads": 300, "dim": 48, "target": dsl.CPU_TARGET}, kernels.Config(block_N=16))
+
+
+@pytest.mark.parametrize("heads", [1, 3, 5, 16, 64, 100, 128, 256])
+@pytest.mark.parametrize("dim", [32, 64, 128, 256, 512])
+@pytest.mark.parametrize("dtype", kernels.DTYPES)
+def test_default_config_fits_hopper(heads: int, dim: int, dtype: str) -> None:
+    """The default config passes check_config for any head count up to 256 and any aligned head dim whose q tile
+    fits in shared memory next to one 64-key tile; otherwise default_config says why."""
+    static = {"heads": heads, "dim": dim, "dtype": dtype, "mode": "causal", "target": dsl.HOPPER_TARGET}
+    smallest = kernels.Config(block_N=64, num_stages=1, threads=128)
+    if kernels.smem_bytes(static, smallest) > kernels.SMEM_LIMIT_BYTES:
+        with pytest.raises(ValueError, match="shared memory"):
+            kernels.default_config(static)
+        return
+    config = kernels.default_config(static)
+    kernels.check_config(static, config)
+    rows = kernels.tile_rows(heads, config.q_rows)
+    assert rows % kernels.ROW_ALIGN == 0 and rows <= kernels.MAX_ROWS
+
+
+# ------------------------------------------------------------------------------------------------- build tier
+
+_HOPPER_KERNELS: dict[str, tuple[Any, tl_build.StaticReport]] = {}
+
+
+def hopper_build(item: tuple[dict[str, Any], kernels.Config]) -> tuple[Any, tl_build.StaticReport]:
+    """Compile one V3.2 indexer config for sm_90a (once per session) and log its static numbers."""
+    name = _build_id(item)
+    if name not in _HOPPER_KERNELS:
+        static, config = item
+        start = time.perf_counter()
+        kernel, report = tl_build.compile_hopper(kernels.build, **static, **dataclasses.asdict(config))
+        logger.info(
+            "%s: %d registers, %d B spills, %d B smem, wgmma=%s, %.1f s",
+            name, report.registers, report.spill_bytes, report.smem_bytes, report.has_wgmma,
+            time.perf_counter() - start,
+        )
+        _HOPPER_KERNELS[name] = (kernel, report)
+    return _HOPPER_KERNELS[name]
+
+
+@pytest.mark.build
+@pytest.mark.parametrize("item", HOPPER_BUILDS, ids=_build_id)
+def test_hopper_build_is_clean(item: tuple[dict[str, Any], kernels.Config]) -> None:
+    """No register spills, shared memory within 227 KB, wgmma in the source, at V3.2 indexer shapes."""
+    kernel, report = hopper_build(item)
+    assert report.problems(require_wgmma=True) == [], report.ptxas_log
+    static, config = item
+    # The kernel's own shared-memory estimate (used by check_config) must not undercount what was allocated.
+    assert report.smem_bytes <= kernels.smem_bytes(static, config) + 2048, (report.smem_bytes, config)
+    assert "tma_load" in kernel.get_kernel_source(), "the key tiles should arrive by TMA"
+
+
+# --------------------------------------------------------------------------------------------------- GPU tier
+
+
+@st.composite
+def gpu_problems(draw: st.DrawFn):
+    static, config = draw(st.sampled_from(HOPPER_BUILDS))
+    case = StaticCase(_build_id((static, config)), config=config, **static)
+    batch = draw(st.integers(1, 2))
+    seq = draw(st.integers(1, 300))
+    seq_kv = draw(st.integers(1, 700))
+    range_kind = draw(st.sampled_from(RANGE_PATTERNS))
+    spread = draw(st.sampled_from((1.0, 0.02, 8.0)))
+    seed = draw(strategies.SEEDS)
+    return case, make_problem(case, seed, batch, seq, seq_kv, range_kind, spread)
+
+
+@pytest.mark.gpu
+@given(data=gpu_problems())
+def test_gpu_matches_reference(data: tuple[StaticCase, Problem], cuda_device: torch.device) -> None:
+    """CUDA indexer vs the reference, every tuning-space config at V3.2 shapes, random sizes and visibility."""
+    case, problem = data
+    run_and_check(problem, case.config, device=cuda_device, tol=GPU_TOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("static", V32_STATICS, ids=lambda s: f"{s['dtype']}_{s['mode']}")
+@pytest.mark.parametrize(("seq", "seq_kv"), EDGE_SHAPES)
+def test_gpu_edge_shapes(static: dict[str, Any], seq: int, seq_kv: int, cuda_device: torch.device) -> None:
+    """The CPU edge shapes at V3.2 widths on CUDA (S > S_kv, one key, partial last key tile, S == S_kv)."""
+    case = StaticCase("edge", config=kernels.Config(), **static)
+    scores = run_and_check(make_problem(case, 7, 2, seq, seq_kv), None, device=cuda_device, tol=GPU_TOL)
+    if case.mode == "causal" and seq > seq_kv:
+        assert torch.isneginf(scores[:, : seq - seq_kv]).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("static", V32_STATICS, ids=lambda s: f"{s['dtype']}_{s['mode']}")
+def test_gpu_long_sequence(static: dict[str, Any], cuda_device: torch.device) -> None:
+    """A prefill-sized call (1K queries x 2K keys) with the launcher's own config choice."""
+    case = StaticCase("long", config=kernels.Config(), **static)
+    problem = make_problem(case, 5, 1, 1024, 2048, "packed")
+    run_and_check(problem, None, device=cuda_device, tol=GPU_TOL)
+
+
+@pytest.mark.gpu
+@settings(max_examples=20)
+@given(data=cpu_problems(CPU_CASES[:4], max_batch=3, max_seq=40, max_seq_kv=150))
+def test_gpu_small_heads(data: tuple[StaticCase, Problem], cuda_device: torch.device) -> None:
+    """4 heads x 32 dims on CUDA (32 queries per block, one wgmma K step) with the launcher's default config."""
+    _case, problem = data
+    run_and_check(problem, None, device=cuda_device, tol=GPU_TOL)

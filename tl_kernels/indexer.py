@@ -1,0 +1,381 @@
+"""Lightning indexer: ``scores[b, t, s] = k_scale[b, s] * sum_j w[b, t, j] * relu(q[b, t, j] . k[b, s])``.
+
+One builder lowers for the C target (CPU tier) and for sm_90a. Schedule (the idea of DeepSeek's ``fp8_mqa_logits``
+and TileLang's ``fp8_lighting_indexer``, written here from scratch):
+
+* a thread block owns ``block_Q`` queries of one batch row; their ``block_Q * heads`` q-head vectors form one
+  ``[rows, D_i]`` tile in shared memory, loaded once;
+* it walks only the key blocks (``block_N`` keys each) that some of its queries can see; per step one GEMM
+  ``k_tile [block_N, D_i] x q_tile^T -> [block_N, rows]`` (wgmma on Hopper, keys as the M dimension so that the sum
+  over heads is a reduction along each accumulator row, i.e. inside a thread quad instead of across warps), then
+  ReLU, times the head weight, summed over heads, times ``k_scale``;
+* every key block it does not visit is written as ``-inf``, and inside visited blocks each invisible position is
+  ``-inf`` too, so the whole ``[block_Q, S_kv]`` stripe of the output is written exactly once.
+
+Inputs are bfloat16 or float8_e4m3fn with float32 accumulation. On the C target they travel as ``uint16``/``uint8``
+bits and are decoded to float32 tiles (``dsl.load_f32``) before a float32 GEMM; on CUDA the tiles stay in the input
+dtype and the GEMM is a wgmma with float32 accumulators.
+"""
+
+# No `from __future__ import annotations`: TileLang evaluates the prim_func annotations (closure shapes) eagerly.
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import tilelang.language as T
+
+from tl_kernels import dsl
+
+__all__ = [
+    "CPU_DEFAULT",
+    "DTYPES",
+    "MODES",
+    "TUNING_SPACE",
+    "Config",
+    "block_queries",
+    "build",
+    "check_config",
+    "default_config",
+    "padded_heads",
+    "smem_bytes",
+    "tile_rows",
+]
+
+DTYPES = ("bfloat16", "float8_e4m3fn")
+MODES = ("causal", "range")
+ACCUM_DTYPE = "float32"
+INDEX_DTYPE = "int32"
+
+# The wgmma N dimension (here: q-head rows of the tile) is a multiple of 8 up to 256; rows are padded to a multiple of
+# ROW_ALIGN with zero q rows of zero weight (they add nothing), so every head count gets a legal tile.
+ROW_ALIGN = 16
+MAX_ROWS = 256
+# The wgmma K step: 16 elements of bf16, 32 of e4m3 (32 bytes either way).
+K_ALIGN = {"bfloat16": 16, "float8_e4m3fn": 32}
+ELEMENT_BYTES = {"bfloat16": 2, "float8_e4m3fn": 1}
+ACCUM_BYTES = 4
+# The wgmma M tile is 64 rows per warpgroup of 128 threads.
+WARPGROUP_THREADS = 128
+WGMMA_M = 64
+SMEM_LIMIT_BYTES = 227 * 1024
+# A large int32 used as the "empty" lower bound when folding per-query ranges with min.
+INT32_MAX = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class Config:
+    """Tunable tile sizes of the indexer (the defaults are the known-good Hopper tiling: 128 q-head rows x 256 keys).
+
+    q_rows: q-head rows one block aims for: it takes the most whole queries whose heads (padded so the rows are a
+        multiple of 16) fit, at least one (:func:`block_queries`); those rows are the GEMM N dimension
+        (V3.2: 2 queries x 64 heads = 128).
+    block_N: keys per step (the GEMM M dimension, split over the warpgroups: a multiple of 64 per warpgroup).
+    num_stages: depth of the key-tile pipeline (TMA ring buffer in shared memory).
+    threads: consumer threads per block (TileLang adds a 128-thread producer warpgroup for TMA).
+    """
+
+    q_rows: int = 128
+    block_N: int = 256
+    num_stages: int = 2
+    threads: int = 512
+
+
+# Every combination compiles in CI (build tier), so the space stays small: 3 valid configs per dtype after
+# check_config (block_N=128 cannot feed 4 warpgroups). All three build without spills at 64 x 128 for both dtypes.
+TUNING_SPACE: dict[str, tuple] = {
+    "q_rows": (128,),
+    "block_N": (128, 256),
+    "num_stages": (2,),
+    "threads": (256, 512),
+}
+
+# default_config tries these (block_N, num_stages, threads) in order; later ones need less shared memory.
+_DEFAULT_LADDER = ((256, 2, 512), (128, 2, 256), (128, 1, 256), (64, 1, 128))
+
+
+def block_queries(heads: int, q_rows: int) -> int:
+    """Queries per thread block: the most whole queries whose padded rows fit in ``q_rows``, at least one."""
+    for block_Q in range(max(1, q_rows // heads), 0, -1):
+        if block_Q * padded_heads(heads, block_Q) <= q_rows:
+            return block_Q
+    return 1
+
+
+def padded_heads(heads: int, block_Q: int) -> int:
+    """Heads per query in the tile: ``heads`` rounded up so that ``block_Q * padded`` is a multiple of 16."""
+    step = ROW_ALIGN // math.gcd(ROW_ALIGN, block_Q)
+    return -(-heads // step) * step
+
+
+def tile_rows(heads: int, q_rows: int) -> int:
+    """GEMM rows (N dimension) of a block: its queries times their padded heads."""
+    block_Q = block_queries(heads, q_rows)
+    return block_Q * padded_heads(heads, block_Q)
+
+
+def smem_bytes(static: dict, config: Config) -> int:
+    """Shared memory the CUDA kernel allocates: the q tile, ``num_stages`` key tiles and the weight tile."""
+    rows = tile_rows(static["heads"], config.q_rows)
+    elem = ELEMENT_BYTES[static["dtype"]]
+    return (rows + config.num_stages * config.block_N) * static["dim"] * elem + rows * ACCUM_BYTES
+
+
+def _is_cpu_static(static: dict) -> bool:
+    """Whether ``static["target"]`` names the C target (absent means sm_90a: the tuning space is for Hopper)."""
+    target = static.get("target")
+    return target is not None and dsl.is_cpu(target)
+
+
+def check_config(static: dict, config: Config) -> None:
+    """Raise ValueError when ``config`` cannot build for the static parameters ``static``.
+
+    ``static`` holds ``heads``, ``dim``, ``dtype`` (``"bfloat16"`` or ``"float8_e4m3fn"``), ``mode`` (``"causal"`` or
+    ``"range"``) and optionally ``target``. The Hopper constraints (wgmma shapes, warpgroups, shared memory) apply
+    unless ``target`` is the C target, which only needs positive sizes.
+    """
+    heads, dim, dtype, mode = static["heads"], static["dim"], static["dtype"], static["mode"]
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if heads < 1 or dim < 1:
+        raise ValueError(f"heads and dim must be positive, got heads={heads}, dim={dim}")
+    for name in ("q_rows", "block_N", "num_stages", "threads"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be positive, got {getattr(config, name)}")
+    if _is_cpu_static(static):
+        return
+    if dim % K_ALIGN[dtype]:
+        raise ValueError(f"dim={dim} must be a multiple of {K_ALIGN[dtype]} for {dtype} (the wgmma K step)")
+    rows = tile_rows(heads, config.q_rows)
+    if rows > MAX_ROWS:
+        raise ValueError(f"a block's {rows} q-head rows exceed the wgmma N limit {MAX_ROWS} (heads={heads})")
+    if config.threads % WARPGROUP_THREADS:
+        raise ValueError(f"threads={config.threads} must be a multiple of {WARPGROUP_THREADS} (whole warpgroups)")
+    warpgroups = config.threads // WARPGROUP_THREADS
+    if config.block_N % (WGMMA_M * warpgroups):
+        raise ValueError(f"block_N={config.block_N} must be a multiple of {WGMMA_M} x {warpgroups} warpgroups")
+    smem = smem_bytes(static, config)
+    if smem > SMEM_LIMIT_BYTES:
+        raise ValueError(f"shared memory {smem} B exceeds {SMEM_LIMIT_BYTES} B")
+
+
+CPU_DEFAULT = Config(q_rows=128, block_N=64, num_stages=1, threads=128)
+"""C-target default: short key tiles waste little work on the short sequences of CPU tests (no MMA constraints)."""
+
+
+def default_config(static: dict) -> Config:
+    """A config that builds for ``static`` and serves every batch and sequence length.
+
+    On sm_90a: 128 q-head rows x 256 keys with 4 consumer warpgroups, stepping down to smaller key tiles when a large
+    head dim does not fit in shared memory. Raises ValueError when nothing fits (more than 256 heads, or a head dim
+    that is not a multiple of the wgmma K step): such shapes need another kernel. ``static["target"] == "c"`` gets
+    :data:`CPU_DEFAULT`.
+    """
+    if _is_cpu_static(static):
+        check_config(static, CPU_DEFAULT)
+        return CPU_DEFAULT
+    error: ValueError | None = None
+    for block_N, num_stages, threads in _DEFAULT_LADDER:
+        config = Config(block_N=block_N, num_stages=num_stages, threads=threads)
+        try:
+            check_config(static, config)
+        except ValueError as exc:
+            error = exc
+            continue
+        return config
+    raise ValueError(f"no indexer config fits {static}: {error}")
+
+
+def build(
+    *,
+    heads: int,
+    dim: int,
+    dtype: str,
+    mode: str,
+    q_rows: int = Config.q_rows,
+    block_N: int = Config.block_N,
+    num_stages: int = Config.num_stages,
+    threads: int = Config.threads,
+    target: dsl.Target = dsl.CPU_TARGET,
+) -> Any:
+    """The indexer ``prim_func`` for the given static parameters; B, S and S_kv are dynamic.
+
+    Args:
+        heads, dim: H_i and D_i. dtype: ``"bfloat16"`` or ``"float8_e4m3fn"``. mode: ``"causal"`` (bottom-right
+            aligned, ``s <= t + S_kv - S``) or ``"range"`` (``starts[b, t] <= s < ends[b, t]``).
+        q_rows, block_N, num_stages, threads: the :class:`Config` fields (checked by :func:`check_config` on CUDA).
+        target: ``"c"`` or ``{"kind": "cuda", "arch": "sm_90a"}``.
+
+    Kernel arguments, in order (``k_scale`` only for FP8, ``starts``/``ends`` only in ``"range"`` mode):
+        q ``[B, S, heads, dim]`` dtype; k ``[B, S_kv, dim]`` dtype; weights ``[B, S, heads]`` float32;
+        [k_scale ``[B, S_kv]`` float32]; [starts, ends ``[B, S]`` int32]; scores ``[B, S, S_kv]`` float32 (written
+        completely). On the C target the dtype tensors travel as ``dsl.storage_dtype`` bits (uint16 / uint8).
+    """
+    cpu = dsl.is_cpu(target)
+    static = {"heads": heads, "dim": dim, "dtype": dtype, "mode": mode, "target": target}
+    check_config(static, Config(q_rows=q_rows, block_N=block_N, num_stages=num_stages, threads=threads))
+    block_Q = block_queries(heads, q_rows)
+    alloc = dsl.allocators(target)
+    fp8 = dtype == "float8_e4m3fn"
+    causal = mode == "causal"
+    io_dtype = dsl.storage_dtype(dtype, target)
+    # On CPU the tiles hold decoded float32 (the C target has no bf16/e4m3 arithmetic); on CUDA the input dtype.
+    tile_dtype = ACCUM_DTYPE if cpu else dtype
+    heads_pad = padded_heads(heads, block_Q)
+    rows = block_Q * heads_pad
+    neg_inf = -T.infinity(ACCUM_DTYPE)
+
+    batch, seq, seq_kv = T.dynamic("batch, seq_len, seq_len_kv")
+
+    def _load(value: Any) -> Any:
+        """An input element as a tile element: decoded float32 on CPU, the input dtype itself on CUDA."""
+        return dsl.load_f32(value, dtype, target) if cpu else value
+
+    def _visible(Starts: Any, Ends: Any, b: Any, t: Any, s: Any, shift: Any) -> Any:
+        if causal:
+            return s <= t + shift
+        return T.And(Starts[b, t] <= s, s < Ends[b, t])
+
+    def _scaled(value: Any, KScale: Any, b: Any, s: Any) -> Any:
+        return value * KScale[b, s] if fp8 else value
+
+    @T.macro
+    def body(Q, K, W, KScale, Starts, Ends, Out):
+        with T.Kernel(T.ceildiv(seq, block_Q), batch, threads=threads) as (bq, bb):
+            q_tile = alloc.shared([rows, dim], tile_dtype)
+            k_tile = alloc.shared([block_N, dim], tile_dtype)
+            acc = alloc.fragment([block_N, rows], ACCUM_DTYPE)
+            acc_heads = T.reshape(acc, [block_N, block_Q, heads_pad])
+            # The weights live in shared memory, not registers: as a fragment every thread would hold the weights of
+            # all its accumulator columns (32 floats at 128 rows), which spilled at 4 consumer warpgroups.
+            w_tile = alloc.shared([block_Q, heads_pad], ACCUM_DTYPE)
+            logits = alloc.fragment([block_N, block_Q], ACCUM_DTYPE)
+            k_lo = T.alloc_var(INDEX_DTYPE)
+            k_hi = T.alloc_var(INDEX_DTYPE)
+            kb_lo = T.alloc_var(INDEX_DTYPE)
+            kb_hi = T.alloc_var(INDEX_DTYPE)
+            t0 = bq * block_Q
+            shift = seq_kv - seq  # causal alignment: query t sees s <= t + shift
+
+            # The key range [k_lo, k_hi) that at least one query of this block sees.
+            if causal:
+                k_lo = 0
+                k_hi = T.max(0, T.min(seq_kv, T.min(seq, t0 + block_Q) + shift))
+            else:
+                k_lo = INT32_MAX
+                k_hi = 0
+                for i in T.serial(block_Q):
+                    if t0 + i < seq:
+                        lo_i = T.max(Starts[bb, t0 + i], 0)
+                        hi_i = T.min(Ends[bb, t0 + i], seq_kv)
+                        if lo_i < hi_i:
+                            k_lo = T.min(k_lo, lo_i)
+                            k_hi = T.max(k_hi, hi_i)
+            if k_lo < k_hi:
+                kb_lo = k_lo // block_N
+                kb_hi = T.ceildiv(k_hi, block_N)
+            else:
+                kb_lo = 0
+                kb_hi = 0
+
+            for r, d in alloc.parallel(rows, dim):
+                q_tile[r, d] = T.if_then_else(
+                    t0 + r // heads_pad < seq and r % heads_pad < heads,
+                    _load(Q[bb, t0 + r // heads_pad, r % heads_pad, d]),
+                    T.cast(0, tile_dtype),
+                )
+            for i, h in alloc.parallel(block_Q, heads_pad):
+                w_tile[i, h] = T.if_then_else(t0 + i < seq and h < heads, W[bb, t0 + i, h], T.float32(0))
+
+            for step in T.Pipelined(kb_hi - kb_lo, num_stages=num_stages):
+                s0 = (kb_lo + step) * block_N
+                if cpu:
+                    for n, d in T.grid(block_N, dim):
+                        k_tile[n, d] = T.if_then_else(s0 + n < seq_kv, _load(K[bb, s0 + n, d]), T.float32(0))
+                else:
+                    T.copy(K[bb, s0 : s0 + block_N, :], k_tile)
+                # FullRow: the warpgroups split the keys (M), each holds all q-head rows (N) of its keys, so the sum
+                # over heads below stays inside a thread quad (FullCol split the heads and reduced through shared
+                # memory with a block-wide barrier per step).
+                T.gemm(k_tile, q_tile, acc, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
+                for n, i, h in alloc.parallel(block_N, block_Q, heads_pad):
+                    acc_heads[n, i, h] = T.max(acc_heads[n, i, h], 0) * w_tile[i, h]
+                T.reduce_sum(acc_heads, logits, dim=-1, clear=True)
+                for i, n in alloc.parallel(block_Q, block_N):
+                    if t0 + i < seq and s0 + n < seq_kv:
+                        Out[bb, t0 + i, s0 + n] = T.if_then_else(
+                            _visible(Starts, Ends, bb, t0 + i, s0 + n, shift),
+                            _scaled(logits[n, i], KScale, bb, s0 + n),
+                            neg_inf,
+                        )
+
+            # Key blocks no query of this block sees: write -inf without touching q or k.
+            for kb in T.serial(T.ceildiv(seq_kv, block_N)):
+                if kb < kb_lo or kb >= kb_hi:
+                    for i, n in alloc.parallel(block_Q, block_N):
+                        if t0 + i < seq and kb * block_N + n < seq_kv:
+                            Out[bb, t0 + i, kb * block_N + n] = neg_inf
+
+    q_shape = [batch, seq, heads, dim]
+    k_shape = [batch, seq_kv, dim]
+    w_shape = [batch, seq, heads]
+    row_shape = [batch, seq]
+    out_shape = [batch, seq, seq_kv]
+
+    if fp8 and causal:
+
+        @T.prim_func
+        def index_scores_fp8_causal(
+            Q: T.Tensor(q_shape, io_dtype),
+            K: T.Tensor(k_shape, io_dtype),
+            W: T.Tensor(w_shape, ACCUM_DTYPE),
+            KScale: T.Tensor([batch, seq_kv], ACCUM_DTYPE),
+            Out: T.Tensor(out_shape, ACCUM_DTYPE),
+        ):
+            body(Q, K, W, KScale, None, None, Out)
+
+        func = index_scores_fp8_causal
+    elif fp8:
+
+        @T.prim_func
+        def index_scores_fp8_range(
+            Q: T.Tensor(q_shape, io_dtype),
+            K: T.Tensor(k_shape, io_dtype),
+            W: T.Tensor(w_shape, ACCUM_DTYPE),
+            KScale: T.Tensor([batch, seq_kv], ACCUM_DTYPE),
+            Starts: T.Tensor(row_shape, INDEX_DTYPE),
+            Ends: T.Tensor(row_shape, INDEX_DTYPE),
+            Out: T.Tensor(out_shape, ACCUM_DTYPE),
+        ):
+            body(Q, K, W, KScale, Starts, Ends, Out)
+
+        func = index_scores_fp8_range
+    elif causal:
+
+        @T.prim_func
+        def index_scores_bf16_causal(
+            Q: T.Tensor(q_shape, io_dtype),
+            K: T.Tensor(k_shape, io_dtype),
+            W: T.Tensor(w_shape, ACCUM_DTYPE),
+            Out: T.Tensor(out_shape, ACCUM_DTYPE),
+        ):
+            body(Q, K, W, None, None, None, Out)
+
+        func = index_scores_bf16_causal
+    else:
+
+        @T.prim_func
+        def index_scores_bf16_range(
+            Q: T.Tensor(q_shape, io_dtype),
+            K: T.Tensor(k_shape, io_dtype),
+            W: T.Tensor(w_shape, ACCUM_DTYPE),
+            Starts: T.Tensor(row_shape, INDEX_DTYPE),
+            Ends: T.Tensor(row_shape, INDEX_DTYPE),
+            Out: T.Tensor(out_shape, ACCUM_DTYPE),
+        ):
+            body(Q, K, W, None, Starts, Ends, Out)
+
+        func = index_scores_bf16_range
+    return func
