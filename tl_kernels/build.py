@@ -9,8 +9,10 @@ from disk in milliseconds.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -22,6 +24,7 @@ from typing import Any
 
 import torch
 
+from dsa import env
 from tl_kernels import dsl
 
 logger = logging.getLogger(__name__)
@@ -104,8 +107,6 @@ def _to_python(value: Any) -> Any:
 def _compile(builder: Callable[..., Any], target: dsl.Target, params: Mapping[str, Any]) -> Any:
     """Build the prim_func and compile it for ``target`` (TileLang's disk cache makes repeats cheap)."""
     import tilelang  # imported lazily: importing TileLang loads TVM (about a second)
-
-    from dsa import env
 
     func = builder(**params, target=target)
     pass_configs = _requested_pass_configs(func)
@@ -225,6 +226,9 @@ _HOST_INT_LITERAL = re.compile(r"^\(*(?:\(int64_t\))?\(*(\d+)\)*$")
 _PTXAS_ARCH = "sm_90a"
 
 
+_STATIC_REPORT_DIR = "static-reports"
+
+
 def _find_ptxas() -> str:
     """The ptxas of the toolkit TileLang compiles with (its ``CUDA_HOME``, which it reads from the environment or
     derives from nvcc), else the one on ``PATH``."""
@@ -298,16 +302,8 @@ def _kernel_ptx(kernel: Any) -> str:
     return kernel._get_ptx()  # noqa: SLF001 - private, but the public export_ptx swallows failures
 
 
-def static_report(kernel: Any) -> StaticReport:
-    """Registers, spills, shared memory and wgmma use of a kernel compiled for sm_90a (max over entry functions).
-
-    Exports the PTX, runs ``ptxas -arch=sm_90a -v`` on it in a temporary directory, adds each entry's dynamic shared
-    memory (from the generated host code, see ``_dynamic_smem_bytes``) to ptxas's static figure, and looks for
-    ``wgmma`` in the CUDA source.
-    """
-    device_source = kernel.get_kernel_source()
-    host_source = kernel.get_host_source() or ""
-    ptx = _kernel_ptx(kernel)
+def _run_ptxas(ptx: str) -> str:
+    """``ptxas -arch=sm_90a -v`` on ``ptx`` in a temporary directory; returns its log."""
     with tempfile.TemporaryDirectory(prefix="dsa-ptxas-") as tmp:
         ptx_path = Path(tmp) / "kernel.ptx"
         ptx_path.write_text(ptx)
@@ -321,6 +317,43 @@ def static_report(kernel: Any) -> StaticReport:
     log = result.stdout + result.stderr
     if result.returncode != 0:
         raise RuntimeError(f"ptxas failed ({result.returncode}):\n{log}")
+    return log
+
+
+def _ptxas_log(kernel: Any, device_source: str) -> str:
+    """The ptxas report of ``kernel``, cached on disk by the hash of its CUDA source and the ptxas binary.
+
+    Getting the PTX reruns nvcc (TileLang keeps only the cubin), which costs as much as the compile itself; the log
+    depends only on the source and the toolchain, so a warm build tier (or a second tuning run) skips both.
+    """
+    ptxas = _find_ptxas()
+    key = hashlib.sha256(f"{ptxas}\0{Path(ptxas).stat().st_mtime_ns}\0{_PTXAS_ARCH}\0{device_source}".encode()).hexdigest()
+    path = env.cache_dir() / _STATIC_REPORT_DIR / f"{key}.log"
+    try:
+        return path.read_text()
+    except OSError:
+        pass
+    log = _run_ptxas(_kernel_ptx(kernel))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as tmp:
+            tmp.write(log)
+        os.replace(tmp.name, path)  # atomic: a concurrent reader sees the old file or the whole new one
+    except OSError as error:  # a read-only cache only costs time
+        logger.debug("could not cache the ptxas report in %s: %s", path.parent, error)
+    return log
+
+
+def static_report(kernel: Any) -> StaticReport:
+    """Registers, spills, shared memory and wgmma use of a kernel compiled for sm_90a (max over entry functions).
+
+    Exports the PTX, runs ``ptxas -arch=sm_90a -v`` on it in a temporary directory, adds each entry's dynamic shared
+    memory (from the generated host code, see ``_dynamic_smem_bytes``) to ptxas's static figure, and looks for
+    ``wgmma`` in the CUDA source.
+    """
+    device_source = kernel.get_kernel_source()
+    host_source = kernel.get_host_source() or ""
+    log = _ptxas_log(kernel, device_source)
     usage = _parse_ptxas(log)
     if not usage:
         raise RuntimeError(f"no entry functions in the ptxas output:\n{log}")
