@@ -1,0 +1,406 @@
+#!/usr/bin/env python3
+"""One command on a CUDA host: record the host, run the GPU tests, benchmark, tune briefly, write one JSON record.
+
+Stages (each in its own subprocess with a time budget, so a crash or a hang in one is recorded and the later stages
+still run; the record is rewritten after every stage, so even a killed run leaves what it measured):
+
+1. ``host``: GPU name, SKU id (``autotune.sku``), driver, CUDA, torch and tilelang versions, and the host's measured
+   ceilings: device-to-device copy bandwidth, bf16 and FP8 matrix rates (``scripts/bench.py --measure-ceilings``);
+2. ``tests``: ``HYPOTHESIS_PROFILE=gpu python -m pytest -m gpu``, with pass/fail/skip counts and the failing tests;
+3. ``bench``: every standard benchmark case, the DSA kernels side by side with the reference, dense attention,
+   ``torch.topk`` and FlashMLA/DeepGEMM where importable (``scripts/bench.py``);
+4. ``tune``: a short tuning pass for this SKU (``scripts/autotune.py --sku auto`` over the small shapes file
+   ``benchmarks/tune_small.json``; results go to a cache folder inside the work directory, not the user's cache);
+5. the record ``benchmarks/results/<sku>-<YYYYMMDD>.json``, a PNG plot beside it (TFLOP/s and latency against context
+   length, DSA against dense attention; skipped with a note when matplotlib is missing), and a summary table, last.
+
+Without a CUDA device it prints one line saying so and exits 2. Exit status otherwise: 0 when every stage passed,
+1 when any stage failed or timed out (the record says which).
+
+The default budgets add up to 8 minutes; ``--budget stage=seconds`` changes one, ``--skip stage`` leaves one out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ROOT / "scripts"
+EXIT_OK, EXIT_FAILED, EXIT_NO_GPU = 0, 1, 2
+NO_GPU_MESSAGE = "gpu_check: no CUDA device found (torch.cuda.is_available() is False); run this on a CUDA host"
+STAGES: tuple[str, ...] = ("host", "tests", "bench", "tune")
+# Seconds per stage; their sum (470 s) keeps the whole check inside 8 minutes on an H200, compilation included.
+DEFAULT_BUDGETS: dict[str, int] = {"host": 40, "tests": 120, "bench": 250, "tune": 60}
+# The bench stage runs 19 cases with up to 5 providers each: a short per-provider budget keeps it inside its stage.
+BENCH_DEFAULT_ARGS: tuple[str, ...] = ("--reps", "10", "--warmup", "2", "--budget-s", "1.5")
+TUNE_SHAPES = ROOT / "benchmarks" / "tune_small.json"
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+LOG_TAIL_CHARS = 4000
+# Providers drawn as dense attention in the plot, in order of preference.
+DENSE_PROVIDERS: tuple[str, ...] = ("dense-sdpa", "dense-matmul")
+
+
+@dataclass
+class StageRun:
+    """What one stage's subprocess did."""
+
+    rc: int | None
+    seconds: float
+    timed_out: bool
+    output: str
+
+
+def run_stage_process(cmd: Sequence[str], *, budget_s: float, env: dict[str, str], log: Path) -> StageRun:
+    """Run ``cmd`` in its own process group, echo and log its output, and kill the group at ``budget_s``."""
+    start = time.perf_counter()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w", encoding="utf-8") as sink:
+        proc = subprocess.Popen(
+            list(cmd), cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True, text=True
+        )
+        timed_out = False
+        try:
+            proc.wait(timeout=budget_s)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    proc.wait(timeout=10)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+    output = log.read_text(encoding="utf-8", errors="replace")
+    return StageRun(None if timed_out else proc.returncode, time.perf_counter() - start, timed_out, output)
+
+
+def stage_record(name: str, run: StageRun, budget_s: float, **extra: Any) -> dict[str, Any]:
+    """The JSON record of a stage: status ``ok`` / ``failed`` / ``timeout``, exit code, time, output tail."""
+    status = "timeout" if run.timed_out else ("ok" if run.rc == 0 else "failed")
+    return {
+        "stage": name,
+        "status": status,
+        "rc": run.rc,
+        "seconds": round(run.seconds, 1),
+        "budget_s": budget_s,
+        "log_tail": run.output[-LOG_TAIL_CHARS:],
+        **extra,
+    }
+
+
+def junit_counts(path: Path) -> dict[str, Any]:
+    """Test counts and failing test ids from a pytest ``--junitxml`` file (empty when it is missing)."""
+    if not path.is_file():
+        return {}
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as exc:
+        return {"junit_error": str(exc)}
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    failing: list[str] = []
+    for suite in suites:
+        for key in counts:
+            counts[key] += int(suite.get(key, 0))
+        for case in suite.iter("testcase"):
+            if case.find("failure") is not None or case.find("error") is not None:
+                failing.append(f"{case.get('classname')}::{case.get('name')}")
+    counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+    return {**counts, "failing": failing[:50]}
+
+
+def cuda_available() -> tuple[bool, str]:
+    """Whether torch sees a CUDA device (asked in a subprocess-free, cheap way), and a reason when not."""
+    try:
+        import torch
+    except ImportError as exc:
+        return False, f"torch is not importable ({exc})"
+    if not torch.cuda.is_available():
+        return False, ""
+    return True, ""
+
+
+def results_paths(sku: str | None, out_dir: Path) -> tuple[Path, Path]:
+    """``<out_dir>/<sku>-<YYYYMMDD>.json`` and the PNG beside it."""
+    stem = f"{sku or 'unknown-gpu'}-{time.strftime('%Y%m%d', time.gmtime())}"
+    return out_dir / f"{stem}.json", out_dir / f"{stem}.png"
+
+
+def write_json(path: Path, doc: dict[str, Any]) -> None:
+    """Write ``doc`` atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def _series(
+    rows: Sequence[dict[str, Any]], kernel: str, provider: str, metric: str, prefix: str
+) -> list[tuple[int, float]]:
+    pts = [
+        (int(r["context"]), float(r["value"]))
+        for r in rows
+        if r["kernel"] == kernel and r["provider"] == provider and r["metric"] == metric
+        and r["case"].startswith(prefix) and r["value"] is not None
+    ]  # fmt: skip
+    return sorted(pts)
+
+
+def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> str | None:
+    """TFLOP/s and latency against context length: DSA (sparse MLA forward, prefill cases; and the whole DSA path's
+    indexer) against dense attention. Returns None when written, else the reason it was not."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not importable: no plot"
+    prefix = "sparse_mla_fwd-prefill"
+    providers = ("dsa", *DENSE_PROVIDERS, "flashmla", "reference")
+    fig, (ax_tf, ax_ms) = plt.subplots(1, 2, figsize=(11, 4.2))
+    drawn = 0
+    for provider in providers:
+        tf = _series(rows, "sparse_mla_fwd", provider, "tflops", prefix)
+        ms = _series(rows, "sparse_mla_fwd", provider, "latency_ms", prefix)
+        label = "DSA sparse MLA fwd" if provider == "dsa" else provider
+        if tf:
+            ax_tf.plot(*zip(*tf, strict=True), marker="o", label=label)
+        if ms:
+            ax_ms.plot(*zip(*ms, strict=True), marker="o", label=label)
+            drawn += 1
+    idx = _series(rows, "indexer", "dsa", "latency_ms", "indexer-fp8")
+    if idx:
+        ax_ms.plot(*zip(*idx, strict=True), marker="s", linestyle="--", label="DSA FP8 indexer (S = S_kv)")
+    if not drawn:
+        plt.close(fig)
+        return "no sparse_mla_fwd timings to plot"
+    for ax, ylabel in ((ax_tf, "TFLOP/s (each provider's own useful FLOPs)"), (ax_ms, "latency (ms, median)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length (keys)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    ax_ms.set_yscale("log")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return format(value, spec) if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
+
+
+def summary(doc: dict[str, Any]) -> str:
+    """The compact table printed last: host, ceilings, stages, tests, the DSA kernels against their baselines."""
+    host = doc.get("host", {})
+    ceil = doc.get("ceilings", {})
+    lines = [
+        f"host: {host.get('gpu', '?')} sku={host.get('sku', '?')} driver={host.get('driver', '?')} "
+        f"cuda={host.get('cuda', '?')} torch={host.get('torch', '?')} tilelang={host.get('tilelang', '?')}",
+        f"ceilings: copy {_fmt(ceil.get('copy_gbps'), '.0f')} GB/s, bf16 {_fmt(ceil.get('bf16_tflops'), '.0f')} "
+        f"TFLOP/s, fp8 {_fmt(ceil.get('fp8_tflops'), '.0f')} TFLOP/s",
+        "stages: "
+        + ", ".join(f"{s['stage']} {s['status']} ({s.get('seconds', 0):.0f} s)" for s in doc.get("stages", [])),
+    ]
+    tests = doc.get("tests", {})
+    if tests:
+        lines.append(
+            f"gpu tests: {tests.get('passed', '?')} passed, {tests.get('failures', '?')} failed, "
+            f"{tests.get('errors', '?')} errors, {tests.get('skipped', '?')} skipped"
+        )
+    rows = doc.get("bench", {}).get("rows", [])
+    by_case: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        entry = by_case.setdefault(r["case"], {"targets": []})
+        if r["provider"] == "dsa":
+            if r["metric"] in ("latency_ms", "tflops", "gbps", "check"):
+                entry[r["metric"]] = r["value"]
+            elif r["metric"] == "target":
+                entry["targets"].append(r.get("note", ""))
+            elif r["metric"].startswith("speedup_vs_"):
+                entry[r["metric"]] = r["value"]
+            elif r["metric"] == "peak_bytes":
+                entry["peak"] = r["value"]
+            elif r["metric"] == "error":
+                entry["error"] = r.get("note")
+        elif r["metric"] == "peak_ratio_vs_dsa":
+            entry[f"ratio_{r['provider']}"] = r["value"]
+    if by_case:
+        lines.append(f"{'case':40} {'dsa ms':>9} {'TFLOP/s':>8} {'GB/s':>6} {'check':>6}  vs baselines / targets")
+    for case, e in by_case.items():
+        speedups = " ".join(
+            f"{k[len('speedup_vs_') :]}={v:.2f}x" for k, v in e.items() if k.startswith("speedup_vs_") and v
+        )
+        if "peak" in e:
+            ratios = " ".join(f"{k[6:]}={v:.2f}x" for k, v in e.items() if k.startswith("ratio_") and v)
+            blank = " " * 34
+            lines.append(f"{case:40} {blank}  dsa peak {e['peak'] / 1e9:.2f} GB; dense/dsa {ratios or '-'}")
+            continue
+        check = {True: "ok", False: "FAIL"}.get(e.get("check"), "-")
+        tail = " | ".join(filter(None, [speedups, "; ".join(e["targets"]), e.get("error")]))
+        lines.append(
+            f"{case[:40]:40} {_fmt(e.get('latency_ms'), '.3f'):>9} {_fmt(e.get('tflops'), '.1f'):>8} "
+            f"{_fmt(e.get('gbps'), '.0f'):>6} {check:>6}  {tail[:110]}"
+        )
+    tune = doc.get("tune", {})
+    if tune:
+        lines.append(f"tune: {tune.get('status', '?')}; {tune.get('summary', '')}")
+    if doc.get("plot_note"):
+        lines.append(f"plot: {doc['plot_note']}")
+    lines.append(f"record: {doc.get('record_path')}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="One-shot GPU check: host, GPU tests, benchmarks, short tuning, record.")
+    p.add_argument(
+        "--out-dir", type=Path, default=RESULTS_DIR, help="where the record and plot go (default %(default)s)"
+    )
+    p.add_argument("--work-dir", type=Path, default=None, help="logs and intermediate files (default: a temp folder)")
+    p.add_argument("--budget", action="append", default=[], metavar="STAGE=SECONDS", help="change a stage's budget")
+    p.add_argument("--skip", action="append", default=[], choices=STAGES, help="leave a stage out")
+    p.add_argument("--bench-args", default="", help="extra arguments for scripts/bench.py (e.g. '--kernels topk')")
+    p.add_argument("--pytest-args", default="", help="extra arguments for the GPU test run")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    budgets = dict(DEFAULT_BUDGETS)
+    for item in args.budget:
+        stage, _, seconds = item.partition("=")
+        if stage not in budgets or not seconds.replace(".", "", 1).isdigit():
+            print(f"gpu_check: --budget needs STAGE=SECONDS with STAGE in {STAGES}, got {item!r}", file=sys.stderr)
+            return EXIT_NO_GPU
+        budgets[stage] = int(float(seconds))
+    ok, reason = cuda_available()
+    if not ok:
+        print(NO_GPU_MESSAGE + (f": {reason}" if reason else ""), file=sys.stderr)
+        return EXIT_NO_GPU
+
+    import tempfile
+
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="dsa-gpu-check-"))
+    work.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    py = sys.executable
+    started = time.time()
+    doc: dict[str, Any] = {
+        "format": "dsa-gpu-check/1",
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "budgets_s": budgets,
+        "stages": [],
+        "host": {},
+        "ceilings": {},
+    }
+    record_path, png_path = results_paths(None, args.out_dir)
+
+    def save() -> None:
+        doc["record_path"] = str(record_path)
+        write_json(record_path, doc)
+
+    # 1. host and ceilings
+    ceilings_json = work / "ceilings.json"
+    if "host" not in args.skip:
+        print("[gpu_check] stage host: versions, SKU, ceilings", flush=True)
+        run = run_stage_process(
+            [py, str(SCRIPTS / "bench.py"), "--measure-ceilings", "--json", str(ceilings_json)],
+            budget_s=budgets["host"], env=env, log=work / "host.log",
+        )  # fmt: skip
+        doc["stages"].append(stage_record("host", run, budgets["host"]))
+        if ceilings_json.is_file():
+            measured = json.loads(ceilings_json.read_text())
+            doc["host"], doc["ceilings"] = measured.get("host", {}), measured.get("ceilings", {})
+    record_path, png_path = results_paths(doc["host"].get("sku"), args.out_dir)
+    save()
+
+    # 2. gpu-marked tests under the gpu Hypothesis profile
+    if "tests" not in args.skip:
+        print("[gpu_check] stage tests: pytest -m gpu (HYPOTHESIS_PROFILE=gpu)", flush=True)
+        junit = work / "gpu-tests.xml"
+        test_env = {**env, "HYPOTHESIS_PROFILE": "gpu"}
+        cmd = [py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}"]
+        cmd += args.pytest_args.split()
+        run = run_stage_process(cmd, budget_s=budgets["tests"], env=test_env, log=work / "tests.log")
+        counts = junit_counts(junit)
+        doc["tests"] = counts
+        # pytest exits 5 when nothing is collected: no gpu tests is a failure of this stage, not a pass.
+        doc["stages"].append(
+            stage_record("tests", run, budgets["tests"], **{k: v for k, v in counts.items() if k != "failing"})
+        )
+        save()
+
+    # 3. benchmarks
+    bench_json = work / "bench.json"
+    if "bench" not in args.skip:
+        print("[gpu_check] stage bench: standard cases side by side", flush=True)
+        cmd = [py, str(SCRIPTS / "bench.py"), "--json", str(bench_json), *BENCH_DEFAULT_ARGS]
+        if ceilings_json.is_file():
+            cmd += ["--ceilings", str(ceilings_json)]
+        cmd += args.bench_args.split()
+        run = run_stage_process(cmd, budget_s=budgets["bench"], env=env, log=work / "bench.log")
+        bench = json.loads(bench_json.read_text()) if bench_json.is_file() else {}
+        doc["bench"] = {"rows": bench.get("rows", []), "failed_cases": bench.get("failed_cases", [])}
+        doc["stages"].append(stage_record("bench", run, budgets["bench"], rows=len(doc["bench"]["rows"])))
+        save()
+
+    # 4. short tuning pass for this SKU
+    if "tune" not in args.skip:
+        print("[gpu_check] stage tune: autotune --sku auto (small shapes)", flush=True)
+        report = work / "autotune-report.json"
+        tune_env = {**env, "DSA_CACHE_DIR": str(work / "dsa-cache")}
+        cmd = [py, str(SCRIPTS / "autotune.py"), "--sku", "auto", "--shapes", str(TUNE_SHAPES), "--no-progress"]
+        cmd += ["--report", str(report)]
+        run = run_stage_process(cmd, budget_s=budgets["tune"], env=tune_env, log=work / "tune.log")
+        records = json.loads(report.read_text()) if report.is_file() else []
+        chosen = [r for r in records if r.get("chosen")]
+        rec = stage_record("tune", run, budgets["tune"], records=len(records))
+        doc["stages"].append(rec)
+        doc["tune"] = {
+            "status": rec["status"],
+            "summary": f"{len(records)} candidates, {len(chosen)} chosen, cache {work / 'dsa-cache'}",
+            "chosen": chosen,
+        }
+        save()
+
+    # 5. plot and summary
+    title = f"DSA vs dense attention on {doc['host'].get('gpu', '?')} ({doc['host'].get('sku', '?')})"
+    note = plot(doc.get("bench", {}).get("rows", []), png_path, title)
+    doc["plot"] = None if note else str(png_path)
+    if note:
+        doc["plot_note"] = note
+    doc["seconds"] = round(time.time() - started, 1)
+    failed = [s["stage"] for s in doc["stages"] if s["status"] != "ok"]
+    doc["ok"] = not failed
+    save()
+    if args.work_dir is None:
+        shutil.rmtree(work, ignore_errors=True)
+    print(summary(doc))
+    if failed:
+        print(f"gpu_check: stages not ok: {', '.join(failed)}")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

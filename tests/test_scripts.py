@@ -1,0 +1,274 @@
+"""The command-line scripts on a CPU: gpu_check and bench degrade clearly without a GPU, the benchmark cases carry the
+right FLOP and byte counts, the harness itself runs (tiny cases, host clock), and fuzz.py runs, counts examples and
+keeps failures."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ROOT / "scripts"
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour on a machine without CUDA")
+
+
+def _load(name: str, path: Path) -> ModuleType:
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def cases() -> ModuleType:
+    return _load("dsa_benchmark_cases", ROOT / "benchmarks" / "cases.py")
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    return _load("dsa_script_bench", SCRIPTS / "bench.py")
+
+
+@pytest.fixture(scope="module")
+def gpu_check() -> ModuleType:
+    return _load("dsa_script_gpu_check", SCRIPTS / "gpu_check.py")
+
+
+def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# No GPU: a clear one-line message and a non-zero exit
+# ----------------------------------------------------------------------------------------------------------------------
+@no_cuda
+@pytest.mark.parametrize("script", ["gpu_check.py", "bench.py"])
+def test_without_gpu_exits_nonzero_with_one_line(script: str) -> None:
+    proc = _run(str(SCRIPTS / script))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no CUDA device" in lines[0], proc.stderr
+    assert proc.stdout.strip() == ""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Benchmark cases and the dry run
+# ----------------------------------------------------------------------------------------------------------------------
+def test_causal_pairs_matches_brute_force(cases: ModuleType) -> None:
+    for seq in range(0, 13):
+        for seq_kv in range(0, 13):
+            brute = sum(min(seq_kv, max(0, t + seq_kv - seq + 1)) for t in range(seq))
+            assert cases.causal_pairs(seq, seq_kv) == brute, (seq, seq_kv)
+    assert cases.causal_pairs(4096, 4096) == 4096 * 4097 // 2
+
+
+def test_dry_run_lists_every_standard_case_with_hand_checked_counts(cases: ModuleType, tmp_path: Path) -> None:
+    out = tmp_path / "dry.json"
+    proc = _run(str(SCRIPTS / "bench.py"), "--dry-run", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    names = [c.name for c in cases.standard_cases()]
+    assert len(names) == 19 and len(set(names)) == len(names)
+    for name in names:
+        assert re.search(rf"^{re.escape(name)}\s", proc.stdout, re.M), f"{name} missing from the dry-run table"
+    rows = json.loads(out.read_text())["rows"]
+    flops = {r["case"]: r["value"] for r in rows if r["metric"] == "flops"}
+    nbytes = {r["case"]: r["value"] for r in rows if r["metric"] == "bytes"}
+    assert set(flops) == set(names)
+    # Worked by hand: 2 * H_i * D_i per visible pair, S(S+1)/2 visible pairs at S = S_kv.
+    assert flops["indexer-fp8-s4096"] == 2 * 64 * 128 * (4096 * 4097 // 2) == 137_472_507_904
+    assert flops["indexer-bf16-s65536"] == 2 * 64 * 128 * (65536 * 65537 // 2)
+    # 2 * B * S * H * topk * (d_qk + d_v) forward, (3 d_qk + 2 d_v) backward.
+    assert flops["sparse_mla_fwd-prefill-s4096-kv8192"] == 2 * 1 * 4096 * 128 * 2048 * (576 + 512) == 2_336_462_209_024
+    assert flops["sparse_mla_fwd-prefill-s4096-kv65536"] == flops["sparse_mla_fwd-prefill-s4096-kv8192"]
+    assert flops["sparse_mla_bwd-decode-b128-s2-kv32768"] == 2 * 128 * 2 * 128 * 2048 * (3 * 576 + 2 * 512)
+    assert flops["topk-rows4096-len8192"] == 0
+    # One read of the scores plus the indices written.
+    assert nbytes["topk-rows4096-len131072"] == 4096 * 131072 * 4 + 4096 * 2048 * 4
+
+
+def test_tune_small_shapes_are_valid_for_the_tuner() -> None:
+    from autotune import space
+
+    shapes = ROOT / "benchmarks" / "tune_small.json"
+    found = space.preset_cases(shapes)
+    assert {c.kernel for c in found} == set(space.KERNEL_NAMES)
+    for case in found:
+        assert space.candidates(case.kernel, case.static), f"no candidate configs for {case.kernel} {case.static}"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The harness on a CPU (tiny cases, host clock, the reference or C-target kernels behind dsa.ops)
+# ----------------------------------------------------------------------------------------------------------------------
+def test_harness_runs_tiny_cases_on_cpu(tmp_path: Path) -> None:
+    out = tmp_path / "tiny.json"
+    proc = _run(
+        str(SCRIPTS / "bench.py"),
+        "--device",
+        "cpu",
+        "--tiny",
+        "--kernels",
+        "topk,sparse_mla_fwd",
+        "--reps",
+        "2",
+        "--json",
+        str(out),
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    rows = doc["rows"]
+    checks = {r["case"]: r["value"] for r in rows if r["metric"] == "check"}
+    assert checks == {"tiny-topk": True, "tiny-sparse_mla_fwd": True}
+    timed = {(r["case"], r["provider"]) for r in rows if r["metric"] == "latency_ms"}
+    assert {("tiny-topk", "dsa"), ("tiny-topk", "torch.topk"), ("tiny-sparse_mla_fwd", "dense-matmul")} <= timed
+    for r in rows:
+        assert {"kernel", "provider", "case", "metric", "value", "unit", "gpu", "versions", "commit"} <= set(r)
+    assert any(r["metric"] == "speedup_vs_torch.topk" for r in rows)
+    assert "tiny-sparse_mla_fwd" in proc.stdout  # the summary table
+
+
+def test_check_catches_unwritten_outputs(bench: ModuleType, cases: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dsa import ops
+    from tests.helpers import poison
+
+    monkeypatch.setitem(bench._DEVICE, "type", "cpu")
+    by_kernel = {c.kernel: c for c in cases.tiny_cases()}
+    topk_case, fwd_case = by_kernel["topk"], by_kernel["sparse_mla_fwd"]
+    topk_inp = bench.make_inputs(topk_case, torch.device("cpu"), seed=1)
+    fwd_inp = bench.make_inputs(fwd_case, torch.device("cpu"), seed=1)
+    assert bench.check_dsa(topk_case, topk_inp) is None
+    assert bench.check_dsa(fwd_case, fwd_inp) is None
+
+    def unwritten_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+        return poison(torch.empty(*scores.shape[:-1], k, dtype=torch.int32))
+
+    def unwritten_mla(
+        q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, **kw: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        b, s, h, _ = q.shape
+        return poison(torch.empty(b, s, h, int(kw["d_v"]), dtype=q.dtype)), poison(torch.empty(b, s, h))
+
+    monkeypatch.setattr(ops, "topk_indices", unwritten_topk)
+    monkeypatch.setattr(ops, "sparse_mla", unwritten_mla)
+    assert bench.check_dsa(topk_case, topk_inp) is not None
+    problem = bench.check_dsa(fwd_case, fwd_inp)
+    assert problem is not None and "mismatch" in problem
+
+
+def test_targets_are_evaluated_against_ceilings(bench: ModuleType, cases: ModuleType) -> None:
+    case = cases.Case(
+        "indexer", "x", {}, flops=7e11, bytes=1e9, targets=(cases.Target("tflops", 0.6, of="fp8_tflops"),)
+    )
+    met = bench.target_rows(case, {"dsa": 1.0}, {"fp8_tflops": 1000.0})  # 700 TFLOP/s = 70 %
+    assert met[0]["value"] == pytest.approx(0.7) and met[0]["note"].endswith("met")
+    missed = bench.target_rows(case, {"dsa": 2.0}, {"fp8_tflops": 1000.0})
+    assert missed[0]["note"].endswith("missed")
+    absent = bench.target_rows(case, {"dsa": 1.0}, {})
+    assert absent[0]["value"] is None and "not evaluated" in absent[0]["note"]
+    speed = cases.Case("topk", "y", {}, 0.0, 1e9, (cases.Target("speedup", 10.0, against="torch.topk"),))
+    assert bench.target_rows(speed, {"dsa": 1.0, "torch.topk": 12.0}, {})[0]["note"].endswith("met")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# gpu_check machinery
+# ----------------------------------------------------------------------------------------------------------------------
+def test_stage_is_killed_at_its_budget(gpu_check: ModuleType, tmp_path: Path) -> None:
+    start = time.perf_counter()
+    run = gpu_check.run_stage_process(
+        [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(120)"],
+        budget_s=2, env={"PATH": "/usr/bin:/bin"}, log=tmp_path / "s.log",
+    )  # fmt: skip
+    assert run.timed_out and run.rc is None
+    assert time.perf_counter() - start < 60
+    assert gpu_check.stage_record("x", run, 2)["status"] == "timeout"
+
+
+def test_junit_counts(gpu_check: ModuleType, tmp_path: Path) -> None:
+    xml = tmp_path / "j.xml"
+    xml.write_text(
+        '<testsuites><testsuite tests="4" failures="1" errors="0" skipped="1">'
+        '<testcase classname="t" name="a"/><testcase classname="t" name="b"><failure/></testcase>'
+        '<testcase classname="t" name="c"><skipped/></testcase><testcase classname="t" name="d"/>'
+        "</testsuite></testsuites>"
+    )
+    counts = gpu_check.junit_counts(xml)
+    assert counts["passed"] == 2 and counts["failures"] == 1 and counts["skipped"] == 1
+    assert counts["failing"] == ["t::b"]
+
+
+def test_failing_stages_are_recorded_and_later_stages_still_run(
+    gpu_check: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Pretend CUDA is there: the host and bench stages then fail in their subprocesses (no device), and the check
+    # must record both, write the record, and report.
+    monkeypatch.setattr(gpu_check, "cuda_available", lambda: (True, ""))
+    rc = gpu_check.main(
+        ["--out-dir", str(tmp_path), "--work-dir", str(tmp_path / "work"), "--skip", "tests", "--skip", "tune",
+         "--bench-args", "--kernels topk"]
+    )  # fmt: skip
+    assert rc == 1
+    records = list(tmp_path.glob("unknown-gpu-*.json"))
+    assert len(records) == 1
+    doc = json.loads(records[0].read_text())
+    assert [(s["stage"], s["status"], s["rc"]) for s in doc["stages"]] == [
+        ("host", "failed", 2),
+        ("bench", "failed", 2),
+    ]
+    assert "no CUDA device" in doc["stages"][1]["log_tail"]
+    assert doc["ok"] is False and doc["plot"] is None and doc["plot_note"]
+    last = capsys.readouterr().out.strip().splitlines()
+    assert last[-1].startswith("gpu_check: stages not ok: host, bench")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# fuzz.py
+# ----------------------------------------------------------------------------------------------------------------------
+def test_fuzz_reference_runs_and_reports_examples(tmp_path: Path) -> None:
+    proc = _run(
+        str(SCRIPTS / "fuzz.py"), "--backend", "reference", "--minutes", "0.4", "--chunk", "3",
+        "--db", str(tmp_path / "db"), "--tests", "tests/test_reference.py",
+        "-k", "test_sparse_mla_matches_dense_masked_attention",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    match = re.search(r"examples run: (\d+)", proc.stdout)
+    assert match and int(match.group(1)) > 0, proc.stdout
+    assert "failures: 0" in proc.stdout
+
+
+def test_fuzz_finds_and_keeps_a_planted_failure(tmp_path: Path) -> None:
+    planted = tmp_path / "test_planted.py"
+    planted.write_text(
+        "from hypothesis import given, strategies as st\n\n"
+        "@given(st.integers(min_value=0, max_value=10**6))\n"
+        "def test_small(x):\n    assert x < 1000\n"
+    )
+    db = tmp_path / "db"
+    proc = _run(
+        str(SCRIPTS / "fuzz.py"),
+        "--backend",
+        "reference",
+        "--minutes",
+        "0.3",
+        "--chunk",
+        "50",
+        "--db",
+        str(db),
+        "--tests",
+        str(planted),
+    )
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "fuzz: FAILED" in proc.stdout and "test_planted.py::test_small" in proc.stdout
+    assert "x=1000" in proc.stdout, "the shrunk falsifying example must be printed"
+    assert any(p.is_file() for p in (db / "examples").rglob("*")), "the failing example must be saved for replay"
