@@ -1,0 +1,388 @@
+"""Top-k selector kernel (``tl_kernels.topk`` through ``dsa.launch.topk``) against the ``topk_indices`` contract.
+
+Every check is a set comparison (``tests.helpers.assert_topk_valid``: no duplicates, every selected score >= every
+unselected finite score, ``-1`` padding exactly when a row has fewer than ``k`` finite scores, never a ``-inf``/NaN/
+``+inf`` position) plus equality of the multiset of selected scores with ``dsa.reference.topk_indices``. Outputs are
+poisoned before every launch.
+
+Tiers:
+- ``cpu_kernel``: the C-target build. It runs the same selection logic as the CUDA kernel (key transform, radix
+  rounds, threshold search, candidate buffer and its re-read fallback, tie policy, padding) with serial loops in place
+  of the block's threads, so it proves the logic but not the CUDA kernel's barriers and atomics: a small candidate
+  buffer (``SMALL_CAPACITY``) forces the fallback path that the default buffer only takes on wide rows.
+- ``build``: the default config and every tuning-space config compile for sm_90a at ``k = 2048`` (and the default at
+  ``k = 64``) with no register spills and shared memory within the limit; the numbers are logged.
+- ``gpu``: the same properties against the CUDA radix kernel, every tuning-space config, rows up to 131,072 wide and
+  the adversarial rows that broke public radix top-k kernels. Only this tier proves the CUDA kernel itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import time
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from dsa import reference
+from dsa.launch import topk as launch
+from tests import strategies
+from tests.helpers import assert_topk_valid, poison
+from tl_kernels import build as tl_build
+from tl_kernels import topk as kernels
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CAPACITY = kernels.Config().cand_capacity
+# Small enough that most threshold bins overflow it (the re-read fallback), large enough that some fit (the buffer).
+SMALL_CAPACITY = 16
+# (k, cand_capacity) of the C-target kernels, each one compile of a few seconds; shapes vary freely at run time.
+CPU_CASES = ((1, DEFAULT_CAPACITY), (48, DEFAULT_CAPACITY), (48, SMALL_CAPACITY))
+V32_K = 2048
+FLT_MAX = torch.finfo(torch.float32).max
+FLT_TINY = torch.finfo(torch.float32).tiny
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The launcher's output starts as ``INT_POISON``, so an index the kernel forgot to write fails the checks."""
+
+    def poisoned(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return poison(torch.empty(shape, dtype=dtype, device=device))
+
+    monkeypatch.setattr(launch, "new_output", poisoned)
+
+
+def selected_scores(scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``[B, S, k]`` float32: the scores at ``indices`` (``-inf`` at ``-1``), sorted per row: the selected multiset."""
+    gathered = scores.gather(-1, indices.clamp(min=0).long())
+    return gathered.masked_fill(indices < 0, float("-inf")).sort(dim=-1).values
+
+
+def check_topk(scores: torch.Tensor, indices: torch.Tensor, k: int) -> None:
+    """``indices`` satisfies the contract for ``scores`` and selects the same multiset of scores as the reference."""
+    scores = scores.cpu()
+    indices = indices.cpu()
+    assert_topk_valid(scores, indices, k)
+    expected = reference.topk_indices(scores, k)
+    got, want = selected_scores(scores, indices), selected_scores(scores, expected)
+    differ = got != want
+    assert not differ.any(), f"selected scores differ from the reference in {int(differ.sum())} places"
+
+
+def run(scores: torch.Tensor, k: int, capacity: int = DEFAULT_CAPACITY, threads: int | None = None) -> torch.Tensor:
+    """The launcher with an explicit config (``capacity`` candidate-buffer entries)."""
+    config = kernels.Config(cand_capacity=capacity, **({} if threads is None else {"threads": threads}))
+    return launch.topk_indices(scores, k, config=config)
+
+
+def _bits(values: torch.Tensor) -> torch.Tensor:
+    return values.to(torch.int32).view(torch.float32)
+
+
+def adversarial_row(kind: str, width: int, k: int, seed: int = 0) -> torch.Tensor:
+    """``[width]`` float32 rows built against radix top-k (beyond ``tests.strategies.SCORE_PATTERNS``)."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "bin_overflow":
+        # Every score shares its top 22 key bits: one bin of every round but the last holds the whole row.
+        base = torch.tensor(3.0).view(torch.int32)
+        return _bits(base + torch.randint(0, 1 << 10, (width,), generator=g))
+    if kind == "ties_k_plus_1":
+        # The threshold value is shared by k + 1 entries: exactly one must be dropped.
+        row = torch.randn(width, generator=g) - 10
+        row[torch.randperm(width, generator=g)[: min(width, k + 1)]] = 2.5
+        return row
+    if kind == "ties_2k_minus_1":
+        # Between k and 2k candidates at the threshold (a known failure of a public radix top-k).
+        row = torch.randn(width, generator=g) - 10
+        row[torch.randperm(width, generator=g)[: min(width, 2 * k - 1)]] = 2.5
+        return row
+    if kind == "ties_above_and_at":
+        # k/2 distinct winners above a tie group of 3k/2: the remaining half must come from the tie group.
+        row = torch.randn(width, generator=g) - 10
+        perm = torch.randperm(width, generator=g)
+        row[perm[: min(width, 2 * k)]] = 2.5
+        row[perm[: min(width, k // 2)]] = 7.0 + torch.rand(min(width, k // 2), generator=g)
+        return row
+    if kind == "signed_zeros":
+        # -0.0 and +0.0 are equal scores with different bits (different keys); with a few negatives and positives.
+        row = torch.where(torch.rand(width, generator=g) < 0.5, torch.tensor(-0.0), torch.tensor(0.0))
+        spread = torch.rand(width, generator=g) < 0.1
+        return torch.where(spread, torch.randn(width, generator=g), row)
+    if kind == "extremes":
+        # +-FLT_MAX, the smallest normals and subnormals of both signs, infinities and NaN.
+        pool = torch.tensor(
+            [FLT_MAX, -FLT_MAX, FLT_TINY, -FLT_TINY, FLT_TINY / 8, -FLT_TINY / 8, 1.0, -1.0,
+             float("inf"), float("-inf"), float("nan"), -float("nan")]
+        )
+        return pool[torch.randint(0, pool.numel(), (width,), generator=g)]
+    if kind == "exact_k_finite":
+        row = torch.full((width,), float("-inf"))
+        row[torch.randperm(width, generator=g)[: min(width, k)]] = torch.randn(min(width, k), generator=g)
+        return row
+    if kind == "one_finite":
+        row = torch.full((width,), float("nan"))
+        row[int(torch.randint(0, width, (1,), generator=g))] = -3.0
+        return row
+    if kind == "all_nan":
+        return torch.full((width,), float("nan"))
+    if kind == "descending":
+        return torch.arange(width, 0, -1, dtype=torch.float32)
+    raise ValueError(f"unknown adversarial row {kind!r}")
+
+
+ADVERSARIAL_KINDS = (
+    "bin_overflow",
+    "ties_k_plus_1",
+    "ties_2k_minus_1",
+    "ties_above_and_at",
+    "signed_zeros",
+    "extremes",
+    "exact_k_finite",
+    "one_finite",
+    "all_nan",
+    "descending",
+)
+
+
+def adversarial_batch(width: int, k: int, seed: int = 0) -> torch.Tensor:
+    """``[2, len(ADVERSARIAL_KINDS), width]``: every adversarial row kind, twice (different seeds)."""
+    rows = [[adversarial_row(kind, width, k, seed + 1000 * b) for kind in ADVERSARIAL_KINDS] for b in range(2)]
+    return torch.stack([torch.stack(r) for r in rows]).contiguous()
+
+
+# --------------------------------------------------------------------------------------------- pure Python checks
+
+
+def test_tuning_space_is_small_and_valid() -> None:
+    """Every tuning-space combination passes ``check_config`` for k = 1..2048 and fits in shared memory."""
+    combos = [
+        kernels.Config(threads=t, cand_capacity=c)
+        for t in kernels.TUNING_SPACE["threads"]
+        for c in kernels.TUNING_SPACE["cand_capacity"]
+    ]
+    assert 2 <= len(combos) <= 8
+    for k in (1, 64, V32_K):
+        for config in combos:
+            kernels.check_config({"k": k, "target": "c"}, config)
+            assert kernels.shared_memory_bytes(config) <= tl_build.SMEM_LIMIT_BYTES
+        assert kernels.default_config({"k": k}) == kernels.Config()
+
+
+@pytest.mark.parametrize(
+    ("static", "config"),
+    [
+        ({"k": 0}, kernels.Config()),
+        ({"k": True}, kernels.Config()),
+        ({}, kernels.Config()),
+        ({"k": 8}, kernels.Config(threads=100)),
+        ({"k": 8}, kernels.Config(threads=2048)),
+        ({"k": 8}, kernels.Config(cand_capacity=0)),
+        ({"k": 8}, kernels.Config(cand_capacity=1 << 15)),
+    ],
+)
+def test_check_config_rejects(static: dict[str, Any], config: kernels.Config) -> None:
+    with pytest.raises(ValueError):
+        kernels.check_config(static, config)
+
+
+def test_digits_cover_the_key() -> None:
+    """The radix rounds fix every key bit exactly once, most significant first."""
+    rounds = kernels._rounds()  # noqa: SLF001 - the compile-time plan is the thing under test
+    assert rounds[0].match_mask == 0 and rounds[-1].level_mask == kernels.ALL_ONES and rounds[-1].shift == 0
+    for before, after in zip(rounds, rounds[1:]):
+        assert after.match_mask == before.level_mask
+    for rnd in rounds:
+        assert rnd.level_mask == rnd.match_mask | (rnd.digit_mask << rnd.shift)
+
+
+# ------------------------------------------------------------------------------------------------------- CPU tier
+
+
+@pytest.mark.cpu_kernel
+@given(
+    case=st.sampled_from(CPU_CASES),
+    batch=st.integers(1, 2),
+    seq=st.integers(1, 3),
+    seq_kv=st.integers(1, 400),
+    kind=st.sampled_from(strategies.SCORE_PATTERNS),
+    seed=strategies.SEEDS,
+)
+# Many scores share their high bits: the threshold bin overflows the small buffer (re-read fallback).
+@example(case=(48, SMALL_CAPACITY), batch=1, seq=2, seq_kv=400, kind="shared_high_bits", seed=1)
+# Between k and 2k entries share the threshold value, with and without the buffer.
+@example(case=(48, DEFAULT_CAPACITY), batch=2, seq=2, seq_kv=300, kind="k_boundary", seed=2)
+@example(case=(48, SMALL_CAPACITY), batch=2, seq=2, seq_kv=300, kind="k_boundary", seed=3)
+# All-equal rows wider than the small buffer; k = 1; k > S_kv; fewer finite than k; NaN and +-inf.
+@example(case=(1, DEFAULT_CAPACITY), batch=1, seq=3, seq_kv=257, kind="all_equal", seed=4)
+@example(case=(48, SMALL_CAPACITY), batch=1, seq=3, seq_kv=257, kind="all_equal", seed=4)
+@example(case=(48, DEFAULT_CAPACITY), batch=1, seq=1, seq_kv=5, kind="random", seed=5)
+@example(case=(48, SMALL_CAPACITY), batch=2, seq=3, seq_kv=100, kind="few_finite", seed=6)
+@example(case=(48, DEFAULT_CAPACITY), batch=2, seq=3, seq_kv=200, kind="nan", seed=7)
+@example(case=(1, DEFAULT_CAPACITY), batch=2, seq=3, seq_kv=50, kind="neg_inf_rows", seed=8)
+@example(case=(48, SMALL_CAPACITY), batch=1, seq=2, seq_kv=400, kind="low_bits", seed=9)
+def test_cpu_matches_contract(case: tuple[int, int], batch: int, seq: int, seq_kv: int, kind: str, seed: int) -> None:
+    """The C-target kernel returns a valid top-k set with the reference's scores for every score pattern.
+
+    This proves the shared selection logic; the CUDA kernel itself is only proven by the ``gpu`` tier.
+    """
+    k, capacity = case
+    scores = strategies.make_scores(kind, seed, batch, seq, seq_kv, k)
+    check_topk(scores, run(scores, k, capacity), k)
+
+
+@pytest.mark.cpu_kernel
+@pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: f"k{c[0]}_c{c[1]}")
+@pytest.mark.parametrize("width", [1, 2, 47, 48, 49, 95, 96, 97, 300])
+def test_cpu_adversarial_rows(case: tuple[int, int], width: int) -> None:
+    """Every adversarial row kind, around the ``k`` and ``2k`` boundaries of the row width."""
+    k, capacity = case
+    scores = adversarial_batch(width, k, seed=width)
+    check_topk(scores, run(scores, k, capacity), k)
+
+
+@pytest.mark.cpu_kernel
+@pytest.mark.parametrize("kind", ["bin_overflow", "ties_2k_minus_1", "ties_above_and_at", "random", "all_equal"])
+def test_cpu_v32_k_wide_rows(kind: str) -> None:
+    """k = 2048 over rows wider than the default buffer (5000): overflowing bins re-read the row, the rest fit."""
+    width = 5000
+    if kind in ADVERSARIAL_KINDS:
+        scores = torch.stack([adversarial_row(kind, width, V32_K, seed) for seed in range(3)]).view(1, 3, width)
+    else:
+        scores = strategies.make_scores(kind, 11, 1, 3, width, V32_K)
+    check_topk(scores, run(scores.contiguous(), V32_K), V32_K)
+
+
+@pytest.mark.cpu_kernel
+def test_cpu_launcher_default_config_and_speed() -> None:
+    """The launcher's own config selection on CPU, and the C-target kernel's speed on 64 x 8192 at k = 2048 (logged)."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(64, 1, 8192, generator=g)
+    indices = launch.topk_indices(scores, V32_K)  # compiles (or loads from TileLang's disk cache)
+    check_topk(scores, indices, V32_K)
+    start = time.perf_counter()
+    launch.topk_indices(scores, V32_K)
+    elapsed = time.perf_counter() - start
+    logger.info("C-target top-k, 64 x 8192 rows, k = %d: %.2f ms", V32_K, 1e3 * elapsed)
+
+
+# ----------------------------------------------------------------------------------------------------- build tier
+
+HOPPER_BUILDS: list[tuple[int, kernels.Config]] = [
+    (V32_K, kernels.Config(threads=threads, cand_capacity=capacity))
+    for threads in kernels.TUNING_SPACE["threads"]
+    for capacity in kernels.TUNING_SPACE["cand_capacity"]
+] + [(64, kernels.default_config({"k": 64}))]
+
+
+def test_hopper_builds_include_the_default() -> None:
+    assert (V32_K, kernels.default_config({"k": V32_K})) in HOPPER_BUILDS
+
+
+def _build_id(item: tuple[int, kernels.Config]) -> str:
+    k, config = item
+    return f"k{k}_t{config.threads}_c{config.cand_capacity}"
+
+
+_BUILD_TIMES: dict[str, float] = {}
+
+
+@pytest.fixture(scope="module")
+def hopper_builds() -> dict[str, tuple[Any, tl_build.StaticReport]]:
+    """Compile (once per module) every top-k build for sm_90a and log its static numbers."""
+    built: dict[str, tuple[Any, tl_build.StaticReport]] = {}
+    for item in HOPPER_BUILDS:
+        k, config = item
+        start = time.perf_counter()
+        built[_build_id(item)] = tl_build.compile_hopper(kernels.build, k=k, **dataclasses.asdict(config))
+        _BUILD_TIMES[_build_id(item)] = time.perf_counter() - start
+    for name, (_, report) in built.items():
+        logger.info(
+            "%s: %d registers, %d B spills, %d B smem, %.1f s",
+            name, report.registers, report.spill_bytes, report.smem_bytes, _BUILD_TIMES[name],
+        )
+    return built
+
+
+@pytest.mark.build
+@pytest.mark.parametrize("item", HOPPER_BUILDS, ids=_build_id)
+def test_hopper_build_is_clean(item: tuple[int, kernels.Config], hopper_builds) -> None:
+    """No spills, shared memory as estimated and within the limit; no atomic evaluated inside a store index."""
+    kernel, report = hopper_builds[_build_id(item)]
+    _, config = item
+    assert report.problems() == [], report.ptxas_log
+    assert report.smem_bytes <= kernels.shared_memory_bytes(config) + 1024, (report.smem_bytes, config)
+    source = kernel.get_kernel_source()
+    # An atomic inside an index expression was evaluated several times on sm_90a: results must be bound first.
+    assert not re.search(r"\[[^\]\n]*Atomic", source), "an atomic is used inside an index expression"
+    assert "AtomicAddRet" in source, "the compaction counters should be atomics that return the previous value"
+    assert f"__launch_bounds__({config.threads}" in source
+
+
+# ------------------------------------------------------------------------------------------------------- GPU tier
+
+# Rows up to at least 131,072 wide (the longest V3.2 contexts the brief asks for).
+LONG_WIDTH = 131_072
+
+
+@st.composite
+def gpu_problems(draw: st.DrawFn) -> tuple[int, kernels.Config, torch.Tensor]:
+    k, config = draw(st.sampled_from(HOPPER_BUILDS))
+    batch = draw(st.integers(1, 2))
+    seq = draw(st.integers(1, 4))
+    seq_kv = draw(st.sampled_from((1, 7, k - 1, k, k + 1, 2 * k - 1, 2 * k + 1, 5000, 20_000)))
+    kind = draw(st.sampled_from(strategies.SCORE_PATTERNS))
+    return k, config, strategies.make_scores(kind, draw(strategies.SEEDS), batch, seq, max(1, seq_kv), k)
+
+
+@pytest.mark.gpu
+@given(problem=gpu_problems())
+def test_gpu_matches_contract(problem: tuple[int, kernels.Config, torch.Tensor], cuda_device: torch.device) -> None:
+    """The CUDA radix kernel, every tuning-space config, every score pattern, widths around k and 2k."""
+    k, config, scores = problem
+    indices = launch.topk_indices(scores.to(cuda_device), k, config=config)
+    torch.cuda.synchronize()
+    check_topk(scores, indices, k)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("item", HOPPER_BUILDS, ids=_build_id)
+@pytest.mark.parametrize("width", [1, 63, 64, 65, 2047, 2048, 2049, 4095, 4097, 9000])
+def test_gpu_adversarial_rows(item: tuple[int, kernels.Config], width: int, cuda_device: torch.device) -> None:
+    """Every adversarial row kind on the CUDA kernel: overflowing bins, ties between k and 2k, NaN, signed zeros."""
+    k, config = item
+    scores = adversarial_batch(width, k, seed=width)
+    indices = launch.topk_indices(scores.to(cuda_device), k, config=config)
+    torch.cuda.synchronize()
+    check_topk(scores, indices, k)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("item", HOPPER_BUILDS[:4], ids=_build_id)
+def test_gpu_long_rows(item: tuple[int, kernels.Config], cuda_device: torch.device) -> None:
+    """131,072-wide rows: random, every adversarial kind and every score pattern, at k = 2048."""
+    k, config = item
+    random = torch.randn(1, 2, LONG_WIDTH, generator=torch.Generator().manual_seed(3))
+    patterns = torch.cat([strategies.make_scores(kind, 5, 1, 1, LONG_WIDTH, k) for kind in strategies.SCORE_PATTERNS], 1)
+    for scores in (random, adversarial_batch(LONG_WIDTH, k, seed=17), patterns):
+        indices = launch.topk_indices(scores.contiguous().to(cuda_device), k, config=config)
+        torch.cuda.synchronize()
+        check_topk(scores, indices, k)
+
+
+@pytest.mark.gpu
+def test_gpu_launcher_default_config(cuda_device: torch.device) -> None:
+    """The launcher's own config selection (tuned cache or default) on a V3.2-like causal score block."""
+    g = torch.Generator().manual_seed(9)
+    seq, seq_kv = 64, 8192
+    scores = torch.randn(2, seq, seq_kv, generator=g)
+    visible = torch.arange(seq_kv).view(1, -1) <= (torch.arange(seq) + seq_kv - seq).view(-1, 1)
+    scores = scores.masked_fill(~visible, float("-inf")).contiguous()
+    indices = launch.topk_indices(scores.to(cuda_device), V32_K)
+    torch.cuda.synchronize()
+    check_topk(scores, indices, V32_K)
