@@ -1,0 +1,221 @@
+"""``dsa-autotune`` / ``scripts/autotune.py``: tune every kernel for this GPU and save the winners in the cache.
+
+With a CUDA device: compile the candidates (in parallel on the CPU), prune them by their static report, check each
+against the reference, time the correct ones, store the fastest per size bucket in ``<DSA_CACHE_DIR>/<sku>/`` and print
+a table per kernel. Without one: say so, compile for sm_90a and prune only (this warms TileLang's kernel cache for
+that target) and print the same table without times.
+
+Exit status: 0 when every tuned case has a valid config, 1 when some case has none, 2 for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from autotune import sku as sku_mod
+from autotune import space, tuner
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_NO_VALID_CONFIG = 1
+EXIT_USAGE = 2
+_SUPPORTED_ARCH = "sm_90a"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser."""
+    parser = argparse.ArgumentParser(
+        prog="dsa-autotune",
+        description="Tune the DSA TileLang kernels for this GPU and save the fastest correct configs.",
+    )
+    parser.add_argument(
+        "--sku",
+        default="auto",
+        help="SKU id to tune for (h100-sxm, h100-pcie, h800, h200, h20, gh200, sm<cc>-<name>); "
+        "'auto' (default) detects the current GPU, or compiles for sm_90a without one",
+    )
+    parser.add_argument(
+        "--kernels",
+        default="all",
+        help=f"'all' or a comma-separated subset of: {', '.join(space.KERNEL_NAMES)}",
+    )
+    parser.add_argument(
+        "--shapes",
+        default="deepseek-v3.2",
+        help=f"a preset ({', '.join(space.PRESETS)}) or a JSON file of cases (default: deepseek-v3.2)",
+    )
+    parser.add_argument("--compile-only", action="store_true", help="compile and prune only, even with a GPU")
+    parser.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: usable CPUs)")
+    parser.add_argument("--report", type=Path, default=None, help="write a JSON list of every candidate's record")
+    parser.add_argument("--full", action="store_true", help="search the whole space (default: a pruned space)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.add_argument("--reps", type=int, default=tuner.TIMED_CALLS, help="timed calls per candidate and size")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    return parser
+
+
+def _parse_kernels(value: str) -> tuple[str, ...]:
+    if value.strip() == "all":
+        return space.KERNEL_NAMES  # the four DSA kernels (kernels registered by tests are named explicitly)
+    names = tuple(dict.fromkeys(name.strip() for name in value.split(",") if name.strip()))
+    if not names:
+        raise ValueError("--kernels needs 'all' or at least one kernel name")
+    for name in names:
+        space.spec(name)
+    return names
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Table
+# ----------------------------------------------------------------------------------------------------------------------
+def _fmt(value: Any, spec: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return format(value, spec)
+
+
+def _config_text(config: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in config.items())
+
+
+def _params_text(params: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in params.items())
+
+
+def render_table(records: Sequence[tuner.Record], *, timed: bool) -> str:
+    """A plain-text table per kernel and parameter set: config, registers, spills, shared memory, wgmma, compile
+    time, and with a GPU the latency, TFLOP/s and the winner."""
+    lines: list[str] = []
+    header = ["config", "regs", "spill B", "smem KiB", "wgmma", "compile s"]
+    if timed:
+        header += ["time ms", "TFLOP/s", "winner"]
+    header.append("status")
+    groups: dict[tuple[str, str], list[tuner.Record]] = {}
+    for rec in records:
+        groups.setdefault((rec.kernel, json.dumps(rec.params)), []).append(rec)
+    for (kernel, _), recs in groups.items():
+        rows = []
+        for rec in recs:
+            row = [
+                _config_text(rec.config),
+                _fmt(rec.registers),
+                _fmt(rec.spill_bytes),
+                _fmt(None if rec.smem_bytes is None else rec.smem_bytes / 1024, ".1f"),
+                _fmt(rec.has_wgmma),
+                _fmt(rec.compile_s, ".1f"),
+            ]
+            if timed:
+                row += [_fmt(rec.latency_ms, ".4f"), _fmt(rec.tflops, ".1f"), "*" if rec.chosen else ""]
+            status = "ok" if rec.ok else f"rejected: {(rec.error or '').splitlines()[0][:100] if rec.error else '?'}"
+            row.append(status)
+            rows.append(row)
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+        lines.append(f"{kernel}  [{_params_text(recs[0].params)}]")
+        lines.append("  " + "  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
+        lines.extend("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(path: Path, records: Sequence[tuner.Record]) -> None:
+    """Write the ``--report`` JSON: a list of records."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([rec.to_json() for rec in records], indent=1) + "\n", encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int:
+    """Run the tuner from the command line (see ``--help``); returns the exit status."""
+    out = out or sys.stdout
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        kernels = _parse_kernels(args.kernels)
+        if args.shapes not in space.preset_names() and not Path(args.shapes).is_file():
+            raise ValueError(f"--shapes: {args.shapes!r} is neither a preset ({', '.join(space.PRESETS)}) nor a file")
+        if args.jobs is not None and args.jobs < 1:
+            raise ValueError("--jobs must be at least 1")
+        if args.reps < 1:
+            raise ValueError("--reps must be at least 1")
+        if args.sku != "auto":
+            if not sku_mod.is_valid_sku(args.sku):
+                raise ValueError(f"--sku: {args.sku!r} is not a SKU id (lower-case letters, digits and dashes)")
+            if sku_mod.arch_for_sku(args.sku) != _SUPPORTED_ARCH:
+                raise ValueError(f"--sku {args.sku}: this version compiles for {_SUPPORTED_ARCH} (Hopper) only")
+    except ValueError as exc:
+        parser.print_usage(sys.stderr)
+        print(f"dsa-autotune: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+    has_gpu = _cuda_available()
+    timed = has_gpu and not args.compile_only
+    sku: str | None = None
+    if has_gpu:
+        detected = sku_mod.current_sku()
+        sku = detected if args.sku == "auto" else args.sku
+        if sku != detected:
+            logger.warning("tuning on a %s but storing results under --sku %s", detected, sku)
+        if sku_mod.arch_for_sku(detected) != _SUPPORTED_ARCH and timed:
+            print(f"This GPU ({detected}) is not {_SUPPORTED_ARCH}: compiling only.", file=out)
+            timed = False
+    else:
+        sku = None if args.sku == "auto" else args.sku
+        target = f"SKU {sku}" if sku else _SUPPORTED_ARCH
+        print(f"No CUDA device: compiling for {target} and pruning only (no timing, nothing saved).", file=out)
+    if has_gpu and args.compile_only:
+        print("--compile-only: compiling and pruning only (no timing, nothing saved).", file=out)
+
+    options = tuner.TuneOptions(
+        kernels=kernels,
+        preset=args.shapes,
+        full=args.full,
+        jobs=args.jobs or tuner.default_jobs(),
+        compile_only=not timed,
+        sku=sku,
+        progress=not args.no_progress,
+        reps=args.reps,
+        tilelang_log_level=logging.INFO if args.verbose else logging.WARNING,
+    )
+    timer = None
+    if timed:
+        from autotune import gpu
+
+        timer = gpu.make_timer(sku=sku)
+    start = time.perf_counter()
+    result = tuner.tune(options, timer=timer)
+    elapsed = time.perf_counter() - start
+
+    print(render_table(result.records, timed=result.timed), file=out)
+    if args.report is not None:
+        write_report(args.report, result.records)
+        print(f"report: {args.report}", file=out)
+    for path in result.written:
+        print(f"saved: {path}", file=out)
+    n_ok = sum(rec.ok for rec in result.records)
+    print(f"{len(result.records)} records, {n_ok} ok, in {elapsed:.1f} s", file=out)
+    if result.failed_cases:
+        for kernel, static in result.failed_cases:
+            print(f"NO VALID CONFIG: {kernel} {_params_text(static)}", file=out)
+        return EXIT_NO_VALID_CONFIG
+    return EXIT_OK

@@ -1,0 +1,390 @@
+"""Search spaces and tuning presets of the DSA kernels.
+
+Each kernel module in ``tl_kernels`` follows one convention (see ``/work/shared`` notes and COMMON.md):
+
+* ``build(*, <static params>, <config fields>, target)`` returns a ``T.prim_func``;
+* ``Config``: a frozen dataclass of the tunable fields with their defaults;
+* ``TUNING_SPACE: dict[str, tuple]``: candidate values per ``Config`` field;
+* ``check_config(static: dict, config: Config) -> None`` raises ``ValueError`` for an invalid combination;
+* ``default_config(static: dict) -> Config`` works for every shape.
+
+This module maps kernel names to those modules (imported lazily), enumerates candidate configs, and holds the tuning
+presets: for each kernel a list of :class:`Case` s, i.e. one set of static parameters (compiled once: runtime sizes
+are symbolic) and the runtime size points at which it is timed and stored in the cache.
+
+Size names (what launchers pass to :func:`autotune.select.config_for` as ``sizes``): every kernel uses ``batch``,
+``seq_len`` (S, queries) and ``seq_len_kv`` (S_kv, keys); ``sparse_mla_fwd``, whose top-k is a runtime size, also
+``topk`` (the ``k`` of ``indices [B, S, k]``). See :func:`size_names`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import itertools
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+KERNEL_NAMES: tuple[str, ...] = ("index_scores", "topk_indices", "sparse_mla_fwd", "sparse_mla_bwd")
+SIZE_NAMES: tuple[str, ...] = ("batch", "seq_len", "seq_len_kv")
+# The target candidates are checked for: kernel modules apply their Hopper-only constraints when ``static["target"]``
+# is a CUDA target (the dict form of ``tl_kernels.dsl.HOPPER_TARGET``, repeated here to keep this import light).
+HOPPER_TARGET: dict[str, str] = {"kind": "cuda", "arch": "sm_90a"}
+PRESETS: tuple[str, ...] = ("deepseek-v3.2", "tiny")
+# The pruned ("default") space: the default config plus at most this many one-field neighbours per static case, so
+# that the default run of all four kernels compiles in a few minutes on 2 cores.
+PRUNED_NEIGHBOURS = 3
+# Sequence lengths of the deepseek-v3.2 preset: 4K .. 64K tokens, prefill/training with S == S_kv.
+DEEPSEEK_SEQ_LENS: tuple[int, ...] = (4096, 8192, 16384, 32768, 65536)
+TINY_SEQ_LENS: tuple[int, ...] = (256, 1024)
+
+Static = dict[str, Any]
+Sizes = dict[str, int]
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """How the tuner finds and measures one kernel.
+
+    Attributes:
+        name: the kernel's name in the cache, reports and ``--kernels``.
+        module: dotted path of the builder module (imported on first use).
+        flops: useful floating-point operations of one call at ``(static, sizes)``, or ``None`` when throughput in
+            FLOP/s means nothing for the kernel (top-k).
+        size_names: the runtime sizes that key the cache (what launchers pass as ``sizes``).
+        compile_fn: ``"module:function"`` that compiles ``build`` for sm_90a and returns ``(kernel, StaticReport)``
+            (tests substitute a fake).
+    """
+
+    name: str
+    module: str
+    flops: Callable[[Static, Sizes], float | None]
+    size_names: tuple[str, ...] = SIZE_NAMES
+    compile_fn: str = "tl_kernels.build:compile_hopper"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One compile-time parameter set of a kernel and the runtime sizes at which it is tuned.
+
+    Attributes:
+        kernel: kernel name.
+        static: the compile-time (non-config) keyword arguments of the module's ``build``.
+        sizes: size points (``batch``, ``seq_len``, ``seq_len_kv``) timed on a GPU and stored as cache buckets.
+        check_sizes: the (small) size point at which every candidate is checked against ``dsa.reference``.
+    """
+
+    kernel: str
+    static: Static
+    sizes: tuple[Sizes, ...]
+    check_sizes: Sizes = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# FLOP counts (useful work only: invisible/invalid pairs are not counted)
+# ----------------------------------------------------------------------------------------------------------------------
+def causal_pairs(seq_len: int, seq_len_kv: int) -> int:
+    """Visible (query, key) pairs of one batch row under bottom-right aligned causality (``s <= t + S_kv - S``)."""
+    offset = seq_len_kv - seq_len
+    return sum(min(seq_len_kv, max(0, t + offset + 1)) for t in range(seq_len))
+
+
+def _index_scores_flops(static: Static, sizes: Sizes) -> float:
+    pairs = causal_pairs(sizes["seq_len"], sizes["seq_len_kv"]) * sizes["batch"]
+    return 2.0 * pairs * static["heads"] * static["dim"]
+
+
+def _topk_of(static: Static, sizes: Sizes) -> int:
+    # sparse_mla_fwd takes k at run time (a size); sparse_mla_bwd compiles it in (a static parameter).
+    return int(static["topk"] if "topk" in static else sizes["topk"])
+
+
+def _sparse_mla_fwd_flops(static: Static, sizes: Sizes) -> float:
+    rows = sizes["batch"] * sizes["seq_len"] * static["heads"] * _topk_of(static, sizes)
+    return 2.0 * rows * (static["d_qk"] + static["d_v"])
+
+
+def _sparse_mla_bwd_flops(static: Static, sizes: Sizes) -> float:
+    # Recomputed logits (d_qk), dP = dO V^T (d_v), dV = P^T dO (d_v), dQ = dS K (d_qk), dK = dS^T Q (d_qk).
+    rows = sizes["batch"] * sizes["seq_len"] * static["heads"] * _topk_of(static, sizes)
+    return 2.0 * rows * (3 * static["d_qk"] + 2 * static["d_v"])
+
+
+def _no_flops(static: Static, sizes: Sizes) -> None:
+    return None
+
+
+_BUILTIN_SPECS: dict[str, KernelSpec] = {
+    "index_scores": KernelSpec("index_scores", "tl_kernels.indexer", _index_scores_flops),
+    "topk_indices": KernelSpec("topk_indices", "tl_kernels.topk", _no_flops),
+    "sparse_mla_fwd": KernelSpec(
+        "sparse_mla_fwd", "tl_kernels.sparse_mla_fwd", _sparse_mla_fwd_flops, size_names=(*SIZE_NAMES, "topk")
+    ),
+    "sparse_mla_bwd": KernelSpec("sparse_mla_bwd", "tl_kernels.sparse_mla_bwd", _sparse_mla_bwd_flops),
+}
+_specs: dict[str, KernelSpec] = dict(_BUILTIN_SPECS)
+# Extra presets registered at run time (tests register a fake kernel's cases here): preset -> kernel -> cases.
+_extra_cases: dict[str, dict[str, list[Case]]] = {}
+
+
+def register_kernel(spec: KernelSpec, cases: Mapping[str, list[Case]] | None = None) -> None:
+    """Add (or replace) a kernel, with optional cases per preset name. Used by tests to plug in a fake kernel."""
+    _specs[spec.name] = spec
+    for preset, kernel_cases in (cases or {}).items():
+        _extra_cases.setdefault(preset, {})[spec.name] = list(kernel_cases)
+
+
+def unregister_kernel(name: str) -> None:
+    """Undo :func:`register_kernel` (built-in kernels revert to their built-in spec)."""
+    _specs.pop(name, None)
+    if name in _BUILTIN_SPECS:
+        _specs[name] = _BUILTIN_SPECS[name]
+    for per_preset in _extra_cases.values():
+        per_preset.pop(name, None)
+
+
+def spec(kernel: str) -> KernelSpec:
+    """The :class:`KernelSpec` of ``kernel``; ``ValueError`` for an unknown name."""
+    try:
+        return _specs[kernel]
+    except KeyError:
+        raise ValueError(f"unknown kernel {kernel!r}; known: {', '.join(known_kernels())}") from None
+
+
+def known_kernels() -> tuple[str, ...]:
+    """Every kernel name: the four DSA kernels first, then any registered ones."""
+    return KERNEL_NAMES + tuple(name for name in _specs if name not in KERNEL_NAMES)
+
+
+def kernel_module(kernel: str) -> ModuleType:
+    """The builder module of ``kernel`` (imported on first use; ``ImportError`` while it does not exist)."""
+    return importlib.import_module(spec(kernel).module)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Configs
+# ----------------------------------------------------------------------------------------------------------------------
+def size_names(kernel: str) -> tuple[str, ...]:
+    """The runtime sizes that key ``kernel``'s cache entries (launchers pass exactly these to ``config_for``)."""
+    return spec(kernel).size_names
+
+
+def config_fields(kernel: str) -> tuple[str, ...]:
+    """Names of the tunable fields of ``kernel`` (its ``Config`` dataclass)."""
+    return tuple(f.name for f in dataclasses.fields(kernel_module(kernel).Config))
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A ``Config`` instance as a plain dict of its fields."""
+    return dataclasses.asdict(config)
+
+
+def _checked_static(static: Static, target: Any) -> Static:
+    # Kernel modules enable their CUDA-only constraints (wgmma tile multiples, shared memory) from static["target"].
+    return {**static, "target": target}
+
+
+def make_config(kernel: str, static: Static, config: Mapping[str, Any], *, target: Any = None) -> Any:
+    """Turn a config dict into the module's ``Config`` and check it for ``target`` (default: sm_90a).
+
+    Raises:
+        ValueError: when the keys are not exactly the ``Config`` fields or ``check_config`` rejects the combination.
+    """
+    return checked_config(kernel_module(kernel), static, config, target=target)
+
+
+def checked_config(module: ModuleType, static: Static, config: Mapping[str, Any], *, target: Any = None) -> Any:
+    """:func:`make_config` for a kernel module at hand (no registry lookup: usable in worker processes)."""
+    fields = {f.name for f in dataclasses.fields(module.Config)}
+    if set(config) != fields:
+        raise ValueError(f"{module.__name__}: config keys {sorted(config)} do not match Config fields {sorted(fields)}")
+    cfg = module.Config(**config)
+    module.check_config(_checked_static(static, target or HOPPER_TARGET), cfg)
+    return cfg
+
+
+def default_config(kernel: str, static: Static) -> dict[str, Any]:
+    """The module's sm_90a ``default_config`` for ``static`` as a dict."""
+    return config_to_dict(kernel_module(kernel).default_config(_checked_static(static, HOPPER_TARGET)))
+
+
+def _is_valid(module: ModuleType, static: Static, config: Any) -> bool:
+    try:
+        module.check_config(_checked_static(static, HOPPER_TARGET), config)
+    except ValueError:
+        return False
+    return True
+
+
+def full_space(kernel: str, static: Static) -> list[dict[str, Any]]:
+    """Every combination of ``TUNING_SPACE`` that ``check_config`` accepts for sm_90a, the default config first."""
+    module = kernel_module(kernel)
+    space: Mapping[str, tuple[Any, ...]] = module.TUNING_SPACE
+    default = config_to_dict(module.default_config(_checked_static(static, HOPPER_TARGET)))
+    names = list(space)
+    out = [default]
+    seen = {json.dumps(default, sort_keys=True)}
+    for values in itertools.product(*(space[name] for name in names)):
+        candidate = {**default, **dict(zip(names, values))}
+        key = json.dumps(candidate, sort_keys=True)
+        if key in seen:
+            continue
+        seen.add(key)
+        if _is_valid(module, static, module.Config(**candidate)):
+            out.append(candidate)
+    return out
+
+
+def pruned_space(kernel: str, static: Static, *, neighbours: int = PRUNED_NEIGHBOURS) -> list[dict[str, Any]]:
+    """The default config plus up to ``neighbours`` valid configs that differ from it in one field.
+
+    Neighbours are taken round-robin over the fields in ``TUNING_SPACE`` order, the values nearest to the default's
+    (by position in the candidate tuple) first, so every tunable dimension gets probed before any gets a second step.
+    The default is always kept (even if ``check_config`` would reject it, the compile phase then reports why).
+    """
+    module = kernel_module(kernel)
+    space: Mapping[str, tuple[Any, ...]] = module.TUNING_SPACE
+    default = config_to_dict(module.default_config(_checked_static(static, HOPPER_TARGET)))
+    per_field: list[list[dict[str, Any]]] = []
+    for name, values in space.items():
+        values = tuple(values)
+        anchor = values.index(default[name]) if default[name] in values else 0
+        ordered = sorted(range(len(values)), key=lambda i: (abs(i - anchor), i))
+        per_field.append([{**default, name: values[i]} for i in ordered if values[i] != default[name]])
+    out = [default]
+    seen = {json.dumps(default, sort_keys=True)}
+    for step in itertools.zip_longest(*per_field):
+        for candidate in step:
+            if candidate is None or len(out) > neighbours:
+                continue
+            key = json.dumps(candidate, sort_keys=True)
+            if key not in seen and _is_valid(module, static, module.Config(**candidate)):
+                seen.add(key)
+                out.append(candidate)
+    return out
+
+
+def candidates(kernel: str, static: Static, *, full: bool = False) -> list[dict[str, Any]]:
+    """Candidate configs of ``kernel`` at ``static``: the pruned space, or with ``full`` the whole valid space."""
+    return full_space(kernel, static) if full else pruned_space(kernel, static)
+
+
+def check_static(kernel: str, static: Static) -> None:
+    """Raise ``ValueError`` when ``static`` names a parameter ``build`` does not take, or a config field."""
+    params = inspect.signature(kernel_module(kernel).build).parameters
+    clash = sorted(set(static) & (set(config_fields(kernel)) | {"target"}))
+    if clash:
+        raise ValueError(f"{kernel}: static parameters {clash} are config fields or the target")
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = sorted(set(static) - set(params))
+    if unknown:
+        raise ValueError(f"{kernel}: build() takes no parameter(s) {unknown}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Presets
+# ----------------------------------------------------------------------------------------------------------------------
+def _points(seq_lens: tuple[int, ...], *, batch: int = 1, **extra: int) -> tuple[Sizes, ...]:
+    """Square (S == S_kv, prefill/training) size points, with extra sizes such as ``topk``."""
+    return tuple({"batch": batch, "seq_len": n, "seq_len_kv": n, **extra} for n in seq_lens)
+
+
+def _builtin_cases(preset: str) -> dict[str, list[Case]]:
+    """The built-in presets.
+
+    ``deepseek-v3.2``: 128 query heads, d_qk 576 (512 latent + 64 RoPE), d_v 512, top-k 2048; indexer 64 heads x 128
+    dims in fp8 (with per-key scales) and bf16, causal; prefill/training shapes from 4K to 64K tokens. Candidates are
+    checked against the reference at 512 queries x 4096 keys.
+    ``tiny``: small heads and dims for CI that still meet every kernel's sm_90a constraints (dims multiples of 64 for
+    the backward's column chunks, of 32 for the fp8 indexer).
+    """
+    if preset == "deepseek-v3.2":
+        seqs, check_seq, check_kv = DEEPSEEK_SEQ_LENS, 512, 4096
+        indexer = [
+            {"heads": 64, "dim": 128, "dtype": dtype, "mode": "causal"} for dtype in ("float8_e4m3fn", "bfloat16")
+        ]
+        mla = {"heads": 128, "d_qk": 576, "d_v": 512}
+        topk = 2048
+    elif preset == "tiny":
+        seqs, check_seq, check_kv = TINY_SEQ_LENS, 64, 256
+        indexer = [{"heads": 4, "dim": 64, "dtype": "bfloat16", "mode": "causal"}]
+        mla = {"heads": 16, "d_qk": 128, "d_v": 64}
+        topk = 64
+    else:
+        raise ValueError(f"unknown preset {preset!r}; use one of {PRESETS} or a JSON file")
+    plain = _points(seqs)
+    check = {"batch": 1, "seq_len": check_seq, "seq_len_kv": check_kv}
+    no_options = {"has_topk_length": False, "has_sink": False}
+    return {
+        "index_scores": [Case("index_scores", static, plain, check) for static in indexer],
+        "topk_indices": [Case("topk_indices", {"k": topk}, plain, check)],
+        "sparse_mla_fwd": [
+            Case("sparse_mla_fwd", {**mla, **no_options}, _points(seqs, topk=topk), {**check, "topk": topk})
+        ],
+        "sparse_mla_bwd": [Case("sparse_mla_bwd", {**mla, "topk": topk, **no_options}, plain, check)],
+    }
+
+
+def _cases_from_file(path: Path) -> dict[str, list[Case]]:
+    """Cases from a JSON file::
+
+        {"<kernel>": [{"static": {...}, "sizes": [{"batch": 1, "seq_len": 4096, "seq_len_kv": 4096}, ...],
+                       "check_sizes": {...}}]}
+
+    ``check_sizes`` is optional (default: the smallest size point).
+    """
+    doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: a shapes file maps kernel names to lists of cases")
+    out: dict[str, list[Case]] = {}
+    for kernel, items in doc.items():
+        names = size_names(kernel)  # unknown kernel names are an error, not silently skipped
+        if not isinstance(items, list):
+            raise ValueError(f"{path}: {kernel} must map to a list of cases")
+        cases = []
+        for item in items:
+            if not isinstance(item, dict) or not isinstance(item.get("static"), dict):
+                raise ValueError(f"{path}: every {kernel} case needs a 'static' object")
+            sizes = tuple(_checked_sizes(s, names, path) for s in item.get("sizes", ()))
+            if not sizes:
+                raise ValueError(f"{path}: every {kernel} case needs at least one size point")
+            if "check_sizes" in item:
+                check = _checked_sizes(item["check_sizes"], names, path)
+            else:
+                check = min(sizes, key=lambda s: math.prod(s.values()))
+            cases.append(Case(kernel, dict(item["static"]), sizes, check))
+        out[kernel] = cases
+    return out
+
+
+def _checked_sizes(sizes: Any, names: tuple[str, ...], path: Path) -> Sizes:
+    if not isinstance(sizes, dict) or set(sizes) != set(names):
+        raise ValueError(f"{path}: size points need exactly the keys {names}, got {sizes!r}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in sizes.values()):
+        raise ValueError(f"{path}: sizes must be positive integers, got {sizes!r}")
+    return dict(sizes)
+
+
+def preset_names() -> tuple[str, ...]:
+    """Built-in preset names, then any registered by :func:`register_kernel`."""
+    return PRESETS + tuple(name for name in _extra_cases if name not in PRESETS)
+
+
+def preset_cases(preset: str | Path, kernels: tuple[str, ...] | None = None) -> list[Case]:
+    """The cases of ``preset`` (a built-in name or a JSON file) for ``kernels`` (default: all known kernels)."""
+    wanted = kernels if kernels is not None else known_kernels()
+    for name in wanted:
+        spec(name)
+    if isinstance(preset, str) and preset in preset_names():
+        table = _builtin_cases(preset) if preset in PRESETS else {}
+        table.update(_extra_cases.get(preset, {}))
+    else:
+        table = _cases_from_file(Path(preset))
+    return [case for name in wanted for case in table.get(name, ())]
