@@ -1,0 +1,433 @@
+"""Sparse MLA forward kernel (``tl_kernels.sparse_mla_fwd`` through ``dsa.launch.sparse_mla_fwd``) against
+``dsa.reference.sparse_mla``.
+
+Both outputs are compared with ``tests.helpers.assert_close`` (NaN/inf positions first, then tolerances, then cosine
+similarity): ``out`` (bf16) and ``lse`` (float32, natural log, ``-inf`` for a query with no valid index). Outputs are
+NaN-poisoned before every launch, so an element the kernel forgot to write fails.
+
+Tiers:
+- ``cpu_kernel``: the C-target build (the same builder: masking, clamped gather, online softmax, sink, head padding),
+  over every index pattern of ``tests.strategies`` (regular, irregular, more requested than available, all invalid,
+  duplicates, causal, mixed rows), ``topk_length``, ``attn_sink``, head counts that are not multiples of the head
+  block (1, 3, 17, 70), widths that are not multiples of ``block_k`` (the last step reads clamped, masked positions),
+  and one V3.2-width case (576/512). Static parameter sets are few (each is one compile); shapes and ``sm_scale``
+  vary at run time.
+- ``build``: the default config and every tuning-space config compile for sm_90a at V3.2 shapes (128 heads, 576/512)
+  with wgmma, no register spills and shared memory within the limit; the numbers are logged.
+- ``gpu``: the same properties against the CUDA kernels at V3.2 widths (needs a Hopper GPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import math
+import time
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from dsa import reference
+from dsa.launch import sparse_mla_fwd as launch
+from tests import strategies
+from tests.helpers import assert_close, poison
+from tl_kernels import build as tl_build
+from tl_kernels import dsl
+from tl_kernels import sparse_mla_fwd as kernels
+
+logger = logging.getLogger(__name__)
+
+V32 = {"heads": 128, "d_qk": 576, "d_v": 512}
+V32_TOPK = 2048
+# V3.2's softmax scale: 192^-0.5 (qk_nope + rope head dim) times mscale^2 (1 here).
+V32_SCALE = 192**-0.5
+
+# C-target static parameter sets: (heads, d_qk, d_v, has_topk_length, has_sink). Each is one compile (~20 s on a
+# loaded 2-core machine), so the set is small; the head counts are not multiples of any head block.
+CPU_STATICS: tuple[tuple[int, int, int, bool, bool], ...] = (
+    (3, 80, 64, False, False),
+    (17, 96, 64, True, True),
+    (1, 80, 64, True, False),
+    (70, 80, 64, False, True),
+)
+CPU_V32_STATIC = (2, V32["d_qk"], V32["d_v"], False, False)
+
+# Tolerances. out is rounded to bf16 (relative step 2^-8); on CUDA P also travels as bf16 into the second GEMM.
+CPU_OUT_TOL = {"atol": 1e-2, "rtol": 1e-2}
+CPU_LSE_TOL = {"atol": 1e-4, "rtol": 1e-4}
+GPU_OUT_TOL = {"atol": 2e-2, "rtol": 2e-2}
+GPU_LSE_TOL = {"atol": 2e-3, "rtol": 1e-3}
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The launcher's outputs start as NaN, so an element the kernel forgot to write fails the comparison."""
+
+    def poisoned(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return poison(torch.empty(shape, dtype=dtype, device=device))
+
+    monkeypatch.setattr(launch, "new_output", poisoned)
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One forward call's inputs (CPU tensors; moved to the kernel's device by the caller)."""
+
+    q: torch.Tensor
+    kv: torch.Tensor
+    indices: torch.Tensor
+    sm_scale: float
+    d_v: int
+    topk_length: torch.Tensor | None
+    attn_sink: torch.Tensor | None
+
+    def to(self, device: torch.device | str) -> Problem:
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return dataclasses.replace(
+            self,
+            q=self.q.to(device),
+            kv=self.kv.to(device),
+            indices=self.indices.to(device),
+            topk_length=move(self.topk_length),
+            attn_sink=move(self.attn_sink),
+        )
+
+
+def make_problem(
+    *,
+    heads: int,
+    d_qk: int,
+    d_v: int,
+    has_topk_length: bool,
+    has_sink: bool,
+    batch: int,
+    seq: int,
+    seq_kv: int,
+    topk: int,
+    kind: str,
+    seed: int,
+    sm_scale: float,
+    value_scale: float = 1.0,
+    sink_scale: float = 2.0,
+) -> Problem:
+    """Random bf16 q/kv (never zeros), indices of pattern ``kind``, optional topk_length and sink."""
+    g = strategies.generator(seed)
+    q = (torch.randn((batch, seq, heads, d_qk), generator=g) * value_scale).to(torch.bfloat16)
+    kv = (torch.randn((batch, seq_kv, d_qk), generator=g) * value_scale).to(torch.bfloat16)
+    indices = strategies.make_indices(kind, seed + 1, batch, seq, seq_kv, topk)
+    topk_length = strategies.make_topk_length(seed + 2, batch, seq, topk) if has_topk_length else None
+    attn_sink = (torch.randn((heads,), generator=g) * sink_scale).float() if has_sink else None
+    return Problem(q, kv, indices, sm_scale, d_v, topk_length, attn_sink)
+
+
+def run_kernel(p: Problem, config: kernels.Config | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    indices_before = p.indices.clone()
+    out, lse = launch.sparse_mla_fwd(
+        p.q, p.kv, p.indices, sm_scale=p.sm_scale, d_v=p.d_v, topk_length=p.topk_length, attn_sink=p.attn_sink,
+        config=config,
+    )
+    assert torch.equal(p.indices, indices_before), "the launcher modified its indices argument"
+    return out, lse
+
+
+def run_reference(p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
+    """The contract in float32 from the same bf16 values (moved to the CPU)."""
+    c = p.to("cpu")
+    return reference.sparse_mla(
+        c.q.float(), c.kv.float(), c.indices, sm_scale=c.sm_scale, d_v=c.d_v, topk_length=c.topk_length,
+        attn_sink=c.attn_sink,
+    )
+
+
+def check(
+    p: Problem, out: torch.Tensor, lse: torch.Tensor, out_tol: dict[str, float], lse_tol: dict[str, float]
+) -> None:
+    """``out [B, S, H, d_v]`` bf16 and ``lse [B, S, H]`` float32 from a kernel match the reference for ``p``."""
+    batch, seq, heads, _ = p.q.shape
+    assert out.shape == (batch, seq, heads, p.d_v) and out.dtype == torch.bfloat16
+    assert lse.shape == (batch, seq, heads) and lse.dtype == torch.float32
+    want_out, want_lse = run_reference(p)
+    out, lse = out.cpu(), lse.cpu()
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any(), "NaN in the kernel's outputs"
+    assert_close(lse, want_lse, name="lse", **lse_tol)
+    assert_close(out.float(), want_out.float(), name="out", **out_tol)
+    # A query with no valid index: exactly zero output (the reference says so too, but say it explicitly).
+    empty = torch.isneginf(want_lse)
+    assert (out.float()[empty] == 0).all(), "a query with no valid index must have out == 0"
+
+
+# --------------------------------------------------------------------------------------------- pure Python checks
+
+
+def _tuning_configs() -> list[kernels.Config]:
+    """Every combination of the kernel's ``TUNING_SPACE``."""
+    names = list(kernels.TUNING_SPACE)
+    return [
+        kernels.Config(**dict(zip(names, values)))
+        for values in itertools.product(*(kernels.TUNING_SPACE[n] for n in names))
+    ]
+
+
+def test_tuning_space_is_small_and_valid() -> None:
+    """2-4 configs (each an sm_90a compile in CI), all valid at V3.2 shapes, the default among them."""
+    configs = _tuning_configs()
+    assert 2 <= len(configs) <= 4
+    static = {**V32, "has_topk_length": False, "has_sink": False, "target": dsl.HOPPER_TARGET}
+    for config in configs:
+        kernels.check_config(static, config)
+        assert kernels.smem_bytes(static, config) <= tl_build.SMEM_LIMIT_BYTES
+    assert kernels.default_config(static) in configs
+
+
+@pytest.mark.parametrize("heads", [1, 2, 3, 17, 64, 70, 128])
+def test_default_config_is_valid(heads: int) -> None:
+    for target in (dsl.CPU_TARGET, dsl.HOPPER_TARGET):
+        static = {"heads": heads, "d_qk": 576, "d_v": 512, "target": target}
+        config = kernels.default_config(static)
+        kernels.check_config(static, config)
+        if not dsl.is_cpu(target):
+            assert config.block_h == kernels.WGMMA_M
+
+
+@pytest.mark.parametrize(
+    ("static", "config"),
+    [
+        ({"heads": 8, "d_qk": 64, "d_v": 128}, kernels.Config()),  # d_v > d_qk
+        ({"heads": 0, "d_qk": 64, "d_v": 64}, kernels.Config()),
+        ({"heads": 8, "d_qk": 64, "d_v": 64}, kernels.Config(block_h=48)),
+        ({"heads": 8, "d_qk": 64, "d_v": 64}, kernels.Config(block_k=24)),
+        ({"heads": 8, "d_qk": 64, "d_v": 64}, kernels.Config(num_stages=0)),
+        ({"heads": 8, "d_qk": 64, "d_v": 64}, kernels.Config(block_h=16)),  # CUDA: wgmma needs 64 rows
+        ({"heads": 8, "d_qk": 64, "d_v": 64}, kernels.Config(threads=384)),
+        ({"heads": 8, "d_qk": 64, "d_v": 64}, kernels.Config(block_k=8)),
+        ({"heads": 8, "d_qk": 64, "d_v": 64}, kernels.Config(num_stages=2)),
+        ({"heads": 8, "d_qk": 80, "d_v": 64}, kernels.Config()),  # CUDA: d_qk not whole swizzle atoms
+        ({"heads": 8, "d_qk": 64 * 24, "d_v": 512}, kernels.Config()),  # too much shared memory
+    ],
+)
+def test_check_config_rejects(static: dict[str, Any], config: kernels.Config) -> None:
+    with pytest.raises(ValueError):
+        kernels.check_config({**static, "target": dsl.HOPPER_TARGET}, config)
+
+
+# ------------------------------------------------------------------------------------------------------- CPU tier
+
+
+def _cpu_problem(static: tuple[int, int, int, bool, bool], **sizes: Any) -> Problem:
+    heads, d_qk, d_v, has_topk_length, has_sink = static
+    return make_problem(
+        heads=heads, d_qk=d_qk, d_v=d_v, has_topk_length=has_topk_length, has_sink=has_sink, **sizes
+    )
+
+
+@pytest.mark.cpu_kernel
+@settings(max_examples=25)
+@given(
+    static=st.sampled_from(CPU_STATICS),
+    batch=st.integers(1, 2),
+    seq=st.integers(1, 4),
+    seq_kv=st.integers(1, 80),
+    topk=st.integers(1, 150),
+    kind=st.sampled_from(strategies.INDEX_PATTERNS),
+    seed=strategies.SEEDS,
+    sm_scale=st.sampled_from([80**-0.5, 0.05, 0.3]),
+    value_scale=st.sampled_from([1.0, 3.0]),
+)
+# Every pattern at least once, mostly on multi-step rows (k > block_k, often not a multiple of it), with and without
+# topk_length and sink.
+@example(
+    static=CPU_STATICS[1], batch=2, seq=3, seq_kv=80, topk=100, kind="irregular", seed=1, sm_scale=0.1, value_scale=1.0,
+)
+@example(
+    static=CPU_STATICS[1], batch=1, seq=4, seq_kv=20,
+    topk=130, kind="more_than_available", seed=2, sm_scale=0.1, value_scale=1.0,
+)
+@example(
+    static=CPU_STATICS[0], batch=2, seq=2, seq_kv=30,
+    topk=70, kind="all_invalid", seed=3, sm_scale=0.1, value_scale=1.0,
+)
+@example(static=CPU_STATICS[0], batch=1, seq=1, seq_kv=5, topk=1, kind="regular", seed=4, sm_scale=0.1, value_scale=1.0)
+@example(
+    static=CPU_STATICS[2], batch=2, seq=4, seq_kv=7, topk=90, kind="duplicates", seed=5, sm_scale=0.3, value_scale=3.0,
+)
+@example(
+    static=CPU_STATICS[3], batch=1, seq=3, seq_kv=80, topk=64, kind="causal", seed=6, sm_scale=0.3, value_scale=3.0,
+)
+@example(
+    static=CPU_STATICS[3], batch=2, seq=4, seq_kv=60,
+    topk=129, kind="mixed_rows", seed=7, sm_scale=0.05, value_scale=1.0,
+)
+def test_cpu_matches_reference(
+    static: tuple[int, int, int, bool, bool],
+    batch: int,
+    seq: int,
+    seq_kv: int,
+    topk: int,
+    kind: str,
+    seed: int,
+    sm_scale: float,
+    value_scale: float,
+) -> None:
+    """The C-target kernel matches the reference on every index pattern, with and without topk_length and sink."""
+    p = _cpu_problem(
+        static, batch=batch, seq=seq, seq_kv=seq_kv, topk=topk, kind=kind, seed=seed, sm_scale=sm_scale,
+        value_scale=value_scale,
+    )
+    out, lse = run_kernel(p)
+    check(p, out, lse, CPU_OUT_TOL, CPU_LSE_TOL)
+
+
+@pytest.mark.cpu_kernel
+@pytest.mark.parametrize("sink_scale", [0.0, 30.0])
+def test_cpu_sink_extremes(sink_scale: float) -> None:
+    """A sink far above every score (its exp dominates the denominator) and sinks of 0, over some empty rows."""
+    p = _cpu_problem(
+        CPU_STATICS[3], batch=2, seq=3, seq_kv=40, topk=50, kind="mixed_rows", seed=11, sm_scale=0.1,
+        sink_scale=sink_scale,
+    )
+    out, lse = run_kernel(p)
+    check(p, out, lse, CPU_OUT_TOL, CPU_LSE_TOL)
+
+
+@pytest.mark.cpu_kernel
+def test_cpu_topk_length_edges() -> None:
+    """topk_length of 0 (empty row), 1, exactly k, and above k; negative lengths count as 0."""
+    p = _cpu_problem(CPU_STATICS[2], batch=1, seq=4, seq_kv=50, topk=70, kind="regular", seed=12, sm_scale=0.1)
+    lengths = torch.tensor([[0, 1, 70, 1000]], dtype=torch.int32)
+    p = dataclasses.replace(p, topk_length=lengths)
+    out, lse = run_kernel(p)
+    check(p, out, lse, CPU_OUT_TOL, CPU_LSE_TOL)
+    assert torch.isneginf(lse[0, 0]).all() and torch.isfinite(lse[0, 1:]).all()
+    p = dataclasses.replace(p, topk_length=torch.tensor([[-5, 65, 64, 2]], dtype=torch.int32))
+    out, lse = run_kernel(p)
+    check(p, out, lse, CPU_OUT_TOL, CPU_LSE_TOL)
+
+
+@pytest.mark.cpu_kernel
+@pytest.mark.parametrize("kind", ["irregular", "duplicates"])
+def test_cpu_v32_width(kind: str) -> None:
+    """d_qk = 576, d_v = 512 (V3.2 widths) with few heads, multi-step rows with invalid entries and duplicates."""
+    p = _cpu_problem(
+        CPU_V32_STATIC, batch=1, seq=3, seq_kv=300, topk=200, kind=kind, seed=13, sm_scale=V32_SCALE
+    )
+    out, lse = run_kernel(p)
+    check(p, out, lse, CPU_OUT_TOL, CPU_LSE_TOL)
+
+
+@pytest.mark.cpu_kernel
+def test_cpu_reuses_one_kernel_across_shapes() -> None:
+    """B, S, S_kv, k and sm_scale are runtime values: varying them compiles nothing new."""
+    static = CPU_STATICS[0]
+    run_kernel(_cpu_problem(static, batch=1, seq=1, seq_kv=3, topk=2, kind="regular", seed=14, sm_scale=0.1))
+    compiled = len(tl_build._KERNELS)  # noqa: SLF001 - the in-process cache is what is being checked
+    for seq_kv, topk, scale in ((200, 150, 0.3), (1, 1, 0.01), (64, 64, 1.0)):
+        p = _cpu_problem(static, batch=2, seq=3, seq_kv=seq_kv, topk=topk, kind="irregular", seed=15, sm_scale=scale)
+        out, lse = run_kernel(p)
+        check(p, out, lse, CPU_OUT_TOL, CPU_LSE_TOL)
+    assert len(tl_build._KERNELS) == compiled  # noqa: SLF001
+
+
+# ----------------------------------------------------------------------------------------------------- build tier
+
+V32_BUILD_CASES: list[tuple[dict[str, Any], kernels.Config]] = [
+    ({**V32, "has_topk_length": False, "has_sink": False}, config) for config in _tuning_configs()
+] + [({**V32, "has_topk_length": True, "has_sink": True}, kernels.Config())]
+
+
+def _case_id(case: tuple[dict[str, Any], kernels.Config]) -> str:
+    static, config = case
+    flags = f"tl{int(static['has_topk_length'])}sink{int(static['has_sink'])}"
+    return f"h{static['heads']}-{flags}-" + "-".join(f"{k}{v}" for k, v in dataclasses.asdict(config).items())
+
+
+@pytest.fixture(scope="module")
+def hopper_builds() -> dict[str, tuple[Any, tl_build.StaticReport, float]]:
+    """Every build case compiled once for sm_90a: id -> (kernel, static report, compile seconds)."""
+    built: dict[str, tuple[Any, tl_build.StaticReport, float]] = {}
+    for case in V32_BUILD_CASES:
+        static, config = case
+        start = time.perf_counter()
+        kernel, report = tl_build.compile_hopper(kernels.build, **static, **dataclasses.asdict(config))
+        built[_case_id(case)] = (kernel, report, time.perf_counter() - start)
+    return built
+
+
+@pytest.mark.build
+@pytest.mark.parametrize("case", V32_BUILD_CASES, ids=_case_id)
+def test_hopper_build_is_clean(case: tuple[dict[str, Any], kernels.Config], hopper_builds: dict[str, Any]) -> None:
+    """At V3.2 shapes: wgmma, no register spills, shared memory within 227 KB, an asynchronous gather."""
+    kernel, report, seconds = hopper_builds[_case_id(case)]
+    logger.info(
+        "sparse_mla_fwd %s: %d registers, %d B spills, %d B smem, wgmma=%s, compiled in %.1f s",
+        _case_id(case), report.registers, report.spill_bytes, report.smem_bytes, report.has_wgmma, seconds,
+    )
+    assert not report.problems(require_wgmma=True), report.problems(require_wgmma=True)
+    assert report.has_wgmma
+    source = kernel.get_kernel_source()
+    assert "cp_async" in source, "the KV gather is not asynchronous"
+    # check_config's shared-memory estimate is an upper bound of what the kernel really asks for.
+    assert report.smem_bytes <= kernels.smem_bytes(case[0], case[1])
+
+
+# ------------------------------------------------------------------------------------------------------- GPU tier
+
+GPU_STATICS: tuple[tuple[int, int, int, bool, bool], ...] = (
+    (V32["heads"], V32["d_qk"], V32["d_v"], False, False),
+    (V32["heads"], V32["d_qk"], V32["d_v"], True, True),
+    (70, V32["d_qk"], V32["d_v"], True, False),  # heads padded to two 64-head blocks, the second partly masked
+)
+
+
+@pytest.mark.gpu
+@settings(max_examples=20)
+@given(
+    static=st.sampled_from(GPU_STATICS),
+    batch=st.integers(1, 2),
+    seq=st.integers(1, 8),
+    seq_kv=st.integers(1, 3000),
+    topk=st.sampled_from([1, 63, 64, 65, 200, V32_TOPK]),
+    kind=st.sampled_from(strategies.INDEX_PATTERNS),
+    seed=strategies.SEEDS,
+    block_k=st.sampled_from(kernels.TUNING_SPACE["block_k"]),
+)
+@example(static=GPU_STATICS[0], batch=1, seq=4, seq_kv=2500, topk=V32_TOPK, kind="irregular", seed=1, block_k=32)
+@example(
+    static=GPU_STATICS[1], batch=2, seq=3, seq_kv=100, topk=V32_TOPK, kind="more_than_available", seed=2, block_k=16,
+)
+@example(static=GPU_STATICS[2], batch=1, seq=2, seq_kv=50, topk=65, kind="all_invalid", seed=3, block_k=32)
+def test_gpu_matches_reference(
+    cuda_device: torch.device,
+    static: tuple[int, int, int, bool, bool],
+    batch: int,
+    seq: int,
+    seq_kv: int,
+    topk: int,
+    kind: str,
+    seed: int,
+    block_k: int,
+) -> None:
+    """The sm_90a kernel (every tuning-space block_k) matches the reference at V3.2 widths."""
+    p = _cpu_problem(
+        static, batch=batch, seq=seq, seq_kv=seq_kv, topk=topk, kind=kind, seed=seed, sm_scale=V32_SCALE
+    ).to(cuda_device)
+    out, lse = run_kernel(p, dataclasses.replace(kernels.Config(), block_k=block_k))
+    torch.cuda.synchronize()
+    check(p, out, lse, GPU_OUT_TOL, GPU_LSE_TOL)
+
+
+@pytest.mark.gpu
+def test_gpu_v32_causal_prefill(cuda_device: torch.device) -> None:
+    """A causal V3.2 prefill slice (k = 2048 over 4096 keys) with the default config and topk_length and sink."""
+    p = _cpu_problem(
+        GPU_STATICS[1], batch=1, seq=16, seq_kv=4096, topk=V32_TOPK, kind="causal", seed=21, sm_scale=V32_SCALE
+    ).to(cuda_device)
+    out, lse = run_kernel(p)
+    torch.cuda.synchronize()
+    check(p, out, lse, GPU_OUT_TOL, GPU_LSE_TOL)
+    assert math.isfinite(float(lse[0, -1].max()))

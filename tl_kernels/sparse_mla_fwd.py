@@ -1,0 +1,321 @@
+"""Sparse MLA attention forward (DeepSeek Sparse Attention) as one TileLang builder for the C target and sm_90a.
+
+Each thread block owns one query token and ``block_h`` heads. It walks the token's top-k index row ``block_k`` entries
+at a time: it gathers the selected latent KV rows into shared memory (an asynchronous, pipelined gather on Hopper),
+computes ``Q . K^T`` with wgmma, runs the online softmax in the log2 domain, and accumulates ``P . V`` where V is the
+first ``d_v`` columns of the same gathered rows. Semantics follow ``dsa.reference.sparse_mla``:
+
+* an entry is valid iff ``0 <= idx < S_kv`` and its position in the row is ``< min(k, topk_length[b, t])``; an invalid
+  entry is never dereferenced: its gather address is clamped into ``[0, S_kv)`` and its score is masked to ``-inf``;
+* a query with no valid entry gets ``out = 0`` and ``lse = -inf`` (no NaN on the way: the running maximum is replaced
+  by 0 while it is still ``-inf``);
+* ``attn_sink[h]`` joins only the final denominator; ``lse`` is the natural-log log-sum-exp of the valid scores alone;
+* any head count works: heads past ``heads`` in the last head block read zeros and are never written.
+
+Batch, query length, KV length and the top-k width are symbolic, so one compiled kernel serves every such shape.
+"""
+
+# No `from __future__ import annotations`: TileLang evaluates the kernel signature's annotations, which
+# refer to closure variables (shapes, dtypes).
+import dataclasses
+import math
+from typing import Any
+
+import tilelang.language as T
+
+from tl_kernels import build as build_mod
+from tl_kernels import dsl
+
+__all__ = ["TUNING_SPACE", "Config", "build", "check_config", "default_config"]
+
+LOG2E = math.log2(math.e)
+"""Scores are pre-multiplied by ``sm_scale * log2(e)`` so the softmax can use ``exp2``."""
+LN2 = math.log(2.0)
+"""Turns the kernel's base-2 log-sum-exp into the natural log the API returns."""
+
+ACCUM_DTYPE = "float32"
+INDEX_DTYPE = "int32"
+DATA_DTYPE = "bfloat16"
+
+WGMMA_M = 64
+"""Rows of one Hopper warpgroup MMA: the CUDA head block (64 heads, every warpgroup on wgmma)."""
+WARPGROUP_THREADS = 128
+CUDA_THREADS = 2 * WARPGROUP_THREADS
+"""Two warpgroups split the N of both GEMMs (the ``block_k`` score columns, the ``d_v`` output columns)."""
+CUDA_DIM_ALIGN = 64
+"""``d_qk`` and ``d_v`` on CUDA: whole 128-byte swizzle atoms of bf16 (V3.2: 576 and 512)."""
+CUDA_BLOCK_K_ALIGN = 16
+"""Each of the two warpgroups takes ``block_k / 2`` score columns (a wgmma N of at least 8); 16 is also the bf16 MMA
+reduction step of ``P . V``."""
+CUDA_MAX_STAGES = 1
+"""TileLang 0.1.15 emits a non-constant ``cp.async.wait_group`` in the epilogue of a multi-stage pipeline whose trip
+count is symbolic (nvcc then rejects it), and a variant with a compile-time top-k width (constant trip count, two
+stages) spilled 330-480 bytes. With one stage the gather of step i+1 is still issued as cp.async, right after the
+``P . V`` of step i frees the single KV tile, so it overlaps nothing but the loop's bookkeeping: the kernel is
+correct and spill-free but latency-bound on the gather (a producer warpgroup is the planned next step)."""
+HOPPER_SMEM_BYTES = build_mod.SMEM_LIMIT_BYTES
+SMEM_ALIGN_SLACK_BYTES = 4 * 1024
+"""Room for TileLang's 1024-byte tile alignment and reduction workspaces on top of the tiles themselves."""
+BF16_BYTES = 2
+
+_CUDA_PASS_CONFIGS: dict[str, bool] = {
+    # The index gather cannot use TMA, and TileLang's automatic warp specialisation would then only move the index
+    # copy to a producer warpgroup (leaving the KV gather synchronous in the consumers). Without both, the pipeliner
+    # issues the whole KV gather as cp.async.
+    "tl.disable_tma_lower": True,
+    "tl.disable_warp_specialized": True,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Tunable schedule of the forward kernel.
+
+    Attributes:
+        block_h: query heads per thread block (the M of both GEMMs); 64 on CUDA.
+        block_k: top-k entries gathered per step (the N of ``Q . K^T``, the reduction of ``P . V``).
+        num_stages: software-pipeline depth of the gather (1 on CUDA, see ``CUDA_MAX_STAGES``).
+        threads: threads per block on CUDA (ignored by the C target).
+    """
+
+    block_h: int = WGMMA_M
+    block_k: int = 32
+    num_stages: int = 1
+    threads: int = CUDA_THREADS
+
+
+TUNING_SPACE: dict[str, tuple[Any, ...]] = {
+    "block_h": (WGMMA_M,),
+    # block_k = 64 is valid but spilled 52 bytes at V3.2 shapes (255 registers: the 64 x 512 float32 accumulator
+    # takes 128 per thread); 16 and 32 compile clean.
+    "block_k": (16, 32),
+    "num_stages": (1,),
+    "threads": (CUDA_THREADS,),
+}
+"""Candidate values per :class:`Config` field; every combination is valid on sm_90a at V3.2 shapes."""
+
+
+def smem_bytes(static: dict[str, Any], config: Config) -> int:
+    """Shared memory of the CUDA kernel (an upper estimate): the Q tile, ``num_stages`` KV tiles, the bf16 P tile,
+    and alignment slack."""
+    d_qk = int(static["d_qk"])
+    q_tile = config.block_h * d_qk * BF16_BYTES
+    kv_tiles = config.num_stages * config.block_k * d_qk * BF16_BYTES
+    p_tile = config.block_h * config.block_k * BF16_BYTES
+    return q_tile + kv_tiles + p_tile + SMEM_ALIGN_SLACK_BYTES
+
+
+def check_config(static: dict[str, Any], config: Config) -> None:
+    """Raise ``ValueError`` when ``config`` cannot serve the static parameters ``static``.
+
+    ``static`` holds ``heads``, ``d_qk``, ``d_v``, ``has_topk_length``, ``has_sink`` and optionally ``target``
+    (default: sm_90a); the Hopper constraints apply to CUDA targets only.
+    """
+    d_qk, d_v, heads = int(static["d_qk"]), int(static["d_v"]), int(static["heads"])
+    if heads < 1:
+        raise ValueError(f"heads must be >= 1, got {heads}")
+    if not 1 <= d_v <= d_qk:
+        raise ValueError(f"need 1 <= d_v <= d_qk, got d_v={d_v}, d_qk={d_qk}")
+    if config.block_h < 1 or config.block_h & (config.block_h - 1):
+        raise ValueError(f"block_h must be a power of two, got {config.block_h}")
+    if config.block_k < 1 or config.block_k & (config.block_k - 1):
+        raise ValueError(f"block_k must be a power of two, got {config.block_k}")
+    if config.num_stages < 1:
+        raise ValueError(f"num_stages must be >= 1, got {config.num_stages}")
+    if dsl.is_cpu(static.get("target", dsl.HOPPER_TARGET)):
+        return
+    if config.block_h != WGMMA_M:
+        raise ValueError(f"block_h must be {WGMMA_M} on CUDA (one wgmma M per warpgroup), got {config.block_h}")
+    if config.threads != CUDA_THREADS:
+        raise ValueError(f"threads must be {CUDA_THREADS} on CUDA, got {config.threads}")
+    if config.block_k % CUDA_BLOCK_K_ALIGN:
+        raise ValueError(f"block_k must be a multiple of {CUDA_BLOCK_K_ALIGN} on CUDA, got {config.block_k}")
+    if config.num_stages > CUDA_MAX_STAGES:
+        raise ValueError(f"num_stages must be <= {CUDA_MAX_STAGES} on CUDA, got {config.num_stages}")
+    if d_qk % CUDA_DIM_ALIGN or d_v % CUDA_DIM_ALIGN:
+        raise ValueError(f"d_qk and d_v must be multiples of {CUDA_DIM_ALIGN} on CUDA, got {d_qk} and {d_v}")
+    needed = smem_bytes(static, config)
+    if needed > HOPPER_SMEM_BYTES:
+        raise ValueError(f"{config} needs {needed} B of shared memory, more than {HOPPER_SMEM_BYTES}")
+
+
+def default_config(static: dict[str, Any]) -> Config:
+    """A config that works for every shape with these static parameters.
+
+    On the C target the head block shrinks to the head count's power of two (at most 64) so that a few heads do not
+    pay for 64; on CUDA it is the wgmma M of 64 (heads past ``heads`` are masked).
+    """
+    if dsl.is_cpu(static.get("target", dsl.HOPPER_TARGET)):
+        heads = int(static["heads"])
+        return Config(block_h=min(WGMMA_M, 1 << max(heads - 1, 0).bit_length()))
+    return Config()
+
+
+def build(
+    *,
+    heads: int,
+    d_qk: int,
+    d_v: int,
+    has_topk_length: bool = False,
+    has_sink: bool = False,
+    block_h: int = Config.block_h,
+    block_k: int = Config.block_k,
+    num_stages: int = Config.num_stages,
+    threads: int = Config.threads,
+    target: dsl.Target = dsl.HOPPER_TARGET,
+) -> Any:
+    """The forward kernel for ``heads`` query heads of width ``d_qk`` and value width ``d_v``.
+
+    Kernel arguments (B, S, S_kv and k symbolic; bf16 travels as ``uint16`` on the C target):
+        q: ``[B, S, heads, d_qk]`` bfloat16; kv: ``[B, S_kv, d_qk]`` bfloat16; indices: ``[B, S, k]`` int32;
+        topk_length: ``[B, S]`` int32 with ``has_topk_length``, else a ``[1, 1]`` int32 placeholder;
+        attn_sink: ``[heads]`` float32 with ``has_sink``, else a ``[1]`` float32 placeholder;
+        sm_scale: float32 scalar (the softmax scale, natural units);
+        out: ``[B, S, heads, d_v]`` bfloat16 (written); lse: ``[B, S, heads]`` float32, natural log (written).
+    """
+    check_config(
+        {"heads": heads, "d_qk": d_qk, "d_v": d_v, "target": target},
+        Config(block_h=block_h, block_k=block_k, num_stages=num_stages, threads=threads),
+    )
+    cpu = dsl.is_cpu(target)
+    alloc = dsl.allocators(target)
+    data_storage = dsl.storage_dtype(DATA_DTYPE, target)
+    # On the C target the tiles hold decoded float32 (its GEMM has no bf16); on CUDA they hold bf16 for wgmma.
+    tile_dtype = ACCUM_DTYPE if cpu else DATA_DTYPE
+    head_blocks = (heads + block_h - 1) // block_h
+    neg_inf = -T.infinity(ACCUM_DTYPE)
+
+    batch = T.dynamic("batch")
+    seq_len = T.dynamic("seq_len")
+    seq_len_kv = T.dynamic("seq_len_kv")
+    width = T.dynamic("topk")
+    topk_length_shape = [batch, seq_len] if has_topk_length else [1, 1]
+    sink_shape = [heads] if has_sink else [1]
+
+    def load(value: Any) -> Any:
+        # A tile element as stored: decoded float32 on the C target, the raw bf16 on CUDA (a plain global ->
+        # shared copy is what the pipeliner turns into cp.async).
+        return dsl.load_f32(value, DATA_DTYPE, target) if cpu else value
+
+    @T.prim_func
+    def main(
+        Q: T.Tensor([batch, seq_len, heads, d_qk], data_storage),  # type: ignore[valid-type]
+        KV: T.Tensor([batch, seq_len_kv, d_qk], data_storage),  # type: ignore[valid-type]
+        Indices: T.Tensor([batch, seq_len, width], INDEX_DTYPE),  # type: ignore[valid-type]
+        TopkLength: T.Tensor(topk_length_shape, INDEX_DTYPE),  # type: ignore[valid-type]
+        AttnSink: T.Tensor(sink_shape, ACCUM_DTYPE),  # type: ignore[valid-type]
+        sm_scale: T.float32,
+        Out: T.Tensor([batch, seq_len, heads, d_v], data_storage),  # type: ignore[valid-type]
+        Lse: T.Tensor([batch, seq_len, heads], ACCUM_DTYPE),  # type: ignore[valid-type]
+    ):
+        with T.Kernel(seq_len * head_blocks, batch, threads=threads) as (bx, by):
+            q_s = alloc.shared([block_h, d_qk], tile_dtype)
+            kv_s = alloc.shared([block_k, d_qk], tile_dtype)
+            p_s = alloc.shared([block_h, block_k], tile_dtype)
+            acc_s = alloc.fragment([block_h, block_k], ACCUM_DTYPE)
+            acc_o = alloc.fragment([block_h, d_v], ACCUM_DTYPE)
+            m_i = alloc.fragment([block_h], ACCUM_DTYPE)
+            m_prev = alloc.fragment([block_h], ACCUM_DTYPE)
+            m_safe = alloc.fragment([block_h], ACCUM_DTYPE)
+            alpha = alloc.fragment([block_h], ACCUM_DTYPE)
+            l_i = alloc.fragment([block_h], ACCUM_DTYPE)
+            row_sum = alloc.fragment([block_h], ACCUM_DTYPE)
+
+            b = by
+            s = bx // head_blocks
+            h0 = (bx % head_blocks) * block_h
+            scale_log2 = sm_scale * T.float32(LOG2E)
+            # Entries at positions >= limit are invalid: the row width k, or topk_length[b, s] when it is smaller.
+            limit = T.min(TopkLength[b, s], width) if has_topk_length else width
+            # Steps past `limit` hold no valid entry: a short topk_length row skips them.
+            num_steps = T.ceildiv(limit, block_k)
+
+            # Heads past `heads` (last head block) load zeros; they are never stored.
+            for h, d in alloc.parallel(block_h, d_qk):
+                q_s[h, d] = T.if_then_else(h0 + h < heads, load(Q[b, s, T.min(h0 + h, heads - 1), d]), 0)
+            T.fill(acc_o, 0)
+            T.fill(l_i, 0)
+            T.fill(m_i, neg_inf)
+
+            for step in T.Pipelined(num_steps, num_stages=num_stages):
+                # The gather: V is the first d_v columns of the same rows, so one tile feeds both GEMMs. Each element
+                # reads its index straight from global memory (cached): staging the indices in shared memory would
+                # make them a second asynchronous copy, and TileLang 0.1.15 does not wait for one cp.async group
+                # before another copy's address reads it.
+                for j, d in alloc.parallel(block_k, d_qk):
+                    kv_s[j, d] = load(
+                        KV[b, _clamp_row(_index_at(Indices, b, s, step * block_k + j, width), seq_len_kv), d]
+                    )
+
+                T.clear(acc_s)
+                T.gemm(q_s, kv_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                # Select (not add) the mask: a masked score is exactly -inf whatever the clamped row gave.
+                for h, j in alloc.parallel(block_h, block_k):
+                    acc_s[h, j] = T.if_then_else(
+                        _entry_valid(
+                            _index_at(Indices, b, s, step * block_k + j, width), step * block_k + j, limit, seq_len_kv
+                        ),
+                        acc_s[h, j] * scale_log2,
+                        neg_inf,
+                    )
+
+                T.copy(m_i, m_prev)
+                T.reduce_max(acc_s, m_i, dim=1, clear=False)
+                for h in alloc.parallel(block_h):
+                    # While a row has seen no valid score its maximum is -inf; subtracting 0 instead keeps
+                    # exp2(-inf - m) at 0 rather than NaN.
+                    m_safe[h] = T.if_then_else(m_i[h] == neg_inf, 0, m_i[h])
+                    alpha[h] = T.exp2(m_prev[h] - m_safe[h])
+                for h, j in alloc.parallel(block_h, block_k):
+                    acc_s[h, j] = T.exp2(acc_s[h, j] - m_safe[h])
+                T.reduce_sum(acc_s, row_sum, dim=1)
+                for h in alloc.parallel(block_h):
+                    l_i[h] = l_i[h] * alpha[h] + row_sum[h]
+                for h, d in alloc.parallel(block_h, d_v):
+                    acc_o[h, d] = acc_o[h, d] * alpha[h]
+                T.copy(acc_s, p_s)
+                T.gemm(p_s, kv_s[:, 0:d_v], acc_o, policy=T.GemmWarpPolicy.FullRow)
+
+            # Final normalisation. The sink adds exp(sink) to the natural-units denominator, i.e.
+            # exp2(sink * log2(e) - m) in the kernel's shifted base-2 units. A row with no valid entry has
+            # l = 0 and acc_o = 0: its output is 0 and its lse -inf.
+            for h in alloc.parallel(block_h):
+                m_safe[h] = T.if_then_else(m_i[h] == neg_inf, 0, m_i[h])
+                if has_sink:
+                    alpha[h] = l_i[h] + T.exp2(
+                        AttnSink[T.min(h0 + h, heads - 1)] * T.float32(LOG2E) - m_safe[h]
+                    )
+                else:
+                    alpha[h] = l_i[h]
+                alpha[h] = T.if_then_else(alpha[h] > 0, 1.0 / alpha[h], 0)
+                row_sum[h] = T.if_then_else(l_i[h] > 0, (T.log2(l_i[h]) + m_safe[h]) * T.float32(LN2), neg_inf)
+            for h, d in alloc.parallel(block_h, d_v):
+                if h0 + h < heads:
+                    Out[b, s, h0 + h, d] = dsl.store_bf16(acc_o[h, d] * alpha[h], target)
+            for h in alloc.parallel(block_h):
+                if h0 + h < heads:
+                    Lse[b, s, h0 + h] = row_sum[h]
+
+    if cpu:
+        return main
+    return build_mod.with_pass_configs(main, _CUDA_PASS_CONFIGS)
+
+
+def _index_at(indices: Any, b: Any, s: Any, pos: Any, width: Any) -> Any:
+    """Entry ``pos`` of query ``(b, s)``'s index row, read at ``min(pos, k - 1)``: the last step of a row whose width
+    is not a multiple of ``block_k`` stays in bounds (positions ``>= k`` are masked by ``_entry_valid``)."""
+    return indices[b, s, T.min(pos, width - 1)]
+
+
+def _clamp_row(idx: Any, seq_len_kv: Any) -> Any:
+    """``idx`` clamped into ``[0, S_kv)``: the gather address is always in bounds (the entry's score is masked).
+
+    Written with min/max (not a select) so TileLang's bound analysis proves the access safe and issues a plain,
+    unpredicated cp.async.
+    """
+    return T.max(T.min(idx, seq_len_kv - 1), 0)
+
+
+def _entry_valid(idx: Any, pos: Any, limit: Any, seq_len_kv: Any) -> Any:
+    """Whether the entry at position ``pos`` of its row, holding ``idx``, takes part in the softmax."""
+    return T.And(pos < limit, T.And(idx >= 0, idx < seq_len_kv))
