@@ -1,0 +1,474 @@
+"""Sparse MLA attention backward as TileLang kernels (one source for the C target and sm_90a).
+
+Three kernels, run in this order by :func:`dsa.launch.sparse_mla_bwd.sparse_mla_bwd`:
+
+1. :func:`build_preprocess`: ``delta[b, t, h] = sum_d out[b, t, h, d] * d_out[b, t, h, d]`` in float32.
+2. :func:`build` (the main kernel): one program per (head block, query token, batch). It recomputes the attention
+   probabilities from the forward's ``lse`` and, per block of ``block_topk`` indices,
+
+   - ``s = sm_scale * q . k`` (``k = kv[idx]``), ``p = exp(s - lse_eff)`` on valid indices, 0 elsewhere, where
+     ``lse_eff = logaddexp(lse, attn_sink[h])`` with a sink and ``lse`` without;
+   - ``dp = d_out . v`` (``v = kv[idx, :d_v]``), ``ds = p * (dp - delta)``;
+   - ``dq += sm_scale * ds @ k`` (kept in registers for the whole row of indices);
+   - ``dkv[idx, :] += sm_scale * ds^T q`` and ``dkv[idx, :d_v] += p^T d_out``, scattered with float32 atomics into a
+     ``[B, S_kv, d_qk]`` float32 buffer, so duplicates and rows shared by several queries accumulate.
+
+   ``dkv`` is produced transposed per column chunk (``[chunk, block_topk] = q_chunk^T @ ds``) so that its MMA has
+   ``M = chunk`` (a multiple of 64 on Hopper) for any ``block_topk``, which lets 32-index blocks use wgmma too.
+3. :func:`build_postprocess`: casts the float32 ``dkv`` accumulator to bfloat16.
+
+An index is valid iff ``0 <= idx < S_kv`` and (with ``topk_length``) its position in the row is below
+``topk_length[b, t]``; invalid indices are never used as addresses: the gather clamps every row address into
+``[0, S_kv)`` (a plain, unpredicated copy that the Hopper pipeliner can turn into ``cp.async``), the slot's probability
+is forced to exactly 0 (so its finite, unrelated row contributes nothing to ``dq``), and the atomics skip it. A row
+whose ``lse`` is ``-inf`` (no valid index in the forward) contributes nothing and produces no NaN: its probabilities
+are forced to 0 before any exponential of an infinity can happen.
+
+Heads are processed ``block_h`` at a time; the head count need not be a multiple (padded heads load zeros, get
+``p = 0`` and are never stored). ``topk`` must be a multiple of ``block_topk`` (the launcher pads indices with -1).
+
+On the C target (CPU tier) the tiles are float32 local arrays (bf16 arrives as ``uint16`` bits and is decoded with
+:func:`tl_kernels.dsl.load_f32`); on CUDA they are bf16 shared-memory tiles feeding wgmma.
+"""
+
+# No `from __future__ import annotations`: TileLang evaluates the kernel signatures' annotations, which refer to
+# closure variables (shapes, storage dtypes).
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import tilelang
+import tilelang.language as T
+from tvm import tirx
+
+from tl_kernels import dsl
+
+__all__ = [
+    "CPU_DEFAULT",
+    "HOPPER_SMEM_LIMIT",
+    "TOPK_ALIGN",
+    "TUNING_SPACE",
+    "Config",
+    "build",
+    "build_postprocess",
+    "build_preprocess",
+    "check_config",
+    "chunk_bounds",
+    "config_params",
+    "default_config",
+    "shared_memory_bytes",
+]
+
+LOG2E = math.log2(math.e)
+"""Probabilities are computed with exp2: ``exp(x) = exp2(x * log2(e))``, one FMA cheaper per element."""
+
+# A padded head or an empty row (lse = -inf) gets this huge, finite log2-domain lse instead of +inf: every
+# exp2(s - _EMPTY_LSE2) underflows to exactly 0 without any inf - inf arithmetic that could turn into NaN.
+_EMPTY_LSE2 = 1.0e30
+# lse values at or below this are treated as -inf (an empty row). Comparing against a finite threshold rather
+# than -inf keeps the test meaningful even if a build enables finite-math-only optimisations.
+_EMPTY_LSE_THRESHOLD = -1.0e30
+
+_WGMMA_M = 64
+"""Rows of one Hopper wgmma per warpgroup: head blocks and dkv chunks are multiples of it on CUDA."""
+_MIN_BLOCK_TOPK_CUDA = 32
+"""block_topk must be a multiple of this on CUDA: with 16 the ds tile (A operand of dq's MMA, B operand of dkv's)
+gets two conflicting shared-memory layouts and TileLang's layout inference rejects the kernel."""
+
+HOPPER_SMEM_LIMIT = 227 * 1024
+"""Dynamic shared memory one Hopper CTA may use (bytes)."""
+
+INDEX_DTYPE = "int32"
+ACC_DTYPE = "float32"
+IN_DTYPE = "bfloat16"
+
+# Main-kernel pass configs. The gather is an indexed row copy (not a TMA-able tile) and the kernel is not warp
+# specialised; TL_ENABLE_AGGRESSIVE_SHARED_MEMORY_MERGE is deliberately absent (reported to give NaN
+# gradients in TileLang's own sparse MLA backward).
+PASS_CONFIGS: dict[str, Any] = {
+    tilelang.PassConfigKey.TL_DISABLE_TMA_LOWER.value: True,
+    tilelang.PassConfigKey.TL_DISABLE_WARP_SPECIALIZED.value: True,
+}
+
+_PREPROCESS_BLOCK_ROWS = 16
+_PREPROCESS_BLOCK_D = 64
+_PREPROCESS_THREADS = 128
+_POSTPROCESS_BLOCK_ROWS = 16
+_POSTPROCESS_THREADS = 128
+
+
+@dataclass(frozen=True)
+class Config:
+    """Tunable parameters of the main backward kernel.
+
+    block_h: query heads per program (padded heads are masked); a multiple of 64 on CUDA (wgmma M).
+    block_topk: indices gathered and processed per step; ``topk`` is padded to a multiple of it.
+    dkv_chunk: columns of ``d_qk`` per ``dkv`` MMA and per shared tile of q/d_out/kv; a multiple of 64 on CUDA.
+    num_stages: software-pipelining depth of the loop over index blocks (0 = no pipelining). Stages >= 1 turn the
+        gather into cp.async, but at V3.2 shapes (block_topk=32, 2 stages) that spilled 3.4 KB, so the tuning space
+        keeps 0: dq's 64 x 576 float32 accumulator alone takes 144 of the 255 registers per thread.
+    threads: threads per program (two warpgroups; 512 threads caps registers at 128 and spilled 848 B).
+    """
+
+    block_h: int = 64
+    block_topk: int = 64
+    dkv_chunk: int = 64
+    num_stages: int = 0
+    threads: int = 256
+
+
+# Both configs were built at V3.2 shapes (128 heads, 576/512, topk 2048): 255 registers, 0 spills; shared memory
+# 230400 B (block_topk 64) and 185344 B (block_topk 32).
+TUNING_SPACE: dict[str, tuple[Any, ...]] = {
+    "block_h": (64,),
+    "block_topk": (32, 64),
+    "dkv_chunk": (64,),
+    "num_stages": (0,),
+    "threads": (256,),
+}
+"""Candidate values per :class:`Config` field (every combination that passes :func:`check_config` is built in CI)."""
+
+TOPK_ALIGN = 64
+"""The launcher pads ``topk`` to a multiple of this (a multiple of every ``block_topk`` in :data:`TUNING_SPACE`)."""
+
+
+def chunk_bounds(d_qk: int, d_v: int, chunk: int) -> list[tuple[int, int]]:
+    """Column chunks ``[(start, size), ...]`` covering ``[0, d_qk)``, split at ``d_v`` and every ``chunk`` columns.
+
+    The split at ``d_v`` keeps every chunk either entirely value columns (which also receive ``p^T d_out``) or
+    entirely rotary columns.
+    """
+    bounds: list[tuple[int, int]] = []
+    for lo, hi in ((0, d_v), (d_v, d_qk)):
+        for start in range(lo, hi, chunk):
+            bounds.append((start, min(chunk, hi - start)))
+    return bounds
+
+
+def check_config(static: dict[str, Any], config: Config) -> None:
+    """Raise ``ValueError`` when ``config`` cannot serve the static parameters ``static``.
+
+    ``static`` holds ``heads``, ``d_qk``, ``d_v``, ``topk`` (already padded by the launcher), ``has_topk_length`` and
+    ``has_sink``; ``target`` (optional) enables the Hopper-specific constraints.
+    """
+    d_qk, d_v, topk = int(static["d_qk"]), int(static["d_v"]), int(static["topk"])
+    if not 0 < d_v <= d_qk:
+        raise ValueError(f"need 0 < d_v <= d_qk, got d_v={d_v}, d_qk={d_qk}")
+    for name in ("block_h", "block_topk", "dkv_chunk", "threads"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
+    if config.num_stages < 0:
+        raise ValueError(f"num_stages must be >= 0, got {config.num_stages}")
+    if topk % config.block_topk != 0:
+        raise ValueError(f"topk={topk} must be a multiple of block_topk={config.block_topk} (launcher pads with -1)")
+    target = static.get("target")
+    if target is None or dsl.is_cpu(target):
+        return
+    if config.block_h % _WGMMA_M != 0:
+        raise ValueError(f"block_h={config.block_h} must be a multiple of {_WGMMA_M} on CUDA (wgmma M)")
+    if config.block_topk % _MIN_BLOCK_TOPK_CUDA != 0:
+        raise ValueError(f"block_topk={config.block_topk} must be a multiple of {_MIN_BLOCK_TOPK_CUDA} on CUDA")
+    if config.threads % 128 != 0:
+        raise ValueError(f"threads={config.threads} must be whole warpgroups (multiple of 128) on CUDA")
+    for start, size in chunk_bounds(d_qk, d_v, config.dkv_chunk):
+        if size % _WGMMA_M != 0:
+            raise ValueError(
+                f"column chunk [{start}, {start + size}) is not a multiple of {_WGMMA_M} on CUDA "
+                f"(d_qk={d_qk}, d_v={d_v}, dkv_chunk={config.dkv_chunk})"
+            )
+    smem = shared_memory_bytes(static, config)
+    if smem > HOPPER_SMEM_LIMIT:
+        raise ValueError(f"config needs {smem} B of shared memory, more than {HOPPER_SMEM_LIMIT} B")
+
+
+def shared_memory_bytes(static: dict[str, Any], config: Config) -> int:
+    """Estimated shared memory of the main kernel on CUDA (bf16 tiles; the kv tile is multiplied by the stages)."""
+    d_qk, d_v = int(static["d_qk"]), int(static["d_v"])
+    bf16 = 2
+    q_tile = config.block_h * d_qk * bf16
+    do_tile = config.block_h * d_v * bf16
+    kv_tile = config.block_topk * d_qk * bf16 * max(1, config.num_stages)
+    p_ds = 2 * config.block_h * config.block_topk * bf16
+    small = 2 * config.block_topk * 4 * max(1, config.num_stages) + 2 * config.block_h * 4
+    return q_tile + do_tile + kv_tile + p_ds + small
+
+
+CPU_DEFAULT = Config(block_h=16, block_topk=32, dkv_chunk=256, num_stages=0, threads=128)
+"""C-target default: small head blocks (little padding work for the few heads of CPU tests) and wide column chunks
+(fewer unrolled loops, so g++ compiles it faster); the C target has no MMA shape constraints."""
+
+
+def default_config(static: dict[str, Any]) -> Config:
+    """A config that serves every shape of ``static`` (``topk`` is a multiple of :data:`TOPK_ALIGN`).
+
+    ``static["target"]`` (optional) selects :data:`CPU_DEFAULT` for the C target; otherwise the Hopper default.
+    """
+    target = static.get("target")
+    if target is not None and dsl.is_cpu(target):
+        return CPU_DEFAULT
+    return Config()
+
+
+def config_params(config: Config) -> dict[str, Any]:
+    """``config`` as the keyword arguments of :func:`build`."""
+    return dataclasses.asdict(config)
+
+
+def _sym(name: str) -> tirx.Var:
+    return T.dynamic(name)
+
+
+def build_preprocess(*, d_v: int, target: dsl.Target) -> tirx.PrimFunc:
+    """``delta = sum(out * d_out, -1)`` in float32, over flattened ``rows = B * S * H`` (symbolic).
+
+    Kernel arguments: ``Out [rows, d_v]`` bf16, ``dOut [rows, d_v]`` bf16, ``Delta [rows]`` float32 (written).
+    """
+    alloc = dsl.allocators(target)
+    storage = dsl.storage_dtype(IN_DTYPE, target)
+    rows = _sym("rows")
+    block_r = _PREPROCESS_BLOCK_ROWS
+    block_d = min(_PREPROCESS_BLOCK_D, d_v)
+    n_d = (d_v + block_d - 1) // block_d
+
+    @T.prim_func
+    def preprocess(
+        Out: T.Tensor([rows, d_v], storage),
+        dOut: T.Tensor([rows, d_v], storage),
+        Delta: T.Tensor([rows], ACC_DTYPE),
+    ):
+        with T.Kernel(T.ceildiv(rows, block_r), threads=_PREPROCESS_THREADS) as rb:
+            acc = alloc.fragment([block_r, block_d], ACC_DTYPE)
+            row_sum = alloc.fragment([block_r], ACC_DTYPE)
+            T.clear(acc)
+            for kd in T.serial(n_d):
+                for r, d in alloc.parallel(block_r, block_d):
+                    if rb * block_r + r < rows and kd * block_d + d < d_v:
+                        acc[r, d] += dsl.load_f32(Out[rb * block_r + r, kd * block_d + d], IN_DTYPE, target) * (
+                            dsl.load_f32(dOut[rb * block_r + r, kd * block_d + d], IN_DTYPE, target)
+                        )
+            T.reduce_sum(acc, row_sum, dim=1)
+            for r in alloc.parallel(block_r):
+                if rb * block_r + r < rows:
+                    Delta[rb * block_r + r] = row_sum[r]
+
+    return preprocess
+
+
+def build_postprocess(*, d_qk: int, target: dsl.Target) -> tirx.PrimFunc:
+    """Cast the float32 ``dkv`` accumulator to bf16.
+
+    Kernel arguments: ``dKVAcc [B, S_kv, d_qk]`` float32, ``dKV [B, S_kv, d_qk]`` bf16 (written).
+    """
+    alloc = dsl.allocators(target)
+    storage = dsl.storage_dtype(IN_DTYPE, target)
+    batch, seq_kv = _sym("batch"), _sym("seq_kv")
+    rows = _POSTPROCESS_BLOCK_ROWS
+
+    @T.prim_func
+    def postprocess(
+        dKVAcc: T.Tensor([batch, seq_kv, d_qk], ACC_DTYPE),
+        dKV: T.Tensor([batch, seq_kv, d_qk], storage),
+    ):
+        with T.Kernel(T.ceildiv(seq_kv, rows), batch, threads=_POSTPROCESS_THREADS) as (rb, b):
+            for r, d in alloc.parallel(rows, d_qk):
+                if rb * rows + r < seq_kv:
+                    dKV[b, rb * rows + r, d] = dsl.store_bf16(dKVAcc[b, rb * rows + r, d], target)
+
+    return postprocess
+
+
+def build(
+    *,
+    heads: int,
+    d_qk: int,
+    d_v: int,
+    topk: int,
+    has_topk_length: bool,
+    has_sink: bool,
+    block_h: int = Config.block_h,
+    block_topk: int = Config.block_topk,
+    dkv_chunk: int = Config.dkv_chunk,
+    num_stages: int = Config.num_stages,
+    threads: int = Config.threads,
+    target: dsl.Target,
+) -> tirx.PrimFunc:
+    """The main backward kernel (see the module docstring for the math).
+
+    Kernel arguments (B, S, S_kv symbolic; bf16 travels as ``uint16`` on the C target):
+
+    - ``Q [B, S, heads, d_qk]`` bf16, ``KV [B, S_kv, d_qk]`` bf16, ``dOut [B, S, heads, d_v]`` bf16;
+    - ``Indices [B, S, topk]`` int32 (any value: invalid entries get probability 0 and are never used as addresses);
+    - ``Lse [B, S, heads]`` float32 (natural log, ``-inf`` for empty rows), ``Delta [B, S, heads]`` float32;
+    - ``TopkLength [B, S]`` int32 (only when ``has_topk_length``), ``Sink [heads]`` float32 (only when ``has_sink``);
+    - ``sm_scale`` float32 scalar;
+    - ``dQ [B, S, heads, d_qk]`` bf16 (written), ``dKVAcc [B, S_kv, d_qk]`` float32 (accumulated atomically; zero it
+      first).
+    """
+    static = {"heads": heads, "d_qk": d_qk, "d_v": d_v, "topk": topk, "target": target}
+    check_config(static, Config(block_h, block_topk, dkv_chunk, num_stages, threads))
+    cpu = dsl.is_cpu(target)
+    alloc = dsl.allocators(target)
+    storage = dsl.storage_dtype(IN_DTYPE, target)
+    # MMA operand tiles: bf16 on CUDA (wgmma inputs); float32 on the C target, which has no bf16 C type.
+    op_dtype = ACC_DTYPE if cpu else IN_DTYPE
+    batch, seq, seq_kv = _sym("batch"), _sym("seq"), _sym("seq_kv")
+    n_blocks = topk // block_topk
+    n_head_blocks = (heads + block_h - 1) // block_h
+    chunks = chunk_bounds(d_qk, d_v, dkv_chunk)
+    n_value_chunks = sum(1 for start, _ in chunks if start < d_v)
+    policy = T.GemmWarpPolicy.FullCol
+    # dkv's MMA needs M >= 64 for wgmma: with 64-index blocks it is [block_topk, chunk] (each thread then scatters into
+    # only two kv rows, which keeps address registers low); smaller blocks compute it transposed, [chunk, block_topk].
+    dkv_transposed = block_topk % _WGMMA_M != 0
+    bh, bk = block_h, block_topk
+
+    # Optional inputs keep a 1-element placeholder shape when absent, so both variants share one signature.
+    topk_length_shape = [batch, seq] if has_topk_length else [1]
+    sink_shape = [heads] if has_sink else [1]
+
+    @T.prim_func
+    def main(
+        Q: T.Tensor([batch, seq, heads, d_qk], storage),
+        KV: T.Tensor([batch, seq_kv, d_qk], storage),
+        dOut: T.Tensor([batch, seq, heads, d_v], storage),
+        Indices: T.Tensor([batch, seq, topk], INDEX_DTYPE),
+        Lse: T.Tensor([batch, seq, heads], ACC_DTYPE),
+        Delta: T.Tensor([batch, seq, heads], ACC_DTYPE),
+        TopkLength: T.Tensor(topk_length_shape, INDEX_DTYPE),
+        Sink: T.Tensor(sink_shape, ACC_DTYPE),
+        sm_scale: T.float32,
+        dQ: T.Tensor([batch, seq, heads, d_qk], storage),
+        dKVAcc: T.Tensor([batch, seq_kv, d_qk], ACC_DTYPE),
+    ):
+        # (head block, token) pairs share grid x, head blocks of one token adjacent so their identical kv gathers
+        # meet in L2; grid y (batch) is small. Grid y/z are capped at 65535, too few for long sequences.
+        with T.Kernel(seq * n_head_blocks, batch, threads=threads) as (bx, b):
+            q_tiles = [alloc.shared([bh, size], op_dtype) for _, size in chunks]
+            do_tiles = [alloc.shared([bh, size], op_dtype) for _, size in chunks[:n_value_chunks]]
+            kv_tiles = [alloc.shared([bk, size], op_dtype) for _, size in chunks]
+            p_tile = alloc.shared([bh, bk], op_dtype)
+            ds_tile = alloc.shared([bh, bk], op_dtype)
+            raw_idx_tile = alloc.shared([bk], INDEX_DTYPE)
+            idx_tile = alloc.shared([bk], INDEX_DTYPE)
+            lse2_tile = alloc.shared([bh], ACC_DTYPE)
+            delta_tile = alloc.shared([bh], ACC_DTYPE)
+
+            acc_s = alloc.fragment([bh, bk], ACC_DTYPE)
+            acc_dp = alloc.fragment([bh, bk], ACC_DTYPE)
+            acc_dq = [alloc.fragment([bh, size], ACC_DTYPE) for _, size in chunks]
+            # One dkv accumulator per distinct chunk width, reused by every chunk of that width.
+            dkv_acc_of = {
+                size: alloc.fragment([size, bk] if dkv_transposed else [bk, size], ACC_DTYPE)
+                for size in sorted({size for _, size in chunks})
+            }
+
+            t = bx // n_head_blocks
+            head0 = (bx % n_head_blocks) * bh
+            scale2 = sm_scale * LOG2E
+            # Positions >= limit are invalid: topk_length[b, t] when given (the padded width bounds it anyway).
+            limit = TopkLength[b, t] if has_topk_length else topk
+
+            # Query and output-gradient rows of this head block; padded heads are zero (never read from memory).
+            for ci, (start, size) in enumerate(chunks):
+                for r, c in alloc.parallel(bh, size):
+                    if head0 + r < heads:
+                        if cpu:
+                            q_tiles[ci][r, c] = dsl.load_f32(Q[b, t, head0 + r, start + c], IN_DTYPE, target)
+                        else:
+                            q_tiles[ci][r, c] = Q[b, t, head0 + r, start + c]
+                    else:
+                        q_tiles[ci][r, c] = T.cast(0, op_dtype)
+                T.clear(acc_dq[ci])
+            for ci, (start, size) in enumerate(chunks[:n_value_chunks]):
+                for r, c in alloc.parallel(bh, size):
+                    if head0 + r < heads:
+                        if cpu:
+                            do_tiles[ci][r, c] = dsl.load_f32(dOut[b, t, head0 + r, start + c], IN_DTYPE, target)
+                        else:
+                            do_tiles[ci][r, c] = dOut[b, t, head0 + r, start + c]
+                    else:
+                        do_tiles[ci][r, c] = T.cast(0, op_dtype)
+
+            # Per-head log2-domain lse (with the sink folded in) and delta; empty rows and padded heads get a huge
+            # lse so that every probability is exactly 0.
+            for h in alloc.parallel(bh):
+                lse2_tile[h] = T.float32(_EMPTY_LSE2)
+                delta_tile[h] = T.float32(0)
+                if head0 + h < heads:
+                    delta_tile[h] = Delta[b, t, head0 + h]
+                    if Lse[b, t, head0 + h] > T.float32(_EMPTY_LSE_THRESHOLD):
+                        if has_sink:
+                            hi = T.max(Lse[b, t, head0 + h], Sink[head0 + h])
+                            lse2_tile[h] = (
+                                hi + T.log(T.exp(Lse[b, t, head0 + h] - hi) + T.exp(Sink[head0 + h] - hi))
+                            ) * LOG2E
+                        else:
+                            lse2_tile[h] = Lse[b, t, head0 + h] * LOG2E
+
+            for kb in T.Pipelined(n_blocks, num_stages=num_stages):
+                # The block's raw indices: a plain copy, so the pipeliner issues it with the gather that needs it.
+                T.copy(Indices[b, t, kb * bk : (kb + 1) * bk], raw_idx_tile)
+                # Gather the selected kv rows. The row address is clamped into [0, S_kv), so an invalid index is
+                # never used as an address (its slot reads a real row whose probability is forced to 0 and whose
+                # gradient is never scattered); a plain global -> shared copy becomes a cp.async on Hopper.
+                for ci, (start, size) in enumerate(chunks):
+                    for r, c in alloc.parallel(bk, size):
+                        if cpu:
+                            kv_tiles[ci][r, c] = dsl.load_f32(
+                                KV[b, T.max(T.min(raw_idx_tile[r], seq_kv - 1), 0), start + c], IN_DTYPE, target
+                            )
+                        else:
+                            kv_tiles[ci][r, c] = KV[b, T.max(T.min(raw_idx_tile[r], seq_kv - 1), 0), start + c]
+                # The block's indices with -1 where invalid (out of range, or at a position >= topk_length).
+                for j in alloc.parallel(bk):
+                    idx_tile[j] = T.if_then_else(
+                        (raw_idx_tile[j] >= 0) & (raw_idx_tile[j] < seq_kv) & (kb * bk + j < limit),
+                        raw_idx_tile[j],
+                        -1,
+                    )
+
+                # Python loops over the tile lists unroll at trace time: one MMA per column chunk.
+                T.clear(acc_s)
+                for q_tile, kv_tile in zip(q_tiles, kv_tiles):
+                    T.gemm(q_tile, kv_tile, acc_s, transpose_B=True, policy=policy)
+                T.clear(acc_dp)
+                for do_tile, kv_tile in zip(do_tiles, kv_tiles):
+                    T.gemm(do_tile, kv_tile, acc_dp, transpose_B=True, policy=policy)
+
+                # p = exp(s - lse_eff) on valid slots; ds = sm_scale * p * (dp - delta), the scale folded in once.
+                for h, j in alloc.parallel(bh, bk):
+                    acc_s[h, j] = T.if_then_else(
+                        idx_tile[j] >= 0, T.exp2(acc_s[h, j] * scale2 - lse2_tile[h]), T.float32(0)
+                    )
+                    acc_dp[h, j] = acc_s[h, j] * (acc_dp[h, j] - delta_tile[h]) * sm_scale
+                T.copy(acc_s, p_tile)
+                T.copy(acc_dp, ds_tile)
+
+                for kv_tile, acc_dq_chunk in zip(kv_tiles, acc_dq):
+                    T.gemm(ds_tile, kv_tile, acc_dq_chunk, policy=policy)
+
+                # dkv for each column chunk: ds^T @ q_chunk (+ p^T @ d_out_chunk on value columns), then scattered.
+                for ci, (start, size) in enumerate(chunks):
+                    acc_c = dkv_acc_of[size]
+                    if dkv_transposed:
+                        T.gemm(q_tiles[ci], ds_tile, acc_c, transpose_A=True, policy=policy, clear_accum=True)
+                        if ci < n_value_chunks:
+                            T.gemm(do_tiles[ci], p_tile, acc_c, transpose_A=True, policy=policy)
+                        for d, j in alloc.parallel(size, bk):
+                            if idx_tile[j] >= 0:
+                                T.atomic_add(dKVAcc[b, idx_tile[j], start + d], acc_c[d, j])
+                    else:
+                        T.gemm(ds_tile, q_tiles[ci], acc_c, transpose_A=True, policy=policy, clear_accum=True)
+                        if ci < n_value_chunks:
+                            T.gemm(p_tile, do_tiles[ci], acc_c, transpose_A=True, policy=policy)
+                        for j, d in alloc.parallel(bk, size):
+                            if idx_tile[j] >= 0:
+                                T.atomic_add(dKVAcc[b, idx_tile[j], start + d], acc_c[j, d])
+
+            for ci, (start, size) in enumerate(chunks):
+                for h, d in alloc.parallel(bh, size):
+                    if head0 + h < heads:
+                        dQ[b, t, head0 + h, start + d] = dsl.store_bf16(acc_dq[ci][h, d], target)
+
+    return main if cpu else dsl.with_pass_configs(main, PASS_CONFIGS)
