@@ -15,7 +15,6 @@ classes, so ``dsa.modules`` may use it.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 

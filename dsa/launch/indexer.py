@@ -6,16 +6,14 @@ e4m3 as uint8); on CUDA the sm_90a build.
 """
 
 import dataclasses
-import logging
 from typing import Any
 
 import torch
 
+from dsa.launch import common
 from tl_kernels import build as tl_build
-from tl_kernels import dsl
 from tl_kernels import indexer as kernels
 
-logger = logging.getLogger(__name__)
 
 __all__ = ["KERNEL_NAME", "index_scores", "new_output", "select_config", "static_params"]
 
@@ -28,10 +26,6 @@ _DTYPE_NAMES: dict[torch.dtype, str] = {torch.bfloat16: "bfloat16", torch.float8
 def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Allocate a tensor the kernel fully overwrites (uninitialised; tests replace this to poison it with NaN)."""
     return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _target(device: torch.device) -> dsl.Target:
-    return dsl.CPU_TARGET if device.type == "cpu" else dsl.HOPPER_TARGET
 
 
 def static_params(q: torch.Tensor, *, ranged: bool) -> dict[str, Any]:
@@ -52,18 +46,7 @@ def select_config(static: dict[str, Any], sizes: dict[str, int], device: torch.d
     ``static`` holds the kernel's static parameters (without the target); ``sizes`` the runtime sizes (``batch``,
     ``seq_len``, ``seq_len_kv``). A missing, failing or invalid tuned entry is logged and ignored.
     """
-    checked = {**static, "target": _target(device)}
-    try:
-        from autotune import select  # optional layer: a failure to import means "untuned"
-
-        tuned = select.config_for(KERNEL_NAME, static, sizes, device)
-        if tuned is not None:
-            config = kernels.Config(**tuned)
-            kernels.check_config(checked, config)
-            return config
-    except Exception as exc:  # noqa: BLE001 - tuning is optional; any failure falls back to the default
-        logger.warning("index_scores: tuned config unusable (%s: %s); using the default", type(exc).__name__, exc)
-    return kernels.default_config(checked)
+    return common.select_config(KERNEL_NAME, kernels, static, sizes, device)
 
 
 def index_scores(
@@ -93,7 +76,7 @@ def index_scores(
     batch, seq, _, _ = q.shape
     seq_kv = k.shape[1]
     device = q.device
-    target = _target(device)
+    target = common.target_for(device)
     ranged = starts is not None
     static = static_params(q, ranged=ranged)
     fp8 = static["dtype"] == "float8_e4m3fn"

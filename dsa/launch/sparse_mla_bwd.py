@@ -4,16 +4,14 @@ Inputs are assumed validated (``dsa.validation``): right dtypes, shapes, contigu
 On CPU the kernels are TileLang's C-target build (bf16 travels as uint16 bits); on CUDA the sm_90a build.
 """
 
-import logging
 from typing import Any
 
 import torch
 
+from dsa.launch import common
 from tl_kernels import build as tl_build
-from tl_kernels import dsl
 from tl_kernels import sparse_mla_bwd as kernels
 
-logger = logging.getLogger(__name__)
 
 __all__ = ["KERNEL_NAME", "new_output", "padded_topk", "select_config", "sparse_mla_bwd"]
 
@@ -28,10 +26,6 @@ def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _target(device: torch.device) -> dsl.Target:
-    return dsl.CPU_TARGET if device.type == "cpu" else dsl.HOPPER_TARGET
-
-
 def padded_topk(k: int) -> int:
     """``k`` rounded up to :data:`tl_kernels.sparse_mla_bwd.TOPK_ALIGN` (the static ``topk`` of the main kernel)."""
     return -(-k // kernels.TOPK_ALIGN) * kernels.TOPK_ALIGN
@@ -43,19 +37,7 @@ def select_config(static: dict[str, Any], sizes: dict[str, int], device: torch.d
     ``static`` holds the main kernel's static parameters (without the target); ``sizes`` the runtime sizes
     (``batch``, ``seq_len``, ``seq_len_kv``). A missing, failing or invalid tuned entry is logged and ignored.
     """
-    target = _target(device)
-    checked = {**static, "target": target}
-    try:
-        from autotune import select  # optional layer: a failure to import means "untuned"
-
-        tuned = select.config_for(KERNEL_NAME, static, sizes, device)
-        if tuned is not None:
-            config = kernels.Config(**tuned)
-            kernels.check_config(checked, config)
-            return config
-    except Exception as exc:  # noqa: BLE001 - tuning is optional; any failure falls back to the default
-        logger.warning("sparse_mla_bwd: tuned config unusable (%s: %s); using the default", type(exc).__name__, exc)
-    return kernels.default_config(checked)
+    return common.select_config(KERNEL_NAME, kernels, static, sizes, device)
 
 
 def sparse_mla_bwd(
@@ -97,7 +79,7 @@ def sparse_mla_bwd(
     seq_kv = kv.shape[1]
     k = indices.shape[-1]
     device = q.device
-    target = _target(device)
+    target = common.target_for(device)
     topk = padded_topk(k)
     static = {
         "heads": heads,

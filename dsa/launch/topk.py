@@ -7,16 +7,14 @@ only static parameter; ``B``, ``S`` and ``S_kv`` are symbolic, so one compiled k
 """
 
 import dataclasses
-import logging
 from typing import Any
 
 import torch
 
+from dsa.launch import common
 from tl_kernels import build as tl_build
-from tl_kernels import dsl
 from tl_kernels import topk as kernels
 
-logger = logging.getLogger(__name__)
 
 __all__ = ["KERNEL_NAME", "new_output", "select_config", "static_params", "topk_indices"]
 
@@ -27,10 +25,6 @@ KERNEL_NAME = "topk_indices"
 def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Allocate a tensor the kernel fully overwrites (uninitialised; tests replace this to poison it)."""
     return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _target(device: torch.device) -> dsl.Target:
-    return dsl.CPU_TARGET if device.type == "cpu" else dsl.HOPPER_TARGET
 
 
 def static_params(k: int) -> dict[str, Any]:
@@ -45,18 +39,7 @@ def select_config(static: dict[str, Any], sizes: dict[str, int], device: torch.d
     ``seq_len``, ``seq_len_kv``). CPU launches are never tuned. A missing, failing or invalid entry is logged and
     ignored.
     """
-    checked = {**static, "target": _target(device)}
-    try:
-        from autotune import select  # optional layer: a failure to import means "untuned"
-
-        tuned = select.config_for(KERNEL_NAME, static, sizes, device)
-        if tuned is not None:
-            config = kernels.Config(**tuned)
-            kernels.check_config(checked, config)
-            return config
-    except Exception as exc:  # noqa: BLE001 - tuning is optional; any failure falls back to the default
-        logger.warning("topk_indices: tuned config unusable (%s: %s); using the default", type(exc).__name__, exc)
-    return kernels.default_config(checked)
+    return common.select_config(KERNEL_NAME, kernels, static, sizes, device)
 
 
 def topk_indices(scores: torch.Tensor, k: int, *, config: kernels.Config | None = None) -> torch.Tensor:
@@ -73,7 +56,7 @@ def topk_indices(scores: torch.Tensor, k: int, *, config: kernels.Config | None 
     """
     batch, seq, seq_kv = scores.shape
     device = scores.device
-    target = _target(device)
+    target = common.target_for(device)
     static = static_params(k)
     if config is None:
         config = select_config(static, {"batch": batch, "seq_len": seq, "seq_len_kv": seq_kv}, device)
