@@ -242,7 +242,8 @@ def full_space(kernel: str, static: Static) -> list[dict[str, Any]]:
 
 
 def pruned_space(kernel: str, static: Static, *, neighbours: int = PRUNED_NEIGHBOURS) -> list[dict[str, Any]]:
-    """The default config plus up to ``neighbours`` valid configs that differ from it in one field.
+    """The default config, the module's ``TUNING_PRESETS`` (whole alternative schedules), plus up to ``neighbours``
+    valid configs that differ from the default in one field.
 
     Neighbours are taken round-robin over the fields in ``TUNING_SPACE`` order, the values nearest to the default's
     (by position in the candidate tuple) first, so every tunable dimension gets probed before any gets a second step.
@@ -259,6 +260,14 @@ def pruned_space(kernel: str, static: Static, *, neighbours: int = PRUNED_NEIGHB
         per_field.append([{**default, name: values[i]} for i in ordered if values[i] != default[name]])
     out = [default]
     seen = {json.dumps(default, sort_keys=True)}
+    # Whole alternative schedules differ from the default in several coupled fields at once (e.g. a warp-specialised
+    # forward needs its own block size and thread count), which one-field steps never reach: a module lists them.
+    for preset in getattr(module, "TUNING_PRESETS", ()):
+        candidate = {**default, **preset}
+        key = json.dumps(candidate, sort_keys=True)
+        if key not in seen and _is_valid(module, static, module.Config(**candidate)):
+            seen.add(key)
+            out.append(candidate)
     for step in itertools.zip_longest(*per_field):
         for candidate in step:
             if candidate is None or len(out) > neighbours:

@@ -451,6 +451,17 @@ def test_fake_space(fake_kernel: types.ModuleType) -> None:
     assert space.make_config("fake", FAKE_STATIC, default) == FakeConfig()
 
 
+def test_pruned_space_includes_valid_presets(fake_kernel: types.ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A module's TUNING_PRESETS (schedules differing in several fields) join the pruned space when valid."""
+    monkeypatch.setattr(fake_kernel, "TUNING_PRESETS", ({"block": 128, "stages": 1}, {"block": 128, "stages": 3}), raising=False)
+    pruned = space.candidates("fake", FAKE_STATIC)
+    assert pruned[0] == {"block": 64, "stages": 2}
+    assert pruned[1] == {"block": 128, "stages": 1}
+    assert {"block": 128, "stages": 3} not in pruned  # over the fake kernel's limit
+    fwd = space.candidates("sparse_mla_fwd", {"heads": 128, "d_qk": 576, "d_v": 512, "has_topk_length": False, "has_sink": False})
+    assert any(c["pipeline"] == "ws" for c in fwd)
+
+
 def test_shapes_file(tmp_path: Path, fake_kernel: types.ModuleType) -> None:
     shapes = tmp_path / "shapes.json"
     shapes.write_text(json.dumps({"fake": [{"static": FAKE_STATIC, "sizes": list(FAKE_SIZES)}]}))

@@ -12,9 +12,16 @@ Tiers:
   block (1, 3, 17, 70), widths that are not multiples of ``block_k`` (the last step reads clamped, masked positions),
   and one V3.2-width case (576/512). Static parameter sets are few (each is one compile); shapes and ``sm_scale``
   vary at run time.
-- ``build``: the default config and every tuning-space config compile for sm_90a at V3.2 shapes (128 heads, 576/512)
-  with wgmma, no register spills and shared memory within the limit; the numbers are logged.
-- ``gpu``: the same properties against the CUDA kernels at V3.2 widths (needs a Hopper GPU).
+- ``build``: the default config and every valid tuning-space config (including the warp-specialised
+  ``pipeline="ws"`` schedule) compile for sm_90a at V3.2 shapes (128 heads, 576/512) with wgmma, no register spills,
+  shared memory within the limit and a cp.async gather; the numbers are logged.
+- ``gpu``: the same properties against the CUDA kernels at V3.2 widths, every valid tuning-space config (needs a
+  Hopper GPU).
+
+The ``pipeline="ws"`` config: on the C target it lowers to the same plain loop as the default schedule (the C target
+has no threads, mbarriers or cp.async), so the CPU tier checks its config plumbing and semantics at its 64-row step but
+NOT its producer/consumer barriers; its GPU correctness is proven only by the GPU tier (and by the autotuner's
+reference check on the GPU). The build tier proves only that it compiles cleanly.
 """
 
 from __future__ import annotations
@@ -165,24 +172,59 @@ def check(
 # --------------------------------------------------------------------------------------------- pure Python checks
 
 
+V32_HOPPER_STATIC = {**V32, "has_topk_length": False, "has_sink": False, "target": dsl.HOPPER_TARGET}
+WS_CONFIG = kernels.Config(block_k=kernels.WS_BLOCK_K, threads=kernels.WS_THREADS, pipeline=kernels.PIPELINE_WS)
+"""The warp-specialised schedule's one valid CUDA config."""
+
+
+def _is_valid(static: dict[str, Any], config: kernels.Config) -> bool:
+    try:
+        kernels.check_config(static, config)
+    except ValueError:
+        return False
+    return True
+
+
 def _tuning_configs() -> list[kernels.Config]:
-    """Every combination of the kernel's ``TUNING_SPACE``."""
+    """Every combination of the kernel's ``TUNING_SPACE`` that ``check_config`` accepts at V3.2 shapes on sm_90a
+    (the product holds invalid combinations, e.g. the ws schedule with 256 threads; the autotuner filters the same
+    way)."""
     names = list(kernels.TUNING_SPACE)
-    return [
+    configs = [
         kernels.Config(**dict(zip(names, values)))
         for values in itertools.product(*(kernels.TUNING_SPACE[n] for n in names))
     ]
+    return [config for config in configs if _is_valid(V32_HOPPER_STATIC, config)]
+
+
+def _ws_config(static: dict[str, Any]) -> kernels.Config:
+    """``pipeline="ws"`` with its CUDA block and thread count, on top of ``default_config`` (whose head block shrinks
+    on the C target)."""
+    return dataclasses.replace(
+        kernels.default_config(static),
+        block_k=WS_CONFIG.block_k,
+        threads=WS_CONFIG.threads,
+        pipeline=WS_CONFIG.pipeline,
+    )
 
 
 def test_tuning_space_is_small_and_valid() -> None:
-    """2-4 configs (each an sm_90a compile in CI), all valid at V3.2 shapes, the default among them."""
+    """2-4 valid configs (each an sm_90a compile in CI), the default and the ws schedule among them."""
     configs = _tuning_configs()
     assert 2 <= len(configs) <= 4
-    static = {**V32, "has_topk_length": False, "has_sink": False, "target": dsl.HOPPER_TARGET}
+    assert len(set(configs)) == len(configs)
     for config in configs:
-        kernels.check_config(static, config)
-        assert kernels.smem_bytes(static, config) <= tl_build.SMEM_LIMIT_BYTES
-    assert kernels.default_config(static) in configs
+        assert kernels.smem_bytes(V32_HOPPER_STATIC, config) <= tl_build.SMEM_LIMIT_BYTES
+    assert kernels.default_config(V32_HOPPER_STATIC) in configs
+    assert WS_CONFIG in configs
+    assert {config.pipeline for config in configs} == set(kernels.PIPELINES)
+
+
+def test_default_config_is_the_plain_schedule() -> None:
+    """The default stays the GPU-verified schedule; the ws schedule is opt-in (config or tuner)."""
+    for target in (dsl.CPU_TARGET, dsl.HOPPER_TARGET):
+        assert kernels.default_config({**V32, "target": target}).pipeline == kernels.PIPELINE_NONE
+    assert kernels.Config().pipeline == kernels.PIPELINE_NONE
 
 
 @pytest.mark.parametrize("heads", [1, 2, 3, 17, 64, 70, 128])
@@ -209,11 +251,29 @@ def test_default_config_is_valid(heads: int) -> None:
         ({"heads": 8, "d_qk": 64, "d_v": 64}, kernels.Config(num_stages=2)),
         ({"heads": 8, "d_qk": 80, "d_v": 64}, kernels.Config()),  # CUDA: d_qk not whole swizzle atoms
         ({"heads": 8, "d_qk": 64 * 24, "d_v": 512}, kernels.Config()),  # too much shared memory
+        ({"heads": 8, "d_qk": 64, "d_v": 64}, kernels.Config(block_k=64)),  # spills in the plain schedule
+        ({"heads": 8, "d_qk": 64, "d_v": 64}, kernels.Config(pipeline="double")),  # unknown schedule
+        ({"heads": 8, "d_qk": 576, "d_v": 512}, dataclasses.replace(WS_CONFIG, threads=256)),
+        ({"heads": 8, "d_qk": 576, "d_v": 512}, dataclasses.replace(WS_CONFIG, block_k=32)),
+        ({"heads": 8, "d_qk": 576, "d_v": 512}, dataclasses.replace(WS_CONFIG, num_stages=2)),
+        ({"heads": 8, "d_qk": 576, "d_v": 576}, WS_CONFIG),  # ws needs a tail d_qk - d_v
+        ({"heads": 8, "d_qk": 576, "d_v": 448}, WS_CONFIG),  # ws halves of d_v must be whole swizzle atoms
+        ({"heads": 8, "d_qk": 64 * 12, "d_v": 512}, WS_CONFIG),  # two 64-row buffers exceed shared memory
     ],
 )
 def test_check_config_rejects(static: dict[str, Any], config: kernels.Config) -> None:
     with pytest.raises(ValueError):
         kernels.check_config({**static, "target": dsl.HOPPER_TARGET}, config)
+
+
+def test_check_config_ws() -> None:
+    """The ws config is valid at V3.2 widths on CUDA and on the C target (any widths there); an unknown schedule is
+    rejected on both targets."""
+    kernels.check_config(V32_HOPPER_STATIC, WS_CONFIG)
+    for static in ({"heads": 3, "d_qk": 80, "d_v": 64}, {"heads": 3, "d_qk": 64, "d_v": 64}):
+        kernels.check_config({**static, "target": dsl.CPU_TARGET}, _ws_config({**static, "target": dsl.CPU_TARGET}))
+    with pytest.raises(ValueError):
+        kernels.check_config({"heads": 3, "d_qk": 80, "d_v": 64, "target": dsl.CPU_TARGET}, kernels.Config(pipeline=""))
 
 
 # ------------------------------------------------------------------------------------------------------- CPU tier
@@ -284,6 +344,38 @@ def test_cpu_matches_reference(
 
 
 @pytest.mark.cpu_kernel
+@settings(max_examples=15)
+@given(
+    batch=st.integers(1, 2),
+    seq=st.integers(1, 4),
+    seq_kv=st.integers(1, 300),
+    topk=st.integers(1, 300),
+    kind=st.sampled_from(strategies.INDEX_PATTERNS),
+    seed=strategies.SEEDS,
+    sm_scale=st.sampled_from([80**-0.5, 0.3]),
+)
+# An odd number of 64-row steps (the ws schedule's last pair is half masked on GPU), with topk_length and sink, and
+# an all-invalid row set.
+@example(batch=2, seq=3, seq_kv=250, topk=190, kind="irregular", seed=21, sm_scale=0.3)
+@example(batch=1, seq=2, seq_kv=40, topk=129, kind="all_invalid", seed=22, sm_scale=0.3)
+@example(batch=2, seq=4, seq_kv=60, topk=257, kind="mixed_rows", seed=23, sm_scale=80**-0.5)
+def test_cpu_ws_config_matches_reference(
+    batch: int, seq: int, seq_kv: int, topk: int, kind: str, seed: int, sm_scale: float
+) -> None:
+    """The ``pipeline="ws"`` config through the launcher on the C target (17 heads, topk_length and sink).
+
+    On the C target it lowers to the plain loop with the ws schedule's 64-row step: this checks the config's plumbing
+    and semantics there, NOT the CUDA kernel's producer/consumer barriers (GPU tier only).
+    """
+    static = CPU_STATICS[1]
+    p = _cpu_problem(static, batch=batch, seq=seq, seq_kv=seq_kv, topk=topk, kind=kind, seed=seed, sm_scale=sm_scale)
+    heads, d_qk, d_v, has_topk_length, has_sink = static
+    cpu_static = {"heads": heads, "d_qk": d_qk, "d_v": d_v, "target": dsl.CPU_TARGET}
+    out, lse = run_kernel(p, _ws_config(cpu_static))
+    check(p, out, lse, CPU_OUT_TOL, CPU_LSE_TOL)
+
+
+@pytest.mark.cpu_kernel
 @pytest.mark.parametrize("sink_scale", [0.0, 30.0])
 def test_cpu_sink_extremes(sink_scale: float) -> None:
     """A sink far above every score (its exp dominates the denominator) and sinks of 0, over some empty rows."""
@@ -337,7 +429,7 @@ def test_cpu_reuses_one_kernel_across_shapes() -> None:
 
 V32_BUILD_CASES: list[tuple[dict[str, Any], kernels.Config]] = [
     ({**V32, "has_topk_length": False, "has_sink": False}, config) for config in _tuning_configs()
-] + [({**V32, "has_topk_length": True, "has_sink": True}, kernels.Config())]
+] + [({**V32, "has_topk_length": True, "has_sink": True}, config) for config in (kernels.Config(), WS_CONFIG)]
 
 
 def _case_id(case: tuple[dict[str, Any], kernels.Config]) -> str:
@@ -361,7 +453,9 @@ def hopper_builds() -> dict[str, tuple[Any, tl_build.StaticReport, float]]:
 @pytest.mark.build
 @pytest.mark.parametrize("case", V32_BUILD_CASES, ids=_case_id)
 def test_hopper_build_is_clean(case: tuple[dict[str, Any], kernels.Config], hopper_builds: dict[str, Any]) -> None:
-    """At V3.2 shapes: wgmma, no register spills, shared memory within 227 KB, an asynchronous gather."""
+    """At V3.2 shapes: wgmma, no register spills, shared memory within 227 KB, an asynchronous gather (and, for the
+    ws schedule, per-warpgroup register budgets and mbarrier hand-offs). A clean build says nothing about the ws
+    kernel's barriers being right: that is the GPU tier's job."""
     kernel, report, seconds = hopper_builds[_case_id(case)]
     logger.info(
         "sparse_mla_fwd %s: %d registers, %d B spills, %d B smem, wgmma=%s, compiled in %.1f s",
@@ -371,6 +465,9 @@ def test_hopper_build_is_clean(case: tuple[dict[str, Any], kernels.Config], hopp
     assert report.has_wgmma
     source = kernel.get_kernel_source()
     assert "cp_async" in source, "the KV gather is not asynchronous"
+    if case[1].pipeline == kernels.PIPELINE_WS:
+        assert "mbarrier_cp_async_arrive_noinc" in source, "the producer does not signal its cp.async completion"
+        assert "warpgroup_reg_alloc" in source and "warpgroup_reg_dealloc" in source
     # check_config's shared-memory estimate is an upper bound of what the kernel really asks for.
     assert report.smem_bytes <= kernels.smem_bytes(case[0], case[1])
 
@@ -394,13 +491,25 @@ GPU_STATICS: tuple[tuple[int, int, int, bool, bool], ...] = (
     topk=st.sampled_from([1, 63, 64, 65, 200, V32_TOPK]),
     kind=st.sampled_from(strategies.INDEX_PATTERNS),
     seed=strategies.SEEDS,
-    block_k=st.sampled_from(kernels.TUNING_SPACE["block_k"]),
+    config=st.sampled_from(_tuning_configs()),
 )
-@example(static=GPU_STATICS[0], batch=1, seq=4, seq_kv=2500, topk=V32_TOPK, kind="irregular", seed=1, block_k=32)
 @example(
-    static=GPU_STATICS[1], batch=2, seq=3, seq_kv=100, topk=V32_TOPK, kind="more_than_available", seed=2, block_k=16,
+    static=GPU_STATICS[0], batch=1, seq=4, seq_kv=2500, topk=V32_TOPK, kind="irregular", seed=1,
+    config=kernels.Config(),
 )
-@example(static=GPU_STATICS[2], batch=1, seq=2, seq_kv=50, topk=65, kind="all_invalid", seed=3, block_k=32)
+@example(
+    static=GPU_STATICS[1], batch=2, seq=3, seq_kv=100, topk=V32_TOPK, kind="more_than_available", seed=2,
+    config=kernels.Config(block_k=16),
+)
+@example(
+    static=GPU_STATICS[2], batch=1, seq=2, seq_kv=50, topk=65, kind="all_invalid", seed=3, config=kernels.Config()
+)
+# The ws schedule: many pairs of steps, an odd step count (the last pair's second step fully masked), topk_length and
+# sink (rows of length 0 skip the loop), padded heads, invalid entries.
+@example(static=GPU_STATICS[0], batch=1, seq=4, seq_kv=2500, topk=V32_TOPK, kind="irregular", seed=4, config=WS_CONFIG)
+@example(static=GPU_STATICS[1], batch=2, seq=5, seq_kv=300, topk=200, kind="mixed_rows", seed=5, config=WS_CONFIG)
+@example(static=GPU_STATICS[2], batch=1, seq=3, seq_kv=90, topk=65, kind="all_invalid", seed=6, config=WS_CONFIG)
+@example(static=GPU_STATICS[2], batch=2, seq=8, seq_kv=40, topk=63, kind="duplicates", seed=7, config=WS_CONFIG)
 def test_gpu_matches_reference(
     cuda_device: torch.device,
     static: tuple[int, int, int, bool, bool],
@@ -410,24 +519,27 @@ def test_gpu_matches_reference(
     topk: int,
     kind: str,
     seed: int,
-    block_k: int,
+    config: kernels.Config,
 ) -> None:
-    """The sm_90a kernel (every tuning-space block_k) matches the reference at V3.2 widths."""
+    """The sm_90a kernel, every valid tuning-space config (both schedules), matches the reference at V3.2 widths.
+    This is where the ws schedule's barriers and producer are proven correct."""
     p = _cpu_problem(
         static, batch=batch, seq=seq, seq_kv=seq_kv, topk=topk, kind=kind, seed=seed, sm_scale=V32_SCALE
     ).to(cuda_device)
-    out, lse = run_kernel(p, dataclasses.replace(kernels.Config(), block_k=block_k))
+    out, lse = run_kernel(p, config)
     torch.cuda.synchronize()
     check(p, out, lse, GPU_OUT_TOL, GPU_LSE_TOL)
 
 
 @pytest.mark.gpu
-def test_gpu_v32_causal_prefill(cuda_device: torch.device) -> None:
-    """A causal V3.2 prefill slice (k = 2048 over 4096 keys) with the default config and topk_length and sink."""
+@pytest.mark.parametrize("config", [None, WS_CONFIG], ids=["default", "ws"])
+def test_gpu_v32_causal_prefill(cuda_device: torch.device, config: kernels.Config | None) -> None:
+    """A causal V3.2 prefill slice (k = 2048 over 4096 keys) with topk_length and sink: the selected (default or
+    tuned) config, and the ws schedule."""
     p = _cpu_problem(
         GPU_STATICS[1], batch=1, seq=16, seq_kv=4096, topk=V32_TOPK, kind="causal", seed=21, sm_scale=V32_SCALE
     ).to(cuda_device)
-    out, lse = run_kernel(p)
+    out, lse = run_kernel(p, config)
     torch.cuda.synchronize()
     check(p, out, lse, GPU_OUT_TOL, GPU_LSE_TOL)
     assert math.isfinite(float(lse[0, -1].max()))

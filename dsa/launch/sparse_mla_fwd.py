@@ -5,6 +5,10 @@ Inputs are assumed validated (``dsa.validation.check_sparse_mla(..., kernel=True
 kernel is TileLang's C-target build of ``tl_kernels.sparse_mla_fwd`` (serial loops, float32 tiles); on CUDA the
 sm_90a build (cp.async gather, wgmma). Static parameters: ``heads``, ``d_qk``, ``d_v``, ``has_topk_length``,
 ``has_sink``; ``B``, ``S``, ``S_kv`` and the top-k width are symbolic, so one compiled kernel serves every shape.
+
+The config decides the CUDA schedule (``Config.pipeline``): the default ``"none"`` unless the tuning cache (or the
+caller) picks the opt-in warp-specialised ``"ws"`` schedule, whose GPU correctness rests on the GPU tier and the
+tuner's reference check. Cached configs written before the ``pipeline`` field existed load as ``"none"``.
 """
 
 import dataclasses
