@@ -12,16 +12,14 @@ tuner's reference check. Cached configs written before the ``pipeline`` field ex
 """
 
 import dataclasses
-import logging
 from typing import Any
 
 import torch
 
+from dsa.launch import common
 from tl_kernels import build as tl_build
-from tl_kernels import dsl
 from tl_kernels import sparse_mla_fwd as kernels
 
-logger = logging.getLogger(__name__)
 
 __all__ = ["KERNEL_NAME", "new_output", "select_config", "sparse_mla_fwd", "static_params"]
 
@@ -31,10 +29,6 @@ KERNEL_NAME = "sparse_mla_fwd"
 def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Allocate a tensor the kernel fully overwrites (uninitialised; tests replace this to poison it)."""
     return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _target(device: torch.device) -> dsl.Target:
-    return dsl.CPU_TARGET if device.type == "cpu" else dsl.HOPPER_TARGET
 
 
 def static_params(*, heads: int, d_qk: int, d_v: int, has_topk_length: bool, has_sink: bool) -> dict[str, Any]:
@@ -55,18 +49,7 @@ def select_config(static: dict[str, Any], sizes: dict[str, int], device: torch.d
     ``seq_len_kv``, ``topk``). CPU launches are never tuned. A missing, failing or invalid entry is logged and
     ignored.
     """
-    checked = {**static, "target": _target(device)}
-    try:
-        from autotune import select  # optional layer: a failure to import means "untuned"
-
-        tuned = select.config_for(KERNEL_NAME, static, sizes, device)
-        if tuned is not None:
-            config = kernels.Config(**tuned)
-            kernels.check_config(checked, config)
-            return config
-    except Exception as exc:  # noqa: BLE001 - tuning is optional; any failure falls back to the default
-        logger.warning("sparse_mla_fwd: tuned config unusable (%s: %s); using the default", type(exc).__name__, exc)
-    return kernels.default_config(checked)
+    return common.select_config(KERNEL_NAME, kernels, static, sizes, device)
 
 
 def sparse_mla_fwd(
@@ -101,7 +84,7 @@ def sparse_mla_fwd(
     seq_kv = kv.shape[1]
     topk = indices.shape[-1]
     device = q.device
-    target = _target(device)
+    target = common.target_for(device)
     static = static_params(
         heads=heads, d_qk=d_qk, d_v=d_v, has_topk_length=topk_length is not None, has_sink=attn_sink is not None
     )
