@@ -26,6 +26,11 @@ def poison(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def poisoned_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A drop-in for the launchers' ``new_output`` hook: a new tensor that starts poisoned (see ``poison``)."""
+    return poison(torch.empty(shape, dtype=dtype, device=device))
+
+
 def _describe_mismatch(mask: torch.Tensor, actual: torch.Tensor, expected: torch.Tensor, limit: int = 5) -> str:
     where = mask.nonzero()[:limit].tolist()
     pairs = [f"{tuple(w)}: got {actual[tuple(w)].item()!r}, expected {expected[tuple(w)].item()!r}" for w in where]

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from dsa import reference
 from dsa.launch import indexer as launch
 from tests import strategies
-from tests.helpers import assert_close, poison
+from tests.helpers import assert_close, poisoned_empty
 from tl_kernels import build as tl_build
 from tl_kernels import dsl
 from tl_kernels import indexer as kernels
@@ -85,11 +85,7 @@ V32_CPU_CASES = (
 @pytest.fixture(autouse=True)
 def _poison_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every buffer the launcher expects the kernel to fully overwrite starts as NaN."""
-
-    def poisoned(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        return poison(torch.empty(shape, dtype=dtype, device=device))
-
-    monkeypatch.setattr(launch, "new_output", poisoned)
+    monkeypatch.setattr(launch, "new_output", poisoned_empty)
 
 
 # ------------------------------------------------------------------------------------------------- problems

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from dsa import reference
 from dsa.launch import sparse_mla_bwd as launch
 from tests import strategies
-from tests.helpers import assert_close, poison
+from tests.helpers import assert_close, poisoned_empty
 from tl_kernels import build as tl_build
 from tl_kernels import sparse_mla_bwd as kernels
 
@@ -75,11 +75,7 @@ V32_SM_SCALE = 192**-0.5  # V3.2's softmax scale before the YaRN mscale factor
 @pytest.fixture(autouse=True)
 def _poison_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every buffer the launcher expects the kernels to fully overwrite starts as NaN."""
-
-    def poisoned(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        return poison(torch.empty(shape, dtype=dtype, device=device))
-
-    monkeypatch.setattr(launch, "new_output", poisoned)
+    monkeypatch.setattr(launch, "new_output", poisoned_empty)
 
 
 @dataclasses.dataclass

@@ -41,7 +41,7 @@ from hypothesis import strategies as st
 from dsa import reference
 from dsa.launch import sparse_mla_fwd as launch
 from tests import strategies
-from tests.helpers import assert_close, poison
+from tests.helpers import assert_close, poisoned_empty
 from tl_kernels import build as tl_build
 from tl_kernels import dsl
 from tl_kernels import sparse_mla_fwd as kernels
@@ -73,11 +73,7 @@ GPU_LSE_TOL = {"atol": 2e-3, "rtol": 1e-3}
 @pytest.fixture(autouse=True)
 def _poison_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
     """The launcher's outputs start as NaN, so an element the kernel forgot to write fails the comparison."""
-
-    def poisoned(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        return poison(torch.empty(shape, dtype=dtype, device=device))
-
-    monkeypatch.setattr(launch, "new_output", poisoned)
+    monkeypatch.setattr(launch, "new_output", poisoned_empty)
 
 
 @dataclasses.dataclass(frozen=True)

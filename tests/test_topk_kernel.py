@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from dsa import reference
 from dsa.launch import topk as launch
 from tests import strategies
-from tests.helpers import assert_topk_valid, poison
+from tests.helpers import assert_topk_valid, poisoned_empty
 from tl_kernels import build as tl_build
 from tl_kernels import topk as kernels
 
@@ -51,11 +51,7 @@ FLT_TINY = torch.finfo(torch.float32).tiny
 @pytest.fixture(autouse=True)
 def _poison_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
     """The launcher's output starts as ``INT_POISON``, so an index the kernel forgot to write fails the checks."""
-
-    def poisoned(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        return poison(torch.empty(shape, dtype=dtype, device=device))
-
-    monkeypatch.setattr(launch, "new_output", poisoned)
+    monkeypatch.setattr(launch, "new_output", poisoned_empty)
 
 
 def selected_scores(scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
