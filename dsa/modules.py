@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsa import ops, training
+from dsa.reference import compute_dtype
 
 AttentionMode = Literal["sparse", "dense"]
 SPARSE: AttentionMode = "sparse"
@@ -150,11 +151,6 @@ class DSAConfig:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64 (tests against float64 oracles); everything else is computed in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def rope_inv_freq(config: DSAConfig) -> torch.Tensor:
     """``[qk_rope_head_dim / 2]`` float32 inverse frequencies, YaRN-corrected when ``max_seq_len > original``."""
     dim = config.qk_rope_head_dim
@@ -188,7 +184,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, interle
     ``interleaved``: pairs are ``(x[2i], x[2i+1])`` (the main MLA's layout); otherwise ``(x[i], x[i + r/2])`` (the
     indexer's layout).
     """
-    compute = _compute_dtype(x.dtype)
+    compute = compute_dtype(x.dtype)
     shape = (1, x.shape[1]) + (1,) * (x.dim() - 3) + (cos.shape[-1],)
     c, s = cos.view(shape).to(compute), sin.view(shape).to(compute)
     xf = x.to(compute)
@@ -210,7 +206,7 @@ def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
     n = x.shape[-1]
     if n < 1 or n & (n - 1):
         raise ValueError(f"hadamard_transform needs a power-of-two last dimension, got {n}")
-    y = x.to(_compute_dtype(x.dtype)).reshape(-1, n)
+    y = x.to(compute_dtype(x.dtype)).reshape(-1, n)
     half = 1
     while half < n:
         # Stage s pairs elements `half` apart inside blocks of 2*half: (a, b) -> (a + b, a - b).
@@ -308,7 +304,7 @@ class LightningIndexer(nn.Module):
             x, q_lora = x.detach(), q_lora.detach()
         q = self._rotate(self.wq_b(q_lora).view(batch, seq, self.n_heads, self.head_dim), cos, sin)
         k = self._rotate(self.k_norm(self.wk(x)), cos, sin)
-        weights = self.weights_proj(x).to(_compute_dtype(x.dtype)) * (self.n_heads**-0.5 * self.head_dim**-0.5)
+        weights = self.weights_proj(x).to(compute_dtype(x.dtype)) * (self.n_heads**-0.5 * self.head_dim**-0.5)
         if config.index_fp8:
             q8, q_scale = quantize_fp8_blockwise(q, block=config.quant_block, pow2_scale=config.index_scale_pow2)
             k8, k_scale = quantize_fp8_blockwise(k, block=config.quant_block, pow2_scale=config.index_scale_pow2)
@@ -399,7 +395,7 @@ class DSAttention(nn.Module):
         if self.mode == SPARSE or return_aux:
             selection = self.indexer(x, q_lora, cos, sin, return_scores=return_aux)
         if self.mode == DENSE:
-            compute = _compute_dtype(q.dtype)
+            compute = compute_dtype(q.dtype)
             scores = torch.einsum("bshc,btc->bsht", q.to(compute), kv.to(compute)) * config.sm_scale
             causal = torch.ones(seq, seq, dtype=torch.bool, device=x.device).tril()
             probs = scores.masked_fill(~causal.view(1, seq, 1, seq), float("-inf")).softmax(dim=-1)

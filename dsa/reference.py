@@ -17,8 +17,8 @@ CHUNK_ELEMENTS = 1 << 24
 INVALID_INDEX = -1
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64 (gradcheck); everything else is computed in float32."""
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the math runs in: float64 stays float64 (gradcheck, oracles); everything else is float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -82,7 +82,7 @@ def index_scores(
     validation.check_index_scores(q, k, weights, k_scale, starts, ends)
     batch, seq, heads, _ = q.shape
     seq_kv = k.shape[1]
-    dtype = _compute_dtype(q.dtype)
+    dtype = compute_dtype(q.dtype)
     kf = k.to(dtype)
     wf = weights.to(dtype)
     step = _chunk_rows(heads * seq_kv * batch, seq)
@@ -185,7 +185,7 @@ def _chunk_scores(q_c, kv_c, valid_c, sm_scale):
 def _sparse_mla_forward(q, kv, indices, sm_scale, d_v, topk_length, attn_sink):
     batch, seq, heads, _ = q.shape
     seq_kv = kv.shape[1]
-    dtype = _compute_dtype(q.dtype)
+    dtype = compute_dtype(q.dtype)
     lse_dtype = dtype
     out = torch.empty((batch, seq, heads, d_v), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, seq, heads), dtype=lse_dtype, device=q.device)
@@ -213,7 +213,7 @@ def sparse_mla_backward(q, kv, indices, sm_scale, d_v, topk_length, attn_sink, o
     """
     batch, seq, heads, d_qk = q.shape
     seq_kv = kv.shape[1]
-    dtype = _compute_dtype(q.dtype)
+    dtype = compute_dtype(q.dtype)
     dq = torch.zeros((batch, seq, heads, d_qk), dtype=dtype, device=q.device)
     dkv = torch.zeros((batch, seq_kv, d_qk), dtype=dtype, device=q.device)
     d_sink = torch.zeros((heads,), dtype=dtype, device=q.device) if attn_sink is not None else None
@@ -310,7 +310,7 @@ def dense_masked_attention(
     Returns:
         ``(out [B, S, H, d_v] in q's dtype, lse [B, S, H])`` with the conventions of ``sparse_mla``.
     """
-    dtype = _compute_dtype(q.dtype)
+    dtype = compute_dtype(q.dtype)
     scores = torch.einsum("bshd,btd->bsht", q.to(dtype), kv.to(dtype)) * sm_scale
     full_mask = mask.unsqueeze(2) if mask.dim() == 3 else mask
     scores = scores.masked_fill(~full_mask, float("-inf"))

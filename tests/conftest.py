@@ -19,6 +19,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+from dsa import hardware
+
 _SUPPRESSED = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
 
 settings.register_profile("ci", max_examples=100, deadline=None, derandomize=True, suppress_health_check=_SUPPRESSED, print_blob=True)
@@ -29,9 +31,6 @@ settings.register_profile("long", max_examples=100_000, deadline=None, suppress_
 _profile = os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev")
 settings.load_profile(_profile)
 
-HOPPER_CAPABILITY = (9, 0)
-
-
 def cuda_available() -> bool:
     return torch.cuda.is_available() and torch.cuda.device_count() > 0
 
@@ -41,7 +40,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     not_hopper = pytest.mark.skip(reason="GPU tier: needs a Hopper GPU (compute capability >= 9.0)")
     no_nvcc = pytest.mark.skip(reason="build tier: nvcc is not on PATH")
     has_cuda = cuda_available()
-    hopper = has_cuda and torch.cuda.get_device_capability() >= HOPPER_CAPABILITY
+    hopper = has_cuda and hardware.is_hopper(torch.device("cuda"))  # the one Hopper rule, shared with dispatch
     has_nvcc = shutil.which("nvcc") is not None or bool(os.environ.get("CUDA_HOME"))
     for item in items:
         if "gpu" in item.keywords:
