@@ -7,6 +7,7 @@ sm_90a with wgmma and a clean static report; a shared-memory-hungry kernel is fl
 
 # No ``from __future__ import annotations`` here: T.prim_func evaluates its parameter annotations, and as strings
 # they cannot see the builder's local variables (NameError on e.g. a local dtype name).
+import dataclasses
 import os
 from pathlib import Path
 
@@ -207,6 +208,13 @@ def test_parse_ptxas_takes_max_over_entries() -> None:
     assert clean.problems() == [] and clean.problems(require_wgmma=True) == []
     no_wgmma = build.StaticReport(registers=32, spill_bytes=0, smem_bytes=0, has_wgmma=False, ptxas_log=log)
     assert no_wgmma.problems() == [] and len(no_wgmma.problems(require_wgmma=True)) == 1
+    # ptxas's C7515 warning: correct code, but every wgmma waits for the previous one.
+    serialized_log = log + (
+        "ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized due to "
+        "insufficient register resources for the wgmma pipeline in the function 'second_kernel'\n"
+    )
+    serialized = dataclasses.replace(clean, ptxas_log=serialized_log)
+    assert [p for p in serialized.problems() if "serialised wgmma" in p] != [], serialized.problems()
 
 
 @pytest.mark.cpu_kernel

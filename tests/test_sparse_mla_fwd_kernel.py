@@ -217,7 +217,7 @@ def test_tuning_space_is_small_and_valid() -> None:
 
 
 def test_default_config_is_the_plain_schedule() -> None:
-    """The default stays the GPU-verified schedule; the ws schedule is opt-in (config or tuner)."""
+    """The default stays the plain schedule (one KV tile, no barriers); the ws schedule is opt-in (config or tuner)."""
     for target in (dsl.CPU_TARGET, dsl.HOPPER_TARGET):
         assert kernels.default_config({**V32, "target": target}).pipeline == kernels.PIPELINE_NONE
     assert kernels.Config().pipeline == kernels.PIPELINE_NONE

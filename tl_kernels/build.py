@@ -196,10 +196,16 @@ class StaticReport:
 
     def problems(self, smem_limit_bytes: int = SMEM_LIMIT_BYTES, *, require_wgmma: bool = False) -> list[str]:
         """Human-readable reasons this kernel should not be used (empty when it looks fine): any register spill,
-        shared memory over ``smem_limit_bytes``, and (with ``require_wgmma``) a GEMM that fell back from wgmma."""
+        shared memory over ``smem_limit_bytes``, wgmma instructions that ptxas had to serialise, and (with
+        ``require_wgmma``) a GEMM that fell back from wgmma."""
         found: list[str] = []
         if require_wgmma and not self.has_wgmma:
             found.append("no wgmma in the CUDA source (the GEMMs fell back to mma_sync)")
+        serialized = [line.strip() for line in self.ptxas_log.splitlines() if _PTXAS_WGMMA_SERIALIZED in line]
+        if serialized:
+            # ptxas inserts a wait after every wgmma when it cannot prove the accumulators untouched while in
+            # flight: the kernel stays correct but loses the asynchrony it was written for.
+            found.append(f"ptxas serialised wgmma: {serialized[0]}")
         if self.spill_bytes > 0:
             found.append(f"register spills: {self.spill_bytes} bytes of spill stores+loads")
         if self.smem_bytes > smem_limit_bytes:
@@ -224,6 +230,9 @@ _PTXAS_SMEM = re.compile(r"(\d+) bytes smem")
 _CUDA_ENTRY = re.compile(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)\s*\(")
 _HOST_INT_LITERAL = re.compile(r"^\(*(?:\(int64_t\))?\(*(\d+)\)*$")
 _PTXAS_ARCH = "sm_90a"
+_PTXAS_WGMMA_SERIALIZED = "wgmma.mma_async instructions are serialized"
+"""ptxas's performance warning (``Potential Performance Loss: wgmma.mma_async instructions are serialized due
+to ...``)."""
 
 
 _STATIC_REPORT_DIR = "static-reports"

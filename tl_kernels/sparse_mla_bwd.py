@@ -15,6 +15,8 @@ Three kernels, run in this order by :func:`dsa.launch.sparse_mla_bwd.sparse_mla_
 
    ``dkv`` is produced transposed per column chunk (``[chunk, block_topk] = q_chunk^T @ ds``) so that its MMA has
    ``M = chunk`` (a multiple of 64 on Hopper) for any ``block_topk``, which lets 32-index blocks use wgmma too.
+   On Hopper the per-chunk MMAs are issued asynchronously in groups with one wait each (``s`` with ``dp``, ``dq``,
+   each ``dkv`` chunk), so a step drains the wgmma pipeline 2 + chunks times instead of once per MMA.
 3. :func:`build_postprocess`: casts the float32 ``dkv`` accumulator to bfloat16.
 
 An index is valid iff ``0 <= idx < S_kv`` and (with ``topk_length``) its position in the row is below
@@ -323,6 +325,14 @@ def build(
     dkv_transposed = block_topk % _WGMMA_M != 0
     bh, bk = block_h, block_topk
 
+    # MMAs are issued in groups with one wait per group. On Hopper each T.gemm waits for its own wgmma to drain
+    # before the next is issued (one pipeline drain per 64-column chunk, about 40 per step); T.wgmma_gemm leaves
+    # them in flight and one T.wait_wgmma(0) covers the group. Accumulating several MMAs of a group into one
+    # accumulator is the chaining a single GEMM's K loop does anyway. The C target has no wgmma: T.gemm there.
+    # (Written inline in the kernel body, not in a Python helper: the frontend records only expression statements
+    # of the traced body or of a T.macro, so a helper's T.gemm calls would be silently dropped.)
+    mma = T.gemm if cpu else T.wgmma_gemm
+
     # Optional inputs keep a 1-element placeholder shape when absent, so both variants share one signature.
     topk_length_shape = [batch, seq] if has_topk_length else [1]
     sink_shape = [heads] if has_sink else [1]
@@ -428,13 +438,16 @@ def build(
                         -1,
                     )
 
-                # Python loops over the tile lists unroll at trace time: one MMA per column chunk.
+                # Python loops over the tile lists unroll at trace time: one MMA per column chunk, s and dp issued
+                # as one group.
                 T.clear(acc_s)
-                for q_tile, kv_tile in zip(q_tiles, kv_tiles):
-                    T.gemm(q_tile, kv_tile, acc_s, transpose_B=True, policy=policy)
                 T.clear(acc_dp)
+                for q_tile, kv_tile in zip(q_tiles, kv_tiles):
+                    mma(q_tile, kv_tile, acc_s, transpose_B=True, policy=policy)
                 for do_tile, kv_tile in zip(do_tiles, kv_tiles):
-                    T.gemm(do_tile, kv_tile, acc_dp, transpose_B=True, policy=policy)
+                    mma(do_tile, kv_tile, acc_dp, transpose_B=True, policy=policy)
+                if not cpu:
+                    T.wait_wgmma(0)
 
                 # p = exp(s - lse_eff) on valid slots; ds = sm_scale * p * (dp - delta), the scale folded in once.
                 for h, j in alloc.parallel(bh, bk):
@@ -446,22 +459,28 @@ def build(
                 T.copy(acc_dp, ds_tile)
 
                 for kv_tile, acc_dq_chunk in zip(kv_tiles, acc_dq):
-                    T.gemm(ds_tile, kv_tile, acc_dq_chunk, policy=policy)
+                    mma(ds_tile, kv_tile, acc_dq_chunk, policy=policy)
+                if not cpu:
+                    T.wait_wgmma(0)
 
                 # dkv for each column chunk: ds^T @ q_chunk (+ p^T @ d_out_chunk on value columns), then scattered.
                 for ci, (start, size) in enumerate(chunks):
                     acc_c = dkv_acc_of[size]
                     if dkv_transposed:
-                        T.gemm(q_tiles[ci], ds_tile, acc_c, transpose_A=True, policy=policy, clear_accum=True)
+                        mma(q_tiles[ci], ds_tile, acc_c, transpose_A=True, policy=policy, clear_accum=True)
                         if ci < n_value_chunks:
-                            T.gemm(do_tiles[ci], p_tile, acc_c, transpose_A=True, policy=policy)
+                            mma(do_tiles[ci], p_tile, acc_c, transpose_A=True, policy=policy)
+                        if not cpu:
+                            T.wait_wgmma(0)
                         for d, j in alloc.parallel(size, bk):
                             if idx_tile[j] >= 0:
                                 T.atomic_add(dKVAcc[b, idx_tile[j], start + d], acc_c[d, j])
                     else:
-                        T.gemm(ds_tile, q_tiles[ci], acc_c, transpose_A=True, policy=policy, clear_accum=True)
+                        mma(ds_tile, q_tiles[ci], acc_c, transpose_A=True, policy=policy, clear_accum=True)
                         if ci < n_value_chunks:
-                            T.gemm(p_tile, do_tiles[ci], acc_c, transpose_A=True, policy=policy)
+                            mma(p_tile, do_tiles[ci], acc_c, transpose_A=True, policy=policy)
+                        if not cpu:
+                            T.wait_wgmma(0)
                         for j, d in alloc.parallel(bk, size):
                             if idx_tile[j] >= 0:
                                 T.atomic_add(dKVAcc[b, idx_tile[j], start + d], acc_c[j, d])

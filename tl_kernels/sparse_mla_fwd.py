@@ -1,9 +1,10 @@
 """Sparse MLA attention forward (DeepSeek Sparse Attention) as one TileLang builder for the C target and sm_90a.
 
 Each thread block owns one query token and ``block_h`` heads. It walks the token's top-k index row ``block_k`` entries
-at a time: it gathers the selected latent KV rows into shared memory (an asynchronous, pipelined gather on Hopper),
-computes ``Q . K^T`` with wgmma, runs the online softmax in the log2 domain, and accumulates ``P . V`` where V is the
-first ``d_v`` columns of the same gathered rows. Semantics follow ``dsa.reference.sparse_mla``:
+at a time: it gathers the selected latent KV rows into shared memory (cp.async on Hopper; double-buffered by a
+producer warpgroup in the ``ws`` schedule), computes ``Q . K^T`` with wgmma, runs the online softmax in the log2
+domain, and accumulates ``P . V`` where V is the first ``d_v`` columns of the same gathered rows. Semantics follow
+``dsa.reference.sparse_mla``:
 
 * an entry is valid iff ``0 <= idx < S_kv`` and its position in the row is ``< min(k, topk_length[b, t])``; an invalid
   entry is never dereferenced: its gather address is clamped into ``[0, S_kv)`` and its score is masked to ``-inf``;
@@ -14,7 +15,7 @@ first ``d_v`` columns of the same gathered rows. Semantics follow ``dsa.referenc
 
 Batch, query length, KV length and the top-k width are symbolic, so one compiled kernel serves every such shape.
 
-Two CUDA schedules (``Config.pipeline``): ``"none"`` (default, verified on GPU) is the one described above, with two
+Two CUDA schedules (``Config.pipeline``): ``"none"`` (default) is the one described above, with two
 warpgroups and one KV tile; ``"ws"`` (opt-in) adds a producer warpgroup that gathers into two mbarrier-guarded KV
 buffers while the two consumer warpgroups compute (see ``_build_ws``). On the C target both are the same plain loop;
 the ``ws`` kernel's GPU correctness rests on the GPU tier.
@@ -117,7 +118,7 @@ class Config:
         num_stages: software-pipeline depth of the gather (1 on CUDA, see ``CUDA_MAX_STAGES``).
         threads: threads per block on CUDA (ignored by the C target): ``CUDA_THREADS`` (256) for
             ``pipeline="none"``, ``WS_THREADS`` (384) for ``pipeline="ws"``.
-        pipeline: the schedule, one of ``PIPELINES``. ``"none"`` (default, GPU-verified) or ``"ws"`` (opt-in warp
+        pipeline: the schedule, one of ``PIPELINES``. ``"none"`` (default) or ``"ws"`` (opt-in warp
             specialisation, ``block_k = WS_BLOCK_K``). On the C target both lower to the same plain loop, so the CPU
             tier checks the ``ws`` config's plumbing and semantics at ``block_k = 64`` but not its barriers and
             producer: the ``ws`` kernel's GPU correctness is proven only by the GPU tier (and the autotuner, which
