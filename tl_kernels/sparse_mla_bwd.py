@@ -15,8 +15,9 @@ Three kernels, run in this order by :func:`dsa.launch.sparse_mla_bwd.sparse_mla_
 
    ``dkv`` is produced transposed per column chunk (``[chunk, block_topk] = q_chunk^T @ ds``) so that its MMA has
    ``M = chunk`` (a multiple of 64 on Hopper) for any ``block_topk``, which lets 32-index blocks use wgmma too.
-   On Hopper the per-chunk MMAs are issued asynchronously in groups with one wait each (``s`` with ``dp``, ``dq``,
-   each ``dkv`` chunk), so a step drains the wgmma pipeline 2 + chunks times instead of once per MMA.
+   On Hopper the per-chunk MMAs are issued asynchronously in groups with one wait each (``s`` with ``dp``; ``dq``
+   with the first ``dkv`` chunk; each further ``dkv`` chunk), so a step drains the wgmma pipeline 1 + chunks times
+   instead of once per MMA.
 3. :func:`build_postprocess`: casts the float32 ``dkv`` accumulator to bfloat16.
 
 An index is valid iff ``0 <= idx < S_kv`` and (with ``topk_length``) its position in the row is below
@@ -460,8 +461,8 @@ def build(
 
                 for kv_tile, acc_dq_chunk in zip(kv_tiles, acc_dq):
                     mma(ds_tile, kv_tile, acc_dq_chunk, policy=policy)
-                if not cpu:
-                    T.wait_wgmma(0)
+                # No wait here: dq's accumulators are not read in this step, and its operands (ds, kv) stay put until
+                # the first dkv chunk's wait, which covers this group too.
 
                 # dkv for each column chunk: ds^T @ q_chunk (+ p^T @ d_out_chunk on value columns), then scattered.
                 for ci, (start, size) in enumerate(chunks):
