@@ -17,9 +17,11 @@ call, the plain dispatcher path a few. In eager mode the Functions below call th
 dispatcher at all); under ``torch.compile`` they call the registered ops. Both paths run the same functions.
 
 Gradients:
-- ``sparse_mla``: ``dq``, ``dkv`` and ``d attn_sink``. ``lse`` is an output without gradient
-  (``mark_non_differentiable``): the backward kernel takes no ``d_lse``. The sink gradient is computed in PyTorch
-  from ``out``, ``d_out`` and ``lse`` (``-sum_{b,t} p_sink * rowsum(out * d_out)``), the same for both backends.
+- ``sparse_mla``: ``dq``, ``dkv`` and ``d attn_sink``, from the gradients of both outputs: a loss may use ``lse``
+  (e.g. to merge partial attention results), and its gradient reaches ``dq``/``dkv`` through the backward kernel's
+  ``d_lse`` input. The sink gradient is computed in PyTorch from ``out``, ``d_out`` and ``lse``
+  (``-sum_{b,t} p_sink * rowsum(out * d_out)``; ``lse`` excludes the sink, so ``d_lse`` adds nothing to it), the same
+  for both backends.
 - ``index_scores``: gradients for ``q``/``k`` when they are floating point (bfloat16, float32, float64) and for
   ``weights`` always. FP8 ``q``/``k`` get none (quantisation has no useful derivative); ``weights`` still trains.
   Positions that are invisible (score ``-inf``) receive no gradient.
@@ -175,19 +177,22 @@ def sparse_mla_bwd_impl(
     d_v: int,
     topk_length: torch.Tensor | None,
     attn_sink: torch.Tensor | None,
+    d_lse: torch.Tensor | None,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward of ``sparse_mla``: ``(dq [B, S, H, d_qk] q's dtype, dkv [B, S_kv, d_qk] kv's dtype)``.
 
-    ``d_out [B, S, H, d_v]`` must have ``out``'s dtype. The reference path is the reference's recompute backward.
+    ``d_out [B, S, H, d_v]`` must have ``out``'s dtype; ``d_lse [B, S, H]`` (float, or None for no gradient through
+    ``lse``). The reference path is the reference's recompute backward.
     """
     d_out = d_out.contiguous()
     if backend == TILELANG:
         return launcher(_LAUNCH_SPARSE_MLA_BWD).sparse_mla_bwd(
-            q, kv, out, lse, d_out, indices, sm_scale=sm_scale, d_v=d_v, topk_length=topk_length, attn_sink=attn_sink
+            q, kv, out, lse, d_out, indices, sm_scale=sm_scale, d_v=d_v, topk_length=topk_length,
+            attn_sink=attn_sink, d_lse=d_lse,
         )
     dq, dkv, _ = reference.sparse_mla_backward(
-        q, kv, indices, sm_scale, d_v, topk_length, attn_sink, out, lse, d_out, None
+        q, kv, indices, sm_scale, d_v, topk_length, attn_sink, out, lse, d_out, d_lse
     )
     return dq, dkv
 
@@ -233,7 +238,7 @@ _LIB.define(
 )
 _LIB.define(
     "sparse_mla_bwd(Tensor q, Tensor kv, Tensor out, Tensor lse, Tensor d_out, Tensor indices, float sm_scale,"
-    " int d_v, Tensor? topk_length, Tensor? attn_sink, str backend) -> (Tensor, Tensor)"
+    " int d_v, Tensor? topk_length, Tensor? attn_sink, Tensor? d_lse, str backend) -> (Tensor, Tensor)"
 )
 _COMPOSITE = "CompositeExplicitAutograd"
 _LIB.impl("index_scores", index_scores_impl, _COMPOSITE)
@@ -287,7 +292,7 @@ def _sparse_mla_fake(
 def _sparse_mla_bwd_fake(
     q: torch.Tensor, kv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, d_out: torch.Tensor,
     indices: torch.Tensor, sm_scale: float, d_v: int,
-    topk_length: OptTensor, attn_sink: OptTensor, backend: str,
+    topk_length: OptTensor, attn_sink: OptTensor, d_lse: OptTensor, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.empty_like(q), torch.empty_like(kv)
 
@@ -357,7 +362,7 @@ class IndexScoresFunction(torch.autograd.Function):
 
 
 class SparseMLAFunction(torch.autograd.Function):
-    """``sparse_mla`` with gradients for ``q``, ``kv`` and ``attn_sink``; ``lse`` is non-differentiable."""
+    """``sparse_mla`` with gradients for ``q``, ``kv`` and ``attn_sink`` from the gradients of ``out`` and ``lse``."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -370,17 +375,25 @@ class SparseMLAFunction(torch.autograd.Function):
         ctx.sm_scale = sm_scale
         ctx.d_v = d_v
         ctx.backend = backend
-        ctx.mark_non_differentiable(lse)
+        # Unused outputs' gradients arrive as None instead of materialised zeros: no d_lse work when the loss
+        # ignores lse (the common case).
+        ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, d_out: torch.Tensor, _d_lse: OptTensor
+        ctx: torch.autograd.function.FunctionCtx, d_out: OptTensor, d_lse: OptTensor
     ) -> tuple:
         q, kv, indices, topk_length, attn_sink, out, lse = ctx.saved_tensors
         dq = dkv = d_sink = None
+        if d_out is None and d_lse is None:
+            return (None,) * 8
+        if d_out is None:  # only lse reached the loss
+            d_out = torch.zeros_like(out)
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            args = (q, kv, out, lse, d_out, indices, ctx.sm_scale, ctx.d_v, topk_length, attn_sink, ctx.backend)
+            args = (
+                q, kv, out, lse, d_out, indices, ctx.sm_scale, ctx.d_v, topk_length, attn_sink, d_lse, ctx.backend
+            )
             if torch.compiler.is_compiling():
                 dq, dkv = torch.ops.dsa.sparse_mla_bwd(*args)
             else:

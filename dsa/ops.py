@@ -12,8 +12,8 @@ Signatures and semantics are those of ``dsa.reference`` (the contract); see DESI
    works). The backend is chosen when a graph is traced: a compiled graph keeps the implementation it was traced
    with.
 
-Gradients: ``sparse_mla`` for ``q``, ``kv``, ``attn_sink`` (``lse`` has none); ``index_scores`` for ``weights``
-and, for floating (bfloat16/float32/float64) ``q``/``k``, for those too; FP8 ``q``/``k`` get none.
+Gradients: ``sparse_mla`` for ``q``, ``kv``, ``attn_sink`` (through ``out`` and ``lse``); ``index_scores`` for
+``weights`` and, for floating (bfloat16/float32/float64) ``q``/``k``, for those too; FP8 ``q``/``k`` get none.
 """
 
 from __future__ import annotations

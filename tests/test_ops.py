@@ -82,14 +82,21 @@ def test_sparse_mla_matches_reference_values_and_grads(dtype: torch.dtype, with_
     tol = dict(atol=1e-2, rtol=1e-2) if dtype == torch.bfloat16 else dict(atol=1e-6, rtol=1e-6)
     assert_close(out, ref_out, name="out", **tol)
     assert_close(lse, ref_lse, name="lse", **tol)
-    assert not lse.requires_grad, "lse is documented as non-differentiable"
-    d_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    gen = torch.Generator().manual_seed(1)
+    d_out = torch.randn(out.shape, generator=gen).to(dtype)
+    # A finite gradient for lse (its -inf entries, empty rows, are masked out of the loss below).
+    d_lse = torch.randn(lse.shape, generator=gen, dtype=lse.dtype)
     inputs = (q, kv) + ((sink,) if with_sink else ())
-    grads = torch.autograd.grad(out, inputs, d_out)
-    ref_grads = torch.autograd.grad(ref_out, inputs, d_out)
-    for name, got, want in zip(("dq", "dkv", "d_sink"), grads, ref_grads):
-        assert got.dtype == want.dtype, name
-        assert_close(got, want, name=name, **tol)
+    for outputs, ref_outputs, grad_outputs in (
+        ((out,), (ref_out,), (d_out,)),  # the usual loss: out only
+        ((lse,), (ref_lse,), (d_lse,)),  # lse only (d_out is then zero)
+        ((out, lse), (ref_out, ref_lse), (d_out, d_lse)),
+    ):
+        grads = torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=True)
+        ref_grads = torch.autograd.grad(ref_outputs, inputs, grad_outputs, retain_graph=True)
+        for name, got, want in zip(("dq", "dkv", "d_sink"), grads, ref_grads):
+            assert got.dtype == want.dtype, name
+            assert_close(got, want, name=f"{name} from {len(outputs)} output(s)", **tol)
 
 
 def test_sparse_mla_gradcheck() -> None:
@@ -97,6 +104,11 @@ def test_sparse_mla_gradcheck() -> None:
     sink = torch.randn(2, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
         lambda a, b, s: ops.sparse_mla(a, b, indices, sm_scale=SM_SCALE, d_v=4, attn_sink=s)[0], (q, kv, sink)
+    )
+    # Through lse as well; row (0, 0) is empty (lse = -inf), so only its finite entries enter the checked output.
+    finite = torch.isfinite(ops.sparse_mla(q, kv, indices, sm_scale=SM_SCALE, d_v=4, attn_sink=sink)[1])
+    assert torch.autograd.gradcheck(
+        lambda a, b, s: ops.sparse_mla(a, b, indices, sm_scale=SM_SCALE, d_v=4, attn_sink=s)[1][finite], (q, kv, sink)
     )
 
 
@@ -218,10 +230,10 @@ class _Spy:
 
 
 def _reference_bwd(  # noqa: ANN202
-    q, kv, out, lse, d_out, indices, *, sm_scale, d_v, topk_length=None, attn_sink=None  # noqa: ANN001
+    q, kv, out, lse, d_out, indices, *, sm_scale, d_v, topk_length=None, attn_sink=None, d_lse=None  # noqa: ANN001
 ):
     return autograd.sparse_mla_bwd_impl(
-        q, kv, out, lse, d_out, indices, sm_scale, d_v, topk_length, attn_sink, hardware.REFERENCE
+        q, kv, out, lse, d_out, indices, sm_scale, d_v, topk_length, attn_sink, d_lse, hardware.REFERENCE
     )
 
 
@@ -429,7 +441,9 @@ def _opcheck_args(op: str) -> tuple:
         "index_scores_bwd": (qi, ki, w, None, None, None, torch.randn_like(scores), True),
         "topk_indices": (scores, 3, "reference"),
         "sparse_mla": (q, kv, indices, SM_SCALE, 8, None, None, "reference"),
-        "sparse_mla_bwd": (q, kv, out, lse, torch.randn_like(out), indices, SM_SCALE, 8, None, None, "reference"),
+        "sparse_mla_bwd": (
+            q, kv, out, lse, torch.randn_like(out), indices, SM_SCALE, 8, None, None, torch.randn_like(lse), "reference"
+        ),
     }[op]
 
 

@@ -92,6 +92,7 @@ class Problem:
     d_v: int
     topk_length: torch.Tensor | None
     attn_sink: torch.Tensor | None
+    d_lse: torch.Tensor | None
     dq_ref: torch.Tensor
     dkv_ref: torch.Tensor
 
@@ -109,6 +110,7 @@ def make_problem(
     sm_scale: float,
     topk_length: torch.Tensor | None,
     attn_sink: torch.Tensor | None,
+    with_d_lse: bool = False,
     device: torch.device | str = "cpu",
 ) -> Problem:
     """Random bf16 inputs and the float32 reference gradients (autograd through ``dsa.reference.sparse_mla``).
@@ -119,11 +121,15 @@ def make_problem(
     ``d grad / d delta = -sm_scale * p`` where ``p = exp(s - lse_eff) = exp(s - lse) * exp(lse - lse_eff)``, i.e. the
     gradient of ``lse`` scaled by ``exp(lse - lse_eff)``. So autograd of ``<out, d_out> + <lse, c>`` with
     ``c = -delta_err * exp(lse - lse_eff)`` (0 on empty rows) is exactly the gradient for the kernel's inputs.
+
+    With ``with_d_lse`` the loss also has a random gradient ``d_lse [B, S, H]`` for ``lse`` (given to the kernel; the
+    reference receives it plus ``c``).
     """
     g = strategies.generator(seed)
     q = torch.randn((batch, seq, heads, d_qk), generator=g).to(torch.bfloat16)
     kv = torch.randn((batch, seq_kv, d_qk), generator=g).to(torch.bfloat16)
     d_out = torch.randn((batch, seq, heads, d_v), generator=g).to(torch.bfloat16)
+    user_d_lse = torch.randn((batch, seq, heads), generator=g).to(device) if with_d_lse else None
     q32 = q.float().to(device).requires_grad_(True)
     kv32 = kv.float().to(device).requires_grad_(True)
     d_out32 = d_out.float().to(device)
@@ -144,6 +150,8 @@ def make_problem(
         lse_eff = lse64 if sink is None else torch.logaddexp(lse64, sink.double().view(1, 1, -1))
         scale = torch.where(torch.isfinite(lse64), torch.exp(lse64 - lse_eff), torch.zeros_like(lse64))
         d_lse = (-delta_err * scale).float()
+        if user_d_lse is not None:
+            d_lse = d_lse + user_d_lse
     torch.autograd.backward((out32, lse), (d_out32, d_lse))
     return Problem(
         q=q.to(device),
@@ -156,6 +164,7 @@ def make_problem(
         d_v=d_v,
         topk_length=None if topk_length is None else topk_length.to(device),
         attn_sink=None if attn_sink is None else attn_sink.to(device),
+        d_lse=user_d_lse,
         dq_ref=q32.grad.detach(),
         dkv_ref=kv32.grad.detach(),
     )
@@ -176,6 +185,7 @@ def run_and_check(
         d_v=problem.d_v,
         topk_length=problem.topk_length,
         attn_sink=problem.attn_sink,
+        d_lse=problem.d_lse,
         config=config,
     )
     assert dq.dtype == torch.bfloat16 and dkv.dtype == torch.bfloat16
@@ -195,14 +205,19 @@ def check_grad(
     assert_close(actual, expected, atol=atol, rtol=rtol, min_cos=MIN_COS if significant else None, name=name)
 
 
+SINK_KINDS = ("normal", "large", "some_neg_inf", "some_pos_inf")
+
+
 def _sink(seed: int, heads: int, kind: str) -> torch.Tensor:
-    """``[heads]`` float32 sink logits: ordinary, dominating every score, or absent (``-inf``) for some heads."""
+    """``[heads]`` float32 sink logits: ordinary, dominating every score, or absent (``-inf``) or absorbing
+    everything (``+inf``: out = 0, only the gradient through ``lse`` is left) for some heads."""
     g = strategies.generator(seed)
     sink = torch.randn((heads,), generator=g)
     if kind == "large":
         sink = sink + 8.0
-    elif kind == "some_neg_inf":
-        sink = torch.where(torch.rand((heads,), generator=g) < 0.5, float("-inf"), sink)
+    elif kind in ("some_neg_inf", "some_pos_inf"):
+        infinity = float("-inf") if kind == "some_neg_inf" else float("inf")
+        sink = torch.where(torch.rand((heads,), generator=g) < 0.5, infinity, sink)
     return sink.float()
 
 
@@ -220,8 +235,9 @@ def cpu_problems(draw: st.DrawFn, cases: tuple[StaticCase, ...], max_seq: int, m
     seed = draw(strategies.SEEDS)
     sm_scale = draw(st.sampled_from((case.d_qk**-0.5, 0.3)))  # 0.3: sharp softmax rows
     topk_length = strategies.make_topk_length(seed + 1, batch, seq, k) if case.has_topk_length else None
-    sink_kind = draw(st.sampled_from(("normal", "large", "some_neg_inf")))
+    sink_kind = draw(st.sampled_from(SINK_KINDS))
     sink = _sink(seed + 2, case.heads, sink_kind) if case.has_sink else None
+    with_d_lse = draw(st.booleans())
     problem = make_problem(
         seed=seed,
         batch=batch,
@@ -234,6 +250,7 @@ def cpu_problems(draw: st.DrawFn, cases: tuple[StaticCase, ...], max_seq: int, m
         sm_scale=sm_scale,
         topk_length=topk_length,
         attn_sink=sink,
+        with_d_lse=with_d_lse,
     )
     return case, kind, problem
 
@@ -328,6 +345,29 @@ def test_cpu_topk_length_cuts_rows() -> None:
     indices = torch.randint(0, seq_kv, (batch, seq, k), generator=g, dtype=torch.int32)
     topk_length = torch.tensor([[0, 1, 17, k + 5]], dtype=torch.int32)
     problem = _fixed_problem(case, indices, seq_kv, topk_length=topk_length)
+    run_and_check(problem, case.config)
+
+
+@pytest.mark.cpu_kernel
+@pytest.mark.parametrize("case", SMALL_CASES, ids=lambda c: c.name)
+def test_cpu_gradient_through_lse(case: StaticCase) -> None:
+    """A loss on ``out`` and ``lse``: the kernel's d_lse term, with sinks of +inf (p = 0, only the lse path is left),
+    -inf and finite values across the heads, and an empty row."""
+    batch, seq, seq_kv, k = 2, 3, 30, 37
+    indices = strategies.make_indices("mixed_rows", 4, batch, seq, seq_kv, k)
+    indices[1, 2] = -1  # an empty row: lse = -inf, nothing to differentiate
+    sink = None
+    if case.has_sink:
+        sink = torch.randn((case.heads,), generator=strategies.generator(6))
+        sink[0::3] = float("inf")
+        sink[1::3] = float("-inf")
+    problem = make_problem(
+        seed=8, batch=batch, seq=seq, seq_kv=seq_kv, heads=case.heads, d_qk=case.d_qk, d_v=case.d_v,
+        indices=indices, sm_scale=case.d_qk**-0.5,
+        topk_length=strategies.make_topk_length(9, batch, seq, k) if case.has_topk_length else None,
+        attn_sink=sink, with_d_lse=True,
+    )
+    assert problem.d_lse is not None and problem.d_lse.abs().min() > 0
     run_and_check(problem, case.config)
 
 
@@ -468,8 +508,9 @@ def gpu_problems(draw: st.DrawFn, device: torch.device):
     with_len = draw(st.booleans())
     with_sink = draw(st.booleans())
     topk_length = strategies.make_topk_length(seed + 1, batch, seq, k) if with_len else None
-    sink_kind = draw(st.sampled_from(("normal", "large", "some_neg_inf")))
+    sink_kind = draw(st.sampled_from(SINK_KINDS))
     sink = _sink(seed + 2, V32["heads"], sink_kind) if with_sink else None
+    with_d_lse = draw(st.booleans())
     heads = draw(st.sampled_from((V32["heads"], 1, 72)))
     problem = make_problem(
         seed=seed,
@@ -483,6 +524,7 @@ def gpu_problems(draw: st.DrawFn, device: torch.device):
         sm_scale=V32_SM_SCALE,
         topk_length=topk_length,
         attn_sink=None if sink is None else sink[:heads].contiguous(),
+        with_d_lse=with_d_lse,
         device=device,
     )
     return kind, problem

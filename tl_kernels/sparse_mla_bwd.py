@@ -6,9 +6,13 @@ Three kernels, run in this order by :func:`dsa.launch.sparse_mla_bwd.sparse_mla_
 2. :func:`build` (the main kernel): one program per (head block, query token, batch). It recomputes the attention
    probabilities from the forward's ``lse`` and, per block of ``block_topk`` indices,
 
-   - ``s = sm_scale * q . k`` (``k = kv[idx]``), ``p = exp(s - lse_eff)`` on valid indices, 0 elsewhere, where
-     ``lse_eff = logaddexp(lse, attn_sink[h])`` with a sink and ``lse`` without;
-   - ``dp = d_out . v`` (``v = kv[idx, :d_v]``), ``ds = p * (dp - delta)``;
+   - ``s = sm_scale * q . k`` (``k = kv[idx]``), ``e = exp(s - lse)`` and ``p = r * e`` on valid indices (0
+     elsewhere), where ``r = exp(lse - lse_eff) = 1 / (1 + exp(attn_sink[h] - lse))`` with a sink (1 without) and
+     ``lse_eff = logaddexp(lse, attn_sink[h])`` is the softmax denominator;
+   - ``dp = d_out . v`` (``v = kv[idx, :d_v]``), ``ds = p * (dp - delta) + e * d_lse``: the second term is the
+     gradient arriving through ``lse`` (``d lse / d s = e``, the softmax of the valid scores alone, since ``lse``
+     excludes the sink). Writing both through ``e`` and ``r <= 1`` keeps them exact for any sink, ``+inf``
+     included (``r = 0``), where ``exp(lse_eff - lse)`` would overflow;
    - ``dq += sm_scale * ds @ k`` (kept in registers for the whole row of indices);
    - ``dkv[idx, :] += sm_scale * ds^T q`` and ``dkv[idx, :d_v] += p^T d_out``, scattered with float32 atomics into a
      ``[B, S_kv, d_qk]`` float32 buffer, so duplicates and rows shared by several queries accumulate.
@@ -302,7 +306,8 @@ def build(
 
     - ``Q [B, S, heads, d_qk]`` bf16, ``KV [B, S_kv, d_qk]`` bf16, ``dOut [B, S, heads, d_v]`` bf16;
     - ``Indices [B, S, topk]`` int32 (any value: invalid entries get probability 0 and are never used as addresses);
-    - ``Lse [B, S, heads]`` float32 (natural log, ``-inf`` for empty rows), ``Delta [B, S, heads]`` float32;
+    - ``Lse [B, S, heads]`` float32 (natural log, ``-inf`` for empty rows), ``Delta [B, S, heads]`` float32,
+      ``DLse [B, S, heads]`` float32 (the incoming gradient of ``lse``; zeros when ``lse`` is not differentiated);
     - ``TopkLength [B, S]`` int32 (only when ``has_topk_length``), ``Sink [heads]`` float32 (only when ``has_sink``);
     - ``sm_scale`` float32 scalar;
     - ``dQ [B, S, heads, d_qk]`` bf16 (written), ``dKVAcc [B, S_kv, d_qk]`` float32 (accumulated atomically; zero it
@@ -346,6 +351,7 @@ def build(
         Indices: T.Tensor([batch, seq, topk], INDEX_DTYPE),
         Lse: T.Tensor([batch, seq, heads], ACC_DTYPE),
         Delta: T.Tensor([batch, seq, heads], ACC_DTYPE),
+        DLse: T.Tensor([batch, seq, heads], ACC_DTYPE),
         TopkLength: T.Tensor(topk_length_shape, INDEX_DTYPE),
         Sink: T.Tensor(sink_shape, ACC_DTYPE),
         sm_scale: T.float32,
@@ -363,7 +369,10 @@ def build(
             raw_idx_tile = alloc.shared([bk], INDEX_DTYPE)
             idx_tile = alloc.shared([bk], INDEX_DTYPE)
             lse2_tile = alloc.shared([bh], ACC_DTYPE)
-            delta_tile = alloc.shared([bh], ACC_DTYPE)
+            # Per-head factors of p = ratio * e and ds = e * (ds_scale * dp + ds_bias) (see the module docstring).
+            ratio_tile = alloc.shared([bh], ACC_DTYPE)
+            ds_scale_tile = alloc.shared([bh], ACC_DTYPE)
+            ds_bias_tile = alloc.shared([bh], ACC_DTYPE)
 
             acc_s = alloc.fragment([bh, bk], ACC_DTYPE)
             acc_dp = alloc.fragment([bh, bk], ACC_DTYPE)
@@ -401,21 +410,23 @@ def build(
                     else:
                         do_tiles[ci][r, c] = T.cast(0, op_dtype)
 
-            # Per-head log2-domain lse (with the sink folded in) and delta; empty rows and padded heads get a huge
-            # lse so that every probability is exactly 0.
+            # Per-head log2-domain lse and the factors of p and ds, sm_scale folded in once. Empty rows and padded
+            # heads get a huge lse, so that every e (hence p and ds) is exactly 0, and zero factors.
             for h in alloc.parallel(bh):
                 lse2_tile[h] = T.float32(_EMPTY_LSE2)
-                delta_tile[h] = T.float32(0)
+                ratio_tile[h] = T.float32(0)
+                ds_scale_tile[h] = T.float32(0)
+                ds_bias_tile[h] = T.float32(0)
                 if head0 + h < heads:
-                    delta_tile[h] = Delta[b, t, head0 + h]
                     if Lse[b, t, head0 + h] > T.float32(_EMPTY_LSE_THRESHOLD):
+                        lse2_tile[h] = Lse[b, t, head0 + h] * LOG2E
                         if has_sink:
-                            hi = T.max(Lse[b, t, head0 + h], Sink[head0 + h])
-                            lse2_tile[h] = (
-                                hi + T.log(T.exp(Lse[b, t, head0 + h] - hi) + T.exp(Sink[head0 + h] - hi))
-                            ) * LOG2E
+                            # exp overflows to +inf for a sink far above lse (or +inf): then r = 1 / inf = 0.
+                            ratio_tile[h] = T.float32(1) / (T.float32(1) + T.exp(Sink[head0 + h] - Lse[b, t, head0 + h]))
                         else:
-                            lse2_tile[h] = Lse[b, t, head0 + h] * LOG2E
+                            ratio_tile[h] = T.float32(1)
+                        ds_scale_tile[h] = ratio_tile[h] * sm_scale
+                        ds_bias_tile[h] = (DLse[b, t, head0 + h] - ratio_tile[h] * Delta[b, t, head0 + h]) * sm_scale
 
             for kb in T.Pipelined(n_blocks, num_stages=num_stages):
                 # The block's raw indices: a plain copy, so the pipeliner issues it with the gather that needs it.
@@ -450,12 +461,14 @@ def build(
                 if not cpu:
                     T.wait_wgmma(0)
 
-                # p = exp(s - lse_eff) on valid slots; ds = sm_scale * p * (dp - delta), the scale folded in once.
+                # e = exp(s - lse) on valid slots (0 elsewhere); ds = sm_scale * (p * (dp - delta) + e * d_lse)
+                # = e * (ds_scale * dp + ds_bias); then p = r * e.
                 for h, j in alloc.parallel(bh, bk):
                     acc_s[h, j] = T.if_then_else(
                         idx_tile[j] >= 0, T.exp2(acc_s[h, j] * scale2 - lse2_tile[h]), T.float32(0)
                     )
-                    acc_dp[h, j] = acc_s[h, j] * (acc_dp[h, j] - delta_tile[h]) * sm_scale
+                    acc_dp[h, j] = acc_s[h, j] * (acc_dp[h, j] * ds_scale_tile[h] + ds_bias_tile[h])
+                    acc_s[h, j] = acc_s[h, j] * ratio_tile[h]
                 T.copy(acc_s, p_tile)
                 T.copy(acc_dp, ds_tile)
 

@@ -52,6 +52,7 @@ def sparse_mla_bwd(
     d_v: int,
     topk_length: torch.Tensor | None = None,
     attn_sink: torch.Tensor | None = None,
+    d_lse: torch.Tensor | None = None,
     config: kernels.Config | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of ``dsa.reference.sparse_mla`` with respect to ``q`` and ``kv``.
@@ -69,6 +70,7 @@ def sparse_mla_bwd(
         d_v (int): value width (``kv[..., :d_v]`` is the value).
         topk_length (torch.Tensor | None): ``[B, S]``, int32.
         attn_sink (torch.Tensor | None): ``[H]``, float32.
+        d_lse (torch.Tensor | None): ``[B, S, H]``, float32, the gradient arriving through ``lse`` (None: zero).
         config (Config | None): overrides the config selection (tests and the tuner).
 
     Returns:
@@ -119,6 +121,10 @@ def sparse_mla_bwd(
         sink_arg = attn_sink.to(torch.float32).contiguous()
     else:
         sink_arg = torch.zeros(1, dtype=torch.float32, device=device)
+    if d_lse is not None:
+        d_lse_arg = d_lse.to(torch.float32).contiguous()
+    else:
+        d_lse_arg = torch.zeros((batch, seq, heads), dtype=torch.float32, device=device)
     dq = new_output(tuple(q.shape), q.dtype, device)
     dkv_acc = torch.zeros((batch, seq_kv, d_qk), dtype=torch.float32, device=device)
     main(
@@ -128,6 +134,7 @@ def sparse_mla_bwd(
         indices,
         lse.contiguous(),
         delta,
+        d_lse_arg,
         topk_length_arg,
         sink_arg,
         float(sm_scale),
