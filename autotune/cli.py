@@ -2,8 +2,10 @@
 
 With a CUDA device: compile the candidates (in parallel on the CPU), prune them by their static report, check each
 against the reference, time the correct ones, store the fastest per size bucket in ``<DSA_CACHE_DIR>/<sku>/`` and print
-a table per kernel. Without one: say so, compile for sm_90a and prune only (this warms TileLang's kernel cache for
-that target) and print the same table without times.
+a table per kernel. Checks and timings run in a worker process: a candidate that crashes it or runs past
+``--candidate-timeout`` is recorded as rejected and the rest go on (``--in-process`` turns that off). Without one:
+say so, compile for sm_90a and prune only (this warms TileLang's kernel cache for that target) and print the same
+table without times.
 
 Exit status: 0 when every tuned case has a valid config, 1 when some case has none, 2 for bad arguments.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -21,6 +24,7 @@ from typing import Any, TextIO
 
 from autotune import sku as sku_mod
 from autotune import space, tuner
+from dsa import env
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +62,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--full", action="store_true", help="search the whole space (default: a pruned space)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.add_argument("--reps", type=int, default=tuner.TIMED_CALLS, help="timed calls per candidate and size")
+    parser.add_argument(
+        "--candidate-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="kill a candidate that runs this long in one step on the GPU (its check including the kernel load, or "
+        "its timing at one size) and record it as failed (default: $DSA_TUNE_CANDIDATE_TIMEOUT_S or 120)",
+    )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="check and time in this process instead of a worker process (debugging: a candidate that crashes or "
+        "hangs then ends the whole run)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     return parser
 
@@ -158,6 +176,10 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
             raise ValueError("--jobs must be at least 1")
         if args.reps < 1:
             raise ValueError("--reps must be at least 1")
+        if args.candidate_timeout is not None and not 0 < args.candidate_timeout < math.inf:
+            raise ValueError("--candidate-timeout must be a positive number of seconds")
+        # Read now, so that a bad DSA_TUNE_CANDIDATE_TIMEOUT_S is a usage error, not a failure after compiling.
+        candidate_timeout_s = args.candidate_timeout or env.tune_candidate_timeout_s()
         if args.sku != "auto":
             if not sku_mod.is_valid_sku(args.sku):
                 raise ValueError(f"--sku: {args.sku!r} is not a SKU id (lower-case letters, digits and dashes)")
@@ -196,6 +218,8 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
         progress=not args.no_progress,
         reps=args.reps,
         tilelang_log_level=logging.INFO if args.verbose else logging.WARNING,
+        isolate=not args.in_process,
+        candidate_timeout_s=candidate_timeout_s,
     )
     timer = None
     if timed:
@@ -203,7 +227,11 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
 
         timer = gpu.make_timer(sku=sku)
     start = time.perf_counter()
-    result = tuner.tune(options, timer=timer)
+    try:
+        result = tuner.tune(options, timer=timer)
+    finally:
+        if timer is not None:
+            timer.close()  # ends the GPU worker process
     elapsed = time.perf_counter() - start
 
     print(render_table(result.records, timed=result.timed), file=out)

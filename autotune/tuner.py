@@ -10,7 +10,8 @@ Phases:
 2. **Prune** candidates whose compile failed or whose static report has problems (spills, shared memory over the
    limit, no wgmma where expected: ``StaticReport.problems()``).
 3. **Check** (GPU) each survivor at the case's small ``check_sizes`` against ``dsa.reference``; a wrong candidate
-   never wins.
+   never wins. Phases 3 and 4 run in a worker process by default, so that a candidate that crashes or hangs is
+   recorded as failed and the others are still measured (:mod:`autotune.gpu`).
 4. **Time** (GPU) the correct ones at each size point with CUDA events: warm-up calls, then the median of repeated
    calls, the inputs rotated over enough copies to exceed twice the L2 cache so that no call finds its inputs in L2.
    The winner of each size point is stored in the user cache (:func:`autotune.cache.store`).
@@ -274,6 +275,11 @@ class TuneOptions:
         progress: show tqdm progress bars.
         warmup / reps: timing calls per candidate and size point.
         tilelang_log_level: level of TileLang's own logger during the run (INFO prints a line per compile).
+        isolate: run the GPU phase in a separate worker process (see :mod:`autotune.gpu`), so that a candidate that
+            crashes, hangs or poisons the CUDA context is recorded as failed instead of ending the run; ``False``
+            runs it in this process (debugging).
+        candidate_timeout_s: seconds one candidate step (its check including the kernel load, or its timing at one
+            size) may take in the worker before it is killed; ``None``: ``DSA_TUNE_CANDIDATE_TIMEOUT_S`` or 120.
     """
 
     kernels: tuple[str, ...]
@@ -286,6 +292,8 @@ class TuneOptions:
     warmup: int = WARMUP_CALLS
     reps: int = TIMED_CALLS
     tilelang_log_level: int = logging.WARNING
+    isolate: bool = True
+    candidate_timeout_s: float | None = None
 
 
 @dataclass
@@ -358,8 +366,8 @@ def tune(options: TuneOptions, *, timer: Callable[..., Any] | None = None) -> Tu
     Args:
         options: what to tune.
         timer: the GPU phase, ``timer(case, candidates, options) -> (records, stored_paths, ok)``; ``None`` means
-            compile-only. The CLI passes :func:`autotune.gpu.time_case` when a CUDA device is present; tests pass
-            a fake to exercise the selection logic without a GPU.
+            compile-only. The CLI passes :func:`autotune.gpu.make_timer`'s timer when a CUDA device is present; tests
+            pass a fake to exercise the selection logic without a GPU.
 
     Returns:
         A :class:`TuneResult`; ``failed_cases`` lists every case left without a valid config.

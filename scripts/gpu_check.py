@@ -6,12 +6,18 @@ still run; the record is rewritten after every stage, so even a killed run leave
 
 1. ``host``: GPU name, SKU id (``autotune.sku``), driver, CUDA, torch and tilelang versions, and the host's measured
    ceilings: device-to-device copy bandwidth, bf16 and FP8 matrix rates (``scripts/bench.py --measure-ceilings``);
-2. ``tests``: ``HYPOTHESIS_PROFILE=gpu python -m pytest -m gpu``, with pass/fail/skip counts and the failing tests;
-3. ``bench``: every standard benchmark case, the DSA kernels side by side with the reference, dense attention,
+2. ``tests``: ``HYPOTHESIS_PROFILE=gpu python -m pytest -m "gpu and not ws"``, with pass/fail/skip counts and the
+   failing tests;
+3. ``tests_ws``: the same for ``-m "gpu and ws"``, the GPU tests of sparse_mla_fwd's warp-specialised schedule
+   (``pipeline="ws"``, mbarrier hand-offs never run on a GPU before), in a stage of their own so that a deadlock
+   there costs only this stage. Both test stages run with ``-o faulthandler_timeout=...``: a test still running by
+   then has every thread's traceback dumped into the log, so a hang's location is in the record before the kill;
+4. ``bench``: every standard benchmark case, the DSA kernels side by side with the reference, dense attention,
    ``torch.topk`` and FlashMLA/DeepGEMM where importable (``scripts/bench.py``);
-4. ``tune``: a short tuning pass for this SKU (``scripts/autotune.py --sku auto`` over the small shapes file
-   ``benchmarks/tune_small.json``; results go to a cache folder inside the work directory, not the user's cache);
-5. the record ``benchmarks/results/<sku>-<YYYYMMDD>.json``, a PNG plot beside it (TFLOP/s and latency against context
+5. ``tune``: a short tuning pass for this SKU (``scripts/autotune.py --sku auto`` over the small shapes file
+   ``benchmarks/tune_small.json``; results go to a cache folder inside the work directory, not the user's cache; a
+   candidate that hangs is killed after ``TUNE_CANDIDATE_TIMEOUT_S`` and recorded as rejected);
+6. the record ``benchmarks/results/<sku>-<YYYYMMDD>.json``, a PNG plot beside it (TFLOP/s and latency against context
    length, DSA against dense attention; skipped with a note when matplotlib is missing), and a summary table, last.
 
 Without a CUDA device it prints one line saying so and exits 2. Exit status otherwise: 0 when every stage passed,
@@ -40,9 +46,20 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
 EXIT_OK, EXIT_FAILED, EXIT_NO_GPU = 0, 1, 2
 NO_GPU_MESSAGE = "gpu_check: no CUDA device found (torch.cuda.is_available() is False); run this on a CUDA host"
-STAGES: tuple[str, ...] = ("host", "tests", "bench", "tune")
-# Seconds per stage; their sum (470 s) keeps the whole check inside 8 minutes on an H200, compilation included.
-DEFAULT_BUDGETS: dict[str, int] = {"host": 40, "tests": 120, "bench": 250, "tune": 60}
+STAGES: tuple[str, ...] = ("host", "tests", "tests_ws", "bench", "tune")
+# Seconds per stage; their sum (470 s) keeps the whole check inside 8 minutes on an H200, compilation included. The two
+# test stages share the 120 s the single test stage had: the ws stage holds sparse_mla_fwd's whole GPU fuzz test
+# (it samples the ws config among the others, with explicit ws examples) and the ws prefill test, i.e. a few kernel
+# compiles and a short run; everything else stays in the main stage.
+DEFAULT_BUDGETS: dict[str, int] = {"host": 40, "tests": 80, "tests_ws": 40, "bench": 250, "tune": 60}
+# The pytest -m expression of each test stage: the unverified ws schedule apart from the rest.
+TEST_STAGE_MARKERS: dict[str, str] = {"tests": "gpu and not ws", "tests_ws": "gpu and ws"}
+# A test still running after this many seconds (at most half its stage's budget, so that the dump lands before the
+# kill) has its threads' tracebacks dumped into the log by pytest's built-in faulthandler_timeout; it is not stopped.
+FAULTHANDLER_TIMEOUT_S = 30
+# The tune stage's limit per candidate step: the compile phase has filled TileLang's kernel cache, so a check or a
+# timing at the small shapes takes seconds, and a hung candidate (the ws schedule) must not eat the stage's budget.
+TUNE_CANDIDATE_TIMEOUT_S = 20
 # The bench stage runs 19 cases with up to 5 providers each: a short per-provider budget keeps it inside its stage.
 BENCH_DEFAULT_ARGS: tuple[str, ...] = ("--reps", "10", "--warmup", "2", "--budget-s", "1.5")
 TUNE_SHAPES = ROOT / "benchmarks" / "tune_small.json"
@@ -87,6 +104,17 @@ def run_stage_process(cmd: Sequence[str], *, budget_s: float, env: dict[str, str
                     continue
     output = log.read_text(encoding="utf-8", errors="replace")
     return StageRun(None if timed_out else proc.returncode, time.perf_counter() - start, timed_out, output)
+
+
+def pytest_command(
+    python: str, stage: str, *, budget_s: float, junit: Path, extra_args: Sequence[str] = ()
+) -> list[str]:
+    """The command of test stage ``stage`` (``tests`` or ``tests_ws``): its marker expression, a JUnit file, and a
+    faulthandler timeout that dumps a hanging test's traceback before the stage is killed at ``budget_s``."""
+    dump_after = max(1, min(FAULTHANDLER_TIMEOUT_S, int(budget_s // 2)))
+    cmd = [python, "-m", "pytest", "-m", TEST_STAGE_MARKERS[stage], "-q", "-p", "no:cacheprovider"]
+    cmd += [f"--junitxml={junit}", "-o", f"faulthandler_timeout={dump_after}"]
+    return cmd + list(extra_args)
 
 
 def stage_record(name: str, run: StageRun, budget_s: float, **extra: Any) -> dict[str, Any]:
@@ -221,12 +249,13 @@ def summary(doc: dict[str, Any]) -> str:
         "stages: "
         + ", ".join(f"{s['stage']} {s['status']} ({s.get('seconds', 0):.0f} s)" for s in doc.get("stages", [])),
     ]
-    tests = doc.get("tests", {})
-    if tests:
-        lines.append(
-            f"gpu tests: {tests.get('passed', '?')} passed, {tests.get('failures', '?')} failed, "
-            f"{tests.get('errors', '?')} errors, {tests.get('skipped', '?')} skipped"
-        )
+    for stage, label in (("tests", "gpu tests"), ("tests_ws", "gpu tests (ws schedule)")):
+        tests = doc.get(stage, {})
+        if tests:
+            lines.append(
+                f"{label}: {tests.get('passed', '?')} passed, {tests.get('failures', '?')} failed, "
+                f"{tests.get('errors', '?')} errors, {tests.get('skipped', '?')} skipped"
+            )
     rows = doc.get("bench", {}).get("rows", [])
     by_case: dict[str, dict[str, Any]] = {}
     for r in rows:
@@ -335,23 +364,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     record_path, png_path = results_paths(doc["host"].get("sku"), args.out_dir)
     save()
 
-    # 2. gpu-marked tests under the gpu Hypothesis profile
-    if "tests" not in args.skip:
-        print("[gpu_check] stage tests: pytest -m gpu (HYPOTHESIS_PROFILE=gpu)", flush=True)
-        junit = work / "gpu-tests.xml"
-        test_env = {**env, "HYPOTHESIS_PROFILE": "gpu"}
-        cmd = [py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}"]
-        cmd += args.pytest_args.split()
-        run = run_stage_process(cmd, budget_s=budgets["tests"], env=test_env, log=work / "tests.log")
+    # 2./3. gpu-marked tests under the gpu Hypothesis profile: all but the ws schedule's, then those alone
+    test_env = {**env, "HYPOTHESIS_PROFILE": "gpu"}
+    for stage in ("tests", "tests_ws"):
+        if stage in args.skip:
+            continue
+        selection = TEST_STAGE_MARKERS[stage]
+        print(f"[gpu_check] stage {stage}: pytest -m '{selection}' (HYPOTHESIS_PROFILE=gpu)", flush=True)
+        junit = work / f"{stage}.xml"
+        cmd = pytest_command(py, stage, budget_s=budgets[stage], junit=junit, extra_args=args.pytest_args.split())
+        run = run_stage_process(cmd, budget_s=budgets[stage], env=test_env, log=work / f"{stage}.log")
         counts = junit_counts(junit)
-        doc["tests"] = counts
+        doc[stage] = counts
         # pytest exits 5 when nothing is collected: no gpu tests is a failure of this stage, not a pass.
         doc["stages"].append(
-            stage_record("tests", run, budgets["tests"], **{k: v for k, v in counts.items() if k != "failing"})
+            stage_record(stage, run, budgets[stage], **{k: v for k, v in counts.items() if k != "failing"})
         )
         save()
 
-    # 3. benchmarks
+    # 4. benchmarks
     bench_json = work / "bench.json"
     if "bench" not in args.skip:
         print("[gpu_check] stage bench: standard cases side by side", flush=True)
@@ -365,13 +396,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         doc["stages"].append(stage_record("bench", run, budgets["bench"], rows=len(doc["bench"]["rows"])))
         save()
 
-    # 4. short tuning pass for this SKU
+    # 5. short tuning pass for this SKU
     if "tune" not in args.skip:
         print("[gpu_check] stage tune: autotune --sku auto (small shapes)", flush=True)
         report = work / "autotune-report.json"
         tune_env = {**env, "DSA_CACHE_DIR": str(work / "dsa-cache")}
         cmd = [py, str(SCRIPTS / "autotune.py"), "--sku", "auto", "--shapes", str(TUNE_SHAPES), "--no-progress"]
-        cmd += ["--report", str(report)]
+        cmd += ["--report", str(report), "--candidate-timeout", str(TUNE_CANDIDATE_TIMEOUT_S)]
         run = run_stage_process(cmd, budget_s=budgets["tune"], env=tune_env, log=work / "tune.log")
         records = json.loads(report.read_text()) if report.is_file() else []
         chosen = [r for r in records if r.get("chosen")]
@@ -384,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         save()
 
-    # 5. plot and summary
+    # 6. plot and summary
     title = f"DSA vs dense attention on {doc['host'].get('gpu', '?')} ({doc['host'].get('sku', '?')})"
     note = plot(doc.get("bench", {}).get("rows", []), png_path, title)
     doc["plot"] = None if note else str(png_path)

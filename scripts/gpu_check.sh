@@ -4,9 +4,10 @@
 #     bash scripts/gpu_check.sh [extra gpu_check.py arguments]
 #
 # It unpacks the offline TileLang bundle .bundle/dsa-bundle.tar.xz (when present) into /tmp/dsa-site, puts that and
-# the repository on PYTHONPATH, runs scripts/gpu_check.py (host and ceilings, `pytest -m gpu`, benchmarks, a short
-# tuning pass; about 8 minutes on an H200) and, when $OUT is set, copies the JSON record, the PNG plot and the stage
-# logs there. Its exit status is gpu_check.py's (0 all stages ok, 1 some stage failed, 2 no CUDA device).
+# the repository on PYTHONPATH, runs scripts/gpu_check.py (host and ceilings, `pytest -m gpu` in two stages with the
+# ws schedule's tests apart, benchmarks, a short tuning pass; about 8 minutes on an H200) and, when $OUT is set,
+# copies the JSON record, the PNG plot and the stage logs there. Its exit status is gpu_check.py's (0 all stages ok,
+# 1 some stage failed, 2 no CUDA device).
 #
 # How a session uses it with the device tool (the GPU machine has PyTorch but no TileLang and no network):
 #   1. here, on the CPU machine, build the bundle once (about 85 MB of wheels in, a 39 MB archive out; .bundle/ is
@@ -20,8 +21,8 @@
 #          timeout_s: 570
 #      (the command stays inside one call's 10-minute limit; the machine's start is not counted in timeout_s, but it
 #      is counted in the session's 15 minutes of device time, so run it once, then give the machine back.)
-#   3. the reply's files hold benchmarks/results/<sku>-<YYYYMMDD>.json (and .png) and host/tests/bench/tune logs;
-#      the summary table is the last thing in output_tail.
+#   3. the reply's files hold benchmarks/results/<sku>-<YYYYMMDD>.json (and .png) and host/tests/tests_ws/bench/tune
+#      logs; the summary table is the last thing in output_tail.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 
@@ -48,7 +49,7 @@ rc=$?
 if [ -n "${OUT:-}" ]; then
     mkdir -p "$OUT"
     find benchmarks/results -maxdepth 1 -type f -newer "$STAMP" \( -name '*.json' -o -name '*.png' \) -exec cp {} "$OUT"/ \;
-    for log in host tests bench tune; do
+    for log in host tests tests_ws bench tune; do
         [ -f "$WORK/$log.log" ] && cp "$WORK/$log.log" "$OUT/$log.log"
     done
     echo "gpu_check.sh: copied the record and logs to \$OUT"

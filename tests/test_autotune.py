@@ -3,7 +3,8 @@
 Most tests use a fake kernel module (``fake_dsa_kernel``, registered in ``sys.modules`` and in
 :mod:`autotune.space`) that follows the kernel module convention, with a fake compile function, so the tuner's logic
 is exercised without nvcc. The real kernel modules are checked for their presets and search spaces, and the
-``build`` test runs ``scripts/autotune.py`` compile-only on the ``tiny`` preset with nvcc.
+``build`` test runs ``scripts/autotune.py`` compile-only on the ``tiny`` preset with nvcc. The GPU phase's worker
+process is exercised on the CPU with fake runners whose candidates segfault or hang it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import logging
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -692,7 +694,7 @@ def test_cli_fake_compile_only(
 
 def test_cli_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     for argv in (["--kernels", "nope"], ["--shapes", "no-such-preset"], ["--sku", "H100!"], ["--sku", "sm80-a100"],
-                 ["--jobs", "0"]):
+                 ["--jobs", "0"], ["--candidate-timeout", "0"]):
         assert cli.main(argv) == cli.EXIT_USAGE, argv
         assert "error" in capsys.readouterr().err
 
@@ -805,3 +807,158 @@ def test_time_case_reference_failure_rejects_all(fake_kernel: types.ModuleType, 
     assert result.failed_cases == [("fake", FAKE_STATIC)]
     timed = [r for r in result.records if "seq_len" in r.params]
     assert timed and all(not r.ok and "reference failed" in r.error for r in timed)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The GPU worker process: candidates that crash or hang it (fakes on the CPU). The worker is spawned and unpickles its
+# runner and measure function, so they live at module level, importable by name.
+# ----------------------------------------------------------------------------------------------------------------------
+WORKER_GOOD = ({"block": 64, "stages": 2}, {"block": 128, "stages": 1})
+WORKER_SEGFAULT = {"block": 32, "stages": 1}  # kills its process with SIGSEGV while checked
+WORKER_HANG = {"block": 64, "stages": 1}  # correct, timed at the first size point, hangs at the last one
+
+
+def worker_inputs(static: dict[str, Any], sizes: dict[str, int], device: torch.device, seed: int) -> dict[str, Any]:
+    """``x [seq_len]`` float32: the fake kernels read the size point from its length."""
+    return {"x": torch.arange(sizes["seq_len"], dtype=torch.float32) + seed}
+
+
+def worker_kernel(kernel: str, static: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    return dict(config)
+
+
+def worker_launch(config: dict[str, Any], static: dict[str, Any], inputs: dict[str, Any]) -> tuple[Any, float]:
+    """``(x, latency in ms)``, the latency ``block * stages / 100``; the two bad configs misbehave as named."""
+    if config == WORKER_SEGFAULT:
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if config == WORKER_HANG and inputs["x"].numel() == FAKE_SIZES[-1]["seq_len"]:
+        time.sleep(600)
+    return inputs["x"].clone(), config["block"] * config["stages"] / 100
+
+
+def worker_reference(static: dict[str, Any], inputs: dict[str, Any]) -> tuple[Any, ...]:
+    return (inputs["x"],)
+
+
+def worker_compare(out: tuple[Any, ...], ref: tuple[Any, ...]) -> str | None:
+    return gpu.compare_tensor(out[0], ref[0], atol=0.0, rtol=0.0, name="x")
+
+
+def worker_measure(call: Any, input_sets: list[dict[str, Any]], *, warmup: int, reps: int) -> float:
+    return call(input_sets[0])[1]
+
+
+WORKER_RUNNER = gpu.Runner(worker_inputs, worker_launch, worker_reference, worker_compare, worker_kernel)
+
+
+def _candidates(configs: list[dict[str, Any]]) -> list[Any]:
+    """Compiled candidates of the fake kernel's case (what ``tuner.tune`` hands a timer)."""
+    return [
+        tuner._Candidate(
+            tuner.CompileJob("fake", FAKE, f"{FAKE}:compile", cache.canonical(FAKE_STATIC), cache.canonical(config)),
+            tuner.CompileResult(ok=True),
+        )
+        for config in configs
+    ]
+
+
+def test_worker_survives_candidates_that_crash_or_hang(
+    fake_kernel: types.ModuleType, cache_dirs: tuple[Path, Path]
+) -> None:
+    """A segfault while checking and a hang while timing each fail only their candidate, with the reason; the other
+    candidates' results are kept and the winners stored. Then one fresh worker serves two clean cases, one that dies
+    while idle is replaced, and the last ends cleanly when the timer is closed. Four workers in all."""
+    (case,) = space.preset_cases(FAKE_PRESET, ("fake",))
+    configs = [WORKER_GOOD[0], WORKER_SEGFAULT, WORKER_GOOD[1], WORKER_HANG]
+    options = tuner.TuneOptions(kernels=("fake",), preset=FAKE_PRESET, progress=False, candidate_timeout_s=3)
+    started = time.monotonic()
+    timer = gpu.GpuTimer(sku="h100-sxm", device=torch.device("cpu"), runner=WORKER_RUNNER, measure=worker_measure)
+    records, written, ok = timer(case, _candidates(configs), options)
+    assert timer._worker is None, "the hung worker must be gone"
+    assert ok and written == [cache.user_path("fake", sku="h100-sxm")]
+    found = {(json.dumps(r.config, sort_keys=True), r.params["seq_len"]): r for r in records}
+    assert len(found) == len(configs) * len(FAKE_SIZES)
+
+    def record(config: dict[str, Any], point: int) -> tuner.Record:
+        return found[(json.dumps(config, sort_keys=True), FAKE_SIZES[point]["seq_len"])]
+
+    for point in range(len(FAKE_SIZES)):
+        crashed = record(WORKER_SEGFAULT, point)
+        assert not crashed.ok and "died with signal 11 (SIGSEGV) while checking candidate" in crashed.error
+        assert '{"block":32,"stages":1}' in crashed.error
+        for good in WORKER_GOOD:
+            assert record(good, point).ok and record(good, point).latency_ms == pytest.approx(1.28)
+    fast = record(WORKER_HANG, 0)
+    assert fast.ok and fast.latency_ms == pytest.approx(0.64) and fast.chosen
+    hung = record(WORKER_HANG, 1)
+    assert not hung.ok and "no result after 3 s while timing candidate" in hung.error and "killed" in hung.error
+    assert record(WORKER_GOOD[0], 1).chosen  # a tie with WORKER_GOOD[1]: the lower position wins
+    assert cache.lookup("fake", FAKE_STATIC, FAKE_SIZES[0], sku="h100-sxm") == WORKER_HANG
+    assert cache.lookup("fake", FAKE_STATIC, FAKE_SIZES[1], sku="h100-sxm") == WORKER_GOOD[0]
+
+    processes = []
+    with timer:
+        for _ in range(2):
+            assert timer(case, _candidates(list(WORKER_GOOD)), options)[2]
+            assert timer._worker is not None and timer._worker.process.is_alive()
+            processes.append(timer._worker.process)
+        assert processes[0] is processes[1], "one worker for both cases"
+        # A worker that dies while idle is replaced without failing the next case.
+        os.kill(processes[0].pid, signal.SIGKILL)
+        processes[0].join(timeout=30)
+        records, _, ok = timer(case, _candidates(list(WORKER_GOOD)), options)
+        assert ok and all(r.ok for r in records)
+        processes.append(timer._worker.process)
+    assert processes[2] is not processes[0] and processes[2].exitcode == 0, "close() ends the worker cleanly"
+    assert time.monotonic() - started < 60
+
+
+def test_progress_failures_are_attributed() -> None:
+    """Which results a dead or hung worker's step takes with it."""
+    progress = gpu._Progress(candidates=3, points=3)
+    for i in range(3):
+        progress.add(gpu._Result(i, None, None, None))
+    progress.add(gpu._Result(0, 0, 1.0, None))
+    progress.fail(gpu._Step("time", point=0, candidate=1), "hung")
+    # A candidate that hung while timed is not timed at the later points either; the others still are.
+    assert [progress.times[(p, 1)] for p in range(3)] == [(None, "hung")] * 3
+    assert progress.untimed(0) == [2] and progress.untimed(1) == [0, 2]
+    progress.fail(gpu._Step("inputs", point=1), "no inputs")
+    assert progress.untimed(1) == [] and progress.times[(1, 0)] == (None, "no inputs")
+    progress.fail(None, "worker dead at start-up")
+    assert progress.finished() and progress.times[(0, 2)] == (None, "worker dead at start-up")
+    assert progress.times[(0, 0)] == (1.0, None), "a result already reported is kept"
+    unchecked = gpu._Progress(candidates=2, points=1)
+    unchecked.add(gpu._Result(0, None, None, "wrong result"))
+    unchecked.fail(gpu._Step("reference"), "reference died")
+    assert unchecked.checks == {0: "wrong result", 1: "reference died"} and unchecked.finished()
+    assert gpu._exit_text(-11) == "GPU worker process died with signal 11 (SIGSEGV)"
+    assert gpu._exit_text(139) == "GPU worker process exited with code 139"
+
+
+def test_timer_in_process_mode(fake_kernel: types.ModuleType, cache_dirs: tuple[Path, Path]) -> None:
+    """``isolate=False`` runs the same steps in this process (closures allowed) and starts no worker."""
+    timer = gpu.GpuTimer(
+        sku="h100-sxm", device=torch.device("cpu"), runner=_FakeRunner().runner(),
+        measure=lambda call, sets, warmup, reps: 1.0,
+    )  # fmt: skip
+    options = tuner.TuneOptions(kernels=("fake",), preset=FAKE_PRESET, jobs=1, progress=False, isolate=False)
+    result = tuner.tune(options, timer=timer)
+    assert not result.failed_cases and timer._worker is None
+    assert cache.lookup("fake", FAKE_STATIC, FAKE_SIZES[0], sku="h100-sxm") == {"block": 64, "stages": 2}
+
+
+def test_candidate_timeout_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dsa import env
+
+    monkeypatch.delenv("DSA_TUNE_CANDIDATE_TIMEOUT_S", raising=False)
+    assert env.tune_candidate_timeout_s() == 120.0
+    monkeypatch.setenv("DSA_TUNE_CANDIDATE_TIMEOUT_S", "7.5")
+    assert env.tune_candidate_timeout_s() == 7.5
+    for bad in ("0", "-1", "soon", "inf"):
+        monkeypatch.setenv("DSA_TUNE_CANDIDATE_TIMEOUT_S", bad)
+        with pytest.raises(ValueError, match="DSA_TUNE_CANDIDATE_TIMEOUT_S"):
+            env.tune_candidate_timeout_s()
+    assert cli.main([]) == cli.EXIT_USAGE  # a bad value is a usage error before anything compiles
+    args = cli.build_parser().parse_args(["--candidate-timeout", "30", "--in-process"])
+    assert args.candidate_timeout == 30.0 and args.in_process

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
@@ -215,8 +217,8 @@ def test_failing_stages_are_recorded_and_later_stages_still_run(
     # must record both, write the record, and report.
     monkeypatch.setattr(gpu_check, "cuda_available", lambda: (True, ""))
     rc = gpu_check.main(
-        ["--out-dir", str(tmp_path), "--work-dir", str(tmp_path / "work"), "--skip", "tests", "--skip", "tune",
-         "--bench-args", "--kernels topk"]
+        ["--out-dir", str(tmp_path), "--work-dir", str(tmp_path / "work"), "--skip", "tests", "--skip", "tests_ws",
+         "--skip", "tune", "--bench-args", "--kernels topk"]
     )  # fmt: skip
     assert rc == 1
     records = list(tmp_path.glob("unknown-gpu-*.json"))
@@ -230,6 +232,80 @@ def test_failing_stages_are_recorded_and_later_stages_still_run(
     assert doc["ok"] is False and doc["plot"] is None and doc["plot_note"]
     last = capsys.readouterr().out.strip().splitlines()
     assert last[-1].startswith("gpu_check: stages not ok: host, bench")
+
+
+def _selection(cmd: list[str]) -> str:
+    """The ``-m`` expression of a ``python -m pytest -m EXPR ...`` command."""
+    return cmd[cmd.index("-m", 2) + 1]
+
+
+def test_gpu_tests_run_in_two_stages_with_the_ws_schedule_apart(
+    gpu_check: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The main test stage deselects the ws tests, a stage of their own runs them after it; both dump a hanging
+    test's traceback before their budget; a ws stage killed at its budget leaves the main stage's counts."""
+    assert gpu_check.STAGES.index("tests") < gpu_check.STAGES.index("tests_ws")
+    assert set(gpu_check.DEFAULT_BUDGETS) == set(gpu_check.STAGES)
+    assert sum(gpu_check.DEFAULT_BUDGETS.values()) <= 470
+    monkeypatch.setattr(gpu_check, "cuda_available", lambda: (True, ""))
+    calls: list[tuple[list[str], float, dict[str, str], str]] = []
+
+    def fake_stage(cmd: list[str], *, budget_s: float, env: dict[str, str], log: Path) -> Any:
+        calls.append((list(cmd), budget_s, env, log.name))
+        if _selection(cmd) == "gpu and ws":  # the ws kernel deadlocks: killed at the budget, no JUnit file
+            return gpu_check.StageRun(None, budget_s, True, "Timeout (0:00:20)!\nThread 0x1 (most recent call first):")
+        junit = next(arg.split("=", 1)[1] for arg in cmd if arg.startswith("--junitxml="))
+        Path(junit).write_text('<testsuite tests="3" failures="0" errors="0" skipped="1"></testsuite>')
+        return gpu_check.StageRun(0, 1.0, False, "2 passed, 1 skipped")
+
+    monkeypatch.setattr(gpu_check, "run_stage_process", fake_stage)
+    rc = gpu_check.main(
+        ["--out-dir", str(tmp_path), "--work-dir", str(tmp_path / "work"), "--skip", "host", "--skip", "bench",
+         "--skip", "tune", "--pytest-args", "-x --maxfail 1"]
+    )  # fmt: skip
+    assert rc == 1
+    (main, main_budget, main_env, main_log), (ws, ws_budget, ws_env, ws_log) = calls
+    assert (_selection(main), _selection(ws)) == ("gpu and not ws", "gpu and ws")
+    assert (main_budget, ws_budget) == (gpu_check.DEFAULT_BUDGETS["tests"], gpu_check.DEFAULT_BUDGETS["tests_ws"])
+    assert (main_log, ws_log) == ("tests.log", "tests_ws.log")
+    for cmd, budget in ((main, main_budget), (ws, ws_budget)):
+        dump_after = int(cmd[cmd.index("-o") + 1].removeprefix("faulthandler_timeout="))
+        assert 0 < dump_after < budget
+        assert cmd[-3:] == ["-x", "--maxfail", "1"]
+    assert main_env["HYPOTHESIS_PROFILE"] == ws_env["HYPOTHESIS_PROFILE"] == "gpu"
+    doc = json.loads(next(tmp_path.glob("unknown-gpu-*.json")).read_text())
+    assert [(s["stage"], s["status"]) for s in doc["stages"]] == [("tests", "ok"), ("tests_ws", "timeout")]
+    assert doc["tests"]["passed"] == 2 and doc["tests_ws"] == {}
+    assert "Timeout" in doc["stages"][1]["log_tail"]
+    out = capsys.readouterr().out
+    assert "gpu tests: 2 passed, 0 failed, 0 errors, 1 skipped" in out and "tests_ws timeout" in out
+    assert out.strip().splitlines()[-1] == "gpu_check: stages not ok: tests_ws"
+
+
+def test_the_ws_marker_selects_the_ws_gpu_tests() -> None:
+    """``-m "gpu and ws"`` picks sparse_mla_fwd's ws GPU tests (the main stage's ``gpu and not ws`` the rest)."""
+    proc = _run(
+        "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m", "gpu and ws",
+        "tests/test_sparse_mla_fwd_kernel.py", timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    selected = {line.strip() for line in proc.stdout.splitlines() if "::" in line}
+    assert selected == {
+        "tests/test_sparse_mla_fwd_kernel.py::test_gpu_ws_matches_reference",
+        "tests/test_sparse_mla_fwd_kernel.py::test_gpu_v32_causal_prefill[ws]",
+    }
+
+
+def test_a_hanging_test_is_dumped_into_the_stage_log(gpu_check: ModuleType, tmp_path: Path) -> None:
+    """pytest's built-in ``faulthandler_timeout`` (the GPU host has no pytest plugins) writes where a test hangs."""
+    planted = tmp_path / "test_planted_hang.py"
+    planted.write_text("import time\nimport pytest\n\n@pytest.mark.gpu\ndef test_hangs():\n    time.sleep(3)\n")
+    junit = tmp_path / "j.xml"
+    cmd = gpu_check.pytest_command(sys.executable, "tests", budget_s=2, junit=junit, extra_args=[str(planted)])
+    run = gpu_check.run_stage_process(cmd, budget_s=60, env=dict(os.environ), log=tmp_path / "tests.log")
+    assert run.rc == 0, run.output[-3000:]
+    assert "Timeout" in run.output and "in test_hangs" in run.output, run.output[-3000:]
+    assert gpu_check.junit_counts(junit)["passed"] == 1
 
 
 # ----------------------------------------------------------------------------------------------------------------------
