@@ -163,11 +163,20 @@ class _SparseMLA(torch.autograd.Function):
         return dq, dkv, None, None, None, None, d_sink
 
 
-def _gather_rows(kv: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``kv [B, S_kv, D]`` gathered at ``idx [B, c, k]`` (already clamped) -> ``[B, c, k, D]`` in ``dtype``."""
+def _gather_rows(
+    kv: torch.Tensor, indices: torch.Tensor, valid: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of ``kv [B, S_kv, D]`` selected by ``indices [B, c, k]``, and the row numbers read.
+
+    Returns ``(rows [B, c, k, D] in dtype, idx [B, c, k] int64)``. An invalid entry (``valid`` False) reads row 0 and
+    its gathered row is replaced by zeros, so it contributes exactly nothing, even if that row (or the row its index
+    names) holds Inf or NaN, as unwritten cache memory may.
+    """
     batch = kv.shape[0]
     b = torch.arange(batch, device=kv.device).view(batch, 1, 1)
-    return kv[b, idx].to(dtype)
+    idx = torch.where(valid, indices.to(torch.int64), 0)
+    rows = kv[b, idx].to(dtype)
+    return torch.where(valid.unsqueeze(-1), rows, torch.zeros((), dtype=dtype, device=kv.device)), idx
 
 
 def _chunk_plan(q: torch.Tensor, indices: torch.Tensor) -> int:
@@ -193,9 +202,7 @@ def _sparse_mla_forward(q, kv, indices, sm_scale, d_v, topk_length, attn_sink):
     step = _chunk_plan(q, indices)
     for t0 in range(0, seq, step):
         rows = slice(t0, min(seq, t0 + step))
-        # Clamp the address of invalid entries (their score is masked), exactly as the kernels do.
-        idx = torch.where(valid[:, rows], indices[:, rows].to(torch.int64), 0)
-        kv_c = _gather_rows(kv, idx, dtype)
+        kv_c, _ = _gather_rows(kv, indices[:, rows], valid[:, rows], dtype)
         scores = _chunk_scores(q[:, rows].to(dtype), kv_c, valid[:, rows], sm_scale)
         lse_c = torch.logsumexp(scores, dim=-1)
         p = _probabilities(scores, _effective_lse(lse_c, attn_sink))
@@ -223,8 +230,7 @@ def sparse_mla_backward(q, kv, indices, sm_scale, d_v, topk_length, attn_sink, o
     batch_index = torch.arange(batch, device=q.device).view(batch, 1, 1)
     for t0 in range(0, seq, step):
         rows = slice(t0, min(seq, t0 + step))
-        idx = torch.where(valid[:, rows], indices[:, rows].to(torch.int64), 0)
-        kv_c = _gather_rows(kv, idx, dtype)
+        kv_c, idx = _gather_rows(kv, indices[:, rows], valid[:, rows], dtype)
         q_c = q[:, rows].to(dtype)
         scores = _chunk_scores(q_c, kv_c, valid[:, rows], sm_scale)
         p = _probabilities(scores, log_denominator[:, rows])

@@ -127,3 +127,25 @@ def index_mask(indices: torch.Tensor, seq_kv: int, topk_length: torch.Tensor | N
     mask = torch.zeros((*indices.shape[:2], seq_kv + 1), dtype=torch.bool, device=indices.device)
     mask.scatter_(-1, torch.where(valid, indices.to(torch.int64), seq_kv), True)
     return mask[..., :seq_kv]
+
+
+# Values an unwritten cache slot may hold: every non-finite kind, cycled over the poisoned rows.
+_NON_FINITE = (float("nan"), float("inf"), float("-inf"))
+
+
+def poison_unreferenced_rows(
+    kv: torch.Tensor, indices: torch.Tensor, topk_length: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A copy of ``kv [B, S_kv, D]`` whose rows that no valid entry of ``indices [B, S, k]`` selects hold NaN/±inf.
+
+    Invalid entries (out of range, negative, or past ``topk_length``) may still point at such rows, or be clamped
+    onto them (row 0, row S_kv - 1): the contract is that they contribute nothing, whatever the memory holds.
+    Returns ``(poisoned kv, unreferenced [B, S_kv] bool)``.
+    """
+    referenced = index_mask(indices, kv.shape[1], topk_length).any(dim=1)
+    unreferenced = ~referenced
+    poisoned = kv.detach().clone()
+    rows = unreferenced.nonzero()
+    for n, (b, r) in enumerate(rows.tolist()):
+        poisoned[b, r] = _NON_FINITE[n % len(_NON_FINITE)]
+    return poisoned, unreferenced

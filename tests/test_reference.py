@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from dsa import reference
 from tests import strategies as sts
-from tests.helpers import assert_close, assert_topk_valid, index_mask
+from tests.helpers import assert_close, assert_topk_valid, index_mask, poison_unreferenced_rows
 
 FLOAT_DTYPES = st.sampled_from([torch.float32, torch.bfloat16])
 # Per-output tolerances: float32 paths differ only in summation order; bf16 outputs differ by one rounding step.
@@ -83,6 +83,31 @@ def test_sparse_mla_permutation_and_invalid_padding_change_nothing(shape, data, 
     out_t, lse_t = reference.sparse_mla(q, kv, torch.cat([indices, tail], dim=-1), topk_length=length, **kwargs)
     assert_close(out_t, out, atol=1e-6, rtol=1e-6, name="topk_length out")
     assert_close(lse_t, lse, atol=1e-6, rtol=1e-6, min_cos=None, name="topk_length lse")
+
+
+@given(shape=sts.attention_shapes(), data=st.data(), seed=sts.SEEDS, with_length=st.booleans(), extra=st.integers(0, 4))
+def test_sparse_mla_ignores_non_finite_rows_only_invalid_entries_reach(shape, data, seed, with_length, extra):
+    """Rows that no valid entry selects may hold NaN/±inf (unwritten cache slots): invalid entries pointing at them,
+    or clamped onto them, change nothing in out, lse or the gradients, and those rows get a zero dkv."""
+    _, indices = data.draw(sts.index_patterns(shape.batch, shape.seq, shape.seq_kv, shape.topk))
+    length = sts.make_topk_length(seed, shape.batch, shape.seq, shape.topk) if with_length else None
+    # Invalid entries that name every row, so poisoned rows are certainly reached (out of range and negative too).
+    junk = torch.randint(-2, shape.seq_kv + 2, (shape.batch, shape.seq, extra), generator=sts.generator(seed + 3))
+    if length is not None:
+        indices = torch.cat([indices, junk.to(indices.dtype)], dim=-1)  # past topk_length: invalid
+    q, kv = _attention_inputs(shape, seed, torch.float32)
+    kv_poisoned, unreferenced = poison_unreferenced_rows(kv, indices, length)
+    kwargs = dict(sm_scale=_sm_scale(shape), d_v=shape.d_v, topk_length=length)
+    results = []
+    for source in (kv, kv_poisoned):
+        q_g, kv_g = q.clone().requires_grad_(True), source.clone().requires_grad_(True)
+        out, lse = reference.sparse_mla(q_g, kv_g, indices, **kwargs)
+        finite_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+        dq, dkv = torch.autograd.grad((out * out).sum() + finite_lse.sum(), (q_g, kv_g))
+        results.append((out, lse, dq, dkv))
+    for name, clean, poisoned in zip(("out", "lse", "dq", "dkv"), *results):
+        assert torch.equal(clean, poisoned), name
+    assert (results[1][3][unreferenced] == 0).all()
 
 
 @given(shape=sts.attention_shapes(), seed=sts.SEEDS, dtype=FLOAT_DTYPES, with_sink=st.booleans())
