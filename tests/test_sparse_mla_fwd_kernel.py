@@ -30,6 +30,7 @@ import dataclasses
 import itertools
 import logging
 import math
+import re
 import time
 from typing import Any
 
@@ -41,7 +42,7 @@ from hypothesis import strategies as st
 from dsa import reference
 from dsa.launch import sparse_mla_fwd as launch
 from tests import strategies
-from tests.helpers import assert_close, poisoned_empty
+from tests.helpers import assert_close, poison_unreferenced_rows, poisoned_empty
 from tl_kernels import build as tl_build
 from tl_kernels import dsl
 from tl_kernels import sparse_mla_fwd as kernels
@@ -372,14 +373,46 @@ def test_cpu_ws_config_matches_reference(
 
 
 @pytest.mark.cpu_kernel
-@pytest.mark.parametrize("sink_scale", [0.0, 30.0])
+@pytest.mark.parametrize("sink_scale", [0.0, 30.0, math.inf])
 def test_cpu_sink_extremes(sink_scale: float) -> None:
-    """A sink far above every score (its exp dominates the denominator) and sinks of 0, over some empty rows."""
+    """A sink far above every score (its exp dominates the denominator), sinks of 0, and sinks of +inf (out = 0)
+    and -inf (no sink) on alternate heads, over some empty rows."""
     p = _cpu_problem(
         CPU_STATICS[3], batch=2, seq=3, seq_kv=40, topk=50, kind="mixed_rows", seed=11, sm_scale=0.1,
-        sink_scale=sink_scale,
+        sink_scale=1.0 if math.isinf(sink_scale) else sink_scale,
     )
+    if math.isinf(sink_scale):
+        assert p.attn_sink is not None
+        sink = p.attn_sink.clone()
+        sink[0::3], sink[1::3] = math.inf, -math.inf
+        p = dataclasses.replace(p, attn_sink=sink)
     out, lse = run_kernel(p)
+    check(p, out, lse, CPU_OUT_TOL, CPU_LSE_TOL)
+
+
+def _with_poisoned_rows(p: Problem, extra: int, seed: int) -> Problem:
+    """``p`` with ``extra`` more index columns past ``topk_length`` naming random rows (out of range and negative
+    too), and NaN/±inf in every kv row that no valid entry selects (an unwritten cache slot may hold anything)."""
+    batch, seq, topk = p.indices.shape
+    junk = torch.randint(-2, p.kv.shape[1] + 2, (batch, seq, extra), generator=strategies.generator(seed))
+    length = p.topk_length if p.topk_length is not None else torch.full((batch, seq), topk, dtype=torch.int32)
+    indices = torch.cat([p.indices, junk.to(p.indices.dtype).to(p.indices.device)], dim=-1)
+    kv, unreferenced = poison_unreferenced_rows(p.kv, indices, length.to(p.indices.device))
+    assert unreferenced.any(), "the problem must leave some row unreferenced"
+    return dataclasses.replace(p, kv=kv, indices=indices, topk_length=length.to(p.indices.device))
+
+
+@pytest.mark.cpu_kernel
+@pytest.mark.parametrize("schedule", ["default", "ws"])
+def test_cpu_non_finite_rows_behind_invalid_entries_change_nothing(schedule: str) -> None:
+    """Invalid entries that name (or are clamped onto) rows holding NaN/±inf: out and lse equal the reference's,
+    which never reads them. On the C target the ws config lowers to the plain loop (see module docstring)."""
+    static = CPU_STATICS[3]
+    p = _cpu_problem(static, batch=2, seq=3, seq_kv=90, topk=70, kind="mixed_rows", seed=31, sm_scale=0.1)
+    p = _with_poisoned_rows(p, extra=20, seed=32)
+    cpu_static = {"heads": static[0], "d_qk": static[1], "d_v": static[2], "target": dsl.CPU_TARGET}
+    config = _ws_config(cpu_static) if schedule == "ws" else None
+    out, lse = run_kernel(p, config)
     check(p, out, lse, CPU_OUT_TOL, CPU_LSE_TOL)
 
 
@@ -464,6 +497,12 @@ def test_hopper_build_is_clean(case: tuple[dict[str, Any], kernels.Config], hopp
     if case[1].pipeline == kernels.PIPELINE_WS:
         assert "mbarrier_cp_async_arrive_noinc" in source, "the producer does not signal its cp.async completion"
         assert "warpgroup_reg_alloc" in source and "warpgroup_reg_dealloc" in source
+    else:
+        # Invalid entries are zero-filled by a predicated cp.async whose predicate is the row's bounds check (row -1
+        # for an invalid entry), not by a select that would make the gather synchronous.
+        assert re.search(r"cp_async_gs_conditional<\d+>\([^;]*\(0 <= condval", source), (
+            "the gather no longer zero-fills invalid entries asynchronously"
+        )
     # check_config's shared-memory estimate is an upper bound of what the kernel really asks for.
     assert report.smem_bytes <= kernels.smem_bytes(case[0], case[1])
 
@@ -555,6 +594,18 @@ def test_gpu_ws_matches_reference(
     _check_on_gpu(
         cuda_device, static, WS_CONFIG, batch=batch, seq=seq, seq_kv=seq_kv, topk=topk, kind=kind, seed=seed
     )
+
+
+@pytest.mark.gpu
+def test_gpu_non_finite_rows_behind_invalid_entries_change_nothing(cuda_device: torch.device) -> None:
+    """The default schedule zero-fills an invalid entry's tile row (predicated cp.async), so NaN/±inf in rows that
+    only invalid entries reach leave out and lse exact. (The ws schedule masks their scores but still multiplies
+    their V by p = 0: it needs those rows finite, see its docstring.)"""
+    p = _cpu_problem(GPU_STATICS[1], batch=2, seq=4, seq_kv=300, topk=200, kind="mixed_rows", seed=33, sm_scale=V32_SCALE)
+    p = _with_poisoned_rows(p, extra=40, seed=34).to(cuda_device)
+    out, lse = run_kernel(p)
+    torch.cuda.synchronize()
+    check(p, out, lse, GPU_OUT_TOL, GPU_LSE_TOL)
 
 
 @pytest.mark.gpu

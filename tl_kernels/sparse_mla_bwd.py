@@ -27,7 +27,10 @@ Three kernels, run in this order by :func:`dsa.launch.sparse_mla_bwd.sparse_mla_
 An index is valid iff ``0 <= idx < S_kv`` and (with ``topk_length``) its position in the row is below
 ``topk_length[b, t]``; invalid indices are never used as addresses: the gather clamps every row address into
 ``[0, S_kv)`` (a plain, unpredicated copy that the Hopper pipeliner can turn into ``cp.async``), the slot's probability
-is forced to exactly 0 (so its finite, unrelated row contributes nothing to ``dq``), and the atomics skip it. A row
+is forced to exactly 0 (so its unrelated row contributes nothing to ``dq`` as long as it is finite: ``dq = ds @ k``
+multiplies it by ``ds = 0``), and the atomics skip it. Zeroing those rows as the forward does cost a 16-byte spill at
+``block_topk = 64`` (255 registers); in training every kv row is a finite activation, so the backward keeps the
+clamped row. A row
 whose ``lse`` is ``-inf`` (no valid index in the forward) contributes nothing and produces no NaN: its probabilities
 are forced to 0 before any exponential of an infinity can happen.
 

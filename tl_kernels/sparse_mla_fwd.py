@@ -7,7 +7,11 @@ domain, and accumulates ``P . V`` where V is the first ``d_v`` columns of the sa
 ``dsa.reference.sparse_mla``:
 
 * an entry is valid iff ``0 <= idx < S_kv`` and its position in the row is ``< min(k, topk_length[b, t])``; an invalid
-  entry is never dereferenced: its gather address is clamped into ``[0, S_kv)`` and its score is masked to ``-inf``;
+  entry is never dereferenced and contributes exactly nothing: its tile row is zero-filled (on CUDA a predicated
+  cp.async that reads nothing; on the C target a select around a clamped load) and its score is masked to ``-inf``,
+  so Inf/NaN in the rows it names (unwritten cache slots) cannot reach ``out`` through ``0 * V``. The ``ws`` schedule
+  clamps the address into ``[0, S_kv)`` and selects the score, but multiplies the clamped row's V by ``p = 0``: it
+  needs the rows its invalid entries reach (rows 0 and ``S_kv - 1``, and those named past ``topk_length``) finite;
 * a query with no valid entry gets ``out = 0`` and ``lse = -inf`` (no NaN on the way: the running maximum is replaced
   by 0 while it is still ``-inf``);
 * ``attn_sink[h]`` joins only the final denominator; ``lse`` is the natural-log log-sum-exp of the valid scores alone;
@@ -326,10 +330,35 @@ def build(
                 # reads its index straight from global memory (cached): staging the indices in shared memory would
                 # make them a second asynchronous copy, and TileLang 0.1.15 does not wait for one cp.async group
                 # before another copy's address reads it.
+                #
+                # An invalid entry's tile row is zero, never the memory its index names: a masked score alone would
+                # still leave 0 * V in P . V, which is NaN when that row holds Inf/NaN (an unwritten cache slot). On
+                # CUDA the row number of an invalid entry is -1, which TileLang's bound check turns into a predicated
+                # cp.async that reads nothing and zero-fills (a select around the load would make it synchronous);
+                # the C target selects around a clamped load.
                 for j, d in alloc.parallel(block_k, d_qk):
-                    kv_s[j, d] = load(
-                        KV[b, _clamp_row(_index_at(Indices, b, s, step * block_k + j, width), seq_len_kv), d]
-                    )
+                    if cpu:
+                        kv_s[j, d] = T.if_then_else(
+                            _entry_valid(
+                                _index_at(Indices, b, s, step * block_k + j, width), step * block_k + j, limit,
+                                seq_len_kv,
+                            ),
+                            load(KV[b, _clamp_row(_index_at(Indices, b, s, step * block_k + j, width), seq_len_kv), d]),
+                            T.cast(0, tile_dtype),
+                        )
+                    else:
+                        kv_s[j, d] = KV[
+                            b,
+                            T.if_then_else(
+                                _entry_valid(
+                                    _index_at(Indices, b, s, step * block_k + j, width), step * block_k + j, limit,
+                                    seq_len_kv,
+                                ),
+                                _index_at(Indices, b, s, step * block_k + j, width),
+                                -1,
+                            ),
+                            d,
+                        ]
 
                 T.clear(acc_s)
                 T.gemm(q_s, kv_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
@@ -413,6 +442,14 @@ def _build_ws(
     consumer 1 read them), ``fin`` for the final normaliser. Steps come in pairs (one per buffer), so a row with an
     odd number of steps runs one fully masked step. Every arrival is ordered after the previous phase completed (each
     side waits on the other before arriving again), so no phase can be completed by one side's repeated arrivals.
+
+    An invalid entry's row is gathered from its clamped address (the producer's copies cannot be predicated without
+    becoming synchronous), so its score is selected to ``-inf`` after the MMA, but ``P . V`` still multiplies that
+    row's V by ``p = 0``: Inf/NaN there would give NaN. The default schedule zero-fills such rows instead.
+
+    A static audit of the generated CUDA (barrier counts, phase parities over odd/even/zero step counts, proxy fences,
+    ``setmaxnreg`` budgets, padded heads) and a randomised model of the barrier protocol found no hang or race; the
+    GPU tier is still the proof.
     """
     block_h = WGMMA_M
     half_v = d_v // 2
@@ -430,18 +467,20 @@ def _build_ws(
 
     # Macros take TileLang buffers and expressions (no Python annotations: the eager builder binds them itself).
     @T.macro
-    def scores(q_l, q_r, q_t, kv_l, kv_r, k_t, valid, ready, parity, acc_s):  # noqa: ANN001, ANN202
-        # Consumer 0: the masked scores of one KV buffer. Masked entries start at -inf and stay there (their
-        # clamped rows hold finite data), so the select needs no second pass.
+    def scores(q_l, q_r, q_t, kv_l, kv_r, k_t, valid, ready, parity, acc_s, scale_log2):  # noqa: ANN001, ANN202
+        # Consumer 0: the masked, log2-scaled scores of one KV buffer. The mask is selected after the MMA, not
+        # added before it: a masked entry's clamped row may hold Inf/NaN (an unwritten cache slot), and -inf plus
+        # a NaN product would be NaN.
         T.barrier_wait(ready, parity)
         # The tiles were written by cp.async (generic proxy) and are read by wgmma (async proxy).
         T.fence_proxy_async()
-        for h, j in T.Parallel(block_h, block_k):
-            acc_s[h, j] = T.if_then_else(valid[j] != 0, 0, neg_inf)
+        T.clear(acc_s)
         T.wgmma_gemm(q_l, kv_l, acc_s, transpose_B=True)
         T.wgmma_gemm(q_r, kv_r, acc_s, transpose_B=True)
         T.wgmma_gemm(q_t, k_t, acc_s, transpose_B=True)
         T.wait_wgmma(0)
+        for h, j in T.Parallel(block_h, block_k):
+            acc_s[h, j] = T.if_then_else(valid[j] != 0, acc_s[h, j] * scale_log2, neg_inf)
 
     @T.macro
     def produce(kv_src, indices, b, s, step, limit, kv_l, kv_r, k_t, valid):  # noqa: ANN001, ANN202
@@ -545,15 +584,13 @@ def _build_ws(
                 for step in T.serial(num_pairs * WS_KV_BUFFERS):
                     pair = step // WS_KV_BUFFERS
                     if step % WS_KV_BUFFERS == 0:
-                        scores(q_l, q_r, q_t, kv_l0, kv_r0, k_t0, valid0, ready0, pair & 1, acc_s)
+                        scores(q_l, q_r, q_t, kv_l0, kv_r0, k_t0, valid0, ready0, pair & 1, acc_s, scale_log2)
                     else:
-                        scores(q_l, q_r, q_t, kv_l1, kv_r1, k_t1, valid1, ready1, pair & 1, acc_s)
+                        scores(q_l, q_r, q_t, kv_l1, kv_r1, k_t1, valid1, ready1, pair & 1, acc_s, scale_log2)
                     if step > 0:
                         # Consumer 1 must have read the previous step's p_s and alpha_s.
                         T.barrier_arrive(p_free)
                         T.barrier_wait(p_free, (step - 1) & 1)
-                    for h, j in T.Parallel(block_h, block_k):
-                        acc_s[h, j] = acc_s[h, j] * scale_log2
                     T.copy(m_i, m_prev)
                     T.reduce_max(acc_s, m_i, dim=1, clear=False)
                     for h in T.Parallel(block_h):
@@ -646,8 +683,8 @@ def _index_at(indices: Any, b: Any, s: Any, pos: Any, width: Any) -> Any:
 def _clamp_row(idx: Any, seq_len_kv: Any) -> Any:
     """``idx`` clamped into ``[0, S_kv)``: the gather address is always in bounds (the entry's score is masked).
 
-    Written with min/max (not a select) so TileLang's bound analysis proves the access safe and issues a plain,
-    unpredicated cp.async.
+    Written with min/max (not a select) so TileLang's bound analysis proves the access safe: the ``ws`` producer's
+    cp.async stays unpredicated (its pass configs disable the bound guard).
     """
     return T.max(T.min(idx, seq_len_kv - 1), 0)
 
