@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import re
 import time
 from typing import Any
 
@@ -25,7 +26,7 @@ from hypothesis import strategies as st
 from dsa import reference
 from dsa.launch import sparse_mla_bwd as launch
 from tests import strategies
-from tests.helpers import assert_close, poisoned_empty
+from tests.helpers import assert_close, poison_unreferenced_rows, poisoned_empty
 from tl_kernels import build as tl_build
 from tl_kernels import sparse_mla_bwd as kernels
 
@@ -111,6 +112,7 @@ def make_problem(
     topk_length: torch.Tensor | None,
     attn_sink: torch.Tensor | None,
     with_d_lse: bool = False,
+    poison_unreferenced: bool = False,
     device: torch.device | str = "cpu",
 ) -> Problem:
     """Random bf16 inputs and the float32 reference gradients (autograd through ``dsa.reference.sparse_mla``).
@@ -123,11 +125,14 @@ def make_problem(
     ``c = -delta_err * exp(lse - lse_eff)`` (0 on empty rows) is exactly the gradient for the kernel's inputs.
 
     With ``with_d_lse`` the loss also has a random gradient ``d_lse [B, S, H]`` for ``lse`` (given to the kernel; the
-    reference receives it plus ``c``).
+    reference receives it plus ``c``). With ``poison_unreferenced`` every kv row that no valid entry selects holds
+    NaN/±inf (see ``tests.helpers.poison_unreferenced_rows``).
     """
     g = strategies.generator(seed)
     q = torch.randn((batch, seq, heads, d_qk), generator=g).to(torch.bfloat16)
     kv = torch.randn((batch, seq_kv, d_qk), generator=g).to(torch.bfloat16)
+    if poison_unreferenced:
+        kv, _ = poison_unreferenced_rows(kv, indices, topk_length)
     d_out = torch.randn((batch, seq, heads, d_v), generator=g).to(torch.bfloat16)
     user_d_lse = torch.randn((batch, seq, heads), generator=g).to(device) if with_d_lse else None
     q32 = q.float().to(device).requires_grad_(True)
@@ -372,6 +377,30 @@ def test_cpu_gradient_through_lse(case: StaticCase) -> None:
 
 
 @pytest.mark.cpu_kernel
+@pytest.mark.parametrize("case", SMALL_CASES, ids=lambda c: c.name)
+def test_cpu_non_finite_rows_behind_invalid_entries_change_nothing(case: StaticCase) -> None:
+    """Invalid entries (negative, out of range, past topk_length) naming rows that hold NaN/±inf: dq and dkv match
+    the reference, which never reads them, and those rows get dkv = 0."""
+    batch, seq, seq_kv, k = 2, 3, 70, 45
+    indices = strategies.make_indices("mixed_rows", 12, batch, seq, seq_kv, k)
+    junk = torch.randint(-2, seq_kv + 2, (batch, seq, 19), generator=strategies.generator(13)).to(indices.dtype)
+    indices = torch.cat([indices, junk], dim=-1)
+    # topk_length cuts every row before the junk (also for the case without topk_length support, through -1s).
+    if case.has_topk_length:
+        topk_length = strategies.make_topk_length(14, batch, seq, k)
+    else:
+        topk_length = None
+        indices[..., k:] = torch.where(junk < 0, junk, -1 - junk.abs())
+    problem = make_problem(
+        seed=15, batch=batch, seq=seq, seq_kv=seq_kv, heads=case.heads, d_qk=case.d_qk, d_v=case.d_v,
+        indices=indices, sm_scale=case.d_qk**-0.5, topk_length=topk_length,
+        attn_sink=_sink(16, case.heads, "normal") if case.has_sink else None, poison_unreferenced=True,
+    )
+    assert not torch.isfinite(problem.kv.float()).all(), "the problem must hold non-finite rows"
+    run_and_check(problem, case.config)
+
+
+@pytest.mark.cpu_kernel
 def test_cpu_sharp_single_entry_row_with_sink() -> None:
     """One valid entry, a sink and a sharp scale: dp - delta cancels, so the bf16 rounding of ``out`` dominates.
 
@@ -485,6 +514,10 @@ def test_hopper_main_kernel_static(hopper_builds, config: kernels.Config) -> Non
     groups = 1 + len(kernels.chunk_bounds(V32["d_qk"], V32["d_v"], config.dkv_chunk))
     assert source.count("wait_wgmma<0>") == groups, "expected one wgmma wait per MMA group in the step loop"
     assert "warpgroup_wait" not in source, "a T.gemm with its own implicit wait is back in the main kernel"
+    # The gather's load is guarded by the bounds of a row number that is -1 for invalid slots (zero-fill, no read).
+    assert re.search(r"if \(\(\(0 <= condval_\d+\) && \(condval_\d+ < seq_kv\)\)\)", source), (
+        "the kv gather no longer zero-fills invalid slots behind a bounds guard"
+    )
 
 
 @pytest.mark.build
@@ -563,5 +596,19 @@ def test_gpu_heavy_duplicates() -> None:
     problem = make_problem(
         seed=2, batch=batch, seq=seq, seq_kv=seq_kv, heads=V32["heads"], d_qk=V32["d_qk"], d_v=V32["d_v"],
         indices=indices, sm_scale=V32_SM_SCALE, topk_length=None, attn_sink=None, device=device,
+    )
+    run_and_check(problem, atol=GPU_ATOL, rtol=GPU_RTOL)
+
+
+@pytest.mark.gpu
+def test_gpu_non_finite_rows_behind_invalid_entries_change_nothing() -> None:
+    """NaN/±inf in every kv row no valid entry selects (invalid entries name them or are clamped onto them)."""
+    device = torch.device("cuda")
+    batch, seq, seq_kv, k = 1, 4, 3000, V32["topk"]
+    indices = strategies.make_indices("mixed_rows", 17, batch, seq, seq_kv, k)
+    problem = make_problem(
+        seed=18, batch=batch, seq=seq, seq_kv=seq_kv, heads=V32["heads"], d_qk=V32["d_qk"], d_v=V32["d_v"],
+        indices=indices, sm_scale=V32_SM_SCALE, topk_length=strategies.make_topk_length(19, batch, seq, k),
+        attn_sink=None, poison_unreferenced=True, device=device,
     )
     run_and_check(problem, atol=GPU_ATOL, rtol=GPU_RTOL)

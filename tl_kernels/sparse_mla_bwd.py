@@ -25,14 +25,12 @@ Three kernels, run in this order by :func:`dsa.launch.sparse_mla_bwd.sparse_mla_
 3. :func:`build_postprocess`: casts the float32 ``dkv`` accumulator to bfloat16.
 
 An index is valid iff ``0 <= idx < S_kv`` and (with ``topk_length``) its position in the row is below
-``topk_length[b, t]``; invalid indices are never used as addresses: the gather clamps every row address into
-``[0, S_kv)`` (a plain, unpredicated copy that the Hopper pipeliner can turn into ``cp.async``), the slot's probability
-is forced to exactly 0 (so its unrelated row contributes nothing to ``dq`` as long as it is finite: ``dq = ds @ k``
-multiplies it by ``ds = 0``), and the atomics skip it. Zeroing those rows as the forward does cost a 16-byte spill at
-``block_topk = 64`` (255 registers); in training every kv row is a finite activation, so the backward keeps the
-clamped row. A row
-whose ``lse`` is ``-inf`` (no valid index in the forward) contributes nothing and produces no NaN: its probabilities
-are forced to 0 before any exponential of an infinity can happen.
+``topk_length[b, t]``. An invalid slot never touches memory outside ``kv`` and contributes exactly nothing: its kv
+tile row is zero-filled by a guarded load that reads nothing (row number -1, which TileLang's bound guard turns into
+a predicated load; a select around the load cost a 16-byte spill at ``block_topk = 64``), so Inf/NaN in the rows
+invalid entries name (unwritten cache slots) cannot reach ``dq`` through ``0 * k``; its probability is forced to
+exactly 0 and the atomics skip it. A row whose ``lse`` is ``-inf`` (no valid index in the forward) contributes nothing
+and produces no NaN: its probabilities are forced to 0 before any exponential of an infinity can happen.
 
 Heads are processed ``block_h`` at a time; the head count need not be a multiple (padded heads load zeros, get
 ``p = 0`` and are never stored). ``topk`` must be a multiple of ``block_topk`` (the launcher pads indices with -1).
@@ -116,8 +114,9 @@ class Config:
     block_topk: indices gathered and processed per step; ``topk`` is padded to a multiple of it.
     dkv_chunk: columns of ``d_qk`` per ``dkv`` MMA and per shared tile of q/d_out/kv; a multiple of 64 on CUDA.
     num_stages: software-pipelining depth of the loop over index blocks (0 = no pipelining). Stages >= 1 turn the
-        gather into cp.async, but at V3.2 shapes (block_topk=32, 2 stages) that spilled 3.4 KB, so the tuning space
-        keeps 0: dq's 64 x 576 float32 accumulator alone takes 144 of the 255 registers per thread.
+        gather into cp.async, but at V3.2 shapes that spilled (3.4 KB with block_topk=32 and 2 stages, 4 KB with
+        block_topk=64 and 1 stage: the pipeliner duplicates the loop body), so the tuning space keeps 0: dq's
+        64 x 576 float32 accumulator alone takes 144 of the 255 registers per thread.
     threads: threads per program (two warpgroups; 512 threads caps registers at 128 and spilled 848 B).
     """
 
@@ -342,6 +341,10 @@ def build(
     # of the traced body or of a T.macro, so a helper's T.gemm calls would be silently dropped.)
     mma = T.gemm if cpu else T.wgmma_gemm
 
+    def slot_valid(idx: Any, pos: Any, limit: Any) -> Any:
+        # An index takes part iff it names a kv row and its position is below topk_length (when given).
+        return (idx >= 0) & (idx < seq_kv) & (pos < limit)
+
     # Optional inputs keep a 1-element placeholder shape when absent, so both variants share one signature.
     topk_length_shape = [batch, seq] if has_topk_length else [1]
     sink_shape = [heads] if has_sink else [1]
@@ -369,7 +372,6 @@ def build(
             kv_tiles = [alloc.shared([bk, size], op_dtype) for _, size in chunks]
             p_tile = alloc.shared([bh, bk], op_dtype)
             ds_tile = alloc.shared([bh, bk], op_dtype)
-            raw_idx_tile = alloc.shared([bk], INDEX_DTYPE)
             idx_tile = alloc.shared([bk], INDEX_DTYPE)
             lse2_tile = alloc.shared([bh], ACC_DTYPE)
             # Per-head factors of p = ratio * e and ds = e * (ds_scale * dp + ds_bias) (see the module docstring).
@@ -432,26 +434,37 @@ def build(
                         ds_bias_tile[h] = (DLse[b, t, head0 + h] - ratio_tile[h] * Delta[b, t, head0 + h]) * sm_scale
 
             for kb in T.Pipelined(n_blocks, num_stages=num_stages):
-                # The block's raw indices: a plain copy, so the pipeliner issues it with the gather that needs it.
-                T.copy(Indices[b, t, kb * bk : (kb + 1) * bk], raw_idx_tile)
-                # Gather the selected kv rows. The row address is clamped into [0, S_kv), so an invalid index is
-                # never used as an address (its slot reads a real row whose probability is forced to 0 and whose
-                # gradient is never scattered); a plain global -> shared copy becomes a cp.async on Hopper.
+                # The block's indices with -1 where invalid (out of range, or at a position >= topk_length), read
+                # straight from global memory like the gather's (see below).
+                for j in alloc.parallel(bk):
+                    idx_tile[j] = T.if_then_else(
+                        slot_valid(Indices[b, t, kb * bk + j], kb * bk + j, limit), Indices[b, t, kb * bk + j], -1
+                    )
+                # Gather the selected kv rows; an invalid slot's row is zero (never the memory its index names, which
+                # may hold Inf/NaN: 0 * NaN would be NaN in dq and dp). On CUDA its row number is -1, which the bound
+                # guard turns into a predicated cp.async that reads nothing and zero-fills; the C target selects
+                # around a clamped load. Each element reads its index from global memory: a cp.async gather whose
+                # addresses come from another asynchronous copy into shared memory would race with it.
                 for ci, (start, size) in enumerate(chunks):
                     for r, c in alloc.parallel(bk, size):
                         if cpu:
-                            kv_tiles[ci][r, c] = dsl.load_f32(
-                                KV[b, T.max(T.min(raw_idx_tile[r], seq_kv - 1), 0), start + c], IN_DTYPE, target
+                            kv_tiles[ci][r, c] = T.if_then_else(
+                                slot_valid(Indices[b, t, kb * bk + r], kb * bk + r, limit),
+                                dsl.load_f32(
+                                    KV[b, T.max(T.min(Indices[b, t, kb * bk + r], seq_kv - 1), 0), start + c],
+                                    IN_DTYPE,
+                                    target,
+                                ),
+                                T.float32(0),
                             )
                         else:
-                            kv_tiles[ci][r, c] = KV[b, T.max(T.min(raw_idx_tile[r], seq_kv - 1), 0), start + c]
-                # The block's indices with -1 where invalid (out of range, or at a position >= topk_length).
-                for j in alloc.parallel(bk):
-                    idx_tile[j] = T.if_then_else(
-                        (raw_idx_tile[j] >= 0) & (raw_idx_tile[j] < seq_kv) & (kb * bk + j < limit),
-                        raw_idx_tile[j],
-                        -1,
-                    )
+                            kv_tiles[ci][r, c] = KV[
+                                b,
+                                T.if_then_else(
+                                    slot_valid(Indices[b, t, kb * bk + r], kb * bk + r, limit), Indices[b, t, kb * bk + r], -1
+                                ),
+                                start + c,
+                            ]
 
                 # Python loops over the tile lists unroll at trace time: one MMA per column chunk, s and dp issued
                 # as one group.
