@@ -292,6 +292,7 @@ def test_the_ws_marker_selects_the_ws_gpu_tests() -> None:
     selected = {line.strip() for line in proc.stdout.splitlines() if "::" in line}
     assert selected == {
         "tests/test_sparse_mla_fwd_kernel.py::test_gpu_ws_matches_reference",
+        "tests/test_sparse_mla_fwd_kernel.py::test_gpu_non_finite_rows_behind_invalid_entries_change_nothing[ws]",
         "tests/test_sparse_mla_fwd_kernel.py::test_gpu_v32_causal_prefill[ws]",
     }
 

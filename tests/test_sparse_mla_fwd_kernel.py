@@ -405,8 +405,8 @@ def _with_poisoned_rows(p: Problem, extra: int, seed: int) -> Problem:
 @pytest.mark.cpu_kernel
 @pytest.mark.parametrize("schedule", ["default", "ws"])
 def test_cpu_non_finite_rows_behind_invalid_entries_change_nothing(schedule: str) -> None:
-    """Invalid entries that name (or are clamped onto) rows holding NaN/±inf: out and lse equal the reference's,
-    which never reads them. On the C target the ws config lowers to the plain loop (see module docstring)."""
+    """Invalid entries that name rows holding NaN/±inf: out and lse equal the reference's, which never reads them.
+    On the C target the ws config lowers to the plain loop (see module docstring)."""
     static = CPU_STATICS[3]
     p = _cpu_problem(static, batch=2, seq=3, seq_kv=90, topk=70, kind="mixed_rows", seed=31, sm_scale=0.1)
     p = _with_poisoned_rows(p, extra=20, seed=32)
@@ -597,13 +597,15 @@ def test_gpu_ws_matches_reference(
 
 
 @pytest.mark.gpu
-def test_gpu_non_finite_rows_behind_invalid_entries_change_nothing(cuda_device: torch.device) -> None:
-    """The default schedule zero-fills an invalid entry's tile row (predicated cp.async), so NaN/±inf in rows that
-    only invalid entries reach leave out and lse exact. (The ws schedule masks their scores but still multiplies
-    their V by p = 0: it needs those rows finite, see its docstring.)"""
+@pytest.mark.parametrize("config", [None, pytest.param(WS_CONFIG, marks=pytest.mark.ws)], ids=["default", "ws"])
+def test_gpu_non_finite_rows_behind_invalid_entries_change_nothing(
+    cuda_device: torch.device, config: kernels.Config | None
+) -> None:
+    """Both schedules zero-fill an invalid entry's tile row (predicated cp.async), so NaN/±inf in rows that only
+    invalid entries reach leave out and lse exact."""
     p = _cpu_problem(GPU_STATICS[1], batch=2, seq=4, seq_kv=300, topk=200, kind="mixed_rows", seed=33, sm_scale=V32_SCALE)
     p = _with_poisoned_rows(p, extra=40, seed=34).to(cuda_device)
-    out, lse = run_kernel(p)
+    out, lse = run_kernel(p, config)
     torch.cuda.synchronize()
     check(p, out, lse, GPU_OUT_TOL, GPU_LSE_TOL)
 

@@ -27,7 +27,7 @@ Three kernels, run in this order by :func:`dsa.launch.sparse_mla_bwd.sparse_mla_
 An index is valid iff ``0 <= idx < S_kv`` and (with ``topk_length``) its position in the row is below
 ``topk_length[b, t]``. An invalid slot never touches memory outside ``kv`` and contributes exactly nothing: its kv
 tile row is zero-filled by a guarded load that reads nothing (row number -1, which TileLang's bound guard turns into
-a predicated load; a select around the load cost a 16-byte spill at ``block_topk = 64``), so Inf/NaN in the rows
+a predicated load on both targets; a select around the load cost a 16-byte spill at ``block_topk = 64``), so Inf/NaN in the rows
 invalid entries name (unwritten cache slots) cannot reach ``dq`` through ``0 * k``; its probability is forced to
 exactly 0 and the atomics skip it. A row whose ``lse`` is ``-inf`` (no valid index in the forward) contributes nothing
 and produces no NaN: its probabilities are forced to 0 before any exponential of an infinity can happen.
@@ -341,6 +341,10 @@ def build(
     # of the traced body or of a T.macro, so a helper's T.gemm calls would be silently dropped.)
     mma = T.gemm if cpu else T.wgmma_gemm
 
+    def load(value: Any) -> Any:
+        # A tile element as stored: decoded float32 on the C target, the raw bf16 on CUDA.
+        return dsl.load_f32(value, IN_DTYPE, target) if cpu else value
+
     def slot_valid(idx: Any, pos: Any, limit: Any) -> Any:
         # An index takes part iff it names a kv row and its position is below topk_length (when given).
         return (idx >= 0) & (idx < seq_kv) & (pos < limit)
@@ -398,20 +402,14 @@ def build(
             for ci, (start, size) in enumerate(chunks):
                 for r, c in alloc.parallel(bh, size):
                     if head0 + r < heads:
-                        if cpu:
-                            q_tiles[ci][r, c] = dsl.load_f32(Q[b, t, head0 + r, start + c], IN_DTYPE, target)
-                        else:
-                            q_tiles[ci][r, c] = Q[b, t, head0 + r, start + c]
+                        q_tiles[ci][r, c] = load(Q[b, t, head0 + r, start + c])
                     else:
                         q_tiles[ci][r, c] = T.cast(0, op_dtype)
                 T.clear(acc_dq[ci])
             for ci, (start, size) in enumerate(chunks[:n_value_chunks]):
                 for r, c in alloc.parallel(bh, size):
                     if head0 + r < heads:
-                        if cpu:
-                            do_tiles[ci][r, c] = dsl.load_f32(dOut[b, t, head0 + r, start + c], IN_DTYPE, target)
-                        else:
-                            do_tiles[ci][r, c] = dOut[b, t, head0 + r, start + c]
+                        do_tiles[ci][r, c] = load(dOut[b, t, head0 + r, start + c])
                     else:
                         do_tiles[ci][r, c] = T.cast(0, op_dtype)
 
@@ -441,30 +439,23 @@ def build(
                         slot_valid(Indices[b, t, kb * bk + j], kb * bk + j, limit), Indices[b, t, kb * bk + j], -1
                     )
                 # Gather the selected kv rows; an invalid slot's row is zero (never the memory its index names, which
-                # may hold Inf/NaN: 0 * NaN would be NaN in dq and dp). On CUDA its row number is -1, which the bound
-                # guard turns into a predicated cp.async that reads nothing and zero-fills; the C target selects
-                # around a clamped load. Each element reads its index from global memory: a cp.async gather whose
-                # addresses come from another asynchronous copy into shared memory would race with it.
+                # may hold Inf/NaN: 0 * NaN would be NaN in dq and dp). Its row number is -1, which TileLang's bound
+                # guard turns into a guarded load that reads nothing (on both targets). Each element reads its index
+                # from global memory: a gather whose addresses come from an asynchronous copy into shared memory
+                # would race with it if the loop were ever pipelined.
                 for ci, (start, size) in enumerate(chunks):
                     for r, c in alloc.parallel(bk, size):
-                        if cpu:
-                            kv_tiles[ci][r, c] = T.if_then_else(
-                                slot_valid(Indices[b, t, kb * bk + r], kb * bk + r, limit),
-                                dsl.load_f32(
-                                    KV[b, T.max(T.min(Indices[b, t, kb * bk + r], seq_kv - 1), 0), start + c],
-                                    IN_DTYPE,
-                                    target,
-                                ),
-                                T.float32(0),
-                            )
-                        else:
-                            kv_tiles[ci][r, c] = KV[
+                        kv_tiles[ci][r, c] = load(
+                            KV[
                                 b,
                                 T.if_then_else(
-                                    slot_valid(Indices[b, t, kb * bk + r], kb * bk + r, limit), Indices[b, t, kb * bk + r], -1
+                                    slot_valid(Indices[b, t, kb * bk + r], kb * bk + r, limit),
+                                    Indices[b, t, kb * bk + r],
+                                    -1,
                                 ),
                                 start + c,
                             ]
+                        )
 
                 # Python loops over the tile lists unroll at trace time: one MMA per column chunk, s and dp issued
                 # as one group.

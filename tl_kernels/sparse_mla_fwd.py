@@ -7,11 +7,10 @@ domain, and accumulates ``P . V`` where V is the first ``d_v`` columns of the sa
 ``dsa.reference.sparse_mla``:
 
 * an entry is valid iff ``0 <= idx < S_kv`` and its position in the row is ``< min(k, topk_length[b, t])``; an invalid
-  entry is never dereferenced and contributes exactly nothing: its tile row is zero-filled (on CUDA a predicated
-  cp.async that reads nothing; on the C target a select around a clamped load) and its score is masked to ``-inf``,
-  so Inf/NaN in the rows it names (unwritten cache slots) cannot reach ``out`` through ``0 * V``. The ``ws`` schedule
-  clamps the address into ``[0, S_kv)`` and selects the score, but multiplies the clamped row's V by ``p = 0``: it
-  needs the rows its invalid entries reach (rows 0 and ``S_kv - 1``, and those named past ``topk_length``) finite;
+  entry is never dereferenced and contributes exactly nothing: its tile row is zero-filled (its row number is -1, and
+  TileLang's bound guard turns the copy into a predicated one that reads nothing: a zero-filling cp.async on CUDA, in
+  both schedules) and its score is masked to ``-inf``, so Inf/NaN in the rows it names (unwritten cache slots) cannot
+  reach ``out`` through ``0 * V``;
 * a query with no valid entry gets ``out = 0`` and ``lse = -inf`` (no NaN on the way: the running maximum is replaced
   by 0 while it is still ``-inf``);
 * ``attn_sink[h]`` joins only the final denominator; ``lse`` is the natural-log log-sum-exp of the valid scores alone;
@@ -83,10 +82,12 @@ WS_KV_BUFFERS = 2
 """KV tiles in flight in the ``ws`` schedule: the producer fills one while the consumers work on the other."""
 WS_ASYNC_COPY: dict[str, bool] = {"parallel_async_without_async_commit_wait": True}
 """Loop annotation: lower the producer's global -> shared copies to cp.async with no commit/wait groups."""
-WS_CONSUMER0_REGS = 240
+WS_CONSUMER0_REGS = 232
 WS_CONSUMER1_REGS = 168
-WS_PRODUCER_REGS = 80
-"""Per-warpgroup register budgets (``setmaxnreg``): 128 * (240 + 168 + 80) <= 64 K registers of an SM."""
+WS_PRODUCER_REGS = 88
+"""Per-warpgroup register budgets (``setmaxnreg``): 128 * (232 + 168 + 88) <= 64 K registers of an SM. The producer's
+predicated (zero-filling) gather needs 88: at 80 the build without topk_length spilled 176 bytes; consumer 0 peaked at
+183 registers of its former 240, consumer 1 at 151 of 168 (SASS, before the predicated gather)."""
 HOPPER_SMEM_BYTES = build_mod.SMEM_LIMIT_BYTES
 SMEM_ALIGN_SLACK_BYTES = 4 * 1024
 """Room for TileLang's 1024-byte tile alignment and reduction workspaces on top of the tiles themselves."""
@@ -101,13 +102,9 @@ _CUDA_PASS_CONFIGS: dict[str, bool] = {
 }
 
 
-_WS_PASS_CONFIGS: dict[str, bool] = {
-    **_CUDA_PASS_CONFIGS,
-    # The producer's gather addresses are clamped into [0, S_kv); the only case the bound analysis cannot exclude is
-    # S_kv = 0, which validation rejects (empty kv). Without this the guard turns each cp.async into a synchronous
-    # predicated load.
-    "tl.disable_safe_memory_legalize": True,
-}
+_WS_PASS_CONFIGS: dict[str, bool] = dict(_CUDA_PASS_CONFIGS)
+"""The ws kernel's pass configs: the default schedule's. TileLang's bound guard stays on: it is what turns the
+producer's row number -1 for an invalid entry into a zero-filling predicated cp.async (see ``_gather_row``)."""
 WS_SMEM_SLACK_BYTES = 2 * 1024
 """Room for the ``ws`` schedule's 1024-byte tile alignment and its mbarriers on top of the tiles and vectors."""
 
@@ -330,39 +327,13 @@ def build(
                 # reads its index straight from global memory (cached): staging the indices in shared memory would
                 # make them a second asynchronous copy, and TileLang 0.1.15 does not wait for one cp.async group
                 # before another copy's address reads it.
-                #
-                # An invalid entry's tile row is zero, never the memory its index names: a masked score alone would
-                # still leave 0 * V in P . V, which is NaN when that row holds Inf/NaN (an unwritten cache slot). On
-                # CUDA the row number of an invalid entry is -1, which TileLang's bound check turns into a predicated
-                # cp.async that reads nothing and zero-fills (a select around the load would make it synchronous);
-                # the C target selects around a clamped load.
+                # An invalid entry's tile row is zero, never the memory its index names (see _gather_row).
                 for j, d in alloc.parallel(block_k, d_qk):
-                    if cpu:
-                        kv_s[j, d] = T.if_then_else(
-                            _entry_valid(
-                                _index_at(Indices, b, s, step * block_k + j, width), step * block_k + j, limit,
-                                seq_len_kv,
-                            ),
-                            load(KV[b, _clamp_row(_index_at(Indices, b, s, step * block_k + j, width), seq_len_kv), d]),
-                            T.cast(0, tile_dtype),
-                        )
-                    else:
-                        kv_s[j, d] = KV[
-                            b,
-                            T.if_then_else(
-                                _entry_valid(
-                                    _index_at(Indices, b, s, step * block_k + j, width), step * block_k + j, limit,
-                                    seq_len_kv,
-                                ),
-                                _index_at(Indices, b, s, step * block_k + j, width),
-                                -1,
-                            ),
-                            d,
-                        ]
+                    kv_s[j, d] = load(KV[b, _gather_row(Indices, b, s, step * block_k + j, width, limit, seq_len_kv), d])
 
                 T.clear(acc_s)
                 T.gemm(q_s, kv_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-                # Select (not add) the mask: a masked score is exactly -inf whatever the clamped row gave.
+                # Select the mask: a masked entry's zero row gives a score of 0 that must become exactly -inf.
                 for h, j in alloc.parallel(block_h, block_k):
                     acc_s[h, j] = T.if_then_else(
                         _entry_valid(
@@ -428,11 +399,11 @@ def _build_ws(
     Three warpgroups (``WS_THREADS``) share two KV buffers of ``block_k`` rows, each split into the left and right
     halves of the value columns and the tail ``d_qk - d_v``:
 
-    * the producer (threads 256-383, ``setmaxnreg`` 80) gathers step ``i`` into buffer ``i % 2`` with 16-byte
-      cp.async copies (row address clamped into ``[0, S_kv)``) and writes each row's validity byte, then arrives on
+    * the producer (threads 256-383, ``setmaxnreg`` 88) gathers step ``i`` into buffer ``i % 2`` with 16-byte
+      cp.async copies (zero-filling for invalid entries) and writes each row's validity byte, then arrives on
       ``ready`` twice per thread: once through ``cp.async.mbarrier.arrive.noinc`` (fires when its copies land) and
       once plainly (releases its validity stores);
-    * consumer 0 (threads 0-127, 240 registers) waits for ``ready``, computes the masked scores (three wgmma into
+    * consumer 0 (threads 0-127, 232 registers) waits for ``ready``, computes the masked scores (three wgmma into
       one accumulator initialised to 0 or -inf by validity), runs the online softmax, writes bf16 ``P`` and the
       rescale factors to shared memory, and accumulates the left half of ``P . V``;
     * consumer 1 (threads 128-255, 168 registers) rescales and accumulates the right half of ``P . V`` from them.
@@ -443,9 +414,8 @@ def _build_ws(
     odd number of steps runs one fully masked step. Every arrival is ordered after the previous phase completed (each
     side waits on the other before arriving again), so no phase can be completed by one side's repeated arrivals.
 
-    An invalid entry's row is gathered from its clamped address (the producer's copies cannot be predicated without
-    becoming synchronous), so its score is selected to ``-inf`` after the MMA, but ``P . V`` still multiplies that
-    row's V by ``p = 0``: Inf/NaN there would give NaN. The default schedule zero-fills such rows instead.
+    An invalid entry's tile row is zero-filled by the producer's predicated cp.async (row number -1, see
+    ``_gather_row``) and its score is selected to ``-inf`` after the MMA.
 
     A static audit of the generated CUDA (barrier counts, phase parities over odd/even/zero step counts, proxy fences,
     ``setmaxnreg`` budgets, padded heads) and a randomised model of the barrier protocol found no hang or race; the
@@ -468,9 +438,8 @@ def _build_ws(
     # Macros take TileLang buffers and expressions (no Python annotations: the eager builder binds them itself).
     @T.macro
     def scores(q_l, q_r, q_t, kv_l, kv_r, k_t, valid, ready, parity, acc_s, scale_log2):  # noqa: ANN001, ANN202
-        # Consumer 0: the masked, log2-scaled scores of one KV buffer. The mask is selected after the MMA, not
-        # added before it: a masked entry's clamped row may hold Inf/NaN (an unwritten cache slot), and -inf plus
-        # a NaN product would be NaN.
+        # Consumer 0: the masked, log2-scaled scores of one KV buffer. The mask is selected after the MMA (a masked
+        # entry's zero row gives a score of 0 that must become -inf).
         T.barrier_wait(ready, parity)
         # The tiles were written by cp.async (generic proxy) and are read by wgmma (async proxy).
         T.fence_proxy_async()
@@ -486,8 +455,9 @@ def _build_ws(
     def produce(kv_src, indices, b, s, step, limit, kv_l, kv_r, k_t, valid):  # noqa: ANN001, ANN202
         # Producer: gather the rows of `step` into one KV buffer as cp.async copies without commit/wait groups (the
         # caller's cp.async mbarrier arrival tracks their completion), and record each row's validity. Each element
-        # reads its index straight from global memory (cached), as the single-warpgroup schedule does; the row is
-        # clamped into [0, S_kv) inside the address so an invalid entry is never dereferenced.
+        # reads its index straight from global memory (cached), as the single-warpgroup schedule does; an invalid
+        # entry's row number is -1, which the bound guard turns into a zero-filling predicated cp.async that reads
+        # nothing (see _gather_row).
         for j in T.Parallel(block_k):
             valid[j] = T.Cast(
                 "uint8",
@@ -496,15 +466,11 @@ def _build_ws(
                 ),
             )
         for j, d in T.Parallel(block_k, half_v, annotations=WS_ASYNC_COPY):
-            kv_l[j, d] = kv_src[b, _clamp_row(_index_at(indices, b, s, step * block_k + j, width), seq_len_kv), d]
+            kv_l[j, d] = kv_src[b, _gather_row(indices, b, s, step * block_k + j, width, limit, seq_len_kv), d]
         for j, d in T.Parallel(block_k, half_v, annotations=WS_ASYNC_COPY):
-            kv_r[j, d] = kv_src[
-                b, _clamp_row(_index_at(indices, b, s, step * block_k + j, width), seq_len_kv), half_v + d
-            ]
+            kv_r[j, d] = kv_src[b, _gather_row(indices, b, s, step * block_k + j, width, limit, seq_len_kv), half_v + d]
         for j, d in T.Parallel(block_k, tail, annotations=WS_ASYNC_COPY):
-            k_t[j, d] = kv_src[
-                b, _clamp_row(_index_at(indices, b, s, step * block_k + j, width), seq_len_kv), d_v + d
-            ]
+            k_t[j, d] = kv_src[b, _gather_row(indices, b, s, step * block_k + j, width, limit, seq_len_kv), d_v + d]
 
     @T.prim_func
     def main(
@@ -680,13 +646,16 @@ def _index_at(indices: Any, b: Any, s: Any, pos: Any, width: Any) -> Any:
     return indices[b, s, T.min(pos, width - 1)]
 
 
-def _clamp_row(idx: Any, seq_len_kv: Any) -> Any:
-    """``idx`` clamped into ``[0, S_kv)``: the gather address is always in bounds (the entry's score is masked).
+def _gather_row(indices: Any, b: Any, s: Any, pos: Any, width: Any, limit: Any, seq_len_kv: Any) -> Any:
+    """The KV row a CUDA gather reads for entry ``pos`` of query ``(b, s)``: its index when the entry is valid, else -1.
 
-    Written with min/max (not a select) so TileLang's bound analysis proves the access safe: the ``ws`` producer's
-    cp.async stays unpredicated (its pass configs disable the bound guard).
+    TileLang's bound guard cannot prove this row in ``[0, S_kv)``, so it wraps the copy in the row's bounds check: on
+    CUDA the copy becomes a predicated cp.async that, for an invalid entry, reads nothing and zero-fills the tile row
+    (a select around the load would make the copy synchronous); the C target gets the same guard as a branch. A zero row, not the memory an invalid index names, then
+    meets the MMAs: Inf/NaN there (an unwritten cache slot) cannot leak into ``out`` through ``0 * V``.
     """
-    return T.max(T.min(idx, seq_len_kv - 1), 0)
+    idx = _index_at(indices, b, s, pos, width)
+    return T.if_then_else(_entry_valid(idx, pos, limit, seq_len_kv), idx, -1)
 
 
 def _entry_valid(idx: Any, pos: Any, limit: Any, seq_len_kv: Any) -> Any:
