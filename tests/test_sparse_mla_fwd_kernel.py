@@ -351,8 +351,8 @@ def test_cpu_matches_reference(
     seed=strategies.SEEDS,
     sm_scale=st.sampled_from([80**-0.5, 0.3]),
 )
-# An odd number of 64-row steps (the ws schedule's last pair is half masked on GPU), with topk_length and sink, and
-# an all-invalid row set.
+# An odd number of 64-row steps (the ws schedule's last step uses buffer 0 with no partner on GPU), with
+# topk_length and sink, and an all-invalid row set.
 @example(batch=2, seq=3, seq_kv=250, topk=190, kind="irregular", seed=21, sm_scale=0.3)
 @example(batch=1, seq=2, seq_kv=40, topk=129, kind="all_invalid", seed=22, sm_scale=0.3)
 @example(batch=2, seq=4, seq_kv=60, topk=257, kind="mixed_rows", seed=23, sm_scale=80**-0.5)
@@ -572,8 +572,8 @@ def test_gpu_matches_reference(
 @pytest.mark.ws
 @settings(max_examples=20)
 @given(**_GPU_CASES)
-# Many pairs of steps, an odd step count (the last pair's second step fully masked), topk_length and sink (rows of
-# length 0 skip the loop), padded heads, invalid entries.
+# Many steps, odd step counts (the last step has no partner in the other buffer), topk_length and sink (rows of
+# length 0 skip the loop, rows of length <= 64 run one step), padded heads, invalid entries.
 @example(static=GPU_STATICS[0], batch=1, seq=4, seq_kv=2500, topk=V32_TOPK, kind="irregular", seed=4)
 @example(static=GPU_STATICS[1], batch=2, seq=5, seq_kv=300, topk=200, kind="mixed_rows", seed=5)
 @example(static=GPU_STATICS[2], batch=1, seq=3, seq_kv=90, topk=65, kind="all_invalid", seed=6)

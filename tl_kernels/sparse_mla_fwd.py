@@ -410,8 +410,8 @@ def _build_ws(
 
     Hand-offs are mbarriers with phase parities: ``ready``/``free`` per buffer (a buffer is refilled only after both
     consumers released it), ``p_ready``/``p_free`` for ``P`` and the factors (consumer 0 overwrites them only after
-    consumer 1 read them), ``fin`` for the final normaliser. Steps come in pairs (one per buffer), so a row with an
-    odd number of steps runs one fully masked step. Every arrival is ordered after the previous phase completed (each
+    consumer 1 read them), ``fin`` for the final normaliser. Step ``i`` uses buffer ``i % 2`` with phase parity
+    ``(i // 2) & 1``, which holds for any step count (a row of ``limit <= 64`` entries runs one step). Every arrival is ordered after the previous phase completed (each
     side waits on the other before arriving again), so no phase can be completed by one side's repeated arrivals.
 
     An invalid entry's tile row is zero-filled by the producer's predicated cp.async (row number -1, see
@@ -528,7 +528,9 @@ def _build_ws(
             h0 = (bx % head_blocks) * block_h
             scale_log2 = sm_scale * T.float32(LOG2E)
             limit = T.min(TopkLength[b, s], width) if has_topk_length else width
-            num_pairs = T.ceildiv(T.ceildiv(limit, block_k), WS_KV_BUFFERS)
+            # Every role runs the same step count, computed from the same value. Step i uses buffer i % 2 with
+            # phase parity (i // 2) & 1, which holds for any count, odd included (no padding step).
+            num_steps = T.ceildiv(limit, block_k)
             tx = T.get_thread_binding()
 
             # Heads past `heads` (last head block) load zeros; they are never stored.
@@ -547,7 +549,7 @@ def _build_ws(
                 T.fill(l_i, 0)
                 T.fill(m_i, neg_inf)
                 T.barrier_wait(bar_q, 0)
-                for step in T.serial(num_pairs * WS_KV_BUFFERS):
+                for step in T.serial(num_steps):
                     pair = step // WS_KV_BUFFERS
                     if step % WS_KV_BUFFERS == 0:
                         scores(q_l, q_r, q_t, kv_l0, kv_r0, k_t0, valid0, ready0, pair & 1, acc_s, scale_log2)
@@ -603,7 +605,7 @@ def _build_ws(
             elif tx < consumers:
                 T.set_max_nreg(WS_CONSUMER1_REGS, 1)
                 T.fill(acc_o_r, 0)
-                for step in T.serial(num_pairs * WS_KV_BUFFERS):
+                for step in T.serial(num_steps):
                     T.barrier_arrive(p_ready)
                     T.barrier_wait(p_ready, step & 1)
                     # kv_r came from the producer's cp.async (generic proxy); wgmma reads it through the async proxy.
@@ -623,7 +625,7 @@ def _build_ws(
                         Out[b, s, h0 + h, half_v + d] = T.Cast(DATA_DTYPE, acc_o_r[h, d] * inv_s[h])
             else:
                 T.set_max_nreg(WS_PRODUCER_REGS, 0)
-                for step in T.serial(num_pairs * WS_KV_BUFFERS):
+                for step in T.serial(num_steps):
                     pair = step // WS_KV_BUFFERS
                     # Parity trick: waiting for the phase before the first completes at once (buffers start free).
                     if step % WS_KV_BUFFERS == 0:
