@@ -341,14 +341,22 @@ def test_cpu_single_index_row() -> None:
 
 
 @pytest.mark.cpu_kernel
-def test_cpu_topk_length_cuts_rows() -> None:
-    """Entries at positions >= topk_length are ignored even when they hold valid indices."""
+@pytest.mark.parametrize(
+    ("k", "lengths"),
+    [
+        (48, [0, 1, 17, 53]),  # one index block
+        (150, [-3, 64, 65, 129, 157]),  # three blocks: the kernel runs ceil(length / 64) of them (none below 1)
+    ],
+)
+def test_cpu_topk_length_cuts_rows(k: int, lengths: list[int]) -> None:
+    """Entries at positions >= topk_length are ignored even when they hold valid indices; negative lengths count
+    as 0 and lengths above k as k."""
     case = SMALL_CASES[1]
-    assert case.has_topk_length
-    batch, seq, seq_kv, k = 1, 4, 30, 48
+    assert case.has_topk_length and case.config.block_topk == 64
+    batch, seq, seq_kv = 1, len(lengths), 30
     g = strategies.generator(11)
     indices = torch.randint(0, seq_kv, (batch, seq, k), generator=g, dtype=torch.int32)
-    topk_length = torch.tensor([[0, 1, 17, k + 5]], dtype=torch.int32)
+    topk_length = torch.tensor([lengths], dtype=torch.int32)
     problem = _fixed_problem(case, indices, seq_kv, topk_length=topk_length)
     run_and_check(problem, case.config)
 

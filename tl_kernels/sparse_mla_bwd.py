@@ -397,6 +397,8 @@ def build(
             scale2 = sm_scale * LOG2E
             # Positions >= limit are invalid: topk_length[b, t] when given (the padded width bounds it anyway).
             limit = TopkLength[b, t] if has_topk_length else topk
+            # Blocks past topk_length hold no valid index: a short row skips them (a row of length <= 0 runs none).
+            n_steps = T.ceildiv(T.min(limit, topk), bk) if has_topk_length else n_blocks
 
             # Query and output-gradient rows of this head block; padded heads are zero (never read from memory).
             for ci, (start, size) in enumerate(chunks):
@@ -431,7 +433,7 @@ def build(
                         ds_scale_tile[h] = ratio_tile[h] * sm_scale
                         ds_bias_tile[h] = (DLse[b, t, head0 + h] - ratio_tile[h] * Delta[b, t, head0 + h]) * sm_scale
 
-            for kb in T.Pipelined(n_blocks, num_stages=num_stages):
+            for kb in T.Pipelined(n_steps, num_stages=num_stages):
                 # The block's indices with -1 where invalid (out of range, or at a position >= topk_length), read
                 # straight from global memory like the gather's (see below).
                 for j in alloc.parallel(bk):
