@@ -595,28 +595,28 @@ def test_gpu_every_config(config: kernels.Config) -> None:
     run_and_check(problem, config, atol=GPU_ATOL, rtol=GPU_RTOL)
 
 
+def _v32_gpu_problem(kind: str, seed: int, seq: int, seq_kv: int, **options: Any) -> Problem:
+    """A V3.2-shaped (128 heads, 576/512, k = 2048) problem on the GPU with indices of pattern ``kind``."""
+    indices = strategies.make_indices(kind, seed, 1, seq, seq_kv, V32["topk"])
+    options = {"topk_length": None, "attn_sink": None, **options}
+    return make_problem(
+        seed=seed + 1, batch=1, seq=seq, seq_kv=seq_kv, heads=V32["heads"], d_qk=V32["d_qk"], d_v=V32["d_v"],
+        indices=indices, sm_scale=V32_SM_SCALE, device=torch.device("cuda"), **options,
+    )
+
+
 @pytest.mark.gpu
 def test_gpu_heavy_duplicates() -> None:
     """Many queries scattering into few kv rows stresses atomic accumulation under contention."""
-    device = torch.device("cuda")
-    batch, seq, seq_kv, k = 1, 16, 64, V32["topk"]
-    indices = strategies.make_indices("duplicates", 9, batch, seq, seq_kv, k)
-    problem = make_problem(
-        seed=2, batch=batch, seq=seq, seq_kv=seq_kv, heads=V32["heads"], d_qk=V32["d_qk"], d_v=V32["d_v"],
-        indices=indices, sm_scale=V32_SM_SCALE, topk_length=None, attn_sink=None, device=device,
-    )
-    run_and_check(problem, atol=GPU_ATOL, rtol=GPU_RTOL)
+    run_and_check(_v32_gpu_problem("duplicates", 9, seq=16, seq_kv=64), atol=GPU_ATOL, rtol=GPU_RTOL)
 
 
 @pytest.mark.gpu
 def test_gpu_non_finite_rows_behind_invalid_entries_change_nothing() -> None:
     """NaN/±inf in every kv row no valid entry selects (invalid entries name them or are clamped onto them)."""
-    device = torch.device("cuda")
-    batch, seq, seq_kv, k = 1, 4, 3000, V32["topk"]
-    indices = strategies.make_indices("mixed_rows", 17, batch, seq, seq_kv, k)
-    problem = make_problem(
-        seed=18, batch=batch, seq=seq, seq_kv=seq_kv, heads=V32["heads"], d_qk=V32["d_qk"], d_v=V32["d_v"],
-        indices=indices, sm_scale=V32_SM_SCALE, topk_length=strategies.make_topk_length(19, batch, seq, k),
-        attn_sink=None, poison_unreferenced=True, device=device,
+    problem = _v32_gpu_problem(
+        "mixed_rows", 17, seq=4, seq_kv=3000, topk_length=strategies.make_topk_length(19, 1, 4, V32["topk"]),
+        poison_unreferenced=True,
     )
+    assert not torch.isfinite(problem.kv.float()).all(), "the problem must hold non-finite rows"
     run_and_check(problem, atol=GPU_ATOL, rtol=GPU_RTOL)

@@ -516,7 +516,14 @@ GPU_STATICS: tuple[tuple[int, int, int, bool, bool], ...] = (
 )
 
 
-_GPU_CASES = dict(
+def _gpu_case(static: tuple[int, int, int, bool, bool], **sizes: Any) -> dict[str, Any]:
+    return {"static": static, **sizes}
+
+
+# One GPU problem: the static shape and the sizes/pattern of ``_cpu_problem`` (drawn as one dict so that the tests'
+# explicit examples spell the same fields).
+GPU_CASES = st.builds(
+    _gpu_case,
     static=st.sampled_from(GPU_STATICS),
     batch=st.integers(1, 2),
     seq=st.integers(1, 8),
@@ -527,10 +534,9 @@ _GPU_CASES = dict(
 )
 
 
-def _check_on_gpu(
-    device: torch.device, static: tuple[int, int, int, bool, bool], config: kernels.Config, **sizes: Any
-) -> None:
-    p = _cpu_problem(static, sm_scale=V32_SCALE, **sizes).to(device)
+def _check_on_gpu(device: torch.device, config: kernels.Config, case: dict[str, Any]) -> None:
+    sizes = dict(case)
+    p = _cpu_problem(sizes.pop("static"), sm_scale=V32_SCALE, **sizes).to(device)
     out, lse = run_kernel(p, config)
     torch.cuda.synchronize()
     check(p, out, lse, GPU_OUT_TOL, GPU_LSE_TOL)
@@ -538,62 +544,40 @@ def _check_on_gpu(
 
 @pytest.mark.gpu
 @settings(max_examples=20)
-@given(**_GPU_CASES, config=st.sampled_from([c for c in _tuning_configs() if c.pipeline != kernels.PIPELINE_WS]))
+@given(case=GPU_CASES, config=st.sampled_from([c for c in _tuning_configs() if c.pipeline != kernels.PIPELINE_WS]))
 @example(
-    static=GPU_STATICS[0], batch=1, seq=4, seq_kv=2500, topk=V32_TOPK, kind="irregular", seed=1,
+    case=_gpu_case(GPU_STATICS[0], batch=1, seq=4, seq_kv=2500, topk=V32_TOPK, kind="irregular", seed=1),
     config=kernels.Config(),
 )
 @example(
-    static=GPU_STATICS[1], batch=2, seq=3, seq_kv=100, topk=V32_TOPK, kind="more_than_available", seed=2,
+    case=_gpu_case(GPU_STATICS[1], batch=2, seq=3, seq_kv=100, topk=V32_TOPK, kind="more_than_available", seed=2),
     config=kernels.Config(block_k=16),
 )
 @example(
-    static=GPU_STATICS[2], batch=1, seq=2, seq_kv=50, topk=65, kind="all_invalid", seed=3, config=kernels.Config()
+    case=_gpu_case(GPU_STATICS[2], batch=1, seq=2, seq_kv=50, topk=65, kind="all_invalid", seed=3),
+    config=kernels.Config(),
 )
-def test_gpu_matches_reference(
-    cuda_device: torch.device,
-    static: tuple[int, int, int, bool, bool],
-    batch: int,
-    seq: int,
-    seq_kv: int,
-    topk: int,
-    kind: str,
-    seed: int,
-    config: kernels.Config,
-) -> None:
+def test_gpu_matches_reference(cuda_device: torch.device, case: dict[str, Any], config: kernels.Config) -> None:
     """The sm_90a kernel, every valid tuning-space config of the plain schedule, matches the reference at V3.2
     widths."""
-    _check_on_gpu(
-        cuda_device, static, config, batch=batch, seq=seq, seq_kv=seq_kv, topk=topk, kind=kind, seed=seed
-    )
+    _check_on_gpu(cuda_device, config, case)
 
 
 @pytest.mark.gpu
 @pytest.mark.ws
 @settings(max_examples=20)
-@given(**_GPU_CASES)
+@given(case=GPU_CASES)
 # Many steps, odd step counts (the last step has no partner in the other buffer), topk_length and sink (rows of
 # length 0 skip the loop, rows of length <= 64 run one step), padded heads, invalid entries.
-@example(static=GPU_STATICS[0], batch=1, seq=4, seq_kv=2500, topk=V32_TOPK, kind="irregular", seed=4)
-@example(static=GPU_STATICS[1], batch=2, seq=5, seq_kv=300, topk=200, kind="mixed_rows", seed=5)
-@example(static=GPU_STATICS[2], batch=1, seq=3, seq_kv=90, topk=65, kind="all_invalid", seed=6)
-@example(static=GPU_STATICS[2], batch=2, seq=8, seq_kv=40, topk=63, kind="duplicates", seed=7)
-def test_gpu_ws_matches_reference(
-    cuda_device: torch.device,
-    static: tuple[int, int, int, bool, bool],
-    batch: int,
-    seq: int,
-    seq_kv: int,
-    topk: int,
-    kind: str,
-    seed: int,
-) -> None:
+@example(case=_gpu_case(GPU_STATICS[0], batch=1, seq=4, seq_kv=2500, topk=V32_TOPK, kind="irregular", seed=4))
+@example(case=_gpu_case(GPU_STATICS[1], batch=2, seq=5, seq_kv=300, topk=200, kind="mixed_rows", seed=5))
+@example(case=_gpu_case(GPU_STATICS[2], batch=1, seq=3, seq_kv=90, topk=65, kind="all_invalid", seed=6))
+@example(case=_gpu_case(GPU_STATICS[2], batch=2, seq=8, seq_kv=40, topk=63, kind="duplicates", seed=7))
+def test_gpu_ws_matches_reference(cuda_device: torch.device, case: dict[str, Any]) -> None:
     """The warp-specialised schedule matches the reference at V3.2 widths: this is where its barriers and producer
     are proven correct (a separate test, marker ``ws``, so that a hang here does not cost the plain schedule's
     checks)."""
-    _check_on_gpu(
-        cuda_device, static, WS_CONFIG, batch=batch, seq=seq, seq_kv=seq_kv, topk=topk, kind=kind, seed=seed
-    )
+    _check_on_gpu(cuda_device, WS_CONFIG, case)
 
 
 @pytest.mark.gpu
