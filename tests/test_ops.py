@@ -362,7 +362,8 @@ def test_bad_backend_value_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 class _OpsModule(torch.nn.Module):
-    """Indexer scores -> top-k -> sparse attention, with learnable projections on both paths."""
+    """Indexer scores -> top-k -> sparse attention, with learnable projections on both paths; the second output
+    uses the attention's lse, so the compiled backward carries a d_lse too."""
 
     def __init__(self, d_qk: int = 12, heads: int = 3, index_heads: int = 2, index_dim: int = 8) -> None:
         super().__init__()
@@ -380,8 +381,9 @@ class _OpsModule(torch.nn.Module):
         )
         indices = ops.topk_indices(scores, 4)
         q = self.q(x).view(b, s, self.heads, d)
-        out, _ = ops.sparse_mla(q, x, indices, sm_scale=SM_SCALE, d_v=8, attn_sink=self.sink)
-        return out, torch.logsumexp(scores, dim=-1)
+        out, lse = ops.sparse_mla(q, x, indices, sm_scale=SM_SCALE, d_v=8, attn_sink=self.sink)
+        # Every row sees itself (causal scores), so lse is finite; its gradient reaches q and x through d_lse.
+        return out, torch.logsumexp(scores, dim=-1) + lse.sum(dim=-1)
 
 
 def test_torch_compile_fullgraph_matches_eager() -> None:
