@@ -248,7 +248,8 @@ def sparse_mla_backward(q, kv, indices, sm_scale, d_v, topk_length, attn_sink, o
                 d_sink -= (sink_p * delta).sum(dim=(0, 1))
         if d_lse is not None:
             # d lse / d score = softmax over the valid scores alone (the sink is not part of lse).
-            grad_scores = grad_scores + _probabilities(scores, lse[:, rows].to(dtype)) * d_lse[:, rows].to(dtype).unsqueeze(-1)
+            d_lse_c = d_lse[:, rows].to(dtype).unsqueeze(-1)
+            grad_scores = grad_scores + _probabilities(scores, lse[:, rows].to(dtype)) * d_lse_c
         grad_scores = grad_scores * sm_scale
         dq[:, rows] = torch.einsum("bchk,bckd->bchd", grad_scores, kv_c)
         grad_kv += torch.einsum("bchk,bchd->bckd", grad_scores, q_c)

@@ -497,12 +497,11 @@ def test_hopper_build_is_clean(case: tuple[dict[str, Any], kernels.Config], hopp
     if case[1].pipeline == kernels.PIPELINE_WS:
         assert "mbarrier_cp_async_arrive_noinc" in source, "the producer does not signal its cp.async completion"
         assert "warpgroup_reg_alloc" in source and "warpgroup_reg_dealloc" in source
-    else:
-        # Invalid entries are zero-filled by a predicated cp.async whose predicate is the row's bounds check (row -1
-        # for an invalid entry), not by a select that would make the gather synchronous.
-        assert re.search(r"cp_async_gs_conditional<\d+>\([^;]*\(0 <= condval", source), (
-            "the gather no longer zero-fills invalid entries asynchronously"
-        )
+    # Invalid entries are zero-filled by a predicated cp.async whose predicate is the row's bounds check (row -1 for
+    # an invalid entry), not by a select that would make the gather synchronous.
+    assert re.search(r"cp_async_gs_conditional<\d+>\([^;]*\((?:\(int64_t\))?0 <= condval", source), (
+        "the gather no longer zero-fills invalid entries asynchronously"
+    )
     # check_config's shared-memory estimate is an upper bound of what the kernel really asks for.
     assert report.smem_bytes <= kernels.smem_bytes(case[0], case[1])
 

@@ -336,7 +336,8 @@ def _ptxas_log(kernel: Any, device_source: str) -> str:
     depends only on the source and the toolchain, so a warm build tier (or a second tuning run) skips both.
     """
     ptxas = _find_ptxas()
-    key = hashlib.sha256(f"{ptxas}\0{Path(ptxas).stat().st_mtime_ns}\0{_PTXAS_ARCH}\0{device_source}".encode()).hexdigest()
+    stamp = f"{ptxas}\0{Path(ptxas).stat().st_mtime_ns}\0{_PTXAS_ARCH}\0{device_source}"
+    key = hashlib.sha256(stamp.encode()).hexdigest()
     path = env.cache_dir() / _STATIC_REPORT_DIR / f"{key}.log"
     try:
         return path.read_text()

@@ -26,11 +26,11 @@ Three kernels, run in this order by :func:`dsa.launch.sparse_mla_bwd.sparse_mla_
 
 An index is valid iff ``0 <= idx < S_kv`` and (with ``topk_length``) its position in the row is below
 ``topk_length[b, t]``. An invalid slot never touches memory outside ``kv`` and contributes exactly nothing: its kv
-tile row is zero-filled by a guarded load that reads nothing (row number -1, which TileLang's bound guard turns into
-a predicated load on both targets; a select around the load cost a 16-byte spill at ``block_topk = 64``), so Inf/NaN in the rows
-invalid entries name (unwritten cache slots) cannot reach ``dq`` through ``0 * k``; its probability is forced to
-exactly 0 and the atomics skip it. A row whose ``lse`` is ``-inf`` (no valid index in the forward) contributes nothing
-and produces no NaN: its probabilities are forced to 0 before any exponential of an infinity can happen.
+tile row is zero-filled by a guarded load that reads nothing (row number -1, which TileLang's bound guard turns into a
+predicated load on both targets; a select around the load cost a 16-byte spill at ``block_topk = 64``), so Inf/NaN in
+the rows invalid entries name (unwritten cache slots) cannot reach ``dq`` through ``0 * k``; its probability is forced
+to exactly 0 and the atomics skip it. A row whose ``lse`` is ``-inf`` (no valid index in the forward) contributes
+nothing and produces no NaN: its probabilities are forced to 0 before any exponential of an infinity can happen.
 
 Heads are processed ``block_h`` at a time; the head count need not be a multiple (padded heads load zeros, get
 ``p = 0`` and are never stored). ``topk`` must be a multiple of ``block_topk`` (the launcher pads indices with -1).
@@ -427,7 +427,9 @@ def build(
                         lse2_tile[h] = Lse[b, t, head0 + h] * LOG2E
                         if has_sink:
                             # exp overflows to +inf for a sink far above lse (or +inf): then r = 1 / inf = 0.
-                            ratio_tile[h] = T.float32(1) / (T.float32(1) + T.exp(Sink[head0 + h] - Lse[b, t, head0 + h]))
+                            ratio_tile[h] = T.float32(1) / (
+                                T.float32(1) + T.exp(Sink[head0 + h] - Lse[b, t, head0 + h])
+                            )
                         else:
                             ratio_tile[h] = T.float32(1)
                         ds_scale_tile[h] = ratio_tile[h] * sm_scale

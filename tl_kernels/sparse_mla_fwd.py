@@ -329,7 +329,9 @@ def build(
                 # before another copy's address reads it.
                 # An invalid entry's tile row is zero, never the memory its index names (see _gather_row).
                 for j, d in alloc.parallel(block_k, d_qk):
-                    kv_s[j, d] = load(KV[b, _gather_row(Indices, b, s, step * block_k + j, width, limit, seq_len_kv), d])
+                    kv_s[j, d] = load(
+                        KV[b, _gather_row(Indices, b, s, step * block_k + j, width, limit, seq_len_kv), d]
+                    )
 
                 T.clear(acc_s)
                 T.gemm(q_s, kv_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
@@ -404,15 +406,16 @@ def _build_ws(
       ``ready`` twice per thread: once through ``cp.async.mbarrier.arrive.noinc`` (fires when its copies land) and
       once plainly (releases its validity stores);
     * consumer 0 (threads 0-127, 232 registers) waits for ``ready``, computes the masked scores (three wgmma into
-      one accumulator initialised to 0 or -inf by validity), runs the online softmax, writes bf16 ``P`` and the
+      one cleared accumulator, then -inf selected where invalid), runs the online softmax, writes bf16 ``P`` and the
       rescale factors to shared memory, and accumulates the left half of ``P . V``;
     * consumer 1 (threads 128-255, 168 registers) rescales and accumulates the right half of ``P . V`` from them.
 
     Hand-offs are mbarriers with phase parities: ``ready``/``free`` per buffer (a buffer is refilled only after both
     consumers released it), ``p_ready``/``p_free`` for ``P`` and the factors (consumer 0 overwrites them only after
     consumer 1 read them), ``fin`` for the final normaliser. Step ``i`` uses buffer ``i % 2`` with phase parity
-    ``(i // 2) & 1``, which holds for any step count (a row of ``limit <= 64`` entries runs one step). Every arrival is ordered after the previous phase completed (each
-    side waits on the other before arriving again), so no phase can be completed by one side's repeated arrivals.
+    ``(i // 2) & 1``, which holds for any step count (a row of ``limit <= 64`` entries runs one step). Every arrival is
+    ordered after the previous phase completed (each side waits on the other before arriving again), so no phase can
+    be completed by one side's repeated arrivals.
 
     An invalid entry's tile row is zero-filled by the producer's predicated cp.async (row number -1, see
     ``_gather_row``) and its score is selected to ``-inf`` after the MMA.
@@ -649,15 +652,18 @@ def _index_at(indices: Any, b: Any, s: Any, pos: Any, width: Any) -> Any:
 
 
 def _gather_row(indices: Any, b: Any, s: Any, pos: Any, width: Any, limit: Any, seq_len_kv: Any) -> Any:
-    """The KV row a CUDA gather reads for entry ``pos`` of query ``(b, s)``: its index when the entry is valid, else -1.
+    """The KV row a gather reads for entry ``pos`` of query ``(b, s)``: its index (int64) when valid, else -1.
 
     TileLang's bound guard cannot prove this row in ``[0, S_kv)``, so it wraps the copy in the row's bounds check: on
     CUDA the copy becomes a predicated cp.async that, for an invalid entry, reads nothing and zero-fills the tile row
-    (a select around the load would make the copy synchronous); the C target gets the same guard as a branch. A zero row, not the memory an invalid index names, then
-    meets the MMAs: Inf/NaN there (an unwritten cache slot) cannot leak into ``out`` through ``0 * V``.
+    (a select around the load would make the copy synchronous); the C target gets the same guard as a branch. A zero
+    row, not the memory an invalid index names, then meets the MMAs: Inf/NaN there (an unwritten cache slot) cannot
+    leak into ``out`` through ``0 * V``.
     """
     idx = _index_at(indices, b, s, pos, width)
-    return T.if_then_else(_entry_valid(idx, pos, limit, seq_len_kv), idx, -1)
+    # In int64, the type of the address arithmetic: with an int32 row the guard evaluates it twice (int64 for the
+    # address, int32 for the predicate) and the ws producer issued 73 index loads per step instead of 37.
+    return T.if_then_else(_entry_valid(idx, pos, limit, seq_len_kv), T.Cast("int64", idx), T.int64(-1))
 
 
 def _entry_valid(idx: Any, pos: Any, limit: Any, seq_len_kv: Any) -> Any:
