@@ -631,7 +631,7 @@ def providers_for(case: Any) -> list[Provider]:
 
         def bwd(backend: str) -> Callable[[dict[str, Any]], Any]:
             return lambda i: autograd.sparse_mla_bwd_impl(
-                i["q"], i["kv"], i["out"], i["lse"], i["d_out"], i["indices"], SM_SCALE, d_v, None, None, backend
+                i["q"], i["kv"], i["out"], i["lse"], i["d_out"], i["indices"], SM_SCALE, d_v, None, None, None, backend
             )
 
         return [Provider("dsa", bwd("tilelang")), Provider("reference", bwd("reference"))]
@@ -710,8 +710,9 @@ def check_dsa(case: Any, inp: dict[str, Any]) -> str | None:
                     sub["indices"],
                     SM_SCALE,
                     p["d_v"],
-                    None,
-                    None,
+                    None,  # topk_length
+                    None,  # attn_sink
+                    None,  # d_lse
                 )
                 dq, dkv = autograd.sparse_mla_bwd_impl(*args, "tilelang")
                 ref_dq, ref_dkv = autograd.sparse_mla_bwd_impl(*args, "reference")
