@@ -6,19 +6,28 @@ still run; the record is rewritten after every stage, so even a killed run leave
 
 1. ``host``: GPU name, SKU id (``autotune.sku``), driver, CUDA, torch and tilelang versions, and the host's measured
    ceilings: device-to-device copy bandwidth, bf16 and FP8 matrix rates (``scripts/bench.py --measure-ceilings``);
-2. ``tests``: ``HYPOTHESIS_PROFILE=gpu python -m pytest -m "gpu and not ws"``, with pass/fail/skip counts and the
+2. ``compile``: every sm_90a kernel the GPU tests use, compiled in parallel on every usable CPU into TileLang's cache
+   (``scripts/autotune.py --compile-only --full`` over ``benchmarks/gpu_test_kernels.json``), so that the test
+   stages load them in milliseconds instead of compiling them one after another (5-30 s of nvcc each). The same
+   kernels serve the bench stage and the tune stage's candidates. A failed or timed-out compile stage is recorded
+   and the later stages run anyway: whatever is not in the cache they compile on first use, as without this stage;
+3. ``tests``: ``HYPOTHESIS_PROFILE=gpu python -m pytest -m "gpu and not ws"``, with pass/fail/skip counts and the
    failing tests;
-3. ``tests_ws``: the same for ``-m "gpu and ws"``, the GPU tests of sparse_mla_fwd's warp-specialised schedule
+4. ``tests_ws``: the same for ``-m "gpu and ws"``, the GPU tests of sparse_mla_fwd's warp-specialised schedule
    (``pipeline="ws"``, mbarrier hand-offs never run on a GPU before), in a stage of their own so that a deadlock
    there costs only this stage. Both test stages run with ``-o faulthandler_timeout=...``: a test still running by
    then has every thread's traceback dumped into the log, so a hang's location is in the record before the kill;
-4. ``bench``: every standard benchmark case, the DSA kernels side by side with the reference, dense attention,
+5. ``bench``: every standard benchmark case, the DSA kernels side by side with the reference, dense attention,
    ``torch.topk`` and FlashMLA/DeepGEMM where importable (``scripts/bench.py``);
-5. ``tune``: a short tuning pass for this SKU (``scripts/autotune.py --sku auto`` over the small shapes file
-   ``benchmarks/tune_small.json``; results go to a cache folder inside the work directory, not the user's cache; a
-   candidate that hangs is killed after ``TUNE_CANDIDATE_TIMEOUT_S`` and recorded as rejected);
-6. the record ``benchmarks/results/<sku>-<YYYYMMDD>.json``, a PNG plot beside it (TFLOP/s and latency against context
+6. ``tune``: a short tuning pass for this SKU (``scripts/autotune.py --sku auto`` over the small shapes file
+   ``benchmarks/tune_small.json``; a candidate that hangs is killed after ``TUNE_CANDIDATE_TIMEOUT_S`` and recorded
+   as rejected);
+7. the record ``benchmarks/results/<sku>-<YYYYMMDD>.json``, a PNG plot beside it (TFLOP/s and latency against context
    length, DSA against dense attention; skipped with a note when matplotlib is missing), and a summary table, last.
+
+The compile and tune stages write their tuning-cache files (tuned configs, cached ptxas reports) into a folder inside
+the work directory (``DSA_CACHE_DIR``), never into the user's cache; TileLang's kernel cache is the environment's own
+(``TILELANG_CACHE_DIR``), shared by every stage: that is how the later stages find the compiled kernels.
 
 Without a CUDA device it prints one line saying so and exits 2. Exit status otherwise: 0 when every stage passed,
 1 when any stage failed or timed out (the record says which).
@@ -46,12 +55,28 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
 EXIT_OK, EXIT_FAILED, EXIT_NO_GPU = 0, 1, 2
 NO_GPU_MESSAGE = "gpu_check: no CUDA device found (torch.cuda.is_available() is False); run this on a CUDA host"
-STAGES: tuple[str, ...] = ("host", "tests", "tests_ws", "bench", "tune")
-# Seconds per stage; their sum (470 s) keeps the whole check inside 8 minutes on an H200, compilation included. The two
-# test stages share the 120 s the single test stage had: the ws stage holds sparse_mla_fwd's whole GPU fuzz test
-# (it samples the ws config among the others, with explicit ws examples) and the ws prefill test, i.e. a few kernel
-# compiles and a short run; everything else stays in the main stage.
-DEFAULT_BUDGETS: dict[str, int] = {"host": 40, "tests": 80, "tests_ws": 40, "bench": 250, "tune": 60}
+STAGES: tuple[str, ...] = ("host", "compile", "tests", "tests_ws", "bench", "tune")
+# Seconds per stage; their sum (470 s) keeps the whole check inside 8 minutes on an H200. Without the compile stage
+# every stage compiled its kernels one after another on first use, which a cold TileLang cache could not fit in the
+# test stages' budgets; the compile stage builds all of them at once on the host's 16 cores, so:
+# - host: torch import, 1 GiB copies and two 8192^3 matmuls, 10 timings each: 30 s is ample;
+# - compile: the 57 kernels of gpu_test_kernels.json with their ptxas reports took 970 s of job time on a loaded 2-core
+#   machine (8 min 17 s wall with 2 jobs): about 12 s a kernel, 30 s for the backward's. On 16 cores that is about a
+#   minute (the backward's 16 come last, one round); 100 s leaves room for slower cores and the workers' start;
+# - tests: the fuzz tests' examples with a warm cache, now that compiles take milliseconds: 110 s (was 80 s, its
+#   compiles included);
+# - tests_ws: sparse_mla_fwd's ws fuzz test and the two ws cases, with its kernels already compiled: 40 s;
+# - bench: its kernels are the tests' V3.2 ones (compiled, and loaded by the test stages), so what is left is the
+#   timing itself, 19 cases at most 1.5 s per provider: 150 s (was 250 s with the compiles);
+# - tune: tune_small.json's candidates are in the compile stage's set, so it only checks and times them: 40 s.
+DEFAULT_BUDGETS: dict[str, int] = {
+    "host": 30,
+    "compile": 100,
+    "tests": 110,
+    "tests_ws": 40,
+    "bench": 150,
+    "tune": 40,
+}
 # The pytest -m expression of each test stage: the unverified ws schedule apart from the rest.
 TEST_STAGE_MARKERS: dict[str, str] = {"tests": "gpu and not ws", "tests_ws": "gpu and ws"}
 # A test still running after this many seconds (at most half its stage's budget, so that the dump lands before the
@@ -63,6 +88,15 @@ TUNE_CANDIDATE_TIMEOUT_S = 20
 # The bench stage runs 19 cases with up to 5 providers each: a short per-provider budget keeps it inside its stage.
 BENCH_DEFAULT_ARGS: tuple[str, ...] = ("--reps", "10", "--warmup", "2", "--budget-s", "1.5")
 TUNE_SHAPES = ROOT / "benchmarks" / "tune_small.json"
+# Every (kernel, static parameters) the GPU tests compile; tests/test_scripts.py checks it against the test modules.
+# Not in it: the backward's two small pre/post-processing kernels (one each, d_v = 512 and d_qk = 576), which are not
+# tuner kernels; the first backward test compiles them in a few seconds.
+COMPILE_SHAPES = ROOT / "benchmarks" / "gpu_test_kernels.json"
+# The tuning-cache folder (DSA_CACHE_DIR) of the compile and tune stages, inside the work directory: shared, so that the
+# tune stage finds the ptxas reports of its candidates, and apart from the user's cache.
+DSA_CACHE_SUBDIR = "dsa-cache"
+# Where the Linux kernel states a cgroup v2 CPU quota ("<quota> <period>" in microseconds, or "max <period>").
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 LOG_TAIL_CHARS = 4000
 # Providers drawn as dense attention in the plot, in order of preference.
@@ -115,6 +149,44 @@ def pytest_command(
     cmd = [python, "-m", "pytest", "-m", TEST_STAGE_MARKERS[stage], "-q", "-p", "no:cacheprovider"]
     cmd += [f"--junitxml={junit}", "-o", f"faulthandler_timeout={dump_after}"]
     return cmd + list(extra_args)
+
+
+def compile_jobs(cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """Parallel compile processes for the compile stage: the CPUs this process may run on.
+
+    ``os.cpu_count()`` alone counts every CPU of the machine; in a container limited by CPU affinity or a cgroup quota
+    that many nvcc processes would only contend for the same few cores (and their memory), so the smaller of the
+    affinity mask and the quota wins.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):  # no cgroup v2 file, or one we do not understand: the affinity mask stands
+        pass
+    return max(1, cpus)
+
+
+def compile_command(python: str, *, jobs: int, report: Path) -> list[str]:
+    """The compile stage's command: the whole tuning space (``--full``: the GPU tests run every config, which the
+    default pruned space leaves out for the indexer and top-k) of every case in ``COMPILE_SHAPES``, compiled and
+    pruned only, ``jobs`` at a time, with a JSON report of every kernel."""
+    cmd = [python, str(SCRIPTS / "autotune.py"), "--compile-only", "--full", "--shapes", str(COMPILE_SHAPES)]
+    return cmd + ["--jobs", str(jobs), "--no-progress", "--report", str(report)]
+
+
+def read_report(path: Path) -> list[dict[str, Any]] | None:
+    """The records of an ``autotune.py --report`` file, or None when there is none: the tuner writes it once, at its
+    end, so a stage killed at its budget (or during that write) leaves no usable report."""
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return records if isinstance(records, list) else None
 
 
 def stage_record(name: str, run: StageRun, budget_s: float, **extra: Any) -> dict[str, Any]:
@@ -249,6 +321,9 @@ def summary(doc: dict[str, Any]) -> str:
         "stages: "
         + ", ".join(f"{s['stage']} {s['status']} ({s.get('seconds', 0):.0f} s)" for s in doc.get("stages", [])),
     ]
+    compiled = doc.get("compile", {})
+    if compiled:
+        lines.append(f"compile: {compiled.get('status', '?')}; {compiled.get('summary', '')}")
     for stage, label in (("tests", "gpu tests"), ("tests_ws", "gpu tests (ws schedule)")):
         tests = doc.get(stage, {})
         if tests:
@@ -364,7 +439,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     record_path, png_path = results_paths(doc["host"].get("sku"), args.out_dir)
     save()
 
-    # 2./3. gpu-marked tests under the gpu Hypothesis profile: all but the ws schedule's, then those alone
+    # 2. every kernel of the GPU tests, compiled in parallel into TileLang's disk cache (the later stages run whatever
+    # happens here: a kernel missing from the cache is compiled on first use, as it was before this stage)
+    dsa_cache = work / DSA_CACHE_SUBDIR
+    if "compile" not in args.skip:
+        jobs = compile_jobs()
+        print(f"[gpu_check] stage compile: the GPU tests' kernels, {jobs} at a time", flush=True)
+        report = work / "compile-report.json"
+        cmd = compile_command(py, jobs=jobs, report=report)
+        compile_env = {**env, "DSA_CACHE_DIR": str(dsa_cache)}
+        run = run_stage_process(cmd, budget_s=budgets["compile"], env=compile_env, log=work / "compile.log")
+        records = read_report(report)
+        counts = {} if records is None else {"kernels": len(records), "ok": sum(bool(r.get("ok")) for r in records)}
+        rec = stage_record("compile", run, budgets["compile"], jobs=jobs, **counts)
+        doc["stages"].append(rec)
+        if records is None:
+            outcome = "no report (the tuner did not finish)"
+        else:
+            outcome = f"{counts['kernels']} kernels, {counts['ok']} ok"
+        doc["compile"] = {"status": rec["status"], "summary": f"{outcome}, {jobs} jobs", **counts}
+        save()
+
+    # 3./4. gpu-marked tests under the gpu Hypothesis profile: all but the ws schedule's, then those alone
     test_env = {**env, "HYPOTHESIS_PROFILE": "gpu"}
     for stage in ("tests", "tests_ws"):
         if stage in args.skip:
@@ -382,7 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         save()
 
-    # 4. benchmarks
+    # 5. benchmarks
     bench_json = work / "bench.json"
     if "bench" not in args.skip:
         print("[gpu_check] stage bench: standard cases side by side", flush=True)
@@ -396,11 +492,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         doc["stages"].append(stage_record("bench", run, budgets["bench"], rows=len(doc["bench"]["rows"])))
         save()
 
-    # 5. short tuning pass for this SKU
+    # 6. short tuning pass for this SKU
     if "tune" not in args.skip:
         print("[gpu_check] stage tune: autotune --sku auto (small shapes)", flush=True)
         report = work / "autotune-report.json"
-        tune_env = {**env, "DSA_CACHE_DIR": str(work / "dsa-cache")}
+        tune_env = {**env, "DSA_CACHE_DIR": str(dsa_cache)}
         cmd = [py, str(SCRIPTS / "autotune.py"), "--sku", "auto", "--shapes", str(TUNE_SHAPES), "--no-progress"]
         cmd += ["--report", str(report), "--candidate-timeout", str(TUNE_CANDIDATE_TIMEOUT_S)]
         run = run_stage_process(cmd, budget_s=budgets["tune"], env=tune_env, log=work / "tune.log")
@@ -410,12 +506,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         doc["stages"].append(rec)
         doc["tune"] = {
             "status": rec["status"],
-            "summary": f"{len(records)} candidates, {len(chosen)} chosen, cache {work / 'dsa-cache'}",
+            "summary": f"{len(records)} candidates, {len(chosen)} chosen, cache {dsa_cache}",
             "chosen": chosen,
         }
         save()
 
-    # 6. plot and summary
+    # 7. plot and summary
     title = f"DSA vs dense attention on {doc['host'].get('gpu', '?')} ({doc['host'].get('sku', '?')})"
     note = plot(doc.get("bench", {}).get("rows", []), png_path, title)
     doc["plot"] = None if note else str(png_path)

@@ -362,6 +362,16 @@ def test_hopper_build_is_clean(item: tuple[dict[str, Any], kernels.Config]) -> N
 
 # --------------------------------------------------------------------------------------------------- GPU tier
 
+# The small-head cases the GPU tier runs with the launcher's default config (4 heads x 32 dims, both dtypes and modes).
+GPU_SMALL_CASES: tuple[StaticCase, ...] = CPU_CASES[:4]
+# Every kernel the GPU tier compiles has one of these static parameter sets: the V3.2 ones with every config of
+# HOPPER_BUILDS, the small ones with their default. Each pair is an sm_90a compile of 5-30 s, so scripts/gpu_check.py
+# compiles them all in parallel before the tests from benchmarks/gpu_test_kernels.json (tests/test_scripts.py keeps the
+# two in step).
+GPU_KERNEL_STATICS: tuple[dict[str, Any], ...] = V32_STATICS + tuple(case.static for case in GPU_SMALL_CASES)
+GPU_CONFIGS: tuple[kernels.Config, ...] = tuple(dict.fromkeys(config for _, config in HOPPER_BUILDS))
+"""The configs the GPU tests pass explicitly (the others run the launcher's choice, the default on a fresh host)."""
+
 
 @st.composite
 def gpu_problems(draw: st.DrawFn):
@@ -406,7 +416,7 @@ def test_gpu_long_sequence(static: dict[str, Any], cuda_device: torch.device) ->
 
 @pytest.mark.gpu
 @settings(max_examples=20)
-@given(data=cpu_problems(CPU_CASES[:4], max_batch=3, max_seq=40, max_seq_kv=150))
+@given(data=cpu_problems(GPU_SMALL_CASES, max_batch=3, max_seq=40, max_seq_kv=150))
 def test_gpu_small_heads(data: tuple[StaticCase, Problem], cuda_device: torch.device) -> None:
     """4 heads x 32 dims on CUDA (32 queries per block, one wgmma K step) with the launcher's default config."""
     _case, problem = data

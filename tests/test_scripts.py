@@ -4,6 +4,8 @@ keeps failures."""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import importlib.util
 import json
 import os
@@ -122,7 +124,7 @@ def test_harness_runs_tiny_cases_on_cpu(tmp_path: Path) -> None:
         "cpu",
         "--tiny",
         "--kernels",
-        "topk,sparse_mla_fwd",
+        "topk,sparse_mla_fwd,sparse_mla_bwd",
         "--reps",
         "2",
         "--json",
@@ -132,7 +134,8 @@ def test_harness_runs_tiny_cases_on_cpu(tmp_path: Path) -> None:
     doc = json.loads(out.read_text())
     rows = doc["rows"]
     checks = {r["case"]: r["value"] for r in rows if r["metric"] == "check"}
-    assert checks == {"tiny-topk": True, "tiny-sparse_mla_fwd": True}
+    # The backward's check runs the C-target kernels against the reference (the bench calls them positionally).
+    assert checks == {"tiny-topk": True, "tiny-sparse_mla_fwd": True, "tiny-sparse_mla_bwd": True}
     timed = {(r["case"], r["provider"]) for r in rows if r["metric"] == "latency_ms"}
     assert {("tiny-topk", "dsa"), ("tiny-topk", "torch.topk"), ("tiny-sparse_mla_fwd", "dense-matmul")} <= timed
     for r in rows:
@@ -217,8 +220,8 @@ def test_failing_stages_are_recorded_and_later_stages_still_run(
     # must record both, write the record, and report.
     monkeypatch.setattr(gpu_check, "cuda_available", lambda: (True, ""))
     rc = gpu_check.main(
-        ["--out-dir", str(tmp_path), "--work-dir", str(tmp_path / "work"), "--skip", "tests", "--skip", "tests_ws",
-         "--skip", "tune", "--bench-args", "--kernels topk"]
+        ["--out-dir", str(tmp_path), "--work-dir", str(tmp_path / "work"), "--skip", "compile", "--skip", "tests",
+         "--skip", "tests_ws", "--skip", "tune", "--bench-args", "--kernels topk"]
     )  # fmt: skip
     assert rc == 1
     records = list(tmp_path.glob("unknown-gpu-*.json"))
@@ -239,6 +242,13 @@ def _selection(cmd: list[str]) -> str:
     return cmd[cmd.index("-m", 2) + 1]
 
 
+def _passing_test_stage(gpu_check: ModuleType, cmd: list[str]) -> Any:
+    """What a faked test stage that passes leaves: its JUnit file (2 passed, 1 skipped) and its StageRun."""
+    junit = next(arg.split("=", 1)[1] for arg in cmd if arg.startswith("--junitxml="))
+    Path(junit).write_text('<testsuite tests="3" failures="0" errors="0" skipped="1"></testsuite>')
+    return gpu_check.StageRun(0, 1.0, False, "2 passed, 1 skipped")
+
+
 def test_gpu_tests_run_in_two_stages_with_the_ws_schedule_apart(
     gpu_check: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -254,14 +264,12 @@ def test_gpu_tests_run_in_two_stages_with_the_ws_schedule_apart(
         calls.append((list(cmd), budget_s, env, log.name))
         if _selection(cmd) == "gpu and ws":  # the ws kernel deadlocks: killed at the budget, no JUnit file
             return gpu_check.StageRun(None, budget_s, True, "Timeout (0:00:20)!\nThread 0x1 (most recent call first):")
-        junit = next(arg.split("=", 1)[1] for arg in cmd if arg.startswith("--junitxml="))
-        Path(junit).write_text('<testsuite tests="3" failures="0" errors="0" skipped="1"></testsuite>')
-        return gpu_check.StageRun(0, 1.0, False, "2 passed, 1 skipped")
+        return _passing_test_stage(gpu_check, cmd)
 
     monkeypatch.setattr(gpu_check, "run_stage_process", fake_stage)
     rc = gpu_check.main(
-        ["--out-dir", str(tmp_path), "--work-dir", str(tmp_path / "work"), "--skip", "host", "--skip", "bench",
-         "--skip", "tune", "--pytest-args", "-x --maxfail 1"]
+        ["--out-dir", str(tmp_path), "--work-dir", str(tmp_path / "work"), "--skip", "host", "--skip", "compile",
+         "--skip", "bench", "--skip", "tune", "--pytest-args", "-x --maxfail 1"]
     )  # fmt: skip
     assert rc == 1
     (main, main_budget, main_env, main_log), (ws, ws_budget, ws_env, ws_log) = calls
@@ -280,6 +288,130 @@ def test_gpu_tests_run_in_two_stages_with_the_ws_schedule_apart(
     out = capsys.readouterr().out
     assert "gpu tests: 2 passed, 0 failed, 0 errors, 1 skipped" in out and "tests_ws timeout" in out
     assert out.strip().splitlines()[-1] == "gpu_check: stages not ok: tests_ws"
+
+
+@pytest.mark.parametrize("outcome", ["timeout", "failed"])
+def test_compile_stage_runs_before_the_tests_and_its_failure_does_not_stop_them(
+    gpu_check: ModuleType,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    outcome: str,
+) -> None:
+    """The compile stage runs right after host: the tuner in compile-only mode over the whole tuning space of every
+    kernel in gpu_test_kernels.json, on every usable CPU, its tuning cache in the work directory (shared with the
+    tune stage). Killed at its budget (no report) or failing (a kernel with no valid config), it is recorded as such
+    and the test stages still run."""
+    stages = gpu_check.STAGES
+    assert stages[:3] == ("host", "compile", "tests")
+    assert set(gpu_check.DEFAULT_BUDGETS) == set(stages)
+    assert sum(gpu_check.DEFAULT_BUDGETS.values()) <= 470
+    monkeypatch.setattr(gpu_check, "cuda_available", lambda: (True, ""))
+    monkeypatch.setattr(gpu_check, "compile_jobs", lambda: 16)
+    calls: list[tuple[list[str], float, dict[str, str], str]] = []
+
+    def fake_stage(cmd: list[str], *, budget_s: float, env: dict[str, str], log: Path) -> Any:
+        calls.append((list(cmd), budget_s, env, log.name))
+        if log.name == "compile.log":
+            if outcome == "timeout":
+                return gpu_check.StageRun(None, budget_s, True, "compiling ...")
+            report = Path(cmd[cmd.index("--report") + 1])
+            records = [{"kernel": "topk_indices", "ok": True}, {"kernel": "topk_indices", "ok": False}]
+            report.write_text(json.dumps(records))
+            return gpu_check.StageRun(1, 5.0, False, "NO VALID CONFIG: topk_indices k=64")
+        if log.name == "tune.log":
+            return gpu_check.StageRun(0, 1.0, False, "")
+        return _passing_test_stage(gpu_check, cmd)
+
+    monkeypatch.setattr(gpu_check, "run_stage_process", fake_stage)
+    work = tmp_path / "work"
+    rc = gpu_check.main(
+        ["--out-dir", str(tmp_path), "--work-dir", str(work), "--skip", "host", "--skip", "tests_ws", "--skip", "bench"]
+    )
+    assert rc == 1
+    assert [log for *_, log in calls] == ["compile.log", "tests.log", "tune.log"]
+    (cmd, budget, env, _), (tests_cmd, _, tests_env, _), (_, _, tune_env, _) = calls
+    assert cmd == [
+        sys.executable, str(SCRIPTS / "autotune.py"), "--compile-only", "--full",
+        "--shapes", str(ROOT / "benchmarks" / "gpu_test_kernels.json"), "--jobs", "16", "--no-progress",
+        "--report", str(work / "compile-report.json"),
+    ]  # fmt: skip
+    assert budget == gpu_check.DEFAULT_BUDGETS["compile"]
+    # Nothing leaks into the user's tuning cache; the tune stage finds the compile stage's ptxas reports; the tests
+    # read the user's cache as any other process would.
+    assert env["DSA_CACHE_DIR"] == tune_env["DSA_CACHE_DIR"] == str(work / "dsa-cache")
+    assert tests_env.get("DSA_CACHE_DIR") == os.environ.get("DSA_CACHE_DIR")
+    assert _selection(tests_cmd) == "gpu and not ws"
+    doc = json.loads(next(tmp_path.glob("unknown-gpu-*.json")).read_text())
+    assert [(s["stage"], s["status"]) for s in doc["stages"]] == [("compile", outcome), ("tests", "ok"), ("tune", "ok")]
+    compiled = doc["stages"][0]
+    assert compiled["jobs"] == 16
+    out = capsys.readouterr().out
+    if outcome == "timeout":
+        assert "kernels" not in compiled and doc["compile"]["status"] == "timeout"
+        assert "compile: timeout; no report" in out
+    else:
+        assert (compiled["kernels"], compiled["ok"]) == (2, 1)
+        assert doc["compile"] == {"status": "failed", "summary": "2 kernels, 1 ok, 16 jobs", "kernels": 2, "ok": 1}
+        assert "compile: failed; 2 kernels, 1 ok, 16 jobs" in out
+    assert doc["tests"]["passed"] == 2
+    assert out.strip().splitlines()[-1] == "gpu_check: stages not ok: compile"
+
+
+def test_compile_jobs_follow_the_usable_cpus(gpu_check: ModuleType, tmp_path: Path) -> None:
+    """Affinity mask first, then a cgroup v2 quota below it; an unlimited or unreadable quota changes nothing."""
+    usable = len(os.sched_getaffinity(0))
+    cpu_max = tmp_path / "cpu.max"
+    assert gpu_check.compile_jobs(cpu_max) == usable  # no file
+    cpu_max.write_text("max 100000\n")
+    assert gpu_check.compile_jobs(cpu_max) == usable
+    cpu_max.write_text("50000 100000\n")  # half a CPU: still one job
+    assert gpu_check.compile_jobs(cpu_max) == 1
+    cpu_max.write_text(f"{100000 * (usable + 8)} 100000\n")
+    assert gpu_check.compile_jobs(cpu_max) == usable
+    cpu_max.write_text("garbage\n")
+    assert gpu_check.compile_jobs(cpu_max) == usable
+
+
+# The test modules whose gpu-marked tests compile sm_90a kernels; each names the static parameter sets its GPU tests
+# compile (GPU_KERNEL_STATICS) and the configs they pass explicitly (GPU_CONFIGS).
+GPU_TEST_MODULES: tuple[str, ...] = (
+    "tests.test_indexer_kernel",
+    "tests.test_topk_kernel",
+    "tests.test_sparse_mla_fwd_kernel",
+    "tests.test_sparse_mla_bwd_kernel",
+)
+
+
+def _canonical(static: dict[str, Any]) -> str:
+    """A static parameter set as sorted JSON: True and 1 differ, as they do in a generated kernel's source."""
+    return json.dumps(static, sort_keys=True)
+
+
+@pytest.mark.parametrize("module_name", GPU_TEST_MODULES)
+def test_gpu_test_kernels_json_matches_the_gpu_tests(gpu_check: ModuleType, module_name: str) -> None:
+    """gpu_check's compile stage builds exactly what the GPU tests load: every static parameter set a test module's
+    GPU tests compile is a case of gpu_test_kernels.json (and no other case is there, which would only cost compile
+    time), and every config those tests use, explicit or the launcher's default, is in the whole tuning space that
+    the stage compiles for each of them (``--full``)."""
+    from autotune import space
+
+    module = importlib.import_module(module_name)
+    kernel = module.launch.KERNEL_NAME
+    cases = space.preset_cases(gpu_check.COMPILE_SHAPES, (kernel,))
+    listed = [_canonical(case.static) for case in cases]
+    used = [_canonical(static) for static in module.GPU_KERNEL_STATICS]
+    assert len(set(listed)) == len(listed), f"{kernel}: a static parameter set is listed twice"
+    assert sorted(set(used)) == sorted(listed), (
+        f"{kernel}: the GPU tests compile {sorted(set(used) - set(listed))} that gpu_test_kernels.json lacks, "
+        f"and it lists {sorted(set(listed) - set(used))} that no GPU test uses"
+    )
+    assert "--full" in gpu_check.compile_command("python", jobs=1, report=Path("r.json"))
+    for static in module.GPU_KERNEL_STATICS:
+        compiled = space.full_space(kernel, static)
+        assert space.default_config(kernel, static) in compiled
+        for config in module.GPU_CONFIGS:
+            assert dataclasses.asdict(config) in compiled, f"{kernel} {static}: {config} is not compiled"
 
 
 def test_the_ws_marker_selects_the_ws_gpu_tests() -> None:

@@ -16,7 +16,7 @@ import itertools
 import logging
 import re
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -538,33 +538,76 @@ def test_hopper_helper_kernels_static(hopper_builds, name: str) -> None:
 # --------------------------------------------------------------------------------------------------- GPU tier
 
 
+class GpuStatic(NamedTuple):
+    """The static parameters a GPU problem varies besides the padded top-k (widths are V3.2's, 576/512)."""
+
+    heads: int
+    has_topk_length: bool
+    has_sink: bool
+
+
+# Every main kernel the GPU tier compiles comes from these few combos (times the padded top-k of GPU_TOPKS): each is an
+# sm_90a compile of 5-30 s, and scripts/gpu_check.py compiles them all in parallel before the tests from
+# benchmarks/gpu_test_kernels.json, which tests/test_scripts.py keeps in step with GPU_KERNEL_STATICS below.
+GPU_STATICS: tuple[GpuStatic, ...] = (
+    GpuStatic(V32["heads"], False, False),  # plain V3.2 (heavy duplicates)
+    GpuStatic(V32["heads"], True, True),  # everything on (every tuning config)
+    GpuStatic(V32["heads"], True, False),  # topk_length alone (non-finite rows behind invalid entries)
+    GpuStatic(72, True, True),  # padded heads: a second 64-head block with 8 real heads, the sink sliced to them
+)
+# The k of the fuzzed indices: the full top-k, one the launcher pads up to it, and a single entry (padded to
+# TOPK_ALIGN, the second static topk).
+GPU_TOPKS: tuple[int, ...] = (V32["topk"], V32["topk"] - 5, 1)
+
+
+def gpu_kernel_static(static: GpuStatic, k: int) -> dict[str, Any]:
+    """The main kernel's static parameters for a GPU problem of ``static`` with ``k`` indices per query, as
+    ``dsa.launch.sparse_mla_bwd`` passes them to ``build`` (the pre/post kernels depend on d_v/d_qk alone)."""
+    return {
+        "heads": static.heads,
+        "d_qk": V32["d_qk"],
+        "d_v": V32["d_v"],
+        "topk": launch.padded_topk(k),
+        "has_topk_length": static.has_topk_length,
+        "has_sink": static.has_sink,
+    }
+
+
+GPU_KERNEL_STATICS: tuple[dict[str, Any], ...] = tuple(
+    gpu_kernel_static(static, topk)
+    for topk in sorted({launch.padded_topk(k) for k in GPU_TOPKS}, reverse=True)
+    for static in GPU_STATICS
+)
+"""Every static parameter set of the main kernel the GPU tests compile."""
+GPU_CONFIGS: tuple[kernels.Config, ...] = tuple(HOPPER_CONFIGS)
+"""The configs the GPU tests pass explicitly (the others run the launcher's choice, the default on a fresh host)."""
+
+
 @st.composite
 def gpu_problems(draw: st.DrawFn, device: torch.device):
     batch = draw(st.integers(1, 2))
     seq = draw(st.integers(1, 4))
     seq_kv = draw(st.sampled_from((1, 100, 2048, 4096)))
-    k = draw(st.sampled_from((V32["topk"], V32["topk"] - 5, 1)))
+    k = draw(st.sampled_from(GPU_TOPKS))
     kind, indices = draw(strategies.index_patterns(batch, seq, seq_kv, k))
     seed = draw(strategies.SEEDS)
-    with_len = draw(st.booleans())
-    with_sink = draw(st.booleans())
-    topk_length = strategies.make_topk_length(seed + 1, batch, seq, k) if with_len else None
+    static = draw(st.sampled_from(GPU_STATICS))
+    topk_length = strategies.make_topk_length(seed + 1, batch, seq, k) if static.has_topk_length else None
     sink_kind = draw(st.sampled_from(SINK_KINDS))
-    sink = _sink(seed + 2, V32["heads"], sink_kind) if with_sink else None
+    sink = _sink(seed + 2, V32["heads"], sink_kind) if static.has_sink else None
     with_d_lse = draw(st.booleans())
-    heads = draw(st.sampled_from((V32["heads"], 1, 72)))
     problem = make_problem(
         seed=seed,
         batch=batch,
         seq=seq,
         seq_kv=seq_kv,
-        heads=heads,
+        heads=static.heads,
         d_qk=V32["d_qk"],
         d_v=V32["d_v"],
         indices=indices,
         sm_scale=V32_SM_SCALE,
         topk_length=topk_length,
-        attn_sink=None if sink is None else sink[:heads].contiguous(),
+        attn_sink=None if sink is None else sink[: static.heads].contiguous(),
         with_d_lse=with_d_lse,
         device=device,
     )
@@ -581,26 +624,31 @@ def test_gpu_matches_reference(data: st.DataObject) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", HOPPER_CONFIGS, ids=lambda c: f"bh{c.block_h}_bk{c.block_topk}")
+@pytest.mark.parametrize("config", GPU_CONFIGS, ids=lambda c: f"bh{c.block_h}_bk{c.block_topk}")
 def test_gpu_every_config(config: kernels.Config) -> None:
     """Every tuning-space config gives the same gradients at the full V3.2 shape (128 heads, topk 2048)."""
     device = torch.device("cuda")
+    static = GPU_STATICS[1]  # everything on: topk_length and sink
     batch, seq, seq_kv, k = 1, 3, 4096, V32["topk"]
     indices = strategies.make_indices("irregular", 7, batch, seq, seq_kv, k)
     problem = make_problem(
-        seed=1, batch=batch, seq=seq, seq_kv=seq_kv, heads=V32["heads"], d_qk=V32["d_qk"], d_v=V32["d_v"],
-        indices=indices, sm_scale=V32_SM_SCALE, topk_length=torch.full((batch, seq), k - 100, dtype=torch.int32),
-        attn_sink=_sink(3, V32["heads"], "normal"), device=device,
+        seed=1, batch=batch, seq=seq, seq_kv=seq_kv, heads=static.heads, d_qk=V32["d_qk"], d_v=V32["d_v"],
+        indices=indices, sm_scale=V32_SM_SCALE,
+        topk_length=torch.full((batch, seq), k - 100, dtype=torch.int32) if static.has_topk_length else None,
+        attn_sink=_sink(3, static.heads, "normal") if static.has_sink else None, device=device,
     )
     run_and_check(problem, config, atol=GPU_ATOL, rtol=GPU_RTOL)
 
 
-def _v32_gpu_problem(kind: str, seed: int, seq: int, seq_kv: int, **options: Any) -> Problem:
-    """A V3.2-shaped (128 heads, 576/512, k = 2048) problem on the GPU with indices of pattern ``kind``."""
+def _v32_gpu_problem(static: GpuStatic, kind: str, seed: int, seq: int, seq_kv: int, **options: Any) -> Problem:
+    """A problem of ``static`` (k = 2048, V3.2 widths) on the GPU with indices of pattern ``kind``; ``options`` give
+    exactly the topk_length and attn_sink that ``static`` says it has."""
     indices = strategies.make_indices(kind, seed, 1, seq, seq_kv, V32["topk"])
     options = {"topk_length": None, "attn_sink": None, **options}
+    given_options = (options["topk_length"] is not None, options["attn_sink"] is not None)
+    assert given_options == (static.has_topk_length, static.has_sink), "options must match a GPU_STATICS combo"
     return make_problem(
-        seed=seed + 1, batch=1, seq=seq, seq_kv=seq_kv, heads=V32["heads"], d_qk=V32["d_qk"], d_v=V32["d_v"],
+        seed=seed + 1, batch=1, seq=seq, seq_kv=seq_kv, heads=static.heads, d_qk=V32["d_qk"], d_v=V32["d_v"],
         indices=indices, sm_scale=V32_SM_SCALE, device=torch.device("cuda"), **options,
     )
 
@@ -608,15 +656,16 @@ def _v32_gpu_problem(kind: str, seed: int, seq: int, seq_kv: int, **options: Any
 @pytest.mark.gpu
 def test_gpu_heavy_duplicates() -> None:
     """Many queries scattering into few kv rows stresses atomic accumulation under contention."""
-    run_and_check(_v32_gpu_problem("duplicates", 9, seq=16, seq_kv=64), atol=GPU_ATOL, rtol=GPU_RTOL)
+    problem = _v32_gpu_problem(GPU_STATICS[0], "duplicates", 9, seq=16, seq_kv=64)
+    run_and_check(problem, atol=GPU_ATOL, rtol=GPU_RTOL)
 
 
 @pytest.mark.gpu
 def test_gpu_non_finite_rows_behind_invalid_entries_change_nothing() -> None:
     """NaN/±inf in every kv row no valid entry selects (invalid entries name them or are clamped onto them)."""
     problem = _v32_gpu_problem(
-        "mixed_rows", 17, seq=4, seq_kv=3000, topk_length=strategies.make_topk_length(19, 1, 4, V32["topk"]),
-        poison_unreferenced=True,
+        GPU_STATICS[2], "mixed_rows", 17, seq=4, seq_kv=3000,
+        topk_length=strategies.make_topk_length(19, 1, 4, V32["topk"]), poison_unreferenced=True,
     )
     assert not torch.isfinite(problem.kv.float()).all(), "the problem must hold non-finite rows"
     run_and_check(problem, atol=GPU_ATOL, rtol=GPU_RTOL)

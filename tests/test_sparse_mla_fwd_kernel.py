@@ -508,11 +508,21 @@ def test_hopper_build_is_clean(case: tuple[dict[str, Any], kernels.Config], hopp
 
 # ------------------------------------------------------------------------------------------------------- GPU tier
 
+# Every kernel the GPU tier compiles has one of these static parameter sets, (heads, d_qk, d_v, has_topk_length,
+# has_sink), and one of GPU_CONFIGS: each pair is an sm_90a compile of 5-30 s, so scripts/gpu_check.py compiles them
+# all in parallel before the tests from benchmarks/gpu_test_kernels.json (tests/test_scripts.py keeps the two in step).
 GPU_STATICS: tuple[tuple[int, int, int, bool, bool], ...] = (
     (V32["heads"], V32["d_qk"], V32["d_v"], False, False),
     (V32["heads"], V32["d_qk"], V32["d_v"], True, True),
     (70, V32["d_qk"], V32["d_v"], True, False),  # heads padded to two 64-head blocks, the second partly masked
 )
+GPU_KERNEL_STATICS: tuple[dict[str, Any], ...] = tuple(
+    launch.static_params(heads=heads, d_qk=d_qk, d_v=d_v, has_topk_length=has_len, has_sink=has_sink)
+    for heads, d_qk, d_v, has_len, has_sink in GPU_STATICS
+)
+"""``GPU_STATICS`` as the launcher passes them to ``build``."""
+GPU_CONFIGS: tuple[kernels.Config, ...] = tuple(_tuning_configs())
+"""The configs the GPU tests pass explicitly (both schedules; the default among them): every valid tuning config."""
 
 
 def _gpu_case(static: tuple[int, int, int, bool, bool], **sizes: Any) -> dict[str, Any]:
@@ -543,7 +553,7 @@ def _check_on_gpu(device: torch.device, config: kernels.Config, case: dict[str, 
 
 @pytest.mark.gpu
 @settings(max_examples=20)
-@given(case=GPU_CASES, config=st.sampled_from([c for c in _tuning_configs() if c.pipeline != kernels.PIPELINE_WS]))
+@given(case=GPU_CASES, config=st.sampled_from([c for c in GPU_CONFIGS if c.pipeline != kernels.PIPELINE_WS]))
 @example(
     case=_gpu_case(GPU_STATICS[0], batch=1, seq=4, seq_kv=2500, topk=V32_TOPK, kind="irregular", seed=1),
     config=kernels.Config(),

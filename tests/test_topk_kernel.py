@@ -324,6 +324,14 @@ def test_hopper_build_is_clean(item: tuple[int, kernels.Config], hopper_builds) 
 
 # Rows up to at least 131,072 wide (the longest V3.2 contexts the brief asks for).
 LONG_WIDTH = 131_072
+# Every kernel the GPU tier compiles is one of HOPPER_BUILDS (the launcher's default at V32_K among them): each is an
+# sm_90a compile of 5-30 s, so scripts/gpu_check.py compiles them all in parallel before the tests from
+# benchmarks/gpu_test_kernels.json (tests/test_scripts.py keeps the two in step).
+GPU_KERNEL_STATICS: tuple[dict[str, Any], ...] = tuple(
+    launch.static_params(k) for k in dict.fromkeys(k for k, _ in HOPPER_BUILDS)
+)
+GPU_CONFIGS: tuple[kernels.Config, ...] = tuple(dict.fromkeys(config for _, config in HOPPER_BUILDS))
+"""The configs the GPU tests pass explicitly (the others run the launcher's choice, the default on a fresh host)."""
 
 
 @st.composite
