@@ -623,23 +623,6 @@ def test_gpu_matches_reference(data: st.DataObject) -> None:
     run_and_check(problem, atol=GPU_ATOL, rtol=GPU_RTOL)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("config", GPU_CONFIGS, ids=lambda c: f"bh{c.block_h}_bk{c.block_topk}")
-def test_gpu_every_config(config: kernels.Config) -> None:
-    """Every tuning-space config gives the same gradients at the full V3.2 shape (128 heads, topk 2048)."""
-    device = torch.device("cuda")
-    static = GPU_STATICS[1]  # everything on: topk_length and sink
-    batch, seq, seq_kv, k = 1, 3, 4096, V32["topk"]
-    indices = strategies.make_indices("irregular", 7, batch, seq, seq_kv, k)
-    problem = make_problem(
-        seed=1, batch=batch, seq=seq, seq_kv=seq_kv, heads=static.heads, d_qk=V32["d_qk"], d_v=V32["d_v"],
-        indices=indices, sm_scale=V32_SM_SCALE,
-        topk_length=torch.full((batch, seq), k - 100, dtype=torch.int32) if static.has_topk_length else None,
-        attn_sink=_sink(3, static.heads, "normal") if static.has_sink else None, device=device,
-    )
-    run_and_check(problem, config, atol=GPU_ATOL, rtol=GPU_RTOL)
-
-
 def _v32_gpu_problem(static: GpuStatic, kind: str, seed: int, seq: int, seq_kv: int, **options: Any) -> Problem:
     """A problem of ``static`` (k = 2048, V3.2 widths) on the GPU with indices of pattern ``kind``; ``options`` give
     exactly the topk_length and attn_sink that ``static`` says it has."""
@@ -651,6 +634,18 @@ def _v32_gpu_problem(static: GpuStatic, kind: str, seed: int, seq: int, seq_kv: 
         seed=seed + 1, batch=1, seq=seq, seq_kv=seq_kv, heads=static.heads, d_qk=V32["d_qk"], d_v=V32["d_v"],
         indices=indices, sm_scale=V32_SM_SCALE, device=torch.device("cuda"), **options,
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", GPU_CONFIGS, ids=lambda c: f"bh{c.block_h}_bk{c.block_topk}")
+def test_gpu_every_config(config: kernels.Config) -> None:
+    """Every tuning-space config gives the same gradients at the full V3.2 shape (128 heads, topk 2048)."""
+    k = V32["topk"]
+    problem = _v32_gpu_problem(
+        GPU_STATICS[1], "irregular", 7, seq=3, seq_kv=4096,  # everything on: topk_length and sink
+        topk_length=torch.full((1, 3), k - 100, dtype=torch.int32), attn_sink=_sink(3, V32["heads"], "normal"),
+    )
+    run_and_check(problem, config, atol=GPU_ATOL, rtol=GPU_RTOL)
 
 
 @pytest.mark.gpu

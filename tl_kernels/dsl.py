@@ -218,6 +218,12 @@ def load_f32(value: tirx.PrimExpr, dtype: Any, target: Target) -> tirx.PrimExpr:
     return T.Cast("float32", value)
 
 
+def load_tile(value: tirx.PrimExpr, dtype: Any, target: Target) -> tirx.PrimExpr:
+    """One loaded element as a shared/fragment tile holds it: decoded float32 on the C target (whose GEMM has no bf16 or
+    FP8), the input dtype itself on CUDA (a plain global -> shared copy, which the pipeliner can turn into cp.async)."""
+    return load_f32(value, dtype, target) if is_cpu(target) else value
+
+
 def store_bf16(value_f32: tirx.PrimExpr, target: Target) -> tirx.PrimExpr:
     """The storage form of ``bfloat16(value_f32)``: ``uint16`` bits on the C target, a ``bfloat16`` cast on CUDA.
 

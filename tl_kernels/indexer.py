@@ -230,8 +230,7 @@ def build(
     batch, seq, seq_kv = T.dynamic("batch, seq_len, seq_len_kv")
 
     def _load(value: Any) -> Any:
-        """An input element as a tile element: decoded float32 on CPU, the input dtype itself on CUDA."""
-        return dsl.load_f32(value, dtype, target) if cpu else value
+        return dsl.load_tile(value, dtype, target)
 
     def _visible(Starts: Any, Ends: Any, b: Any, t: Any, s: Any, shift: Any) -> Any:
         if causal:

@@ -342,8 +342,7 @@ def build(
     mma = T.gemm if cpu else T.wgmma_gemm
 
     def load(value: Any) -> Any:
-        # A tile element as stored: decoded float32 on the C target, the raw bf16 on CUDA.
-        return dsl.load_f32(value, IN_DTYPE, target) if cpu else value
+        return dsl.load_tile(value, IN_DTYPE, target)
 
     def slot_valid(idx: Any, pos: Any, limit: Any) -> Any:
         # An index takes part iff it names a kv row and its position is below topk_length (when given).

@@ -278,9 +278,7 @@ def build(
     sink_shape = [heads] if has_sink else [1]
 
     def load(value: Any) -> Any:
-        # A tile element as stored: decoded float32 on the C target, the raw bf16 on CUDA (a plain global ->
-        # shared copy is what the pipeliner turns into cp.async).
-        return dsl.load_f32(value, DATA_DTYPE, target) if cpu else value
+        return dsl.load_tile(value, DATA_DTYPE, target)
 
     @T.prim_func
     def main(
