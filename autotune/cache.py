@@ -1,6 +1,7 @@
 """The persistent per-SKU config cache.
 
-Layout: ``<cache_dir>/<sku>/<kernel>.json`` (``cache_dir`` is :func:`dsa.env.cache_dir`, i.e. ``DSA_CACHE_DIR``),
+Layout: ``<cache_dir>/<sku>/<kernel>.json`` (the caller passes ``cache_dir``: the launchers and the tuner pass
+``dsa.env.cache_dir()``, i.e. ``DSA_CACHE_DIR``; this module reads no environment and imports nothing from ``dsa``),
 plus shipped defaults in ``autotune/configs/<sku>/<kernel>.json`` (package data), both in this format::
 
     {
@@ -19,8 +20,7 @@ sorted, compact JSON, never ``str()`` of objects, so they are stable across proc
 Lookup order (:func:`lookup`): the user's tuned file, exact bucket; the user's file, nearest tuned bucket for the same
 static parameters; the shipped file (exact, then nearest); else ``None`` (the caller uses the kernel's default
 config). Each file is read once per process and indexed, and each answer is remembered, so a repeated lookup is one
-tuple hash (about a microsecond); a :func:`store` from this process invalidates both. ``DSA_CACHE_DIR`` is read on
-each first lookup of a (kernel, SKU, static, bucket) and on every store.
+tuple hash (about a microsecond); a :func:`store` from this process invalidates both.
 
 Robustness: writes go to a temporary file in the same directory and are renamed into place (readers never see half
 a file); concurrent tuners (processes) serialise their read-merge-write through an ``fcntl.flock`` on a lock file
@@ -47,7 +47,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from autotune import sku as _sku
-from dsa import env
 
 logger = logging.getLogger(__name__)
 
@@ -105,10 +104,10 @@ def _check_names(kernel: str, sku: str) -> None:
         raise ValueError(f"invalid kernel name {kernel!r}")
 
 
-def user_path(kernel: str, *, sku: str) -> Path:
-    """Where tuned configs of ``kernel`` for ``sku`` are written: ``<DSA_CACHE_DIR>/<sku>/<kernel>.json``."""
+def user_path(kernel: str, *, sku: str, cache_dir: Path) -> Path:
+    """Where tuned configs of ``kernel`` for ``sku`` are written: ``<cache_dir>/<sku>/<kernel>.json``."""
     _check_names(kernel, sku)
-    return env.cache_dir() / sku / f"{kernel}.json"
+    return Path(cache_dir) / sku / f"{kernel}.json"
 
 
 def shipped_path(kernel: str, *, sku: str) -> Path:
@@ -188,7 +187,7 @@ def _nearest(candidates: Any, bucket: dict[str, int]) -> dict[str, Any] | None:
 _files: dict[Path, _LoadedFile | None] = {}
 _reported: set[tuple[Path, str]] = set()
 _state_lock = threading.Lock()
-# Answers already given: (kernel, sku, static items, bucketed size items) -> config or None. Building paths and
+# Answers already given: (kernel, sku, cache dir, static items, bucketed size items) -> config or None. Building paths and
 # canonical JSON costs tens of microseconds; a hit here is a tuple hash. Cleared by store() and clear_memory_cache().
 _answers: dict[tuple[Any, ...], dict[str, Any] | None] = {}
 _MISS = object()
@@ -282,14 +281,17 @@ def clear_memory_cache() -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------------------------------
-def lookup(kernel: str, static: dict[str, Any], sizes: dict[str, int], *, sku: str) -> dict[str, Any] | None:
+def lookup(
+    kernel: str, static: dict[str, Any], sizes: dict[str, int], *, sku: str, cache_dir: Path
+) -> dict[str, Any] | None:
     """The tuned config of ``kernel`` for ``static`` parameters and ``sizes`` on ``sku``, or ``None``.
 
     Args:
-        kernel: kernel name (``index_scores``, ``topk_indices``, ``sparse_mla_fwd``, ``sparse_mla_bwd``).
+        kernel: kernel name (``indexer``, ``topk``, ``sparse_mla_fwd``, ``sparse_mla_bwd``).
         static: the kernel's compile-time parameters (JSON values), as passed to its ``build``.
         sizes: runtime sizes (e.g. ``{"batch": 1, "seq_len": 4096, "seq_len_kv": 4096}``); rounded to buckets.
         sku: canonical SKU id (:func:`autotune.sku.current_sku`).
+        cache_dir: the user cache folder (``dsa.env.cache_dir()``).
 
     Returns:
         A fresh dict of the config's fields, or ``None`` when neither the user's cache nor the shipped defaults
@@ -299,16 +301,18 @@ def lookup(kernel: str, static: dict[str, Any], sizes: dict[str, int], *, sku: s
         TypeError / ValueError: for non-JSON ``static`` values, negative sizes or an invalid kernel/SKU name.
     """
     bucket = bucket_sizes(sizes)
-    fast_key = _answer_key(kernel, sku, static, bucket)
+    fast_key = _answer_key(kernel, sku, cache_dir, static, bucket)
     hit = _answers.get(fast_key, _MISS) if fast_key is not None else _MISS
     if hit is _MISS:
-        hit = _find(kernel, static, bucket, sku=sku)
+        hit = _find(kernel, static, bucket, sku=sku, cache_dir=cache_dir)
         if fast_key is not None:
             _answers[fast_key] = hit
     return None if hit is None else dict(hit)
 
 
-def _answer_key(kernel: str, sku: str, static: dict[str, Any], bucket: dict[str, int]) -> tuple[Any, ...] | None:
+def _answer_key(
+    kernel: str, sku: str, cache_dir: Path, static: dict[str, Any], bucket: dict[str, int]
+) -> tuple[Any, ...] | None:
     """A hashable key for the answer memo, or ``None`` when ``static`` holds unhashable values (lists, dicts).
 
     Types are part of the key because ``True == 1 == 1.0`` in Python but not in the canonical JSON keys.
@@ -316,6 +320,7 @@ def _answer_key(kernel: str, sku: str, static: dict[str, Any], bucket: dict[str,
     key = (
         kernel,
         sku,
+        cache_dir,
         tuple(sorted((name, type(value), value) for name, value in static.items())),
         tuple(sorted(bucket.items())),
     )
@@ -326,10 +331,12 @@ def _answer_key(kernel: str, sku: str, static: dict[str, Any], bucket: dict[str,
     return key
 
 
-def _find(kernel: str, static: dict[str, Any], bucket: dict[str, int], *, sku: str) -> dict[str, Any] | None:
+def _find(
+    kernel: str, static: dict[str, Any], bucket: dict[str, int], *, sku: str, cache_dir: Path
+) -> dict[str, Any] | None:
     static_key = canonical(static)
     bucket_key = canonical(bucket)
-    for path in (user_path(kernel, sku=sku), shipped_path(kernel, sku=sku)):
+    for path in (user_path(kernel, sku=sku, cache_dir=cache_dir), shipped_path(kernel, sku=sku)):
         loaded = _load(path, kernel=kernel, sku=sku)
         if loaded is None:
             continue
@@ -373,9 +380,11 @@ def store(
     config: dict[str, Any],
     *,
     sku: str,
+    cache_dir: Path,
     metrics: dict[str, Any] | None = None,
 ) -> Path:
-    """Record ``config`` as the tuned config of ``kernel`` for ``static`` and the bucket of ``sizes`` on ``sku``.
+    """Record ``config`` as the tuned config of ``kernel`` for ``static`` and the bucket of ``sizes`` on ``sku``, in
+    the user cache folder ``cache_dir``.
 
     Read-merge-write under an exclusive lock, written atomically; entries of other keys (also from other processes)
     are kept. A corrupt or foreign-version file in the way is reported and replaced.
@@ -383,7 +392,7 @@ def store(
     Returns:
         The path of the user cache file written.
     """
-    path = user_path(kernel, sku=sku)
+    path = user_path(kernel, sku=sku, cache_dir=cache_dir)
     key = entry_key(kernel, static, sizes)  # validates that everything is JSON before touching the disk
     entry = {
         "kernel": kernel,

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from autotune import sku as sku_mod
-from autotune import space, tuner
+from autotune import measure, space, tuner
 from dsa import env
 
 logger = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--report", type=Path, default=None, help="write a JSON list of every candidate's record")
     parser.add_argument("--full", action="store_true", help="search the whole space (default: a pruned space)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    parser.add_argument("--reps", type=int, default=tuner.TIMED_CALLS, help="timed calls per candidate and size")
+    parser.add_argument("--reps", type=int, default=measure.TIMED_CALLS, help="timed calls per candidate and size")
     parser.add_argument(
         "--candidate-timeout",
         type=float,
@@ -117,10 +117,10 @@ def _params_text(params: dict[str, Any]) -> str:
 
 
 def render_table(records: Sequence[tuner.Record], *, timed: bool) -> str:
-    """A plain-text table per kernel and parameter set: config, registers, spills, shared memory, wgmma, compile
-    time, and with a GPU the latency, TFLOP/s and the winner."""
+    """A plain-text table per kernel and parameter set: config, registers, spills, shared memory, the GEMMs' matrix
+    instruction, compile time, and with a GPU the latency, TFLOP/s and the winner."""
     lines: list[str] = []
-    header = ["config", "regs", "spill B", "smem KiB", "wgmma", "compile s"]
+    header = ["config", "regs", "spill B", "smem KiB", "mma", "compile s"]
     if timed:
         header += ["time ms", "TFLOP/s", "winner"]
     header.append("status")
@@ -135,7 +135,7 @@ def render_table(records: Sequence[tuner.Record], *, timed: bool) -> str:
                 _fmt(rec.registers),
                 _fmt(rec.spill_bytes),
                 _fmt(None if rec.smem_bytes is None else rec.smem_bytes / 1024, ".1f"),
-                _fmt(rec.has_wgmma),
+                _fmt(rec.mma),
                 _fmt(rec.compile_s, ".1f"),
             ]
             if timed:
@@ -220,12 +220,13 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
         tilelang_log_level=logging.INFO if args.verbose else logging.WARNING,
         isolate=not args.in_process,
         candidate_timeout_s=candidate_timeout_s,
+        cache_dir=env.cache_dir(),
     )
     timer = None
     if timed:
-        from autotune import gpu
+        from autotune import gpu_worker
 
-        timer = gpu.make_timer(sku=sku)
+        timer = gpu_worker.make_timer(sku=sku)
     start = time.perf_counter()
     try:
         result = tuner.tune(options, timer=timer)
@@ -247,3 +248,7 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
             print(f"NO VALID CONFIG: {kernel} {_params_text(static)}", file=out)
         return EXIT_NO_VALID_CONFIG
     return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

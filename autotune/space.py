@@ -1,6 +1,8 @@
 """Search spaces and tuning presets of the DSA kernels.
 
-Each kernel module in ``tl_kernels`` follows one convention (see ``/work/shared`` notes and COMMON.md):
+A kernel's name is the name of its builder module and of its launcher: kernel ``indexer`` is built by
+``tl_kernels.indexer`` and launched by ``dsa.launch.indexer``; the tuner, the config cache, the benchmark and both
+command lines use the same names. Each kernel module follows one convention:
 
 * ``build(*, <static params>, <config fields>, target)`` returns a ``T.prim_func``;
 * ``Config``: a frozen dataclass of the tunable fields with their defaults;
@@ -31,7 +33,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-KERNEL_NAMES: tuple[str, ...] = ("index_scores", "topk_indices", "sparse_mla_fwd", "sparse_mla_bwd")
+from autotune import flops
+
+KERNEL_NAMES: tuple[str, ...] = ("indexer", "topk", "sparse_mla_fwd", "sparse_mla_bwd")
 SIZE_NAMES: tuple[str, ...] = ("batch", "seq_len", "seq_len_kv")
 # The target candidates are checked for: kernel modules apply their Hopper-only constraints when ``static["target"]``
 # is a CUDA target (the dict form of ``tl_kernels.dsl.HOPPER_TARGET``, repeated here to keep this import light).
@@ -57,6 +61,8 @@ class KernelSpec:
         module: dotted path of the builder module (imported on first use).
         flops: useful floating-point operations of one call at ``(static, sizes)``, or ``None`` when throughput in
             FLOP/s means nothing for the kernel (top-k).
+        has_gemm: whether the kernel does its math in matrix instructions, so that every GEMM must use the
+            target's MMA (wgmma on sm_90a) for a candidate to pass its static check.
         size_names: the runtime sizes that key the cache (what launchers pass as ``sizes``).
         compile_fn: ``"module:function"`` that compiles ``build`` for sm_90a and returns ``(kernel, StaticReport)``
             (tests substitute a fake).
@@ -65,6 +71,7 @@ class KernelSpec:
     name: str
     module: str
     flops: Callable[[Static, Sizes], float | None]
+    has_gemm: bool = True
     size_names: tuple[str, ...] = SIZE_NAMES
     compile_fn: str = "tl_kernels.build:compile_hopper"
 
@@ -87,33 +94,25 @@ class Case:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# FLOP counts (useful work only: invisible/invalid pairs are not counted)
+# FLOP counts (autotune.flops: useful work only, invisible or invalid pairs are not counted)
 # ----------------------------------------------------------------------------------------------------------------------
-def causal_pairs(seq_len: int, seq_len_kv: int) -> int:
-    """Visible (query, key) pairs of one batch row under bottom-right aligned causality (``s <= t + S_kv - S``)."""
-    offset = seq_len_kv - seq_len
-    return sum(min(seq_len_kv, max(0, t + offset + 1)) for t in range(seq_len))
-
-
-def _index_scores_flops(static: Static, sizes: Sizes) -> float:
-    pairs = causal_pairs(sizes["seq_len"], sizes["seq_len_kv"]) * sizes["batch"]
-    return 2.0 * pairs * static["heads"] * static["dim"]
-
-
 def _topk_of(static: Static, sizes: Sizes) -> int:
     # sparse_mla_fwd takes k at run time (a size); sparse_mla_bwd compiles it in (a static parameter).
     return int(static["topk"] if "topk" in static else sizes["topk"])
 
 
+def _indexer_flops(static: Static, sizes: Sizes) -> float:
+    return flops.indexer_flops(sizes["batch"], sizes["seq_len"], sizes["seq_len_kv"], static["heads"], static["dim"])
+
+
 def _sparse_mla_fwd_flops(static: Static, sizes: Sizes) -> float:
-    rows = sizes["batch"] * sizes["seq_len"] * static["heads"] * _topk_of(static, sizes)
-    return 2.0 * rows * (static["d_qk"] + static["d_v"])
+    dims = (static["heads"], _topk_of(static, sizes), static["d_qk"], static["d_v"])
+    return flops.sparse_mla_fwd_flops(sizes["batch"], sizes["seq_len"], *dims)
 
 
 def _sparse_mla_bwd_flops(static: Static, sizes: Sizes) -> float:
-    # Recomputed logits (d_qk), dP = dO V^T (d_v), dV = P^T dO (d_v), dQ = dS K (d_qk), dK = dS^T Q (d_qk).
-    rows = sizes["batch"] * sizes["seq_len"] * static["heads"] * _topk_of(static, sizes)
-    return 2.0 * rows * (3 * static["d_qk"] + 2 * static["d_v"])
+    dims = (static["heads"], _topk_of(static, sizes), static["d_qk"], static["d_v"])
+    return flops.sparse_mla_bwd_flops(sizes["batch"], sizes["seq_len"], *dims)
 
 
 def _no_flops(static: Static, sizes: Sizes) -> None:
@@ -121,8 +120,8 @@ def _no_flops(static: Static, sizes: Sizes) -> None:
 
 
 _BUILTIN_SPECS: dict[str, KernelSpec] = {
-    "index_scores": KernelSpec("index_scores", "tl_kernels.indexer", _index_scores_flops),
-    "topk_indices": KernelSpec("topk_indices", "tl_kernels.topk", _no_flops),
+    "indexer": KernelSpec("indexer", "tl_kernels.indexer", _indexer_flops),
+    "topk": KernelSpec("topk", "tl_kernels.topk", _no_flops, has_gemm=False),
     "sparse_mla_fwd": KernelSpec(
         "sparse_mla_fwd", "tl_kernels.sparse_mla_fwd", _sparse_mla_fwd_flops, size_names=(*SIZE_NAMES, "topk")
     ),
@@ -332,8 +331,8 @@ def _builtin_cases(preset: str) -> dict[str, list[Case]]:
     check = {"batch": 1, "seq_len": check_seq, "seq_len_kv": check_kv}
     no_options = {"has_topk_length": False, "has_sink": False}
     return {
-        "index_scores": [Case("index_scores", static, plain, check) for static in indexer],
-        "topk_indices": [Case("topk_indices", {"k": topk}, plain, check)],
+        "indexer": [Case("indexer", static, plain, check) for static in indexer],
+        "topk": [Case("topk", {"k": topk}, plain, check)],
         "sparse_mla_fwd": [
             Case("sparse_mla_fwd", {**mla, **no_options}, _points(seqs, topk=topk), {**check, "topk": topk})
         ],

@@ -8,13 +8,15 @@ Phases:
    worker processes also fills TileLang's on-disk kernel cache, so the launchers (and the timing phase below) later
    load the same kernels in milliseconds. Without a GPU this is all that runs.
 2. **Prune** candidates whose compile failed or whose static report has problems (spills, shared memory over the
-   limit, no wgmma where expected: ``StaticReport.problems()``).
-3. **Check** (GPU) each survivor at the case's small ``check_sizes`` against ``dsa.reference``; a wrong candidate
-   never wins. Phases 3 and 4 run in a worker process by default, so that a candidate that crashes or hangs is
-   recorded as failed and the others are still measured (:mod:`autotune.gpu`).
-4. **Time** (GPU) the correct ones at each size point with CUDA events: warm-up calls, then the median of repeated
-   calls, the inputs rotated over enough copies to exceed twice the L2 cache so that no call finds its inputs in L2.
-   The winner of each size point is stored in the user cache (:func:`autotune.cache.store`).
+   limit, a GEMM that is not a wgmma where the kernel has GEMMs: ``StaticReport.problems(mma=...)``).
+3. **Check** (GPU) each survivor at the case's small ``check_sizes`` against ``dsa.reference``
+   (:mod:`autotune.runners`: scale-sensitive comparison); a wrong candidate never wins. Phases 3 and 4 run in a
+   worker process by default, so that a candidate that crashes or hangs is recorded as failed and the others are
+   still measured (:mod:`autotune.gpu_phase`, :mod:`autotune.gpu_worker`).
+4. **Time** (GPU) the correct ones at each size point with CUDA events (:mod:`autotune.measure`): warm-up calls,
+   then the median of repeated calls, the inputs rotated over enough copies to exceed twice the L2 cache so that no
+   call finds its inputs in L2. The winner of each size point is stored in the user cache
+   (:func:`autotune.cache.store`).
 
 TileLang's own autotuner is not used (it times on the GPU only and writes ``autotuner.log`` into the working
 directory); this module never changes directory or writes outside the cache and the report.
@@ -30,24 +32,18 @@ import logging
 import math
 import multiprocessing
 import os
-import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from autotune import cache, space
+from autotune import cache, measure, space
+from dsa import env
+from tl_kernels.build import MMA_WGMMA
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_COMPILE_FN = "tl_kernels.build:compile_hopper"
-WARMUP_CALLS = 3
-TIMED_CALLS = 20
-# Rotate inputs over at least this multiple of the L2 size, so a timed call never finds its inputs in L2.
-L2_ROTATION_FACTOR = 2
-MAX_INPUT_SETS = 32
-# Input copies may use at most this share of the free device memory.
-INPUT_MEMORY_SHARE = 0.5
 _ERROR_CHARS = 4000
 
 
@@ -60,7 +56,7 @@ class CompileResult:
     registers: int | None = None
     spill_bytes: int | None = None
     smem_bytes: int | None = None
-    has_wgmma: bool | None = None
+    mma: str | None = None
     compile_s: float | None = None
 
 
@@ -69,8 +65,9 @@ class Record:
     """One row of the report: a candidate config of a kernel at some parameters.
 
     ``params`` holds the static parameters, plus the size point (``batch``, ``seq_len``, ``seq_len_kv``) when the
-    candidate was timed. ``latency_ms`` and ``tflops`` are ``None`` without a GPU; ``chosen`` marks the winner of a
-    size point (never set without a GPU).
+    candidate was timed. ``mma`` names the matrix instructions of its GEMMs (``wgmma``, ``mma_sync``, both joined by
+    ``+``, ``-`` for none). ``latency_ms`` and ``tflops`` are ``None`` without a GPU; ``chosen`` marks the winner of
+    a size point (never set without a GPU).
     """
 
     kernel: str
@@ -81,7 +78,7 @@ class Record:
     registers: int | None
     spill_bytes: int | None
     smem_bytes: int | None
-    has_wgmma: bool | None
+    mma: str | None
     compile_s: float | None
     latency_ms: float | None = None
     tflops: float | None = None
@@ -109,13 +106,19 @@ class TuneResult:
 # ----------------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class CompileJob:
-    """One candidate to compile: a kernel module, static parameters and a config (all picklable)."""
+    """One candidate to compile: a kernel module, static parameters and a config (all picklable).
+
+    ``mma`` is the matrix instruction every GEMM must use (``None`` for a kernel without GEMMs); ``report_cache_dir``
+    where ptxas reports are cached (``None``: not cached).
+    """
 
     kernel: str
     module: str
     compile_fn: str
     static_json: str
     config_json: str
+    mma: str | None = MMA_WGMMA
+    report_cache_dir: str | None = None
 
     @property
     def static(self) -> dict[str, Any]:
@@ -131,7 +134,8 @@ def _resolve(path: str) -> Callable[..., Any]:
     return getattr(importlib.import_module(module_name), attr)
 
 
-def _short_error(exc: BaseException) -> str:
+def short_error(exc: BaseException) -> str:
+    """``Type: message`` of ``exc``, cut to a few thousand characters (reports keep one line per candidate)."""
     text = f"{type(exc).__name__}: {exc}".strip()
     return text if len(text) <= _ERROR_CHARS else text[: _ERROR_CHARS - 3] + "..."
 
@@ -143,25 +147,26 @@ def compile_candidate(job: CompileJob) -> CompileResult:
         module = importlib.import_module(job.module)
         compile_fn = _resolve(job.compile_fn)
     except Exception as exc:  # noqa: BLE001 - e.g. the module does not import
-        return CompileResult(ok=False, error=_short_error(exc), compile_s=0.0)
+        return CompileResult(ok=False, error=short_error(exc), compile_s=0.0)
     try:
         # The default config is a candidate even if check_config rejects it; say so rather than compile it.
         space.checked_config(module, job.static, job.config)
     except (TypeError, ValueError) as exc:
         return CompileResult(ok=False, error=f"invalid config: {exc}", compile_s=0.0)
+    cache_dir = None if job.report_cache_dir is None else Path(job.report_cache_dir)
     try:
-        _, report = compile_fn(module.build, **job.static, **job.config)
+        _, report = compile_fn(module.build, report_cache_dir=cache_dir, **job.static, **job.config)
     except Exception as exc:  # noqa: BLE001 - a failing candidate is a result, not a crash
-        return CompileResult(ok=False, error=_short_error(exc), compile_s=time.perf_counter() - start)
+        return CompileResult(ok=False, error=short_error(exc), compile_s=time.perf_counter() - start)
     elapsed = time.perf_counter() - start
-    problems = list(report.problems())
+    problems = list(report.problems(mma=job.mma))
     return CompileResult(
         ok=not problems,
         error="; ".join(problems) or None,
         registers=report.registers,
         spill_bytes=report.spill_bytes,
         smem_bytes=report.smem_bytes,
-        has_wgmma=report.has_wgmma,
+        mma=report.mma_text,
         compile_s=elapsed,
     )
 
@@ -208,42 +213,13 @@ def compile_all(
             try:
                 results[job] = future.result()
             except Exception as exc:  # noqa: BLE001 - e.g. a worker killed by the OOM killer
-                results[job] = CompileResult(ok=False, error=f"compile worker failed: {_short_error(exc)}")
+                results[job] = CompileResult(ok=False, error=f"compile worker failed: {short_error(exc)}")
     return results
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# GPU phase (check + time)
+# Choosing and storing winners
 # ----------------------------------------------------------------------------------------------------------------------
-def median_latency_ms(
-    call: Callable[[Any], Any], input_sets: Sequence[Any], *, warmup: int = WARMUP_CALLS, reps: int = TIMED_CALLS
-) -> float:
-    """Median latency in ms of ``call(inputs)`` over ``reps`` calls with CUDA events, inputs rotated per call."""
-    import torch
-
-    for i in range(warmup):
-        call(input_sets[i % len(input_sets)])
-    torch.cuda.synchronize()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for i in range(reps):
-        inputs = input_sets[(warmup + i) % len(input_sets)]
-        starts[i].record()
-        call(inputs)
-        ends[i].record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
-
-
-def input_set_count(bytes_per_set: int, *, l2_bytes: int, free_bytes: int) -> int:
-    """How many input copies to rotate over: enough to exceed ``L2_ROTATION_FACTOR`` x L2, within memory limits."""
-    if bytes_per_set <= 0:
-        return 1
-    wanted = math.ceil(L2_ROTATION_FACTOR * l2_bytes / bytes_per_set)
-    affordable = int(INPUT_MEMORY_SHARE * free_bytes // bytes_per_set)
-    return max(1, min(wanted, affordable, MAX_INPUT_SETS))
-
-
 def pick_winner(latencies: dict[int, float | None]) -> int | None:
     """Index of the fastest candidate among those with a latency (``None`` = rejected); ties go to the lower index
     (candidates are ordered default first, so a tie keeps the default)."""
@@ -275,11 +251,13 @@ class TuneOptions:
         progress: show tqdm progress bars.
         warmup / reps: timing calls per candidate and size point.
         tilelang_log_level: level of TileLang's own logger during the run (INFO prints a line per compile).
-        isolate: run the GPU phase in a separate worker process (see :mod:`autotune.gpu`), so that a candidate that
-            crashes, hangs or poisons the CUDA context is recorded as failed instead of ending the run; ``False``
-            runs it in this process (debugging).
+        isolate: run the GPU phase in a separate worker process (see :mod:`autotune.gpu_worker`), so that a
+            candidate that crashes, hangs or poisons the CUDA context is recorded as failed instead of ending the
+            run; ``False`` runs it in this process (debugging).
         candidate_timeout_s: seconds one candidate step (its check including the kernel load, or its timing at one
             size) may take in the worker before it is killed; ``None``: ``DSA_TUNE_CANDIDATE_TIMEOUT_S`` or 120.
+        cache_dir: the user cache folder winners are stored in (``dsa.env.cache_dir()``); ptxas reports are cached
+            in its ``static-reports`` subfolder.
     """
 
     kernels: tuple[str, ...]
@@ -289,11 +267,12 @@ class TuneOptions:
     compile_only: bool = False
     sku: str | None = None
     progress: bool = True
-    warmup: int = WARMUP_CALLS
-    reps: int = TIMED_CALLS
+    warmup: int = measure.WARMUP_CALLS
+    reps: int = measure.TIMED_CALLS
     tilelang_log_level: int = logging.WARNING
     isolate: bool = True
     candidate_timeout_s: float | None = None
+    cache_dir: Path = field(default_factory=env.cache_dir)
 
 
 @dataclass
@@ -316,7 +295,7 @@ def _plan(
             space.check_static(case.kernel, case.static)
             configs = space.candidates(case.kernel, case.static, full=options.full)
         except Exception as exc:  # noqa: BLE001 - e.g. a kernel module that does not import: report, go on
-            plan_errors[i] = _short_error(exc)
+            plan_errors[i] = short_error(exc)
             per_case[i] = []
             continue
         jobs = [
@@ -326,6 +305,8 @@ def _plan(
                 compile_fn=kernel_spec.compile_fn,
                 static_json=cache.canonical(case.static),
                 config_json=cache.canonical(config),
+                mma=MMA_WGMMA if kernel_spec.has_gemm else None,
+                report_cache_dir=str(options.cache_dir / env.STATIC_REPORT_SUBDIR),
             )
             for config in configs
         ]
@@ -354,7 +335,7 @@ def _record(job: CompileJob, compiled: CompileResult, params: dict[str, Any], **
         registers=compiled.registers,
         spill_bytes=compiled.spill_bytes,
         smem_bytes=compiled.smem_bytes,
-        has_wgmma=compiled.has_wgmma,
+        mma=compiled.mma,
         compile_s=None if compiled.compile_s is None else round(compiled.compile_s, 3),
         **extra,
     )
@@ -366,7 +347,7 @@ def tune(options: TuneOptions, *, timer: Callable[..., Any] | None = None) -> Tu
     Args:
         options: what to tune.
         timer: the GPU phase, ``timer(case, candidates, options) -> (records, stored_paths, ok)``; ``None`` means
-            compile-only. The CLI passes :func:`autotune.gpu.make_timer`'s timer when a CUDA device is present; tests
+            compile-only. The CLI passes :func:`autotune.gpu_worker.make_timer`'s timer when a CUDA device is present; tests
             pass a fake to exercise the selection logic without a GPU.
 
     Returns:
@@ -417,6 +398,7 @@ def select_and_store(
     errors: dict[int, str | None],
     *,
     sku: str,
+    cache_dir: Path,
     store: bool = True,
 ) -> tuple[list[Record], Any]:
     """Turn one size point's measurements into records, mark the winner and store it in the cache.
@@ -457,7 +439,10 @@ def select_and_store(
             "default_latency_ms": default_lat,
             "candidates": len(candidates),
         }
-        written = cache.store(case.kernel, case.static, sizes, candidates[winner].job.config, sku=sku, metrics=metrics)
+        written = cache.store(
+            case.kernel, case.static, sizes, candidates[winner].job.config, sku=sku, cache_dir=cache_dir,
+            metrics=metrics,
+        )  # fmt: skip
     return records, written
 
 

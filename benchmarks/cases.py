@@ -1,18 +1,14 @@
 """The standard benchmark cases, declared once as data, with their FLOP and byte counts.
 
-``scripts/bench.py`` runs these (``--dry-run`` lists them); ``scripts/gpu_check.py`` runs them all. Counts are of
-useful work only:
-
-* indexer: ``2 * H_i * D_i`` FLOPs per *visible* (query, key) pair (bottom-right causal); bytes: ``q``, ``k``,
-  ``weights`` (and ``k_scale``) read once, the ``[B, S, S_kv]`` float32 scores written once;
-* top-k: no FLOPs; bytes: one read of the float32 scores plus the int32 indices written;
-* sparse MLA forward: ``2 * B * S * H * topk * (d_qk + d_v)`` (QK^T over d_qk, PV over d_v);
-* sparse MLA backward: ``2 * B * S * H * topk * (3 * d_qk + 2 * d_v)`` (recomputed QK^T, dP = dO V^T, dV = P^T dO,
-  dQ = dS K, dK = dS^T Q);
-* memory: peak device memory of the DSA path (FP8 indexer, top-k, sparse MLA forward) against dense attention.
+``dsa-bench`` (``autotune.bench``) runs these (``--dry-run`` lists them); the one-shot GPU check runs them all. A case
+names its kernel as the tuner does (``indexer``, ``topk``, ``sparse_mla_fwd``, ``sparse_mla_bwd``) and holds the
+kernel's static parameters and runtime sizes in the tuner's vocabulary (``batch``, ``seq_len``, ``seq_len_kv``,
+``topk``), so that its inputs come from the same makers as the tuner's (``autotune.runners``). The ``memory`` cases
+are not a kernel: they measure the peak device memory of the whole DSA path (FP8 indexer, top-k, sparse MLA forward)
+against dense attention. FLOP and byte counts are those of ``autotune.flops`` (useful work only).
 
 Targets are fractions of the host's measured ceilings (``fp8_tflops``, ``bf16_tflops``, ``copy_gbps``) or absolute
-TFLOP/s, and ``min_speedup`` against another provider; ``scripts/bench.py`` evaluates them into result rows.
+TFLOP/s, and ``min_speedup`` against another provider; the harness evaluates them into result rows.
 
 Nothing here touches torch or a device: the module is plain data and arithmetic (the dry run and the CPU tests
 import it on any machine).
@@ -24,10 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-FP8_BYTES = 1
-BF16_BYTES = 2
-F32_BYTES = 4
-I32_BYTES = 4
+from autotune import flops
 
 # DeepSeek-V3.2 dimensions.
 INDEX_HEADS = 64
@@ -47,7 +40,9 @@ MLA_DECODE_SEQ = 2
 MLA_DECODE_KV = 32768
 MEMORY_SEQ_LENS: tuple[int, ...] = (32768, 65536)
 
-KERNELS: tuple[str, ...] = ("indexer", "topk", "sparse_mla_fwd", "sparse_mla_bwd", "memory")
+MEMORY = "memory"
+KERNELS: tuple[str, ...] = ("indexer", "topk", "sparse_mla_fwd", "sparse_mla_bwd", MEMORY)
+_NO_OPTIONS = {"has_topk_length": False, "has_sink": False}
 
 
 @dataclass(frozen=True)
@@ -81,7 +76,9 @@ class Case:
     Attributes:
         kernel: one of :data:`KERNELS`.
         name: unique id, e.g. ``"indexer-fp8-s4096"``.
-        params: the sizes and dtypes (keys depend on the kernel; see the builders below).
+        static: the kernel's static parameters (``build``'s non-config keyword arguments); for ``memory`` those of
+            both stages (``index_heads``, ``index_dim`` and the attention's).
+        sizes: the runtime sizes (``batch``, ``seq_len``, ``seq_len_kv``, and ``topk`` where it is one).
         flops: useful floating-point operations of one call (0 when FLOP/s means nothing).
         bytes: minimal device-memory traffic of one call.
         targets: goals for the ``dsa`` provider.
@@ -90,242 +87,119 @@ class Case:
 
     kernel: str
     name: str
-    params: dict[str, Any]
+    static: dict[str, Any]
+    sizes: dict[str, int]
     flops: float
     bytes: float
     targets: tuple[Target, ...] = field(default_factory=tuple)
     context: int = 0
 
 
-def _clamped_prefix(n: int, limit: int) -> int:
-    """``sum(min(limit, max(0, x)) for x <= n)`` over integers x."""
-    if n <= 0:
-        return 0
-    if n <= limit:
-        return n * (n + 1) // 2
-    return limit * (limit + 1) // 2 + (n - limit) * limit
+def _sizes(batch: int, seq: int, seq_kv: int, **extra: int) -> dict[str, int]:
+    return {"batch": batch, "seq_len": seq, "seq_len_kv": seq_kv, **extra}
 
 
-def causal_pairs(seq: int, seq_kv: int) -> int:
-    """Visible (query, key) pairs of one batch row under bottom-right causality (``s <= t + S_kv - S``).
-
-    Query ``t`` sees ``min(S_kv, max(0, t + S_kv - S + 1))`` keys; the sum over ``t`` in closed form.
-    """
-    first = seq_kv - seq + 1  # keys seen by t = 0 before clamping
-    return _clamped_prefix(first + seq - 1, seq_kv) - _clamped_prefix(first - 1, seq_kv)
-
-
-def indexer_flops(batch: int, seq: int, seq_kv: int, heads: int, dim: int) -> float:
-    return 2.0 * heads * dim * batch * causal_pairs(seq, seq_kv)
-
-
-def indexer_bytes(batch: int, seq: int, seq_kv: int, heads: int, dim: int, elt: int) -> float:
-    reads = batch * (seq * heads * dim * elt + seq_kv * dim * elt + seq * heads * F32_BYTES)
-    if elt == FP8_BYTES:
-        reads += batch * seq_kv * F32_BYTES  # k_scale
-    return float(reads + batch * seq * seq_kv * F32_BYTES)
-
-
-def topk_bytes(rows: int, length: int, k: int) -> float:
-    return float(rows * length * F32_BYTES + rows * k * I32_BYTES)
-
-
-def sparse_mla_fwd_flops(batch: int, seq: int, heads: int, topk: int, d_qk: int, d_v: int) -> float:
-    return 2.0 * batch * seq * heads * topk * (d_qk + d_v)
-
-
-def sparse_mla_bwd_flops(batch: int, seq: int, heads: int, topk: int, d_qk: int, d_v: int) -> float:
-    return 2.0 * batch * seq * heads * topk * (3 * d_qk + 2 * d_v)
-
-
-def sparse_mla_fwd_bytes(batch: int, seq: int, heads: int, topk: int, d_qk: int, d_v: int) -> float:
-    # q, the gathered kv rows (each query row's topk rows read once, shared by its heads), indices, out, lse.
-    return float(
-        batch * seq * (heads * d_qk * BF16_BYTES + topk * d_qk * BF16_BYTES + topk * I32_BYTES)
-        + batch * seq * heads * (d_v * BF16_BYTES + F32_BYTES)
+def _indexer_case(name: str, seq: int, seq_kv: int, heads: int, dim: int, dtype: str, targets: tuple) -> Case:
+    element_bytes = flops.FP8_BYTES if dtype == "float8_e4m3fn" else flops.BF16_BYTES
+    return Case(
+        "indexer",
+        name,
+        {"heads": heads, "dim": dim, "dtype": dtype, "mode": "causal"},
+        _sizes(1, seq, seq_kv),
+        flops.indexer_flops(1, seq, seq_kv, heads, dim),
+        flops.indexer_bytes(1, seq, seq_kv, heads, dim, element_bytes),
+        targets,
+        context=seq_kv,
     )
 
 
-def sparse_mla_bwd_bytes(batch: int, seq: int, seq_kv: int, heads: int, topk: int, d_qk: int, d_v: int) -> float:
-    per_query = heads * (d_qk + 2 * d_v) * BF16_BYTES + heads * F32_BYTES  # q, out, d_out, lse
-    per_query += topk * d_qk * BF16_BYTES + topk * I32_BYTES  # gathered kv, indices
-    writes = batch * seq * heads * d_qk * BF16_BYTES + batch * seq_kv * d_qk * BF16_BYTES  # dq, dkv
-    return float(batch * seq * per_query + writes)
+def _topk_case(name: str, rows: int, length: int, k: int, targets: tuple) -> Case:
+    return Case(
+        "topk", name, {"k": k}, _sizes(1, rows, length), 0.0, flops.topk_bytes(rows, length, k), targets, context=length
+    )
+
+
+def _mla_case(kernel: str, name: str, batch: int, seq: int, seq_kv: int, heads: int, d_qk: int, d_v: int,
+              topk: int, targets: tuple) -> Case:  # fmt: skip
+    dims = (batch, seq, heads, topk, d_qk, d_v)
+    if kernel == "sparse_mla_fwd":
+        static = {"heads": heads, "d_qk": d_qk, "d_v": d_v, **_NO_OPTIONS}
+        sizes = _sizes(batch, seq, seq_kv, topk=topk)
+        work, traffic = flops.sparse_mla_fwd_flops(*dims), flops.sparse_mla_fwd_bytes(*dims)
+    else:
+        static = {"heads": heads, "d_qk": d_qk, "d_v": d_v, "topk": topk, **_NO_OPTIONS}
+        sizes = _sizes(batch, seq, seq_kv)
+        work = flops.sparse_mla_bwd_flops(*dims)
+        traffic = flops.sparse_mla_bwd_bytes(batch, seq, seq_kv, heads, topk, d_qk, d_v)
+    return Case(kernel, name, static, sizes, work, traffic, targets, context=seq_kv)
+
+
+def _memory_case(name: str, seq: int, index_heads: int, index_dim: int, heads: int, d_qk: int, d_v: int,
+                 topk: int) -> Case:  # fmt: skip
+    static = {"index_heads": index_heads, "index_dim": index_dim, "heads": heads, "d_qk": d_qk, "d_v": d_v, "topk": topk}
+    return Case(MEMORY, name, static, _sizes(1, seq, seq), 0.0, 0.0, context=seq)
 
 
 def _indexer_cases() -> list[Case]:
     cases = []
-    for dtype, elt, target in (
-        ("float8_e4m3fn", FP8_BYTES, Target("tflops", 0.60, of="fp8_tflops")),
-        ("bfloat16", BF16_BYTES, Target("tflops", 0.60, of="bf16_tflops")),
+    for dtype, short, target in (
+        ("float8_e4m3fn", "fp8", Target("tflops", 0.60, of="fp8_tflops")),
+        ("bfloat16", "bf16", Target("tflops", 0.60, of="bf16_tflops")),
     ):
-        short = "fp8" if elt == FP8_BYTES else "bf16"
         for n in INDEXER_SEQ_LENS:
-            params = {"batch": 1, "seq": n, "seq_kv": n, "heads": INDEX_HEADS, "dim": INDEX_DIM, "dtype": dtype}
-            cases.append(
-                Case(
-                    "indexer",
-                    f"indexer-{short}-s{n}",
-                    params,
-                    indexer_flops(1, n, n, INDEX_HEADS, INDEX_DIM),
-                    indexer_bytes(1, n, n, INDEX_HEADS, INDEX_DIM, elt),
-                    (target,),
-                    context=n,
-                )
-            )
+            cases.append(_indexer_case(f"indexer-{short}-s{n}", n, n, INDEX_HEADS, INDEX_DIM, dtype, (target,)))
     return cases
 
 
 def _topk_cases() -> list[Case]:
-    return [
-        Case(
-            "topk",
-            f"topk-rows{TOPK_ROWS}-len{n}",
-            {"batch": 1, "rows": TOPK_ROWS, "length": n, "k": TOPK},
-            0.0,
-            topk_bytes(TOPK_ROWS, n, TOPK),
-            (Target("gbps", 0.50, of="copy_gbps"), Target("speedup", 10.0, against="torch.topk")),
-            context=n,
-        )
-        for n in TOPK_ROW_LENGTHS
-    ]
-
-
-def _mla_params(batch: int, seq: int, seq_kv: int) -> dict[str, Any]:
-    return {"batch": batch, "seq": seq, "seq_kv": seq_kv, "heads": MLA_HEADS, "d_qk": D_QK, "d_v": D_V, "topk": TOPK}
+    targets = (Target("gbps", 0.50, of="copy_gbps"), Target("speedup", 10.0, against="torch.topk"))
+    return [_topk_case(f"topk-rows{TOPK_ROWS}-len{n}", TOPK_ROWS, n, TOPK, targets) for n in TOPK_ROW_LENGTHS]
 
 
 def _mla_shapes() -> list[tuple[str, int, int, int]]:
     prefill = [(f"prefill-s{MLA_PREFILL_SEQ}-kv{n}", 1, MLA_PREFILL_SEQ, n) for n in MLA_PREFILL_KV_LENS]
-    decode = [
-        (
-            f"decode-b{MLA_DECODE_BATCH}-s{MLA_DECODE_SEQ}-kv{MLA_DECODE_KV}",
-            MLA_DECODE_BATCH,
-            MLA_DECODE_SEQ,
-            MLA_DECODE_KV,
-        )
+    decode = (f"decode-b{MLA_DECODE_BATCH}-s{MLA_DECODE_SEQ}-kv{MLA_DECODE_KV}", MLA_DECODE_BATCH, MLA_DECODE_SEQ,
+              MLA_DECODE_KV)  # fmt: skip
+    return [*prefill, decode]
+
+
+def _sparse_mla_cases(kernel: str, target_tflops: float) -> list[Case]:
+    return [
+        _mla_case(kernel, f"{kernel}-{tag}", batch, seq, seq_kv, MLA_HEADS, D_QK, D_V, TOPK,
+                  (Target("tflops", target_tflops),))  # fmt: skip
+        for tag, batch, seq, seq_kv in _mla_shapes()
     ]
-    return prefill + decode
-
-
-def _sparse_mla_cases() -> list[Case]:
-    cases = []
-    for tag, batch, seq, seq_kv in _mla_shapes():
-        args = (batch, seq, MLA_HEADS, TOPK, D_QK, D_V)
-        cases.append(
-            Case(
-                "sparse_mla_fwd",
-                f"sparse_mla_fwd-{tag}",
-                _mla_params(batch, seq, seq_kv),
-                sparse_mla_fwd_flops(*args),
-                sparse_mla_fwd_bytes(*args),
-                (Target("tflops", 600.0),),
-                context=seq_kv,
-            )
-        )
-    for tag, batch, seq, seq_kv in _mla_shapes():
-        args = (batch, seq, MLA_HEADS, TOPK, D_QK, D_V)
-        cases.append(
-            Case(
-                "sparse_mla_bwd",
-                f"sparse_mla_bwd-{tag}",
-                _mla_params(batch, seq, seq_kv),
-                sparse_mla_bwd_flops(*args),
-                sparse_mla_bwd_bytes(batch, seq, seq_kv, MLA_HEADS, TOPK, D_QK, D_V),
-                (Target("tflops", 250.0),),
-                context=seq_kv,
-            )
-        )
-    return cases
 
 
 def _memory_cases() -> list[Case]:
     return [
-        Case(
-            "memory",
-            f"memory-s{n}",
-            {
-                "batch": 1,
-                "seq": n,
-                "seq_kv": n,
-                "index_heads": INDEX_HEADS,
-                "index_dim": INDEX_DIM,
-                **_mla_params(1, n, n),
-            },
-            0.0,
-            0.0,
-            context=n,
-        )
-        for n in MEMORY_SEQ_LENS
+        _memory_case(f"memory-s{n}", n, INDEX_HEADS, INDEX_DIM, MLA_HEADS, D_QK, D_V, TOPK) for n in MEMORY_SEQ_LENS
     ]
 
 
 _BUILDERS: dict[str, Callable[[], list[Case]]] = {
     "indexer": _indexer_cases,
     "topk": _topk_cases,
-    "sparse_mla_fwd": lambda: [c for c in _sparse_mla_cases() if c.kernel == "sparse_mla_fwd"],
-    "sparse_mla_bwd": lambda: [c for c in _sparse_mla_cases() if c.kernel == "sparse_mla_bwd"],
-    "memory": _memory_cases,
+    "sparse_mla_fwd": lambda: _sparse_mla_cases("sparse_mla_fwd", 600.0),
+    "sparse_mla_bwd": lambda: _sparse_mla_cases("sparse_mla_bwd", 250.0),
+    MEMORY: _memory_cases,
 }
 
 
 def tiny_cases(kernels: tuple[str, ...] = KERNELS) -> list[Case]:
     """Miniature versions of the standard cases (small heads, dims, lengths) that run on a CPU in seconds; used to
-    test the harness itself (``scripts/bench.py --device cpu --tiny``), never reported as benchmarks."""
+    test the harness itself (``dsa-bench --tiny``), never reported as benchmarks."""
     out: list[Case] = []
     if "indexer" in kernels:
-        for dtype, elt in (("float8_e4m3fn", FP8_BYTES), ("bfloat16", BF16_BYTES)):
-            n, h, d = 96, 4, 64
-            params = {"batch": 1, "seq": n, "seq_kv": n, "heads": h, "dim": d, "dtype": dtype}
-            short = "fp8" if elt == FP8_BYTES else "bf16"
-            out.append(
-                Case(
-                    "indexer",
-                    f"tiny-indexer-{short}",
-                    params,
-                    indexer_flops(1, n, n, h, d),
-                    indexer_bytes(1, n, n, h, d, elt),
-                    context=n,
-                )
-            )
+        for dtype, short in (("float8_e4m3fn", "fp8"), ("bfloat16", "bf16")):
+            out.append(_indexer_case(f"tiny-indexer-{short}", 96, 96, 4, 64, dtype, ()))
     if "topk" in kernels:
-        out.append(
-            Case(
-                "topk",
-                "tiny-topk",
-                {"batch": 1, "rows": 32, "length": 256, "k": 16},
-                0.0,
-                topk_bytes(32, 256, 16),
-                (Target("speedup", 10.0, against="torch.topk"),),
-                context=256,
-            )
-        )
-    for kernel, flops_fn in (("sparse_mla_fwd", sparse_mla_fwd_flops), ("sparse_mla_bwd", sparse_mla_bwd_flops)):
+        out.append(_topk_case("tiny-topk", 32, 256, 16, (Target("speedup", 10.0, against="torch.topk"),)))
+    for kernel in ("sparse_mla_fwd", "sparse_mla_bwd"):
         if kernel in kernels:
-            params = {"batch": 2, "seq": 8, "seq_kv": 128, "heads": 16, "d_qk": 128, "d_v": 64, "topk": 32}
-            flops = flops_fn(2, 8, 16, 32, 128, 64)
-            out.append(Case(kernel, f"tiny-{kernel}", params, flops, 0.0, (Target("tflops", 600.0),), context=128))
-    if "memory" in kernels:
-        out.append(
-            Case(
-                "memory",
-                "tiny-memory",
-                {
-                    "batch": 1,
-                    "seq": 64,
-                    "seq_kv": 64,
-                    "index_heads": 4,
-                    "index_dim": 64,
-                    "heads": 16,
-                    "d_qk": 128,
-                    "d_v": 64,
-                    "topk": 16,
-                },
-                0.0,
-                0.0,
-                context=64,
-            )
-        )
+            out.append(_mla_case(kernel, f"tiny-{kernel}", 2, 8, 128, 16, 128, 64, 32, (Target("tflops", 600.0),)))
+    if MEMORY in kernels:
+        out.append(_memory_case("tiny-memory", 64, 4, 64, 16, 128, 64, 16))
     return out
 
 

@@ -40,13 +40,13 @@ import torch
 
 from dsa import reference
 from dsa.hardware import TILELANG
+from dsa.reference import compute_dtype
+from dsa.validation import FP8_DTYPES
 
 _LAUNCH_INDEXER = "dsa.launch.indexer"
 _LAUNCH_TOPK = "dsa.launch.topk"
 _LAUNCH_SPARSE_MLA_FWD = "dsa.launch.sparse_mla_fwd"
 _LAUNCH_SPARSE_MLA_BWD = "dsa.launch.sparse_mla_bwd"
-
-FP8_DTYPES = (torch.float8_e4m3fn,)
 
 OptTensor = torch.Tensor | None
 
@@ -81,7 +81,7 @@ def index_scores_impl(
     if backend == TILELANG:
         return launcher(_LAUNCH_INDEXER).index_scores(q, k, weights, k_scale=k_scale, starts=starts, ends=ends)
     with torch.no_grad():
-        return reference.index_scores(q, k, weights, k_scale=k_scale, starts=starts, ends=ends)
+        return reference.index_scores_impl(q, k, weights, k_scale, starts, ends)
 
 
 def index_scores_bwd_impl(
@@ -111,7 +111,7 @@ def index_scores_bwd_impl(
     """
     batch, seq, heads, dim = q.shape
     seq_kv = k.shape[1]
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(q.dtype)
     kf = k.to(dtype)
     wf = weights.to(dtype)
     dw = torch.empty((batch, seq, heads), dtype=dtype, device=q.device)
@@ -142,7 +142,7 @@ def topk_indices_impl(scores: torch.Tensor, k: int, backend: str) -> torch.Tenso
     """``topk_indices`` (contract in ``dsa.reference.topk_indices``): indices ``[B, S, k]`` int32."""
     if backend == TILELANG:
         return launcher(_LAUNCH_TOPK).topk_indices(scores, k)
-    return reference.topk_indices(scores, k)
+    return reference.topk_indices_impl(scores, k)
 
 
 def sparse_mla_impl(
@@ -161,9 +161,7 @@ def sparse_mla_impl(
             q, kv, indices, sm_scale=sm_scale, d_v=d_v, topk_length=topk_length, attn_sink=attn_sink
         )
     with torch.no_grad():
-        return reference.sparse_mla(
-            q, kv, indices, sm_scale=sm_scale, d_v=d_v, topk_length=topk_length, attn_sink=attn_sink
-        )
+        return reference.sparse_mla_impl(q, kv, indices, sm_scale, d_v, topk_length, attn_sink)
 
 
 def sparse_mla_bwd_impl(
@@ -208,7 +206,7 @@ def attn_sink_grad(out: torch.Tensor, lse: torch.Tensor, d_out: torch.Tensor, at
     Returns:
         ``[H]`` in ``attn_sink``'s dtype.
     """
-    dtype = torch.float64 if lse.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(lse.dtype)
     sink = attn_sink.to(dtype).view(1, 1, -1)
     lse_f = lse.to(dtype)
     denominator = torch.logaddexp(lse_f, sink)
@@ -248,16 +246,12 @@ _LIB.impl("sparse_mla", sparse_mla_impl, _COMPOSITE)
 _LIB.impl("sparse_mla_bwd", sparse_mla_bwd_impl, _COMPOSITE)
 
 
-def _score_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @torch.library.register_fake("dsa::index_scores")
 def _index_scores_fake(
     q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, k_scale: OptTensor, starts: OptTensor, ends: OptTensor,
     backend: str,
 ) -> torch.Tensor:
-    return q.new_empty((q.shape[0], q.shape[1], k.shape[1]), dtype=_score_dtype(q.dtype))
+    return q.new_empty((q.shape[0], q.shape[1], k.shape[1]), dtype=compute_dtype(q.dtype))
 
 
 @torch.library.register_fake("dsa::index_scores_bwd")
@@ -267,7 +261,7 @@ def _index_scores_bwd_fake(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dw = torch.empty_like(weights)
     if not need_qk:
-        empty = q.new_empty((0,), dtype=_score_dtype(q.dtype))
+        empty = q.new_empty((0,), dtype=compute_dtype(q.dtype))
         return empty, empty.clone(), dw
     return torch.empty_like(q), torch.empty_like(k), dw
 
@@ -284,7 +278,7 @@ def _sparse_mla_fake(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     batch, seq, heads, _ = q.shape
     out = q.new_empty((batch, seq, heads, d_v))
-    lse = q.new_empty((batch, seq, heads), dtype=_score_dtype(q.dtype))
+    lse = q.new_empty((batch, seq, heads), dtype=compute_dtype(q.dtype))
     return out, lse
 
 

@@ -14,7 +14,8 @@ points to, in the releases since January 2026):
   ``max_logits``; ``topk_length [s_q]`` keeps the first ``topk_length[i]`` entries of row ``i``.
 
 ``max_logits`` is not produced by the kernels: it is computed here in PyTorch, chunked over queries, at about the
-cost of one extra pass over the gathered keys. Not differentiable (FlashMLA's entry point is forward-only).
+cost of one extra pass over the gathered keys (no gradient flows through it). ``out`` and ``lse`` come from
+``dsa.ops.sparse_mla`` and are differentiable like its outputs, although FlashMLA's own entry point is forward-only.
 """
 
 from __future__ import annotations
@@ -30,11 +31,14 @@ _CHUNK_ELEMENTS = 1 << 24
 LOG2_E = math.log2(math.e)
 
 
+_OP = "flash_mla_sparse_fwd"
+
+
 def _require_shape(name: str, t: torch.Tensor, rank: int, layout: str) -> None:
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        raise TypeError(f"{_OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != rank:
-        raise ValueError(f"{name} must be a {rank}-D tensor {layout}, got shape {list(t.shape)}")
+        raise ValueError(f"{_OP}: {name} must be a {rank}-D tensor {layout}, got shape {list(t.shape)}")
 
 
 def _max_logits(
@@ -91,7 +95,7 @@ def flash_mla_sparse_fwd(
     _require_shape("indices", indices, 3, "[s_q, h_kv=1, topk]")
     if kv.shape[1] != 1 or indices.shape[1] != 1:
         raise ValueError(
-            f"kv [s_kv, h_kv, d_qk] and indices [s_q, h_kv, topk] must have h_kv = 1 (MLA's single latent head), "
+            f"{_OP}: kv [s_kv, h_kv, d_qk] and indices [s_q, h_kv, topk] must have h_kv = 1 (MLA's single latent head), "
             f"got kv {list(kv.shape)}, indices {list(indices.shape)}"
         )
     if topk_length is not None:

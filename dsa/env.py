@@ -1,25 +1,37 @@
-"""Every ``DSA_*`` environment variable, read lazily (never at import time).
+"""Every ``DSA_*`` environment variable, read lazily (never at import time), in this one module.
 
 | variable | values | meaning |
 |---|---|---|
 | ``DSA_BACKEND`` | ``auto`` (default), ``tilelang``, ``reference`` | which implementation the ops dispatch to |
-| ``DSA_CACHE_DIR`` | a directory | where tuned configs are written and read (default ``~/.cache/dsa-tilelang``) |
+| ``DSA_CACHE_DIR`` | a directory | where tuned configs and cached ptxas reports live (default ``~/.cache/dsa-tilelang``) |
 | ``DSA_CPU_COMPILE_FLAGS`` | g++ flags | flags for C-target kernels (default ``-O2``) |
+| ``DSA_LOG`` | ``warning`` (default), ``info``, ``debug`` | how much TileLang logs (its INFO lines: one per compile) |
 | ``DSA_TUNE_CANDIDATE_TIMEOUT_S`` | seconds > 0 | the tuner's time limit per candidate step on the GPU (default 120) |
+
+The lower layers (``tl_kernels``, ``autotune.cache``, ``autotune.select``) read none of these: the launchers and the
+tuner pass the values down.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
 
 BACKENDS = ("auto", "tilelang", "reference")
-_DEFAULT_CACHE_DIR = Path("~/.cache/dsa-tilelang")
-_DEFAULT_CPU_FLAGS = "-O2"
+LOG_LEVELS: dict[str, int] = {"warning": logging.WARNING, "info": logging.INFO, "debug": logging.DEBUG}
+_DEFAULT_CACHE_DIR = "~/.cache/dsa-tilelang"
+_DEFAULT_LOG = "warning"
 # Checking one candidate includes loading its kernel (TileLang's JIT load from the disk cache, or a compile when the
 # cache misses); timing it at the largest preset size takes a few seconds. Two minutes leaves room for both.
 _DEFAULT_CANDIDATE_TIMEOUT_S = 120.0
+# The folder below the cache directory where ptxas reports are cached by the hash of a kernel's CUDA source.
+STATIC_REPORT_SUBDIR = "static-reports"
+
+# DSA_CACHE_DIR as last read, and its Path: launchers ask on every CUDA launch, and building a Path costs more than
+# the environment lookup.
+_cache_dir_memo: tuple[str | None, Path] | None = None
 
 
 def backend() -> str:
@@ -32,13 +44,35 @@ def backend() -> str:
 
 def cache_dir() -> Path:
     """The tuned-config cache directory (``DSA_CACHE_DIR`` or ``~/.cache/dsa-tilelang``)."""
-    raw = os.environ.get("DSA_CACHE_DIR")
-    return Path(raw).expanduser() if raw else _DEFAULT_CACHE_DIR.expanduser()
+    global _cache_dir_memo
+    raw = os.environ.get("DSA_CACHE_DIR") or None
+    memo = _cache_dir_memo
+    if memo is not None and memo[0] == raw:
+        return memo[1]
+    path = Path(raw or _DEFAULT_CACHE_DIR).expanduser()
+    _cache_dir_memo = (raw, path)
+    return path
 
 
-def cpu_compile_flags() -> list[str]:
-    """g++ flags for C-target kernels (``DSA_CPU_COMPILE_FLAGS``, default ``-O2``)."""
-    return os.environ.get("DSA_CPU_COMPILE_FLAGS", _DEFAULT_CPU_FLAGS).split()
+def static_report_dir() -> Path:
+    """Where ptxas reports of compiled kernels are cached: ``<cache_dir>/static-reports``."""
+    return cache_dir() / STATIC_REPORT_SUBDIR
+
+
+def cpu_compile_flags() -> tuple[str, ...] | None:
+    """g++ flags for C-target kernels from ``DSA_CPU_COMPILE_FLAGS``; ``None`` when unset (``tl_kernels.build``'s
+    default, ``-O2``)."""
+    raw = os.environ.get("DSA_CPU_COMPILE_FLAGS")
+    return None if raw is None else tuple(raw.split())
+
+
+def log_level() -> int:
+    """The level of TileLang's logger that ``DSA_LOG`` asks for (``warning`` when unset: its per-compile INFO lines
+    do not reach a user's stderr unless asked for)."""
+    value = os.environ.get("DSA_LOG", _DEFAULT_LOG).strip().lower() or _DEFAULT_LOG
+    if value not in LOG_LEVELS:
+        raise ValueError(f"DSA_LOG must be one of {tuple(LOG_LEVELS)}, got {value!r}")
+    return LOG_LEVELS[value]
 
 
 def tune_candidate_timeout_s() -> float:

@@ -13,7 +13,11 @@ Signatures and semantics are those of ``dsa.reference`` (the contract); see DESI
    with.
 
 Gradients: ``sparse_mla`` for ``q``, ``kv``, ``attn_sink`` (through ``out`` and ``lse``); ``index_scores`` for
-``weights`` and, for floating (bfloat16/float32/float64) ``q``/``k``, for those too; FP8 ``q``/``k`` get none.
+``weights`` and, for floating (bfloat16/float32/float64) ``q``/``k``, for those too; FP8 ``q``/``k`` get none;
+``topk_indices`` returns integers (no gradient).
+
+Validation runs once per call, here: the reference and the launchers the ops dispatch to take the inputs as
+checked (``dsa.reference.*_impl``).
 """
 
 from __future__ import annotations
@@ -102,7 +106,7 @@ def sparse_mla(
     Returns:
         out (torch.Tensor): ``[B, S, H, d_v]``, q's dtype; 0 for a query with no valid index.
         lse (torch.Tensor): ``[B, S, H]``, float32, natural log, sink excluded; ``-inf`` for a query with no valid
-        index. Not differentiable.
+        index. Both outputs are differentiable (in ``q``, ``kv`` and ``attn_sink``): a loss may use ``lse``.
     """
     backend = select_backend(q.device, q.dtype in validation.ATTENTION_KERNEL_DTYPES)
     validation.check_sparse_mla(q, kv, indices, sm_scale, d_v, topk_length, attn_sink, kernel=backend == TILELANG)

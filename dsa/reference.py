@@ -9,8 +9,11 @@ and ``sparse_mla`` walk the queries in chunks, so the reference stays usable at 
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from dsa import validation
+
+OptTensor = Tensor | None
 
 # Elements of the largest intermediate a chunk may hold (about 64 MB of float32), which bounds the reference's memory.
 CHUNK_ELEMENTS = 1 << 24
@@ -80,6 +83,13 @@ def index_scores(
         exactly ``-inf`` where not. Differentiable in ``q``, ``k`` and ``weights`` for floating inputs.
     """
     validation.check_index_scores(q, k, weights, k_scale, starts, ends)
+    return index_scores_impl(q, k, weights, k_scale, starts, ends)
+
+
+def index_scores_impl(
+    q: Tensor, k: Tensor, weights: Tensor, k_scale: OptTensor, starts: OptTensor, ends: OptTensor
+) -> Tensor:
+    """:func:`index_scores` without validation, for callers that validated the inputs already (``dsa.ops``)."""
     batch, seq, heads, _ = q.shape
     seq_kv = k.shape[1]
     dtype = compute_dtype(q.dtype)
@@ -111,6 +121,11 @@ def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
         every finite position and ``-1`` in the rest. No index appears twice; the order within a row is unspecified.
     """
     validation.check_topk_indices(scores, k)
+    return topk_indices_impl(scores, k)
+
+
+def topk_indices_impl(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`topk_indices` without validation, for callers that validated the inputs already (``dsa.ops``)."""
     finite = torch.where(torch.isfinite(scores), scores, torch.full_like(scores, float("-inf")))
     take = min(k, scores.shape[-1])
     values, idx = torch.topk(finite, take, dim=-1)
@@ -295,7 +310,14 @@ def sparse_mla(
     gradient also flows through ``lse``.
     """
     validation.check_sparse_mla(q, kv, indices, sm_scale, d_v, topk_length, attn_sink)
-    return _SparseMLA.apply(q, kv, indices, float(sm_scale), int(d_v), topk_length, attn_sink)
+    return sparse_mla_impl(q, kv, indices, float(sm_scale), int(d_v), topk_length, attn_sink)
+
+
+def sparse_mla_impl(
+    q: Tensor, kv: Tensor, indices: Tensor, sm_scale: float, d_v: int, topk_length: OptTensor, attn_sink: OptTensor
+) -> tuple[Tensor, Tensor]:
+    """:func:`sparse_mla` without validation, for callers that validated the inputs already (``dsa.ops``)."""
+    return _SparseMLA.apply(q, kv, indices, sm_scale, d_v, topk_length, attn_sink)
 
 
 def dense_masked_attention(

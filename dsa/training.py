@@ -106,8 +106,7 @@ def dense_warmup_loss(attn_mass: torch.Tensor, index_scores: torch.Tensor) -> to
 
 def gather_scores(index_scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """``index_scores [B, S, S_kv]`` at ``indices [B, S, k]`` -> ``[B, S, k]``, ``-inf`` at invalid entries."""
-    seq_kv = index_scores.shape[-1]
-    valid = (indices >= 0) & (indices < seq_kv)
+    valid = reference.valid_index_mask(indices, index_scores.shape[-1])
     picked = index_scores.gather(-1, torch.where(valid, indices, 0).to(torch.int64))
     return picked.masked_fill(~valid, float("-inf"))
 

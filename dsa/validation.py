@@ -1,16 +1,19 @@
-"""Input validation shared by the reference and the kernel launchers.
+"""Input validation shared by the public ops and the reference (each call validates once).
 
 Every check raises ``TypeError`` (wrong Python or tensor type, wrong dtype) or ``ValueError`` (wrong rank, shape,
-device, layout or value), and the message names the argument and what was expected. ``kernel=True`` applies the
-stricter rules of the TileLang kernels (bfloat16 / float8 inputs only, contiguous tensors); the reference also takes
-float32 and float64 so that it can serve as an oracle and under ``torch.autograd.gradcheck``.
+device, layout or value), and the message names the op, the argument and what was expected, e.g.
+``sparse_mla: q must have dtype bfloat16, got float16``. ``kernel=True`` applies the stricter rules of the TileLang
+kernels (bfloat16 / float8 inputs only, contiguous tensors); the reference also takes float32 and float64 so that it
+can serve as an oracle and under ``torch.autograd.gradcheck``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
 
@@ -20,6 +23,25 @@ INDEXER_REFERENCE_DTYPES = (*INDEXER_KERNEL_DTYPES, torch.float32, torch.float64
 ATTENTION_KERNEL_DTYPES = (torch.bfloat16,)
 ATTENTION_REFERENCE_DTYPES = (torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPE = torch.int32
+
+_Check = TypeVar("_Check", bound=Callable[..., Any])
+
+
+def names_op(op: str) -> Callable[[_Check], _Check]:
+    """Decorate a check so that every ``TypeError``/``ValueError`` it raises starts with ``"<op>: "``: two ops take a
+    ``q``, and a user must see which one complained."""
+
+    def decorate(check: _Check) -> _Check:
+        @functools.wraps(check)
+        def named(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return check(*args, **kwargs)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"{op}: {exc}") from None
+
+        return named  # type: ignore[return-value]
+
+    return decorate
 
 
 def _names(dtypes: Sequence[torch.dtype]) -> str:
@@ -89,6 +111,7 @@ def require_scale(name: str, value: object) -> float:
     return float(value)
 
 
+@names_op("index_scores")
 def check_index_scores(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -142,6 +165,7 @@ def check_index_scores(
                 require_contiguous(name, t)
 
 
+@names_op("topk_indices")
 def check_topk_indices(scores: torch.Tensor, k: object, *, kernel: bool = False) -> None:
     """Validate the inputs of ``topk_indices`` (see ``dsa.reference.topk_indices``)."""
     require_tensor("scores", scores)
@@ -153,6 +177,7 @@ def check_topk_indices(scores: torch.Tensor, k: object, *, kernel: bool = False)
         require_contiguous("scores", scores)
 
 
+@names_op("sparse_mla")
 def check_sparse_mla(
     q: torch.Tensor,
     kv: torch.Tensor,

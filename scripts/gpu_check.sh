@@ -51,7 +51,7 @@ rc=$?
 if [ -n "${OUT:-}" ]; then
     mkdir -p "$OUT"
     find benchmarks/results -maxdepth 1 -type f -newer "$STAMP" \( -name '*.json' -o -name '*.png' \) -exec cp {} "$OUT"/ \;
-    for log in host compile tests tests_ws bench tune; do
+    for log in host collect compile tests tests_ws bench tune; do
         [ -f "$WORK/$log.log" ] && cp "$WORK/$log.log" "$OUT/$log.log"
     done
     [ -f "$WORK/compile-report.json" ] && cp "$WORK/compile-report.json" "$OUT/compile-report.json"

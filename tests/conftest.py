@@ -1,35 +1,94 @@
-"""Test configuration: Hypothesis profiles and the hardware markers, decided in one place.
+"""Test configuration, decided in one place: Hypothesis profiles, hardware and network markers, poisoned outputs.
 
 Profiles (``HYPOTHESIS_PROFILE`` selects one explicitly):
-- ``ci``: selected when ``CI`` is set; bounded example counts, no deadline, derandomised so CI is repeatable.
-- ``dev``: the default on a workstation; fewer examples, fast feedback.
-- ``gpu``: for the GPU tier on a CUDA host; more examples.
+- ``ci``: selected when ``CI`` is set; 100 examples per property, no deadline, derandomised so CI is repeatable.
+- ``dev``: the default on a workstation; 30 examples, fast feedback.
+- ``gpu``: for the GPU tier on a CUDA host; 200 examples.
 - ``long``: for ``scripts/fuzz.py``; many examples, database kept on disk.
 
-Markers: ``gpu`` tests are skipped cleanly when no CUDA device is present; ``build`` tests need ``nvcc`` on PATH.
-Tests size their own example counts relative to the profile through ``examples(n)``.
+A property test that is expensive per example asks for a share of the profile's count with
+``tests.strategies.examples(share)``, never for a fixed number, so ``gpu`` and ``long`` scale it up too.
+
+Markers: ``gpu`` tests are skipped cleanly when no Hopper GPU is present; ``build`` tests need ``nvcc``; ``network``
+tests (they download packages) run only with ``--network``, which CI never passes.
+
+Every launcher allocates its outputs through ``dsa.launch.common.new_output``; an autouse fixture replaces it with a
+NaN-poisoned allocator for every test, so an element a kernel forgot to write fails whatever test ran it.
+
+``--dsa-gpu-kernels FILE`` (used with ``--collect-only -m gpu`` by the one-shot GPU check) writes every kernel the
+collected GPU tests compile, from their modules' ``GPU_KERNELS`` (kernel name -> static parameter sets), as a tuner
+shapes file: the GPU check compiles exactly that list, read from the tests at run time.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-from dsa import hardware
+from dsa import hardware, testing
 
 _SUPPRESSED = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
 
-settings.register_profile("ci", max_examples=100, deadline=None, derandomize=True, suppress_health_check=_SUPPRESSED, print_blob=True)
+settings.register_profile(
+    "ci", max_examples=100, deadline=None, derandomize=True, suppress_health_check=_SUPPRESSED, print_blob=True
+)
 settings.register_profile("dev", max_examples=30, deadline=None, suppress_health_check=_SUPPRESSED)
 settings.register_profile("gpu", max_examples=200, deadline=None, suppress_health_check=_SUPPRESSED, print_blob=True)
-settings.register_profile("long", max_examples=100_000, deadline=None, suppress_health_check=_SUPPRESSED, print_blob=True)
+settings.register_profile(
+    "long", max_examples=100_000, deadline=None, suppress_health_check=_SUPPRESSED, print_blob=True
+)
 
 _profile = os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev")
 settings.load_profile(_profile)
+
+NETWORK_OPTION = "--network"
+GPU_KERNELS_OPTION = "--dsa-gpu-kernels"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        NETWORK_OPTION, action="store_true", default=False, help="also run the tests marked network (downloads)"
+    )
+    parser.addoption(
+        GPU_KERNELS_OPTION,
+        default=None,
+        metavar="FILE",
+        help="write the kernels the collected tests' modules list in GPU_KERNELS as a tuner shapes file",
+    )
+
+
+def gpu_kernel_shapes(modules: list[object]) -> dict[str, list[dict[str, object]]]:
+    """A tuner shapes file (``dsa-autotune --shapes``) of every static parameter set the ``GPU_KERNELS`` of
+    ``modules`` list, each once, with one nominal size point (the compile stage only compiles)."""
+    from autotune import space
+
+    shapes: dict[str, list[dict[str, object]]] = {}
+    seen: set[tuple[str, str]] = set()
+    for module in modules:
+        for kernel, statics in getattr(module, "GPU_KERNELS", {}).items():
+            for static in statics:
+                key = (kernel, json.dumps(static, sort_keys=True))
+                if key in seen:
+                    continue
+                seen.add(key)
+                sizes = {name: 1 for name in space.size_names(kernel)}
+                shapes.setdefault(kernel, []).append({"static": dict(static), "sizes": [sizes]})
+    return shapes
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    target = session.config.getoption(GPU_KERNELS_OPTION)
+    if not target:
+        return
+    modules = list({id(item.module): item.module for item in session.items if hasattr(item, "module")}.values())
+    Path(target).write_text(json.dumps(gpu_kernel_shapes(modules), indent=1) + "\n", encoding="utf-8")
+
 
 def cuda_available() -> bool:
     return torch.cuda.is_available() and torch.cuda.device_count() > 0
@@ -37,11 +96,13 @@ def cuda_available() -> bool:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     no_gpu = pytest.mark.skip(reason="GPU tier: no CUDA device on this machine")
-    not_hopper = pytest.mark.skip(reason="GPU tier: needs a Hopper GPU (compute capability >= 9.0)")
+    not_hopper = pytest.mark.skip(reason="GPU tier: needs a Hopper GPU (compute capability 9.0)")
     no_nvcc = pytest.mark.skip(reason="build tier: nvcc is not on PATH")
+    no_network = pytest.mark.skip(reason=f"downloads packages: run with {NETWORK_OPTION}")
     has_cuda = cuda_available()
     hopper = has_cuda and hardware.is_hopper(torch.device("cuda"))  # the one Hopper rule, shared with dispatch
     has_nvcc = shutil.which("nvcc") is not None or bool(os.environ.get("CUDA_HOME"))
+    network = config.getoption(NETWORK_OPTION)
     for item in items:
         if "gpu" in item.keywords:
             if not has_cuda:
@@ -50,6 +111,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(not_hopper)
         if "build" in item.keywords and not has_nvcc:
             item.add_marker(no_nvcc)
+        if "network" in item.keywords and not network:
+            item.add_marker(no_network)
+
+
+@pytest.fixture(autouse=True)
+def _poisoned_launcher_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every output a launcher allocates starts as NaN (integers: ``dsa.testing.INT_POISON``)."""
+    from dsa.launch import common
+
+    monkeypatch.setattr(common, "new_output", testing.poisoned_empty)
 
 
 @pytest.fixture

@@ -111,6 +111,35 @@ def gemm_builder(*, m: int, n: int, k: int, block: int, stages: int, target: dsl
     return gemm
 
 
+def two_gemm_builder(*, rows_a: int, rows_b: int, target: dsl.Target) -> tvm.tirx.PrimFunc:
+    """Two independent GEMMs in one kernel: C = A @ B^T ([rows_a, 64] x [64, 64]) and D = E @ B^T ([rows_b, 64]).
+    On sm_90a a GEMM with 64 rows becomes a wgmma; one with 16 rows falls back to mma.sync."""
+    dtype = "bfloat16"
+
+    @T.prim_func
+    def two(
+        A: T.Tensor((rows_a, 64), dtype),
+        B: T.Tensor((64, 64), dtype),
+        E: T.Tensor((rows_b, 64), dtype),
+        C: T.Tensor((rows_a, 64), "float32"),
+        D: T.Tensor((rows_b, 64), "float32"),
+    ):
+        with T.Kernel(1, threads=128):
+            a, b, e = T.alloc_shared((rows_a, 64), dtype), T.alloc_shared((64, 64), dtype), T.alloc_shared((rows_b, 64), dtype)
+            c, d = T.alloc_fragment((rows_a, 64), "float32"), T.alloc_fragment((rows_b, 64), "float32")
+            T.copy(A, a)
+            T.copy(B, b)
+            T.copy(E, e)
+            T.clear(c)
+            T.clear(d)
+            T.gemm(a, b, c, transpose_B=True)
+            T.gemm(e, b, d, transpose_B=True)
+            T.copy(c, C)
+            T.copy(d, D)
+
+    return two
+
+
 def smem_hog_builder(*, rows: int, cols: int, target: dsl.Target) -> tvm.tirx.PrimFunc:
     """Y = X through one shared tile of rows * cols float32 (sized to exceed the 227 KB limit)."""
     alloc = dsl.allocators(target)
@@ -200,14 +229,19 @@ def test_parse_ptxas_takes_max_over_entries() -> None:
     assert set(usage) == {"first_kernel", "second_kernel"}
     assert (usage["first_kernel"].registers, usage["first_kernel"].spill_bytes) == (168, 16)
     assert usage["second_kernel"].static_smem_bytes == 2048
-    over = build.SMEM_LIMIT_BYTES + 1
-    report = build.StaticReport(registers=255, spill_bytes=16, smem_bytes=over, has_wgmma=True, ptxas_log=log)
+    over = dsl.HOPPER_SMEM_BYTES + 1
+    wgmma = {build.MMA_WGMMA: 4}
+    report = build.StaticReport(registers=255, spill_bytes=16, smem_bytes=over, mma=wgmma, ptxas_log=log)
     assert len(report.problems()) == 2
-    at_limit = build.SMEM_LIMIT_BYTES
-    clean = build.StaticReport(registers=255, spill_bytes=0, smem_bytes=at_limit, has_wgmma=True, ptxas_log=log)
-    assert clean.problems() == [] and clean.problems(require_wgmma=True) == []
-    no_wgmma = build.StaticReport(registers=32, spill_bytes=0, smem_bytes=0, has_wgmma=False, ptxas_log=log)
-    assert no_wgmma.problems() == [] and len(no_wgmma.problems(require_wgmma=True)) == 1
+    at_limit = dsl.HOPPER_SMEM_BYTES
+    clean = build.StaticReport(registers=255, spill_bytes=0, smem_bytes=at_limit, mma=wgmma, ptxas_log=log)
+    assert clean.problems() == [] and clean.problems(mma=build.MMA_WGMMA) == []
+    no_wgmma = build.StaticReport(registers=32, spill_bytes=0, smem_bytes=0, mma={build.MMA_MMA_SYNC: 2}, ptxas_log=log)
+    assert no_wgmma.problems() == [] and len(no_wgmma.problems(mma=build.MMA_WGMMA)) == 2
+    # One GEMM that fell back is enough, even next to wgmma calls (what `"wgmma" in source` let pass).
+    mixed = dataclasses.replace(clean, mma={build.MMA_WGMMA: 8, build.MMA_MMA_SYNC: 1})
+    assert mixed.problems(mma=build.MMA_WGMMA) == ["1 GEMM call site(s) use mma_sync instead of wgmma"]
+    assert mixed.mma_text == "mma_sync+wgmma"
     # ptxas's C7515 warning: correct code, but every wgmma waits for the previous one.
     serialized_log = log + (
         "ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized due to "
@@ -326,7 +360,7 @@ def test_static_report_of_hopper_gemm(tmp_path: Path, monkeypatch: pytest.Monkey
     kernel, report = build.compile_hopper(gemm_builder, m=64, n=64, k=64, block=block, stages=stages)
     assert report.registers > 0
     assert report.spill_bytes == 0
-    assert report.has_wgmma
+    assert report.mma.keys() == {build.MMA_WGMMA}
     # The two pipelined bf16 input tiles live in dynamic shared memory; ptxas adds a little static (mbarriers).
     tiles_bytes = stages * 2 * block * block * torch.bfloat16.itemsize
     assert tiles_bytes <= report.smem_bytes <= tiles_bytes + _STATIC_SMEM_SLACK, report.smem_bytes
@@ -334,6 +368,20 @@ def test_static_report_of_hopper_gemm(tmp_path: Path, monkeypatch: pytest.Monkey
     assert os.listdir(tmp_path) == []
     again = build.get_kernel(gemm_builder, target=dsl.HOPPER_TARGET, m=64, n=64, k=64, block=block, stages=stages)
     assert again is kernel
+
+
+@pytest.mark.parametrize(("rows_b", "falls_back"), [(64, False), (16, True)])
+def test_one_gemm_falling_back_from_wgmma_is_caught(rows_b: int, falls_back: bool) -> None:
+    """Lowered for sm_90a (no nvcc): a kernel whose second GEMM has 16 rows issues wgmma for the first and mma.sync
+    for the second; the per-call-site count names the fallback, so ``problems(mma="wgmma")`` rejects it."""
+    target = dsl.HOPPER_TARGET
+    with tvm.target.Target(target):
+        source = tilelang.lower(two_gemm_builder(rows_a=64, rows_b=rows_b, target=target), target=target).kernel_source
+    calls = build.mma_call_sites(source)
+    assert calls.get(build.MMA_WGMMA, 0) > 0
+    assert (build.MMA_MMA_SYNC in calls) == falls_back, calls
+    report = build.StaticReport(registers=128, spill_bytes=0, smem_bytes=0, mma=calls, ptxas_log="")
+    assert bool(report.problems(mma=build.MMA_WGMMA)) == falls_back
 
 
 @pytest.mark.build

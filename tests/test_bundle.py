@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.network  # downloads about 85 MB of wheels: never in CI (run with --network)
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "bundle_offline.py"
 BOUND_MB = 60.0

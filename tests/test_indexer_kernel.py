@@ -13,35 +13,33 @@ Tiers:
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import logging
-import time
 from typing import Any
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
-from dsa import reference
+from dsa import reference, testing
+from dsa.launch import common
 from dsa.launch import indexer as launch
-from tests import strategies
-from tests.helpers import assert_close, poisoned_empty
+from dsa.testing import assert_close
+from tests import kernel_support, strategies
 from tl_kernels import build as tl_build
 from tl_kernels import dsl
 from tl_kernels import indexer as kernels
 
-logger = logging.getLogger(__name__)
 
-TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float8_e4m3fn": torch.float8_e4m3fn}
-INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
-RANGE_PATTERNS = ("random", "packed", "empty", "full", "extreme")
+RANGE_PATTERNS = testing.RANGE_PATTERNS
 # Tolerances are relative to the largest |term sum| of a row, ``k_scale * sum_j |w_j| relu(q_j . k)`` (what the
 # reference returns for |weights|): with weights of both signs a score can cancel to far below its terms, and float32
 # rounding scales with the terms, not with the result.
 CPU_TOL = 2e-5  # float32 sums of exact bf16/e4m3 products: ~(H + D) ulps of the terms at most
 GPU_TOL = 2e-3  # wgmma accumulation (FP8 tensor cores keep fewer accumulator bits) and a different summation order
-MIN_COS = 0.9999
+# Largest scale-sensitive difference (dsa.testing.compare): float32 sums give ~1e-10 on the C target; wgmma FP8
+# accumulation ~1e-6 on CUDA. A 1 % scale error gives 5e-5: both bounds reject it.
+CPU_MAX_DIFF = 1e-8
+GPU_MAX_DIFF = 1e-5
 V32 = {"heads": 64, "dim": 128}
 # (S, S_kv): more queries than keys, one key, S_kv just past two 64-key tiles, a square prefill.
 EDGE_SHAPES = [(9, 3), (1, 1), (5, 130), (70, 70)]
@@ -82,91 +80,22 @@ V32_CPU_CASES = (
 )
 
 
-@pytest.fixture(autouse=True)
-def _poison_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every buffer the launcher expects the kernel to fully overwrite starts as NaN."""
-    monkeypatch.setattr(launch, "new_output", poisoned_empty)
-
 
 # ------------------------------------------------------------------------------------------------- problems
 
-
-@dataclasses.dataclass
-class Problem:
-    """Inputs of one indexer call (on CPU; moved to the device by ``run_and_check``)."""
-
-    q: torch.Tensor
-    k: torch.Tensor
-    weights: torch.Tensor
-    k_scale: torch.Tensor | None
-    starts: torch.Tensor | None
-    ends: torch.Tensor | None
-
-    def to(self, device: torch.device | str) -> Problem:
-        def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device)
-
-        return Problem(*(move(getattr(self, f.name)) for f in dataclasses.fields(self)))
-
-
-def make_ranges(kind: str, seed: int, batch: int, seq: int, seq_kv: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``starts, ends [B, S]`` int32 of one visibility pattern.
-
-    random: arbitrary bounds around ``[0, S_kv]`` (many empty rows, bounds past either end);
-    packed: variable-length sequences packed in the key axis, each query causal inside its own segment;
-    empty: no row sees anything (``starts >= ends``); full: every row sees every key;
-    extreme: random rows with some bounds at the int32 limits.
-    """
-    g = strategies.generator(seed)
-    shape = (batch, seq)
-    if kind == "random":
-        starts = torch.randint(-3, seq_kv + 3, shape, generator=g)
-        ends = starts + torch.randint(-3, seq_kv + 4, shape, generator=g)
-    elif kind == "packed":
-        starts = torch.empty(shape, dtype=torch.int64)
-        ends = torch.empty(shape, dtype=torch.int64)
-        for b in range(batch):
-            cuts = torch.randint(0, seq_kv + 1, (3,), generator=g).sort().values.tolist()
-            bounds = [0, *cuts, seq_kv]
-            for t in range(seq):
-                pos = (t * seq_kv) // seq  # the key position this query sits at
-                seg = max(i for i in range(len(bounds) - 1) if bounds[i] <= pos)
-                starts[b, t] = bounds[seg]
-                ends[b, t] = min(pos + 1, bounds[seg + 1])
-    elif kind == "empty":
-        starts = torch.randint(0, seq_kv + 2, shape, generator=g)
-        ends = starts - torch.randint(0, 3, shape, generator=g)
-    elif kind == "full":
-        starts = torch.zeros(shape, dtype=torch.int64)
-        ends = torch.full(shape, seq_kv, dtype=torch.int64)
-    elif kind == "extreme":
-        starts = torch.randint(-3, seq_kv + 3, shape, generator=g)
-        ends = starts + torch.randint(-3, seq_kv + 4, shape, generator=g)
-        pick = torch.rand(shape, generator=g)
-        starts = torch.where(pick < 0.3, torch.full_like(starts, INT32_MIN), starts)
-        ends = torch.where(pick > 0.7, torch.full_like(ends, INT32_MAX), ends)
-    else:
-        raise ValueError(f"unknown range pattern {kind!r}")
-    return starts.to(torch.int32), ends.to(torch.int32)
+Problem = dict[str, Any]
+"""The arguments of one indexer call (``dsa.testing.indexer_inputs``), on the CPU."""
 
 
 def make_problem(
     case: StaticCase, seed: int, batch: int, seq: int, seq_kv: int, range_kind: str = "random", spread: float = 1.0
 ) -> Problem:
-    """Random inputs of ``case``'s dtype: normal q/k times ``spread`` (FP8: many exponents, subnormals included),
-    weights of both signs, positive per-key scales (FP8 only) and, in range mode, ``starts``/``ends``."""
-    g = strategies.generator(seed)
-    dtype = TORCH_DTYPES[case.dtype]
-    q = (torch.randn((batch, seq, case.heads, case.dim), generator=g) * spread).to(dtype)
-    k = (torch.randn((batch, seq_kv, case.dim), generator=g) * spread).to(dtype)
-    weights = torch.randn((batch, seq, case.heads), generator=g)
-    k_scale = None
-    if case.dtype == "float8_e4m3fn":
-        k_scale = torch.rand((batch, seq_kv), generator=g) * 2.0 + 0.01
-    starts = ends = None
-    if case.mode == "range":
-        starts, ends = make_ranges(range_kind, seed + 1, batch, seq, seq_kv)
-    return Problem(q, k, weights, k_scale, starts, ends)
+    """Random inputs of ``case``'s dtype and mode: normal q/k times ``spread`` (FP8: many exponents, subnormals
+    included), weights of both signs, positive per-key scales (FP8 only) and, in range mode, ``starts``/``ends``."""
+    return testing.indexer_inputs(
+        batch=batch, seq=seq, seq_kv=seq_kv, heads=case.heads, dim=case.dim, dtype=case.dtype, mode=case.mode,
+        range_kind=range_kind, spread=spread, seed=seed,
+    )  # fmt: skip
 
 
 def run_and_check(
@@ -175,21 +104,22 @@ def run_and_check(
     *,
     device: torch.device | str = "cpu",
     tol: float = CPU_TOL,
+    max_diff: float = CPU_MAX_DIFF,
 ) -> torch.Tensor:
     """Run the launcher on ``problem`` and compare with the reference (computed on the CPU)."""
-    p = problem.to(device)
+    p = {name: None if t is None else t.to(device) for name, t in problem.items()}
     scores = launch.index_scores(
-        p.q, p.k, p.weights, k_scale=p.k_scale, starts=p.starts, ends=p.ends, config=config
+        p["q"], p["k"], p["weights"], k_scale=p["k_scale"], starts=p["starts"], ends=p["ends"], config=config
     )
     assert scores.dtype == torch.float32 and scores.device.type == torch.device(device).type
-    kwargs = {"k_scale": problem.k_scale, "starts": problem.starts, "ends": problem.ends}
-    expected = reference.index_scores(problem.q, problem.k, problem.weights, **kwargs)
-    magnitude = reference.index_scores(problem.q, problem.k, problem.weights.abs(), **kwargs)
+    kwargs = {"k_scale": problem["k_scale"], "starts": problem["starts"], "ends": problem["ends"]}
+    expected = reference.index_scores(problem["q"], problem["k"], problem["weights"], **kwargs)
+    magnitude = reference.index_scores(problem["q"], problem["k"], problem["weights"].abs(), **kwargs)
     finite = torch.isfinite(magnitude)
     scale = float(magnitude[finite].max()) if finite.any() else 0.0
     scores = scores.cpu()
     assert not torch.isnan(scores).any(), "unwritten (NaN-poisoned) or NaN scores"
-    assert_close(scores, expected, atol=tol * scale + 1e-30, rtol=tol, min_cos=MIN_COS, name="scores")
+    assert_close(scores, expected, atol=tol * scale + 1e-30, rtol=tol, max_diff=max_diff, name="scores")
     # Exactly -inf where invisible (assert_close already matched the -inf positions; this also rules out +inf).
     assert torch.equal(torch.isinf(scores), torch.isneginf(expected))
     return scores
@@ -219,7 +149,7 @@ def test_cpu_matches_reference(data: tuple[StaticCase, Problem]) -> None:
 
 
 @pytest.mark.cpu_kernel
-@settings(max_examples=6)
+@strategies.examples(0.06)
 @given(data=cpu_problems(V32_CPU_CASES, max_batch=2, max_seq=5, max_seq_kv=600))
 def test_cpu_v32_width(data: tuple[StaticCase, Problem]) -> None:
     """The Hopper default schedule at V3.2 widths (64 heads x 128 dims, 256-key tiles) on the C target."""
@@ -253,7 +183,8 @@ def test_cpu_range_patterns(kind: str) -> None:
 def test_cpu_launcher_default_config() -> None:
     """Without an explicit config the launcher picks the C-target default and still matches the reference."""
     case = CPU_CASES[0]
-    assert launch.select_config(case.static, {"batch": 1, "seq_len": 3, "seq_len_kv": 5}, torch.device("cpu")) == (
+    sizes = {"batch": 1, "seq_len": 3, "seq_len_kv": 5}
+    assert common.select_config(launch.KERNEL_NAME, kernels, case.static, sizes, torch.device("cpu")) == (
         kernels.CPU_DEFAULT
     )
     run_and_check(make_problem(case, 11, 1, 3, 5), None)
@@ -263,19 +194,7 @@ def test_cpu_launcher_default_config() -> None:
 
 
 def _hopper_configs(static: dict[str, Any]) -> list[kernels.Config]:
-    """The default config and every TUNING_SPACE combination check_config accepts for sm_90a, without repeats."""
-    checked = {**static, "target": dsl.HOPPER_TARGET}
-    configs = [kernels.default_config(checked)]
-    names = list(kernels.TUNING_SPACE)
-    for values in itertools.product(*(kernels.TUNING_SPACE[n] for n in names)):
-        config = dataclasses.replace(configs[0], **dict(zip(names, values)))
-        try:
-            kernels.check_config(checked, config)
-        except ValueError:
-            continue
-        if config not in configs:
-            configs.append(config)
-    return configs
+    return kernel_support.hopper_configs(launch.KERNEL_NAME, static)
 
 
 V32_STATICS = tuple({**V32, "dtype": dtype, "mode": mode} for dtype in kernels.DTYPES for mode in kernels.MODES)
@@ -317,7 +236,7 @@ def test_default_config_fits_hopper(heads: int, dim: int, dtype: str) -> None:
     fits in shared memory next to one 64-key tile; otherwise default_config says why."""
     static = {"heads": heads, "dim": dim, "dtype": dtype, "mode": "causal", "target": dsl.HOPPER_TARGET}
     smallest = kernels.Config(block_N=64, num_stages=1, threads=128)
-    if kernels.smem_bytes(static, smallest) > kernels.SMEM_LIMIT_BYTES:
+    if kernels.smem_bytes(static, smallest) > dsl.HOPPER_SMEM_BYTES:
         with pytest.raises(ValueError, match="shared memory"):
             kernels.default_config(static)
         return
@@ -329,31 +248,18 @@ def test_default_config_fits_hopper(heads: int, dim: int, dtype: str) -> None:
 
 # ------------------------------------------------------------------------------------------------- build tier
 
-_HOPPER_KERNELS: dict[str, tuple[Any, tl_build.StaticReport]] = {}
-
-
 def hopper_build(item: tuple[dict[str, Any], kernels.Config]) -> tuple[Any, tl_build.StaticReport]:
-    """Compile one V3.2 indexer config for sm_90a (once per session) and log its static numbers."""
-    name = _build_id(item)
-    if name not in _HOPPER_KERNELS:
-        static, config = item
-        start = time.perf_counter()
-        kernel, report = tl_build.compile_hopper(kernels.build, **static, **dataclasses.asdict(config))
-        logger.info(
-            "%s: %d registers, %d B spills, %d B smem, wgmma=%s, %.1f s",
-            name, report.registers, report.spill_bytes, report.smem_bytes, report.has_wgmma,
-            time.perf_counter() - start,
-        )
-        _HOPPER_KERNELS[name] = (kernel, report)
-    return _HOPPER_KERNELS[name]
+    """One V3.2 indexer config compiled for sm_90a (once per session)."""
+    static, config = item
+    return kernel_support.hopper_build(_build_id(item), kernels.build, **static, **dataclasses.asdict(config))
 
 
 @pytest.mark.build
 @pytest.mark.parametrize("item", HOPPER_BUILDS, ids=_build_id)
 def test_hopper_build_is_clean(item: tuple[dict[str, Any], kernels.Config]) -> None:
-    """No register spills, shared memory within 227 KB, wgmma in the source, at V3.2 indexer shapes."""
+    """No register spills, shared memory within 227 KB, every GEMM a wgmma, at V3.2 indexer shapes."""
     kernel, report = hopper_build(item)
-    assert report.problems(require_wgmma=True) == [], report.ptxas_log
+    assert report.problems(mma=tl_build.MMA_WGMMA) == [], report.ptxas_log
     static, config = item
     # The kernel's own shared-memory estimate (used by check_config) must not undercount what was allocated.
     assert report.smem_bytes <= kernels.smem_bytes(static, config) + 2048, (report.smem_bytes, config)
@@ -365,12 +271,13 @@ def test_hopper_build_is_clean(item: tuple[dict[str, Any], kernels.Config]) -> N
 # The small-head cases the GPU tier runs with the launcher's default config (4 heads x 32 dims, both dtypes and modes).
 GPU_SMALL_CASES: tuple[StaticCase, ...] = CPU_CASES[:4]
 # Every kernel the GPU tier compiles has one of these static parameter sets: the V3.2 ones with every config of
-# HOPPER_BUILDS, the small ones with their default. Each pair is an sm_90a compile of 5-30 s, so scripts/gpu_check.py
-# compiles them all in parallel before the tests from benchmarks/gpu_test_kernels.json (tests/test_scripts.py keeps the
-# two in step).
+# HOPPER_BUILDS, the small ones with their default (each pair is an sm_90a compile of 5-30 s).
 GPU_KERNEL_STATICS: tuple[dict[str, Any], ...] = V32_STATICS + tuple(case.static for case in GPU_SMALL_CASES)
 GPU_CONFIGS: tuple[kernels.Config, ...] = tuple(dict.fromkeys(config for _, config in HOPPER_BUILDS))
 """The configs the GPU tests pass explicitly (the others run the launcher's choice, the default on a fresh host)."""
+GPU_KERNELS: dict[str, tuple[dict[str, Any], ...]] = {launch.KERNEL_NAME: GPU_KERNEL_STATICS}
+"""What the GPU tests compile, by kernel: the one-shot GPU check compiles these (every config of the whole tuning
+space) in parallel before it runs the tests (``pytest --collect-only --dsa-gpu-kernels FILE``, tests/conftest.py)."""
 
 
 @st.composite
@@ -391,7 +298,7 @@ def gpu_problems(draw: st.DrawFn):
 def test_gpu_matches_reference(data: tuple[StaticCase, Problem], cuda_device: torch.device) -> None:
     """CUDA indexer vs the reference, every tuning-space config at V3.2 shapes, random sizes and visibility."""
     case, problem = data
-    run_and_check(problem, case.config, device=cuda_device, tol=GPU_TOL)
+    run_and_check(problem, case.config, device=cuda_device, tol=GPU_TOL, max_diff=GPU_MAX_DIFF)
 
 
 @pytest.mark.gpu
@@ -400,7 +307,7 @@ def test_gpu_matches_reference(data: tuple[StaticCase, Problem], cuda_device: to
 def test_gpu_edge_shapes(static: dict[str, Any], seq: int, seq_kv: int, cuda_device: torch.device) -> None:
     """The CPU edge shapes at V3.2 widths on CUDA (S > S_kv, one key, partial last key tile, S == S_kv)."""
     case = StaticCase("edge", config=kernels.Config(), **static)
-    scores = run_and_check(make_problem(case, 7, 2, seq, seq_kv), None, device=cuda_device, tol=GPU_TOL)
+    scores = run_and_check(make_problem(case, 7, 2, seq, seq_kv), None, device=cuda_device, tol=GPU_TOL, max_diff=GPU_MAX_DIFF)
     if case.mode == "causal" and seq > seq_kv:
         assert torch.isneginf(scores[:, : seq - seq_kv]).all()
 
@@ -411,13 +318,13 @@ def test_gpu_long_sequence(static: dict[str, Any], cuda_device: torch.device) ->
     """A prefill-sized call (1K queries x 2K keys) with the launcher's own config choice."""
     case = StaticCase("long", config=kernels.Config(), **static)
     problem = make_problem(case, 5, 1, 1024, 2048, "packed")
-    run_and_check(problem, None, device=cuda_device, tol=GPU_TOL)
+    run_and_check(problem, None, device=cuda_device, tol=GPU_TOL, max_diff=GPU_MAX_DIFF)
 
 
 @pytest.mark.gpu
-@settings(max_examples=20)
+@strategies.examples(0.1)
 @given(data=cpu_problems(GPU_SMALL_CASES, max_batch=3, max_seq=40, max_seq_kv=150))
 def test_gpu_small_heads(data: tuple[StaticCase, Problem], cuda_device: torch.device) -> None:
     """4 heads x 32 dims on CUDA (32 queries per block, one wgmma K step) with the launcher's default config."""
     _case, problem = data
-    run_and_check(problem, None, device=cuda_device, tol=GPU_TOL)
+    run_and_check(problem, None, device=cuda_device, tol=GPU_TOL, max_diff=GPU_MAX_DIFF)

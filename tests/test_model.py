@@ -23,9 +23,10 @@ from dsa.modules import (
     rope_cos_sin,
     rope_inv_freq,
 )
-from tests.helpers import assert_close, assert_topk_valid
+from dsa.testing import assert_close, assert_topk_valid
 
 SEQ = 24  # > tiny index_topk (16): later queries are genuinely sparse
+FP8_SCORE_MAX_DIFF = 1.5e-3
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -252,7 +253,12 @@ def test_fp8_indexer_tracks_the_float_indexer() -> None:
     reference_selection, _ = _indexer_output(attn, x)
     attn.indexer.config = attn.config.replace(index_fp8=True, index_scale_pow2=True)
     fp8_selection, _ = _indexer_output(attn, x)
-    assert_close(fp8_selection.scores, reference_selection.scores, atol=0.5, rtol=0.2, min_cos=0.99, name="fp8 scores")
+    # FP8 (3 mantissa bits) against float scores: elementwise errors up to ~4 % of the largest score, scale-sensitive
+    # difference ~7e-4 here; a global scale error of 4 % or more (2e-3 at 5 %, 1.7e-2 at 20 %) exceeds 1.5e-3.
+    assert_close(
+        fp8_selection.scores, reference_selection.scores, atol=0.3, rtol=0.1, max_diff=FP8_SCORE_MAX_DIFF,
+        name="fp8 scores",
+    )
     valid = fp8_selection.indices >= 0
     overlap = (fp8_selection.indices.unsqueeze(-1) == reference_selection.indices.unsqueeze(-2)).any(-1) & valid
     assert overlap.sum() / valid.sum() > 0.8
@@ -355,7 +361,10 @@ def test_attention_mass_on_indices_matches_dense_probabilities() -> None:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def test_torch_compile_fullgraph_on_dsa_attention() -> None:
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph_on_dsa_attention(backend: str) -> None:
+    """``torch.compile(fullgraph=True)`` of the float32 attention module matches eager, values and gradients, with
+    the default Inductor backend (C++ code generated for the CPU) and with aot_eager."""
     attn = _attention(torch.float32)
     x = _inputs(attn).requires_grad_(True)
 
@@ -368,7 +377,7 @@ def test_torch_compile_fullgraph_on_dsa_attention() -> None:
 
     eager = run(attn)
     torch._dynamo.reset()
-    compiled = run(torch.compile(attn, fullgraph=True, backend="aot_eager"))
+    compiled = run(torch.compile(attn, fullgraph=True, backend=backend))
     assert len(compiled) == len(eager)
     for i, (a, b) in enumerate(zip(compiled, eager)):
         assert_close(a, b, atol=1e-4, rtol=1e-4, name=f"tensor {i}")
@@ -395,12 +404,13 @@ def test_train_tiny_script_reduces_kl_and_raises_recall(
     assert math.isfinite(float(rows[-1][4])) and kl[-1] < kl[0], lines
 
 
-def test_bfloat16_module_runs_the_kernel_path_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
-    """bf16 activations reach every launcher under DSA_BACKEND=tilelang (spies delegating to the reference), and
-    the bf16 result tracks the float32 module."""
-    from tests.test_ops import _install_spies
+def test_bfloat16_module_runs_the_c_target_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 activations under ``DSA_BACKEND=tilelang`` on the CPU run the real C-target kernels (indexer, top-k,
+    sparse MLA forward and backward: each launcher counted, none replaced), and the bf16 module tracks the float32
+    one."""
+    from tests.test_ops import count_launches
 
-    spies = _install_spies(monkeypatch)
+    launches = count_launches(monkeypatch)
     monkeypatch.setenv("DSA_BACKEND", "tilelang")
     attn32 = _attention(torch.float32)
     attn16 = _attention(torch.bfloat16)
@@ -408,11 +418,15 @@ def test_bfloat16_module_runs_the_kernel_path_when_asked(monkeypatch: pytest.Mon
     x = _inputs(attn32)
     out16 = attn16(x.bfloat16().requires_grad_(True))
     out16.float().square().mean().backward()
-    assert {name: len(spy.calls) > 0 for name, spy in spies.items()} == dict.fromkeys(spies, True)
+    assert {name: count > 0 for name, count in launches.items()} == dict.fromkeys(launches, True), launches
+    indexer = {id(p) for p in attn16.indexer.parameters()}  # detached from the loss by design
+    main = [p for p in attn16.parameters() if id(p) not in indexer]
+    assert all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in main)
     # bf16 rounding can flip near-tied top-k choices: compare the queries whose selections agree.
     with torch.no_grad():
         sel32 = _indexer_output(attn32, x)[0].indices.sort(-1).values
         sel16 = _indexer_output(attn16, x.bfloat16())[0].indices.sort(-1).values
     same = (sel32 == sel16).all(-1)
     assert same.float().mean() > 0.5
-    assert_close(out16.float()[same], attn32(x)[same], atol=5e-2, rtol=5e-2, min_cos=0.999, name="bf16 vs float32")
+    monkeypatch.setenv("DSA_BACKEND", "reference")
+    assert_close(out16.float()[same], attn32(x)[same], atol=5e-2, rtol=5e-2, name="bf16 kernels vs float32")

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from dsa import reference
 from tests import strategies as sts
-from tests.helpers import assert_close, assert_topk_valid, index_mask, poison_unreferenced_rows
+from dsa.testing import assert_close, assert_topk_valid, index_mask, poison_unreferenced_rows
 
 FLOAT_DTYPES = st.sampled_from([torch.float32, torch.bfloat16])
 # Per-output tolerances: float32 paths differ only in summation order; bf16 outputs differ by one rounding step.
@@ -44,7 +44,7 @@ def test_sparse_mla_matches_dense_masked_attention(shape, data, seed, dtype, wit
     out_ref, lse_ref = reference.dense_masked_attention(q, kv, mask, sm_scale=_sm_scale(shape), d_v=shape.d_v, attn_sink=sink)
     assert out.dtype == dtype and lse.dtype == torch.float32
     assert_close(out, out_ref, **TOL[dtype], name="out")
-    assert_close(lse, lse_ref, **LSE_TOL, min_cos=None, name="lse")
+    assert_close(lse, lse_ref, **LSE_TOL, max_diff=None, name="lse")
 
 
 @given(shape=sts.attention_shapes(), data=st.data(), seed=sts.SEEDS)
@@ -58,7 +58,7 @@ def test_sparse_mla_topk_length_equals_truncated_rows(shape, data, seed):
     out, lse = reference.sparse_mla(q, kv, indices, sm_scale=0.3, d_v=shape.d_v, topk_length=length)
     out_ref, lse_ref = reference.sparse_mla(q, kv, truncated, sm_scale=0.3, d_v=shape.d_v)
     assert_close(out, out_ref, atol=1e-6, rtol=1e-6, name="out")
-    assert_close(lse, lse_ref, atol=1e-6, rtol=1e-6, min_cos=None, name="lse")
+    assert_close(lse, lse_ref, atol=1e-6, rtol=1e-6, max_diff=None, name="lse")
 
 
 @given(shape=sts.attention_shapes(), data=st.data(), seed=sts.SEEDS, extra=st.integers(1, 8))
@@ -72,17 +72,17 @@ def test_sparse_mla_permutation_and_invalid_padding_change_nothing(shape, data, 
     perm = torch.rand(indices.shape, generator=g).argsort(dim=-1)
     out_p, lse_p = reference.sparse_mla(q, kv, indices.gather(-1, perm), **kwargs)
     assert_close(out_p, out, atol=1e-6, rtol=1e-5, name="permuted out")
-    assert_close(lse_p, lse, atol=1e-6, rtol=1e-6, min_cos=None, name="permuted lse")
+    assert_close(lse_p, lse, atol=1e-6, rtol=1e-6, max_diff=None, name="permuted lse")
     junk = sts.make_indices("all_invalid", seed, shape.batch, shape.seq, shape.seq_kv, extra)
     out_j, lse_j = reference.sparse_mla(q, kv, torch.cat([indices, junk], dim=-1), **kwargs)
     assert_close(out_j, out, atol=1e-6, rtol=1e-6, name="padded out")
-    assert_close(lse_j, lse, atol=1e-6, rtol=1e-6, min_cos=None, name="padded lse")
+    assert_close(lse_j, lse, atol=1e-6, rtol=1e-6, max_diff=None, name="padded lse")
     # Valid-looking entries beyond topk_length are ignored too.
     tail = sts.make_indices("regular", seed + 2, shape.batch, shape.seq, shape.seq_kv, extra)
     length = torch.full((shape.batch, shape.seq), shape.topk, dtype=torch.int32)
     out_t, lse_t = reference.sparse_mla(q, kv, torch.cat([indices, tail], dim=-1), topk_length=length, **kwargs)
     assert_close(out_t, out, atol=1e-6, rtol=1e-6, name="topk_length out")
-    assert_close(lse_t, lse, atol=1e-6, rtol=1e-6, min_cos=None, name="topk_length lse")
+    assert_close(lse_t, lse, atol=1e-6, rtol=1e-6, max_diff=None, name="topk_length lse")
 
 
 @given(shape=sts.attention_shapes(), data=st.data(), seed=sts.SEEDS, with_length=st.booleans(), extra=st.integers(0, 4))
@@ -140,7 +140,7 @@ def test_attn_sink_is_an_extra_zero_value_column(shape, data, seed):
     p = torch.softmax(torch.cat([scores, sink_column], dim=-1), dim=-1)
     expected = torch.einsum("bsht,btd->bshd", p[..., :-1], kv[..., : shape.d_v])
     assert_close(out, expected, **TOL[torch.float64], name="out")
-    assert_close(lse, torch.logsumexp(scores, dim=-1), **TOL[torch.float64], min_cos=None, name="lse")
+    assert_close(lse, torch.logsumexp(scores, dim=-1), **TOL[torch.float64], max_diff=None, name="lse")
 
 
 @given(batch=st.integers(1, 2), seq=st.integers(1, 6), extra_kv=st.integers(0, 6), heads=st.integers(1, 4), seed=sts.SEEDS,
@@ -162,7 +162,7 @@ def test_indices_covering_every_causal_position_reproduce_dense_causal_attention
     scores = scores.masked_fill(~causal.unsqueeze(2), float("-inf"))
     expected = torch.einsum("bsht,btd->bshd", torch.softmax(scores, dim=-1), kv[..., :12])
     assert_close(out, expected, atol=2e-6, rtol=2e-5, name="out")
-    assert_close(lse, torch.logsumexp(scores, dim=-1), **LSE_TOL, min_cos=None, name="lse")
+    assert_close(lse, torch.logsumexp(scores, dim=-1), **LSE_TOL, max_diff=None, name="lse")
 
 
 @given(data=st.data(), seed=sts.SEEDS, with_sink=st.booleans(), with_length=st.booleans())
@@ -224,7 +224,7 @@ def test_duplicate_index_counts_twice():
     s = (q[0, 0, 0] @ kv[0].T)
     w = torch.softmax(torch.stack([s[0], s[0], s[1]]), 0)
     assert_close(out[0, 0, 0], w[0] * kv[0, 0] + w[1] * kv[0, 0] + w[2] * kv[0, 1], atol=1e-12, rtol=1e-12)
-    assert_close(lse[0, 0, 0], torch.logsumexp(torch.stack([s[0], s[0], s[1]]), 0), atol=1e-12, rtol=1e-12, min_cos=None)
+    assert_close(lse[0, 0, 0], torch.logsumexp(torch.stack([s[0], s[0], s[1]]), 0), atol=1e-12, rtol=1e-12, max_diff=None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -278,7 +278,7 @@ def test_index_scores_fp8_equals_bf16_on_dequantised_inputs(batch, seq, seq_kv, 
     starts, ends = _ranges(seed, batch, seq, seq_kv) if ranged else (None, None)
     fp8 = reference.index_scores(q8, k8, w, k_scale=k_scale, starts=starts, ends=ends)
     bf16 = reference.index_scores(q8.to(torch.bfloat16), k8.to(torch.bfloat16), w, starts=starts, ends=ends)
-    assert_close(fp8, bf16 * k_scale.unsqueeze(1), atol=1e-5, rtol=1e-5, min_cos=None, name="scores")
+    assert_close(fp8, bf16 * k_scale.unsqueeze(1), atol=1e-5, rtol=1e-5, max_diff=None, name="scores")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -320,7 +320,7 @@ def test_pipeline_equals_v32_index_mask_formulation(batch, seq, extra_kv, heads,
     # whose selected sets match (rows with ties at the threshold may legitimately differ).
     same_set = (index_mask(indices, seq_kv) == (index_bias == 0) & causal).all(-1)
     assert_close(out[same_set], expected.to(dtype)[same_set], **TOL[dtype], name="out")
-    assert_close(lse[same_set], torch.logsumexp(logits, -1).float()[same_set], **LSE_TOL, min_cos=None, name="lse")
+    assert_close(lse[same_set], torch.logsumexp(logits, -1).float()[same_set], **LSE_TOL, max_diff=None, name="lse")
     # Rows where the sets differ can only be rows with ties: the selected score multisets must still be equal.
     for b, t in (~same_set).nonzero().tolist():
         chosen = scores[b, t, indices[b, t][indices[b, t] >= 0].long()]
@@ -339,4 +339,4 @@ def test_infinite_sinks():
     assert not out.isnan().any()
     assert (out[:, :, 0] == 0).all()
     assert_close(out[:, :, 1], plain_out[:, :, 1], atol=1e-7, rtol=1e-6)
-    assert_close(lse, plain_lse, atol=0, rtol=0, min_cos=None, name="lse")
+    assert_close(lse, plain_lse, atol=0, rtol=0, max_diff=None, name="lse")

@@ -1,8 +1,8 @@
 """Sparse MLA forward kernel (``tl_kernels.sparse_mla_fwd`` through ``dsa.launch.sparse_mla_fwd``) against
 ``dsa.reference.sparse_mla``.
 
-Both outputs are compared with ``tests.helpers.assert_close`` (NaN/inf positions first, then tolerances, then cosine
-similarity): ``out`` (bf16) and ``lse`` (float32, natural log, ``-inf`` for a query with no valid index). Outputs are
+Both outputs are compared with ``dsa.testing.assert_close`` (NaN/inf positions first, then tolerances, then the
+scale-sensitive difference): ``out`` (bf16) and ``lse`` (float32, natural log, ``-inf`` for a query with no valid index). Outputs are
 NaN-poisoned before every launch, so an element the kernel forgot to write fails.
 
 Tiers:
@@ -19,35 +19,32 @@ Tiers:
   Hopper GPU).
 
 The ``pipeline="ws"`` config: on the C target it lowers to the same plain loop as the default schedule (the C target
-has no threads, mbarriers or cp.async), so the CPU tier checks its config plumbing and semantics at its 64-row step but
-NOT its producer/consumer barriers; its GPU correctness is proven only by the GPU tier (and by the autotuner's
-reference check on the GPU). The build tier proves only that it compiles cleanly.
+has no threads, mbarriers or cp.async), so the CPU tests that pass it (named ``..._ws_config_...plain_loop...``) check
+its config plumbing and its 64-row step but run NONE of the ws schedule's code (producer, mbarriers, consumers); its
+GPU correctness is proven only by the GPU tier (and by the autotuner's reference check on the GPU). The build tier
+proves only that it compiles cleanly.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import logging
 import math
 import re
-import time
 from typing import Any
 
 import pytest
 import torch
-from hypothesis import example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
-from dsa import reference
+from dsa import reference, testing
 from dsa.launch import sparse_mla_fwd as launch
-from tests import strategies
-from tests.helpers import assert_close, poison_unreferenced_rows, poisoned_empty
+from dsa.testing import assert_close, poison_unreferenced_rows
+from tests import kernel_support, strategies
 from tl_kernels import build as tl_build
 from tl_kernels import dsl
 from tl_kernels import sparse_mla_fwd as kernels
 
-logger = logging.getLogger(__name__)
 
 V32 = {"heads": 128, "d_qk": 576, "d_v": 512}
 V32_TOPK = 2048
@@ -71,36 +68,9 @@ GPU_OUT_TOL = {"atol": 2e-2, "rtol": 2e-2}
 GPU_LSE_TOL = {"atol": 2e-3, "rtol": 1e-3}
 
 
-@pytest.fixture(autouse=True)
-def _poison_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The launcher's outputs start as NaN, so an element the kernel forgot to write fails the comparison."""
-    monkeypatch.setattr(launch, "new_output", poisoned_empty)
 
-
-@dataclasses.dataclass(frozen=True)
-class Problem:
-    """One forward call's inputs (CPU tensors; moved to the kernel's device by the caller)."""
-
-    q: torch.Tensor
-    kv: torch.Tensor
-    indices: torch.Tensor
-    sm_scale: float
-    d_v: int
-    topk_length: torch.Tensor | None
-    attn_sink: torch.Tensor | None
-
-    def to(self, device: torch.device | str) -> Problem:
-        def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device)
-
-        return dataclasses.replace(
-            self,
-            q=self.q.to(device),
-            kv=self.kv.to(device),
-            indices=self.indices.to(device),
-            topk_length=move(self.topk_length),
-            attn_sink=move(self.attn_sink),
-        )
+Problem = dict[str, Any]
+"""The arguments of one forward call (``dsa.testing.sparse_mla_inputs``), on the CPU."""
 
 
 def make_problem(
@@ -121,40 +91,41 @@ def make_problem(
     sink_scale: float = 2.0,
 ) -> Problem:
     """Random bf16 q/kv (never zeros), indices of pattern ``kind``, optional topk_length and sink."""
-    g = strategies.generator(seed)
-    q = (torch.randn((batch, seq, heads, d_qk), generator=g) * value_scale).to(torch.bfloat16)
-    kv = (torch.randn((batch, seq_kv, d_qk), generator=g) * value_scale).to(torch.bfloat16)
-    indices = strategies.make_indices(kind, seed + 1, batch, seq, seq_kv, topk)
-    topk_length = strategies.make_topk_length(seed + 2, batch, seq, topk) if has_topk_length else None
-    attn_sink = (torch.randn((heads,), generator=g) * sink_scale).float() if has_sink else None
-    return Problem(q, kv, indices, sm_scale, d_v, topk_length, attn_sink)
+    return testing.sparse_mla_inputs(
+        batch=batch, seq=seq, seq_kv=seq_kv, heads=heads, d_qk=d_qk, d_v=d_v, topk=topk, seed=seed,
+        sm_scale=sm_scale, kind=kind, has_topk_length=has_topk_length, has_sink=has_sink, value_scale=value_scale,
+        sink_scale=sink_scale,
+    )  # fmt: skip
+
+
+def moved(p: Problem, device: torch.device | str) -> Problem:
+    """``p`` with its tensors on ``device``."""
+    return {name: value.to(device) if isinstance(value, torch.Tensor) else value for name, value in p.items()}
+
+
+def _kwargs(p: Problem) -> dict[str, Any]:
+    return {name: p[name] for name in ("sm_scale", "d_v", "topk_length", "attn_sink")}
 
 
 def run_kernel(p: Problem, config: kernels.Config | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    indices_before = p.indices.clone()
-    out, lse = launch.sparse_mla_fwd(
-        p.q, p.kv, p.indices, sm_scale=p.sm_scale, d_v=p.d_v, topk_length=p.topk_length, attn_sink=p.attn_sink,
-        config=config,
-    )
-    assert torch.equal(p.indices, indices_before), "the launcher modified its indices argument"
+    indices_before = p["indices"].clone()
+    out, lse = launch.sparse_mla_fwd(p["q"], p["kv"], p["indices"], **_kwargs(p), config=config)
+    assert torch.equal(p["indices"], indices_before), "the launcher modified its indices argument"
     return out, lse
 
 
 def run_reference(p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
     """The contract in float32 from the same bf16 values (moved to the CPU)."""
-    c = p.to("cpu")
-    return reference.sparse_mla(
-        c.q.float(), c.kv.float(), c.indices, sm_scale=c.sm_scale, d_v=c.d_v, topk_length=c.topk_length,
-        attn_sink=c.attn_sink,
-    )
+    c = moved(p, "cpu")
+    return reference.sparse_mla(c["q"].float(), c["kv"].float(), c["indices"], **_kwargs(c))
 
 
 def check(
     p: Problem, out: torch.Tensor, lse: torch.Tensor, out_tol: dict[str, float], lse_tol: dict[str, float]
 ) -> None:
     """``out [B, S, H, d_v]`` bf16 and ``lse [B, S, H]`` float32 from a kernel match the reference for ``p``."""
-    batch, seq, heads, _ = p.q.shape
-    assert out.shape == (batch, seq, heads, p.d_v) and out.dtype == torch.bfloat16
+    batch, seq, heads, _ = p["q"].shape
+    assert out.shape == (batch, seq, heads, p["d_v"]) and out.dtype == torch.bfloat16
     assert lse.shape == (batch, seq, heads) and lse.dtype == torch.float32
     want_out, want_lse = run_reference(p)
     out, lse = out.cpu(), lse.cpu()
@@ -174,24 +145,11 @@ WS_CONFIG = kernels.Config(block_k=kernels.WS_BLOCK_K, threads=kernels.WS_THREAD
 """The warp-specialised schedule's one valid CUDA config."""
 
 
-def _is_valid(static: dict[str, Any], config: kernels.Config) -> bool:
-    try:
-        kernels.check_config(static, config)
-    except ValueError:
-        return False
-    return True
-
-
 def _tuning_configs() -> list[kernels.Config]:
-    """Every combination of the kernel's ``TUNING_SPACE`` that ``check_config`` accepts at V3.2 shapes on sm_90a
-    (the product holds invalid combinations, e.g. the ws schedule with 256 threads; the autotuner filters the same
-    way)."""
-    names = list(kernels.TUNING_SPACE)
-    configs = [
-        kernels.Config(**dict(zip(names, values)))
-        for values in itertools.product(*(kernels.TUNING_SPACE[n] for n in names))
-    ]
-    return [config for config in configs if _is_valid(V32_HOPPER_STATIC, config)]
+    """Every combination of the kernel's ``TUNING_SPACE`` that ``check_config`` accepts at V3.2 shapes on sm_90a (the
+    product holds invalid combinations, e.g. the ws schedule with 256 threads): what the tuner's full search
+    compiles."""
+    return kernel_support.hopper_configs(launch.KERNEL_NAME, {**V32, "has_topk_length": False, "has_sink": False})
 
 
 def _ws_config(static: dict[str, Any]) -> kernels.Config:
@@ -211,7 +169,7 @@ def test_tuning_space_is_small_and_valid() -> None:
     assert 2 <= len(configs) <= 4
     assert len(set(configs)) == len(configs)
     for config in configs:
-        assert kernels.smem_bytes(V32_HOPPER_STATIC, config) <= tl_build.SMEM_LIMIT_BYTES
+        assert kernels.smem_bytes(V32_HOPPER_STATIC, config) <= dsl.HOPPER_SMEM_BYTES
     assert kernels.default_config(V32_HOPPER_STATIC) in configs
     assert WS_CONFIG in configs
     assert {config.pipeline for config in configs} == set(kernels.PIPELINES)
@@ -235,31 +193,32 @@ def test_default_config_is_valid(heads: int) -> None:
 
 
 @pytest.mark.parametrize(
-    ("static", "config"),
+    ("static", "config", "reason"),
     [
-        ({"heads": 8, "d_qk": 64, "d_v": 128}, kernels.Config()),  # d_v > d_qk
-        ({"heads": 0, "d_qk": 64, "d_v": 64}, kernels.Config()),
-        ({"heads": 8, "d_qk": 64, "d_v": 64}, kernels.Config(block_h=48)),
-        ({"heads": 8, "d_qk": 64, "d_v": 64}, kernels.Config(block_k=24)),
-        ({"heads": 8, "d_qk": 64, "d_v": 64}, kernels.Config(num_stages=0)),
-        ({"heads": 8, "d_qk": 64, "d_v": 64}, kernels.Config(block_h=16)),  # CUDA: wgmma needs 64 rows
-        ({"heads": 8, "d_qk": 64, "d_v": 64}, kernels.Config(threads=384)),
-        ({"heads": 8, "d_qk": 64, "d_v": 64}, kernels.Config(block_k=8)),
-        ({"heads": 8, "d_qk": 64, "d_v": 64}, kernels.Config(num_stages=2)),
-        ({"heads": 8, "d_qk": 80, "d_v": 64}, kernels.Config()),  # CUDA: d_qk not whole swizzle atoms
-        ({"heads": 8, "d_qk": 64 * 24, "d_v": 512}, kernels.Config()),  # too much shared memory
-        ({"heads": 8, "d_qk": 64, "d_v": 64}, kernels.Config(block_k=64)),  # spills in the plain schedule
-        ({"heads": 8, "d_qk": 64, "d_v": 64}, kernels.Config(pipeline="double")),  # unknown schedule
-        ({"heads": 8, "d_qk": 576, "d_v": 512}, dataclasses.replace(WS_CONFIG, threads=256)),
-        ({"heads": 8, "d_qk": 576, "d_v": 512}, dataclasses.replace(WS_CONFIG, block_k=32)),
-        ({"heads": 8, "d_qk": 576, "d_v": 512}, dataclasses.replace(WS_CONFIG, num_stages=2)),
-        ({"heads": 8, "d_qk": 576, "d_v": 576}, WS_CONFIG),  # ws needs a tail d_qk - d_v
-        ({"heads": 8, "d_qk": 576, "d_v": 448}, WS_CONFIG),  # ws halves of d_v must be whole swizzle atoms
-        ({"heads": 8, "d_qk": 64 * 12, "d_v": 512}, WS_CONFIG),  # two 64-row buffers exceed shared memory
+        ({"heads": 8, "d_qk": 64, "d_v": 128}, kernels.Config(), "need 1 <= d_v <= d_qk"),
+        ({"heads": 0, "d_qk": 64, "d_v": 64}, kernels.Config(), "heads must be >= 1"),
+        ({"heads": 8, "d_qk": 64, "d_v": 64}, kernels.Config(block_h=48), "block_h must be a power of two"),
+        ({"heads": 8, "d_qk": 64, "d_v": 64}, kernels.Config(block_k=24), "block_k must be a power of two"),
+        ({"heads": 8, "d_qk": 64, "d_v": 64}, kernels.Config(num_stages=0), "num_stages must be >= 1"),
+        ({"heads": 8, "d_qk": 64, "d_v": 64}, kernels.Config(block_h=16), "block_h must be 64 on CUDA"),
+        ({"heads": 8, "d_qk": 64, "d_v": 64}, kernels.Config(threads=384), "threads must be 256"),
+        ({"heads": 8, "d_qk": 64, "d_v": 64}, kernels.Config(block_k=8), "block_k must be a multiple of 16"),
+        ({"heads": 8, "d_qk": 64, "d_v": 64}, kernels.Config(num_stages=2), "num_stages must be <= 1"),
+        ({"heads": 8, "d_qk": 80, "d_v": 64}, kernels.Config(), "multiples of 64 on CUDA"),
+        ({"heads": 8, "d_qk": 64 * 24, "d_v": 512}, kernels.Config(), "shared memory"),
+        ({"heads": 8, "d_qk": 64, "d_v": 64}, kernels.Config(block_k=64), "block_k must be <= 32"),  # spills
+        ({"heads": 8, "d_qk": 64, "d_v": 64}, kernels.Config(pipeline="double"), "pipeline must be one of"),
+        ({"heads": 8, "d_qk": 576, "d_v": 512}, dataclasses.replace(WS_CONFIG, threads=256), "threads must be 384"),
+        ({"heads": 8, "d_qk": 576, "d_v": 512}, dataclasses.replace(WS_CONFIG, block_k=32), "block_k must be 64"),
+        ({"heads": 8, "d_qk": 576, "d_v": 512}, dataclasses.replace(WS_CONFIG, num_stages=2), "num_stages"),
+        ({"heads": 8, "d_qk": 576, "d_v": 576}, WS_CONFIG, "d_qk > d_v"),  # ws needs a tail d_qk - d_v
+        ({"heads": 8, "d_qk": 576, "d_v": 448}, WS_CONFIG, "d_v a multiple of 128"),  # halves of whole atoms
+        ({"heads": 8, "d_qk": 64 * 12, "d_v": 512}, WS_CONFIG, "shared memory"),  # two 64-row buffers too big
     ],
 )
-def test_check_config_rejects(static: dict[str, Any], config: kernels.Config) -> None:
-    with pytest.raises(ValueError):
+def test_check_config_rejects(static: dict[str, Any], config: kernels.Config, reason: str) -> None:
+    """Each invalid combination is rejected for the reason it is invalid (not for another one)."""
+    with pytest.raises(ValueError, match=reason):
         kernels.check_config({**static, "target": dsl.HOPPER_TARGET}, config)
 
 
@@ -284,7 +243,6 @@ def _cpu_problem(static: tuple[int, int, int, bool, bool], **sizes: Any) -> Prob
 
 
 @pytest.mark.cpu_kernel
-@settings(max_examples=25)
 @given(
     static=st.sampled_from(CPU_STATICS),
     batch=st.integers(1, 2),
@@ -341,7 +299,7 @@ def test_cpu_matches_reference(
 
 
 @pytest.mark.cpu_kernel
-@settings(max_examples=15)
+@strategies.examples(0.15)
 @given(
     batch=st.integers(1, 2),
     seq=st.integers(1, 4),
@@ -356,13 +314,14 @@ def test_cpu_matches_reference(
 @example(batch=2, seq=3, seq_kv=250, topk=190, kind="irregular", seed=21, sm_scale=0.3)
 @example(batch=1, seq=2, seq_kv=40, topk=129, kind="all_invalid", seed=22, sm_scale=0.3)
 @example(batch=2, seq=4, seq_kv=60, topk=257, kind="mixed_rows", seed=23, sm_scale=80**-0.5)
-def test_cpu_ws_config_matches_reference(
+def test_cpu_ws_config_runs_the_plain_loop_at_its_64_row_step(
     batch: int, seq: int, seq_kv: int, topk: int, kind: str, seed: int, sm_scale: float
 ) -> None:
-    """The ``pipeline="ws"`` config through the launcher on the C target (17 heads, topk_length and sink).
+    """A ``pipeline="ws"`` config through the launcher on the C target (17 heads, topk_length and sink).
 
-    On the C target it lowers to the plain loop with the ws schedule's 64-row step: this checks the config's plumbing
-    and semantics there, NOT the CUDA kernel's producer/consumer barriers (GPU tier only).
+    The C target has no threads, barriers or asynchronous copies: there the ws config builds the plain loop with the
+    ws schedule's 64-row step. This checks that the config is accepted and passed through and that the 64-row step is
+    right; it runs NO code of the CUDA ws schedule (producer, mbarriers, consumers): only the GPU tier does.
     """
     static = CPU_STATICS[1]
     p = _cpu_problem(static, batch=batch, seq=seq, seq_kv=seq_kv, topk=topk, kind=kind, seed=seed, sm_scale=sm_scale)
@@ -382,10 +341,10 @@ def test_cpu_sink_extremes(sink_scale: float) -> None:
         sink_scale=1.0 if math.isinf(sink_scale) else sink_scale,
     )
     if math.isinf(sink_scale):
-        assert p.attn_sink is not None
-        sink = p.attn_sink.clone()
+        assert p["attn_sink"] is not None
+        sink = p["attn_sink"].clone()
         sink[0::3], sink[1::3] = math.inf, -math.inf
-        p = dataclasses.replace(p, attn_sink=sink)
+        p = {**p, "attn_sink": sink}
     out, lse = run_kernel(p)
     check(p, out, lse, CPU_OUT_TOL, CPU_LSE_TOL)
 
@@ -393,25 +352,29 @@ def test_cpu_sink_extremes(sink_scale: float) -> None:
 def _with_poisoned_rows(p: Problem, extra: int, seed: int) -> Problem:
     """``p`` with ``extra`` more index columns past ``topk_length`` naming random rows (out of range and negative
     too), and NaN/±inf in every kv row that no valid entry selects (an unwritten cache slot may hold anything)."""
-    batch, seq, topk = p.indices.shape
-    junk = torch.randint(-2, p.kv.shape[1] + 2, (batch, seq, extra), generator=strategies.generator(seed))
-    length = p.topk_length if p.topk_length is not None else torch.full((batch, seq), topk, dtype=torch.int32)
-    indices = torch.cat([p.indices, junk.to(p.indices.dtype).to(p.indices.device)], dim=-1)
-    kv, unreferenced = poison_unreferenced_rows(p.kv, indices, length.to(p.indices.device))
+    batch, seq, topk = p["indices"].shape
+    device = p["indices"].device
+    junk = torch.randint(-2, p["kv"].shape[1] + 2, (batch, seq, extra), generator=strategies.generator(seed))
+    length = p["topk_length"]
+    if length is None:
+        length = torch.full((batch, seq), topk, dtype=torch.int32)
+    indices = torch.cat([p["indices"], junk.to(p["indices"].dtype).to(device)], dim=-1)
+    kv, unreferenced = poison_unreferenced_rows(p["kv"], indices, length.to(device))
     assert unreferenced.any(), "the problem must leave some row unreferenced"
-    return dataclasses.replace(p, kv=kv, indices=indices, topk_length=length.to(p.indices.device))
+    return {**p, "kv": kv, "indices": indices, "topk_length": length.to(device)}
 
 
 @pytest.mark.cpu_kernel
-@pytest.mark.parametrize("schedule", ["default", "ws"])
+@pytest.mark.parametrize("schedule", ["default", "ws_config_plain_loop"])
 def test_cpu_non_finite_rows_behind_invalid_entries_change_nothing(schedule: str) -> None:
     """Invalid entries that name rows holding NaN/±inf: out and lse equal the reference's, which never reads them.
-    On the C target the ws config lowers to the plain loop (see module docstring)."""
+    On the C target the ws config builds the plain loop at its 64-row step (no ws code runs: see the module
+    docstring)."""
     static = CPU_STATICS[3]
     p = _cpu_problem(static, batch=2, seq=3, seq_kv=90, topk=70, kind="mixed_rows", seed=31, sm_scale=0.1)
     p = _with_poisoned_rows(p, extra=20, seed=32)
     cpu_static = {"heads": static[0], "d_qk": static[1], "d_v": static[2], "target": dsl.CPU_TARGET}
-    config = _ws_config(cpu_static) if schedule == "ws" else None
+    config = _ws_config(cpu_static) if schedule == "ws_config_plain_loop" else None
     out, lse = run_kernel(p, config)
     check(p, out, lse, CPU_OUT_TOL, CPU_LSE_TOL)
 
@@ -421,11 +384,11 @@ def test_cpu_topk_length_edges() -> None:
     """topk_length of 0 (empty row), 1, exactly k, and above k; negative lengths count as 0."""
     p = _cpu_problem(CPU_STATICS[2], batch=1, seq=4, seq_kv=50, topk=70, kind="regular", seed=12, sm_scale=0.1)
     lengths = torch.tensor([[0, 1, 70, 1000]], dtype=torch.int32)
-    p = dataclasses.replace(p, topk_length=lengths)
+    p = {**p, "topk_length": lengths}
     out, lse = run_kernel(p)
     check(p, out, lse, CPU_OUT_TOL, CPU_LSE_TOL)
     assert torch.isneginf(lse[0, 0]).all() and torch.isfinite(lse[0, 1:]).all()
-    p = dataclasses.replace(p, topk_length=torch.tensor([[-5, 65, 64, 2]], dtype=torch.int32))
+    p = {**p, "topk_length": torch.tensor([[-5, 65, 64, 2]], dtype=torch.int32)}
     out, lse = run_kernel(p)
     check(p, out, lse, CPU_OUT_TOL, CPU_LSE_TOL)
 
@@ -467,31 +430,17 @@ def _case_id(case: tuple[dict[str, Any], kernels.Config]) -> str:
     return f"h{static['heads']}-{flags}-" + "-".join(f"{k}{v}" for k, v in dataclasses.asdict(config).items())
 
 
-@pytest.fixture(scope="module")
-def hopper_builds() -> dict[str, tuple[Any, tl_build.StaticReport, float]]:
-    """Every build case compiled once for sm_90a: id -> (kernel, static report, compile seconds)."""
-    built: dict[str, tuple[Any, tl_build.StaticReport, float]] = {}
-    for case in V32_BUILD_CASES:
-        static, config = case
-        start = time.perf_counter()
-        kernel, report = tl_build.compile_hopper(kernels.build, **static, **dataclasses.asdict(config))
-        built[_case_id(case)] = (kernel, report, time.perf_counter() - start)
-    return built
-
-
 @pytest.mark.build
 @pytest.mark.parametrize("case", V32_BUILD_CASES, ids=_case_id)
-def test_hopper_build_is_clean(case: tuple[dict[str, Any], kernels.Config], hopper_builds: dict[str, Any]) -> None:
-    """At V3.2 shapes: wgmma, no register spills, shared memory within 227 KB, an asynchronous gather (and, for the
-    ws schedule, per-warpgroup register budgets and mbarrier hand-offs). A clean build says nothing about the ws
-    kernel's barriers being right: that is the GPU tier's job."""
-    kernel, report, seconds = hopper_builds[_case_id(case)]
-    logger.info(
-        "sparse_mla_fwd %s: %d registers, %d B spills, %d B smem, wgmma=%s, compiled in %.1f s",
-        _case_id(case), report.registers, report.spill_bytes, report.smem_bytes, report.has_wgmma, seconds,
+def test_hopper_build_is_clean(case: tuple[dict[str, Any], kernels.Config]) -> None:
+    """At V3.2 shapes: every GEMM a wgmma, no register spills, shared memory within 227 KB, an asynchronous gather
+    (and, for the ws schedule, per-warpgroup register budgets and mbarrier hand-offs). A clean build says nothing about
+    the ws kernel's barriers being right: that is the GPU tier's job."""
+    static, config = case
+    kernel, report = kernel_support.hopper_build(
+        f"sparse_mla_fwd {_case_id(case)}", kernels.build, **static, **dataclasses.asdict(config)
     )
-    assert not report.problems(require_wgmma=True), report.problems(require_wgmma=True)
-    assert report.has_wgmma
+    assert not report.problems(mma=tl_build.MMA_WGMMA), report.problems(mma=tl_build.MMA_WGMMA)
     source = kernel.get_kernel_source()
     assert "cp_async" in source, "the KV gather is not asynchronous"
     if case[1].pipeline == kernels.PIPELINE_WS:
@@ -509,8 +458,7 @@ def test_hopper_build_is_clean(case: tuple[dict[str, Any], kernels.Config], hopp
 # ------------------------------------------------------------------------------------------------------- GPU tier
 
 # Every kernel the GPU tier compiles has one of these static parameter sets, (heads, d_qk, d_v, has_topk_length,
-# has_sink), and one of GPU_CONFIGS: each pair is an sm_90a compile of 5-30 s, so scripts/gpu_check.py compiles them
-# all in parallel before the tests from benchmarks/gpu_test_kernels.json (tests/test_scripts.py keeps the two in step).
+# has_sink), and one of GPU_CONFIGS (each pair is an sm_90a compile of 5-30 s).
 GPU_STATICS: tuple[tuple[int, int, int, bool, bool], ...] = (
     (V32["heads"], V32["d_qk"], V32["d_v"], False, False),
     (V32["heads"], V32["d_qk"], V32["d_v"], True, True),
@@ -523,6 +471,9 @@ GPU_KERNEL_STATICS: tuple[dict[str, Any], ...] = tuple(
 """``GPU_STATICS`` as the launcher passes them to ``build``."""
 GPU_CONFIGS: tuple[kernels.Config, ...] = tuple(_tuning_configs())
 """The configs the GPU tests pass explicitly (both schedules; the default among them): every valid tuning config."""
+GPU_KERNELS: dict[str, tuple[dict[str, Any], ...]] = {launch.KERNEL_NAME: GPU_KERNEL_STATICS}
+"""What the GPU tests compile, by kernel: the one-shot GPU check compiles these (every config of the whole tuning
+space) in parallel before it runs the tests (``pytest --collect-only --dsa-gpu-kernels FILE``, tests/conftest.py)."""
 
 
 def _gpu_case(static: tuple[int, int, int, bool, bool], **sizes: Any) -> dict[str, Any]:
@@ -545,14 +496,14 @@ GPU_CASES = st.builds(
 
 def _check_on_gpu(device: torch.device, config: kernels.Config, case: dict[str, Any]) -> None:
     sizes = dict(case)
-    p = _cpu_problem(sizes.pop("static"), sm_scale=V32_SCALE, **sizes).to(device)
+    p = moved(_cpu_problem(sizes.pop("static"), sm_scale=V32_SCALE, **sizes), device)
     out, lse = run_kernel(p, config)
     torch.cuda.synchronize()
     check(p, out, lse, GPU_OUT_TOL, GPU_LSE_TOL)
 
 
 @pytest.mark.gpu
-@settings(max_examples=20)
+@strategies.examples(0.1)
 @given(case=GPU_CASES, config=st.sampled_from([c for c in GPU_CONFIGS if c.pipeline != kernels.PIPELINE_WS]))
 @example(
     case=_gpu_case(GPU_STATICS[0], batch=1, seq=4, seq_kv=2500, topk=V32_TOPK, kind="irregular", seed=1),
@@ -574,7 +525,7 @@ def test_gpu_matches_reference(cuda_device: torch.device, case: dict[str, Any], 
 
 @pytest.mark.gpu
 @pytest.mark.ws
-@settings(max_examples=20)
+@strategies.examples(0.1)
 @given(case=GPU_CASES)
 # Many steps, odd step counts (the last step has no partner in the other buffer), topk_length and sink (rows of
 # length 0 skip the loop, rows of length <= 64 run one step), padded heads, invalid entries.
@@ -597,7 +548,7 @@ def test_gpu_non_finite_rows_behind_invalid_entries_change_nothing(
     """Both schedules zero-fill an invalid entry's tile row (predicated cp.async), so NaN/±inf in rows that only
     invalid entries reach leave out and lse exact."""
     p = _cpu_problem(GPU_STATICS[1], batch=2, seq=4, seq_kv=300, topk=200, kind="mixed_rows", seed=33, sm_scale=V32_SCALE)
-    p = _with_poisoned_rows(p, extra=40, seed=34).to(cuda_device)
+    p = moved(_with_poisoned_rows(p, extra=40, seed=34), cuda_device)
     out, lse = run_kernel(p, config)
     torch.cuda.synchronize()
     check(p, out, lse, GPU_OUT_TOL, GPU_LSE_TOL)
@@ -608,9 +559,12 @@ def test_gpu_non_finite_rows_behind_invalid_entries_change_nothing(
 def test_gpu_v32_causal_prefill(cuda_device: torch.device, config: kernels.Config | None) -> None:
     """A causal V3.2 prefill slice (k = 2048 over 4096 keys) with topk_length and sink: the selected (default or
     tuned) config, and the ws schedule."""
-    p = _cpu_problem(
-        GPU_STATICS[1], batch=1, seq=16, seq_kv=4096, topk=V32_TOPK, kind="causal", seed=21, sm_scale=V32_SCALE
-    ).to(cuda_device)
+    p = moved(
+        _cpu_problem(
+            GPU_STATICS[1], batch=1, seq=16, seq_kv=4096, topk=V32_TOPK, kind="causal", seed=21, sm_scale=V32_SCALE
+        ),
+        cuda_device,
+    )
     out, lse = run_kernel(p, config)
     torch.cuda.synchronize()
     check(p, out, lse, GPU_OUT_TOL, GPU_LSE_TOL)

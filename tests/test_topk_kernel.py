@@ -1,9 +1,9 @@
 """Top-k selector kernel (``tl_kernels.topk`` through ``dsa.launch.topk``) against the ``topk_indices`` contract.
 
-Every check is a set comparison (``tests.helpers.assert_topk_valid``: no duplicates, every selected score >= every
+Every check is the contract as a set (``dsa.testing.assert_topk_valid``: no duplicates, every selected score >= every
 unselected finite score, ``-1`` padding exactly when a row has fewer than ``k`` finite scores, never a ``-inf``/NaN/
-``+inf`` position) plus equality of the multiset of selected scores with ``dsa.reference.topk_indices``. Outputs are
-poisoned before every launch.
+``+inf`` position; together these fix the multiset of selected scores, i.e. the reference's). Outputs are poisoned
+before every launch.
 
 Tiers:
 - ``cpu_kernel``: the C-target build. It runs the same selection logic as the CUDA kernel (key transform, radix
@@ -29,11 +29,10 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from dsa import reference
 from dsa.launch import topk as launch
-from tests import strategies
-from tests.helpers import assert_topk_valid, poisoned_empty
-from tl_kernels import build as tl_build
+from dsa.testing import assert_topk_valid
+from tests import kernel_support, strategies
+from tl_kernels import dsl
 from tl_kernels import topk as kernels
 
 logger = logging.getLogger(__name__)
@@ -48,27 +47,10 @@ FLT_MAX = torch.finfo(torch.float32).max
 FLT_TINY = torch.finfo(torch.float32).tiny
 
 
-@pytest.fixture(autouse=True)
-def _poison_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The launcher's output starts as ``INT_POISON``, so an index the kernel forgot to write fails the checks."""
-    monkeypatch.setattr(launch, "new_output", poisoned_empty)
-
-
-def selected_scores(scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """``[B, S, k]`` float32: the scores at ``indices`` (``-inf`` at ``-1``), sorted per row: the selected multiset."""
-    gathered = scores.gather(-1, indices.clamp(min=0).long())
-    return gathered.masked_fill(indices < 0, float("-inf")).sort(dim=-1).values
-
 
 def check_topk(scores: torch.Tensor, indices: torch.Tensor, k: int) -> None:
-    """``indices`` satisfies the contract for ``scores`` and selects the same multiset of scores as the reference."""
-    scores = scores.cpu()
-    indices = indices.cpu()
-    assert_topk_valid(scores, indices, k)
-    expected = reference.topk_indices(scores, k)
-    got, want = selected_scores(scores, indices), selected_scores(scores, expected)
-    differ = got != want
-    assert not differ.any(), f"selected scores differ from the reference in {int(differ.sum())} places"
+    """``indices`` satisfies the top-k contract for ``scores`` (hence selects the reference's multiset of scores)."""
+    assert_topk_valid(scores.cpu(), indices.cpu(), k)
 
 
 def run(scores: torch.Tensor, k: int, capacity: int = DEFAULT_CAPACITY, threads: int | None = None) -> torch.Tensor:
@@ -166,24 +148,25 @@ def test_tuning_space_is_small_and_valid() -> None:
     for k in (1, 64, V32_K):
         for config in combos:
             kernels.check_config({"k": k, "target": "c"}, config)
-            assert kernels.shared_memory_bytes(config) <= tl_build.SMEM_LIMIT_BYTES
+            assert kernels.shared_memory_bytes(config) <= dsl.HOPPER_SMEM_BYTES
         assert kernels.default_config({"k": k}) == kernels.Config()
 
 
 @pytest.mark.parametrize(
-    ("static", "config"),
+    ("static", "config", "reason"),
     [
-        ({"k": 0}, kernels.Config()),
-        ({"k": True}, kernels.Config()),
-        ({}, kernels.Config()),
-        ({"k": 8}, kernels.Config(threads=100)),
-        ({"k": 8}, kernels.Config(threads=2048)),
-        ({"k": 8}, kernels.Config(cand_capacity=0)),
-        ({"k": 8}, kernels.Config(cand_capacity=1 << 15)),
+        ({"k": 0}, kernels.Config(), "k must be a positive int"),
+        ({"k": True}, kernels.Config(), "k must be a positive int"),
+        ({}, kernels.Config(), "k must be a positive int"),
+        ({"k": 8}, kernels.Config(threads=100), "threads must be a multiple of 32"),
+        ({"k": 8}, kernels.Config(threads=2048), "threads must be a multiple of 32"),
+        ({"k": 8}, kernels.Config(cand_capacity=0), "cand_capacity must be >= 1"),
+        ({"k": 8}, kernels.Config(cand_capacity=1 << 15), "shared memory"),
     ],
 )
-def test_check_config_rejects(static: dict[str, Any], config: kernels.Config) -> None:
-    with pytest.raises(ValueError):
+def test_check_config_rejects(static: dict[str, Any], config: kernels.Config, reason: str) -> None:
+    """Each invalid combination is rejected for the reason it is invalid (not for another one)."""
+    with pytest.raises(ValueError, match=reason):
         kernels.check_config(static, config)
 
 
@@ -285,33 +268,14 @@ def _build_id(item: tuple[int, kernels.Config]) -> str:
     return f"k{k}_t{config.threads}_c{config.cand_capacity}"
 
 
-_BUILD_TIMES: dict[str, float] = {}
-
-
-@pytest.fixture(scope="module")
-def hopper_builds() -> dict[str, tuple[Any, tl_build.StaticReport]]:
-    """Compile (once per module) every top-k build for sm_90a and log its static numbers."""
-    built: dict[str, tuple[Any, tl_build.StaticReport]] = {}
-    for item in HOPPER_BUILDS:
-        k, config = item
-        start = time.perf_counter()
-        built[_build_id(item)] = tl_build.compile_hopper(kernels.build, k=k, **dataclasses.asdict(config))
-        _BUILD_TIMES[_build_id(item)] = time.perf_counter() - start
-    for name, (_, report) in built.items():
-        logger.info(
-            "%s: %d registers, %d B spills, %d B smem, %.1f s",
-            name, report.registers, report.spill_bytes, report.smem_bytes, _BUILD_TIMES[name],
-        )
-    return built
-
-
 @pytest.mark.build
 @pytest.mark.parametrize("item", HOPPER_BUILDS, ids=_build_id)
-def test_hopper_build_is_clean(item: tuple[int, kernels.Config], hopper_builds) -> None:
-    """No spills, shared memory as estimated and within the limit; no atomic evaluated inside a store index."""
-    kernel, report = hopper_builds[_build_id(item)]
-    _, config = item
-    assert report.problems() == [], report.ptxas_log
+def test_hopper_build_is_clean(item: tuple[int, kernels.Config]) -> None:
+    """No spills, shared memory as estimated and within the limit, no matrix instruction (the selection has no
+    GEMM); no atomic evaluated inside a store index."""
+    k, config = item
+    kernel, report = kernel_support.hopper_build(_build_id(item), kernels.build, k=k, **dataclasses.asdict(config))
+    assert report.problems() == [] and report.mma == {}, report.ptxas_log
     assert report.smem_bytes <= kernels.shared_memory_bytes(config) + 1024, (report.smem_bytes, config)
     source = kernel.get_kernel_source()
     # An atomic inside an index expression was evaluated several times on sm_90a: results must be bound first.
@@ -324,14 +288,16 @@ def test_hopper_build_is_clean(item: tuple[int, kernels.Config], hopper_builds) 
 
 # Rows up to at least 131,072 wide (the longest V3.2 contexts the brief asks for).
 LONG_WIDTH = 131_072
-# Every kernel the GPU tier compiles is one of HOPPER_BUILDS (the launcher's default at V32_K among them): each is an
-# sm_90a compile of 5-30 s, so scripts/gpu_check.py compiles them all in parallel before the tests from
-# benchmarks/gpu_test_kernels.json (tests/test_scripts.py keeps the two in step).
+# Every kernel the GPU tier compiles is one of HOPPER_BUILDS (the launcher's default at V32_K among them; each an sm_90a
+# compile of 5-30 s).
 GPU_KERNEL_STATICS: tuple[dict[str, Any], ...] = tuple(
     launch.static_params(k) for k in dict.fromkeys(k for k, _ in HOPPER_BUILDS)
 )
 GPU_CONFIGS: tuple[kernels.Config, ...] = tuple(dict.fromkeys(config for _, config in HOPPER_BUILDS))
 """The configs the GPU tests pass explicitly (the others run the launcher's choice, the default on a fresh host)."""
+GPU_KERNELS: dict[str, tuple[dict[str, Any], ...]] = {launch.KERNEL_NAME: GPU_KERNEL_STATICS}
+"""What the GPU tests compile, by kernel: the one-shot GPU check compiles these (every config of the whole tuning
+space) in parallel before it runs the tests (``pytest --collect-only --dsa-gpu-kernels FILE``, tests/conftest.py)."""
 
 
 @st.composite

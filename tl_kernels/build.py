@@ -1,9 +1,12 @@
 """Compiling builders once per process, passing torch tensors to kernels, and static resource reports for sm_90a.
 
 ``get_kernel(builder, target=..., **params)`` is the one way launchers compile: an in-process dict keyed by
-(builder module + qualname, sorted params, canonical target) sits on top of TileLang's own disk cache
-(``$TILELANG_CACHE_DIR``), so a repeated lookup costs about a microsecond and a new process reloads a compiled kernel
-from disk in milliseconds.
+(builder module + qualname, sorted params, canonical target, C compile flags) sits on top of TileLang's own disk
+cache (``$TILELANG_CACHE_DIR``), so a repeated lookup costs about a microsecond and a new process reloads a compiled
+kernel from disk in milliseconds.
+
+This module is the bottom layer: it reads no environment variable and imports nothing from ``dsa`` or ``autotune``.
+What the layers above configure (g++ flags of C-target kernels, where ptxas reports are cached) is passed in.
 """
 
 from __future__ import annotations
@@ -18,31 +21,34 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dsa import env
 from tl_kernels import dsl
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "DEFAULT_CPU_COMPILE_FLAGS",
+    "MMA_MMA_SYNC",
+    "MMA_WGMMA",
     "PASS_CONFIGS_ATTR",
-    "SMEM_LIMIT_BYTES",
     "StaticReport",
     "clear_cache",
     "compile_hopper",
     "get_kernel",
+    "mma_call_sites",
     "static_report",
     "to_kernel_arg",
     "with_pass_configs",
 ]
 
-SMEM_LIMIT_BYTES: int = 227 * 1024
-"""Most shared memory one H100/H200 thread block may use (static + dynamic opt-in)."""
+DEFAULT_CPU_COMPILE_FLAGS: tuple[str, ...] = ("-O2",)
+"""g++ flags of C-target kernels when the caller passes none: TileLang compiles without ``-O`` otherwise, about 10x
+slower kernels."""
 
 PASS_CONFIGS_ATTR = dsl.PASS_CONFIGS_ATTR
 with_pass_configs = dsl.with_pass_configs
@@ -50,7 +56,7 @@ with_pass_configs = dsl.with_pass_configs
 # The C target compiles with the cython adapter; tvm_ffi cannot run "c" in TileLang 0.1.15.
 _CPU_EXECUTION_BACKEND = "cython"
 
-_KernelKey = tuple[str, str, tuple[tuple[str, Hashable], ...], Hashable]
+_KernelKey = tuple[str, str, tuple[tuple[str, Hashable], ...], Hashable, tuple[str, ...]]
 _KERNELS: dict[_KernelKey, Any] = {}
 _FAST_KERNELS: dict[Hashable, Any] = {}
 _KEY_LOCKS: dict[_KernelKey, threading.Lock] = {}
@@ -104,7 +110,9 @@ def _to_python(value: Any) -> Any:
     return str(value)
 
 
-def _compile(builder: Callable[..., Any], target: dsl.Target, params: Mapping[str, Any]) -> Any:
+def _compile(
+    builder: Callable[..., Any], target: dsl.Target, params: Mapping[str, Any], cpu_flags: tuple[str, ...]
+) -> Any:
     """Build the prim_func and compile it for ``target`` (TileLang's disk cache makes repeats cheap)."""
     import tilelang  # imported lazily: importing TileLang loads TVM (about a second)
 
@@ -115,35 +123,44 @@ def _compile(builder: Callable[..., Any], target: dsl.Target, params: Mapping[st
             func,
             target=_compile_target(target),
             execution_backend=_CPU_EXECUTION_BACKEND,
-            compile_flags=env.cpu_compile_flags(),
+            compile_flags=list(cpu_flags),
             pass_configs=pass_configs,
         )
     return tilelang.compile(func, target=_compile_target(target), pass_configs=pass_configs)
 
 
-def get_kernel(builder: Callable[..., Any], *, target: dsl.Target, **params: Hashable) -> Any:
+def get_kernel(
+    builder: Callable[..., Any],
+    *,
+    target: dsl.Target,
+    cpu_flags: Sequence[str] | None = None,
+    **params: Hashable,
+) -> Any:
     """The ``JITKernel`` for ``builder(**params, target=target)``, compiled at most once per process.
 
-    ``params`` must be hashable (ints, floats, strings, bools, tuples). The C target compiles with
-    ``dsa.env.cpu_compile_flags()`` (``-O2`` by default); pass configs come from the prim_func
-    (:func:`tl_kernels.dsl.with_pass_configs`).
+    ``params`` must be hashable (ints, floats, strings, bools, tuples). ``cpu_flags`` are the g++ flags of a C-target
+    build (default :data:`DEFAULT_CPU_COMPILE_FLAGS`; ignored for CUDA targets); pass configs come from the
+    prim_func (:func:`tl_kernels.dsl.with_pass_configs`).
     """
     # Fast path: the caller's own keyword and target-dict order (one call site always passes the same order), so a
     # hit costs no sorting. The canonical (sorted) key decides what is compiled; both keys map to the same kernel.
     raw_target = tuple(target.items()) if type(target) is dict else target  # exact type: cheaper than an ABC check
-    fast_key = (builder, tuple(params.items()), raw_target)
+    fast_key = (builder, tuple(params.items()), raw_target, cpu_flags)
     try:
         return _FAST_KERNELS[fast_key]
     except (KeyError, TypeError):  # TypeError: an unhashable value somewhere; the canonical key will say which
         pass
-    key: _KernelKey = (builder.__module__, builder.__qualname__, tuple(sorted(params.items())), _target_key(target))
+    flags = tuple(DEFAULT_CPU_COMPILE_FLAGS if cpu_flags is None else cpu_flags) if dsl.is_cpu(target) else ()
+    key: _KernelKey = (
+        builder.__module__, builder.__qualname__, tuple(sorted(params.items())), _target_key(target), flags
+    )
     with _LOCKS_LOCK:
         key_lock = _KEY_LOCKS.setdefault(key, threading.Lock())
     with key_lock:  # two threads asking for the same kernel compile it once; different kernels compile concurrently
         kernel = _KERNELS.get(key)
         if kernel is None:
             logger.info("compiling %s.%s with %s for %s", key[0], key[1], params, target)
-            kernel = _compile(builder, target, params)
+            kernel = _compile(builder, target, params, flags)
             _KERNELS[key] = kernel
     try:
         _FAST_KERNELS[fast_key] = kernel
@@ -176,31 +193,61 @@ def to_kernel_arg(t: torch.Tensor, target: dsl.Target) -> torch.Tensor:
     return t
 
 
+MMA_WGMMA = "wgmma"
+"""Hopper's asynchronous warpgroup MMA (``tl::wgmma_ss`` / ``tl::wgmma_rs`` in TileLang's CUDA source)."""
+MMA_MMA_SYNC = "mma_sync"
+"""The synchronous warp MMA of Ampere and later (``tl::mma_sync``): what a GEMM becomes without wgmma."""
+# Every GEMM TileLang 0.1.15 lowers for CUDA becomes calls of one of these device functions (checked by lowering a
+# GEMM for sm_90a with 64 and 16 rows, and for sm_80, sm_89, sm_100a and sm_120).
+_MMA_CALLS: dict[str, re.Pattern[str]] = {
+    MMA_WGMMA: re.compile(r"\btl::wgmma_(?:ss|rs)\b"),
+    MMA_MMA_SYNC: re.compile(r"\btl::mma_sync\b"),
+}
+
+
+def mma_call_sites(device_source: str) -> dict[str, int]:
+    """How many call sites of each matrix instruction (:data:`MMA_WGMMA`, :data:`MMA_MMA_SYNC`) a kernel's CUDA
+    source holds; instructions with no call site are left out. One ``T.gemm`` may expand into several call sites
+    (one per unrolled K step), so these are counts of calls in the source, not of GEMMs."""
+    found = {name: len(pattern.findall(device_source)) for name, pattern in _MMA_CALLS.items()}
+    return {name: count for name, count in found.items() if count}
+
+
 @dataclasses.dataclass(frozen=True)
 class StaticReport:
-    """What ``ptxas -arch=sm_90a -v`` and the generated sources say about a compiled kernel (max over its entries).
+    """What ``ptxas -v`` and the generated sources say about a compiled kernel (max over its entries).
 
     Attributes:
         registers: registers per thread at launch (a warp-specialised kernel's ``setmaxnreg`` split is not visible).
         spill_bytes: spill stores plus spill loads, in bytes.
         smem_bytes: static shared memory (from ptxas) plus the dynamic shared memory the host launches it with.
-        has_wgmma: whether the CUDA source issues Hopper ``wgmma`` instructions.
+        mma: call sites per matrix instruction in the CUDA source (:func:`mma_call_sites`); empty without GEMMs.
         ptxas_log: the full ptxas output, for humans.
     """
 
     registers: int
     spill_bytes: int
     smem_bytes: int
-    has_wgmma: bool
+    mma: Mapping[str, int]
     ptxas_log: str
 
-    def problems(self, smem_limit_bytes: int = SMEM_LIMIT_BYTES, *, require_wgmma: bool = False) -> list[str]:
+    @property
+    def mma_text(self) -> str:
+        """The matrix instructions used, e.g. ``wgmma`` or ``mma_sync+wgmma`` (``-`` for none)."""
+        return "+".join(sorted(self.mma)) or "-"
+
+    def problems(self, smem_limit_bytes: int = dsl.HOPPER_SMEM_BYTES, *, mma: str | None = None) -> list[str]:
         """Human-readable reasons this kernel should not be used (empty when it looks fine): any register spill,
-        shared memory over ``smem_limit_bytes``, wgmma instructions that ptxas had to serialise, and (with
-        ``require_wgmma``) a GEMM that fell back from wgmma."""
+        shared memory over ``smem_limit_bytes``, wgmma instructions that ptxas had to serialise, and, with ``mma``
+        (the instruction every GEMM must use), a kernel with no such call or any call of another matrix instruction
+        (one GEMM that fell back from wgmma to mma_sync is enough)."""
         found: list[str] = []
-        if require_wgmma and not self.has_wgmma:
-            found.append("no wgmma in the CUDA source (the GEMMs fell back to mma_sync)")
+        if mma is not None:
+            if not self.mma.get(mma):
+                found.append(f"no {mma} call in the CUDA source (its GEMMs use {self.mma_text})")
+            others = {name: count for name, count in self.mma.items() if name != mma}
+            for name, count in sorted(others.items()):
+                found.append(f"{count} GEMM call site(s) use {name} instead of {mma}")
         serialized = [line.strip() for line in self.ptxas_log.splitlines() if _PTXAS_WGMMA_SERIALIZED in line]
         if serialized:
             # ptxas inserts a wait after every wgmma when it cannot prove the accumulators untouched while in
@@ -233,9 +280,6 @@ _PTXAS_ARCH = "sm_90a"
 _PTXAS_WGMMA_SERIALIZED = "wgmma.mma_async instructions are serialized"
 """ptxas's performance warning (``Potential Performance Loss: wgmma.mma_async instructions are serialized due
 to ...``)."""
-
-
-_STATIC_REPORT_DIR = "static-reports"
 
 
 def _find_ptxas() -> str:
@@ -329,21 +373,25 @@ def _run_ptxas(ptx: str) -> str:
     return log
 
 
-def _ptxas_log(kernel: Any, device_source: str) -> str:
-    """The ptxas report of ``kernel``, cached on disk by the hash of its CUDA source and the ptxas binary.
+def _ptxas_log(kernel: Any, device_source: str, cache_dir: Path | None) -> str:
+    """The ptxas report of ``kernel``, cached in ``cache_dir`` (when given) by the hash of its CUDA source and the
+    ptxas binary.
 
     Getting the PTX reruns nvcc (TileLang keeps only the cubin), which costs as much as the compile itself; the log
     depends only on the source and the toolchain, so a warm build tier (or a second tuning run) skips both.
     """
     ptxas = _find_ptxas()
-    stamp = f"{ptxas}\0{Path(ptxas).stat().st_mtime_ns}\0{_PTXAS_ARCH}\0{device_source}"
-    key = hashlib.sha256(stamp.encode()).hexdigest()
-    path = env.cache_dir() / _STATIC_REPORT_DIR / f"{key}.log"
-    try:
-        return path.read_text()
-    except OSError:
-        pass
+    path: Path | None = None
+    if cache_dir is not None:
+        stamp = f"{ptxas}\0{Path(ptxas).stat().st_mtime_ns}\0{_PTXAS_ARCH}\0{device_source}"
+        path = Path(cache_dir) / f"{hashlib.sha256(stamp.encode()).hexdigest()}.log"
+        try:
+            return path.read_text()
+        except OSError:
+            pass
     log = _run_ptxas(_kernel_ptx(kernel))
+    if path is None:
+        return log
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as tmp:
@@ -354,16 +402,16 @@ def _ptxas_log(kernel: Any, device_source: str) -> str:
     return log
 
 
-def static_report(kernel: Any) -> StaticReport:
-    """Registers, spills, shared memory and wgmma use of a kernel compiled for sm_90a (max over entry functions).
+def static_report(kernel: Any, *, cache_dir: Path | None = None) -> StaticReport:
+    """Registers, spills, shared memory and matrix instructions of a kernel compiled for sm_90a (max over entries).
 
-    Exports the PTX, runs ``ptxas -arch=sm_90a -v`` on it in a temporary directory, adds each entry's dynamic shared
-    memory (from the generated host code, see ``_dynamic_smem_bytes``) to ptxas's static figure, and looks for
-    ``wgmma`` in the CUDA source.
+    Exports the PTX, runs ``ptxas -arch=sm_90a -v`` on it in a temporary directory (its log cached in ``cache_dir``
+    when given), adds each entry's dynamic shared memory (from the generated host code, see ``_dynamic_smem_bytes``)
+    to ptxas's static figure, and counts the matrix-instruction call sites of the CUDA source.
     """
     device_source = kernel.get_kernel_source()
     host_source = kernel.get_host_source() or ""
-    log = _ptxas_log(kernel, device_source)
+    log = _ptxas_log(kernel, device_source, cache_dir)
     usage = _parse_ptxas(log)
     if not usage:
         raise RuntimeError(f"no entry functions in the ptxas output:\n{log}")
@@ -376,12 +424,15 @@ def static_report(kernel: Any) -> StaticReport:
         registers=max(entry.registers for entry in usage.values()),
         spill_bytes=max(entry.spill_bytes for entry in usage.values()),
         smem_bytes=smem,
-        has_wgmma="wgmma" in device_source,
+        mma=mma_call_sites(device_source),
         ptxas_log=log,
     )
 
 
-def compile_hopper(builder: Callable[..., Any], **params: Hashable) -> tuple[Any, StaticReport]:
-    """Compile ``builder(**params)`` for sm_90a (through :func:`get_kernel`) and return it with its static report."""
+def compile_hopper(
+    builder: Callable[..., Any], *, report_cache_dir: Path | None = None, **params: Hashable
+) -> tuple[Any, StaticReport]:
+    """Compile ``builder(**params)`` for sm_90a (through :func:`get_kernel`) and return it with its static report
+    (ptxas logs cached in ``report_cache_dir`` when given)."""
     kernel = get_kernel(builder, target=dsl.HOPPER_TARGET, **params)
-    return kernel, static_report(kernel)
+    return kernel, static_report(kernel, cache_dir=report_cache_dir)

@@ -32,6 +32,7 @@ from tvm import tirx
 
 __all__ = [
     "CPU_TARGET",
+    "HOPPER_SMEM_BYTES",
     "HOPPER_TARGET",
     "Allocators",
     "Target",
@@ -48,6 +49,9 @@ CPU_TARGET: str = "c"
 
 HOPPER_TARGET: dict[str, str] = {"kind": "cuda", "arch": "sm_90a"}
 """sm_90a (not sm_90): nvcc rejects TileLang's ``warpgroup_reg_alloc`` without the ``a`` features."""
+
+HOPPER_SMEM_BYTES: int = 227 * 1024
+"""Most shared memory one H100/H200/H800/H20 thread block may use (static plus the dynamic opt-in)."""
 
 PASS_CONFIGS_ATTR = "dsa.pass_configs"
 """PrimFunc attribute through which a builder asks ``tl_kernels.build.get_kernel`` for TileLang pass configs."""

@@ -58,7 +58,6 @@ ACCUM_BYTES = 4
 # The wgmma M tile is 64 rows per warpgroup of 128 threads.
 WARPGROUP_THREADS = 128
 WGMMA_M = 64
-SMEM_LIMIT_BYTES = 227 * 1024
 # A large int32 used as the "empty" lower bound when folding per-query ranges with min.
 INT32_MAX = 2**31 - 1
 
@@ -157,8 +156,8 @@ def check_config(static: dict, config: Config) -> None:
     if config.block_N % (WGMMA_M * warpgroups):
         raise ValueError(f"block_N={config.block_N} must be a multiple of {WGMMA_M} x {warpgroups} warpgroups")
     smem = smem_bytes(static, config)
-    if smem > SMEM_LIMIT_BYTES:
-        raise ValueError(f"shared memory {smem} B exceeds {SMEM_LIMIT_BYTES} B")
+    if smem > dsl.HOPPER_SMEM_BYTES:
+        raise ValueError(f"shared memory {smem} B exceeds {dsl.HOPPER_SMEM_BYTES} B")
 
 
 CPU_DEFAULT = Config(q_rows=128, block_N=64, num_stages=1, threads=128)

@@ -54,7 +54,6 @@ from tl_kernels import dsl
 
 __all__ = [
     "CPU_DEFAULT",
-    "HOPPER_SMEM_LIMIT",
     "TOPK_ALIGN",
     "TUNING_SPACE",
     "Config",
@@ -84,8 +83,6 @@ _MIN_BLOCK_TOPK_CUDA = 32
 """block_topk must be a multiple of this on CUDA: with 16 the ds tile (A operand of dq's MMA, B operand of dkv's)
 gets two conflicting shared-memory layouts and TileLang's layout inference rejects the kernel."""
 
-HOPPER_SMEM_LIMIT = 227 * 1024
-"""Dynamic shared memory one Hopper CTA may use (bytes)."""
 
 INDEX_DTYPE = "int32"
 ACC_DTYPE = "float32"
@@ -187,8 +184,8 @@ def check_config(static: dict[str, Any], config: Config) -> None:
                 f"(d_qk={d_qk}, d_v={d_v}, dkv_chunk={config.dkv_chunk})"
             )
     smem = shared_memory_bytes(static, config)
-    if smem > HOPPER_SMEM_LIMIT:
-        raise ValueError(f"config needs {smem} B of shared memory, more than {HOPPER_SMEM_LIMIT} B")
+    if smem > dsl.HOPPER_SMEM_BYTES:
+        raise ValueError(f"config needs {smem} B of shared memory, more than {dsl.HOPPER_SMEM_BYTES} B")
 
 
 def shared_memory_bytes(static: dict[str, Any], config: Config) -> int:

@@ -98,7 +98,6 @@ _N_KEY_STATE = 2
 
 _WARP = 32
 _MAX_THREADS = 1024
-SMEM_LIMIT_BYTES = 227 * 1024
 
 # Barriers are explicit (every pass is separated by one); TileLang's automatic storage sync would add more of them,
 # some inside loops, without making anything more correct.
@@ -144,8 +143,8 @@ def check_config(static: dict, config: Config) -> None:
     if config.cand_capacity < 1:
         raise ValueError(f"cand_capacity must be >= 1, got {config.cand_capacity}")
     smem = shared_memory_bytes(config)
-    if smem > SMEM_LIMIT_BYTES:
-        raise ValueError(f"shared memory {smem} B exceeds {SMEM_LIMIT_BYTES} B (cand_capacity {config.cand_capacity})")
+    if smem > dsl.HOPPER_SMEM_BYTES:
+        raise ValueError(f"shared memory {smem} B exceeds {dsl.HOPPER_SMEM_BYTES} B (cand_capacity {config.cand_capacity})")
 
 
 def default_config(static: dict) -> Config:

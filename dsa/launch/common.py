@@ -1,21 +1,36 @@
-"""What every launcher shares: the compile target of a device and the choice of a kernel config."""
+"""What every launcher shares: the compile target of a device, the choice of a kernel config, compiling through the
+kernel cache, and allocating outputs."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Hashable
 from types import ModuleType
 from typing import Any
 
 import torch
 
+from autotune import select
+from dsa import env
+from tl_kernels import build as tl_build
 from tl_kernels import dsl
 
 logger = logging.getLogger(__name__)
+
+_TILELANG_LOGGER = "tilelang"
+# The DSA_LOG level last applied to TileLang's logger (None: not yet in this process).
+_applied_log_level: list[int | None] = [None]
 
 
 def target_for(device: torch.device) -> dsl.Target:
     """The C target for CPU tensors (CPU tier), sm_90a for CUDA tensors (the dispatcher sends only Hopper here)."""
     return dsl.CPU_TARGET if device.type == "cpu" else dsl.HOPPER_TARGET
+
+
+def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A tensor a kernel fully overwrites, uninitialised (the tests replace this one function to poison every
+    launcher's outputs with NaN, so that an element a kernel forgot to write fails)."""
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def select_config(
@@ -24,18 +39,30 @@ def select_config(
     """The tuned config of ``kernels`` (a ``tl_kernels`` module) for this launch, else its default config.
 
     ``static`` holds the kernel's static parameters (without the target); ``sizes`` the runtime sizes (``batch``,
-    ``seq_len``, ``seq_len_kv``, ...). CPU launches are never tuned. A missing, failing or invalid tuned entry is
-    logged and ignored: tuning is optional, the default config works for every shape.
+    ``seq_len``, ``seq_len_kv``, ...). CPU launches are never tuned. :func:`autotune.select.config_for` returns a
+    config already checked for this target, or ``None`` (then the default, which works for every shape).
     """
-    checked = {**static, "target": target_for(device)}
-    try:
-        from autotune import select  # optional layer: a failure to import means "untuned"
-
-        tuned = select.config_for(kernel_name, static, sizes, device)
+    target = target_for(device)
+    if device.type == "cuda":
+        tuned = select.config_for(kernel_name, static, sizes, device, target=target, cache_dir=env.cache_dir())
         if tuned is not None:
-            config = kernels.Config(**tuned)
-            kernels.check_config(checked, config)
-            return config
-    except Exception as exc:  # noqa: BLE001 - tuning is optional; any failure falls back to the default
-        logger.warning("%s: tuned config unusable (%s: %s); using the default", kernel_name, type(exc).__name__, exc)
-    return kernels.default_config(checked)
+            return tuned
+    return kernels.default_config({**static, "target": target})
+
+
+def checked_config(kernels: ModuleType, static: dict[str, Any], config: Any, device: torch.device) -> Any:
+    """``config`` (a caller's override) after the kernel module's ``check_config`` for this launch's target."""
+    kernels.check_config({**static, "target": target_for(device)}, config)
+    return config
+
+
+def get_kernel(builder: Callable[..., Any], target: dsl.Target, **params: Hashable) -> Any:
+    """``tl_kernels.build.get_kernel`` with the settings of ``dsa.env``: the g++ flags of C-target kernels, and
+    TileLang's log level (``DSA_LOG``; its per-compile INFO lines stay off a user's stderr unless asked for)."""
+    level = env.log_level()
+    if _applied_log_level[0] != level:
+        logging.getLogger(_TILELANG_LOGGER).setLevel(level)
+        _applied_log_level[0] = level
+    if dsl.is_cpu(target):
+        return tl_build.get_kernel(builder, target=target, cpu_flags=env.cpu_compile_flags(), **params)
+    return tl_build.get_kernel(builder, target=target, **params)

@@ -1,8 +1,8 @@
 """Launcher of the lightning indexer: picks the config, compiles through the cache, allocates and runs the kernel.
 
 Inputs are assumed validated (``dsa.validation.check_index_scores(..., kernel=True)``): right dtypes, shapes,
-contiguity, one device (CPU or CUDA). On CPU the kernel is TileLang's C-target build (bf16 travels as uint16 bits,
-e4m3 as uint8); on CUDA the sm_90a build.
+contiguity, one device (CPU or CUDA), ``k_scale`` exactly for FP8, ``starts``/``ends`` together. On CPU the kernel is
+TileLang's C-target build (bf16 travels as uint16 bits, e4m3 as uint8); on CUDA the sm_90a build.
 """
 
 import dataclasses
@@ -14,39 +14,22 @@ from dsa.launch import common
 from tl_kernels import build as tl_build
 from tl_kernels import indexer as kernels
 
+__all__ = ["KERNEL_NAME", "index_scores", "static_params"]
 
-__all__ = ["KERNEL_NAME", "index_scores", "new_output", "select_config", "static_params"]
-
-KERNEL_NAME = "index_scores"
-"""Name of the kernel in the tuned-config cache."""
+KERNEL_NAME = "indexer"
+"""Name of the kernel in the tuner, the config cache and the benchmark."""
 
 _DTYPE_NAMES: dict[torch.dtype, str] = {torch.bfloat16: "bfloat16", torch.float8_e4m3fn: "float8_e4m3fn"}
 
 
-def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Allocate a tensor the kernel fully overwrites (uninitialised; tests replace this to poison it with NaN)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def static_params(q: torch.Tensor, *, ranged: bool) -> dict[str, Any]:
     """The kernel's static parameters for ``q [B, S, H_i, D_i]`` (``ranged``: starts/ends given)."""
-    if q.dtype not in _DTYPE_NAMES:
-        raise TypeError(f"the indexer kernel takes bfloat16 or float8_e4m3fn q, got {q.dtype}")
     return {
         "heads": int(q.shape[2]),
         "dim": int(q.shape[3]),
         "dtype": _DTYPE_NAMES[q.dtype],
         "mode": "range" if ranged else "causal",
     }
-
-
-def select_config(static: dict[str, Any], sizes: dict[str, int], device: torch.device) -> kernels.Config:
-    """The tuned config for this launch when the tuning cache has a valid one, else the kernel's default config.
-
-    ``static`` holds the kernel's static parameters (without the target); ``sizes`` the runtime sizes (``batch``,
-    ``seq_len``, ``seq_len_kv``). A missing, failing or invalid tuned entry is logged and ignored.
-    """
-    return common.select_config(KERNEL_NAME, kernels, static, sizes, device)
 
 
 def index_scores(
@@ -77,24 +60,20 @@ def index_scores(
     seq_kv = k.shape[1]
     device = q.device
     target = common.target_for(device)
-    ranged = starts is not None
-    static = static_params(q, ranged=ranged)
-    fp8 = static["dtype"] == "float8_e4m3fn"
-    if fp8 != (k_scale is not None):
-        raise ValueError("k_scale must be given exactly when q and k are float8_e4m3fn")
-    if ranged != (ends is not None):
-        raise ValueError("starts and ends must be given together")
+    static = static_params(q, ranged=starts is not None)
     if config is None:
-        config = select_config(static, {"batch": batch, "seq_len": seq, "seq_len_kv": seq_kv}, device)
+        config = common.select_config(
+            KERNEL_NAME, kernels, static, {"batch": batch, "seq_len": seq, "seq_len_kv": seq_kv}, device
+        )
     else:
-        kernels.check_config({**static, "target": target}, config)
+        common.checked_config(kernels, static, config, device)
 
-    kernel = tl_build.get_kernel(kernels.build, target=target, **static, **dataclasses.asdict(config))
-    scores = new_output((batch, seq, seq_kv), torch.float32, device)
+    kernel = common.get_kernel(kernels.build, target, **static, **dataclasses.asdict(config))
+    scores = common.new_output((batch, seq, seq_kv), torch.float32, device)
     args = [tl_build.to_kernel_arg(q, target), tl_build.to_kernel_arg(k, target), weights]
-    if fp8:
+    if k_scale is not None:
         args.append(k_scale)
-    if ranged:
+    if starts is not None:
         args += [starts, ends]
     kernel(*args, scores)
     return scores

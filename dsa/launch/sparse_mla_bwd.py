@@ -13,17 +13,12 @@ from tl_kernels import build as tl_build
 from tl_kernels import sparse_mla_bwd as kernels
 
 
-__all__ = ["KERNEL_NAME", "new_output", "padded_topk", "select_config", "sparse_mla_bwd"]
+__all__ = ["KERNEL_NAME", "padded_topk", "sparse_mla_bwd", "static_params"]
 
 KERNEL_NAME = "sparse_mla_bwd"
-"""Name of the main kernel in the tuned-config cache."""
+"""Name of the main kernel in the tuner, the config cache and the benchmark."""
 
 _INVALID_INDEX = -1
-
-
-def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Allocate a tensor the kernels fully overwrite (uninitialised; tests replace this to poison it with NaN)."""
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def padded_topk(k: int) -> int:
@@ -31,13 +26,18 @@ def padded_topk(k: int) -> int:
     return -(-k // kernels.TOPK_ALIGN) * kernels.TOPK_ALIGN
 
 
-def select_config(static: dict[str, Any], sizes: dict[str, int], device: torch.device) -> kernels.Config:
-    """The tuned config for this launch when the tuning cache has a valid one, else the kernel's default config.
-
-    ``static`` holds the main kernel's static parameters (without the target); ``sizes`` the runtime sizes
-    (``batch``, ``seq_len``, ``seq_len_kv``). A missing, failing or invalid tuned entry is logged and ignored.
-    """
-    return common.select_config(KERNEL_NAME, kernels, static, sizes, device)
+def static_params(
+    *, heads: int, d_qk: int, d_v: int, k: int, has_topk_length: bool, has_sink: bool
+) -> dict[str, Any]:
+    """The main kernel's static parameters for ``k`` index columns (compiled in, padded by :func:`padded_topk`)."""
+    return {
+        "heads": int(heads),
+        "d_qk": int(d_qk),
+        "d_v": int(d_v),
+        "topk": padded_topk(k),
+        "has_topk_length": bool(has_topk_length),
+        "has_sink": bool(has_sink),
+    }
 
 
 def sparse_mla_bwd(
@@ -82,19 +82,15 @@ def sparse_mla_bwd(
     k = indices.shape[-1]
     device = q.device
     target = common.target_for(device)
-    topk = padded_topk(k)
-    static = {
-        "heads": heads,
-        "d_qk": d_qk,
-        "d_v": d_v,
-        "topk": topk,
-        "has_topk_length": topk_length is not None,
-        "has_sink": attn_sink is not None,
-    }
+    static = static_params(
+        heads=heads, d_qk=d_qk, d_v=d_v, k=k, has_topk_length=topk_length is not None, has_sink=attn_sink is not None
+    )
+    topk = static["topk"]
     if config is None:
-        config = select_config(static, {"batch": batch, "seq_len": seq, "seq_len_kv": seq_kv}, device)
+        sizes = {"batch": batch, "seq_len": seq, "seq_len_kv": seq_kv}
+        config = common.select_config(KERNEL_NAME, kernels, static, sizes, device)
     else:
-        kernels.check_config({**static, "target": target}, config)
+        common.checked_config(kernels, static, config, device)
 
     if topk != k:
         # Pad with invalid entries (-1): the kernel gives them probability 0 and never uses them as addresses.
@@ -102,14 +98,14 @@ def sparse_mla_bwd(
         indices = torch.cat([indices, pad], dim=-1)
     indices = indices.contiguous()
 
-    preprocess = tl_build.get_kernel(kernels.build_preprocess, target=target, d_v=d_v)
-    main = tl_build.get_kernel(kernels.build, target=target, **static, **kernels.config_params(config))
-    postprocess = tl_build.get_kernel(kernels.build_postprocess, target=target, d_qk=d_qk)
+    preprocess = common.get_kernel(kernels.build_preprocess, target, d_v=d_v)
+    main = common.get_kernel(kernels.build, target, **static, **kernels.config_params(config))
+    postprocess = common.get_kernel(kernels.build_postprocess, target, d_qk=d_qk)
 
     def arg(t: torch.Tensor) -> torch.Tensor:
         return tl_build.to_kernel_arg(t, target)
 
-    delta = new_output((batch, seq, heads), torch.float32, device)
+    delta = common.new_output((batch, seq, heads), torch.float32, device)
     preprocess(arg(out.reshape(-1, d_v)), arg(d_out.reshape(-1, d_v)), delta.view(-1))
 
     # Absent optional inputs travel as 1-element placeholders (the kernel never reads them).
@@ -125,7 +121,7 @@ def sparse_mla_bwd(
         d_lse_arg = d_lse.to(torch.float32).contiguous()
     else:
         d_lse_arg = torch.zeros((batch, seq, heads), dtype=torch.float32, device=device)
-    dq = new_output(tuple(q.shape), q.dtype, device)
+    dq = common.new_output(tuple(q.shape), q.dtype, device)
     dkv_acc = torch.zeros((batch, seq_kv, d_qk), dtype=torch.float32, device=device)
     main(
         arg(q),
@@ -141,6 +137,6 @@ def sparse_mla_bwd(
         arg(dq),
         dkv_acc,
     )
-    dkv = new_output((batch, seq_kv, d_qk), kv.dtype, device)
+    dkv = common.new_output((batch, seq_kv, d_qk), kv.dtype, device)
     postprocess(dkv_acc, arg(dkv))
     return dq, dkv

@@ -8,7 +8,8 @@ sm_90a build (cp.async gather, wgmma). Static parameters: ``heads``, ``d_qk``, `
 
 The config decides the CUDA schedule (``Config.pipeline``): the default ``"none"`` unless the tuning cache (or the
 caller) picks the opt-in warp-specialised ``"ws"`` schedule, whose GPU correctness rests on the GPU tier and the
-tuner's reference check. Cached configs written before the ``pipeline`` field existed load as ``"none"``.
+tuner's reference check. A cached config whose fields do not match the module's ``Config`` (one written before a
+field existed, say) is reported once and ignored: the default config runs.
 """
 
 import dataclasses
@@ -21,14 +22,10 @@ from tl_kernels import build as tl_build
 from tl_kernels import sparse_mla_fwd as kernels
 
 
-__all__ = ["KERNEL_NAME", "new_output", "select_config", "sparse_mla_fwd", "static_params"]
+__all__ = ["KERNEL_NAME", "sparse_mla_fwd", "static_params"]
 
 KERNEL_NAME = "sparse_mla_fwd"
-"""Name of the kernel in the tuned-config cache."""
-
-def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Allocate a tensor the kernel fully overwrites (uninitialised; tests replace this to poison it)."""
-    return torch.empty(shape, dtype=dtype, device=device)
+"""Name of the kernel in the tuner, the config cache and the benchmark."""
 
 
 def static_params(*, heads: int, d_qk: int, d_v: int, has_topk_length: bool, has_sink: bool) -> dict[str, Any]:
@@ -40,16 +37,6 @@ def static_params(*, heads: int, d_qk: int, d_v: int, has_topk_length: bool, has
         "has_topk_length": bool(has_topk_length),
         "has_sink": bool(has_sink),
     }
-
-
-def select_config(static: dict[str, Any], sizes: dict[str, int], device: torch.device) -> kernels.Config:
-    """The tuned config for this launch when the tuning cache has a valid one, else the kernel's default config.
-
-    ``static`` holds the kernel's static parameters; ``sizes`` the runtime sizes (``batch``, ``seq_len``,
-    ``seq_len_kv``, ``topk``). CPU launches are never tuned. A missing, failing or invalid entry is logged and
-    ignored.
-    """
-    return common.select_config(KERNEL_NAME, kernels, static, sizes, device)
 
 
 def sparse_mla_fwd(
@@ -90,18 +77,18 @@ def sparse_mla_fwd(
     )
     if config is None:
         sizes = {"batch": batch, "seq_len": seq, "seq_len_kv": seq_kv, "topk": topk}
-        config = select_config(static, sizes, device)
+        config = common.select_config(KERNEL_NAME, kernels, static, sizes, device)
     else:
-        kernels.check_config({**static, "target": target}, config)
-    kernel = tl_build.get_kernel(kernels.build, target=target, **static, **dataclasses.asdict(config))
+        common.checked_config(kernels, static, config, device)
+    kernel = common.get_kernel(kernels.build, target, **static, **dataclasses.asdict(config))
 
     # Absent optional inputs travel as one-element placeholders the kernel never reads.
     if topk_length is None:
         topk_length = torch.zeros((1, 1), dtype=torch.int32, device=device)
     if attn_sink is None:
         attn_sink = torch.zeros((1,), dtype=torch.float32, device=device)
-    out = new_output((batch, seq, heads, d_v), torch.bfloat16, device)
-    lse = new_output((batch, seq, heads), torch.float32, device)
+    out = common.new_output((batch, seq, heads, d_v), torch.bfloat16, device)
+    lse = common.new_output((batch, seq, heads), torch.float32, device)
     kernel(
         tl_build.to_kernel_arg(q, target),
         tl_build.to_kernel_arg(kv, target),

@@ -1,0 +1,599 @@
+"""``dsa-bench``: benchmark the DSA kernels side by side with the reference, dense attention, ``torch.topk`` and
+(where importable) FlashMLA / DeepGEMM, on one CUDA GPU.
+
+The cases are declared once in ``benchmarks/cases.py`` (with their FLOP and byte counts). For each case and provider
+this harness:
+
+* makes its inputs with the tuner's makers (:mod:`autotune.runners`, on top of ``dsa.testing``), enough input sets
+  that together they exceed twice the L2 cache, and rotates through them (:mod:`autotune.measure`);
+* makes one untimed call first (compilation, config lookup and allocator growth stay out of the numbers); a baseline
+  whose first call alone exceeds the time budget is recorded with that one host-clock sample and skipped for the
+  later cases of its kernel;
+* times the calls with CUDA events, cut to the time budget, and reports the median and the spread (p10, p90, min,
+  max), TFLOP/s and GB/s, and the targets of the case against the measured ceilings;
+* checks the ``dsa`` provider once per case against ``dsa.reference`` on a slice of the problem, with every
+  launcher output poisoned (NaN) before the call, by the comparison the tuner's gate uses.
+
+Results are long-format rows ``(kernel, provider, case, metric, value, unit, gpu, sku, versions, commit, note)``
+written as JSON (``--json``, rewritten after every case so an interrupted run keeps what it measured).
+
+Exit status: 0 when everything that ran passed its check; 1 when a ``dsa`` check failed or a ``dsa`` provider
+errored; 2 without a CUDA device (or for bad arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import importlib.metadata
+import json
+import logging
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from autotune import bench_providers, measure, runners, sku
+from autotune.bench_providers import Provider
+from benchmarks import cases as case_data
+from dsa import testing
+from dsa.launch import common
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["check_dsa", "main", "make_inputs", "run_case", "select_cases"]
+
+EXIT_OK, EXIT_FAILED, EXIT_NO_GPU = 0, 1, 2
+NO_GPU_MESSAGE = "dsa-bench: no CUDA device is available; run on a GPU host (use --dry-run to list the cases)"
+DEFAULT_WARMUP = 3
+DEFAULT_REPS = 15
+DEFAULT_BUDGET_S = 6.0
+"""Seconds per provider and case for the timed calls, after the first (untimed) call."""
+MAX_INPUT_SETS = 16
+MEMORY_HEADROOM = 0.9
+GIGA, TERA = 1e9, 1e12
+SEED = 0
+# The repository root, for the commit of the record (None outside a git checkout).
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+def select_cases(kernels: str, names: str | None, *, tiny: bool = False) -> list[case_data.Case]:
+    """The standard (or, with ``tiny``, the miniature) cases of ``kernels`` (``all`` or comma list) whose name
+    contains one of ``names`` (comma list)."""
+    wanted = case_data.KERNELS if kernels.strip() == "all" else tuple(
+        k.strip() for k in kernels.split(",") if k.strip()
+    )  # fmt: skip
+    unknown = set(wanted) - set(case_data.KERNELS)
+    if unknown:
+        raise ValueError(f"unknown kernels {sorted(unknown)}; choose from {', '.join(case_data.KERNELS)}")
+    selected = case_data.tiny_cases(wanted) if tiny else case_data.standard_cases(wanted)
+    if names:
+        parts = [c.strip() for c in names.split(",") if c.strip()]
+        selected = [c for c in selected if any(w == c.name or w in c.name for w in parts)]
+    return selected
+
+
+def dry_run_rows(selected: Sequence[case_data.Case]) -> list[dict[str, Any]]:
+    """Rows with the FLOP and byte counts of ``selected`` (what ``--dry-run --json`` writes)."""
+    rows = []
+    for case in selected:
+        note = json.dumps({**case.static, **case.sizes}, sort_keys=True)
+        for metric, value, unit in (("flops", case.flops, "FLOP"), ("bytes", case.bytes, "B")):
+            rows.append(_row(case, "-", metric, value, unit, note=note))
+    return rows
+
+
+def format_dry_run(selected: Sequence[case_data.Case]) -> str:
+    """A table of the cases: name, GFLOP, MB moved, arithmetic intensity, targets, parameters."""
+    header = ("case", "GFLOP", "MB", "FLOP/B", "targets", "params")
+    rows = []
+    for c in selected:
+        intensity = f"{c.flops / c.bytes:.1f}" if c.bytes and c.flops else "-"
+        params = " ".join(f"{k}={v}" for k, v in {**c.static, **c.sizes}.items())
+        targets = "; ".join(t.describe() for t in c.targets) or "-"
+        rows.append((c.name, f"{c.flops / GIGA:.3f}", f"{c.bytes / 1e6:.1f}", intensity, targets, params))
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Host description
+# ----------------------------------------------------------------------------------------------------------------------
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _command_output(cmd: Sequence[str]) -> str | None:
+    try:
+        out = subprocess.run(list(cmd), capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_commit() -> str | None:
+    """The repository's HEAD (``+dirty`` when the tree has changes), or None outside a git checkout."""
+    head = _command_output(["git", "-C", str(_ROOT), "rev-parse", "--short=12", "HEAD"])
+    if not head:
+        return None
+    dirty = _command_output(["git", "-C", str(_ROOT), "status", "--porcelain", "--untracked-files=no"])
+    return head + ("+dirty" if dirty else "")
+
+
+def host_info() -> dict[str, Any]:
+    """GPU name, SKU, memory, SM count, L2 size and the versions of driver, CUDA, torch and tilelang."""
+    driver = _command_output(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+    info: dict[str, Any] = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "tilelang": _version("tilelang"),
+        "driver": driver.splitlines()[0] if driver else None,
+        "commit": git_commit(),
+        "python": sys.version.split()[0],
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(
+            gpu=props.name,
+            capability=f"{props.major}.{props.minor}",
+            sm_count=props.multi_processor_count,
+            memory_bytes=props.total_memory,
+            l2_bytes=measure.l2_bytes(torch.device("cuda", 0)),
+        )
+        try:
+            info["sku"] = sku.current_sku()
+        except Exception as exc:  # noqa: BLE001 - the SKU is a label; a failure must not stop the run
+            info["sku"] = None
+            info["sku_error"] = f"{type(exc).__name__}: {exc}"
+    return info
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Inputs and the dsa check
+# ----------------------------------------------------------------------------------------------------------------------
+def _tensor_bytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    return 0
+
+
+def make_inputs(case: case_data.Case, device: torch.device, seed: int) -> dict[str, Any]:
+    """One input set of ``case`` on ``device`` (random, never zeros): the runner's inputs of its kernel; for the
+    ``memory`` cases the FP8 indexer's (``iq``, ``ik``, ``iw``, ``iscale``) and the attention's (``q``, ``kv``)."""
+    if case.kernel != case_data.MEMORY:
+        return runners.runner_for(case.kernel).make_inputs(case.static, case.sizes, device, seed)
+    s = case.static
+    dims = {"batch": case.sizes["batch"], "seq": case.sizes["seq_len"], "seq_kv": case.sizes["seq_len_kv"]}
+    index = testing.indexer_inputs(
+        **dims, heads=s["index_heads"], dim=s["index_dim"], dtype="float8_e4m3fn", seed=seed, device=device,
+        weight_scale=(s["index_heads"] * s["index_dim"]) ** -0.5,
+    )  # fmt: skip
+    attention = testing.sparse_mla_inputs(
+        **dims, heads=s["heads"], d_qk=s["d_qk"], d_v=s["d_v"], topk=1, seed=seed + 1, device=device,
+        sm_scale=s["d_qk"] ** -0.5,
+    )  # fmt: skip
+    return {
+        "iq": index["q"], "ik": index["k"], "iw": index["weights"], "iscale": index["k_scale"],
+        "q": attention["q"], "kv": attention["kv"], "sm_scale": attention["sm_scale"], "d_v": s["d_v"],
+        "topk": s["topk"],
+    }  # fmt: skip
+
+
+@contextlib.contextmanager
+def poisoned_outputs() -> Iterator[None]:
+    """Every launcher output starts NaN-/sentinel-filled for the duration (``dsa.launch.common.new_output``)."""
+    original = common.new_output
+    common.new_output = testing.poisoned_empty
+    try:
+        yield
+    finally:
+        common.new_output = original
+
+
+def check_dsa(case: case_data.Case, inputs: dict[str, Any]) -> str | None:
+    """``None`` when the ``dsa`` kernel matches the reference on a slice of ``case``'s problem (else the reason).
+
+    The kernel runs on the whole input set with poisoned outputs; the runner narrows inputs and outputs to a slice of
+    the queries small enough for the reference (a kernel whose outputs sum over queries runs again on the slice) and
+    compares them with the tuner's comparison.
+    """
+    if case.kernel == case_data.MEMORY:
+        return None
+    runner = runners.runner_for(case.kernel)
+    try:
+        with poisoned_outputs(), torch.no_grad():
+            outputs = runner.launch(None, case.static, inputs)
+            narrowed, narrowed_outputs = runner.narrow(inputs, outputs) if runner.narrow else (inputs, outputs)
+            if narrowed_outputs is None:
+                narrowed_outputs = runner.launch(None, case.static, narrowed)
+            problem = runner.compare(narrowed_outputs, runner.reference(case.static, narrowed))
+    except Exception as exc:  # noqa: BLE001 - recorded; the harness goes on with the next case
+        return f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+    return None if problem is None else f"mismatch: {problem[:300]}"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Rows
+# ----------------------------------------------------------------------------------------------------------------------
+_META: dict[str, Any] = {}
+
+
+def _row(case: case_data.Case, provider: str, metric: str, value: Any, unit: str, note: str = "") -> dict[str, Any]:
+    row = {
+        "kernel": case.kernel,
+        "provider": provider,
+        "case": case.name,
+        "context": case.context,
+        "metric": metric,
+        "value": value,
+        "unit": unit,
+        "gpu": _META.get("gpu"),
+        "sku": _META.get("sku"),
+        "versions": {k: _META.get(k) for k in ("torch", "cuda", "tilelang", "driver")},
+        "commit": _META.get("commit"),
+    }
+    if note:
+        row["note"] = note
+    return row
+
+
+def timing_rows(case: case_data.Case, provider: Provider, timing: measure.Timing) -> list[dict[str, Any]]:
+    """Latency statistics and throughput rows of one timed provider."""
+    med = timing.median
+    rows = [
+        _row(case, provider.name, "latency_ms", med, "ms", timing.note),
+        _row(case, provider.name, "latency_ms_p10", timing.quantile(0.1), "ms"),
+        _row(case, provider.name, "latency_ms_p90", timing.quantile(0.9), "ms"),
+        _row(case, provider.name, "latency_ms_min", min(timing.samples), "ms"),
+        _row(case, provider.name, "latency_ms_max", max(timing.samples), "ms"),
+        _row(case, provider.name, "samples", len(timing.samples), "calls"),
+    ]
+    work = provider.flops if provider.flops is not None else case.flops
+    if work:
+        rows.append(_row(case, provider.name, "tflops", work / (med * 1e-3) / TERA, "TFLOP/s"))
+    if case.bytes and provider.flops is None:
+        rows.append(_row(case, provider.name, "gbps", case.bytes / (med * 1e-3) / GIGA, "GB/s"))
+    return rows
+
+
+def target_rows(case: case_data.Case, medians: dict[str, float], ceilings: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per target of ``case``: the achieved value, ``note`` says met or missed (or why not evaluated)."""
+    rows = []
+    dsa_ms = medians.get("dsa")
+    for target in case.targets:
+        desc = target.describe()
+        if dsa_ms is None:
+            rows.append(_row(case, "dsa", "target", None, "", f"{desc}: not evaluated (dsa did not run)"))
+            continue
+        if target.metric == "speedup":
+            other = medians.get(target.against or "")
+            if other is None:
+                rows.append(
+                    _row(case, "dsa", "target", None, "x", f"{desc}: not evaluated ({target.against} did not run)")
+                )
+                continue
+            achieved, goal, unit = other / dsa_ms, target.value, "x"
+        else:
+            work = case.flops / TERA if target.metric == "tflops" else case.bytes / GIGA
+            rate = work / (dsa_ms * 1e-3)
+            if target.of:
+                ceiling = ceilings.get(target.of)
+                if not ceiling:
+                    rows.append(
+                        _row(case, "dsa", "target", None, "", f"{desc}: not evaluated (no {target.of} ceiling)")
+                    )
+                    continue
+                achieved, goal, unit = rate / ceiling, target.value, f"of {target.of}"
+            else:
+                achieved, goal, unit = rate, target.value, "TFLOP/s" if target.metric == "tflops" else "GB/s"
+        rows.append(_row(case, "dsa", "target", achieved, unit, f"{desc}: {'met' if achieved >= goal else 'missed'}"))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Running
+# ----------------------------------------------------------------------------------------------------------------------
+@dataclass
+class RunOptions:
+    warmup: int = DEFAULT_WARMUP
+    reps: int = DEFAULT_REPS
+    budget_s: float = DEFAULT_BUDGET_S
+    providers: tuple[str, ...] | None = None
+    check: bool = True
+    device: torch.device = field(default_factory=lambda: torch.device("cuda"))
+
+
+@dataclass
+class CaseResult:
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    failed: bool = False
+
+
+# (kernel, provider) -> (case, seconds) of a baseline whose first call exceeded the budget: later cases of the same
+# kernel skip it (a reference or dense call only grows with the sizes that follow).
+_SLOW: dict[tuple[str, str], tuple[str, float]] = {}
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _empty_cache(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _time_provider(provider: Provider, sets: list[dict[str, Any]], options: RunOptions) -> measure.Timing:
+    """The first call untimed (host clock; a baseline slower than the budget stops there), then the timed calls."""
+    t0 = time.perf_counter()
+    provider.fn(sets[0])
+    _synchronize(options.device)
+    first_s = time.perf_counter() - t0
+    if first_s > options.budget_s and provider.name != "dsa":
+        return measure.Timing([first_s * 1e3], f"one call only (host clock): {first_s:.1f} s > budget")
+    return measure.time_calls(
+        provider.fn, sets, warmup=options.warmup, reps=options.reps, budget_s=options.budget_s
+    )
+
+
+def _out_of_memory_row(case: case_data.Case, name: str, exc: BaseException) -> dict[str, Any]:
+    return _row(case, name, "skipped", None, "", f"out of memory: {str(exc).splitlines()[0][:200]}")
+
+
+def run_memory_case(case: case_data.Case, options: RunOptions) -> CaseResult:
+    """Peak device memory of the DSA path (FP8 indexer -> top-k -> sparse MLA forward) against dense attention."""
+    from dsa import ops
+
+    result = CaseResult()
+    if options.device.type != "cuda":
+        result.rows.append(_row(case, "dsa", "skipped", None, "", "peak device memory needs CUDA"))
+        return result
+    inp = make_inputs(case, options.device, SEED)
+    torch.cuda.synchronize()
+
+    def dsa_path() -> Any:
+        scores = ops.index_scores(inp["iq"], inp["ik"], inp["iw"], k_scale=inp["iscale"])
+        idx = ops.topk_indices(scores, inp["topk"])
+        del scores
+        return ops.sparse_mla(inp["q"], inp["kv"], idx, sm_scale=inp["sm_scale"], d_v=inp["d_v"])
+
+    paths = {
+        "dsa": dsa_path,
+        "dense-sdpa": lambda: bench_providers.dense_sdpa(inp["q"], inp["kv"], inp["d_v"], inp["sm_scale"]),
+        "dense-matmul": lambda: bench_providers.dense_matmul(inp["q"], inp["kv"], inp["d_v"], inp["sm_scale"]),
+    }
+    peaks: dict[str, int] = {}
+    for name, fn in paths.items():
+        if options.providers and name not in options.providers:
+            continue
+        try:
+            fn()  # warm: compile, allocator growth
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            out = fn()
+            torch.cuda.synchronize()
+            elapsed_ms = (time.perf_counter() - t0) * 1e3
+            peaks[name] = torch.cuda.max_memory_allocated() - base
+            del out
+            result.rows += [
+                _row(case, name, "peak_bytes", peaks[name], "B", "above the inputs, after reset_peak_memory_stats"),
+                _row(case, name, "wall_ms", elapsed_ms, "ms", "one call, host clock around a synchronize"),
+            ]
+        except torch.OutOfMemoryError as exc:
+            result.rows.append(_out_of_memory_row(case, name, exc))
+        except Exception as exc:  # noqa: BLE001 - recorded; other paths still run
+            result.rows.append(_row(case, name, "error", None, "", f"{type(exc).__name__}: {str(exc)[:300]}"))
+            result.failed |= name == "dsa"
+        torch.cuda.empty_cache()
+    result.rows.append(_row(case, "inputs", "input_bytes", _tensor_bytes(inp), "B"))
+    for dense in ("dense-sdpa", "dense-matmul"):
+        if peaks.get("dsa") and dense in peaks:
+            result.rows.append(_row(case, dense, "peak_ratio_vs_dsa", peaks[dense] / peaks["dsa"], "x"))
+    return result
+
+
+def _input_sets(case: case_data.Case, options: RunOptions) -> list[dict[str, Any]]:
+    first = make_inputs(case, options.device, SEED)
+    set_bytes = _tensor_bytes(first)
+    free = torch.cuda.mem_get_info()[0] if options.device.type == "cuda" else None
+    count = min(MAX_INPUT_SETS, measure.input_set_count(set_bytes, l2=measure.l2_bytes(), free_bytes=free))
+    return [first] + [make_inputs(case, options.device, SEED + i) for i in range(1, count)]
+
+
+def run_case(case: case_data.Case, options: RunOptions, ceilings: dict[str, Any]) -> CaseResult:
+    """Time every provider of ``case``, check ``dsa`` once, evaluate targets; returns the rows."""
+    if case.kernel == case_data.MEMORY:
+        return run_memory_case(case, options)
+    result = CaseResult()
+    result.rows += [_row(case, "-", "flops", case.flops, "FLOP"), _row(case, "-", "bytes", case.bytes, "B")]
+    sets = _input_sets(case, options)
+    result.rows.append(_row(case, "-", "input_sets", len(sets), "sets", f"{_tensor_bytes(sets[0])} B each"))
+    medians: dict[str, float] = {}
+    for provider in bench_providers.providers_for(case):
+        if options.providers and provider.name not in options.providers:
+            continue
+        slow = _SLOW.get((case.kernel, provider.name))
+        if not provider.skip and slow is not None and provider.name != "dsa":
+            provider.skip = f"skipped: one call took {slow[1]:.1f} s at {slow[0]} (over the {options.budget_s:g} s budget)"
+        if provider.skip:
+            result.rows.append(_row(case, provider.name, "skipped", None, "", provider.skip))
+            continue
+        try:
+            timing = _time_provider(provider, sets, options)
+            if len(timing.samples) == 1 and timing.samples[0] > options.budget_s * 1e3:
+                _SLOW[(case.kernel, provider.name)] = (case.name, timing.samples[0] / 1e3)
+            medians[provider.name] = timing.median
+            result.rows += timing_rows(case, provider, timing)
+        except torch.OutOfMemoryError as exc:
+            result.rows.append(_out_of_memory_row(case, provider.name, exc))
+            result.failed |= provider.name == "dsa"
+        except Exception as exc:  # noqa: BLE001 - recorded; the next provider still runs
+            logger.debug("provider %s on %s failed", provider.name, case.name, exc_info=True)
+            msg = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            result.rows.append(_row(case, provider.name, "error", None, "", msg))
+            result.failed |= provider.name == "dsa"
+        _empty_cache(options.device)
+    if options.check and (not options.providers or "dsa" in options.providers):
+        problem = check_dsa(case, sets[0])
+        result.rows.append(_row(case, "dsa", "check", problem is None, "pass", problem or "matches dsa.reference"))
+        result.failed |= problem is not None
+    for base in ("torch.topk", "dense-sdpa", "dense-matmul", "reference", "flashmla", "deepgemm"):
+        if "dsa" in medians and base in medians:
+            result.rows.append(_row(case, "dsa", f"speedup_vs_{base}", medians[base] / medians["dsa"], "x"))
+    result.rows += target_rows(case, medians, ceilings)
+    del sets
+    _empty_cache(options.device)
+    return result
+
+
+def write_json(path: Path, doc: dict[str, Any]) -> None:
+    """Write ``doc`` atomically (temp file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def summary_table(rows: Sequence[dict[str, Any]]) -> str:
+    """A compact table: one line per (case, provider) with median latency, throughput and the dsa check."""
+    by_key: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in rows:
+        if r["provider"] == "-":
+            continue
+        entry = by_key.setdefault((r["case"], r["provider"]), {})
+        entry[r["metric"]] = r["value"] if r["value"] is not None else r.get("note", "")
+        if r["metric"] in ("skipped", "error"):
+            entry[r["metric"]] = r.get("note", "")
+    lines = [f"{'case':44} {'provider':13} {'ms':>10} {'TFLOP/s':>9} {'GB/s':>8}  note"]
+    for (case, provider), e in by_key.items():
+        ms, tf, gb = e.get("latency_ms"), e.get("tflops"), e.get("gbps")
+        note = e.get("skipped") or e.get("error") or ""
+        if "check" in e:
+            note = ("check ok " if e["check"] is True else "CHECK FAILED ") + note
+        if "peak_bytes" in e:
+            note = f"peak {e['peak_bytes'] / 1e9:.2f} GB " + note
+        if "peak_ratio_vs_dsa" in e:
+            note += f"{e['peak_ratio_vs_dsa']:.2f}x dsa memory"
+        ms_text = f"{ms:.4f}" if isinstance(ms, float) else "-"
+        tf_text = f"{tf:.1f}" if isinstance(tf, float) else "-"
+        gb_text = f"{gb:.0f}" if isinstance(gb, float) else "-"
+        lines.append(f"{case[:44]:44} {provider[:13]:13} {ms_text:>10} {tf_text:>9} {gb_text:>8}  {str(note)[:70]}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser."""
+    p = argparse.ArgumentParser(
+        prog="dsa-bench", description="Benchmark the DSA kernels against the reference and dense attention."
+    )
+    p.add_argument(
+        "--kernels", default="all", help=f"'all' or a comma list of: {', '.join(case_data.KERNELS)}"
+    )
+    p.add_argument("--cases", default=None, help="comma list of case names (or substrings) to keep")
+    p.add_argument("--providers", default=None, help="comma list of providers to run (default: all)")
+    p.add_argument("--json", type=Path, default=None, help="write the result rows (and host, ceilings) here")
+    p.add_argument("--dry-run", action="store_true", help="list the cases with their FLOP/byte counts; needs no GPU")
+    p.add_argument(
+        "--ceilings", type=Path, default=None, help="read measured ceilings from this JSON (default: measure)"
+    )
+    p.add_argument("--measure-ceilings", action="store_true", help="only measure the ceilings (written to --json)")
+    p.add_argument("--warmup", type=int, default=DEFAULT_WARMUP)
+    p.add_argument("--reps", type=int, default=DEFAULT_REPS)
+    p.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S, help="time budget per provider and case")
+    p.add_argument("--no-check", action="store_true", help="skip the correctness check against the reference")
+    p.add_argument(
+        "--device", choices=("cuda", "cpu"), default="cuda", help="cpu: test the harness itself (host clock)"
+    )
+    p.add_argument("--tiny", action="store_true", help="miniature cases (harness tests; not benchmarks)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the harness; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        selected = select_cases(args.kernels, args.cases, tiny=args.tiny)
+    except ValueError as exc:
+        print(f"dsa-bench: {exc}", file=sys.stderr)
+        return EXIT_NO_GPU
+    if args.dry_run:
+        print(format_dry_run(selected))
+        if args.json:
+            write_json(args.json, {"dry_run": True, "rows": dry_run_rows(selected)})
+        return EXIT_OK
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(NO_GPU_MESSAGE, file=sys.stderr)
+        return EXIT_NO_GPU
+    _META.update(host_info())
+    if args.measure_ceilings:
+        if args.device != "cuda":
+            print("dsa-bench: --measure-ceilings needs CUDA", file=sys.stderr)
+            return EXIT_NO_GPU
+        ceilings = measure.measure_ceilings()
+        print(json.dumps(ceilings, indent=1))
+        if args.json:
+            write_json(args.json, {"host": _META, "ceilings": ceilings})
+        return EXIT_OK
+    if args.ceilings:
+        ceilings = json.loads(args.ceilings.read_text())["ceilings"]
+    else:
+        ceilings = measure.measure_ceilings() if args.device == "cuda" else {}
+    options = RunOptions(
+        warmup=args.warmup,
+        reps=args.reps,
+        budget_s=args.budget_s,
+        providers=tuple(p.strip() for p in args.providers.split(",")) if args.providers else None,
+        check=not args.no_check,
+        device=torch.device(args.device),
+    )
+    doc: dict[str, Any] = {"host": _META, "ceilings": ceilings, "rows": [], "failed_cases": []}
+    failed = False
+    for case in selected:
+        t0 = time.perf_counter()
+        print(f"[bench] {case.name} ...", flush=True)
+        try:
+            result = run_case(case, options, ceilings)
+        except Exception as exc:  # noqa: BLE001 - input creation or a harness bug: record, go on
+            traceback.print_exc()
+            result = CaseResult([_row(case, "-", "error", None, "", f"{type(exc).__name__}: {str(exc)[:300]}")], True)
+            _empty_cache(options.device)
+        doc["rows"] += result.rows
+        if result.failed:
+            doc["failed_cases"].append(case.name)
+            failed = True
+        print(
+            f"[bench] {case.name} done in {time.perf_counter() - t0:.1f} s{' (FAILED)' if result.failed else ''}",
+            flush=True,
+        )
+        if args.json:
+            write_json(args.json, doc)
+    print(summary_table(doc["rows"]))
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Useful work of one kernel call: floating-point operations and minimal device-memory traffic.
+
+One definition serves the tuner (TFLOP/s of each candidate, :mod:`autotune.space`) and the benchmark cases
+(``benchmarks/cases.py``). Counts are of useful work only, never of padding or invisible pairs:
+
+* indexer: ``2 * H_i * D_i`` FLOPs per *visible* (query, key) pair (bottom-right causal); bytes: ``q``, ``k``,
+  ``weights`` (and ``k_scale``) read once, the ``[B, S, S_kv]`` float32 scores written once;
+* top-k: no FLOPs; bytes: one read of the float32 scores plus the int32 indices written;
+* sparse MLA forward: ``2 * B * S * H * topk * (d_qk + d_v)`` (``Q K^T`` over ``d_qk``, ``P V`` over ``d_v``);
+* sparse MLA backward: ``2 * B * S * H * topk * (3 * d_qk + 2 * d_v)`` (recomputed ``Q K^T``, ``dP = dO V^T``,
+  ``dV = P^T dO``, ``dQ = dS K``, ``dK = dS^T Q``).
+
+Plain arithmetic: nothing here imports torch or touches a device.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "causal_pairs",
+    "dense_attention_flops",
+    "indexer_bytes",
+    "indexer_flops",
+    "sparse_mla_bwd_bytes",
+    "sparse_mla_bwd_flops",
+    "sparse_mla_fwd_bytes",
+    "sparse_mla_fwd_flops",
+    "topk_bytes",
+]
+
+FP8_BYTES = 1
+BF16_BYTES = 2
+F32_BYTES = 4
+I32_BYTES = 4
+
+
+def _clamped_prefix(n: int, limit: int) -> int:
+    """``sum(min(limit, max(0, x)) for x <= n)`` over integers ``x``."""
+    if n <= 0:
+        return 0
+    if n <= limit:
+        return n * (n + 1) // 2
+    return limit * (limit + 1) // 2 + (n - limit) * limit
+
+
+def causal_pairs(seq: int, seq_kv: int) -> int:
+    """Visible (query, key) pairs of one batch row under bottom-right causality (``s <= t + S_kv - S``).
+
+    Query ``t`` sees ``min(S_kv, max(0, t + S_kv - S + 1))`` keys; the sum over ``t`` in closed form.
+    """
+    first = seq_kv - seq + 1  # keys seen by t = 0 before clamping
+    return _clamped_prefix(first + seq - 1, seq_kv) - _clamped_prefix(first - 1, seq_kv)
+
+
+def indexer_flops(batch: int, seq: int, seq_kv: int, heads: int, dim: int) -> float:
+    """FLOPs of the causal indexer: one ``D_i``-dot per head per visible pair."""
+    return 2.0 * heads * dim * batch * causal_pairs(seq, seq_kv)
+
+
+def indexer_bytes(batch: int, seq: int, seq_kv: int, heads: int, dim: int, element_bytes: int) -> float:
+    """Bytes read (``q``, ``k``, ``weights``, and ``k_scale`` for FP8) and written (the float32 scores)."""
+    reads = batch * (seq * heads * dim * element_bytes + seq_kv * dim * element_bytes + seq * heads * F32_BYTES)
+    if element_bytes == FP8_BYTES:
+        reads += batch * seq_kv * F32_BYTES  # k_scale
+    return float(reads + batch * seq * seq_kv * F32_BYTES)
+
+
+def topk_bytes(rows: int, length: int, k: int) -> float:
+    """One read of the float32 scores and the int32 indices written."""
+    return float(rows * length * F32_BYTES + rows * k * I32_BYTES)
+
+
+def sparse_mla_fwd_flops(batch: int, seq: int, heads: int, topk: int, d_qk: int, d_v: int) -> float:
+    """``Q K^T`` over ``d_qk`` and ``P V`` over ``d_v`` for every selected entry of every head."""
+    return 2.0 * batch * seq * heads * topk * (d_qk + d_v)
+
+
+def sparse_mla_bwd_flops(batch: int, seq: int, heads: int, topk: int, d_qk: int, d_v: int) -> float:
+    """Recomputed ``Q K^T`` (d_qk), ``dP`` and ``dV`` (d_v each), ``dQ`` and ``dK`` (d_qk each)."""
+    return 2.0 * batch * seq * heads * topk * (3 * d_qk + 2 * d_v)
+
+
+def dense_attention_flops(batch: int, seq: int, seq_kv: int, heads: int, d_qk: int, d_v: int) -> float:
+    """Dense causal attention's useful work: ``Q K^T`` and ``P V`` over every visible (query, key) pair."""
+    return 2.0 * batch * heads * causal_pairs(seq, seq_kv) * (d_qk + d_v)
+
+
+def sparse_mla_fwd_bytes(batch: int, seq: int, heads: int, topk: int, d_qk: int, d_v: int) -> float:
+    """``q``, the gathered kv rows (each query's rows read once, shared by its heads), indices, ``out``, ``lse``."""
+    return float(
+        batch * seq * (heads * d_qk * BF16_BYTES + topk * d_qk * BF16_BYTES + topk * I32_BYTES)
+        + batch * seq * heads * (d_v * BF16_BYTES + F32_BYTES)
+    )
+
+
+def sparse_mla_bwd_bytes(batch: int, seq: int, seq_kv: int, heads: int, topk: int, d_qk: int, d_v: int) -> float:
+    """``q``, ``out``, ``d_out``, ``lse``, the gathered kv rows and indices read; ``dq`` and ``dkv`` written."""
+    per_query = heads * (d_qk + 2 * d_v) * BF16_BYTES + heads * F32_BYTES
+    per_query += topk * d_qk * BF16_BYTES + topk * I32_BYTES
+    writes = batch * seq * heads * d_qk * BF16_BYTES + batch * seq_kv * d_qk * BF16_BYTES
+    return float(batch * seq * per_query + writes)

@@ -1,0 +1,40 @@
+"""What the kernel test modules share: the configs the build and GPU tiers cover, and sm_90a builds compiled once per
+session with their static reports logged."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Hashable
+from typing import Any
+
+from autotune import space
+from dsa import env
+from tl_kernels import build as tl_build
+
+logger = logging.getLogger(__name__)
+
+_BUILDS: dict[tuple[Any, ...], tuple[Any, tl_build.StaticReport, float]] = {}
+
+
+def hopper_configs(kernel: str, static: dict[str, Any]) -> list[Any]:
+    """Every config of ``kernel``'s tuning space that ``check_config`` accepts for sm_90a at ``static``, the default
+    first: exactly what the tuner's ``--full`` search (``autotune.space.full_space``) compiles."""
+    module = space.kernel_module(kernel)
+    return [module.Config(**config) for config in space.full_space(kernel, static)]
+
+
+def hopper_build(name: str, builder: Callable[..., Any], **params: Hashable) -> tuple[Any, tl_build.StaticReport]:
+    """``builder(**params)`` compiled for sm_90a once per session (ptxas reports cached in ``DSA_CACHE_DIR``), with its
+    registers, spills, shared memory, matrix instructions and compile time logged under ``name``."""
+    key = (builder.__module__, builder.__qualname__, tuple(sorted(params.items())))
+    if key not in _BUILDS:
+        start = time.perf_counter()
+        kernel, report = tl_build.compile_hopper(builder, report_cache_dir=env.static_report_dir(), **params)
+        _BUILDS[key] = (kernel, report, time.perf_counter() - start)
+        logger.info(
+            "%s: %d registers, %d B spills, %d B smem, mma %s, %.1f s", name, report.registers, report.spill_bytes,
+            report.smem_bytes, report.mma_text, _BUILDS[key][2],
+        )  # fmt: skip
+    kernel, report, _ = _BUILDS[key]
+    return kernel, report

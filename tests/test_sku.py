@@ -1,0 +1,73 @@
+"""SKU detection (``autotune.sku``): the table's rules, fallback ids, the architecture of an id, per-device caching."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from autotune import sku
+
+GIB = 1 << 30
+
+SKU_CASES = [
+    (sku.DeviceProps("NVIDIA H100 80GB HBM3", 9, 0, 132, 79 * GIB), "h100-sxm"),
+    (sku.DeviceProps("NVIDIA H100 SXM5 80GB", 9, 0, 132, 80 * GIB), "h100-sxm"),
+    (sku.DeviceProps("NVIDIA H100 PCIe", 9, 0, 114, 80 * GIB), "h100-pcie"),
+    (sku.DeviceProps("NVIDIA H800", 9, 0, 132, 80 * GIB), "h800"),
+    (sku.DeviceProps("NVIDIA H200", 9, 0, 132, 140 * GIB), "h200"),
+    (sku.DeviceProps("NVIDIA H20", 9, 0, 78, 95 * GIB), "h20"),
+    (sku.DeviceProps("NVIDIA GH200 480GB", 9, 0, 132, 95 * GIB), "gh200"),
+    # Not in the table: fall back to sm<cc>-<sanitised name>.
+    (sku.DeviceProps("NVIDIA Foo", 9, 0, 100, 80 * GIB), "sm90-nvidia-foo"),
+    (sku.DeviceProps("NVIDIA H100 NVL", 9, 0, 132, 94 * GIB), "sm90-nvidia-h100-nvl"),
+    (sku.DeviceProps("NVIDIA H200 NVL", 9, 0, 132, 140 * GIB), "sm90-nvidia-h200-nvl"),
+    # A MIG slice of an H100 has the name stem but fewer SMs and less memory: never the full card's configs.
+    (
+        sku.DeviceProps("NVIDIA H100 80GB HBM3 MIG 1g.10gb", 9, 0, 16, 10 * GIB),
+        "sm90-nvidia-h100-80gb-hbm3-mig-1g-10gb",
+    ),
+    (sku.DeviceProps("NVIDIA A100-SXM4-80GB", 8, 0, 108, 80 * GIB), "sm80-nvidia-a100-sxm4-80gb"),
+    (sku.DeviceProps("NVIDIA B200", 10, 0, 148, 180 * GIB), "sm100-nvidia-b200"),
+    (sku.DeviceProps("NVIDIA GeForce RTX 4090", 8, 9, 128, 24 * GIB), "sm89-nvidia-geforce-rtx-4090"),
+]
+
+
+@pytest.mark.parametrize(("props", "expected"), SKU_CASES, ids=[c[1] + ":" + c[0].name for c in SKU_CASES])
+def test_sku_table(props: sku.DeviceProps, expected: str) -> None:
+    assert sku.sku_from_props(props) == expected
+    assert sku.is_valid_sku(expected)
+
+
+def test_sku_rules_are_mutually_exclusive() -> None:
+    for props, expected in SKU_CASES:
+        matching = [rule.sku for rule in sku.SKU_TABLE if rule.matches(props)]
+        assert matching == ([expected] if expected in sku.KNOWN_SKUS else []), props
+
+
+def test_arch_for_sku() -> None:
+    for known in sku.KNOWN_SKUS:
+        assert sku.arch_for_sku(known) == "sm_90a"
+    assert sku.arch_for_sku("sm90-nvidia-foo") == "sm_90a"
+    assert sku.arch_for_sku("sm80-nvidia-a100") == "sm_80"
+    assert sku.arch_for_sku("sm100-nvidia-b200") == "sm_100a"
+    with pytest.raises(ValueError):
+        sku.arch_for_sku("not-a-sku")
+    assert not sku.is_valid_sku("../etc")
+    assert not sku.is_valid_sku("H100")
+
+
+def test_current_sku_is_cached_per_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+
+    def fake_props(index: int) -> sku.DeviceProps:
+        calls.append(index)
+        return SKU_CASES[0][0] if index == 0 else SKU_CASES[4][0]
+
+    monkeypatch.setattr(sku, "props_of", fake_props)
+    monkeypatch.setattr(sku, "_cache", {})
+    for _ in range(3):
+        assert sku.current_sku(torch.device("cuda", 0)) == "h100-sxm"
+        assert sku.current_sku(1) == "h200"
+    assert calls == [0, 1]
+    with pytest.raises(ValueError):
+        sku.current_sku(torch.device("cpu"))

@@ -1,0 +1,119 @@
+"""What both schedules of the sparse MLA forward share: the index rules of a row and the online-softmax math.
+
+``tl_kernels.sparse_mla_fwd`` (the plain schedule, C target and sm_90a) and ``tl_kernels.sparse_mla_fwd_ws`` (the
+warp-specialised sm_90a schedule) differ in who gathers and who multiplies; the masking of invalid entries, the
+online softmax in the log2 domain and the final normalisation (sink, ``lse``, empty rows) are written once, here.
+"""
+
+# No `from __future__ import annotations`: TileLang evaluates the annotations of the macros' callers.
+import math
+from typing import Any
+
+import tilelang.language as T
+
+__all__ = [
+    "ACCUM_DTYPE",
+    "CUDA_PASS_CONFIGS",
+    "DATA_DTYPE",
+    "INDEX_DTYPE",
+    "LN2",
+    "LOG2E",
+    "WARPGROUP_THREADS",
+    "WGMMA_M",
+    "entry_valid",
+    "gather_row",
+    "index_at",
+    "softmax_macros",
+]
+
+LOG2E = math.log2(math.e)
+"""Scores are pre-multiplied by ``sm_scale * log2(e)`` so the softmax can use ``exp2``."""
+LN2 = math.log(2.0)
+"""Turns the kernel's base-2 log-sum-exp into the natural log the API returns."""
+
+ACCUM_DTYPE = "float32"
+INDEX_DTYPE = "int32"
+DATA_DTYPE = "bfloat16"
+WGMMA_M = 64
+"""Rows of one Hopper warpgroup MMA: the CUDA head block (64 heads, every warpgroup on wgmma)."""
+WARPGROUP_THREADS = 128
+
+CUDA_PASS_CONFIGS: dict[str, bool] = {
+    # The index gather cannot use TMA, and TileLang's automatic warp specialisation would then only move the index
+    # copy to a producer warpgroup (leaving the KV gather synchronous in the consumers). Without both, the plain
+    # schedule's pipeliner issues the whole KV gather as cp.async, and the ws schedule specialises its warps itself.
+    "tl.disable_tma_lower": True,
+    "tl.disable_warp_specialized": True,
+}
+
+
+def index_at(indices: Any, b: Any, s: Any, pos: Any, width: Any) -> Any:
+    """Entry ``pos`` of query ``(b, s)``'s index row, read at ``min(pos, k - 1)``: the last step of a row whose width
+    is not a multiple of the step stays in bounds (positions ``>= k`` are masked by :func:`entry_valid`)."""
+    return indices[b, s, T.min(pos, width - 1)]
+
+
+def entry_valid(idx: Any, pos: Any, limit: Any, seq_len_kv: Any) -> Any:
+    """Whether the entry at position ``pos`` of its row, holding ``idx``, takes part in the softmax."""
+    return T.And(pos < limit, T.And(idx >= 0, idx < seq_len_kv))
+
+
+def gather_row(indices: Any, b: Any, s: Any, pos: Any, width: Any, limit: Any, seq_len_kv: Any) -> Any:
+    """The KV row a gather reads for entry ``pos`` of query ``(b, s)``: its index (int64) when valid, else -1.
+
+    TileLang's bound guard cannot prove this row in ``[0, S_kv)``, so it wraps the copy in the row's bounds check: on
+    CUDA the copy becomes a predicated cp.async that, for an invalid entry, reads nothing and zero-fills the tile row
+    (a select around the load would make the copy synchronous); the C target gets the same guard as a branch. A zero
+    row, not the memory an invalid index names, then meets the MMAs: Inf/NaN there (an unwritten cache slot) cannot
+    leak into ``out`` through ``0 * V``.
+    """
+    idx = index_at(indices, b, s, pos, width)
+    # In int64, the type of the address arithmetic: with an int32 row the guard evaluates it twice (int64 for the
+    # address, int32 for the predicate) and the ws producer issued 73 index loads per step instead of 37.
+    return T.if_then_else(entry_valid(idx, pos, limit, seq_len_kv), T.Cast("int64", idx), T.int64(-1))
+
+
+def softmax_macros(parallel: Any, block_h: int, block_k: int, heads: int, has_sink: bool) -> tuple[Any, Any]:
+    """The two online-softmax macros of a schedule whose loops over a tile are ``parallel`` (``T.Parallel`` on CUDA,
+    ``T.grid`` on the C target).
+
+    ``online_softmax(acc_s, m_i, m_prev, m_safe, alpha, l_i, row_sum)``: one step over the masked, log2-scaled scores
+    ``acc_s [block_h, block_k]`` (invalid entries exactly ``-inf``): the new running maximum ``m_i`` (the old one in
+    ``m_prev``), the rescale factor ``alpha = exp2(m_prev - m_new)`` of the running sums, ``acc_s`` replaced by the
+    unnormalised probabilities, and the running denominator ``l_i`` updated. The caller rescales its output
+    accumulator(s) by ``alpha`` and multiplies ``acc_s`` into them.
+
+    ``finalize(m_i, m_safe, l_i, inv, lse, attn_sink, h0)``: after the last step, ``inv`` holds the factor that
+    normalises the output (the sink joins the denominator as ``exp2(sink * log2(e) - m)``; 0 for a row with nothing
+    valid, whose output is then 0) and ``lse`` the natural-log log-sum-exp of the valid scores alone (``-inf`` for an
+    empty row).
+    """
+    neg_inf = -T.infinity(ACCUM_DTYPE)
+
+    @T.macro
+    def online_softmax(acc_s, m_i, m_prev, m_safe, alpha, l_i, row_sum):  # noqa: ANN001, ANN202
+        T.copy(m_i, m_prev)
+        T.reduce_max(acc_s, m_i, dim=1, clear=False)
+        for h in parallel(block_h):
+            # While a row has seen no valid score its maximum is -inf; subtracting 0 instead keeps exp2(-inf - m) at
+            # 0 rather than NaN.
+            m_safe[h] = T.if_then_else(m_i[h] == neg_inf, 0, m_i[h])
+            alpha[h] = T.exp2(m_prev[h] - m_safe[h])
+        for h, j in parallel(block_h, block_k):
+            acc_s[h, j] = T.exp2(acc_s[h, j] - m_safe[h])
+        T.reduce_sum(acc_s, row_sum, dim=1)
+        for h in parallel(block_h):
+            l_i[h] = l_i[h] * alpha[h] + row_sum[h]
+
+    @T.macro
+    def finalize(m_i, m_safe, l_i, inv, lse, attn_sink, h0):  # noqa: ANN001, ANN202
+        for h in parallel(block_h):
+            m_safe[h] = T.if_then_else(m_i[h] == neg_inf, 0, m_i[h])
+            if has_sink:
+                inv[h] = l_i[h] + T.exp2(attn_sink[T.min(h0 + h, heads - 1)] * T.float32(LOG2E) - m_safe[h])
+            else:
+                inv[h] = l_i[h]
+            inv[h] = T.if_then_else(inv[h] > 0, 1.0 / inv[h], 0)
+            lse[h] = T.if_then_else(l_i[h] > 0, (T.log2(l_i[h]) + m_safe[h]) * T.float32(LN2), neg_inf)
+
+    return online_softmax, finalize
