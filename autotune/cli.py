@@ -22,8 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from autotune import sku as sku_mod
 from autotune import measure, space, tuner
+from autotune import sku as sku_mod
 from dsa import env
 
 logger = logging.getLogger(__name__)

@@ -299,3 +299,8 @@ class GpuTimer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def make_timer(*, sku: str, device: torch.device | None = None) -> GpuTimer:
+    """The ``timer`` argument of :func:`autotune.tuner.tune` for the current CUDA device (close it when done)."""
+    return GpuTimer(sku=sku, device=device)

@@ -25,6 +25,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -121,6 +123,29 @@ def _poisoned_launcher_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
     from dsa.launch import common
 
     monkeypatch.setattr(common, "new_output", testing.poisoned_empty)
+
+
+@pytest.fixture()
+def fake_kernel() -> Iterator[types.ModuleType]:
+    """The tuner's fake kernel (``tests.fake_kernel``), registered as module ``fake_dsa_kernel`` and kernel ``fake``
+    with the preset ``fake-preset`` for the duration of a test."""
+    from tests import fake_kernel as fake
+
+    with fake.registered() as module:
+        yield module
+
+
+@pytest.fixture()
+def cache_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, Path]]:
+    """A fresh user cache folder and a fresh shipped-configs folder; the in-process config cache forgotten."""
+    from autotune import cache
+
+    user, shipped = tmp_path / "user", tmp_path / "shipped"
+    monkeypatch.setenv("DSA_CACHE_DIR", str(user))
+    monkeypatch.setattr(cache, "SHIPPED_DIR", shipped)
+    cache.clear_memory_cache()
+    yield user, shipped
+    cache.clear_memory_cache()
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """A fake kernel for the tuner's tests: a module following the kernel-module convention (``build``, ``Config``,
 ``TUNING_SPACE``, ``check_config``, ``default_config``) with a fake compile function, so that the tuner, the config
-cache and the GPU phase are exercised without nvcc or a GPU; plus the fixtures that register it and give each test a
-fresh config cache.
+cache and the GPU phase are exercised without nvcc or a GPU (``tests/conftest.py``'s ``fake_kernel`` fixture registers
+it with :func:`registered`).
 
 The worker-process tests spawn a process that unpickles its runner and measure function by name, so those live here,
 at module level.
@@ -9,6 +9,7 @@ at module level.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -19,7 +20,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
 
 from autotune import cache, runners, space, tuner
@@ -90,9 +90,10 @@ def fake_flops(static: dict[str, Any], sizes: dict[str, int]) -> float:
     return 2.0 * static["width"] * sizes["seq_len"] * sizes["seq_len_kv"] * sizes["batch"]
 
 
-@pytest.fixture()
-def fake_kernel() -> Iterator[types.ModuleType]:
-    """Register ``fake_dsa_kernel`` as a module and as kernel ``fake`` with the preset ``fake-preset``."""
+@contextlib.contextmanager
+def registered() -> Iterator[types.ModuleType]:
+    """Register ``fake_dsa_kernel`` as a module and as kernel ``fake`` with the preset ``fake-preset`` (the
+    ``fake_kernel`` fixture of ``tests/conftest.py``)."""
     module = types.ModuleType(MODULE)
     module.Config = FakeConfig
     module.TUNING_SPACE = SPACE
@@ -103,20 +104,11 @@ def fake_kernel() -> Iterator[types.ModuleType]:
     sys.modules[MODULE] = module
     spec = space.KernelSpec(KERNEL, MODULE, fake_flops, compile_fn=f"{MODULE}:compile")
     space.register_kernel(spec, {PRESET: [space.Case(KERNEL, dict(STATIC), SIZES, CHECK)]})
-    yield module
-    space.unregister_kernel(KERNEL)
-    sys.modules.pop(MODULE, None)
-
-
-@pytest.fixture()
-def cache_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, Path]]:
-    """A fresh user cache folder and a fresh shipped-configs folder; the in-process cache forgotten."""
-    user, shipped = tmp_path / "user", tmp_path / "shipped"
-    monkeypatch.setenv("DSA_CACHE_DIR", str(user))
-    monkeypatch.setattr(cache, "SHIPPED_DIR", shipped)
-    cache.clear_memory_cache()
-    yield user, shipped
-    cache.clear_memory_cache()
+    try:
+        yield module
+    finally:
+        space.unregister_kernel(KERNEL)
+        sys.modules.pop(MODULE, None)
 
 
 def options(user: Path, **changes: Any) -> tuner.TuneOptions:

@@ -4,10 +4,7 @@ counts, the harness itself on tiny cases (host clock, C-target kernels), its che
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,14 +13,10 @@ import torch
 from autotune import bench, flops
 from benchmarks import cases as case_data
 from dsa.launch import common
+from tests.support import ROOT, SCRIPTS
+from tests.support import run_python as _run
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = ROOT / "scripts"
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour on a machine without CUDA")
-
-
-def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout)
 
 
 @no_cuda

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from autotune import cache
-from tests.fake_kernel import cache_dirs  # noqa: F401 - a fixture
+
 
 def test_buckets_and_canonical_keys() -> None:
     sizes = (0, 1, 2, 3, 4, 5, 4096, 4097, 65536)

@@ -14,7 +14,6 @@ import pytest
 
 from autotune import cli, space
 from tests import fake_kernel as fake
-from tests.fake_kernel import fake_kernel  # noqa: F401 - a fixture
 
 REPO = Path(__file__).resolve().parents[1]
 

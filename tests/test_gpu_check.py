@@ -17,14 +17,10 @@ import pytest
 import torch
 
 from autotune import gpu_check, space
+from tests.support import ROOT
+from tests.support import run_python as _run
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = ROOT / "scripts"
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour on a machine without CUDA")
-
-
-def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout)
 
 
 def test_stage_is_killed_at_its_budget(tmp_path: Path) -> None:

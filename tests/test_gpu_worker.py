@@ -16,8 +16,8 @@ import torch
 
 from autotune import cache, cli, gpu_phase, gpu_worker, space, tuner
 from tests import fake_kernel as fake
-from tests.fake_kernel import cache_dirs, fake_kernel  # noqa: F401 - fixtures
 from tests.test_tuner import FakeRunner
+
 
 def test_worker_survives_candidates_that_crash_or_hang(
     fake_kernel: types.ModuleType, cache_dirs: tuple[Path, Path]
@@ -120,3 +120,10 @@ def test_candidate_timeout_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     assert cli.main([]) == cli.EXIT_USAGE  # a bad value is a usage error before anything compiles
     args = cli.build_parser().parse_args(["--candidate-timeout", "30", "--in-process"])
     assert args.candidate_timeout == 30.0 and args.in_process
+
+
+def test_make_timer_gives_the_isolated_timer_the_cli_uses() -> None:
+    """``dsa-autotune`` on a GPU host times through ``make_timer``: it must exist and start no worker until used."""
+    timer = gpu_worker.make_timer(sku="h200", device=torch.device("cpu"))
+    assert isinstance(timer, gpu_worker.GpuTimer) and timer.sku == "h200" and timer._worker is None
+    timer.close()

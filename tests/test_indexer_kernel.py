@@ -24,11 +24,10 @@ from dsa import reference, testing
 from dsa.launch import common
 from dsa.launch import indexer as launch
 from dsa.testing import assert_close
-from tests import kernel_support, strategies
+from tests import strategies, support
 from tl_kernels import build as tl_build
 from tl_kernels import dsl
 from tl_kernels import indexer as kernels
-
 
 RANGE_PATTERNS = testing.RANGE_PATTERNS
 # Tolerances are relative to the largest |term sum| of a row, ``k_scale * sum_j |w_j| relu(q_j . k)`` (what the
@@ -194,7 +193,7 @@ def test_cpu_launcher_default_config() -> None:
 
 
 def _hopper_configs(static: dict[str, Any]) -> list[kernels.Config]:
-    return kernel_support.hopper_configs(launch.KERNEL_NAME, static)
+    return support.hopper_configs(launch.KERNEL_NAME, static)
 
 
 V32_STATICS = tuple({**V32, "dtype": dtype, "mode": mode} for dtype in kernels.DTYPES for mode in kernels.MODES)
@@ -251,7 +250,7 @@ def test_default_config_fits_hopper(heads: int, dim: int, dtype: str) -> None:
 def hopper_build(item: tuple[dict[str, Any], kernels.Config]) -> tuple[Any, tl_build.StaticReport]:
     """One V3.2 indexer config compiled for sm_90a (once per session)."""
     static, config = item
-    return kernel_support.hopper_build(_build_id(item), kernels.build, **static, **dataclasses.asdict(config))
+    return support.hopper_build(_build_id(item), kernels.build, **static, **dataclasses.asdict(config))
 
 
 @pytest.mark.build

@@ -9,8 +9,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dsa import reference
+from dsa.testing import (
+    assert_close,
+    assert_topk_valid,
+    index_mask,
+    poison_unreferenced_rows,
+)
 from tests import strategies as sts
-from dsa.testing import assert_close, assert_topk_valid, index_mask, poison_unreferenced_rows
 
 FLOAT_DTYPES = st.sampled_from([torch.float32, torch.bfloat16])
 # Per-output tolerances: float32 paths differ only in summation order; bf16 outputs differ by one rounding step.

@@ -12,7 +12,6 @@ import torch
 
 from autotune import cache, select, sku, space
 from tests import fake_kernel as fake
-from tests.fake_kernel import cache_dirs, fake_kernel  # noqa: F401 - fixtures
 
 CUDA = torch.device("cuda", 0)
 

@@ -11,7 +11,6 @@ import pytest
 
 from autotune import flops, space
 from tests import fake_kernel as fake
-from tests.fake_kernel import fake_kernel  # noqa: F401 - a fixture
 
 
 def test_causal_pairs_matches_brute_force() -> None:

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from dsa import reference
 from dsa.launch import sparse_mla_bwd as launch
 from dsa.testing import assert_close, poison_unreferenced_rows
-from tests import kernel_support, strategies
+from tests import strategies, support
 from tl_kernels import build as tl_build
 from tl_kernels import sparse_mla_bwd as kernels
 
@@ -446,7 +446,7 @@ def test_cpu_launcher_default_config() -> None:
 
 
 V32_STATIC = {**V32, "has_topk_length": True, "has_sink": True}
-HOPPER_CONFIGS = kernel_support.hopper_configs(launch.KERNEL_NAME, V32_STATIC)
+HOPPER_CONFIGS = support.hopper_configs(launch.KERNEL_NAME, V32_STATIC)
 
 
 def test_tuning_space_is_small_and_valid() -> None:
@@ -468,7 +468,7 @@ def test_hopper_main_kernel_static(config: kernels.Config) -> None:
     """No spills, no serialised wgmma, shared memory within the limit, every MMA a wgmma, at V3.2 shapes; and one
     wgmma wait per MMA group (s with dp, dq with the first dkv chunk, each further dkv chunk), not one per 64-column
     MMA."""
-    kernel, report = kernel_support.hopper_build(
+    kernel, report = support.hopper_build(
         f"sparse_mla_bwd {config}", kernels.build, **V32_STATIC, **kernels.config_params(config)
     )
     assert report.problems(mma=tl_build.MMA_WGMMA) == [], report.ptxas_log
@@ -492,7 +492,7 @@ def test_hopper_main_kernel_static(config: kernels.Config) -> None:
 )
 def test_hopper_helper_kernels_static(name: str, builder: Any, params: dict[str, int]) -> None:
     """The delta preprocess and the dkv cast: no spills, shared memory within the limit, no GEMM."""
-    _, report = kernel_support.hopper_build(f"sparse_mla_bwd {name}", builder, **params)
+    _, report = support.hopper_build(f"sparse_mla_bwd {name}", builder, **params)
     assert report.problems() == [] and report.mma == {}, report.ptxas_log
 
 

@@ -40,11 +40,10 @@ from hypothesis import strategies as st
 from dsa import reference, testing
 from dsa.launch import sparse_mla_fwd as launch
 from dsa.testing import assert_close, poison_unreferenced_rows
-from tests import kernel_support, strategies
+from tests import strategies, support
 from tl_kernels import build as tl_build
 from tl_kernels import dsl
 from tl_kernels import sparse_mla_fwd as kernels
-
 
 V32 = {"heads": 128, "d_qk": 576, "d_v": 512}
 V32_TOPK = 2048
@@ -149,7 +148,7 @@ def _tuning_configs() -> list[kernels.Config]:
     """Every combination of the kernel's ``TUNING_SPACE`` that ``check_config`` accepts at V3.2 shapes on sm_90a (the
     product holds invalid combinations, e.g. the ws schedule with 256 threads): what the tuner's full search
     compiles."""
-    return kernel_support.hopper_configs(launch.KERNEL_NAME, {**V32, "has_topk_length": False, "has_sink": False})
+    return support.hopper_configs(launch.KERNEL_NAME, {**V32, "has_topk_length": False, "has_sink": False})
 
 
 def _ws_config(static: dict[str, Any]) -> kernels.Config:
@@ -437,7 +436,7 @@ def test_hopper_build_is_clean(case: tuple[dict[str, Any], kernels.Config]) -> N
     (and, for the ws schedule, per-warpgroup register budgets and mbarrier hand-offs). A clean build says nothing about
     the ws kernel's barriers being right: that is the GPU tier's job."""
     static, config = case
-    kernel, report = kernel_support.hopper_build(
+    kernel, report = support.hopper_build(
         f"sparse_mla_fwd {_case_id(case)}", kernels.build, **static, **dataclasses.asdict(config)
     )
     assert not report.problems(mma=tl_build.MMA_WGMMA), report.problems(mma=tl_build.MMA_WGMMA)

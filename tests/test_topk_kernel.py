@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 
 from dsa.launch import topk as launch
 from dsa.testing import assert_topk_valid
-from tests import kernel_support, strategies
+from tests import strategies, support
 from tl_kernels import dsl
 from tl_kernels import topk as kernels
 
@@ -274,7 +274,7 @@ def test_hopper_build_is_clean(item: tuple[int, kernels.Config]) -> None:
     """No spills, shared memory as estimated and within the limit, no matrix instruction (the selection has no
     GEMM); no atomic evaluated inside a store index."""
     k, config = item
-    kernel, report = kernel_support.hopper_build(_build_id(item), kernels.build, k=k, **dataclasses.asdict(config))
+    kernel, report = support.hopper_build(_build_id(item), kernels.build, k=k, **dataclasses.asdict(config))
     assert report.problems() == [] and report.mma == {}, report.ptxas_log
     assert report.smem_bytes <= kernels.shared_memory_bytes(config) + 1024, (report.smem_bytes, config)
     source = kernel.get_kernel_source()

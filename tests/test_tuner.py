@@ -15,7 +15,7 @@ import torch
 from autotune import cache, gpu_phase, runners, space, tuner
 from dsa import testing
 from tests import fake_kernel as fake
-from tests.fake_kernel import cache_dirs, fake_kernel  # noqa: F401 - fixtures
+
 
 def test_tune_compile_only_fake(fake_kernel: types.ModuleType, tmp_path: Path) -> None:
     result = tuner.tune(fake.options(tmp_path, full=True))

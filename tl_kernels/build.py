@@ -285,7 +285,9 @@ to ...``)."""
 def _find_ptxas() -> str:
     """The ptxas of the toolkit TileLang compiles with (its ``CUDA_HOME``, which it reads from the environment or
     derives from nvcc), else the one on ``PATH``."""
-    from tilelang.env import CUDA_HOME  # no environment reads of our own: TileLang already resolved the toolkit
+    from tilelang.env import (
+        CUDA_HOME,  # no environment reads of our own: TileLang already resolved the toolkit
+    )
 
     if CUDA_HOME:
         candidate = Path(CUDA_HOME) / "bin" / "ptxas"

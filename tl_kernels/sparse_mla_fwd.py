@@ -37,13 +37,13 @@ from tl_kernels.sparse_mla_fwd_steps import (
     ACCUM_DTYPE,
     CUDA_PASS_CONFIGS,
     DATA_DTYPE,
-    INDEX_DTYPE,
-    LOG2E,
     WARPGROUP_THREADS,
     WGMMA_M,
     entry_valid,
+    forward_kernel,
     gather_row,
     index_at,
+    kernel_dims,
     softmax_macros,
 )
 from tl_kernels.sparse_mla_fwd_ws import (
@@ -256,100 +256,80 @@ def build(
     data_storage = dsl.storage_dtype(DATA_DTYPE, target)
     # On the C target the tiles hold decoded float32 (its GEMM has no bf16); on CUDA they hold bf16 for wgmma.
     tile_dtype = ACCUM_DTYPE if cpu else DATA_DTYPE
-    head_blocks = (heads + block_h - 1) // block_h
     neg_inf = -T.infinity(ACCUM_DTYPE)
 
-    batch = T.dynamic("batch")
-    seq_len = T.dynamic("seq_len")
-    seq_len_kv = T.dynamic("seq_len_kv")
-    width = T.dynamic("topk")
-    topk_length_shape = [batch, seq_len] if has_topk_length else [1, 1]
-    sink_shape = [heads] if has_sink else [1]
+    dims = kernel_dims(heads, has_topk_length, has_sink)
+    width, seq_len_kv = dims.width, dims.seq_len_kv
 
     def load(value: Any) -> Any:
         return dsl.load_tile(value, DATA_DTYPE, target)
 
     online_softmax, finalize = softmax_macros(alloc.parallel, block_h, block_k, heads, has_sink)
 
-    @T.prim_func
-    def main(
-        Q: T.Tensor([batch, seq_len, heads, d_qk], data_storage),  # type: ignore[valid-type]
-        KV: T.Tensor([batch, seq_len_kv, d_qk], data_storage),  # type: ignore[valid-type]
-        Indices: T.Tensor([batch, seq_len, width], INDEX_DTYPE),  # type: ignore[valid-type]
-        TopkLength: T.Tensor(topk_length_shape, INDEX_DTYPE),  # type: ignore[valid-type]
-        AttnSink: T.Tensor(sink_shape, ACCUM_DTYPE),  # type: ignore[valid-type]
-        sm_scale: T.float32,
-        Out: T.Tensor([batch, seq_len, heads, d_v], data_storage),  # type: ignore[valid-type]
-        Lse: T.Tensor([batch, seq_len, heads], ACCUM_DTYPE),  # type: ignore[valid-type]
-    ):
-        with T.Kernel(seq_len * head_blocks, batch, threads=threads) as (bx, by):
-            q_s = alloc.shared([block_h, d_qk], tile_dtype)
-            kv_s = alloc.shared([block_k, d_qk], tile_dtype)
-            p_s = alloc.shared([block_h, block_k], tile_dtype)
-            acc_s = alloc.fragment([block_h, block_k], ACCUM_DTYPE)
-            acc_o = alloc.fragment([block_h, d_v], ACCUM_DTYPE)
-            m_i = alloc.fragment([block_h], ACCUM_DTYPE)
-            m_prev = alloc.fragment([block_h], ACCUM_DTYPE)
-            m_safe = alloc.fragment([block_h], ACCUM_DTYPE)
-            alpha = alloc.fragment([block_h], ACCUM_DTYPE)
-            l_i = alloc.fragment([block_h], ACCUM_DTYPE)
-            row_sum = alloc.fragment([block_h], ACCUM_DTYPE)
+    @T.macro
+    def schedule(Q, KV, Indices, AttnSink, Out, Lse, b, s, h0, scale_log2, limit, num_steps):  # noqa: ANN001, ANN202
+        q_s = alloc.shared([block_h, d_qk], tile_dtype)
+        kv_s = alloc.shared([block_k, d_qk], tile_dtype)
+        p_s = alloc.shared([block_h, block_k], tile_dtype)
+        acc_s = alloc.fragment([block_h, block_k], ACCUM_DTYPE)
+        acc_o = alloc.fragment([block_h, d_v], ACCUM_DTYPE)
+        m_i = alloc.fragment([block_h], ACCUM_DTYPE)
+        m_prev = alloc.fragment([block_h], ACCUM_DTYPE)
+        m_safe = alloc.fragment([block_h], ACCUM_DTYPE)
+        alpha = alloc.fragment([block_h], ACCUM_DTYPE)
+        l_i = alloc.fragment([block_h], ACCUM_DTYPE)
+        row_sum = alloc.fragment([block_h], ACCUM_DTYPE)
 
-            b = by
-            s = bx // head_blocks
-            h0 = (bx % head_blocks) * block_h
-            scale_log2 = sm_scale * T.float32(LOG2E)
-            # Entries at positions >= limit are invalid: the row width k, or topk_length[b, s] when it is smaller.
-            limit = T.min(TopkLength[b, s], width) if has_topk_length else width
-            # Steps past `limit` hold no valid entry: a short topk_length row skips them.
-            num_steps = T.ceildiv(limit, block_k)
+        # Heads past `heads` (last head block) load zeros; they are never stored.
+        for h, d in alloc.parallel(block_h, d_qk):
+            q_s[h, d] = T.if_then_else(h0 + h < heads, load(Q[b, s, T.min(h0 + h, heads - 1), d]), 0)
+        T.fill(acc_o, 0)
+        T.fill(l_i, 0)
+        T.fill(m_i, neg_inf)
 
-            # Heads past `heads` (last head block) load zeros; they are never stored.
-            for h, d in alloc.parallel(block_h, d_qk):
-                q_s[h, d] = T.if_then_else(h0 + h < heads, load(Q[b, s, T.min(h0 + h, heads - 1), d]), 0)
-            T.fill(acc_o, 0)
-            T.fill(l_i, 0)
-            T.fill(m_i, neg_inf)
+        for step in T.Pipelined(num_steps, num_stages=num_stages):
+            # The gather: V is the first d_v columns of the same rows, so one tile feeds both GEMMs. Each element
+            # reads its index straight from global memory (cached): staging the indices in shared memory would
+            # make them a second asynchronous copy, and TileLang 0.1.15 does not wait for one cp.async group
+            # before another copy's address reads it.
+            # An invalid entry's tile row is zero, never the memory its index names (see gather_row).
+            for j, d in alloc.parallel(block_k, d_qk):
+                kv_s[j, d] = load(
+                    KV[b, gather_row(Indices, b, s, step * block_k + j, width, limit, seq_len_kv), d]
+                )
 
-            for step in T.Pipelined(num_steps, num_stages=num_stages):
-                # The gather: V is the first d_v columns of the same rows, so one tile feeds both GEMMs. Each element
-                # reads its index straight from global memory (cached): staging the indices in shared memory would
-                # make them a second asynchronous copy, and TileLang 0.1.15 does not wait for one cp.async group
-                # before another copy's address reads it.
-                # An invalid entry's tile row is zero, never the memory its index names (see gather_row).
-                for j, d in alloc.parallel(block_k, d_qk):
-                    kv_s[j, d] = load(
-                        KV[b, gather_row(Indices, b, s, step * block_k + j, width, limit, seq_len_kv), d]
-                    )
+            T.clear(acc_s)
+            T.gemm(q_s, kv_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+            # Select the mask: a masked entry's zero row gives a score of 0 that must become exactly -inf.
+            for h, j in alloc.parallel(block_h, block_k):
+                acc_s[h, j] = T.if_then_else(
+                    entry_valid(
+                        index_at(Indices, b, s, step * block_k + j, width), step * block_k + j, limit, seq_len_kv
+                    ),
+                    acc_s[h, j] * scale_log2,
+                    neg_inf,
+                )
 
-                T.clear(acc_s)
-                T.gemm(q_s, kv_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-                # Select the mask: a masked entry's zero row gives a score of 0 that must become exactly -inf.
-                for h, j in alloc.parallel(block_h, block_k):
-                    acc_s[h, j] = T.if_then_else(
-                        entry_valid(
-                            index_at(Indices, b, s, step * block_k + j, width), step * block_k + j, limit, seq_len_kv
-                        ),
-                        acc_s[h, j] * scale_log2,
-                        neg_inf,
-                    )
-
-                online_softmax(acc_s, m_i, m_prev, m_safe, alpha, l_i, row_sum)
-                for h, d in alloc.parallel(block_h, d_v):
-                    acc_o[h, d] = acc_o[h, d] * alpha[h]
-                T.copy(acc_s, p_s)
-                T.gemm(p_s, kv_s[:, 0:d_v], acc_o, policy=T.GemmWarpPolicy.FullRow)
-
-            # alpha: the output's normaliser (the sink in the denominator; 0 for an empty row, whose output is then
-            # 0), row_sum: lse (-inf for an empty row).
-            finalize(m_i, m_safe, l_i, alpha, row_sum, AttnSink, h0)
+            online_softmax(acc_s, m_i, m_prev, m_safe, alpha, l_i, row_sum)
             for h, d in alloc.parallel(block_h, d_v):
-                if h0 + h < heads:
-                    Out[b, s, h0 + h, d] = dsl.store_bf16(acc_o[h, d] * alpha[h], target)
-            for h in alloc.parallel(block_h):
-                if h0 + h < heads:
-                    Lse[b, s, h0 + h] = row_sum[h]
+                acc_o[h, d] = acc_o[h, d] * alpha[h]
+            T.copy(acc_s, p_s)
+            T.gemm(p_s, kv_s[:, 0:d_v], acc_o, policy=T.GemmWarpPolicy.FullRow)
 
+        # alpha: the output's normaliser (the sink in the denominator; 0 for an empty row, whose output is then
+        # 0), row_sum: lse (-inf for an empty row).
+        finalize(m_i, m_safe, l_i, alpha, row_sum, AttnSink, h0)
+        for h, d in alloc.parallel(block_h, d_v):
+            if h0 + h < heads:
+                Out[b, s, h0 + h, d] = dsl.store_bf16(acc_o[h, d] * alpha[h], target)
+        for h in alloc.parallel(block_h):
+            if h0 + h < heads:
+                Lse[b, s, h0 + h] = row_sum[h]
+
+    main = forward_kernel(
+        dims, heads=heads, d_qk=d_qk, d_v=d_v, has_topk_length=has_topk_length, block_h=block_h, block_k=block_k,
+        threads=threads, data_dtype=data_storage, body=schedule,
+    )  # fmt: skip
     if cpu:
         return main
     return dsl.with_pass_configs(main, CUDA_PASS_CONFIGS)

@@ -5,8 +5,10 @@ warp-specialised sm_90a schedule) differ in who gathers and who multiplies; the 
 online softmax in the log2 domain and the final normalisation (sink, ``lse``, empty rows) are written once, here.
 """
 
-# No `from __future__ import annotations`: TileLang evaluates the annotations of the macros' callers.
+# No `from __future__ import annotations`: TileLang evaluates the prim_func's annotations, which refer to closure
+# variables (shapes, dtypes).
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import tilelang.language as T
@@ -20,7 +22,9 @@ __all__ = [
     "LOG2E",
     "WARPGROUP_THREADS",
     "WGMMA_M",
+    "Dims",
     "entry_valid",
+    "forward_kernel",
     "gather_row",
     "index_at",
     "softmax_macros",
@@ -117,3 +121,81 @@ def softmax_macros(parallel: Any, block_h: int, block_k: int, heads: int, has_si
             lse[h] = T.if_then_else(l_i[h] > 0, (T.log2(l_i[h]) + m_safe[h]) * T.float32(LN2), neg_inf)
 
     return online_softmax, finalize
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The symbolic sizes of one forward kernel: ``B``, ``S``, ``S_kv`` and the index-row width ``k``, and the shapes
+    of the optional inputs (``[1, 1]`` / ``[1]`` placeholders when absent)."""
+
+    batch: Any
+    seq_len: Any
+    seq_len_kv: Any
+    width: Any
+    topk_length_shape: list[Any]
+    sink_shape: list[Any]
+
+
+def kernel_dims(heads: int, has_topk_length: bool, has_sink: bool) -> Dims:
+    """Fresh symbolic sizes for one forward kernel (one compiled kernel serves every ``B``, ``S``, ``S_kv``, ``k``)."""
+    batch, seq_len = T.dynamic("batch"), T.dynamic("seq_len")
+    return Dims(
+        batch=batch,
+        seq_len=seq_len,
+        seq_len_kv=T.dynamic("seq_len_kv"),
+        width=T.dynamic("topk"),
+        topk_length_shape=[batch, seq_len] if has_topk_length else [1, 1],
+        sink_shape=[heads] if has_sink else [1],
+    )
+
+
+def forward_kernel(
+    dims: Dims,
+    *,
+    heads: int,
+    d_qk: int,
+    d_v: int,
+    has_topk_length: bool,
+    block_h: int,
+    block_k: int,
+    threads: int,
+    data_dtype: str,
+    body: Any,
+) -> Any:
+    """The forward's ``prim_func``: its arguments (the kernel's ABI, the same for every schedule), one thread block
+    per query token and ``block_h`` heads, and the row's bookkeeping; ``body`` (a ``T.macro``) is the schedule.
+
+    Arguments (``data_dtype``: bfloat16, or its ``uint16`` storage on the C target): ``Q [B, S, heads, d_qk]``,
+    ``KV [B, S_kv, d_qk]``, ``Indices [B, S, k]`` int32, ``TopkLength`` (``[B, S]`` int32 or a placeholder),
+    ``AttnSink`` (``[heads]`` float32 or a placeholder), ``sm_scale`` float32, ``Out [B, S, heads, d_v]`` (written),
+    ``Lse [B, S, heads]`` float32 (written).
+
+    ``body(Q, KV, Indices, AttnSink, Out, Lse, b, s, h0, scale_log2, limit, num_steps)`` runs inside the thread block
+    of query ``s`` of batch row ``b`` and head block ``h0``: ``scale_log2 = sm_scale * log2(e)``; entries at positions
+    ``>= limit`` (the row width, or ``topk_length`` when smaller) are invalid; ``num_steps = ceil(limit / block_k)``
+    steps hold every valid entry (a short ``topk_length`` row skips the rest).
+    """
+    head_blocks = (heads + block_h - 1) // block_h
+    batch, seq_len, seq_len_kv, width = dims.batch, dims.seq_len, dims.seq_len_kv, dims.width
+
+    @T.prim_func
+    def main(
+        Q: T.Tensor([batch, seq_len, heads, d_qk], data_dtype),  # type: ignore[valid-type]
+        KV: T.Tensor([batch, seq_len_kv, d_qk], data_dtype),  # type: ignore[valid-type]
+        Indices: T.Tensor([batch, seq_len, width], INDEX_DTYPE),  # type: ignore[valid-type]
+        TopkLength: T.Tensor(dims.topk_length_shape, INDEX_DTYPE),  # type: ignore[valid-type]
+        AttnSink: T.Tensor(dims.sink_shape, ACCUM_DTYPE),  # type: ignore[valid-type]
+        sm_scale: T.float32,
+        Out: T.Tensor([batch, seq_len, heads, d_v], data_dtype),  # type: ignore[valid-type]
+        Lse: T.Tensor([batch, seq_len, heads], ACCUM_DTYPE),  # type: ignore[valid-type]
+    ):
+        with T.Kernel(seq_len * head_blocks, batch, threads=threads) as (bx, by):
+            b = by
+            s = bx // head_blocks
+            h0 = (bx % head_blocks) * block_h
+            scale_log2 = sm_scale * T.float32(LOG2E)
+            limit = T.min(TopkLength[b, s], width) if has_topk_length else width
+            num_steps = T.ceildiv(limit, block_k)
+            body(Q, KV, Indices, AttnSink, Out, Lse, b, s, h0, scale_log2, limit, num_steps)
+
+    return main

@@ -17,13 +17,13 @@ from tl_kernels.sparse_mla_fwd_steps import (
     ACCUM_DTYPE,
     CUDA_PASS_CONFIGS,
     DATA_DTYPE,
-    INDEX_DTYPE,
-    LOG2E,
     WARPGROUP_THREADS,
     WGMMA_M,
     entry_valid,
+    forward_kernel,
     gather_row,
     index_at,
+    kernel_dims,
     softmax_macros,
 )
 
@@ -94,17 +94,11 @@ def build_ws(
     block_h = WGMMA_M
     half_v = d_v // 2
     tail = d_qk - d_v
-    head_blocks = (heads + block_h - 1) // block_h
     neg_inf = -T.infinity(ACCUM_DTYPE)
     consumers = 2 * WARPGROUP_THREADS
     online_softmax, finalize = softmax_macros(T.Parallel, block_h, block_k, heads, has_sink)
-
-    batch = T.dynamic("batch")
-    seq_len = T.dynamic("seq_len")
-    seq_len_kv = T.dynamic("seq_len_kv")
-    width = T.dynamic("topk")
-    topk_length_shape = [batch, seq_len] if has_topk_length else [1, 1]
-    sink_shape = [heads] if has_sink else [1]
+    dims = kernel_dims(heads, has_topk_length, has_sink)
+    width, seq_len_kv = dims.width, dims.seq_len_kv
 
     # Macros take TileLang buffers and expressions (no Python annotations: the eager builder binds them itself).
     @T.macro
@@ -143,153 +137,141 @@ def build_ws(
         for j, d in T.Parallel(block_k, tail, annotations=WS_ASYNC_COPY):
             k_t[j, d] = kv_src[b, gather_row(indices, b, s, step * block_k + j, width, limit, seq_len_kv), d_v + d]
 
-    @T.prim_func
-    def main(
-        Q: T.Tensor([batch, seq_len, heads, d_qk], DATA_DTYPE),  # type: ignore[valid-type]
-        KV: T.Tensor([batch, seq_len_kv, d_qk], DATA_DTYPE),  # type: ignore[valid-type]
-        Indices: T.Tensor([batch, seq_len, width], INDEX_DTYPE),  # type: ignore[valid-type]
-        TopkLength: T.Tensor(topk_length_shape, INDEX_DTYPE),  # type: ignore[valid-type]
-        AttnSink: T.Tensor(sink_shape, ACCUM_DTYPE),  # type: ignore[valid-type]
-        sm_scale: T.float32,
-        Out: T.Tensor([batch, seq_len, heads, d_v], DATA_DTYPE),  # type: ignore[valid-type]
-        Lse: T.Tensor([batch, seq_len, heads], ACCUM_DTYPE),  # type: ignore[valid-type]
-    ):
-        with T.Kernel(seq_len * head_blocks, batch, threads=WS_THREADS) as (bx, by):
-            q_l = T.alloc_shared([block_h, half_v], DATA_DTYPE)
-            q_r = T.alloc_shared([block_h, half_v], DATA_DTYPE)
-            q_t = T.alloc_shared([block_h, tail], DATA_DTYPE)
-            kv_l0 = T.alloc_shared([block_k, half_v], DATA_DTYPE)
-            kv_r0 = T.alloc_shared([block_k, half_v], DATA_DTYPE)
-            k_t0 = T.alloc_shared([block_k, tail], DATA_DTYPE)
-            kv_l1 = T.alloc_shared([block_k, half_v], DATA_DTYPE)
-            kv_r1 = T.alloc_shared([block_k, half_v], DATA_DTYPE)
-            k_t1 = T.alloc_shared([block_k, tail], DATA_DTYPE)
-            p_s = T.alloc_shared([block_h, block_k], DATA_DTYPE)
-            # Whether each gathered row takes part in the softmax, per KV buffer (written by the producer).
-            valid0 = T.alloc_shared([block_k], "uint8")
-            valid1 = T.alloc_shared([block_k], "uint8")
-            alpha_s = T.alloc_shared([block_h], ACCUM_DTYPE)
-            inv_s = T.alloc_shared([block_h], ACCUM_DTYPE)
+    # Every role runs the same step count (forward_kernel's num_steps, from the same value). Step i uses buffer
+    # i % 2 with phase parity (i // 2) & 1, which holds for any count, odd included (no padding step).
+    @T.macro
+    def schedule(Q, KV, Indices, AttnSink, Out, Lse, b, s, h0, scale_log2, limit, num_steps):  # noqa: ANN001, ANN202
+        q_l = T.alloc_shared([block_h, half_v], DATA_DTYPE)
+        q_r = T.alloc_shared([block_h, half_v], DATA_DTYPE)
+        q_t = T.alloc_shared([block_h, tail], DATA_DTYPE)
+        kv_l0 = T.alloc_shared([block_k, half_v], DATA_DTYPE)
+        kv_r0 = T.alloc_shared([block_k, half_v], DATA_DTYPE)
+        k_t0 = T.alloc_shared([block_k, tail], DATA_DTYPE)
+        kv_l1 = T.alloc_shared([block_k, half_v], DATA_DTYPE)
+        kv_r1 = T.alloc_shared([block_k, half_v], DATA_DTYPE)
+        k_t1 = T.alloc_shared([block_k, tail], DATA_DTYPE)
+        p_s = T.alloc_shared([block_h, block_k], DATA_DTYPE)
+        # Whether each gathered row takes part in the softmax, per KV buffer (written by the producer).
+        valid0 = T.alloc_shared([block_k], "uint8")
+        valid1 = T.alloc_shared([block_k], "uint8")
+        alpha_s = T.alloc_shared([block_h], ACCUM_DTYPE)
+        inv_s = T.alloc_shared([block_h], ACCUM_DTYPE)
 
-            acc_s = T.alloc_fragment([block_h, block_k], ACCUM_DTYPE)
-            acc_o_l = T.alloc_fragment([block_h, half_v], ACCUM_DTYPE)
-            acc_o_r = T.alloc_fragment([block_h, half_v], ACCUM_DTYPE)
-            m_i = T.alloc_fragment([block_h], ACCUM_DTYPE)
-            m_prev = T.alloc_fragment([block_h], ACCUM_DTYPE)
-            m_safe = T.alloc_fragment([block_h], ACCUM_DTYPE)
-            alpha = T.alloc_fragment([block_h], ACCUM_DTYPE)
-            l_i = T.alloc_fragment([block_h], ACCUM_DTYPE)
-            row_sum = T.alloc_fragment([block_h], ACCUM_DTYPE)
+        acc_s = T.alloc_fragment([block_h, block_k], ACCUM_DTYPE)
+        acc_o_l = T.alloc_fragment([block_h, half_v], ACCUM_DTYPE)
+        acc_o_r = T.alloc_fragment([block_h, half_v], ACCUM_DTYPE)
+        m_i = T.alloc_fragment([block_h], ACCUM_DTYPE)
+        m_prev = T.alloc_fragment([block_h], ACCUM_DTYPE)
+        m_safe = T.alloc_fragment([block_h], ACCUM_DTYPE)
+        alpha = T.alloc_fragment([block_h], ACCUM_DTYPE)
+        l_i = T.alloc_fragment([block_h], ACCUM_DTYPE)
+        row_sum = T.alloc_fragment([block_h], ACCUM_DTYPE)
 
-            bar_q = T.alloc_barrier(WS_THREADS)
-            # ready_i: the producer's 128 cp.async completions plus its 128 plain arrivals (which release its
-            # valid_i stores); free_i: both consumer warpgroups are done with buffer i.
-            ready0 = T.alloc_barrier(2 * WARPGROUP_THREADS)
-            ready1 = T.alloc_barrier(2 * WARPGROUP_THREADS)
-            free0 = T.alloc_barrier(consumers)
-            free1 = T.alloc_barrier(consumers)
-            # p_ready: p_s and alpha_s hold this step's values; p_free: both consumers are done reading them.
-            p_ready = T.alloc_barrier(consumers)
-            p_free = T.alloc_barrier(consumers)
-            # fin: consumer 0 wrote the final normaliser into inv_s.
-            fin = T.alloc_barrier(WARPGROUP_THREADS)
+        bar_q = T.alloc_barrier(WS_THREADS)
+        # ready_i: the producer's 128 cp.async completions plus its 128 plain arrivals (which release its
+        # valid_i stores); free_i: both consumer warpgroups are done with buffer i.
+        ready0 = T.alloc_barrier(2 * WARPGROUP_THREADS)
+        ready1 = T.alloc_barrier(2 * WARPGROUP_THREADS)
+        free0 = T.alloc_barrier(consumers)
+        free1 = T.alloc_barrier(consumers)
+        # p_ready: p_s and alpha_s hold this step's values; p_free: both consumers are done reading them.
+        p_ready = T.alloc_barrier(consumers)
+        p_free = T.alloc_barrier(consumers)
+        # fin: consumer 0 wrote the final normaliser into inv_s.
+        fin = T.alloc_barrier(WARPGROUP_THREADS)
 
-            b = by
-            s = bx // head_blocks
-            h0 = (bx % head_blocks) * block_h
-            scale_log2 = sm_scale * T.float32(LOG2E)
-            limit = T.min(TopkLength[b, s], width) if has_topk_length else width
-            # Every role runs the same step count, computed from the same value. Step i uses buffer i % 2 with
-            # phase parity (i // 2) & 1, which holds for any count, odd included (no padding step).
-            num_steps = T.ceildiv(limit, block_k)
-            tx = T.get_thread_binding()
+        tx = T.get_thread_binding()
 
-            # Heads past `heads` (last head block) load zeros; they are never stored.
-            for h, d in T.Parallel(block_h, half_v):
-                q_l[h, d] = T.if_then_else(h0 + h < heads, Q[b, s, T.min(h0 + h, heads - 1), d], 0)
-                q_r[h, d] = T.if_then_else(h0 + h < heads, Q[b, s, T.min(h0 + h, heads - 1), half_v + d], 0)
-            for h, d in T.Parallel(block_h, tail):
-                q_t[h, d] = T.if_then_else(h0 + h < heads, Q[b, s, T.min(h0 + h, heads - 1), d_v + d], 0)
-            # Each writer makes its Q stores visible to wgmma (async proxy) before releasing them.
-            T.fence_proxy_async()
-            T.barrier_arrive(bar_q)
+        # Heads past `heads` (last head block) load zeros; they are never stored.
+        for h, d in T.Parallel(block_h, half_v):
+            q_l[h, d] = T.if_then_else(h0 + h < heads, Q[b, s, T.min(h0 + h, heads - 1), d], 0)
+            q_r[h, d] = T.if_then_else(h0 + h < heads, Q[b, s, T.min(h0 + h, heads - 1), half_v + d], 0)
+        for h, d in T.Parallel(block_h, tail):
+            q_t[h, d] = T.if_then_else(h0 + h < heads, Q[b, s, T.min(h0 + h, heads - 1), d_v + d], 0)
+        # Each writer makes its Q stores visible to wgmma (async proxy) before releasing them.
+        T.fence_proxy_async()
+        T.barrier_arrive(bar_q)
 
-            if tx < WARPGROUP_THREADS:
-                T.set_max_nreg(WS_CONSUMER0_REGS, 1)
-                T.fill(acc_o_l, 0)
-                T.fill(l_i, 0)
-                T.fill(m_i, neg_inf)
-                T.barrier_wait(bar_q, 0)
-                for step in T.serial(num_steps):
-                    pair = step // WS_KV_BUFFERS
-                    if step % WS_KV_BUFFERS == 0:
-                        scores(q_l, q_r, q_t, kv_l0, kv_r0, k_t0, valid0, ready0, pair & 1, acc_s, scale_log2)
-                    else:
-                        scores(q_l, q_r, q_t, kv_l1, kv_r1, k_t1, valid1, ready1, pair & 1, acc_s, scale_log2)
-                    if step > 0:
-                        # Consumer 1 must have read the previous step's p_s and alpha_s.
-                        T.barrier_arrive(p_free)
-                        T.barrier_wait(p_free, (step - 1) & 1)
-                    online_softmax(acc_s, m_i, m_prev, m_safe, alpha, l_i, row_sum)
-                    for h, d in T.Parallel(block_h, half_v):
-                        acc_o_l[h, d] = acc_o_l[h, d] * alpha[h]
-                    T.copy(alpha, alpha_s)
-                    T.copy(acc_s, p_s)
-                    # Release P and alpha before this warpgroup's own P . V, so both halves run concurrently. Each
-                    # thread fences its P stores for consumer 1's wgmma (async proxy) before arriving.
-                    T.fence_proxy_async()
-                    T.barrier_arrive(p_ready)
-                    if step % WS_KV_BUFFERS == 0:
-                        T.gemm(p_s, kv_l0, acc_o_l)
-                        T.barrier_arrive(free0)
-                    else:
-                        T.gemm(p_s, kv_l1, acc_o_l)
-                        T.barrier_arrive(free1)
-                # alpha: the output's normaliser (0 for an empty row: out 0), row_sum: lse (-inf for an empty row).
-                finalize(m_i, m_safe, l_i, alpha, row_sum, AttnSink, h0)
-                T.copy(alpha, inv_s)
-                T.barrier_arrive(fin)
-                for h, d in T.Parallel(block_h, half_v):
-                    if h0 + h < heads:
-                        Out[b, s, h0 + h, d] = T.Cast(DATA_DTYPE, acc_o_l[h, d] * alpha[h])
-                for h in T.Parallel(block_h):
-                    if h0 + h < heads:
-                        Lse[b, s, h0 + h] = row_sum[h]
-            elif tx < consumers:
-                T.set_max_nreg(WS_CONSUMER1_REGS, 1)
-                T.fill(acc_o_r, 0)
-                for step in T.serial(num_steps):
-                    T.barrier_arrive(p_ready)
-                    T.barrier_wait(p_ready, step & 1)
-                    # kv_r came from the producer's cp.async (generic proxy); wgmma reads it through the async proxy.
-                    T.fence_proxy_async()
-                    for h, d in T.Parallel(block_h, half_v):
-                        acc_o_r[h, d] = acc_o_r[h, d] * alpha_s[h]
-                    if step % WS_KV_BUFFERS == 0:
-                        T.gemm(p_s, kv_r0, acc_o_r)
-                        T.barrier_arrive(free0)
-                    else:
-                        T.gemm(p_s, kv_r1, acc_o_r)
-                        T.barrier_arrive(free1)
+        if tx < WARPGROUP_THREADS:
+            T.set_max_nreg(WS_CONSUMER0_REGS, 1)
+            T.fill(acc_o_l, 0)
+            T.fill(l_i, 0)
+            T.fill(m_i, neg_inf)
+            T.barrier_wait(bar_q, 0)
+            for step in T.serial(num_steps):
+                pair = step // WS_KV_BUFFERS
+                if step % WS_KV_BUFFERS == 0:
+                    scores(q_l, q_r, q_t, kv_l0, kv_r0, k_t0, valid0, ready0, pair & 1, acc_s, scale_log2)
+                else:
+                    scores(q_l, q_r, q_t, kv_l1, kv_r1, k_t1, valid1, ready1, pair & 1, acc_s, scale_log2)
+                if step > 0:
+                    # Consumer 1 must have read the previous step's p_s and alpha_s.
                     T.barrier_arrive(p_free)
-                T.barrier_wait(fin, 0)
+                    T.barrier_wait(p_free, (step - 1) & 1)
+                online_softmax(acc_s, m_i, m_prev, m_safe, alpha, l_i, row_sum)
                 for h, d in T.Parallel(block_h, half_v):
-                    if h0 + h < heads:
-                        Out[b, s, h0 + h, half_v + d] = T.Cast(DATA_DTYPE, acc_o_r[h, d] * inv_s[h])
-            else:
-                T.set_max_nreg(WS_PRODUCER_REGS, 0)
-                for step in T.serial(num_steps):
-                    pair = step // WS_KV_BUFFERS
-                    # Parity trick: waiting for the phase before the first completes at once (buffers start free).
-                    if step % WS_KV_BUFFERS == 0:
-                        T.barrier_wait(free0, (pair & 1) ^ 1)
-                        produce(KV, Indices, b, s, step, limit, kv_l0, kv_r0, k_t0, valid0)
-                        T.cp_async_barrier_noinc(ready0)
-                        T.barrier_arrive(ready0)
-                    else:
-                        T.barrier_wait(free1, (pair & 1) ^ 1)
-                        produce(KV, Indices, b, s, step, limit, kv_l1, kv_r1, k_t1, valid1)
-                        T.cp_async_barrier_noinc(ready1)
-                        T.barrier_arrive(ready1)
+                    acc_o_l[h, d] = acc_o_l[h, d] * alpha[h]
+                T.copy(alpha, alpha_s)
+                T.copy(acc_s, p_s)
+                # Release P and alpha before this warpgroup's own P . V, so both halves run concurrently. Each
+                # thread fences its P stores for consumer 1's wgmma (async proxy) before arriving.
+                T.fence_proxy_async()
+                T.barrier_arrive(p_ready)
+                if step % WS_KV_BUFFERS == 0:
+                    T.gemm(p_s, kv_l0, acc_o_l)
+                    T.barrier_arrive(free0)
+                else:
+                    T.gemm(p_s, kv_l1, acc_o_l)
+                    T.barrier_arrive(free1)
+            # alpha: the output's normaliser (0 for an empty row: out 0), row_sum: lse (-inf for an empty row).
+            finalize(m_i, m_safe, l_i, alpha, row_sum, AttnSink, h0)
+            T.copy(alpha, inv_s)
+            T.barrier_arrive(fin)
+            for h, d in T.Parallel(block_h, half_v):
+                if h0 + h < heads:
+                    Out[b, s, h0 + h, d] = T.Cast(DATA_DTYPE, acc_o_l[h, d] * alpha[h])
+            for h in T.Parallel(block_h):
+                if h0 + h < heads:
+                    Lse[b, s, h0 + h] = row_sum[h]
+        elif tx < consumers:
+            T.set_max_nreg(WS_CONSUMER1_REGS, 1)
+            T.fill(acc_o_r, 0)
+            for step in T.serial(num_steps):
+                T.barrier_arrive(p_ready)
+                T.barrier_wait(p_ready, step & 1)
+                # kv_r came from the producer's cp.async (generic proxy); wgmma reads it through the async proxy.
+                T.fence_proxy_async()
+                for h, d in T.Parallel(block_h, half_v):
+                    acc_o_r[h, d] = acc_o_r[h, d] * alpha_s[h]
+                if step % WS_KV_BUFFERS == 0:
+                    T.gemm(p_s, kv_r0, acc_o_r)
+                    T.barrier_arrive(free0)
+                else:
+                    T.gemm(p_s, kv_r1, acc_o_r)
+                    T.barrier_arrive(free1)
+                T.barrier_arrive(p_free)
+            T.barrier_wait(fin, 0)
+            for h, d in T.Parallel(block_h, half_v):
+                if h0 + h < heads:
+                    Out[b, s, h0 + h, half_v + d] = T.Cast(DATA_DTYPE, acc_o_r[h, d] * inv_s[h])
+        else:
+            T.set_max_nreg(WS_PRODUCER_REGS, 0)
+            for step in T.serial(num_steps):
+                pair = step // WS_KV_BUFFERS
+                # Parity trick: waiting for the phase before the first completes at once (buffers start free).
+                if step % WS_KV_BUFFERS == 0:
+                    T.barrier_wait(free0, (pair & 1) ^ 1)
+                    produce(KV, Indices, b, s, step, limit, kv_l0, kv_r0, k_t0, valid0)
+                    T.cp_async_barrier_noinc(ready0)
+                    T.barrier_arrive(ready0)
+                else:
+                    T.barrier_wait(free1, (pair & 1) ^ 1)
+                    produce(KV, Indices, b, s, step, limit, kv_l1, kv_r1, k_t1, valid1)
+                    T.cp_async_barrier_noinc(ready1)
+                    T.barrier_arrive(ready1)
 
+    main = forward_kernel(
+        dims, heads=heads, d_qk=d_qk, d_v=d_v, has_topk_length=has_topk_length, block_h=block_h, block_k=block_k,
+        threads=WS_THREADS, data_dtype=DATA_DTYPE, body=schedule,
+    )  # fmt: skip
     return dsl.with_pass_configs(main, WS_PASS_CONFIGS)

@@ -12,7 +12,6 @@ from dsa.launch import common
 from tl_kernels import build as tl_build
 from tl_kernels import sparse_mla_bwd as kernels
 
-
 __all__ = ["KERNEL_NAME", "padded_topk", "sparse_mla_bwd", "static_params"]
 
 KERNEL_NAME = "sparse_mla_bwd"

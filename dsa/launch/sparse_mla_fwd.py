@@ -21,7 +21,6 @@ from dsa.launch import common
 from tl_kernels import build as tl_build
 from tl_kernels import sparse_mla_fwd as kernels
 
-
 __all__ = ["KERNEL_NAME", "sparse_mla_fwd", "static_params"]
 
 KERNEL_NAME = "sparse_mla_fwd"

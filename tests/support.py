@@ -1,11 +1,14 @@
-"""What the kernel test modules share: the configs the build and GPU tiers cover, and sm_90a builds compiled once per
-session with their static reports logged."""
+"""What several test modules share: the configs the build and GPU tiers cover, sm_90a builds compiled once per session
+with their static reports logged, and running the repository's scripts in a subprocess."""
 
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Hashable
+from pathlib import Path
 from typing import Any
 
 from autotune import space
@@ -13,6 +16,9 @@ from dsa import env
 from tl_kernels import build as tl_build
 
 logger = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ROOT / "scripts"
 
 _BUILDS: dict[tuple[Any, ...], tuple[Any, tl_build.StaticReport, float]] = {}
 
@@ -38,3 +44,8 @@ def hopper_build(name: str, builder: Callable[..., Any], **params: Hashable) -> 
         )  # fmt: skip
     kernel, report, _ = _BUILDS[key]
     return kernel, report
+
+
+def run_python(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """``python *args`` from the repository root (this interpreter), its output captured."""
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout)
