@@ -1,6 +1,6 @@
 """The public DSA ops: validate, choose the implementation, run it (with autograd where it applies).
 
-Signatures and semantics are those of ``dsa.reference`` (the contract); see DESIGN.md. Each call:
+Signatures and semantics are those of ``dsa.reference`` (the contract, also summarised in the README). Each call:
 
 1. chooses the backend from the inputs' device and dtype and ``DSA_BACKEND`` (``dsa.hardware.select_backend``):
    TileLang kernels on Hopper GPUs (and on the CPU with ``DSA_BACKEND=tilelang``, as C-target kernels), the

@@ -1,4 +1,4 @@
-"""The import graph of the package follows its layers (DESIGN.md's "imports point one way").
+"""The import graph of the package follows its layers (imports point one way: the README's Layout).
 
 Every ``import`` of the project's modules, at module level or inside a function, is read from the sources with
 ``ast`` (nothing is imported) and checked against the layers, bottom first:

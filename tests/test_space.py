@@ -49,11 +49,11 @@ def test_fake_space(fake_kernel: types.ModuleType) -> None:
     tight = {"width": 8, "limit": 64}
     assert all(c["block"] * c["stages"] <= 64 for c in space.candidates(fake.KERNEL, tight, full=True)[1:])
     space.check_static(fake.KERNEL, fake.STATIC)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="takes no parameter"):
         space.check_static(fake.KERNEL, {**fake.STATIC, "bogus": 1})
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="are config fields"):
         space.check_static(fake.KERNEL, {**fake.STATIC, "block": 1})
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="> limit"):
         space.make_config(fake.KERNEL, fake.STATIC, {"block": 128, "stages": 3})
     assert space.make_config(fake.KERNEL, fake.STATIC, default) == fake.FakeConfig()
 
@@ -75,10 +75,10 @@ def test_shapes_file(tmp_path: Path, fake_kernel: types.ModuleType) -> None:
     (case,) = space.preset_cases(shapes, (fake.KERNEL,))
     assert case.static == fake.STATIC and case.sizes == fake.SIZES and case.check_sizes == fake.SIZES[0]
     shapes.write_text(json.dumps({fake.KERNEL: [{"static": fake.STATIC, "sizes": [{"seq_len": 4}]}]}))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="size points need exactly the keys"):
         space.preset_cases(shapes, (fake.KERNEL,))
     shapes.write_text(json.dumps({"nonsense": []}))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown kernel 'nonsense'"):
         space.preset_cases(shapes)
 
 

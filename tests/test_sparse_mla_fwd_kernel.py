@@ -227,7 +227,7 @@ def test_check_config_ws() -> None:
     kernels.check_config(V32_HOPPER_STATIC, WS_CONFIG)
     for static in ({"heads": 3, "d_qk": 80, "d_v": 64}, {"heads": 3, "d_qk": 64, "d_v": 64}):
         kernels.check_config({**static, "target": dsl.CPU_TARGET}, _ws_config({**static, "target": dsl.CPU_TARGET}))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="pipeline must be one of"):
         kernels.check_config({"heads": 3, "d_qk": 80, "d_v": 64, "target": dsl.CPU_TARGET}, kernels.Config(pipeline=""))
 
 
