@@ -61,7 +61,9 @@ CPU_STATICS: tuple[tuple[int, int, int, bool, bool], ...] = (
 CPU_V32_STATIC = (2, V32["d_qk"], V32["d_v"], False, False)
 
 # Tolerances. out is rounded to bf16 (relative step 2^-8); on CUDA P also travels as bf16 into the second GEMM.
-CPU_OUT_TOL = {"atol": 1e-2, "rtol": 1e-2}
+# The scale-sensitive difference of out: bf16 rounding alone gives ~4e-6 on the C target; a global scale error of 1 %
+# gives 5e-5, which the elementwise bounds (1 % relative plus 1e-2) cannot see.
+CPU_OUT_TOL = {"atol": 1e-2, "rtol": 1e-2, "max_diff": 2e-5}
 CPU_LSE_TOL = {"atol": 1e-4, "rtol": 1e-4}
 GPU_OUT_TOL = {"atol": 2e-2, "rtol": 2e-2}
 GPU_LSE_TOL = {"atol": 2e-3, "rtol": 1e-3}
