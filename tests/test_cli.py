@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from autotune import cli, space
+from autotune import cli, space, tuner
 from tests import fake_kernel as fake
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,3 +85,20 @@ def test_script_compile_only_tiny(tmp_path: Path) -> None:
     assert proc.returncode == (cli.EXIT_OK if any_ok else cli.EXIT_NO_VALID_CONFIG)
     assert not (tmp_path / "autotuner.log").exists()
     assert not list((tmp_path / "cache").glob("**/*.json")), "compile-only must not write tuned configs"
+
+
+def test_readme_sample_table_is_the_cli_output_format() -> None:
+    """The README shows a real compile-only run: its column headers and its rows are what ``render_table`` prints
+    for untimed records (a changed table format must change the README with it)."""
+    text = (REPO / "README.md").read_text()
+    block = text[text.index("$ python scripts/autotune.py --compile-only") :]
+    block = block[: block.index("```")]
+    headers = [line.strip() for line in block.splitlines() if line.strip().startswith("config ")]
+    assert headers and all(h.split() == ["config", "regs", "spill", "B", "smem", "KiB", "mma", "compile", "s", "status"]
+                            for h in headers), headers  # fmt: skip
+    record = tuner.Record("k", {"x": 1}, {"a": 1}, True, None, 96, 0, 83968, "wgmma", 0.1)
+    rendered = cli.render_table([record], timed=False).splitlines()
+    assert rendered[1].split() == headers[0].split()
+    assert rendered[2].split() == ["a=1", "96", "0", "82.0", "wgmma", "0.1", "ok"]
+    for kernel in space.KERNEL_NAMES:
+        assert f"\n{kernel}  [" in block, f"the README's sample lacks {kernel}"

@@ -595,3 +595,21 @@ def test_full_chain_through_c_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     tolerances = dict(atol=2e-2, rtol=2e-2)
     for name, a, b in zip(names[2:], got[2:], expected[2:]):
         assert_close(a, b, name=name, **tolerances)
+
+
+@pytest.mark.cpu_kernel
+@pytest.mark.parametrize(("level", "shown"), [(None, False), ("info", True)])
+def test_tilelang_compile_lines_show_only_when_asked(tmp_path, level: str | None, shown: bool) -> None:
+    """A C-target compile through the ops writes TileLang's INFO lines (its handler prints them to the console) only
+    with ``DSA_LOG=info`` (an empty TileLang cache makes the call compile)."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "DSA_BACKEND": "tilelang", "TILELANG_CACHE_DIR": str(tmp_path / "tl-cache")}
+    env.pop("DSA_LOG", None)
+    if level is not None:
+        env["DSA_LOG"] = level
+    code = "import torch\nfrom dsa import ops\nprint(ops.topk_indices(torch.randn(1, 2, 9), 3).shape)\n"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ("TileLang begins to compile" in proc.stdout + proc.stderr) == shown, proc.stdout + proc.stderr
