@@ -267,6 +267,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not ok:
         print(NO_GPU_MESSAGE + (f": {reason}" if reason else ""), file=sys.stderr)
         return EXIT_NO_GPU
+    if not (ROOT / "tests").is_dir():
+        print(f"gpu_check: {ROOT} is not a checkout of the repository (no tests/): run it from one", file=sys.stderr)
+        return EXIT_NO_GPU
 
     import tempfile
 

@@ -45,8 +45,9 @@ DEFAULT_DB = ROOT / ".hypothesis-fuzz"
 DEFAULT_CHUNK = 50
 LONG_PROFILE = "long"
 CHUNK_PROFILE = "dsa-fuzz-chunk"
-# Test files that must never run inside a fuzz run (they download wheels or start fuzz runs themselves).
-NEVER_FUZZ = ("test_bundle.py", "test_scripts.py")
+# Test files that must never run inside a fuzz run (they download wheels, or start fuzz runs, GPU checks or benchmark
+# processes themselves).
+NEVER_FUZZ = ("test_bundle.py", "test_fuzz.py", "test_gpu_check.py", "test_bench.py")
 _EXAMPLES_RE = re.compile(r"(\d+) passing(?: examples?)?, (\d+) failing")
 _FAILED_RE = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.M)
 

@@ -240,8 +240,8 @@ def build(
         sm_scale: float32 scalar (the softmax scale, natural units);
         out: ``[B, S, heads, d_v]`` bfloat16 (written); lse: ``[B, S, heads]`` float32, natural log (written).
 
-    ``pipeline="ws"`` selects the warp-specialised schedule on CUDA (:func:`tl_kernels.sparse_mla_fwd_ws.build_ws`); on the C target it lowers to
-    the same plain loop as ``"none"`` (the C target has no threads, barriers or asynchronous copies).
+    ``pipeline="ws"`` selects the warp-specialised schedule on CUDA (:func:`tl_kernels.sparse_mla_fwd_ws.build_ws`);
+    on the C target it lowers to the same plain loop as ``"none"`` (the C target has no threads, barriers or asynchronous copies).
     """
     check_config(
         {"heads": heads, "d_qk": d_qk, "d_v": d_v, "target": target},

@@ -13,26 +13,14 @@ from typing import Any
 import tilelang.language as T
 
 from tl_kernels import dsl
-from tl_kernels.sparse_mla_fwd_steps import (
-    ACCUM_DTYPE,
-    CUDA_PASS_CONFIGS,
-    DATA_DTYPE,
-    WARPGROUP_THREADS,
-    WGMMA_M,
-    entry_valid,
-    forward_kernel,
-    gather_row,
-    index_at,
-    kernel_dims,
-    softmax_macros,
-)
+from tl_kernels import sparse_mla_fwd_steps as steps
 
 __all__ = ["WS_BLOCK_K", "WS_KV_BUFFERS", "WS_PASS_CONFIGS", "WS_SMEM_SLACK_BYTES", "WS_THREADS", "build_ws"]
 
 WS_BLOCK_K = 64
 """The ``ws`` schedule's step (rows per KV buffer): the size that was compiled and checked (0 spills, 231,040 B of
 shared memory at V3.2 widths, two buffers); other sizes are rejected rather than shipped unchecked."""
-WS_THREADS = 3 * WARPGROUP_THREADS
+WS_THREADS = 3 * steps.WARPGROUP_THREADS
 """``pipeline="ws"``: consumer warpgroup 0 (scores, softmax, left half of the output), consumer warpgroup 1 (right
 half of the output), producer warpgroup (the KV gather)."""
 WS_KV_BUFFERS = 2
@@ -46,10 +34,10 @@ WS_PRODUCER_REGS = 88
 predicated (zero-filling) gather needs 88: at 80 the build without topk_length spilled 176 bytes; consumer 0 peaked at
 183 registers of its former 240, consumer 1 at 151 of 168 (SASS, before the predicated gather)."""
 
-WS_PASS_CONFIGS: dict[str, bool] = dict(CUDA_PASS_CONFIGS)
+WS_PASS_CONFIGS: dict[str, bool] = dict(steps.CUDA_PASS_CONFIGS)
 """The ws kernel's pass configs: the plain schedule's (the gather is not a TMA tile, and the warp specialisation is
 written out here rather than left to TileLang). TileLang's bound guard stays on: it is what turns the
-producer's row number -1 for an invalid entry into a zero-filling predicated cp.async (see ``gather_row``)."""
+producer's row number -1 for an invalid entry into a zero-filling predicated cp.async (see ``steps.gather_row``)."""
 WS_SMEM_SLACK_BYTES = 2 * 1024
 """Room for the ``ws`` schedule's 1024-byte tile alignment and its mbarriers on top of the tiles and vectors."""
 
@@ -85,19 +73,19 @@ def build_ws(
     be completed by one side's repeated arrivals.
 
     An invalid entry's tile row is zero-filled by the producer's predicated cp.async (row number -1, see
-    ``gather_row``) and its score is selected to ``-inf`` after the MMA.
+    ``steps.gather_row``) and its score is selected to ``-inf`` after the MMA.
 
     Two static audits of the generated CUDA, PTX and SASS (barrier counts, phase parities over odd, even and zero step
     counts, proxy fences, ``setmaxnreg`` budgets, padded heads) found no hang or race; neither is a proof, and no model
     of the protocol is kept here: the GPU tier (``pytest -m "gpu and ws"``) is the only check that runs this code.
     """
-    block_h = WGMMA_M
+    block_h = steps.WGMMA_M
     half_v = d_v // 2
     tail = d_qk - d_v
-    neg_inf = -T.infinity(ACCUM_DTYPE)
-    consumers = 2 * WARPGROUP_THREADS
-    online_softmax, finalize = softmax_macros(T.Parallel, block_h, block_k, heads, has_sink)
-    dims = kernel_dims(heads, has_topk_length, has_sink)
+    neg_inf = -T.infinity(steps.ACCUM_DTYPE)
+    consumers = 2 * steps.WARPGROUP_THREADS
+    online_softmax, finalize = steps.softmax_macros(T.Parallel, block_h, block_k, heads, has_sink)
+    dims = steps.kernel_dims(heads, has_topk_length, has_sink)
     width, seq_len_kv = dims.width, dims.seq_len_kv
 
     # Macros take TileLang buffers and expressions (no Python annotations: the eager builder binds them itself).
@@ -122,63 +110,67 @@ def build_ws(
         # caller's cp.async mbarrier arrival tracks their completion), and record each row's validity. Each element
         # reads its index straight from global memory (cached), as the single-warpgroup schedule does; an invalid
         # entry's row number is -1, which the bound guard turns into a zero-filling predicated cp.async that reads
-        # nothing (see gather_row).
+        # nothing (see steps.gather_row).
         for j in T.Parallel(block_k):
             valid[j] = T.Cast(
                 "uint8",
-                entry_valid(
-                    index_at(indices, b, s, step * block_k + j, width), step * block_k + j, limit, seq_len_kv
+                steps.entry_valid(
+                    steps.index_at(indices, b, s, step * block_k + j, width), step * block_k + j, limit, seq_len_kv
                 ),
             )
         for j, d in T.Parallel(block_k, half_v, annotations=WS_ASYNC_COPY):
-            kv_l[j, d] = kv_src[b, gather_row(indices, b, s, step * block_k + j, width, limit, seq_len_kv), d]
+            kv_l[j, d] = kv_src[b, steps.gather_row(indices, b, s, step * block_k + j, width, limit, seq_len_kv), d]
         for j, d in T.Parallel(block_k, half_v, annotations=WS_ASYNC_COPY):
-            kv_r[j, d] = kv_src[b, gather_row(indices, b, s, step * block_k + j, width, limit, seq_len_kv), half_v + d]
+            kv_r[j, d] = kv_src[
+                b, steps.gather_row(indices, b, s, step * block_k + j, width, limit, seq_len_kv), half_v + d
+            ]
         for j, d in T.Parallel(block_k, tail, annotations=WS_ASYNC_COPY):
-            k_t[j, d] = kv_src[b, gather_row(indices, b, s, step * block_k + j, width, limit, seq_len_kv), d_v + d]
+            k_t[j, d] = kv_src[
+                b, steps.gather_row(indices, b, s, step * block_k + j, width, limit, seq_len_kv), d_v + d
+            ]
 
-    # Every role runs the same step count (forward_kernel's num_steps, from the same value). Step i uses buffer
+    # Every role runs the same step count (steps.forward_kernel's num_steps, from the same value). Step i uses buffer
     # i % 2 with phase parity (i // 2) & 1, which holds for any count, odd included (no padding step).
     @T.macro
     def schedule(Q, KV, Indices, AttnSink, Out, Lse, b, s, h0, scale_log2, limit, num_steps):  # noqa: ANN001, ANN202
-        q_l = T.alloc_shared([block_h, half_v], DATA_DTYPE)
-        q_r = T.alloc_shared([block_h, half_v], DATA_DTYPE)
-        q_t = T.alloc_shared([block_h, tail], DATA_DTYPE)
-        kv_l0 = T.alloc_shared([block_k, half_v], DATA_DTYPE)
-        kv_r0 = T.alloc_shared([block_k, half_v], DATA_DTYPE)
-        k_t0 = T.alloc_shared([block_k, tail], DATA_DTYPE)
-        kv_l1 = T.alloc_shared([block_k, half_v], DATA_DTYPE)
-        kv_r1 = T.alloc_shared([block_k, half_v], DATA_DTYPE)
-        k_t1 = T.alloc_shared([block_k, tail], DATA_DTYPE)
-        p_s = T.alloc_shared([block_h, block_k], DATA_DTYPE)
+        q_l = T.alloc_shared([block_h, half_v], steps.DATA_DTYPE)
+        q_r = T.alloc_shared([block_h, half_v], steps.DATA_DTYPE)
+        q_t = T.alloc_shared([block_h, tail], steps.DATA_DTYPE)
+        kv_l0 = T.alloc_shared([block_k, half_v], steps.DATA_DTYPE)
+        kv_r0 = T.alloc_shared([block_k, half_v], steps.DATA_DTYPE)
+        k_t0 = T.alloc_shared([block_k, tail], steps.DATA_DTYPE)
+        kv_l1 = T.alloc_shared([block_k, half_v], steps.DATA_DTYPE)
+        kv_r1 = T.alloc_shared([block_k, half_v], steps.DATA_DTYPE)
+        k_t1 = T.alloc_shared([block_k, tail], steps.DATA_DTYPE)
+        p_s = T.alloc_shared([block_h, block_k], steps.DATA_DTYPE)
         # Whether each gathered row takes part in the softmax, per KV buffer (written by the producer).
         valid0 = T.alloc_shared([block_k], "uint8")
         valid1 = T.alloc_shared([block_k], "uint8")
-        alpha_s = T.alloc_shared([block_h], ACCUM_DTYPE)
-        inv_s = T.alloc_shared([block_h], ACCUM_DTYPE)
+        alpha_s = T.alloc_shared([block_h], steps.ACCUM_DTYPE)
+        inv_s = T.alloc_shared([block_h], steps.ACCUM_DTYPE)
 
-        acc_s = T.alloc_fragment([block_h, block_k], ACCUM_DTYPE)
-        acc_o_l = T.alloc_fragment([block_h, half_v], ACCUM_DTYPE)
-        acc_o_r = T.alloc_fragment([block_h, half_v], ACCUM_DTYPE)
-        m_i = T.alloc_fragment([block_h], ACCUM_DTYPE)
-        m_prev = T.alloc_fragment([block_h], ACCUM_DTYPE)
-        m_safe = T.alloc_fragment([block_h], ACCUM_DTYPE)
-        alpha = T.alloc_fragment([block_h], ACCUM_DTYPE)
-        l_i = T.alloc_fragment([block_h], ACCUM_DTYPE)
-        row_sum = T.alloc_fragment([block_h], ACCUM_DTYPE)
+        acc_s = T.alloc_fragment([block_h, block_k], steps.ACCUM_DTYPE)
+        acc_o_l = T.alloc_fragment([block_h, half_v], steps.ACCUM_DTYPE)
+        acc_o_r = T.alloc_fragment([block_h, half_v], steps.ACCUM_DTYPE)
+        m_i = T.alloc_fragment([block_h], steps.ACCUM_DTYPE)
+        m_prev = T.alloc_fragment([block_h], steps.ACCUM_DTYPE)
+        m_safe = T.alloc_fragment([block_h], steps.ACCUM_DTYPE)
+        alpha = T.alloc_fragment([block_h], steps.ACCUM_DTYPE)
+        l_i = T.alloc_fragment([block_h], steps.ACCUM_DTYPE)
+        row_sum = T.alloc_fragment([block_h], steps.ACCUM_DTYPE)
 
         bar_q = T.alloc_barrier(WS_THREADS)
         # ready_i: the producer's 128 cp.async completions plus its 128 plain arrivals (which release its
         # valid_i stores); free_i: both consumer warpgroups are done with buffer i.
-        ready0 = T.alloc_barrier(2 * WARPGROUP_THREADS)
-        ready1 = T.alloc_barrier(2 * WARPGROUP_THREADS)
+        ready0 = T.alloc_barrier(2 * steps.WARPGROUP_THREADS)
+        ready1 = T.alloc_barrier(2 * steps.WARPGROUP_THREADS)
         free0 = T.alloc_barrier(consumers)
         free1 = T.alloc_barrier(consumers)
         # p_ready: p_s and alpha_s hold this step's values; p_free: both consumers are done reading them.
         p_ready = T.alloc_barrier(consumers)
         p_free = T.alloc_barrier(consumers)
         # fin: consumer 0 wrote the final normaliser into inv_s.
-        fin = T.alloc_barrier(WARPGROUP_THREADS)
+        fin = T.alloc_barrier(steps.WARPGROUP_THREADS)
 
         tx = T.get_thread_binding()
 
@@ -192,7 +184,7 @@ def build_ws(
         T.fence_proxy_async()
         T.barrier_arrive(bar_q)
 
-        if tx < WARPGROUP_THREADS:
+        if tx < steps.WARPGROUP_THREADS:
             T.set_max_nreg(WS_CONSUMER0_REGS, 1)
             T.fill(acc_o_l, 0)
             T.fill(l_i, 0)
@@ -229,7 +221,7 @@ def build_ws(
             T.barrier_arrive(fin)
             for h, d in T.Parallel(block_h, half_v):
                 if h0 + h < heads:
-                    Out[b, s, h0 + h, d] = T.Cast(DATA_DTYPE, acc_o_l[h, d] * alpha[h])
+                    Out[b, s, h0 + h, d] = T.Cast(steps.DATA_DTYPE, acc_o_l[h, d] * alpha[h])
             for h in T.Parallel(block_h):
                 if h0 + h < heads:
                     Lse[b, s, h0 + h] = row_sum[h]
@@ -253,7 +245,7 @@ def build_ws(
             T.barrier_wait(fin, 0)
             for h, d in T.Parallel(block_h, half_v):
                 if h0 + h < heads:
-                    Out[b, s, h0 + h, half_v + d] = T.Cast(DATA_DTYPE, acc_o_r[h, d] * inv_s[h])
+                    Out[b, s, h0 + h, half_v + d] = T.Cast(steps.DATA_DTYPE, acc_o_r[h, d] * inv_s[h])
         else:
             T.set_max_nreg(WS_PRODUCER_REGS, 0)
             for step in T.serial(num_steps):
@@ -270,8 +262,8 @@ def build_ws(
                     T.cp_async_barrier_noinc(ready1)
                     T.barrier_arrive(ready1)
 
-    main = forward_kernel(
+    main = steps.forward_kernel(
         dims, heads=heads, d_qk=d_qk, d_v=d_v, has_topk_length=has_topk_length, block_h=block_h, block_k=block_k,
-        threads=WS_THREADS, data_dtype=DATA_DTYPE, body=schedule,
+        threads=WS_THREADS, data_dtype=steps.DATA_DTYPE, body=schedule,
     )  # fmt: skip
     return dsl.with_pass_configs(main, WS_PASS_CONFIGS)
