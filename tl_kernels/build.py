@@ -38,6 +38,7 @@ __all__ = [
     "PASS_CONFIGS_ATTR",
     "StaticReport",
     "clear_cache",
+    "compile_cuda",
     "compile_hopper",
     "get_kernel",
     "mma_call_sites",
@@ -193,10 +194,8 @@ def to_kernel_arg(t: torch.Tensor, target: dsl.Target) -> torch.Tensor:
     return t
 
 
-MMA_WGMMA = "wgmma"
-"""Hopper's asynchronous warpgroup MMA (``tl::wgmma_ss`` / ``tl::wgmma_rs`` in TileLang's CUDA source)."""
-MMA_MMA_SYNC = "mma_sync"
-"""The synchronous warp MMA of Ampere and later (``tl::mma_sync``): what a GEMM becomes without wgmma."""
+MMA_WGMMA = dsl.MMA_WGMMA
+MMA_MMA_SYNC = dsl.MMA_MMA_SYNC
 # Every GEMM TileLang 0.1.15 lowers for CUDA becomes calls of one of these device functions (checked by lowering a
 # GEMM for sm_90a with 64 and 16 rows, and for sm_80, sm_89, sm_100a and sm_120).
 _MMA_CALLS: dict[str, re.Pattern[str]] = {
@@ -276,7 +275,6 @@ _PTXAS_USED = re.compile(r"Used (\d+) registers")
 _PTXAS_SMEM = re.compile(r"(\d+) bytes smem")
 _CUDA_ENTRY = re.compile(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)\s*\(")
 _HOST_INT_LITERAL = re.compile(r"^\(*(?:\(int64_t\))?\(*(\d+)\)*$")
-_PTXAS_ARCH = "sm_90a"
 _PTXAS_WGMMA_SERIALIZED = "wgmma.mma_async instructions are serialized"
 """ptxas's performance warning (``Potential Performance Loss: wgmma.mma_async instructions are serialized due
 to ...``)."""
@@ -357,13 +355,13 @@ def _kernel_ptx(kernel: Any) -> str:
     return kernel._get_ptx()  # noqa: SLF001 - private, but the public export_ptx swallows failures
 
 
-def _run_ptxas(ptx: str) -> str:
-    """``ptxas -arch=sm_90a -v`` on ``ptx`` in a temporary directory; returns its log."""
+def _run_ptxas(ptx: str, arch: str) -> str:
+    """``ptxas -arch=<arch> -v`` on ``ptx`` in a temporary directory; returns its log."""
     with tempfile.TemporaryDirectory(prefix="dsa-ptxas-") as tmp:
         ptx_path = Path(tmp) / "kernel.ptx"
         ptx_path.write_text(ptx)
         result = subprocess.run(
-            [_find_ptxas(), f"-arch={_PTXAS_ARCH}", "-v", str(ptx_path), "-o", str(Path(tmp) / "kernel.cubin")],
+            [_find_ptxas(), f"-arch={arch}", "-v", str(ptx_path), "-o", str(Path(tmp) / "kernel.cubin")],
             capture_output=True,
             text=True,
             check=False,
@@ -375,7 +373,7 @@ def _run_ptxas(ptx: str) -> str:
     return log
 
 
-def _ptxas_log(kernel: Any, device_source: str, cache_dir: Path | None) -> str:
+def _ptxas_log(kernel: Any, device_source: str, arch: str, cache_dir: Path | None) -> str:
     """The ptxas report of ``kernel``, cached in ``cache_dir`` (when given) by the hash of its CUDA source and the
     ptxas binary.
 
@@ -385,13 +383,13 @@ def _ptxas_log(kernel: Any, device_source: str, cache_dir: Path | None) -> str:
     ptxas = _find_ptxas()
     path: Path | None = None
     if cache_dir is not None:
-        stamp = f"{ptxas}\0{Path(ptxas).stat().st_mtime_ns}\0{_PTXAS_ARCH}\0{device_source}"
+        stamp = f"{ptxas}\0{Path(ptxas).stat().st_mtime_ns}\0{arch}\0{device_source}"
         path = Path(cache_dir) / f"{hashlib.sha256(stamp.encode()).hexdigest()}.log"
         try:
             return path.read_text()
         except OSError:
             pass
-    log = _run_ptxas(_kernel_ptx(kernel))
+    log = _run_ptxas(_kernel_ptx(kernel), arch)
     if path is None:
         return log
     try:
@@ -404,16 +402,16 @@ def _ptxas_log(kernel: Any, device_source: str, cache_dir: Path | None) -> str:
     return log
 
 
-def static_report(kernel: Any, *, cache_dir: Path | None = None) -> StaticReport:
-    """Registers, spills, shared memory and matrix instructions of a kernel compiled for sm_90a (max over entries).
+def static_report(kernel: Any, *, arch: str = "sm_90a", cache_dir: Path | None = None) -> StaticReport:
+    """Registers, spills, shared memory and matrix instructions of a kernel compiled for ``arch`` (max over entries).
 
-    Exports the PTX, runs ``ptxas -arch=sm_90a -v`` on it in a temporary directory (its log cached in ``cache_dir``
+    Exports the PTX, runs ``ptxas -arch=<arch> -v`` on it in a temporary directory (its log cached in ``cache_dir``
     when given), adds each entry's dynamic shared memory (from the generated host code, see ``_dynamic_smem_bytes``)
     to ptxas's static figure, and counts the matrix-instruction call sites of the CUDA source.
     """
     device_source = kernel.get_kernel_source()
     host_source = kernel.get_host_source() or ""
-    log = _ptxas_log(kernel, device_source, cache_dir)
+    log = _ptxas_log(kernel, device_source, arch, cache_dir)
     usage = _parse_ptxas(log)
     if not usage:
         raise RuntimeError(f"no entry functions in the ptxas output:\n{log}")
@@ -431,10 +429,21 @@ def static_report(kernel: Any, *, cache_dir: Path | None = None) -> StaticReport
     )
 
 
+def compile_cuda(
+    builder: Callable[..., Any],
+    *,
+    target: dsl.Target = dsl.HOPPER_TARGET,
+    report_cache_dir: Path | None = None,
+    **params: Hashable,
+) -> tuple[Any, StaticReport]:
+    """Compile ``builder(**params)`` for a CUDA ``target`` (through :func:`get_kernel`) and return it with its static
+    report (ptxas for the target's architecture; logs cached in ``report_cache_dir`` when given)."""
+    kernel = get_kernel(builder, target=target, **params)
+    return kernel, static_report(kernel, arch=dsl.arch_of(target).name, cache_dir=report_cache_dir)
+
+
 def compile_hopper(
     builder: Callable[..., Any], *, report_cache_dir: Path | None = None, **params: Hashable
 ) -> tuple[Any, StaticReport]:
-    """Compile ``builder(**params)`` for sm_90a (through :func:`get_kernel`) and return it with its static report
-    (ptxas logs cached in ``report_cache_dir`` when given)."""
-    kernel = get_kernel(builder, target=dsl.HOPPER_TARGET, **params)
-    return kernel, static_report(kernel, cache_dir=report_cache_dir)
+    """:func:`compile_cuda` for sm_90a."""
+    return compile_cuda(builder, target=dsl.HOPPER_TARGET, report_cache_dir=report_cache_dir, **params)

@@ -24,24 +24,40 @@ import in builder modules, or make sure such names also appear in the body.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import tilelang.language as T
 from tvm import tirx
 
 __all__ = [
+    "ARCHS",
     "CPU_TARGET",
     "HOPPER_SMEM_BYTES",
     "HOPPER_TARGET",
+    "MMA_MMA_SYNC",
+    "MMA_SYNC_WARP_M",
+    "MMA_SYNC_WARP_N",
+    "MMA_WGMMA",
+    "PORTABLE_PASS_CONFIGS",
     "Allocators",
+    "Arch",
     "Target",
     "allocators",
+    "arch_of",
+    "cuda_target",
+    "first_valid_config",
     "is_cpu",
+    "is_hopper",
+    "mma_sync_warps_fit",
     "load_f32",
+    "smem_limit_bytes",
+    "static_target",
     "storage_dtype",
     "store_bf16",
     "with_pass_configs",
+    "with_target_pass_configs",
 ]
 
 CPU_TARGET: str = "c"
@@ -52,6 +68,87 @@ HOPPER_TARGET: dict[str, str] = {"kind": "cuda", "arch": "sm_90a"}
 
 HOPPER_SMEM_BYTES: int = 227 * 1024
 """Most shared memory one H100/H200/H800/H20 thread block may use (static plus the dynamic opt-in)."""
+
+MMA_WGMMA = "wgmma"
+"""Hopper's asynchronous warpgroup MMA (``tl::wgmma_ss`` / ``tl::wgmma_rs`` in TileLang's CUDA source)."""
+MMA_MMA_SYNC = "mma_sync"
+"""The synchronous warp MMA of Ampere and later (``tl::mma_sync``): what every GEMM of a portable schedule becomes."""
+
+
+@dataclass(frozen=True)
+class Arch:
+    """What the kernels need to know of one CUDA architecture they are built for.
+
+    Attributes:
+        name: the nvcc architecture, e.g. ``"sm_90a"``.
+        smem_bytes: the most shared memory one thread block may use (static plus the dynamic opt-in).
+        hopper: the Hopper schedule (wgmma, TMA, ``setmaxnreg``, warp specialisation; sm_90a only) rather than the
+            portable one (``T.gemm`` lowered to mma.sync; cp.async gathers where TileLang pipelines them; none of
+            those features).
+        fp8_mma: whether the architecture has FP8 (e4m3) matrix instructions; without them FP8 inputs are converted
+            to bf16 in the kernel before the MMA (CUTLASS's SM89 FP8 MMA compiles for sm_80/sm_86 but traps there).
+    """
+
+    name: str
+    smem_bytes: int
+    hopper: bool
+    fp8_mma: bool
+
+    @property
+    def mma(self) -> str:
+        """The matrix instruction every GEMM of the schedule must use."""
+        return MMA_WGMMA if self.hopper else MMA_MMA_SYNC
+
+
+ARCHS: dict[str, Arch] = {
+    arch.name: arch
+    for arch in (
+        Arch("sm_90a", HOPPER_SMEM_BYTES, hopper=True, fp8_mma=True),
+        # The portable schedule built for Hopper without the `a` features: how one H200 checks the portable kernels.
+        Arch("sm_90", HOPPER_SMEM_BYTES, hopper=False, fp8_mma=True),
+        Arch("sm_80", 163 * 1024, hopper=False, fp8_mma=False),
+        Arch("sm_86", 99 * 1024, hopper=False, fp8_mma=False),
+        Arch("sm_89", 99 * 1024, hopper=False, fp8_mma=True),
+        Arch("sm_100a", 227 * 1024, hopper=False, fp8_mma=True),
+        Arch("sm_103a", 227 * 1024, hopper=False, fp8_mma=True),
+        Arch("sm_120", 99 * 1024, hopper=False, fp8_mma=True),
+    )
+}
+"""Every CUDA architecture the kernels are built for, by nvcc name."""
+
+PORTABLE_PASS_CONFIGS: dict[str, bool] = {
+    # TileLang lowers a GEMM of 64 rows to wgmma on sm_90 as on sm_90a: the portable schedule asks for mma.sync.
+    "tl.disable_wgmma": True,
+    "tl.disable_tma_lower": True,
+    "tl.disable_warp_specialized": True,
+}
+"""Pass configs of every portable-schedule kernel: no wgmma, no TMA, no automatic warp specialisation."""
+
+
+MMA_SYNC_WARP_M = 16
+"""Rows of the tile one warp's mma.sync computes (TileLang needs each warp to own a multiple of it)."""
+MMA_SYNC_WARP_N = 8
+"""Columns of the tile one warp's mma.sync computes."""
+WARP_THREADS = 32
+
+
+def mma_sync_warps_fit(m: int, n: int, threads: int) -> bool:
+    """Whether TileLang can split an ``m x n`` GEMM over the ``threads / 32`` warps of a block on the portable
+    schedule: some split into ``rows x cols`` warps gives each a multiple of 16 rows and 8 columns (otherwise its
+    layout inference fails with "No valid warp partition for T.gemm")."""
+    warps = threads // WARP_THREADS
+    return any(
+        warps % rows == 0 and m % (MMA_SYNC_WARP_M * rows) == 0 and n % (MMA_SYNC_WARP_N * (warps // rows)) == 0
+        for rows in range(1, warps + 1)
+    )
+
+
+def cuda_target(arch: str) -> dict[str, str]:
+    """The target dict of a CUDA architecture of :data:`ARCHS` (``ValueError`` names the known ones)."""
+    if arch not in ARCHS:
+        raise ValueError(f"no kernels are built for {arch!r}; known architectures: {', '.join(ARCHS)}")
+    return {"kind": "cuda", "arch": arch}
+
 
 PASS_CONFIGS_ATTR = "dsa.pass_configs"
 """PrimFunc attribute through which a builder asks ``tl_kernels.build.get_kernel`` for TileLang pass configs."""
@@ -106,6 +203,37 @@ def is_cpu(target: Target) -> bool:
     return _target_kind(target) in _CPU_KINDS
 
 
+def arch_of(target: Target) -> Arch:
+    """The :class:`Arch` of a CUDA target (a dict with ``arch``, or a ``tvm.target.Target``); ``ValueError`` for the
+    C target or an architecture no kernel is built for."""
+    if is_cpu(target):
+        raise ValueError("the C target has no CUDA architecture")
+    if isinstance(target, Mapping):
+        name = str(target.get("arch", ""))
+    else:
+        name = str(getattr(target, "arch", "") or "")
+    if name not in ARCHS:
+        raise ValueError(f"no kernels are built for CUDA architecture {name!r}; known: {', '.join(ARCHS)}")
+    return ARCHS[name]
+
+
+def smem_limit_bytes(target: Target) -> int | None:
+    """The most shared memory one thread block may use on a CUDA ``target``; ``None`` for the C target (no limit)."""
+    return None if is_cpu(target) else arch_of(target).smem_bytes
+
+
+def static_target(static: Mapping[str, Any]) -> Target:
+    """The target a kernel module's ``check_config``/``default_config`` checks for: ``static["target"]``, sm_90a when
+    absent (the tuning spaces are Hopper's)."""
+    return static.get("target", HOPPER_TARGET)
+
+
+def is_hopper(target: Target) -> bool:
+    """Whether ``target`` gets the Hopper schedule (sm_90a): wgmma, TMA, ``setmaxnreg``. The C target and every other
+    CUDA architecture get the plain loop / the portable schedule."""
+    return not is_cpu(target) and arch_of(target).hopper
+
+
 class Allocators:
     """Buffer allocation and parallel loops that lower on both targets.
 
@@ -147,12 +275,41 @@ def allocators(target: Target) -> Allocators:
     return Allocators(target)
 
 
+def first_valid_config(
+    check_config: Callable[[Mapping[str, Any], Any], None], static: Mapping[str, Any], candidates: Iterable[Any]
+) -> Any:
+    """The first of ``candidates`` that ``check_config(static, config)`` accepts (a kernel module's default-config
+    ladder: later candidates need less shared memory); raises the last rejection's ``ValueError`` when none fits."""
+    error: ValueError | None = None
+    for config in candidates:
+        try:
+            check_config(static, config)
+        except ValueError as exc:
+            error = exc
+            continue
+        return config
+    raise error if error is not None else ValueError("no candidate configs")
+
+
 def with_pass_configs(func: tirx.PrimFunc, pass_configs: Mapping[str, Any]) -> tirx.PrimFunc:
     """``func`` carrying ``pass_configs`` that ``tl_kernels.build.get_kernel`` passes to ``tilelang.compile``.
 
     Builders return ``dsl.with_pass_configs(main, {"tl.disable_warp_specialized": True})`` instead of ``main``.
     """
     return func.with_attr(PASS_CONFIGS_ATTR, {str(k): v for k, v in pass_configs.items()})
+
+
+def with_target_pass_configs(
+    func: tirx.PrimFunc, target: Target, pass_configs: Mapping[str, Any] | None = None
+) -> tirx.PrimFunc:
+    """``func`` as a builder returns it for ``target``: unchanged on the C target; on CUDA carrying ``pass_configs``,
+    plus :data:`PORTABLE_PASS_CONFIGS` on every architecture but sm_90a (the portable schedule)."""
+    if is_cpu(target):
+        return func
+    configs = dict(pass_configs or {})
+    if not is_hopper(target):
+        configs.update(PORTABLE_PASS_CONFIGS)
+    return with_pass_configs(func, configs)
 
 
 def _canonical_dtype(dtype: Any) -> str:

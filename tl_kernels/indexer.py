@@ -31,6 +31,7 @@ __all__ = [
     "CPU_DEFAULT",
     "DTYPES",
     "MODES",
+    "PORTABLE_TUNING_SPACE",
     "TUNING_SPACE",
     "Config",
     "block_queries",
@@ -42,7 +43,9 @@ __all__ = [
     "tile_rows",
 ]
 
-DTYPES = ("bfloat16", "float8_e4m3fn")
+BF16 = "bfloat16"
+FP8 = "float8_e4m3fn"
+DTYPES = (BF16, FP8)
 MODES = ("causal", "range")
 ACCUM_DTYPE = "float32"
 INDEX_DTYPE = "int32"
@@ -88,9 +91,25 @@ TUNING_SPACE: dict[str, tuple] = {
     "num_stages": (2,),
     "threads": (256, 512),
 }
+PORTABLE_TUNING_SPACE: dict[str, tuple] = {
+    "q_rows": (64,),
+    "block_N": (64, 128),
+    "num_stages": (2,),
+    "threads": (128, 256),
+}
+"""The candidates on the portable schedule (``autotune.space`` uses it for every CUDA architecture but sm_90a)."""
 
-# default_config tries these (block_N, num_stages, threads) in order; later ones need less shared memory.
-_DEFAULT_LADDER = ((256, 2, 512), (128, 2, 256), (128, 1, 256), (64, 1, 128))
+# default_config tries these (block_N, num_stages, threads) in order; later ones need less shared memory. The portable
+# schedule (mma.sync) starts smaller: most of its architectures have 99 KB of shared memory per block.
+_DEFAULT_LADDER = (
+    (128, 256, 2, 512),
+    (128, 128, 2, 256),
+    (128, 128, 1, 256),
+    (128, 64, 1, 128),
+)
+# One query's 64 heads per block on the portable schedule: at 128 q-head rows its FP8 MMA (sm_90, sm_100a) reached 255
+# registers and spilled 16-52 bytes; at 64 rows it needs 234-240 and bf16 about 140.
+_PORTABLE_LADDER = ((64, 128, 2, 256), (64, 64, 2, 128), (64, 64, 1, 128))
 
 
 def block_queries(heads: int, q_rows: int) -> int:
@@ -113,17 +132,27 @@ def tile_rows(heads: int, q_rows: int) -> int:
     return block_Q * padded_heads(heads, block_Q)
 
 
+def tile_dtype_for(dtype: str, target: dsl.Target) -> str:
+    """The dtype of the q and key tiles the MMA reads: float32 on the C target (decoded; it has no bf16 or FP8
+    arithmetic), the input dtype on CUDA, except FP8 on an architecture without FP8 matrix instructions (sm_80,
+    sm_86), where the kernel converts it to bfloat16 (exactly: every e4m3 value is a bf16 value)."""
+    if dsl.is_cpu(target):
+        return ACCUM_DTYPE
+    if dtype == FP8 and not dsl.arch_of(target).fp8_mma:
+        return BF16
+    return dtype
+
+
 def smem_bytes(static: dict, config: Config) -> int:
     """Shared memory the CUDA kernel allocates: the q tile, ``num_stages`` key tiles and the weight tile."""
     rows = tile_rows(static["heads"], config.q_rows)
-    elem = ELEMENT_BYTES[static["dtype"]]
+    elem = ELEMENT_BYTES[tile_dtype_for(static["dtype"], dsl.static_target(static))]
     return (rows + config.num_stages * config.block_N) * static["dim"] * elem + rows * ACCUM_BYTES
 
 
 def _is_cpu_static(static: dict) -> bool:
     """Whether ``static["target"]`` names the C target (absent means sm_90a: the tuning space is for Hopper)."""
-    target = static.get("target")
-    return target is not None and dsl.is_cpu(target)
+    return dsl.is_cpu(dsl.static_target(static))
 
 
 def check_config(static: dict, config: Config) -> None:
@@ -155,9 +184,12 @@ def check_config(static: dict, config: Config) -> None:
     warpgroups = config.threads // WARPGROUP_THREADS
     if config.block_N % (WGMMA_M * warpgroups):
         raise ValueError(f"block_N={config.block_N} must be a multiple of {WGMMA_M} x {warpgroups} warpgroups")
-    smem = smem_bytes(static, config)
-    if smem > dsl.HOPPER_SMEM_BYTES:
-        raise ValueError(f"shared memory {smem} B exceeds {dsl.HOPPER_SMEM_BYTES} B")
+    smem, limit = (
+        smem_bytes(static, config),
+        dsl.smem_limit_bytes(dsl.static_target(static)),
+    )
+    if smem > limit:
+        raise ValueError(f"shared memory {smem} B exceeds {limit} B")
 
 
 CPU_DEFAULT = Config(q_rows=128, block_N=64, num_stages=1, threads=128)
@@ -168,23 +200,20 @@ def default_config(static: dict) -> Config:
     """A config that builds for ``static`` and serves every batch and sequence length.
 
     On sm_90a: 128 q-head rows x 256 keys with 4 consumer warpgroups, stepping down to smaller key tiles when a large
-    head dim does not fit in shared memory. Raises ValueError when nothing fits (more than 256 heads, or a head dim
-    that is not a multiple of the wgmma K step): such shapes need another kernel. ``static["target"] == "c"`` gets
+    head dim does not fit in shared memory; on the other CUDA architectures (the portable schedule) 128 keys with 2
+    warpgroups first, stepping down the same way. Raises ValueError when nothing fits (more than 256 heads, or a head
+    dim that is not a multiple of the MMA K step): such shapes need another kernel. ``static["target"] == "c"`` gets
     :data:`CPU_DEFAULT`.
     """
     if _is_cpu_static(static):
         check_config(static, CPU_DEFAULT)
         return CPU_DEFAULT
-    error: ValueError | None = None
-    for block_N, num_stages, threads in _DEFAULT_LADDER:
-        config = Config(block_N=block_N, num_stages=num_stages, threads=threads)
-        try:
-            check_config(static, config)
-        except ValueError as exc:
-            error = exc
-            continue
-        return config
-    raise ValueError(f"no indexer config fits {static}: {error}")
+    ladder = _DEFAULT_LADDER if dsl.is_hopper(dsl.static_target(static)) else _PORTABLE_LADDER
+    configs = (Config(q_rows=q, block_N=n, num_stages=stages, threads=threads) for q, n, stages, threads in ladder)
+    try:
+        return dsl.first_valid_config(check_config, static, configs)
+    except ValueError as exc:
+        raise ValueError(f"no indexer config fits {static}: {exc}") from None
 
 
 def build(
@@ -217,11 +246,15 @@ def build(
     check_config(static, Config(q_rows=q_rows, block_N=block_N, num_stages=num_stages, threads=threads))
     block_Q = block_queries(heads, q_rows)
     alloc = dsl.allocators(target)
-    fp8 = dtype == "float8_e4m3fn"
+    fp8 = dtype == FP8
     causal = mode == "causal"
     io_dtype = dsl.storage_dtype(dtype, target)
-    # On CPU the tiles hold decoded float32 (the C target has no bf16/e4m3 arithmetic); on CUDA the input dtype.
-    tile_dtype = ACCUM_DTYPE if cpu else dtype
+    tile_dtype = tile_dtype_for(dtype, target)
+    # Hopper: one TMA tile copy per key block. The portable schedule loads the key tile element by element, bounds
+    # checked and converted where FP8 has no MMA, with plain (synchronous) loads: TileLang 0.1.15 fails to generate
+    # a pipelined tile copy or plain element copy there ("Downcast from tirx.Sub to ir.IntImm": the cp.async wait
+    # count of a symbolic trip count), so this schedule's key loads do not overlap its MMAs (a known cost).
+    element_k = not dsl.is_hopper(target)
     heads_pad = padded_heads(heads, block_Q)
     rows = block_Q * heads_pad
     neg_inf = -T.infinity(ACCUM_DTYPE)
@@ -229,6 +262,8 @@ def build(
     batch, seq, seq_kv = T.dynamic("batch, seq_len, seq_len_kv")
 
     def _load(value: Any) -> Any:
+        if tile_dtype != dtype and not cpu:
+            return T.Cast(tile_dtype, value)
         return dsl.load_tile(value, dtype, target)
 
     def _visible(Starts: Any, Ends: Any, b: Any, t: Any, s: Any, shift: Any) -> Any:
@@ -292,6 +327,13 @@ def build(
                 if cpu:
                     for n, d in T.grid(block_N, dim):
                         k_tile[n, d] = T.if_then_else(s0 + n < seq_kv, _load(K[bb, s0 + n, d]), T.float32(0))
+                elif element_k:
+                    for n, d in T.Parallel(block_N, dim):
+                        k_tile[n, d] = T.if_then_else(
+                            s0 + n < seq_kv,
+                            _load(K[bb, T.min(s0 + n, seq_kv - 1), d]),
+                            T.cast(0, tile_dtype),
+                        )
                 else:
                     T.copy(K[bb, s0 : s0 + block_N, :], k_tile)
                 # FullRow: the warpgroups split the keys (M), each holds all q-head rows (N) of its keys, so the sum
@@ -376,4 +418,4 @@ def build(
             body(Q, K, W, None, Starts, Ends, Out)
 
         func = index_scores_bf16_range
-    return func
+    return dsl.with_target_pass_configs(func, target)

@@ -135,6 +135,24 @@ TUNING_SPACE: dict[str, tuple[Any, ...]] = {
 }
 """Candidate values per :class:`Config` field (every combination that passes :func:`check_config` is built in CI)."""
 
+PORTABLE_TUNING_SPACE: dict[str, tuple[Any, ...]] = {
+    "block_h": (16, 32),
+    "block_topk": (32, 64),
+    "dkv_chunk": (64,),
+    "num_stages": (0,),
+    "threads": (128, 256),
+}
+"""The candidates on the portable schedule (every CUDA architecture but sm_90a); shared memory decides which fit."""
+
+PORTABLE_LADDER: tuple[Config, ...] = (
+    Config(block_h=32, block_topk=64, threads=256),
+    Config(block_h=32, block_topk=32, threads=256),
+    Config(block_h=16, block_topk=32, threads=128),
+)
+"""default_config's candidates on the portable schedule, in order; later ones need less shared memory (at V3.2
+widths about 151 KB, 111 KB and 74 KB: the first fits sm_80, sm_90 and sm_100a, the last the 99 KB of sm_86, sm_89
+and sm_120)."""
+
 TOPK_ALIGN = 64
 """The launcher pads ``topk`` to a multiple of this (a multiple of every ``block_topk`` in :data:`TUNING_SPACE`)."""
 
@@ -171,8 +189,14 @@ def check_config(static: dict[str, Any], config: Config) -> None:
     target = static.get("target")
     if target is None or dsl.is_cpu(target):
         return
-    if config.block_h % _WGMMA_M != 0:
-        raise ValueError(f"block_h={config.block_h} must be a multiple of {_WGMMA_M} on CUDA (wgmma M)")
+    hopper = dsl.is_hopper(target)
+    # wgmma takes 64 rows per warpgroup; mma.sync 16 per warp.
+    row_tile = _WGMMA_M if hopper else dsl.MMA_SYNC_WARP_M
+    if config.block_h % row_tile != 0:
+        raise ValueError(
+            f"block_h={config.block_h} must be a multiple of {row_tile} on {dsl.arch_of(target).name} "
+            f"({'wgmma' if hopper else 'mma.sync'} M)"
+        )
     if config.block_topk % _MIN_BLOCK_TOPK_CUDA != 0:
         raise ValueError(f"block_topk={config.block_topk} must be a multiple of {_MIN_BLOCK_TOPK_CUDA} on CUDA")
     if config.threads % 128 != 0:
@@ -183,9 +207,33 @@ def check_config(static: dict[str, Any], config: Config) -> None:
                 f"column chunk [{start}, {start + size}) is not a multiple of {_WGMMA_M} on CUDA "
                 f"(d_qk={d_qk}, d_v={d_v}, dkv_chunk={config.dkv_chunk})"
             )
-    smem = shared_memory_bytes(static, config)
-    if smem > dsl.HOPPER_SMEM_BYTES:
-        raise ValueError(f"config needs {smem} B of shared memory, more than {dsl.HOPPER_SMEM_BYTES} B")
+    if not hopper:
+        for m, n in _gemm_shapes(d_qk, d_v, config):
+            if not dsl.mma_sync_warps_fit(m, n, config.threads):
+                raise ValueError(
+                    f"a {m} x {n} GEMM cannot be split over {config.threads // 32} warps (each needs a multiple of "
+                    f"{dsl.MMA_SYNC_WARP_M} rows and {dsl.MMA_SYNC_WARP_N} columns)"
+                )
+    smem, limit = shared_memory_bytes(static, config), dsl.smem_limit_bytes(target)
+    if smem > limit:
+        raise ValueError(
+            f"config needs {smem} B of shared memory, more than {limit} B on {dsl.arch_of(target).name}"
+        )
+
+
+def _dkv_transposed(block_topk: int) -> bool:
+    """dkv's MMA needs M >= 64 for wgmma: with 64-index blocks it is [block_topk, chunk] (each thread then scatters
+    into only two kv rows, which keeps address registers low); smaller blocks compute it transposed, [chunk,
+    block_topk]."""
+    return block_topk % _WGMMA_M != 0
+
+
+def _gemm_shapes(d_qk: int, d_v: int, config: Config) -> set[tuple[int, int]]:
+    """The (M, N) of every GEMM of the main kernel: scores and dp, dq per column chunk, dkv per column chunk."""
+    bh, bk = config.block_h, config.block_topk
+    sizes = {size for _, size in chunk_bounds(d_qk, d_v, config.dkv_chunk)}
+    dkv = {(size, bk) if _dkv_transposed(bk) else (bk, size) for size in sizes}
+    return {(bh, bk)} | {(bh, size) for size in sizes} | dkv
 
 
 def shared_memory_bytes(static: dict[str, Any], config: Config) -> int:
@@ -208,12 +256,16 @@ CPU_DEFAULT = Config(block_h=16, block_topk=32, dkv_chunk=256, num_stages=0, thr
 def default_config(static: dict[str, Any]) -> Config:
     """A config that serves every shape of ``static`` (``topk`` is a multiple of :data:`TOPK_ALIGN`).
 
-    ``static["target"]`` (optional) selects :data:`CPU_DEFAULT` for the C target; otherwise the Hopper default.
+    ``static["target"]`` (optional) selects :data:`CPU_DEFAULT` for the C target, the Hopper default for sm_90a (and
+    when absent), and the first of :data:`PORTABLE_LADDER` that fits the architecture otherwise (``ValueError``, the
+    last rejection, when none does).
     """
     target = static.get("target")
     if target is not None and dsl.is_cpu(target):
         return CPU_DEFAULT
-    return Config()
+    if target is None or dsl.is_hopper(target):
+        return Config()
+    return dsl.first_valid_config(check_config, static, PORTABLE_LADDER)
 
 
 def config_params(config: Config) -> dict[str, Any]:
@@ -325,9 +377,7 @@ def build(
     chunks = chunk_bounds(d_qk, d_v, dkv_chunk)
     n_value_chunks = sum(1 for start, _ in chunks if start < d_v)
     policy = T.GemmWarpPolicy.FullCol
-    # dkv's MMA needs M >= 64 for wgmma: with 64-index blocks it is [block_topk, chunk] (each thread then scatters into
-    # only two kv rows, which keeps address registers low); smaller blocks compute it transposed, [chunk, block_topk].
-    dkv_transposed = block_topk % _WGMMA_M != 0
+    dkv_transposed = _dkv_transposed(block_topk)
     bh, bk = block_h, block_topk
 
     # MMAs are issued in groups with one wait per group. On Hopper each T.gemm waits for its own wgmma to drain
@@ -336,7 +386,10 @@ def build(
     # accumulator is the chaining a single GEMM's K loop does anyway. The C target has no wgmma: T.gemm there.
     # (Written inline in the kernel body, not in a Python helper: the frontend records only expression statements
     # of the traced body or of a T.macro, so a helper's T.gemm calls would be silently dropped.)
-    mma = T.gemm if cpu else T.wgmma_gemm
+    # The portable schedule (every CUDA architecture but sm_90a) has no wgmma either: its T.gemm is a synchronous
+    # mma.sync loop, so nothing is left in flight to wait for.
+    hopper = dsl.is_hopper(target)
+    mma = T.wgmma_gemm if hopper else T.gemm
 
     def load(value: Any) -> Any:
         return dsl.load_tile(value, IN_DTYPE, target)
@@ -412,7 +465,10 @@ def build(
                         do_tiles[ci][r, c] = T.cast(0, op_dtype)
 
             # Per-head log2-domain lse and the factors of p and ds, sm_scale folded in once. Empty rows and padded
-            # heads get a huge lse, so that every e (hence p and ds) is exactly 0, and zero factors.
+            # heads get a huge lse, so that every e (hence p and ds) is exactly 0, and zero factors. (With fewer heads
+            # than threads, bh 16 on the portable schedule, TileLang warns "Hoisting sync out of an if ... the race
+            # remains": its barrier inference cannot see that each element is written and read by one thread only.
+            # Writing each factor once in an if/else silences it, but made the sm_90a kernel spill 4 bytes.)
             for h in alloc.parallel(bh):
                 lse2_tile[h] = T.float32(_EMPTY_LSE2)
                 ratio_tile[h] = T.float32(0)
@@ -465,7 +521,7 @@ def build(
                     mma(q_tile, kv_tile, acc_s, transpose_B=True, policy=policy)
                 for do_tile, kv_tile in zip(do_tiles, kv_tiles):
                     mma(do_tile, kv_tile, acc_dp, transpose_B=True, policy=policy)
-                if not cpu:
+                if hopper:
                     T.wait_wgmma(0)
 
                 # e = exp(s - lse) on valid slots (0 elsewhere); ds = sm_scale * (p * (dp - delta) + e * d_lse)
@@ -491,7 +547,7 @@ def build(
                         mma(q_tiles[ci], ds_tile, acc_c, transpose_A=True, policy=policy, clear_accum=True)
                         if ci < n_value_chunks:
                             mma(do_tiles[ci], p_tile, acc_c, transpose_A=True, policy=policy)
-                        if not cpu:
+                        if hopper:
                             T.wait_wgmma(0)
                         for d, j in alloc.parallel(size, bk):
                             if idx_tile[j] >= 0:
@@ -500,7 +556,7 @@ def build(
                         mma(ds_tile, q_tiles[ci], acc_c, transpose_A=True, policy=policy, clear_accum=True)
                         if ci < n_value_chunks:
                             mma(p_tile, do_tiles[ci], acc_c, transpose_A=True, policy=policy)
-                        if not cpu:
+                        if hopper:
                             T.wait_wgmma(0)
                         for j, d in alloc.parallel(bk, size):
                             if idx_tile[j] >= 0:
@@ -511,4 +567,4 @@ def build(
                     if head0 + h < heads:
                         dQ[b, t, head0 + h, start + d] = dsl.store_bf16(acc_dq[ci][h, d], target)
 
-    return main if cpu else dsl.with_pass_configs(main, PASS_CONFIGS)
+    return dsl.with_target_pass_configs(main, target, PASS_CONFIGS)

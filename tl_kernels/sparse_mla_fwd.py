@@ -58,6 +58,8 @@ __all__ = [
     "PIPELINES",
     "PIPELINE_NONE",
     "PIPELINE_WS",
+    "PORTABLE_TUNING_PRESETS",
+    "PORTABLE_TUNING_SPACE",
     "TUNING_PRESETS",
     "TUNING_SPACE",
     "WS_BLOCK_K",
@@ -95,6 +97,8 @@ thread) plus the scores spilled 52 bytes at V3.2 widths (255 registers); 16 and 
 SMEM_ALIGN_SLACK_BYTES = 4 * 1024
 """Room for TileLang's 1024-byte tile alignment and reduction workspaces on top of the tiles themselves."""
 BF16_BYTES = 2
+PORTABLE_THREADS = (WARPGROUP_THREADS, CUDA_THREADS)
+"""Threads per block of the portable schedule: one or two warpgroups' worth of warps."""
 
 
 
@@ -135,6 +139,28 @@ TUNING_SPACE: dict[str, tuple[Any, ...]] = {
 them, as the autotuner's enumeration does); the valid ones at V3.2 shapes are ``none`` with ``block_k`` 16 or 32 and
 256 threads, and ``ws`` with ``block_k`` 64 and 384 threads. Each compiles clean for sm_90a."""
 
+PORTABLE_TUNING_SPACE: dict[str, tuple[Any, ...]] = {
+    "block_h": (32, WGMMA_M),
+    "block_k": (16, 32),
+    "num_stages": (1,),
+    "threads": PORTABLE_THREADS,
+    "pipeline": (PIPELINE_NONE,),
+}
+"""The candidates on the portable schedule (``autotune.space`` uses it for every CUDA architecture but sm_90a); the
+compile-only tuner prunes those that spill (at V3.2 widths 64 x 32 with 128 threads spilled 4.9 KB on sm_80)."""
+
+_PORTABLE_LADDER: tuple[tuple[int, int, int], ...] = ((32, 32, CUDA_THREADS), (32, 16, WARPGROUP_THREADS))
+"""default_config's (block_h, block_k, threads) on the portable schedule, in order; the second needs less shared
+memory (four warps: a 32 x 16 score tile cannot be split over eight). At V3.2 widths (576/512) the first takes 76 KB
+and compiles without spills on sm_80, sm_86, sm_89, sm_90, sm_100a and sm_120 (182-255 registers). 64-head blocks
+halve the KV reads but sit at the register limit: 64 x 32 spilled 16 bytes on sm_90 with topk_length and sink (clean
+on sm_80 and sm_100a), 64 x 16 spilled 16 bytes on sm_120, so they are tuning candidates (the tuner prunes spills),
+not defaults."""
+
+PORTABLE_TUNING_PRESETS: tuple[dict[str, Any], ...] = ({"block_h": WGMMA_M, "block_k": 16},)
+"""Whole alternative portable configs the pruned space tries beside the one-field neighbours of the default (which
+include 64 x 32): 64 heads x 16 entries, half the KV reads of 32-head blocks in 96 KB."""
+
 TUNING_PRESETS: tuple[dict[str, Any], ...] = ({"pipeline": "ws", "block_k": WS_BLOCK_K, "threads": WS_THREADS},)
 """Whole alternative schedules the pruned tuning space always tries (``autotune.space.pruned_space``)."""
 
@@ -174,7 +200,11 @@ def check_config(static: dict[str, Any], config: Config) -> None:
         raise ValueError(f"num_stages must be >= 1, got {config.num_stages}")
     if config.pipeline not in PIPELINES:
         raise ValueError(f"pipeline must be one of {PIPELINES}, got {config.pipeline!r}")
-    if dsl.is_cpu(static.get("target", dsl.HOPPER_TARGET)):
+    target = dsl.static_target(static)
+    if dsl.is_cpu(target):
+        return
+    if not dsl.is_hopper(target):
+        _check_portable(static, config, target)
         return
     if config.block_h != WGMMA_M:
         raise ValueError(f"block_h must be {WGMMA_M} on CUDA (one wgmma M per warpgroup), got {config.block_h}")
@@ -188,33 +218,71 @@ def check_config(static: dict[str, Any], config: Config) -> None:
         raise ValueError(f"block_k must be {WS_BLOCK_K} with pipeline='ws', got {config.block_k}")
     if not ws and config.block_k > CUDA_MAX_BLOCK_K:
         raise ValueError(f"block_k must be <= {CUDA_MAX_BLOCK_K} on CUDA with pipeline='none', got {config.block_k}")
-    if config.block_k % CUDA_BLOCK_K_ALIGN:
-        raise ValueError(f"block_k must be a multiple of {CUDA_BLOCK_K_ALIGN} on CUDA, got {config.block_k}")
-    if config.num_stages > CUDA_MAX_STAGES:
-        raise ValueError(f"num_stages must be <= {CUDA_MAX_STAGES} on CUDA, got {config.num_stages}")
-    if d_qk % CUDA_DIM_ALIGN or d_v % CUDA_DIM_ALIGN:
-        raise ValueError(f"d_qk and d_v must be multiples of {CUDA_DIM_ALIGN} on CUDA, got {d_qk} and {d_v}")
     if ws and (d_v % (2 * CUDA_DIM_ALIGN) or d_qk == d_v):
         # Each consumer warpgroup owns d_v / 2 output columns (whole swizzle atoms); the scores take three wgmma
         # (left, right, tail), so the tail d_qk - d_v must be non-empty.
         raise ValueError(
             f"pipeline='ws' needs d_v a multiple of {2 * CUDA_DIM_ALIGN} and d_qk > d_v, got d_qk={d_qk}, d_v={d_v}"
         )
-    needed = smem_bytes(static, config)
-    if needed > dsl.HOPPER_SMEM_BYTES:
-        raise ValueError(f"{config} needs {needed} B of shared memory, more than {dsl.HOPPER_SMEM_BYTES}")
+    _check_cuda_common(static, config, target)
+
+
+def _check_cuda_common(static: dict[str, Any], config: Config, target: dsl.Target) -> None:
+    """The constraints both CUDA schedules share: tile alignment and the architecture's shared memory."""
+    d_qk, d_v = int(static["d_qk"]), int(static["d_v"])
+    if config.block_k % CUDA_BLOCK_K_ALIGN:
+        raise ValueError(f"block_k must be a multiple of {CUDA_BLOCK_K_ALIGN} on CUDA, got {config.block_k}")
+    if config.num_stages > CUDA_MAX_STAGES:
+        raise ValueError(f"num_stages must be <= {CUDA_MAX_STAGES} on CUDA, got {config.num_stages}")
+    if d_qk % CUDA_DIM_ALIGN or d_v % CUDA_DIM_ALIGN:
+        raise ValueError(f"d_qk and d_v must be multiples of {CUDA_DIM_ALIGN} on CUDA, got {d_qk} and {d_v}")
+    needed, limit = smem_bytes(static, config), dsl.smem_limit_bytes(target)
+    if needed > limit:
+        raise ValueError(
+            f"{config} needs {needed} B of shared memory, more than {limit} B on {dsl.arch_of(target).name}"
+        )
+
+
+def _check_portable(static: dict[str, Any], config: Config, target: dsl.Target) -> None:
+    """The portable schedule (mma.sync; every CUDA architecture but sm_90a): the default loop only, head blocks of
+    whole mma.sync row tiles, one or two warpgroups."""
+    if config.pipeline != PIPELINE_NONE:
+        raise ValueError(
+            f"pipeline={config.pipeline!r} needs sm_90a (wgmma, setmaxnreg); the portable schedule is 'none'"
+        )
+    if config.block_h % dsl.MMA_SYNC_WARP_M or config.block_h > WGMMA_M:
+        raise ValueError(
+            f"block_h must be a multiple of {dsl.MMA_SYNC_WARP_M} up to {WGMMA_M} on the portable schedule, "
+            f"got {config.block_h}"
+        )
+    if config.threads not in PORTABLE_THREADS:
+        raise ValueError(f"threads must be one of {PORTABLE_THREADS} on the portable schedule, got {config.threads}")
+    if config.block_k > CUDA_MAX_BLOCK_K:
+        raise ValueError(f"block_k must be <= {CUDA_MAX_BLOCK_K} on CUDA with pipeline='none', got {config.block_k}")
+    if not dsl.mma_sync_warps_fit(config.block_h, config.block_k, config.threads):
+        raise ValueError(
+            f"the {config.block_h} x {config.block_k} score GEMM cannot be split over {config.threads // 32} warps "
+            f"(each needs a multiple of {dsl.MMA_SYNC_WARP_M} rows and {dsl.MMA_SYNC_WARP_N} columns)"
+        )
+    _check_cuda_common(static, config, target)
 
 
 def default_config(static: dict[str, Any]) -> Config:
     """A config that works for every shape with these static parameters.
 
     On the C target the head block shrinks to the head count's power of two (at most 64) so that a few heads do not
-    pay for 64; on CUDA it is the wgmma M of 64 (heads past ``heads`` are masked).
+    pay for 64; on sm_90a it is the wgmma M of 64 (heads past ``heads`` are masked); on the portable schedule the
+    first of :data:`_PORTABLE_LADDER` that fits the architecture's shared memory. Raises ``ValueError`` when nothing
+    fits (its message is the last rejection).
     """
-    if dsl.is_cpu(static.get("target", dsl.HOPPER_TARGET)):
+    target = dsl.static_target(static)
+    if dsl.is_cpu(target):
         heads = int(static["heads"])
         return Config(block_h=min(WGMMA_M, 1 << max(heads - 1, 0).bit_length()))
-    return Config()
+    if dsl.is_hopper(target):
+        return Config()
+    ladder = (Config(block_h=bh, block_k=bk, threads=threads) for bh, bk, threads in _PORTABLE_LADDER)
+    return dsl.first_valid_config(check_config, static, ladder)
 
 
 def build(
@@ -330,6 +398,4 @@ def build(
         dims, heads=heads, d_qk=d_qk, d_v=d_v, has_topk_length=has_topk_length, block_h=block_h, block_k=block_k,
         threads=threads, data_dtype=data_storage, body=schedule,
     )  # fmt: skip
-    if cpu:
-        return main
-    return dsl.with_pass_configs(main, CUDA_PASS_CONFIGS)
+    return dsl.with_target_pass_configs(main, target, CUDA_PASS_CONFIGS)

@@ -134,7 +134,8 @@ def shared_memory_bytes(config: Config) -> int:
 
 
 def check_config(static: dict, config: Config) -> None:
-    """Raise ``ValueError`` when ``config`` cannot serve the static parameters ``static`` (``{"k": int}``)."""
+    """Raise ``ValueError`` when ``config`` cannot serve the static parameters ``static`` (``{"k": int}``, and
+    optionally ``target``: the shared-memory limit is that architecture's, sm_90a's by default)."""
     k = static.get("k")
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
@@ -142,9 +143,9 @@ def check_config(static: dict, config: Config) -> None:
         raise ValueError(f"threads must be a multiple of {_WARP} in [{_WARP}, {_MAX_THREADS}], got {config.threads}")
     if config.cand_capacity < 1:
         raise ValueError(f"cand_capacity must be >= 1, got {config.cand_capacity}")
-    smem = shared_memory_bytes(config)
-    if smem > dsl.HOPPER_SMEM_BYTES:
-        raise ValueError(f"shared memory {smem} B exceeds {dsl.HOPPER_SMEM_BYTES} B (cand_capacity {config.cand_capacity})")
+    smem, limit = shared_memory_bytes(config), dsl.smem_limit_bytes(dsl.static_target(static))
+    if limit is not None and smem > limit:
+        raise ValueError(f"shared memory {smem} B exceeds {limit} B (cand_capacity {config.cand_capacity})")
 
 
 def default_config(static: dict) -> Config:
@@ -226,7 +227,7 @@ def build(*, k: int, threads: int = Config.threads, cand_capacity: int = Config.
     Grid: one block per row (``S`` x ``B``). ``k`` is the only compile-time shape; any ``k >= 1`` works, also
     ``k > S_kv``. On the C target ``threads`` is ignored.
     """
-    check_config({"k": k}, Config(threads=threads, cand_capacity=cand_capacity))
+    check_config({"k": k, "target": target}, Config(threads=threads, cand_capacity=cand_capacity))
     cpu = dsl.is_cpu(target)
     alloc = dsl.allocators(target)
     rounds = _rounds()
@@ -482,4 +483,6 @@ def build(*, k: int, threads: int = Config.threads, cand_capacity: int = Config.
             )
             select_row(row)
 
-    return dsl.with_pass_configs(topk_indices, _PASS_CONFIGS)
+    if cpu:
+        return dsl.with_pass_configs(topk_indices, _PASS_CONFIGS)
+    return dsl.with_target_pass_configs(topk_indices, target, _PASS_CONFIGS)
