@@ -5,6 +5,7 @@
 | ``DSA_BACKEND`` | ``auto`` (default), ``tilelang``, ``reference`` | which implementation the ops dispatch to |
 | ``DSA_CACHE_DIR`` | a directory | where tuned configs and cached ptxas reports live (default ``~/.cache/dsa-tilelang``) |
 | ``DSA_CPU_COMPILE_FLAGS`` | g++ flags | flags for C-target kernels (default ``-O2``) |
+| ``DSA_PORTABLE`` | ``0`` (default), ``1`` | Hopper runs the portable schedule (sm_90) that other GPUs run |
 | ``DSA_LOG`` | ``warning`` (default), ``info``, ``debug`` | how much TileLang logs (its INFO lines: one per compile) |
 | ``DSA_TUNE_CANDIDATE_TIMEOUT_S`` | seconds > 0 | the tuner's time limit per candidate step on the GPU (default 120) |
 
@@ -25,6 +26,14 @@ _DEFAULT_CACHE_DIR = "~/.cache/dsa-tilelang"
 _DEFAULT_LOG = "warning"
 # Checking one candidate includes loading its kernel (TileLang's JIT load from the disk cache, or a compile when the
 # cache misses); timing it at the largest preset size takes a few seconds. Two minutes leaves room for both.
+_BOOL_VALUES: dict[str, bool] = {
+    "0": False,
+    "1": True,
+    "false": False,
+    "true": True,
+    "no": False,
+    "yes": True,
+}
 _DEFAULT_CANDIDATE_TIMEOUT_S = 120.0
 # The folder below the cache directory where ptxas reports are cached by the hash of a kernel's CUDA source.
 STATIC_REPORT_SUBDIR = "static-reports"
@@ -40,6 +49,14 @@ def backend() -> str:
     if value not in BACKENDS:
         raise ValueError(f"DSA_BACKEND must be one of {BACKENDS}, got {value!r}")
     return value
+
+
+def portable() -> bool:
+    """``DSA_PORTABLE``: whether Hopper gets the portable schedule (sm_90) instead of the Hopper one (sm_90a)."""
+    value = os.environ.get("DSA_PORTABLE", "0").strip().lower() or "0"
+    if value not in _BOOL_VALUES:
+        raise ValueError(f"DSA_PORTABLE must be one of {tuple(_BOOL_VALUES)}, got {value!r}")
+    return _BOOL_VALUES[value]
 
 
 def cache_dir() -> Path:

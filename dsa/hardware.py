@@ -1,14 +1,20 @@
 """Device capability checks and backend selection, decided in one place.
 
 Which implementation an op runs is a function of the input tensors' device, whether their dtype is one the TileLang
-kernels take, and ``DSA_BACKEND`` (read through ``dsa.env``, per call, never at import):
+kernels take, and ``DSA_BACKEND`` (read through ``dsa.env``, per call, never at import). Which CUDA architecture the
+kernels are built for is :func:`target_for_capability`'s answer alone (launchers and tuner ask it, nothing else):
 
 | device | ``auto`` (default) | ``tilelang`` | ``reference`` |
 |---|---|---|---|
-| CUDA, compute capability >= 9.0 (Hopper) | TileLang (sm_90a) | TileLang (sm_90a) | reference |
-| CUDA, older | reference + one warning per device | ``RuntimeError`` (the kernels are sm_90a only) | reference |
+| CUDA with kernels (:data:`ARCH_BY_CAPABILITY`) | TileLang, built for that architecture | TileLang | reference |
+| CUDA without kernels (7.x, 11.0) | reference + one warning per device | ``RuntimeError`` | reference |
 | CPU | reference | TileLang C-target kernels | reference |
 | anything else | reference | reference | reference |
+
+Compute capability 9.0 gets the Hopper schedule (sm_90a: wgmma, TMA, ``setmaxnreg``); every other supported one the
+portable schedule (mma.sync, no wgmma or TMA) built for exactly its architecture, never an sm_90a binary (which would
+not load on Blackwell or Ada). ``DSA_PORTABLE=1`` builds the portable schedule on Hopper too (sm_90): how one H100/H200
+checks the kernels every other GPU runs.
 
 Inputs whose dtype the kernels do not take (float32/float64 attention, float32/float64 indexer inputs) always run the
 reference, whatever ``DSA_BACKEND`` says: the reference is the float oracle and gradcheck path.
@@ -30,8 +36,29 @@ TILELANG: Backend = "tilelang"
 REFERENCE: Backend = "reference"
 BACKENDS: tuple[Backend, ...] = (TILELANG, REFERENCE)
 
-# The kernels use wgmma/TMA and are compiled for sm_90a; compare with >= so later Hopper-class parts qualify.
-HOPPER_MIN_CAPABILITY = (9, 0)
+HOPPER_CAPABILITY = (9, 0)
+"""The one compute capability of the Hopper schedule (H100, H200, H800, H20)."""
+HOPPER_ARCH = "sm_90a"
+PORTABLE_HOPPER_ARCH = "sm_90"
+"""The portable schedule built for Hopper (``DSA_PORTABLE=1``): plain sm_90, none of the ``a`` features."""
+
+ARCH_BY_CAPABILITY: dict[tuple[int, int], str] = {
+    (8, 0): "sm_80",  # A100, A30
+    (8, 6): "sm_86",  # A10, A40, RTX 30xx
+    (
+        8,
+        7,
+    ): "sm_86",  # Jetson Orin: an sm_86 cubin runs on 8.7 (same major, higher minor), 99 KB configs fit
+    (8, 9): "sm_89",  # L4, L40S, RTX 40xx (FP8 matrix instructions)
+    HOPPER_CAPABILITY: HOPPER_ARCH,
+    (10, 0): "sm_100a",  # B200, GB200: `a` targets run on exactly their capability
+    (10, 3): "sm_103a",  # B300, GB300
+    (12, 0): "sm_120",  # RTX 50xx, RTX PRO 6000 Blackwell
+    (12, 1): "sm_120",  # DGX Spark (GB10): an sm_120 cubin runs on 12.1
+}
+"""The CUDA architecture the kernels are built for, per compute capability; a capability not listed has no kernels
+(the reference runs). Every architecture named here is one of ``tl_kernels.dsl.ARCHS`` (a test checks; this module
+does not import the kernels, so that dispatch stays cheap to import)."""
 
 # Per-process caches: the capability of a CUDA device never changes, and each device is warned about once.
 _capabilities: dict[int, tuple[int, int]] = {}
@@ -59,22 +86,53 @@ def cuda_capability(device: torch.device) -> tuple[int, int]:
     return capability
 
 
+def target_for_capability(capability: tuple[int, int], *, portable: bool = False) -> dict[str, str] | None:
+    """The CUDA target the kernels are built for on a device of compute capability ``capability``, or ``None`` where
+    there are no kernels (then the reference runs).
+
+    9.0 gets sm_90a (the Hopper schedule), or sm_90 with ``portable`` (the portable schedule on Hopper); every other
+    capability of :data:`ARCH_BY_CAPABILITY` its portable architecture. This is the single source of that decision.
+    """
+    arch = ARCH_BY_CAPABILITY.get((int(capability[0]), int(capability[1])))
+    if arch is None:
+        return None
+    if portable and arch == HOPPER_ARCH:
+        arch = PORTABLE_HOPPER_ARCH
+    return {"kind": "cuda", "arch": arch}
+
+
+def device_target(device: torch.device) -> dict[str, str] | None:
+    """:func:`target_for_capability` of a CUDA ``device`` (``DSA_PORTABLE`` applied); ``None`` for other devices."""
+    if device.type != "cuda":
+        return None
+    return target_for_capability(cuda_capability(device), portable=env.portable())
+
+
 def is_hopper(device: torch.device) -> bool:
-    """True for a CUDA device of compute capability >= 9.0 (the only GPUs the sm_90a kernels run on)."""
-    return device.type == "cuda" and cuda_capability(device) >= HOPPER_MIN_CAPABILITY
+    """True for a CUDA device of compute capability 9.0 (the GPUs of the Hopper schedule)."""
+    return device.type == "cuda" and cuda_capability(device) == HOPPER_CAPABILITY
 
 
-def _warn_not_hopper_once(device: torch.device, capability: tuple[int, int]) -> None:
+def has_kernels(device: torch.device) -> bool:
+    """True for a CUDA device whose architecture the kernels are built for (:func:`target_for_capability`)."""
+    return device_target(device) is not None
+
+
+def _supported_capabilities() -> str:
+    return ", ".join(f"{major}.{minor}" for major, minor in ARCH_BY_CAPABILITY)
+
+
+def _warn_no_kernels_once(device: torch.device, capability: tuple[int, int]) -> None:
     index = _cuda_index(device)
     if index in _warned_devices:
         return
     _warned_devices.add(index)
     logger.warning(
-        "DSA: CUDA device %d has compute capability %d.%d < %d.%d; the TileLang kernels need Hopper (sm_90a), "
+        "DSA: CUDA device %d has compute capability %d.%d, for which no TileLang kernels are built (supported: %s), "
         "so the PyTorch reference runs instead (slow). Set DSA_BACKEND=reference to silence this warning.",
         index,
         *capability,
-        *HOPPER_MIN_CAPABILITY,
+        _supported_capabilities(),
     )
 
 
@@ -86,7 +144,7 @@ def select_backend(device: torch.device, kernel_dtype: bool) -> Backend:
         kernel_dtype: whether the inputs' dtypes are ones the TileLang kernels take.
 
     Raises:
-        RuntimeError: ``DSA_BACKEND=tilelang`` on a CUDA device older than Hopper.
+        RuntimeError: ``DSA_BACKEND=tilelang`` on a CUDA device without kernels.
     """
     requested = env.backend()
     if requested == REFERENCE or not kernel_dtype:
@@ -95,16 +153,16 @@ def select_backend(device: torch.device, kernel_dtype: bool) -> Backend:
         return TILELANG if requested == TILELANG else REFERENCE
     if device.type != "cuda":
         return REFERENCE
-    if is_hopper(device):
+    if has_kernels(device):
         return TILELANG
     capability = cuda_capability(device)
     if requested == TILELANG:
         raise RuntimeError(
-            f"DSA_BACKEND=tilelang, but CUDA device {device} has compute capability {capability[0]}.{capability[1]}; "
-            f"the TileLang kernels need >= {HOPPER_MIN_CAPABILITY[0]}.{HOPPER_MIN_CAPABILITY[1]} (sm_90a). "
+            f"DSA_BACKEND=tilelang, but CUDA device {device} has compute capability {capability[0]}.{capability[1]}, "
+            f"for which no TileLang kernels are built (supported: {_supported_capabilities()}). "
             "Use DSA_BACKEND=auto or reference on this GPU."
         )
-    _warn_not_hopper_once(device, capability)
+    _warn_no_kernels_once(device, capability)
     return REFERENCE
 
 

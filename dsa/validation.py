@@ -3,8 +3,9 @@
 Every check raises ``TypeError`` (wrong Python or tensor type, wrong dtype) or ``ValueError`` (wrong rank, shape,
 device, layout or value), and the message names the op, the argument and what was expected, e.g.
 ``sparse_mla: q must have dtype bfloat16, got float16``. ``kernel=True`` applies the stricter rules of the TileLang
-kernels (bfloat16 / float8 inputs only, contiguous tensors); the reference also takes float32 and float64 so that it
-can serve as an oracle and under ``torch.autograd.gradcheck``.
+kernels (bfloat16 / float8 inputs only, contiguous tensors); the reference also takes float16 (the kernels do not yet:
+float16 inputs run the reference on every device), float32 and float64 so that it can serve as an oracle and under
+``torch.autograd.gradcheck``.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import torch
 
 FP8_DTYPES = (torch.float8_e4m3fn,)
 INDEXER_KERNEL_DTYPES = (torch.bfloat16, *FP8_DTYPES)
-INDEXER_REFERENCE_DTYPES = (*INDEXER_KERNEL_DTYPES, torch.float32, torch.float64)
+INDEXER_REFERENCE_DTYPES = (*INDEXER_KERNEL_DTYPES, torch.float16, torch.float32, torch.float64)
 ATTENTION_KERNEL_DTYPES = (torch.bfloat16,)
-ATTENTION_REFERENCE_DTYPES = (torch.bfloat16, torch.float32, torch.float64)
+ATTENTION_REFERENCE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 INDEX_DTYPE = torch.int32
 
 _Check = TypeVar("_Check", bound=Callable[..., Any])

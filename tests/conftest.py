@@ -99,16 +99,21 @@ def cuda_available() -> bool:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     no_gpu = pytest.mark.skip(reason="GPU tier: no CUDA device on this machine")
     not_hopper = pytest.mark.skip(reason="GPU tier: needs a Hopper GPU (compute capability 9.0)")
+    no_kernels = pytest.mark.skip(reason="GPU tier: no kernels are built for this GPU's architecture")
     no_nvcc = pytest.mark.skip(reason="build tier: nvcc is not on PATH")
     no_network = pytest.mark.skip(reason=f"downloads packages: run with {NETWORK_OPTION}")
     has_cuda = cuda_available()
     hopper = has_cuda and hardware.is_hopper(torch.device("cuda"))  # the one Hopper rule, shared with dispatch
+    has_kernels = has_cuda and hardware.has_kernels(torch.device("cuda"))
     has_nvcc = shutil.which("nvcc") is not None or bool(os.environ.get("CUDA_HOME"))
     network = config.getoption(NETWORK_OPTION)
     for item in items:
         if "gpu" in item.keywords:
             if not has_cuda:
                 item.add_marker(no_gpu)
+            elif "portable" in item.keywords:
+                if not has_kernels:
+                    item.add_marker(no_kernels)
             elif not hopper:
                 item.add_marker(not_hopper)
         if "build" in item.keywords and not has_nvcc:
@@ -152,3 +157,14 @@ def cache_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tupl
 def cuda_device() -> torch.device:
     """The CUDA device for ``gpu``-marked tests."""
     return torch.device("cuda")
+
+
+@pytest.fixture
+def portable_cuda_device(monkeypatch: pytest.MonkeyPatch) -> torch.device:
+    """The CUDA device for ``gpu``- and ``portable``-marked tests, with ``DSA_PORTABLE=1``: the launchers build the
+    portable schedule for it (sm_90 on Hopper; every other GPU's own architecture, which is portable anyway)."""
+    monkeypatch.setenv("DSA_PORTABLE", "1")
+    device = torch.device("cuda")
+    target = hardware.device_target(device)
+    assert target is not None and target["arch"] != hardware.HOPPER_ARCH, target
+    return device

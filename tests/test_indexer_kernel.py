@@ -327,3 +327,17 @@ def test_gpu_small_heads(data: tuple[StaticCase, Problem], cuda_device: torch.de
     """4 heads x 32 dims on CUDA (32 queries per block, one wgmma K step) with the launcher's default config."""
     _case, problem = data
     run_and_check(problem, None, device=cuda_device, tol=GPU_TOL, max_diff=GPU_MAX_DIFF)
+
+
+@pytest.mark.gpu
+@pytest.mark.portable
+@pytest.mark.parametrize("static", V32_STATICS, ids=lambda s: f"{s['dtype']}_{s['mode']}")
+@pytest.mark.parametrize(("seq", "seq_kv"), [*EDGE_SHAPES, (300, 700)])
+def test_gpu_portable_matches_reference(
+    static: dict[str, Any], seq: int, seq_kv: int, portable_cuda_device: torch.device
+) -> None:
+    """The portable schedule (mma.sync, element-wise key loads; FP8 converted to bf16 where the GPU has no FP8 MMA),
+    built for this GPU's portable architecture (sm_90 on Hopper) with its default config, at V3.2 widths."""
+    case = StaticCase("portable", config=kernels.Config(), **static)
+    problem = make_problem(case, 13, 2, seq, seq_kv)
+    run_and_check(problem, None, device=portable_cuda_device, tol=GPU_TOL, max_diff=GPU_MAX_DIFF)

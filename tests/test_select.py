@@ -61,11 +61,13 @@ def test_launcher_uses_the_tuned_config_without_checking_it_again(
 ) -> None:
     """``dsa.launch.common.select_config`` takes select's checked config as it is (the module's check_config runs
     once per config, not per launch), and falls back to the default without a tuned one."""
+    from dsa import hardware
     from dsa.launch import common
 
     user, _ = cache_dirs
     static, sizes = dict(fake.STATIC), {"batch": 1, "seq_len": 64, "seq_len_kv": 64}
     monkeypatch.setattr(sku, "current_sku", lambda device=None: "h200")
+    monkeypatch.setattr(hardware, "cuda_capability", lambda device: hardware.HOPPER_CAPABILITY)
     monkeypatch.setattr(select, "_checked", {})
     checks: list[Any] = []
     original = fake_kernel.check_config

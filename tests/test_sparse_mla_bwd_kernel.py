@@ -627,3 +627,18 @@ def test_gpu_non_finite_rows_behind_invalid_entries_change_nothing() -> None:
     )
     assert not torch.isfinite(problem.kv.float()).all(), "the problem must hold non-finite rows"
     run_and_check(problem, atol=GPU_ATOL, rtol=GPU_RTOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.portable
+@pytest.mark.usefixtures("portable_cuda_device")
+@pytest.mark.parametrize("kind", ["irregular", "duplicates", "mixed_rows"])
+def test_gpu_portable_matches_reference(kind: str) -> None:
+    """The portable schedule (T.gemm as mma.sync, nothing left in flight) built for this GPU's portable architecture
+    (sm_90 on Hopper) with its default config, at the full V3.2 shape with topk_length and sink."""
+    k = V32["topk"]
+    problem = _v32_gpu_problem(
+        GPU_STATICS[1], kind, 23, seq=3, seq_kv=4096,
+        topk_length=torch.full((1, 3), k - 100, dtype=torch.int32), attn_sink=_sink(5, V32["heads"], "normal"),
+    )  # fmt: skip
+    run_and_check(problem, atol=GPU_ATOL, rtol=GPU_RTOL)

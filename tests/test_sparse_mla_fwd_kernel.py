@@ -495,7 +495,7 @@ GPU_CASES = st.builds(
 )
 
 
-def _check_on_gpu(device: torch.device, config: kernels.Config, case: dict[str, Any]) -> None:
+def _check_on_gpu(device: torch.device, config: kernels.Config | None, case: dict[str, Any]) -> None:
     sizes = dict(case)
     p = moved(_cpu_problem(sizes.pop("static"), sm_scale=V32_SCALE, **sizes), device)
     out, lse = run_kernel(p, config)
@@ -570,3 +570,21 @@ def test_gpu_v32_causal_prefill(cuda_device: torch.device, config: kernels.Confi
     torch.cuda.synchronize()
     check(p, out, lse, GPU_OUT_TOL, GPU_LSE_TOL)
     assert math.isfinite(float(lse[0, -1].max()))
+
+
+@pytest.mark.gpu
+@pytest.mark.portable
+@pytest.mark.parametrize(
+    "case",
+    [
+        _gpu_case(GPU_STATICS[0], batch=1, seq=4, seq_kv=2500, topk=V32_TOPK, kind="irregular", seed=41),
+        _gpu_case(GPU_STATICS[1], batch=2, seq=3, seq_kv=300, topk=200, kind="mixed_rows", seed=42),
+        _gpu_case(GPU_STATICS[2], batch=1, seq=2, seq_kv=50, topk=65, kind="all_invalid", seed=43),
+        _gpu_case(GPU_STATICS[1], batch=1, seq=16, seq_kv=4096, topk=V32_TOPK, kind="causal", seed=44),
+    ],
+    ids=["irregular", "mixed_rows", "all_invalid", "causal_prefill"],
+)
+def test_gpu_portable_matches_reference(portable_cuda_device: torch.device, case: dict[str, Any]) -> None:
+    """The portable schedule (mma.sync, no wgmma or TMA) built for this GPU's portable architecture (sm_90 on Hopper)
+    with its default config, at V3.2 widths: padded heads, topk_length, sink, invalid and causal rows."""
+    _check_on_gpu(portable_cuda_device, None, case)

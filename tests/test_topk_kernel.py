@@ -356,3 +356,15 @@ def test_gpu_launcher_default_config(cuda_device: torch.device) -> None:
     indices = launch.topk_indices(scores.to(cuda_device), V32_K)
     torch.cuda.synchronize()
     check_topk(scores, indices, V32_K)
+
+
+@pytest.mark.gpu
+@pytest.mark.portable
+@pytest.mark.parametrize("width", [1, 2047, 2049, 9000, LONG_WIDTH])
+def test_gpu_portable_adversarial_rows(width: int, portable_cuda_device: torch.device) -> None:
+    """The radix kernel built for this GPU's portable architecture (sm_90 on Hopper: no TMA) with its default config,
+    on the adversarial rows at k = 2048."""
+    scores = adversarial_batch(width, V32_K, seed=width + 1)
+    indices = launch.topk_indices(scores.to(portable_cuda_device), V32_K)
+    torch.cuda.synchronize()
+    check_topk(scores, indices, V32_K)

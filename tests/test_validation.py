@@ -92,7 +92,7 @@ def test_kernel_rules_are_stricter(overrides, message):
 
 
 INDEX_CASES = [
-    ("q float16", dict(q=torch.randn(B, S, H_I, D_I).half()), TypeError, "q must have dtype"),
+    ("q int32", dict(q=torch.randint(0, 3, (B, S, H_I, D_I), dtype=torch.int32)), TypeError, "q must have dtype"),
     ("q rank", dict(q=torch.randn(S, H_I, D_I).bfloat16()), ValueError, "q must be a 4-D tensor [B, S, H_i, D_i]"),
     ("k dtype", dict(k=torch.randn(B, S_KV, D_I)), TypeError, "k must have the same dtype as q"),
     ("k dim", dict(k=torch.randn(B, S_KV, D_I + 1).bfloat16()), ValueError, "k must have head dim D_i"),

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from autotune import select
-from dsa import env
+from dsa import env, hardware
 from tl_kernels import build as tl_build
 from tl_kernels import dsl
 
@@ -23,8 +23,19 @@ _applied_log_level: list[int | None] = [None]
 
 
 def target_for(device: torch.device) -> dsl.Target:
-    """The C target for CPU tensors (CPU tier), sm_90a for CUDA tensors (the dispatcher sends only Hopper here)."""
-    return dsl.CPU_TARGET if device.type == "cpu" else dsl.HOPPER_TARGET
+    """The C target for CPU tensors (CPU tier); for CUDA tensors the architecture
+    :func:`dsa.hardware.target_for_capability` names for the device (sm_90a on Hopper, never on anything else).
+
+    Raises:
+        RuntimeError: a CUDA device without kernels (the dispatcher sends none here; a direct launcher call might).
+    """
+    if device.type == "cpu":
+        return dsl.CPU_TARGET
+    target = hardware.device_target(device)
+    if target is None:
+        major, minor = hardware.cuda_capability(device)
+        raise RuntimeError(f"no TileLang kernels are built for {device} (compute capability {major}.{minor})")
+    return target
 
 
 def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -40,10 +51,13 @@ def select_config(
 
     ``static`` holds the kernel's static parameters (without the target); ``sizes`` the runtime sizes (``batch``,
     ``seq_len``, ``seq_len_kv``, ...). CPU launches are never tuned. :func:`autotune.select.config_for` returns a
-    config already checked for this target, or ``None`` (then the default, which works for every shape).
+    config already checked for this target, or ``None`` (then the default, which works for every shape). The portable
+    schedule on Hopper (``DSA_PORTABLE=1``) always runs its default.
     """
     target = target_for(device)
-    if device.type == "cuda":
+    # Tuned configs are stored per SKU for its own schedule: the portable schedule that DSA_PORTABLE=1 builds on
+    # Hopper (a check of the kernels other GPUs run) runs its default, never a config tuned for sm_90a.
+    if device.type == "cuda" and not (env.portable() and hardware.is_hopper(device)):
         tuned = select.config_for(kernel_name, static, sizes, device, target=target, cache_dir=env.cache_dir())
         if tuned is not None:
             return tuned
