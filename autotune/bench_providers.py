@@ -1,5 +1,6 @@
-"""The implementations the benchmark times side by side with ``dsa``: the reference, ``torch.topk``, dense attention
-(SDPA and chunked matmuls) and, where importable, FlashMLA's sparse prefill and DeepGEMM's FP8 indexer.
+"""The implementations the benchmark times side by side with ``dsa``: on Hopper the same kernels on the portable
+schedule (``dsa-portable``: mma.sync, what every other GPU runs), the reference, ``torch.topk``, dense attention (SDPA
+and chunked matmuls) and, where importable, FlashMLA's sparse prefill and DeepGEMM's FP8 indexer.
 
 Every provider takes one input set as :mod:`autotune.runners` makes it for the case's kernel (``q``, ``k``,
 ``weights``, ``k_scale`` for the indexer; ``scores``, ``k`` for top-k; ``q``, ``kv``, ``indices``, ``sm_scale``,
@@ -9,6 +10,7 @@ Every provider takes one input set as :mod:`autotune.runners` makes it for the c
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +18,7 @@ from typing import Any
 import torch
 
 from autotune import flops
-from dsa import autograd, ops, reference
+from dsa import autograd, hardware, ops, reference
 
 __all__ = ["Provider", "dense_matmul", "dense_sdpa", "providers_for"]
 
@@ -128,14 +130,46 @@ def _mla_kwargs(i: dict[str, Any]) -> dict[str, Any]:
     return {k: i[k] for k in ("sm_scale", "d_v", "topk_length", "attn_sink")}
 
 
+PORTABLE = "dsa-portable"
+"""The provider of the portable schedule (mma.sync, built for sm_90 with ``DSA_PORTABLE=1``) beside the Hopper one."""
+
+
+def _portable(fn: Callable[[dict[str, Any]], Any]) -> Callable[[dict[str, Any]], Any]:
+    """``fn`` run with ``DSA_PORTABLE=1`` (the launchers read it per call; restored after every call)."""
+
+    def run(inputs: dict[str, Any]) -> Any:
+        before = os.environ.get("DSA_PORTABLE")
+        os.environ["DSA_PORTABLE"] = "1"
+        try:
+            return fn(inputs)
+        finally:
+            if before is None:
+                del os.environ["DSA_PORTABLE"]
+            else:
+                os.environ["DSA_PORTABLE"] = before
+
+    return run
+
+
+def _portable_provider(fn: Callable[[dict[str, Any]], Any]) -> Provider:
+    """The ``dsa`` provider on the portable schedule: timed only on Hopper (elsewhere ``dsa`` is that schedule)."""
+    on_hopper = torch.cuda.is_available() and hardware.is_hopper(torch.device("cuda"))
+    return Provider(PORTABLE, _portable(fn), skip="" if on_hopper else "the portable schedule is dsa itself off Hopper")
+
+
 def providers_for(case: Any) -> list[Provider]:
     """The providers timed on ``case`` (``dsa`` first), each possibly marked to skip with a reason."""
     sizes, static = case.sizes, case.static
     seq, seq_kv = sizes["seq_len"], sizes["seq_len_kv"]
     if case.kernel == "indexer":
         pairs = seq * seq_kv
+
+        def indexer(i: dict[str, Any]) -> Any:
+            return ops.index_scores(*_indexer_args(i)[0], **_indexer_args(i)[1])
+
         out = [
-            Provider("dsa", lambda i: ops.index_scores(*_indexer_args(i)[0], **_indexer_args(i)[1])),
+            Provider("dsa", indexer),
+            _portable_provider(indexer),
             Provider(
                 "reference",
                 lambda i: reference.index_scores(*_indexer_args(i)[0], **_indexer_args(i)[1]),
@@ -157,8 +191,13 @@ def providers_for(case: Any) -> list[Provider]:
             sizes["batch"], seq, seq_kv, static["heads"], static["d_qk"], static["d_v"]
         )
         dense_bytes = sizes["batch"] * seq * static["heads"] * seq_kv * float(F32_BYTES)  # the float32 score matrix
+
+        def fwd(i: dict[str, Any]) -> Any:
+            return ops.sparse_mla(i["q"], i["kv"], i["indices"], **_mla_kwargs(i))
+
         return [
-            Provider("dsa", lambda i: ops.sparse_mla(i["q"], i["kv"], i["indices"], **_mla_kwargs(i))),
+            Provider("dsa", fwd),
+            _portable_provider(fwd),
             Provider("reference", lambda i: reference.sparse_mla(i["q"], i["kv"], i["indices"], **_mla_kwargs(i))),
             Provider("dense-sdpa", lambda i: dense_sdpa(i["q"], i["kv"], i["d_v"], i["sm_scale"]), flops=dense_flops),
             Provider(
@@ -177,5 +216,9 @@ def providers_for(case: Any) -> list[Provider]:
                 i["topk_length"], i["attn_sink"], None, backend,
             )  # fmt: skip
 
-        return [Provider("dsa", bwd("tilelang")), Provider("reference", bwd("reference"))]
+        return [
+            Provider("dsa", bwd("tilelang")),
+            _portable_provider(bwd("tilelang")),
+            Provider("reference", bwd("reference")),
+        ]
     raise ValueError(f"no providers for kernel {case.kernel!r}")

@@ -3,9 +3,10 @@
 With a CUDA device: compile the candidates (in parallel on the CPU), prune them by their static report, check each
 against the reference, time the correct ones, store the fastest per size bucket in ``<DSA_CACHE_DIR>/<sku>/`` and print
 a table per kernel. Checks and timings run in a worker process: a candidate that crashes it or runs past
-``--candidate-timeout`` is recorded as rejected and the rest go on (``--in-process`` turns that off). Without one:
-say so, compile for sm_90a and prune only (this warms TileLang's kernel cache for that target) and print the same
-table without times.
+``--candidate-timeout`` is recorded as rejected and the rest go on (``--in-process`` turns that off). Without one,
+or with ``--compile-only``: compile for the architecture of ``--sku`` (sm_90a when none is given) and prune only (this
+warms TileLang's kernel cache for that target) and print the same table without times. The architecture comes from
+``dsa.hardware.target_for_capability`` alone: sm_90a for Hopper, the portable schedule for every other GPU.
 
 Exit status: 0 when every tuned case has a valid config, 1 when some case has none, 2 for bad arguments.
 """
@@ -24,14 +25,13 @@ from typing import Any, TextIO
 
 from autotune import measure, space, tuner
 from autotune import sku as sku_mod
-from dsa import env
+from dsa import env, hardware
 
 logger = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_NO_VALID_CONFIG = 1
 EXIT_USAGE = 2
-_SUPPORTED_ARCH = "sm_90a"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--sku",
         default="auto",
-        help="SKU id to tune for (h100-sxm, h100-pcie, h800, h200, h20, gh200, sm<cc>-<name>); "
-        "'auto' (default) detects the current GPU, or compiles for sm_90a without one",
+        help=f"SKU id to tune for ({', '.join(sku_mod.KNOWN_SKUS)}), a family of them (e.g. a100) or "
+        "sm<major><minor>-<name>; 'auto' (default) detects the current GPU, or compiles for sm_90a without one",
     )
     parser.add_argument(
         "--kernels",
@@ -59,7 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile-only", action="store_true", help="compile and prune only, even with a GPU")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: usable CPUs)")
     parser.add_argument("--report", type=Path, default=None, help="write a JSON list of every candidate's record")
-    parser.add_argument("--full", action="store_true", help="search the whole space (default: a pruned space)")
+    space_group = parser.add_mutually_exclusive_group()
+    space_group.add_argument("--full", action="store_true", help="search the whole space (default: a pruned space)")
+    space_group.add_argument(
+        "--defaults-only", action="store_true", help="only each case's default config (what an untuned launch runs)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.add_argument("--reps", type=int, default=measure.TIMED_CALLS, help="timed calls per candidate and size")
     parser.add_argument(
@@ -95,6 +99,15 @@ def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _sku_target(sku: str) -> dict[str, str]:
+    """The target kernels for ``sku`` are built for (``ValueError`` for an unknown id or a GPU without kernels)."""
+    major, minor = sku_mod.capability_for_sku(sku)
+    target = hardware.target_for_capability((major, minor), portable=env.portable())
+    if target is None:
+        raise ValueError(f"--sku {sku}: no kernels are built for compute capability {major}.{minor}")
+    return target
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -144,7 +157,8 @@ def render_table(records: Sequence[tuner.Record], *, timed: bool) -> str:
             row.append(status)
             rows.append(row)
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-        lines.append(f"{kernel}  [{_params_text(recs[0].params)}]")
+        arch = f" on {recs[0].arch}" if recs[0].arch else ""
+        lines.append(f"{kernel}{arch}  [{_params_text(recs[0].params)}]")
         lines.append("  " + "  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
         lines.extend("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
         lines.append("")
@@ -180,11 +194,11 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
             raise ValueError("--candidate-timeout must be a positive number of seconds")
         # Read now, so that a bad DSA_TUNE_CANDIDATE_TIMEOUT_S is a usage error, not a failure after compiling.
         candidate_timeout_s = args.candidate_timeout or env.tune_candidate_timeout_s()
+        sku_target: dict[str, str] | None = None
         if args.sku != "auto":
             if not sku_mod.is_valid_sku(args.sku):
                 raise ValueError(f"--sku: {args.sku!r} is not a SKU id (lower-case letters, digits and dashes)")
-            if sku_mod.arch_for_sku(args.sku) != _SUPPORTED_ARCH:
-                raise ValueError(f"--sku {args.sku}: this version compiles for {_SUPPORTED_ARCH} (Hopper) only")
+            sku_target = _sku_target(args.sku)
     except ValueError as exc:
         parser.print_usage(sys.stderr)
         print(f"dsa-autotune: error: {exc}", file=sys.stderr)
@@ -193,25 +207,39 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
     has_gpu = _cuda_available()
     timed = has_gpu and not args.compile_only
     sku: str | None = None
+    target = sku_target or dict(space.HOPPER_TARGET)
     if has_gpu:
+        import torch
+
         detected = sku_mod.current_sku()
+        device_target = hardware.device_target(torch.device("cuda"))
         sku = detected if args.sku == "auto" else args.sku
+        if sku_target is None:
+            target = device_target or target
         if sku != detected:
             logger.warning("tuning on a %s but storing results under --sku %s", detected, sku)
-        if sku_mod.arch_for_sku(detected) != _SUPPORTED_ARCH and timed:
-            print(f"This GPU ({detected}) is not {_SUPPORTED_ARCH}: compiling only.", file=out)
+        if timed and env.portable() and hardware.is_hopper(torch.device("cuda")):
+            # The SKU's cache holds configs for its own schedule (sm_90a); DSA_PORTABLE=1 is a check, not a schedule
+            # to tune (launchers run its default).
+            print("DSA_PORTABLE=1 on Hopper: compiling the portable schedule only (nothing is tuned for it).", file=out)
+            timed = False
+        if timed and target != device_target:
+            # A kernel built for another architecture does not run here (or runs another schedule): no timing.
+            print(f"This GPU ({detected}) does not run {target['arch']} kernels: compiling only.", file=out)
             timed = False
     else:
         sku = None if args.sku == "auto" else args.sku
-        target = f"SKU {sku}" if sku else _SUPPORTED_ARCH
-        print(f"No CUDA device: compiling for {target} and pruning only (no timing, nothing saved).", file=out)
+        what = f"SKU {sku} ({target['arch']})" if sku else target["arch"]
+        print(f"No CUDA device: compiling for {what} and pruning only (no timing, nothing saved).", file=out)
     if has_gpu and args.compile_only:
-        print("--compile-only: compiling and pruning only (no timing, nothing saved).", file=out)
+        print(f"--compile-only: compiling for {target['arch']} and pruning only (no timing, nothing saved).", file=out)
 
     options = tuner.TuneOptions(
         kernels=kernels,
         preset=args.shapes,
         full=args.full,
+        defaults_only=args.defaults_only,
+        target=target,
         jobs=args.jobs or tuner.default_jobs(),
         compile_only=not timed,
         sku=sku,

@@ -11,12 +11,15 @@ still run; the record is rewritten after every stage, so even a killed run leave
    the test stages load them in milliseconds instead of compiling them one after another (5-30 s of nvcc each). The
    same kernels serve the bench stage and the tune stage's candidates. A failed or timed-out compile stage is
    recorded and the later stages run anyway: whatever is not in the cache they compile on first use;
-3. ``tests``: ``HYPOTHESIS_PROFILE=gpu python -m pytest -m "gpu and not ws"``, with pass/fail/skip counts and the
-   failing tests;
+3. ``tests``: ``HYPOTHESIS_PROFILE=gpu python -m pytest -m "gpu and not ws and not portable"``, with pass/fail/skip
+   counts and the failing tests;
 4. ``tests_ws``: the same for ``-m "gpu and ws"``, the GPU tests of sparse_mla_fwd's warp-specialised schedule
    (``pipeline="ws"``, mbarrier hand-offs never run on a GPU before), in a stage of their own so that a deadlock
    there costs only this stage. Both test stages run with ``-o faulthandler_timeout=...``: a test still running by
    then has every thread's traceback dumped into the log, so a hang's location is in the record before the kill;
+   ``tests_portable``: ``-m "gpu and portable"``, the portable schedule (mma.sync, no wgmma or TMA: what every other
+   GPU runs) built for sm_90 with ``DSA_PORTABLE=1``, so that one Hopper session checks those kernels too (their
+   default configs are compiled in the compile stage as well);
 5. ``bench``: every standard benchmark case, the DSA kernels side by side with the reference, dense attention,
    ``torch.topk`` and FlashMLA/DeepGEMM where importable (``dsa-bench``);
 6. ``tune``: a short tuning pass for this SKU (``dsa-autotune --sku auto`` over the small shapes file
@@ -32,7 +35,7 @@ the work directory (``DSA_CACHE_DIR``), never into the user's cache; TileLang's 
 Without a CUDA device it prints one line saying so and exits 2. Exit status otherwise: 0 when every stage passed,
 1 when any stage failed or timed out (the record says which).
 
-The default budgets add up to 8 minutes; ``--budget stage=seconds`` changes one, ``--skip stage`` leaves one out.
+The default budgets add up to 9 minutes; ``--budget stage=seconds`` changes one, ``--skip stage`` leaves one out.
 It needs a checkout of the repository (it runs its ``tests/`` and writes into its ``benchmarks/results/``):
 ``scripts/gpu_check.py`` (or ``bash scripts/gpu_check.sh`` with the offline bundle) runs it.
 """
@@ -57,30 +60,38 @@ from dsa import process
 ROOT = Path(__file__).resolve().parent.parent
 EXIT_OK, EXIT_FAILED, EXIT_NO_GPU = 0, 1, 2
 NO_GPU_MESSAGE = "gpu_check: no CUDA device found (torch.cuda.is_available() is False); run this on a CUDA host"
-STAGES: tuple[str, ...] = ("host", "compile", "tests", "tests_ws", "bench", "tune")
-# Seconds per stage; their sum (470 s) keeps the whole check inside 8 minutes on an H200. Without the compile stage
+STAGES: tuple[str, ...] = ("host", "compile", "tests", "tests_ws", "tests_portable", "bench", "tune")
+# Seconds per stage; their sum (540 s) keeps the whole check, with the bundle's unpacking, inside one 10-minute call. Without the compile stage
 # every stage compiled its kernels one after another on first use, which a cold TileLang cache could not fit in the
 # test stages' budgets; the compile stage builds all of them at once on the host's 16 cores, so:
 # - host: torch import, 1 GiB copies and two 8192^3 matmuls, 10 timings each: 30 s is ample;
 # - compile: the 57 kernels the GPU tests use, with their ptxas reports, took 970 s of job time on a loaded 2-core
 #   machine (8 min 17 s wall with 2 jobs): about 12 s a kernel, 30 s for the backward's. On 16 cores that is about a
-#   minute (the backward's 16 come last, one round); 100 s leaves room for slower cores and the workers' start;
+#   minute (the backward's 16 come last, one round); 100 s leaves room for slower cores and the workers' start, and
+#   25 s more build the portable schedule's default configs for sm_90 (one per static, about 12 kernels);
 # - tests: the fuzz tests' examples with a warm cache, now that compiles take milliseconds: 110 s (was 80 s, its
 #   compiles included);
 # - tests_ws: sparse_mla_fwd's ws fuzz test and the two ws cases, with its kernels already compiled: 40 s;
+# - tests_portable: about 30 explicit cases of the portable schedule (DSA_PORTABLE=1, sm_90), compiled: 45 s;
 # - bench: its kernels are the tests' V3.2 ones (compiled, and loaded by the test stages), so what is left is the
-#   timing itself, 19 cases at most 1.5 s per provider: 150 s (was 250 s with the compiles);
+#   timing itself, 19 cases at most 1.5 s per provider: 150 s (was 250 s with the compiles); the portable schedule's
+#   provider beside dsa (attention and indexer cases) shares that budget: cases that do not fit are recorded as such;
 # - tune: tune_small.json's candidates are in the compile stage's set, so it only checks and times them: 40 s.
 DEFAULT_BUDGETS: dict[str, int] = {
     "host": 30,
-    "compile": 100,
+    "compile": 125,
     "tests": 110,
     "tests_ws": 40,
+    "tests_portable": 45,
     "bench": 150,
     "tune": 40,
 }
-# The pytest -m expression of each test stage: the unverified ws schedule apart from the rest.
-TEST_STAGE_MARKERS: dict[str, str] = {"tests": "gpu and not ws", "tests_ws": "gpu and ws"}
+# The pytest -m expression of each test stage: the unverified ws schedule and the portable schedule apart from the rest.
+TEST_STAGE_MARKERS: dict[str, str] = {
+    "tests": "gpu and not ws and not portable",
+    "tests_ws": "gpu and ws",
+    "tests_portable": "gpu and portable",
+}
 # A test still running after this many seconds (at most half its stage's budget, so that the dump lands before the
 # kill) has its threads' tracebacks dumped into the log by pytest's built-in faulthandler_timeout; it is not stopped.
 FAULTHANDLER_TIMEOUT_S = 30
@@ -161,11 +172,13 @@ def collect_command(python: str, *, shapes: Path) -> list[str]:
             f"{GPU_KERNELS_OPTION}={shapes}"]  # fmt: skip
 
 
-def compile_command(python: str, *, jobs: int, report: Path, shapes: Path) -> list[str]:
+def compile_command(python: str, *, jobs: int, report: Path, shapes: Path, defaults_only: bool = False) -> list[str]:
     """The compile stage's command: the whole tuning space (``--full``: the GPU tests run every config, which the
-    default pruned space leaves out for the indexer and top-k) of every case in ``shapes``, compiled and pruned
+    default pruned space leaves out for the indexer and top-k) of every case in ``shapes``, or with
+    ``defaults_only`` each case's default config (the portable schedule's tests run only those), compiled and pruned
     only, ``jobs`` at a time, with a JSON report of every kernel."""
-    cmd = [python, "-m", "autotune.cli", "--compile-only", "--full", "--shapes", str(shapes)]
+    space = "--defaults-only" if defaults_only else "--full"
+    cmd = [python, "-m", "autotune.cli", "--compile-only", space, "--shapes", str(shapes)]
     return cmd + ["--jobs", str(jobs), "--no-progress", "--report", str(report)]
 
 
@@ -322,11 +335,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         run = run_stage_process(
             collect_command(py, shapes=shapes), budget_s=budgets["compile"], env=env, log=work / "collect.log"
         )
+        records: list[dict[str, Any]] | None = None
         if shapes.is_file():
             left = max(1.0, budgets["compile"] - (time.monotonic() - started_compile))
             cmd = compile_command(py, jobs=jobs, report=report, shapes=shapes)
             run = run_stage_process(cmd, budget_s=left, env=compile_env, log=work / "compile.log")
-        records = read_report(report)
+            records = read_report(report)
+            if "tests_portable" not in args.skip and run.rc == 0:
+                # The portable schedule's default configs for the same shapes (DSA_PORTABLE=1: sm_90 on Hopper).
+                left = max(1.0, budgets["compile"] - (time.monotonic() - started_compile))
+                portable_report = work / "compile-portable-report.json"
+                cmd = compile_command(py, jobs=jobs, report=portable_report, shapes=shapes, defaults_only=True)
+                portable_env = {**compile_env, "DSA_PORTABLE": "1"}
+                run = run_stage_process(cmd, budget_s=left, env=portable_env, log=work / "compile-portable.log")
+                portable = read_report(portable_report)
+                records = None if portable is None or records is None else records + portable
         counts = {} if records is None else {"kernels": len(records), "ok": sum(bool(r.get("ok")) for r in records)}
         rec = stage_record("compile", run, budgets["compile"], jobs=jobs, **counts)
         doc["stages"].append(rec)
@@ -337,9 +360,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         doc["compile"] = {"status": rec["status"], "summary": f"{outcome}, {jobs} jobs", **counts}
         save()
 
-    # 3./4. gpu-marked tests under the gpu Hypothesis profile: all but the ws schedule's, then those alone
+    # 3./4. gpu-marked tests under the gpu Hypothesis profile: all but the ws and portable schedules', then each
     test_env = {**env, "HYPOTHESIS_PROFILE": "gpu"}
-    for stage in ("tests", "tests_ws"):
+    for stage in ("tests", "tests_ws", "tests_portable"):
         if stage in args.skip:
             continue
         selection = TEST_STAGE_MARKERS[stage]

@@ -13,6 +13,7 @@ in the user cache (:func:`autotune.tuner.select_and_store`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -43,9 +44,12 @@ __all__ = [
 Inputs = dict[str, Any]
 
 
-def _checked_config(kernel: str, static: dict[str, Any], config: dict[str, Any]) -> Any:
-    """The kernel module's ``Config`` for ``config``, checked for sm_90a: what the launchers take as ``config=``."""
-    return space.make_config(kernel, static, config)
+def _checked_config(
+    kernel: str, static: dict[str, Any], config: dict[str, Any], *, target: dict[str, str] | None = None
+) -> Any:
+    """The kernel module's ``Config`` for ``config``, checked for ``target`` (the run's; ``None``: sm_90a): what the
+    launchers take as ``config=``."""
+    return space.make_config(kernel, static, config, target=target)
 
 
 def _tensor_bytes(inputs: Inputs) -> int:
@@ -187,7 +191,7 @@ def run_case(
     Raises:
         ContextLost: a step failed and CUDA no longer works here (that step's result is reported first).
     """
-    get_kernel = runner.get_kernel or _checked_config
+    get_kernel = runner.get_kernel or functools.partial(_checked_config, target=options.target)
     prepared: dict[int, Any] = {}
     # 1. correctness at the small check size: a wrong candidate never wins, however fast.
     pending = progress.unchecked()

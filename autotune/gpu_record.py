@@ -88,7 +88,11 @@ def summary(doc: dict[str, Any]) -> str:
     compiled = doc.get("compile", {})
     if compiled:
         lines.append(f"compile: {compiled.get('status', '?')}; {compiled.get('summary', '')}")
-    for stage, label in (("tests", "gpu tests"), ("tests_ws", "gpu tests (ws schedule)")):
+    for stage, label in (
+        ("tests", "gpu tests"),
+        ("tests_ws", "gpu tests (ws schedule)"),
+        ("tests_portable", "gpu tests (portable schedule)"),
+    ):
         tests = doc.get(stage, {})
         if tests:
             lines.append(

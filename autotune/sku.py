@@ -29,7 +29,7 @@ class DeviceProps:
 
     Attributes:
         name: the driver's device name, e.g. ``"NVIDIA H100 80GB HBM3"``.
-        major: compute capability major version (9 for Hopper).
+        major: compute capability major version (9 for Hopper, 10 for B200).
         minor: compute capability minor version.
         sm_count: number of streaming multiprocessors.
         total_memory: device memory in bytes.
@@ -76,8 +76,15 @@ class SkuRule:
 
 
 _HOPPER = (9, 0)
-# Order matters only for readability: the patterns are mutually exclusive (GH200 vs H200 vs H20 are told apart by
-# word boundaries), which tests/test_autotune.py checks.
+_AMPERE = (8, 0)
+_AMPERE_GA10X = (8, 6)
+_ADA = (8, 9)
+_BLACKWELL = (10, 0)
+_BLACKWELL_ULTRA = (10, 3)
+_BLACKWELL_GEFORCE = (12, 0)
+# The patterns are mutually exclusive (GH200 vs H200 vs H20, A10 vs A100, L40S vs L40 are told apart by word
+# boundaries and memory sizes in the name), which tests/test_sku.py checks. SM counts and memory are the full boards'
+# public figures; Blackwell data-centre parts accept the counts their variants are listed with.
 SKU_TABLE: tuple[SkuRule, ...] = (
     SkuRule("gh200", r"\bGH200\b", _HOPPER, frozenset({132}), 94.0),
     SkuRule("h200", r"\bH200\b", _HOPPER, frozenset({132}), 141.0, exclude_pattern=r"\bNVL\b"),
@@ -85,6 +92,19 @@ SKU_TABLE: tuple[SkuRule, ...] = (
     SkuRule("h800", r"\bH800\b", _HOPPER, frozenset({132}), 80.0, exclude_pattern=r"PCIe|\bNVL\b"),
     SkuRule("h100-pcie", r"\bH100\b.*PCIe", _HOPPER, frozenset({114}), 80.0),
     SkuRule("h100-sxm", r"\bH100\b", _HOPPER, frozenset({132}), 80.0, exclude_pattern=r"PCIe|\bNVL\b"),
+    # A100 names: "A100-SXM4-40GB", "A100-SXM4-80GB", "A100-PCIE-40GB", "A100 80GB PCIe".
+    SkuRule("a100-sxm-40gb", r"\bA100\b.*SXM.*\b40GB\b", _AMPERE, frozenset({108}), 40.0),
+    SkuRule("a100-sxm-80gb", r"\bA100\b.*SXM.*\b80GB\b", _AMPERE, frozenset({108}), 80.0),
+    SkuRule("a100-pcie-40gb", r"\bA100\b.*PCIe.*\b40GB\b", _AMPERE, frozenset({108}), 40.0),
+    SkuRule("a100-pcie-80gb", r"\bA100\b.*\b80GB\b.*PCIe", _AMPERE, frozenset({108}), 80.0),
+    SkuRule("a10", r"\bA10\b", _AMPERE_GA10X, frozenset({72}), 24.0),
+    SkuRule("l4", r"\bL4\b", _ADA, frozenset({58}), 24.0),
+    SkuRule("l40s", r"\bL40S\b", _ADA, frozenset({142}), 48.0),
+    SkuRule("rtx4090", r"\bRTX 4090\b", _ADA, frozenset({128}), 24.0, exclude_pattern=r"Laptop|\bD\b"),
+    SkuRule("rtx5090", r"\bRTX 5090\b", _BLACKWELL_GEFORCE, frozenset({170}), 32.0, exclude_pattern=r"Laptop|\bD\b"),
+    SkuRule("gb200", r"\bGB200\b", _BLACKWELL, frozenset({148, 152}), 186.0),
+    SkuRule("b200", r"\bB200\b", _BLACKWELL, frozenset({148}), 180.0),
+    SkuRule("b300", r"\bB300\b", _BLACKWELL_ULTRA, frozenset({148, 160}), 270.0),
 )
 KNOWN_SKUS: tuple[str, ...] = tuple(rule.sku for rule in SKU_TABLE)
 _SKU_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
@@ -111,19 +131,25 @@ def is_valid_sku(sku: str) -> bool:
     return bool(_SKU_ID_RE.match(sku))
 
 
-def arch_for_sku(sku: str) -> str:
-    """The nvcc architecture (``sm_90a``) that kernels for ``sku`` are compiled for.
+def capability_for_sku(sku: str) -> tuple[int, int]:
+    """The compute capability of a SKU id, from which ``dsa.hardware.target_for_capability`` derives what kernels for
+    it are built for.
 
-    Known SKUs are all Hopper. A fallback id ``sm<cc>-...`` maps to ``sm_<cc>``, with the ``a`` suffix from
-    compute capability 9.0 on (wgmma and setmaxnreg need the architecture-specific target).
+    ``sku`` is a known id (:data:`KNOWN_SKUS`), a family that names several known ids of one capability (``a100``
+    for the four A100 boards), or a fallback id ``sm<major><minor>-...`` (``sm100-nvidia-b200`` is 10.0).
     """
-    if sku in KNOWN_SKUS:
-        return "sm_90a"
-    match = re.match(r"^sm(\d+)-", sku)
+    for rule in SKU_TABLE:
+        if rule.sku == sku:
+            return rule.capability
+    family = {rule.capability for rule in SKU_TABLE if rule.sku.startswith(f"{sku}-")}
+    if len(family) == 1:
+        return family.pop()
+    match = re.match(r"^sm(\d+)(\d)-", sku)
     if not match:
-        raise ValueError(f"cannot derive a CUDA architecture from SKU id {sku!r}")
-    cc = int(match.group(1))
-    return f"sm_{cc}a" if cc >= 90 else f"sm_{cc}"
+        raise ValueError(
+            f"unknown SKU id {sku!r}: use one of {', '.join(KNOWN_SKUS)}, a family such as 'a100', or sm<cc>-<name>"
+        )
+    return int(match.group(1)), int(match.group(2))
 
 
 def props_of(device: torch.device | int | str) -> DeviceProps:

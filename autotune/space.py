@@ -6,7 +6,8 @@ command lines use the same names. Each kernel module follows one convention:
 
 * ``build(*, <static params>, <config fields>, target)`` returns a ``T.prim_func``;
 * ``Config``: a frozen dataclass of the tunable fields with their defaults;
-* ``TUNING_SPACE: dict[str, tuple]``: candidate values per ``Config`` field;
+* ``TUNING_SPACE: dict[str, tuple]``: candidate values per ``Config`` field on sm_90a, and optionally
+  ``PORTABLE_TUNING_SPACE`` for the portable schedule (every other CUDA architecture; :func:`tuning_space`);
 * ``check_config(static: dict, config: Config) -> None`` raises ``ValueError`` for an invalid combination;
 * ``default_config(static: dict) -> Config`` works for every shape.
 
@@ -37,9 +38,10 @@ from autotune import flops
 
 KERNEL_NAMES: tuple[str, ...] = ("indexer", "topk", "sparse_mla_fwd", "sparse_mla_bwd")
 SIZE_NAMES: tuple[str, ...] = ("batch", "seq_len", "seq_len_kv")
-# The target candidates are checked for: kernel modules apply their Hopper-only constraints when ``static["target"]``
-# is a CUDA target (the dict form of ``tl_kernels.dsl.HOPPER_TARGET``, repeated here to keep this import light).
+# The default target candidates are checked for: kernel modules apply an architecture's constraints from
+# ``static["target"]`` (the dict form of ``tl_kernels.dsl.HOPPER_TARGET``, repeated here to keep this import light).
 HOPPER_TARGET: dict[str, str] = {"kind": "cuda", "arch": "sm_90a"}
+_HOPPER_ARCH = HOPPER_TARGET["arch"]
 PRESETS: tuple[str, ...] = ("deepseek-v3.2", "tiny")
 # The pruned ("default") space: the default config plus at most this many one-field neighbours per static case, so
 # that the default run of all four kernels compiles in a few minutes on 2 cores.
@@ -62,10 +64,10 @@ class KernelSpec:
         flops: useful floating-point operations of one call at ``(static, sizes)``, or ``None`` when throughput in
             FLOP/s means nothing for the kernel (top-k).
         has_gemm: whether the kernel does its math in matrix instructions, so that every GEMM must use the
-            target's MMA (wgmma on sm_90a) for a candidate to pass its static check.
+            target's MMA (wgmma on sm_90a, mma.sync elsewhere) for a candidate to pass its static check.
         size_names: the runtime sizes that key the cache (what launchers pass as ``sizes``).
-        compile_fn: ``"module:function"`` that compiles ``build`` for sm_90a and returns ``(kernel, StaticReport)``
-            (tests substitute a fake).
+        compile_fn: ``"module:function"`` that compiles ``build`` for a CUDA ``target=`` and returns
+            ``(kernel, StaticReport)`` (tests substitute a fake).
     """
 
     name: str
@@ -73,7 +75,7 @@ class KernelSpec:
     flops: Callable[[Static, Sizes], float | None]
     has_gemm: bool = True
     size_names: tuple[str, ...] = SIZE_NAMES
-    compile_fn: str = "tl_kernels.build:compile_hopper"
+    compile_fn: str = "tl_kernels.build:compile_cuda"
 
 
 @dataclass(frozen=True)
@@ -185,8 +187,21 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 
 def _checked_static(static: Static, target: Any) -> Static:
-    # Kernel modules enable their CUDA-only constraints (wgmma tile multiples, shared memory) from static["target"].
-    return {**static, "target": target}
+    # Kernel modules enable their CUDA-only constraints (MMA tile multiples, shared memory) from static["target"].
+    return {**static, "target": target or HOPPER_TARGET}
+
+
+def is_hopper_target(target: Mapping[str, Any] | None) -> bool:
+    """Whether ``target`` (``None``: sm_90a) gets the Hopper schedule and its :data:`TUNING_SPACE`."""
+    return target is None or target.get("arch") == _HOPPER_ARCH
+
+
+def tuning_space(module: ModuleType, target: Mapping[str, Any] | None = None) -> Mapping[str, tuple[Any, ...]]:
+    """The candidate values per field of a kernel module for ``target``: ``TUNING_SPACE`` on sm_90a,
+    ``PORTABLE_TUNING_SPACE`` (when the module has one) on every other architecture."""
+    if is_hopper_target(target):
+        return module.TUNING_SPACE
+    return getattr(module, "PORTABLE_TUNING_SPACE", module.TUNING_SPACE)
 
 
 def make_config(kernel: str, static: Static, config: Mapping[str, Any], *, target: Any = None) -> Any:
@@ -204,28 +219,29 @@ def checked_config(module: ModuleType, static: Static, config: Mapping[str, Any]
     if set(config) != fields:
         raise ValueError(f"{module.__name__}: config keys {sorted(config)} do not match Config fields {sorted(fields)}")
     cfg = module.Config(**config)
-    module.check_config(_checked_static(static, target or HOPPER_TARGET), cfg)
+    module.check_config(_checked_static(static, target), cfg)
     return cfg
 
 
-def default_config(kernel: str, static: Static) -> dict[str, Any]:
-    """The module's sm_90a ``default_config`` for ``static`` as a dict."""
-    return config_to_dict(kernel_module(kernel).default_config(_checked_static(static, HOPPER_TARGET)))
+def default_config(kernel: str, static: Static, *, target: Any = None) -> dict[str, Any]:
+    """The module's ``default_config`` for ``static`` on ``target`` (default: sm_90a) as a dict."""
+    return config_to_dict(kernel_module(kernel).default_config(_checked_static(static, target)))
 
 
-def _is_valid(module: ModuleType, static: Static, config: Any) -> bool:
+def _is_valid(module: ModuleType, static: Static, config: Any, target: Any) -> bool:
     try:
-        module.check_config(_checked_static(static, HOPPER_TARGET), config)
+        module.check_config(_checked_static(static, target), config)
     except ValueError:
         return False
     return True
 
 
-def full_space(kernel: str, static: Static) -> list[dict[str, Any]]:
-    """Every combination of ``TUNING_SPACE`` that ``check_config`` accepts for sm_90a, the default config first."""
+def full_space(kernel: str, static: Static, *, target: Any = None) -> list[dict[str, Any]]:
+    """Every combination of :func:`tuning_space` that ``check_config`` accepts for ``target`` (default: sm_90a),
+    the default config first."""
     module = kernel_module(kernel)
-    space: Mapping[str, tuple[Any, ...]] = module.TUNING_SPACE
-    default = config_to_dict(module.default_config(_checked_static(static, HOPPER_TARGET)))
+    space = tuning_space(module, target)
+    default = config_to_dict(module.default_config(_checked_static(static, target)))
     names = list(space)
     out = [default]
     seen = {json.dumps(default, sort_keys=True)}
@@ -235,22 +251,26 @@ def full_space(kernel: str, static: Static) -> list[dict[str, Any]]:
         if key in seen:
             continue
         seen.add(key)
-        if _is_valid(module, static, module.Config(**candidate)):
+        if _is_valid(module, static, module.Config(**candidate), target):
             out.append(candidate)
     return out
 
 
-def pruned_space(kernel: str, static: Static, *, neighbours: int = PRUNED_NEIGHBOURS) -> list[dict[str, Any]]:
-    """The default config, the module's ``TUNING_PRESETS`` (whole alternative schedules), plus up to ``neighbours``
-    valid configs that differ from the default in one field.
+def pruned_space(
+    kernel: str, static: Static, *, neighbours: int = PRUNED_NEIGHBOURS, target: Any = None
+) -> list[dict[str, Any]]:
+    """The default config, the module's ``TUNING_PRESETS`` (whole alternative schedules; ``PORTABLE_TUNING_PRESETS``
+    off sm_90a), plus up to ``neighbours`` valid configs that differ from the default in one field, all for
+    ``target`` (default: sm_90a).
 
-    Neighbours are taken round-robin over the fields in ``TUNING_SPACE`` order, the values nearest to the default's
-    (by position in the candidate tuple) first, so every tunable dimension gets probed before any gets a second step.
-    The default is always kept (even if ``check_config`` would reject it, the compile phase then reports why).
+    Neighbours are taken round-robin over the fields in :func:`tuning_space` order, the values nearest to the
+    default's (by position in the candidate tuple) first, so every tunable dimension gets probed before any gets a
+    second step. The default is always kept (even if ``check_config`` would reject it, the compile phase then reports
+    why).
     """
     module = kernel_module(kernel)
-    space: Mapping[str, tuple[Any, ...]] = module.TUNING_SPACE
-    default = config_to_dict(module.default_config(_checked_static(static, HOPPER_TARGET)))
+    space = tuning_space(module, target)
+    default = config_to_dict(module.default_config(_checked_static(static, target)))
     per_field: list[list[dict[str, Any]]] = []
     for name, values in space.items():
         values = tuple(values)
@@ -261,10 +281,11 @@ def pruned_space(kernel: str, static: Static, *, neighbours: int = PRUNED_NEIGHB
     seen = {json.dumps(default, sort_keys=True)}
     # Whole alternative schedules differ from the default in several coupled fields at once (e.g. a warp-specialised
     # forward needs its own block size and thread count), which one-field steps never reach: a module lists them.
-    for preset in getattr(module, "TUNING_PRESETS", ()):
+    presets = getattr(module, "TUNING_PRESETS" if is_hopper_target(target) else "PORTABLE_TUNING_PRESETS", ())
+    for preset in presets:
         candidate = {**default, **preset}
         key = json.dumps(candidate, sort_keys=True)
-        if key not in seen and _is_valid(module, static, module.Config(**candidate)):
+        if key not in seen and _is_valid(module, static, module.Config(**candidate), target):
             seen.add(key)
             out.append(candidate)
     for step in itertools.zip_longest(*per_field):
@@ -272,15 +293,22 @@ def pruned_space(kernel: str, static: Static, *, neighbours: int = PRUNED_NEIGHB
             if candidate is None or len(out) > neighbours:
                 continue
             key = json.dumps(candidate, sort_keys=True)
-            if key not in seen and _is_valid(module, static, module.Config(**candidate)):
+            if key not in seen and _is_valid(module, static, module.Config(**candidate), target):
                 seen.add(key)
                 out.append(candidate)
     return out
 
 
-def candidates(kernel: str, static: Static, *, full: bool = False) -> list[dict[str, Any]]:
-    """Candidate configs of ``kernel`` at ``static``: the pruned space, or with ``full`` the whole valid space."""
-    return full_space(kernel, static) if full else pruned_space(kernel, static)
+def candidates(
+    kernel: str, static: Static, *, full: bool = False, defaults_only: bool = False, target: Any = None
+) -> list[dict[str, Any]]:
+    """Candidate configs of ``kernel`` at ``static`` for ``target`` (default: sm_90a): the pruned space, with
+    ``full`` the whole valid space, with ``defaults_only`` the default config alone."""
+    if defaults_only:
+        return [default_config(kernel, static, target=target)]
+    if full:
+        return full_space(kernel, static, target=target)
+    return pruned_space(kernel, static, target=target)
 
 
 def check_static(kernel: str, static: Static) -> None:

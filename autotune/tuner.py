@@ -3,12 +3,14 @@ correct config per (kernel, static parameters, size bucket).
 
 Phases:
 
-1. **Compile** every candidate config of every case (:mod:`autotune.space`) for sm_90a in a process pool
-   (``jobs`` workers; each calls ``tl_kernels.build.compile_hopper(module.build, **static, **config)``). Compiling in
+1. **Compile** every candidate config of every case (:mod:`autotune.space`) for the run's target (sm_90a, or the
+   portable schedule of another architecture) in a process pool (``jobs`` workers; each calls
+   ``tl_kernels.build.compile_cuda(module.build, target=..., **static, **config)``). Compiling in
    worker processes also fills TileLang's on-disk kernel cache, so the launchers (and the timing phase below) later
    load the same kernels in milliseconds. Without a GPU this is all that runs.
 2. **Prune** candidates whose compile failed or whose static report has problems (spills, shared memory over the
-   limit, a GEMM that is not a wgmma where the kernel has GEMMs: ``StaticReport.problems(mma=...)``).
+   limit, a GEMM that is not the architecture's matrix instruction, wgmma on sm_90a and mma.sync elsewhere, where the
+   kernel has GEMMs: ``StaticReport.problems(mma=...)``).
 3. **Check** (GPU) each survivor at the case's small ``check_sizes`` against ``dsa.reference``
    (:mod:`autotune.runners`: scale-sensitive comparison); a wrong candidate never wins. Phases 3 and 4 run in a
    worker process by default, so that a candidate that crashes or hangs is recorded as failed and the others are
@@ -40,7 +42,7 @@ from typing import Any
 
 from autotune import cache, measure, space
 from dsa import env
-from tl_kernels.build import MMA_WGMMA
+from tl_kernels import dsl
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +67,7 @@ class Record:
     """One row of the report: a candidate config of a kernel at some parameters.
 
     ``params`` holds the static parameters, plus the size point (``batch``, ``seq_len``, ``seq_len_kv``) when the
-    candidate was timed. ``mma`` names the matrix instructions of its GEMMs (``wgmma``, ``mma_sync``, both joined by
+    candidate was timed; ``arch`` the CUDA architecture it was compiled for. ``mma`` names the matrix instructions of its GEMMs (``wgmma``, ``mma_sync``, both joined by
     ``+``, ``-`` for none). ``latency_ms`` and ``tflops`` are ``None`` without a GPU; ``chosen`` marks the winner of
     a size point (never set without a GPU).
     """
@@ -83,6 +85,7 @@ class Record:
     latency_ms: float | None = None
     tflops: float | None = None
     chosen: bool = False
+    arch: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The record as a JSON-ready dict (the ``--report`` format)."""
@@ -108,8 +111,9 @@ class TuneResult:
 class CompileJob:
     """One candidate to compile: a kernel module, static parameters and a config (all picklable).
 
-    ``mma`` is the matrix instruction every GEMM must use (``None`` for a kernel without GEMMs); ``report_cache_dir``
-    where ptxas reports are cached (``None``: not cached).
+    ``target_json`` is the CUDA target (canonical JSON of ``{"kind": "cuda", "arch": ...}``); ``mma`` the matrix
+    instruction every GEMM must use (``None`` for a kernel without GEMMs); ``report_cache_dir`` where ptxas reports
+    are cached (``None``: not cached).
     """
 
     kernel: str
@@ -117,7 +121,8 @@ class CompileJob:
     compile_fn: str
     static_json: str
     config_json: str
-    mma: str | None = MMA_WGMMA
+    target_json: str = cache.canonical(dsl.HOPPER_TARGET)
+    mma: str | None = dsl.MMA_WGMMA
     report_cache_dir: str | None = None
 
     @property
@@ -127,6 +132,10 @@ class CompileJob:
     @property
     def config(self) -> dict[str, Any]:
         return json.loads(self.config_json)
+
+    @property
+    def target(self) -> dict[str, str]:
+        return json.loads(self.target_json)
 
 
 def _resolve(path: str) -> Callable[..., Any]:
@@ -150,12 +159,12 @@ def compile_candidate(job: CompileJob) -> CompileResult:
         return CompileResult(ok=False, error=short_error(exc), compile_s=0.0)
     try:
         # The default config is a candidate even if check_config rejects it; say so rather than compile it.
-        space.checked_config(module, job.static, job.config)
+        space.checked_config(module, job.static, job.config, target=job.target)
     except (TypeError, ValueError) as exc:
         return CompileResult(ok=False, error=f"invalid config: {exc}", compile_s=0.0)
     cache_dir = None if job.report_cache_dir is None else Path(job.report_cache_dir)
     try:
-        _, report = compile_fn(module.build, report_cache_dir=cache_dir, **job.static, **job.config)
+        _, report = compile_fn(module.build, target=job.target, report_cache_dir=cache_dir, **job.static, **job.config)
     except Exception as exc:  # noqa: BLE001 - a failing candidate is a result, not a crash
         return CompileResult(ok=False, error=short_error(exc), compile_s=time.perf_counter() - start)
     elapsed = time.perf_counter() - start
@@ -245,6 +254,9 @@ class TuneOptions:
         kernels: kernel names to tune.
         preset: a built-in preset name or a JSON file of cases.
         full: search the whole valid space instead of the pruned one.
+        defaults_only: compile each case's default config alone (what every launch without a tuned config runs).
+        target: the CUDA target to compile for (``dsa.hardware.target_for_capability`` of the GPU or the ``--sku``);
+            ``None`` means sm_90a.
         jobs: compile workers.
         compile_only: compile and prune only, even when a GPU is present.
         sku: SKU id to store results under (GPU runs); ``None`` = the current device's.
@@ -263,6 +275,8 @@ class TuneOptions:
     kernels: tuple[str, ...]
     preset: str = "deepseek-v3.2"
     full: bool = False
+    defaults_only: bool = False
+    target: dict[str, str] | None = None
     jobs: int = 1
     compile_only: bool = False
     sku: str | None = None
@@ -286,6 +300,8 @@ def _plan(
 ) -> tuple[list[space.Case], dict[int, list[CompileJob]], dict[int, str], list[CompileJob]]:
     """Cases, the candidate jobs of each case (by position), why a case has none, and the deduplicated job list."""
     cases = space.preset_cases(options.preset, options.kernels)
+    target = options.target or dict(dsl.HOPPER_TARGET)
+    arch = dsl.arch_of(target)
     per_case: dict[int, list[CompileJob]] = {}
     plan_errors: dict[int, str] = {}
     unique: dict[CompileJob, None] = {}
@@ -293,7 +309,9 @@ def _plan(
         kernel_spec = space.spec(case.kernel)
         try:
             space.check_static(case.kernel, case.static)
-            configs = space.candidates(case.kernel, case.static, full=options.full)
+            configs = space.candidates(
+                case.kernel, case.static, full=options.full, defaults_only=options.defaults_only, target=target
+            )
         except Exception as exc:  # noqa: BLE001 - e.g. a kernel module that does not import: report, go on
             plan_errors[i] = short_error(exc)
             per_case[i] = []
@@ -305,7 +323,8 @@ def _plan(
                 compile_fn=kernel_spec.compile_fn,
                 static_json=cache.canonical(case.static),
                 config_json=cache.canonical(config),
-                mma=MMA_WGMMA if kernel_spec.has_gemm else None,
+                target_json=cache.canonical(target),
+                mma=arch.mma if kernel_spec.has_gemm else None,
                 report_cache_dir=str(options.cache_dir / env.STATIC_REPORT_SUBDIR),
             )
             for config in configs
@@ -337,6 +356,7 @@ def _record(job: CompileJob, compiled: CompileResult, params: dict[str, Any], **
         smem_bytes=compiled.smem_bytes,
         mma=compiled.mma,
         compile_s=None if compiled.compile_s is None else round(compiled.compile_s, 3),
+        arch=job.target.get("arch"),
         **extra,
     )
 
@@ -366,7 +386,11 @@ def tune(options: TuneOptions, *, timer: Callable[..., Any] | None = None) -> Tu
     for i, case in case_iter:
         if i in plan_errors:
             result.records.append(
-                Record(case.kernel, dict(case.static), {}, False, plan_errors[i], None, None, None, None, None)
+                Record(
+                    kernel=case.kernel, params=dict(case.static), config={}, ok=False, error=plan_errors[i],
+                    registers=None, spill_bytes=None, smem_bytes=None, mma=None, compile_s=None,
+                    arch=(options.target or dsl.HOPPER_TARGET)["arch"],
+                )  # fmt: skip
             )
             result.failed_cases.append((case.kernel, dict(case.static)))
             continue

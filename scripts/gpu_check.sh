@@ -5,8 +5,8 @@
 #
 # It unpacks the offline TileLang bundle .bundle/dsa-bundle.tar.xz (when present) into /tmp/dsa-site, puts that and
 # the repository on PYTHONPATH, runs scripts/gpu_check.py (host and ceilings, every kernel of the GPU tests compiled in
-# parallel on all cores into TileLang's cache, `pytest -m gpu` in two stages with the ws schedule's tests apart,
-# benchmarks, a short tuning pass; about 8 minutes on an H200) and, when $OUT is set, copies the JSON record, the PNG
+# parallel on all cores into TileLang's cache, `pytest -m gpu` in three stages with the ws and portable schedules apart,
+# benchmarks, a short tuning pass; about 9 minutes on an H200) and, when $OUT is set, copies the JSON record, the PNG
 # plot and the stage logs there. Its exit status is gpu_check.py's (0 all stages ok,
 # 1 some stage failed, 2 no CUDA device).
 #
@@ -23,7 +23,7 @@
 #      (the command stays inside one call's 10-minute limit; the machine's start is not counted in timeout_s, but it
 #      is counted in the session's 15 minutes of device time, so run it once, then give the machine back.)
 #   3. the reply's files hold benchmarks/results/<sku>-<YYYYMMDD>.json (and .png), the host/compile/tests/tests_ws/
-#      bench/tune logs and the compile stage's per-kernel report (compile-report.json: registers, spills, shared
+#      tests_portable/bench/tune logs and the compile stage's per-kernel report (compile-report.json: registers, spills, shared
 #      memory, compile seconds); the summary table is the last thing in output_tail.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
@@ -51,7 +51,7 @@ rc=$?
 if [ -n "${OUT:-}" ]; then
     mkdir -p "$OUT"
     find benchmarks/results -maxdepth 1 -type f -newer "$STAMP" \( -name '*.json' -o -name '*.png' \) -exec cp {} "$OUT"/ \;
-    for log in host collect compile tests tests_ws bench tune; do
+    for log in host collect compile compile-portable tests tests_ws tests_portable bench tune; do
         [ -f "$WORK/$log.log" ] && cp "$WORK/$log.log" "$OUT/$log.log"
     done
     [ -f "$WORK/compile-report.json" ] && cp "$WORK/compile-report.json" "$OUT/compile-report.json"

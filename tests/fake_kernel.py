@@ -75,11 +75,15 @@ class FakeReport:
         return found
 
 
-def fake_compile(builder: Any, *, report_cache_dir: Path | None = None, **params: Any) -> tuple[Any, FakeReport]:
-    """Compile failures, spills, a GEMM that fell back to mma_sync, and clean builds, decided by the config."""
+def fake_compile(
+    builder: Any, *, target: dict[str, str], report_cache_dir: Path | None = None, **params: Any
+) -> tuple[Any, FakeReport]:
+    """Compile failures, spills, a GEMM that fell back to mma_sync, and clean builds, decided by the config (the
+    tuner's ``compile_fn`` contract: a CUDA ``target`` keyword, like ``tl_kernels.build.compile_cuda``)."""
+    assert target == space.HOPPER_TARGET, f"the fake kernel is tuned for sm_90a only, got {target}"
     if params["block"] == 32 and params["stages"] == 3:
         raise RuntimeError("nvcc: fake compile error")
-    prim = builder(**params, target=space.HOPPER_TARGET)
+    prim = builder(**params, target=target)
     spills = 64 if (params["block"] == 128 and params["stages"] >= 2) else 0
     block = params["block"]
     mma = {"wgmma": 4, "mma_sync": 1} if (block == 64 and params["stages"] == 3) else {"wgmma": 4}

@@ -3,6 +3,8 @@ arguments, and one real compile-only run of ``scripts/autotune.py`` for sm_90a (
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import subprocess
@@ -20,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 REPORT_KEYS = {
     "kernel", "params", "config", "ok", "error", "registers", "spill_bytes", "smem_bytes", "mma",
-    "compile_s", "latency_ms", "tflops", "chosen",
+    "compile_s", "latency_ms", "tflops", "chosen", "arch",
 }
 
 
@@ -34,9 +36,9 @@ def test_cli_fake_compile_only(
     assert cli.main(argv) == cli.EXIT_OK
     out = capsys.readouterr().out
     assert out.startswith("No CUDA device")
-    assert "fake  [width=8 limit=256]" in out and "rejected: 64 B of register spills" in out
+    assert "fake on sm_90a  [width=8 limit=256]" in out and "rejected: 64 B of register spills" in out
     records = json.loads(report.read_text())
-    assert records and all(set(r) == REPORT_KEYS for r in records)
+    assert records and all(set(r) == REPORT_KEYS and r["arch"] == "sm_90a" for r in records)
     assert all(r["latency_ms"] is None and r["tflops"] is None and r["chosen"] is False for r in records)
     # With a limit that no config meets, the case has no valid config and the exit status says so.
     space.register_kernel(
@@ -47,10 +49,19 @@ def test_cli_fake_compile_only(
 
 
 def test_cli_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
-    for argv in (["--kernels", "nope"], ["--shapes", "no-such-preset"], ["--sku", "H100!"], ["--sku", "sm80-a100"],
-                 ["--jobs", "0"], ["--candidate-timeout", "0"]):
-        assert cli.main(argv) == cli.EXIT_USAGE, argv
-        assert "error" in capsys.readouterr().err
+    for argv, reason in (
+        (["--kernels", "nope"], "unknown kernel"),
+        (["--shapes", "no-such-preset"], "neither a preset"),
+        (["--sku", "H100!"], "is not a SKU id"),
+        (["--sku", "sm75-nvidia-tesla-t4"], "no kernels are built for compute capability 7.5"),
+        (["--sku", "no-such-board"], "unknown SKU id"),
+        (["--jobs", "0"], "--jobs"),
+        (["--candidate-timeout", "0"], "--candidate-timeout"),
+        (["--full", "--defaults-only"], "not allowed with"),
+    ):
+        with contextlib.suppress(SystemExit):  # argparse exits for its own conflicts
+            assert cli.main(argv) == cli.EXIT_USAGE, argv
+        assert reason in capsys.readouterr().err, argv
 
 
 @pytest.mark.build
@@ -96,9 +107,10 @@ def test_readme_sample_table_is_the_cli_output_format() -> None:
     headers = [line.strip() for line in block.splitlines() if line.strip().startswith("config ")]
     assert headers and all(h.split() == ["config", "regs", "spill", "B", "smem", "KiB", "mma", "compile", "s", "status"]
                             for h in headers), headers  # fmt: skip
-    record = tuner.Record("k", {"x": 1}, {"a": 1}, True, None, 96, 0, 83968, "wgmma", 0.1)
+    record = tuner.Record("k", {"x": 1}, {"a": 1}, True, None, 96, 0, 83968, "wgmma", 0.1, arch="sm_90a")
     rendered = cli.render_table([record], timed=False).splitlines()
+    assert rendered[0] == "k on sm_90a  [x=1]"
     assert rendered[1].split() == headers[0].split()
     assert rendered[2].split() == ["a=1", "96", "0", "82.0", "wgmma", "0.1", "ok"]
     for kernel in space.KERNEL_NAMES:
-        assert f"\n{kernel}  [" in block, f"the README's sample lacks {kernel}"
+        assert f"\n{kernel} on sm_90a  [" in block, f"the README's sample lacks {kernel}"

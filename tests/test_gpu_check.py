@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,7 @@ def test_failing_stages_are_recorded_and_later_stages_still_run(
     monkeypatch.setattr(gpu_check, "cuda_available", lambda: (True, ""))
     rc = gpu_check.main(
         ["--out-dir", str(tmp_path), "--work-dir", str(tmp_path / "work"), "--skip", "compile", "--skip", "tests",
-         "--skip", "tests_ws", "--skip", "tune", "--bench-args", "--kernels topk"]
+         "--skip", "tests_ws", "--skip", "tests_portable", "--skip", "tune", "--bench-args", "--kernels topk"]
     )  # fmt: skip
     assert rc == 1
     records = list(tmp_path.glob("unknown-gpu-*.json"))
@@ -71,6 +72,13 @@ def test_failing_stages_are_recorded_and_later_stages_still_run(
     assert last[-1].startswith("gpu_check: stages not ok: host, bench")
 
 
+def _collected(shapes_doc: dict[str, Any], cmd: list[str]) -> Any:
+    """What a faked collect step leaves: ``shapes_doc`` in the shapes file its command names, and its StageRun."""
+    shapes = Path(next(a for a in cmd if a.startswith("--dsa-gpu-kernels=")).split("=", 1)[1])
+    shapes.write_text(json.dumps(shapes_doc))
+    return gpu_check.StageRun(0, 3.0, False, "")
+
+
 def _selection(cmd: list[str]) -> str:
     """The ``-m`` expression of a ``python -m pytest -m EXPR ...`` command."""
     return cmd[cmd.index("-m", 2) + 1]
@@ -83,14 +91,36 @@ def _passing_test_stage(cmd: list[str]) -> Any:
     return gpu_check.StageRun(0, 1.0, False, "2 passed, 1 skipped")
 
 
-def test_gpu_tests_run_in_two_stages_with_the_ws_schedule_apart(
+def _fake_stages(
+    calls: list[tuple[list[str], float, dict[str, str], str]],
+    shapes_doc: dict[str, Any],
+    compile_stage: Callable[[list[str], float, Path], Any],
+) -> Callable[..., Any]:
+    """A fake ``run_stage_process`` that records each call in ``calls``: the collect step writes ``shapes_doc``,
+    compile stages answer through ``compile_stage(cmd, budget_s, log)``, the tune stage passes and test stages pass
+    with their JUnit file."""
+
+    def fake_stage(cmd: list[str], *, budget_s: float, env: dict[str, str], log: Path) -> Any:
+        calls.append((list(cmd), budget_s, env, log.name))
+        if log.name == "collect.log":
+            return _collected(shapes_doc, cmd)
+        if log.name.startswith("compile"):
+            return compile_stage(cmd, budget_s, log)
+        if log.name == "tune.log":
+            return gpu_check.StageRun(0, 1.0, False, "")
+        return _passing_test_stage(cmd)
+
+    return fake_stage
+
+
+def test_gpu_tests_run_in_three_stages_with_the_ws_and_portable_schedules_apart(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The main test stage deselects the ws tests, a stage of their own runs them after it; both dump a hanging
-    test's traceback before their budget; a ws stage killed at its budget leaves the main stage's counts."""
-    assert gpu_check.STAGES.index("tests") < gpu_check.STAGES.index("tests_ws")
+    """The main test stage deselects the ws and portable tests, stages of their own run them after it; each dumps a
+    hanging test's traceback before its budget; a ws stage killed at its budget leaves the other stages' counts."""
+    assert gpu_check.STAGES.index("tests") < gpu_check.STAGES.index("tests_ws") < gpu_check.STAGES.index("tests_portable")
     assert set(gpu_check.DEFAULT_BUDGETS) == set(gpu_check.STAGES)
-    assert sum(gpu_check.DEFAULT_BUDGETS.values()) <= 470
+    assert sum(gpu_check.DEFAULT_BUDGETS.values()) <= 540
     monkeypatch.setattr(gpu_check, "cuda_available", lambda: (True, ""))
     calls: list[tuple[list[str], float, dict[str, str], str]] = []
 
@@ -106,17 +136,20 @@ def test_gpu_tests_run_in_two_stages_with_the_ws_schedule_apart(
          "--skip", "bench", "--skip", "tune", "--pytest-args", "-x --maxfail 1"]
     )  # fmt: skip
     assert rc == 1
-    (main, main_budget, main_env, main_log), (ws, ws_budget, ws_env, ws_log) = calls
-    assert (_selection(main), _selection(ws)) == ("gpu and not ws", "gpu and ws")
+    (main, main_budget, main_env, main_log), (ws, ws_budget, ws_env, ws_log), portable = calls
+    assert (_selection(main), _selection(ws)) == ("gpu and not ws and not portable", "gpu and ws")
+    assert (_selection(portable[0]), portable[3]) == ("gpu and portable", "tests_portable.log")
     assert (main_budget, ws_budget) == (gpu_check.DEFAULT_BUDGETS["tests"], gpu_check.DEFAULT_BUDGETS["tests_ws"])
     assert (main_log, ws_log) == ("tests.log", "tests_ws.log")
-    for cmd, budget in ((main, main_budget), (ws, ws_budget)):
+    for cmd, budget in ((main, main_budget), (ws, ws_budget), portable[:2]):
         dump_after = int(cmd[cmd.index("-o") + 1].removeprefix("faulthandler_timeout="))
         assert 0 < dump_after < budget
         assert cmd[-3:] == ["-x", "--maxfail", "1"]
     assert main_env["HYPOTHESIS_PROFILE"] == ws_env["HYPOTHESIS_PROFILE"] == "gpu"
     doc = json.loads(next(tmp_path.glob("unknown-gpu-*.json")).read_text())
-    assert [(s["stage"], s["status"]) for s in doc["stages"]] == [("tests", "ok"), ("tests_ws", "timeout")]
+    assert [(s["stage"], s["status"]) for s in doc["stages"]] == [
+        ("tests", "ok"), ("tests_ws", "timeout"), ("tests_portable", "ok")
+    ]  # fmt: skip
     assert doc["tests"]["passed"] == 2 and doc["tests_ws"] == {}
     assert "Timeout" in doc["stages"][1]["log_tail"]
     out = capsys.readouterr().out
@@ -139,34 +172,27 @@ def test_compile_stage_runs_before_the_tests_and_its_failure_does_not_stop_them(
     stages = gpu_check.STAGES
     assert stages[:3] == ("host", "compile", "tests")
     assert set(gpu_check.DEFAULT_BUDGETS) == set(stages)
-    assert sum(gpu_check.DEFAULT_BUDGETS.values()) <= 470
+    assert sum(gpu_check.DEFAULT_BUDGETS.values()) <= 540
     monkeypatch.setattr(gpu_check, "cuda_available", lambda: (True, ""))
     monkeypatch.setattr(gpu_check, "compile_jobs", lambda: 16)
     calls: list[tuple[list[str], float, dict[str, str], str]] = []
 
-    def fake_stage(cmd: list[str], *, budget_s: float, env: dict[str, str], log: Path) -> Any:
-        calls.append((list(cmd), budget_s, env, log.name))
-        if log.name == "collect.log":
-            shapes = Path(next(a for a in cmd if a.startswith("--dsa-gpu-kernels=")).split("=", 1)[1])
-            shapes.write_text(json.dumps({"topk": [{"static": {"k": 64}, "sizes": [{"batch": 1, "seq_len": 1,
-                                                                                   "seq_len_kv": 1}]}]}))
-            return gpu_check.StageRun(0, 3.0, False, "")
-        if log.name == "compile.log":
-            if outcome == "timeout":
-                return gpu_check.StageRun(None, budget_s, True, "compiling ...")
-            report = Path(cmd[cmd.index("--report") + 1])
-            records = [{"kernel": "topk", "ok": True}, {"kernel": "topk", "ok": False}]
-            report.write_text(json.dumps(records))
-            return gpu_check.StageRun(1, 5.0, False, "NO VALID CONFIG: topk k=64")
-        if log.name == "tune.log":
-            return gpu_check.StageRun(0, 1.0, False, "")
-        return _passing_test_stage(cmd)
+    def compile_stage(cmd: list[str], budget_s: float, log: Path) -> Any:
+        if outcome == "timeout":
+            return gpu_check.StageRun(None, budget_s, True, "compiling ...")
+        report = Path(cmd[cmd.index("--report") + 1])
+        report.write_text(json.dumps([{"kernel": "topk", "ok": True}, {"kernel": "topk", "ok": False}]))
+        return gpu_check.StageRun(1, 5.0, False, "NO VALID CONFIG: topk k=64")
+
+    shapes_doc = {"topk": [{"static": {"k": 64}, "sizes": [{"batch": 1, "seq_len": 1, "seq_len_kv": 1}]}]}
+    fake_stage = _fake_stages(calls, shapes_doc, compile_stage)
 
     monkeypatch.setattr(gpu_check, "run_stage_process", fake_stage)
     work = tmp_path / "work"
     rc = gpu_check.main(
-        ["--out-dir", str(tmp_path), "--work-dir", str(work), "--skip", "host", "--skip", "tests_ws", "--skip", "bench"]
-    )
+        ["--out-dir", str(tmp_path), "--work-dir", str(work), "--skip", "host", "--skip", "tests_ws", "--skip", "bench",
+         "--skip", "tests_portable"]
+    )  # fmt: skip
     assert rc == 1
     assert [log for *_, log in calls] == ["collect.log", "compile.log", "tests.log", "tune.log"]
     (collect, collect_budget, _, _), (cmd, budget, env, _), (tests_cmd, _, tests_env, _), (_, _, tune_env, _) = calls
@@ -183,7 +209,7 @@ def test_compile_stage_runs_before_the_tests_and_its_failure_does_not_stop_them(
     # read the user's cache as any other process would.
     assert env["DSA_CACHE_DIR"] == tune_env["DSA_CACHE_DIR"] == str(work / "dsa-cache")
     assert tests_env.get("DSA_CACHE_DIR") == os.environ.get("DSA_CACHE_DIR")
-    assert _selection(tests_cmd) == "gpu and not ws"
+    assert _selection(tests_cmd) == "gpu and not ws and not portable"
     doc = json.loads(next(tmp_path.glob("unknown-gpu-*.json")).read_text())
     assert [(s["stage"], s["status"]) for s in doc["stages"]] == [("compile", outcome), ("tests", "ok"), ("tune", "ok")]
     compiled = doc["stages"][0]
@@ -275,3 +301,33 @@ def test_the_compile_list_is_written_from_the_gpu_test_modules(tmp_path: Path) -
                     assert dataclasses.asdict(config) in compiled, f"{kernel} {static}: {config} is not compiled"
     assert listed == wanted
     assert "--full" in gpu_check.compile_command("python", jobs=1, report=Path("r.json"), shapes=shapes)
+
+
+def test_compile_stage_also_builds_the_portable_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the Hopper compile, the compile stage builds each case's default config of the portable schedule
+    (``DSA_PORTABLE=1``: sm_90 on Hopper) for the portable test stage, in the same budget; the stage's counts cover
+    both reports."""
+    monkeypatch.setattr(gpu_check, "cuda_available", lambda: (True, ""))
+    monkeypatch.setattr(gpu_check, "compile_jobs", lambda: 16)
+    calls: list[tuple[list[str], float, dict[str, str], str]] = []
+
+    def compile_stage(cmd: list[str], budget_s: float, log: Path) -> Any:
+        report = Path(cmd[cmd.index("--report") + 1])
+        report.write_text(json.dumps([{"kernel": "topk", "ok": True}]))
+        return gpu_check.StageRun(0, 5.0, False, "")
+
+    fake_stage = _fake_stages(calls, {}, compile_stage)
+
+    monkeypatch.setattr(gpu_check, "run_stage_process", fake_stage)
+    work = tmp_path / "work"
+    argv = ["--out-dir", str(tmp_path), "--work-dir", str(work), "--skip", "host", "--skip", "bench", "--skip", "tune"]
+    assert gpu_check.main(argv) == 0
+    logs = [log for *_, log in calls]
+    assert logs == ["collect.log", "compile.log", "compile-portable.log", "tests.log", "tests_ws.log",
+                    "tests_portable.log"]  # fmt: skip
+    hopper, portable = calls[1], calls[2]
+    assert "--full" in hopper[0] and "DSA_PORTABLE" not in hopper[2]
+    assert "--defaults-only" in portable[0] and "--full" not in portable[0] and portable[2]["DSA_PORTABLE"] == "1"
+    assert portable[2]["DSA_CACHE_DIR"] == hopper[2]["DSA_CACHE_DIR"]
+    doc = json.loads(next(tmp_path.glob("unknown-gpu-*.json")).read_text())
+    assert doc["compile"]["kernels"] == 2 and doc["compile"]["ok"] == 2
