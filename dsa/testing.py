@@ -189,8 +189,9 @@ def topk_error(scores: torch.Tensor, indices: torch.Tensor, k: int) -> str | Non
 
     Set semantics (the order within a row is free): every index in range or ``-1``; no index twice in a row; ``-1``
     padding exactly when the row has fewer than ``k`` finite scores (then every finite position is selected); never a
-    ``-inf``, ``+inf`` or NaN position; every selected score >= every unselected finite score. Together these fix
-    the multiset of selected scores: it equals the reference's, whichever of a tie group each side picked.
+    ``-inf``, ``+inf`` or NaN position; every selected score >= every unselected finite score; and the tie rule: of
+    the positions holding the smallest selected score, the selected ones are the smallest. Together these fix the
+    set itself: it equals the reference's.
     """
     if indices.dtype != torch.int32:
         return f"indices: dtype {indices.dtype} != torch.int32"
@@ -228,6 +229,20 @@ def topk_error(scores: torch.Tensor, indices: torch.Tensor, k: int) -> str | Non
         return (
             f"indices: a selected score is below an unselected finite score in {int(bad.sum())} rows, e.g. row {row}: "
             f"min selected {float(min_chosen[tuple(row)])} < max unselected {float(max_unchosen[tuple(row)])}"
+        )
+    # The tie rule: a score equal to the smallest selected one may stay unselected only at a larger position than
+    # every selected one of that value (among equal scores the smaller position wins).
+    position = torch.arange(seq_kv).expand_as(s)
+    at_threshold = finite & (s == min_chosen.unsqueeze(-1))
+    last_chosen = torch.where(chosen & at_threshold, position, -1).amax(-1)
+    first_skipped = torch.where(~chosen & at_threshold, position, seq_kv).amin(-1)
+    bad = first_skipped < last_chosen
+    if bad.any():
+        row = bad.nonzero()[0].tolist()
+        return (
+            f"indices: the tie rule (among equal scores the smaller position wins) is broken in {int(bad.sum())} rows, "
+            f"e.g. row {row}: position {int(first_skipped[tuple(row)])} is skipped but position "
+            f"{int(last_chosen[tuple(row)])} of the same score {float(min_chosen[tuple(row)])} is selected"
         )
     return None
 
@@ -477,6 +492,11 @@ def _moved(inputs: Mapping[str, Any], device: torch.device | str) -> dict[str, A
     return {name: value.to(device) if isinstance(value, torch.Tensor) else value for name, value in inputs.items()}
 
 
+# Value ranges of integer-valued indexer inputs (exact in bfloat16 and float8_e4m3fn; sums far below 2**24).
+INT_QK = 3
+INT_WEIGHT = 2
+
+
 def indexer_inputs(
     *,
     batch: int,
@@ -491,6 +511,7 @@ def indexer_inputs(
     range_kind: str = "random",
     spread: float = 1.0,
     weight_scale: float = 1.0,
+    integer_valued: bool = False,
 ) -> dict[str, Any]:
     """The arguments of ``index_scores`` as a dict (``q``, ``k``, ``weights``, ``k_scale``, ``starts``, ``ends``).
 
@@ -498,18 +519,26 @@ def indexer_inputs(
     FP8 gets many subnormals, with a large one many exponents), weights of both signs times ``weight_scale``, positive
     per-key scales for FP8 (``None`` for bf16), and in ``mode="range"`` ``starts``/``ends`` of pattern
     ``range_kind`` (``None`` for causal). Drawn on the CPU and moved to ``device``.
+
+    ``integer_valued``: ``q``/``k`` integers in ``[-INT_QK, INT_QK]``, weights integers in ``[-INT_WEIGHT,
+    INT_WEIGHT]`` and FP8 key scales powers of two (``spread`` and ``weight_scale`` ignored): every score is computed
+    exactly in float32 by every implementation, and ReLU zeros and small values make many exact ties, so selections
+    can be compared exactly, ties included.
     """
     g = generator(seed)
     torch_dtype = getattr(torch, dtype)
-    inputs: dict[str, Any] = {
-        "q": _randn((batch, seq, heads, dim), g, dtype=torch_dtype, scale=spread),
-        "k": _randn((batch, seq_kv, dim), g, dtype=torch_dtype, scale=spread),
-        "weights": _randn((batch, seq, heads), g, scale=weight_scale),
-        "k_scale": None,
-        "starts": None,
-        "ends": None,
-    }
-    if torch_dtype == torch.float8_e4m3fn:
+    if integer_valued:
+        q = torch.randint(-INT_QK, INT_QK + 1, (batch, seq, heads, dim), generator=g).to(torch_dtype)
+        k = torch.randint(-INT_QK, INT_QK + 1, (batch, seq_kv, dim), generator=g).to(torch_dtype)
+        weights = torch.randint(-INT_WEIGHT, INT_WEIGHT + 1, (batch, seq, heads), generator=g).float()
+    else:
+        q = _randn((batch, seq, heads, dim), g, dtype=torch_dtype, scale=spread)
+        k = _randn((batch, seq_kv, dim), g, dtype=torch_dtype, scale=spread)
+        weights = _randn((batch, seq, heads), g, scale=weight_scale)
+    inputs: dict[str, Any] = {"q": q, "k": k, "weights": weights, "k_scale": None, "starts": None, "ends": None}
+    if torch_dtype == torch.float8_e4m3fn and integer_valued:
+        inputs["k_scale"] = torch.exp2(torch.randint(-1, 2, (batch, seq_kv), generator=g).float())
+    elif torch_dtype == torch.float8_e4m3fn:
         inputs["k_scale"] = torch.rand((batch, seq_kv), generator=g) * 2.0 + 0.01
     if mode == "range":
         inputs["starts"], inputs["ends"] = make_ranges(range_kind, seed + 1, batch, seq, seq_kv)

@@ -1,8 +1,9 @@
 """Top-k selection: the positions of the ``k`` largest finite scores of each row, as an exact radix select.
 
 Contract: ``dsa.reference.topk_indices`` (``scores [B, S, S_kv]`` float32 -> ``indices [B, S, k]`` int32, a set:
-ties broken arbitrarily, ``-inf``/NaN (and ``+inf``, which is not finite) never selected, ``-1`` padding when a row
-has fewer than ``k`` finite scores, no duplicates, order unspecified).
+among equal scores the smaller position wins (``-0.0`` equals ``+0.0``), ``-inf``/NaN (and ``+inf``, which is not
+finite) never selected, ``-1`` padding when a row has fewer than ``k`` finite scores, no duplicates, order
+unspecified).
 
 Algorithm (one thread block per row; ideas from radix-select top-k kernels, written here from scratch):
 
@@ -14,9 +15,13 @@ Algorithm (one thread block per row; ideas from radix-select top-k kernels, writ
   the prefix fixed so far, turns it into suffix sums and finds the one bin ``d`` with
   ``suffix[d] >= k_rem > suffix[d + 1]`` (the *threshold bin*): the ``suffix[d + 1]`` keys above it are selected,
   ``k_rem - suffix[d + 1]`` are still needed from inside it. The round stops early when the whole bin is needed.
-* The final pass writes every key above the threshold (an atomic counter of exactly ``k - k_rem`` slots) and exactly
-  ``k_rem`` keys equal to it (a second atomic counter; the ones past ``k_rem`` are dropped, never written). A row with
-  fewer than ``k`` finite keys selects all of them and is padded with ``-1``.
+* Ties (the tie rule): when more keys equal the final threshold than are still needed (``count > k_rem``), a second
+  radix select of the same kind runs over the tied keys only, on the *tie key* ``~position`` (larger for smaller
+  positions; unique, so it ends with exactly ``k_rem`` keys). Without it the choice among ties would follow the
+  order in which threads win an atomic counter, which differs from run to run on a GPU.
+* The final pass writes every key above the threshold (an atomic counter of exactly ``k - k_rem`` slots) and the
+  ``k_rem`` tied keys the tie select kept (a second atomic counter fills their slots; it never exceeds ``k_rem``). A
+  row with fewer than ``k`` finite keys selects all of them and is padded with ``-1``.
 * Candidate buffer: after a round, if the threshold bin holds at most ``cand_capacity`` keys (known from the
   histogram *before* anything is written), one pass over the row writes the keys above the bin to the output and
   copies the bin's keys (index + key) into the buffer; later rounds and the final pass then read the buffer. When the
@@ -26,8 +31,9 @@ Algorithm (one thread block per row; ideas from radix-select top-k kernels, writ
 
 Cost per row: two passes over the row when the first threshold bin fits the buffer (histogram, then collection),
 at most four when bins overflow it (e.g. rows whose scores share their high bits: three histogram passes and the
-final one), and per round an 11-step scan over 2048 bins. Rows of equal scores serialise the shared-memory atomics
-of one bin; that is slow, not wrong.
+final one), plus at most three tie rounds when more keys equal the threshold than are still needed (over the
+candidate buffer when the tie group fits it, else over the row), and per round an 11-step scan over 2048 bins.
+Rows of equal scores serialise the shared-memory atomics of one bin; that is slow, not wrong.
 
 One builder, two targets. The selection logic (key transform, the rounds, threshold search, tie policy, candidate
 buffer with its fallback, padding) is written once as macros. Only three things differ per target: how a loop over
@@ -90,11 +96,19 @@ _ST_IN_BUF = 3  # 1 once the threshold bin's keys live in the candidate buffer
 _ST_N_BUF = 4  # candidate-buffer fill counter (then: candidates in the buffer)
 _ST_N_OUT = 5  # output slots used by keys above the threshold
 _ST_N_TIE = 6  # keys equal to the threshold seen in the final pass
-_N_STATE = 7
+_ST_TIE_K_REM = 7  # the tie select's k_rem, count and done (the same roles as above, over tie keys)
+_ST_TIE_COUNT = 8
+_ST_TIE_DONE = 9
+_N_STATE = 10
 # Slots of the per-row uint32 key state.
 _KS_PREFIX = 0  # the threshold's fixed high bits (low bits zero)
 _KS_MASK = 1  # which bits of a key the final pass compares with the prefix
-_N_KEY_STATE = 2
+_KS_TIE_PREFIX = 2  # the tie select's prefix and mask; (0, 0) keeps every tied key
+_KS_TIE_MASK = 3
+_N_KEY_STATE = 4
+# order_key(-0.0) and order_key(+0.0): equal scores, so -0.0 takes +0.0's key (the tie rule then sees one value).
+_NEG_ZERO_KEY = 0x7FFFFFFF
+_POS_ZERO_KEY = 0x80000000
 
 _WARP = 32
 _MAX_THREADS = 1024
@@ -155,6 +169,21 @@ def default_config(static: dict) -> Config:
     return config
 
 
+class _Select(NamedTuple):
+    """Where one radix select keeps its state (compile-time slot numbers) and which keys it ranks."""
+
+    k_rem: int
+    count: int
+    done: int
+    prefix: int
+    mask: int
+    ties: bool  # False: the score keys; True: the tie keys (``~position``) of the keys equal to the score threshold
+
+
+_SCORE_SELECT = _Select(_ST_K_REM, _ST_COUNT, _ST_DONE, _KS_PREFIX, _KS_MASK, ties=False)
+_TIE_SELECT = _Select(_ST_TIE_K_REM, _ST_TIE_COUNT, _ST_TIE_DONE, _KS_TIE_PREFIX, _KS_TIE_MASK, ties=True)
+
+
 class _Round(NamedTuple):
     """Compile-time description of one radix round (Python ints)."""
 
@@ -189,13 +218,19 @@ def _per_round(r: Any, values: list[int]) -> Any:
 def order_key(x: Any) -> Any:
     """The order-preserving ``uint32`` key of a float32 expression: unsigned key order equals float order.
 
-    Negative floats (sign bit set) flip every bit, non-negative ones set the sign bit. ``-0.0`` sorts just below
-    ``+0.0`` (both are selectable; they are equal scores, so either choice satisfies the contract).
+    Negative floats (sign bit set) flip every bit, non-negative ones set the sign bit. ``-0.0`` gets the key of
+    ``+0.0``: they are equal scores, and the tie rule must see them as one value.
     """
     bits = T.reinterpret(x, KEY_DTYPE)
     # Arithmetic shift of the signed bits: all ones for negatives, zero otherwise (a select without a branch).
     sign_fill = T.Cast(KEY_DTYPE, T.shift_right(T.reinterpret(x, "int32"), KEY_BITS - 1))
-    return T.bitwise_xor(bits, T.bitwise_or(sign_fill, T.uint32(SIGN_BIT)))
+    key = T.bitwise_xor(bits, T.bitwise_or(sign_fill, T.uint32(SIGN_BIT)))
+    return T.if_then_else(key == T.uint32(_NEG_ZERO_KEY), T.uint32(_POS_ZERO_KEY), key)
+
+
+def tie_key(index: Any) -> Any:
+    """The tie key of a position (int32 expression, ``>= 0``): ``~index`` as uint32, larger for smaller positions."""
+    return T.bitwise_xor(T.Cast(KEY_DTYPE, index), T.uint32(ALL_ONES))
 
 
 def is_finite_key(key: Any) -> Any:
@@ -219,6 +254,7 @@ class _Row(NamedTuple):
     cand_key: Any  # [cand_capacity] uint32
     local_count: Any  # [1] int32 local: an atomic's previous value
     local_key: Any  # [1] uint32 local: one element's key
+    local_tie: Any  # [1] uint32 local: one element's tie key
 
 
 def build(*, k: int, threads: int = Config.threads, cand_capacity: int = Config.cand_capacity, target: dsl.Target) -> Any:
@@ -304,6 +340,16 @@ def build(*, k: int, threads: int = Config.threads, cand_capacity: int = Config.
             T.atomic_add(row.hist[0, digit], 1)
 
     @T.macro
+    def count_tie_digit(row, index, key, args):
+        """``count_digit`` over the tie keys of the keys equal to the score threshold."""
+        threshold, rnd = args
+        # A xor, not ==: TVM's bound solver turns ``key == threshold`` into a uint inequality with a negative
+        # coefficient and fails ("cannot make uint from negative value -1").
+        if T.bitwise_xor(key, threshold) == T.uint32(0):
+            row.local_tie[0] = tie_key(index)
+            count_digit(row, index, row.local_tie[0], rnd)
+
+    @T.macro
     def scan_step(row, d, args):
         """One doubling step of the suffix sum: ``dst[d] = src[d] + src[d + offset]``."""
         src, offset = args
@@ -315,17 +361,17 @@ def build(*, k: int, threads: int = Config.threads, cand_capacity: int = Config.
     @T.macro
     def pick_bin(row, d, args):
         """The one bin with ``suffix[d] >= k_rem > suffix[d + 1]`` fixes the next digit (a single writer)."""
-        k_rem, r, shift, level_mask = args
+        k_rem, r, shift, level_mask, sel = args
         if row.hist[suffix_half, d] >= k_rem and row.hist[suffix_half, d + 1] < k_rem:
             new_rem = k_rem - row.hist[suffix_half, d + 1]
             count = row.hist[suffix_half, d] - row.hist[suffix_half, d + 1]
-            row.state[_ST_K_REM] = new_rem
-            row.state[_ST_COUNT] = count
-            row.key_state[_KS_PREFIX] = T.bitwise_or(row.key_state[_KS_PREFIX], T.shift_left(T.Cast(KEY_DTYPE, d), shift))
+            row.state[sel.k_rem] = new_rem
+            row.state[sel.count] = count
+            row.key_state[sel.prefix] = T.bitwise_or(row.key_state[sel.prefix], T.shift_left(T.Cast(KEY_DTYPE, d), shift))
             # Done after the last digit, or early when the whole bin is needed.
             if r == n_rounds - 1 or count == new_rem:
-                row.state[_ST_DONE] = 1
-                row.key_state[_KS_MASK] = level_mask
+                row.state[sel.done] = 1
+                row.key_state[sel.mask] = level_mask
 
     @T.macro
     def select_all_finite(row, k_rem):
@@ -359,14 +405,17 @@ def build(*, k: int, threads: int = Config.threads, cand_capacity: int = Config.
 
     @T.macro
     def emit_final(row, index, key, args):
-        """Tie policy: every key above the threshold, and exactly ``k_rem`` of the keys equal to it."""
-        prefix, mask, k_rem = args
+        """Every key above the threshold, and the ``k_rem`` keys equal to it that the tie select kept (all of them
+        when no tie select ran: its prefix and mask are 0)."""
+        prefix, mask, k_rem, tie_prefix, tie_mask = args
         if T.bitwise_and(key, mask) > prefix:
             emit_above(row, index, k - k_rem)
         elif T.bitwise_and(key, mask) == prefix:
-            row.local_count[0] = T.atomic_add(row.state[_ST_N_TIE], 1, return_prev=True)
-            if row.local_count[0] < k_rem:
-                row.indices[row.b, row.s, k - k_rem + row.local_count[0]] = index
+            row.local_tie[0] = tie_key(index)
+            if T.bitwise_and(row.local_tie[0], tie_mask) >= tie_prefix:
+                row.local_count[0] = T.atomic_add(row.state[_ST_N_TIE], 1, return_prev=True)
+                if row.local_count[0] < k_rem:
+                    row.indices[row.b, row.s, k - k_rem + row.local_count[0]] = index
 
     @T.macro
     def pad(row, j, written):
@@ -384,7 +433,17 @@ def build(*, k: int, threads: int = Config.threads, cand_capacity: int = Config.
         row.state[_ST_N_TIE] = 0
         row.key_state[_KS_PREFIX] = T.uint32(0)
         row.key_state[_KS_MASK] = T.uint32(0)
+        row.state[_ST_TIE_K_REM] = 0
+        row.state[_ST_TIE_COUNT] = 0
+        row.state[_ST_TIE_DONE] = 1  # until start_ties finds that the ties must be ranked
+        row.key_state[_KS_TIE_PREFIX] = T.uint32(0)
+        row.key_state[_KS_TIE_MASK] = T.uint32(0)
         row.hist[1, RADIX] = 0  # the scan never writes the sentinel bin (RADIX) of either half
+
+    @T.macro
+    def start_ties(row, _):
+        row.state[_ST_TIE_K_REM] = row.state[_ST_K_REM]
+        row.state[_ST_TIE_DONE] = 0
 
     @T.macro
     def mark_in_buffer(row, _):
@@ -393,8 +452,20 @@ def build(*, k: int, threads: int = Config.threads, cand_capacity: int = Config.
     # ---- the row ------------------------------------------------------------------------------------------------
 
     @T.macro
-    def radix_round(row, r):
-        """Round ``r``: histogram of the next digit, suffix sums, threshold bin; then maybe fill the buffer."""
+    def fill_buffer(row, r, level_mask, in_buffer):
+        """After a score round: copy the threshold bin into the candidate buffer when it is known to fit (and write
+        the keys above it); otherwise the next round re-reads the row."""
+        if r < n_rounds - 1 and row.state[_ST_DONE] == 0 and in_buffer == 0 and row.state[_ST_COUNT] <= cand_capacity:
+            k_rem = row.state[_ST_K_REM]
+            prefix = row.key_state[_KS_PREFIX]
+            for_each_candidate(row, 0, 0, (collect, (prefix, level_mask, k_rem)))
+            barrier()
+            single(row, mark_in_buffer, None)
+
+    @T.macro
+    def radix_round(row, r, sel):
+        """Round ``r`` of the select ``sel``: histogram of the next digit, suffix sums, threshold bin; then (score
+        select only) maybe fill the candidate buffer."""
         # This round's constants, selected once into registers (not re-selected per element).
         match_mask = T.alloc_var(KEY_DTYPE)
         shift = T.alloc_var(KEY_DTYPE)
@@ -409,29 +480,32 @@ def build(*, k: int, threads: int = Config.threads, cand_capacity: int = Config.
         in_buffer = T.alloc_var(COUNT_DTYPE)
         n_buffer = T.alloc_var(COUNT_DTYPE)
         prefix = T.alloc_var(KEY_DTYPE)
-        k_rem = row.state[_ST_K_REM]
+        threshold = T.alloc_var(KEY_DTYPE)
+        k_rem = row.state[sel.k_rem]
         in_buffer = row.state[_ST_IN_BUF]
         n_buffer = row.state[_ST_N_BUF]
-        prefix = row.key_state[_KS_PREFIX]
+        prefix = row.key_state[sel.prefix]
+        threshold = row.key_state[_KS_PREFIX]
         for_range(row, RADIX + 1, zero_bin, None)
         barrier()
-        for_each_candidate(row, in_buffer, n_buffer, (count_digit, (prefix, match_mask, shift, digit_mask)))
+        rnd = (prefix, match_mask, shift, digit_mask)
+        if sel.ties:
+            for_each_candidate(row, in_buffer, n_buffer, (count_tie_digit, (threshold, rnd)))
+        else:
+            for_each_candidate(row, in_buffer, n_buffer, (count_digit, rnd))
         barrier()
         # Double-buffered doubling scan: after step i each bin holds the sum of itself and the next 2^(i+1) - 1.
         for step in T.serial(_SCAN_STEPS):
             for_range(row, RADIX, scan_step, (step % 2, T.shift_left(1, step)))
             barrier()
-        for_range(row, RADIX, pick_bin, (k_rem, r, shift, level_mask))
-        if r == 0:
-            single(row, select_all_finite, k_rem)
+        for_range(row, RADIX, pick_bin, (k_rem, r, shift, level_mask, sel))
+        # Nested: `sel.ties` is a Python constant (the branch is chosen at trace time), `r == 0` a TIR condition.
+        if not sel.ties:  # noqa: SIM102
+            if r == 0:
+                single(row, select_all_finite, k_rem)
         barrier()
-        # Fill the candidate buffer only when the bin is known to fit; otherwise the next round re-reads the row.
-        if r < n_rounds - 1 and row.state[_ST_DONE] == 0 and in_buffer == 0 and row.state[_ST_COUNT] <= cand_capacity:
-            k_rem = row.state[_ST_K_REM]
-            prefix = row.key_state[_KS_PREFIX]
-            for_each_candidate(row, 0, 0, (collect, (prefix, level_mask, k_rem)))
-            barrier()
-            single(row, mark_in_buffer, None)
+        if not sel.ties:
+            fill_buffer(row, r, level_mask, in_buffer)
         barrier()
 
     @T.macro
@@ -440,14 +514,26 @@ def build(*, k: int, threads: int = Config.threads, cand_capacity: int = Config.
         barrier()
         for r in T.serial(n_rounds):
             if row.state[_ST_DONE] == 0:
-                radix_round(row, r)
+                radix_round(row, r, _SCORE_SELECT)
+        # The tie rule: more keys equal the threshold than are still needed, so rank them by position.
+        if row.state[_ST_COUNT] > row.state[_ST_K_REM]:
+            single(row, start_ties, None)
+            barrier()
+            for r in T.serial(n_rounds):
+                if row.state[_ST_TIE_DONE] == 0:
+                    radix_round(row, r, _TIE_SELECT)
         k_rem = T.alloc_var(COUNT_DTYPE)
         prefix = T.alloc_var(KEY_DTYPE)
         mask = T.alloc_var(KEY_DTYPE)
+        tie_prefix = T.alloc_var(KEY_DTYPE)
+        tie_mask = T.alloc_var(KEY_DTYPE)
         k_rem = row.state[_ST_K_REM]
         prefix = row.key_state[_KS_PREFIX]
         mask = row.key_state[_KS_MASK]
-        for_each_candidate(row, row.state[_ST_IN_BUF], row.state[_ST_N_BUF], (emit_final, (prefix, mask, k_rem)))
+        tie_prefix = row.key_state[_KS_TIE_PREFIX]
+        tie_mask = row.key_state[_KS_TIE_MASK]
+        emit = (emit_final, (prefix, mask, k_rem, tie_prefix, tie_mask))
+        for_each_candidate(row, row.state[_ST_IN_BUF], row.state[_ST_N_BUF], emit)
         barrier()
         written = T.alloc_var(COUNT_DTYPE)
         written = k - k_rem + T.min(row.state[_ST_N_TIE], k_rem)
@@ -466,6 +552,7 @@ def build(*, k: int, threads: int = Config.threads, cand_capacity: int = Config.
             cand_key = alloc.shared([cand_capacity], KEY_DTYPE)
             local_count = T.alloc_local([1], COUNT_DTYPE)
             local_key = T.alloc_local([1], KEY_DTYPE)
+            local_tie = T.alloc_local([1], KEY_DTYPE)
             row = _Row(
                 scores,
                 indices,
@@ -480,6 +567,7 @@ def build(*, k: int, threads: int = Config.threads, cand_capacity: int = Config.
                 cand_key,
                 local_count,
                 local_key,
+                local_tie,
             )
             select_row(row)
 
