@@ -8,6 +8,8 @@ compiled graph runs the implementation chosen when it was traced):
 | ``dsa::index_scores`` | scores | launcher ``dsa.launch.indexer`` or ``dsa.reference.index_scores`` |
 | ``dsa::index_scores_bwd`` | (dq, dk, dweights) | PyTorch for both backends (there is no indexer backward kernel) |
 | ``dsa::topk_indices`` | indices | launcher ``dsa.launch.topk`` or ``dsa.reference.topk_indices`` |
+| ``dsa::index_topk`` | (indices, scores) | ``dsa.selection`` over both launchers, chunked, or ``dsa.reference.select_topk`` |
+| ``dsa::index_topk_bwd`` | (dq, dk, dweights) | PyTorch for both backends, chunked recomputation at the selected keys |
 | ``dsa::sparse_mla`` | (out, lse) | launcher ``dsa.launch.sparse_mla_fwd`` or the reference forward |
 | ``dsa::sparse_mla_bwd`` | (dq, dkv) | launcher ``dsa.launch.sparse_mla_bwd`` or the reference's recompute backward |
 
@@ -26,6 +28,8 @@ Gradients:
   ``weights`` always. FP8 ``q``/``k`` get none (quantisation has no useful derivative); ``weights`` still trains.
   Positions that are invisible (score ``-inf``) receive no gradient.
 - ``topk_indices``: integer output, no gradient.
+- ``index_topk``: no gradient to the indices; the selected scores have the gradients of ``index_scores`` at the
+  selected positions (``-inf`` padding receives none).
 
 The launchers are imported lazily on the first TileLang call (importing them compiles nothing).
 """
@@ -38,7 +42,7 @@ from types import ModuleType
 
 import torch
 
-from dsa import reference
+from dsa import reference, selection
 from dsa.hardware import TILELANG
 from dsa.reference import compute_dtype
 from dsa.validation import FP8_DTYPES
@@ -145,6 +149,85 @@ def topk_indices_impl(scores: torch.Tensor, k: int, backend: str) -> torch.Tenso
     return reference.topk_indices_impl(scores, k)
 
 
+def index_topk_impl(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    weights: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    starts: torch.Tensor | None,
+    ends: torch.Tensor | None,
+    topk: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``index_topk`` (contract in ``dsa.reference.index_topk``): ``(indices [B, S, topk] int32, scores [B, S, topk]
+    float32)``, the scores ``-inf`` at ``-1`` padding. The TileLang path runs the indexer and top-k kernels one chunk
+    of query rows at a time under the memory budget (``dsa.selection``)."""
+    if backend == TILELANG:
+        return selection.chunked_index_topk(
+            q, k, weights, topk, k_scale, starts, ends,
+            index_scores=launcher(_LAUNCH_INDEXER).index_scores,
+            topk_indices=launcher(_LAUNCH_TOPK).topk_indices,
+            budget_bytes=selection.memory_budget_bytes(q.device),
+        )  # fmt: skip
+    with torch.no_grad():
+        return reference.select_topk(q, k, weights, topk, k_scale, starts, ends)
+
+
+def index_topk_bwd_impl(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    weights: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    indices: torch.Tensor,
+    d_scores: torch.Tensor,
+    need_qk: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of ``index_topk``'s scores by recomputation at the selected keys, chunked over queries.
+
+    The formula of ``index_scores_bwd_impl`` restricted to the gathered keys ``k[indices]``: with ``G = d_scores *
+    k_scale[idx]`` at valid entries (0 at ``-1`` padding, whatever ``d_scores`` holds there) and ``L = q . k[idx]``:
+    ``dweights = sum_i G relu(L)``, ``dL = G * weights * (L > 0)``, ``dq = dL k[idx]``, ``dk[idx] += dL^T q``.
+
+    Args:
+        q ``[B, S, H_i, D_i]``, k ``[B, S_kv, D_i]``, weights ``[B, S, H_i]``, k_scale ``[B, S_kv]`` or None: the
+        forward's inputs. indices ``[B, S, topk]`` int32: the selection. d_scores ``[B, S, topk]``: the scores'
+        gradient. need_qk (bool): compute ``dq``/``dk`` (False: returned empty, e.g. for FP8 inputs).
+
+    Returns:
+        dq ``[B, S, H_i, D_i]`` (q's dtype), dk ``[B, S_kv, D_i]`` (k's dtype), dweights ``[B, S, H_i]`` (weights').
+    """
+    batch, seq, heads, dim = q.shape
+    seq_kv, top = k.shape[1], indices.shape[-1]
+    dtype = compute_dtype(q.dtype)
+    wf = weights.to(dtype)
+    dw = torch.empty((batch, seq, heads), dtype=dtype, device=q.device)
+    dq = torch.empty((batch, seq, heads, dim), dtype=dtype, device=q.device) if need_qk else None
+    dk = torch.zeros((batch * seq_kv, dim), dtype=dtype, device=q.device) if need_qk else None
+    valid = reference.valid_index_mask(indices, seq_kv)
+    rows_all = torch.where(valid, indices.to(torch.int64), 0)
+    b = torch.arange(batch, device=q.device).view(batch, 1, 1)
+    step = max(1, min(seq, _BWD_CHUNK_ELEMENTS // max(1, batch * top * max(heads, dim))))
+    for t0 in range(0, seq, step):
+        rows = slice(t0, min(seq, t0 + step))
+        key_rows = rows_all[:, rows]
+        k_sel = k[b, key_rows].to(dtype)  # [B, c, topk, D_i]
+        g = torch.where(valid[:, rows], d_scores[:, rows].to(dtype), torch.zeros((), dtype=dtype, device=q.device))
+        if k_scale is not None:
+            g = g * k_scale.to(dtype)[b, key_rows]
+        q_c = q[:, rows].to(dtype)
+        logits = torch.einsum("bthd,btkd->bthk", q_c, k_sel)
+        dw[:, rows] = torch.einsum("btk,bthk->bth", g, torch.relu(logits))
+        if need_qk:
+            d_logits = g.unsqueeze(2) * wf[:, rows].unsqueeze(-1) * (logits > 0).to(dtype)
+            dq[:, rows] = torch.einsum("bthk,btkd->bthd", d_logits, k_sel)
+            dk_sel = torch.einsum("bthk,bthd->btkd", d_logits, q_c)
+            dk.index_add_(0, (b * seq_kv + key_rows).reshape(-1), dk_sel.reshape(-1, dim))
+    if not need_qk:
+        empty = q.new_empty((0,), dtype=dtype)
+        return empty, empty.clone(), dw.to(weights.dtype)
+    return dq.to(q.dtype), dk.view(batch, seq_kv, dim).to(k.dtype), dw.to(weights.dtype)
+
+
 def sparse_mla_impl(
     q: torch.Tensor,
     kv: torch.Tensor,
@@ -231,6 +314,14 @@ _LIB.define(
 )
 _LIB.define("topk_indices(Tensor scores, int k, str backend) -> Tensor")
 _LIB.define(
+    "index_topk(Tensor q, Tensor k, Tensor weights, Tensor? k_scale, Tensor? starts, Tensor? ends, int topk,"
+    " str backend) -> (Tensor, Tensor)"
+)
+_LIB.define(
+    "index_topk_bwd(Tensor q, Tensor k, Tensor weights, Tensor? k_scale, Tensor indices, Tensor d_scores,"
+    " bool need_qk) -> (Tensor, Tensor, Tensor)"
+)
+_LIB.define(
     "sparse_mla(Tensor q, Tensor kv, Tensor indices, float sm_scale, int d_v, Tensor? topk_length,"
     " Tensor? attn_sink, str backend) -> (Tensor, Tensor)"
 )
@@ -242,6 +333,8 @@ _COMPOSITE = "CompositeExplicitAutograd"
 _LIB.impl("index_scores", index_scores_impl, _COMPOSITE)
 _LIB.impl("index_scores_bwd", index_scores_bwd_impl, _COMPOSITE)
 _LIB.impl("topk_indices", topk_indices_impl, _COMPOSITE)
+_LIB.impl("index_topk", index_topk_impl, _COMPOSITE)
+_LIB.impl("index_topk_bwd", index_topk_bwd_impl, _COMPOSITE)
 _LIB.impl("sparse_mla", sparse_mla_impl, _COMPOSITE)
 _LIB.impl("sparse_mla_bwd", sparse_mla_bwd_impl, _COMPOSITE)
 
@@ -254,16 +347,41 @@ def _index_scores_fake(
     return q.new_empty((q.shape[0], q.shape[1], k.shape[1]), dtype=compute_dtype(q.dtype))
 
 
-@torch.library.register_fake("dsa::index_scores_bwd")
-def _index_scores_bwd_fake(
-    q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, k_scale: OptTensor, starts: OptTensor, ends: OptTensor,
-    d_scores: torch.Tensor, need_qk: bool,
+def _indexer_grads_fake(
+    q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, need_qk: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The outputs of an indexer backward (``index_scores_bwd``, ``index_topk_bwd``): dq, dk (empty without
+    ``need_qk``), dweights."""
     dw = torch.empty_like(weights)
     if not need_qk:
         empty = q.new_empty((0,), dtype=compute_dtype(q.dtype))
         return empty, empty.clone(), dw
     return torch.empty_like(q), torch.empty_like(k), dw
+
+
+@torch.library.register_fake("dsa::index_scores_bwd")
+def _index_scores_bwd_fake(
+    q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, k_scale: OptTensor, starts: OptTensor, ends: OptTensor,
+    d_scores: torch.Tensor, need_qk: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _indexer_grads_fake(q, k, weights, need_qk)
+
+
+@torch.library.register_fake("dsa::index_topk")
+def _index_topk_fake(
+    q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, k_scale: OptTensor, starts: OptTensor, ends: OptTensor,
+    topk: int, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (q.shape[0], q.shape[1], topk)
+    return q.new_empty(shape, dtype=torch.int32), q.new_empty(shape, dtype=compute_dtype(q.dtype))
+
+
+@torch.library.register_fake("dsa::index_topk_bwd")
+def _index_topk_bwd_fake(
+    q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, k_scale: OptTensor, indices: torch.Tensor,
+    d_scores: torch.Tensor, need_qk: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _indexer_grads_fake(q, k, weights, need_qk)
 
 
 @torch.library.register_fake("dsa::topk_indices")
@@ -313,6 +431,16 @@ def call_topk_indices(scores: torch.Tensor, k: int, backend: str) -> torch.Tenso
     return topk_indices_impl(scores, k, backend)
 
 
+def call_index_topk(
+    q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, k_scale: OptTensor, starts: OptTensor, ends: OptTensor,
+    topk: int, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``index_topk`` forward: the registered op under ``torch.compile``, the implementation in eager mode."""
+    if torch.compiler.is_compiling():
+        return torch.ops.dsa.index_topk(q, k, weights, k_scale, starts, ends, topk, backend)
+    return index_topk_impl(q, k, weights, k_scale, starts, ends, topk, backend)
+
+
 def call_sparse_mla(
     q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float, d_v: int, topk_length: OptTensor,
     attn_sink: OptTensor, backend: str,
@@ -326,6 +454,19 @@ def call_sparse_mla(
 # --------------------------------------------------------------------------------------------------------------------
 # Autograd Functions: they only manage ctx.
 # --------------------------------------------------------------------------------------------------------------------
+
+
+def _wanted_indexer_grads(
+    ctx: torch.autograd.function.FunctionCtx, grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor], need_qk: bool
+) -> tuple[OptTensor, OptTensor, OptTensor]:
+    """``(dq, dk, dweights)`` of an indexer backward, ``None`` for each input (``q``, ``k``, ``weights``: the first
+    three of the Function) that needs none; ``dq``/``dk`` exist only with ``need_qk``."""
+    dq, dk, dw = grads
+    return (
+        dq if need_qk and ctx.needs_input_grad[0] else None,
+        dk if need_qk and ctx.needs_input_grad[1] else None,
+        dw if ctx.needs_input_grad[2] else None,
+    )
 
 
 class IndexScoresFunction(torch.autograd.Function):
@@ -346,13 +487,41 @@ class IndexScoresFunction(torch.autograd.Function):
         q, k, weights, k_scale, starts, ends = ctx.saved_tensors
         need_qk = q.dtype not in FP8_DTYPES and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         if torch.compiler.is_compiling():
-            dq, dk, dw = torch.ops.dsa.index_scores_bwd(q, k, weights, k_scale, starts, ends, d_scores, need_qk)
+            grads = torch.ops.dsa.index_scores_bwd(q, k, weights, k_scale, starts, ends, d_scores, need_qk)
         else:
-            dq, dk, dw = index_scores_bwd_impl(q, k, weights, k_scale, starts, ends, d_scores, need_qk)
-        dq = dq if need_qk and ctx.needs_input_grad[0] else None
-        dk = dk if need_qk and ctx.needs_input_grad[1] else None
-        dw = dw if ctx.needs_input_grad[2] else None
-        return dq, dk, dw, None, None, None, None
+            grads = index_scores_bwd_impl(q, k, weights, k_scale, starts, ends, d_scores, need_qk)
+        return (*_wanted_indexer_grads(ctx, grads, need_qk), None, None, None, None)
+
+
+class IndexTopkFunction(torch.autograd.Function):
+    """``index_topk`` with gradients of the selected scores for ``q``, ``k`` (floating inputs only) and ``weights``;
+    the indices are not differentiable."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, k_scale: OptTensor, starts: OptTensor,
+        ends: OptTensor, topk: int, backend: str,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        indices, scores = call_index_topk(q, k, weights, k_scale, starts, ends, topk, backend)
+        ctx.save_for_backward(q, k, weights, k_scale, indices)
+        ctx.mark_non_differentiable(indices)
+        ctx.set_materialize_grads(False)
+        return indices, scores
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, d_indices: OptTensor, d_scores: OptTensor
+    ) -> tuple:
+        if d_scores is None:
+            return (None,) * 8
+        q, k, weights, k_scale, indices = ctx.saved_tensors
+        need_qk = q.dtype not in FP8_DTYPES and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
+        if torch.compiler.is_compiling():
+            grads = torch.ops.dsa.index_topk_bwd(q, k, weights, k_scale, indices, d_scores, need_qk)
+        else:
+            grads = index_topk_bwd_impl(q, k, weights, k_scale, indices, d_scores, need_qk)
+        return (*_wanted_indexer_grads(ctx, grads, need_qk), None, None, None, None, None)
 
 
 class SparseMLAFunction(torch.autograd.Function):

@@ -5,6 +5,7 @@
 | ``DSA_BACKEND`` | ``auto`` (default), ``tilelang``, ``reference`` | which implementation the ops dispatch to |
 | ``DSA_CACHE_DIR`` | a directory | where tuned configs and cached ptxas reports live (default ``~/.cache/dsa-tilelang``) |
 | ``DSA_CPU_COMPILE_FLAGS`` | g++ flags | flags for C-target kernels (default ``-O2``) |
+| ``DSA_INDEXER_MEMORY_BYTES`` | bytes > 0 | the most index scores ``index_topk``'s unfused path holds at once (default: a quarter of free device memory on GPU, 1 GiB on CPU) |
 | ``DSA_PORTABLE`` | ``0`` (default), ``1`` | Hopper runs the portable schedule (sm_90) that other GPUs run |
 | ``DSA_LOG`` | ``warning`` (default), ``info``, ``debug`` | how much TileLang logs (its INFO lines: one per compile) |
 | ``DSA_TUNE_CANDIDATE_TIMEOUT_S`` | seconds > 0 | the tuner's time limit per candidate step on the GPU (default 120) |
@@ -81,6 +82,21 @@ def cpu_compile_flags() -> tuple[str, ...] | None:
     default, ``-O2``)."""
     raw = os.environ.get("DSA_CPU_COMPILE_FLAGS")
     return None if raw is None else tuple(raw.split())
+
+
+def indexer_memory_bytes() -> int | None:
+    """``DSA_INDEXER_MEMORY_BYTES``: the byte budget of one chunk of index scores, ``None`` when unset (the caller's
+    device-dependent default)."""
+    raw = os.environ.get("DSA_INDEXER_MEMORY_BYTES", "").strip()
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ValueError(f"DSA_INDEXER_MEMORY_BYTES must be a positive number of bytes, got {raw!r}")
+    return value
 
 
 def log_level() -> int:

@@ -14,7 +14,8 @@ Signatures and semantics are those of ``dsa.reference`` (the contract, also summ
 
 Gradients: ``sparse_mla`` for ``q``, ``kv``, ``attn_sink`` (through ``out`` and ``lse``); ``index_scores`` for
 ``weights`` and, for floating (bfloat16/float32/float64) ``q``/``k``, for those too; FP8 ``q``/``k`` get none;
-``topk_indices`` returns integers (no gradient).
+``topk_indices`` returns integers (no gradient); ``index_topk``'s scores have ``index_scores``' gradients at the
+selected positions, its indices none.
 
 Validation runs once per call, here: the reference and the launchers the ops dispatch to take the inputs as
 checked (``dsa.reference.*_impl``).
@@ -27,7 +28,7 @@ import torch
 from dsa import autograd, validation
 from dsa.hardware import TILELANG, select_backend
 
-__all__ = ["index_scores", "topk_indices", "sparse_mla"]
+__all__ = ["index_scores", "index_topk", "topk_indices", "sparse_mla"]
 
 
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
@@ -80,6 +81,42 @@ def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     backend = select_backend(scores.device, scores.dtype == torch.float32)
     validation.check_topk_indices(scores, k, kernel=backend == TILELANG)
     return autograd.call_topk_indices(scores.detach(), int(k), backend)
+
+
+def index_topk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    weights: torch.Tensor,
+    topk: int,
+    *,
+    k_scale: torch.Tensor | None = None,
+    starts: torch.Tensor | None = None,
+    ends: torch.Tensor | None = None,
+    return_scores: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The indexer's top-k selection without the ``[B, S, S_kv]`` scores (contract: ``dsa.reference.index_topk``).
+
+    Equal to ``topk_indices(index_scores(q, k, weights, ...), topk)``, ties included (the smaller position wins). The
+    kernels run one chunk of query rows at a time, holding at most ``DSA_INDEXER_MEMORY_BYTES`` of scores (default a
+    quarter of free GPU memory, 1 GiB on CPU); the reference walks query and key blocks of bounded size.
+
+    Args:
+        q, k, weights, k_scale, starts, ends: as in :func:`index_scores`.
+        topk (int): ``>= 1``; may exceed ``S_kv``.
+        return_scores (bool): also return the selected positions' scores.
+
+    Returns:
+        indices (torch.Tensor): ``[B, S, topk]``, int32, a set per row, ``-1`` padding. Not differentiable.
+        scores (torch.Tensor, with ``return_scores``): ``[B, S, topk]``, float32 (float64 for float64 inputs), ``-inf``
+        at padding; differentiable in ``weights`` and (floating inputs) ``q``, ``k``.
+    """
+    backend = select_backend(q.device, q.dtype in validation.INDEXER_KERNEL_DTYPES)
+    validation.check_index_topk(q, k, weights, topk, k_scale, starts, ends, kernel=backend == TILELANG)
+    topk = int(topk)
+    if return_scores and _needs_grad(q, k, weights):
+        return autograd.IndexTopkFunction.apply(q, k, weights, k_scale, starts, ends, topk, backend)
+    indices, scores = autograd.call_index_topk(q, k, weights, k_scale, starts, ends, topk, backend)
+    return (indices, scores) if return_scores else indices
 
 
 def sparse_mla(

@@ -112,8 +112,7 @@ def require_scale(name: str, value: object) -> float:
     return float(value)
 
 
-@names_op("index_scores")
-def check_index_scores(
+def _check_indexer_inputs(
     q: torch.Tensor,
     k: torch.Tensor,
     weights: torch.Tensor,
@@ -123,7 +122,7 @@ def check_index_scores(
     *,
     kernel: bool = False,
 ) -> None:
-    """Validate the inputs of ``index_scores`` (see ``dsa.reference.index_scores`` for the contract)."""
+    """The indexer's inputs, shared by ``index_scores`` and ``index_topk`` (each names itself in the message)."""
     require_tensor("q", q)
     require_tensor("k", k)
     require_tensor("weights", weights)
@@ -164,6 +163,38 @@ def check_index_scores(
         for name, t in (("q", q), ("k", k), ("weights", weights), ("k_scale", k_scale), ("starts", starts), ("ends", ends)):
             if t is not None:
                 require_contiguous(name, t)
+
+
+@names_op("index_scores")
+def check_index_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    weights: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    starts: torch.Tensor | None,
+    ends: torch.Tensor | None,
+    *,
+    kernel: bool = False,
+) -> None:
+    """Validate the inputs of ``index_scores`` (see ``dsa.reference.index_scores`` for the contract)."""
+    _check_indexer_inputs(q, k, weights, k_scale, starts, ends, kernel=kernel)
+
+
+@names_op("index_topk")
+def check_index_topk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    weights: torch.Tensor,
+    topk: object,
+    k_scale: torch.Tensor | None,
+    starts: torch.Tensor | None,
+    ends: torch.Tensor | None,
+    *,
+    kernel: bool = False,
+) -> None:
+    """Validate the inputs of ``index_topk`` (see ``dsa.reference.index_topk``)."""
+    _check_indexer_inputs(q, k, weights, k_scale, starts, ends, kernel=kernel)
+    require_positive_int("topk", topk)
 
 
 @names_op("topk_indices")
