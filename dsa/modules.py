@@ -37,6 +37,11 @@ from dsa.reference import compute_dtype
 AttentionMode = Literal["sparse", "dense"]
 SPARSE: AttentionMode = "sparse"
 DENSE: AttentionMode = "dense"
+# Which index scores the indexer returns besides its selection: none, the selected positions' (``[B, S, k]``, the
+# sparse-stage loss; O(S k) memory), or every position's (``[B, S, S]``, the dense warm-up loss; O(S^2) memory).
+IndexerScores = Literal["selected", "dense"] | None
+SELECTED_SCORES: IndexerScores = "selected"
+DENSE_SCORES: IndexerScores = "dense"
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn value
@@ -250,8 +255,9 @@ class IndexerOutput:
 
     Attributes:
         indices (torch.Tensor): ``[B, S, index_topk]`` int32, ``-1`` where a query sees fewer positions.
-        scores (torch.Tensor | None): ``[B, S, S]`` float32 index scores (``-inf`` where not causal), when asked;
-            differentiable in the indexer's parameters (bfloat16/float32 path).
+        scores (torch.Tensor | None): when asked, float32 index scores differentiable in the indexer's parameters
+            (bfloat16/float32 path): ``[B, S, index_topk]`` at ``indices`` (``-inf`` at ``-1``) for ``"selected"``,
+            ``[B, S, S]`` (``-inf`` where not causal) for ``"dense"``.
     """
 
     indices: torch.Tensor
@@ -288,15 +294,19 @@ class LightningIndexer(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         *,
-        return_scores: bool = False,
+        scores: IndexerScores = None,
     ) -> IndexerOutput:
         """Select the top-k key positions of every query.
+
+        Without ``scores="dense"`` the selection runs through ``dsa.ops.index_topk``: memory O(S k), never the
+        ``[B, S, S]`` scores.
 
         Args:
             x (torch.Tensor): ``[B, S, dim]``: the layer input.
             q_lora (torch.Tensor): ``[B, S, q_lora_rank]``: MLA's normalised query low-rank activation.
             cos, sin (torch.Tensor): ``[S, qk_rope_head_dim / 2]`` float32 (``rope_cos_sin``).
-            return_scores (bool): also return the ``[B, S, S]`` scores (for the training losses).
+            scores (str | None): also return index scores: ``"selected"`` (at the selection, for the sparse-stage
+                loss) or ``"dense"`` (every position, for the dense warm-up loss).
         """
         config = self.config
         batch, seq, _ = x.shape
@@ -305,15 +315,20 @@ class LightningIndexer(nn.Module):
         q = self._rotate(self.wq_b(q_lora).view(batch, seq, self.n_heads, self.head_dim), cos, sin)
         k = self._rotate(self.k_norm(self.wk(x)), cos, sin)
         weights = self.weights_proj(x).to(compute_dtype(x.dtype)) * (self.n_heads**-0.5 * self.head_dim**-0.5)
+        k_scale = None
         if config.index_fp8:
-            q8, q_scale = quantize_fp8_blockwise(q, block=config.quant_block, pow2_scale=config.index_scale_pow2)
-            k8, k_scale = quantize_fp8_blockwise(k, block=config.quant_block, pow2_scale=config.index_scale_pow2)
+            q, q_scale = quantize_fp8_blockwise(q, block=config.quant_block, pow2_scale=config.index_scale_pow2)
+            k, k_scale = quantize_fp8_blockwise(k, block=config.quant_block, pow2_scale=config.index_scale_pow2)
             weights = weights * q_scale.squeeze(-1)  # the query scale folds into the per-head weight
-            scores = ops.index_scores(q8, k8, weights, k_scale=k_scale.squeeze(-1).contiguous())
-        else:
-            scores = ops.index_scores(q.contiguous(), k.contiguous(), weights)
-        indices = ops.topk_indices(scores.detach(), config.index_topk)
-        return IndexerOutput(indices=indices, scores=scores if return_scores else None)
+            k_scale = k_scale.squeeze(-1).contiguous()
+        q, k = q.contiguous(), k.contiguous()
+        if scores == DENSE_SCORES:
+            every = ops.index_scores(q, k, weights, k_scale=k_scale)
+            return IndexerOutput(indices=ops.topk_indices(every.detach(), config.index_topk), scores=every)
+        if scores == SELECTED_SCORES:
+            indices, selected = ops.index_topk(q, k, weights, config.index_topk, k_scale=k_scale, return_scores=True)
+            return IndexerOutput(indices=indices, scores=selected)
+        return IndexerOutput(indices=ops.index_topk(q, k, weights, config.index_topk, k_scale=k_scale))
 
 
 @dataclass
@@ -321,7 +336,8 @@ class AttentionAux:
     """Per-layer quantities the indexer losses need (``DSAttention.forward(..., return_aux=True)``).
 
     Attributes:
-        index_scores (torch.Tensor): ``[B, S, S]`` float32, the indexer's scores (differentiable in the indexer).
+        index_scores (torch.Tensor): float32 index scores, differentiable in the indexer: ``[B, S, S]`` over every
+            position in dense mode, ``[B, S, k]`` at ``indices`` (``-inf`` at ``-1``) in sparse mode.
         indices (torch.Tensor): ``[B, S, k]`` int32, the indexer's selection.
         attn_target (torch.Tensor): detached main-attention mass summed over heads: ``[B, S, S]`` over every causal
             position in dense mode, ``[B, S, k]`` over ``indices`` in sparse mode (0 at invalid entries).
@@ -393,7 +409,8 @@ class DSAttention(nn.Module):
         q, kv, q_lora = self.latent_qkv(x, cos, sin)
         selection = None
         if self.mode == SPARSE or return_aux:
-            selection = self.indexer(x, q_lora, cos, sin, return_scores=return_aux)
+            wanted = None if not return_aux else DENSE_SCORES if self.mode == DENSE else SELECTED_SCORES
+            selection = self.indexer(x, q_lora, cos, sin, scores=wanted)
         if self.mode == DENSE:
             compute = compute_dtype(q.dtype)
             scores = torch.einsum("bshc,btc->bsht", q.to(compute), kv.to(compute)) * config.sm_scale

@@ -111,16 +111,17 @@ def gather_scores(index_scores: torch.Tensor, indices: torch.Tensor) -> torch.Te
     return picked.masked_fill(~valid, float("-inf"))
 
 
-def sparse_stage_loss(attn_mass: torch.Tensor, index_scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+def sparse_stage_loss(attn_mass: torch.Tensor, selected_scores: torch.Tensor) -> torch.Tensor:
     """Sparse-stage loss ``KL(p_{t,S_t} || softmax(I_{t,S_t}))`` over the selected set, averaged over queries.
 
     Args:
         attn_mass (torch.Tensor): ``[B, S, k]``: main attention mass on each selected key summed over heads
             (``attention_mass_on_indices``), 0 at invalid entries. Detached.
-        index_scores (torch.Tensor): ``[B, S, S_kv]`` float32 indexer scores; gradients flow here.
-        indices (torch.Tensor): ``[B, S, k]`` int32: the selection.
+        selected_scores (torch.Tensor): ``[B, S, k]`` float32 indexer scores at the selection (``-inf`` at invalid
+            entries), e.g. from ``dsa.ops.index_topk(..., return_scores=True)`` or ``gather_scores``; gradients flow
+            here.
     """
-    return _kl_to_softmax(attn_mass, gather_scores(index_scores, indices))
+    return _kl_to_softmax(attn_mass, selected_scores)
 
 
 def topk_recall(attn_mass: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -244,7 +245,7 @@ def train_two_stage(
         lm_loss = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1)
         )
-        index_loss = sum(sparse_stage_loss(a.attn_target, a.index_scores, a.indices) for a in auxes)
+        index_loss = sum(sparse_stage_loss(a.attn_target, a.index_scores) for a in auxes)
         model_opt.zero_grad(set_to_none=True)
         indexer_opt.zero_grad(set_to_none=True)
         (lm_loss + index_loss).backward()

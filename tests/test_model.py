@@ -130,7 +130,7 @@ def _inputs(attn: DSAttention, seed: int = 1) -> torch.Tensor:
 def _indexer_output(attn: DSAttention, x: torch.Tensor):  # noqa: ANN202
     cos, sin = rope_cos_sin(attn.inv_freq, x.shape[1], x.device)
     _, _, q_lora = attn.latent_qkv(x, cos, sin)
-    return attn.indexer(x, q_lora, cos, sin, return_scores=True), q_lora
+    return attn.indexer(x, q_lora, cos, sin, scores="dense"), q_lora
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -295,7 +295,7 @@ def test_sparse_stage_gradients_are_separated() -> None:
     assert all(_grad_state(model.main_parameters())), "the LM loss must reach every main parameter"
     assert all(p.grad is None for p in model.indexer_parameters()), "the LM loss must not reach the indexer"
     model.zero_grad(set_to_none=True)
-    index_loss = sum(training.sparse_stage_loss(a.attn_target, a.index_scores, a.indices) for a in auxes)
+    index_loss = sum(training.sparse_stage_loss(a.attn_target, a.index_scores) for a in auxes)
     index_loss.backward()
     assert all(_grad_state(model.indexer_parameters())), "the indexer loss must reach every indexer parameter"
     assert all(p.grad is None for p in model.main_parameters()), "the indexer input is detached from the model"
@@ -329,7 +329,7 @@ def test_losses_are_kl_divergences() -> None:
     assert training.dense_warmup_loss(mass, torch.log(mass)).item() == pytest.approx(0.0, abs=1e-6)
     indices = torch.tensor([[[0, 2, -1]] * 5] * 2, dtype=torch.int32)
     selected_mass = training.gather_scores(mass, indices).masked_fill(indices < 0, 0.0)
-    sparse = training.sparse_stage_loss(selected_mass, scores, indices)
+    sparse = training.sparse_stage_loss(selected_mass, training.gather_scores(scores, indices))
     ps = selected_mass[..., :2] / selected_mass[..., :2].sum(-1, keepdim=True)
     rows = selected_mass[..., :2].sum(-1) > 0
     lq = torch.log_softmax(scores.gather(-1, indices[..., :2].long()), -1)
