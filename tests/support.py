@@ -4,6 +4,7 @@ with their static reports logged, and running the repository's scripts in a subp
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 import sys
 import time
@@ -21,6 +22,17 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
 
 _BUILDS: dict[tuple[Any, ...], tuple[Any, tl_build.StaticReport, float]] = {}
+
+# An int32 product of a block index and a symbolic size in generated CUDA (``((int)blockIdx.y) * seq_len_kv``): an
+# address term that overflows once the sizes multiply past 2**31, even when the sum it enters is widened afterwards.
+_INT32_BLOCK_PRODUCT = re.compile(r"\(\(int\)blockIdx\.[xyz]\) \* [A-Za-z_]\w*")
+
+
+def assert_wide_addressing(source: str) -> None:
+    """Every address term that multiplies a block index by a symbolic size (``B``, ``S``, ``S_kv``, ``k``) is formed
+    in int64: the kernels serve any length, so no term may wrap at 2**31 (e.g. ``B * S_kv`` rows of KV)."""
+    found = sorted(set(_INT32_BLOCK_PRODUCT.findall(source)))
+    assert not found, f"int32 products of a block index and a symbolic size: {found}"
 
 
 def hopper_configs(kernel: str, static: dict[str, Any]) -> list[Any]:

@@ -21,6 +21,7 @@ import pytest
 
 from autotune import cache, space, tuner
 from dsa import env
+from tests import support
 from tl_kernels import build as tl_build
 from tl_kernels import dsl
 
@@ -91,6 +92,7 @@ def test_portable_default_config_builds_clean(
     module = space.kernel_module(kernel)
     source = tl_build.get_kernel(module.build, target=job.target, **job.static, **job.config).get_kernel_source()
     assert not HOPPER_FEATURES.findall(source), sorted(set(HOPPER_FEATURES.findall(source)))
+    support.assert_wide_addressing(source)
     operand_types = set(MMA_SYNC_CALL.findall(source))
     if kernel == "indexer" and static["dtype"] == "float8_e4m3fn":
         # FP8 MMA where the architecture has it; converted to bf16 in the kernel where it does not (CUTLASS's FP8

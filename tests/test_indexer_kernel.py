@@ -263,6 +263,7 @@ def test_hopper_build_is_clean(item: tuple[dict[str, Any], kernels.Config]) -> N
     # The kernel's own shared-memory estimate (used by check_config) must not undercount what was allocated.
     assert report.smem_bytes <= kernels.smem_bytes(static, config) + 2048, (report.smem_bytes, config)
     assert "tma_load" in kernel.get_kernel_source(), "the key tiles should arrive by TMA"
+    support.assert_wide_addressing(kernel.get_kernel_source())
 
 
 # --------------------------------------------------------------------------------------------------- GPU tier

@@ -476,6 +476,7 @@ def test_hopper_main_kernel_static(config: kernels.Config) -> None:
     groups = 1 + len(kernels.chunk_bounds(V32["d_qk"], V32["d_v"], config.dkv_chunk))
     assert source.count("wait_wgmma<0>") == groups, "expected one wgmma wait per MMA group in the step loop"
     assert "warpgroup_wait" not in source, "a T.gemm with its own implicit wait is back in the main kernel"
+    support.assert_wide_addressing(source)
     # The gather's load is guarded by the bounds of a row number that is -1 for invalid slots (zero-fill, no read).
     assert re.search(r"if \(\(\(0 <= condval_\d+\) && \(condval_\d+ < seq_kv\)\)\)", source), (
         "the kv gather no longer zero-fills invalid slots behind a bounds guard"

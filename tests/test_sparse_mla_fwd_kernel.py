@@ -444,6 +444,7 @@ def test_hopper_build_is_clean(case: tuple[dict[str, Any], kernels.Config]) -> N
     assert not report.problems(mma=tl_build.MMA_WGMMA), report.problems(mma=tl_build.MMA_WGMMA)
     source = kernel.get_kernel_source()
     assert "cp_async" in source, "the KV gather is not asynchronous"
+    support.assert_wide_addressing(source)
     if case[1].pipeline == kernels.PIPELINE_WS:
         assert "mbarrier_cp_async_arrive_noinc" in source, "the producer does not signal its cp.async completion"
         assert "warpgroup_reg_alloc" in source and "warpgroup_reg_dealloc" in source

@@ -282,6 +282,7 @@ def test_hopper_build_is_clean(item: tuple[int, kernels.Config]) -> None:
     assert not re.search(r"\[[^\]\n]*Atomic", source), "an atomic is used inside an index expression"
     assert "AtomicAddRet" in source, "the compaction counters should be atomics that return the previous value"
     assert f"__launch_bounds__({config.threads}" in source
+    support.assert_wide_addressing(source)
 
 
 # ------------------------------------------------------------------------------------------------------- GPU tier

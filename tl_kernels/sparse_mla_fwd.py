@@ -45,6 +45,7 @@ from tl_kernels.sparse_mla_fwd_steps import (
     index_at,
     kernel_dims,
     softmax_macros,
+    wide,
 )
 from tl_kernels.sparse_mla_fwd_ws import (
     WS_BLOCK_K,
@@ -363,7 +364,7 @@ def build(
             # An invalid entry's tile row is zero, never the memory its index names (see gather_row).
             for j, d in alloc.parallel(block_k, d_qk):
                 kv_s[j, d] = load(
-                    KV[b, gather_row(Indices, b, s, step * block_k + j, width, limit, seq_len_kv), d]
+                    KV[wide(b), gather_row(Indices, b, s, step * block_k + j, width, limit, seq_len_kv), d]
                 )
 
             T.clear(acc_s)

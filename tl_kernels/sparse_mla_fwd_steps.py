@@ -62,6 +62,12 @@ def entry_valid(idx: Any, pos: Any, limit: Any, seq_len_kv: Any) -> Any:
     return T.And(pos < limit, T.And(idx >= 0, idx < seq_len_kv))
 
 
+def wide(batch_index: Any) -> Any:
+    """The batch index in int64 for a KV address: ``b * S_kv`` would otherwise be an int32 product (widened only
+    after it is formed), which overflows once ``B * S_kv >= 2**31``."""
+    return T.Cast("int64", batch_index)
+
+
 def gather_row(indices: Any, b: Any, s: Any, pos: Any, width: Any, limit: Any, seq_len_kv: Any) -> Any:
     """The KV row a gather reads for entry ``pos`` of query ``(b, s)``: its index (int64) when valid, else -1.
 

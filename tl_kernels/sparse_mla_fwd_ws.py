@@ -119,14 +119,16 @@ def build_ws(
                 ),
             )
         for j, d in T.Parallel(block_k, half_v, annotations=WS_ASYNC_COPY):
-            kv_l[j, d] = kv_src[b, steps.gather_row(indices, b, s, step * block_k + j, width, limit, seq_len_kv), d]
+            kv_l[j, d] = kv_src[
+                steps.wide(b), steps.gather_row(indices, b, s, step * block_k + j, width, limit, seq_len_kv), d
+            ]
         for j, d in T.Parallel(block_k, half_v, annotations=WS_ASYNC_COPY):
             kv_r[j, d] = kv_src[
-                b, steps.gather_row(indices, b, s, step * block_k + j, width, limit, seq_len_kv), half_v + d
+                steps.wide(b), steps.gather_row(indices, b, s, step * block_k + j, width, limit, seq_len_kv), half_v + d
             ]
         for j, d in T.Parallel(block_k, tail, annotations=WS_ASYNC_COPY):
             k_t[j, d] = kv_src[
-                b, steps.gather_row(indices, b, s, step * block_k + j, width, limit, seq_len_kv), d_v + d
+                steps.wide(b), steps.gather_row(indices, b, s, step * block_k + j, width, limit, seq_len_kv), d_v + d
             ]
 
     # Every role runs the same step count (steps.forward_kernel's num_steps, from the same value). Step i uses buffer
