@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,8 +173,9 @@ def _tensor_bytes(obj: Any) -> int:
 
 def make_inputs(case: case_data.Case, device: torch.device, seed: int) -> dict[str, Any]:
     """One input set of ``case`` on ``device`` (random, never zeros): the runner's inputs of its kernel; for the
-    ``memory`` cases the FP8 indexer's (``iq``, ``ik``, ``iw``, ``iscale``) and the attention's (``q``, ``kv``)."""
-    if case.kernel != case_data.MEMORY:
+    ``memory`` and ``selection`` cases the FP8 indexer's (``iq``, ``ik``, ``iw``, ``iscale``, and ``topk``) and for
+    ``memory`` also the attention's (``q``, ``kv``)."""
+    if case.kernel not in case_data.MEMORY_KINDS:
         return runners.runner_for(case.kernel).make_inputs(case.static, case.sizes, device, seed)
     s = case.static
     dims = {"batch": case.sizes["batch"], "seq": case.sizes["seq_len"], "seq_kv": case.sizes["seq_len_kv"]}
@@ -182,6 +183,8 @@ def make_inputs(case: case_data.Case, device: torch.device, seed: int) -> dict[s
         **dims, heads=s["index_heads"], dim=s["index_dim"], dtype="float8_e4m3fn", seed=seed, device=device,
         weight_scale=(s["index_heads"] * s["index_dim"]) ** -0.5,
     )  # fmt: skip
+    if case.kernel == case_data.SELECTION:
+        return {"iq": index["q"], "ik": index["k"], "iw": index["weights"], "iscale": index["k_scale"], "topk": s["topk"]}
     attention = testing.sparse_mla_inputs(
         **dims, heads=s["heads"], d_qk=s["d_qk"], d_v=s["d_v"], topk=1, seed=seed + 1, device=device,
         sm_scale=s["d_qk"] ** -0.5,
@@ -211,8 +214,8 @@ def check_dsa(case: case_data.Case, inputs: dict[str, Any]) -> str | None:
     the queries small enough for the reference (a kernel whose outputs sum over queries runs again on the slice) and
     compares them with the tuner's comparison.
     """
-    if case.kernel == case_data.MEMORY:
-        return None
+    if case.kernel in case_data.MEMORY_KINDS:
+        return None  # whole paths, not one kernel: the kernels' own cases and the GPU tier check them
     runner = runners.runner_for(case.kernel)
     try:
         with poisoned_outputs(), torch.no_grad():
@@ -356,28 +359,42 @@ def _out_of_memory_row(case: case_data.Case, name: str, exc: BaseException) -> d
     return _row(case, name, "skipped", None, "", f"out of memory: {str(exc).splitlines()[0][:200]}")
 
 
-def run_memory_case(case: case_data.Case, options: RunOptions) -> CaseResult:
-    """Peak device memory of the DSA path (FP8 indexer -> top-k -> sparse MLA forward) against dense attention."""
+def _memory_paths(case: case_data.Case, inp: dict[str, Any]) -> dict[str, Callable[[], Any]]:
+    """The paths a memory-kind case measures, ``dsa`` first.
+
+    ``memory``: the DSA path (FP8 indexer selection through ``index_topk`` -> sparse MLA forward) against dense
+    attention. ``selection``: ``index_topk`` against the materialised ``[B, S, S_kv]`` scores followed by our top-k
+    kernel (``unfused``) or by ``torch.topk``."""
     from dsa import ops
 
+    def select() -> Any:
+        return ops.index_topk(inp["iq"], inp["ik"], inp["iw"], inp["topk"], k_scale=inp["iscale"])
+
+    def materialised(topk: Callable[[torch.Tensor, int], Any]) -> Callable[[], Any]:
+        return lambda: topk(ops.index_scores(inp["iq"], inp["ik"], inp["iw"], k_scale=inp["iscale"]), inp["topk"])
+
+    if case.kernel == case_data.SELECTION:
+        return {
+            "dsa": select,
+            "unfused": materialised(ops.topk_indices),
+            "torch.topk": materialised(lambda scores, k: torch.topk(scores, k, dim=-1).indices),
+        }
+    return {
+        "dsa": lambda: ops.sparse_mla(inp["q"], inp["kv"], select(), sm_scale=inp["sm_scale"], d_v=inp["d_v"]),
+        "dense-sdpa": lambda: bench_providers.dense_sdpa(inp["q"], inp["kv"], inp["d_v"], inp["sm_scale"]),
+        "dense-matmul": lambda: bench_providers.dense_matmul(inp["q"], inp["kv"], inp["d_v"], inp["sm_scale"]),
+    }
+
+
+def run_memory_case(case: case_data.Case, options: RunOptions) -> CaseResult:
+    """Peak device memory and one call's wall time of each path of a ``memory`` or ``selection`` case."""
     result = CaseResult()
     if options.device.type != "cuda":
         result.rows.append(_row(case, "dsa", "skipped", None, "", "peak device memory needs CUDA"))
         return result
     inp = make_inputs(case, options.device, SEED)
     torch.cuda.synchronize()
-
-    def dsa_path() -> Any:
-        scores = ops.index_scores(inp["iq"], inp["ik"], inp["iw"], k_scale=inp["iscale"])
-        idx = ops.topk_indices(scores, inp["topk"])
-        del scores
-        return ops.sparse_mla(inp["q"], inp["kv"], idx, sm_scale=inp["sm_scale"], d_v=inp["d_v"])
-
-    paths = {
-        "dsa": dsa_path,
-        "dense-sdpa": lambda: bench_providers.dense_sdpa(inp["q"], inp["kv"], inp["d_v"], inp["sm_scale"]),
-        "dense-matmul": lambda: bench_providers.dense_matmul(inp["q"], inp["kv"], inp["d_v"], inp["sm_scale"]),
-    }
+    paths = _memory_paths(case, inp)
     peaks: dict[str, int] = {}
     for name, fn in paths.items():
         if options.providers and name not in options.providers:
@@ -405,9 +422,9 @@ def run_memory_case(case: case_data.Case, options: RunOptions) -> CaseResult:
             result.failed |= name == "dsa"
         torch.cuda.empty_cache()
     result.rows.append(_row(case, "inputs", "input_bytes", _tensor_bytes(inp), "B"))
-    for dense in ("dense-sdpa", "dense-matmul"):
-        if peaks.get("dsa") and dense in peaks:
-            result.rows.append(_row(case, dense, "peak_ratio_vs_dsa", peaks[dense] / peaks["dsa"], "x"))
+    for other in (name for name in paths if name != "dsa"):
+        if peaks.get("dsa") and other in peaks:
+            result.rows.append(_row(case, other, "peak_ratio_vs_dsa", peaks[other] / peaks["dsa"], "x"))
     return result
 
 
@@ -421,7 +438,7 @@ def _input_sets(case: case_data.Case, options: RunOptions) -> list[dict[str, Any
 
 def run_case(case: case_data.Case, options: RunOptions, ceilings: dict[str, Any]) -> CaseResult:
     """Time every provider of ``case``, check ``dsa`` once, evaluate targets; returns the rows."""
-    if case.kernel == case_data.MEMORY:
+    if case.kernel in case_data.MEMORY_KINDS:
         return run_memory_case(case, options)
     result = CaseResult()
     result.rows += [_row(case, "-", "flops", case.flops, "FLOP"), _row(case, "-", "bytes", case.bytes, "B")]

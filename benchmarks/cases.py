@@ -5,7 +5,9 @@ names its kernel as the tuner does (``indexer``, ``topk``, ``sparse_mla_fwd``, `
 kernel's static parameters and runtime sizes in the tuner's vocabulary (``batch``, ``seq_len``, ``seq_len_kv``,
 ``topk``), so that its inputs come from the same makers as the tuner's (``autotune.runners``). The ``memory`` cases
 are not a kernel: they measure the peak device memory of the whole DSA path (FP8 indexer, top-k, sparse MLA forward)
-against dense attention. FLOP and byte counts are those of ``autotune.flops`` (useful work only).
+against dense attention. The ``selection`` cases measure time and peak device memory of long-context selection:
+``dsa.ops.index_topk`` (never the ``S x S_kv`` scores) against the materialised scores with our top-k and with
+``torch.topk``. FLOP and byte counts are those of ``autotune.flops`` (useful work only).
 
 Targets are fractions of the host's measured ceilings (``fp8_tflops``, ``bf16_tflops``, ``copy_gbps``) or absolute
 TFLOP/s, and ``min_speedup`` against another provider; the harness evaluates them into result rows.
@@ -39,9 +41,13 @@ MLA_DECODE_BATCH = 128
 MLA_DECODE_SEQ = 2
 MLA_DECODE_KV = 32768
 MEMORY_SEQ_LENS: tuple[int, ...] = (32768, 65536)
+SELECTION_SEQ_LENS: tuple[int, ...] = (8192, 32768, 65536, 131072)
 
 MEMORY = "memory"
-KERNELS: tuple[str, ...] = ("indexer", "topk", "sparse_mla_fwd", "sparse_mla_bwd", MEMORY)
+SELECTION = "selection"
+MEMORY_KINDS: tuple[str, ...] = (MEMORY, SELECTION)
+"""The cases measured by peak device memory and one call's wall time (``autotune.bench.run_memory_case``)."""
+KERNELS: tuple[str, ...] = ("indexer", "topk", "sparse_mla_fwd", "sparse_mla_bwd", MEMORY, SELECTION)
 _NO_OPTIONS = {"has_topk_length": False, "has_sink": False}
 
 
@@ -140,6 +146,14 @@ def _memory_case(name: str, seq: int, index_heads: int, index_dim: int, heads: i
     return Case(MEMORY, name, static, _sizes(1, seq, seq), 0.0, 0.0, context=seq)
 
 
+def _selection_case(name: str, seq: int, index_heads: int, index_dim: int, topk: int) -> Case:
+    static = {"index_heads": index_heads, "index_dim": index_dim, "topk": topk}
+    element_bytes = flops.FP8_BYTES
+    work = flops.indexer_flops(1, seq, seq, index_heads, index_dim)
+    traffic = flops.indexer_bytes(1, seq, seq, index_heads, index_dim, element_bytes)
+    return Case(SELECTION, name, static, _sizes(1, seq, seq), work, traffic, context=seq)
+
+
 def _indexer_cases() -> list[Case]:
     cases = []
     for dtype, short, target in (
@@ -177,12 +191,17 @@ def _memory_cases() -> list[Case]:
     ]
 
 
+def _selection_cases() -> list[Case]:
+    return [_selection_case(f"selection-fp8-s{n}", n, INDEX_HEADS, INDEX_DIM, TOPK) for n in SELECTION_SEQ_LENS]
+
+
 _BUILDERS: dict[str, Callable[[], list[Case]]] = {
     "indexer": _indexer_cases,
     "topk": _topk_cases,
     "sparse_mla_fwd": lambda: _sparse_mla_cases("sparse_mla_fwd", 600.0),
     "sparse_mla_bwd": lambda: _sparse_mla_cases("sparse_mla_bwd", 250.0),
     MEMORY: _memory_cases,
+    SELECTION: _selection_cases,
 }
 
 
@@ -200,6 +219,8 @@ def tiny_cases(kernels: tuple[str, ...] = KERNELS) -> list[Case]:
             out.append(_mla_case(kernel, f"tiny-{kernel}", 2, 8, 128, 16, 128, 64, 32, (Target("tflops", 600.0),)))
     if MEMORY in kernels:
         out.append(_memory_case("tiny-memory", 64, 4, 64, 16, 128, 64, 16))
+    if SELECTION in kernels:
+        out.append(_selection_case("tiny-selection", 128, 4, 64, 16))
     return out
 
 

@@ -45,7 +45,7 @@ def test_dry_run_lists_every_standard_case_with_hand_checked_counts(tmp_path: Pa
     proc = _run(str(SCRIPTS / "bench.py"), "--dry-run", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     names = [c.name for c in case_data.standard_cases()]
-    assert len(names) == 19 and len(set(names)) == len(names)
+    assert len(names) == 23 and len(set(names)) == len(names)
     for name in names:
         assert re.search(rf"^{re.escape(name)}\s", proc.stdout, re.M), f"{name} missing from the dry-run table"
     rows = json.loads(out.read_text())["rows"]
@@ -60,6 +60,8 @@ def test_dry_run_lists_every_standard_case_with_hand_checked_counts(tmp_path: Pa
     assert work["sparse_mla_fwd-prefill-s4096-kv65536"] == work["sparse_mla_fwd-prefill-s4096-kv8192"]
     assert work["sparse_mla_bwd-decode-b128-s2-kv32768"] == 2 * 128 * 2 * 128 * 2048 * (3 * 576 + 2 * 512)
     assert work["topk-rows4096-len8192"] == 0
+    # Selection scores every causal pair like the indexer (the top-k adds no FLOP).
+    assert work["selection-fp8-s131072"] == 2 * 64 * 128 * (131072 * 131073 // 2)
     # One read of the scores plus the indices written.
     assert nbytes["topk-rows4096-len131072"] == 4096 * 131072 * 4 + 4096 * 2048 * 4
 

@@ -275,6 +275,7 @@ GPU_TEST_MODULES: tuple[str, ...] = (
     "tests.test_topk_kernel",
     "tests.test_sparse_mla_fwd_kernel",
     "tests.test_sparse_mla_bwd_kernel",
+    "tests.test_index_topk",
 )
 
 
