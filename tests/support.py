@@ -3,16 +3,19 @@ with their static reports logged, and running the repository's scripts in a subp
 
 from __future__ import annotations
 
+import importlib
 import logging
+import multiprocessing
 import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from autotune import space
+from autotune import space, tuner
 from dsa import env
 from tl_kernels import build as tl_build
 
@@ -42,10 +45,51 @@ def hopper_configs(kernel: str, static: dict[str, Any]) -> list[Any]:
     return [module.Config(**config) for config in space.full_space(kernel, static)]
 
 
+def _build_key(builder: Callable[..., Any], params: dict[str, Any]) -> tuple[Any, ...]:
+    return (builder.__module__, builder.__qualname__, tuple(sorted(params.items())))
+
+
+def _compile_in_worker(job: tuple[str, str, dict[str, Any], str]) -> str | None:
+    """One sm_90a compile in a worker process (fills TileLang's kernel cache and the ptxas-report cache)."""
+    module_name, qualname, params, report_dir = job
+    try:
+        builder = getattr(importlib.import_module(module_name), qualname)
+        tl_build.compile_hopper(builder, report_cache_dir=Path(report_dir), **params)
+    except Exception as exc:  # noqa: BLE001 - the test's own compile reports it
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def prebuild_hopper(builds: Sequence[tuple[Callable[..., Any], dict[str, Any]]]) -> None:
+    """Compile ``builds`` (``(builder, params)``) for sm_90a in parallel, one process per usable CPU, so that the
+    tests' :func:`hopper_build` calls then load them from TileLang's disk cache: nvcc and ptxas run one file per
+    process, and the build tier is most of the suite's time on a 2-core machine. A failing compile is left for the
+    test to report."""
+    pending: dict[tuple[Any, ...], tuple[Callable[..., Any], dict[str, Any]]] = {}
+    for builder, params in builds:
+        key = _build_key(builder, params)
+        if key not in _BUILDS:
+            pending.setdefault(key, (builder, params))
+    workers = min(len(pending), tuner.default_jobs())
+    if workers < 2:
+        return
+    jobs = [(b.__module__, b.__qualname__, p, str(env.static_report_dir())) for b, p in pending.values()]
+    start = time.perf_counter()
+    try:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            failures = [f for f in pool.map(_compile_in_worker, jobs) if f]
+    except Exception as exc:  # noqa: BLE001 - only a speed-up: the tests compile whatever is missing themselves
+        logger.warning("parallel prebuild stopped (%s: %s); the tests compile serially", type(exc).__name__, exc)
+        return
+    logger.info("prebuilt %d sm_90a kernels on %d processes in %.1f s", len(jobs), workers, time.perf_counter() - start)
+    for failure in failures:
+        logger.warning("prebuild failed (the test will compile again and report it): %s", failure)
+
+
 def hopper_build(name: str, builder: Callable[..., Any], **params: Hashable) -> tuple[Any, tl_build.StaticReport]:
     """``builder(**params)`` compiled for sm_90a once per session (ptxas reports cached in ``DSA_CACHE_DIR``), with its
     registers, spills, shared memory, matrix instructions and compile time logged under ``name``."""
-    key = (builder.__module__, builder.__qualname__, tuple(sorted(params.items())))
+    key = _build_key(builder, params)
     if key not in _BUILDS:
         start = time.perf_counter()
         kernel, report = tl_build.compile_hopper(builder, report_cache_dir=env.static_report_dir(), **params)

@@ -253,7 +253,14 @@ def hopper_build(item: tuple[dict[str, Any], kernels.Config]) -> tuple[Any, tl_b
     return support.hopper_build(_build_id(item), kernels.build, **static, **dataclasses.asdict(config))
 
 
+@pytest.fixture(scope="module")
+def hopper_prebuilt() -> None:
+    """This module's sm_90a builds compiled in parallel first (``support.prebuild_hopper``)."""
+    support.prebuild_hopper([(kernels.build, {**static, **dataclasses.asdict(config)}) for static, config in HOPPER_BUILDS])
+
+
 @pytest.mark.build
+@pytest.mark.usefixtures("hopper_prebuilt")
 @pytest.mark.parametrize("item", HOPPER_BUILDS, ids=_build_id)
 def test_hopper_build_is_clean(item: tuple[dict[str, Any], kernels.Config]) -> None:
     """No register spills, shared memory within 227 KB, every GEMM a wgmma, at V3.2 indexer shapes."""

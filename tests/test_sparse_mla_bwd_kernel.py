@@ -460,7 +460,21 @@ def test_tuning_space_is_small_and_valid() -> None:
         kernels.check_config({**V32_STATIC, "topk": 2048 + 32}, kernels.Config(block_topk=64))
 
 
+HELPER_BUILDS: list[tuple[str, Any, dict[str, int]]] = [
+    ("preprocess", kernels.build_preprocess, {"d_v": V32["d_v"]}),
+    ("postprocess", kernels.build_postprocess, {"d_qk": V32["d_qk"]}),
+]
+
+
+@pytest.fixture(scope="module")
+def hopper_prebuilt() -> None:
+    """This module's sm_90a builds compiled in parallel first (``support.prebuild_hopper``)."""
+    main = [(kernels.build, {**V32_STATIC, **kernels.config_params(c)}) for c in HOPPER_CONFIGS]
+    support.prebuild_hopper(main + [(builder, params) for _, builder, params in HELPER_BUILDS])
+
+
 @pytest.mark.build
+@pytest.mark.usefixtures("hopper_prebuilt")
 @pytest.mark.parametrize(
     "config", HOPPER_CONFIGS, ids=lambda c: f"bh{c.block_h}_bk{c.block_topk}_c{c.dkv_chunk}_s{c.num_stages}"
 )
@@ -484,13 +498,8 @@ def test_hopper_main_kernel_static(config: kernels.Config) -> None:
 
 
 @pytest.mark.build
-@pytest.mark.parametrize(
-    ("name", "builder", "params"),
-    [
-        ("preprocess", kernels.build_preprocess, {"d_v": V32["d_v"]}),
-        ("postprocess", kernels.build_postprocess, {"d_qk": V32["d_qk"]}),
-    ],
-)
+@pytest.mark.usefixtures("hopper_prebuilt")
+@pytest.mark.parametrize(("name", "builder", "params"), HELPER_BUILDS)
 def test_hopper_helper_kernels_static(name: str, builder: Any, params: dict[str, int]) -> None:
     """The delta preprocess and the dkv cast: no spills, shared memory within the limit, no GEMM."""
     _, report = support.hopper_build(f"sparse_mla_bwd {name}", builder, **params)

@@ -431,7 +431,14 @@ def _case_id(case: tuple[dict[str, Any], kernels.Config]) -> str:
     return f"h{static['heads']}-{flags}-" + "-".join(f"{k}{v}" for k, v in dataclasses.asdict(config).items())
 
 
+@pytest.fixture(scope="module")
+def hopper_prebuilt() -> None:
+    """This module's sm_90a builds compiled in parallel first (``support.prebuild_hopper``)."""
+    support.prebuild_hopper([(kernels.build, {**static, **dataclasses.asdict(config)}) for static, config in V32_BUILD_CASES])
+
+
 @pytest.mark.build
+@pytest.mark.usefixtures("hopper_prebuilt")
 @pytest.mark.parametrize("case", V32_BUILD_CASES, ids=_case_id)
 def test_hopper_build_is_clean(case: tuple[dict[str, Any], kernels.Config]) -> None:
     """At V3.2 shapes: every GEMM a wgmma, no register spills, shared memory within 227 KB, an asynchronous gather

@@ -268,7 +268,14 @@ def _build_id(item: tuple[int, kernels.Config]) -> str:
     return f"k{k}_t{config.threads}_c{config.cand_capacity}"
 
 
+@pytest.fixture(scope="module")
+def hopper_prebuilt() -> None:
+    """This module's sm_90a builds compiled in parallel first (``support.prebuild_hopper``)."""
+    support.prebuild_hopper([(kernels.build, {"k": k, **dataclasses.asdict(config)}) for k, config in HOPPER_BUILDS])
+
+
 @pytest.mark.build
+@pytest.mark.usefixtures("hopper_prebuilt")
 @pytest.mark.parametrize("item", HOPPER_BUILDS, ids=_build_id)
 def test_hopper_build_is_clean(item: tuple[int, kernels.Config]) -> None:
     """No spills, shared memory as estimated and within the limit, no matrix instruction (the selection has no
