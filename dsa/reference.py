@@ -269,6 +269,14 @@ def select_topk(
     return indices, scores
 
 
+def gather_scores(scores: Tensor, indices: Tensor) -> Tensor:
+    """``scores [B, S, S_kv]`` at ``indices [B, S, k]`` -> ``[B, S, k]``, ``-inf`` at invalid entries (``-1`` or
+    outside ``[0, S_kv)``)."""
+    valid = valid_index_mask(indices, scores.shape[-1])
+    picked = scores.gather(-1, torch.where(valid, indices, 0).to(torch.int64))
+    return picked.masked_fill(~valid, float("-inf"))
+
+
 def selected_scores(q: Tensor, k: Tensor, weights: Tensor, indices: Tensor, k_scale: OptTensor = None) -> Tensor:
     """Index scores at the selected positions: ``[B, S, topk]`` in the compute dtype, ``-inf`` where ``indices`` is
     invalid (``-1`` or outside ``[0, S_kv)``). Plain differentiable PyTorch (the normative formula of

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from dsa import env
+from dsa import env, reference
 
 __all__ = ["CPU_DEFAULT_BUDGET_BYTES", "chunk_rows", "chunked_index_topk", "memory_budget_bytes"]
 
@@ -24,7 +24,6 @@ CPU_DEFAULT_BUDGET_BYTES = 1 << 30
 # Of the free GPU memory, the share one chunk of scores may take: the rest is the caller's (activations, caches).
 GPU_FREE_MEMORY_SHARE = 4
 SCORE_BYTES = 4  # float32
-INVALID_INDEX = -1
 
 ScoresFn = Callable[..., torch.Tensor]
 TopkFn = Callable[[torch.Tensor, int], torch.Tensor]
@@ -58,12 +57,6 @@ def chunk_rows(batch: int, seq: int, seq_kv: int, budget_bytes: int) -> int:
     return min(seq, rows)
 
 
-def _gather_selected(scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """``scores [B, c, n]`` at ``indices [B, c, k]`` (``-1`` padding) -> ``[B, c, k]``, ``-inf`` at padding."""
-    picked = scores.gather(-1, indices.clamp_min(0).to(torch.int64))
-    return picked.masked_fill(indices < 0, float("-inf"))
-
-
 def chunked_index_topk(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -94,7 +87,7 @@ def chunked_index_topk(
     batch, seq = q.shape[:2]
     seq_kv = k.shape[1]
     step = chunk_rows(batch, seq, seq_kv, budget_bytes)
-    indices = torch.full((batch, seq, topk), INVALID_INDEX, dtype=torch.int32, device=q.device)
+    indices = torch.full((batch, seq, topk), reference.INVALID_INDEX, dtype=torch.int32, device=q.device)
     scores = torch.full((batch, seq, topk), float("-inf"), dtype=torch.float32, device=q.device)
     causal = starts is None
     for t0 in range(0, seq, step):
@@ -112,6 +105,6 @@ def chunked_index_topk(
             chunk = index_scores(q_c, k, w_c, k_scale=k_scale, starts=st_c, ends=en_c)
         picked = topk_indices(chunk, topk)
         indices[:, t0:t1] = picked
-        scores[:, t0:t1] = _gather_selected(chunk, picked)
+        scores[:, t0:t1] = reference.gather_scores(chunk, picked)
         del chunk
     return indices, scores

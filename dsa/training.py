@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from dsa import reference
+from dsa.reference import gather_scores  # public here too: the losses' callers gather their targets with it
 
 # Bound the largest intermediate of attention_mass_on_indices ([B, rows, H, k] float32).
 _CHUNK_ELEMENTS = 1 << 24
@@ -102,13 +103,6 @@ def dense_warmup_loss(attn_mass: torch.Tensor, index_scores: torch.Tensor) -> to
         A float32 scalar.
     """
     return _kl_to_softmax(attn_mass, index_scores)
-
-
-def gather_scores(index_scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """``index_scores [B, S, S_kv]`` at ``indices [B, S, k]`` -> ``[B, S, k]``, ``-inf`` at invalid entries."""
-    valid = reference.valid_index_mask(indices, index_scores.shape[-1])
-    picked = index_scores.gather(-1, torch.where(valid, indices, 0).to(torch.int64))
-    return picked.masked_fill(~valid, float("-inf"))
 
 
 def sparse_stage_loss(attn_mass: torch.Tensor, selected_scores: torch.Tensor) -> torch.Tensor:

@@ -72,10 +72,6 @@ def _full_selection(inputs: dict, topk: int) -> torch.Tensor:
     return reference.topk_indices(scores, topk), scores
 
 
-def _gathered(scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    return scores.gather(-1, indices.clamp_min(0).long()).masked_fill(indices < 0, float("-inf"))
-
-
 # ----------------------------------------------------------------------------------------------- reference tier
 
 
@@ -133,7 +129,7 @@ def test_reference_index_topk_equals_the_full_selection(
     indices, selected = reference.index_topk(inputs.pop("q"), inputs.pop("k"), inputs.pop("weights"), topk,
                                              return_scores=True, **inputs)  # fmt: skip
     assert _as_sets(indices) == _as_sets(expected)
-    assert torch.equal(selected, _gathered(scores, indices).to(selected.dtype))
+    assert torch.equal(selected, reference.gather_scores(scores, indices).to(selected.dtype))
 
 
 # ------------------------------------------------------------------------------------------ TileLang-on-CPU tier
@@ -164,7 +160,7 @@ def test_cpu_kernel_path_equals_the_reference(
     indices, selected = ops.index_topk(inputs.pop("q"), inputs.pop("k"), inputs.pop("weights"), topk,
                                        return_scores=True, **inputs)  # fmt: skip
     assert _as_sets(indices) == _as_sets(expected)
-    assert torch.equal(selected, _gathered(scores, indices))
+    assert torch.equal(selected, reference.gather_scores(scores, indices))
 
 
 ADVERSARIAL_K = 48
