@@ -1,7 +1,9 @@
 """Peak host memory of one call, measured in the calling process (Linux): what a user without a GPU can check.
 
 The peak resident set size (``VmHWM``) is reset through ``/proc/self/clear_refs`` before the call, so import-time
-peaks do not hide the call's own. Each measurement belongs in a fresh process (``python -m dsa.memory``): memory the
+peaks do not hide the call's own, and the same call runs once at ``WARMUP_SEQ`` tokens first, so that one-time costs
+(the thread pool, lazily mapped library code, allocator arenas: 10-15 MB that differ from machine to machine) are not
+counted as the call's memory. Each measurement belongs in a fresh process (``python -m dsa.memory``): memory the
 allocator kept from earlier calls would otherwise be reused and not counted.
 
 ``python -m dsa.memory --seq-lens 2048,4096,8192`` prints, per length, the peak RSS increase of one forward of
@@ -21,13 +23,15 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["MEASURES", "measure", "peak_increase_bytes", "run_isolated"]
+__all__ = ["MEASURES", "WARMUP_SEQ", "measure", "peak_increase_bytes", "run_isolated"]
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 _RESET_PEAK = "5"  # clear_refs: reset the peak RSS (VmHWM) to the current RSS
 _KIB = 1024
 MIB = 1 << 20
+WARMUP_SEQ = 256
+"""Sequence length of the warm-up call that runs the same code before the measured one."""
 
 
 def _status_kib(field: str) -> int:
@@ -82,9 +86,12 @@ MEASURES: dict[str, Callable[[int], tuple[Callable[[], object], str]]] = {
 
 
 def measure(name: str, seq: int) -> dict[str, object]:
-    """Peak RSS increase of one call of ``MEASURES[name]`` at ``seq`` tokens, in this process, under no_grad."""
+    """Peak RSS increase of one call of ``MEASURES[name]`` at ``seq`` tokens, in this process, under no_grad, after one
+    warm-up call of the same op at ``WARMUP_SEQ`` tokens."""
+    warmup, _ = MEASURES[name](WARMUP_SEQ)
     call, what = MEASURES[name](seq)
     with torch.no_grad():
+        warmup()
         peak = peak_increase_bytes(call)
     return {"measure": name, "what": what, "seq_len": seq, "peak_increase_bytes": peak}
 
