@@ -33,6 +33,7 @@ from dsa.launch import topk as launch
 from dsa.testing import assert_topk_valid
 from tests import strategies, support
 from tl_kernels import dsl
+from tl_kernels import radix_select
 from tl_kernels import topk as kernels
 
 logger = logging.getLogger(__name__)
@@ -172,8 +173,8 @@ def test_check_config_rejects(static: dict[str, Any], config: kernels.Config, re
 
 def test_digits_cover_the_key() -> None:
     """The radix rounds fix every key bit exactly once, most significant first."""
-    rounds = kernels._rounds()  # noqa: SLF001 - the compile-time plan is the thing under test
-    assert rounds[0].match_mask == 0 and rounds[-1].level_mask == kernels.ALL_ONES and rounds[-1].shift == 0
+    rounds = radix_select.rounds()
+    assert rounds[0].match_mask == 0 and rounds[-1].level_mask == radix_select.ALL_ONES and rounds[-1].shift == 0
     for before, after in zip(rounds, rounds[1:]):
         assert after.match_mask == before.level_mask
     for rnd in rounds:
