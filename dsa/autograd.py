@@ -8,7 +8,7 @@ compiled graph runs the implementation chosen when it was traced):
 | ``dsa::index_scores`` | scores | launcher ``dsa.launch.indexer`` or ``dsa.reference.index_scores`` |
 | ``dsa::index_scores_bwd`` | (dq, dk, dweights) | PyTorch for both backends (there is no indexer backward kernel) |
 | ``dsa::topk_indices`` | indices | launcher ``dsa.launch.topk`` or ``dsa.reference.topk_indices`` |
-| ``dsa::index_topk`` | (indices, scores) | ``dsa.selection`` over both launchers, chunked, or ``dsa.reference.select_topk`` |
+| ``dsa::index_topk`` | (indices, scores) | the fused kernel, or ``dsa.selection`` over the indexer and top-k launchers (chunked), or ``dsa.reference.select_topk`` |
 | ``dsa::index_topk_bwd`` | (dq, dk, dweights) | PyTorch for both backends, chunked recomputation at the selected keys |
 | ``dsa::sparse_mla`` | (out, lse) | launcher ``dsa.launch.sparse_mla_fwd`` or the reference forward |
 | ``dsa::sparse_mla_bwd`` | (dq, dkv) | launcher ``dsa.launch.sparse_mla_bwd`` or the reference's recompute backward |
@@ -37,22 +37,25 @@ The launchers are imported lazily on the first TileLang call (importing them com
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 from types import ModuleType
 
 import torch
 
-from dsa import reference, selection
+from dsa import env, reference, selection
 from dsa.hardware import TILELANG
 from dsa.reference import compute_dtype
 from dsa.validation import FP8_DTYPES
 
 _LAUNCH_INDEXER = "dsa.launch.indexer"
+_LAUNCH_INDEX_TOPK = "dsa.launch.index_topk"
 _LAUNCH_TOPK = "dsa.launch.topk"
 _LAUNCH_SPARSE_MLA_FWD = "dsa.launch.sparse_mla_fwd"
 _LAUNCH_SPARSE_MLA_BWD = "dsa.launch.sparse_mla_bwd"
 
 OptTensor = torch.Tensor | None
+logger = logging.getLogger(__name__)
 
 # Bound the index_scores backward's largest intermediate ([B, rows, H_i, S_kv] float32) like the reference does.
 _BWD_CHUNK_ELEMENTS = 1 << 24
@@ -160,9 +163,15 @@ def index_topk_impl(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``index_topk`` (contract in ``dsa.reference.index_topk``): ``(indices [B, S, topk] int32, scores [B, S, topk]
-    float32)``, the scores ``-inf`` at ``-1`` padding. The TileLang path runs the indexer and top-k kernels one chunk
-    of query rows at a time under the memory budget (``dsa.selection``)."""
+    float32)``, the scores ``-inf`` at ``-1`` padding. The TileLang path runs the fused kernel (``DSA_SELECTION=fused``,
+    the default, where its candidate buffers fit in shared memory), else the indexer and top-k kernels one chunk of
+    query rows at a time under the memory budget (``dsa.selection``)."""
     if backend == TILELANG:
+        fused = launcher(_LAUNCH_INDEX_TOPK)
+        if env.selection() == "fused":
+            if fused.fits(q, topk, ranged=starts is not None):
+                return fused.index_topk(q, k, weights, topk, k_scale=k_scale, starts=starts, ends=ends)
+            logger.info("index_topk: no fused config fits topk=%d on %s; running the chunked kernels", topk, q.device)
         return selection.chunked_index_topk(
             q, k, weights, topk, k_scale, starts, ends,
             index_scores=launcher(_LAUNCH_INDEXER).index_scores,

@@ -6,6 +6,7 @@
 | ``DSA_CACHE_DIR`` | a directory | where tuned configs and cached ptxas reports live (default ``~/.cache/dsa-tilelang``) |
 | ``DSA_CPU_COMPILE_FLAGS`` | g++ flags | flags for C-target kernels (default ``-O2``) |
 | ``DSA_INDEXER_MEMORY_BYTES`` | bytes > 0 | the most index scores ``index_topk``'s unfused path holds at once (default: a quarter of free device memory on GPU, 1 GiB on CPU) |
+| ``DSA_SELECTION`` | ``fused`` (default), ``unfused`` | how ``index_topk`` runs on the kernel backend: the fused kernel (no scores in memory), or the indexer and top-k kernels chunked under ``DSA_INDEXER_MEMORY_BYTES`` |
 | ``DSA_PORTABLE`` | ``0`` (default), ``1`` | Hopper runs the portable schedule (sm_90) that other GPUs run |
 | ``DSA_LOG`` | ``warning`` (default), ``info``, ``debug`` | how much TileLang logs (its INFO lines: one per compile) |
 | ``DSA_TUNE_CANDIDATE_TIMEOUT_S`` | seconds > 0 | the tuner's time limit per candidate step on the GPU (default 120) |
@@ -22,6 +23,7 @@ import os
 from pathlib import Path
 
 BACKENDS = ("auto", "tilelang", "reference")
+SELECTIONS = ("fused", "unfused")
 LOG_LEVELS: dict[str, int] = {"warning": logging.WARNING, "info": logging.INFO, "debug": logging.DEBUG}
 _DEFAULT_CACHE_DIR = "~/.cache/dsa-tilelang"
 _DEFAULT_LOG = "warning"
@@ -96,6 +98,14 @@ def indexer_memory_bytes() -> int | None:
         value = 0
     if value <= 0:
         raise ValueError(f"DSA_INDEXER_MEMORY_BYTES must be a positive number of bytes, got {raw!r}")
+    return value
+
+
+def selection() -> str:
+    """``DSA_SELECTION``: ``fused`` (default) or ``unfused``, the kernel path of ``index_topk``."""
+    value = os.environ.get("DSA_SELECTION", "fused").strip().lower() or "fused"
+    if value not in SELECTIONS:
+        raise ValueError(f"DSA_SELECTION must be one of {SELECTIONS}, got {value!r}")
     return value
 
 

@@ -7,9 +7,10 @@ every path is compared with exact sets:
 
 - the reference against a brute-force oracle of the tie rule, and ``index_topk``'s bounded walk against the full
   score matrix, across block sizes small enough to merge many blocks;
-- the op through the C-target kernels (``DSA_BACKEND=tilelang``: indexer and top-k kernels chunked under a memory
-  budget small enough to make several chunks) against the reference, bf16 and FP8, causal (``S`` shorter and longer
-  than ``S_kv``) and ranged;
+- the op through the C-target kernels (``DSA_BACKEND=tilelang``), both paths: the fused kernel
+  (``DSA_SELECTION=fused``, the default) and the indexer and top-k kernels chunked under a memory budget small enough
+  to make several chunks (``DSA_SELECTION=unfused``), against the reference, bf16 and FP8, causal (``S`` shorter and
+  longer than ``S_kv``) and ranged (the fused kernel's own stress tests are in ``tests/test_index_topk_kernel.py``);
 - the top-k kernel alone on adversarial rows (all equal, shared high bits, all ``-inf`` but a few, NaN, ``-0.0``
   against ``+0.0``, widths around ``k`` and ``2k``, tie groups wider than the candidate buffer);
 - gradients of the selected scores, the custom ops under ``torch.compile``, the budget's errors, and the peak memory
@@ -142,18 +143,23 @@ def test_reference_index_topk_equals_the_full_selection(
     seq=st.integers(1, 12),
     seq_kv=st.integers(1, 40),
     ranged=st.booleans(),
+    selection=st.sampled_from(["fused", "unfused"]),
     seed=strategies.SEEDS,
 )
-@example(dtype="bfloat16", batch=2, seq=12, seq_kv=5, ranged=False, seed=1)  # S > S_kv: early chunks see nothing
+@example(dtype="bfloat16", batch=2, seq=12, seq_kv=5, ranged=False, selection="unfused", seed=1)  # S > S_kv
+@example(dtype="bfloat16", batch=2, seq=12, seq_kv=5, ranged=False, selection="fused", seed=1)
 @strategies.examples(0.5)
-@example(dtype="float8_e4m3fn", batch=1, seq=9, seq_kv=40, ranged=True, seed=2)
-def test_cpu_kernel_path_equals_the_reference(
-    monkeypatch: pytest.MonkeyPatch, dtype: str, batch: int, seq: int, seq_kv: int, ranged: bool, seed: int
-) -> None:
-    """``ops.index_topk`` through the C-target indexer and top-k kernels, chunked (a budget of a few rows), returns
-    the reference's exact sets, ties included, and the kernel scores at them."""
+@example(dtype="float8_e4m3fn", batch=1, seq=9, seq_kv=40, ranged=True, selection="unfused", seed=2)
+@example(dtype="float8_e4m3fn", batch=2, seq=12, seq_kv=40, ranged=True, selection="fused", seed=2)
+def test_cpu_kernel_paths_equal_the_reference(
+    monkeypatch: pytest.MonkeyPatch, dtype: str, batch: int, seq: int, seq_kv: int, ranged: bool, selection: str,
+    seed: int,
+) -> None:  # fmt: skip
+    """``ops.index_topk`` through the C-target kernels, fused or chunked (a budget of a few rows), returns the
+    reference's exact sets, ties included, and the kernel scores at them."""
     topk = 16  # one compiled top-k kernel serves every example
     monkeypatch.setenv("DSA_BACKEND", "tilelang")
+    monkeypatch.setenv("DSA_SELECTION", selection)
     monkeypatch.setenv("DSA_INDEXER_MEMORY_BYTES", str(batch * seq_kv * SCORE_BYTES * SMALL_BUDGET_ROWS))
     inputs = _inputs(dtype, batch, seq, seq_kv, 4, 32, ranged, seed)
     expected, scores = _full_selection(inputs, topk)
@@ -291,16 +297,20 @@ GPU_INDEXER_STATICS: tuple[dict[str, object], ...] = tuple(
 GPU_KERNELS: dict[str, tuple[dict[str, object], ...]] = {
     "indexer": GPU_INDEXER_STATICS,
     "topk": ({"k": GPU_TOPK}, {"k": GPU_TIE_K}),
+    "index_topk": tuple({**static, "topk": GPU_TOPK} for static in GPU_INDEXER_STATICS),
 }
 """What the GPU tests compile (the kernel modules' GPU tests compile the same ones): the GPU check's compile stage."""
 GPU_CONFIGS: tuple[object, ...] = ()
 """No test here passes a config: every launch runs the launcher's choice."""
 
 
-def _check_gpu_path(monkeypatch: pytest.MonkeyPatch, device: torch.device, dtype: str, ranged: bool) -> None:
-    """V3.2 indexer shapes (64 x 128), top-k 2048, rows up to 4,500 keys, chunked in about five chunks: the CUDA
-    path's sets equal the reference's exactly (integer-valued inputs), and its scores are the exact scores."""
+def _check_gpu_path(
+    monkeypatch: pytest.MonkeyPatch, device: torch.device, dtype: str, ranged: bool, selection: str = "fused"
+) -> None:
+    """V3.2 indexer shapes (64 x 128), top-k 2048, rows up to 4,500 keys, fused or chunked in about five chunks: the
+    CUDA path's sets equal the reference's exactly (integer-valued inputs), and its scores are the exact scores."""
     batch, seq, seq_kv = 1, 3000, 4500
+    monkeypatch.setenv("DSA_SELECTION", selection)
     monkeypatch.setenv("DSA_INDEXER_MEMORY_BYTES", str(batch * seq_kv * SCORE_BYTES * (seq // 5)))
     inputs = indexer_inputs(
         batch=batch, seq=seq, seq_kv=seq_kv, heads=64, dim=128, dtype=dtype, seed=11, device=device,
@@ -315,12 +325,13 @@ def _check_gpu_path(monkeypatch: pytest.MonkeyPatch, device: torch.device, dtype
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("selection", ["fused", "unfused"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float8_e4m3fn"])
 @pytest.mark.parametrize("ranged", [False, True], ids=["causal", "range"])
-def test_gpu_kernel_path_equals_the_reference(
-    monkeypatch: pytest.MonkeyPatch, dtype: str, ranged: bool, cuda_device: torch.device
+def test_gpu_kernel_paths_equal_the_reference(
+    monkeypatch: pytest.MonkeyPatch, dtype: str, ranged: bool, selection: str, cuda_device: torch.device
 ) -> None:
-    _check_gpu_path(monkeypatch, cuda_device, dtype, ranged)
+    _check_gpu_path(monkeypatch, cuda_device, dtype, ranged, selection)
 
 
 @pytest.mark.gpu
@@ -380,3 +391,26 @@ def test_dsattention_forward_memory_grows_linearly() -> None:
     full = _peak_in_fresh_process("attention", MEMORY_SEQ)
     assert full <= MAX_DOUBLING_RATIO * half, (half, full)
     assert full < ATTENTION_8K_BEFORE_BYTES // 4, full
+
+
+def test_selection_switch_and_the_fallback_when_the_fused_buffers_do_not_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``DSA_SELECTION`` picks the kernel path (a bad value names the variable); where the fused kernel has no config
+    (its candidate buffers exceed shared memory, e.g. a huge ``topk``), the chunked kernels run instead, with the same
+    result."""
+    from dsa.launch import index_topk as fused_launch
+    from tests.test_ops import count_launches
+
+    inputs = _inputs("bfloat16", 1, 5, 20, 4, 32, False, 12)
+    q, k, w = inputs["q"], inputs["k"], inputs["weights"]
+    monkeypatch.setenv("DSA_BACKEND", "tilelang")
+    monkeypatch.setenv("DSA_SELECTION", "streaming")
+    with pytest.raises(ValueError, match="DSA_SELECTION must be one of"):
+        ops.index_topk(q, k, w, 16)
+    monkeypatch.setenv("DSA_SELECTION", "fused")
+    launches = count_launches(monkeypatch)
+    fused = ops.index_topk(q, k, w, 16)
+    assert (launches["index_topk"], launches["index_scores"]) == (1, 0), launches
+    monkeypatch.setattr(fused_launch, "fits", lambda q, topk, *, ranged: False)
+    chunked = ops.index_topk(q, k, w, 16)
+    assert (launches["index_topk"], launches["index_scores"], launches["topk_indices"]) == (1, 1, 1), launches
+    assert _as_sets(fused) == _as_sets(chunked) == _as_sets(_full_selection(inputs, 16)[0])

@@ -119,7 +119,7 @@ def test_float16_runs_the_reference_at_float32_accuracy(monkeypatch: pytest.Monk
     assert scores.dtype == torch.float32
     assert_close(scores, reference.index_scores(qi.float(), ki.float(), w), name="scores", atol=1e-5, rtol=1e-5)
     kernel_calls = {name: len(spy.calls) for name, spy in spies.items() if name != "topk_indices"}
-    assert kernel_calls == {"index_scores": 0, "sparse_mla_fwd": 0, "sparse_mla_bwd": 0}
+    assert kernel_calls == {"index_scores": 0, "index_topk": 0, "sparse_mla_fwd": 0, "sparse_mla_bwd": 0}
 
 
 def test_sparse_mla_gradcheck() -> None:
@@ -261,7 +261,7 @@ def _reference_bwd(  # noqa: ANN202
 
 
 def _install_spies(monkeypatch: pytest.MonkeyPatch) -> dict[str, _Spy]:
-    """Replace the four launcher modules with spies that delegate to the reference (for routing tests: which
+    """Replace the five launcher modules with spies that delegate to the reference (for routing tests: which
     implementation an op reaches, and what it passes; the kernels themselves are tested by ``count_launches``
     users and the kernel test modules)."""
 
@@ -274,24 +274,28 @@ def _install_spies(monkeypatch: pytest.MonkeyPatch) -> dict[str, _Spy]:
     spies = {
         "index_scores": _Spy(lambda q, k, w, **kw: reference.index_scores(q, k, w, **kw)),
         "topk_indices": _Spy(reference.topk_indices),
+        "index_topk": _Spy(lambda q, k, w, topk, **kw: reference.index_topk(q, k, w, topk, **kw, return_scores=True)),
         "sparse_mla_fwd": _Spy(fwd),
         "sparse_mla_bwd": _Spy(_reference_bwd),
     }
     for module, fn in LAUNCHERS.items():
-        monkeypatch.setitem(sys.modules, module, types.SimpleNamespace(**{fn: spies[fn]}))
+        # The fused selection's launcher also answers whether its buffers fit: here they always do.
+        extra = {"fits": lambda q, topk, *, ranged: True} if fn == "index_topk" else {}
+        monkeypatch.setitem(sys.modules, module, types.SimpleNamespace(**{fn: spies[fn]}, **extra))
     return spies
 
 
 LAUNCHERS = {
     "dsa.launch.indexer": "index_scores",
     "dsa.launch.topk": "topk_indices",
+    "dsa.launch.index_topk": "index_topk",
     "dsa.launch.sparse_mla_fwd": "sparse_mla_fwd",
     "dsa.launch.sparse_mla_bwd": "sparse_mla_bwd",
 }
 
 
 def count_launches(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """Count the calls of the four real launchers (wrapped, not replaced: the kernels still run); returns the live
+    """Count the calls of the five real launchers (wrapped, not replaced: the kernels still run); returns the live
     counts by launcher function name."""
     import importlib
 
@@ -314,6 +318,7 @@ def _run_all_ops(dtype: torch.dtype) -> None:
     out.float().sum().backward()
     qi, ki, w = _indexer_inputs(dtype)
     ops.topk_indices(ops.index_scores(qi, ki, w), 3)
+    ops.index_topk(qi, ki, w, 3)
 
 
 @pytest.mark.parametrize(
@@ -336,10 +341,12 @@ def test_dispatch_honours_dsa_backend(
     called = {name: len(spy.calls) for name, spy in spies.items()}
     if expect_kernels:
         # float32 scores reach the top-k kernel even though bf16 attention inputs produced them.
-        assert called == {"index_scores": 1, "topk_indices": 1, "sparse_mla_fwd": 1, "sparse_mla_bwd": 1}
+        assert called == dict.fromkeys(("index_scores", "topk_indices", "index_topk", "sparse_mla_fwd", "sparse_mla_bwd"), 1)
     else:
         topk_calls = 1 if backend == "tilelang" else 0  # the indexer's float32 scores are kernel input for top-k
-        assert called == {"index_scores": 0, "topk_indices": topk_calls, "sparse_mla_fwd": 0, "sparse_mla_bwd": 0}
+        assert called == {
+            "index_scores": 0, "topk_indices": topk_calls, "index_topk": 0, "sparse_mla_fwd": 0, "sparse_mla_bwd": 0
+        }  # fmt: skip
 
 
 def test_kernel_path_results_flow_through(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -433,7 +440,8 @@ def test_compiled_graph_runs_the_c_target_kernels_through_the_custom_ops(
     torch._dynamo.reset()
     out, index_lse = torch.compile(module, fullgraph=True, backend=backend)(x)
     (out.float().square().sum() + index_lse.sum()).backward()
-    assert launches == dict.fromkeys(launches, 1), launches
+    # The module scores with index_scores and selects with topk_indices: the fused selection is not on its path.
+    assert launches == {**dict.fromkeys(launches, 1), "index_topk": 0}, launches
     eager_out, eager_lse = module(x)
     assert_close(out, eager_out, atol=1e-2, rtol=1e-2)
     assert_close(index_lse, eager_lse, atol=1e-2, rtol=1e-2, name="index_lse")

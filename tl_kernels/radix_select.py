@@ -189,14 +189,11 @@ def exclusive_threshold(key_state: Any) -> Any:
     """After ``select_row`` over more than ``k`` finite keys: a key ``T`` such that every key ``<= T`` at a position
     after all the selected ones loses to at least ``k`` selected keys (it is smaller, or equal and later).
 
-    When the select ran all its rounds the prefix is the ``k``-th key itself (``T`` = prefix: an equal key at a larger
-    position loses the tie); when it stopped early the whole threshold bin was selected, whose keys are ``>= prefix``
-    (``T`` = prefix - 1). ``key_state`` is the kernel's ``[N_KEY_STATE]`` uint32 state buffer.
+    The prefix: every selected key is ``>= prefix`` (its high bits are the threshold bin's, or higher), whether the
+    select ran all its rounds (then the prefix is the ``k``-th key itself) or stopped early with the whole bin
+    selected. ``key_state`` is the kernel's ``[N_KEY_STATE]`` uint32 state buffer.
     """
-    prefix = key_state[_KS_PREFIX]
-    # A xor, not ==: the bound solver cannot negate uint comparisons (see count_tie_digit).
-    exact = T.bitwise_xor(key_state[_KS_MASK], T.uint32(ALL_ONES)) == T.uint32(0)
-    return T.if_then_else(exact, prefix, prefix - T.uint32(1))
+    return key_state[_KS_PREFIX]
 
 
 class Row(NamedTuple):

@@ -1,0 +1,260 @@
+"""The fused selection kernel (``tl_kernels.index_topk`` through ``dsa.launch.index_topk``): scores and top-k in one
+kernel that keeps only candidate buffers, never the ``[B, S, S_kv]`` scores.
+
+Every check is exact: integer-valued inputs make every score exact in float32 on every path, so the kernel's sets
+must equal the reference's (``dsa.reference.index_topk``, tie rule included) and its scores must equal the exact
+scores at them. Outputs are poisoned before every launch (``tests/conftest.py``).
+
+Tiers:
+- ``cpu_kernel``: the C-target build on rows ordered to stress the candidate buffer (increasing scores compact it
+  after every key block, decreasing ones never refill it, random order, many exact ties, all scores equal), with
+  several queries per block, causal and ranged, bf16 and FP8; the op-level property tests live in
+  ``tests/test_index_topk.py``.
+- structure: the prim_func allocates nothing whose size depends on ``S`` or ``S_kv`` (on sm_90a at V3.2 shapes and
+  on the C target), and its only outputs are ``[B, S, topk]``.
+- ``build``: the Hopper tuning space of the V3.2 FP8 causal case and the bf16 ranged default compile for sm_90a
+  without spills, with wgmma and shared memory within the estimate.
+- ``gpu``: rows past 131,072 keys in every order, and every Hopper config, against the reference (the op-level GPU
+  tests are in ``tests/test_index_topk.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import pytest
+import tilelang  # noqa: F401 - provides the tvm package
+import torch
+import tvm
+from tvm import tirx
+
+from dsa import reference
+from dsa.launch import index_topk as launch
+from tests import support
+from tl_kernels import dsl
+from tl_kernels import index_topk as kernels
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+CPU_TOPK = 16
+CPU_HEADS, CPU_DIM = 4, 32
+V32 = {"heads": 64, "dim": 128}
+V32_TOPK = 2048
+ORDERS = ("increasing", "decreasing", "random", "ties", "equal")
+# 128K + a partial key block: rows longer than any V3.2 context.
+LONG_SEQ_KV = 131_072 + 77
+ONES_SCORE_SCALE = 1.0
+
+
+def _ordered_inputs(order: str, batch: int, seq: int, seq_kv: int, heads: int, dim: int, device: Any = "cpu") -> dict:
+    """FP8 inputs whose scores follow ``order`` along the keys: q, k and weights all ones make every raw score
+    ``heads * dim``, and the per-key scale ``k_scale`` sets the order (increasing, decreasing, a random permutation,
+    a few values with many exact ties, or one value everywhere). Every score is an exact float32."""
+    g = torch.Generator().manual_seed(seq_kv + len(order))
+    positions = torch.arange(seq_kv, dtype=torch.float32)
+    scale = {
+        "increasing": positions + 1,
+        "decreasing": seq_kv - positions,
+        "random": torch.randperm(seq_kv, generator=g).float() + 1,
+        "ties": torch.randint(0, 3, (seq_kv,), generator=g).float(),
+        "equal": torch.full((seq_kv,), 2.0),
+    }[order]
+    return {
+        "q": torch.ones(batch, seq, heads, dim).to(torch.float8_e4m3fn).to(device),
+        "k": torch.ones(batch, seq_kv, dim).to(torch.float8_e4m3fn).to(device),
+        "weights": torch.full((batch, seq, heads), ONES_SCORE_SCALE, device=device),
+        "k_scale": scale.expand(batch, seq_kv).contiguous().to(device),
+        "starts": None,
+        "ends": None,
+    }
+
+
+def _assert_exact(inputs: dict, topk: int, indices: torch.Tensor, scores: torch.Tensor) -> None:
+    """``indices`` is the reference's set in every row and ``scores`` the exact scores at it (any order)."""
+    cpu = {name: (None if t is None else t.cpu()) for name, t in inputs.items()}
+    expected, expected_scores = reference.index_topk(
+        cpu["q"], cpu["k"], cpu["weights"], topk, k_scale=cpu["k_scale"], starts=cpu["starts"], ends=cpu["ends"],
+        return_scores=True,
+    )  # fmt: skip
+    indices, scores = indices.cpu(), scores.cpu()
+    order, expected_order = indices.argsort(-1), expected.argsort(-1)
+    assert torch.equal(indices.gather(-1, order), expected.gather(-1, expected_order))
+    assert torch.equal(scores.gather(-1, order), expected_scores.float().gather(-1, expected_order))
+
+
+def _run(inputs: dict, topk: int, config: kernels.Config | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return launch.index_topk(
+        inputs["q"], inputs["k"], inputs["weights"], topk, k_scale=inputs["k_scale"], starts=inputs["starts"],
+        ends=inputs["ends"], config=config,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------------ configs
+
+
+def test_configs_bound_the_candidate_buffers() -> None:
+    """Every query's buffer holds ``topk`` kept candidates plus a whole key block (a compaction always makes room
+    for the next block); shared memory grows with ``topk``; a ``topk`` too large for any config is refused."""
+    static = {**V32, "dtype": "float8_e4m3fn", "mode": "causal", "topk": V32_TOPK}
+    config = kernels.default_config(static)
+    assert kernels.cand_capacity(V32_TOPK, config) >= V32_TOPK + config.block_N
+    assert kernels.cand_capacity(1, config) == 1 + config.block_N
+    assert kernels.smem_bytes(static, config) <= dsl.smem_limit_bytes(dsl.HOPPER_TARGET)
+    assert kernels.smem_bytes({**static, "topk": 2 * V32_TOPK}, config) > kernels.smem_bytes(static, config)
+    big = kernels.default_config({**static, "topk": 8 * V32_TOPK})  # 16K still fits: one query, one slot per entry
+    assert kernels.cand_capacity(8 * V32_TOPK, big) >= 8 * V32_TOPK + big.block_N
+    with pytest.raises(ValueError, match="no fused index_topk config fits"):
+        kernels.default_config({**static, "topk": 64 * V32_TOPK})
+    with pytest.raises(ValueError, match="topk must be a positive int"):
+        kernels.check_config({**static, "topk": 0}, config)
+    with pytest.raises(ValueError, match="cand_factor must be >= 1"):
+        kernels.check_config(static, dataclasses.replace(config, cand_factor=0))
+    for name in ("heads", "dim", "dtype", "mode"):
+        assert name in launch.static_params(torch.empty(1, 1, 64, 128, dtype=torch.bfloat16), 8, ranged=False)
+
+
+# -------------------------------------------------------------------------------------------------- structure
+
+
+def _allocations(func: Any) -> list[tuple[str, list[Any], str]]:
+    found: list[tuple[str, list[Any], str]] = []
+
+    def visit(node: Any) -> None:
+        if isinstance(node, tirx.SBlock):
+            found.extend((b.scope(), list(b.shape), str(b.dtype)) for b in node.alloc_buffers)
+        elif isinstance(node, tirx.AllocBuffer):
+            found.append((node.buffer.scope(), list(node.buffer.shape), str(node.buffer.dtype)))
+
+    tirx.stmt_functor.post_order_visit(func.body, visit)
+    return found
+
+
+@pytest.mark.parametrize("target", [dsl.HOPPER_TARGET, dsl.CPU_TARGET], ids=["sm_90a", "c"])
+@pytest.mark.parametrize("mode", ["causal", "range"])
+def test_kernel_allocates_nothing_that_grows_with_the_sequence(target: Any, mode: str) -> None:
+    """Every buffer the fused kernel allocates has a constant size (so at ``S = S_kv = 131,072`` no ``S x S_kv`` or
+    ``S_kv``-sized buffer exists: only the grid's shared memory and registers), the shared ones add up to at most
+    the estimate the config check uses, and the only writable arguments are ``indices`` and ``scores`` ``[B, S,
+    topk]``."""
+    static = {**V32, "dtype": "float8_e4m3fn", "mode": mode, "topk": V32_TOPK, "target": target}
+    config = kernels.default_config(static)
+    func = kernels.build(**static, **dataclasses.asdict(config))
+    allocations = _allocations(func)
+    assert allocations, "the walk found no allocation at all"
+    for scope, shape, dtype in allocations:
+        assert all(isinstance(extent, tvm.tirx.IntImm) for extent in shape), (scope, shape, dtype)
+    if not dsl.is_cpu(target):
+        shared = sum(
+            tvm.runtime.DataType(dtype).bits // 8 * math.prod(int(extent) for extent in shape)
+            for scope, shape, dtype in allocations
+            if scope.startswith("shared")
+        )
+        assert shared <= kernels.smem_bytes(static, config), shared
+    shapes = {param.name: [str(e) for e in func.buffer_map[param].shape] for param in func.params}
+    assert shapes.pop("Indices_handle") == shapes.pop("Scores_handle") == ["batch", "seq_len", str(V32_TOPK)]
+    assert not any(shape[-1] == "seq_len_kv" and shape[1] == "seq_len" for shape in shapes.values()), shapes
+
+
+# --------------------------------------------------------------------------------------- TileLang-on-CPU tier
+
+
+@pytest.mark.cpu_kernel
+@pytest.mark.parametrize("order", ORDERS)
+def test_cpu_fused_kernel_on_long_ordered_rows(order: str) -> None:
+    """Three queries (one block of several queries) over 3,000 keys, FP8 causal, ``topk`` 16 and the C-target
+    default (64-key blocks): increasing scores compact the candidate buffer after every block, decreasing ones fill
+    it once, and ties and equal scores must keep exactly the smallest positions."""
+    inputs = _ordered_inputs(order, 1, 3, 3000, CPU_HEADS, CPU_DIM)
+    _assert_exact(inputs, CPU_TOPK, *_run(inputs, CPU_TOPK))
+
+
+@pytest.mark.cpu_kernel
+def test_cpu_fused_kernel_with_one_query_per_block_and_ranges() -> None:
+    """A config with one query per block (``q_rows`` = heads) and no spare buffer (``cand_factor`` 1: exactly
+    ``topk`` + one key block), ranged rows of random extent and position, some empty, two batches."""
+    g = torch.Generator().manual_seed(5)
+    inputs = _ordered_inputs("ties", 2, 20, 700, CPU_HEADS, CPU_DIM)
+    starts = torch.randint(0, 700, (2, 20), generator=g, dtype=torch.int32)
+    inputs["starts"] = starts
+    inputs["ends"] = (starts + torch.randint(-5, 500, (2, 20), generator=g, dtype=torch.int32)).clamp(0, 700)
+    config = dataclasses.replace(kernels.CPU_DEFAULT, q_rows=CPU_HEADS, cand_factor=1)
+    _assert_exact(inputs, CPU_TOPK, *_run(inputs, CPU_TOPK, config))
+
+
+# ----------------------------------------------------------------------------------------------------- build tier
+
+HOPPER_STATICS: tuple[dict[str, Any], ...] = (
+    {**V32, "dtype": "float8_e4m3fn", "mode": "causal", "topk": V32_TOPK},
+    {**V32, "dtype": "bfloat16", "mode": "range", "topk": V32_TOPK},
+)
+HOPPER_BUILDS: list[tuple[dict[str, Any], kernels.Config]] = [
+    (HOPPER_STATICS[0], config) for config in support.hopper_configs("index_topk", HOPPER_STATICS[0])
+] + [(HOPPER_STATICS[1], kernels.default_config(HOPPER_STATICS[1]))]
+
+
+def _build_id(item: tuple[dict[str, Any], kernels.Config]) -> str:
+    static, config = item
+    return f"{static['dtype']}_{static['mode']}_q{config.q_rows}_n{config.block_N}_f{config.cand_factor}"
+
+
+@pytest.fixture(scope="module")
+def hopper_prebuilt() -> None:
+    """This module's sm_90a builds compiled in parallel first (``support.prebuild_hopper``)."""
+    support.prebuild_hopper([(kernels.build, {**s, **dataclasses.asdict(c)}) for s, c in HOPPER_BUILDS])
+
+
+@pytest.mark.build
+@pytest.mark.usefixtures("hopper_prebuilt")
+@pytest.mark.parametrize("item", HOPPER_BUILDS, ids=_build_id)
+def test_hopper_build_is_clean(item: tuple[dict[str, Any], kernels.Config]) -> None:
+    """No spills, every GEMM a wgmma, shared memory within the estimate, int64 addressing, and the selection's
+    counters bound from atomics that return the previous value."""
+    static, config = item
+    kernel, report = support.hopper_build(_build_id(item), kernels.build, **static, **dataclasses.asdict(config))
+    assert report.problems() == [] and set(report.mma) == {"wgmma"}, report.ptxas_log
+    assert report.smem_bytes <= kernels.smem_bytes(static, config) + 1024, (report.smem_bytes, config)
+    source = kernel.get_kernel_source()
+    assert "AtomicAddRet" in source
+    assert f"__launch_bounds__({config.threads}" in source
+    support.assert_wide_addressing(source)
+
+
+def test_hopper_builds_include_the_defaults() -> None:
+    for static in HOPPER_STATICS:
+        assert (static, kernels.default_config(static)) in HOPPER_BUILDS
+
+
+# ------------------------------------------------------------------------------------------------------- GPU tier
+
+GPU_KERNELS: dict[str, tuple[dict[str, Any], ...]] = {
+    "index_topk": ({**V32, "dtype": "float8_e4m3fn", "mode": "causal", "topk": V32_TOPK},),
+}
+"""What this module's GPU tests compile (the GPU check's compile stage builds them, every Hopper config)."""
+GPU_CONFIGS: tuple[kernels.Config, ...] = tuple(config for static, config in HOPPER_BUILDS if static is HOPPER_STATICS[0])
+"""The configs the GPU tests pass explicitly."""
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("order", ORDERS)
+def test_gpu_fused_kernel_on_rows_past_128k(order: str, cuda_device: torch.device) -> None:
+    """V3.2 indexer shapes (64 heads x 128, FP8), top-k 2048, four queries over 131,149 keys in every order: the
+    CUDA kernel's sets and scores equal the reference's exactly."""
+    inputs = _ordered_inputs(order, 1, 4, LONG_SEQ_KV, V32["heads"], V32["dim"], device=cuda_device)
+    indices, scores = _run(inputs, V32_TOPK)
+    torch.cuda.synchronize()
+    _assert_exact(inputs, V32_TOPK, indices, scores)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", GPU_CONFIGS, ids=lambda c: f"q{c.q_rows}_n{c.block_N}_f{c.cand_factor}")
+def test_gpu_every_hopper_config(config: kernels.Config, cuda_device: torch.device) -> None:
+    """Every Hopper config on 300 queries x 6,000 keys with many ties (two queries per block where ``q_rows`` is
+    128: several buffers per block)."""
+    inputs = _ordered_inputs("ties", 2, 300, 6000, V32["heads"], V32["dim"], device=cuda_device)
+    g = torch.Generator().manual_seed(1)
+    inputs["weights"] = torch.randint(-1, 3, inputs["weights"].shape, generator=g).float().to(cuda_device)
+    indices, scores = _run(inputs, V32_TOPK, config)
+    torch.cuda.synchronize()
+    _assert_exact(inputs, V32_TOPK, indices, scores)

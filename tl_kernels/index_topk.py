@@ -1,0 +1,463 @@
+"""Fused selection: the lightning indexer's scores and their top-k in one kernel that never writes the scores.
+
+Contract: ``dsa.reference.index_topk`` (``indices [B, S, topk]`` int32, a set per row with ``-1`` padding, and the
+selected scores ``[B, S, topk]`` float32 with ``-inf`` at padding; among equal scores the smaller key position wins).
+The scores are those of ``tl_kernels.indexer``: ``k_scale[b, s] * sum_j w[b, t, j] * relu(q[b, t, j] . k[b, s])``.
+
+Algorithm (one thread block per ``block_Q`` queries of one batch row, as in the indexer):
+
+* The block walks the key blocks that some of its queries see, in increasing position, and computes each block's
+  scores with the indexer's tiling (one GEMM ``k_tile x q_tile^T``, ReLU, head weights, sum over heads, ``k_scale``)
+  into a ``[block_N, block_Q]`` tile in shared memory; invisible positions become ``-inf``.
+* Each query keeps a candidate buffer in shared memory (``cand_capacity`` positions and order-preserving keys, see
+  ``tl_kernels.radix_select``) and a threshold key ``T`` (none at first). A visible finite score whose key is above
+  ``T`` is appended (an atomic slot counter); every other score is dropped on the spot.
+* Before a key block is appended, a buffer that might overflow (``fill + block_N > cand_capacity``) is compacted:
+  the exact radix select of ``tl_kernels.radix_select`` (with its tie select on the position) picks the ``topk``
+  best candidates, writes them to the output rows, and they are read back as the buffer's first ``topk`` entries;
+  ``T`` rises to the ``topk``-th key (``radix_select.exclusive_threshold``).
+* Ties need nothing more: keys arrive in increasing position, so a later key equal to ``T`` always loses to the
+  kept ones (the tie rule), and dropping it is exact; inside the buffer the radix select's tie select applies.
+* At the end a row whose buffer holds at most ``topk`` candidates (every row with ``topk`` or fewer visible keys:
+  the short-row path) is copied out and padded without any search; any other runs the radix select once more.
+
+Nothing of size ``S x S_kv`` exists: the workspace is the shared memory of the grid's blocks, and the only global
+writes are the two ``[B, S, topk]`` outputs (also the staging area of compactions). Insertions for random order:
+about ``topk * ln(S_kv / topk)`` per query, so a few compactions per row; an increasing score sequence compacts every
+``cand_capacity - topk`` keys (linear, still correct).
+
+Targets: the C target (serial loops, the CPU tier) and CUDA. On sm_90a the GEMM is a wgmma; the key tile is loaded
+element by element without TMA or warp specialisation (the selection code indexes threads directly, which automatic
+warp specialisation would split), so key loads do not overlap the MMAs: a known cost of this first version.
+"""
+
+# No `from __future__ import annotations`: TileLang evaluates the prim_func annotations (closure shapes) eagerly.
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import tilelang.language as T
+
+from tl_kernels import dsl, indexer
+from tl_kernels import radix_select as rs
+
+__all__ = [
+    "CPU_DEFAULT",
+    "PORTABLE_TUNING_SPACE",
+    "TUNING_SPACE",
+    "Config",
+    "build",
+    "cand_capacity",
+    "check_config",
+    "default_config",
+    "smem_bytes",
+]
+
+ACCUM_DTYPE = "float32"
+INDEX_DTYPE = "int32"
+COUNT_DTYPE = "int32"
+CAND_ENTRY_BYTES = 4 + 4  # int32 position + uint32 key
+# Per query: the fill counter (int32) and the threshold key (uint32).
+ROW_STATE_BYTES = 4 + 4
+# Shared memory of the explicit barriers' design: TileLang's automatic storage sync would put barriers inside the
+# selection's divergent single-writer branches.
+_PASS_CONFIGS: dict[str, Any] = {
+    **rs.PASS_CONFIGS,
+    "tl.disable_warp_specialized": True,
+    "tl.disable_tma_lower": True,
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Tunable parameters of the fused kernel.
+
+    q_rows: q-head rows one block aims for (its queries times their padded heads, :func:`indexer.block_queries`),
+        the GEMM N dimension. Every query of the block has its own candidate buffer, so fewer rows leave room for
+        larger ``topk``.
+    block_N: keys per step (the GEMM M dimension; a multiple of 64 per warpgroup on CUDA).
+    threads: threads per block (whole warpgroups on CUDA; the C target ignores it).
+    cand_factor: candidate slots per query are ``max(cand_factor * topk, topk + block_N)``; larger means fewer
+        compactions and more shared memory.
+    """
+
+    q_rows: int = 64
+    block_N: int = 128
+    threads: int = 256
+    cand_factor: int = 2
+
+
+TUNING_SPACE: dict[str, tuple] = {
+    "q_rows": (64, 128),
+    "block_N": (128,),
+    "threads": (256,),
+    "cand_factor": (2, 3),
+}
+PORTABLE_TUNING_SPACE: dict[str, tuple] = {
+    "q_rows": (64,),
+    "block_N": (64, 128),
+    "threads": (128, 256),
+    "cand_factor": (2,),
+}
+"""The candidates on the portable schedule (mma.sync; most of its architectures have 99 KB of shared memory)."""
+CPU_DEFAULT = Config(q_rows=64, block_N=64, threads=128, cand_factor=2)
+"""C-target default: short key tiles and small buffers, so the CPU tests compact often."""
+
+# default_config tries these in order; later ones need less shared memory (large topk, large head dims).
+_DEFAULT_LADDER = (
+    Config(q_rows=64, block_N=128, threads=256, cand_factor=2),
+    Config(q_rows=64, block_N=64, threads=128, cand_factor=2),
+    Config(q_rows=16, block_N=64, threads=128, cand_factor=1),
+)
+
+
+class _Block(NamedTuple):
+    """What the block-wide macros (initialisation, insertion, the end of a compaction) touch."""
+
+    tx: Any  # thread index on CUDA, None on the C target (read by the select's for_range and single)
+    fill: Any  # [block_Q] int32: candidates in each query's buffer
+    threshold: Any  # [block_Q] uint32: keys at or below it are dropped
+    score_tile: Any  # [block_N, block_Q] float32: the current key block's scores, -inf where invisible
+    cand_idx: Any  # [block_Q * capacity] int32
+    cand_key: Any  # [block_Q * capacity] uint32
+    key_state: Any  # the radix select's uint32 state (its threshold after a compaction)
+    local_count: Any  # [1] int32 local
+    local_key: Any  # [1] uint32 local
+
+
+def cand_capacity(topk: int, config: Config) -> int:
+    """Candidate slots per query: room for ``topk`` kept entries and at least one whole key block more."""
+    return max(config.cand_factor * topk, topk + config.block_N)
+
+
+def _indexer_config(config: Config) -> indexer.Config:
+    """The indexer tiling this config shares (one key tile in flight)."""
+    return indexer.Config(q_rows=config.q_rows, block_N=config.block_N, num_stages=1, threads=config.threads)
+
+
+def _indexer_static(static: dict) -> dict:
+    return {name: static[name] for name in ("heads", "dim", "dtype", "mode", "target") if name in static}
+
+
+def smem_bytes(static: dict, config: Config) -> int:
+    """Shared memory of one CUDA block: the indexer's tiles (one key tile), the score tile, the radix histograms, the
+    select state, and per query its candidate buffer, fill counter and threshold."""
+    block_Q = indexer.block_queries(static["heads"], config.q_rows)
+    tiles = indexer.smem_bytes(_indexer_static(static), _indexer_config(config))
+    score_tile = config.block_N * block_Q * 4
+    buffers = block_Q * (cand_capacity(static["topk"], config) * CAND_ENTRY_BYTES + ROW_STATE_BYTES)
+    return tiles + score_tile + rs.hist_bytes() + rs.state_bytes() + buffers
+
+
+def check_config(static: dict, config: Config) -> None:
+    """Raise ValueError when ``config`` cannot build for ``static``: the indexer's ``heads``, ``dim``, ``dtype``,
+    ``mode`` (and optionally ``target``) plus ``topk`` (a positive int). The tile constraints are the indexer's; the
+    shared memory adds the candidate buffers."""
+    topk = static.get("topk")
+    if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
+        raise ValueError(f"topk must be a positive int, got {topk!r}")
+    if config.cand_factor < 1:
+        raise ValueError(f"cand_factor must be >= 1, got {config.cand_factor}")
+    indexer.check_config(_indexer_static(static), _indexer_config(config))
+    limit = dsl.smem_limit_bytes(dsl.static_target(static))
+    if limit is None:  # the C target: no shared memory
+        return
+    smem = smem_bytes(static, config)
+    if smem > limit:
+        raise ValueError(f"shared memory {smem} B exceeds {limit} B (topk {topk}, {config})")
+
+
+def default_config(static: dict) -> Config:
+    """A config that builds for ``static`` and serves every shape: :data:`CPU_DEFAULT` on the C target, else the
+    first of the ladder that fits (ValueError when none does: too many heads, or a ``topk`` whose buffers exceed
+    shared memory even one query per block)."""
+    if dsl.is_cpu(dsl.static_target(static)):
+        check_config(static, CPU_DEFAULT)
+        return CPU_DEFAULT
+    try:
+        return dsl.first_valid_config(check_config, static, _DEFAULT_LADDER)
+    except ValueError as exc:
+        raise ValueError(f"no fused index_topk config fits {static}: {exc}") from None
+
+
+def build(
+    *,
+    heads: int,
+    dim: int,
+    dtype: str,
+    mode: str,
+    topk: int,
+    q_rows: int = Config.q_rows,
+    block_N: int = Config.block_N,
+    threads: int = Config.threads,
+    cand_factor: int = Config.cand_factor,
+    target: dsl.Target = dsl.CPU_TARGET,
+) -> Any:
+    """The fused ``index_topk`` prim_func for the given static parameters; B, S and S_kv are dynamic.
+
+    Args:
+        heads, dim, dtype, mode: as ``tl_kernels.indexer.build`` (``"causal"``: ``s <= t + S_kv - S``; ``"range"``:
+            ``starts[b, t] <= s < ends[b, t]``).
+        topk: entries per query (any positive int; rows with fewer visible keys are padded).
+        q_rows, block_N, threads, cand_factor: the :class:`Config` fields.
+        target: ``"c"`` or a CUDA target dict.
+
+    Kernel arguments, in order (``k_scale`` only for FP8, ``starts``/``ends`` only in ``"range"`` mode):
+        q ``[B, S, heads, dim]`` dtype; k ``[B, S_kv, dim]`` dtype; weights ``[B, S, heads]`` float32;
+        [k_scale ``[B, S_kv]`` float32]; [starts, ends ``[B, S]`` int32]; indices ``[B, S, topk]`` int32 and
+        scores ``[B, S, topk]`` float32 (both written completely). On the C target the dtype tensors travel as
+        ``dsl.storage_dtype`` bits (uint16 / uint8).
+    """
+    cpu = dsl.is_cpu(target)
+    static = {"heads": heads, "dim": dim, "dtype": dtype, "mode": mode, "topk": topk, "target": target}
+    config = Config(q_rows=q_rows, block_N=block_N, threads=threads, cand_factor=cand_factor)
+    check_config(static, config)
+    capacity = cand_capacity(topk, config)
+    block_Q = indexer.block_queries(heads, q_rows)
+    heads_pad = indexer.padded_heads(heads, block_Q)
+    rows = block_Q * heads_pad
+    alloc = dsl.allocators(target)
+    select = rs.select_macros(k=topk, cand_capacity=capacity, threads=threads, cpu=cpu)
+    fp8 = dtype == indexer.FP8
+    causal = mode == "causal"
+    io_dtype = dsl.storage_dtype(dtype, target)
+    tile_dtype = indexer.tile_dtype_for(dtype, target)
+    neg_inf = -T.infinity(ACCUM_DTYPE)
+
+    batch, seq, seq_kv = T.dynamic("batch, seq_len, seq_len_kv")
+
+    def _load(value: Any) -> Any:
+        if tile_dtype != dtype and not cpu:
+            return T.Cast(tile_dtype, value)
+        return dsl.load_tile(value, dtype, target)
+
+    def _visible(Starts: Any, Ends: Any, b: Any, t: Any, s: Any, shift: Any) -> Any:
+        if causal:
+            return s <= t + shift
+        return T.And(Starts[b, t] <= s, s < Ends[b, t])
+
+    def _scaled(value: Any, KScale: Any, b: Any, s: Any) -> Any:
+        return value * KScale[b, s] if fp8 else value
+
+    # Macro parameters carry no annotations on purpose: TileLang gives annotated macro parameters meaning (T.Ref).
+
+    @T.macro
+    def init_rows(row, _):
+        for i in T.serial(block_Q):
+            row.fill[i] = 0
+            row.threshold[i] = T.uint32(0)  # below every finite key: nothing is dropped before the first compaction
+
+    @T.macro
+    def insert(row, j, s0):
+        """Score ``j`` of the tile (key ``j // block_Q``, query ``j % block_Q``) joins its query's candidates when it
+        is finite and above the query's threshold."""
+        n = j // block_Q
+        i = j % block_Q
+        row.local_key[0] = rs.order_key(row.score_tile[n, i])
+        if rs.is_finite_key(row.local_key[0]) and row.local_key[0] > row.threshold[i]:
+            row.local_count[0] = T.atomic_add(row.fill[i], 1, return_prev=True)
+            if row.local_count[0] < capacity:  # never false: full buffers were compacted before this block
+                row.cand_idx[i * capacity + row.local_count[0]] = s0 + n
+                row.cand_key[i * capacity + row.local_count[0]] = row.local_key[0]
+
+    @T.macro
+    def reload(row, j, _):
+        """Entry ``j`` of the row's selection (just written to the outputs) back into its candidate buffer."""
+        row.cand_idx[row.cand_base + j] = row.indices[row.b, row.s, j]
+        row.cand_key[row.cand_base + j] = rs.order_key(row.out_scores[row.b, row.s, j])
+
+    @T.macro
+    def after_compaction(row, i):
+        row.fill[i] = topk
+        row.threshold[i] = rs.exclusive_threshold(row.key_state)
+
+    @T.macro
+    def copy_out(row, j, n):
+        """Short rows: candidate ``j`` of ``n <= topk`` straight to the outputs, padding after them."""
+        if j < n:
+            row.indices[row.b, row.s, j] = row.cand_idx[row.cand_base + j]
+            row.out_scores[row.b, row.s, j] = rs.key_score(row.cand_key[row.cand_base + j])
+        else:
+            row.indices[row.b, row.s, j] = rs.INVALID_INDEX
+            row.out_scores[row.b, row.s, j] = neg_inf
+
+    @T.macro
+    def body(Q, K, W, KScale, Starts, Ends, Indices, Scores):
+        with T.Kernel(T.ceildiv(seq, block_Q), batch, threads=threads) as (bq, bb):
+            q_tile = alloc.shared([rows, dim], tile_dtype)
+            k_tile = alloc.shared([block_N, dim], tile_dtype)
+            acc = alloc.fragment([block_N, rows], ACCUM_DTYPE)
+            acc_heads = T.reshape(acc, [block_N, block_Q, heads_pad])
+            w_tile = alloc.shared([block_Q, heads_pad], ACCUM_DTYPE)
+            logits = alloc.fragment([block_N, block_Q], ACCUM_DTYPE)
+            score_tile = alloc.shared([block_N, block_Q], ACCUM_DTYPE)
+            fill = alloc.shared([block_Q], COUNT_DTYPE)
+            threshold = alloc.shared([block_Q], rs.KEY_DTYPE)
+            k_lo = T.alloc_var(INDEX_DTYPE)
+            k_hi = T.alloc_var(INDEX_DTYPE)
+            kb_lo = T.alloc_var(INDEX_DTYPE)
+            kb_hi = T.alloc_var(INDEX_DTYPE)
+            t0 = bq * block_Q
+            shift = seq_kv - seq  # causal alignment: query t sees s <= t + shift
+            base = rs.Row(
+                scores=None,
+                indices=Indices,
+                out_scores=Scores,
+                b=bb,
+                s=t0,
+                width=seq_kv,
+                tx=None if cpu else T.get_thread_binding(),
+                state=alloc.shared([rs.N_STATE], COUNT_DTYPE),
+                key_state=alloc.shared([rs.N_KEY_STATE], rs.KEY_DTYPE),
+                hist=alloc.shared([2, rs.RADIX + 1], COUNT_DTYPE),
+                cand_idx=alloc.shared([block_Q * capacity], INDEX_DTYPE),
+                cand_key=alloc.shared([block_Q * capacity], rs.KEY_DTYPE),
+                cand_base=0,
+                local_count=T.alloc_local([1], COUNT_DTYPE),
+                local_key=T.alloc_local([1], rs.KEY_DTYPE),
+                local_tie=T.alloc_local([1], rs.KEY_DTYPE),
+            )
+            block = _Block(
+                base.tx, fill, threshold, score_tile, base.cand_idx, base.cand_key, base.key_state,
+                base.local_count, base.local_key,
+            )  # fmt: skip
+
+            # The key range [k_lo, k_hi) that at least one query of this block sees (as in the indexer).
+            if causal:
+                k_lo = 0
+                k_hi = T.max(0, T.min(seq_kv, T.min(seq, t0 + block_Q) + shift))
+            else:
+                k_lo = indexer.INT32_MAX
+                k_hi = 0
+                for i in T.serial(block_Q):
+                    if t0 + i < seq:
+                        lo_i = T.max(Starts[bb, t0 + i], 0)
+                        hi_i = T.min(Ends[bb, t0 + i], seq_kv)
+                        if lo_i < hi_i:
+                            k_lo = T.min(k_lo, lo_i)
+                            k_hi = T.max(k_hi, hi_i)
+            if k_lo < k_hi:
+                kb_lo = k_lo // block_N
+                kb_hi = T.ceildiv(k_hi, block_N)
+            else:
+                kb_lo = 0
+                kb_hi = 0
+
+            for r, d in alloc.parallel(rows, dim):
+                q_tile[r, d] = T.if_then_else(
+                    t0 + r // heads_pad < seq and r % heads_pad < heads,
+                    _load(Q[bb, t0 + r // heads_pad, r % heads_pad, d]),
+                    T.cast(0, tile_dtype),
+                )
+            for i, h in alloc.parallel(block_Q, heads_pad):
+                w_tile[i, h] = T.if_then_else(t0 + i < seq and h < heads, W[bb, t0 + i, h], T.float32(0))
+            select.single(block, init_rows, None)
+            select.barrier()
+
+            # One more step than key blocks: the last one selects every row's result. The select is written once
+            # (for compactions and the final selection alike): each instance of it costs lowering time and code.
+            n_steps = kb_hi - kb_lo
+            for step in T.serial(n_steps + 1):
+                s0 = (kb_lo + step) * block_N
+                if step < n_steps:
+                    for n, d in alloc.parallel(block_N, dim):
+                        k_tile[n, d] = T.if_then_else(
+                            s0 + n < seq_kv, _load(K[bb, T.min(s0 + n, seq_kv - 1), d]), T.cast(0, tile_dtype)
+                        )
+                    select.barrier()
+                    T.gemm(k_tile, q_tile, acc, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
+                    for n, i, h in alloc.parallel(block_N, block_Q, heads_pad):
+                        acc_heads[n, i, h] = T.max(acc_heads[n, i, h], 0) * w_tile[i, h]
+                    T.reduce_sum(acc_heads, logits, dim=-1, clear=True)
+                    for n, i in alloc.parallel(block_N, block_Q):
+                        score_tile[n, i] = T.if_then_else(
+                            t0 + i < seq and s0 + n < seq_kv and _visible(Starts, Ends, bb, t0 + i, s0 + n, shift),
+                            _scaled(logits[n, i], KScale, bb, T.min(s0 + n, seq_kv - 1)),
+                            neg_inf,
+                        )
+                    select.barrier()
+                for i in T.serial(block_Q):
+                    row = base._replace(s=t0 + i, cand_base=i * capacity)
+                    # Before a key block: make room where this block could overflow the buffer (it keeps its topk
+                    # best). At the end: select each row that holds more than topk candidates. fill is uniform.
+                    if (step < n_steps and fill[i] + block_N > capacity) or (
+                        step == n_steps and t0 + i < seq and fill[i] > topk
+                    ):
+                        select.select_row(row, fill[i])
+                        if step < n_steps:
+                            select.for_range(row, topk, reload, None)
+                            select.single(block, after_compaction, i)
+                            select.barrier()
+                    elif step == n_steps and t0 + i < seq:
+                        select.for_range(row, topk, copy_out, fill[i])
+                if step < n_steps:
+                    select.for_range(block, block_N * block_Q, insert, s0)
+                    select.barrier()
+
+    q_shape = [batch, seq, heads, dim]
+    k_shape = [batch, seq_kv, dim]
+    w_shape = [batch, seq, heads]
+    row_shape = [batch, seq]
+    out_shape = [batch, seq, topk]
+
+    if fp8 and causal:
+
+        @T.prim_func
+        def index_topk_fp8_causal(
+            Q: T.Tensor(q_shape, io_dtype),
+            K: T.Tensor(k_shape, io_dtype),
+            W: T.Tensor(w_shape, ACCUM_DTYPE),
+            KScale: T.Tensor([batch, seq_kv], ACCUM_DTYPE),
+            Indices: T.Tensor(out_shape, INDEX_DTYPE),
+            Scores: T.Tensor(out_shape, ACCUM_DTYPE),
+        ):
+            body(Q, K, W, KScale, None, None, Indices, Scores)
+
+        func = index_topk_fp8_causal
+    elif fp8:
+
+        @T.prim_func
+        def index_topk_fp8_range(
+            Q: T.Tensor(q_shape, io_dtype),
+            K: T.Tensor(k_shape, io_dtype),
+            W: T.Tensor(w_shape, ACCUM_DTYPE),
+            KScale: T.Tensor([batch, seq_kv], ACCUM_DTYPE),
+            Starts: T.Tensor(row_shape, INDEX_DTYPE),
+            Ends: T.Tensor(row_shape, INDEX_DTYPE),
+            Indices: T.Tensor(out_shape, INDEX_DTYPE),
+            Scores: T.Tensor(out_shape, ACCUM_DTYPE),
+        ):
+            body(Q, K, W, KScale, Starts, Ends, Indices, Scores)
+
+        func = index_topk_fp8_range
+    elif causal:
+
+        @T.prim_func
+        def index_topk_bf16_causal(
+            Q: T.Tensor(q_shape, io_dtype),
+            K: T.Tensor(k_shape, io_dtype),
+            W: T.Tensor(w_shape, ACCUM_DTYPE),
+            Indices: T.Tensor(out_shape, INDEX_DTYPE),
+            Scores: T.Tensor(out_shape, ACCUM_DTYPE),
+        ):
+            body(Q, K, W, None, None, None, Indices, Scores)
+
+        func = index_topk_bf16_causal
+    else:
+
+        @T.prim_func
+        def index_topk_bf16_range(
+            Q: T.Tensor(q_shape, io_dtype),
+            K: T.Tensor(k_shape, io_dtype),
+            W: T.Tensor(w_shape, ACCUM_DTYPE),
+            Starts: T.Tensor(row_shape, INDEX_DTYPE),
+            Ends: T.Tensor(row_shape, INDEX_DTYPE),
+            Indices: T.Tensor(out_shape, INDEX_DTYPE),
+            Scores: T.Tensor(out_shape, ACCUM_DTYPE),
+        ):
+            body(Q, K, W, None, Starts, Ends, Indices, Scores)
+
+        func = index_topk_bf16_range
+    if cpu:
+        return dsl.with_pass_configs(func, rs.PASS_CONFIGS)
+    return dsl.with_target_pass_configs(func, target, _PASS_CONFIGS)
