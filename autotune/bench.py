@@ -363,12 +363,21 @@ def _memory_paths(case: case_data.Case, inp: dict[str, Any]) -> dict[str, Callab
     """The paths a memory-kind case measures, ``dsa`` first.
 
     ``memory``: the DSA path (FP8 indexer selection through ``index_topk`` -> sparse MLA forward) against dense
-    attention. ``selection``: ``index_topk`` against the materialised ``[B, S, S_kv]`` scores followed by our top-k
-    kernel (``unfused``) or by ``torch.topk``."""
-    from dsa import ops
+    attention. ``selection``: ``index_topk`` (the fused kernel) against the indexer and top-k kernels chunked under
+    the memory budget (``chunked``, what ``DSA_SELECTION=unfused`` runs), and against the materialised ``[B, S,
+    S_kv]`` scores followed by our top-k kernel (``unfused``) or by ``torch.topk``."""
+    from dsa import ops, selection
+    from dsa.launch import indexer, topk
 
     def select() -> Any:
         return ops.index_topk(inp["iq"], inp["ik"], inp["iw"], inp["topk"], k_scale=inp["iscale"])
+
+    def chunked() -> Any:
+        return selection.chunked_index_topk(
+            inp["iq"], inp["ik"], inp["iw"], inp["topk"], inp["iscale"], None, None,
+            index_scores=indexer.index_scores, topk_indices=topk.topk_indices,
+            budget_bytes=selection.memory_budget_bytes(inp["iq"].device),
+        )  # fmt: skip
 
     def materialised(topk: Callable[[torch.Tensor, int], Any]) -> Callable[[], Any]:
         return lambda: topk(ops.index_scores(inp["iq"], inp["ik"], inp["iw"], k_scale=inp["iscale"]), inp["topk"])
@@ -376,6 +385,7 @@ def _memory_paths(case: case_data.Case, inp: dict[str, Any]) -> dict[str, Callab
     if case.kernel == case_data.SELECTION:
         return {
             "dsa": select,
+            "chunked": chunked,
             "unfused": materialised(ops.topk_indices),
             "torch.topk": materialised(lambda scores, k: torch.topk(scores, k, dim=-1).indices),
         }

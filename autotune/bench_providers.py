@@ -18,7 +18,9 @@ from typing import Any
 import torch
 
 from autotune import flops
-from dsa import autograd, hardware, ops, reference
+from dsa import autograd, hardware, ops, reference, selection
+from dsa.launch import indexer as indexer_launch
+from dsa.launch import topk as topk_launch
 
 __all__ = ["Provider", "dense_matmul", "dense_sdpa", "providers_for"]
 
@@ -180,6 +182,31 @@ def providers_for(case: Any) -> list[Provider]:
             skip = "" if _importable("deep_gemm") else "deep_gemm not importable"
             out.append(Provider("deepgemm", _deepgemm_indexer, skip=skip))
         return out
+    if case.kernel == "index_topk":
+        pairs = seq * seq_kv
+
+        def fused(i: dict[str, Any]) -> Any:
+            args, kwargs = _indexer_args(i)
+            return ops.index_topk(*args, i["topk"], **kwargs, return_scores=True)
+
+        def chunked(i: dict[str, Any]) -> Any:
+            args, kwargs = _indexer_args(i)
+            return selection.chunked_index_topk(
+                *args, i["topk"], kwargs["k_scale"], kwargs["starts"], kwargs["ends"],
+                index_scores=indexer_launch.index_scores, topk_indices=topk_launch.topk_indices,
+                budget_bytes=selection.memory_budget_bytes(args[0].device),
+            )  # fmt: skip
+
+        return [
+            Provider("dsa", fused),
+            _portable_provider(fused),
+            Provider("chunked", chunked),
+            Provider(
+                "reference",
+                lambda i: reference.index_topk(*_indexer_args(i)[0], i["topk"], **_indexer_args(i)[1]),
+                skip="" if pairs <= REFERENCE_INDEXER_MAX_PAIRS else f"capped at S*S_kv <= {REFERENCE_INDEXER_MAX_PAIRS}",
+            ),
+        ]
     if case.kernel == "topk":
         return [
             Provider("dsa", lambda i: ops.topk_indices(i["scores"], i["k"])),

@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _parse_kernels(value: str) -> tuple[str, ...]:
     if value.strip() == "all":
-        return space.KERNEL_NAMES  # the four DSA kernels (kernels registered by tests are named explicitly)
+        return space.KERNEL_NAMES  # the five DSA kernels (kernels registered by tests are named explicitly)
     names = tuple(dict.fromkeys(name.strip() for name in value.split(",") if name.strip()))
     if not names:
         raise ValueError("--kernels needs 'all' or at least one kernel name")

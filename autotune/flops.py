@@ -64,6 +64,13 @@ def indexer_bytes(batch: int, seq: int, seq_kv: int, heads: int, dim: int, eleme
     return float(reads + batch * seq * seq_kv * F32_BYTES)
 
 
+def index_topk_bytes(batch: int, seq: int, seq_kv: int, heads: int, dim: int, element_bytes: int, topk: int) -> float:
+    """The fused selection: the indexer's reads (no scores written) and the ``[B, S, topk]`` int32 indices and
+    float32 scores written."""
+    scores = batch * seq * seq_kv * F32_BYTES
+    return indexer_bytes(batch, seq, seq_kv, heads, dim, element_bytes) - scores + batch * seq * topk * (I32_BYTES + F32_BYTES)
+
+
 def topk_bytes(rows: int, length: int, k: int) -> float:
     """One read of the float32 scores and the int32 indices written."""
     return float(rows * length * F32_BYTES + rows * k * I32_BYTES)

@@ -61,29 +61,32 @@ ROOT = Path(__file__).resolve().parent.parent
 EXIT_OK, EXIT_FAILED, EXIT_NO_GPU = 0, 1, 2
 NO_GPU_MESSAGE = "gpu_check: no CUDA device found (torch.cuda.is_available() is False); run this on a CUDA host"
 STAGES: tuple[str, ...] = ("host", "compile", "tests", "tests_ws", "tests_portable", "bench", "tune")
-# Seconds per stage; their sum (540 s) keeps the whole check, with the bundle's unpacking, inside one 10-minute call. Without the compile stage
-# every stage compiled its kernels one after another on first use, which a cold TileLang cache could not fit in the
-# test stages' budgets; the compile stage builds all of them at once on the host's 16 cores, so:
-# - host: torch import, 1 GiB copies and two 8192^3 matmuls, 10 timings each: 30 s is ample;
-# - compile: the 57 kernels the GPU tests use, with their ptxas reports, took 970 s of job time on a loaded 2-core
+# Seconds per stage; their sum (540 s) keeps the whole check, with the bundle's unpacking, inside one 10-minute call.
+# Without the compile stage every stage compiled its kernels one after another on first use, which a cold TileLang
+# cache could not fit in the test stages' budgets; the compile stage builds all of them at once on the host's 16
+# cores, so:
+# - host: torch import, 1 GiB copies and two 8192^3 matmuls, 10 timings each: 20 s is ample;
+# - compile: the 57 kernels the GPU tests used before the fused selection took 970 s of job time on a loaded 2-core
 #   machine (8 min 17 s wall with 2 jobs): about 12 s a kernel, 30 s for the backward's. On 16 cores that is about a
-#   minute (the backward's 16 come last, one round); 100 s leaves room for slower cores and the workers' start, and
-#   25 s more build the portable schedule's default configs for sm_90 (one per static, about 12 kernels);
-# - tests: the fuzz tests' examples with a warm cache, now that compiles take milliseconds: 110 s (was 80 s, its
-#   compiles included);
+#   minute (the backward's 16 come last, one round); the fused selection adds 16 (its whole Hopper space for four
+#   statics, about 34 s each on 2 cores: one more round); 155 s leaves room for slower cores and the workers' start,
+#   and 25 s of it build the portable schedule's default configs for sm_90 (one per static, about 16 kernels);
+# - tests: the fuzz tests' examples with a warm cache, now that compiles take milliseconds: 135 s (110 s before the
+#   fused selection's 17 tests, a few of them over 131K-key rows against the CPU reference);
 # - tests_ws: sparse_mla_fwd's ws fuzz test and the two ws cases, with its kernels already compiled: 40 s;
 # - tests_portable: about 30 explicit cases of the portable schedule (DSA_PORTABLE=1, sm_90), compiled: 45 s;
 # - bench: its kernels are the tests' V3.2 ones (compiled, and loaded by the test stages), so what is left is the
-#   timing itself, 19 cases at most 1.5 s per provider: 150 s (was 250 s with the compiles); the portable schedule's
-#   provider beside dsa (attention and indexer cases) shares that budget: cases that do not fit are recorded as such;
+#   timing itself, 19 cases at most 1.5 s per provider: 105 s (was 150 s; cases that do not fit are recorded as
+#   such, the correctness stages come first); the portable schedule's provider beside dsa (attention and indexer
+#   cases) shares that budget;
 # - tune: tune_small.json's candidates are in the compile stage's set, so it only checks and times them: 40 s.
 DEFAULT_BUDGETS: dict[str, int] = {
-    "host": 30,
-    "compile": 125,
-    "tests": 110,
+    "host": 20,
+    "compile": 155,
+    "tests": 135,
     "tests_ws": 40,
     "tests_portable": 45,
-    "bench": 150,
+    "bench": 105,
     "tune": 40,
 }
 # The pytest -m expression of each test stage: the unverified ws schedule and the portable schedule apart from the rest.

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from dsa import reference, testing
-from dsa.launch import indexer, sparse_mla_bwd, sparse_mla_fwd, topk
+from dsa.launch import index_topk, indexer, sparse_mla_bwd, sparse_mla_fwd, topk
 
 __all__ = ["SEED", "Runner", "register_runner", "runner_for"]
 
@@ -223,9 +223,52 @@ def _bwd_narrow(inputs: Inputs, out: Outputs) -> tuple[Inputs, None]:
     return _rows_of(inputs, ("q", "indices", "topk_length", "out", "lse", "d_out")), None
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# index_topk (the fused selection)
+# ----------------------------------------------------------------------------------------------------------------------
+def _index_topk_inputs(static: dict[str, Any], sizes: dict[str, int], device: torch.device, seed: int) -> Inputs:
+    # Integer-valued: every implementation computes the scores exactly, so the selection is compared exactly.
+    inputs = testing.indexer_inputs(
+        batch=sizes["batch"], seq=sizes["seq_len"], seq_kv=sizes["seq_len_kv"], heads=static["heads"],
+        dim=static["dim"], dtype=static["dtype"], mode=static["mode"], range_kind="packed", seed=seed, device=device,
+        integer_valued=True,
+    )  # fmt: skip
+    return {**inputs, "topk": static["topk"]}
+
+
+def _index_topk_launch(config: Any, static: dict[str, Any], inputs: Inputs) -> Outputs:
+    args, kwargs = _indexer_args(inputs)
+    return index_topk.index_topk(*args, inputs["topk"], **kwargs, config=config)
+
+
+def _index_topk_reference(static: dict[str, Any], inputs: Inputs) -> Any:
+    # The check needs every score of the checked rows (the contract is stated on them), not another selection.
+    args, kwargs = _indexer_args(inputs)
+    return reference.index_scores(*args, **kwargs), inputs["topk"]
+
+
+def _index_topk_compare(out: Outputs, expected: Any) -> str | None:
+    scores, topk_ = expected
+    problem = testing.topk_error(scores, out[0], topk_)
+    if problem is not None:
+        return problem
+    if not torch.equal(out[1].cpu(), reference.gather_scores(scores, out[0]).cpu().to(out[1].dtype)):
+        return "scores: not the exact index scores at the selected positions"
+    return None
+
+
+def _index_topk_narrow(inputs: Inputs, out: Outputs) -> tuple[Inputs, Outputs]:
+    narrowed, (indices,) = _indexer_narrow(inputs, (out[0],))
+    seq = inputs["q"].shape[1]
+    return narrowed, (indices, out[1][:, max(0, seq - CHECK_ROWS) : seq])
+
+
 _RUNNERS: dict[str, Runner] = {
     indexer.KERNEL_NAME: Runner(_indexer_inputs, _indexer_launch, _indexer_reference, _indexer_compare, _indexer_narrow),
     topk.KERNEL_NAME: Runner(_topk_inputs, _topk_launch, _topk_reference, _topk_compare, _topk_narrow),
+    index_topk.KERNEL_NAME: Runner(
+        _index_topk_inputs, _index_topk_launch, _index_topk_reference, _index_topk_compare, _index_topk_narrow
+    ),
     sparse_mla_fwd.KERNEL_NAME: Runner(_fwd_inputs, _fwd_launch, _fwd_reference, _fwd_compare, _fwd_narrow),
     sparse_mla_bwd.KERNEL_NAME: Runner(_bwd_inputs, _bwd_launch, _bwd_reference, _bwd_compare, _bwd_narrow),
 }

@@ -36,7 +36,7 @@ from typing import Any
 
 from autotune import flops
 
-KERNEL_NAMES: tuple[str, ...] = ("indexer", "topk", "sparse_mla_fwd", "sparse_mla_bwd")
+KERNEL_NAMES: tuple[str, ...] = ("indexer", "topk", "index_topk", "sparse_mla_fwd", "sparse_mla_bwd")
 SIZE_NAMES: tuple[str, ...] = ("batch", "seq_len", "seq_len_kv")
 # The default target candidates are checked for: kernel modules apply an architecture's constraints from
 # ``static["target"]`` (the dict form of ``tl_kernels.dsl.HOPPER_TARGET``, repeated here to keep this import light).
@@ -44,7 +44,7 @@ HOPPER_TARGET: dict[str, str] = {"kind": "cuda", "arch": "sm_90a"}
 _HOPPER_ARCH = HOPPER_TARGET["arch"]
 PRESETS: tuple[str, ...] = ("deepseek-v3.2", "tiny")
 # The pruned ("default") space: the default config plus at most this many one-field neighbours per static case, so
-# that the default run of all four kernels compiles in a few minutes on 2 cores.
+# that the default run of all five kernels compiles in a few minutes on 2 cores.
 PRUNED_NEIGHBOURS = 3
 # Sequence lengths of the deepseek-v3.2 preset: 4K .. 64K tokens, prefill/training with S == S_kv.
 DEEPSEEK_SEQ_LENS: tuple[int, ...] = (4096, 8192, 16384, 32768, 65536)
@@ -124,6 +124,8 @@ def _no_flops(static: Static, sizes: Sizes) -> None:
 _BUILTIN_SPECS: dict[str, KernelSpec] = {
     "indexer": KernelSpec("indexer", "tl_kernels.indexer", _indexer_flops),
     "topk": KernelSpec("topk", "tl_kernels.topk", _no_flops, has_gemm=False),
+    # The fused selection's FLOPs are the indexer's: its GEMMs are the work, the selection rides along.
+    "index_topk": KernelSpec("index_topk", "tl_kernels.index_topk", _indexer_flops),
     "sparse_mla_fwd": KernelSpec(
         "sparse_mla_fwd", "tl_kernels.sparse_mla_fwd", _sparse_mla_fwd_flops, size_names=(*SIZE_NAMES, "topk")
     ),
@@ -159,7 +161,7 @@ def spec(kernel: str) -> KernelSpec:
 
 
 def known_kernels() -> tuple[str, ...]:
-    """Every kernel name: the four DSA kernels first, then any registered ones."""
+    """Every kernel name: the five DSA kernels first, then any registered ones."""
     return KERNEL_NAMES + tuple(name for name in _specs if name not in KERNEL_NAMES)
 
 
@@ -361,6 +363,7 @@ def _builtin_cases(preset: str) -> dict[str, list[Case]]:
     return {
         "indexer": [Case("indexer", static, plain, check) for static in indexer],
         "topk": [Case("topk", {"k": topk}, plain, check)],
+        "index_topk": [Case("index_topk", {**static, "topk": topk}, plain, check) for static in indexer],
         "sparse_mla_fwd": [
             Case("sparse_mla_fwd", {**mla, **no_options}, _points(seqs, topk=topk), {**check, "topk": topk})
         ],

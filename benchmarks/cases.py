@@ -47,7 +47,7 @@ MEMORY = "memory"
 SELECTION = "selection"
 MEMORY_KINDS: tuple[str, ...] = (MEMORY, SELECTION)
 """The cases measured by peak device memory and one call's wall time (``autotune.bench.run_memory_case``)."""
-KERNELS: tuple[str, ...] = ("indexer", "topk", "sparse_mla_fwd", "sparse_mla_bwd", MEMORY, SELECTION)
+KERNELS: tuple[str, ...] = ("indexer", "topk", "index_topk", "sparse_mla_fwd", "sparse_mla_bwd", MEMORY, SELECTION)
 _NO_OPTIONS = {"has_topk_length": False, "has_sink": False}
 
 
@@ -119,6 +119,20 @@ def _indexer_case(name: str, seq: int, seq_kv: int, heads: int, dim: int, dtype:
     )
 
 
+def _index_topk_case(name: str, seq: int, heads: int, dim: int, dtype: str, topk: int, targets: tuple) -> Case:
+    element_bytes = flops.FP8_BYTES if dtype == "float8_e4m3fn" else flops.BF16_BYTES
+    return Case(
+        "index_topk",
+        name,
+        {"heads": heads, "dim": dim, "dtype": dtype, "mode": "causal", "topk": topk},
+        _sizes(1, seq, seq),
+        flops.indexer_flops(1, seq, seq, heads, dim),
+        flops.index_topk_bytes(1, seq, seq, heads, dim, element_bytes, topk),
+        targets,
+        context=seq,
+    )
+
+
 def _topk_case(name: str, rows: int, length: int, k: int, targets: tuple) -> Case:
     return Case(
         "topk", name, {"k": k}, _sizes(1, rows, length), 0.0, flops.topk_bytes(rows, length, k), targets, context=length
@@ -170,6 +184,15 @@ def _topk_cases() -> list[Case]:
     return [_topk_case(f"topk-rows{TOPK_ROWS}-len{n}", TOPK_ROWS, n, TOPK, targets) for n in TOPK_ROW_LENGTHS]
 
 
+def _index_topk_cases() -> list[Case]:
+    # The fused selection should cost little more than the indexer it contains: half the FP8 matrix rate.
+    target = Target("tflops", 0.50, of="fp8_tflops")
+    return [
+        _index_topk_case(f"index_topk-fp8-s{n}", n, INDEX_HEADS, INDEX_DIM, "float8_e4m3fn", TOPK, (target,))
+        for n in INDEXER_SEQ_LENS
+    ]
+
+
 def _mla_shapes() -> list[tuple[str, int, int, int]]:
     prefill = [(f"prefill-s{MLA_PREFILL_SEQ}-kv{n}", 1, MLA_PREFILL_SEQ, n) for n in MLA_PREFILL_KV_LENS]
     decode = (f"decode-b{MLA_DECODE_BATCH}-s{MLA_DECODE_SEQ}-kv{MLA_DECODE_KV}", MLA_DECODE_BATCH, MLA_DECODE_SEQ,
@@ -198,6 +221,7 @@ def _selection_cases() -> list[Case]:
 _BUILDERS: dict[str, Callable[[], list[Case]]] = {
     "indexer": _indexer_cases,
     "topk": _topk_cases,
+    "index_topk": _index_topk_cases,
     "sparse_mla_fwd": lambda: _sparse_mla_cases("sparse_mla_fwd", 600.0),
     "sparse_mla_bwd": lambda: _sparse_mla_cases("sparse_mla_bwd", 250.0),
     MEMORY: _memory_cases,
@@ -214,6 +238,8 @@ def tiny_cases(kernels: tuple[str, ...] = KERNELS) -> list[Case]:
             out.append(_indexer_case(f"tiny-indexer-{short}", 96, 96, 4, 64, dtype, ()))
     if "topk" in kernels:
         out.append(_topk_case("tiny-topk", 32, 256, 16, (Target("speedup", 10.0, against="torch.topk"),)))
+    if "index_topk" in kernels:
+        out.append(_index_topk_case("tiny-index_topk", 96, 4, 64, "bfloat16", 16, ()))
     for kernel in ("sparse_mla_fwd", "sparse_mla_bwd"):
         if kernel in kernels:
             out.append(_mla_case(kernel, f"tiny-{kernel}", 2, 8, 128, 16, 128, 64, 32, (Target("tflops", 600.0),)))

@@ -13,7 +13,8 @@ machine compiles the V3.2 backward in about 130 s per architecture. Every archit
 tile dtype differs: bf16 where there is no FP8 MMA); the backward, whose default config follows the shared-memory
 class, builds once per class that has its own config (sm_80: the 163/227 KB config, sm_89: the 99 KB one); the
 forward (one default everywhere) builds on sm_80, on sm_90 (what the GPU tier runs) and on sm_120 (where a 64-head
-block once spilled); top-k (no GEMM, no arch feature) on sm_80. ``dsa-autotune --compile-only --sku <id>`` builds
+block once spilled); top-k (no GEMM, no arch feature) on sm_80; the fused selection on sm_86 (bf16 tiles from FP8
+inputs and 99 KB: its tightest fit). ``dsa-autotune --compile-only --sku <id>`` builds
 every kernel for any one architecture. The builds are compiled up front in parallel (``autotune.tuner.compile_all``,
 as the tuner does), then each test reads its result.
 """
@@ -38,6 +39,7 @@ V32_FLAGS = {"has_topk_length": True, "has_sink": True}
 CASES: tuple[tuple[str, dict[str, Any]], ...] = (
     ("indexer", {"heads": 64, "dim": 128, "dtype": "float8_e4m3fn", "mode": "causal"}),
     ("topk", {"k": 2048}),
+    ("index_topk", {"heads": 64, "dim": 128, "dtype": "float8_e4m3fn", "mode": "causal", "topk": 2048}),
     ("sparse_mla_fwd", {"heads": 128, "d_qk": 576, "d_v": 512, **V32_FLAGS}),
     ("sparse_mla_bwd", {"heads": 128, "d_qk": 576, "d_v": 512, "topk": 2048, **V32_FLAGS}),
 )
@@ -46,6 +48,7 @@ BF16_INDEXER = ("indexer", {"heads": 64, "dim": 128, "dtype": "bfloat16", "mode"
 ARCHS_BY_KERNEL: dict[str, tuple[str, ...]] = {
     "indexer": ARCH_NAMES,
     "topk": ("sm_80",),
+    "index_topk": ("sm_86",),
     "sparse_mla_fwd": ("sm_80", "sm_90", "sm_120"),
     "sparse_mla_bwd": ("sm_80", "sm_89"),
 }

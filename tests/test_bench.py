@@ -45,7 +45,7 @@ def test_dry_run_lists_every_standard_case_with_hand_checked_counts(tmp_path: Pa
     proc = _run(str(SCRIPTS / "bench.py"), "--dry-run", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     names = [c.name for c in case_data.standard_cases()]
-    assert len(names) == 23 and len(set(names)) == len(names)
+    assert len(names) == 26 and len(set(names)) == len(names)
     for name in names:
         assert re.search(rf"^{re.escape(name)}\s", proc.stdout, re.M), f"{name} missing from the dry-run table"
     rows = json.loads(out.read_text())["rows"]
@@ -64,6 +64,10 @@ def test_dry_run_lists_every_standard_case_with_hand_checked_counts(tmp_path: Pa
     assert work["selection-fp8-s131072"] == 2 * 64 * 128 * (131072 * 131073 // 2)
     # One read of the scores plus the indices written.
     assert nbytes["topk-rows4096-len131072"] == 4096 * 131072 * 4 + 4096 * 2048 * 4
+    # The fused selection: the indexer's FLOPs; its reads (q, k, weights, k_scale) and the indices and scores written.
+    assert work["index_topk-fp8-s4096"] == work["indexer-fp8-s4096"]
+    reads = 4096 * 64 * 128 + 4096 * 128 + 4096 * 64 * 4 + 4096 * 4
+    assert nbytes["index_topk-fp8-s4096"] == reads + 4096 * 2048 * (4 + 4)
 
 
 def test_tune_small_shapes_are_valid_for_the_tuner() -> None:

@@ -276,6 +276,7 @@ GPU_TEST_MODULES: tuple[str, ...] = (
     "tests.test_sparse_mla_fwd_kernel",
     "tests.test_sparse_mla_bwd_kernel",
     "tests.test_index_topk",
+    "tests.test_index_topk_kernel",
 )
 
 

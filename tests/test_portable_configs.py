@@ -83,7 +83,10 @@ def test_portable_defaults_fit_every_architecture(arch: str) -> None:
 def test_portable_tuning_space_is_checked_for_its_target(kernel: str) -> None:
     """The tuner's candidates on a portable architecture come from the module's portable space (the Hopper-only ws
     schedule never appears) and each passes ``check_config`` for that target; the default comes first."""
-    static = {"indexer": FP8_INDEXER, "topk": {"k": 2048}, "sparse_mla_fwd": FWD_V32, "sparse_mla_bwd": BWD_V32}[kernel]
+    static = {
+        "indexer": FP8_INDEXER, "topk": {"k": 2048}, "index_topk": {**FP8_INDEXER, "topk": 2048},
+        "sparse_mla_fwd": FWD_V32, "sparse_mla_bwd": BWD_V32,
+    }[kernel]  # fmt: skip
     module = space.kernel_module(kernel)
     for target in (SM80, SM86):
         full = space.full_space(kernel, static, target=target)

@@ -32,8 +32,7 @@ from hypothesis import strategies as st
 from dsa.launch import topk as launch
 from dsa.testing import assert_topk_valid
 from tests import strategies, support
-from tl_kernels import dsl
-from tl_kernels import radix_select
+from tl_kernels import dsl, radix_select
 from tl_kernels import topk as kernels
 
 logger = logging.getLogger(__name__)
