@@ -7,8 +7,9 @@ counted as the call's memory. Each measurement belongs in a fresh process (``pyt
 allocator kept from earlier calls would otherwise be reused and not counted.
 
 ``python -m dsa.memory --seq-lens 2048,4096,8192`` prints, per length, the peak RSS increase of one forward of
-:class:`dsa.modules.DSAttention` (the tiny configuration: 4 heads, indexer 4 x 32, top-k 16) and of
-``dsa.ops.index_topk`` alone, each in its own subprocess, as a Markdown table (the README's memory table).
+:class:`dsa.modules.DSAttention` (the tiny configuration: 4 heads, indexer 4 x 32, top-k 16), of ``dsa.ops.index_topk``
+alone (on a CPU: the reference's bounded walk) and of the fused selection kernel's C-target build (``fused_kernel``),
+each in its own subprocess, as a Markdown table (the README's memory table).
 """
 
 from __future__ import annotations
@@ -78,9 +79,23 @@ def _index_topk(seq: int) -> tuple[Callable[[], object], str]:
     return (lambda: ops.index_topk(q, k, weights, config.index_topk)), "dsa.ops.index_topk (H_i=4, D_i=32, k=16)"
 
 
+def _fused_kernel(seq: int) -> tuple[Callable[[], object], str]:
+    from dsa.launch import index_topk as launch
+    from dsa.modules import DSAConfig
+
+    config = DSAConfig.tiny()
+    torch.manual_seed(0)
+    q = torch.randn(1, seq, config.index_n_heads, config.index_head_dim).bfloat16()
+    k = torch.randn(1, seq, config.index_head_dim).bfloat16()
+    weights = torch.randn(1, seq, config.index_n_heads)
+    what = "the fused selection kernel, C target (bf16, H_i=4, D_i=32, k=16)"
+    return (lambda: launch.index_topk(q, k, weights, config.index_topk)), what
+
+
 MEASURES: dict[str, Callable[[int], tuple[Callable[[], object], str]]] = {
     "attention": _tiny_attention,
     "index_topk": _index_topk,
+    "fused_kernel": _fused_kernel,
 }
 """What ``measure`` can run: name -> (sequence length -> (the call, its description))."""
 

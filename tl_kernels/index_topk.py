@@ -91,7 +91,7 @@ TUNING_SPACE: dict[str, tuple] = {
     "q_rows": (64, 128),
     "block_N": (128,),
     "threads": (256,),
-    "cand_factor": (2, 3),
+    "cand_factor": (2,),
 }
 PORTABLE_TUNING_SPACE: dict[str, tuple] = {
     "q_rows": (64,),
