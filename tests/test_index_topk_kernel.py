@@ -152,9 +152,16 @@ def test_kernel_allocates_nothing_that_grows_with_the_sequence(target: Any, mode
             if scope.startswith("shared")
         )
         assert shared <= kernels.smem_bytes(static, config), shared
-    shapes = {param.name: [str(e) for e in func.buffer_map[param].shape] for param in func.params}
-    assert shapes.pop("Indices_handle") == shapes.pop("Scores_handle") == ["batch", "seq_len", str(V32_TOPK)]
-    assert not any(shape[-1] == "seq_len_kv" and shape[1] == "seq_len" for shape in shapes.values()), shapes
+    buffers = {param.name: func.buffer_map[param] for param in func.params}
+    batch, seq = buffers["Q_handle"].shape[:2]
+    seq_kv = buffers["K_handle"].shape[1]
+    assert not any(seq.same_as(extent) for extent in [batch, seq_kv]), "the sizes must be distinct variables"
+    for name in ("Indices_handle", "Scores_handle"):
+        shape = list(buffers.pop(name).shape)
+        assert shape[0].same_as(batch) and shape[1].same_as(seq) and int(shape[2]) == V32_TOPK, (name, shape)
+    for name, buffer in buffers.items():  # the inputs: nothing is [.., S, S_kv]
+        extents = list(buffer.shape)
+        assert not (any(e.same_as(seq) for e in extents) and any(e.same_as(seq_kv) for e in extents)), name
 
 
 # --------------------------------------------------------------------------------------- TileLang-on-CPU tier

@@ -40,6 +40,7 @@ import tilelang.language as T
 
 from tl_kernels import dsl, indexer
 from tl_kernels import radix_select as rs
+from tl_kernels.indexer_steps import indexer_math
 
 __all__ = [
     "CPU_DEFAULT",
@@ -223,21 +224,12 @@ def build(
     io_dtype = dsl.storage_dtype(dtype, target)
     tile_dtype = indexer.tile_dtype_for(dtype, target)
     neg_inf = -T.infinity(ACCUM_DTYPE)
+    math_ = indexer_math(
+        heads=heads, heads_pad=heads_pad, block_Q=block_Q, block_N=block_N, dim=dim, dtype=dtype, mode=mode,
+        tile_dtype=tile_dtype, target=target,
+    )  # fmt: skip
 
     batch, seq, seq_kv = T.dynamic("batch, seq_len, seq_len_kv")
-
-    def _load(value: Any) -> Any:
-        if tile_dtype != dtype and not cpu:
-            return T.Cast(tile_dtype, value)
-        return dsl.load_tile(value, dtype, target)
-
-    def _visible(Starts: Any, Ends: Any, b: Any, t: Any, s: Any, shift: Any) -> Any:
-        if causal:
-            return s <= t + shift
-        return T.And(Starts[b, t] <= s, s < Ends[b, t])
-
-    def _scaled(value: Any, KScale: Any, b: Any, s: Any) -> Any:
-        return value * KScale[b, s] if fp8 else value
 
     # Macro parameters carry no annotations on purpose: TileLang gives annotated macro parameters meaning (T.Ref).
 
@@ -293,64 +285,29 @@ def build(
             score_tile = alloc.shared([block_N, block_Q], ACCUM_DTYPE)
             fill = alloc.shared([block_Q], COUNT_DTYPE)
             threshold = alloc.shared([block_Q], rs.KEY_DTYPE)
-            k_lo = T.alloc_var(INDEX_DTYPE)
-            k_hi = T.alloc_var(INDEX_DTYPE)
+            bounds = T.alloc_local([2], INDEX_DTYPE)
             kb_lo = T.alloc_var(INDEX_DTYPE)
             kb_hi = T.alloc_var(INDEX_DTYPE)
             t0 = bq * block_Q
             shift = seq_kv - seq  # causal alignment: query t sees s <= t + shift
-            base = rs.Row(
-                scores=None,
-                indices=Indices,
-                out_scores=Scores,
-                b=bb,
-                s=t0,
-                width=seq_kv,
-                tx=None if cpu else T.get_thread_binding(),
-                state=alloc.shared([rs.N_STATE], COUNT_DTYPE),
-                key_state=alloc.shared([rs.N_KEY_STATE], rs.KEY_DTYPE),
-                hist=alloc.shared([2, rs.RADIX + 1], COUNT_DTYPE),
-                cand_idx=alloc.shared([block_Q * capacity], INDEX_DTYPE),
-                cand_key=alloc.shared([block_Q * capacity], rs.KEY_DTYPE),
-                cand_base=0,
-                local_count=T.alloc_local([1], COUNT_DTYPE),
-                local_key=T.alloc_local([1], rs.KEY_DTYPE),
-                local_tie=T.alloc_local([1], rs.KEY_DTYPE),
-            )
+            base = rs.new_row(
+                alloc, cand_entries=block_Q * capacity, scores=None, indices=Indices, out_scores=Scores, b=bb, s=t0,
+                width=seq_kv, tx=None if cpu else T.get_thread_binding(),
+            )  # fmt: skip
             block = _Block(
                 base.tx, fill, threshold, score_tile, base.cand_idx, base.cand_key, base.key_state,
                 base.local_count, base.local_key,
             )  # fmt: skip
 
-            # The key range [k_lo, k_hi) that at least one query of this block sees (as in the indexer).
-            if causal:
-                k_lo = 0
-                k_hi = T.max(0, T.min(seq_kv, T.min(seq, t0 + block_Q) + shift))
-            else:
-                k_lo = indexer.INT32_MAX
-                k_hi = 0
-                for i in T.serial(block_Q):
-                    if t0 + i < seq:
-                        lo_i = T.max(Starts[bb, t0 + i], 0)
-                        hi_i = T.min(Ends[bb, t0 + i], seq_kv)
-                        if lo_i < hi_i:
-                            k_lo = T.min(k_lo, lo_i)
-                            k_hi = T.max(k_hi, hi_i)
-            if k_lo < k_hi:
-                kb_lo = k_lo // block_N
-                kb_hi = T.ceildiv(k_hi, block_N)
+            # The key blocks [kb_lo, kb_hi) that at least one query of this block sees.
+            math_.key_range(Starts, Ends, bb, t0, seq, seq_kv, shift, bounds)
+            if bounds[0] < bounds[1]:
+                kb_lo = bounds[0] // block_N
+                kb_hi = T.ceildiv(bounds[1], block_N)
             else:
                 kb_lo = 0
                 kb_hi = 0
-
-            for r, d in alloc.parallel(rows, dim):
-                q_tile[r, d] = T.if_then_else(
-                    t0 + r // heads_pad < seq and r % heads_pad < heads,
-                    _load(Q[bb, t0 + r // heads_pad, r % heads_pad, d]),
-                    T.cast(0, tile_dtype),
-                )
-            for i, h in alloc.parallel(block_Q, heads_pad):
-                w_tile[i, h] = T.if_then_else(t0 + i < seq and h < heads, W[bb, t0 + i, h], T.float32(0))
+            math_.load_queries(Q, W, q_tile, w_tile, bb, t0, seq)
             select.single(block, init_rows, None)
             select.barrier()
 
@@ -362,17 +319,14 @@ def build(
                 if step < n_steps:
                     for n, d in alloc.parallel(block_N, dim):
                         k_tile[n, d] = T.if_then_else(
-                            s0 + n < seq_kv, _load(K[bb, T.min(s0 + n, seq_kv - 1), d]), T.cast(0, tile_dtype)
+                            s0 + n < seq_kv, math_.load(K[bb, T.min(s0 + n, seq_kv - 1), d]), T.cast(0, tile_dtype)
                         )
                     select.barrier()
-                    T.gemm(k_tile, q_tile, acc, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
-                    for n, i, h in alloc.parallel(block_N, block_Q, heads_pad):
-                        acc_heads[n, i, h] = T.max(acc_heads[n, i, h], 0) * w_tile[i, h]
-                    T.reduce_sum(acc_heads, logits, dim=-1, clear=True)
+                    math_.head_sum(k_tile, q_tile, acc, acc_heads, w_tile, logits)
                     for n, i in alloc.parallel(block_N, block_Q):
                         score_tile[n, i] = T.if_then_else(
-                            t0 + i < seq and s0 + n < seq_kv and _visible(Starts, Ends, bb, t0 + i, s0 + n, shift),
-                            _scaled(logits[n, i], KScale, bb, T.min(s0 + n, seq_kv - 1)),
+                            t0 + i < seq and s0 + n < seq_kv and math_.visible(Starts, Ends, bb, t0 + i, s0 + n, shift),
+                            math_.scaled(logits[n, i], KScale, bb, T.min(s0 + n, seq_kv - 1)),
                             neg_inf,
                         )
                     select.barrier()

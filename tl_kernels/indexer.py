@@ -26,6 +26,7 @@ from typing import Any
 import tilelang.language as T
 
 from tl_kernels import dsl
+from tl_kernels.indexer_steps import FP8, indexer_math
 
 __all__ = [
     "CPU_DEFAULT",
@@ -44,7 +45,6 @@ __all__ = [
 ]
 
 BF16 = "bfloat16"
-FP8 = "float8_e4m3fn"
 DTYPES = (BF16, FP8)
 MODES = ("causal", "range")
 ACCUM_DTYPE = "float32"
@@ -61,8 +61,6 @@ ACCUM_BYTES = 4
 # The wgmma M tile is 64 rows per warpgroup of 128 threads.
 WARPGROUP_THREADS = 128
 WGMMA_M = 64
-# A large int32 used as the "empty" lower bound when folding per-query ranges with min.
-INT32_MAX = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -258,21 +256,12 @@ def build(
     heads_pad = padded_heads(heads, block_Q)
     rows = block_Q * heads_pad
     neg_inf = -T.infinity(ACCUM_DTYPE)
+    math_ = indexer_math(
+        heads=heads, heads_pad=heads_pad, block_Q=block_Q, block_N=block_N, dim=dim, dtype=dtype, mode=mode,
+        tile_dtype=tile_dtype, target=target,
+    )  # fmt: skip
 
     batch, seq, seq_kv = T.dynamic("batch, seq_len, seq_len_kv")
-
-    def _load(value: Any) -> Any:
-        if tile_dtype != dtype and not cpu:
-            return T.Cast(tile_dtype, value)
-        return dsl.load_tile(value, dtype, target)
-
-    def _visible(Starts: Any, Ends: Any, b: Any, t: Any, s: Any, shift: Any) -> Any:
-        if causal:
-            return s <= t + shift
-        return T.And(Starts[b, t] <= s, s < Ends[b, t])
-
-    def _scaled(value: Any, KScale: Any, b: Any, s: Any) -> Any:
-        return value * KScale[b, s] if fp8 else value
 
     @T.macro
     def body(Q, K, W, KScale, Starts, Ends, Out):
@@ -285,69 +274,42 @@ def build(
             # all its accumulator columns (32 floats at 128 rows), which spilled at 4 consumer warpgroups.
             w_tile = alloc.shared([block_Q, heads_pad], ACCUM_DTYPE)
             logits = alloc.fragment([block_N, block_Q], ACCUM_DTYPE)
-            k_lo = T.alloc_var(INDEX_DTYPE)
-            k_hi = T.alloc_var(INDEX_DTYPE)
+            bounds = T.alloc_local([2], INDEX_DTYPE)
             kb_lo = T.alloc_var(INDEX_DTYPE)
             kb_hi = T.alloc_var(INDEX_DTYPE)
             t0 = bq * block_Q
             shift = seq_kv - seq  # causal alignment: query t sees s <= t + shift
 
-            # The key range [k_lo, k_hi) that at least one query of this block sees.
-            if causal:
-                k_lo = 0
-                k_hi = T.max(0, T.min(seq_kv, T.min(seq, t0 + block_Q) + shift))
-            else:
-                k_lo = INT32_MAX
-                k_hi = 0
-                for i in T.serial(block_Q):
-                    if t0 + i < seq:
-                        lo_i = T.max(Starts[bb, t0 + i], 0)
-                        hi_i = T.min(Ends[bb, t0 + i], seq_kv)
-                        if lo_i < hi_i:
-                            k_lo = T.min(k_lo, lo_i)
-                            k_hi = T.max(k_hi, hi_i)
-            if k_lo < k_hi:
-                kb_lo = k_lo // block_N
-                kb_hi = T.ceildiv(k_hi, block_N)
+            # The key blocks [kb_lo, kb_hi) that at least one query of this block sees.
+            math_.key_range(Starts, Ends, bb, t0, seq, seq_kv, shift, bounds)
+            if bounds[0] < bounds[1]:
+                kb_lo = bounds[0] // block_N
+                kb_hi = T.ceildiv(bounds[1], block_N)
             else:
                 kb_lo = 0
                 kb_hi = 0
-
-            for r, d in alloc.parallel(rows, dim):
-                q_tile[r, d] = T.if_then_else(
-                    t0 + r // heads_pad < seq and r % heads_pad < heads,
-                    _load(Q[bb, t0 + r // heads_pad, r % heads_pad, d]),
-                    T.cast(0, tile_dtype),
-                )
-            for i, h in alloc.parallel(block_Q, heads_pad):
-                w_tile[i, h] = T.if_then_else(t0 + i < seq and h < heads, W[bb, t0 + i, h], T.float32(0))
+            math_.load_queries(Q, W, q_tile, w_tile, bb, t0, seq)
 
             for step in T.Pipelined(kb_hi - kb_lo, num_stages=num_stages):
                 s0 = (kb_lo + step) * block_N
                 if cpu:
                     for n, d in T.grid(block_N, dim):
-                        k_tile[n, d] = T.if_then_else(s0 + n < seq_kv, _load(K[bb, s0 + n, d]), T.float32(0))
+                        k_tile[n, d] = T.if_then_else(s0 + n < seq_kv, math_.load(K[bb, s0 + n, d]), T.float32(0))
                 elif element_k:
                     for n, d in T.Parallel(block_N, dim):
                         k_tile[n, d] = T.if_then_else(
                             s0 + n < seq_kv,
-                            _load(K[bb, T.min(s0 + n, seq_kv - 1), d]),
+                            math_.load(K[bb, T.min(s0 + n, seq_kv - 1), d]),
                             T.cast(0, tile_dtype),
                         )
                 else:
                     T.copy(K[bb, s0 : s0 + block_N, :], k_tile)
-                # FullRow: the warpgroups split the keys (M), each holds all q-head rows (N) of its keys, so the sum
-                # over heads below stays inside a thread quad (FullCol split the heads and reduced through shared
-                # memory with a block-wide barrier per step).
-                T.gemm(k_tile, q_tile, acc, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
-                for n, i, h in alloc.parallel(block_N, block_Q, heads_pad):
-                    acc_heads[n, i, h] = T.max(acc_heads[n, i, h], 0) * w_tile[i, h]
-                T.reduce_sum(acc_heads, logits, dim=-1, clear=True)
+                math_.head_sum(k_tile, q_tile, acc, acc_heads, w_tile, logits)
                 for i, n in alloc.parallel(block_Q, block_N):
                     if t0 + i < seq and s0 + n < seq_kv:
                         Out[bb, t0 + i, s0 + n] = T.if_then_else(
-                            _visible(Starts, Ends, bb, t0 + i, s0 + n, shift),
-                            _scaled(logits[n, i], KScale, bb, s0 + n),
+                            math_.visible(Starts, Ends, bb, t0 + i, s0 + n, shift),
+                            math_.scaled(logits[n, i], KScale, bb, s0 + n),
                             neg_inf,
                         )
 

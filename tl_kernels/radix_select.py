@@ -38,6 +38,7 @@ __all__ = [
     "hist_bytes",
     "is_finite_key",
     "key_score",
+    "new_row",
     "order_key",
     "rounds",
     "select_macros",
@@ -215,6 +216,26 @@ class Row(NamedTuple):
     local_count: Any  # [1] int32 local: an atomic's previous value
     local_key: Any  # [1] uint32 local: one element's key
     local_tie: Any  # [1] uint32 local: one element's tie key
+
+
+def new_row(alloc: Any, *, cand_entries: int, **sources: Any) -> Row:
+    """A :class:`Row` with its state, histogram and ``cand_entries`` candidate slots allocated through ``alloc``
+    (``tl_kernels.dsl.Allocators``: shared memory on CUDA, local arrays on the C target), called inside a kernel.
+
+    ``sources`` gives the remaining fields: ``scores``, ``indices``, ``out_scores``, ``b``, ``s``, ``width``, ``tx``.
+    """
+    return Row(
+        **sources,
+        state=alloc.shared([N_STATE], COUNT_DTYPE),
+        key_state=alloc.shared([N_KEY_STATE], KEY_DTYPE),
+        hist=alloc.shared([2, RADIX + 1], COUNT_DTYPE),
+        cand_idx=alloc.shared([cand_entries], INDEX_DTYPE),
+        cand_key=alloc.shared([cand_entries], KEY_DTYPE),
+        cand_base=0,
+        local_count=T.alloc_local([1], COUNT_DTYPE),
+        local_key=T.alloc_local([1], KEY_DTYPE),
+        local_tie=T.alloc_local([1], KEY_DTYPE),
+    )
 
 
 class SelectMacros(NamedTuple):

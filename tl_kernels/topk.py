@@ -72,7 +72,6 @@ __all__ = [
 
 SCORE_DTYPE = "float32"
 INDEX_DTYPE = "int32"
-COUNT_DTYPE = "int32"
 
 _WARP = 32
 _MAX_THREADS = 1024
@@ -145,24 +144,10 @@ def build(*, k: int, threads: int = Config.threads, cand_capacity: int = Config.
         indices: T.Tensor((batch, seq, k), INDEX_DTYPE),
     ):
         with T.Kernel(seq, batch, threads=threads) as (s, b):
-            row = rs.Row(
-                scores=scores,
-                indices=indices,
-                out_scores=None,
-                b=b,
-                s=s,
-                width=seq_kv,
-                tx=None if cpu else T.get_thread_binding(),
-                state=alloc.shared([rs.N_STATE], COUNT_DTYPE),
-                key_state=alloc.shared([rs.N_KEY_STATE], rs.KEY_DTYPE),
-                hist=alloc.shared([2, rs.RADIX + 1], COUNT_DTYPE),
-                cand_idx=alloc.shared([cand_capacity], INDEX_DTYPE),
-                cand_key=alloc.shared([cand_capacity], rs.KEY_DTYPE),
-                cand_base=0,
-                local_count=T.alloc_local([1], COUNT_DTYPE),
-                local_key=T.alloc_local([1], rs.KEY_DTYPE),
-                local_tie=T.alloc_local([1], rs.KEY_DTYPE),
-            )
+            row = rs.new_row(
+                alloc, cand_entries=cand_capacity, scores=scores, indices=indices, out_scores=None, b=b, s=s,
+                width=seq_kv, tx=None if cpu else T.get_thread_binding(),
+            )  # fmt: skip
             select.select_row(row, 0)
 
     if cpu:

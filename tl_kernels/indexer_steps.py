@@ -1,0 +1,114 @@
+"""The lightning indexer's math, written once for the two kernels that compute its scores: ``tl_kernels.indexer``
+(writes every score) and ``tl_kernels.index_topk`` (selects from them without writing them).
+
+``scores[b, t, s] = k_scale[b, s] * sum_j w[b, t, j] * relu(q[b, t, j] . k[b, s])`` over a block of ``block_Q``
+queries whose ``heads_pad`` padded heads form the ``[rows, dim]`` q tile; the pieces here are the key range the block
+visits, the q and weight tile loads, one key block's head-weighted sum (the GEMM, ReLU, weights, the sum over heads)
+and the visibility and scale of one score. The key-tile load and what happens to the scores stay in each kernel.
+"""
+
+# No `from __future__ import annotations`: TileLang evaluates the prim_func annotations (closure shapes) eagerly.
+
+from typing import Any, NamedTuple
+
+import tilelang.language as T
+
+from tl_kernels import dsl
+
+__all__ = ["FP8", "INT32_MAX", "IndexerMath", "indexer_math"]
+
+FP8 = "float8_e4m3fn"
+# A large int32 used as the "empty" lower bound when folding per-query ranges with min.
+INT32_MAX = 2**31 - 1
+
+
+class IndexerMath(NamedTuple):
+    """Expression helpers and macros of one indexer configuration (see :func:`indexer_math`)."""
+
+    load: Any  # load(value) -> the value as the tile dtype (decoded from bits on the C target)
+    visible: Any  # visible(Starts, Ends, b, t, s, shift) -> whether query t sees key s
+    scaled: Any  # scaled(value, KScale, b, s) -> value times k_scale[b, s] (FP8), else value
+    key_range: Any  # key_range(Starts, Ends, b, t0, seq_len, seq_len_kv, shift, bounds): [lo, hi) into bounds[0:2]
+    load_queries: Any  # load_queries(Q, W, q_tile, w_tile, b, t0, seq_len): the block's q and weight tiles
+    head_sum: Any  # macro head_sum(k_tile, q_tile, acc, acc_heads, w_tile, logits): logits[n, i] for one key block
+
+
+def indexer_math(
+    *,
+    heads: int,
+    heads_pad: int,
+    block_Q: int,
+    block_N: int,
+    dim: int,
+    dtype: str,
+    mode: str,
+    tile_dtype: str,
+    target: dsl.Target,
+) -> IndexerMath:
+    """The indexer math for ``block_Q`` queries of ``heads`` heads (padded to ``heads_pad``) of width ``dim`` in
+    ``dtype`` (``"bfloat16"`` or FP8) against key blocks of ``block_N``, visibility ``mode`` (``"causal"``: ``s <= t +
+    shift``; ``"range"``: ``starts <= s < ends``), tiles of ``tile_dtype`` on ``target``."""
+    cpu = dsl.is_cpu(target)
+    alloc = dsl.allocators(target)
+    fp8 = dtype == FP8
+    causal = mode == "causal"
+
+    def load(value: Any) -> Any:
+        if tile_dtype != dtype and not cpu:
+            return T.Cast(tile_dtype, value)
+        return dsl.load_tile(value, dtype, target)
+
+    def visible(Starts: Any, Ends: Any, b: Any, t: Any, s: Any, shift: Any) -> Any:
+        if causal:
+            return s <= t + shift
+        return T.And(Starts[b, t] <= s, s < Ends[b, t])
+
+    def scaled(value: Any, KScale: Any, b: Any, s: Any) -> Any:
+        return value * KScale[b, s] if fp8 else value
+
+    # Macro parameters carry no annotations on purpose: TileLang gives annotated macro parameters meaning (T.Ref).
+
+    @T.macro
+    def key_range(Starts, Ends, b, t0, seq_len, seq_len_kv, shift, bounds):
+        """The key range ``[bounds[0], bounds[1])`` that at least one query of the block sees (empty: lo >= hi).
+        Written into a local buffer: a macro cannot rebind its caller's variables. (The size parameters carry the
+        names of the kernels' symbolic sizes: TileLang names a variable after the macro parameter it is passed to.)"""
+        if causal:
+            bounds[0] = 0
+            bounds[1] = T.max(0, T.min(seq_len_kv, T.min(seq_len, t0 + block_Q) + shift))
+        else:
+            bounds[0] = INT32_MAX
+            bounds[1] = 0
+            for i in T.serial(block_Q):
+                if t0 + i < seq_len:
+                    lo_i = T.max(Starts[b, t0 + i], 0)
+                    hi_i = T.min(Ends[b, t0 + i], seq_len_kv)
+                    if lo_i < hi_i:
+                        bounds[0] = T.min(bounds[0], lo_i)
+                        bounds[1] = T.max(bounds[1], hi_i)
+
+    @T.macro
+    def load_queries(Q, W, q_tile, w_tile, b, t0, seq_len):
+        """The block's ``[block_Q * heads_pad, dim]`` q tile and ``[block_Q, heads_pad]`` weights; padded heads and
+        queries past ``seq_len`` are zero (they add nothing to any sum)."""
+        for r, d in alloc.parallel(block_Q * heads_pad, dim):
+            q_tile[r, d] = T.if_then_else(
+                t0 + r // heads_pad < seq_len and r % heads_pad < heads,
+                load(Q[b, t0 + r // heads_pad, r % heads_pad, d]),
+                T.cast(0, tile_dtype),
+            )
+        for i, h in alloc.parallel(block_Q, heads_pad):
+            w_tile[i, h] = T.if_then_else(t0 + i < seq_len and h < heads, W[b, t0 + i, h], T.float32(0))
+
+    @T.macro
+    def head_sum(k_tile, q_tile, acc, acc_heads, w_tile, logits):
+        """``logits[n, i] = sum_h w[i, h] * relu(k_tile[n] . q_tile[i, h])`` (before ``k_scale``) for one key block."""
+        # FullRow: the warpgroups split the keys (M), each holds all q-head rows (N) of its keys, so the sum over
+        # heads below stays inside a thread quad (FullCol split the heads and reduced through shared memory with a
+        # block-wide barrier per step).
+        T.gemm(k_tile, q_tile, acc, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
+        for n, i, h in alloc.parallel(block_N, block_Q, heads_pad):
+            acc_heads[n, i, h] = T.max(acc_heads[n, i, h], 0) * w_tile[i, h]
+        T.reduce_sum(acc_heads, logits, dim=-1, clear=True)
+
+    return IndexerMath(load, visible, scaled, key_range, load_queries, head_sum)
