@@ -70,6 +70,20 @@ def checked_config(kernels: ModuleType, static: dict[str, Any], config: Any, dev
     return config
 
 
+def launch_config(
+    kernel_name: str,
+    kernels: ModuleType,
+    static: dict[str, Any],
+    sizes: dict[str, int],
+    device: torch.device,
+    config: Any = None,
+) -> Any:
+    """The config a launch runs: the caller's ``config`` after :func:`checked_config`, else :func:`select_config`."""
+    if config is None:
+        return select_config(kernel_name, kernels, static, sizes, device)
+    return checked_config(kernels, static, config, device)
+
+
 def get_kernel(builder: Callable[..., Any], target: dsl.Target, **params: Hashable) -> Any:
     """``tl_kernels.build.get_kernel`` with the settings of ``dsa.env``: the g++ flags of C-target kernels, and
     TileLang's log level (``DSA_LOG``; its per-compile INFO lines stay off a user's stderr unless asked for)."""

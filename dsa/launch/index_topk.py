@@ -13,7 +13,6 @@ import torch
 
 from dsa.launch import common
 from dsa.launch import indexer as indexer_launch
-from tl_kernels import build as tl_build
 from tl_kernels import index_topk as kernels
 
 __all__ = ["KERNEL_NAME", "fits", "index_topk", "static_params"]
@@ -70,19 +69,10 @@ def index_topk(
     device = q.device
     target = common.target_for(device)
     static = static_params(q, topk, ranged=starts is not None)
-    if config is None:
-        config = common.select_config(
-            KERNEL_NAME, kernels, static, {"batch": batch, "seq_len": seq, "seq_len_kv": seq_kv}, device
-        )
-    else:
-        common.checked_config(kernels, static, config, device)
+    sizes = {"batch": batch, "seq_len": seq, "seq_len_kv": seq_kv}
+    config = common.launch_config(KERNEL_NAME, kernels, static, sizes, device, config)
     kernel = common.get_kernel(kernels.build, target, **static, **dataclasses.asdict(config))
     indices = common.new_output((batch, seq, static["topk"]), torch.int32, device)
     scores = common.new_output((batch, seq, static["topk"]), torch.float32, device)
-    args = [tl_build.to_kernel_arg(q, target), tl_build.to_kernel_arg(k, target), weights]
-    if k_scale is not None:
-        args.append(k_scale)
-    if starts is not None:
-        args += [starts, ends]
-    kernel(*args, indices, scores)
+    kernel(*indexer_launch.kernel_inputs(q, k, weights, k_scale, starts, ends, target), indices, scores)
     return indices, scores

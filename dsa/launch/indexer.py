@@ -14,7 +14,7 @@ from dsa.launch import common
 from tl_kernels import build as tl_build
 from tl_kernels import indexer as kernels
 
-__all__ = ["KERNEL_NAME", "index_scores", "static_params"]
+__all__ = ["KERNEL_NAME", "index_scores", "kernel_inputs", "static_params"]
 
 KERNEL_NAME = "indexer"
 """Name of the kernel in the tuner, the config cache and the benchmark."""
@@ -61,19 +61,29 @@ def index_scores(
     device = q.device
     target = common.target_for(device)
     static = static_params(q, ranged=starts is not None)
-    if config is None:
-        config = common.select_config(
-            KERNEL_NAME, kernels, static, {"batch": batch, "seq_len": seq, "seq_len_kv": seq_kv}, device
-        )
-    else:
-        common.checked_config(kernels, static, config, device)
+    sizes = {"batch": batch, "seq_len": seq, "seq_len_kv": seq_kv}
+    config = common.launch_config(KERNEL_NAME, kernels, static, sizes, device, config)
 
     kernel = common.get_kernel(kernels.build, target, **static, **dataclasses.asdict(config))
     scores = common.new_output((batch, seq, seq_kv), torch.float32, device)
+    kernel(*kernel_inputs(q, k, weights, k_scale, starts, ends, target), scores)
+    return scores
+
+
+def kernel_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    weights: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    starts: torch.Tensor | None,
+    ends: torch.Tensor | None,
+    target: Any,
+) -> list[torch.Tensor]:
+    """The input arguments of an indexer-family kernel (the indexer, the fused selection) in their order: q and k as
+    the target carries them (bits on the C target), weights, then k_scale for FP8 and starts/ends when given."""
     args = [tl_build.to_kernel_arg(q, target), tl_build.to_kernel_arg(k, target), weights]
     if k_scale is not None:
         args.append(k_scale)
     if starts is not None:
         args += [starts, ends]
-    kernel(*args, scores)
-    return scores
+    return args

@@ -85,11 +85,8 @@ def sparse_mla_bwd(
         heads=heads, d_qk=d_qk, d_v=d_v, k=k, has_topk_length=topk_length is not None, has_sink=attn_sink is not None
     )
     topk = static["topk"]
-    if config is None:
-        sizes = {"batch": batch, "seq_len": seq, "seq_len_kv": seq_kv}
-        config = common.select_config(KERNEL_NAME, kernels, static, sizes, device)
-    else:
-        common.checked_config(kernels, static, config, device)
+    sizes = {"batch": batch, "seq_len": seq, "seq_len_kv": seq_kv}
+    config = common.launch_config(KERNEL_NAME, kernels, static, sizes, device, config)
 
     if topk != k:
         # Pad with invalid entries (-1): the kernel gives them probability 0 and never uses them as addresses.

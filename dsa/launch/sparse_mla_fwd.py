@@ -74,11 +74,8 @@ def sparse_mla_fwd(
     static = static_params(
         heads=heads, d_qk=d_qk, d_v=d_v, has_topk_length=topk_length is not None, has_sink=attn_sink is not None
     )
-    if config is None:
-        sizes = {"batch": batch, "seq_len": seq, "seq_len_kv": seq_kv, "topk": topk}
-        config = common.select_config(KERNEL_NAME, kernels, static, sizes, device)
-    else:
-        common.checked_config(kernels, static, config, device)
+    sizes = {"batch": batch, "seq_len": seq, "seq_len_kv": seq_kv, "topk": topk}
+    config = common.launch_config(KERNEL_NAME, kernels, static, sizes, device, config)
     kernel = common.get_kernel(kernels.build, target, **static, **dataclasses.asdict(config))
 
     # Absent optional inputs travel as one-element placeholders the kernel never reads.

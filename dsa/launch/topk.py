@@ -40,12 +40,8 @@ def topk_indices(scores: torch.Tensor, k: int, *, config: kernels.Config | None 
     batch, seq, seq_kv = scores.shape
     device = scores.device
     static = static_params(k)
-    if config is None:
-        config = common.select_config(
-            KERNEL_NAME, kernels, static, {"batch": batch, "seq_len": seq, "seq_len_kv": seq_kv}, device
-        )
-    else:
-        common.checked_config(kernels, static, config, device)
+    sizes = {"batch": batch, "seq_len": seq, "seq_len_kv": seq_kv}
+    config = common.launch_config(KERNEL_NAME, kernels, static, sizes, device, config)
     kernel = common.get_kernel(kernels.build, common.target_for(device), **static, **dataclasses.asdict(config))
     indices = common.new_output((batch, seq, static["k"]), torch.int32, device)
     kernel(scores, indices)
