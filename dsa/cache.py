@@ -1,0 +1,266 @@
+"""Paged KV caches for decoding: bf16 (or float32) latent rows, or FlashMLA's FP8 layout, behind a block table.
+
+A cache holds ``num_pages`` pages of ``page_size`` token rows. Sequence ``b`` owns the pages listed in
+``block_table[b]``; its token at position ``p`` lives in **slot** ``block_table[b, p // page_size] * page_size +
+p % page_size``: FlashMLA's ``indices_in_kvcache`` convention, so slots index the cache viewed as ``[num_pages *
+page_size, width]``. Slot ``-1`` (and any slot out of range) is invalid.
+
+**FP8 layout** (FlashMLA's V3.2 sparse-decode cache, 656 bytes per token for the 576-wide latent row): the row's first
+``d_nope`` values (512) as float8_e4m3fn bytes, then one float32 scale per ``tile`` (128) of them (4 scales, 16 bytes),
+then the last ``d_rope`` values (64) as raw bfloat16 (128 bytes, not quantised). A tile's scale is its absolute maximum
+divided by 448 (the largest e4m3 value), at least ``1e-4``, rounded **up to a power of two**; the stored value is the
+multiplier (``value = fp8 * scale``). Power-of-two scales make dequantisation exact in bf16 and survive Blackwell's
+e8m0 scale conversion (which truncates). Other latent widths use the same recipe with ``tile = gcd(d_nope, 128)``
+(the tiny config: 32 NoPE + 8 RoPE values, ``tile`` 32, 52 bytes per token); ``d_nope`` must be a multiple of 16 so
+that the scales stay 16-byte aligned, as FlashMLA's kernels load them. The indexer's key cache uses the recipe with no
+RoPE part and one tile per token (``FP8Layout(d_nope=128, d_rope=0, tile=128)``: 128 FP8 bytes and one float32 scale).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "FP8_MAX",
+    "INVALID_SLOT",
+    "SCALE_FLOOR",
+    "V32_FP8_LAYOUT",
+    "FP8Layout",
+    "PagedKVCache",
+    "dequantize_kv_fp8",
+    "quantize_kv_fp8",
+]
+
+FP8_MAX = 448.0
+"""The largest finite float8_e4m3fn value."""
+SCALE_FLOOR = 1e-4
+"""The smallest scale before rounding (an all-zero tile gets ``2**-13``)."""
+INVALID_SLOT = -1
+_V32_TILE = 128
+_SCALE_ALIGN = 16  # bytes: the scales are loaded as one 16-byte vector
+_SCALE_BYTES = 4
+_ROPE_BYTES = 2
+
+
+@dataclass(frozen=True)
+class FP8Layout:
+    """The byte layout of one FP8 cache row: ``d_nope`` FP8 values, ``d_nope // tile`` float32 scales, ``d_rope``
+    bf16 values."""
+
+    d_nope: int
+    d_rope: int
+    tile: int
+
+    def __post_init__(self) -> None:
+        if self.d_nope < 1 or self.d_rope < 0 or self.tile < 1 or self.d_nope % self.tile:
+            raise ValueError(f"FP8Layout: tile {self.tile} must divide d_nope {self.d_nope} (d_rope >= 0)")
+        if self.d_nope % _SCALE_ALIGN:
+            raise ValueError(f"FP8Layout: d_nope {self.d_nope} must be a multiple of {_SCALE_ALIGN} (scale alignment)")
+
+    @classmethod
+    def for_width(cls, width: int, d_rope: int) -> FP8Layout:
+        """The layout of a ``width``-wide latent row whose last ``d_rope`` values are RoPE: V3.2's for 512 + 64,
+        ``tile = gcd(d_nope, 128)`` otherwise."""
+        d_nope = width - d_rope
+        return cls(d_nope, d_rope, math.gcd(d_nope, _V32_TILE))
+
+    @property
+    def width(self) -> int:
+        """Values per row (dequantised)."""
+        return self.d_nope + self.d_rope
+
+    @property
+    def tiles(self) -> int:
+        return self.d_nope // self.tile
+
+    @property
+    def scale_offset(self) -> int:
+        return self.d_nope
+
+    @property
+    def rope_offset(self) -> int:
+        return self.d_nope + self.tiles * _SCALE_BYTES
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.rope_offset + self.d_rope * _ROPE_BYTES
+
+
+V32_FP8_LAYOUT = FP8Layout(d_nope=512, d_rope=64, tile=_V32_TILE)
+"""FlashMLA's DeepSeek-V3.2 layout: 656 bytes per token."""
+
+
+def _pow2_ceil(x: torch.Tensor) -> torch.Tensor:
+    """The smallest power of two ``>= x`` for positive finite float32 ``x``, exactly (``frexp``: ``x = m * 2**e``
+    with ``m`` in ``[0.5, 1)``; ``m == 0.5`` means ``x`` is ``2**(e - 1)`` itself)."""
+    mantissa, exponent = torch.frexp(x)
+    exponent = torch.where(mantissa == 0.5, exponent - 1, exponent)
+    return torch.ldexp(torch.ones_like(x), exponent)
+
+
+def quantize_kv_fp8(kv: torch.Tensor, layout: FP8Layout = V32_FP8_LAYOUT) -> torch.Tensor:
+    """FlashMLA's FP8 cache rows of ``kv``, bit for bit.
+
+    Args:
+        kv (torch.Tensor): ``[..., layout.width]`` bfloat16 latent rows (NoPE values, then RoPE values).
+        layout (FP8Layout): the row layout (default V3.2's 512 + 64).
+
+    Returns:
+        torch.Tensor: ``[..., layout.bytes_per_token]`` uint8.
+    """
+    if kv.dtype != torch.bfloat16:
+        raise TypeError(f"quantize_kv_fp8: kv must be bfloat16, got {kv.dtype}")
+    if kv.shape[-1] != layout.width:
+        raise ValueError(f"quantize_kv_fp8: kv's last dim must be {layout.width} ({layout}), got {kv.shape[-1]}")
+    lead = kv.shape[:-1]
+    nope = kv[..., : layout.d_nope].reshape(*lead, layout.tiles, layout.tile)
+    # amax of the bf16 values, then float32 (FlashMLA's order: the division happens in float32).
+    amax = nope.abs().amax(dim=-1).float()
+    scale = _pow2_ceil(torch.clamp_min(amax / FP8_MAX, SCALE_FLOOR))
+    quantized = (nope.float() / scale.unsqueeze(-1)).to(torch.float8_e4m3fn)
+    out = torch.empty((*lead, layout.bytes_per_token), dtype=torch.uint8, device=kv.device)
+    out[..., : layout.d_nope] = quantized.reshape(*lead, layout.d_nope).view(torch.uint8)
+    out[..., layout.scale_offset : layout.rope_offset] = scale.contiguous().view(torch.uint8).reshape(*lead, -1)
+    out[..., layout.rope_offset :] = kv[..., layout.d_nope :].contiguous().view(torch.uint8)
+    return out
+
+
+def dequantize_kv_fp8(blob: torch.Tensor, layout: FP8Layout = V32_FP8_LAYOUT) -> torch.Tensor:
+    """The bfloat16 rows of FP8 cache rows (``fp8 * scale``, exact for power-of-two scales; RoPE values as stored).
+
+    Args:
+        blob (torch.Tensor): ``[..., layout.bytes_per_token]`` uint8 (or int8 / float8_e4m3fn bytes).
+        layout (FP8Layout): the row layout.
+
+    Returns:
+        torch.Tensor: ``[..., layout.width]`` bfloat16.
+    """
+    if blob.shape[-1] != layout.bytes_per_token:
+        raise ValueError(
+            f"dequantize_kv_fp8: blob's last dim must be {layout.bytes_per_token} ({layout}), got {blob.shape[-1]}"
+        )
+    raw = blob.contiguous().view(torch.uint8)
+    lead = raw.shape[:-1]
+    values = raw[..., : layout.d_nope].contiguous().view(torch.float8_e4m3fn).float()
+    scale = raw[..., layout.scale_offset : layout.rope_offset].contiguous().view(torch.float32)
+    nope = values.reshape(*lead, layout.tiles, layout.tile) * scale.unsqueeze(-1)
+    rope = raw[..., layout.rope_offset :].contiguous().view(torch.bfloat16)
+    return torch.cat([nope.reshape(*lead, layout.d_nope).to(torch.bfloat16), rope], dim=-1)
+
+
+class PagedKVCache:
+    """A paged cache of latent rows for ``batch_size`` sequences of up to ``max_seq_len`` tokens.
+
+    Attributes:
+        pages (torch.Tensor): ``[num_pages, page_size, width]`` in ``dtype`` (bf16 or float32), or ``[num_pages,
+            page_size, layout.bytes_per_token]`` uint8 for ``dtype="fp8"`` (FlashMLA's ``k_cache`` is
+            ``pages.unsqueeze(2)``).
+        block_table (torch.Tensor): ``[batch_size, pages_per_sequence]`` int32: the pages of each sequence in order.
+        seq_lens (torch.Tensor): ``[batch_size]`` int32: tokens written per sequence.
+        layout (FP8Layout | None): the FP8 row layout, None for bf16/float32 caches.
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        max_seq_len: int,
+        width: int,
+        *,
+        page_size: int = 64,
+        dtype: torch.dtype | str = torch.bfloat16,
+        d_rope: int = 64,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if batch_size < 1 or max_seq_len < 1 or page_size < 1 or width < 1:
+            raise ValueError(
+                f"PagedKVCache: batch_size, max_seq_len, page_size and width must be >= 1, got "
+                f"{batch_size}, {max_seq_len}, {page_size}, {width}"
+            )
+        self.page_size = page_size
+        self.width = width
+        pages_per_sequence = -(-max_seq_len // page_size)
+        num_pages = batch_size * pages_per_sequence
+        if dtype == "fp8":
+            self.layout: FP8Layout | None = FP8Layout.for_width(width, d_rope)
+            self.pages = torch.zeros((num_pages, page_size, self.layout.bytes_per_token), dtype=torch.uint8, device=device)
+        elif dtype in (torch.bfloat16, torch.float32):
+            self.layout = None
+            self.pages = torch.zeros((num_pages, page_size, width), dtype=dtype, device=device)
+        else:
+            raise ValueError(f"PagedKVCache: dtype must be torch.bfloat16, torch.float32 or 'fp8', got {dtype!r}")
+        # Each sequence gets its own run of pages; any permutation of pages would serve (a serving stack's allocator).
+        self.block_table = torch.arange(num_pages, dtype=torch.int32, device=device).view(batch_size, pages_per_sequence)
+        self.seq_lens = torch.zeros(batch_size, dtype=torch.int32, device=device)
+
+    @property
+    def capacity(self) -> int:
+        """Tokens one sequence can hold."""
+        return self.block_table.shape[1] * self.page_size
+
+    @property
+    def num_slots(self) -> int:
+        return self.pages.shape[0] * self.page_size
+
+    def slots(self, positions: torch.Tensor) -> torch.Tensor:
+        """The slots of token ``positions`` (``[B, n]`` integers, one row per sequence): ``INVALID_SLOT`` where a
+        position is negative or beyond the sequence's pages."""
+        positions = positions.to(torch.int64)
+        valid = (positions >= 0) & (positions < self.capacity)
+        safe = torch.where(valid, positions, 0)
+        page = self.block_table.to(torch.int64).gather(1, safe // self.page_size)
+        slots = page * self.page_size + safe % self.page_size
+        return torch.where(valid, slots, INVALID_SLOT).to(torch.int32)
+
+    def append(self, kv: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Write the next tokens of every sequence in one call.
+
+        Args:
+            kv (torch.Tensor): ``[B, n, width]``: row ``i`` of sequence ``b`` goes to position ``seq_lens[b] + i``
+                (quantised for an FP8 cache; cast to the cache dtype otherwise).
+            lengths (torch.Tensor | None): ``[B]``: how many of the ``n`` rows of each sequence are real (a ragged
+                chunk); default all ``n``.
+
+        Returns:
+            torch.Tensor: ``[B, n]`` int32, the slot of each written row (``INVALID_SLOT`` for rows past ``lengths``).
+
+        Raises:
+            ValueError: a shape mismatch, or a sequence would grow past its pages.
+        """
+        batch = self.block_table.shape[0]
+        if kv.dim() != 3 or kv.shape[0] != batch or kv.shape[2] != self.width:
+            raise ValueError(f"PagedKVCache.append: kv must be [{batch}, n, {self.width}], got {tuple(kv.shape)}")
+        n = kv.shape[1]
+        if lengths is None:
+            lengths = torch.full((batch,), n, dtype=torch.int64, device=kv.device)
+        lengths = lengths.to(device=self.seq_lens.device, dtype=torch.int64)
+        if bool(((lengths < 0) | (lengths > n)).any()):
+            raise ValueError(f"PagedKVCache.append: lengths must lie in [0, {n}], got {lengths.tolist()}")
+        new_lens = self.seq_lens.to(torch.int64) + lengths
+        if bool((new_lens > self.capacity).any()):
+            raise ValueError(
+                f"PagedKVCache.append: sequences would hold {new_lens.tolist()} tokens, over the capacity "
+                f"{self.capacity} (max_seq_len rounded up to pages)"
+            )
+        offsets = torch.arange(n, device=self.seq_lens.device).view(1, n)
+        positions = torch.where(offsets < lengths.view(-1, 1), self.seq_lens.view(-1, 1).to(torch.int64) + offsets, -1)
+        slots = self.slots(positions)
+        valid = slots >= 0
+        rows = quantize_kv_fp8(kv.to(torch.bfloat16), self.layout) if self.layout is not None else kv.to(self.pages.dtype)
+        flat = self.pages.view(self.num_slots, self.pages.shape[-1])
+        flat[slots[valid].to(torch.int64)] = rows.to(flat.device)[valid.to(rows.device)]
+        self.seq_lens = new_lens.to(torch.int32)
+        return slots
+
+    def gather(self, slots: torch.Tensor) -> torch.Tensor:
+        """The rows at ``slots`` (any shape of integers) as ``[..., width]``: dequantised (bf16) for an FP8 cache, in
+        the cache dtype otherwise; zero at invalid slots (``-1`` or out of range)."""
+        slots = slots.to(torch.int64)
+        valid = (slots >= 0) & (slots < self.num_slots)
+        flat = self.pages.view(self.num_slots, self.pages.shape[-1])
+        rows = flat[torch.where(valid, slots, 0)]
+        if self.layout is not None:
+            rows = dequantize_kv_fp8(rows, self.layout)
+        return torch.where(valid.unsqueeze(-1), rows, torch.zeros((), dtype=rows.dtype, device=rows.device))

@@ -1,0 +1,152 @@
+"""Paged KV caches (``dsa.cache``): FlashMLA's FP8 layout bit for bit, slots, ragged appends, gathers.
+
+The FP8 oracle below is FlashMLA's recipe as its reference states it (float32 ``amax / 448``, clamped at ``1e-4``,
+``2 ** ceil(log2(.))``, a plain cast to float8_e4m3fn, RoPE values stored as raw bf16); ``dsa.cache`` computes the
+power of two differently (exactly, from ``frexp``), so the exhaustive scale test compares two formulations.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dsa import cache
+from tests import strategies
+
+V32 = cache.V32_FP8_LAYOUT
+TINY = cache.FP8Layout.for_width(40, 8)  # the tiny config's 32 + 8 latent row
+
+
+def _flashmla_scale(amax_bf16: torch.Tensor) -> torch.Tensor:
+    return torch.pow(2, torch.clamp_min(amax_bf16.float() / 448.0, 1e-4).log2().ceil()).float()
+
+
+def _flashmla_quantize(kv: torch.Tensor, layout: cache.FP8Layout) -> torch.Tensor:
+    """FlashMLA's quantisation, written from its reference's description, tile by tile."""
+    parts, scales = [], []
+    for t in range(layout.tiles):
+        tile = kv[..., t * layout.tile : (t + 1) * layout.tile]
+        scale = _flashmla_scale(tile.abs().max(dim=-1).values)
+        parts.append((tile.float() / scale.unsqueeze(-1)).to(torch.float8_e4m3fn).view(torch.uint8))
+        scales.append(scale.unsqueeze(-1))
+    scale_bytes = torch.cat(scales, dim=-1).contiguous().view(torch.uint8)
+    rope = kv[..., layout.d_nope :].contiguous().view(torch.uint8)
+    return torch.cat([*parts, scale_bytes, rope], dim=-1)
+
+
+def _rows(seed: int, shape: tuple[int, ...], width: int) -> torch.Tensor:
+    """bf16 rows over many magnitudes: each tile-sized run gets its own exponent, some runs are all zero, some hold
+    subnormals or values near the bf16 maximum."""
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randn(*shape, width, generator=g)
+    exponents = torch.randint(-130, 127, (*shape, width // 8 + 1), generator=g).repeat_interleave(8, -1)[..., :width]
+    values = values * torch.pow(2.0, exponents.double()).float().clamp(max=2.0**126)
+    values = torch.where(torch.rand(values.shape, generator=g) < 0.1, 0.0, values)
+    return values.to(torch.bfloat16)
+
+
+def test_layouts() -> None:
+    """V3.2: 512 FP8 bytes, 4 scales at byte 512 (16-byte aligned), 64 bf16 at byte 528: 656 bytes. The tiny row:
+    32 + 4 + 16 = 52 bytes. A tile that does not divide the NoPE width, or unaligned scales, are refused."""
+    assert (V32.bytes_per_token, V32.scale_offset, V32.rope_offset, V32.tiles) == (656, 512, 528, 4)
+    assert cache.FP8Layout.for_width(576, 64) == V32
+    assert (TINY.tile, TINY.bytes_per_token) == (32, 52)
+    with pytest.raises(ValueError, match="tile 48 must divide d_nope 128"):
+        cache.FP8Layout(128, 0, 48)
+    with pytest.raises(ValueError, match="must be a multiple of 16"):
+        cache.FP8Layout(24, 8, 8)
+
+
+def test_scale_rounding_equals_flashmla_for_every_bf16_amax() -> None:
+    """Every positive finite bf16 value as a tile's amax, and zero: the exact power-of-two ceiling equals FlashMLA's
+    ``2 ** ceil(log2(max(amax / 448, 1e-4)))`` bit for bit."""
+    bits = torch.arange(0, 0x7F80, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)  # +0 .. largest finite
+    ours = cache._pow2_ceil(torch.clamp_min(bits.float() / cache.FP8_MAX, cache.SCALE_FLOOR))
+    assert torch.equal(ours.view(torch.int32), _flashmla_scale(bits).view(torch.int32))
+
+
+def test_hand_checked_bytes() -> None:
+    """A tile of ones: amax 1, 1/448 rounds up to 2**-8, every value stores 256 (e4m3 0x78), the scale 2**-8
+    (float32 0x3B800000, little-endian); an all-zero tile stores zeros with the floor scale 2**-13."""
+    kv = torch.zeros(1, 576, dtype=torch.bfloat16)
+    kv[0, :128] = 1.0
+    kv[0, 512:] = torch.arange(64).to(torch.bfloat16)
+    blob = cache.quantize_kv_fp8(kv)
+    assert blob.shape == (1, 656) and blob.dtype == torch.uint8
+    assert blob[0, :128].eq(0x78).all() and blob[0, 128:512].eq(0).all()
+    assert blob[0, 512:516].tolist() == [0x00, 0x00, 0x80, 0x3B]
+    assert blob[0, 516:528].view(torch.float32).tolist() == [2.0**-13] * 3
+    assert torch.equal(blob[0, 528:].view(torch.bfloat16), kv[0, 512:])
+    assert torch.equal(cache.dequantize_kv_fp8(blob), kv)
+
+
+@given(seed=strategies.SEEDS, rows=st.integers(1, 5), tiny=st.booleans())
+def test_quantize_matches_flashmla_bit_for_bit(seed: int, rows: int, tiny: bool) -> None:
+    """Rows over the whole bf16 range (zeros, subnormals, values near the maximum): the bytes equal the oracle's,
+    and dequantisation is within e4m3's rounding (1/16 of the value, plus the smallest e4m3 step times the tile's
+    scale for values that fall into e4m3's subnormals) with the RoPE values returned exactly."""
+    layout = TINY if tiny else V32
+    kv = _rows(seed, (2, rows), layout.width)
+    blob = cache.quantize_kv_fp8(kv, layout)
+    assert torch.equal(blob, _flashmla_quantize(kv, layout))
+    back = cache.dequantize_kv_fp8(blob, layout)
+    assert torch.equal(back[..., layout.d_nope :], kv[..., layout.d_nope :])
+    nope, got = kv[..., : layout.d_nope].float(), back[..., : layout.d_nope].float()
+    scale = blob[..., layout.scale_offset : layout.rope_offset].contiguous().view(torch.float32)
+    step = scale.repeat_interleave(layout.tile, -1) * 2.0**-6  # the smallest e4m3 subnormal times the scale
+    assert bool(((got - nope).abs() <= nope.abs() / 16 + step).all())
+
+
+def test_quantize_and_dequantize_name_their_errors() -> None:
+    with pytest.raises(TypeError, match="^quantize_kv_fp8: kv must be bfloat16"):
+        cache.quantize_kv_fp8(torch.zeros(2, 576))
+    with pytest.raises(ValueError, match="^quantize_kv_fp8: kv's last dim must be 576"):
+        cache.quantize_kv_fp8(torch.zeros(2, 512, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="^dequantize_kv_fp8: blob's last dim must be 656"):
+        cache.dequantize_kv_fp8(torch.zeros(2, 600, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, "fp8"], ids=["bf16", "fp32", "fp8"])
+def test_ragged_appends_land_in_their_slots(dtype: torch.dtype | str) -> None:
+    """Three sequences, pages shuffled in the block table, chunks of ragged lengths over several calls: every
+    position's slot is ``page * page_size + offset`` of its page, and gathering the slots returns the appended rows
+    (dequantised for FP8); invalid slots gather zeros."""
+    g = torch.Generator().manual_seed(0)
+    kv_cache = cache.PagedKVCache(3, 40, 40, page_size=8, dtype=dtype, d_rope=8)
+    kv_cache.block_table = torch.randperm(kv_cache.pages.shape[0], generator=g).to(torch.int32).view(3, -1)
+    written: list[list[torch.Tensor]] = [[], [], []]
+    for call, n in enumerate((5, 1, 13, 1)):
+        chunk = _rows(call, (3, n), 40)
+        lengths = torch.tensor([n, max(0, n - 1), n // 2])
+        slots = kv_cache.append(chunk, lengths)
+        assert bool((slots[torch.arange(n).view(1, -1) >= lengths.view(-1, 1)] == cache.INVALID_SLOT).all())
+        for b in range(3):
+            written[b].append(chunk[b, : lengths[b]])
+    rows = [torch.cat(parts) for parts in written]
+    assert kv_cache.seq_lens.tolist() == [len(r) for r in rows]
+    for b, expected in enumerate(rows):
+        positions = torch.arange(len(expected)).view(1, -1)
+        slots = kv_cache.slots(positions.expand(3, -1))[b]
+        page = kv_cache.block_table[b, positions[0] // 8].to(torch.int64)
+        assert torch.equal(slots.to(torch.int64), page * 8 + positions[0] % 8)
+        if dtype == "fp8":
+            expected = cache.dequantize_kv_fp8(cache.quantize_kv_fp8(expected, kv_cache.layout), kv_cache.layout)
+        assert torch.equal(kv_cache.gather(slots), expected.to(kv_cache.gather(slots).dtype))
+    invalid = torch.tensor([cache.INVALID_SLOT, kv_cache.num_slots, -7])
+    assert kv_cache.gather(invalid).abs().sum() == 0
+    assert kv_cache.slots(torch.tensor([[-1, kv_cache.capacity, 0]] * 3))[:, :2].eq(cache.INVALID_SLOT).all()
+
+
+def test_cache_errors_name_the_call() -> None:
+    kv_cache = cache.PagedKVCache(2, 10, 40, page_size=4, d_rope=8)
+    with pytest.raises(ValueError, match="^PagedKVCache.append: kv must be \\[2, n, 40\\]"):
+        kv_cache.append(torch.zeros(2, 3, 41))
+    with pytest.raises(ValueError, match="^PagedKVCache.append: sequences would hold"):
+        kv_cache.append(torch.zeros(2, 13, 40))
+    with pytest.raises(ValueError, match="^PagedKVCache.append: lengths must lie in"):
+        kv_cache.append(torch.zeros(2, 3, 40), torch.tensor([4, 0]))
+    with pytest.raises(ValueError, match="^PagedKVCache: dtype must be"):
+        cache.PagedKVCache(2, 10, 40, dtype=torch.float16)
+    assert kv_cache.seq_lens.tolist() == [0, 0], "a refused append must not advance the sequences"
