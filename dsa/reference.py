@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dsa import validation
+from dsa import cache, validation
 
 OptTensor = Tensor | None
 
@@ -506,3 +506,93 @@ def dense_masked_attention(
     p = _probabilities(scores, _effective_lse(lse, attn_sink))
     out = torch.einsum("bsht,btd->bshd", p, kv[..., :d_v].to(dtype))
     return out.to(q.dtype), lse
+
+
+def _cache_rows(kv_cache: Tensor, width: int, d_rope: int, name: str) -> Tensor:
+    """The rows of a paged cache tensor as ``[num_slots, width]``: dequantised (bf16) for FP8 bytes."""
+    if kv_cache.dim() != 3:
+        raise ValueError(f"sparse_mla_decode: {name} must be [num_pages, page_size, row], got {tuple(kv_cache.shape)}")
+    flat = kv_cache.reshape(-1, kv_cache.shape[-1])
+    if kv_cache.dtype in (torch.uint8, torch.int8, torch.float8_e4m3fn):
+        if not 0 <= d_rope < width:
+            raise ValueError(f"sparse_mla_decode: d_rope must lie in [0, {width}) for {width}-wide rows, got {d_rope}")
+        layout = cache.FP8Layout.for_width(width, d_rope)
+        if kv_cache.shape[-1] != layout.bytes_per_token:
+            raise ValueError(
+                f"sparse_mla_decode: {name} holds {kv_cache.shape[-1]}-byte FP8 rows; a {width}-wide row with "
+                f"{d_rope} RoPE values takes {layout.bytes_per_token} ({layout})"
+            )
+        return cache.dequantize_kv_fp8(flat, layout)
+    if kv_cache.shape[-1] != width:
+        raise ValueError(f"sparse_mla_decode: {name} rows must be {width} wide (q's last dim), got {kv_cache.shape[-1]}")
+    return flat
+
+
+def _decode_indices(indices: Tensor, num_slots: int, topk_length: OptTensor, offset: int) -> Tensor:
+    """Slots as row numbers of the concatenated caches (``offset`` added), ``-1`` where invalid: out of range, or at
+    or past ``topk_length`` (``[B]`` or ``[B, s_q]``) in its row."""
+    idx = indices.to(torch.int64)
+    valid = (idx >= 0) & (idx < num_slots)
+    if topk_length is not None:
+        length = topk_length.to(torch.int64)
+        length = length.view(-1, 1).expand(idx.shape[:2]) if length.dim() == 1 else length
+        valid &= torch.arange(idx.shape[-1], device=idx.device).view(1, 1, -1) < length.unsqueeze(-1)
+    return torch.where(valid, idx + offset, -1)
+
+
+def sparse_mla_decode(
+    q: Tensor,
+    kv_cache: Tensor,
+    indices: Tensor,
+    *,
+    sm_scale: float,
+    d_v: int = 512,
+    topk_length: OptTensor = None,
+    attn_sink: OptTensor = None,
+    extra_kv_cache: OptTensor = None,
+    extra_indices: OptTensor = None,
+    extra_topk_length: OptTensor = None,
+    d_rope: int = 64,
+) -> tuple[Tensor, Tensor]:
+    """Sparse MLA for decoding: the ``s_q`` newest queries of each sequence attend to cache slots.
+
+    Args:
+        q (Tensor): ``[B, s_q, H, d_qk]`` (``s_q`` = 1 plus speculative tokens).
+        kv_cache (Tensor): the pages of a ``dsa.cache.PagedKVCache``: ``[num_pages, page_size, d_qk]`` in q's dtype
+            (bf16 or float32), or ``[num_pages, page_size, bytes]`` uint8/int8/float8 bytes in the FP8 layout of a
+            ``d_qk``-wide row with ``d_rope`` RoPE values (dequantised here).
+        indices (Tensor): ``[B, s_q, topk]`` int32 slots (``page * page_size + offset``); ``-1`` or out of range is
+            invalid and never read.
+        sm_scale (float), d_v (int), attn_sink (Tensor | None ``[H]`` float32): as in :func:`sparse_mla`.
+        topk_length (Tensor | None): ``[B]`` or ``[B, s_q]``: how many leading entries of each row count.
+        extra_kv_cache, extra_indices, extra_topk_length: a second source (e.g. a sliding window) with the same
+            conventions, joining the same softmax.
+        d_rope (int): the RoPE width of FP8 rows (64 for V3.2).
+
+    Returns:
+        out ``[B, s_q, H, d_v]`` in q's dtype and lse ``[B, s_q, H]`` float32 (natural log, the sink excluded,
+        ``-inf`` and ``out = 0`` for a query with nothing valid): :func:`sparse_mla` over the gathered rows.
+    """
+    if q.dim() != 4 or indices.dim() != 3 or tuple(indices.shape[:2]) != tuple(q.shape[:2]):
+        raise ValueError(
+            f"sparse_mla_decode: q must be [B, s_q, H, d_qk] and indices [B, s_q, topk], got {tuple(q.shape)} and "
+            f"{tuple(indices.shape)}"
+        )
+    if (extra_kv_cache is None) != (extra_indices is None):
+        raise ValueError("sparse_mla_decode: extra_kv_cache and extra_indices go together")
+    batch, s_q, heads, width = q.shape
+    rows = _cache_rows(kv_cache, width, d_rope, "kv_cache")
+    idx = _decode_indices(indices, rows.shape[0], topk_length, 0)
+    if extra_kv_cache is not None:
+        extra_rows = _cache_rows(extra_kv_cache, width, d_rope, "extra_kv_cache")
+        extra = _decode_indices(extra_indices, extra_rows.shape[0], extra_topk_length, rows.shape[0])
+        rows, idx = torch.cat([rows, extra_rows]), torch.cat([idx, extra], dim=-1)
+    out, lse = sparse_mla(
+        q.reshape(1, batch * s_q, heads, width),
+        rows.to(q.dtype).unsqueeze(0),
+        idx.to(torch.int32).reshape(1, batch * s_q, -1),
+        sm_scale=sm_scale,
+        d_v=d_v,
+        attn_sink=attn_sink,
+    )
+    return out.view(batch, s_q, heads, -1), lse.view(batch, s_q, heads)

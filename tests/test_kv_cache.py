@@ -1,4 +1,5 @@
-"""Paged KV caches (``dsa.cache``): FlashMLA's FP8 layout bit for bit, slots, ragged appends, gathers.
+"""Paged KV caches (``dsa.cache``): FlashMLA's FP8 layout bit for bit, slots, ragged appends, gathers; and the decode
+reference (``dsa.reference.sparse_mla_decode``) against dense masked attention over the gathered rows.
 
 The FP8 oracle below is FlashMLA's recipe as its reference states it (float32 ``amax / 448``, clamped at ``1e-4``,
 ``2 ** ceil(log2(.))``, a plain cast to float8_e4m3fn, RoPE values stored as raw bf16); ``dsa.cache`` computes the
@@ -12,7 +13,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dsa import cache
+from dsa import cache, reference
 from tests import strategies
 
 V32 = cache.V32_FP8_LAYOUT
@@ -150,3 +151,98 @@ def test_cache_errors_name_the_call() -> None:
     with pytest.raises(ValueError, match="^PagedKVCache: dtype must be"):
         cache.PagedKVCache(2, 10, 40, dtype=torch.float16)
     assert kv_cache.seq_lens.tolist() == [0, 0], "a refused append must not advance the sequences"
+
+
+# ------------------------------------------------------------------------------------------ the decode reference
+
+
+def _oracle_decode(
+    q: torch.Tensor,
+    rows_by_source: list[torch.Tensor],
+    kept: list[torch.Tensor],
+    sm_scale: float,
+    d_v: int,
+    attn_sink: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense masked attention per query over the rows it keeps (gathered from the caches by ``dsa.cache``)."""
+    batch, s_q, heads, width = q.shape
+    kv = torch.cat(rows_by_source, dim=2).reshape(batch * s_q, -1, width)
+    mask = torch.cat(kept, dim=2).reshape(batch * s_q, 1, -1)
+    out, lse = reference.dense_masked_attention(
+        q.reshape(batch * s_q, 1, heads, width).double(), kv.double(), mask, sm_scale=sm_scale, d_v=d_v,
+        attn_sink=attn_sink,
+    )  # fmt: skip
+    return out.view(batch, s_q, heads, d_v), lse.view(batch, s_q, heads)
+
+
+def _source(seed: int, kind: str, batch: int, s_q: int, topk: int, with_length: str) -> tuple:
+    """A filled cache of ``kind``, random slots (some ``-1``, some past the cache), an optional ``topk_length``, and
+    what the oracle needs: the gathered rows and which entries count."""
+    g = torch.Generator().manual_seed(seed)
+    kv_cache = cache.PagedKVCache(batch, 24, 40, page_size=4, dtype=kind, d_rope=8)
+    rows = torch.randn(batch, 24, 40, generator=g).to(torch.bfloat16)  # attention-sized values (not _rows' range)
+    kv_cache.append(rows, torch.randint(1, 25, (batch,), generator=g))
+    slots = torch.randint(-1, kv_cache.num_slots + 3, (batch, s_q, topk), generator=g, dtype=torch.int32)
+    length = None
+    if with_length == "per_batch":
+        length = torch.randint(0, topk + 1, (batch,), generator=g, dtype=torch.int32)
+    elif with_length == "per_query":
+        length = torch.randint(0, topk + 1, (batch, s_q), generator=g, dtype=torch.int32)
+    kept = (slots >= 0) & (slots < kv_cache.num_slots)
+    if length is not None:
+        limit = length.view(-1, 1) if length.dim() == 1 else length
+        kept &= torch.arange(topk).view(1, 1, -1) < limit.unsqueeze(-1)
+    return kv_cache, slots, length, kv_cache.gather(slots).float(), kept
+
+
+@given(
+    seed=strategies.SEEDS,
+    kind=st.sampled_from([torch.bfloat16, torch.float32, "fp8"]),
+    batch=st.integers(1, 3),
+    s_q=st.integers(1, 4),
+    topk=st.integers(1, 20),
+    with_length=st.sampled_from(["none", "per_batch", "per_query"]),
+    extra=st.booleans(),
+    sink=st.booleans(),
+)
+def test_decode_reference_equals_dense_attention_over_the_gathered_rows(
+    seed: int, kind: torch.dtype | str, batch: int, s_q: int, topk: int, with_length: str, extra: bool, sink: bool
+) -> None:
+    """``reference.sparse_mla_decode`` over a bf16, float32 or FP8 paged cache (dequantised), with ``-1`` and
+    out-of-range slots, ``topk_length`` per sequence or per query, an extra source in the same softmax and a sink,
+    equals dense masked attention over the rows ``PagedKVCache.gather`` returns; a query with nothing valid gets
+    ``out = 0`` and ``lse = -inf``."""
+    g = torch.Generator().manual_seed(seed + 1)
+    heads, d_v, sm_scale = 3, 16, 40**-0.5
+    q = torch.randn(batch, s_q, heads, 40, generator=g)
+    main = _source(seed, kind, batch, s_q, topk, with_length)
+    sources = [main] + ([_source(seed + 7, kind, batch, s_q, 5, "per_query")] if extra else [])
+    attn_sink = torch.randn(heads, generator=g) if sink else None
+    kwargs = {}
+    if extra:
+        kwargs = {"extra_kv_cache": sources[1][0].pages, "extra_indices": sources[1][1], "extra_topk_length": sources[1][2]}
+    out, lse = reference.sparse_mla_decode(
+        q, main[0].pages, main[1], sm_scale=sm_scale, d_v=d_v, topk_length=main[2], attn_sink=attn_sink, d_rope=8,
+        **kwargs,
+    )  # fmt: skip
+    want_out, want_lse = _oracle_decode(q, [s[3] for s in sources], [s[4] for s in sources], sm_scale, d_v, attn_sink)
+    assert out.shape == (batch, s_q, heads, d_v) and lse.dtype == torch.float32
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(want_lse))
+    assert torch.allclose(out.double(), want_out, atol=1e-5, rtol=1e-5)
+    finite = torch.isfinite(want_lse)
+    assert torch.allclose(lse.double()[finite], want_lse[finite], atol=1e-5, rtol=1e-5)
+    assert out[~finite].abs().sum() == 0
+
+
+def test_decode_reference_names_its_errors() -> None:
+    kv_cache = cache.PagedKVCache(1, 8, 40, page_size=4, dtype="fp8", d_rope=8)
+    q = torch.zeros(1, 1, 2, 40)
+    slots = torch.zeros(1, 1, 3, dtype=torch.int32)
+    with pytest.raises(ValueError, match="^sparse_mla_decode: d_rope must lie in \\[0, 40\\)"):
+        reference.sparse_mla_decode(q, kv_cache.pages, slots, sm_scale=1.0, d_v=16)  # V3.2's d_rope of 64
+    with pytest.raises(ValueError, match="^sparse_mla_decode: kv_cache holds 52-byte FP8 rows; a 48-wide row with 16"):
+        reference.sparse_mla_decode(torch.zeros(1, 1, 2, 48), kv_cache.pages, slots, sm_scale=1.0, d_v=16, d_rope=16)
+    with pytest.raises(ValueError, match="^sparse_mla_decode: q must be"):
+        reference.sparse_mla_decode(q[0], kv_cache.pages, slots, sm_scale=1.0, d_v=16, d_rope=8)
+    with pytest.raises(ValueError, match="^sparse_mla_decode: extra_kv_cache and extra_indices go together"):
+        reference.sparse_mla_decode(q, kv_cache.pages, slots, sm_scale=1.0, d_v=16, d_rope=8, extra_indices=slots)
