@@ -366,18 +366,13 @@ def _memory_paths(case: case_data.Case, inp: dict[str, Any]) -> dict[str, Callab
     attention. ``selection``: ``index_topk`` (the fused kernel) against the indexer and top-k kernels chunked under
     the memory budget (``chunked``, what ``DSA_SELECTION=unfused`` runs), and against the materialised ``[B, S,
     S_kv]`` scores followed by our top-k kernel (``unfused``) or by ``torch.topk``."""
-    from dsa import ops, selection
-    from dsa.launch import indexer, topk
+    from dsa import autograd, ops
 
     def select() -> Any:
         return ops.index_topk(inp["iq"], inp["ik"], inp["iw"], inp["topk"], k_scale=inp["iscale"])
 
     def chunked() -> Any:
-        return selection.chunked_index_topk(
-            inp["iq"], inp["ik"], inp["iw"], inp["topk"], inp["iscale"], None, None,
-            index_scores=indexer.index_scores, topk_indices=topk.topk_indices,
-            budget_bytes=selection.memory_budget_bytes(inp["iq"].device),
-        )  # fmt: skip
+        return autograd.unfused_index_topk(inp["iq"], inp["ik"], inp["iw"], inp["iscale"], None, None, inp["topk"])
 
     def materialised(topk: Callable[[torch.Tensor, int], Any]) -> Callable[[], Any]:
         return lambda: topk(ops.index_scores(inp["iq"], inp["ik"], inp["iw"], k_scale=inp["iscale"]), inp["topk"])

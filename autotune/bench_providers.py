@@ -18,9 +18,7 @@ from typing import Any
 import torch
 
 from autotune import flops
-from dsa import autograd, hardware, ops, reference, selection
-from dsa.launch import indexer as indexer_launch
-from dsa.launch import topk as topk_launch
+from dsa import autograd, hardware, ops, reference
 
 __all__ = ["Provider", "dense_matmul", "dense_sdpa", "providers_for"]
 
@@ -191,11 +189,7 @@ def providers_for(case: Any) -> list[Provider]:
 
         def chunked(i: dict[str, Any]) -> Any:
             args, kwargs = _indexer_args(i)
-            return selection.chunked_index_topk(
-                *args, i["topk"], kwargs["k_scale"], kwargs["starts"], kwargs["ends"],
-                index_scores=indexer_launch.index_scores, topk_indices=topk_launch.topk_indices,
-                budget_bytes=selection.memory_budget_bytes(args[0].device),
-            )  # fmt: skip
+            return autograd.unfused_index_topk(*args, kwargs["k_scale"], kwargs["starts"], kwargs["ends"], i["topk"])
 
         return [
             Provider("dsa", fused),

@@ -172,14 +172,28 @@ def index_topk_impl(
             if fused.fits(q, topk, ranged=starts is not None):
                 return fused.index_topk(q, k, weights, topk, k_scale=k_scale, starts=starts, ends=ends)
             logger.info("index_topk: no fused config fits topk=%d on %s; running the chunked kernels", topk, q.device)
-        return selection.chunked_index_topk(
-            q, k, weights, topk, k_scale, starts, ends,
-            index_scores=launcher(_LAUNCH_INDEXER).index_scores,
-            topk_indices=launcher(_LAUNCH_TOPK).topk_indices,
-            budget_bytes=selection.memory_budget_bytes(q.device),
-        )  # fmt: skip
+        return unfused_index_topk(q, k, weights, k_scale, starts, ends, topk)
     with torch.no_grad():
         return reference.select_topk(q, k, weights, topk, k_scale, starts, ends)
+
+
+def unfused_index_topk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    weights: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    starts: torch.Tensor | None,
+    ends: torch.Tensor | None,
+    topk: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``index_topk`` through the indexer and top-k kernels, one chunk of query rows at a time under the memory budget
+    (``dsa.selection``): what ``DSA_SELECTION=unfused`` runs, and the benchmark's ``chunked`` provider."""
+    return selection.chunked_index_topk(
+        q, k, weights, topk, k_scale, starts, ends,
+        index_scores=launcher(_LAUNCH_INDEXER).index_scores,
+        topk_indices=launcher(_LAUNCH_TOPK).topk_indices,
+        budget_bytes=selection.memory_budget_bytes(q.device),
+    )  # fmt: skip
 
 
 def index_topk_bwd_impl(

@@ -67,29 +67,31 @@ def _tiny_attention(seq: int) -> tuple[Callable[[], object], str]:
     return (lambda: attn(x)), "DSAttention forward (tiny config, B=1)"
 
 
-def _index_topk(seq: int) -> tuple[Callable[[], object], str]:
-    from dsa import ops
+def _tiny_indexer_inputs(seq: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """``(q, k, weights, topk)`` of the tiny config's indexer (4 heads x 32, top-k 16) at ``seq`` tokens, B = 1."""
     from dsa.modules import DSAConfig
 
     config = DSAConfig.tiny()
     torch.manual_seed(0)
-    q = torch.randn(1, seq, config.index_n_heads, config.index_head_dim)
-    k = torch.randn(1, seq, config.index_head_dim)
+    q = torch.randn(1, seq, config.index_n_heads, config.index_head_dim).to(dtype)
+    k = torch.randn(1, seq, config.index_head_dim).to(dtype)
     weights = torch.randn(1, seq, config.index_n_heads)
-    return (lambda: ops.index_topk(q, k, weights, config.index_topk)), "dsa.ops.index_topk (H_i=4, D_i=32, k=16)"
+    return q, k, weights, config.index_topk
+
+
+def _index_topk(seq: int) -> tuple[Callable[[], object], str]:
+    from dsa import ops
+
+    q, k, weights, topk = _tiny_indexer_inputs(seq, torch.float32)
+    return (lambda: ops.index_topk(q, k, weights, topk)), "dsa.ops.index_topk (H_i=4, D_i=32, k=16)"
 
 
 def _fused_kernel(seq: int) -> tuple[Callable[[], object], str]:
     from dsa.launch import index_topk as launch
-    from dsa.modules import DSAConfig
 
-    config = DSAConfig.tiny()
-    torch.manual_seed(0)
-    q = torch.randn(1, seq, config.index_n_heads, config.index_head_dim).bfloat16()
-    k = torch.randn(1, seq, config.index_head_dim).bfloat16()
-    weights = torch.randn(1, seq, config.index_n_heads)
+    q, k, weights, topk = _tiny_indexer_inputs(seq, torch.bfloat16)
     what = "the fused selection kernel, C target (bf16, H_i=4, D_i=32, k=16)"
-    return (lambda: launch.index_topk(q, k, weights, config.index_topk)), what
+    return (lambda: launch.index_topk(q, k, weights, topk)), what
 
 
 MEASURES: dict[str, Callable[[int], tuple[Callable[[], object], str]]] = {

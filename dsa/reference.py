@@ -529,15 +529,12 @@ def _cache_rows(kv_cache: Tensor, width: int, d_rope: int, name: str) -> Tensor:
 
 
 def _decode_indices(indices: Tensor, num_slots: int, topk_length: OptTensor, offset: int) -> Tensor:
-    """Slots as row numbers of the concatenated caches (``offset`` added), ``-1`` where invalid: out of range, or at
-    or past ``topk_length`` (``[B]`` or ``[B, s_q]``) in its row."""
-    idx = indices.to(torch.int64)
-    valid = (idx >= 0) & (idx < num_slots)
-    if topk_length is not None:
-        length = topk_length.to(torch.int64)
-        length = length.view(-1, 1).expand(idx.shape[:2]) if length.dim() == 1 else length
-        valid &= torch.arange(idx.shape[-1], device=idx.device).view(1, 1, -1) < length.unsqueeze(-1)
-    return torch.where(valid, idx + offset, -1)
+    """Slots as row numbers of the concatenated caches (``offset`` added), ``-1`` where :func:`valid_index_mask` says
+    invalid; a ``[B]`` ``topk_length`` applies to every query of its sequence."""
+    if topk_length is not None and topk_length.dim() == 1:
+        topk_length = topk_length.view(-1, 1).expand(indices.shape[:2])
+    valid = valid_index_mask(indices, num_slots, topk_length)
+    return torch.where(valid, indices.to(torch.int64) + offset, -1)
 
 
 def sparse_mla_decode(

@@ -34,7 +34,7 @@ warp specialisation would split), so key loads do not overlap the MMAs: a known 
 # No `from __future__ import annotations`: TileLang evaluates the prim_func annotations (closure shapes) eagerly.
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import tilelang.language as T
 
@@ -110,20 +110,6 @@ _DEFAULT_LADDER = (
     Config(q_rows=64, block_N=64, threads=128, cand_factor=2),
     Config(q_rows=16, block_N=64, threads=128, cand_factor=1),
 )
-
-
-class _Block(NamedTuple):
-    """What the block-wide macros (initialisation, insertion, the end of a compaction) touch."""
-
-    tx: Any  # thread index on CUDA, None on the C target (read by the select's for_range and single)
-    fill: Any  # [block_Q] int32: candidates in each query's buffer
-    threshold: Any  # [block_Q] uint32: keys at or below it are dropped
-    score_tile: Any  # [block_N, block_Q] float32: the current key block's scores, -inf where invisible
-    cand_idx: Any  # [block_Q * capacity] int32
-    cand_key: Any  # [block_Q * capacity] uint32
-    key_state: Any  # the radix select's uint32 state (its threshold after a compaction)
-    local_count: Any  # [1] int32 local
-    local_key: Any  # [1] uint32 local
 
 
 def cand_capacity(topk: int, config: Config) -> int:
@@ -233,21 +219,27 @@ def build(
 
     # Macro parameters carry no annotations on purpose: TileLang gives annotated macro parameters meaning (T.Ref).
 
-    @T.macro
-    def init_rows(row, _):
-        for i in T.serial(block_Q):
-            row.fill[i] = 0
-            row.threshold[i] = T.uint32(0)  # below every finite key: nothing is dropped before the first compaction
+    # The block-wide macros take the block's first row (its threads, candidate buffers and locals) and the per-query
+    # state as a payload: fill ([block_Q] int32, candidates per buffer), threshold ([block_Q] uint32, keys at or below
+    # it are dropped) and score_tile ([block_N, block_Q] float32, the key block's scores, -inf where invisible).
 
     @T.macro
-    def insert(row, j, s0):
+    def init_rows(row, state):
+        fill, threshold = state
+        for i in T.serial(block_Q):
+            fill[i] = 0
+            threshold[i] = T.uint32(0)  # below every finite key: nothing is dropped before the first compaction
+
+    @T.macro
+    def insert(row, j, args):
         """Score ``j`` of the tile (key ``j // block_Q``, query ``j % block_Q``) joins its query's candidates when it
         is finite and above the query's threshold."""
+        s0, fill, threshold, score_tile = args
         n = j // block_Q
         i = j % block_Q
-        row.local_key[0] = rs.order_key(row.score_tile[n, i])
-        if rs.is_finite_key(row.local_key[0]) and row.local_key[0] > row.threshold[i]:
-            row.local_count[0] = T.atomic_add(row.fill[i], 1, return_prev=True)
+        row.local_key[0] = rs.order_key(score_tile[n, i])
+        if rs.is_finite_key(row.local_key[0]) and row.local_key[0] > threshold[i]:
+            row.local_count[0] = T.atomic_add(fill[i], 1, return_prev=True)
             if row.local_count[0] < capacity:  # never false: full buffers were compacted before this block
                 row.cand_idx[i * capacity + row.local_count[0]] = s0 + n
                 row.cand_key[i * capacity + row.local_count[0]] = row.local_key[0]
@@ -259,9 +251,10 @@ def build(
         row.cand_key[row.cand_base + j] = rs.order_key(row.out_scores[row.b, row.s, j])
 
     @T.macro
-    def after_compaction(row, i):
-        row.fill[i] = topk
-        row.threshold[i] = rs.exclusive_threshold(row.key_state)
+    def after_compaction(row, args):
+        i, fill, threshold = args
+        fill[i] = topk
+        threshold[i] = rs.exclusive_threshold(row.key_state)
 
     @T.macro
     def copy_out(row, j, n):
@@ -294,10 +287,6 @@ def build(
                 alloc, cand_entries=block_Q * capacity, scores=None, indices=Indices, out_scores=Scores, b=bb, s=t0,
                 width=seq_kv, tx=None if cpu else T.get_thread_binding(),
             )  # fmt: skip
-            block = _Block(
-                base.tx, fill, threshold, score_tile, base.cand_idx, base.cand_key, base.key_state,
-                base.local_count, base.local_key,
-            )  # fmt: skip
 
             # The key blocks [kb_lo, kb_hi) that at least one query of this block sees.
             math_.key_range(Starts, Ends, bb, t0, seq, seq_kv, shift, bounds)
@@ -308,7 +297,7 @@ def build(
                 kb_lo = 0
                 kb_hi = 0
             math_.load_queries(Q, W, q_tile, w_tile, bb, t0, seq)
-            select.single(block, init_rows, None)
+            select.single(base, init_rows, (fill, threshold))
             select.barrier()
 
             # One more step than key blocks: the last one selects every row's result. The select is written once
@@ -340,12 +329,12 @@ def build(
                         select.select_row(row, fill[i])
                         if step < n_steps:
                             select.for_range(row, topk, reload, None)
-                            select.single(block, after_compaction, i)
+                            select.single(base, after_compaction, (i, fill, threshold))
                             select.barrier()
                     elif step == n_steps and t0 + i < seq:
                         select.for_range(row, topk, copy_out, fill[i])
                 if step < n_steps:
-                    select.for_range(block, block_N * block_Q, insert, s0)
+                    select.for_range(base, block_N * block_Q, insert, (s0, fill, threshold, score_tile))
                     select.barrier()
 
     q_shape = [batch, seq, heads, dim]
