@@ -12,6 +12,7 @@ compiled graph runs the implementation chosen when it was traced):
 | ``dsa::index_topk_bwd`` | (dq, dk, dweights) | PyTorch for both backends, chunked recomputation at the selected keys |
 | ``dsa::sparse_mla`` | (out, lse) | launcher ``dsa.launch.sparse_mla_fwd`` or the reference forward |
 | ``dsa::sparse_mla_bwd`` | (dq, dkv) | launcher ``dsa.launch.sparse_mla_bwd`` or the reference's recompute backward |
+| ``dsa::sparse_mla_decode`` | (out, lse) | launcher ``dsa.launch.sparse_mla_decode`` or ``dsa.reference.sparse_mla_decode`` (forward only) |
 
 Each has a fake (meta) implementation, so ``torch.compile(fullgraph=True)`` traces through them. The ops are defined
 with ``torch.library.Library`` (not ``torch.library.custom_op``): its Python wrapper costs tens of microseconds per
@@ -53,6 +54,7 @@ _LAUNCH_INDEX_TOPK = "dsa.launch.index_topk"
 _LAUNCH_TOPK = "dsa.launch.topk"
 _LAUNCH_SPARSE_MLA_FWD = "dsa.launch.sparse_mla_fwd"
 _LAUNCH_SPARSE_MLA_BWD = "dsa.launch.sparse_mla_bwd"
+_LAUNCH_SPARSE_MLA_DECODE = "dsa.launch.sparse_mla_decode"
 
 OptTensor = torch.Tensor | None
 logger = logging.getLogger(__name__)
@@ -270,6 +272,32 @@ def sparse_mla_impl(
         return reference.sparse_mla_impl(q, kv, indices, sm_scale, d_v, topk_length, attn_sink)
 
 
+def sparse_mla_decode_impl(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    indices: torch.Tensor,
+    sm_scale: float,
+    d_v: int,
+    topk_length: OptTensor,
+    attn_sink: OptTensor,
+    extra_kv_cache: OptTensor,
+    extra_indices: OptTensor,
+    extra_topk_length: OptTensor,
+    d_rope: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sparse_mla_decode`` (contract in ``dsa.reference.sparse_mla_decode``): ``(out [B, s_q, H, d_v], lse [B, s_q,
+    H])``."""
+    kwargs = dict(
+        sm_scale=sm_scale, d_v=d_v, topk_length=topk_length, attn_sink=attn_sink, extra_kv_cache=extra_kv_cache,
+        extra_indices=extra_indices, extra_topk_length=extra_topk_length, d_rope=d_rope,
+    )  # fmt: skip
+    if backend == TILELANG:
+        return launcher(_LAUNCH_SPARSE_MLA_DECODE).sparse_mla_decode(q, kv_cache, indices, **kwargs)
+    with torch.no_grad():
+        return reference.sparse_mla_decode(q, kv_cache, indices, **kwargs)
+
+
 def sparse_mla_bwd_impl(
     q: torch.Tensor,
     kv: torch.Tensor,
@@ -352,6 +380,11 @@ _LIB.define(
     "sparse_mla_bwd(Tensor q, Tensor kv, Tensor out, Tensor lse, Tensor d_out, Tensor indices, float sm_scale,"
     " int d_v, Tensor? topk_length, Tensor? attn_sink, Tensor? d_lse, str backend) -> (Tensor, Tensor)"
 )
+_LIB.define(
+    "sparse_mla_decode(Tensor q, Tensor kv_cache, Tensor indices, float sm_scale, int d_v, Tensor? topk_length,"
+    " Tensor? attn_sink, Tensor? extra_kv_cache, Tensor? extra_indices, Tensor? extra_topk_length, int d_rope,"
+    " str backend) -> (Tensor, Tensor)"
+)
 _COMPOSITE = "CompositeExplicitAutograd"
 _LIB.impl("index_scores", index_scores_impl, _COMPOSITE)
 _LIB.impl("index_scores_bwd", index_scores_bwd_impl, _COMPOSITE)
@@ -360,6 +393,7 @@ _LIB.impl("index_topk", index_topk_impl, _COMPOSITE)
 _LIB.impl("index_topk_bwd", index_topk_bwd_impl, _COMPOSITE)
 _LIB.impl("sparse_mla", sparse_mla_impl, _COMPOSITE)
 _LIB.impl("sparse_mla_bwd", sparse_mla_bwd_impl, _COMPOSITE)
+_LIB.impl("sparse_mla_decode", sparse_mla_decode_impl, _COMPOSITE)
 
 
 @torch.library.register_fake("dsa::index_scores")
@@ -423,6 +457,15 @@ def _sparse_mla_fake(
     return out, lse
 
 
+@torch.library.register_fake("dsa::sparse_mla_decode")
+def _sparse_mla_decode_fake(
+    q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor, sm_scale: float, d_v: int, topk_length: OptTensor,
+    attn_sink: OptTensor, extra_kv_cache: OptTensor, extra_indices: OptTensor, extra_topk_length: OptTensor,
+    d_rope: int, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _sparse_mla_fake(q, kv_cache, indices, sm_scale, d_v, topk_length, attn_sink, backend)
+
+
 @torch.library.register_fake("dsa::sparse_mla_bwd")
 def _sparse_mla_bwd_fake(
     q: torch.Tensor, kv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, d_out: torch.Tensor,
@@ -472,6 +515,21 @@ def call_sparse_mla(
     if torch.compiler.is_compiling():
         return torch.ops.dsa.sparse_mla(q, kv, indices, sm_scale, d_v, topk_length, attn_sink, backend)
     return sparse_mla_impl(q, kv, indices, sm_scale, d_v, topk_length, attn_sink, backend)
+
+
+def call_sparse_mla_decode(
+    q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor, sm_scale: float, d_v: int, topk_length: OptTensor,
+    attn_sink: OptTensor, extra_kv_cache: OptTensor, extra_indices: OptTensor, extra_topk_length: OptTensor,
+    d_rope: int, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sparse_mla_decode``: the registered op under ``torch.compile``, the implementation in eager mode."""
+    args = (
+        q, kv_cache, indices, sm_scale, d_v, topk_length, attn_sink, extra_kv_cache, extra_indices, extra_topk_length,
+        d_rope, backend,
+    )  # fmt: skip
+    if torch.compiler.is_compiling():
+        return torch.ops.dsa.sparse_mla_decode(*args)
+    return sparse_mla_decode_impl(*args)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import torch
 
-from dsa import autograd, validation
+from dsa import autograd, cache, validation
 from dsa.hardware import TILELANG, select_backend
 
-__all__ = ["index_scores", "index_topk", "topk_indices", "sparse_mla"]
+__all__ = ["index_scores", "index_topk", "topk_indices", "sparse_mla", "sparse_mla_decode"]
 
 
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
@@ -151,3 +151,58 @@ def sparse_mla(
     if _needs_grad(q, kv, attn_sink):
         return autograd.SparseMLAFunction.apply(q, kv, indices, sm_scale, d_v, topk_length, attn_sink, backend)
     return autograd.call_sparse_mla(q, kv, indices, sm_scale, d_v, topk_length, attn_sink, backend)
+
+
+def _fp8_row_bytes(d_qk: int, d_rope: int) -> int | None:
+    """Bytes of one FP8 cache row of ``d_qk`` values with ``d_rope`` RoPE values, ``None`` when no layout fits."""
+    try:
+        return cache.FP8Layout.for_width(d_qk, d_rope).bytes_per_token if 0 <= d_rope < d_qk else None
+    except ValueError:
+        return None
+
+
+def sparse_mla_decode(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    indices: torch.Tensor,
+    *,
+    sm_scale: float,
+    d_v: int = 512,
+    topk_length: torch.Tensor | None = None,
+    attn_sink: torch.Tensor | None = None,
+    extra_kv_cache: torch.Tensor | None = None,
+    extra_indices: torch.Tensor | None = None,
+    extra_topk_length: torch.Tensor | None = None,
+    d_rope: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse MLA for decoding over paged caches (contract: ``dsa.reference.sparse_mla_decode``). Forward only.
+
+    Args:
+        q (torch.Tensor): ``[B, s_q, H, d_qk]``, bfloat16 (float32/float64 run the reference); ``s_q`` is 1 plus
+            the speculative tokens.
+        kv_cache (torch.Tensor): the pages of a ``dsa.cache.PagedKVCache``: ``[num_pages, page_size, d_qk]`` in q's
+            dtype, or ``[num_pages, page_size, bytes]`` uint8/int8/float8_e4m3fn in the FP8 layout
+            (``dsa.cache.FP8Layout.for_width(d_qk, d_rope)``: 656 bytes for V3.2), dequantised inside the kernel.
+        indices (torch.Tensor): ``[B, s_q, topk]``, int32 slots (``page * page_size + offset``); ``-1`` or out of
+            range is invalid and never read.
+        sm_scale (float): softmax scale. d_v (int): value width (the first ``d_v`` columns of a row).
+        topk_length (torch.Tensor | None): ``[B]`` or ``[B, s_q]``, int32: only the leading entries count.
+        attn_sink (torch.Tensor | None): ``[H]``, float32, in the denominator only.
+        extra_kv_cache, extra_indices, extra_topk_length: a second source (say a sliding window) with the same
+            conventions, in the same softmax.
+        d_rope (int): the RoPE width of FP8 rows (stored as bf16, not quantised); ignored for plain caches.
+
+    Returns:
+        out (torch.Tensor): ``[B, s_q, H, d_v]``, q's dtype; 0 for a query with nothing valid.
+        lse (torch.Tensor): ``[B, s_q, H]``, float32, natural log, the sink excluded; ``-inf`` for a query with
+        nothing valid.
+    """
+    backend = select_backend(q.device, q.dtype in validation.ATTENTION_KERNEL_DTYPES)
+    validation.check_sparse_mla_decode(
+        q, kv_cache, indices, sm_scale, d_v, topk_length, attn_sink, extra_kv_cache, extra_indices,
+        extra_topk_length, _fp8_row_bytes(q.shape[-1], int(d_rope)), kernel=backend == TILELANG,
+    )  # fmt: skip
+    return autograd.call_sparse_mla_decode(
+        q, kv_cache, indices, float(sm_scale), int(d_v), topk_length, attn_sink, extra_kv_cache, extra_indices,
+        extra_topk_length, int(d_rope), backend,
+    )  # fmt: skip

@@ -260,3 +260,114 @@ def check_sparse_mla(
         for name, t in (("q", q), ("kv", kv), ("indices", indices), ("topk_length", topk_length), ("attn_sink", attn_sink)):
             if t is not None:
                 require_contiguous(name, t)
+
+
+FP8_CACHE_DTYPES = (torch.uint8, torch.int8, torch.float8_e4m3fn)
+"""Dtypes an FP8 paged cache may arrive in: its bytes (FlashMLA passes them as uint8, int8 or float8_e4m3fn)."""
+
+
+def is_fp8_cache(kv_cache: torch.Tensor) -> bool:
+    """Whether a paged cache tensor holds FP8-layout bytes (else its rows are plain values)."""
+    return kv_cache.dtype in FP8_CACHE_DTYPES
+
+
+def _check_decode_source(
+    prefix: str,
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    indices: torch.Tensor,
+    topk_length: torch.Tensor | None,
+    fp8_row_bytes: int | None,
+    kernel: bool,
+) -> None:
+    """One KV source of ``sparse_mla_decode``: the cache pages, its slot indices and their lengths."""
+    batch, s_q, _, d_qk = q.shape
+    cache_name, indices_name, length_name = f"{prefix}kv_cache", f"{prefix}indices", f"{prefix}topk_length"
+    require_tensor(cache_name, kv_cache)
+    require_tensor(indices_name, indices)
+    require_rank(cache_name, kv_cache, 3, "[num_pages, page_size, row]")
+    require_nonempty(cache_name, kv_cache, "[num_pages, page_size, row]")
+    if is_fp8_cache(kv_cache):
+        if fp8_row_bytes is None:
+            raise ValueError(f"{cache_name} holds FP8 bytes, but d_rope leaves no FP8 layout for {d_qk}-wide rows")
+        if kv_cache.shape[-1] != fp8_row_bytes:
+            raise ValueError(
+                f"{cache_name} holds {kv_cache.shape[-1]}-byte rows; the FP8 layout of a {d_qk}-wide row takes "
+                f"{fp8_row_bytes} bytes"
+            )
+    else:
+        if kv_cache.dtype != q.dtype:
+            raise TypeError(
+                f"{cache_name} must have q's dtype ({str(q.dtype).removeprefix('torch.')}) or hold FP8 bytes "
+                f"({_names(FP8_CACHE_DTYPES)}), got {str(kv_cache.dtype).removeprefix('torch.')}"
+            )
+        if kv_cache.shape[-1] != d_qk:
+            raise ValueError(f"{cache_name} rows must be d_qk = {d_qk} wide like q, got shape {_shape(kv_cache.shape)}")
+    require_dtype(indices_name, indices, (INDEX_DTYPE,))
+    require_rank(indices_name, indices, 3, "[B, s_q, topk]")
+    require_nonempty(indices_name, indices, "[B, s_q, topk]")
+    if tuple(indices.shape[:2]) != (batch, s_q):
+        raise ValueError(
+            f"{indices_name} must have shape [B, s_q, topk] with B = {batch}, s_q = {s_q} like q, got "
+            f"{_shape(indices.shape)}"
+        )
+    if topk_length is not None:
+        require_tensor(length_name, topk_length)
+        require_dtype(length_name, topk_length, (INDEX_DTYPE,))
+        if tuple(topk_length.shape) not in ((batch,), (batch, s_q)):
+            raise ValueError(
+                f"{length_name} must have shape [B] = [{batch}] or [B, s_q] = [{batch}, {s_q}], got "
+                f"{_shape(topk_length.shape)}"
+            )
+    require_same_device("q", q, **{cache_name: kv_cache, indices_name: indices, length_name: topk_length})
+    if kernel:
+        for name, t in ((cache_name, kv_cache), (indices_name, indices), (length_name, topk_length)):
+            if t is not None:
+                require_contiguous(name, t)
+
+
+@names_op("sparse_mla_decode")
+def check_sparse_mla_decode(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    indices: torch.Tensor,
+    sm_scale: object,
+    d_v: object,
+    topk_length: torch.Tensor | None,
+    attn_sink: torch.Tensor | None,
+    extra_kv_cache: torch.Tensor | None,
+    extra_indices: torch.Tensor | None,
+    extra_topk_length: torch.Tensor | None,
+    fp8_row_bytes: int | None,
+    *,
+    kernel: bool = False,
+) -> None:
+    """Validate the inputs of ``sparse_mla_decode`` (see ``dsa.reference.sparse_mla_decode``).
+
+    ``fp8_row_bytes``: the bytes of one FP8 cache row for q's width and the call's ``d_rope`` (``None`` when no FP8
+    layout exists for them); an FP8 cache must have exactly that row size.
+    """
+    require_tensor("q", q)
+    require_dtype("q", q, ATTENTION_KERNEL_DTYPES if kernel else ATTENTION_REFERENCE_DTYPES)
+    require_rank("q", q, 4, "[B, s_q, H, d_qk]")
+    require_nonempty("q", q, "[B, s_q, H, d_qk]")
+    _check_decode_source("", q, kv_cache, indices, topk_length, fp8_row_bytes, kernel)
+    if (extra_kv_cache is None) != (extra_indices is None):
+        raise ValueError("extra_kv_cache and extra_indices go together (both or neither)")
+    if extra_kv_cache is None and extra_topk_length is not None:
+        raise ValueError("extra_topk_length needs extra_kv_cache and extra_indices")
+    if extra_kv_cache is not None:
+        _check_decode_source("extra_", q, extra_kv_cache, extra_indices, extra_topk_length, fp8_row_bytes, kernel)
+    require_scale("sm_scale", sm_scale)
+    d_v = require_positive_int("d_v", d_v)
+    heads, d_qk = q.shape[2], q.shape[3]
+    if d_v > d_qk:
+        raise ValueError(f"d_v must be <= d_qk = {d_qk} (V is the first d_v columns of a cache row), got {d_v}")
+    if attn_sink is not None:
+        require_tensor("attn_sink", attn_sink)
+        sink_dtypes = (torch.float32,) if q.dtype != torch.float64 else (torch.float32, torch.float64)
+        require_dtype("attn_sink", attn_sink, sink_dtypes)
+        require_shape("attn_sink", attn_sink, (heads,), "[H]")
+        require_same_device("q", q, attn_sink=attn_sink)
+    if kernel:
+        require_contiguous("q", q)
