@@ -28,7 +28,7 @@ import torch
 from dsa import autograd, cache, validation
 from dsa.hardware import TILELANG, select_backend
 
-__all__ = ["index_scores", "index_topk", "topk_indices", "sparse_mla", "sparse_mla_decode"]
+__all__ = ["index_scores", "index_topk", "sparse_mla", "sparse_mla_decode", "topk_indices"]
 
 
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
