@@ -1,0 +1,348 @@
+"""Sparse MLA decode kernels (``tl_kernels.sparse_mla_decode`` through ``dsa.launch.sparse_mla_decode`` and
+``dsa.ops.sparse_mla_decode``) against ``dsa.reference.sparse_mla_decode``.
+
+Outputs are NaN-poisoned before every launch (tests/conftest.py), so an element or split the kernels forgot fails.
+Each problem holds a paged cache (bf16 rows, or FlashMLA's FP8 bytes, dequantised inside the kernel), slot indices of
+every pattern of ``tests.strategies`` (in the slot space: ``-1``, negatives, out-of-range slots and duplicates
+included), ``topk_length`` per sequence or per query, a sink (finite, ±inf), an extra source in either format, and
+NaN/±inf in every cache row that no valid entry selects (an unwritten slot may hold anything).
+
+Tiers:
+- ``cpu_kernel``: the C-target builds over random problems and split counts 1-4 (the combine merges them), s_q 1-4,
+  and the V3.2 FP8 row (656 bytes: 512 e4m3 values, 4 scales, 64 bf16 RoPE values).
+- ``build``: the sm_90a builds at V3.2 widths (128 heads, 576/512) for both cache formats and the combine: wgmma,
+  no spills, shared memory within the estimate, a cp.async gather for bf16 rows, int64 slot addressing.
+- ``gpu``: V3.2 shapes (topk 2048, B = 1 and 8, s_q 1 and 2, both formats, automatic splits) against the reference.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from dsa import cache, ops, reference, testing
+from dsa.launch import sparse_mla_decode as launch
+from dsa.testing import assert_close
+from tests import strategies, support
+from tl_kernels import build as tl_build
+from tl_kernels import sparse_mla_decode as kernels
+
+# The C-target widths: a 40-wide latent row of 32 NoPE + 8 RoPE values (FP8 tile 32, 52 bytes per token), 24-wide
+# values; 5 heads, so no head block is full. Each (heads, format) pair is one compile (~10-15 s).
+CPU_HEADS, CPU_D_QK, CPU_D_V, CPU_D_ROPE = 5, 40, 24, 8
+V32 = {"heads": 128, "d_qk": 576, "d_v": 512, "d_rope": 64}
+V32_TOPK = 2048
+FORMATS = ("bf16", "fp8")
+
+# out is rounded to bf16 once (relative step 2^-8) after a float32 combine of float32 partials, as the reference
+# rounds once: the scale-sensitive difference stays at bf16 rounding (~4e-6); a 1 % scale error gives ~5e-5.
+OUT_TOL = {"atol": 1e-2, "rtol": 1e-2, "max_diff": 2e-5}
+LSE_TOL = {"atol": 1e-4, "rtol": 1e-4}
+GPU_OUT_TOL = {"atol": 2e-2, "rtol": 2e-2}
+GPU_LSE_TOL = {"atol": 2e-3, "rtol": 1e-3}
+
+# Every byte 0xFF: an e4m3 NaN, a NaN scale and a NaN bf16 RoPE value.
+_FP8_POISON_BYTE = 0xFF
+
+
+def _new_cache(fmt: str, batch: int, max_len: int, d_qk: int, d_rope: int, page_size: int, device: Any) -> Any:
+    dtype = "fp8" if fmt == "fp8" else torch.bfloat16
+    return cache.PagedKVCache(batch, max_len, d_qk, page_size=page_size, dtype=dtype, d_rope=d_rope, device=device)
+
+
+def _filled_cache(
+    fmt: str, seed: int, batch: int, lengths: list[int], d_qk: int, d_rope: int, page_size: int, device: Any = "cpu"
+) -> cache.PagedKVCache:
+    """A cache with ``lengths[b]`` random tokens per sequence, its block table shuffled (pages out of order)."""
+    kv_cache = _new_cache(fmt, batch, max(max(lengths), 1), d_qk, d_rope, page_size, device)
+    g = testing.generator(seed)
+    order = torch.randperm(kv_cache.block_table.numel(), generator=g).to(torch.int32)
+    kv_cache.block_table = order.view_as(kv_cache.block_table).to(device)
+    rows = torch.randn(batch, max(max(lengths), 1), d_qk, generator=g).to(torch.bfloat16).to(device)
+    kv_cache.append(rows, torch.tensor(lengths, dtype=torch.int64))
+    return kv_cache
+
+
+def _poison_unreferenced(kv_cache: cache.PagedKVCache, indices: torch.Tensor, lengths: torch.Tensor) -> None:
+    """NaN/±inf (bf16) or 0xFF bytes (FP8) in every slot that no valid entry selects, in place."""
+    flat = kv_cache.pages.view(kv_cache.num_slots, -1)
+    batch, s_q, width = indices.shape
+    per_query = lengths.view(batch, 1).expand(batch, s_q) if lengths.dim() == 1 else lengths
+    referenced = testing.index_mask(indices.reshape(1, batch * s_q, width), kv_cache.num_slots,
+                                    per_query.reshape(1, batch * s_q)).any(dim=1)[0]  # fmt: skip
+    if kv_cache.layout is not None:
+        flat[~referenced] = _FP8_POISON_BYTE
+        return
+    poisoned, _ = testing.poison_unreferenced_rows(flat.unsqueeze(0), indices.reshape(1, batch * s_q, width),
+                                                   per_query.reshape(1, batch * s_q))  # fmt: skip
+    flat.copy_(poisoned[0])
+
+
+def make_problem(
+    *,
+    seed: int,
+    heads: int = CPU_HEADS,
+    d_qk: int = CPU_D_QK,
+    d_v: int = CPU_D_V,
+    d_rope: int = CPU_D_ROPE,
+    fmt: str = "bf16",
+    batch: int = 2,
+    s_q: int = 1,
+    context: int = 60,
+    topk: int = 40,
+    page_size: int = 16,
+    kind: str = "irregular",
+    length_kind: str | None = None,
+    sink: str | None = None,
+    extra_fmt: str | None = None,
+    extra_topk: int = 8,
+    device: Any = "cpu",
+) -> dict[str, Any]:
+    """The keyword arguments of one ``sparse_mla_decode`` call (plus ``kv_cache`` objects for poisoning)."""
+    g = testing.generator(seed)
+    lengths = torch.randint(1, context + 1, (batch,), generator=g).tolist()
+    main = _filled_cache(fmt, seed + 1, batch, lengths, d_qk, d_rope, page_size, device)
+    indices = testing.make_indices(kind, seed + 2, batch, s_q, main.num_slots, topk).to(device)
+    if length_kind == "per_sequence":
+        topk_length = torch.randint(-1, topk + 2, (batch,), generator=g).to(torch.int32).to(device)
+    elif length_kind == "per_query":
+        topk_length = testing.make_topk_length(seed + 3, batch, s_q, topk).to(device)
+    else:
+        topk_length = None
+    args: dict[str, Any] = {
+        "q": (torch.randn(batch, s_q, heads, d_qk, generator=g) * 0.5).to(torch.bfloat16).to(device),
+        "kv_cache": main.pages,
+        "indices": indices,
+        "sm_scale": d_qk**-0.5,
+        "d_v": d_v,
+        "topk_length": topk_length,
+        "d_rope": d_rope,
+    }
+    full = torch.full((batch,), topk, dtype=torch.int32, device=device)
+    _poison_unreferenced(main, indices, full if topk_length is None else topk_length)
+    if sink is not None:
+        values = torch.randn(heads, generator=g)
+        if sink == "extremes":
+            values[0::3], values[1::3] = math.inf, -math.inf
+        args["attn_sink"] = values.to(device)
+    if extra_fmt is not None:
+        window = _filled_cache(extra_fmt, seed + 4, batch, lengths, d_qk, d_rope, page_size // 2 or 1, device)
+        extra = testing.make_indices("irregular", seed + 5, batch, s_q, window.num_slots, extra_topk).to(device)
+        args["extra_kv_cache"], args["extra_indices"] = window.pages, extra
+        if length_kind is not None:
+            args["extra_topk_length"] = testing.make_topk_length(seed + 6, batch, s_q, extra_topk).to(device)
+        extra_len = args.get("extra_topk_length", torch.full((batch,), extra_topk, dtype=torch.int32, device=device))
+        _poison_unreferenced(window, extra, extra_len)
+    return args
+
+
+def _reference_args(args: dict[str, Any]) -> dict[str, Any]:
+    """The same call for the reference in float32 (plain caches widened; FP8 bytes as they are), on the CPU."""
+    out = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    out["q"] = out["q"].float()
+    for name in ("kv_cache", "extra_kv_cache"):
+        if name in out and out[name].dtype == torch.bfloat16:
+            out[name] = out[name].float()
+    return out
+
+
+def check(args: dict[str, Any], out: torch.Tensor, lse: torch.Tensor, out_tol: dict, lse_tol: dict) -> None:
+    batch, s_q, heads, _ = args["q"].shape
+    assert out.shape == (batch, s_q, heads, args["d_v"]) and out.dtype == torch.bfloat16
+    assert lse.shape == (batch, s_q, heads) and lse.dtype == torch.float32
+    ref = _reference_args(args)
+    want_out, want_lse = reference.sparse_mla_decode(ref.pop("q"), ref.pop("kv_cache"), ref.pop("indices"), **ref)
+    out, lse = out.cpu(), lse.cpu()
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any(), "NaN in the kernels' outputs"
+    assert_close(lse, want_lse, name="lse", **lse_tol)
+    assert_close(out.float(), want_out.float(), name="out", **out_tol)
+    assert (out.float()[torch.isneginf(want_lse)] == 0).all(), "a query with nothing valid must have out == 0"
+
+
+def run(args: dict[str, Any], **launch_kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    call = {k: v for k, v in args.items() if k not in ("q", "kv_cache", "indices")}
+    return launch.sparse_mla_decode(args["q"], args["kv_cache"], args["indices"], **call, **launch_kwargs)
+
+
+# --------------------------------------------------------------------------------------------- pure Python checks
+
+
+def test_fp8_views_match_the_cache_layout() -> None:
+    """The kernel's three views of an FP8 row land on ``dsa.cache.FP8Layout``'s bytes (V3.2 and the tiny row)."""
+    for d_qk, d_rope in ((576, 64), (40, 8)):
+        layout = cache.FP8Layout.for_width(d_qk, d_rope)
+        row_bytes, scale_col, rope_col = kernels.fp8_views(d_qk, d_rope, layout.tile)
+        assert row_bytes == layout.bytes_per_token
+        assert scale_col * kernels.SCALE_BYTES == layout.scale_offset
+        assert rope_col * kernels.ROPE_BYTES == layout.rope_offset
+
+
+def test_split_counts_fill_the_gpu_without_tiny_splits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One query of 128 heads at topk 2048 on a 132-SM GPU: 32 splits (the floor of 2 steps of 32 rows each);
+    a batch of 128 needs none; the CPU never splits."""
+
+    class _Props:
+        multi_processor_count = 132
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: _Props())
+    cuda = torch.device("cuda")
+    config = kernels.Config()
+    assert launch.num_splits(batch=1, s_q=1, heads=128, topk=2048, config=config, device=cuda) == 32
+    assert launch.num_splits(batch=1, s_q=1, heads=128, topk=100, config=config, device=cuda) == 2
+    assert launch.num_splits(batch=128, s_q=1, heads=128, topk=2048, config=config, device=cuda) == 2
+    assert launch.num_splits(batch=256, s_q=2, heads=128, topk=2048, config=config, device=cuda) == 1
+    assert launch.num_splits(batch=1, s_q=1, heads=128, topk=2048, config=config, device=torch.device("cpu")) == 1
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"indices": torch.zeros(2, 1, 4, dtype=torch.int64)}, "indices must have dtype int32"),
+        ({"topk_length": torch.zeros(3, dtype=torch.int32)}, r"topk_length must have shape \[B\] = \[2\]"),
+        ({"kv_cache": torch.zeros(4, 16, 52, dtype=torch.int16)}, "kv_cache must have q's dtype"),
+        ({"kv_cache": torch.zeros(4, 16, 53, dtype=torch.uint8)}, "kv_cache holds 53-byte rows; the FP8 layout"),
+        ({"extra_indices": torch.zeros(2, 1, 3, dtype=torch.int32)}, "extra_kv_cache and extra_indices go together"),
+        ({"d_v": 41}, "d_v must be <= d_qk = 40"),
+        ({"attn_sink": torch.zeros(4)}, r"attn_sink must have shape \[H\] = \[5\]"),
+        ({"d_rope": 40}, "kv_cache holds FP8 bytes, but d_rope leaves no FP8 layout"),
+    ],
+)
+def test_bad_input_names_the_argument(change: dict[str, Any], message: str) -> None:
+    args = make_problem(seed=1, fmt="fp8", batch=2, s_q=1, context=20, topk=4)
+    args.update(change)
+    with pytest.raises((TypeError, ValueError), match=f"^sparse_mla_decode: {message}"):
+        ops.sparse_mla_decode(args.pop("q"), args.pop("kv_cache"), args.pop("indices"), **args)
+
+
+# ------------------------------------------------------------------------------------------------------- CPU tier
+
+
+@pytest.mark.cpu_kernel
+@given(
+    fmt=st.sampled_from(FORMATS),
+    batch=st.integers(1, 3),
+    s_q=st.integers(1, 4),
+    context=st.integers(1, 90),
+    topk=st.integers(1, 120),
+    page_size=st.sampled_from([1, 16, 64]),
+    kind=st.sampled_from(strategies.INDEX_PATTERNS),
+    length_kind=st.sampled_from([None, "per_sequence", "per_query"]),
+    sink=st.sampled_from([None, "random", "extremes"]),
+    extra_fmt=st.sampled_from([None, *FORMATS]),
+    splits=st.integers(1, 4),
+    seed=strategies.SEEDS,
+)
+@example(fmt="fp8", batch=2, s_q=2, context=80, topk=100, page_size=16, kind="irregular", length_kind="per_query",
+         sink="random", extra_fmt="bf16", splits=3, seed=1)  # fmt: skip
+@example(fmt="bf16", batch=1, s_q=4, context=50, topk=70, page_size=64, kind="all_invalid", length_kind=None,
+         sink="extremes", extra_fmt=None, splits=4, seed=2)  # fmt: skip
+@example(fmt="fp8", batch=3, s_q=1, context=90, topk=97, page_size=1, kind="duplicates", length_kind="per_sequence",
+         sink=None, extra_fmt="fp8", splits=2, seed=3)  # fmt: skip
+def test_cpu_matches_reference(
+    fmt: str, batch: int, s_q: int, context: int, topk: int, page_size: int, kind: str, length_kind: str | None,
+    sink: str | None, extra_fmt: str | None, splits: int, seed: int,
+) -> None:
+    """The C-target kernels match the reference: every slot pattern, both cache formats (the extra source's on its
+    own), lengths per sequence and per query, sinks, 1-4 splits, poisoned unreferenced slots."""
+    args = make_problem(
+        seed=seed, fmt=fmt, batch=batch, s_q=s_q, context=context, topk=topk, page_size=page_size, kind=kind,
+        length_kind=length_kind, sink=sink, extra_fmt=extra_fmt,
+    )  # fmt: skip
+    out, lse = run(args, splits=splits)
+    check(args, out, lse, OUT_TOL, LSE_TOL)
+
+
+@pytest.mark.cpu_kernel
+def test_cpu_splits_change_nothing_but_rounding() -> None:
+    """1, 2, 3 and 7 splits of 200-entry rows give the same output (float32 partials: only the combine's sums move)."""
+    args = make_problem(seed=7, fmt="fp8", batch=2, s_q=3, context=250, topk=200, length_kind="per_query", sink="random")
+    outs = [run(args, splits=splits) for splits in (1, 2, 3, 7)]
+    for out, lse in outs[1:]:
+        assert_close(lse, outs[0][1], name="lse", atol=1e-5, rtol=1e-5)
+        assert_close(out.float(), outs[0][0].float(), name="out", atol=8e-3, rtol=8e-3)
+    check(args, *outs[-1], OUT_TOL, LSE_TOL)
+
+
+@pytest.mark.cpu_kernel
+def test_cpu_v32_fp8_row() -> None:
+    """The V3.2 FP8 row (656 bytes, tile 128) and widths 576/512 with 2 heads, 3 splits, an extra bf16 source."""
+    args = make_problem(
+        seed=8, fmt="fp8", heads=2, d_qk=V32["d_qk"], d_v=V32["d_v"], d_rope=V32["d_rope"], batch=1, s_q=2,
+        context=300, topk=150, page_size=64, length_kind="per_query", sink="random", extra_fmt="bf16",
+    )  # fmt: skip
+    assert args["kv_cache"].shape[-1] == 656
+    out, lse = run(args, splits=3)
+    check(args, out, lse, OUT_TOL, LSE_TOL)
+
+
+@pytest.mark.cpu_kernel
+def test_cpu_op_dispatches_to_the_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ops.sparse_mla_decode`` with ``DSA_BACKEND=tilelang`` runs the launcher (a spy counts the calls) and matches
+    the reference."""
+    monkeypatch.setenv("DSA_BACKEND", "tilelang")
+    calls = []
+    real = launch.sparse_mla_decode
+    monkeypatch.setattr(launch, "sparse_mla_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    args = make_problem(seed=9, fmt="bf16", batch=2, s_q=2, context=40, topk=30, sink="random", extra_fmt="fp8")
+    call = dict(args)
+    out, lse = ops.sparse_mla_decode(call.pop("q"), call.pop("kv_cache"), call.pop("indices"), **call)
+    assert calls == [1]
+    check(args, out, lse, OUT_TOL, LSE_TOL)
+
+
+# ------------------------------------------------------------------------------------------------------- build tier
+
+V32_BUILDS: tuple[tuple[Any, dict[str, Any]], ...] = (
+    (kernels.build, launch.static_params(heads=128, d_qk=576, d_v=512, fp8_layout=None)),
+    (kernels.build, launch.static_params(heads=128, d_qk=576, d_v=512, fp8_layout=cache.V32_FP8_LAYOUT)),
+    (kernels.build_combine, {"heads": 128, "d_v": 512, "has_sink": True}),
+)
+
+
+@pytest.fixture(scope="module")
+def hopper_prebuilt() -> None:
+    support.prebuild_hopper(list(V32_BUILDS))
+
+
+@pytest.mark.build
+@pytest.mark.usefixtures("hopper_prebuilt")
+@pytest.mark.parametrize("case", range(len(V32_BUILDS)), ids=["bf16", "fp8", "combine"])
+def test_hopper_build_is_clean(case: int) -> None:
+    """At V3.2 widths: wgmma for both GEMMs, no spills, shared memory within the estimate; the bf16 gather is a
+    predicated cp.async; slot addresses are int64."""
+    builder, params = V32_BUILDS[case]
+    kernel, report = support.hopper_build(f"sparse_mla_decode {case}", builder, **params)
+    source = kernel.get_kernel_source()
+    support.assert_wide_addressing(source)
+    if builder is kernels.build_combine:
+        assert report.spill_bytes == 0, report.ptxas_log
+        return
+    assert not report.problems(mma=tl_build.MMA_WGMMA), report.problems(mma=tl_build.MMA_WGMMA)
+    assert report.smem_bytes <= kernels.smem_bytes({**params, "target": "sm_90a"}, kernels.Config())
+    if params["kv_format"] == kernels.KV_FORMAT_BF16:
+        assert "cp_async" in source, "the bf16 gather is not asynchronous"
+    else:
+        assert "__tl_cvt_fp8x2_to_float2" in source, "the FP8 gather does not convert pairs"
+
+
+# ------------------------------------------------------------------------------------------------------- GPU tier
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize(("batch", "s_q"), [(1, 1), (1, 2), (8, 1)])
+def test_gpu_matches_reference(cuda_device: torch.device, fmt: str, batch: int, s_q: int) -> None:
+    """V3.2 shapes with the automatic split count (many splits for a batch of 1), lengths per query, a sink and an
+    extra bf16 source, poisoned unreferenced slots."""
+    args = make_problem(
+        seed=11 + batch + s_q, fmt=fmt, heads=V32["heads"], d_qk=V32["d_qk"], d_v=V32["d_v"], d_rope=V32["d_rope"],
+        batch=batch, s_q=s_q, context=4096, topk=V32_TOPK, page_size=64, kind="irregular", length_kind="per_query",
+        sink="random", extra_fmt="bf16", extra_topk=128, device=cuda_device,
+    )  # fmt: skip
+    out, lse = run(args)
+    check(args, out, lse, GPU_OUT_TOL, GPU_LSE_TOL)

@@ -1,0 +1,354 @@
+"""Sparse MLA decoding over a paged KV cache (bf16 rows or FlashMLA's FP8 layout) as TileLang builders for the C
+target, sm_90a and the portable schedule: a split attention kernel and the kernel that combines its splits.
+
+**Attention** (:func:`build`): each thread block owns one query token ``(b, t)``, ``block_h`` heads and one **split**
+of the token's slot list: split ``z`` of ``Z`` takes the ``block_k``-entry steps ``[z * per, (z + 1) * per)`` with
+``per = ceil(ceil(k / block_k) / Z)``, so a batch of one token still spreads over ``Z`` thread blocks per head block
+(flash-decoding). Within its steps it runs the forward kernel's loop: gather the selected cache rows into a shared tile,
+``Q . K^T``, the online softmax in the log2 domain (``tl_kernels.sparse_mla_fwd_steps``), ``P . V`` over the first
+``d_v`` columns of the same rows. It writes its split's **normalised** float32 output and natural-log ``lse`` (``-inf``
+and 0 for a split with nothing valid); the sink is left to the combine.
+
+* Slots index the cache viewed as ``[num_slots, row]``; an entry is valid iff ``0 <= slot < num_slots`` and its
+  position in the row is ``< min(k, topk_length[b, t])``. An invalid entry's tile row is zero and is never read, and
+  its score is ``-inf`` (the forward's rules, ``entry_valid`` / ``gather_row``), so Inf/NaN in unwritten slots cannot
+  reach the output.
+* **FP8 cache** (``kv_format="fp8"``): the rows are FlashMLA's bytes (``dsa.cache.FP8Layout``). The kernel takes the
+  same cache memory as three views, ``float8_e4m3fn [num_slots, row_bytes]`` (the NoPE values),
+  ``float32 [num_slots, row_bytes / 4]`` (the scales) and ``bfloat16 [num_slots, row_bytes / 2]`` (the RoPE values),
+  and dequantises while it gathers: ``fp8 * scale`` (exact in bf16 for power-of-two scales) into the bf16 tile. The
+  gather is then a load-convert-store instead of a ``cp.async``.
+
+**Combine** (:func:`build_combine`): one thread block per ``(b, t, head)`` merges the ``P`` splits (of one source or
+of two, e.g. a sliding window beside the selected tokens): with ``m = max_p lse_p`` and ``w_p = exp(lse_p - m)``,
+``lse = m + log(sum_p w_p)`` and ``out = sum_p w_p out_p / (sum_p w_p + exp(sink - m))``: the sink joins the
+denominator only, and a query with nothing valid gets ``out = 0`` and ``lse = -inf``.
+
+Batch, query count, slot count, top-k width and split count are symbolic: one compiled kernel serves every shape.
+"""
+
+# No `from __future__ import annotations`: TileLang evaluates the kernel signature's annotations, which refer to
+# closure variables (shapes, dtypes).
+import dataclasses
+from typing import Any
+
+import tilelang.language as T
+
+from tl_kernels import dsl
+from tl_kernels import sparse_mla_fwd as forward
+from tl_kernels.sparse_mla_fwd_steps import (
+    ACCUM_DTYPE,
+    CUDA_PASS_CONFIGS,
+    DATA_DTYPE,
+    INDEX_DTYPE,
+    LOG2E,
+    entry_valid,
+    gather_row,
+    index_at,
+    softmax_macros,
+)
+
+__all__ = [
+    "COMBINE_THREADS",
+    "KV_FORMATS",
+    "KV_FORMAT_BF16",
+    "KV_FORMAT_FP8",
+    "Config",
+    "build",
+    "build_combine",
+    "check_config",
+    "default_config",
+    "fp8_views",
+]
+
+KV_FORMAT_BF16 = "bf16"
+"""Cache rows are ``d_qk`` bfloat16 values."""
+KV_FORMAT_FP8 = "fp8"
+"""Cache rows are FlashMLA's FP8 bytes: ``d_nope`` e4m3 values, ``d_nope / tile`` float32 scales, ``d_rope`` bf16."""
+KV_FORMATS = (KV_FORMAT_BF16, KV_FORMAT_FP8)
+FP8_DTYPE = "float8_e4m3fn"
+SCALE_BYTES = 4
+ROPE_BYTES = 2
+COMBINE_THREADS = 128
+"""Threads of a combine block: 128 output columns at a time (V3.2: four per thread for ``d_v = 512``)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Tunable schedule of the decode attention kernel: the forward's default schedule (``pipeline="none"``).
+
+    Attributes:
+        block_h: query heads per thread block (the M of both GEMMs); 64 on sm_90a.
+        block_k: cache rows gathered per step.
+        threads: threads per block on CUDA (ignored by the C target).
+    """
+
+    block_h: int = forward.Config.block_h
+    block_k: int = forward.Config.block_k
+    threads: int = forward.Config.threads
+
+
+TUNING_SPACE: dict[str, tuple[Any, ...]] = {"block_h": (forward.WGMMA_M,), "block_k": (16, 32), "threads": (256,)}
+"""Candidate values per :class:`Config` field on sm_90a (the forward's default schedule's)."""
+PORTABLE_TUNING_SPACE: dict[str, tuple[Any, ...]] = {
+    "block_h": (32, forward.WGMMA_M),
+    "block_k": (16, 32),
+    "threads": forward.PORTABLE_THREADS,
+}
+"""The candidates on the portable schedule (every CUDA architecture but sm_90a)."""
+
+
+def _as_forward(config: Config) -> forward.Config:
+    return forward.Config(block_h=config.block_h, block_k=config.block_k, threads=config.threads)
+
+
+def check_config(static: dict[str, Any], config: Config) -> None:
+    """Raise ``ValueError`` when ``config`` cannot serve ``static`` (``heads``, ``d_qk``, ``d_v``, ``kv_format``,
+    ``d_rope``, ``tile``, optionally ``target``): the forward's rules for its default schedule, plus the FP8 layout's."""
+    kv_format = static.get("kv_format", KV_FORMAT_BF16)
+    if kv_format not in KV_FORMATS:
+        raise ValueError(f"kv_format must be one of {KV_FORMATS}, got {kv_format!r}")
+    if kv_format == KV_FORMAT_FP8:
+        d_qk, d_rope, tile = int(static["d_qk"]), int(static["d_rope"]), int(static["tile"])
+        d_nope = d_qk - d_rope
+        if not 0 <= d_rope < d_qk or tile < 1 or d_nope % tile:
+            raise ValueError(f"an FP8 cache needs 0 <= d_rope < d_qk and tile | d_qk - d_rope, got {d_qk}, {d_rope}, {tile}")
+    forward.check_config(static, _as_forward(config))
+
+
+def default_config(static: dict[str, Any]) -> Config:
+    """The forward's default config for the same target and widths (see ``tl_kernels.sparse_mla_fwd``)."""
+    chosen = forward.default_config(static)
+    return Config(block_h=chosen.block_h, block_k=chosen.block_k, threads=chosen.threads)
+
+
+def smem_bytes(static: dict[str, Any], config: Config) -> int:
+    """Shared memory of the CUDA kernel: the forward's default schedule's tiles (an upper estimate)."""
+    return forward.smem_bytes(static, _as_forward(config))
+
+
+def fp8_views(d_qk: int, d_rope: int, tile: int) -> tuple[int, int, int]:
+    """``(row_bytes, scale_col, rope_col)`` of an FP8 cache row: its size in bytes, the column of its first scale in
+    the float32 view and of its first RoPE value in the bfloat16 view (``dsa.cache.FP8Layout``'s byte layout)."""
+    d_nope = d_qk - d_rope
+    scale_offset = d_nope
+    rope_offset = scale_offset + (d_nope // tile) * SCALE_BYTES
+    return rope_offset + d_rope * ROPE_BYTES, scale_offset // SCALE_BYTES, rope_offset // ROPE_BYTES
+
+
+def build(
+    *,
+    heads: int,
+    d_qk: int,
+    d_v: int,
+    kv_format: str = KV_FORMAT_BF16,
+    d_rope: int = 0,
+    tile: int = 1,
+    block_h: int = Config.block_h,
+    block_k: int = Config.block_k,
+    threads: int = Config.threads,
+    target: dsl.Target = dsl.HOPPER_TARGET,
+) -> Any:
+    """The split decode attention kernel for ``heads`` query heads of width ``d_qk`` and value width ``d_v``.
+
+    Kernel arguments (B, s_q, num_slots, k and Z symbolic; bf16 travels as ``uint16`` and e4m3 as ``uint8`` on the C
+    target):
+        q: ``[B, s_q, heads, d_qk]`` bfloat16;
+        the cache: ``kv_format="bf16"``: ``kv [num_slots, d_qk]`` bfloat16; ``"fp8"``: three views of the same bytes,
+        ``kv_fp8 [num_slots, row_bytes]`` float8_e4m3fn, ``kv_scale [num_slots, row_bytes / 4]`` float32,
+        ``kv_rope [num_slots, row_bytes / 2]`` bfloat16 (:func:`fp8_views`);
+        indices: ``[B, s_q, k]`` int32 slots; topk_length: ``[B, s_q]`` int32 (entries past it are invalid);
+        sm_scale: float32;
+        out_partial: ``[Z, B, s_q, heads, d_v]`` float32, each split's normalised output (written);
+        lse_partial: ``[Z, B, s_q, heads]`` float32, each split's natural-log lse, ``-inf`` when empty (written).
+    """
+    static = {
+        "heads": heads, "d_qk": d_qk, "d_v": d_v, "kv_format": kv_format, "d_rope": d_rope, "tile": tile,
+        "target": target,
+    }  # fmt: skip
+    check_config(static, Config(block_h=block_h, block_k=block_k, threads=threads))
+    cpu = dsl.is_cpu(target)
+    alloc = dsl.allocators(target)
+    data_storage = dsl.storage_dtype(DATA_DTYPE, target)
+    fp8_storage = dsl.storage_dtype(FP8_DTYPE, target)
+    tile_dtype = ACCUM_DTYPE if cpu else DATA_DTYPE
+    neg_inf = -T.infinity(ACCUM_DTYPE)
+    head_blocks = (heads + block_h - 1) // block_h
+    d_nope = d_qk - d_rope
+    row_bytes, scale_col, rope_col = fp8_views(d_qk, d_rope, tile) if kv_format == KV_FORMAT_FP8 else (1, 0, 0)
+
+    batch, seq_q, num_slots = T.dynamic("batch"), T.dynamic("seq_len"), T.dynamic("seq_len_kv")
+    width, splits = T.dynamic("topk"), T.dynamic("splits")
+    online_softmax, finalize = softmax_macros(alloc.parallel, block_h, block_k, heads, False)
+
+    def load(value: Any) -> Any:
+        return dsl.load_tile(value, DATA_DTYPE, target)
+
+    def dequant(code: Any, scale: Any) -> Any:
+        value = dsl.load_f32(code, FP8_DTYPE, target) * scale
+        return value if cpu else T.Cast(DATA_DTYPE, value)
+
+    fp8 = kv_format == KV_FORMAT_FP8
+
+    @T.macro
+    def gather(KVA, KVB, KVC, Indices, kv_s, b, s, step, limit):  # noqa: ANN001, ANN202
+        if fp8:
+            # FP8 (KVA e4m3 bytes, KVB scales, KVC RoPE values): dequantise while gathering; an invalid entry's row
+            # is -1 and the select never reads it.
+            for j, d in alloc.parallel(block_k, d_nope):
+                row = gather_row(Indices, b, s, step * block_k + j, width, limit, num_slots)
+                kv_s[j, d] = T.if_then_else(row >= 0, dequant(KVA[row, d], KVB[row, scale_col + d // tile]), 0)
+            for j, d in alloc.parallel(block_k, d_rope):
+                row = gather_row(Indices, b, s, step * block_k + j, width, limit, num_slots)
+                kv_s[j, d_nope + d] = T.if_then_else(row >= 0, load(KVC[row, rope_col + d]), 0)
+        else:
+            # bf16 rows in KVA: the forward's guarded copy, which zero-fills invalid rows (cp.async on CUDA).
+            for j, d in alloc.parallel(block_k, d_qk):
+                kv_s[j, d] = load(KVA[gather_row(Indices, b, s, step * block_k + j, width, limit, num_slots), d])
+
+    @T.macro
+    def attend(Q, KVA, KVB, KVC, Indices, TopkLength, sm_scale, OutPartial, LsePartial, bx, b, z):  # noqa: ANN001, ANN202
+        s = bx // head_blocks
+        h0 = (bx % head_blocks) * block_h
+        scale_log2 = sm_scale * T.float32(LOG2E)
+        limit = T.min(TopkLength[b, s], width)
+        q_s = alloc.shared([block_h, d_qk], tile_dtype)
+        kv_s = alloc.shared([block_k, d_qk], tile_dtype)
+        p_s = alloc.shared([block_h, block_k], tile_dtype)
+        acc_s = alloc.fragment([block_h, block_k], ACCUM_DTYPE)
+        acc_o = alloc.fragment([block_h, d_v], ACCUM_DTYPE)
+        m_i = alloc.fragment([block_h], ACCUM_DTYPE)
+        m_prev = alloc.fragment([block_h], ACCUM_DTYPE)
+        m_safe = alloc.fragment([block_h], ACCUM_DTYPE)
+        alpha = alloc.fragment([block_h], ACCUM_DTYPE)
+        l_i = alloc.fragment([block_h], ACCUM_DTYPE)
+        row_sum = alloc.fragment([block_h], ACCUM_DTYPE)
+
+        for h, d in alloc.parallel(block_h, d_qk):
+            q_s[h, d] = T.if_then_else(h0 + h < heads, load(Q[b, s, T.min(h0 + h, heads - 1), d]), 0)
+        T.fill(acc_o, 0)
+        T.fill(l_i, 0)
+        T.fill(m_i, neg_inf)
+
+        # This split's steps: the row's steps are dealt out by position (a short topk_length row leaves the last
+        # splits empty), so every split's bounds follow from the row alone.
+        per_split = T.ceildiv(T.ceildiv(width, block_k), splits)
+        first = z * per_split
+        last = T.min(first + per_split, T.ceildiv(limit, block_k))
+        for i in T.Pipelined(T.max(last - first, 0), num_stages=1):
+            gather(KVA, KVB, KVC, Indices, kv_s, b, s, first + i, limit)
+            T.clear(acc_s)
+            T.gemm(q_s, kv_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+            for h, j in alloc.parallel(block_h, block_k):
+                pos = (first + i) * block_k + j
+                acc_s[h, j] = T.if_then_else(
+                    entry_valid(index_at(Indices, b, s, pos, width), pos, limit, num_slots),
+                    acc_s[h, j] * scale_log2,
+                    neg_inf,
+                )
+            online_softmax(acc_s, m_i, m_prev, m_safe, alpha, l_i, row_sum)
+            for h, d in alloc.parallel(block_h, d_v):
+                acc_o[h, d] = acc_o[h, d] * alpha[h]
+            T.copy(acc_s, p_s)
+            T.gemm(p_s, kv_s[:, 0:d_v], acc_o, policy=T.GemmWarpPolicy.FullRow)
+
+        # alpha: 1 / l (0 for an empty split, whose output is then 0); row_sum: the split's lse (-inf when empty).
+        # No sink here (the combine adds it once): finalize's sink argument is never read.
+        finalize(m_i, m_safe, l_i, alpha, row_sum, l_i, h0)
+        for h, d in alloc.parallel(block_h, d_v):
+            if h0 + h < heads:
+                OutPartial[z, b, s, h0 + h, d] = acc_o[h, d] * alpha[h]
+        for h in alloc.parallel(block_h):
+            if h0 + h < heads:
+                LsePartial[z, b, s, h0 + h] = row_sum[h]
+
+    if not fp8:
+
+        @T.prim_func
+        def main(
+            Q: T.Tensor([batch, seq_q, heads, d_qk], data_storage),  # type: ignore[valid-type]
+            KV: T.Tensor([num_slots, d_qk], data_storage),  # type: ignore[valid-type]
+            Indices: T.Tensor([batch, seq_q, width], INDEX_DTYPE),  # type: ignore[valid-type]
+            TopkLength: T.Tensor([batch, seq_q], INDEX_DTYPE),  # type: ignore[valid-type]
+            sm_scale: T.float32,
+            OutPartial: T.Tensor([splits, batch, seq_q, heads, d_v], ACCUM_DTYPE),  # type: ignore[valid-type]
+            LsePartial: T.Tensor([splits, batch, seq_q, heads], ACCUM_DTYPE),  # type: ignore[valid-type]
+        ):
+            with T.Kernel(seq_q * head_blocks, batch, splits, threads=threads) as (bx, by, bz):
+                attend(Q, KV, KV, KV, Indices, TopkLength, sm_scale, OutPartial, LsePartial, bx, by, bz)
+
+    else:
+
+        @T.prim_func
+        def main(
+            Q: T.Tensor([batch, seq_q, heads, d_qk], data_storage),  # type: ignore[valid-type]
+            KVFp8: T.Tensor([num_slots, row_bytes], fp8_storage),  # type: ignore[valid-type]
+            KVScale: T.Tensor([num_slots, row_bytes // SCALE_BYTES], ACCUM_DTYPE),  # type: ignore[valid-type]
+            KVRope: T.Tensor([num_slots, row_bytes // ROPE_BYTES], data_storage),  # type: ignore[valid-type]
+            Indices: T.Tensor([batch, seq_q, width], INDEX_DTYPE),  # type: ignore[valid-type]
+            TopkLength: T.Tensor([batch, seq_q], INDEX_DTYPE),  # type: ignore[valid-type]
+            sm_scale: T.float32,
+            OutPartial: T.Tensor([splits, batch, seq_q, heads, d_v], ACCUM_DTYPE),  # type: ignore[valid-type]
+            LsePartial: T.Tensor([splits, batch, seq_q, heads], ACCUM_DTYPE),  # type: ignore[valid-type]
+        ):
+            with T.Kernel(seq_q * head_blocks, batch, splits, threads=threads) as (bx, by, bz):
+                attend(Q, KVFp8, KVScale, KVRope, Indices, TopkLength, sm_scale, OutPartial, LsePartial, bx, by, bz)
+
+    return dsl.with_target_pass_configs(main, target, CUDA_PASS_CONFIGS)
+
+
+def build_combine(*, heads: int, d_v: int, has_sink: bool = False, target: dsl.Target = dsl.HOPPER_TARGET) -> Any:
+    """The kernel that merges split (and extra-source) results into the decode output.
+
+    Kernel arguments (P, B and s_q symbolic):
+        out_partial: ``[P, B, s_q, heads, d_v]`` float32 normalised partial outputs;
+        lse_partial: ``[P, B, s_q, heads]`` float32 natural-log partial lse (``-inf`` for an empty part);
+        attn_sink: ``[heads]`` float32 with ``has_sink``, else a ``[1]`` placeholder;
+        out: ``[B, s_q, heads, d_v]`` bfloat16 (written); lse: ``[B, s_q, heads]`` float32, the sink excluded
+        (written).
+    """
+    if heads < 1 or d_v < 1:
+        raise ValueError(f"heads and d_v must be >= 1, got {heads} and {d_v}")
+    alloc = dsl.allocators(target)
+    data_storage = dsl.storage_dtype(DATA_DTYPE, target)
+    neg_inf = -T.infinity(ACCUM_DTYPE)
+    parts, batch, seq_q = T.dynamic("parts"), T.dynamic("batch"), T.dynamic("seq_len")
+
+    @T.prim_func
+    def main(
+        OutPartial: T.Tensor([parts, batch, seq_q, heads, d_v], ACCUM_DTYPE),  # type: ignore[valid-type]
+        LsePartial: T.Tensor([parts, batch, seq_q, heads], ACCUM_DTYPE),  # type: ignore[valid-type]
+        AttnSink: T.Tensor([heads] if has_sink else [1], ACCUM_DTYPE),  # type: ignore[valid-type]
+        Out: T.Tensor([batch, seq_q, heads, d_v], data_storage),  # type: ignore[valid-type]
+        Lse: T.Tensor([batch, seq_q, heads], ACCUM_DTYPE),  # type: ignore[valid-type]
+    ):
+        with T.Kernel(seq_q * heads, batch, threads=COMBINE_THREADS) as (bx, by):
+            s = bx // heads
+            h = bx % heads
+            # stats: the maximum part lse (0 while every part is empty), the sum of weights, 1 / denominator.
+            stats = alloc.local([3], ACCUM_DTYPE)
+            stats[0] = neg_inf
+            for p in T.serial(parts):
+                stats[0] = T.max(stats[0], LsePartial[p, by, s, h])
+            stats[0] = T.if_then_else(stats[0] == neg_inf, 0, stats[0])
+            stats[1] = 0
+            for p in T.serial(parts):
+                stats[1] = stats[1] + T.exp(LsePartial[p, by, s, h] - stats[0])
+            if has_sink:
+                stats[2] = stats[1] + T.exp(AttnSink[h] - stats[0])
+            else:
+                stats[2] = stats[1]
+            stats[2] = T.if_then_else(stats[2] > 0, 1.0 / stats[2], 0)
+            acc = alloc.fragment([d_v], ACCUM_DTYPE)
+            weight = alloc.local([1], ACCUM_DTYPE)
+            for d in alloc.parallel(d_v):
+                acc[d] = 0
+            for p in T.serial(parts):
+                weight[0] = T.exp(LsePartial[p, by, s, h] - stats[0])
+                for d in alloc.parallel(d_v):
+                    acc[d] = acc[d] + weight[0] * OutPartial[p, by, s, h, d]
+            for d in alloc.parallel(d_v):
+                Out[by, s, h, d] = dsl.store_bf16(acc[d] * stats[2], target)
+            Lse[by, s, h] = T.if_then_else(stats[1] > 0, T.log(stats[1]) + stats[0], neg_inf)
+
+    return main
