@@ -1,4 +1,6 @@
-"""A FlashMLA-compatible entry point for sparse MLA prefill.
+"""FlashMLA-compatible entry points: ``flash_mla_sparse_fwd`` (sparse prefill, here) and the sparse decode pair
+``get_mla_metadata``/``flash_mla_with_kvcache`` (re-exported from ``dsa.compat_decode``, whose docstring gives their
+conventions).
 
 ``flash_mla_sparse_fwd`` takes FlashMLA's shapes (no batch dimension, an explicit single KV head) and returns its
 triple ``(out, max_logits, lse)``. The conventions follow FlashMLA's ``tests/ref.py`` (the definition its docstring
@@ -25,6 +27,9 @@ import math
 import torch
 
 from dsa import ops, reference
+from dsa.compat_decode import FlashMLASchedMeta, flash_mla_with_kvcache, get_mla_metadata
+
+__all__ = ["LOG2_E", "FlashMLASchedMeta", "flash_mla_sparse_fwd", "flash_mla_with_kvcache", "get_mla_metadata"]
 
 # Bound the [rows, h_q, topk] float32 logits that the max_logits pass holds at once.
 _CHUNK_ELEMENTS = 1 << 24
