@@ -12,6 +12,7 @@ compiled graph runs the implementation chosen when it was traced):
 | ``dsa::index_topk_bwd`` | (dq, dk, dweights) | PyTorch for both backends, chunked recomputation at the selected keys |
 | ``dsa::sparse_mla`` | (out, lse) | launcher ``dsa.launch.sparse_mla_fwd`` or the reference forward |
 | ``dsa::sparse_mla_bwd`` | (dq, dkv) | launcher ``dsa.launch.sparse_mla_bwd`` or the reference's recompute backward |
+| (eager only) ``index_topk_decode`` | (positions, scores) | launcher ``dsa.launch.index_topk`` (paged) or ``dsa.reference.index_topk_decode`` |
 | ``dsa::sparse_mla_decode`` | (out, lse) | launcher ``dsa.launch.sparse_mla_decode`` or ``dsa.reference.sparse_mla_decode`` (forward only) |
 
 Each has a fake (meta) implementation, so ``torch.compile(fullgraph=True)`` traces through them. The ops are defined
@@ -270,6 +271,30 @@ def sparse_mla_impl(
         )
     with torch.no_grad():
         return reference.sparse_mla_impl(q, kv, indices, sm_scale, d_v, topk_length, attn_sink)
+
+
+def index_topk_decode_impl(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    weights: torch.Tensor,
+    topk: int,
+    block_table: torch.Tensor,
+    ends: torch.Tensor,
+    starts: OptTensor,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``index_topk_decode`` (contract in ``dsa.reference.index_topk_decode``): ``(positions, scores)``, each ``[B,
+    s_q, topk]``. The kernel backend runs the fused kernel over the paged keys wherever a config fits, else (a very
+    large ``topk``) the reference, logged once per call."""
+    if backend == TILELANG:
+        launch = launcher(_LAUNCH_INDEX_TOPK)
+        if launch.fits(q, topk, ranged=True):
+            return launch.index_topk_paged(q, k_cache, weights, topk, block_table=block_table, ends=ends, starts=starts)
+        logger.info("index_topk_decode: no fused config fits topk=%d here; running the reference", topk)
+    with torch.no_grad():
+        return reference.index_topk_decode(
+            q, k_cache, weights, topk, block_table=block_table, ends=ends, starts=starts, return_scores=True
+        )
 
 
 def sparse_mla_decode_impl(

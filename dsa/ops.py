@@ -28,7 +28,7 @@ import torch
 from dsa import autograd, cache, validation
 from dsa.hardware import TILELANG, select_backend
 
-__all__ = ["index_scores", "index_topk", "sparse_mla", "sparse_mla_decode", "topk_indices"]
+__all__ = ["index_scores", "index_topk", "index_topk_decode", "sparse_mla", "sparse_mla_decode", "topk_indices"]
 
 
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
@@ -206,3 +206,40 @@ def sparse_mla_decode(
         q, kv_cache, indices, float(sm_scale), int(d_v), topk_length, attn_sink, extra_kv_cache, extra_indices,
         extra_topk_length, int(d_rope), backend,
     )  # fmt: skip
+
+
+def index_topk_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    weights: torch.Tensor,
+    topk: int,
+    *,
+    block_table: torch.Tensor,
+    ends: torch.Tensor,
+    starts: torch.Tensor | None = None,
+    return_scores: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The indexer's top-k for decoding over a paged key cache (contract: ``dsa.reference.index_topk_decode``).
+
+    On the kernel backend the fused selection kernel reads the keys through the block table (no gathered copy, no
+    ``[B, s_q, S_kv]`` scores). Not differentiable (decoding).
+
+    Args:
+        q (torch.Tensor): ``[B, s_q, H_i, D_i]``, bfloat16 or float8_e4m3fn (float32/float64 run the reference).
+        k_cache (torch.Tensor): ``[num_pages, page_size, D_i]`` in q's dtype, or for FP8 q ``[num_pages, page_size,
+            D_i + 4]`` uint8 key rows (``dsa.cache.index_key_layout``: FP8 values, then a float32 scale).
+        weights (torch.Tensor): ``[B, s_q, H_i]``, float32.
+        topk (int): ``>= 1``.
+        block_table (torch.Tensor): ``[B, pages_per_sequence]``, int32.
+        ends, starts (torch.Tensor): ``[B, s_q]``, int32: query ``t`` sees positions ``starts <= s < ends`` (``starts``
+            default 0); positions on unallocated pages (negative entries) are invisible.
+        return_scores (bool): also return the selected positions' scores.
+
+    Returns:
+        indices (torch.Tensor): ``[B, s_q, topk]``, int32 **positions**, a set per row, ``-1`` padding (slots:
+        ``dsa.cache.positions_to_slots``). scores (with ``return_scores``): ``[B, s_q, topk]`` float32.
+    """
+    backend = select_backend(q.device, q.dtype in validation.INDEXER_KERNEL_DTYPES)
+    validation.check_index_topk_decode(q, k_cache, weights, topk, block_table, ends, starts, kernel=backend == TILELANG)
+    indices, scores = autograd.index_topk_decode_impl(q, k_cache, weights, int(topk), block_table, ends, starts, backend)
+    return (indices, scores) if return_scores else indices

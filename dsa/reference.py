@@ -593,3 +593,56 @@ def sparse_mla_decode(
         attn_sink=attn_sink,
     )
     return out.view(batch, s_q, heads, -1), lse.view(batch, s_q, heads)
+
+
+def index_topk_decode(
+    q: Tensor,
+    k_cache: Tensor,
+    weights: Tensor,
+    topk: int,
+    *,
+    block_table: Tensor,
+    ends: Tensor,
+    starts: OptTensor = None,
+    return_scores: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """The indexer's top-k for decoding: the ``s_q`` new queries of each sequence against its keys in a paged cache.
+
+    Args:
+        q (Tensor): ``[B, s_q, H_i, D_i]``, as in :func:`index_scores` (FP8, bf16, float32/float64).
+        k_cache (Tensor): ``[num_pages, page_size, D_i]`` in q's dtype, or for FP8 ``q`` the FP8 key rows
+            ``[num_pages, page_size, D_i + 4]`` uint8 (``dsa.cache.index_key_layout``: the key's FP8 bytes, then its
+            float32 scale).
+        weights (Tensor): ``[B, s_q, H_i]`` float32.
+        topk (int): ``>= 1``.
+        block_table (Tensor): ``[B, pages_per_sequence]`` int32 (``dsa.cache.PagedKVCache.block_table``).
+        ends, starts (Tensor): ``[B, s_q]`` int32: query ``t`` of sequence ``b`` sees the key positions ``starts <= s
+            < ends`` (``starts`` default 0; for the newest tokens of sequences of ``L`` cached tokens, ``ends = L -
+            s_q + t + 1``). A position whose page entry is negative, or whose slot lies past the cache, is invisible.
+        return_scores (bool): also return the selected positions' scores.
+
+    Returns:
+        indices ``[B, s_q, topk]`` int32 logical **positions** (map them with ``dsa.cache.positions_to_slots``), a set
+        per row, ``-1`` padding, ties to the smaller position; with ``return_scores`` also their scores (float32,
+        ``-inf`` at padding): :func:`index_topk` over the keys gathered through the block table.
+    """
+    batch = q.shape[0]
+    page_size = k_cache.shape[1]
+    positions = torch.arange(block_table.shape[1] * page_size, device=q.device).expand(batch, -1)
+    slots = cache.positions_to_slots(block_table, page_size, positions, num_slots=k_cache.shape[0] * page_size)
+    flat = k_cache.reshape(-1, k_cache.shape[-1])
+    rows = flat[slots.clamp_min(0).long()]
+    k_scale = None
+    if q.dtype in validation.FP8_DTYPES:
+        k, k_scale = cache.unpack_index_keys_fp8(rows, q.shape[-1])
+    else:
+        k = rows
+    if starts is None:
+        starts = torch.zeros_like(ends)
+    scores = index_scores(q, k, weights, k_scale=k_scale, starts=starts, ends=ends)
+    scores = scores.masked_fill((slots < 0).unsqueeze(1), float("-inf"))
+    indices = topk_indices(scores, topk)
+    if not return_scores:
+        return indices
+    picked = scores.gather(-1, indices.clamp_min(0).long()).masked_fill(indices < 0, float("-inf"))
+    return indices, picked

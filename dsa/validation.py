@@ -371,3 +371,63 @@ def check_sparse_mla_decode(
         require_same_device("q", q, attn_sink=attn_sink)
     if kernel:
         require_contiguous("q", q)
+
+
+@names_op("index_topk_decode")
+def check_index_topk_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    weights: torch.Tensor,
+    topk: object,
+    block_table: torch.Tensor,
+    ends: torch.Tensor,
+    starts: torch.Tensor | None,
+    *,
+    kernel: bool = False,
+) -> None:
+    """Validate the inputs of ``index_topk_decode`` (see ``dsa.reference.index_topk_decode``)."""
+    require_tensor("q", q)
+    require_dtype("q", q, INDEXER_KERNEL_DTYPES if kernel else INDEXER_REFERENCE_DTYPES)
+    require_rank("q", q, 4, "[B, s_q, H_i, D_i]")
+    require_nonempty("q", q, "[B, s_q, H_i, D_i]")
+    batch, s_q, heads, dim = q.shape
+    require_tensor("k_cache", k_cache)
+    require_rank("k_cache", k_cache, 3, "[num_pages, page_size, row]")
+    require_nonempty("k_cache", k_cache, "[num_pages, page_size, row]")
+    if q.dtype in FP8_DTYPES:
+        # One FP8 key row: D_i FP8 bytes and a float32 scale (dsa.cache.index_key_layout).
+        row = dim + 4
+        if k_cache.dtype not in FP8_CACHE_DTYPES or k_cache.shape[-1] != row:
+            raise ValueError(
+                f"k_cache must hold FP8 key rows of {row} bytes ({dim} FP8 values, one float32 scale) for float8 q, "
+                f"got shape {_shape(k_cache.shape)} {str(k_cache.dtype).removeprefix('torch.')}"
+            )
+    else:
+        if k_cache.dtype != q.dtype:
+            raise TypeError(f"k_cache must have q's dtype ({q.dtype}) for a {q.dtype} q, got {k_cache.dtype}")
+        if k_cache.shape[-1] != dim:
+            raise ValueError(f"k_cache rows must be D_i = {dim} wide like q, got shape {_shape(k_cache.shape)}")
+    require_tensor("weights", weights)
+    weight_dtypes = (torch.float32,) if kernel or q.dtype != torch.float64 else (torch.float32, torch.float64)
+    require_dtype("weights", weights, weight_dtypes)
+    require_shape("weights", weights, (batch, s_q, heads), "[B, s_q, H_i]")
+    require_positive_int("topk", topk)
+    require_tensor("block_table", block_table)
+    require_dtype("block_table", block_table, (INDEX_DTYPE,))
+    require_rank("block_table", block_table, 2, "[B, pages_per_sequence]")
+    require_nonempty("block_table", block_table, "[B, pages_per_sequence]")
+    if block_table.shape[0] != batch:
+        raise ValueError(f"block_table must have B = {batch} rows like q, got shape {_shape(block_table.shape)}")
+    for name, t in (("ends", ends), ("starts", starts)):
+        if t is not None:
+            require_tensor(name, t)
+            require_dtype(name, t, (INDEX_DTYPE,))
+            require_shape(name, t, (batch, s_q), "[B, s_q]")
+    require_same_device(
+        "q", q, k_cache=k_cache, weights=weights, block_table=block_table, ends=ends, starts=starts
+    )
+    if kernel:
+        for name, t in (("q", q), ("k_cache", k_cache), ("weights", weights), ("block_table", block_table),
+                        ("ends", ends), ("starts", starts)):  # fmt: skip
+            if t is not None:
+                require_contiguous(name, t)

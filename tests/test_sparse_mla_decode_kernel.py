@@ -30,6 +30,7 @@ from dsa.launch import sparse_mla_decode as launch
 from dsa.testing import assert_close
 from tests import strategies, support
 from tl_kernels import build as tl_build
+from tl_kernels import dsl
 from tl_kernels import sparse_mla_decode as kernels
 
 # The C-target widths: a 40-wide latent row of 32 NoPE + 8 RoPE values (FP8 tile 32, 52 bytes per token), 24-wide
@@ -323,7 +324,7 @@ def test_hopper_build_is_clean(case: int) -> None:
         assert report.spill_bytes == 0, report.ptxas_log
         return
     assert not report.problems(mma=tl_build.MMA_WGMMA), report.problems(mma=tl_build.MMA_WGMMA)
-    assert report.smem_bytes <= kernels.smem_bytes({**params, "target": "sm_90a"}, kernels.Config())
+    assert report.smem_bytes <= kernels.smem_bytes({**params, "target": dsl.HOPPER_TARGET}, kernels.Config())
     if params["kv_format"] == kernels.KV_FORMAT_BF16:
         assert "cp_async" in source, "the bf16 gather is not asynchronous"
     else:

@@ -57,6 +57,9 @@ __all__ = [
 ACCUM_DTYPE = "float32"
 INDEX_DTYPE = "int32"
 COUNT_DTYPE = "int32"
+SLOT_DTYPE = "int64"
+SLOT_BYTES = 8
+SLOT_ALIGN_SLACK_BYTES = 256
 CAND_ENTRY_BYTES = 4 + 4  # int32 position + uint32 key
 # Per query: the fill counter (int32) and the threshold key (uint32).
 ROW_STATE_BYTES = 4 + 4
@@ -133,7 +136,9 @@ def smem_bytes(static: dict, config: Config) -> int:
     tiles = indexer.smem_bytes(_indexer_static(static), _indexer_config(config))
     score_tile = config.block_N * block_Q * 4
     buffers = block_Q * (cand_capacity(static["topk"], config) * CAND_ENTRY_BYTES + ROW_STATE_BYTES)
-    return tiles + score_tile + rs.hist_bytes() + rs.state_bytes() + buffers
+    # A paged key block's cache rows (with the alignment TileLang gives the extra tile: 184 B on sm_90a at V3.2).
+    slots = config.block_N * SLOT_BYTES + SLOT_ALIGN_SLACK_BYTES if static.get("page_size", 0) else SLOT_BYTES
+    return tiles + score_tile + rs.hist_bytes() + rs.state_bytes() + buffers + slots
 
 
 def check_config(static: dict, config: Config) -> None:
@@ -178,6 +183,8 @@ def build(
     block_N: int = Config.block_N,
     threads: int = Config.threads,
     cand_factor: int = Config.cand_factor,
+    page_size: int = 0,
+    scale_col: int = 0,
     target: dsl.Target = dsl.CPU_TARGET,
 ) -> Any:
     """The fused ``index_topk`` prim_func for the given static parameters; B, S and S_kv are dynamic.
@@ -187,6 +194,11 @@ def build(
             ``starts[b, t] <= s < ends[b, t]``).
         topk: entries per query (any positive int; rows with fewer visible keys are padded).
         q_rows, block_N, threads, cand_factor: the :class:`Config` fields.
+        page_size: 0 for contiguous keys; else the keys live in a **paged cache** of ``page_size``-token pages
+            (decoding, ``"range"`` mode only): key position ``s`` of sequence ``b`` is cache row ``block_table[b, s //
+            page_size] * page_size + s % page_size``; a position whose page entry is negative or whose row is past the
+            cache is invisible. The logical key length is ``pages_per_sequence * page_size``.
+        scale_col: paged FP8 only: the column of a row's float32 scale in the ``k_scale`` view (below).
         target: ``"c"`` or a CUDA target dict.
 
     Kernel arguments, in order (``k_scale`` only for FP8, ``starts``/``ends`` only in ``"range"`` mode):
@@ -194,8 +206,15 @@ def build(
         [k_scale ``[B, S_kv]`` float32]; [starts, ends ``[B, S]`` int32]; indices ``[B, S, topk]`` int32 and
         scores ``[B, S, topk]`` float32 (both written completely). On the C target the dtype tensors travel as
         ``dsl.storage_dtype`` bits (uint16 / uint8).
+        Paged (``page_size > 0``): k ``[num_slots, k_row]`` dtype (a row's first ``dim`` values are the key; FP8 rows
+        may carry their scale bytes after them), [k_scale ``[num_slots, scale_row]`` float32, read at column
+        ``scale_col``: for FP8-layout bytes a float32 view of the same rows], block_table ``[B, pages_per_sequence]``
+        int32, then starts, ends, indices, scores as above.
     """
     cpu = dsl.is_cpu(target)
+    paged = page_size > 0
+    if page_size < 0 or (paged and mode != "range"):
+        raise ValueError(f"page_size must be >= 0, and a paged cache needs mode 'range'; got {page_size}, {mode!r}")
     static = {"heads": heads, "dim": dim, "dtype": dtype, "mode": mode, "topk": topk, "target": target}
     config = Config(q_rows=q_rows, block_N=block_N, threads=threads, cand_factor=cand_factor)
     check_config(static, config)
@@ -215,7 +234,33 @@ def build(
         tile_dtype=tile_dtype, target=target,
     )  # fmt: skip
 
-    batch, seq, seq_kv = T.dynamic("batch, seq_len, seq_len_kv")
+    batch, seq = T.dynamic("batch, seq_len")
+    if paged:
+        num_slots, k_row, scale_row, max_pages = T.dynamic("num_slots, k_row, scale_row, max_pages")
+        seq_kv = max_pages * page_size
+    else:
+        seq_kv = T.dynamic("seq_len_kv")
+
+    def key_slot(BlockTable: Any, b: Any, pos: Any) -> Any:
+        """The cache row (int64) of key position ``pos`` of sequence ``b``, -1 when its page entry is negative or
+        the row lies past the cache (paged keys only)."""
+        page = BlockTable[b, T.min(pos // page_size, max_pages - 1)]
+        slot = T.Cast("int64", page) * page_size + pos % page_size
+        return T.if_then_else(T.And(T.And(pos < seq_kv, page >= 0), slot < num_slots), slot, T.int64(-1))
+
+    def key_value(K: Any, slot_tile: Any, b: Any, pos: Any, n: Any, d: Any) -> Any:
+        """Element ``d`` of key ``pos`` (row ``n`` of the key block) as a tile value, 0 past the keys (or at an
+        invalid paged row, whose row ``slot_tile[n]`` is -1)."""
+        if paged:
+            return T.if_then_else(slot_tile[n] >= 0, math_.load(K[T.max(slot_tile[n], 0), d]), T.cast(0, tile_dtype))
+        return T.if_then_else(pos < seq_kv, math_.load(K[b, T.min(pos, seq_kv - 1), d]), T.cast(0, tile_dtype))
+
+    def key_score(logit: Any, KScale: Any, slot_tile: Any, b: Any, pos: Any, n: Any) -> Any:
+        """The score of a visible key from its head-weighted sum: times its FP8 scale; -inf at an invalid paged row."""
+        if not paged:
+            return math_.scaled(logit, KScale, b, T.min(pos, seq_kv - 1))
+        value = logit * KScale[T.max(slot_tile[n], 0), scale_col] if fp8 else logit
+        return T.if_then_else(slot_tile[n] >= 0, value, neg_inf)
 
     # Macro parameters carry no annotations on purpose: TileLang gives annotated macro parameters meaning (T.Ref).
 
@@ -267,7 +312,7 @@ def build(
             row.out_scores[row.b, row.s, j] = neg_inf
 
     @T.macro
-    def body(Q, K, W, KScale, Starts, Ends, Indices, Scores):
+    def body(Q, K, W, KScale, BlockTable, Starts, Ends, Indices, Scores):
         with T.Kernel(T.ceildiv(seq, block_Q), batch, threads=threads) as (bq, bb):
             q_tile = alloc.shared([rows, dim], tile_dtype)
             k_tile = alloc.shared([block_N, dim], tile_dtype)
@@ -279,6 +324,8 @@ def build(
             fill = alloc.shared([block_Q], COUNT_DTYPE)
             threshold = alloc.shared([block_Q], rs.KEY_DTYPE)
             bounds = T.alloc_local([2], INDEX_DTYPE)
+            # Paged keys: each key block's cache rows, looked up in the block table once per key (not per element).
+            slot_tile = alloc.shared([block_N if paged else 1], SLOT_DTYPE)
             kb_lo = T.alloc_var(INDEX_DTYPE)
             kb_hi = T.alloc_var(INDEX_DTYPE)
             t0 = bq * block_Q
@@ -306,16 +353,18 @@ def build(
             for step in T.serial(n_steps + 1):
                 s0 = (kb_lo + step) * block_N
                 if step < n_steps:
+                    if paged:
+                        for n in alloc.parallel(block_N):
+                            slot_tile[n] = key_slot(BlockTable, bb, s0 + n)
+                        select.barrier()
                     for n, d in alloc.parallel(block_N, dim):
-                        k_tile[n, d] = T.if_then_else(
-                            s0 + n < seq_kv, math_.load(K[bb, T.min(s0 + n, seq_kv - 1), d]), T.cast(0, tile_dtype)
-                        )
+                        k_tile[n, d] = key_value(K, slot_tile, bb, s0 + n, n, d)
                     select.barrier()
                     math_.head_sum(k_tile, q_tile, acc, acc_heads, w_tile, logits)
                     for n, i in alloc.parallel(block_N, block_Q):
                         score_tile[n, i] = T.if_then_else(
                             t0 + i < seq and s0 + n < seq_kv and math_.visible(Starts, Ends, bb, t0 + i, s0 + n, shift),
-                            math_.scaled(logits[n, i], KScale, bb, T.min(s0 + n, seq_kv - 1)),
+                            key_score(logits[n, i], KScale, slot_tile, bb, s0 + n, n),
                             neg_inf,
                         )
                     select.barrier()
@@ -343,7 +392,40 @@ def build(
     row_shape = [batch, seq]
     out_shape = [batch, seq, topk]
 
-    if fp8 and causal:
+    if paged and fp8:
+
+        @T.prim_func
+        def index_topk_fp8_paged(
+            Q: T.Tensor(q_shape, io_dtype),
+            K: T.Tensor([num_slots, k_row], io_dtype),
+            W: T.Tensor(w_shape, ACCUM_DTYPE),
+            KScale: T.Tensor([num_slots, scale_row], ACCUM_DTYPE),
+            BlockTable: T.Tensor([batch, max_pages], INDEX_DTYPE),
+            Starts: T.Tensor(row_shape, INDEX_DTYPE),
+            Ends: T.Tensor(row_shape, INDEX_DTYPE),
+            Indices: T.Tensor(out_shape, INDEX_DTYPE),
+            Scores: T.Tensor(out_shape, ACCUM_DTYPE),
+        ):
+            body(Q, K, W, KScale, BlockTable, Starts, Ends, Indices, Scores)
+
+        func = index_topk_fp8_paged
+    elif paged:
+
+        @T.prim_func
+        def index_topk_bf16_paged(
+            Q: T.Tensor(q_shape, io_dtype),
+            K: T.Tensor([num_slots, k_row], io_dtype),
+            W: T.Tensor(w_shape, ACCUM_DTYPE),
+            BlockTable: T.Tensor([batch, max_pages], INDEX_DTYPE),
+            Starts: T.Tensor(row_shape, INDEX_DTYPE),
+            Ends: T.Tensor(row_shape, INDEX_DTYPE),
+            Indices: T.Tensor(out_shape, INDEX_DTYPE),
+            Scores: T.Tensor(out_shape, ACCUM_DTYPE),
+        ):
+            body(Q, K, W, None, BlockTable, Starts, Ends, Indices, Scores)
+
+        func = index_topk_bf16_paged
+    elif fp8 and causal:
 
         @T.prim_func
         def index_topk_fp8_causal(
@@ -354,7 +436,7 @@ def build(
             Indices: T.Tensor(out_shape, INDEX_DTYPE),
             Scores: T.Tensor(out_shape, ACCUM_DTYPE),
         ):
-            body(Q, K, W, KScale, None, None, Indices, Scores)
+            body(Q, K, W, KScale, None, None, None, Indices, Scores)
 
         func = index_topk_fp8_causal
     elif fp8:
@@ -370,7 +452,7 @@ def build(
             Indices: T.Tensor(out_shape, INDEX_DTYPE),
             Scores: T.Tensor(out_shape, ACCUM_DTYPE),
         ):
-            body(Q, K, W, KScale, Starts, Ends, Indices, Scores)
+            body(Q, K, W, KScale, None, Starts, Ends, Indices, Scores)
 
         func = index_topk_fp8_range
     elif causal:
@@ -383,7 +465,7 @@ def build(
             Indices: T.Tensor(out_shape, INDEX_DTYPE),
             Scores: T.Tensor(out_shape, ACCUM_DTYPE),
         ):
-            body(Q, K, W, None, None, None, Indices, Scores)
+            body(Q, K, W, None, None, None, None, Indices, Scores)
 
         func = index_topk_bf16_causal
     else:
@@ -398,7 +480,7 @@ def build(
             Indices: T.Tensor(out_shape, INDEX_DTYPE),
             Scores: T.Tensor(out_shape, ACCUM_DTYPE),
         ):
-            body(Q, K, W, None, Starts, Ends, Indices, Scores)
+            body(Q, K, W, None, None, Starts, Ends, Indices, Scores)
 
         func = index_topk_bf16_range
     if cpu:

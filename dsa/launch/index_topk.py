@@ -13,11 +13,13 @@ import torch
 
 from dsa.launch import common
 from dsa.launch import indexer as indexer_launch
+from tl_kernels import build as tl_build
 from tl_kernels import index_topk as kernels
 
-__all__ = ["KERNEL_NAME", "fits", "index_topk", "static_params"]
+__all__ = ["KERNEL_NAME", "fits", "index_topk", "index_topk_paged", "paged_static_params", "static_params"]
 
 KERNEL_NAME = "index_topk"
+_SCALE_BYTES = 4
 """Name of the kernel in the tuner, the config cache and the benchmark."""
 
 
@@ -75,4 +77,61 @@ def index_topk(
     indices = common.new_output((batch, seq, static["topk"]), torch.int32, device)
     scores = common.new_output((batch, seq, static["topk"]), torch.float32, device)
     kernel(*indexer_launch.kernel_inputs(q, k, weights, k_scale, starts, ends, target), indices, scores)
+    return indices, scores
+
+
+def paged_static_params(q: torch.Tensor, topk: int, *, page_size: int) -> dict[str, Any]:
+    """The static parameters of the paged (decode) variant: the ranged indexer's, ``topk``, the page size and, for
+    FP8 keys, the float32 column of a key row's scale (``dsa.cache.index_key_layout``: after its ``D_i`` bytes)."""
+    static = {**static_params(q, topk, ranged=True), "page_size": int(page_size)}
+    static["scale_col"] = int(q.shape[-1]) // _SCALE_BYTES if q.dtype == torch.float8_e4m3fn else 0
+    return static
+
+
+def index_topk_paged(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    weights: torch.Tensor,
+    topk: int,
+    *,
+    block_table: torch.Tensor,
+    ends: torch.Tensor,
+    starts: torch.Tensor | None = None,
+    config: kernels.Config | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``index_topk_decode`` (contract: ``dsa.reference.index_topk_decode``) by the fused kernel reading the keys
+    through the block table.
+
+    Args:
+        q (torch.Tensor): ``[B, s_q, H_i, D_i]``, bfloat16 or float8_e4m3fn.
+        k_cache (torch.Tensor): ``[num_pages, page_size, D_i]`` bfloat16, or ``[num_pages, page_size, D_i + 4]``
+            uint8 FP8 key rows for FP8 q.
+        weights (torch.Tensor): ``[B, s_q, H_i]``, float32.
+        block_table (torch.Tensor): ``[B, pages_per_sequence]``, int32.
+        ends, starts (torch.Tensor): ``[B, s_q]``, int32 (``starts`` default 0).
+        config (Config | None): overrides the default config (tests). The paged variant is not tuned yet.
+
+    Returns:
+        positions ``[B, s_q, topk]`` int32 (``-1`` padding) and their scores ``[B, s_q, topk]`` float32.
+    """
+    batch, s_q = q.shape[:2]
+    device = q.device
+    target = common.target_for(device)
+    static = paged_static_params(q, topk, page_size=k_cache.shape[1])
+    if config is None:
+        config = kernels.default_config({**static, "target": target})
+    else:
+        config = common.checked_config(kernels, static, config, device)
+    kernel = common.get_kernel(kernels.build, target, **static, **dataclasses.asdict(config))
+    rows = k_cache.view(-1, k_cache.shape[-1])
+    if starts is None:
+        starts = torch.zeros_like(ends)
+    if q.dtype == torch.float8_e4m3fn:
+        raw = rows.view(torch.uint8)
+        keys = [tl_build.to_kernel_arg(raw.view(torch.float8_e4m3fn), target), weights, raw.view(torch.float32)]
+    else:
+        keys = [tl_build.to_kernel_arg(rows, target), weights]
+    indices = common.new_output((batch, s_q, static["topk"]), torch.int32, device)
+    scores = common.new_output((batch, s_q, static["topk"]), torch.float32, device)
+    kernel(tl_build.to_kernel_arg(q, target), *keys, block_table, starts, ends, indices, scores)
     return indices, scores

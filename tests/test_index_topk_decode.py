@@ -1,0 +1,244 @@
+"""The indexer's selection for decoding over a paged key cache: ``dsa.ops.index_topk_decode``, its reference
+(``dsa.reference.index_topk_decode``) and the fused selection kernel's paged variant (``tl_kernels.index_topk`` with
+``page_size > 0``, through ``dsa.launch.index_topk.index_topk_paged``).
+
+Every check is exact: integer-valued q, keys and weights (and power-of-two FP8 scales) make every score an exact
+float32 on every path, so sets (tie rule included: the smaller position wins) and scores must be equal. Block tables
+are shuffled and some of their entries unallocated (``-1``); such pages are invisible. Outputs are poisoned before
+every launch (tests/conftest.py).
+
+Tiers: the reference against ``dsa.reference.index_topk`` over keys gathered through the block table (pure PyTorch);
+``cpu_kernel``: the C-target paged kernels (bf16 and FP8 key rows) against the reference; ``build``: the V3.2 FP8
+paged kernel for sm_90a; ``gpu``: V3.2 shapes at 8K-64K contexts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from dsa import cache, ops, reference, testing
+from dsa.launch import index_topk as launch
+from tests import strategies, support
+from tl_kernels import build as tl_build
+from tl_kernels import dsl
+from tl_kernels import index_topk as kernels
+
+CPU_HEADS, CPU_DIM, CPU_TOPK, CPU_PAGE = 4, 32, 16, 16
+V32 = {"heads": 64, "dim": 128, "topk": 2048, "page_size": 64}
+FORMATS = ("bf16", "fp8")
+
+
+def make_problem(
+    *,
+    fmt: str,
+    seed: int,
+    batch: int,
+    s_q: int,
+    lengths: list[int],
+    heads: int = CPU_HEADS,
+    dim: int = CPU_DIM,
+    page_size: int = CPU_PAGE,
+    ranges: str = "decode",
+    unallocated: bool = False,
+    device: Any = "cpu",
+) -> dict[str, Any]:
+    """One call's arguments: a cache holding ``lengths[b]`` integer-valued keys per sequence behind a shuffled block
+    table (with ``unallocated``, the table's last entries of some sequences are ``-1``), queries at the sequence's
+    end (``ranges="decode"``: query ``t`` sees ``[0, L - s_q + t + 1)``) or random ``[starts, ends)``."""
+    g = testing.generator(seed)
+    longest = max(max(lengths), 1)
+    dtype = "fp8" if fmt == "fp8" else torch.bfloat16
+    keys = cache.PagedKVCache(batch, longest + page_size, dim, page_size=page_size, dtype=dtype, d_rope=0)
+    table = torch.randperm(keys.block_table.numel(), generator=g).to(torch.int32).view_as(keys.block_table)
+    if unallocated:
+        # Pages past each sequence's last token are not allocated (as a serving allocator leaves them).
+        used = torch.tensor([-(-max(n, 1) // page_size) for n in lengths]).view(-1, 1)
+        table = torch.where(torch.arange(table.shape[1]).view(1, -1) < used, table, -1).to(torch.int32)
+    keys.block_table = table
+    values = torch.randint(-3, 4, (batch, longest, dim), generator=g).float()
+    if fmt == "fp8":
+        scale = torch.exp2(torch.randint(-2, 3, (batch, longest), generator=g).float())
+        rows = cache.pack_index_keys_fp8(values.to(torch.float8_e4m3fn), scale)
+        keys.append_rows(rows, torch.tensor(lengths))
+        q = torch.randint(-3, 4, (batch, s_q, heads, dim), generator=g).float().to(torch.float8_e4m3fn)
+    else:
+        keys.append(values.to(torch.bfloat16), torch.tensor(lengths))
+        q = torch.randint(-3, 4, (batch, s_q, heads, dim), generator=g).float().to(torch.bfloat16)
+    weights = torch.randint(-2, 3, (batch, s_q, heads), generator=g).float()
+    lens = torch.tensor(lengths, dtype=torch.int32).view(-1, 1)
+    if ranges == "decode":
+        starts = None
+        ends = (lens - s_q + 1 + torch.arange(s_q, dtype=torch.int32).view(1, -1)).clamp_min(0).to(torch.int32)
+    else:
+        capacity = keys.capacity
+        starts = torch.randint(-2, capacity, (batch, s_q), generator=g).to(torch.int32)
+        ends = (starts + torch.randint(-3, capacity, (batch, s_q), generator=g)).clamp(-1, capacity + 3)
+        ends = ends.to(torch.int32)
+    args = {"q": q, "k_cache": keys.pages, "weights": weights, "block_table": keys.block_table, "ends": ends,
+            "starts": starts}  # fmt: skip
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+
+
+def _assert_same_selection(got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Equal sets per row and equal scores at them (any order)."""
+    (indices, scores), (expected, expected_scores) = ((a.cpu(), b.cpu()) for a, b in (got, want))
+    order, expected_order = indices.argsort(-1), expected.argsort(-1)
+    assert torch.equal(indices.gather(-1, order), expected.gather(-1, expected_order))
+    assert torch.equal(scores.gather(-1, order), expected_scores.float().gather(-1, expected_order))
+
+
+def _reference(args: dict[str, Any], topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    call = dict(args)
+    return reference.index_topk_decode(call.pop("q"), call.pop("k_cache"), call.pop("weights"), topk, **call,
+                                       return_scores=True)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------- reference
+
+
+@given(
+    fmt=st.sampled_from(FORMATS),
+    batch=st.integers(1, 3),
+    s_q=st.integers(1, 4),
+    length=st.integers(0, 120),
+    topk=st.integers(1, 40),
+    ranges=st.sampled_from(["decode", "random"]),
+    unallocated=st.booleans(),
+    seed=strategies.SEEDS,
+)
+def test_reference_is_index_topk_over_the_gathered_keys(
+    fmt: str, batch: int, s_q: int, length: int, topk: int, ranges: str, unallocated: bool, seed: int
+) -> None:
+    """The paged reference equals ``reference.index_topk`` over the keys gathered into ``[B, L, D]`` (FP8 rows
+    unpacked into values and scales), with the positions past each sequence's pages made invisible by ``ends``."""
+    lengths = [max(0, length - 7 * b) for b in range(batch)]
+    args = make_problem(fmt=fmt, seed=seed, batch=batch, s_q=s_q, lengths=lengths, ranges=ranges,
+                        unallocated=unallocated)  # fmt: skip
+    got = _reference(args, topk)
+    page_size = args["k_cache"].shape[1]
+    capacity = args["block_table"].shape[1] * page_size
+    slots = cache.positions_to_slots(args["block_table"], page_size, torch.arange(capacity).expand(batch, -1))
+    rows = args["k_cache"].reshape(-1, args["k_cache"].shape[-1])[slots.clamp_min(0).long()]
+    k, k_scale = cache.unpack_index_keys_fp8(rows, CPU_DIM) if fmt == "fp8" else (rows, None)
+    starts = args["starts"] if args["starts"] is not None else torch.zeros_like(args["ends"])
+    # Unallocated pages only ever follow a sequence's allocated ones here, so clamping ends to them is exact.
+    allocated = (slots >= 0).sum(dim=1, dtype=torch.int32).view(-1, 1)
+    want = reference.index_topk(args["q"], k, args["weights"], topk, k_scale=k_scale, starts=starts,
+                                ends=torch.minimum(args["ends"], allocated), return_scores=True)  # fmt: skip
+    _assert_same_selection(got, want)
+
+
+def test_positions_to_slots_follows_the_block_table() -> None:
+    """Slot = page * page_size + offset through the table; -1 for negative positions, positions past the table,
+    unallocated pages and slots past the cache; PagedKVCache.slots is the same helper."""
+    table = torch.tensor([[3, 0, -1], [1, 2, 5]], dtype=torch.int32)
+    positions = torch.tensor([[0, 5, 4, 9, -1, 12], [3, 4, 8, 11, 12, 2]])
+    slots = cache.positions_to_slots(table, 4, positions, num_slots=20)
+    assert slots.tolist() == [[12, 1, 0, -1, -1, -1], [7, 8, -1, -1, -1, 6]]
+    kv_cache = cache.PagedKVCache(2, 12, 8, page_size=4, dtype=torch.float32)
+    kv_cache.block_table = table
+    assert torch.equal(kv_cache.slots(positions), cache.positions_to_slots(table, 4, positions, num_slots=24))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"k_cache": torch.zeros(4, 16, 32, dtype=torch.uint8)}, "k_cache must hold FP8 key rows of 36 bytes"),
+        ({"block_table": torch.zeros(3, 4, dtype=torch.int32)}, "block_table must have B = 2 rows"),
+        ({"ends": torch.zeros(2, 2, dtype=torch.int64)}, "ends must have dtype int32"),
+        ({"weights": torch.zeros(2, 1, 3)}, r"weights must have shape \[B, s_q, H_i\]"),
+    ],
+)
+def test_bad_input_names_the_argument(change: dict[str, Any], message: str) -> None:
+    args = make_problem(fmt="fp8", seed=1, batch=2, s_q=1, lengths=[20, 5])
+    args.update(change)
+    with pytest.raises((TypeError, ValueError), match=f"^index_topk_decode: {message}"):
+        ops.index_topk_decode(args.pop("q"), args.pop("k_cache"), args.pop("weights"), 4, **args)
+
+
+# ------------------------------------------------------------------------------------------------------- CPU tier
+
+
+@pytest.mark.cpu_kernel
+@strategies.examples(0.3)
+@given(
+    fmt=st.sampled_from(FORMATS),
+    batch=st.integers(1, 3),
+    s_q=st.integers(1, 4),
+    length=st.integers(0, 300),
+    ranges=st.sampled_from(["decode", "random"]),
+    unallocated=st.booleans(),
+    seed=strategies.SEEDS,
+)
+@example(fmt="fp8", batch=2, s_q=2, length=300, ranges="decode", unallocated=True, seed=1)
+@example(fmt="bf16", batch=3, s_q=4, length=250, ranges="random", unallocated=False, seed=2)
+@example(fmt="fp8", batch=1, s_q=1, length=5, ranges="decode", unallocated=True, seed=3)
+def test_cpu_paged_kernel_matches_reference(
+    fmt: str, batch: int, s_q: int, length: int, ranges: str, unallocated: bool, seed: int
+) -> None:
+    """The C-target paged kernel (64-key blocks, so rows of up to 300 keys compact the candidate buffer several times)
+    selects exactly the reference's sets and scores."""
+    lengths = [max(0, length - 31 * b) for b in range(batch)]
+    args = make_problem(fmt=fmt, seed=seed, batch=batch, s_q=s_q, lengths=lengths, ranges=ranges,
+                        unallocated=unallocated)  # fmt: skip
+    call = dict(args)
+    got = launch.index_topk_paged(call.pop("q"), call.pop("k_cache"), call.pop("weights"), CPU_TOPK, **call)
+    _assert_same_selection(got, _reference(args, CPU_TOPK))
+
+
+@pytest.mark.cpu_kernel
+def test_cpu_op_runs_the_paged_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ops.index_topk_decode`` on the kernel backend calls the paged launcher (a spy counts) with the same result."""
+    monkeypatch.setenv("DSA_BACKEND", "tilelang")
+    calls = []
+    real = launch.index_topk_paged
+    monkeypatch.setattr(launch, "index_topk_paged", lambda *a, **k: calls.append(1) or real(*a, **k))
+    args = make_problem(fmt="fp8", seed=4, batch=2, s_q=2, lengths=[90, 40], unallocated=True)
+    call = dict(args)
+    got = ops.index_topk_decode(call.pop("q"), call.pop("k_cache"), call.pop("weights"), CPU_TOPK, **call,
+                                return_scores=True)  # fmt: skip
+    assert calls == [1]
+    _assert_same_selection(got, _reference(args, CPU_TOPK))
+
+
+# ------------------------------------------------------------------------------------------------------- build tier
+
+V32_PAGED_STATIC = {"heads": V32["heads"], "dim": V32["dim"], "dtype": "float8_e4m3fn", "mode": "range",
+                    "topk": V32["topk"], "page_size": V32["page_size"], "scale_col": V32["dim"] // 4}  # fmt: skip
+
+
+@pytest.mark.build
+def test_hopper_paged_build_is_clean() -> None:
+    """The V3.2 FP8 paged variant (64 heads, 128-wide keys in 132-byte rows, topk 2048, 64-token pages) compiles for
+    sm_90a with wgmma, without spills, within the shared-memory estimate, with int64 row addressing."""
+    config = kernels.default_config({**V32_PAGED_STATIC, "target": dsl.HOPPER_TARGET})
+    kernel, report = support.hopper_build("index_topk paged fp8", kernels.build, **V32_PAGED_STATIC,
+                                          **dataclasses.asdict(config))  # fmt: skip
+    assert not report.problems(mma=tl_build.MMA_WGMMA), report.problems(mma=tl_build.MMA_WGMMA)
+    assert report.smem_bytes <= kernels.smem_bytes(V32_PAGED_STATIC, config)
+    support.assert_wide_addressing(kernel.get_kernel_source())
+
+
+# ------------------------------------------------------------------------------------------------------- GPU tier
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize(("batch", "s_q", "context"), [(1, 1, 65_536), (4, 2, 8_192)])
+def test_gpu_paged_selection_matches_reference(
+    cuda_device: torch.device, fmt: str, batch: int, s_q: int, context: int
+) -> None:
+    """V3.2 shapes (64 heads, 128-wide keys, topk 2048, 64-token pages) at 8K and 64K contexts, exact."""
+    lengths = [context - 1000 * b for b in range(batch)]
+    args = make_problem(fmt=fmt, seed=5, batch=batch, s_q=s_q, lengths=lengths, heads=V32["heads"], dim=V32["dim"],
+                        page_size=V32["page_size"], unallocated=True, device=cuda_device)  # fmt: skip
+    call = dict(args)
+    got = ops.index_topk_decode(call.pop("q"), call.pop("k_cache"), call.pop("weights"), V32["topk"], **call,
+                                return_scores=True)  # fmt: skip
+    _assert_same_selection(got, _reference(args, V32["topk"]))
