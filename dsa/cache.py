@@ -31,7 +31,11 @@ __all__ = [
     "FP8Layout",
     "PagedKVCache",
     "dequantize_kv_fp8",
+    "index_key_layout",
+    "pack_index_keys_fp8",
+    "positions_to_slots",
     "quantize_kv_fp8",
+    "unpack_index_keys_fp8",
 ]
 
 FP8_MAX = 448.0
@@ -207,12 +211,7 @@ class PagedKVCache:
     def slots(self, positions: torch.Tensor) -> torch.Tensor:
         """The slots of token ``positions`` (``[B, n]`` integers, one row per sequence): ``INVALID_SLOT`` where a
         position is negative or beyond the sequence's pages."""
-        positions = positions.to(torch.int64)
-        valid = (positions >= 0) & (positions < self.capacity)
-        safe = torch.where(valid, positions, 0)
-        page = self.block_table.to(torch.int64).gather(1, safe // self.page_size)
-        slots = page * self.page_size + safe % self.page_size
-        return torch.where(valid, slots, INVALID_SLOT).to(torch.int32)
+        return positions_to_slots(self.block_table, self.page_size, positions, num_slots=self.num_slots)
 
     def append(self, kv: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Write the next tokens of every sequence in one call.
@@ -232,27 +231,69 @@ class PagedKVCache:
         batch = self.block_table.shape[0]
         if kv.dim() != 3 or kv.shape[0] != batch or kv.shape[2] != self.width:
             raise ValueError(f"PagedKVCache.append: kv must be [{batch}, n, {self.width}], got {tuple(kv.shape)}")
-        n = kv.shape[1]
+        slots, new_lens = self._reserve(kv.shape[1], lengths, kv.device, "PagedKVCache.append")
+        rows = quantize_kv_fp8(kv.to(torch.bfloat16), self.layout) if self.layout is not None else kv.to(self.pages.dtype)
+        self._write(rows, slots, new_lens)
+        return slots
+
+    def append_rows(self, rows: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Write the next rows of every sequence **as stored**: no quantisation, no cast (``append`` encodes first).
+
+        For rows a caller encoded itself, e.g. the indexer's own FP8 keys and scales packed by
+        :func:`pack_index_keys_fp8` into an FP8 cache with ``d_rope=0`` (re-quantising them with this module's recipe
+        would change the keys the indexer selects with).
+
+        Args:
+            rows (torch.Tensor): ``[B, n, pages.shape[-1]]`` in ``pages.dtype`` (uint8 bytes for an FP8 cache).
+            lengths (torch.Tensor | None): ``[B]``, as in :meth:`append`.
+
+        Returns:
+            torch.Tensor: ``[B, n]`` int32 slots, as in :meth:`append`.
+        """
+        batch, row = self.block_table.shape[0], self.pages.shape[-1]
+        if rows.dim() != 3 or rows.shape[0] != batch or rows.shape[2] != row or rows.dtype != self.pages.dtype:
+            raise ValueError(
+                f"PagedKVCache.append_rows: rows must be [{batch}, n, {row}] {self.pages.dtype}, got "
+                f"{tuple(rows.shape)} {rows.dtype}"
+            )
+        slots, new_lens = self._reserve(rows.shape[1], lengths, rows.device, "PagedKVCache.append_rows")
+        self._write(rows, slots, new_lens)
+        return slots
+
+    def _reserve(
+        self, n: int, lengths: torch.Tensor | None, device: torch.device, caller: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slots ``[B, n]`` int32 of the next ``n`` rows (``INVALID_SLOT`` past ``lengths``) and the new lengths."""
+        batch = self.block_table.shape[0]
         if lengths is None:
-            lengths = torch.full((batch,), n, dtype=torch.int64, device=kv.device)
+            lengths = torch.full((batch,), n, dtype=torch.int64, device=device)
         lengths = lengths.to(device=self.seq_lens.device, dtype=torch.int64)
         if bool(((lengths < 0) | (lengths > n)).any()):
-            raise ValueError(f"PagedKVCache.append: lengths must lie in [0, {n}], got {lengths.tolist()}")
+            raise ValueError(f"{caller}: lengths must lie in [0, {n}], got {lengths.tolist()}")
         new_lens = self.seq_lens.to(torch.int64) + lengths
         if bool((new_lens > self.capacity).any()):
             raise ValueError(
-                f"PagedKVCache.append: sequences would hold {new_lens.tolist()} tokens, over the capacity "
+                f"{caller}: sequences would hold {new_lens.tolist()} tokens, over the capacity "
                 f"{self.capacity} (max_seq_len rounded up to pages)"
             )
         offsets = torch.arange(n, device=self.seq_lens.device).view(1, n)
         positions = torch.where(offsets < lengths.view(-1, 1), self.seq_lens.view(-1, 1).to(torch.int64) + offsets, -1)
-        slots = self.slots(positions)
+        return self.slots(positions), new_lens
+
+    def _write(self, rows: torch.Tensor, slots: torch.Tensor, new_lens: torch.Tensor) -> None:
         valid = slots >= 0
-        rows = quantize_kv_fp8(kv.to(torch.bfloat16), self.layout) if self.layout is not None else kv.to(self.pages.dtype)
         flat = self.pages.view(self.num_slots, self.pages.shape[-1])
         flat[slots[valid].to(torch.int64)] = rows.to(flat.device)[valid.to(rows.device)]
         self.seq_lens = new_lens.to(torch.int32)
-        return slots
+
+    def stored_rows(self, slots: torch.Tensor) -> torch.Tensor:
+        """The rows at ``slots`` (any shape of integers) **as stored** (``[..., pages.shape[-1]]``, ``pages.dtype``:
+        FP8 bytes are not dequantised); zero at invalid slots."""
+        slots = slots.to(torch.int64)
+        valid = (slots >= 0) & (slots < self.num_slots)
+        flat = self.pages.view(self.num_slots, self.pages.shape[-1])
+        rows = flat[torch.where(valid, slots, 0)]
+        return torch.where(valid.unsqueeze(-1), rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
 
     def gather(self, slots: torch.Tensor) -> torch.Tensor:
         """The rows at ``slots`` (any shape of integers) as ``[..., width]``: dequantised (bf16) for an FP8 cache, in
@@ -264,3 +305,76 @@ class PagedKVCache:
         if self.layout is not None:
             rows = dequantize_kv_fp8(rows, self.layout)
         return torch.where(valid.unsqueeze(-1), rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
+
+
+def index_key_layout(dim: int) -> FP8Layout:
+    """The byte layout of one FP8 indexer key of ``dim`` values: ``dim`` FP8 bytes then one float32 scale, no RoPE
+    part (``FP8Layout(dim, 0, dim)``; 132 bytes for V3.2's 128-wide keys)."""
+    return FP8Layout(d_nope=dim, d_rope=0, tile=dim)
+
+
+def pack_index_keys_fp8(k: torch.Tensor, k_scale: torch.Tensor) -> torch.Tensor:
+    """Indexer keys already quantised by the model, as FP8 cache rows (bytes copied, nothing re-quantised).
+
+    Args:
+        k (torch.Tensor): ``[..., D]`` float8_e4m3fn.
+        k_scale (torch.Tensor): ``[...]`` float32: one multiplier per key (``key ~= k * k_scale``).
+
+    Returns:
+        torch.Tensor: ``[..., D + 4]`` uint8 in :func:`index_key_layout` ``(D)``.
+    """
+    if k.dtype != torch.float8_e4m3fn:
+        raise TypeError(f"pack_index_keys_fp8: k must be float8_e4m3fn, got {k.dtype}")
+    if k_scale.dtype != torch.float32 or tuple(k_scale.shape) != tuple(k.shape[:-1]):
+        raise ValueError(
+            f"pack_index_keys_fp8: k_scale must be {tuple(k.shape[:-1])} float32, got {tuple(k_scale.shape)} "
+            f"{k_scale.dtype}"
+        )
+    layout = index_key_layout(k.shape[-1])
+    out = torch.empty((*k.shape[:-1], layout.bytes_per_token), dtype=torch.uint8, device=k.device)
+    out[..., : layout.d_nope] = k.contiguous().view(torch.uint8)
+    out[..., layout.scale_offset :] = k_scale.contiguous().unsqueeze(-1).view(torch.uint8)
+    return out
+
+
+def unpack_index_keys_fp8(blob: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of :func:`pack_index_keys_fp8`: ``blob [..., dim + 4]`` uint8 -> ``k [..., dim]`` float8_e4m3fn and
+    ``k_scale [...]`` float32 (all-zero bytes give zero keys and a zero scale)."""
+    layout = index_key_layout(dim)
+    if blob.shape[-1] != layout.bytes_per_token:
+        raise ValueError(
+            f"unpack_index_keys_fp8: blob's last dim must be {layout.bytes_per_token} ({layout}), got {blob.shape[-1]}"
+        )
+    raw = blob.contiguous().view(torch.uint8)
+    k = raw[..., : layout.d_nope].contiguous().view(torch.float8_e4m3fn)
+    k_scale = raw[..., layout.scale_offset :].contiguous().view(torch.float32).squeeze(-1)
+    return k, k_scale
+
+
+def positions_to_slots(
+    block_table: torch.Tensor, page_size: int, positions: torch.Tensor, *, num_slots: int | None = None
+) -> torch.Tensor:
+    """Token positions to cache slots through a block table (FlashMLA's ``indices_in_kvcache`` convention).
+
+    Args:
+        block_table (torch.Tensor): ``[B, pages_per_sequence]`` int32: the pages of each sequence in order.
+        page_size (int): tokens per page.
+        positions (torch.Tensor): ``[B, n]`` integers, one row per sequence (e.g. a selection's positions, ``-1``
+            padding).
+        num_slots (int | None): the cache's slot count; a slot at or past it is invalid (unchecked when None).
+
+    Returns:
+        torch.Tensor: ``[B, n]`` int32 ``block_table[b, p // page_size] * page_size + p % page_size``, and
+        ``INVALID_SLOT`` where ``p`` is negative, past the table, or names a negative (unallocated) page or a slot
+        past the cache.
+    """
+    positions = positions.to(torch.int64)
+    capacity = block_table.shape[1] * page_size
+    valid = (positions >= 0) & (positions < capacity)
+    safe = torch.where(valid, positions, 0)
+    page = block_table.to(device=positions.device, dtype=torch.int64).gather(1, safe // page_size)
+    slots = page * page_size + safe % page_size
+    valid &= page >= 0
+    if num_slots is not None:
+        valid &= slots < num_slots
+    return torch.where(valid, slots, INVALID_SLOT).to(torch.int32)

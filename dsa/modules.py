@@ -23,7 +23,9 @@ for float32/float64 (see ``dsa.ops``).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -31,8 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsa import ops, training
+from dsa import generation, ops, training
 from dsa.reference import compute_dtype
+
+logger = logging.getLogger(__name__)
 
 AttentionMode = Literal["sparse", "dense"]
 SPARSE: AttentionMode = "sparse"
@@ -42,6 +46,9 @@ DENSE: AttentionMode = "dense"
 IndexerScores = Literal["selected", "dense"] | None
 SELECTED_SCORES: IndexerScores = "selected"
 DENSE_SCORES: IndexerScores = "dense"
+
+# TinyDSAModel.save's file: {"format": this, "config": asdict(DSAConfig), "state_dict": ...}.
+CHECKPOINT_FORMAT = "dsa-tiny-model/1"
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn value
@@ -182,15 +189,23 @@ def rope_cos_sin(inv_freq: torch.Tensor, seq: int, device: torch.device) -> tupl
     return torch.cos(angles), torch.sin(angles)
 
 
+def rope_cos_sin_at(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos, sin [B, S, r/2]`` float32 at arbitrary integer ``positions [B, S]`` (per-row positions: packed
+    sequences, padded rows, tokens after a cache). Position ``p`` gets exactly ``rope_cos_sin``'s row ``p``."""
+    angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq.to(positions.device)
+    return torch.cos(angles), torch.sin(angles)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, interleaved: bool) -> torch.Tensor:
-    """Rotate ``x [B, S, ..., r]`` by position (``cos``/``sin [S, r/2]``), in float32 (float64 for float64 input);
-    returns x's dtype.
+    """Rotate ``x [B, S, ..., r]`` by position (``cos``/``sin [S, r/2]`` shared by the batch, or ``[B, S, r/2]`` per
+    row from ``rope_cos_sin_at``), in float32 (float64 for float64 input); returns x's dtype.
 
     ``interleaved``: pairs are ``(x[2i], x[2i+1])`` (the main MLA's layout); otherwise ``(x[i], x[i + r/2])`` (the
     indexer's layout).
     """
     compute = compute_dtype(x.dtype)
-    shape = (1, x.shape[1]) + (1,) * (x.dim() - 3) + (cos.shape[-1],)
+    rows = cos.shape[0] if cos.dim() == 3 else 1
+    shape = (rows, x.shape[1]) + (1,) * (x.dim() - 3) + (cos.shape[-1],)
     c, s = cos.view(shape).to(compute), sin.view(shape).to(compute)
     xf = x.to(compute)
     if interleaved:
@@ -250,6 +265,23 @@ def _linear(in_features: int, out_features: int) -> nn.Linear:
 
 
 @dataclass
+class IndexerProjection:
+    """The indexer's queries, keys and weights for ``dsa.ops.index_topk`` (``LightningIndexer.project``).
+
+    Attributes:
+        q (torch.Tensor): ``[B, S, H_i, D_i]``: float8_e4m3fn with ``index_fp8``, else the input's dtype.
+        k (torch.Tensor): ``[B, S, D_i]``, q's dtype.
+        weights (torch.Tensor): ``[B, S, H_i]`` float32 (the FP8 query scale folded in).
+        k_scale (torch.Tensor | None): ``[B, S]`` float32 with ``index_fp8``.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    weights: torch.Tensor
+    k_scale: torch.Tensor | None
+
+
+@dataclass
 class IndexerOutput:
     """What ``LightningIndexer`` returns.
 
@@ -287,27 +319,9 @@ class LightningIndexer(nn.Module):
         t = torch.cat((apply_rope(t[..., : self.rope_dim], cos, sin, interleaved=False), t[..., self.rope_dim :]), -1)
         return hadamard_transform(t)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        q_lora: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        *,
-        scores: IndexerScores = None,
-    ) -> IndexerOutput:
-        """Select the top-k key positions of every query.
-
-        Without ``scores="dense"`` the selection runs through ``dsa.ops.index_topk``: memory O(S k), never the
-        ``[B, S, S]`` scores.
-
-        Args:
-            x (torch.Tensor): ``[B, S, dim]``: the layer input.
-            q_lora (torch.Tensor): ``[B, S, q_lora_rank]``: MLA's normalised query low-rank activation.
-            cos, sin (torch.Tensor): ``[S, qk_rope_head_dim / 2]`` float32 (``rope_cos_sin``).
-            scores (str | None): also return index scores: ``"selected"`` (at the selection, for the sparse-stage
-                loss) or ``"dense"`` (every position, for the dense warm-up loss).
-        """
+    def project(self, x: torch.Tensor, q_lora: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> IndexerProjection:
+        """Queries, keys (rotated, quantised with ``index_fp8``) and weights of ``x [B, S, dim]`` and ``q_lora [B, S,
+        q_lora_rank]``; ``cos``/``sin`` as in ``apply_rope``. A cache stores ``k``/``k_scale`` exactly as returned."""
         config = self.config
         batch, seq, _ = x.shape
         if config.detach_indexer_input:
@@ -321,14 +335,47 @@ class LightningIndexer(nn.Module):
             k, k_scale = quantize_fp8_blockwise(k, block=config.quant_block, pow2_scale=config.index_scale_pow2)
             weights = weights * q_scale.squeeze(-1)  # the query scale folds into the per-head weight
             k_scale = k_scale.squeeze(-1).contiguous()
-        q, k = q.contiguous(), k.contiguous()
+        return IndexerProjection(q.contiguous(), k.contiguous(), weights, k_scale)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        q_lora: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        *,
+        scores: IndexerScores = None,
+        starts: torch.Tensor | None = None,
+        ends: torch.Tensor | None = None,
+    ) -> IndexerOutput:
+        """Select the top-k key positions of every query.
+
+        Without ``scores="dense"`` the selection runs through ``dsa.ops.index_topk``: memory O(S k), never the
+        ``[B, S, S]`` scores.
+
+        Args:
+            x (torch.Tensor): ``[B, S, dim]``: the layer input.
+            q_lora (torch.Tensor): ``[B, S, q_lora_rank]``: MLA's normalised query low-rank activation.
+            cos, sin (torch.Tensor): ``[S, qk_rope_head_dim / 2]`` or ``[B, S, qk_rope_head_dim / 2]`` float32
+                (``rope_cos_sin`` / ``rope_cos_sin_at``).
+            scores (str | None): also return index scores: ``"selected"`` (at the selection, for the sparse-stage
+                loss) or ``"dense"`` (every position, for the dense warm-up loss).
+            starts, ends (torch.Tensor | None): ``[B, S]`` int32, together: query ``t`` sees key positions ``[starts,
+                ends)`` (packed or padded batches); default causal.
+        """
+        config = self.config
+        p = self.project(x, q_lora, cos, sin)
+        q, k, weights, k_scale = p.q, p.k, p.weights, p.k_scale
+        ranges = {"starts": starts, "ends": ends}
         if scores == DENSE_SCORES:
-            every = ops.index_scores(q, k, weights, k_scale=k_scale)
+            every = ops.index_scores(q, k, weights, k_scale=k_scale, **ranges)
             return IndexerOutput(indices=ops.topk_indices(every.detach(), config.index_topk), scores=every)
         if scores == SELECTED_SCORES:
-            indices, selected = ops.index_topk(q, k, weights, config.index_topk, k_scale=k_scale, return_scores=True)
+            indices, selected = ops.index_topk(
+                q, k, weights, config.index_topk, k_scale=k_scale, return_scores=True, **ranges
+            )
             return IndexerOutput(indices=indices, scores=selected)
-        return IndexerOutput(indices=ops.index_topk(q, k, weights, config.index_topk, k_scale=k_scale))
+        return IndexerOutput(indices=ops.index_topk(q, k, weights, config.index_topk, k_scale=k_scale, **ranges))
 
 
 @dataclass
@@ -401,16 +448,49 @@ class DSAttention(nn.Module):
         config = self.config
         return self.wkv_b.weight.view(config.n_heads, config.qk_nope_head_dim + config.v_head_dim, config.kv_lora_rank)
 
-    def forward(self, x: torch.Tensor, *, return_aux: bool = False) -> torch.Tensor | tuple[torch.Tensor, AttentionAux]:
-        """Attention over ``x [B, S, dim]`` (positions ``0 .. S-1``); returns ``[B, S, dim]`` (and the aux)."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        return_aux: bool = False,
+        positions: torch.Tensor | None = None,
+        starts: torch.Tensor | None = None,
+        ends: torch.Tensor | None = None,
+        cache: generation.LayerCache | None = None,
+        lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, AttentionAux]:
+        """Attention over ``x [B, S, dim]``; returns ``[B, S, dim]`` in x's dtype (and the aux).
+
+        Without a cache: positions ``0 .. S-1`` and causal visibility, or ``positions [B, S]`` int64 with ``starts``/
+        ``ends [B, S]`` int32 (the indexer's visible ranges; packed or padded batches, sparse mode only).
+
+        With ``cache`` (sparse mode only, no aux): see :meth:`forward_cached`.
+        """
+        if cache is not None:
+            if return_aux or positions is not None or starts is not None:
+                raise NotImplementedError("DSAttention.forward: cache excludes return_aux, positions and starts/ends")
+            return self.forward_cached(x, cache, lengths=lengths)
+        if lengths is not None:
+            raise ValueError("DSAttention.forward: lengths only applies with a cache")
+        ranged = positions is not None or starts is not None
+        if ranged and (return_aux or self.mode == DENSE):
+            raise NotImplementedError(
+                "DSAttention.forward: positions/starts/ends (packed or padded batches) run in sparse mode without "
+                "return_aux only"
+            )
+        if (starts is None) != (ends is None):
+            raise ValueError("DSAttention.forward: starts and ends go together ([B, S] int32 each)")
         config = self.config
-        batch, seq, _ = x.shape
-        cos, sin = rope_cos_sin(self.inv_freq, seq, x.device)
+        seq = x.shape[1]
+        if positions is None:
+            cos, sin = rope_cos_sin(self.inv_freq, seq, x.device)
+        else:
+            cos, sin = rope_cos_sin_at(self.inv_freq, positions)
         q, kv, q_lora = self.latent_qkv(x, cos, sin)
         selection = None
         if self.mode == SPARSE or return_aux:
             wanted = None if not return_aux else DENSE_SCORES if self.mode == DENSE else SELECTED_SCORES
-            selection = self.indexer(x, q_lora, cos, sin, scores=wanted)
+            selection = self.indexer(x, q_lora, cos, sin, scores=wanted, starts=starts, ends=ends)
         if self.mode == DENSE:
             compute = compute_dtype(q.dtype)
             scores = torch.einsum("bshc,btc->bsht", q.to(compute), kv.to(compute)) * config.sm_scale
@@ -424,11 +504,61 @@ class DSAttention(nn.Module):
             target = None
             if return_aux:
                 target = training.attention_mass_on_indices(q.detach(), kv.detach(), indices, lse, config.sm_scale)
-        w_uv = self._wkv_b_heads()[:, config.qk_nope_head_dim :]  # [H, v_head_dim, kv_lora]
-        out = self.wo(torch.einsum("bshc,hdc->bshd", latent_out, w_uv).flatten(2))
+        out = self._output(latent_out)
         if not return_aux:
             return out
         return out, AttentionAux(selection.scores, selection.indices, target, self.mode)
+
+    def _output(self, latent_out: torch.Tensor) -> torch.Tensor:
+        """``latent_out [B, S, H, kv_lora_rank]`` -> ``[B, S, dim]`` through ``wkv_b``'s value block and ``wo``."""
+        w_uv = self._wkv_b_heads()[:, self.config.qk_nope_head_dim :]  # [H, v_head_dim, kv_lora]
+        return self.wo(torch.einsum("bshc,hdc->bshd", latent_out, w_uv).flatten(2))
+
+    def forward_cached(
+        self, x: torch.Tensor, cache: generation.LayerCache, *, lengths: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Attention of new tokens over a paged cache: prefill (``n`` = prompt length), chunked prefill and decode
+        (``n = 1``) alike.
+
+        Token ``i`` of sequence ``b`` sits at position ``cache.seq_lens[b] + i``; its latent row and indexer key are
+        appended first, then the indexer selects top-k over the sequence's cached keys ``[0, position]``
+        (``generation.select_from_cache``) and ``dsa.ops.sparse_mla_decode`` attends to those positions' slots.
+
+        Args:
+            x (torch.Tensor): ``[B, n, dim]``.
+            cache (generation.LayerCache): this layer's caches (advanced by ``lengths``).
+            lengths (torch.Tensor | None): ``[B]`` integers: only the first ``lengths[b]`` tokens of row ``b`` are
+                real (a right-padded chunk); the rest are not cached and their outputs are unspecified (finite).
+
+        Returns:
+            torch.Tensor: ``[B, n, dim]`` in x's dtype. With a bfloat16 cache the attention inputs are rounded to
+            bfloat16 (a float32 model's outputs then differ by bf16 rounding; FP8 adds the FP8 rounding of the cached
+            latent rows).
+        """
+        if self.mode != SPARSE:
+            raise NotImplementedError("DSAttention.forward_cached: decoding runs in sparse mode only")
+        config = self.config
+        batch, n, _ = x.shape
+        if cache.kv.block_table.shape[0] != batch:
+            raise ValueError(
+                f"DSAttention.forward_cached: the cache holds {cache.kv.block_table.shape[0]} sequences, x has {batch}"
+            )
+        device = x.device
+        if lengths is None:
+            lengths = torch.full((batch,), n, dtype=torch.int64, device=device)
+        lengths = lengths.to(device=device, dtype=torch.int64)
+        offsets = torch.arange(n, device=device).view(1, n)
+        positions = cache.seq_lens.to(device=device, dtype=torch.int64).view(batch, 1) + offsets
+        cos, sin = rope_cos_sin_at(self.inv_freq, positions)
+        q, kv, q_lora = self.latent_qkv(x, cos, sin)
+        proj = self.indexer.project(x, q_lora, cos, sin)
+        cache.append(kv.detach(), proj.k, proj.k_scale, lengths)
+        real = offsets < lengths.view(batch, 1)
+        # A padding query sees nothing (ends = starts = 0): no top-k, output 0.
+        ends = torch.where(real, positions + 1, 0).to(torch.int32)
+        selected = cache.select(proj.q, proj.weights, config.index_topk, torch.zeros_like(ends), ends)
+        latent_out = cache.attend(q, selected, sm_scale=config.sm_scale, d_v=config.kv_lora_rank)
+        return self._output(latent_out)
 
 
 class _MLP(nn.Module):
@@ -452,12 +582,14 @@ class _Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.ffn = _MLP(config.dim, config.inter_dim)
 
-    def forward(self, x: torch.Tensor, *, return_aux: bool) -> tuple[torch.Tensor, AttentionAux | None]:
+    def forward(
+        self, x: torch.Tensor, *, return_aux: bool, **attention: object
+    ) -> tuple[torch.Tensor, AttentionAux | None]:
         aux = None
         if return_aux:
             h, aux = self.attn(self.attn_norm(x), return_aux=True)
         else:
-            h = self.attn(self.attn_norm(x))
+            h = self.attn(self.attn_norm(x), **attention)
         x = x + h
         return x + self.ffn(self.ffn_norm(x)), aux
 
@@ -497,15 +629,177 @@ class TinyDSAModel(nn.Module):
         return [p for p in self.parameters() if id(p) not in indexer]
 
     def forward(
-        self, input_ids: torch.Tensor, *, return_aux: bool = False
+        self,
+        input_ids: torch.Tensor,
+        *,
+        return_aux: bool = False,
+        cache: generation.ModelCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, list[AttentionAux]]:
-        """``input_ids [B, S]`` int64 -> ``logits [B, S, vocab_size]`` (and one ``AttentionAux`` per layer)."""
+        """``input_ids [B, S]`` int64 -> ``logits [B, S, vocab_size]`` in the parameters' dtype (and one
+        ``AttentionAux`` per layer with ``return_aux``).
+
+        Args:
+            cache (generation.ModelCache | None): from :meth:`new_cache`: the tokens continue each sequence from
+                ``cache.seq_lens`` (prefill, chunked prefill and decode alike) and are appended to it.
+            attention_mask (torch.Tensor | None): ``[B, S]``, 1 = real token, 0 = padding; each row's real tokens one
+                contiguous run (left or right padding). Positions count real tokens only; padding keys are invisible;
+                the logits at padding columns are unspecified (finite). With a cache only the real tokens are cached.
+            cu_seqlens (torch.Tensor | None): ``[N + 1]`` int32/int64 offsets of ``N`` sequences packed into
+                ``input_ids [1, total]``: positions restart at 0 per sequence, each sees only itself. No cache.
+
+        ``return_aux`` and dense mode work only without ``cache``, ``attention_mask`` and ``cu_seqlens``
+        (``NotImplementedError`` otherwise).
+        """
         if input_ids.dim() != 2 or input_ids.dtype != torch.int64:
             raise ValueError(f"input_ids must be [B, S] int64, got {tuple(input_ids.shape)} {input_ids.dtype}")
+        batch, seq = input_ids.shape
+        if cache is None and attention_mask is None and cu_seqlens is None:
+            x = self.embed(input_ids)
+            auxes = []
+            for layer in self.layers:
+                x, aux = layer(x, return_aux=return_aux)
+                auxes.append(aux)
+            logits = self.head(self.norm(x))
+            return (logits, auxes) if return_aux else logits
+        if return_aux:
+            raise NotImplementedError("TinyDSAModel.forward: return_aux needs no cache, attention_mask or cu_seqlens")
+        if any(layer.attn.mode != SPARSE for layer in self.layers):
+            raise NotImplementedError("TinyDSAModel.forward: cache, attention_mask and cu_seqlens need sparse mode")
+        if cu_seqlens is not None:
+            if cache is not None or attention_mask is not None:
+                raise NotImplementedError("TinyDSAModel.forward: cu_seqlens excludes cache and attention_mask")
+            if batch != 1:
+                raise ValueError(
+                    f"TinyDSAModel.forward: with cu_seqlens, input_ids must be [1, total], got {batch} rows"
+                )
+            positions, starts, ends = generation.packed_ranges(cu_seqlens.to(input_ids.device), seq)
+            return self._run(input_ids, positions=positions, starts=starts, ends=ends)
+        offsets = lengths = None
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != (batch, seq):
+                raise ValueError(
+                    f"TinyDSAModel.forward: attention_mask must be [B, S] = {(batch, seq)} like input_ids, got "
+                    f"{tuple(attention_mask.shape)}"
+                )
+            offsets, lengths = generation.mask_runs(attention_mask.to(input_ids.device))
+            # Rotate each row's real run to column 0: the layers then see right-padded rows only.
+            input_ids = generation.compact_rows(input_ids, offsets)
+        if cache is not None:
+            if len(cache.layers) != len(self.layers) or cache.batch_size != batch:
+                raise ValueError(
+                    f"TinyDSAModel.forward: cache holds {len(cache.layers)} layers x {cache.batch_size} sequences, "
+                    f"the model has {len(self.layers)} layers and input_ids {batch} rows"
+                )
+            logits = self._run(input_ids, cache=cache, lengths=lengths)
+        else:
+            positions, starts, ends = generation.padded_ranges(lengths, seq)
+            logits = self._run(input_ids, positions=positions, starts=starts, ends=ends)
+        return logits if offsets is None else generation.restore_rows(logits, offsets)
+
+    def _run(
+        self, input_ids: torch.Tensor, *, cache: generation.ModelCache | None = None, **attention: object
+    ) -> torch.Tensor:
+        """Embedding, layers (``attention``: ``DSAttention.forward``'s keywords) and head; the layer caches go to
+        their layers."""
         x = self.embed(input_ids)
-        auxes = []
-        for layer in self.layers:
-            x, aux = layer(x, return_aux=return_aux)
-            auxes.append(aux)
-        logits = self.head(self.norm(x))
-        return (logits, auxes) if return_aux else logits
+        for i, layer in enumerate(self.layers):
+            if cache is not None:
+                attention["cache"] = cache.layers[i]
+            x, _ = layer(x, return_aux=False, **attention)
+        return self.head(self.norm(x))
+
+    def new_cache(
+        self,
+        batch_size: int,
+        max_seq_len: int,
+        *,
+        dtype: torch.dtype | str = torch.bfloat16,
+        page_size: int = 64,
+    ) -> generation.ModelCache:
+        """An empty cache for ``batch_size`` sequences of up to ``max_seq_len`` tokens on the model's device.
+
+        ``dtype``: the latent rows' (``torch.bfloat16``, ``torch.float32`` or ``"fp8"``, FlashMLA's layout); the
+        indexer keys are the model's FP8 keys with ``index_fp8``, else float32 for a float32 cache and bfloat16
+        otherwise.
+        """
+        config = self.config
+        return generation.ModelCache(
+            n_layers=config.n_layers,
+            batch_size=batch_size,
+            max_seq_len=max_seq_len,
+            latent_dim=config.latent_dim,
+            d_rope=config.qk_rope_head_dim,
+            index_dim=config.index_head_dim,
+            index_fp8=config.index_fp8,
+            dtype=dtype,
+            page_size=page_size,
+            device=self.embed.weight.device,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        cache_dtype: torch.dtype | str = torch.bfloat16,
+        attention_mask: torch.Tensor | None = None,
+        page_size: int = 64,
+    ) -> torch.Tensor:
+        """Greedy (argmax) continuation: one prefill call over the prompts, then one-token decode steps.
+
+        Args:
+            input_ids (torch.Tensor): ``[B, S]`` int64 prompts.
+            max_new_tokens (int): ``>= 0`` tokens to add to every row.
+            cache_dtype: the latent cache dtype (see :meth:`new_cache`).
+            attention_mask (torch.Tensor | None): ``[B, S]`` for padded prompts (see :meth:`forward`); every row needs
+                at least one real token. The new tokens follow column ``S - 1`` whatever the padding.
+
+        Returns:
+            torch.Tensor: ``[B, S + max_new_tokens]`` int64: the prompts, then the generated tokens.
+        """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"TinyDSAModel.generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if input_ids.dim() != 2 or input_ids.dtype != torch.int64:
+            raise ValueError(
+                f"TinyDSAModel.generate: input_ids must be [B, S] int64, got {tuple(input_ids.shape)} {input_ids.dtype}"
+            )
+        batch, seq = input_ids.shape
+        if max_new_tokens == 0:
+            return input_ids.clone()
+        last = torch.full((batch,), seq - 1, dtype=torch.int64, device=input_ids.device)
+        if attention_mask is not None:
+            offsets, lengths = generation.mask_runs(attention_mask.to(input_ids.device))
+            if bool((lengths == 0).any()):
+                raise ValueError("TinyDSAModel.generate: every row of attention_mask needs at least one real token")
+            last = offsets + lengths - 1
+        cache = self.new_cache(batch, seq + max_new_tokens, dtype=cache_dtype, page_size=page_size)
+        logits = self(input_ids, cache=cache, attention_mask=attention_mask)
+        token = logits[torch.arange(batch, device=logits.device), last].argmax(dim=-1)
+        generated = [token]
+        for _ in range(max_new_tokens - 1):
+            token = self(token.view(batch, 1), cache=cache)[:, -1].argmax(dim=-1)
+            generated.append(token)
+        logger.debug("TinyDSAModel.generate: %d rows, %d prompt columns, %d new tokens", batch, seq, max_new_tokens)
+        return torch.cat((input_ids, torch.stack(generated, dim=1)), dim=1)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the config (``dataclasses.asdict``) and the state dict to ``path`` (``torch.save`` of a plain dict,
+        readable with ``weights_only=True``). The attention mode is training state and is not saved."""
+        torch.save(
+            {"format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(self.config), "state_dict": self.state_dict()},
+            path,
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, map_location: torch.device | str = "cpu") -> TinyDSAModel:
+        """A model rebuilt from :meth:`save`'s file: its config, then its weights (in their saved dtype)."""
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+        if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"TinyDSAModel.load: {path} is not a {CHECKPOINT_FORMAT!r} checkpoint")
+        model = cls(DSAConfig(**blob["config"]))
+        # assign=True keeps the saved tensors (dtype and device) instead of copying into the fresh float32 ones.
+        model.load_state_dict(blob["state_dict"], assign=True)
+        return model
