@@ -322,3 +322,51 @@ def test_bf16_model_generates_with_low_precision_cache(dtype: torch.dtype | str)
     out = model.generate(ids, 3, cache_dtype=dtype)
     assert out.shape == (2, 23) and torch.equal(out[:, :20], ids)
     assert bool(((out >= 0) & (out < model.config.vocab_size)).all())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The kernels behind the same API (C target here; the GPU tier runs the same test on CUDA)
+# --------------------------------------------------------------------------------------------------------------------
+
+# bf16 model, prompt + steps within topk (every cached position is selected: no near-tie can flip between the two
+# backends' float32 sums). The kernels' bf16 outputs and the reference's differ by bf16 rounding, carried through two
+# layers: measured on the C target 0 (bf16 cache) and 6.1e-3 (FP8 cache: the kernel dequantises to bf16 tiles, the
+# reference widens) of the logit scale; on CUDA P also enters the second GEMM in bf16.
+KERNEL_RTOL = 5e-2
+
+
+def _kernel_vs_reference_logits(
+    monkeypatch: pytest.MonkeyPatch, device: torch.device, dtype: torch.dtype | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    model = _model(11, init_std=0.1).to(device=device, dtype=torch.bfloat16)
+    ids = _ids(11, 2, TOPK - 2).to(device)
+    logits = []
+    for backend in ("tilelang", "reference"):
+        monkeypatch.setenv("DSA_BACKEND", backend)
+        with torch.no_grad():
+            logits.append(_cached_logits(model, ids, [6], dtype=dtype, page_size=8).float().cpu())
+    return logits[0], logits[1]
+
+
+@pytest.mark.cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, "fp8"], ids=["bf16", "fp8"])
+def test_cpu_kernels_serve_the_model_like_the_reference(monkeypatch: pytest.MonkeyPatch, dtype: object) -> None:
+    """A bf16 model on the kernel backend (C target: the paged selection and decode kernels) gives the reference's
+    logits for a prefill and decode steps over bf16 and FP8 caches, and ``generate`` runs on it."""
+    kernel, ref = _kernel_vs_reference_logits(monkeypatch, torch.device("cpu"), dtype)
+    assert _relative_error(kernel, ref) < KERNEL_RTOL, _relative_error(kernel, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, "fp8"], ids=["bf16", "fp8"])
+def test_gpu_kernels_serve_the_model_like_the_reference(
+    monkeypatch: pytest.MonkeyPatch, cuda_device: torch.device, dtype: object
+) -> None:
+    """The same on CUDA (sm_90a kernels against the reference on the GPU), and ``generate`` returns new tokens."""
+    kernel, ref = _kernel_vs_reference_logits(monkeypatch, cuda_device, dtype)
+    assert _relative_error(kernel, ref) < KERNEL_RTOL, _relative_error(kernel, ref)
+    monkeypatch.setenv("DSA_BACKEND", "auto")
+    model = _model(12, init_std=0.1).to(device=cuda_device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = model.generate(_ids(12, 2, 20).to(cuda_device), 8, cache_dtype=dtype)
+    assert out.shape == (2, 28)
