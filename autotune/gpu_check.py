@@ -19,7 +19,8 @@ still run; the record is rewritten after every stage, so even a killed run leave
    then has every thread's traceback dumped into the log, so a hang's location is in the record before the kill;
    ``tests_portable``: ``-m "gpu and portable"``, the portable schedule (mma.sync, no wgmma or TMA: what every other
    GPU runs) built for sm_90 with ``DSA_PORTABLE=1``, so that one Hopper session checks those kernels too (their
-   default configs are compiled in the compile stage as well);
+   default configs are compiled in the compile stage as well); ``tests_decode``: ``-m "gpu and decode"``, the decode
+   kernels (paged bf16/FP8 caches) and the model served by them, which build their kernels in parallel first;
 5. ``bench``: every standard benchmark case, the DSA kernels side by side with the reference, dense attention,
    ``torch.topk`` and FlashMLA/DeepGEMM where importable (``dsa-bench``);
 6. ``tune``: a short tuning pass for this SKU (``dsa-autotune --sku auto`` over the small shapes file
@@ -60,7 +61,7 @@ from dsa import process
 ROOT = Path(__file__).resolve().parent.parent
 EXIT_OK, EXIT_FAILED, EXIT_NO_GPU = 0, 1, 2
 NO_GPU_MESSAGE = "gpu_check: no CUDA device found (torch.cuda.is_available() is False); run this on a CUDA host"
-STAGES: tuple[str, ...] = ("host", "compile", "tests", "tests_ws", "tests_portable", "bench", "tune")
+STAGES: tuple[str, ...] = ("host", "compile", "tests", "tests_ws", "tests_portable", "tests_decode", "bench", "tune")
 # Seconds per stage; their sum (540 s) keeps the whole check, with the bundle's unpacking, inside one 10-minute call.
 # Without the compile stage every stage compiled its kernels one after another on first use, which a cold TileLang
 # cache could not fit in the test stages' budgets; the compile stage builds all of them at once on the host's 16
@@ -71,29 +72,35 @@ STAGES: tuple[str, ...] = ("host", "compile", "tests", "tests_ws", "tests_portab
 #   minute (the backward's 16 come last, one round); the fused selection adds 16 (its whole Hopper space for four
 #   statics, about 34 s each on 2 cores: one more round); 155 s leaves room for slower cores and the workers' start,
 #   and 25 s of it build the portable schedule's default configs for sm_90 (one per static, about 16 kernels);
-# - tests: the fuzz tests' examples with a warm cache, now that compiles take milliseconds: 135 s (110 s before the
+# - tests: the fuzz tests' examples with a warm cache, now that compiles take milliseconds: 125 s (110 s before the
 #   fused selection's 17 tests, a few of them over 131K-key rows against the CPU reference);
 # - tests_ws: sparse_mla_fwd's ws fuzz test and the two ws cases, with its kernels already compiled: 40 s;
 # - tests_portable: about 30 explicit cases of the portable schedule (DSA_PORTABLE=1, sm_90), compiled: 45 s;
 # - bench: its kernels are the tests' V3.2 ones (compiled, and loaded by the test stages), so what is left is the
-#   timing itself, 19 cases at most 1.5 s per provider: 105 s (was 150 s; cases that do not fit are recorded as
+#   timing itself, 19 cases at most 1.5 s per provider: 85 s (was 150 s; cases that do not fit are recorded as
 #   such, the correctness stages come first); the portable schedule's provider beside dsa (attention and indexer
 #   cases) shares that budget;
-# - tune: tune_small.json's candidates are in the compile stage's set, so it only checks and times them: 40 s.
+# - tests_decode: the decode kernels' GPU tests (split attention over paged bf16/FP8 caches, the paged selection, the
+#   tiny model served by them), which compile their own kernels in parallel first (their modules' prebuild fixtures:
+#   they are not tuner kernels; the longest, the FP8 decode kernel, took 76 s on 2 loaded cores): 60 s, from bench
+#   (105 -> 85), tests (135 -> 125), compile (155 -> 145; its 25 s of slack) and tune (40 -> 20);
+# - tune: tune_small.json's candidates are in the compile stage's set, so it only checks and times them: 20 s.
 DEFAULT_BUDGETS: dict[str, int] = {
     "host": 20,
-    "compile": 155,
-    "tests": 135,
+    "compile": 145,
+    "tests": 125,
     "tests_ws": 40,
     "tests_portable": 45,
-    "bench": 105,
-    "tune": 40,
+    "tests_decode": 60,
+    "bench": 85,
+    "tune": 20,
 }
 # The pytest -m expression of each test stage: the unverified ws schedule and the portable schedule apart from the rest.
 TEST_STAGE_MARKERS: dict[str, str] = {
-    "tests": "gpu and not ws and not portable",
+    "tests": "gpu and not ws and not portable and not decode",
     "tests_ws": "gpu and ws",
     "tests_portable": "gpu and portable",
+    "tests_decode": "gpu and decode",
 }
 # A test still running after this many seconds (at most half its stage's budget, so that the dump lands before the
 # kill) has its threads' tracebacks dumped into the log by pytest's built-in faulthandler_timeout; it is not stopped.
@@ -365,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # 3./4. gpu-marked tests under the gpu Hypothesis profile: all but the ws and portable schedules', then each
     test_env = {**env, "HYPOTHESIS_PROFILE": "gpu"}
-    for stage in ("tests", "tests_ws", "tests_portable"):
+    for stage in ("tests", "tests_ws", "tests_portable", "tests_decode"):
         if stage in args.skip:
             continue
         selection = TEST_STAGE_MARKERS[stage]

@@ -92,6 +92,7 @@ def summary(doc: dict[str, Any]) -> str:
         ("tests", "gpu tests"),
         ("tests_ws", "gpu tests (ws schedule)"),
         ("tests_portable", "gpu tests (portable schedule)"),
+        ("tests_decode", "gpu tests (decode)"),
     ):
         tests = doc.get(stage, {})
         if tests:

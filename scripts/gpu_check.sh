@@ -23,7 +23,7 @@
 #      (the command stays inside one call's 10-minute limit; the machine's start is not counted in timeout_s, but it
 #      is counted in the session's 15 minutes of device time, so run it once, then give the machine back.)
 #   3. the reply's files hold benchmarks/results/<sku>-<YYYYMMDD>.json (and .png), the host/compile/tests/tests_ws/
-#      tests_portable/bench/tune logs and the compile stage's per-kernel report (compile-report.json: registers, spills, shared
+#      tests_portable/tests_decode/bench/tune logs and the compile stage's per-kernel report (compile-report.json: registers, spills, shared
 #      memory, compile seconds); the summary table is the last thing in output_tail.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
@@ -51,7 +51,7 @@ rc=$?
 if [ -n "${OUT:-}" ]; then
     mkdir -p "$OUT"
     find benchmarks/results -maxdepth 1 -type f -newer "$STAMP" \( -name '*.json' -o -name '*.png' \) -exec cp {} "$OUT"/ \;
-    for log in host collect compile compile-portable tests tests_ws tests_portable bench tune; do
+    for log in host collect compile compile-portable tests tests_ws tests_portable tests_decode bench tune; do
         [ -f "$WORK/$log.log" ] && cp "$WORK/$log.log" "$OUT/$log.log"
     done
     [ -f "$WORK/compile-report.json" ] && cp "$WORK/compile-report.json" "$OUT/compile-report.json"

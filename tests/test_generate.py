@@ -7,8 +7,10 @@ Everything runs the float32 PyTorch reference on the CPU. The oracle is always t
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ from dsa import cache as kvcache
 from dsa import generation
 from dsa.modules import DSAConfig, TinyDSAModel, apply_rope, rope_cos_sin, rope_cos_sin_at, rope_inv_freq
 from dsa.testing import assert_close
+from tests import support
 from tests.strategies import examples
 
 TOPK = DSAConfig.tiny().index_topk  # 16
@@ -335,16 +338,21 @@ def test_bf16_model_generates_with_low_precision_cache(dtype: torch.dtype | str)
 KERNEL_RTOL = 5e-2
 
 
+KERNEL_PAGE_SIZE = 8
+
+
 def _kernel_vs_reference_logits(
-    monkeypatch: pytest.MonkeyPatch, device: torch.device, dtype: torch.dtype | str
+    monkeypatch: pytest.MonkeyPatch, device: torch.device, dtype: torch.dtype | str, **overrides: object
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    model = _model(11, init_std=0.1).to(device=device, dtype=torch.bfloat16)
+    """A bf16 tiny model's logits for a 6-token prefill and decode steps (within topk), on the kernel backend and on
+    the reference."""
+    model = _model(11, init_std=0.1, **overrides).to(device=device, dtype=torch.bfloat16)
     ids = _ids(11, 2, TOPK - 2).to(device)
     logits = []
     for backend in ("tilelang", "reference"):
         monkeypatch.setenv("DSA_BACKEND", backend)
         with torch.no_grad():
-            logits.append(_cached_logits(model, ids, [6], dtype=dtype, page_size=8).float().cpu())
+            logits.append(_cached_logits(model, ids, [6], dtype=dtype, page_size=KERNEL_PAGE_SIZE).float().cpu())
     return logits[0], logits[1]
 
 
@@ -357,16 +365,47 @@ def test_cpu_kernels_serve_the_model_like_the_reference(monkeypatch: pytest.Monk
     assert _relative_error(kernel, ref) < KERNEL_RTOL, _relative_error(kernel, ref)
 
 
+# CUDA kernels need 64-aligned attention widths (the tiny config's 40 is not): a tiny model with a 64 + 64 latent row
+# and 64-wide indexer keys.
+GPU_OVERRIDES = {"kv_lora_rank": 64, "qk_rope_head_dim": 64, "index_head_dim": 64}
+
+
+def _gpu_builds() -> list[tuple[Any, dict[str, Any]]]:
+    """The sm_90a kernels the GPU test's model runs (decode attention for both caches, its combine, the paged
+    selection), with the configs the launchers pick, to compile in parallel before the test."""
+    from dsa.launch import sparse_mla_decode as decode_launch
+    from tl_kernels import dsl
+    from tl_kernels import index_topk as index_kernels
+    from tl_kernels import sparse_mla_decode as decode_kernels
+
+    config = DSAConfig.tiny(**GPU_OVERRIDES)
+    width, d_v = config.latent_dim, config.kv_lora_rank
+    builds: list[tuple[Any, dict[str, Any]]] = []
+    for layout in (None, kvcache.FP8Layout.for_width(width, config.qk_rope_head_dim)):
+        static = decode_launch.static_params(heads=config.n_heads, d_qk=width, d_v=d_v, fp8_layout=layout)
+        chosen = decode_kernels.default_config({**static, "target": dsl.HOPPER_TARGET})
+        builds.append((decode_kernels.build, {**static, **dataclasses.asdict(chosen)}))
+    builds.append((decode_kernels.build_combine, {"heads": config.n_heads, "d_v": d_v, "has_sink": False}))
+    paged = {"heads": config.index_n_heads, "dim": config.index_head_dim, "dtype": "bfloat16", "mode": "range",
+             "topk": config.index_topk, "page_size": KERNEL_PAGE_SIZE, "scale_col": 0}  # fmt: skip
+    chosen = index_kernels.default_config({**paged, "target": dsl.HOPPER_TARGET})
+    builds.append((index_kernels.build, {**paged, **dataclasses.asdict(chosen)}))
+    return builds
+
+
 @pytest.mark.gpu
+@pytest.mark.decode
 @pytest.mark.parametrize("dtype", [torch.bfloat16, "fp8"], ids=["bf16", "fp8"])
 def test_gpu_kernels_serve_the_model_like_the_reference(
     monkeypatch: pytest.MonkeyPatch, cuda_device: torch.device, dtype: object
 ) -> None:
-    """The same on CUDA (sm_90a kernels against the reference on the GPU), and ``generate`` returns new tokens."""
-    kernel, ref = _kernel_vs_reference_logits(monkeypatch, cuda_device, dtype)
+    """A bf16 tiny model (64-aligned widths) on CUDA: the sm_90a decode kernels give the reference's logits for a
+    prefill and decode steps over bf16 and FP8 caches, and ``generate`` returns new tokens."""
+    support.prebuild_hopper(_gpu_builds())
+    kernel, ref = _kernel_vs_reference_logits(monkeypatch, cuda_device, dtype, **GPU_OVERRIDES)
     assert _relative_error(kernel, ref) < KERNEL_RTOL, _relative_error(kernel, ref)
     monkeypatch.setenv("DSA_BACKEND", "auto")
-    model = _model(12, init_std=0.1).to(device=cuda_device, dtype=torch.bfloat16)
+    model = _model(12, init_std=0.1, **GPU_OVERRIDES).to(device=cuda_device, dtype=torch.bfloat16)
     with torch.no_grad():
-        out = model.generate(_ids(12, 2, 20).to(cuda_device), 8, cache_dtype=dtype)
+        out = model.generate(_ids(12, 2, 20).to(cuda_device), 8, cache_dtype=dtype, page_size=KERNEL_PAGE_SIZE)
     assert out.shape == (2, 28)

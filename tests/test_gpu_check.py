@@ -56,7 +56,7 @@ def test_failing_stages_are_recorded_and_later_stages_still_run(
     monkeypatch.setattr(gpu_check, "cuda_available", lambda: (True, ""))
     rc = gpu_check.main(
         ["--out-dir", str(tmp_path), "--work-dir", str(tmp_path / "work"), "--skip", "compile", "--skip", "tests",
-         "--skip", "tests_ws", "--skip", "tests_portable", "--skip", "tune", "--bench-args", "--kernels topk"]
+         "--skip", "tests_ws", "--skip", "tests_portable", "--skip", "tests_decode", "--skip", "tune", "--bench-args", "--kernels topk"]
     )  # fmt: skip
     assert rc == 1
     records = list(tmp_path.glob("unknown-gpu-*.json"))
@@ -113,12 +113,14 @@ def _fake_stages(
     return fake_stage
 
 
-def test_gpu_tests_run_in_three_stages_with_the_ws_and_portable_schedules_apart(
+def test_gpu_tests_run_in_four_stages_with_the_ws_portable_and_decode_tests_apart(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The main test stage deselects the ws and portable tests, stages of their own run them after it; each dumps a
-    hanging test's traceback before its budget; a ws stage killed at its budget leaves the other stages' counts."""
-    assert gpu_check.STAGES.index("tests") < gpu_check.STAGES.index("tests_ws") < gpu_check.STAGES.index("tests_portable")
+    """The main test stage deselects the ws, portable and decode tests, stages of their own run them after it; each
+    dumps a hanging test's traceback before its budget; a ws stage killed at its budget leaves the other stages'
+    counts."""
+    order = [gpu_check.STAGES.index(stage) for stage in ("tests", "tests_ws", "tests_portable", "tests_decode")]
+    assert order == sorted(order)
     assert set(gpu_check.DEFAULT_BUDGETS) == set(gpu_check.STAGES)
     assert sum(gpu_check.DEFAULT_BUDGETS.values()) <= 540
     monkeypatch.setattr(gpu_check, "cuda_available", lambda: (True, ""))
@@ -136,19 +138,20 @@ def test_gpu_tests_run_in_three_stages_with_the_ws_and_portable_schedules_apart(
          "--skip", "bench", "--skip", "tune", "--pytest-args", "-x --maxfail 1"]
     )  # fmt: skip
     assert rc == 1
-    (main, main_budget, main_env, main_log), (ws, ws_budget, ws_env, ws_log), portable = calls
-    assert (_selection(main), _selection(ws)) == ("gpu and not ws and not portable", "gpu and ws")
+    (main, main_budget, main_env, main_log), (ws, ws_budget, ws_env, ws_log), portable, decode = calls
+    assert (_selection(main), _selection(ws)) == ("gpu and not ws and not portable and not decode", "gpu and ws")
     assert (_selection(portable[0]), portable[3]) == ("gpu and portable", "tests_portable.log")
+    assert (_selection(decode[0]), decode[3]) == ("gpu and decode", "tests_decode.log")
     assert (main_budget, ws_budget) == (gpu_check.DEFAULT_BUDGETS["tests"], gpu_check.DEFAULT_BUDGETS["tests_ws"])
     assert (main_log, ws_log) == ("tests.log", "tests_ws.log")
-    for cmd, budget in ((main, main_budget), (ws, ws_budget), portable[:2]):
+    for cmd, budget in ((main, main_budget), (ws, ws_budget), portable[:2], decode[:2]):
         dump_after = int(cmd[cmd.index("-o") + 1].removeprefix("faulthandler_timeout="))
         assert 0 < dump_after < budget
         assert cmd[-3:] == ["-x", "--maxfail", "1"]
     assert main_env["HYPOTHESIS_PROFILE"] == ws_env["HYPOTHESIS_PROFILE"] == "gpu"
     doc = json.loads(next(tmp_path.glob("unknown-gpu-*.json")).read_text())
     assert [(s["stage"], s["status"]) for s in doc["stages"]] == [
-        ("tests", "ok"), ("tests_ws", "timeout"), ("tests_portable", "ok")
+        ("tests", "ok"), ("tests_ws", "timeout"), ("tests_portable", "ok"), ("tests_decode", "ok")
     ]  # fmt: skip
     assert doc["tests"]["passed"] == 2 and doc["tests_ws"] == {}
     assert "Timeout" in doc["stages"][1]["log_tail"]
@@ -191,7 +194,7 @@ def test_compile_stage_runs_before_the_tests_and_its_failure_does_not_stop_them(
     work = tmp_path / "work"
     rc = gpu_check.main(
         ["--out-dir", str(tmp_path), "--work-dir", str(work), "--skip", "host", "--skip", "tests_ws", "--skip", "bench",
-         "--skip", "tests_portable"]
+         "--skip", "tests_portable", "--skip", "tests_decode"]
     )  # fmt: skip
     assert rc == 1
     assert [log for *_, log in calls] == ["collect.log", "compile.log", "tests.log", "tune.log"]
@@ -209,7 +212,7 @@ def test_compile_stage_runs_before_the_tests_and_its_failure_does_not_stop_them(
     # read the user's cache as any other process would.
     assert env["DSA_CACHE_DIR"] == tune_env["DSA_CACHE_DIR"] == str(work / "dsa-cache")
     assert tests_env.get("DSA_CACHE_DIR") == os.environ.get("DSA_CACHE_DIR")
-    assert _selection(tests_cmd) == "gpu and not ws and not portable"
+    assert _selection(tests_cmd) == "gpu and not ws and not portable and not decode"
     doc = json.loads(next(tmp_path.glob("unknown-gpu-*.json")).read_text())
     assert [(s["stage"], s["status"]) for s in doc["stages"]] == [("compile", outcome), ("tests", "ok"), ("tune", "ok")]
     compiled = doc["stages"][0]
@@ -326,7 +329,7 @@ def test_compile_stage_also_builds_the_portable_defaults(tmp_path: Path, monkeyp
     assert gpu_check.main(argv) == 0
     logs = [log for *_, log in calls]
     assert logs == ["collect.log", "compile.log", "compile-portable.log", "tests.log", "tests_ws.log",
-                    "tests_portable.log"]  # fmt: skip
+                    "tests_portable.log", "tests_decode.log"]  # fmt: skip
     hopper, portable = calls[1], calls[2]
     assert "--full" in hopper[0] and "DSA_PORTABLE" not in hopper[2]
     assert "--defaults-only" in portable[0] and "--full" not in portable[0] and portable[2]["DSA_PORTABLE"] == "1"

@@ -213,7 +213,22 @@ V32_PAGED_STATIC = {"heads": V32["heads"], "dim": V32["dim"], "dtype": "float8_e
                     "topk": V32["topk"], "page_size": V32["page_size"], "scale_col": V32["dim"] // 4}  # fmt: skip
 
 
+def _paged_builds() -> list[tuple[Any, dict[str, Any]]]:
+    """The V3.2 paged kernels the build and GPU tiers use (FP8 and bf16 keys), with their default Hopper configs."""
+    builds = []
+    for static in (V32_PAGED_STATIC, {**V32_PAGED_STATIC, "dtype": "bfloat16", "scale_col": 0}):
+        config = kernels.default_config({**static, "target": dsl.HOPPER_TARGET})
+        builds.append((kernels.build, {**static, **dataclasses.asdict(config)}))
+    return builds
+
+
+@pytest.fixture(scope="module")
+def hopper_prebuilt() -> None:
+    support.prebuild_hopper(_paged_builds())
+
+
 @pytest.mark.build
+@pytest.mark.usefixtures("hopper_prebuilt")
 def test_hopper_paged_build_is_clean() -> None:
     """The V3.2 FP8 paged variant (64 heads, 128-wide keys in 132-byte rows, topk 2048, 64-token pages) compiles for
     sm_90a with wgmma, without spills, within the shared-memory estimate, with int64 row addressing."""
@@ -229,6 +244,8 @@ def test_hopper_paged_build_is_clean() -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.decode
+@pytest.mark.usefixtures("hopper_prebuilt")
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize(("batch", "s_q", "context"), [(1, 1, 65_536), (4, 2, 8_192)])
 def test_gpu_paged_selection_matches_reference(

@@ -307,6 +307,7 @@ V32_BUILDS: tuple[tuple[Any, dict[str, Any]], ...] = (
 
 @pytest.fixture(scope="module")
 def hopper_prebuilt() -> None:
+    """The V3.2 builds compiled in parallel first: the build tier's, which are also the GPU tier's kernels."""
     support.prebuild_hopper(list(V32_BUILDS))
 
 
@@ -335,6 +336,8 @@ def test_hopper_build_is_clean(case: int) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.decode
+@pytest.mark.usefixtures("hopper_prebuilt")
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize(("batch", "s_q"), [(1, 1), (1, 2), (8, 1)])
 def test_gpu_matches_reference(cuda_device: torch.device, fmt: str, batch: int, s_q: int) -> None:
