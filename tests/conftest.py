@@ -168,3 +168,13 @@ def portable_cuda_device(monkeypatch: pytest.MonkeyPatch) -> torch.device:
     target = hardware.device_target(device)
     assert target is not None and target["arch"] != hardware.HOPPER_ARCH, target
     return device
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One PyTorch thread for a module of tiny-tensor tests: on a shared 2-core machine a second thread only
+    contends (the model tests ran ~30x slower with two)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

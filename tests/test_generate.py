@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +29,8 @@ TOPK = DSAConfig.tiny().index_topk  # 16
 F32_RTOL = 2e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny tensors: on a 2-core machine a second thread makes every op ~30x slower (contention), not faster.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The tensors are tiny: on a 2-core machine a second thread makes every op ~30x slower (contention), not faster.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model(seed: int, *, init_std: float = 0.2, **overrides: object) -> TinyDSAModel:

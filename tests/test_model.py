@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import math
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,13 +28,8 @@ SEQ = 24  # > tiny index_topk (16): later queries are genuinely sparse
 FP8_SCORE_MAX_DIFF = 1.5e-3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # The tensors are tiny: extra threads only contend on a shared CI machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The tensors are tiny: on a 2-core machine a second thread makes every op ~30x slower (contention), not faster.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tiny(**overrides: object) -> DSAConfig:
