@@ -312,13 +312,19 @@ def sparse_mla_decode_impl(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``sparse_mla_decode`` (contract in ``dsa.reference.sparse_mla_decode``): ``(out [B, s_q, H, d_v], lse [B, s_q,
-    H])``."""
+    H])``. On the kernel backend widths the kernels cannot take (CUDA: ``d_qk``/``d_v`` not multiples of 64, e.g. the
+    tiny config's 40) run the reference, logged at info level, so one model serves on every device."""
     kwargs = dict(
         sm_scale=sm_scale, d_v=d_v, topk_length=topk_length, attn_sink=attn_sink, extra_kv_cache=extra_kv_cache,
         extra_indices=extra_indices, extra_topk_length=extra_topk_length, d_rope=d_rope,
     )  # fmt: skip
     if backend == TILELANG:
-        return launcher(_LAUNCH_SPARSE_MLA_DECODE).sparse_mla_decode(q, kv_cache, indices, **kwargs)
+        launch = launcher(_LAUNCH_SPARSE_MLA_DECODE)
+        caches = [c for c in (kv_cache, extra_kv_cache) if c is not None]
+        if launch.fits(q, d_v, caches, d_rope):
+            return launch.sparse_mla_decode(q, kv_cache, indices, **kwargs)
+        logger.info("sparse_mla_decode: no kernel for d_qk=%d, d_v=%d on %s; running the reference", q.shape[-1], d_v,
+                    q.device)  # fmt: skip
     with torch.no_grad():
         return reference.sparse_mla_decode(q, kv_cache, indices, **kwargs)
 

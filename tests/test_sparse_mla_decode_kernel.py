@@ -26,6 +26,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from dsa import cache, ops, reference, testing
+from dsa.launch import common
 from dsa.launch import sparse_mla_decode as launch
 from dsa.testing import assert_close
 from tests import strategies, support
@@ -198,6 +199,17 @@ def test_split_counts_fill_the_gpu_without_tiny_splits(monkeypatch: pytest.Monke
     assert launch.num_splits(batch=128, s_q=1, heads=128, topk=2048, config=config, device=cuda) == 2
     assert launch.num_splits(batch=256, s_q=2, heads=128, topk=2048, config=config, device=cuda) == 1
     assert launch.num_splits(batch=1, s_q=1, heads=128, topk=2048, config=config, device=torch.device("cpu")) == 1
+
+
+def test_widths_the_cuda_kernels_cannot_take_are_refused_by_fits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On sm_90a the kernels take 64-aligned widths only: the tiny config's 40-wide rows do not fit (the op then runs
+    the reference, so one model serves everywhere), V3.2's 576/512 do, for both cache formats."""
+    monkeypatch.setattr(common, "target_for", lambda device: dsl.HOPPER_TARGET)
+    tiny_q = torch.zeros(1, 1, 4, CPU_D_QK, dtype=torch.bfloat16)
+    assert not launch.fits(tiny_q, CPU_D_V, [torch.zeros(1, 4, CPU_D_QK, dtype=torch.bfloat16)], CPU_D_ROPE)
+    v32_q = torch.zeros(1, 1, 128, V32["d_qk"], dtype=torch.bfloat16)
+    fp8_cache = torch.zeros(1, 4, cache.V32_FP8_LAYOUT.bytes_per_token, dtype=torch.uint8)
+    assert launch.fits(v32_q, V32["d_v"], [fp8_cache, torch.zeros(1, 4, V32["d_qk"], dtype=torch.bfloat16)], 64)
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ from dsa.launch import common
 from tl_kernels import build as tl_build
 from tl_kernels import sparse_mla_decode as kernels
 
-__all__ = ["KERNEL_NAME", "MIN_STEPS_PER_SPLIT", "WAVES", "num_splits", "sparse_mla_decode", "static_params"]
+__all__ = ["KERNEL_NAME", "MIN_STEPS_PER_SPLIT", "WAVES", "fits", "num_splits", "sparse_mla_decode", "static_params"]
 
 KERNEL_NAME = "sparse_mla_decode"
 WAVES = 2
@@ -40,6 +40,21 @@ def static_params(*, heads: int, d_qk: int, d_v: int, fp8_layout: cache.FP8Layou
         "heads": heads, "d_qk": d_qk, "d_v": d_v, "kv_format": kernels.KV_FORMAT_FP8, "d_rope": fp8_layout.d_rope,
         "tile": fp8_layout.tile,
     }  # fmt: skip
+
+
+def fits(q: torch.Tensor, d_v: int, caches: list[torch.Tensor], d_rope: int) -> bool:
+    """Whether the kernels serve these widths on ``q``'s device: CUDA wants ``d_qk`` and ``d_v`` in whole 64-column
+    swizzle atoms (V3.2: 576/512), the C target takes any (the op runs the reference where this is False)."""
+    heads, d_qk = q.shape[2], q.shape[3]
+    target = common.target_for(q.device)
+    for kv_cache in caches:
+        layout = cache.FP8Layout.for_width(d_qk, d_rope) if validation.is_fp8_cache(kv_cache) else None
+        static = {**static_params(heads=heads, d_qk=d_qk, d_v=d_v, fp8_layout=layout), "target": target}
+        try:
+            kernels.check_config(static, kernels.default_config(static))
+        except ValueError:
+            return False
+    return True
 
 
 def num_splits(
