@@ -82,7 +82,7 @@ STAGES: tuple[str, ...] = ("host", "compile", "tests", "tests_ws", "tests_portab
 #   cases) shares that budget;
 # - tests_decode: the decode kernels' GPU tests (split attention over paged bf16/FP8 caches, the paged selection, the
 #   tiny model served by them), which compile their own kernels in parallel first (their modules' prebuild fixtures:
-#   they are not tuner kernels; the longest, the FP8 decode kernel, took 76 s on 2 loaded cores): 60 s, from bench
+#   they are not tuner kernels; each took 17-54 s to build for sm_90a on 2 loaded cores): 60 s, from bench
 #   (105 -> 85), tests (135 -> 125), compile (155 -> 145; its 25 s of slack) and tune (40 -> 20);
 # - tune: tune_small.json's candidates are in the compile stage's set, so it only checks and times them: 20 s.
 DEFAULT_BUDGETS: dict[str, int] = {

@@ -69,6 +69,7 @@ KV_FORMATS = (KV_FORMAT_BF16, KV_FORMAT_FP8)
 FP8_DTYPE = "float8_e4m3fn"
 SCALE_BYTES = 4
 ROPE_BYTES = 2
+ROW_DTYPE = "int64"
 COMBINE_THREADS = 128
 """Threads of a combine block: 128 output columns at a time (V3.2: four per thread for ``d_v = 512``)."""
 
@@ -191,16 +192,19 @@ def build(
     fp8 = kv_format == KV_FORMAT_FP8
 
     @T.macro
-    def gather(KVA, KVB, KVC, Indices, kv_s, b, s, step, limit):  # noqa: ANN001, ANN202
+    def gather(KVA, KVB, KVC, Indices, kv_s, rows_s, b, s, step, limit):  # noqa: ANN001, ANN202
         if fp8:
-            # FP8 (KVA e4m3 bytes, KVB scales, KVC RoPE values): dequantise while gathering; an invalid entry's row
-            # is -1 and the select never reads it.
+            # FP8 (KVA e4m3 bytes, KVB scales, KVC RoPE values): dequantise while gathering. The step's cache rows are
+            # looked up once (int64, -1 for an invalid entry, which the selects never read), not once per element.
+            for j in alloc.parallel(block_k):
+                rows_s[j] = gather_row(Indices, b, s, step * block_k + j, width, limit, num_slots)
             for j, d in alloc.parallel(block_k, d_nope):
-                row = gather_row(Indices, b, s, step * block_k + j, width, limit, num_slots)
-                kv_s[j, d] = T.if_then_else(row >= 0, dequant(KVA[row, d], KVB[row, scale_col + d // tile]), 0)
+                row = T.max(rows_s[j], 0)
+                kv_s[j, d] = T.if_then_else(rows_s[j] >= 0, dequant(KVA[row, d], KVB[row, scale_col + d // tile]), 0)
             for j, d in alloc.parallel(block_k, d_rope):
-                row = gather_row(Indices, b, s, step * block_k + j, width, limit, num_slots)
-                kv_s[j, d_nope + d] = T.if_then_else(row >= 0, load(KVC[row, rope_col + d]), 0)
+                kv_s[j, d_nope + d] = T.if_then_else(
+                    rows_s[j] >= 0, load(KVC[T.max(rows_s[j], 0), rope_col + d]), 0
+                )
         else:
             # bf16 rows in KVA: the forward's guarded copy, which zero-fills invalid rows (cp.async on CUDA).
             for j, d in alloc.parallel(block_k, d_qk):
@@ -215,6 +219,7 @@ def build(
         q_s = alloc.shared([block_h, d_qk], tile_dtype)
         kv_s = alloc.shared([block_k, d_qk], tile_dtype)
         p_s = alloc.shared([block_h, block_k], tile_dtype)
+        rows_s = alloc.shared([block_k if fp8 else 1], ROW_DTYPE)  # the FP8 gather's cache rows of one step
         acc_s = alloc.fragment([block_h, block_k], ACCUM_DTYPE)
         acc_o = alloc.fragment([block_h, d_v], ACCUM_DTYPE)
         m_i = alloc.fragment([block_h], ACCUM_DTYPE)
@@ -236,7 +241,7 @@ def build(
         first = z * per_split
         last = T.min(first + per_split, T.ceildiv(limit, block_k))
         for i in T.Pipelined(T.max(last - first, 0), num_stages=1):
-            gather(KVA, KVB, KVC, Indices, kv_s, b, s, first + i, limit)
+            gather(KVA, KVB, KVC, Indices, kv_s, rows_s, b, s, first + i, limit)
             T.clear(acc_s)
             T.gemm(q_s, kv_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
             for h, j in alloc.parallel(block_h, block_k):
