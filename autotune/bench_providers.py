@@ -1,10 +1,11 @@
 """The implementations the benchmark times side by side with ``dsa``: on Hopper the same kernels on the portable
 schedule (``dsa-portable``: mma.sync, what every other GPU runs), the reference, ``torch.topk``, dense attention (SDPA
-and chunked matmuls) and, where importable, FlashMLA's sparse prefill and DeepGEMM's FP8 indexer.
+and chunked matmuls) and, where importable, FlashMLA's sparse prefill and decode and DeepGEMM's FP8 indexer.
 
 Every provider takes one input set as :mod:`autotune.runners` makes it for the case's kernel (``q``, ``k``,
 ``weights``, ``k_scale`` for the indexer; ``scores``, ``k`` for top-k; ``q``, ``kv``, ``indices``, ``sm_scale``,
-``d_v``, ... for sparse MLA).
+``d_v``, ... for sparse MLA); the decode cases' sets come from ``autotune.bench.decode_inputs`` (the paged caches'
+``kv_cache``/``k_cache`` pages, slots or block tables, ...).
 """
 
 from __future__ import annotations
@@ -20,10 +21,13 @@ import torch
 from autotune import flops
 from dsa import autograd, hardware, ops, reference
 
-__all__ = ["Provider", "dense_matmul", "dense_sdpa", "providers_for"]
+__all__ = ["Provider", "dense_matmul", "dense_sdpa", "flashmla_decode", "providers_for"]
 
 REFERENCE_INDEXER_MAX_PAIRS = 16384 * 16384
 """The chunked float32 reference indexer over more (query, key) pairs than this takes minutes: skipped."""
+REFERENCE_DECODE_MAX_SLOTS = 1 << 20
+"""The decode attention's reference dequantises the whole cache it is given: skipped over more cache rows (B * S_kv)
+than this (B = 32 at 32K keys; B = 1 at every context)."""
 DENSE_CHUNK_BYTES = 2 << 30
 """Dense matmul attention materialises float32 scores of at most this many bytes per query chunk."""
 MEMORY_HEADROOM = 0.9
@@ -98,6 +102,28 @@ def _flashmla_fwd(inputs: dict[str, Any]) -> Any:
     )
 
 
+def flashmla_decode(inputs: dict[str, Any], module: Any = None) -> Any:
+    """FlashMLA's sparse decode, ``flash_mla_with_kvcache`` over the paged FP8 cache (``[num_blocks, page, 1, 656]``)
+    with the slots as ``indices``; ``module`` (default ``flash_mla``) may be ``dsa.compat``, which has the same
+    entry points. The scheduling metadata is made once per input set and module (a serving stack makes it once per
+    step for all layers): ``get_mla_metadata`` with the pre-2026 arguments, which the current one ignores."""
+    if module is None:
+        import flash_mla as module  # type: ignore[import-not-found,no-redef]
+
+    q, pages, idx = inputs["q"], inputs["kv_cache"], inputs["indices"]
+    _, s_q, heads, _ = q.shape
+    fp8 = pages.dtype == torch.uint8
+    plans = inputs.setdefault("flashmla_metadata", {})
+    if module.__name__ not in plans:
+        seqlens = inputs["cache_seqlens"]
+        plans[module.__name__] = module.get_mla_metadata(seqlens, s_q * heads, 1, heads, fp8, idx.shape[-1])
+    metadata, splits = plans[module.__name__]
+    return module.flash_mla_with_kvcache(
+        q, pages.unsqueeze(2), inputs["block_table"], inputs["cache_seqlens"], inputs["d_v"], metadata, splits,
+        softmax_scale=inputs["sm_scale"], causal=False, is_fp8_kvcache=fp8, indices=idx,
+    )  # fmt: skip
+
+
 def _deepgemm_indexer(inputs: dict[str, Any]) -> Any:
     import deep_gemm  # type: ignore[import-not-found]
 
@@ -128,6 +154,10 @@ def _indexer_args(i: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
 
 def _mla_kwargs(i: dict[str, Any]) -> dict[str, Any]:
     return {k: i[k] for k in ("sm_scale", "d_v", "topk_length", "attn_sink")}
+
+
+def _decode_kwargs(i: dict[str, Any]) -> dict[str, Any]:
+    return {k: i[k] for k in ("sm_scale", "d_v", "d_rope")}
 
 
 PORTABLE = "dsa-portable"
@@ -241,5 +271,44 @@ def providers_for(case: Any) -> list[Provider]:
             Provider("dsa", bwd("tilelang")),
             _portable_provider(bwd("tilelang")),
             Provider("reference", bwd("reference")),
+        ]
+    if case.kernel == "sparse_mla_decode":
+
+        def decode(i: dict[str, Any]) -> Any:
+            return ops.sparse_mla_decode(i["q"], i["kv_cache"], i["indices"], **_decode_kwargs(i))
+
+        def decode_reference(i: dict[str, Any]) -> Any:
+            return reference.sparse_mla_decode(i["q"], i["kv_cache"], i["indices"], **_decode_kwargs(i))
+
+        slots = sizes["batch"] * seq_kv
+        if static["kv_format"] != "fp8":
+            flashmla_skip = "FlashMLA's sparse decode takes FP8 caches only"
+        else:
+            flashmla_skip = "" if _importable("flash_mla") else "flash_mla not importable"
+        return [
+            Provider("dsa", decode),
+            Provider(
+                "reference",
+                decode_reference,
+                skip="" if slots <= REFERENCE_DECODE_MAX_SLOTS else f"capped at B*S_kv <= {REFERENCE_DECODE_MAX_SLOTS}",
+            ),
+            Provider("flashmla", flashmla_decode, skip=flashmla_skip),
+        ]
+    if case.kernel == "index_topk_decode":
+        pairs = sizes["batch"] * seq * seq_kv
+
+        def paged(fn: Callable[..., Any]) -> Callable[[dict[str, Any]], Any]:
+            return lambda i: fn(
+                i["q"], i["k_cache"], i["weights"], i["topk"], block_table=i["block_table"], ends=i["ends"],
+                starts=i["starts"], return_scores=True,
+            )  # fmt: skip
+
+        return [
+            Provider("dsa", paged(ops.index_topk_decode)),
+            Provider(
+                "reference",
+                paged(reference.index_topk_decode),
+                skip="" if pairs <= REFERENCE_INDEXER_MAX_PAIRS else f"capped at B*s_q*L <= {REFERENCE_INDEXER_MAX_PAIRS}",
+            ),
         ]
     raise ValueError(f"no providers for kernel {case.kernel!r}")

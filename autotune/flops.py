@@ -8,20 +8,30 @@ One definition serves the tuner (TFLOP/s of each candidate, :mod:`autotune.space
 * top-k: no FLOPs; bytes: one read of the float32 scores plus the int32 indices written;
 * sparse MLA forward: ``2 * B * S * H * topk * (d_qk + d_v)`` (``Q K^T`` over ``d_qk``, ``P V`` over ``d_v``);
 * sparse MLA backward: ``2 * B * S * H * topk * (3 * d_qk + 2 * d_v)`` (recomputed ``Q K^T``, ``dP = dO V^T``,
-  ``dV = P^T dO``, ``dQ = dS K``, ``dK = dS^T Q``).
+  ``dV = P^T dO``, ``dQ = dS K``, ``dK = dS^T Q``);
+* sparse MLA decode (paged cache): the forward's FLOPs; bytes: each query's ``topk`` gathered cache rows as stored
+  (656 bytes per FP8 row for V3.2, ``2 * d_qk`` for bf16), ``q`` and ``out``;
+* indexer top-k for decoding (paged keys): ``2 * B * s_q * H_i * L * D_i`` over the context ``L``; bytes: every key
+  row of every sequence read once (``B * L`` rows of ``D_i + 4`` bytes for FP8 keys and their scales).
 
 Plain arithmetic: nothing here imports torch or touches a device.
 """
 
 from __future__ import annotations
 
+import math
+
 __all__ = [
     "causal_pairs",
     "dense_attention_flops",
+    "fp8_kv_row_bytes",
+    "index_topk_decode_bytes",
+    "index_topk_decode_flops",
     "indexer_bytes",
     "indexer_flops",
     "sparse_mla_bwd_bytes",
     "sparse_mla_bwd_flops",
+    "sparse_mla_decode_bytes",
     "sparse_mla_fwd_bytes",
     "sparse_mla_fwd_flops",
     "topk_bytes",
@@ -31,6 +41,7 @@ FP8_BYTES = 1
 BF16_BYTES = 2
 F32_BYTES = 4
 I32_BYTES = 4
+_FP8_TILE = 128  # values per float32 scale of an FP8 cache row (dsa.cache: gcd(d_nope, 128))
 
 
 def _clamped_prefix(n: int, limit: int) -> int:
@@ -105,3 +116,28 @@ def sparse_mla_bwd_bytes(batch: int, seq: int, seq_kv: int, heads: int, topk: in
     per_query += topk * d_qk * BF16_BYTES + topk * I32_BYTES
     writes = batch * seq * heads * d_qk * BF16_BYTES + batch * seq_kv * d_qk * BF16_BYTES
     return float(batch * seq * per_query + writes)
+
+
+def fp8_kv_row_bytes(d_qk: int, d_rope: int) -> int:
+    """Bytes of one FP8 cache row (``dsa.cache.FP8Layout.for_width(d_qk, d_rope)``): ``d_nope`` e4m3 values, one
+    float32 scale per tile of ``gcd(d_nope, 128)`` of them, ``d_rope`` bf16 values (656 for V3.2's 512 + 64)."""
+    d_nope = d_qk - d_rope
+    return d_nope + d_nope // math.gcd(d_nope, _FP8_TILE) * F32_BYTES + d_rope * BF16_BYTES
+
+
+def sparse_mla_decode_bytes(batch: int, seq: int, heads: int, topk: int, d_qk: int, d_v: int, row_bytes: int) -> float:
+    """The ``topk`` cache rows each query gathers (``row_bytes`` each as stored, read once per query and shared by
+    its heads), ``q`` read and ``out`` written (the indices and ``lse``, under 1 %, are left out)."""
+    rows = batch * seq * topk * row_bytes
+    return float(rows + batch * seq * heads * (d_qk + d_v) * BF16_BYTES)
+
+
+def index_topk_decode_flops(batch: int, seq: int, context: int, heads: int, dim: int) -> float:
+    """One ``D_i``-dot per head per (query, cached key) pair over the whole context."""
+    return 2.0 * batch * seq * heads * context * dim
+
+
+def index_topk_decode_bytes(batch: int, context: int, row_bytes: int) -> float:
+    """Every cached key row of every sequence read once (the ``s_q`` queries of a sequence share them; ``q``,
+    ``weights`` and the ``[B, s_q, topk]`` outputs are negligible beside the keys)."""
+    return float(batch * context * row_bytes)

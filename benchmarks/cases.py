@@ -7,7 +7,13 @@ kernel's static parameters and runtime sizes in the tuner's vocabulary (``batch`
 are not a kernel: they measure the peak device memory of the whole DSA path (FP8 indexer, top-k, sparse MLA forward)
 against dense attention. The ``selection`` cases measure time and peak device memory of long-context selection:
 ``dsa.ops.index_topk`` (never the ``S x S_kv`` scores) against the materialised scores with our top-k and with
-``torch.topk``. FLOP and byte counts are those of ``autotune.flops`` (useful work only).
+``torch.topk``. The ``sparse_mla_decode`` and ``index_topk_decode`` cases are decoding over paged caches
+(``dsa.cache.PagedKVCache``: FP8 latent rows in FlashMLA's V3.2 layout, FP8 indexer keys), B sequences of one
+context length with ``s_q`` new queries each; they are not tuner kernels, so ``autotune.bench`` makes their inputs
+and checks them itself. FLOP and byte counts are those of ``autotune.flops`` (useful work only).
+
+A case marked ``quick=False`` is left out of the default run (``dsa-bench`` without ``--full``, hence the one-shot
+GPU check, whose bench stage has a fixed time budget); ``--full`` runs it, and so does naming it with ``--cases``.
 
 Targets are fractions of the host's measured ceilings (``fp8_tflops``, ``bf16_tflops``, ``copy_gbps``) or absolute
 TFLOP/s, and ``min_speedup`` against another provider; the harness evaluates them into result rows.
@@ -42,12 +48,30 @@ MLA_DECODE_SEQ = 2
 MLA_DECODE_KV = 32768
 MEMORY_SEQ_LENS: tuple[int, ...] = (32768, 65536)
 SELECTION_SEQ_LENS: tuple[int, ...] = (8192, 32768, 65536, 131072)
+D_ROPE = 64
+PAGE_SIZE = 64
+DECODE_BATCHES: tuple[int, ...] = (1, 32, 128)
+DECODE_SEQS: tuple[int, ...] = (1, 2)
+DECODE_CONTEXTS: tuple[int, ...] = (8192, 32768, 131072)
+DECODE_BF16_SHAPE = (128, 2, 32768)
+"""(batch, s_q, context) of the one bf16-cache decode case: the FP8 quick case's shape (and the forward's decode
+case's)."""
+INDEX_DECODE_BATCHES: tuple[int, ...] = (1, 32)
+INDEX_DECODE_SEQ = 1
+QUICK_DECODE: tuple[str, ...] = ("sparse_mla_decode-fp8-b128-s2-kv32768", "index_topk_decode-fp8-b32-s1-kv32768")
+"""The decode cases in the default run; every other decode case runs with ``--full`` (or named by ``--cases``)."""
 
 MEMORY = "memory"
 SELECTION = "selection"
 MEMORY_KINDS: tuple[str, ...] = (MEMORY, SELECTION)
 """The cases measured by peak device memory and one call's wall time (``autotune.bench.run_memory_case``)."""
-KERNELS: tuple[str, ...] = ("indexer", "topk", "index_topk", "sparse_mla_fwd", "sparse_mla_bwd", MEMORY, SELECTION)
+SPARSE_MLA_DECODE = "sparse_mla_decode"
+INDEX_TOPK_DECODE = "index_topk_decode"
+DECODE_KINDS: tuple[str, ...] = (SPARSE_MLA_DECODE, INDEX_TOPK_DECODE)
+"""The decode cases over paged caches: inputs and check in ``autotune.bench`` (no tuner runner)."""
+KERNELS: tuple[str, ...] = (
+    "indexer", "topk", "index_topk", "sparse_mla_fwd", "sparse_mla_bwd", MEMORY, SELECTION, *DECODE_KINDS
+)  # fmt: skip
 _NO_OPTIONS = {"has_topk_length": False, "has_sink": False}
 
 
@@ -89,6 +113,7 @@ class Case:
         bytes: minimal device-memory traffic of one call.
         targets: goals for the ``dsa`` provider.
         context: the context length the plot puts this case at (keys per query).
+        quick: in the default run (``dsa-bench`` without ``--full``, and the one-shot GPU check).
     """
 
     kernel: str
@@ -99,6 +124,7 @@ class Case:
     bytes: float
     targets: tuple[Target, ...] = field(default_factory=tuple)
     context: int = 0
+    quick: bool = True
 
 
 def _sizes(batch: int, seq: int, seq_kv: int, **extra: int) -> dict[str, int]:
@@ -168,6 +194,42 @@ def _selection_case(name: str, seq: int, index_heads: int, index_dim: int, topk:
     return Case(SELECTION, name, static, _sizes(1, seq, seq), work, traffic, context=seq)
 
 
+def _sparse_mla_decode_case(name: str, batch: int, seq: int, context: int, heads: int, d_qk: int, d_v: int,
+                            d_rope: int, topk: int, kv_format: str, page_size: int, targets: tuple,
+                            quick: bool = True) -> Case:  # fmt: skip
+    static = {
+        "heads": heads, "d_qk": d_qk, "d_v": d_v, "d_rope": d_rope, "kv_format": kv_format, "page_size": page_size
+    }  # fmt: skip
+    row_bytes = flops.fp8_kv_row_bytes(d_qk, d_rope) if kv_format == "fp8" else d_qk * flops.BF16_BYTES
+    return Case(
+        SPARSE_MLA_DECODE,
+        name,
+        static,
+        _sizes(batch, seq, context, topk=topk),
+        flops.sparse_mla_fwd_flops(batch, seq, heads, topk, d_qk, d_v),
+        flops.sparse_mla_decode_bytes(batch, seq, heads, topk, d_qk, d_v, row_bytes),
+        targets,
+        context=context,
+        quick=quick,
+    )
+
+
+def _index_topk_decode_case(name: str, batch: int, seq: int, context: int, heads: int, dim: int, dtype: str,
+                            topk: int, page_size: int, quick: bool = True) -> Case:  # fmt: skip
+    static = {"heads": heads, "dim": dim, "dtype": dtype, "topk": topk, "page_size": page_size}
+    row_bytes = dim + flops.F32_BYTES if dtype == "float8_e4m3fn" else dim * flops.BF16_BYTES  # key (+ its scale)
+    return Case(
+        INDEX_TOPK_DECODE,
+        name,
+        static,
+        _sizes(batch, seq, context),
+        flops.index_topk_decode_flops(batch, seq, context, heads, dim),
+        flops.index_topk_decode_bytes(batch, context, row_bytes),
+        context=context,
+        quick=quick,
+    )
+
+
 def _indexer_cases() -> list[Case]:
     cases = []
     for dtype, short, target in (
@@ -218,6 +280,30 @@ def _selection_cases() -> list[Case]:
     return [_selection_case(f"selection-fp8-s{n}", n, INDEX_HEADS, INDEX_DIM, TOPK) for n in SELECTION_SEQ_LENS]
 
 
+def _sparse_mla_decode_cases() -> list[Case]:
+    # FlashMLA's sparse decode is the baseline (evaluated only where it is importable; it takes FP8 caches only).
+    flashmla = (Target("speedup", 1.0, against="flashmla"),)
+    shapes = [("fp8", b, s, n) for b in DECODE_BATCHES for s in DECODE_SEQS for n in DECODE_CONTEXTS]
+    shapes.append(("bf16", *DECODE_BF16_SHAPE))
+    out = []
+    for fmt, batch, seq, context in shapes:
+        name = f"{SPARSE_MLA_DECODE}-{fmt}-b{batch}-s{seq}-kv{context}"
+        dims = (batch, seq, context, MLA_HEADS, D_QK, D_V, D_ROPE, TOPK, fmt, PAGE_SIZE)
+        targets = flashmla if fmt == "fp8" else ()
+        out.append(_sparse_mla_decode_case(name, *dims, targets, quick=name in QUICK_DECODE))
+    return out
+
+
+def _index_topk_decode_cases() -> list[Case]:
+    out = []
+    for batch in INDEX_DECODE_BATCHES:
+        for context in DECODE_CONTEXTS:
+            name = f"{INDEX_TOPK_DECODE}-fp8-b{batch}-s{INDEX_DECODE_SEQ}-kv{context}"
+            dims = (batch, INDEX_DECODE_SEQ, context, INDEX_HEADS, INDEX_DIM, "float8_e4m3fn", TOPK, PAGE_SIZE)
+            out.append(_index_topk_decode_case(name, *dims, quick=name in QUICK_DECODE))
+    return out
+
+
 _BUILDERS: dict[str, Callable[[], list[Case]]] = {
     "indexer": _indexer_cases,
     "topk": _topk_cases,
@@ -226,6 +312,8 @@ _BUILDERS: dict[str, Callable[[], list[Case]]] = {
     "sparse_mla_bwd": lambda: _sparse_mla_cases("sparse_mla_bwd", 250.0),
     MEMORY: _memory_cases,
     SELECTION: _selection_cases,
+    SPARSE_MLA_DECODE: _sparse_mla_decode_cases,
+    INDEX_TOPK_DECODE: _index_topk_decode_cases,
 }
 
 
@@ -247,12 +335,18 @@ def tiny_cases(kernels: tuple[str, ...] = KERNELS) -> list[Case]:
         out.append(_memory_case("tiny-memory", 64, 4, 64, 16, 128, 64, 16))
     if SELECTION in kernels:
         out.append(_selection_case("tiny-selection", 128, 4, 64, 16))
+    if SPARSE_MLA_DECODE in kernels:
+        # d_rope 64 as FlashMLA's FP8 rows have (dsa.compat's flash_mla_with_kvcache takes these), 16-token pages.
+        out.append(_sparse_mla_decode_case("tiny-sparse_mla_decode", 2, 2, 96, 16, 128, 64, 64, 32, "fp8", 16, ()))
+    if INDEX_TOPK_DECODE in kernels:
+        out.append(_index_topk_decode_case("tiny-index_topk_decode", 2, 1, 96, 4, 32, "float8_e4m3fn", 16, 16))
     return out
 
 
-def standard_cases(kernels: tuple[str, ...] = KERNELS) -> list[Case]:
-    """Every standard case of ``kernels``, in a fixed order."""
+def standard_cases(kernels: tuple[str, ...] = KERNELS, *, full: bool = False) -> list[Case]:
+    """The standard cases of ``kernels`` in a fixed order: those of the default run (``quick``), or with ``full``
+    every one."""
     unknown = set(kernels) - set(_BUILDERS)
     if unknown:
         raise ValueError(f"unknown kernels {sorted(unknown)}; choose from {KERNELS}")
-    return [case for kernel in kernels for case in _BUILDERS[kernel]()]
+    return [case for kernel in kernels for case in _BUILDERS[kernel]() if full or case.quick]

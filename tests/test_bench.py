@@ -45,7 +45,7 @@ def test_dry_run_lists_every_standard_case_with_hand_checked_counts(tmp_path: Pa
     proc = _run(str(SCRIPTS / "bench.py"), "--dry-run", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     names = [c.name for c in case_data.standard_cases()]
-    assert len(names) == 26 and len(set(names)) == len(names)
+    assert len(names) == 28 and len(set(names)) == len(names)  # 26 + the two quick decode cases
     for name in names:
         assert re.search(rf"^{re.escape(name)}\s", proc.stdout, re.M), f"{name} missing from the dry-run table"
     rows = json.loads(out.read_text())["rows"]
@@ -152,3 +152,147 @@ def test_targets_are_evaluated_against_ceilings() -> None:
     assert absent[0]["value"] is None and "not evaluated" in absent[0]["note"]
     speed = case_data.Case("topk", "y", {}, {}, 0.0, 1e9, (case_data.Target("speedup", 10.0, against="torch.topk"),))
     assert bench.target_rows(speed, {"dsa": 1.0, "torch.topk": 12.0}, {})[0]["note"].endswith("met")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Decode cases (paged caches): counts, the default run, inputs, providers and the check on a CPU
+# ----------------------------------------------------------------------------------------------------------------------
+def test_decode_cases_are_well_formed_with_hand_checked_counts() -> None:
+    from dsa import cache
+
+    found = {c.name: c for c in case_data.standard_cases(case_data.DECODE_KINDS, full=True)}
+    # FP8: B in (1, 32, 128) x s_q in (1, 2) x 8K/32K/128K, one bf16 case; the indexer: B in (1, 32) x 3 contexts.
+    assert len(found) == 18 + 1 + 6
+    assert {n for n, c in found.items() if c.quick} == set(case_data.QUICK_DECODE)
+    for case in found.values():
+        assert case.context == case.sizes["seq_len_kv"] and case.flops > 0 and case.bytes > 0
+        if case.kernel == case_data.SPARSE_MLA_DECODE:
+            assert case.static == {"heads": 128, "d_qk": 576, "d_v": 512, "d_rope": 64, "page_size": 64,
+                                   "kv_format": case.static["kv_format"]}  # fmt: skip
+            assert case.sizes["topk"] == 2048
+        else:
+            assert case.static == {"heads": 64, "dim": 128, "dtype": "float8_e4m3fn", "topk": 2048, "page_size": 64}
+    # Row bytes as stored: FlashMLA's V3.2 FP8 row, the indexer's FP8 key row (128 bytes and a float32 scale).
+    assert flops.fp8_kv_row_bytes(576, 64) == cache.V32_FP8_LAYOUT.bytes_per_token == 656
+    assert flops.fp8_kv_row_bytes(128, 64) == cache.FP8Layout.for_width(128, 64).bytes_per_token
+    assert cache.index_key_layout(128).bytes_per_token == 132
+    # FLOPs 2 B s_q H topk (d_qk + d_v); bytes: B s_q topk gathered rows + q + out.
+    fp8 = found["sparse_mla_decode-fp8-b128-s2-kv32768"]
+    assert fp8.flops == 2 * 128 * 2 * 128 * 2048 * (576 + 512)
+    assert fp8.bytes == 128 * 2 * 2048 * 656 + 128 * 2 * 128 * 576 * 2 + 128 * 2 * 128 * 512 * 2
+    bf16 = found["sparse_mla_decode-bf16-b128-s2-kv32768"]
+    assert bf16.flops == fp8.flops and bf16.bytes == 128 * 2 * 2048 * 576 * 2 + 128 * 2 * 128 * (576 + 512) * 2
+    assert found["sparse_mla_decode-fp8-b1-s1-kv8192"].bytes == 2048 * 656 + 128 * (576 + 512) * 2
+    # The context changes neither: only topk rows are read.
+    assert found["sparse_mla_decode-fp8-b1-s1-kv131072"].flops == found["sparse_mla_decode-fp8-b1-s1-kv8192"].flops
+    # The indexer: 2 B s_q H L D FLOPs, every key row (132 bytes) of every sequence read once.
+    index = found["index_topk_decode-fp8-b32-s1-kv131072"]
+    assert index.flops == 2 * 32 * 1 * 64 * 131072 * 128
+    assert index.bytes == 131072 * 132 * 32
+
+
+def test_default_run_leaves_out_the_decode_sweep() -> None:
+    default = {c.name for c in bench.select_cases("all", None)}
+    full = {c.name for c in bench.select_cases("all", None, full=True)}
+    assert set(case_data.QUICK_DECODE) <= default < full
+    assert len(full - default) == 25 - len(case_data.QUICK_DECODE)
+    # Naming a case runs it without --full.
+    named = bench.select_cases("sparse_mla_decode", "sparse_mla_decode-fp8-b1-s1-kv8192")
+    assert [c.name for c in named] == ["sparse_mla_decode-fp8-b1-s1-kv8192"]
+    assert {c.name for c in bench.select_cases("index_topk_decode", None)} == {"index_topk_decode-fp8-b32-s1-kv32768"}
+
+
+def test_decode_inputs_and_providers_on_cpu() -> None:
+    """The tiny decode cases' inputs: distinct visible positions as slots of each sequence's own pages, integer
+    indexer inputs; every provider that runs on a CPU agrees with the reference (FlashMLA's call through the
+    ``dsa.compat`` entry points, which take the same arguments)."""
+    from autotune import bench_providers
+    from dsa import cache, compat, reference
+
+    by_kernel = {c.kernel: c for c in case_data.tiny_cases(case_data.DECODE_KINDS)}
+    mla = by_kernel[case_data.SPARSE_MLA_DECODE]
+    inp = bench.make_inputs(mla, torch.device("cpu"), seed=3)
+    batch, s_q, context, topk = (mla.sizes[k] for k in ("batch", "seq_len", "seq_len_kv", "topk"))
+    assert inp["kv_cache"].dtype == torch.uint8 and inp["kv_cache"].shape[-1] == flops.fp8_kv_row_bytes(128, 64)
+    assert inp["indices"].shape == (batch, s_q, topk) and inp["indices"].dtype == torch.int32
+    page = mla.static["page_size"]
+    for b in range(batch):
+        pages = inp["block_table"][b].tolist()
+        for t in range(s_q):
+            slots = inp["indices"][b, t].tolist()
+            assert len(set(slots)) == topk and all(s // page in pages for s in slots)  # distinct, the sequence's own
+            positions = [pages.index(s // page) * page + s % page for s in slots]
+            assert max(positions) < context - s_q + t + 1  # only what query t sees
+    assert inp["cache_seqlens"].tolist() == [context] * batch
+    want_out, want_lse = reference.sparse_mla_decode(
+        inp["q"], inp["kv_cache"], inp["indices"], sm_scale=inp["sm_scale"], d_v=inp["d_v"], d_rope=inp["d_rope"]
+    )
+    providers = {p.name: p for p in bench_providers.providers_for(mla)}
+    assert list(providers) == ["dsa", "reference", "flashmla"]
+    for name in ("dsa", "reference"):
+        out, lse = providers[name].fn(inp)
+        assert torch.equal(out, want_out) and torch.equal(lse, want_lse), name
+    out, lse = bench_providers.flashmla_decode(inp, compat)
+    assert torch.equal(out, want_out) and torch.equal(lse.transpose(1, 2), want_lse)
+    bf16 = next(c for c in case_data.standard_cases((case_data.SPARSE_MLA_DECODE,), full=True) if "bf16" in c.name)
+    assert "FP8" in next(p for p in bench_providers.providers_for(bf16) if p.name == "flashmla").skip
+
+    index = by_kernel[case_data.INDEX_TOPK_DECODE]
+    inp = bench.make_inputs(index, torch.device("cpu"), seed=3)
+    assert inp["k_cache"].dtype == torch.uint8 and inp["k_cache"].shape[-1] == index.static["dim"] + 4
+    keys, scale = cache.unpack_index_keys_fp8(inp["k_cache"], index.static["dim"])
+    assert torch.equal(keys.float(), keys.float().round()) and torch.equal(scale, torch.exp2(scale.log2().round()))
+    assert sorted(inp["block_table"].flatten().tolist()) == list(range(inp["k_cache"].shape[0]))
+    assert inp["ends"].tolist() == [[index.sizes["seq_len_kv"]]] * index.sizes["batch"]
+    results = [p.fn(inp) for p in bench_providers.providers_for(index)]
+    assert [p.name for p in bench_providers.providers_for(index)] == ["dsa", "reference"]
+    assert all(torch.equal(r[0], results[0][0]) and torch.equal(r[1], results[0][1]) for r in results)
+
+
+def test_decode_check_catches_unwritten_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decode check runs the launchers (the C-target kernels here) with poisoned outputs: a launcher that writes
+    nothing fails it, and so does a selection that is off by one position."""
+    from dsa.launch import index_topk, sparse_mla_decode
+
+    by_kernel = {c.kernel: c for c in case_data.tiny_cases(case_data.DECODE_KINDS)}
+    mla, index = by_kernel[case_data.SPARSE_MLA_DECODE], by_kernel[case_data.INDEX_TOPK_DECODE]
+    mla_inp = bench.make_inputs(mla, torch.device("cpu"), seed=1)
+    index_inp = bench.make_inputs(index, torch.device("cpu"), seed=1)
+    assert bench.check_dsa(mla, mla_inp) is None
+    assert bench.check_dsa(index, index_inp) is None
+    real_paged = index_topk.index_topk_paged
+
+    def unwritten_mla(
+        q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, **kw: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        b, s, h, _ = q.shape
+        out = common.new_output((b, s, h, int(kw["d_v"])), q.dtype, q.device)
+        return out, common.new_output((b, s, h), torch.float32, q.device)
+
+    def shifted(*args: object, **kw: object) -> tuple[torch.Tensor, torch.Tensor]:
+        positions, scores = real_paged(*args, **kw)
+        return torch.where(positions > 0, positions - 1, positions), scores
+
+    monkeypatch.setattr(sparse_mla_decode, "sparse_mla_decode", unwritten_mla)
+    monkeypatch.setattr(index_topk, "index_topk_paged", shifted)
+    problem = bench.check_dsa(mla, mla_inp)
+    assert problem is not None and "mismatch" in problem
+    problem = bench.check_dsa(index, index_inp)
+    assert problem is not None and "mismatch" in problem
+
+
+def test_harness_runs_tiny_decode_cases_on_cpu(tmp_path: Path) -> None:
+    out = tmp_path / "tiny-decode.json"
+    proc = _run(
+        str(SCRIPTS / "bench.py"), "--device", "cpu", "--tiny", "--kernels", "sparse_mla_decode,index_topk_decode",
+        "--reps", "2", "--json", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    checks = {r["case"]: r["value"] for r in rows if r["metric"] == "check"}
+    assert checks == {"tiny-sparse_mla_decode": True, "tiny-index_topk_decode": True}
+    timed = {(r["case"], r["provider"]) for r in rows if r["metric"] == "latency_ms"}
+    assert {("tiny-sparse_mla_decode", "dsa"), ("tiny-sparse_mla_decode", "reference"),
+            ("tiny-index_topk_decode", "dsa"), ("tiny-index_topk_decode", "reference")} <= timed  # fmt: skip
+    flashmla = [r for r in rows if r["case"] == "tiny-sparse_mla_decode" and r["provider"] == "flashmla"]
+    assert flashmla and flashmla[0]["metric"] in ("skipped", "latency_ms")
