@@ -224,11 +224,12 @@ def _paged_builds() -> list[tuple[Any, dict[str, Any]]]:
 
 @pytest.fixture(scope="module")
 def hopper_prebuilt() -> None:
+    """Both paged kernels of the GPU tier compiled in parallel first (the build tier needs only the FP8 one: CI does
+    not pay for the bf16 build)."""
     support.prebuild_hopper(_paged_builds())
 
 
 @pytest.mark.build
-@pytest.mark.usefixtures("hopper_prebuilt")
 def test_hopper_paged_build_is_clean() -> None:
     """The V3.2 FP8 paged variant (64 heads, 128-wide keys in 132-byte rows, topk 2048, 64-token pages) compiles for
     sm_90a with wgmma, without spills, within the shared-memory estimate, with int64 row addressing."""
