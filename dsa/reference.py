@@ -508,11 +508,11 @@ def dense_masked_attention(
     return out.to(q.dtype), lse
 
 
-def _cache_rows(kv_cache: Tensor, width: int, d_rope: int, name: str) -> Tensor:
-    """The rows of a paged cache tensor as ``[num_slots, width]``: dequantised (bf16) for FP8 bytes."""
+def _cache_layout(kv_cache: Tensor, width: int, d_rope: int, name: str) -> cache.FP8Layout | None:
+    """The FP8 row layout of a paged cache tensor (``None`` for a plain cache of ``width``-wide rows), after checking
+    that its rows fit ``width`` and ``d_rope``."""
     if kv_cache.dim() != 3:
         raise ValueError(f"sparse_mla_decode: {name} must be [num_pages, page_size, row], got {tuple(kv_cache.shape)}")
-    flat = kv_cache.reshape(-1, kv_cache.shape[-1])
     if kv_cache.dtype in (torch.uint8, torch.int8, torch.float8_e4m3fn):
         if not 0 <= d_rope < width:
             raise ValueError(f"sparse_mla_decode: d_rope must lie in [0, {width}) for {width}-wide rows, got {d_rope}")
@@ -522,19 +522,49 @@ def _cache_rows(kv_cache: Tensor, width: int, d_rope: int, name: str) -> Tensor:
                 f"sparse_mla_decode: {name} holds {kv_cache.shape[-1]}-byte FP8 rows; a {width}-wide row with "
                 f"{d_rope} RoPE values takes {layout.bytes_per_token} ({layout})"
             )
-        return cache.dequantize_kv_fp8(flat, layout)
+        return layout
     if kv_cache.shape[-1] != width:
         raise ValueError(f"sparse_mla_decode: {name} rows must be {width} wide (q's last dim), got {kv_cache.shape[-1]}")
-    return flat
+    return None
 
 
-def _decode_indices(indices: Tensor, num_slots: int, topk_length: OptTensor, offset: int) -> Tensor:
-    """Slots as row numbers of the concatenated caches (``offset`` added), ``-1`` where :func:`valid_index_mask` says
-    invalid; a ``[B]`` ``topk_length`` applies to every query of its sequence."""
-    if topk_length is not None and topk_length.dim() == 1:
-        topk_length = topk_length.view(-1, 1).expand(indices.shape[:2])
-    valid = valid_index_mask(indices, num_slots, topk_length)
-    return torch.where(valid, indices.to(torch.int64) + offset, -1)
+def _per_query_lengths(topk_length: OptTensor, rows: int) -> OptTensor:
+    """``topk_length`` (``[B]`` or ``[B, s_q]``) as ``[B * s_q]``: a ``[B]`` length applies to every query of its
+    sequence."""
+    if topk_length is None:
+        return None
+    if topk_length.dim() == 1:
+        topk_length = topk_length.view(-1, 1).expand(-1, rows // topk_length.shape[0])
+    return topk_length.reshape(rows)
+
+
+def _source_rows(
+    kv_cache: Tensor, layout: cache.FP8Layout | None, slots: Tensor, topk_length: OptTensor, width: int
+) -> tuple[Tensor, Tensor]:
+    """The cache rows that the valid entries of ``slots`` name, and nothing else: gathered first, then (FP8)
+    dequantised, so the work is O(entries), whatever the size of the cache.
+
+    Args:
+        kv_cache (Tensor): ``[num_pages, page_size, row]`` (any strides: rows are read by page and offset, the cache
+            is never flattened or copied).
+        layout (FP8Layout | None): the FP8 row layout, None for a plain cache.
+        slots (Tensor): ``[n, topk]`` integer slots; valid iff ``0 <= slot < num_pages * page_size`` and (with
+            ``topk_length [n]``) the entry's position in its row is ``< topk_length``.
+
+    Returns:
+        rows ``[n, topk, width]`` (bfloat16 for FP8 caches, the cache dtype otherwise; zero at invalid entries, which
+        are never read) and valid ``[n, topk]`` bool.
+    """
+    page_size = kv_cache.shape[1]
+    valid = (slots >= 0) & (slots < kv_cache.shape[0] * page_size)
+    if topk_length is not None:
+        valid &= torch.arange(slots.shape[-1], device=slots.device).view(1, -1) < topk_length.view(-1, 1).to(torch.int64)
+    picked = slots[valid].to(torch.int64)  # the valid entries only, row-major; duplicates once per occurrence
+    stored = kv_cache[picked // page_size, picked % page_size]  # [n_valid, row]
+    values = cache.dequantize_kv_fp8(stored, layout) if layout is not None else stored
+    rows = values.new_zeros((*slots.shape, width))
+    rows[valid] = values
+    return rows, valid
 
 
 def sparse_mla_decode(
@@ -557,7 +587,8 @@ def sparse_mla_decode(
         q (Tensor): ``[B, s_q, H, d_qk]`` (``s_q`` = 1 plus speculative tokens).
         kv_cache (Tensor): the pages of a ``dsa.cache.PagedKVCache``: ``[num_pages, page_size, d_qk]`` in q's dtype
             (bf16 or float32), or ``[num_pages, page_size, bytes]`` uint8/int8/float8 bytes in the FP8 layout of a
-            ``d_qk``-wide row with ``d_rope`` RoPE values (dequantised here).
+            ``d_qk``-wide row with ``d_rope`` RoPE values (dequantised here, exactly as
+            ``dsa.cache.dequantize_kv_fp8``).
         indices (Tensor): ``[B, s_q, topk]`` int32 slots (``page * page_size + offset``); ``-1`` or out of range is
             invalid and never read.
         sm_scale (float), d_v (int), attn_sink (Tensor | None ``[H]`` float32): as in :func:`sparse_mla`.
@@ -569,6 +600,10 @@ def sparse_mla_decode(
     Returns:
         out ``[B, s_q, H, d_v]`` in q's dtype and lse ``[B, s_q, H]`` float32 (natural log, the sink excluded,
         ``-inf`` and ``out = 0`` for a query with nothing valid): :func:`sparse_mla` over the gathered rows.
+
+    Cost: only the rows the valid entries name are read (and dequantised), so a call costs O(B * s_q * topk) rows
+    whatever the cache holds; the caches may have any strides and are never copied. Queries are processed in chunks
+    whose gathered rows stay under ``CHUNK_ELEMENTS``.
     """
     if q.dim() != 4 or indices.dim() != 3 or tuple(indices.shape[:2]) != tuple(q.shape[:2]):
         raise ValueError(
@@ -578,21 +613,29 @@ def sparse_mla_decode(
     if (extra_kv_cache is None) != (extra_indices is None):
         raise ValueError("sparse_mla_decode: extra_kv_cache and extra_indices go together")
     batch, s_q, heads, width = q.shape
-    rows = _cache_rows(kv_cache, width, d_rope, "kv_cache")
-    idx = _decode_indices(indices, rows.shape[0], topk_length, 0)
+    n = batch * s_q
+    # One decode query is one row of every source: [B * s_q, topk] slots and [B * s_q] lengths.
+    sources = [(kv_cache, _cache_layout(kv_cache, width, d_rope, "kv_cache"), indices.reshape(n, -1),
+                _per_query_lengths(topk_length, n))]  # fmt: skip
     if extra_kv_cache is not None:
-        extra_rows = _cache_rows(extra_kv_cache, width, d_rope, "extra_kv_cache")
-        extra = _decode_indices(extra_indices, extra_rows.shape[0], extra_topk_length, rows.shape[0])
-        rows, idx = torch.cat([rows, extra_rows]), torch.cat([idx, extra], dim=-1)
-    out, lse = sparse_mla(
-        q.reshape(1, batch * s_q, heads, width),
-        rows.to(q.dtype).unsqueeze(0),
-        idx.to(torch.int32).reshape(1, batch * s_q, -1),
-        sm_scale=sm_scale,
-        d_v=d_v,
-        attn_sink=attn_sink,
-    )
-    return out.view(batch, s_q, heads, -1), lse.view(batch, s_q, heads)
+        layout = _cache_layout(extra_kv_cache, width, d_rope, "extra_kv_cache")
+        sources.append((extra_kv_cache, layout, extra_indices.reshape(n, -1), _per_query_lengths(extra_topk_length, n)))
+    entries = sum(s[2].shape[-1] for s in sources)
+    q_rows = q.reshape(n, 1, heads, width)
+    out = torch.empty((n, 1, heads, d_v), dtype=q.dtype, device=q.device)
+    lse = torch.empty((n, 1, heads), dtype=compute_dtype(q.dtype), device=q.device)
+    step = _chunk_rows(entries * max(width, heads), n)
+    for r0 in range(0, n, step):
+        r = slice(r0, min(n, r0 + step))
+        gathered = [_source_rows(c, layout, slots[r], None if length is None else length[r], width)
+                    for c, layout, slots, length in sources]  # fmt: skip
+        rows = torch.cat([g[0] for g in gathered], dim=1).to(q.dtype)  # [c, entries, width]
+        valid = torch.cat([g[1] for g in gathered], dim=1)
+        # Each query attends to its own gathered rows: position j of its row, -1 where the entry was invalid.
+        local = torch.arange(entries, device=q.device).to(torch.int32).expand(valid.shape)
+        local = torch.where(valid, local, INVALID_INDEX).unsqueeze(1)
+        out[r], lse[r] = sparse_mla(q_rows[r], rows, local, sm_scale=sm_scale, d_v=d_v, attn_sink=attn_sink)
+    return out.view(batch, s_q, heads, d_v), lse.view(batch, s_q, heads)
 
 
 def index_topk_decode(
@@ -628,10 +671,16 @@ def index_topk_decode(
     """
     batch = q.shape[0]
     page_size = k_cache.shape[1]
-    positions = torch.arange(block_table.shape[1] * page_size, device=q.device).expand(batch, -1)
-    slots = cache.positions_to_slots(block_table, page_size, positions, num_slots=k_cache.shape[0] * page_size)
-    flat = k_cache.reshape(-1, k_cache.shape[-1])
-    rows = flat[slots.clamp_min(0).long()]
+    # Keys at or past every query's end are invisible: read positions up to the largest end only, so the cost follows
+    # the context, not the block table's (or the cache's) capacity.
+    horizon = max(1, min(block_table.shape[1] * page_size, int(ends.max())))
+    positions = torch.arange(horizon, device=q.device).expand(batch, -1)
+    table = block_table[:, : -(-horizon // page_size)]  # the pages those positions lie on
+    slots = cache.positions_to_slots(table, page_size, positions, num_slots=k_cache.shape[0] * page_size)
+    # Read by page and offset (any strides; the cache is never flattened or copied). An invalid slot reads row 0 of
+    # page 0, and its score is replaced by -inf below.
+    safe = slots.clamp_min(0).to(torch.int64)
+    rows = k_cache[safe // page_size, safe % page_size]
     k_scale = None
     if q.dtype in validation.FP8_DTYPES:
         k, k_scale = cache.unpack_index_keys_fp8(rows, q.shape[-1])

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.utils._pytree as pytree
 from hypothesis import given
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dsa import cache, reference
 from tests import strategies
@@ -195,6 +197,16 @@ def _source(seed: int, kind: str, batch: int, s_q: int, topk: int, with_length: 
     return kv_cache, slots, length, kv_cache.gather(slots).float(), kept
 
 
+def _gapped(pages: torch.Tensor) -> torch.Tensor:
+    """The same pages as a non-contiguous view: every page is followed by a poison row (NaN, or 0xFF bytes, which an
+    FP8 row decodes as NaN values and a NaN scale) that any read of memory outside the named rows would leak."""
+    num_pages, page_size, row = pages.shape
+    poison = 0xFF if pages.dtype == torch.uint8 else float("nan")
+    spaced = torch.full((num_pages, page_size + 1, row), poison, dtype=pages.dtype)
+    spaced[:, :page_size] = pages
+    return spaced[:, :page_size]
+
+
 @given(
     seed=strategies.SEEDS,
     kind=st.sampled_from([torch.bfloat16, torch.float32, "fp8"]),
@@ -204,25 +216,36 @@ def _source(seed: int, kind: str, batch: int, s_q: int, topk: int, with_length: 
     with_length=st.sampled_from(["none", "per_batch", "per_query"]),
     extra=st.booleans(),
     sink=st.booleans(),
+    gapped=st.booleans(),
 )
 def test_decode_reference_equals_dense_attention_over_the_gathered_rows(
-    seed: int, kind: torch.dtype | str, batch: int, s_q: int, topk: int, with_length: str, extra: bool, sink: bool
+    seed: int,
+    kind: torch.dtype | str,
+    batch: int,
+    s_q: int,
+    topk: int,
+    with_length: str,
+    extra: bool,
+    sink: bool,
+    gapped: bool,
 ) -> None:
     """``reference.sparse_mla_decode`` over a bf16, float32 or FP8 paged cache (dequantised), with ``-1`` and
-    out-of-range slots, ``topk_length`` per sequence or per query, an extra source in the same softmax and a sink,
-    equals dense masked attention over the rows ``PagedKVCache.gather`` returns; a query with nothing valid gets
-    ``out = 0`` and ``lse = -inf``."""
+    out-of-range slots, duplicates, ``topk_length`` per sequence or per query, an extra source in the same softmax
+    and a sink, equals dense masked attention over the rows ``PagedKVCache.gather`` returns; a query with nothing
+    valid gets ``out = 0`` and ``lse = -inf``. With ``gapped`` the caches are non-contiguous views whose gaps hold
+    NaN: read as they are (no copy), and nothing outside the named rows leaks."""
     g = torch.Generator().manual_seed(seed + 1)
     heads, d_v, sm_scale = 3, 16, 40**-0.5
     q = torch.randn(batch, s_q, heads, 40, generator=g)
     main = _source(seed, kind, batch, s_q, topk, with_length)
     sources = [main] + ([_source(seed + 7, kind, batch, s_q, 5, "per_query")] if extra else [])
+    pages = [_gapped(s[0].pages) if gapped else s[0].pages for s in sources]
     attn_sink = torch.randn(heads, generator=g) if sink else None
     kwargs = {}
     if extra:
-        kwargs = {"extra_kv_cache": sources[1][0].pages, "extra_indices": sources[1][1], "extra_topk_length": sources[1][2]}
+        kwargs = {"extra_kv_cache": pages[1], "extra_indices": sources[1][1], "extra_topk_length": sources[1][2]}
     out, lse = reference.sparse_mla_decode(
-        q, main[0].pages, main[1], sm_scale=sm_scale, d_v=d_v, topk_length=main[2], attn_sink=attn_sink, d_rope=8,
+        q, pages[0], main[1], sm_scale=sm_scale, d_v=d_v, topk_length=main[2], attn_sink=attn_sink, d_rope=8,
         **kwargs,
     )  # fmt: skip
     want_out, want_lse = _oracle_decode(q, [s[3] for s in sources], [s[4] for s in sources], sm_scale, d_v, attn_sink)
@@ -246,3 +269,114 @@ def test_decode_reference_names_its_errors() -> None:
         reference.sparse_mla_decode(q[0], kv_cache.pages, slots, sm_scale=1.0, d_v=16, d_rope=8)
     with pytest.raises(ValueError, match="^sparse_mla_decode: extra_kv_cache and extra_indices go together"):
         reference.sparse_mla_decode(q, kv_cache.pages, slots, sm_scale=1.0, d_v=16, d_rope=8, extra_indices=slots)
+
+
+class _Allocations(TorchDispatchMode):
+    """Counts the elements of every tensor the ops inside it create (views and in-place results, which share an
+    input's storage, are not new memory and are not counted): a timing-free measure of the work a call does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.elements = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's protocol
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.elements += t.numel()
+        return out
+
+
+CONTEXT = 34  # tokens each sequence holds, whatever the cache's size
+
+
+def _decode_on_cache_of(num_pages: int, kind: torch.dtype | str, page_size: int = 16) -> tuple[torch.Tensor, ...]:
+    """Pages ``[num_pages, page_size, row]`` whose first two pages per sequence hold a fixed 34-token context of two
+    sequences (the same rows whatever ``num_pages``) and whose every other row is poison (NaN / 0xFF bytes), plus
+    the decode call's q and slots (valid, ``-1``, duplicates, out of range): the problem is the same, only the
+    cache's size differs."""
+    g = torch.Generator().manual_seed(5)
+    layout = TINY if kind == "fp8" else None
+    context = torch.randn(2, CONTEXT, 40, generator=g).to(torch.bfloat16)
+    rows = cache.quantize_kv_fp8(context, layout) if layout else context.to(kind)
+    poison = 0xFF if layout else float("nan")
+    pages = torch.full((num_pages, page_size, rows.shape[-1]), poison, dtype=rows.dtype)
+    flat = pages.view(-1, rows.shape[-1])
+    # Sequence b's token p sits in slot b * 64 + p (pages 4b .. 4b + 2): inside the smallest cache (8 pages).
+    flat[0:CONTEXT], flat[64 : 64 + CONTEXT] = rows[0], rows[1]
+    positions = torch.randint(-1, CONTEXT, (2, 2, 24), generator=g)
+    slots = torch.where(positions >= 0, positions + torch.tensor([0, 64]).view(2, 1, 1), -1).to(torch.int32)
+    slots[0, 0, :3] = slots[0, 0, 3]  # duplicates
+    slots[1, 1, -1] = 8 * page_size + 3  # past the smallest cache: invalid there, poison in the larger ones
+    q = torch.randn(2, 2, 3, 40, generator=g).to(torch.bfloat16)
+    return q, pages, slots
+
+
+@pytest.mark.parametrize("kind", [torch.bfloat16, "fp8"], ids=["bf16", "fp8"])
+def test_decode_reference_work_follows_the_context_not_the_cache(monkeypatch: pytest.MonkeyPatch, kind: object) -> None:
+    """The same 34-token decode problem (and an extra source in the same cache) in a cache of 8 pages and of 4096
+    pages (every other row poison): equal outputs, the same number of rows dequantised (exactly one per valid entry)
+    and the same number of elements allocated. Before the fix the reference dequantised (FP8) or copied the whole cache on every call: one FP8 step
+    went from about 1 ms to 2 s between 64 and 262K cached tokens."""
+    dequantised: list[int] = []
+    original = cache.dequantize_kv_fp8
+
+    def counting(blob: torch.Tensor, layout: cache.FP8Layout = V32) -> torch.Tensor:
+        dequantised.append(blob.shape[:-1].numel())
+        return original(blob, layout)
+
+    monkeypatch.setattr(cache, "dequantize_kv_fp8", counting)
+    results, allocated, rows_read = [], [], []
+    for num_pages in (8, 4096):
+        q, pages, slots = _decode_on_cache_of(num_pages, kind)
+        # The out-of-range slot of the small cache names a poison row of the large one: drop it there too, so that
+        # both calls pose the same problem.
+        slots[1, 1, -1] = -1
+        # The extra source (a sliding window, say) is the same cache: the newest 4 tokens of each sequence.
+        window = (torch.arange(CONTEXT - 4, CONTEXT) + torch.tensor([0, 64]).view(2, 1)).view(2, 1, 4).expand(2, 2, 4)
+        extra = {"extra_kv_cache": pages, "extra_indices": window.to(torch.int32).contiguous()}
+        dequantised.clear()
+        with _Allocations() as counter:
+            results.append(reference.sparse_mla_decode(q, pages, slots, sm_scale=40**-0.5, d_v=16, d_rope=8, **extra))
+        allocated.append(counter.elements)
+        rows_read.append(sum(dequantised))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert bool(torch.isfinite(results[1][0]).all()), "a poison row outside the named slots leaked"
+    assert allocated[0] == allocated[1], f"elements allocated grew with the cache: {allocated}"
+    if kind == "fp8":
+        valid = int((slots >= 0).sum()) + window.numel()
+        assert rows_read == [valid, valid], f"rows dequantised {rows_read}, valid entries {valid}"
+
+
+def test_decode_reference_never_reads_out_of_range_slots_of_a_small_cache() -> None:
+    """A slot past the cache is invalid (never read), like ``-1``: the call equals the one with ``-1`` there."""
+    q, pages, slots = _decode_on_cache_of(8, "fp8")
+    cleared = slots.clone()
+    cleared[1, 1, -1] = -1
+    got = reference.sparse_mla_decode(q, pages, slots, sm_scale=40**-0.5, d_v=16, d_rope=8)
+    want = reference.sparse_mla_decode(q, pages, cleared, sm_scale=40**-0.5, d_v=16, d_rope=8)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_index_topk_decode_reference_work_follows_the_context_not_the_block_table() -> None:
+    """The reference selection over a block table of 3 pages and of 2048 pages per sequence (the same keys in the
+    first pages, poison after): the same positions, and the same number of elements allocated (it scores positions
+    up to the largest ``ends``, not the table's capacity)."""
+    g = torch.Generator().manual_seed(9)
+    page_size, batch, s_q, heads, dim = 16, 2, 2, 4, 32
+    keys = torch.randn(batch, 3 * page_size, dim, generator=g)
+    q = torch.randn(batch, s_q, heads, dim, generator=g)
+    weights = torch.randn(batch, s_q, heads, generator=g)
+    ends = torch.tensor([[CONTEXT - 1, CONTEXT], [20, 21]], dtype=torch.int32)
+    results, allocated = [], []
+    for pages_per_sequence in (3, 2048):
+        k_cache = torch.full((batch * pages_per_sequence, page_size, dim), float("nan"))
+        table = torch.arange(batch * pages_per_sequence, dtype=torch.int32).view(batch, -1)
+        for b in range(batch):
+            k_cache[table[b, :3].long()] = keys[b].view(3, page_size, dim)
+        with _Allocations() as counter:
+            results.append(reference.index_topk_decode(q, k_cache, weights, 8, block_table=table, ends=ends))
+        allocated.append(counter.elements)
+    assert torch.equal(results[0], results[1])
+    assert allocated[0] == allocated[1], f"elements allocated grew with the block table: {allocated}"
