@@ -99,10 +99,13 @@ V32_FP8_LAYOUT = FP8Layout(d_nope=512, d_rope=64, tile=_V32_TILE)
 
 def _pow2_ceil(x: torch.Tensor) -> torch.Tensor:
     """The smallest power of two ``>= x`` for positive finite float32 ``x``, exactly (``frexp``: ``x = m * 2**e``
-    with ``m`` in ``[0.5, 1)``; ``m == 0.5`` means ``x`` is ``2**(e - 1)`` itself)."""
+    with ``m`` in ``[0.5, 1)``; ``m == 0.5`` means ``x`` is ``2**(e - 1)`` itself). A non-finite ``x`` (the amax of
+    a tile holding an infinity or a NaN) gets FlashMLA's own ``2 ** ceil(log2(x))``: ``+inf`` stays ``+inf``, NaN
+    stays NaN (``frexp`` alone would give 1.0 there)."""
     mantissa, exponent = torch.frexp(x)
     exponent = torch.where(mantissa == 0.5, exponent - 1, exponent)
-    return torch.ldexp(torch.ones_like(x), exponent)
+    exact = torch.ldexp(torch.ones_like(x), exponent)
+    return torch.where(torch.isfinite(x), exact, torch.pow(2, torch.log2(x).ceil()))
 
 
 def quantize_kv_fp8(kv: torch.Tensor, layout: FP8Layout = V32_FP8_LAYOUT) -> torch.Tensor:
@@ -114,6 +117,12 @@ def quantize_kv_fp8(kv: torch.Tensor, layout: FP8Layout = V32_FP8_LAYOUT) -> tor
 
     Returns:
         torch.Tensor: ``[..., layout.bytes_per_token]`` uint8.
+
+    Non-finite values follow FlashMLA's recipe too (bit for bit is the promise; nothing is rejected or clamped): a
+    tile holding ``+-inf`` has amax ``inf``, so its scale is ``+inf``, its finite values store ``+-0`` and its
+    infinite ones ``inf / inf`` = NaN; a tile holding NaN gets a NaN scale and NaN everywhere. Either way the whole
+    tile dequantises to NaN (``0 * inf`` and ``x * NaN``), in :func:`dequantize_kv_fp8` and in the decode kernels,
+    while the row's other tiles and its RoPE values (stored raw, ``+-inf`` included) are unaffected.
     """
     if kv.dtype != torch.bfloat16:
         raise TypeError(f"quantize_kv_fp8: kv must be bfloat16, got {kv.dtype}")
@@ -121,8 +130,9 @@ def quantize_kv_fp8(kv: torch.Tensor, layout: FP8Layout = V32_FP8_LAYOUT) -> tor
         raise ValueError(f"quantize_kv_fp8: kv's last dim must be {layout.width} ({layout}), got {kv.shape[-1]}")
     lead = kv.shape[:-1]
     nope = kv[..., : layout.d_nope].reshape(*lead, layout.tiles, layout.tile)
-    # amax of the bf16 values, then float32 (FlashMLA's order: the division happens in float32).
-    amax = nope.abs().amax(dim=-1).float()
+    # amax of the bf16 values, then float32 (FlashMLA's order: the division happens in float32). max(), not amax():
+    # amax returns a canonical NaN, max keeps the NaN's bits as FlashMLA's recipe does.
+    amax = nope.abs().max(dim=-1).values.float()
     scale = _pow2_ceil(torch.clamp_min(amax / FP8_MAX, SCALE_FLOOR))
     quantized = (nope.float() / scale.unsqueeze(-1)).to(torch.float8_e4m3fn)
     out = torch.empty((*lead, layout.bytes_per_token), dtype=torch.uint8, device=kv.device)

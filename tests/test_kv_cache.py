@@ -102,6 +102,34 @@ def test_quantize_matches_flashmla_bit_for_bit(seed: int, rows: int, tiny: bool)
     assert bool(((got - nope).abs() <= nope.abs() / 16 + step).all())
 
 
+@given(
+    seed=strategies.SEEDS,
+    value=st.sampled_from([float("inf"), float("-inf"), float("nan")]),
+    tiny=st.booleans(),
+    count=st.integers(1, 4),
+)
+def test_non_finite_values_quantise_as_flashmla_does(seed: int, value: float, tiny: bool, count: int) -> None:
+    """``+-inf`` or NaN at random places of a row (NoPE and RoPE parts): the bytes equal FlashMLA's recipe's bit for
+    bit (an ``inf`` amax gives the scale ``+inf``, ``inf / inf`` NaN values; a NaN amax a NaN scale), every NoPE tile
+    holding one dequantises to NaN throughout, and every other tile and value is what the finite row gives. Before
+    the fix the scale of such a tile was 1.0 (``frexp(inf)``), so ``inf`` stored 448 and the tile stayed finite."""
+    layout = TINY if tiny else V32
+    g = torch.Generator().manual_seed(seed)
+    kv = torch.randn(3, layout.width, generator=g).to(torch.bfloat16)
+    where = torch.randint(0, layout.width, (3, count), generator=g)
+    bad = kv.clone()
+    bad.scatter_(1, where, value)
+    blob = cache.quantize_kv_fp8(bad, layout)
+    assert torch.equal(blob, _flashmla_quantize(bad, layout))
+    back, clean = cache.dequantize_kv_fp8(blob, layout), cache.dequantize_kv_fp8(cache.quantize_kv_fp8(kv, layout), layout)
+    hit = bad[..., : layout.d_nope].reshape(3, layout.tiles, layout.tile).isfinite().logical_not().any(-1)
+    nope = back[..., : layout.d_nope].reshape(3, layout.tiles, layout.tile)
+    assert bool(nope[hit].isnan().all()), "a tile holding a non-finite value must dequantise to NaN"
+    assert torch.equal(nope[~hit], clean[..., : layout.d_nope].reshape(3, layout.tiles, layout.tile)[~hit])
+    rope, rope_in = back[..., layout.d_nope :], bad[..., layout.d_nope :]
+    assert torch.equal(rope.isnan(), rope_in.isnan()) and torch.equal(rope.nan_to_num(), rope_in.nan_to_num())
+
+
 def test_quantize_and_dequantize_name_their_errors() -> None:
     with pytest.raises(TypeError, match="^quantize_kv_fp8: kv must be bfloat16"):
         cache.quantize_kv_fp8(torch.zeros(2, 576))
