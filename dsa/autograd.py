@@ -45,7 +45,7 @@ from types import ModuleType
 
 import torch
 
-from dsa import env, reference, selection
+from dsa import env, reference, selection, validation
 from dsa.hardware import TILELANG
 from dsa.reference import compute_dtype
 from dsa.validation import FP8_DTYPES
@@ -346,10 +346,13 @@ def sparse_mla_bwd_impl(
     """Backward of ``sparse_mla``: ``(dq [B, S, H, d_qk] q's dtype, dkv [B, S_kv, d_qk] kv's dtype)``.
 
     ``d_out [B, S, H, d_v]`` must have ``out``'s dtype; ``d_lse [B, S, H]`` (float, or None for no gradient through
-    ``lse``). The reference path is the reference's recompute backward.
+    ``lse``); both may arrive with any strides (autograd hands over expanded or transposed gradients), and the kernel
+    path gets each laid out as it reads it (``validation.kernel_layout``: one copy where needed). ``q``, ``kv``,
+    ``indices`` and the rest are the forward's inputs, already laid out by the op. The reference path is the
+    reference's recompute backward, which takes any strides.
     """
-    d_out = d_out.contiguous()
     if backend == TILELANG:
+        d_out, d_lse = validation.kernel_layout(d_out), validation.kernel_layout(d_lse)
         return launcher(_LAUNCH_SPARSE_MLA_BWD).sparse_mla_bwd(
             q, kv, out, lse, d_out, indices, sm_scale=sm_scale, d_v=d_v, topk_length=topk_length,
             attn_sink=attn_sink, d_lse=d_lse,

@@ -18,6 +18,8 @@ points to, in the releases since January 2026):
 ``max_logits`` is not produced by the kernels: it is computed here in PyTorch, chunked over queries, at about the
 cost of one extra pass over the gathered keys (no gradient flows through it). ``out`` and ``lse`` come from
 ``dsa.ops.sparse_mla`` and are differentiable like its outputs, although FlashMLA's own entry point is forward-only.
+Every tensor may have any strides (FlashMLA's tests pass slices of padded buffers): the op lays them out for the
+kernels, with one copy where needed.
 """
 
 from __future__ import annotations

@@ -7,7 +7,11 @@ Signatures and semantics are those of ``dsa.reference`` (the contract, also summ
    reference otherwise. Inputs whose dtype the kernels do not take (float32/float64) always run the reference;
 2. validates the inputs with ``dsa.validation`` (the kernel rules when the kernels will run), before any custom op,
    so that a bad input raises a clear ``ValueError``/``TypeError`` naming the argument;
-3. runs the primitive: in eager mode the implementation is called directly, under ``torch.compile`` through the
+3. when the kernels will run, lays every tensor input out as they read it (``dsa.validation.kernel_layout``: row-major,
+   16-byte aligned). Any strides are accepted on every backend: a transposed, sliced or expanded input is copied
+   once, here (differentiably, so gradients reach the strided original); an input already in that layout is passed
+   as it is. The reference takes any strides as they are;
+4. runs the primitive: in eager mode the implementation is called directly, under ``torch.compile`` through the
    ``dsa::*`` custom ops registered in ``dsa.autograd`` (fake implementations included, so ``fullgraph=True``
    works). The backend is chosen when a graph is traced: a compiled graph keeps the implementation it was traced
    with.
@@ -29,6 +33,14 @@ from dsa import autograd, cache, validation
 from dsa.hardware import TILELANG, select_backend
 
 __all__ = ["index_scores", "index_topk", "index_topk_decode", "sparse_mla", "sparse_mla_decode", "topk_indices"]
+
+
+def _kernel_layout(backend: str, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """``tensors`` as the kernels read them when ``backend`` is the kernels' (each one copied at most once, only when
+    its strides or alignment differ from row-major), else unchanged."""
+    if backend != TILELANG:
+        return tensors
+    return tuple(validation.kernel_layout(t) for t in tensors)
 
 
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
@@ -62,6 +74,7 @@ def index_scores(
     """
     backend = select_backend(q.device, q.dtype in validation.INDEXER_KERNEL_DTYPES)
     validation.check_index_scores(q, k, weights, k_scale, starts, ends, kernel=backend == TILELANG)
+    q, k, weights, k_scale, starts, ends = _kernel_layout(backend, q, k, weights, k_scale, starts, ends)
     if _needs_grad(q, k, weights):
         return autograd.IndexScoresFunction.apply(q, k, weights, k_scale, starts, ends, backend)
     return autograd.call_index_scores(q, k, weights, k_scale, starts, ends, backend)
@@ -80,7 +93,8 @@ def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """
     backend = select_backend(scores.device, scores.dtype == torch.float32)
     validation.check_topk_indices(scores, k, kernel=backend == TILELANG)
-    return autograd.call_topk_indices(scores.detach(), int(k), backend)
+    (scores,) = _kernel_layout(backend, scores.detach())
+    return autograd.call_topk_indices(scores, int(k), backend)
 
 
 def index_topk(
@@ -112,6 +126,7 @@ def index_topk(
     """
     backend = select_backend(q.device, q.dtype in validation.INDEXER_KERNEL_DTYPES)
     validation.check_index_topk(q, k, weights, topk, k_scale, starts, ends, kernel=backend == TILELANG)
+    q, k, weights, k_scale, starts, ends = _kernel_layout(backend, q, k, weights, k_scale, starts, ends)
     topk = int(topk)
     if return_scores and _needs_grad(q, k, weights):
         return autograd.IndexTopkFunction.apply(q, k, weights, k_scale, starts, ends, topk, backend)
@@ -147,6 +162,7 @@ def sparse_mla(
     """
     backend = select_backend(q.device, q.dtype in validation.ATTENTION_KERNEL_DTYPES)
     validation.check_sparse_mla(q, kv, indices, sm_scale, d_v, topk_length, attn_sink, kernel=backend == TILELANG)
+    q, kv, indices, topk_length, attn_sink = _kernel_layout(backend, q, kv, indices, topk_length, attn_sink)
     sm_scale, d_v = float(sm_scale), int(d_v)
     if _needs_grad(q, kv, attn_sink):
         return autograd.SparseMLAFunction.apply(q, kv, indices, sm_scale, d_v, topk_length, attn_sink, backend)
@@ -202,6 +218,9 @@ def sparse_mla_decode(
         q, kv_cache, indices, sm_scale, d_v, topk_length, attn_sink, extra_kv_cache, extra_indices,
         extra_topk_length, _fp8_row_bytes(q.shape[-1], int(d_rope)), kernel=backend == TILELANG,
     )  # fmt: skip
+    q, kv_cache, indices, topk_length, attn_sink, extra_kv_cache, extra_indices, extra_topk_length = _kernel_layout(
+        backend, q, kv_cache, indices, topk_length, attn_sink, extra_kv_cache, extra_indices, extra_topk_length
+    )
     return autograd.call_sparse_mla_decode(
         q, kv_cache, indices, float(sm_scale), int(d_v), topk_length, attn_sink, extra_kv_cache, extra_indices,
         extra_topk_length, int(d_rope), backend,
@@ -241,5 +260,8 @@ def index_topk_decode(
     """
     backend = select_backend(q.device, q.dtype in validation.INDEXER_KERNEL_DTYPES)
     validation.check_index_topk_decode(q, k_cache, weights, topk, block_table, ends, starts, kernel=backend == TILELANG)
+    q, k_cache, weights, block_table, ends, starts = _kernel_layout(
+        backend, q, k_cache, weights, block_table, ends, starts
+    )
     indices, scores = autograd.index_topk_decode_impl(q, k_cache, weights, int(topk), block_table, ends, starts, backend)
     return (indices, scores) if return_scores else indices

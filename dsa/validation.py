@@ -2,10 +2,13 @@
 
 Every check raises ``TypeError`` (wrong Python or tensor type, wrong dtype) or ``ValueError`` (wrong rank, shape,
 device, layout or value), and the message names the op, the argument and what was expected, e.g.
-``sparse_mla: q must have dtype bfloat16, got float16``. ``kernel=True`` applies the stricter rules of the TileLang
-kernels (bfloat16 / float8 inputs only, contiguous tensors); the reference also takes float16 (the kernels do not yet:
-float16 inputs run the reference on every device), float32 and float64 so that it can serve as an oracle and under
+``sparse_mla: q must have dtype bfloat16, got float16``. ``kernel=True`` applies the stricter dtype rules of the
+TileLang kernels (bfloat16 / float8 inputs only); the reference also takes float16 (the kernels do not yet: float16
+inputs run the reference on every device), float32 and float64 so that it can serve as an oracle and under
 ``torch.autograd.gradcheck``.
+
+Strides are never an error, on any backend: the kernels read row-major tensors, and the ops hand them
+:func:`kernel_layout` of each input (a copy only where a tensor is not already in that layout), once, after validation.
 """
 
 from __future__ import annotations
@@ -86,9 +89,27 @@ def require_same_device(reference_name: str, reference: torch.Tensor, **others: 
             raise ValueError(f"{name} must be on the same device as {reference_name} ({reference.device}), got {t.device}")
 
 
-def require_contiguous(name: str, t: torch.Tensor) -> None:
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous (row-major) for the kernels; call .contiguous() first")
+KERNEL_ALIGNMENT_BYTES = 16
+"""The byte boundary a kernel input must start on: the CUDA kernels load 16 bytes at a time (``cp.async``, vector
+loads), and the launchers view FP8 cache bytes as float32 scales, which needs a 4-byte-aligned start."""
+
+
+def kernel_layout(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` as the kernels read it: row-major (``is_contiguous()``) and starting on a
+    :data:`KERNEL_ALIGNMENT_BYTES` boundary. A tensor already laid out so is returned as it is (no copy); any other
+    (transposed, sliced, expanded with stride 0, or a contiguous view starting mid-word) is copied once into a fresh
+    row-major tensor. The copy is differentiable: gradients reach the strided original. ``None`` stays ``None``.
+
+    Under ``torch.compile`` (fake tensors have no address) only row-major order is enforced.
+    """
+    if t is None:
+        return None
+    if torch.compiler.is_compiling():
+        return t.contiguous()
+    if t.is_contiguous() and t.data_ptr() % KERNEL_ALIGNMENT_BYTES == 0:
+        return t
+    # clone, not contiguous(): a contiguous view that starts mid-word must move too.
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def require_positive_int(name: str, value: object) -> int:
@@ -159,10 +180,6 @@ def _check_indexer_inputs(
             require_dtype(name, t, (INDEX_DTYPE,))
             require_shape(name, t, (batch, seq), "[B, S]")
     require_same_device("q", q, k=k, weights=weights, k_scale=k_scale, starts=starts, ends=ends)
-    if kernel:
-        for name, t in (("q", q), ("k", k), ("weights", weights), ("k_scale", k_scale), ("starts", starts), ("ends", ends)):
-            if t is not None:
-                require_contiguous(name, t)
 
 
 @names_op("index_scores")
@@ -205,8 +222,6 @@ def check_topk_indices(scores: torch.Tensor, k: object, *, kernel: bool = False)
     require_rank("scores", scores, 3, "[B, S, S_kv]")
     require_nonempty("scores", scores, "[B, S, S_kv]")
     require_positive_int("k", k)
-    if kernel:
-        require_contiguous("scores", scores)
 
 
 @names_op("sparse_mla")
@@ -256,10 +271,6 @@ def check_sparse_mla(
         require_dtype("attn_sink", attn_sink, sink_dtypes)
         require_shape("attn_sink", attn_sink, (heads,), "[H]")
     require_same_device("q", q, kv=kv, indices=indices, topk_length=topk_length, attn_sink=attn_sink)
-    if kernel:
-        for name, t in (("q", q), ("kv", kv), ("indices", indices), ("topk_length", topk_length), ("attn_sink", attn_sink)):
-            if t is not None:
-                require_contiguous(name, t)
 
 
 FP8_CACHE_DTYPES = (torch.uint8, torch.int8, torch.float8_e4m3fn)
@@ -278,7 +289,6 @@ def _check_decode_source(
     indices: torch.Tensor,
     topk_length: torch.Tensor | None,
     fp8_row_bytes: int | None,
-    kernel: bool,
 ) -> None:
     """One KV source of ``sparse_mla_decode``: the cache pages, its slot indices and their lengths."""
     batch, s_q, _, d_qk = q.shape
@@ -320,10 +330,6 @@ def _check_decode_source(
                 f"{_shape(topk_length.shape)}"
             )
     require_same_device("q", q, **{cache_name: kv_cache, indices_name: indices, length_name: topk_length})
-    if kernel:
-        for name, t in ((cache_name, kv_cache), (indices_name, indices), (length_name, topk_length)):
-            if t is not None:
-                require_contiguous(name, t)
 
 
 @names_op("sparse_mla_decode")
@@ -351,13 +357,13 @@ def check_sparse_mla_decode(
     require_dtype("q", q, ATTENTION_KERNEL_DTYPES if kernel else ATTENTION_REFERENCE_DTYPES)
     require_rank("q", q, 4, "[B, s_q, H, d_qk]")
     require_nonempty("q", q, "[B, s_q, H, d_qk]")
-    _check_decode_source("", q, kv_cache, indices, topk_length, fp8_row_bytes, kernel)
+    _check_decode_source("", q, kv_cache, indices, topk_length, fp8_row_bytes)
     if (extra_kv_cache is None) != (extra_indices is None):
         raise ValueError("extra_kv_cache and extra_indices go together (both or neither)")
     if extra_kv_cache is None and extra_topk_length is not None:
         raise ValueError("extra_topk_length needs extra_kv_cache and extra_indices")
     if extra_kv_cache is not None:
-        _check_decode_source("extra_", q, extra_kv_cache, extra_indices, extra_topk_length, fp8_row_bytes, kernel)
+        _check_decode_source("extra_", q, extra_kv_cache, extra_indices, extra_topk_length, fp8_row_bytes)
     require_scale("sm_scale", sm_scale)
     d_v = require_positive_int("d_v", d_v)
     heads, d_qk = q.shape[2], q.shape[3]
@@ -369,8 +375,6 @@ def check_sparse_mla_decode(
         require_dtype("attn_sink", attn_sink, sink_dtypes)
         require_shape("attn_sink", attn_sink, (heads,), "[H]")
         require_same_device("q", q, attn_sink=attn_sink)
-    if kernel:
-        require_contiguous("q", q)
 
 
 @names_op("index_topk_decode")
@@ -426,8 +430,3 @@ def check_index_topk_decode(
     require_same_device(
         "q", q, k_cache=k_cache, weights=weights, block_table=block_table, ends=ends, starts=starts
     )
-    if kernel:
-        for name, t in (("q", q), ("k_cache", k_cache), ("weights", weights), ("block_table", block_table),
-                        ("ends", ends), ("starts", starts)):  # fmt: skip
-            if t is not None:
-                require_contiguous(name, t)

@@ -16,8 +16,9 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from dsa import autograd, compat, hardware, ops, reference
+from dsa import autograd, compat, hardware, ops, reference, testing
 from dsa.testing import assert_close, assert_topk_valid
+from tests import layouts
 
 SM_SCALE = 0.37
 
@@ -225,14 +226,39 @@ def test_sparse_mla_rejects_bad_input_before_any_launch(
     assert not any(spy.calls for spy in spies.values())
 
 
-def test_kernel_rules_apply_only_when_the_kernels_run(monkeypatch: pytest.MonkeyPatch) -> None:
-    _install_spies(monkeypatch)
+@pytest.mark.parametrize("layout", [k for k in layouts.LAYOUTS if k != "row_major"])
+def test_kernel_backend_gets_strided_inputs_laid_out_once(monkeypatch: pytest.MonkeyPatch, layout: str) -> None:
+    """A strided input (transposed, sliced, expanded, misaligned) is accepted on both backends, with the same result;
+    the kernel path receives every tensor row-major and aligned, and an input already so laid out is passed as the
+    same object (no copy). Before the fix the kernel backend raised ``q must be contiguous``."""
+    spies = _install_spies(monkeypatch)
     q, kv, indices = _attention_inputs(torch.bfloat16)
-    q_strided = q.transpose(1, 2).contiguous().transpose(1, 2)  # same values, not contiguous
-    ops.sparse_mla(q_strided, kv, indices, sm_scale=SM_SCALE, d_v=8)  # reference: fine
-    monkeypatch.setenv("DSA_BACKEND", "tilelang")
-    with pytest.raises(ValueError, match="contiguous"):
-        ops.sparse_mla(q_strided, kv, indices, sm_scale=SM_SCALE, d_v=8)
+    topk_length = torch.randint(0, indices.shape[-1] + 1, indices.shape[:2], dtype=torch.int32)
+    sink = torch.randn(q.shape[2])
+    args = {"q": q, "kv": kv, "indices": indices, "topk_length": topk_length, "attn_sink": sink}
+    strided = {name: layouts.relaid(t, layout) for name, t in args.items()}
+    plain = {name: t.clone(memory_format=torch.contiguous_format) for name, t in strided.items()}
+
+    def run(inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        call = dict(inputs)
+        return ops.sparse_mla(call.pop("q"), call.pop("kv"), call.pop("indices"), sm_scale=SM_SCALE, d_v=8, **call)
+
+    want = run(plain)
+    for got in (run(strided), None):  # the reference backend, then the kernels' (spied)
+        if got is None:
+            monkeypatch.setenv("DSA_BACKEND", "tilelang")
+            got = run(strided)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    (passed_args, passed_kwargs), = spies["sparse_mla_fwd"].calls
+    passed = dict(zip(("q", "kv", "indices"), passed_args), **passed_kwargs)
+    for name in args:
+        assert layouts.is_row_major_and_aligned(passed[name]), name
+        if layouts.is_row_major_and_aligned(strided[name]):
+            assert passed[name] is strided[name], f"{name} was copied although the kernels could read it"
+    spies["sparse_mla_fwd"].calls.clear()
+    run(plain)
+    (passed_args, _), = spies["sparse_mla_fwd"].calls
+    assert passed_args[0] is plain["q"] and passed_args[1] is plain["kv"] and passed_args[2] is plain["indices"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -587,6 +613,177 @@ def test_full_chain_through_c_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     tolerances = dict(atol=2e-2, rtol=2e-2)
     for name, a, b in zip(names[2:], got[2:], expected[2:]):
         assert_close(a, b, name=name, **tolerances)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Any strides on every backend, through the real kernels (TileLang C target)
+# --------------------------------------------------------------------------------------------------------------------
+
+STRIDED_LAYOUTS = tuple(kind for kind in layouts.LAYOUTS if kind != "row_major")
+
+Inputs = dict[str, torch.Tensor | None]
+
+
+def _indexer_problem(dtype: str, mode: str) -> Inputs:
+    """Index inputs at the C-target kernels' widths of the kernel tests (4 heads x 32, top-k 16): compiled there."""
+    return testing.indexer_inputs(batch=2, seq=5, seq_kv=40, heads=4, dim=32, dtype=dtype, mode=mode, seed=11)
+
+
+def _index_scores(a: Inputs) -> tuple[torch.Tensor, ...]:
+    return (ops.index_scores(a["q"], a["k"], a["weights"], k_scale=a["k_scale"], starts=a["starts"], ends=a["ends"]),)
+
+
+def _index_topk(a: Inputs) -> tuple[torch.Tensor, ...]:
+    return ops.index_topk(a["q"], a["k"], a["weights"], 16, k_scale=a["k_scale"], starts=a["starts"], ends=a["ends"],
+                          return_scores=True)  # fmt: skip
+
+
+def _sparse_mla_problem() -> Inputs:
+    """17 heads, d_qk 96, d_v 64 with topk_length and a sink: a static set of the forward kernel's tests."""
+    return {
+        key: value
+        for key, value in testing.sparse_mla_inputs(
+            batch=2, seq=4, seq_kv=50, heads=17, d_qk=96, d_v=64, topk=20, seed=12, sm_scale=SM_SCALE,
+            kind="irregular", has_topk_length=True, has_sink=True,
+        ).items()  # fmt: skip
+        if isinstance(value, torch.Tensor)
+    }
+
+
+def _sparse_mla(a: Inputs) -> tuple[torch.Tensor, ...]:
+    return ops.sparse_mla(a["q"], a["kv"], a["indices"], sm_scale=SM_SCALE, d_v=64, topk_length=a["topk_length"],
+                          attn_sink=a["attn_sink"])  # fmt: skip
+
+
+def _decode_problem() -> Inputs:
+    """An FP8 cache (unreferenced slots poisoned), a bf16 extra source, a sink, per-query lengths: the decode kernel
+    tests' widths (5 heads, d_qk 40, d_v 24, d_rope 8)."""
+    from tests.test_sparse_mla_decode_kernel import make_problem
+
+    args = make_problem(seed=13, fmt="fp8", batch=2, s_q=2, context=40, topk=30, length_kind="per_query",
+                        sink="random", extra_fmt="bf16")  # fmt: skip
+    return {key: value for key, value in args.items() if isinstance(value, torch.Tensor)}
+
+
+def _sparse_mla_decode(a: Inputs) -> tuple[torch.Tensor, ...]:
+    rest = {key: value for key, value in a.items() if key not in ("q", "kv_cache", "indices")}
+    return ops.sparse_mla_decode(a["q"], a["kv_cache"], a["indices"], sm_scale=40**-0.5, d_v=24, d_rope=8, **rest)
+
+
+def _topk_decode_problem() -> Inputs:
+    """FP8 key rows behind a shuffled block table with unallocated pages, random ranges (the paged kernel tests')."""
+    from tests.test_index_topk_decode import make_problem
+
+    return make_problem(fmt="fp8", seed=14, batch=2, s_q=3, lengths=[70, 33], ranges="random", unallocated=True)
+
+
+def _index_topk_decode(a: Inputs) -> tuple[torch.Tensor, ...]:
+    return ops.index_topk_decode(a["q"], a["k_cache"], a["weights"], 16, block_table=a["block_table"], ends=a["ends"],
+                                 starts=a["starts"], return_scores=True)  # fmt: skip
+
+
+# op -> (inputs, call); index_topk twice: the fused kernel and the chunked indexer + top-k kernels.
+STRIDE_CASES: dict[str, tuple[Callable[[], Inputs], Callable[[Inputs], tuple[torch.Tensor, ...]]]] = {
+    "index_scores": (lambda: _indexer_problem("float8_e4m3fn", "range"), _index_scores),
+    "topk_indices": (
+        lambda: {"scores": torch.randn(2, 5, 40, generator=torch.Generator().manual_seed(15))},
+        lambda a: (ops.topk_indices(a["scores"], 16),),
+    ),
+    "index_topk_fused": (lambda: _indexer_problem("float8_e4m3fn", "range"), _index_topk),
+    "index_topk_unfused": (lambda: _indexer_problem("bfloat16", "causal"), _index_topk),
+    "sparse_mla": (_sparse_mla_problem, _sparse_mla),
+    "sparse_mla_decode": (_decode_problem, _sparse_mla_decode),
+    "index_topk_decode": (_topk_decode_problem, _index_topk_decode),
+}
+
+
+def _assert_identical(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...], what: str) -> None:
+    """Bit-for-bit equal outputs, NaN where the other has NaN."""
+    for n, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert a.dtype == b.dtype and a.shape == b.shape, f"{what}: output {n}"
+        assert torch.equal(a.isnan(), b.isnan()), f"{what}: output {n} NaN positions differ"
+        assert torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0)), f"{what}: output {n} differs"
+
+
+@pytest.mark.cpu_kernel
+@pytest.mark.parametrize("backend", ["reference", "tilelang"])
+@pytest.mark.parametrize("op", list(STRIDE_CASES))
+def test_every_op_takes_any_strides_on_both_backends(monkeypatch: pytest.MonkeyPatch, op: str, backend: str) -> None:
+    """Every tensor of every op transposed, sliced (FlashMLA's padded buffers, every other element), broadcast with
+    stride 0 or starting off a 16-byte boundary gives exactly the output of the same op on fresh row-major copies
+    (the kernels: bit for bit, since they receive the same row-major values). Before the fix the kernel backend
+    rejected all but the misaligned layout (``q must be contiguous``), and misaligned FP8 cache bytes failed in the
+    launchers' float32 view of the scales."""
+    monkeypatch.setenv("DSA_BACKEND", backend)
+    monkeypatch.setenv("DSA_SELECTION", "unfused" if op == "index_topk_unfused" else "fused")
+    make, call = STRIDE_CASES[op]
+    base = make()
+    for layout in STRIDED_LAYOUTS:
+        strided = {name: layouts.relaid(t, layout) for name, t in base.items()}
+        plain = {name: None if t is None else t.clone(memory_format=torch.contiguous_format) for name, t in strided.items()}
+        _assert_identical(call(strided), call(plain), f"{op} with {layout} inputs")
+
+
+@pytest.mark.cpu_kernel
+@pytest.mark.parametrize("backend", ["reference", "tilelang"])
+def test_gradients_reach_strided_inputs(monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
+    """sparse_mla (forward and backward kernels) and index_scores/index_topk on strided views of leaves, with strided
+    upstream gradients (a transposed d_out, an expanded d_lse): the gradients equal those of row-major inputs, bit for
+    bit, and arrive in the leaves' own shapes."""
+    monkeypatch.setenv("DSA_BACKEND", backend)
+    g = torch.Generator().manual_seed(16)
+    batch, seq, seq_kv = 2, 3, 60
+    q_leaf = torch.randn(batch, CHAIN_HEADS, seq, CHAIN_D_QK, generator=g).bfloat16().requires_grad_(True)
+    kv_leaf = torch.randn(batch, seq_kv, 2 * CHAIN_D_QK, generator=g).bfloat16().requires_grad_(True)
+    indices = testing.make_indices("regular", 17, batch, seq, seq_kv, CHAIN_TOPK)  # no empty row: lse finite
+    d_out = torch.randn(batch, seq, CHAIN_D_V, CHAIN_HEADS, generator=g).bfloat16().transpose(2, 3)
+    d_lse = torch.randn(1, seq, CHAIN_HEADS, generator=g).expand(batch, seq, CHAIN_HEADS)
+
+    def attention_grads(q: torch.Tensor, kv: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out, lse = ops.sparse_mla(q, kv, indices, sm_scale=SM_SCALE, d_v=CHAIN_D_V)
+        assert torch.isfinite(lse).all()
+        grads = torch.autograd.grad((out, lse), (q_leaf, kv_leaf), (d_out, d_lse))
+        return (out.detach(), lse.detach(), *grads)
+
+    got = attention_grads(q_leaf.transpose(1, 2), kv_leaf[..., ::2])
+    want = attention_grads(q_leaf.transpose(1, 2).contiguous(), kv_leaf[..., ::2].contiguous())
+    _assert_identical(got, want, "sparse_mla")
+    assert got[2].shape == q_leaf.shape and got[3].shape == kv_leaf.shape
+
+    inputs = _indexer_problem("bfloat16", "causal")
+    leaves = [inputs["q"].transpose(1, 2).contiguous(), inputs["k"].mT.contiguous(), inputs["weights"].mT.contiguous()]
+    leaves = [t.requires_grad_(True) for t in leaves]
+    views = (leaves[0].transpose(1, 2), leaves[1].mT, leaves[2].mT)
+    copies = tuple(v.contiguous() for v in views)
+    for name, fn in (("index_scores", _index_scores), ("index_topk", _index_topk)):
+        results = []
+        for q, k, w in (views, copies):
+            outputs = fn({**inputs, "q": q, "k": k, "weights": w})
+            scores = outputs[-1]
+            upstream = torch.randn(scores.shape, generator=torch.Generator().manual_seed(18)).mT.contiguous().mT
+            grads = torch.autograd.grad(scores, leaves, torch.where(torch.isfinite(scores), upstream, 0.0))
+            results.append((*(o.detach() for o in outputs), *grads))
+        _assert_identical(results[0], results[1], name)
+
+
+@pytest.mark.cpu_kernel
+@pytest.mark.parametrize("backend", ["reference", "tilelang"])
+def test_flash_mla_sparse_fwd_takes_flashmla_test_layouts(monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
+    """FlashMLA's prefill test inputs are slices of padded buffers (and its kernels take transposed views): through
+    ``dsa.compat.flash_mla_sparse_fwd`` they give exactly the result of row-major copies on both backends. Before the
+    fix the kernel backend raised ``sparse_mla: q must be contiguous``."""
+    monkeypatch.setenv("DSA_BACKEND", backend)
+    g = torch.Generator().manual_seed(19)
+    s_q, s_kv, top = 5, 70, CHAIN_TOPK
+    q = (torch.randn(s_q, CHAIN_HEADS, CHAIN_D_QK, generator=g) / 10).bfloat16()
+    kv = (torch.randn(s_kv, 1, CHAIN_D_QK, generator=g) / 10).bfloat16()
+    indices = testing.make_indices("more_than_available", 20, 1, s_q, s_kv, top).view(s_q, 1, top)
+    want = compat.flash_mla_sparse_fwd(q, kv, indices, SM_SCALE, CHAIN_D_V)
+    for layout in ("padded", "column_major"):
+        got = compat.flash_mla_sparse_fwd(
+            layouts.relaid(q, layout), layouts.relaid(kv, layout), layouts.relaid(indices, layout), SM_SCALE, CHAIN_D_V
+        )
+        _assert_identical(got, want, f"flash_mla_sparse_fwd with {layout} inputs")
 
 
 @pytest.mark.cpu_kernel

@@ -76,19 +76,62 @@ def test_sparse_mla_rejects_bad_input(case):
     assert str(info.value).startswith(f"sparse_mla: {message}"), str(info.value)
 
 
+def test_kernel_rules_are_stricter_in_dtype_only():
+    """The kernel rules reject dtypes the kernels do not take; strides are never an error (the op lays inputs out)."""
+    with pytest.raises(TypeError, match="q must have dtype bfloat16"):
+        validation.check_sparse_mla(*_mla(q=torch.randn(B, S, H, D_QK)).values(), kernel=True)
+    strided = _mla(
+        q=torch.randn(B, H, S, D_QK).bfloat16().transpose(1, 2),
+        kv=torch.randn(B, S_KV, 2 * D_QK).bfloat16()[..., ::2],
+        indices=torch.randint(-1, S_KV, (B, 1, K), dtype=torch.int32).expand(B, S, K),
+        topk_length=torch.randint(0, K, (S, B), dtype=torch.int32).t(),
+        attn_sink=torch.randn(2 * H)[::2],
+    )
+    assert not any(t.is_contiguous() for t in strided.values() if isinstance(t, torch.Tensor))
+    validation.check_sparse_mla(*strided.values(), kernel=True)
+    scores = torch.randn(B, S_KV, S).transpose(1, 2)
+    validation.check_topk_indices(scores, 2, kernel=True)
+    index = _idx(q=torch.randn(B, S, D_I, H_I).bfloat16().transpose(2, 3), weights=torch.randn(B, H_I, S).mT)
+    validation.check_index_scores(*index.values(), kernel=True)
+
+
+def _misaligned(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``t`` that starts one element past a 16-byte boundary (a view into a larger buffer)."""
+    buffer = torch.empty(t.numel() + 16, dtype=t.dtype)
+    start = next(i for i in range(1, 17) if (buffer.data_ptr() + i * t.element_size()) % 16)
+    view = buffer[start : start + t.numel()].view(t.shape)
+    view.copy_(t)
+    return view
+
+
 @pytest.mark.parametrize(
-    "overrides, message",
+    "make",
     [
-        (dict(q=torch.randn(B, S, H, D_QK)), "q must have dtype bfloat16"),
-        (dict(q=torch.randn(B, S, H, D_QK).bfloat16().transpose(1, 2).contiguous().transpose(1, 2),
-              kv=torch.randn(B, S_KV, D_QK).bfloat16()), "q must be contiguous"),
+        lambda t: t.transpose(0, 1).contiguous().transpose(0, 1),
+        lambda t: torch.cat([t, t], dim=-1)[..., ::2],
+        lambda t: t[:, :1].expand_as(t),
+        _misaligned,
     ],
-    ids=["float32 q", "non-contiguous q"],
+    ids=["transposed", "sliced", "expanded", "misaligned"],
 )
-def test_kernel_rules_are_stricter(overrides, message):
-    args = _mla(**overrides)
-    with pytest.raises((TypeError, ValueError), match=message):
-        validation.check_sparse_mla(*args.values(), kernel=True)
+def test_kernel_layout_copies_once_into_row_major_aligned_memory(make):
+    """``kernel_layout`` returns an aligned row-major tensor holding the same values; a tensor already so laid out
+    comes back as the same object (no copy)."""
+    base = torch.randn(3, 4, 5).bfloat16()
+    t = make(base)
+    laid_out = validation.kernel_layout(t)
+    assert laid_out.is_contiguous() and laid_out.data_ptr() % validation.KERNEL_ALIGNMENT_BYTES == 0
+    assert torch.equal(laid_out, t) and laid_out.data_ptr() != t.data_ptr()
+    assert validation.kernel_layout(laid_out) is laid_out
+    assert validation.kernel_layout(None) is None
+
+
+def test_kernel_layout_copy_passes_gradients_to_the_strided_original():
+    leaf = torch.randn(4, 6, requires_grad=True)
+    laid_out = validation.kernel_layout(leaf.t())
+    assert laid_out.is_contiguous() and laid_out.requires_grad
+    (laid_out * torch.arange(24.0).view(6, 4)).sum().backward()
+    assert torch.equal(leaf.grad, torch.arange(24.0).view(6, 4).t())
 
 
 INDEX_CASES = [
