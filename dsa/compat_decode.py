@@ -32,9 +32,12 @@ top of ``dsa.ops.sparse_mla_decode``. The argument names, order, defaults, shape
 Where FlashMLA would reject an input, a ``ValueError``/``TypeError`` names ``flash_mla_with_kvcache`` and the
 argument. Relaxed here: ``q`` may be float32/float64/float16 (the reference runs; FlashMLA takes bf16 only), any head
 count (FlashMLA: 64 or 128), any ``head_dim_v <= d_qk`` (FlashMLA: 512) and any width whose FP8 row has 64 RoPE values
-(``dsa.cache.FP8Layout.for_width(d_qk, 64)``). Not supported: FlashMLA's dense decode path (``indices=None``) and its
-MODEL1 FP8 layout (512-wide rows, 584 bytes with e8m0 scales). A cache whose blocks are not adjacent in memory (as
-FlashMLA's own test helper makes) is copied to a contiguous one per call. Forward only, as in FlashMLA.
+(``dsa.cache.FP8Layout.for_width(d_qk, 64)``), and any strides on every tensor (FlashMLA wants each FP8 block's
+tokens packed). Not supported: FlashMLA's dense decode path (``indices=None``) and its MODEL1 FP8 layout (512-wide
+rows, 584 bytes with e8m0 scales). Tensors go to ``dsa.ops.sparse_mla_decode`` as they arrive: on the kernel backend
+the op copies any that the kernels cannot read in place (e.g. a cache whose blocks are not adjacent in memory, as
+FlashMLA's own test helper lays it out: one copy of the cache per call), the reference reads them as they are.
+Forward only, as in FlashMLA.
 """
 
 from __future__ import annotations
@@ -119,8 +122,8 @@ def _require_int32(name: str, t: torch.Tensor) -> None:
 
 
 def _check_cache(name: str, k_cache: object, q: torch.Tensor, is_fp8_kvcache: bool) -> torch.Tensor:
-    """Validate one ``[num_blocks, page_block_size, 1, row]`` cache; return it as ``[num_blocks, page_block_size,
-    row]`` (contiguous: the kernels index it as a flat ``[num_slots, row]`` array)."""
+    """Validate one ``[num_blocks, page_block_size, 1, row]`` cache; return it as a ``[num_blocks, page_block_size,
+    row]`` view (any strides: ``dsa.ops.sparse_mla_decode`` lays it out for the kernels)."""
     k_cache = _require_tensor(name, k_cache, 4, "[num_blocks, page_block_size, h_k, head_dim]")
     if k_cache.shape[2] != 1:
         raise _fail(name, f"must have h_k = 1 (MLA's single latent head), got shape {list(k_cache.shape)}")
@@ -147,9 +150,6 @@ def _check_cache(name: str, k_cache: object, q: torch.Tensor, is_fp8_kvcache: bo
             raise _fail(name, f"has no FP8 layout for {d_qk}-wide rows with {_D_ROPE} RoPE values (q's head_dim)")
         if row != expected:
             raise _fail(name, f"must have {expected} bytes per token for {d_qk}-wide FP8 rows, got {row}")
-        if k_cache.stride(-1) != 1 or k_cache.stride(1) != row:
-            # FlashMLA's rule: the tokens of one block must be packed (blocks themselves may have gaps between them).
-            raise _fail(name, f"must have each block's tokens packed (stride(1) == {row}), got {k_cache.stride()}")
     else:
         if holds_fp8:
             raise _fail(name, f"holds FP8 bytes ({_dtype_name(k_cache.dtype)}) but is_fp8_kvcache=False", TypeError)
@@ -162,17 +162,17 @@ def _check_cache(name: str, k_cache: object, q: torch.Tensor, is_fp8_kvcache: bo
             )
         if row != d_qk:
             raise _fail(name, f"rows must be head_dim = {d_qk} wide like q, got shape {list(k_cache.shape)}")
-    return k_cache.squeeze(2).contiguous()
+    return k_cache.squeeze(2)
 
 
 def _check_indices(name: str, indices: object, q: torch.Tensor) -> torch.Tensor:
-    """Validate ``[B, s_q, topk]`` int32 slots; return them contiguous."""
+    """Validate ``[B, s_q, topk]`` int32 slots; return them as they are."""
     indices = _require_tensor(name, indices, 3, "[batch_size, seq_len_q, topk]")
     _require_int32(name, indices)
     batch, s_q = q.shape[:2]
     if tuple(indices.shape[:2]) != (batch, s_q) or indices.shape[2] < 1:
         raise _fail(name, f"must have shape [{batch}, {s_q}, topk >= 1] like q, got {list(indices.shape)}")
-    return indices.contiguous()
+    return indices
 
 
 def _check_length(name: str, length: object, batch: int) -> torch.Tensor | None:
@@ -183,7 +183,7 @@ def _check_length(name: str, length: object, batch: int) -> torch.Tensor | None:
     _require_int32(name, length)
     if length.shape[0] != batch:
         raise _fail(name, f"must have shape [batch_size] = [{batch}], got {list(length.shape)}")
-    return length.contiguous()
+    return length
 
 
 def _check_sched_meta(meta: FlashMLASchedMeta, config: FlashMLASchedMeta.Config) -> None:
@@ -309,7 +309,7 @@ def flash_mla_with_kvcache(
     _check_sched_meta(tile_scheduler_metadata, config)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     out, lse = ops.sparse_mla_decode(
-        q.contiguous(),
+        q,
         kv_pages,
         slots,
         sm_scale=scale,
