@@ -168,7 +168,12 @@ def dequantize_kv_fp8(blob: torch.Tensor, layout: FP8Layout = V32_FP8_LAYOUT) ->
 class PagedKVCache:
     """A paged cache of latent rows for ``batch_size`` sequences of up to ``max_seq_len`` tokens.
 
+    Each sequence gets ``ceil(max_seq_len / page_size)`` whole pages, so it can hold :attr:`capacity` tokens
+    (``max_seq_len`` rounded up to whole pages; ``append`` refuses rows past it, not past ``max_seq_len``): a cache
+    asked for 10 tokens in pages of 4 holds 12.
+
     Attributes:
+        max_seq_len (int): the length asked for; :attr:`capacity` is what a sequence can hold.
         pages (torch.Tensor): ``[num_pages, page_size, width]`` in ``dtype`` (bf16 or float32), or ``[num_pages,
             page_size, layout.bytes_per_token]`` uint8 for ``dtype="fp8"`` (FlashMLA's ``k_cache`` is
             ``pages.unsqueeze(2)``).
@@ -195,6 +200,7 @@ class PagedKVCache:
             )
         self.page_size = page_size
         self.width = width
+        self.max_seq_len = max_seq_len
         pages_per_sequence = -(-max_seq_len // page_size)
         num_pages = batch_size * pages_per_sequence
         if dtype == "fp8":
@@ -211,7 +217,7 @@ class PagedKVCache:
 
     @property
     def capacity(self) -> int:
-        """Tokens one sequence can hold."""
+        """Tokens one sequence can hold: ``max_seq_len`` rounded up to whole pages (``>= max_seq_len``)."""
         return self.block_table.shape[1] * self.page_size
 
     @property
@@ -284,7 +290,7 @@ class PagedKVCache:
         if bool((new_lens > self.capacity).any()):
             raise ValueError(
                 f"{caller}: sequences would hold {new_lens.tolist()} tokens, over the capacity "
-                f"{self.capacity} (max_seq_len rounded up to pages)"
+                f"{self.capacity} (max_seq_len {self.max_seq_len} rounded up to pages of {self.page_size})"
             )
         offsets = torch.arange(n, device=self.seq_lens.device).view(1, n)
         positions = torch.where(offsets < lengths.view(-1, 1), self.seq_lens.view(-1, 1).to(torch.int64) + offsets, -1)

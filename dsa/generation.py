@@ -161,9 +161,13 @@ class LayerCache:
 class ModelCache:
     """The caches of every layer of a model for ``batch_size`` sequences of up to ``max_seq_len`` tokens.
 
+    Like ``PagedKVCache``, each sequence gets whole pages: it holds :attr:`capacity` tokens, ``max_seq_len`` rounded
+    up to a multiple of ``page_size``.
+
     Attributes:
         layers (list[LayerCache]): one per model layer.
         dtype (torch.dtype | str): the latent cache dtype: ``torch.bfloat16``, ``torch.float32`` or ``"fp8"``.
+        max_seq_len (int): the length asked for.
     """
 
     def __init__(
@@ -185,6 +189,7 @@ class ModelCache:
         if dtype not in (torch.bfloat16, torch.float32, "fp8"):
             raise ValueError(f"ModelCache: dtype must be torch.bfloat16, torch.float32 or 'fp8', got {dtype!r}")
         self.dtype = dtype
+        self.max_seq_len = max_seq_len
         index_dtype: CacheDtype = "fp8" if index_fp8 else _index_key_dtype(dtype)
         geometry = {"page_size": page_size, "device": device}
         self.layers = [
@@ -214,7 +219,7 @@ class ModelCache:
 
     @property
     def capacity(self) -> int:
-        """Tokens one sequence can hold."""
+        """Tokens one sequence can hold: ``max_seq_len`` rounded up to whole pages."""
         return self.layers[0].kv.capacity
 
 

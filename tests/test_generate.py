@@ -166,6 +166,18 @@ def test_cache_seq_lens_advance_and_overflow_raises() -> None:
         model(_ids(3, 3, 2), cache=cache)
 
 
+def test_model_cache_capacity_is_max_seq_len_rounded_up_to_whole_pages() -> None:
+    """``new_cache(2, 10, page_size=4)`` says 10 and holds 12: prefill of 12 tokens fits, one more is refused."""
+    model = _model(3)
+    cache = model.new_cache(2, 10, dtype=torch.float32, page_size=4)
+    assert (cache.max_seq_len, cache.capacity) == (10, 12)
+    assert all(layer.kv.capacity == layer.index.capacity == 12 for layer in cache.layers)
+    with torch.no_grad():
+        model(_ids(3, 2, 12), cache=cache)
+        with pytest.raises(ValueError, match="capacity 12"):
+            model(_ids(4, 2, 1), cache=cache)
+
+
 def test_index_key_pack_roundtrip() -> None:
     k = (torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(2)) * 40).to(torch.float8_e4m3fn)
     scale = torch.rand(3, 5, generator=torch.Generator().manual_seed(3)) + 0.5

@@ -170,6 +170,20 @@ def test_ragged_appends_land_in_their_slots(dtype: torch.dtype | str) -> None:
     assert kv_cache.slots(torch.tensor([[-1, kv_cache.capacity, 0]] * 3))[:, :2].eq(cache.INVALID_SLOT).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, "fp8"], ids=["bf16", "fp8"])
+def test_capacity_is_max_seq_len_rounded_up_to_whole_pages(dtype: torch.dtype | str) -> None:
+    """A cache asked for 10 tokens in pages of 4 says so and holds 12 (``capacity``): 12 rows append, the 13th is
+    refused with both numbers in the message; 8 tokens in pages of 4 hold exactly 8."""
+    kv_cache = cache.PagedKVCache(2, 10, 40, page_size=4, dtype=dtype, d_rope=8)
+    assert (kv_cache.max_seq_len, kv_cache.capacity, tuple(kv_cache.block_table.shape)) == (10, 12, (2, 3))
+    kv_cache.append(_rows(1, (2, 12), 40))
+    assert kv_cache.seq_lens.tolist() == [12, 12]
+    with pytest.raises(ValueError, match="over the capacity 12 \\(max_seq_len 10 rounded up to pages of 4\\)"):
+        kv_cache.append(_rows(2, (2, 1), 40))
+    exact = cache.PagedKVCache(1, 8, 40, page_size=4, dtype=dtype, d_rope=8)
+    assert (exact.max_seq_len, exact.capacity) == (8, 8)
+
+
 def test_cache_errors_name_the_call() -> None:
     kv_cache = cache.PagedKVCache(2, 10, 40, page_size=4, d_rope=8)
     with pytest.raises(ValueError, match="^PagedKVCache.append: kv must be \\[2, n, 40\\]"):
