@@ -3,8 +3,10 @@
 
 The GPU host this project is checked on has PyTorch, numpy and the usual scientific stack but no TileLang and no
 network. This script downloads the wheels of ``tilelang==0.1.15`` and its dependency closure for a chosen Python
-version and platform (default: CPython 3.12, manylinux x86_64), skipping what the host already has, unpacks them into
-one site tree, drops duplicate files, and writes an xz-compressed tar archive plus a one-line install command::
+version and platform (default: CPython 3.12, manylinux x86_64), skipping what the host already has (torch, numpy,
+ml-dtypes and torch's own dependencies; ``psutil``, ``tqdm`` and ``cloudpickle``, which ``import tilelang`` needs, are
+bundled, since a host with torch may lack them), unpacks them into one site tree, drops duplicate files, and writes an
+xz-compressed tar archive plus a one-line install command::
 
     python scripts/bundle_offline.py                      # -> .bundle/dsa-bundle.tar.xz (+ .bundle/INSTALL.txt)
     mkdir -p /tmp/dsa-site && tar -xJf .bundle/dsa-bundle.tar.xz -C /tmp/dsa-site && export PYTHONPATH=/tmp/dsa-site
@@ -66,15 +68,13 @@ DEFAULT_PLATFORMS: tuple[str, ...] = (
 )
 # Tried one after another when pip finds no wheel for the default tags (pip matches manylinux_2_N tags exactly).
 FALLBACK_PLATFORMS: tuple[str, ...] = tuple(f"manylinux_2_{n}_x86_64" for n in (24, 31, 34, 35, 39))
-# What the GPU host already has (its image ships PyTorch and the scientific stack). TileLang's own closure beyond
-# these is exactly: tilelang, apache-tvm-ffi, torch-c-dlpack-ext, z3-solver.
+# What the GPU host already has (its image ships PyTorch and the scientific stack: torch itself requires
+# typing-extensions, setuptools, filelock, sympy, networkx, jinja2 and fsspec). TileLang's own closure beyond these is
+# exactly: tilelang, apache-tvm-ffi, torch-c-dlpack-ext, z3-solver, and the small dependencies below.
 DEFAULT_EXCLUDE: tuple[str, ...] = (
     "torch",
     "numpy",
     "ml-dtypes",
-    "cloudpickle",
-    "psutil",
-    "tqdm",
     "typing-extensions",
     "setuptools",
     "packaging",
@@ -85,6 +85,9 @@ DEFAULT_EXCLUDE: tuple[str, ...] = (
     "jinja2",
     "fsspec",
 )
+# TileLang imports these at `import tilelang`, and a host with torch need not have them: they are always bundled
+# (about 0.5 MB; psutil's wheel is a CPython-ABI-stable binary, the others pure Python).
+ALWAYS_BUNDLED: tuple[str, ...] = ("psutil", "tqdm", "cloudpickle")
 DEFAULT_OUT = Path(".bundle") / "dsa-bundle.tar.xz"
 DEFAULT_WHEEL_DIR = Path(".bundle") / "wheels"
 DEFAULT_MAX_MB = 60.0
@@ -440,6 +443,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     wheel_dir = (args.wheel_dir or ROOT / DEFAULT_WHEEL_DIR).resolve()
     out = (args.out or ROOT / DEFAULT_OUT).resolve()
     exclude = [n.strip() for n in args.exclude.split(",") if n.strip()]
+    for name in sorted({canonicalize_name(n) for n in exclude} & set(ALWAYS_BUNDLED)):
+        logger.warning("bundle_offline: %s is excluded: `import tilelang` fails on a host without it", name)
     start = time.perf_counter()
     try:
         resolved = resolve(args.package or DEFAULT_ROOTS, target, wheel_dir, exclude, args.pip_python)

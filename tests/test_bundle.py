@@ -1,7 +1,7 @@
 """``scripts/bundle_offline.py``: the offline TileLang bundle builds, stays under its bound, and works.
 
-These tests download wheels from the package index pip is configured with (about 85 MB, once per session: the wheel
-cache and the built archive are session fixtures). The archive is built at ``xz -1`` here to keep the session near
+The tests marked ``network`` download wheels from the package index pip is configured with (about 85 MB, once per
+session: the wheel cache and the built archive are session fixtures); the others read the script only. The archive is built at ``xz -1`` here to keep the session near
 two minutes on 2 cores; the default ``-6`` only makes it smaller (about 39 MB against 46 MB).
 
 The shipped bundle is for CPython 3.12, and TileLang imports torch, which the ``python3.12`` on a CI machine lacks.
@@ -13,6 +13,7 @@ size, and (where a ``python3.12`` exists) for importing its torch-free part (z3)
 from __future__ import annotations
 
 import glob
+import importlib.util
 import json
 import os
 import shutil
@@ -21,28 +22,31 @@ import sys
 import tarfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-pytestmark = pytest.mark.network  # downloads about 85 MB of wheels: never in CI (run with --network)
+network = pytest.mark.network  # downloads about 85 MB of wheels: never in CI (run with --network)
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "bundle_offline.py"
 BOUND_MB = 60.0
 TEST_XZ_LEVEL = 1
-EXPECTED_PACKAGES = {"tilelang", "apache-tvm-ffi", "torch-c-dlpack-ext", "z3-solver"}
+# TileLang's closure less what the host has; psutil, tqdm and cloudpickle because `import tilelang` needs them and a
+# host with torch may lack them.
+EXPECTED_PACKAGES = {"tilelang", "apache-tvm-ffi", "torch-c-dlpack-ext", "z3-solver", "psutil", "tqdm", "cloudpickle"}
 RUNNING_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
 
 # Lowered in a fresh interpreter whose PYTHONPATH holds only the bundle: a 128x128x128 GEMM for sm_90a (lowering
 # needs no nvcc and no GPU), and every bundled module must come from the bundle, not from an installed copy.
 LOWER_PROBE = """
 import sys
-import tilelang, tvm_ffi, z3, torch_c_dlpack_ext
+import tilelang, tvm_ffi, z3, torch_c_dlpack_ext, psutil, tqdm, cloudpickle
 import tilelang.language as T
 from tilelang import tvm
 
 tree = sys.argv[1]
-for module in (tilelang, tvm_ffi, z3, torch_c_dlpack_ext):
+for module in (tilelang, tvm_ffi, z3, torch_c_dlpack_ext, psutil, tqdm, cloudpickle):
     assert module.__file__.startswith(tree), (module.__name__, module.__file__)
 M = N = K = 128
 
@@ -64,6 +68,16 @@ with tvm.target.Target(target):
 assert "wgmma" in artifact.kernel_source
 print("LOWERED", tilelang.__version__)
 """
+
+
+def _load_script() -> Any:
+    """``scripts/bundle_offline.py`` as a module (scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location("bundle_offline", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class body runs
+    spec.loader.exec_module(module)
+    return module
 
 
 def _run_script(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
@@ -107,8 +121,8 @@ def default_bundle(tmp_path_factory: pytest.TempPathFactory, wheel_dir: Path) ->
     assert proc.returncode == 0, proc.stdout + proc.stderr
     site = out_dir / "site"
     site.mkdir()
-    with tarfile.open(archive, "r:xz") as tar:
-        tar.extractall(site, filter="tar")
+    with tarfile.open(archive, "r:xz") as tar:  # as scripts/gpu_check.sh does on a host without the xz program
+        tar.extractall(site, filter="data")
     return {"archive": archive, "site": site, "stdout": proc.stdout, "elapsed": elapsed}
 
 
@@ -126,6 +140,7 @@ def running_site(tmp_path_factory: pytest.TempPathFactory, wheel_dir: Path, defa
     return tree
 
 
+@network
 def test_archive_builds_under_the_bound(default_bundle: dict) -> None:
     size_mb = default_bundle["archive"].stat().st_size / 1e6
     assert size_mb <= BOUND_MB, f"archive is {size_mb:.1f} MB at xz -{TEST_XZ_LEVEL}"
@@ -134,6 +149,7 @@ def test_archive_builds_under_the_bound(default_bundle: dict) -> None:
     assert "\n" not in install and "tar -xJf" in install and "PYTHONPATH=" in install
 
 
+@network
 def test_bundle_holds_exactly_the_missing_packages(default_bundle: dict) -> None:
     site: Path = default_bundle["site"]
     manifest = json.loads((site / "DSA_BUNDLE.json").read_text())
@@ -147,6 +163,7 @@ def test_bundle_holds_exactly_the_missing_packages(default_bundle: dict) -> None
     assert "cp312" in manifest["packages"]["torch-c-dlpack-ext"]["wheel"]
 
 
+@network
 def test_z3_duplicates_dropped(default_bundle: dict) -> None:
     site: Path = default_bundle["site"]
     assert not list(site.glob("z3_solver-*.data")), "z3's command-line binary must not be bundled"
@@ -158,21 +175,26 @@ def test_z3_duplicates_dropped(default_bundle: dict) -> None:
         assert link.resolve() == real[0].resolve()
 
 
+@network
 def test_python312_imports_the_torch_free_part(default_bundle: dict) -> None:
     exe = _find_python312()
     if exe is None:
         pytest.skip("no working python3.12 on this machine")
     code = (
-        "import z3; s = z3.Solver(); x = z3.Int('x'); s.add(x > 3, x < 5); "
-        "assert str(s.check()) == 'sat'; print(z3.__file__)"
+        "import z3, psutil, tqdm, cloudpickle; s = z3.Solver(); x = z3.Int('x'); s.add(x > 3, x < 5); "
+        "assert str(s.check()) == 'sat'; assert psutil.cpu_count() >= 1; "
+        "assert cloudpickle.loads(cloudpickle.dumps(lambda: 3))() == 3; "
+        "print(z3.__file__, psutil.__file__, tqdm.__file__, cloudpickle.__file__)"
     )
     proc = subprocess.run(
         [exe, "-s", "-c", code], capture_output=True, text=True, env=_fresh_env(default_bundle["site"]), cwd="/"
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().startswith(str(default_bundle["site"]))
+    for path in proc.stdout.split():
+        assert path.startswith(str(default_bundle["site"])), path
 
 
+@network
 def test_fresh_interpreter_imports_tilelang_and_lowers_for_sm90a(running_site: Path, tmp_path: Path) -> None:
     probe = tmp_path / "lower_probe.py"  # a file, not -c: TileLang's parser reads the kernel's source text
     probe.write_text(LOWER_PROBE)
@@ -186,3 +208,23 @@ def test_fresh_interpreter_imports_tilelang_and_lowers_for_sm90a(running_site: P
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "LOWERED 0.1.15" in proc.stdout
+
+
+def test_tilelangs_import_dependencies_are_bundled_by_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """psutil, tqdm and cloudpickle (``import tilelang`` fails without them) are never in the default exclude list;
+    excluding one by hand warns (no download: resolution is stubbed out)."""
+    bundle_offline = _load_script()
+    assert set(bundle_offline.ALWAYS_BUNDLED) == {"psutil", "tqdm", "cloudpickle"}
+    assert not set(bundle_offline.ALWAYS_BUNDLED) & set(bundle_offline.DEFAULT_EXCLUDE)
+    assert {"torch", "numpy"} <= set(bundle_offline.DEFAULT_EXCLUDE)
+
+    def no_resolve(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("not resolving in this test")
+
+    monkeypatch.setattr(bundle_offline, "resolve", no_resolve)
+    argv = ["--exclude", "torch,PSUtil", "--wheel-dir", str(tmp_path), "--out", str(tmp_path / "b.tar.xz")]
+    with caplog.at_level("WARNING", logger="bundle_offline"):
+        assert bundle_offline.main(argv) == bundle_offline.EXIT_FAILED
+    assert "psutil is excluded" in caplog.text
