@@ -32,9 +32,20 @@ still run; the record is rewritten after every stage, so even a killed run leave
 The compile and tune stages write their tuning-cache files (tuned configs, cached ptxas reports) into a folder inside
 the work directory (``DSA_CACHE_DIR``), never into the user's cache; TileLang's kernel cache is the environment's own
 (``TILELANG_CACHE_DIR``), shared by every stage: that is how the later stages find the compiled kernels.
+``scripts/gpu_check.sh`` puts both, and every other cache, in its work folder, so that a borrowed machine's home
+directory is left alone.
 
 Without a CUDA device it prints one line saying so and exits 2. Exit status otherwise: 0 when every stage passed,
-1 when any stage failed or timed out (the record says which).
+1 when any stage failed or timed out (the record says which). Each stage prints its status and elapsed time when it
+ends; each failed stage's record holds its first error (the first failing test's message, or the first error line of
+its log).
+
+``--collect-into DIR`` runs no stage: it packs what a run left (the newest record and PNG in ``--out-dir`` written
+since ``--since FILE``'s mtime, the compile report and the logs of ``--work-dir``) into at most
+:data:`MAX_OUT_FILES` files in ``DIR``: the record, the PNG, ``compile-report.json``, ``logs.tar.gz`` (every log,
+JUnit file and intermediate JSON of the work folder) and ``summary.txt`` (stage by stage: passed, failed, timeout or
+skipped, with counts and the first error). ``scripts/gpu_check.sh`` runs it for the device tool's ``$OUT``, which
+returns at most 8 files of at most 16 MiB each.
 
 The default budgets add up to 9 minutes; ``--budget stage=seconds`` changes one, ``--skip stage`` leaves one out.
 It needs a checkout of the repository (it runs its ``tests/`` and writes into its ``benchmarks/results/``):
@@ -44,10 +55,14 @@ It needs a checkout of the repository (it runs its ``tests/`` and writes into it
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import logging
 import os
+import re
 import shutil
 import sys
+import tarfile
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
@@ -57,6 +72,8 @@ from typing import Any
 
 from autotune import gpu_record
 from dsa import process
+
+logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
 EXIT_OK, EXIT_FAILED, EXIT_NO_GPU = 0, 1, 2
@@ -123,6 +140,29 @@ DSA_CACHE_SUBDIR = "dsa-cache"
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 LOG_TAIL_CHARS = 4000
+# The first error line kept in a stage's record and in summary.txt.
+FIRST_ERROR_CHARS = 300
+# Lines that state an error: an exception (``ValueError: ...``, pytest's ``E   ...Error``), a fatal signal, pytest's
+# FAILED/ERROR summary lines, faulthandler's ``Timeout (0:00:30)!``, a command-line tool's ``...: error: ...``. Lines of
+# source code quoted in a traceback (``raise ValueError(...)``) start with something else and do not match.
+_ERROR_LINE = re.compile(
+    r"^\s*(?:E\s+)?(?:[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)\b(?::|$)|Fatal Python error|FAILED\b|ERROR\b"
+    r"|Segmentation fault|Timeout \()|\berror: "
+)
+# What the device tool returns from $OUT: at most 8 files, each at most 16 MiB, named in [A-Za-z0-9._-].
+MAX_OUT_FILES = 8
+MAX_OUT_FILE_BYTES = 16 * 1024 * 1024
+OUT_NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
+SUMMARY_NAME = "summary.txt"
+LOGS_ARCHIVE_NAME = "logs.tar.gz"
+COMPILE_REPORT_NAME = "compile-report.json"
+# The check's own output, as scripts/gpu_check.sh keeps it in the work folder.
+RUNNER_LOG_NAME = "gpu_check.log"
+# The work folder's files that go into logs.tar.gz (its folders, the bundle's site tree and the caches, do not).
+LOG_SUFFIXES: tuple[str, ...] = (".log", ".xml", ".json", ".txt")
+# A file larger than this goes into logs.tar.gz as its first eighth and its end (text logs compress 5-10x, so the
+# archive stays far below MAX_OUT_FILE_BYTES); halved until the archive fits.
+LOG_MEMBER_BYTES = 8 * 1024 * 1024
 
 
 @dataclass
@@ -202,10 +242,19 @@ def read_report(path: Path) -> list[dict[str, Any]] | None:
     return records if isinstance(records, list) else None
 
 
+def first_error(text: str) -> str | None:
+    """The first line of ``text`` that states an error (see ``_ERROR_LINE``), else its last non-empty line, else None;
+    at most ``FIRST_ERROR_CHARS`` characters."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    found = next((line for line in lines if _ERROR_LINE.search(line)), lines[-1] if lines else None)
+    return None if found is None else found[:FIRST_ERROR_CHARS]
+
+
 def stage_record(name: str, run: StageRun, budget_s: float, **extra: Any) -> dict[str, Any]:
-    """The JSON record of a stage: status ``ok`` / ``failed`` / ``timeout``, exit code, time, output tail."""
+    """The JSON record of a stage: status ``ok`` / ``failed`` / ``timeout``, exit code, time, output tail, and for a
+    stage that did not pass its first error (``extra``'s ``first_error`` when given, else one from its output)."""
     status = "timeout" if run.timed_out else ("ok" if run.rc == 0 else "failed")
-    return {
+    record = {
         "stage": name,
         "status": status,
         "rc": run.rc,
@@ -214,6 +263,18 @@ def stage_record(name: str, run: StageRun, budget_s: float, **extra: Any) -> dic
         "log_tail": run.output[-LOG_TAIL_CHARS:],
         **extra,
     }
+    if status != "ok" and not record.get("first_error"):
+        record["first_error"] = first_error(run.output)
+    return record
+
+
+def announce(record: dict[str, Any]) -> None:
+    """Print one line as a stage ends: its status and elapsed time against its budget."""
+    print(
+        f"[gpu_check] stage {record['stage']}: {record['status']} in {record['seconds']:.1f} s "
+        f"(budget {record['budget_s']} s)",
+        flush=True,
+    )
 
 
 def junit_counts(path: Path) -> dict[str, Any]:
@@ -227,14 +288,25 @@ def junit_counts(path: Path) -> dict[str, Any]:
     suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
     counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
     failing: list[str] = []
+    error: str | None = None
     for suite in suites:
         for key in counts:
             counts[key] += int(suite.get(key, 0))
         for case in suite.iter("testcase"):
-            if case.find("failure") is not None or case.find("error") is not None:
-                failing.append(f"{case.get('classname')}::{case.get('name')}")
+            problem = case.find("failure")
+            if problem is None:
+                problem = case.find("error")
+            if problem is not None:
+                test_id = f"{case.get('classname')}::{case.get('name')}"
+                failing.append(test_id)
+                if error is None:
+                    message = (problem.get("message") or problem.text or "").strip().splitlines()
+                    error = f"{test_id}: {message[0] if message else problem.tag}"[:FIRST_ERROR_CHARS]
     counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
-    return {**counts, "failing": failing[:50]}
+    result: dict[str, Any] = {**counts, "failing": failing[:50]}
+    if error is not None:
+        result["first_error"] = error
+    return result
 
 
 def cuda_available() -> tuple[bool, str]:
@@ -273,12 +345,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip", action="append", default=[], choices=STAGES, help="leave a stage out")
     p.add_argument("--bench-args", default="", help="extra arguments for dsa-bench (e.g. '--kernels topk')")
     p.add_argument("--pytest-args", default="", help="extra arguments for the GPU test run")
+    p.add_argument(
+        "--collect-into",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help=f"run nothing: pack what a run left in --work-dir and --out-dir into at most {MAX_OUT_FILES} files in DIR",
+    )
+    p.add_argument(
+        "--since", type=Path, default=None, metavar="FILE", help="with --collect-into: only records newer than FILE"
+    )
+    p.add_argument(
+        "--runner-rc", type=int, default=None, help="with --collect-into: the check's exit status, for summary.txt"
+    )
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the check; returns the exit status."""
     args = build_parser().parse_args(argv)
+    if args.collect_into is not None:
+        if args.work_dir is None:
+            print("gpu_check: --collect-into needs --work-dir", file=sys.stderr)
+            return EXIT_FAILED
+        since = args.since.stat().st_mtime if args.since is not None and args.since.exists() else None
+        written = collect_outputs(
+            args.collect_into, work=args.work_dir, results=args.out_dir, since=since, runner_rc=args.runner_rc
+        )
+        print(f"gpu_check: {len(written)} files in {args.collect_into}: {', '.join(p.name for p in written)}")
+        summary = args.collect_into / SUMMARY_NAME
+        if summary.is_file():
+            print(summary.read_text(encoding="utf-8"), end="")
+        return EXIT_OK
     budgets = dict(DEFAULT_BUDGETS)
     for item in args.budget:
         stage, _, seconds = item.partition("=")
@@ -307,6 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "format": "dsa-gpu-check/1",
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "budgets_s": budgets,
+        "skipped": [stage for stage in STAGES if stage in args.skip],
         "stages": [],
         "host": {},
         "ceilings": {},
@@ -326,6 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             budget_s=budgets["host"], env=env, log=work / "host.log",
         )  # fmt: skip
         doc["stages"].append(stage_record("host", run, budgets["host"]))
+        announce(doc["stages"][-1])
         if ceilings_json.is_file():
             measured = json.loads(ceilings_json.read_text())
             doc["host"], doc["ceilings"] = measured.get("host", {}), measured.get("ceilings", {})
@@ -361,8 +461,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 portable = read_report(portable_report)
                 records = None if portable is None or records is None else records + portable
         counts = {} if records is None else {"kernels": len(records), "ok": sum(bool(r.get("ok")) for r in records)}
-        rec = stage_record("compile", run, budgets["compile"], jobs=jobs, **counts)
+        # The stage's seconds are its whole time: the collect step and both compiles.
+        seconds = round(time.monotonic() - started_compile, 1)
+        rec = stage_record("compile", run, budgets["compile"], jobs=jobs, seconds=seconds, **counts)
         doc["stages"].append(rec)
+        announce(rec)
         if records is None:
             outcome = "no report (the tuner did not finish)"
         else:
@@ -386,6 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         doc["stages"].append(
             stage_record(stage, run, budgets[stage], **{k: v for k, v in counts.items() if k != "failing"})
         )
+        announce(doc["stages"][-1])
         save()
 
     # 5. benchmarks
@@ -400,6 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench = json.loads(bench_json.read_text()) if bench_json.is_file() else {}
         doc["bench"] = {"rows": bench.get("rows", []), "failed_cases": bench.get("failed_cases", [])}
         doc["stages"].append(stage_record("bench", run, budgets["bench"], rows=len(doc["bench"]["rows"])))
+        announce(doc["stages"][-1])
         save()
 
     # 6. short tuning pass for this SKU
@@ -414,6 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         chosen = [r for r in records if r.get("chosen")]
         rec = stage_record("tune", run, budgets["tune"], records=len(records))
         doc["stages"].append(rec)
+        announce(rec)
         doc["tune"] = {
             "status": rec["status"],
             "summary": f"{len(records)} candidates, {len(chosen)} chosen, cache {dsa_cache}",
@@ -437,6 +543,112 @@ def main(argv: Sequence[str] | None = None) -> int:
     if failed:
         print(f"gpu_check: stages not ok: {', '.join(failed)}")
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _newest(paths: Sequence[Path], since: float | None) -> Path | None:
+    """The most recently modified of ``paths`` modified at or after ``since`` (any when None), or None."""
+    fresh = [(p.stat().st_mtime, p) for p in paths if p.is_file() and (since is None or p.stat().st_mtime >= since)]
+    return max(fresh, key=lambda item: item[0])[1] if fresh else None
+
+
+def out_name(name: str) -> str:
+    """``name`` with every character outside ``[A-Za-z0-9._-]`` replaced by ``_`` (what the device tool returns)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name) or "_"
+
+
+def _member_bytes(path: Path, cap: int) -> bytes:
+    """The bytes of ``path``; one larger than ``cap`` as its first eighth, a marker line, and its end."""
+    size = path.stat().st_size
+    with open(path, "rb") as src:
+        if size <= cap:
+            return src.read()
+        head = src.read(cap // 8)
+        src.seek(size - (cap - cap // 8))
+        tail = src.read()
+    marker = f"\n[gpu_check: {size - len(head) - len(tail)} bytes of {size} left out here]\n".encode()
+    return head + marker + tail
+
+
+def pack_logs(work: Path, archive: Path, *, exclude: Sequence[str] = ()) -> list[str]:
+    """Write ``archive`` (gzip tar) with every top-level ``.log``/``.xml``/``.json``/``.txt`` file of ``work`` but
+    ``exclude``; a large file keeps its head and end, cut harder until the archive is at most
+    ``MAX_OUT_FILE_BYTES``. Returns the member names."""
+    files = sorted(
+        p for p in work.iterdir() if p.is_file() and p.suffix in LOG_SUFFIXES and p.name not in exclude
+    ) if work.is_dir() else []
+    cap = LOG_MEMBER_BYTES
+    while True:
+        with tarfile.open(archive, "w:gz") as tar:
+            for path in files:
+                data = _member_bytes(path, cap)
+                info = tarfile.TarInfo(out_name(path.name))
+                info.size, info.mtime, info.mode = len(data), int(path.stat().st_mtime), 0o644
+                tar.addfile(info, io.BytesIO(data))
+        if archive.stat().st_size <= MAX_OUT_FILE_BYTES or cap <= 64 * 1024:
+            return [out_name(p.name) for p in files]
+        cap //= 2
+
+
+def _read_record(path: Path | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        logger.warning("could not read the record %s: %s", path, exc)
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def collect_outputs(
+    out: Path, *, work: Path, results: Path, since: float | None = None, runner_rc: int | None = None
+) -> list[Path]:
+    """Pack what a run left into at most ``MAX_OUT_FILES`` files in ``out``, each named in ``[A-Za-z0-9._-]``, none in
+    a folder, each at most ``MAX_OUT_FILE_BYTES``: the newest record ``results/*.json`` modified at or after ``since``
+    (a Unix time) and its PNG, the compile report, ``logs.tar.gz`` (every log, JUnit file and JSON of ``work``) and
+    ``summary.txt`` (:func:`autotune.gpu_record.brief`). A file over the size limit is left out and said so in the
+    summary. Returns the files written."""
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    notes: list[str] = []
+
+    def copy(src: Path | None) -> None:
+        if src is None or not src.is_file():
+            return
+        size = src.stat().st_size
+        if size > MAX_OUT_FILE_BYTES:
+            notes.append(f"{src.name} left out: {size} bytes, over the {MAX_OUT_FILE_BYTES} a returned file may hold")
+            return
+        dest = out / out_name(src.name)
+        shutil.copyfile(src, dest)
+        written.append(dest)
+
+    record = _newest(sorted(results.glob("*.json")), since) if results.is_dir() else None
+    doc = _read_record(record)
+    copy(record)
+    png = record.with_suffix(".png") if record is not None else None
+    if png is None or not png.is_file() or (since is not None and png.stat().st_mtime < since):
+        png = _newest(sorted(results.glob("*.png")), since) if results.is_dir() else None
+    copy(png)
+    copy(work / COMPILE_REPORT_NAME)
+    archive = out / LOGS_ARCHIVE_NAME
+    try:
+        members = pack_logs(work, archive, exclude=(COMPILE_REPORT_NAME,))
+        written.append(archive)
+    except OSError as exc:
+        notes.append(f"{LOGS_ARCHIVE_NAME} not written: {exc}")
+        members = []
+    runner_log = work / RUNNER_LOG_NAME
+    runner_error = first_error(runner_log.read_text(errors="replace")) if runner_log.is_file() else None
+    text = gpu_record.brief(doc, STAGES, runner_rc=runner_rc, record=record, runner_error=runner_error)
+    text += f"returned: {', '.join(p.name for p in written + [out / SUMMARY_NAME])}\n"
+    text += f"{LOGS_ARCHIVE_NAME}: {', '.join(members) or 'nothing'}\n"
+    text += "".join(f"note: {note}\n" for note in notes)
+    summary = out / SUMMARY_NAME
+    summary.write_text(text, encoding="utf-8")
+    written.append(summary)
+    assert len(written) <= MAX_OUT_FILES, written
+    return written
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""The one-shot GPU check's record, read back: a PNG plot of the sparse MLA forward against dense attention, and the
-summary table printed last (``autotune.gpu_check``)."""
+"""The one-shot GPU check's record, read back: a PNG plot of the sparse MLA forward against dense attention, the
+summary table printed last, and the short stage-by-stage ``summary.txt`` returned beside the record
+(``autotune.gpu_check``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot", "summary"]
+__all__ = ["brief", "plot", "summary"]
 
 DENSE_PROVIDERS: tuple[str, ...] = ("dense-sdpa", "dense-matmul")
 """Providers drawn as dense attention in the plot, in order of preference."""
@@ -141,3 +142,72 @@ def summary(doc: dict[str, Any]) -> str:
         lines.append(f"plot: {doc['plot_note']}")
     lines.append(f"record: {doc.get('record_path')}")
     return "\n".join(lines)
+
+
+_WORDS = {"ok": "passed", "failed": "failed", "timeout": "timeout"}
+
+
+def _counts(stage: dict[str, Any]) -> str:
+    """A stage record's counts in words: tests, compiled kernels, bench rows or tuning candidates."""
+    if "tests" in stage:
+        return (
+            f"{stage.get('passed', '?')} passed, {stage.get('failures', '?')} failed, "
+            f"{stage.get('errors', '?')} errors, {stage.get('skipped', '?')} skipped"
+        )
+    if "kernels" in stage:
+        return f"{stage['kernels']} kernels, {stage.get('ok', '?')} ok"
+    if "rows" in stage:
+        return f"{stage['rows']} rows"
+    if "records" in stage:
+        return f"{stage['records']} candidates"
+    return ""
+
+
+def brief(
+    doc: dict[str, Any] | None,
+    stages: Sequence[str],
+    *,
+    runner_rc: int | None = None,
+    record: Path | None = None,
+    runner_error: str | None = None,
+) -> str:
+    """The short ``summary.txt``: the verdict, the host, then one line per stage of ``stages`` (``passed``,
+    ``failed``, ``timeout``, ``skipped``, or ``not run`` when the check ended before it), with its seconds against
+    its budget, its counts and its first error. ``doc`` None (no record was written) says so, with ``runner_error``
+    (the first error line of the check's own output)."""
+    rc = "" if runner_rc is None else f" (the check exited {runner_rc})"
+    if doc is None:
+        error = f"first error: {runner_error}\n" if runner_error else ""
+        return f"gpu check: no record was written{rc}; see logs.tar.gz\n{error}"
+    ran = {s.get("stage"): s for s in doc.get("stages", [])}
+    not_passed = [name for name, s in ran.items() if s.get("status") != "ok"]
+    if not_passed:
+        verdict = f"FAILED (not passed: {', '.join(map(str, not_passed))})"
+    elif doc.get("ok"):
+        verdict = "passed"
+    else:
+        verdict = "unfinished (the record was not completed)"
+    host = doc.get("host", {})
+    lines = [
+        f"gpu check: {verdict}{rc}",
+        f"host: {host.get('gpu', '?')} sku={host.get('sku', '?')} cuda={host.get('cuda', '?')} "
+        f"torch={host.get('torch', '?')} tilelang={host.get('tilelang', '?')}",
+        f"{'stage':15} {'status':8} {'seconds':>8} {'budget':>7}  counts; first error",
+    ]
+    skipped = set(doc.get("skipped", []))
+    for name in stages:
+        stage = ran.get(name)
+        if stage is None:
+            lines.append(f"{name:15} {'skipped' if name in skipped else 'not run'}")
+            continue
+        status = _WORDS.get(stage.get("status", "?"), str(stage.get("status")))
+        error = stage.get("first_error")
+        detail = "; ".join(filter(None, [_counts(stage), error and f"first error: {error}"]))
+        lines.append(
+            f"{name:15} {status:8} {_fmt(stage.get('seconds'), '.1f'):>8} {_fmt(stage.get('budget_s'), '.0f'):>7}  "
+            f"{detail}".rstrip()
+        )
+    if isinstance(doc.get("seconds"), (int, float)):
+        lines.append(f"total: {doc['seconds']:.1f} s")
+    lines.append(f"record: {record.name if record is not None else doc.get('record_path')}")
+    return "\n".join(lines) + "\n"

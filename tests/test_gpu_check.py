@@ -7,8 +7,11 @@ import dataclasses
 import importlib
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -336,3 +339,312 @@ def test_compile_stage_also_builds_the_portable_defaults(tmp_path: Path, monkeyp
     assert portable[2]["DSA_CACHE_DIR"] == hopper[2]["DSA_CACHE_DIR"]
     doc = json.loads(next(tmp_path.glob("unknown-gpu-*.json")).read_text())
     assert doc["compile"]["kernels"] == 2 and doc["compile"]["ok"] == 2
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# scripts/gpu_check.sh: the bundle unpacked with or without xz, one import check, at most 8 files back in $OUT
+# ----------------------------------------------------------------------------------------------------------------------
+SCRIPT_SH = ROOT / "scripts" / "gpu_check.sh"
+XZ_TOOLS = frozenset({"xz", "unxz", "xzcat", "xzdec", "lzma", "unlzma", "lzcat"})
+RECORD_STEM = "h200-20990101"
+STUB_LOGS: tuple[str, ...] = (
+    "host", "collect", "compile", "compile-portable", "tests", "tests_ws", "tests_portable", "tests_decode", "bench",
+    "tune", "extra-1", "extra-2",
+)  # fmt: skip
+# A stand-in for scripts/gpu_check.py (DSA_GPU_CHECK_RUNNER): the files a failing run leaves, in milliseconds, and
+# what it saw (its arguments, the caches' environment, where the bundle's module came from) in runner.json.
+STUB_RUNNER = r'''
+import json, os, pathlib, sys
+
+args = sys.argv[1:]
+work = pathlib.Path(args[args.index("--work-dir") + 1])
+results = pathlib.Path(args[args.index("--out-dir") + 1])
+seen = {"argv": args, "cwd": os.getcwd(), "env": {k: os.environ.get(k) for k in (
+    "PYTHONPATH", "TILELANG_CACHE_DIR", "DSA_CACHE_DIR", "TVM_FFI_CACHE_DIR", "XDG_CACHE_HOME", "MPLCONFIGDIR")}}
+import dsa_fake_bundle
+seen["bundle_module"] = dsa_fake_bundle.__file__
+seen["bundle_alias"] = pathlib.Path(dsa_fake_bundle.__file__).with_name("alias.py").resolve().name
+(work / "runner.json").write_text(json.dumps(seen))
+for name in LOGS:
+    (work / f"{name}.log").write_text(f"{name} output\n" * 200)
+(work / "tests.xml").write_text("<testsuite tests='3' failures='1' errors='0' skipped='0'/>")
+(work / "compile-report.json").write_text(json.dumps([{"kernel": "topk", "ok": True}]))
+(work / "compile-portable-report.json").write_text("[]")
+(work / "tune-cache").mkdir()  # a folder in the work dir is not packed
+(work / "tune-cache" / "x.json").write_text("{}")
+results.mkdir(parents=True, exist_ok=True)
+stages = [
+    {"stage": "host", "status": "ok", "seconds": 12.3, "budget_s": 20},
+    {"stage": "compile", "status": "ok", "seconds": 130.0, "budget_s": 145, "kernels": 57, "ok": 57},
+    {"stage": "tests", "status": "failed", "seconds": 118.0, "budget_s": 125, "tests": 44, "passed": 40,
+     "failures": 1, "errors": 0, "skipped": 3,
+     "first_error": "tests.test_topk_kernel::test_gpu_x: AssertionError: ties"},
+    {"stage": "tests_ws", "status": "timeout", "seconds": 40.0, "budget_s": 40, "first_error": "Timeout (0:00:20)!"},
+    {"stage": "tests_decode", "status": "ok", "seconds": 50.0, "budget_s": 60, "tests": 9, "passed": 9,
+     "failures": 0, "errors": 0, "skipped": 0},
+    {"stage": "bench", "status": "ok", "seconds": 80.0, "budget_s": 85, "rows": 19},
+]
+doc = {"format": "dsa-gpu-check/1", "ok": False, "skipped": ["tests_portable"], "stages": stages,
+       "host": {"gpu": "NVIDIA H200", "sku": "h200"}, "record_path": str(results / "RECORD.json")}
+(results / "RECORD.json").write_text(json.dumps(doc))
+(results / "RECORD.png").write_bytes(b"\x89PNG fake")
+print("stub runner done", flush=True)
+sys.exit(1)
+'''
+
+
+def _write_fake_bundle(archive: Path, extra: dict[str, str] | None = None) -> None:
+    """A small ``.tar.xz`` laid out like the real bundle: a package (with a relative symlink, as the deduplicated
+    z3 libraries are) and ``extra`` files (path -> text), written by Python (no xz needed)."""
+    tree = archive.parent / "fake-tree"
+    package = tree / "dsa_fake_bundle"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("FROM_BUNDLE = True\n")
+    (package / "alias.py").symlink_to("__init__.py")
+    for rel, text in (extra or {}).items():
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tree / rel).write_text(text)
+    (tree / "DSA_BUNDLE.json").write_text("{}")
+    with tarfile.open(archive, "w:xz") as tar:
+        for path in sorted(tree.rglob("*")):
+            tar.add(path, arcname=str(path.relative_to(tree)), recursive=False)
+    shutil.rmtree(tree)
+
+
+def _tool_path(bin_dir: Path, *, hide_xz: bool) -> str:
+    """A PATH whose ``python3`` is this interpreter; with ``hide_xz``, a folder of links to every program on PATH but
+    xz (tar is there, as on a host image without xz)."""
+    bin_dir.mkdir(parents=True)
+    wrapper = bin_dir / "python3"
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    wrapper.chmod(0o755)
+    if not hide_xz:
+        return f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}"
+    for folder in [*os.environ.get("PATH", "").split(os.pathsep), "/usr/bin", "/bin"]:
+        if not folder or not Path(folder).is_dir():
+            continue
+        for tool in Path(folder).iterdir():
+            link = bin_dir / tool.name
+            if tool.name in XZ_TOOLS or link.exists() or link.is_symlink() or not os.access(tool, os.X_OK):
+                continue
+            link.symlink_to(tool)
+    return str(bin_dir)
+
+
+def _checkout(tmp_path: Path, *, bundle_extra: dict[str, str] | None = None) -> Path:
+    """A checkout holding what gpu_check.sh touches: the script, a fake bundle, and ``benchmarks/results`` with an old
+    record that must not come back (the packages themselves come from this repository through PYTHONPATH)."""
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    shutil.copy2(SCRIPT_SH, repo / "scripts" / "gpu_check.sh")
+    (repo / ".bundle").mkdir()
+    _write_fake_bundle(repo / ".bundle" / "dsa-bundle.tar.xz", bundle_extra)
+    results = repo / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    old = results / "h100-sxm-20000101.json"
+    old.write_text("{}")
+    os.utime(old, (946684800, 946684800))
+    return repo
+
+
+def _run_sh(
+    repo: Path, tmp_path: Path, *, hide_xz: bool = False, runner: bool = True, work: Path | None = None
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Path]]:
+    """Run the checkout's gpu_check.sh as the device tool would (``$OUT`` set, an empty HOME), with the stub runner."""
+    paths = {"out": tmp_path / "out", "work": work or tmp_path / "work", "home": tmp_path / "home"}
+    paths["home"].mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DSA_", "TILELANG_", "PYTHON", "OUT"))}
+    env.update(OUT=str(paths["out"]), HOME=str(paths["home"]), DSA_GPU_CHECK_WORK=str(paths["work"]))
+    env.update(PYTHONPATH=str(ROOT), PATH=_tool_path(tmp_path / "bin", hide_xz=hide_xz))
+    if runner:
+        stub = tmp_path / "stub_runner"
+        logs = repr(STUB_LOGS)
+        stub.write_text(f"#!{sys.executable}\nLOGS = {logs}\n" + STUB_RUNNER.replace("RECORD", RECORD_STEM))
+        stub.chmod(0o755)
+        env["DSA_GPU_CHECK_RUNNER"] = str(stub)
+    bash = shutil.which("bash")
+    assert bash is not None
+    proc = subprocess.run(
+        [bash, str(repo / "scripts" / "gpu_check.sh")], capture_output=True, text=True, env=env, timeout=300
+    )
+    return proc, paths
+
+
+@pytest.mark.parametrize("unpack", ["xz", "python"])
+def test_gpu_check_sh_returns_at_most_eight_files(tmp_path: Path, unpack: str) -> None:
+    """With a stub stage runner that leaves twelve logs, JUnit and report files and a record, gpu_check.sh unpacks
+    the bundle (``tar -xJf``, or Python's tarfile with xz hidden from PATH), passes the import check, runs the stub
+    with every cache in the work folder, and leaves at most 8 files in ``$OUT``, none in a folder, each named in
+    ``[A-Za-z0-9._-]``: the record, its PNG, the compile report, every log in logs.tar.gz, and summary.txt stage by
+    stage. Its exit status is the runner's. Nothing is written to HOME."""
+    if unpack == "xz" and shutil.which("xz") is None:
+        pytest.skip("no xz program on this machine: only the tarfile path can run")
+    repo = _checkout(tmp_path)
+    proc, paths = _run_sh(repo, tmp_path, hide_xz=unpack == "python")
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1, output[-4000:]
+    work, out = paths["work"], paths["out"]
+    how = "tar -xJf" if unpack == "xz" else "Python's tarfile (no xz on PATH)"
+    assert f"bundle unpacked into {work / 'site'} with {how} in " in proc.stdout, output[-4000:]
+    assert "imports ok in " in proc.stdout and "the check exited 1 after " in proc.stdout
+    assert "gpu_check.sh: total " in proc.stdout.strip().splitlines()[-1]
+    # What the device tool returns: at most 8 files, at most two folders deep, plain names, at most 16 MiB each.
+    returned = [p for p in out.rglob("*") if p.is_file()]
+    assert 0 < len(returned) <= 8, returned
+    for path in returned:
+        rel = path.relative_to(out)
+        assert len(rel.parts) <= 3 and all(re.fullmatch(r"[A-Za-z0-9._-]+", part) for part in rel.parts), rel
+        assert path.stat().st_size <= 16 * 1024 * 1024
+    assert {p.name for p in returned} == {
+        f"{RECORD_STEM}.json", f"{RECORD_STEM}.png", "compile-report.json", "logs.tar.gz", "summary.txt"
+    }  # the old record in benchmarks/results stays behind
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        members = set(tar.getnames())
+    packed = {f"{name}.log" for name in STUB_LOGS} | {"imports.log", "gpu_check.log", "tests.xml", "runner.json"}
+    assert packed <= members
+    assert "compile-portable-report.json" in members and "compile-report.json" not in members
+    assert all("/" not in m for m in members)
+    summary = (out / "summary.txt").read_text()
+    assert summary.startswith("gpu check: FAILED (not passed: tests, tests_ws) (the check exited 1)")
+    rows = {line.split()[0]: line for line in summary.splitlines()[3:] if line.strip()}
+    assert rows["host"].split()[1:4] == ["passed", "12.3", "20"]
+    assert "57 kernels, 57 ok" in rows["compile"]
+    assert "40 passed, 1 failed, 0 errors, 3 skipped; first error: tests.test_topk_kernel::test_gpu_x" in rows["tests"]
+    assert rows["tests_ws"].split()[1] == "timeout" and "first error: Timeout (0:00:20)!" in rows["tests_ws"]
+    assert rows["tests_portable"].split()[1:] == ["skipped"] and rows["tune"].split()[1:] == ["not", "run"]
+    # The runner ran in the checkout with the stages' PYTHONPATH, the bundle first, and every cache in the work folder.
+    seen = json.loads((work / "runner.json").read_text())
+    assert seen["argv"][:4] == ["--work-dir", str(work), "--out-dir", "benchmarks/results"]
+    assert Path(seen["cwd"]) == repo
+    assert seen["env"]["PYTHONPATH"].split(os.pathsep)[:2] == [str(work / "site"), str(repo)]
+    assert seen["bundle_module"] == str(work / "site" / "dsa_fake_bundle" / "__init__.py")
+    assert (work / "site" / "dsa_fake_bundle" / "alias.py").is_symlink() and seen["bundle_alias"] == "__init__.py"
+    for key, value in seen["env"].items():
+        if key != "PYTHONPATH":
+            assert value and Path(value).is_relative_to(work), (key, value)
+    assert seen["env"]["DSA_CACHE_DIR"] == str(work / gpu_check.DSA_CACHE_SUBDIR)
+    assert not list(paths["home"].iterdir()), "nothing may be written to the home directory"
+
+
+@pytest.mark.parametrize(
+    ("hidden", "failing"),
+    [("psutil", "tilelang"), ("tvm_ffi", "tilelang, tvm_ffi"), ("benchmarks", "benchmarks")],
+)
+def test_gpu_check_sh_stops_when_a_module_cannot_be_imported(tmp_path: Path, hidden: str, failing: str) -> None:
+    """A required module (or one tilelang imports, as psutil on a host without it) that cannot be imported stops the
+    script after the import check with exit 2 and a message naming it and why; no stage runs, and summary.txt says
+    so. The bundle's first place on PYTHONPATH stands in for the missing module: a package that fails as a missing
+    one does."""
+    shadow = f"raise ModuleNotFoundError(\"No module named '{hidden}'\", name={hidden!r})\n"
+    repo = _checkout(tmp_path, bundle_extra={f"{hidden}/__init__.py": shadow})
+    proc, paths = _run_sh(repo, tmp_path)
+    assert proc.returncode == 2, proc.stdout[-4000:] + proc.stderr[-4000:]
+    for module in failing.split(", "):
+        assert f"cannot import {module}: ModuleNotFoundError: No module named '{hidden}'" in proc.stdout
+    assert f"import check failed: cannot import {failing}" in proc.stdout
+    assert "no stage was run" in proc.stderr
+    assert not (paths["work"] / "runner.json").exists(), "the stages must not run"
+    assert [p.name for p in paths["out"].iterdir()] == ["summary.txt"]
+    assert f"import check failed: cannot import {failing}" in (paths["out"] / "summary.txt").read_text()
+
+
+def test_gpu_check_sh_refuses_to_empty_a_folder_it_did_not_make(tmp_path: Path) -> None:
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "keep.txt").write_text("mine")
+    proc, _ = _run_sh(_checkout(tmp_path), tmp_path, work=precious)
+    assert proc.returncode == 2 and "not removing it" in proc.stderr
+    assert (precious / "keep.txt").read_text() == "mine"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# What comes back: the collector, the first error, summary.txt
+# ----------------------------------------------------------------------------------------------------------------------
+def test_collect_outputs_picks_this_runs_record_and_packs_every_log(tmp_path: Path) -> None:
+    work, results, out = tmp_path / "work", tmp_path / "results", tmp_path / "out"
+    work.mkdir()
+    results.mkdir()
+    old = results / "h100-sxm-20000101.json"
+    old.write_text("{}")
+    (results / "h100-sxm-20000101.png").write_bytes(b"old")
+    os.utime(old, (946684800, 946684800))
+    os.utime(results / "h100-sxm-20000101.png", (946684800, 946684800))
+    since = time.time() - 1
+    for i in range(20):
+        (work / f"stage-{i}.log").write_text(f"log {i}\n")
+    (work / "odd name.log").write_text("spaces")
+    (work / "site").mkdir()
+    (work / "site" / "big.log").write_text("not packed")
+    (work / "gpu_check.log").write_text("[gpu_check] stage host\nTraceback ...\nKeyError: 'sku'\n")
+    written = gpu_check.collect_outputs(out, work=work, results=results, since=since, runner_rc=3)
+    assert [p.name for p in written] == ["logs.tar.gz", "summary.txt"]
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        members = tar.getnames()
+    assert len(members) == 22 and "odd_name.log" in members and "big.log" not in members
+    summary = (out / "summary.txt").read_text().splitlines()
+    assert summary[:2] == ["gpu check: no record was written (the check exited 3); see logs.tar.gz",
+                           "first error: KeyError: 'sku'"]  # fmt: skip
+    # The newest record written since the stamp is the one that comes back, with the PNG beside it.
+    new = results / "h200-20990101.json"
+    write_doc = {"stages": [{"stage": "host", "status": "ok", "seconds": 1.0, "budget_s": 20}], "ok": True}
+    new.write_text(json.dumps(write_doc))
+    (results / "h200-20990101.png").write_bytes(b"png")
+    shutil.rmtree(out)
+    written = gpu_check.collect_outputs(out, work=work, results=results, since=since)
+    assert sorted(p.name for p in written) == ["h200-20990101.json", "h200-20990101.png", "logs.tar.gz", "summary.txt"]
+    assert (out / "summary.txt").read_text().startswith("gpu check: passed\n")
+
+
+def test_pack_logs_cuts_large_logs_until_the_archive_fits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A log too large for one returned file keeps its head and its end, cut until the archive fits."""
+    monkeypatch.setattr(gpu_check, "MAX_OUT_FILE_BYTES", 200_000)
+    monkeypatch.setattr(gpu_check, "LOG_MEMBER_BYTES", 1_000_000)
+    work = tmp_path / "work"
+    work.mkdir()
+    noise = os.urandom(600_000)  # does not compress
+    (work / "big.log").write_bytes(b"FIRST LINE\n" + noise + b"\nLAST LINE\n")
+    (work / "small.log").write_text("small\n")
+    archive = tmp_path / "logs.tar.gz"
+    assert gpu_check.pack_logs(work, archive) == ["big.log", "small.log"]
+    assert archive.stat().st_size <= 200_000
+    with tarfile.open(archive) as tar:
+        big = tar.extractfile("big.log").read()  # type: ignore[union-attr]
+        assert tar.extractfile("small.log").read() == b"small\n"  # type: ignore[union-attr]
+    assert big.startswith(b"FIRST LINE") and big.endswith(b"LAST LINE\n") and b"bytes of" in big
+
+
+def test_first_error_of_a_stage() -> None:
+    traceback = (
+        "collecting ...\nTraceback (most recent call last):\n  File \"x.py\", line 3, in f\n"
+        "    raise ValueError('bad')\nValueError: bad\nlater line\n"
+    )
+    assert gpu_check.first_error(traceback) == "ValueError: bad"
+    fatal = "Fatal Python error: Segmentation fault"
+    assert gpu_check.first_error(f"ok\n{fatal}\n") == fatal
+    assert gpu_check.first_error("Timeout (0:00:30)!\nThread 0x1") == "Timeout (0:00:30)!"
+    assert gpu_check.first_error("usage: dsa-bench\ndsa-bench: error: unrecognized arguments: --x\n") == (
+        "dsa-bench: error: unrecognized arguments: --x"
+    )
+    assert gpu_check.first_error("all good\n3 rows\n") == "3 rows"
+    assert gpu_check.first_error("") is None
+    run = gpu_check.StageRun(1, 2.0, False, "x\nRuntimeError: CUDA error: an illegal memory access\n")
+    assert gpu_check.stage_record("bench", run, 85)["first_error"].startswith("RuntimeError: CUDA error")
+    assert "first_error" not in gpu_check.stage_record("bench", gpu_check.StageRun(0, 1.0, False, "Error: x"), 85)
+
+
+def test_junit_counts_give_the_first_failure(tmp_path: Path) -> None:
+    xml = tmp_path / "j.xml"
+    xml.write_text(
+        '<testsuite tests="3" failures="1" errors="1" skipped="0">'
+        '<testcase classname="t" name="a"/>'
+        '<testcase classname="t" name="b"><failure message="AssertionError: 1 != 2&#10;more">trace</failure></testcase>'
+        '<testcase classname="t" name="c"><error message="RuntimeError: x"/></testcase></testsuite>'
+    )
+    counts = gpu_check.junit_counts(xml)
+    assert counts["failing"] == ["t::b", "t::c"] and counts["first_error"] == "t::b: AssertionError: 1 != 2"
+
+
+def test_out_names_are_plain() -> None:
+    assert gpu_check.out_name("h200-20990101.json") == "h200-20990101.json"
+    assert gpu_check.out_name("a b/c:d.log") == "a_b_c_d.log"
+    assert all(gpu_check.OUT_NAME_RE.match(gpu_check.out_name(n)) for n in ("é.log", "", "x y"))
