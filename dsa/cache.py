@@ -224,10 +224,19 @@ class PagedKVCache:
     def num_slots(self) -> int:
         return self.pages.shape[0] * self.page_size
 
-    def slots(self, positions: torch.Tensor) -> torch.Tensor:
+    def slots(self, positions: torch.Tensor, *, written_only: bool = False) -> torch.Tensor:
         """The slots of token ``positions`` (``[B, n]`` integers, one row per sequence): ``INVALID_SLOT`` where a
-        position is negative or beyond the sequence's pages."""
-        return positions_to_slots(self.block_table, self.page_size, positions, num_slots=self.num_slots)
+        position is negative or beyond the sequence's pages.
+
+        A position on the sequence's pages that it has not written yet (``>= seq_lens[b]``) still maps to its slot,
+        whose row holds zeros (or whatever was written there before); with ``written_only=True`` it is
+        ``INVALID_SLOT`` instead, so no op reads it (the serving path, ``dsa.generation``, asks for that; a tensor
+        op, no host sync)."""
+        slots = positions_to_slots(self.block_table, self.page_size, positions, num_slots=self.num_slots)
+        if written_only:
+            written = positions.to(self.seq_lens.device) < self.seq_lens.view(-1, 1)
+            slots = torch.where(written.to(slots.device), slots, INVALID_SLOT)
+        return slots
 
     def append(self, kv: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Write the next tokens of every sequence in one call.

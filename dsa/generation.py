@@ -66,7 +66,11 @@ def select_from_cache(
             bfloat16 queries, as a bfloat16 model would).
         weights (torch.Tensor): ``[B, n, H_i]`` float32 (the query scale folded in for FP8).
         topk (int): keys per query.
-        starts, ends (torch.Tensor): ``[B, n]`` int32: query ``t`` sees positions ``[starts, ends)``.
+        starts, ends (torch.Tensor): ``[B, n]`` int32: query ``t`` sees positions ``[starts, ends)``, and never a
+            position its sequence has not written yet: ``ends`` is clamped to ``index_cache.seq_lens`` here, so rows
+            past the written ones are invisible on every backend (the op itself reads whatever rows ``ends`` names on
+            allocated pages; a fresh cache's never-written rows are zero keys, which score 0 and would be selected
+            over negatively scored real keys).
         fp8_dim (int | None): ``D_i`` when the cache holds packed FP8 keys (``pack_index_keys_fp8``).
 
     Returns:
@@ -75,9 +79,11 @@ def select_from_cache(
     pages = index_cache.pages
     if fp8_dim is None and q.dtype != pages.dtype:
         q = q.to(pages.dtype)
+    # A tensor op (no host sync per layer and step): positions at or past the written length are out of every range.
+    ends = torch.minimum(ends.to(torch.int32), index_cache.seq_lens.to(ends.device).view(-1, 1))
     return ops.index_topk_decode(
         q.contiguous(), pages, weights.contiguous(), topk, block_table=index_cache.block_table.to(q.device),
-        ends=ends.to(torch.int32).contiguous(), starts=starts.to(torch.int32).contiguous(),
+        ends=ends.contiguous(), starts=starts.to(torch.int32).contiguous(),
     )  # fmt: skip
 
 
@@ -138,14 +144,15 @@ class LayerCache:
 
         Args:
             q (torch.Tensor): ``[B, n, H, latent_dim]``.
-            positions (torch.Tensor): ``[B, n, topk]`` int32 sequence positions, ``-1`` invalid.
+            positions (torch.Tensor): ``[B, n, topk]`` int32 sequence positions, ``-1`` invalid; a position the
+                sequence has not written is invalid too (``PagedKVCache.slots(..., written_only=True)``).
 
         Returns:
             torch.Tensor: ``[B, n, H, d_v]`` in q's dtype.
         """
         batch, n, heads, width = q.shape
         topk = positions.shape[-1]
-        slots = self.kv.slots(positions.reshape(batch, n * topk)).view(batch * n, 1, topk)
+        slots = self.kv.slots(positions.reshape(batch, n * topk), written_only=True).view(batch * n, 1, topk)
         q_op = q if self.kv.layout is not None else q.to(self.kv.pages.dtype)
         out, _ = ops.sparse_mla_decode(
             q_op.reshape(batch * n, 1, heads, width).contiguous(),

@@ -662,6 +662,9 @@ def index_topk_decode(
         ends, starts (Tensor): ``[B, s_q]`` int32: query ``t`` of sequence ``b`` sees the key positions ``starts <= s
             < ends`` (``starts`` default 0; for the newest tokens of sequences of ``L`` cached tokens, ``ends = L -
             s_q + t + 1``). A position whose page entry is negative, or whose slot lies past the cache, is invisible.
+            The op has no record of which rows were written: ``ends`` must not pass a sequence's written length,
+            or the rows past it are scored as they are stored (a fresh ``PagedKVCache`` holds zero keys there,
+            which score 0). ``dsa.generation.select_from_cache`` clamps ``ends`` to the cache's ``seq_lens``.
         return_scores (bool): also return the selected positions' scores.
 
     Returns:

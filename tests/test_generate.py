@@ -18,7 +18,15 @@ from hypothesis import strategies as st
 
 from dsa import cache as kvcache
 from dsa import generation
-from dsa.modules import DSAConfig, TinyDSAModel, apply_rope, rope_cos_sin, rope_cos_sin_at, rope_inv_freq
+from dsa.modules import (
+    DSAConfig,
+    TinyDSAModel,
+    apply_rope,
+    quantize_fp8_blockwise,
+    rope_cos_sin,
+    rope_cos_sin_at,
+    rope_inv_freq,
+)
 from dsa.testing import assert_close
 from tests import support
 from tests.strategies import examples
@@ -176,6 +184,44 @@ def test_model_cache_capacity_is_max_seq_len_rounded_up_to_whole_pages() -> None
         model(_ids(3, 2, 12), cache=cache)
         with pytest.raises(ValueError, match="capacity 12"):
             model(_ids(4, 2, 1), cache=cache)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("tilelang", marks=pytest.mark.cpu_kernel)])
+@pytest.mark.parametrize("index_fp8", [False, True], ids=["bf16_keys", "fp8_keys"])
+def test_selection_never_sees_rows_past_the_written_length(
+    monkeypatch: pytest.MonkeyPatch, backend: str, index_fp8: bool
+) -> None:
+    """``ends`` past what a sequence has written (5 and 9 tokens, ends 20): the never-written rows are invisible, so
+    the selection equals the one with ``ends`` at the written lengths, on the reference and the C-target kernels.
+    With negative head weights every real key scores <= 0; before the fix the never-written rows (zero keys, score
+    0) won and were selected. ``LayerCache.attend`` likewise never reads a position the sequence has not written."""
+    monkeypatch.setenv("DSA_BACKEND", backend)
+    g = torch.Generator().manual_seed(4)
+    heads, dim, topk = 4, 32, 16
+    model_cache = generation.ModelCache(
+        n_layers=1, batch_size=2, max_seq_len=32, latent_dim=40, d_rope=8, index_dim=dim, index_fp8=index_fp8,
+        page_size=8,
+    )  # fmt: skip
+    layer = model_cache.layers[0]
+    keys = torch.randn(2, 9, dim, generator=g)
+    k, k_scale = quantize_fp8_blockwise(keys) if index_fp8 else (keys.to(torch.bfloat16), None)
+    k_scale = None if k_scale is None else k_scale.squeeze(-1).contiguous()
+    layer.append(torch.randn(2, 9, 40, generator=g), k, k_scale, torch.tensor([5, 9]))
+    q = torch.randn(2, 1, heads, dim, generator=g)
+    q = quantize_fp8_blockwise(q)[0] if index_fp8 else q.to(torch.bfloat16)
+    weights = -torch.rand(2, 1, heads, generator=g) - 0.1
+    starts = torch.zeros(2, 1, dtype=torch.int32)
+    with torch.no_grad():
+        got = layer.select(q, weights, topk, starts, torch.full((2, 1), 20, dtype=torch.int32))
+        want = layer.select(q, weights, topk, starts, torch.tensor([[5], [9]], dtype=torch.int32))
+    for b, written in enumerate((5, 9)):
+        chosen = set(got[b, 0].tolist()) - {-1}
+        assert chosen == set(range(written)), f"sequence {b} (wrote {written}): selected {sorted(chosen)}"
+        assert chosen == set(want[b, 0].tolist()) - {-1}
+    # The attention side: positions 5..8 of sequence 0 were never written; asked for, they are invalid slots.
+    positions = torch.tensor([[[0, 4, 5, 8]], [[0, 4, 5, 8]]], dtype=torch.int32)
+    slots = layer.kv.slots(positions.view(2, 4), written_only=True)
+    assert slots[0].tolist()[2:] == [kvcache.INVALID_SLOT] * 2 and bool((slots[1] >= 0).all())
 
 
 def test_index_key_pack_roundtrip() -> None:
