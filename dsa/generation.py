@@ -263,12 +263,15 @@ def packed_ranges(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, t
     return positions, seq_start.to(torch.int32).view(1, total), (t + 1).to(torch.int32).view(1, total)
 
 
-def mask_runs(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_runs(
+    attention_mask: torch.Tensor, *, caller: str = "TinyDSAModel.forward"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Where each row's real tokens are.
 
     Args:
         attention_mask (torch.Tensor): ``[B, S]`` bool/integer/floating, 1 for a real token and 0 for padding; each
             row's real tokens must form one contiguous run (left or right padding).
+        caller (str): the method the error messages name.
 
     Returns:
         offsets ``[B]`` int64 (the run's first column, 0 for an empty row) and lengths ``[B]`` int64.
@@ -277,9 +280,9 @@ def mask_runs(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
         ValueError: a value other than 0/1, a wrong rank, or a row whose real tokens are not contiguous.
     """
     if attention_mask.dim() != 2:
-        raise ValueError(f"TinyDSAModel.forward: attention_mask must be [B, S], got {tuple(attention_mask.shape)}")
+        raise ValueError(f"{caller}: attention_mask must be [B, S], got {tuple(attention_mask.shape)}")
     if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-        raise ValueError("TinyDSAModel.forward: attention_mask must hold only 0 (padding) and 1 (real token)")
+        raise ValueError(f"{caller}: attention_mask must hold only 0 (padding) and 1 (real token)")
     mask = attention_mask.to(torch.int64)
     lengths = mask.sum(dim=1)
     offsets = torch.where(lengths > 0, mask.argmax(dim=1), 0)
@@ -288,7 +291,7 @@ def mask_runs(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     if bool((run != mask.bool()).any()):
         bad = torch.nonzero((run != mask.bool()).any(dim=1)).flatten().tolist()
         raise ValueError(
-            f"TinyDSAModel.forward: attention_mask rows {bad} do not hold their real tokens (1s) as one contiguous "
+            f"{caller}: attention_mask rows {bad} do not hold their real tokens (1s) as one contiguous "
             "run; only left or right padding is supported"
         )
     return offsets, lengths

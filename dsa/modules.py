@@ -594,6 +594,19 @@ class _Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x)), aux
 
 
+def _check_cache_room(cache: generation.ModelCache, new: int | torch.Tensor) -> None:
+    """Raise (naming ``TinyDSAModel.forward``) when appending ``new`` tokens (an int, or ``[B]`` per sequence) would
+    grow a sequence of ``cache`` past its capacity: checked once per call, before any layer appends."""
+    held = cache.seq_lens.to(torch.int64)
+    total = held + (new.to(held.device) if isinstance(new, torch.Tensor) else new)
+    if bool((total > cache.capacity).any()):
+        raise ValueError(
+            f"TinyDSAModel.forward: the cache's sequences hold {held.tolist()} tokens; {total.sub(held).tolist()} "
+            f"more would make {total.tolist()}, over its capacity {cache.capacity} (new_cache's max_seq_len "
+            f"{cache.max_seq_len} rounded up to whole pages)"
+        )
+
+
 class TinyDSAModel(nn.Module):
     """A small causal LM of DSA blocks (pre-norm attention + SwiGLU MLP), for tests and indexer training."""
 
@@ -650,10 +663,15 @@ class TinyDSAModel(nn.Module):
                 ``input_ids [1, total]``: positions restart at 0 per sequence, each sees only itself. No cache.
 
         ``return_aux`` and dense mode work only without ``cache``, ``attention_mask`` and ``cu_seqlens``
-        (``NotImplementedError`` otherwise).
+        (``NotImplementedError`` otherwise). Positions past ``config.max_seq_len`` are computed (RoPE takes any
+        position); :meth:`generate` refuses to go past it.
+
+        Raises:
+            TypeError / ValueError naming ``TinyDSAModel.forward``: ``input_ids`` not a non-empty ``[B, S]`` int64
+            tensor of ids in ``[0, vocab_size)``; a cache whose sequences cannot take the new tokens (checked before
+            anything is appended).
         """
-        if input_ids.dim() != 2 or input_ids.dtype != torch.int64:
-            raise ValueError(f"input_ids must be [B, S] int64, got {tuple(input_ids.shape)} {input_ids.dtype}")
+        self._check_input_ids(input_ids, "TinyDSAModel.forward")
         batch, seq = input_ids.shape
         if cache is None and attention_mask is None and cu_seqlens is None:
             x = self.embed(input_ids)
@@ -692,11 +710,28 @@ class TinyDSAModel(nn.Module):
                     f"TinyDSAModel.forward: cache holds {len(cache.layers)} layers x {cache.batch_size} sequences, "
                     f"the model has {len(self.layers)} layers and input_ids {batch} rows"
                 )
+            _check_cache_room(cache, seq if lengths is None else lengths)
             logits = self._run(input_ids, cache=cache, lengths=lengths)
         else:
             positions, starts, ends = generation.padded_ranges(lengths, seq)
             logits = self._run(input_ids, positions=positions, starts=starts, ends=ends)
         return logits if offsets is None else generation.restore_rows(logits, offsets)
+
+    def _check_input_ids(self, input_ids: object, caller: str) -> None:
+        """``input_ids`` must be a non-empty ``[B, S]`` int64 tensor of ids in ``[0, vocab_size)``; the errors name
+        ``caller``. One host sync (the id range), before any layer runs."""
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"{caller}: input_ids must be a torch.Tensor [B, S] int64, got {type(input_ids).__name__}")
+        if input_ids.dim() != 2 or input_ids.dtype != torch.int64:
+            raise ValueError(f"{caller}: input_ids must be [B, S] int64, got {tuple(input_ids.shape)} {input_ids.dtype}")
+        if input_ids.numel() == 0:
+            raise ValueError(f"{caller}: input_ids must not be empty, got shape {tuple(input_ids.shape)}")
+        low, high = torch.stack(torch.aminmax(input_ids)).tolist()
+        vocab = self.config.vocab_size
+        if low < 0 or high >= vocab:
+            raise ValueError(
+                f"{caller}: input_ids must lie in [0, vocab_size = {vocab}), got values from {low} to {high}"
+            )
 
     def _run(
         self, input_ids: torch.Tensor, *, cache: generation.ModelCache | None = None, **attention: object
@@ -759,22 +794,38 @@ class TinyDSAModel(nn.Module):
 
         Returns:
             torch.Tensor: ``[B, S + max_new_tokens]`` int64: the prompts, then the generated tokens.
+
+        Raises:
+            TypeError / ValueError naming ``TinyDSAModel.generate``, before anything runs: ``input_ids`` as in
+            :meth:`forward`, a bad ``max_new_tokens`` or ``attention_mask``, or sequences that would grow past
+            ``config.max_seq_len`` (the longest prompt's real tokens plus ``max_new_tokens``).
         """
+        caller = "TinyDSAModel.generate"
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"TinyDSAModel.generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        if input_ids.dim() != 2 or input_ids.dtype != torch.int64:
-            raise ValueError(
-                f"TinyDSAModel.generate: input_ids must be [B, S] int64, got {tuple(input_ids.shape)} {input_ids.dtype}"
-            )
+            raise ValueError(f"{caller}: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        self._check_input_ids(input_ids, caller)
         batch, seq = input_ids.shape
+        last = torch.full((batch,), seq - 1, dtype=torch.int64, device=input_ids.device)
+        prompt = seq
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != (batch, seq):
+                raise ValueError(
+                    f"{caller}: attention_mask must be [B, S] = {(batch, seq)} like input_ids, got "
+                    f"{tuple(attention_mask.shape)}"
+                )
+            offsets, lengths = generation.mask_runs(attention_mask.to(input_ids.device), caller=caller)
+            if bool((lengths == 0).any()):
+                raise ValueError(f"{caller}: every row of attention_mask needs at least one real token")
+            last = offsets + lengths - 1
+            prompt = int(lengths.max())
+        limit = self.config.max_seq_len
+        if prompt + max_new_tokens > limit:
+            raise ValueError(
+                f"{caller}: a {prompt}-token prompt plus max_new_tokens = {max_new_tokens} makes "
+                f"{prompt + max_new_tokens} tokens, past config.max_seq_len = {limit}"
+            )
         if max_new_tokens == 0:
             return input_ids.clone()
-        last = torch.full((batch,), seq - 1, dtype=torch.int64, device=input_ids.device)
-        if attention_mask is not None:
-            offsets, lengths = generation.mask_runs(attention_mask.to(input_ids.device))
-            if bool((lengths == 0).any()):
-                raise ValueError("TinyDSAModel.generate: every row of attention_mask needs at least one real token")
-            last = offsets + lengths - 1
         cache = self.new_cache(batch, seq + max_new_tokens, dtype=cache_dtype, page_size=page_size)
         logits = self(input_ids, cache=cache, attention_mask=attention_mask)
         token = logits[torch.arange(batch, device=logits.device), last].argmax(dim=-1)

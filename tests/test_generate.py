@@ -168,8 +168,18 @@ def test_cache_seq_lens_advance_and_overflow_raises() -> None:
         assert all(layer.seq_lens.tolist() == [6, 6] for layer in cache.layers)
         model(_ids(4, 2, 1), cache=cache)
         assert cache.seq_lens.tolist() == [7, 7]
-        with pytest.raises(ValueError, match="over the capacity"):
+        with pytest.raises(
+            ValueError,
+            match=r"^TinyDSAModel.forward: the cache's sequences hold \[7, 7\] tokens; \[6, 6\] more would make "
+            r"\[13, 13\], over its capacity 12 \(new_cache's max_seq_len 10 rounded up to whole pages\)",
+        ):
             model(_ids(5, 2, 6), cache=cache)
+        assert cache.seq_lens.tolist() == [7, 7], "a refused call must not advance the cache"
+        padded = torch.tensor([[1, 1, 1, 1, 1, 0], [0, 0, 0, 0, 1, 1]])
+        model(_ids(6, 2, 6), cache=cache, attention_mask=padded)  # 5 and 2 real tokens: they fit
+        assert cache.seq_lens.tolist() == [12, 9]
+        with pytest.raises(ValueError, match=r"^TinyDSAModel.forward: .* \[1, 1\] more would make \[13, 10\]"):
+            model(_ids(7, 2, 1), cache=cache)
     with pytest.raises(ValueError, match="cache holds 2 layers x 2 sequences"):
         model(_ids(3, 3, 2), cache=cache)
 
@@ -331,6 +341,30 @@ def test_generate_equals_step_by_step_full_forward(prompt: int, new: int) -> Non
     assert torch.equal(model.generate(ids, 0), ids)
     for dtype in (torch.bfloat16, "fp8"):
         assert model.generate(ids, 2, cache_dtype=dtype).shape == (2, prompt + 2)
+
+
+def test_generate_refuses_to_grow_past_max_seq_len() -> None:
+    """The tiny config's max_seq_len is 256: a 250-token prompt plus 20 new tokens is refused before anything runs,
+    naming generate, both lengths and the limit (before the fix it generated all 270 without a word); 250 + 6 runs,
+    and a left-padded prompt counts its real tokens only."""
+    model = _model(2)
+    ids = _ids(2, 1, 250)
+    with pytest.raises(
+        ValueError,
+        match=r"^TinyDSAModel.generate: a 250-token prompt plus max_new_tokens = 20 makes 270 tokens, past "
+        r"config.max_seq_len = 256",
+    ):
+        model.generate(ids, 20, cache_dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"^TinyDSAModel.generate: a 257-token prompt plus max_new_tokens = 0"):
+        model.generate(_ids(2, 1, 257), 0)
+    assert model.generate(ids, 6, cache_dtype=torch.float32).shape == (1, 256)
+    mask = torch.zeros(1, 250, dtype=torch.int64)
+    mask[:, -10:] = 1
+    assert model.generate(ids, 20, cache_dtype=torch.float32, attention_mask=mask).shape == (1, 270)
+    with pytest.raises(ValueError, match=r"^TinyDSAModel.generate: attention_mask must be \[B, S\] = \(1, 250\)"):
+        model.generate(ids, 2, attention_mask=mask[:, 1:])
+    with pytest.raises(ValueError, match=r"^TinyDSAModel.generate: attention_mask rows \[0\]"):
+        model.generate(ids[:, :4], 2, attention_mask=torch.tensor([[1, 0, 1, 1]]))
 
 
 def test_generate_left_padded_equals_separate_prompts() -> None:

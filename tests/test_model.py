@@ -270,6 +270,33 @@ def test_tiny_model_forward_shapes_and_input_check() -> None:
         model(tokens.int())
 
 
+@pytest.mark.parametrize(
+    ("ids", "error", "message"),
+    [
+        (torch.zeros(0, 5, dtype=torch.int64), ValueError, r"input_ids must not be empty, got shape \(0, 5\)"),
+        (torch.zeros(2, 0, dtype=torch.int64), ValueError, r"input_ids must not be empty, got shape \(2, 0\)"),
+        (torch.tensor([[1, 256, 3]]), ValueError, r"input_ids must lie in \[0, vocab_size = 256\), got values from 1 to 256"),
+        (torch.tensor([[4, -1]]), ValueError, r"input_ids must lie in \[0, vocab_size = 256\), got values from -1 to 4"),
+        (torch.tensor([1, 2, 3]), ValueError, r"input_ids must be \[B, S\] int64, got \(3,\) torch.int64"),
+        (torch.ones(2, 3), ValueError, r"input_ids must be \[B, S\] int64, got \(2, 3\) torch.float32"),
+        ([[1, 2, 3]], TypeError, r"input_ids must be a torch.Tensor \[B, S\] int64, got list"),
+    ],
+    ids=["empty_batch", "empty_sequence", "id_equal_to_vocab", "negative_id", "rank_1", "float", "list"],
+)
+def test_tiny_model_input_errors_name_the_model(ids: object, error: type[Exception], message: str) -> None:
+    """Bad token ids are reported by the model (forward and generate) before any layer runs. Before the fix an empty
+    batch was reported by ``index_topk: q must not be empty``, an id >= vocab raised a bare IndexError from the
+    embedding, and the other errors did not name the method."""
+    model = TinyDSAModel(_tiny())
+    with pytest.raises(error, match=f"^TinyDSAModel.forward: {message}"):
+        model(ids)
+    with pytest.raises(error, match=f"^TinyDSAModel.generate: {message}"):
+        model.generate(ids, 2)
+    if isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.numel():
+        with pytest.raises(error, match=f"^TinyDSAModel.forward: {message}"):
+            model(ids, cache=model.new_cache(ids.shape[0], 8, dtype=torch.float32))
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Gradients reach exactly the parameters that should train
 # --------------------------------------------------------------------------------------------------------------------
