@@ -119,6 +119,8 @@ TEST_STAGE_MARKERS: dict[str, str] = {
     "tests_portable": "gpu and portable",
     "tests_decode": "gpu and decode",
 }
+# A stage with less time than this before the overall deadline is not started (recorded as a timeout).
+MIN_STAGE_S = 5.0
 # A test still running after this many seconds (at most half its stage's budget, so that the dump lands before the
 # kill) has its threads' tracebacks dumped into the log by pytest's built-in faulthandler_timeout; it is not stopped.
 FAULTHANDLER_TIMEOUT_S = 30
@@ -334,6 +336,24 @@ def write_json(path: Path, doc: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+@dataclass
+class Deadline:
+    """The time the whole check must end by (``time.monotonic()``; ``None``: no limit): stage budgets are cut to fit,
+    leaving each stage's stop grace (a stage stopped at its budget may take that long to exit)."""
+
+    at: float | None
+
+    @classmethod
+    def after(cls, seconds: float | None) -> Deadline:
+        return cls(None if seconds is None else time.monotonic() + seconds)
+
+    def clip(self, budget_s: float) -> float:
+        """``budget_s``, or less when the deadline is nearer."""
+        if self.at is None:
+            return budget_s
+        return min(budget_s, self.at - time.monotonic() - process.STOP_GRACE_S)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser."""
     p = argparse.ArgumentParser(prog="gpu_check", description="One-shot GPU check: host, GPU tests, benchmarks, short tuning, record.")
@@ -343,6 +363,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", type=Path, default=None, help="logs and intermediate files (default: a temp folder)")
     p.add_argument("--budget", action="append", default=[], metavar="STAGE=SECONDS", help="change a stage's budget")
     p.add_argument("--skip", action="append", default=[], choices=STAGES, help="leave a stage out")
+    p.add_argument(
+        "--deadline-s",
+        type=float,
+        default=None,
+        help="end the whole check within this many seconds: each stage's budget is cut to the time left, and a stage "
+        f"with under {MIN_STAGE_S} s left is recorded as a timeout without starting (gpu_check.sh passes what is left "
+        "of the device call, so the record is always written and collected)",
+    )
     p.add_argument("--bench-args", default="", help="extra arguments for dsa-bench (e.g. '--kernels topk')")
     p.add_argument("--pytest-args", default="", help="extra arguments for the GPU test run")
     p.add_argument(
@@ -411,18 +439,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ceilings": {},
     }
     record_path, png_path = results_paths(None, args.out_dir)
+    deadline = Deadline.after(args.deadline_s)
 
     def save() -> None:
         doc["record_path"] = str(record_path)
         write_json(record_path, doc)
 
+    def out_of_time(stage: str) -> bool:
+        """Whether the overall deadline leaves ``stage`` too little time; if so it is recorded as a timeout."""
+        if deadline.clip(budgets[stage]) >= MIN_STAGE_S:
+            return False
+        rec = {"stage": stage, "status": "timeout", "rc": None, "seconds": 0.0, "budget_s": budgets[stage],
+               "log_tail": "", "first_error": "not started: the overall deadline (--deadline-s) left no time"}  # fmt: skip
+        doc["stages"].append(rec)
+        announce(rec)
+        save()
+        return True
+
     # 1. host and ceilings
     ceilings_json = work / "ceilings.json"
-    if "host" not in args.skip:
+    if "host" not in args.skip and not out_of_time("host"):
         print("[gpu_check] stage host: versions, SKU, ceilings", flush=True)
         run = run_stage_process(
             [py, "-m", "autotune.bench", "--measure-ceilings", "--json", str(ceilings_json)],
-            budget_s=budgets["host"], env=env, log=work / "host.log",
+            budget_s=deadline.clip(budgets["host"]), env=env, log=work / "host.log",
         )  # fmt: skip
         doc["stages"].append(stage_record("host", run, budgets["host"]))
         announce(doc["stages"][-1])
@@ -435,7 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # 2. every kernel of the GPU tests, compiled in parallel into TileLang's disk cache (the later stages run whatever
     # happens here: a kernel missing from the cache is compiled on first use, as it was before this stage)
     dsa_cache = work / DSA_CACHE_SUBDIR
-    if "compile" not in args.skip:
+    if "compile" not in args.skip and not out_of_time("compile"):
         jobs = compile_jobs()
         print(f"[gpu_check] stage compile: the GPU tests' kernels, {jobs} at a time", flush=True)
         report = work / "compile-report.json"
@@ -443,17 +483,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         compile_env = {**env, "DSA_CACHE_DIR": str(dsa_cache)}
         started_compile = time.monotonic()
         run = run_stage_process(
-            collect_command(py, shapes=shapes), budget_s=budgets["compile"], env=env, log=work / "collect.log"
+            collect_command(py, shapes=shapes),
+            budget_s=deadline.clip(budgets["compile"]),
+            env=env,
+            log=work / "collect.log",
         )
         records: list[dict[str, Any]] | None = None
         if shapes.is_file():
-            left = max(1.0, budgets["compile"] - (time.monotonic() - started_compile))
+            left = max(1.0, deadline.clip(budgets["compile"] - (time.monotonic() - started_compile)))
             cmd = compile_command(py, jobs=jobs, report=report, shapes=shapes)
             run = run_stage_process(cmd, budget_s=left, env=compile_env, log=work / "compile.log")
             records = read_report(report)
             if "tests_portable" not in args.skip and run.rc == 0:
                 # The portable schedule's default configs for the same shapes (DSA_PORTABLE=1: sm_90 on Hopper).
-                left = max(1.0, budgets["compile"] - (time.monotonic() - started_compile))
+                left = max(1.0, deadline.clip(budgets["compile"] - (time.monotonic() - started_compile)))
                 portable_report = work / "compile-portable-report.json"
                 cmd = compile_command(py, jobs=jobs, report=portable_report, shapes=shapes, defaults_only=True)
                 portable_env = {**compile_env, "DSA_PORTABLE": "1"}
@@ -476,13 +519,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # 3./4. gpu-marked tests under the gpu Hypothesis profile: all but the ws and portable schedules', then each
     test_env = {**env, "HYPOTHESIS_PROFILE": "gpu"}
     for stage in ("tests", "tests_ws", "tests_portable", "tests_decode"):
-        if stage in args.skip:
+        if stage in args.skip or out_of_time(stage):
             continue
         selection = TEST_STAGE_MARKERS[stage]
         print(f"[gpu_check] stage {stage}: pytest -m '{selection}' (HYPOTHESIS_PROFILE=gpu)", flush=True)
         junit = work / f"{stage}.xml"
-        cmd = pytest_command(py, stage, budget_s=budgets[stage], junit=junit, extra_args=args.pytest_args.split())
-        run = run_stage_process(cmd, budget_s=budgets[stage], env=test_env, log=work / f"{stage}.log")
+        stage_budget = deadline.clip(budgets[stage])
+        cmd = pytest_command(py, stage, budget_s=stage_budget, junit=junit, extra_args=args.pytest_args.split())
+        run = run_stage_process(cmd, budget_s=stage_budget, env=test_env, log=work / f"{stage}.log")
         counts = junit_counts(junit)
         doc[stage] = counts
         # pytest exits 5 when nothing is collected: no gpu tests is a failure of this stage, not a pass.
@@ -494,13 +538,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # 5. benchmarks
     bench_json = work / "bench.json"
-    if "bench" not in args.skip:
+    if "bench" not in args.skip and not out_of_time("bench"):
         print("[gpu_check] stage bench: standard cases side by side", flush=True)
         cmd = [py, "-m", "autotune.bench", "--json", str(bench_json), *BENCH_DEFAULT_ARGS]
         if ceilings_json.is_file():
             cmd += ["--ceilings", str(ceilings_json)]
         cmd += args.bench_args.split()
-        run = run_stage_process(cmd, budget_s=budgets["bench"], env=env, log=work / "bench.log")
+        run = run_stage_process(cmd, budget_s=deadline.clip(budgets["bench"]), env=env, log=work / "bench.log")
         bench = json.loads(bench_json.read_text()) if bench_json.is_file() else {}
         doc["bench"] = {"rows": bench.get("rows", []), "failed_cases": bench.get("failed_cases", [])}
         doc["stages"].append(stage_record("bench", run, budgets["bench"], rows=len(doc["bench"]["rows"])))
@@ -508,13 +552,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         save()
 
     # 6. short tuning pass for this SKU
-    if "tune" not in args.skip:
+    if "tune" not in args.skip and not out_of_time("tune"):
         print("[gpu_check] stage tune: autotune --sku auto (small shapes)", flush=True)
         report = work / "autotune-report.json"
         tune_env = {**env, "DSA_CACHE_DIR": str(dsa_cache)}
         cmd = [py, "-m", "autotune.cli", "--sku", "auto", "--shapes", str(TUNE_SHAPES), "--no-progress"]
         cmd += ["--report", str(report), "--candidate-timeout", str(TUNE_CANDIDATE_TIMEOUT_S)]
-        run = run_stage_process(cmd, budget_s=budgets["tune"], env=tune_env, log=work / "tune.log")
+        run = run_stage_process(cmd, budget_s=deadline.clip(budgets["tune"]), env=tune_env, log=work / "tune.log")
         records = json.loads(report.read_text()) if report.is_file() else []
         chosen = [r for r in records if r.get("chosen")]
         rec = stage_record("tune", run, budgets["tune"], records=len(records))

@@ -38,6 +38,8 @@
 #   OUT                    where the returned files go (the device tool sets it); unset: nothing is copied.
 #   DSA_GPU_CHECK_WORK     the work folder (default /tmp/dsa-gpu-check), emptied first; a folder that is neither
 #                          empty nor an earlier work folder (no .dsa-gpu-check marker) is refused.
+#   DSA_GPU_CHECK_TOTAL_S  the whole script's time limit in seconds (default 555, for the device call's 570): the
+#                          check gets what is left as --deadline-s and cuts its stages' budgets to fit.
 #   DSA_GPU_CHECK_RUNNER   a test hook: a program run instead of `python3 scripts/gpu_check.py`, with the same
 #                          arguments (--work-dir, --out-dir, then this script's); tests use a stub that writes fake
 #                          logs and a record in seconds. Unset on a GPU host.
@@ -53,6 +55,10 @@ RESULTS=benchmarks/results
 MARKER=.dsa-gpu-check
 PY=python3
 REQUIRED_MODULES=(tilelang tvm_ffi dsa autotune benchmarks)
+# Everything, step 5 included, ends within TOTAL_S of the start (the device call is run with timeout_s 570; a command
+# killed there returns only what it had written to $OUT, so the check must stop itself first).
+TOTAL_S=${DSA_GPU_CHECK_TOTAL_S:-555}
+COLLECT_RESERVE_S=10
 
 # Microseconds since the epoch (bash 5's EPOCHREALTIME; whole seconds on an older bash), and the time since one.
 now_us() {
@@ -168,7 +174,15 @@ if [ -n "${DSA_GPU_CHECK_RUNNER:-}" ]; then
     RUNNER=("$DSA_GPU_CHECK_RUNNER")
 fi
 # Its output also goes to gpu_check.log (in logs.tar.gz; summary.txt quotes its first error when no record is written).
-"${RUNNER[@]}" --work-dir "$WORK" --out-dir "$RESULTS" "$@" 2>&1 | tee "$WORK/gpu_check.log"
+# The whole script must end inside the device call's limit, or nothing comes back: the check gets what is left of
+# TOTAL_S (less COLLECT_RESERVE_S for step 5) as its deadline, cuts its stages to fit, and a hard stop backs that up.
+left=$((TOTAL_S - ($(now_us) - T0) / 1000000 - COLLECT_RESERVE_S))
+[ "$left" -lt 1 ] && left=1
+echo "gpu_check.sh: the check has ${left} s (DSA_GPU_CHECK_TOTAL_S=$TOTAL_S)"
+HARD_STOP=()
+command -v timeout >/dev/null 2>&1 && HARD_STOP=(timeout -k 5 "$((left + COLLECT_RESERVE_S / 2))")
+${HARD_STOP[@]+"${HARD_STOP[@]}"} "${RUNNER[@]}" --work-dir "$WORK" --out-dir "$RESULTS" --deadline-s "$left" "$@" 2>&1 \
+    | tee "$WORK/gpu_check.log"
 rc=${PIPESTATUS[0]}
 echo "gpu_check.sh: the check exited $rc after $(since "$t")"
 

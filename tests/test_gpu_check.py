@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,45 @@ def test_gpu_tests_run_in_four_stages_with_the_ws_portable_and_decode_tests_apar
     out = capsys.readouterr().out
     assert "gpu tests: 2 passed, 0 failed, 0 errors, 1 skipped" in out and "tests_ws timeout" in out
     assert out.strip().splitlines()[-1] == "gpu_check: stages not ok: tests_ws"
+
+
+def test_the_overall_deadline_cuts_stage_budgets_and_skips_stages_it_cannot_fit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``--deadline-s``, each stage gets at most the time left less the stop grace, and a stage with under
+    MIN_STAGE_S left is recorded as a timeout without starting; the record is still written (the device call returns
+    nothing of a command it had to kill, so the check must end itself in time)."""
+    clock = [1000.0]
+    fake_time = types.SimpleNamespace(
+        monotonic=lambda: clock[0], time=time.time, strftime=time.strftime, gmtime=time.gmtime
+    )
+    monkeypatch.setattr(gpu_check, "time", fake_time)
+    monkeypatch.setattr(gpu_check, "cuda_available", lambda: (True, ""))
+    budgets: list[tuple[str, float]] = []
+
+    def fake_stage(cmd: list[str], *, budget_s: float, env: dict[str, str], log: Path) -> Any:
+        budgets.append((log.name, budget_s))
+        clock[0] += budget_s  # every stage runs to its (cut) budget
+        return _passing_test_stage(cmd)
+
+    monkeypatch.setattr(gpu_check, "run_stage_process", fake_stage)
+    deadline = 200.0
+    rc = gpu_check.main(
+        ["--out-dir", str(tmp_path), "--work-dir", str(tmp_path / "work"), "--skip", "host", "--skip", "compile",
+         "--skip", "bench", "--skip", "tune", "--deadline-s", str(deadline)]
+    )  # fmt: skip
+    grace = gpu_check.process.STOP_GRACE_S
+    tests_budget = gpu_check.DEFAULT_BUDGETS["tests"]
+    ws_budget = min(gpu_check.DEFAULT_BUDGETS["tests_ws"], deadline - tests_budget - grace)
+    assert budgets[:2] == [("tests.log", tests_budget), ("tests_ws.log", ws_budget)]
+    assert all(b <= deadline - grace for _, b in budgets)
+    assert sum(b for _, b in budgets) <= deadline
+    doc = json.loads(next(tmp_path.glob("unknown-gpu-*.json")).read_text())
+    statuses = {s["stage"]: s for s in doc["stages"]}
+    assert [s["stage"] for s in doc["stages"]] == ["tests", "tests_ws", "tests_portable", "tests_decode"]
+    not_started = [s for s in doc["stages"] if s["seconds"] == 0.0]
+    assert not_started and all(s["status"] == "timeout" and "deadline" in s["first_error"] for s in not_started)
+    assert statuses["tests"]["status"] == "ok" and rc == 1
 
 
 @pytest.mark.parametrize("outcome", ["timeout", "failed"])
@@ -514,7 +554,9 @@ def test_gpu_check_sh_returns_at_most_eight_files(tmp_path: Path, unpack: str) -
     assert rows["tests_portable"].split()[1:] == ["skipped"] and rows["tune"].split()[1:] == ["not", "run"]
     # The runner ran in the checkout with the stages' PYTHONPATH, the bundle first, and every cache in the work folder.
     seen = json.loads((work / "runner.json").read_text())
-    assert seen["argv"][:4] == ["--work-dir", str(work), "--out-dir", "benchmarks/results"]
+    assert seen["argv"][:5] == ["--work-dir", str(work), "--out-dir", "benchmarks/results", "--deadline-s"]
+    # The check gets what is left of the script's 555 s (the device call's 570 less collection), minus the reserve.
+    assert 500 < int(seen["argv"][5]) <= 555 - 10
     assert Path(seen["cwd"]) == repo
     assert seen["env"]["PYTHONPATH"].split(os.pathsep)[:2] == [str(work / "site"), str(repo)]
     assert seen["bundle_module"] == str(work / "site" / "dsa_fake_bundle" / "__init__.py")
