@@ -720,7 +720,9 @@ def test_every_op_takes_any_strides_on_both_backends(monkeypatch: pytest.MonkeyP
     base = make()
     for layout in STRIDED_LAYOUTS:
         strided = {name: layouts.relaid(t, layout) for name, t in base.items()}
-        plain = {name: None if t is None else t.clone(memory_format=torch.contiguous_format) for name, t in strided.items()}
+        plain = {
+            name: None if t is None else t.clone(memory_format=torch.contiguous_format) for name, t in strided.items()
+        }
         _assert_identical(call(strided), call(plain), f"{op} with {layout} inputs")
 
 
