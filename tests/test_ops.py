@@ -769,6 +769,27 @@ def test_gradients_reach_strided_inputs(monkeypatch: pytest.MonkeyPatch, backend
 
 
 @pytest.mark.cpu_kernel
+def test_compiled_graph_lays_strided_inputs_out_for_the_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under ``torch.compile(fullgraph=True)`` (aot_eager) a transposed q and a sliced kv reach the C-target kernels
+    row-major through the traced copy, and forward and gradients equal eager mode's."""
+    monkeypatch.setenv("DSA_BACKEND", "tilelang")
+    g = torch.Generator().manual_seed(21)
+    q_leaf = torch.randn(1, CHAIN_HEADS, 4, CHAIN_D_QK, generator=g).bfloat16().requires_grad_(True)
+    kv_leaf = torch.randn(1, 50, 2 * CHAIN_D_QK, generator=g).bfloat16().requires_grad_(True)
+    indices = testing.make_indices("regular", 22, 1, 4, 50, CHAIN_TOPK)
+
+    def loss(q_leaf: torch.Tensor, kv_leaf: torch.Tensor) -> torch.Tensor:
+        out, _ = ops.sparse_mla(q_leaf.transpose(1, 2), kv_leaf[..., ::2], indices, sm_scale=SM_SCALE, d_v=CHAIN_D_V)
+        return out.float().square().sum()
+
+    eager = torch.autograd.grad(loss(q_leaf, kv_leaf), (q_leaf, kv_leaf))
+    torch._dynamo.reset()
+    compiled = torch.autograd.grad(torch.compile(loss, fullgraph=True, backend="aot_eager")(q_leaf, kv_leaf),
+                                   (q_leaf, kv_leaf))  # fmt: skip
+    _assert_identical(compiled, eager, "compiled gradients")
+
+
+@pytest.mark.cpu_kernel
 @pytest.mark.parametrize("backend", ["reference", "tilelang"])
 def test_flash_mla_sparse_fwd_takes_flashmla_test_layouts(monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
     """FlashMLA's prefill test inputs are slices of padded buffers (and its kernels take transposed views): through
