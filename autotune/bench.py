@@ -33,6 +33,7 @@ import gc
 import importlib.metadata
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -138,9 +139,13 @@ def git_commit() -> str | None:
 
 
 def host_info() -> dict[str, Any]:
-    """GPU name, SKU, memory, SM count, L2 size and the versions of driver, CUDA, torch and tilelang."""
+    """GPU name, SKU, memory, SM count, L2 size, the versions of driver, CUDA, torch and tilelang, and the torch CPU
+    threads this process runs with (CPU timings depend on them: on a loaded 2-core machine the default threads made
+    CPU decoding 10-60x slower than one thread)."""
     driver = _command_output(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
     info: dict[str, Any] = {
+        "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "tilelang": _version("tilelang"),
@@ -772,6 +777,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         device=torch.device(args.device),
     )
     doc: dict[str, Any] = {"host": _META, "ceilings": ceilings, "rows": [], "failed_cases": []}
+    print(
+        f"[bench] torch CPU threads: {_META['torch_threads']} (OMP_NUM_THREADS={_META['omp_num_threads'] or 'unset'}; "
+        "torch.set_num_threads or OMP_NUM_THREADS changes it)",
+        flush=True,
+    )
     failed = False
     for case in selected:
         t0 = time.perf_counter()
