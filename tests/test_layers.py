@@ -7,15 +7,20 @@ Every ``import`` of the project's modules, at module level or inside a function,
 2. the lower half of ``autotune`` (``flops``, ``sku``, ``space``, ``cache``, ``select``: config lookup for the
    launchers) and ``benchmarks.cases`` (plain data): nothing from ``dsa`` or the upper half of ``autotune``;
 3. ``dsa``: the library (reference, launchers, ops, modules, testing); nothing from the upper half of ``autotune``;
-4. the upper half of ``autotune`` (tuner, measurement, benchmark, GPU check): anything below.
+4. the upper half of ``autotune`` (tuner, measurement, benchmark, GPU check) and the rest of ``benchmarks``:
+   anything below.
 
 Besides: the project's module-level imports form no cycle; no import sits inside a ``try`` whose handler catches
-``Exception`` (a broken module must fail loudly, not turn into "untuned"); ``scripts/`` never imports ``tests``.
+``Exception`` (a broken module must fail loudly, not turn into "untuned"); ``scripts/`` never imports ``tests``;
+outside frameworks (transformers) are imported only inside ``dsa/integrations/``, and importing the library loads
+none of them (they are optional extras).
 """
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -47,7 +52,7 @@ def _layer(module: str) -> int:
         return 2
     if top == "dsa":
         return 3
-    if top == "autotune":
+    if top in ("autotune", "benchmarks"):  # benchmarks beyond its data modules: measurement, on top
         return 4
     raise ValueError(f"{module} is in no layer")
 
@@ -156,3 +161,45 @@ def test_the_layer_checks_catch_a_planted_upward_import(tmp_path: Path) -> None:
     modules = _sources(*PACKAGES)
     ((name, _, top),) = [item for item in _imports(tree, "tl_kernels.build") if item[0] == "dsa.env"]
     assert top and _layer(_known(name, modules)) > _layer("tl_kernels.build")
+
+
+OPTIONAL_FRAMEWORKS = ("transformers",)
+INTEGRATIONS = "dsa.integrations"
+
+
+def _framework_imports(tree: ast.AST) -> list[tuple[str, int]]:
+    """``(framework, line)`` for every import of an optional outside framework in ``tree``."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names = [node.module or ""]
+        else:
+            continue
+        found += [(name, node.lineno) for name in names if name.split(".")[0] in OPTIONAL_FRAMEWORKS]
+    return found
+
+
+def test_only_dsa_integrations_imports_outside_frameworks() -> None:
+    offenders = []
+    for module, path in _sources(*PACKAGES, "scripts").items():
+        if module == INTEGRATIONS or module.startswith(INTEGRATIONS + "."):
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        offenders += [f"{path.relative_to(ROOT)}:{line} imports {name}" for name, line in _framework_imports(tree)]
+    assert not offenders, "outside frameworks imported outside dsa/integrations:\n" + "\n".join(offenders)
+    planted = ast.parse("def f():\n    from transformers.models import deepseek_v32\n")
+    assert _framework_imports(planted) == [("transformers.models", 2)]
+
+
+def test_importing_the_library_loads_no_outside_framework() -> None:
+    """``import dsa`` (ops, modules, serving, and the integrations package itself) stays free of the extras."""
+    code = (
+        "import sys, dsa, dsa.ops, dsa.modules, dsa.generation, dsa.integrations, dsa.integrations.visibility, "
+        "dsa.integrations.latent_attention\n"
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {OPTIONAL_FRAMEWORKS!r}))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]", result.stdout
