@@ -723,7 +723,9 @@ class TinyDSAModel(nn.Module):
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(f"{caller}: input_ids must be a torch.Tensor [B, S] int64, got {type(input_ids).__name__}")
         if input_ids.dim() != 2 or input_ids.dtype != torch.int64:
-            raise ValueError(f"{caller}: input_ids must be [B, S] int64, got {tuple(input_ids.shape)} {input_ids.dtype}")
+            raise ValueError(
+                f"{caller}: input_ids must be [B, S] int64, got {tuple(input_ids.shape)} {input_ids.dtype}"
+            )
         if input_ids.numel() == 0:
             raise ValueError(f"{caller}: input_ids must not be empty, got shape {tuple(input_ids.shape)}")
         low, high = torch.stack(torch.aminmax(input_ids)).tolist()

@@ -558,7 +558,8 @@ def _source_rows(
     page_size = kv_cache.shape[1]
     valid = (slots >= 0) & (slots < kv_cache.shape[0] * page_size)
     if topk_length is not None:
-        valid &= torch.arange(slots.shape[-1], device=slots.device).view(1, -1) < topk_length.view(-1, 1).to(torch.int64)
+        position = torch.arange(slots.shape[-1], device=slots.device).view(1, -1)
+        valid &= position < topk_length.view(-1, 1).to(torch.int64)
     picked = slots[valid].to(torch.int64)  # the valid entries only, row-major; duplicates once per occurrence
     stored = kv_cache[picked // page_size, picked % page_size]  # [n_valid, row]
     values = cache.dequantize_kv_fp8(stored, layout) if layout is not None else stored

@@ -121,7 +121,8 @@ def test_non_finite_values_quantise_as_flashmla_does(seed: int, value: float, ti
     bad.scatter_(1, where, value)
     blob = cache.quantize_kv_fp8(bad, layout)
     assert torch.equal(blob, _flashmla_quantize(bad, layout))
-    back, clean = cache.dequantize_kv_fp8(blob, layout), cache.dequantize_kv_fp8(cache.quantize_kv_fp8(kv, layout), layout)
+    back = cache.dequantize_kv_fp8(blob, layout)
+    clean = cache.dequantize_kv_fp8(cache.quantize_kv_fp8(kv, layout), layout)
     hit = bad[..., : layout.d_nope].reshape(3, layout.tiles, layout.tile).isfinite().logical_not().any(-1)
     nope = back[..., : layout.d_nope].reshape(3, layout.tiles, layout.tile)
     assert bool(nope[hit].isnan().all()), "a tile holding a non-finite value must dequantise to NaN"
@@ -323,7 +324,8 @@ class _Allocations(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's protocol
         out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        leaves = pytree.tree_leaves((args, kwargs))
+        inputs = {t.untyped_storage().data_ptr() for t in leaves if isinstance(t, torch.Tensor)}
         for t in pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
                 self.elements += t.numel()
@@ -359,8 +361,8 @@ def _decode_on_cache_of(num_pages: int, kind: torch.dtype | str, page_size: int 
 def test_decode_reference_work_follows_the_context_not_the_cache(monkeypatch: pytest.MonkeyPatch, kind: object) -> None:
     """The same 34-token decode problem (and an extra source in the same cache) in a cache of 8 pages and of 4096
     pages (every other row poison): equal outputs, the same number of rows dequantised (exactly one per valid entry)
-    and the same number of elements allocated. Before the fix the reference dequantised (FP8) or copied the whole cache on every call: one FP8 step
-    went from about 1 ms to 2 s between 64 and 262K cached tokens."""
+    and the same number of elements allocated. Before the fix the reference dequantised (FP8) or copied the whole
+    cache on every call: one FP8 step went from about 1 ms to 2 s between 64 and 262K cached tokens."""
     dequantised: list[int] = []
     original = cache.dequantize_kv_fp8
 
