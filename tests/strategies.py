@@ -9,8 +9,10 @@ indexer would produce them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import torch
 from hypothesis import settings
 from hypothesis import strategies as st
 
@@ -25,6 +27,11 @@ from dsa.testing import (  # noqa: F401 - re-exported: the tests draw from these
 )
 
 SEEDS = st.integers(min_value=0, max_value=2**31 - 1)
+
+NAN, POS_INF, NEG_INF = float("nan"), float("inf"), float("-inf")
+NON_FINITE = (NAN, POS_INF, NEG_INF)
+"""The values :func:`sprinkle` scatters into inputs. float8_e4m3fn has no infinity (torch saturates ``+-inf`` to
+``+-448`` when converting), so FP8 tensors take NaN only."""
 
 
 @dataclass(frozen=True)
@@ -89,3 +96,47 @@ def examples(share: float) -> settings:
     if not 0 < share <= 1:
         raise ValueError(f"share must be in (0, 1], got {share}")
     return settings(max_examples=max(1, round(settings.default.max_examples * share)))
+
+
+# ------------------------------------------------------------------------------------------ non-finite inputs
+
+
+@dataclass(frozen=True)
+class Sprinkle:
+    """How :func:`sprinkle` spoils a tensor: ``rate`` is the share of its rows (``whole_rows``: every element of a
+    row along the last dimension, e.g. ``k[b, s] = nan``) or of its elements that become one of ``values``."""
+
+    rate: float
+    values: tuple[float, ...]
+    whole_rows: bool
+
+
+@st.composite
+def sprinkles(draw: st.DrawFn, values: tuple[float, ...] = NON_FINITE) -> Sprinkle:
+    """A :class:`Sprinkle` over a non-empty subset of ``values`` (NaN alone, one infinity, every kind), at a rate
+    from rare (a single entry in most small tensors) to a third of the tensor."""
+    chosen = draw(st.lists(st.sampled_from(values), min_size=1, max_size=len(values), unique_by=repr))
+    rate = draw(st.sampled_from((0.005, 0.03, 0.1, 0.3)))
+    return Sprinkle(rate=rate, values=tuple(chosen), whole_rows=draw(st.booleans()))
+
+
+def sprinkle(t: torch.Tensor, how: Sprinkle, seed: int) -> torch.Tensor:
+    """A copy of ``t`` (floating, FP8 included) with ``how.rate`` of its rows or elements (at least one) set to values
+    drawn from ``how.values``, positions and values from ``seed``.
+
+    Raises:
+        ValueError: an infinity for a float8_e4m3fn tensor (it would become a finite ``+-448``, not an infinity).
+    """
+    if t.dtype == torch.float8_e4m3fn and any(math.isinf(v) for v in how.values):
+        raise ValueError("sprinkle: float8_e4m3fn has no infinity; sprinkle NaN only")
+    out = t.clone(memory_format=torch.contiguous_format)
+    if out.numel() == 0:
+        return out
+    g = generator(seed)
+    flat = out.view(-1, t.shape[-1]) if how.whole_rows else out.view(-1, 1)
+    count = max(1, round(how.rate * flat.shape[0]))
+    picked = torch.randperm(flat.shape[0], generator=g)[:count]
+    pool = torch.tensor(how.values, dtype=torch.float32)
+    chosen = pool[torch.randint(0, len(how.values), (count,), generator=g)]
+    flat[picked] = chosen.view(-1, 1).expand(-1, flat.shape[1]).to(t.dtype)
+    return out

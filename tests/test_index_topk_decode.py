@@ -192,6 +192,61 @@ def test_cpu_paged_kernel_matches_reference(
     _assert_same_selection(got, _reference(args, CPU_TOPK))
 
 
+def _spoil_cache(k_cache: torch.Tensor, fmt: str, names: list[str], data: st.DataObject, seed: int) -> torch.Tensor:
+    """A copy of the paged cache (every row: written, past a sequence's end and in unallocated pages) with non-finite
+    values sprinkled into the parts ``names`` lists: ``"keys"`` (bf16: NaN and ``+-inf``; FP8 bytes: NaN, e4m3fn has
+    no infinity) and, for FP8 rows, ``"key_scales"`` (their float32 scale: NaN and ``+-inf``)."""
+    pages = k_cache.clone()
+    if fmt == "bf16":
+        if "keys" in names:
+            pages = strategies.sprinkle(pages, data.draw(strategies.sprinkles()), seed)
+        return pages
+    if "keys" in names:
+        values = pages[..., :CPU_DIM].view(torch.float8_e4m3fn)
+        how = data.draw(strategies.sprinkles((strategies.NAN,)))
+        pages[..., :CPU_DIM] = strategies.sprinkle(values, how, seed).view(torch.uint8)
+    if "key_scales" in names:
+        scales = pages[..., CPU_DIM:].contiguous().view(torch.float32)
+        how = data.draw(strategies.sprinkles())
+        pages[..., CPU_DIM:] = strategies.sprinkle(scales, how, seed + 1).view(torch.uint8)
+    return pages
+
+
+@pytest.mark.cpu_kernel
+@strategies.examples(0.3)
+@given(
+    fmt=st.sampled_from(FORMATS),
+    batch=st.integers(1, 3),
+    s_q=st.integers(1, 4),
+    length=st.integers(1, 300),
+    ranges=st.sampled_from(["decode", "random"]),
+    unallocated=st.booleans(),
+    seed=strategies.SEEDS,
+    data=st.data(),
+)
+def test_cpu_paged_kernel_with_non_finite_inputs_matches_reference(
+    fmt: str, batch: int, s_q: int, length: int, ranges: str, unallocated: bool, seed: int, data: st.DataObject
+) -> None:
+    """NaN and ``+-inf`` in the queries, the weights and anywhere in the paged cache (key values, FP8 key scales,
+    rows no query sees): the C-target paged kernel selects exactly the reference's sets and scores, never a NaN or
+    infinite score (FP8 q and key bytes take NaN only: e4m3fn has no infinity)."""
+    lengths = [max(1, length - 31 * b) for b in range(batch)]
+    args = make_problem(fmt=fmt, seed=seed, batch=batch, s_q=s_q, lengths=lengths, ranges=ranges,
+                        unallocated=unallocated)  # fmt: skip
+    parts = ["q", "weights", "keys"] + (["key_scales"] if fmt == "fp8" else [])
+    spoiled = data.draw(st.lists(st.sampled_from(parts), min_size=1, max_size=len(parts), unique=True))
+    args["k_cache"] = _spoil_cache(args["k_cache"], fmt, spoiled, data, seed)
+    if "q" in spoiled:
+        values = (strategies.NAN,) if fmt == "fp8" else strategies.NON_FINITE
+        args["q"] = strategies.sprinkle(args["q"], data.draw(strategies.sprinkles(values)), seed + 2)
+    if "weights" in spoiled:
+        args["weights"] = strategies.sprinkle(args["weights"], data.draw(strategies.sprinkles()), seed + 3)
+    call = dict(args)
+    indices, scores = launch.index_topk_paged(call.pop("q"), call.pop("k_cache"), call.pop("weights"), CPU_TOPK, **call)
+    _assert_same_selection((indices, scores), _reference(args, CPU_TOPK))
+    assert torch.isfinite(scores[indices >= 0]).all(), "a non-finite score was selected"
+
+
 @pytest.mark.cpu_kernel
 def test_cpu_op_runs_the_paged_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     """``ops.index_topk_decode`` on the kernel backend calls the paged launcher (a spy counts) with the same result."""

@@ -28,11 +28,13 @@ import pytest
 import tilelang  # noqa: F401 - provides the tvm package
 import torch
 import tvm
+from hypothesis import example, given
+from hypothesis import strategies as st
 from tvm import tirx
 
-from dsa import reference
+from dsa import ops, reference, testing
 from dsa.launch import index_topk as launch
-from tests import support
+from tests import strategies, support
 from tl_kernels import dsl
 from tl_kernels import index_topk as kernels
 
@@ -188,6 +190,99 @@ def test_cpu_fused_kernel_with_one_query_per_block_and_ranges() -> None:
     inputs["ends"] = (starts + torch.randint(-5, 500, (2, 20), generator=g, dtype=torch.int32)).clamp(0, 700)
     config = dataclasses.replace(kernels.CPU_DEFAULT, q_rows=CPU_HEADS, cand_factor=1)
     _assert_exact(inputs, CPU_TOPK, *_run(inputs, CPU_TOPK, config))
+
+
+# NaN and +-inf inputs, on both kernel paths of ops.index_topk (the fused kernel, and the indexer and top-k kernels
+# chunked: DSA_SELECTION=unfused). The static parameters (4 heads x 32, topk 16, the C-target default configs) are
+# those of tests/test_index_topk.py, so the compiled kernels are shared.
+SELECTIONS = ("fused", "unfused")
+CHUNK_ROWS = 3  # the unfused path's budget in query rows: several chunks per call
+
+
+def _run_op(monkeypatch: pytest.MonkeyPatch, inputs: dict, topk: int, selection: str) -> tuple[torch.Tensor, ...]:
+    """``ops.index_topk(..., return_scores=True)`` on the kernel backend through ``selection``'s path."""
+    monkeypatch.setenv("DSA_BACKEND", "tilelang")
+    monkeypatch.setenv("DSA_SELECTION", selection)
+    batch, seq_kv = inputs["k"].shape[:2]
+    monkeypatch.setenv("DSA_INDEXER_MEMORY_BYTES", str(batch * seq_kv * 4 * CHUNK_ROWS))
+    return ops.index_topk(
+        inputs["q"], inputs["k"], inputs["weights"], topk, k_scale=inputs["k_scale"], starts=inputs["starts"],
+        ends=inputs["ends"], return_scores=True,
+    )  # fmt: skip
+
+
+def _assert_finite_selection(indices: torch.Tensor, scores: torch.Tensor) -> None:
+    """Every selected score is finite, every ``-1`` pads with ``-inf``: a NaN or infinite score is never selected."""
+    assert torch.isfinite(scores[indices >= 0]).all(), "a non-finite score was selected"
+    assert torch.isneginf(scores[indices < 0]).all()
+
+
+@st.composite
+def _spoiled_inputs(draw: st.DrawFn, dtype: str, inputs: dict) -> dict:
+    """``inputs`` with NaN (bf16 also ``+-inf``) sprinkled into a non-empty subset of q, k, weights and k_scale (FP8
+    q/k: NaN only, e4m3fn has no infinity)."""
+    names = [name for name in ("q", "k", "weights", "k_scale") if inputs[name] is not None]
+    spoiled = draw(st.lists(st.sampled_from(names), min_size=1, max_size=len(names), unique=True))
+    seed = draw(strategies.SEEDS)
+    for n, name in enumerate(spoiled):
+        fp8_values = dtype == "float8_e4m3fn" and name in ("q", "k")
+        how = draw(strategies.sprinkles((strategies.NAN,) if fp8_values else strategies.NON_FINITE))
+        inputs[name] = strategies.sprinkle(inputs[name], how, seed + n)
+    return inputs
+
+
+@pytest.mark.cpu_kernel
+@strategies.examples(0.3)
+@given(
+    dtype=st.sampled_from(["bfloat16", "float8_e4m3fn"]),
+    batch=st.integers(1, 2),
+    seq=st.integers(1, 12),
+    seq_kv=st.integers(1, 200),
+    ranged=st.booleans(),
+    selection=st.sampled_from(SELECTIONS),
+    seed=strategies.SEEDS,
+    data=st.data(),
+)
+@example(dtype="bfloat16", batch=1, seq=12, seq_kv=150, ranged=False, selection="fused", seed=18, data=None)
+@example(dtype="float8_e4m3fn", batch=2, seq=7, seq_kv=130, ranged=True, selection="unfused", seed=19, data=None)
+def test_cpu_non_finite_inputs_select_the_reference_sets(
+    monkeypatch: pytest.MonkeyPatch, dtype: str, batch: int, seq: int, seq_kv: int, ranged: bool, selection: str,
+    seed: int, data: st.DataObject | None,
+) -> None:  # fmt: skip
+    """NaN and ``+-inf`` sprinkled into keys, queries, weights and FP8 key scales (single entries or whole rows):
+    both kernel paths select exactly the reference's sets (integer-valued inputs: every finite score is exact, ties
+    included) with its scores, never a NaN or infinite score. The ``@example`` rows spoil every key row 5."""
+    inputs = testing.indexer_inputs(
+        batch=batch, seq=seq, seq_kv=seq_kv, heads=CPU_HEADS, dim=CPU_DIM, dtype=dtype, seed=seed,
+        mode="range" if ranged else "causal", integer_valued=True,
+    )  # fmt: skip
+    if data is None:
+        inputs["k"][:, 5] = float("nan")
+    else:
+        inputs = data.draw(_spoiled_inputs(dtype, inputs))
+    indices, scores = _run_op(monkeypatch, inputs, CPU_TOPK, selection)
+    _assert_exact(inputs, CPU_TOPK, indices, scores)
+    _assert_finite_selection(indices, scores)
+
+
+@pytest.mark.cpu_kernel
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_cpu_nan_key_is_never_selected(monkeypatch: pytest.MonkeyPatch, selection: str) -> None:
+    """Issue 18's reproduction: one key row NaN (``k[0, 5] = nan``), normal q, k and weights of either sign, 64 query
+    rows, bf16 causal. The kernels scored key 5 ``0.0`` (a ``max(x, 0)`` ReLU turns NaN into 0) and selected it,
+    reporting the score 0.0 (in 34 of the 64 rows of this draw, 29 in the issue's); now every row is the
+    reference's set and key 5 is never selected."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 64, CPU_HEADS, CPU_DIM, generator=g).to(torch.bfloat16)
+    k = torch.randn(1, 64, CPU_DIM, generator=g).to(torch.bfloat16)
+    weights = torch.randn(1, 64, CPU_HEADS, generator=g)
+    k[0, 5] = float("nan")
+    inputs = {"q": q, "k": k, "weights": weights, "k_scale": None, "starts": None, "ends": None}
+    indices, scores = _run_op(monkeypatch, inputs, CPU_TOPK, selection)
+    expected = reference.index_topk(q, k, weights, CPU_TOPK)
+    assert not (indices == 5).any(), f"the NaN key was selected in {int((indices == 5).any(-1).sum())} rows"
+    assert torch.equal(indices.sort(-1).values, expected.sort(-1).values)
+    _assert_finite_selection(indices, scores)
 
 
 # ----------------------------------------------------------------------------------------------------- build tier

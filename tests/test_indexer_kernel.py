@@ -40,6 +40,7 @@ GPU_TOL = 2e-3  # wgmma accumulation (FP8 tensor cores keep fewer accumulator bi
 CPU_MAX_DIFF = 1e-8
 GPU_MAX_DIFF = 1e-5
 V32 = {"heads": 64, "dim": 128}
+FP8 = "float8_e4m3fn"
 # (S, S_kv): more queries than keys, one key, S_kv just past two 64-key tiles, a square prefill.
 EDGE_SHAPES = [(9, 3), (1, 1), (5, 130), (70, 70)]
 
@@ -71,6 +72,11 @@ CPU_CASES = tuple(
         "h5_pad_fp8_range", 5, 32, "float8_e4m3fn", "range",
         kernels.Config(q_rows=16, block_N=32, num_stages=1, threads=128),
     ),
+)
+# bf16 keys with padded heads (5 heads padded to 8 rows per query): an infinite key element times a padded head's
+# zero q row is NaN, which must not reach the score (the non-finite tests; FP8 keys have no infinity).
+PADDED_BF16_CASE = StaticCase(
+    "h5_pad_bf16_causal", 5, 32, "bfloat16", "causal", kernels.Config(q_rows=16, block_N=32, num_stages=1, threads=128)
 )
 # The exact Hopper default schedule (2 queries x 64 heads x 256 keys) at V3.2 widths, on the C target.
 V32_CPU_CASES = (
@@ -117,10 +123,13 @@ def run_and_check(
     finite = torch.isfinite(magnitude)
     scale = float(magnitude[finite].max()) if finite.any() else 0.0
     scores = scores.cpu()
-    assert not torch.isnan(scores).any(), "unwritten (NaN-poisoned) or NaN scores"
+    # NaN exactly where the reference has it: an unwritten (NaN-poisoned) score, a NaN the kernel lost (a max(x, 0)
+    # ReLU turns a NaN logit into 0) or one it made (a padded head's 0 * inf) all fail here.
+    assert torch.equal(torch.isnan(scores), torch.isnan(expected)), "NaN positions differ from the reference's"
     assert_close(scores, expected, atol=tol * scale + 1e-30, rtol=tol, max_diff=max_diff, name="scores")
-    # Exactly -inf where invisible (assert_close already matched the -inf positions; this also rules out +inf).
-    assert torch.equal(torch.isinf(scores), torch.isneginf(expected))
+    # Exactly -inf where invisible (assert_close already matched the -inf positions; this also rules out an infinity
+    # the reference does not have).
+    assert torch.equal(torch.isinf(scores), torch.isinf(expected))
     return scores
 
 
@@ -187,6 +196,59 @@ def test_cpu_launcher_default_config() -> None:
         kernels.CPU_DEFAULT
     )
     run_and_check(make_problem(case, 11, 1, 3, 5), None)
+
+
+@st.composite
+def non_finite_problems(draw: st.DrawFn) -> tuple[StaticCase, Problem]:
+    """A CPU problem with NaN (and, for bf16, ``+-inf``) sprinkled into a non-empty subset of q, k, weights and (FP8)
+    k_scale: single elements or whole rows (``k[b, s] = nan``), rarely or densely. FP8 q and k take NaN only (e4m3fn
+    has no infinity); weights and k_scale are float32 and take every kind."""
+    case, problem = draw(cpu_problems((*CPU_CASES, PADDED_BF16_CASE), max_batch=2, max_seq=24, max_seq_kv=100))
+    names = [name for name in ("q", "k", "weights", "k_scale") if problem[name] is not None]
+    spoiled = draw(st.lists(st.sampled_from(names), min_size=1, max_size=len(names), unique=True))
+    seed = draw(strategies.SEEDS)
+    for n, name in enumerate(spoiled):
+        fp8_values = case.dtype == FP8 and name in ("q", "k")
+        how = draw(strategies.sprinkles((strategies.NAN,) if fp8_values else strategies.NON_FINITE))
+        problem[name] = strategies.sprinkle(problem[name], how, seed + n)
+    return case, problem
+
+
+
+@pytest.mark.cpu_kernel
+@strategies.examples(0.3)
+@given(data=non_finite_problems())
+def test_cpu_non_finite_inputs_give_the_reference_scores(data: tuple[StaticCase, Problem]) -> None:
+    """NaN and ``+-inf`` in keys, queries, weights and FP8 key scales: the C-target indexer puts NaN, ``+inf`` and
+    ``-inf`` exactly where the reference does (``relu(NaN)`` is NaN, ``inf * 0`` is NaN, padded heads add nothing)
+    and the finite scores within tolerance; invisible positions stay ``-inf`` whatever the key holds."""
+    case, problem = data
+    run_and_check(problem, case.config)
+
+
+@pytest.mark.cpu_kernel
+def test_cpu_nan_key_scores_nan_not_zero() -> None:
+    """Issue 18's reproduction: one key row NaN (``k[0, 5] = nan``), normal weights of either sign, 64 query rows.
+    Every query that sees key 5 scores it NaN, as the reference does (the kernel's ``max(x, 0)`` ReLU scored it 0.0,
+    so the selection kernels picked it)."""
+    case = CPU_CASES[0]  # bf16, causal
+    assert (case.dtype, case.mode) == ("bfloat16", "causal")
+    problem = make_problem(case, 18, 1, 64, 64)
+    problem["k"][0, 5] = float("nan")
+    scores = run_and_check(problem, case.config)
+    assert torch.isnan(scores[0, 5:, 5]).all() and torch.isneginf(scores[0, :5, 5]).all()
+
+
+@pytest.mark.cpu_kernel
+def test_cpu_infinite_key_with_padded_heads_scores_like_the_reference() -> None:
+    """An infinite bf16 key element with 5 heads padded to 8: the padded heads' zero q rows give ``0 * inf = NaN``
+    logits, which must contribute exactly 0 (a select, not a zero weight: NaN * 0 is NaN), so the score is the
+    reference's ``+-inf`` (or NaN only where the real heads make one)."""
+    problem = make_problem(PADDED_BF16_CASE, 21, 1, 20, 20)
+    problem["k"][0, 3, 7] = float("inf")
+    problem["k"][0, 11, 0] = float("-inf")
+    scores = run_and_check(problem, PADDED_BF16_CASE.config)
+    assert torch.isinf(scores[0, 11:, 11]).any(), "the case should produce an infinite score"
 
 
 # ------------------------------------------------------------------------------------------ config checks

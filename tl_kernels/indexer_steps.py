@@ -66,6 +66,20 @@ def indexer_math(
     def scaled(value: Any, KScale: Any, b: Any, s: Any) -> Any:
         return value * KScale[b, s] if fp8 else value
 
+    def weighted_relu(logit: Any, weight: Any, h: Any) -> Any:
+        """``weight * relu(logit)`` of head ``h`` as the reference computes it (``torch.relu`` keeps NaN), and
+        exactly 0 for a padded head (``h >= heads``).
+
+        The ReLU is a select, ``logit < 0 ? 0 : logit``: ``max(logit, 0)`` lowers to ``fmaxf`` on CUDA and to
+        ``max`` on the C target, both of which turn a NaN logit (a NaN key or query) into 0, so a NaN position would
+        score 0.0 and could be selected. A padded head is dropped by a select too, not by its zero weight: a
+        ``+-inf`` key times the padded q row's zeros is NaN, and NaN times 0 stays NaN, where the reference (which
+        has no padded heads) gives ``+-inf``."""
+        relu = T.Select(logit < T.float32(0), T.float32(0), logit)
+        if heads_pad == heads:  # a Python test: no padded head in this tile
+            return relu * weight
+        return T.Select(h < heads, relu * weight, T.float32(0))
+
     # Macro parameters carry no annotations on purpose: TileLang gives annotated macro parameters meaning (T.Ref).
 
     @T.macro
@@ -90,7 +104,8 @@ def indexer_math(
     @T.macro
     def load_queries(Q, W, q_tile, w_tile, b, t0, seq_len):
         """The block's ``[block_Q * heads_pad, dim]`` q tile and ``[block_Q, heads_pad]`` weights; padded heads and
-        queries past ``seq_len`` are zero (they add nothing to any sum)."""
+        queries past ``seq_len`` are zero. (Zeros alone do not make a padded head add nothing: ``0 * inf`` is NaN,
+        so ``head_sum`` drops padded heads with a select; the scores of queries past ``seq_len`` are never used.)"""
         for r, d in alloc.parallel(block_Q * heads_pad, dim):
             q_tile[r, d] = T.if_then_else(
                 t0 + r // heads_pad < seq_len and r % heads_pad < heads,
@@ -102,13 +117,14 @@ def indexer_math(
 
     @T.macro
     def head_sum(k_tile, q_tile, acc, acc_heads, w_tile, logits):
-        """``logits[n, i] = sum_h w[i, h] * relu(k_tile[n] . q_tile[i, h])`` (before ``k_scale``) for one key block."""
+        """``logits[n, i] = sum_h w[i, h] * relu(k_tile[n] . q_tile[i, h])`` (before ``k_scale``) for one key block,
+        over the real heads only; NaN and ``+-inf`` propagate as in the reference (see ``weighted_relu``)."""
         # FullRow: the warpgroups split the keys (M), each holds all q-head rows (N) of its keys, so the sum over
         # heads below stays inside a thread quad (FullCol split the heads and reduced through shared memory with a
         # block-wide barrier per step).
         T.gemm(k_tile, q_tile, acc, transpose_B=True, clear_accum=True, policy=T.GemmWarpPolicy.FullRow)
         for n, i, h in alloc.parallel(block_N, block_Q, heads_pad):
-            acc_heads[n, i, h] = T.max(acc_heads[n, i, h], 0) * w_tile[i, h]
+            acc_heads[n, i, h] = weighted_relu(acc_heads[n, i, h], w_tile[i, h], h)
         T.reduce_sum(acc_heads, logits, dim=-1, clear=True)
 
     return IndexerMath(load, visible, scaled, key_range, load_queries, head_sum)
