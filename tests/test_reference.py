@@ -298,6 +298,27 @@ def test_topk_indices_is_a_valid_topk_set(batch, seq, seq_kv, k, data):
     assert_topk_valid(scores, indices, k)
 
 
+def _topk_oracle(scores: torch.Tensor, k: int) -> list[list[list[int]]]:
+    """The contract by brute force: per row, the positions of the first ``k`` finite scores in (score descending,
+    position ascending) order, sorted."""
+    return [
+        [sorted(s for _, s in sorted((-v, s) for s, v in enumerate(row) if math.isfinite(v))[:k]) for row in rows]
+        for rows in scores.tolist()
+    ]
+
+
+@given(batch=st.integers(1, 2), seq=st.integers(1, 4), seq_kv=st.integers(1, 64), k=st.integers(1, 80), data=st.data(),
+       how=sts.sprinkles(), seed=sts.SEEDS)
+def test_topk_indices_with_non_finite_scores_selects_the_largest_finite(batch, seq, seq_kv, k, data, how, seed):
+    """NaN, ``+inf`` and ``-inf`` sprinkled into every score pattern are never selected: the set is the brute-force
+    one over the finite scores (ties to the smaller position), ``-1`` padding where fewer than ``k`` are finite."""
+    _, scores = data.draw(sts.score_patterns(batch, seq, seq_kv, k))
+    scores = sts.sprinkle(scores, how, seed)
+    indices = reference.topk_indices(scores, k)
+    assert_topk_valid(scores, indices, k)
+    assert [[sorted(i for i in row if i >= 0) for row in rows] for rows in indices.tolist()] == _topk_oracle(scores, k)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the whole pipeline
 

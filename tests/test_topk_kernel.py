@@ -29,6 +29,7 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from dsa import reference
 from dsa.launch import topk as launch
 from dsa.testing import assert_topk_valid
 from tests import strategies, support
@@ -213,6 +214,34 @@ def test_cpu_matches_contract(case: tuple[int, int], batch: int, seq: int, seq_k
     k, capacity = case
     scores = strategies.make_scores(kind, seed, batch, seq, seq_kv, k)
     check_topk(scores, run(scores, k, capacity), k)
+
+
+@pytest.mark.cpu_kernel
+@strategies.examples(0.3)
+@given(
+    case=st.sampled_from(CPU_CASES),
+    batch=st.integers(1, 2),
+    seq=st.integers(1, 3),
+    seq_kv=st.integers(1, 400),
+    kind=st.sampled_from(strategies.SCORE_PATTERNS),
+    how=strategies.sprinkles(),
+    seed=strategies.SEEDS,
+)
+# NaN and +inf among many exact ties, the small buffer; -inf and NaN in all-equal rows wider than it.
+@example(case=(48, SMALL_CAPACITY), batch=1, seq=2, seq_kv=300, kind="ties",
+         how=strategies.Sprinkle(0.1, (strategies.NAN, strategies.POS_INF), False), seed=1)  # fmt: skip
+@example(case=(48, SMALL_CAPACITY), batch=1, seq=3, seq_kv=257, kind="all_equal",
+         how=strategies.Sprinkle(0.3, strategies.NON_FINITE, False), seed=2)  # fmt: skip
+def test_cpu_non_finite_scores_select_the_reference_set(
+    case: tuple[int, int], batch: int, seq: int, seq_kv: int, kind: str, how: strategies.Sprinkle, seed: int
+) -> None:
+    """Every score pattern with NaN, ``+inf`` and ``-inf`` sprinkled in (single entries or whole rows): the C-target
+    kernel never selects a non-finite score and returns exactly the reference's set (tie rule included)."""
+    k, capacity = case
+    scores = strategies.sprinkle(strategies.make_scores(kind, seed, batch, seq, seq_kv, k), how, seed + 1)
+    indices = run(scores, k, capacity)
+    check_topk(scores, indices, k)
+    assert torch.equal(indices.sort(-1).values, reference.topk_indices(scores, k).sort(-1).values)
 
 
 @pytest.mark.cpu_kernel
