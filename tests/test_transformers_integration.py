@@ -352,3 +352,14 @@ def test_a_mask_with_a_hole_is_refused() -> None:
     dense = torch.tensor([[[True, False, True]]])
     with pytest.raises(ValueError, match="from_dense_mask: .*not one contiguous range"):
         visibility.from_dense_mask(dense)
+
+
+def test_one_layer_at_2k_tokens_peaks_under_a_quarter_of_eager_memory() -> None:
+    """The README's memory table at S = 2048 (``benchmarks.hf``, in a fresh process): transformers' eager layer
+    builds the indexer's ``[1, S, 16, S]`` float32 scores alone, 256 MiB (its whole peak is about 540 MiB: the table);
+    ``apply_dsa`` must stay under a quarter of that bound, so nothing of size S x S may appear."""
+    from benchmarks import hf as bench
+
+    eager_scores_alone = 2048 * 16 * 2048 * 4
+    served = bench.isolated_memory_record("dsa", 2048)["peak_increase_bytes"]
+    assert served < eager_scores_alone / 4, served

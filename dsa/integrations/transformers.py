@@ -110,9 +110,17 @@ def is_dsa_applied(model: nn.Module) -> bool:
     return bool(getattr(_base_model(model), "_dsa_applied", False))
 
 
+_CACHE_NAMES = ("cache", "past_key_values")
+"""The cache argument's names: transformers renamed ``past_key_values`` to ``cache`` (5.25 takes both)."""
+
+
 def _cache_of(arguments: dict[str, Any]) -> Any:
-    cache = arguments.get("cache")
-    return cache if cache is not None else arguments.get("kwargs", {}).get("past_key_values")
+    """The cache among a forward's bound arguments, under either name, named or in ``**kwargs``."""
+    for source in (arguments, arguments.get("kwargs", {})):
+        for name in _CACHE_NAMES:
+            if source.get(name) is not None:
+                return source[name]
+    return None
 
 
 def _key_ranges(
@@ -171,12 +179,12 @@ def _masks_for_generate(
     config: Any,
     inputs_embeds: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    cache: Any,
     position_ids: torch.Tensor | None = None,
-    **_: Any,
+    **kwargs: Any,
 ) -> dict[str, KeyRanges]:
     """``generate``'s mask hook for compilable caches (``StaticCache``): the key ranges instead of a dense mask."""
     batch, seq = inputs_embeds.shape[:2]
+    cache = _cache_of(kwargs)
     ranges = _key_ranges(config, attention_mask, cache, position_ids, True, batch, seq, inputs_embeds.device)
     return {_MASK_KEY: ranges}
 
@@ -308,10 +316,12 @@ def tiny_config(family: str, **overrides: Any) -> Any:
         n_group=1, topk_group=1, kv_lora_rank=32, q_lora_rank=32, qk_rope_head_dim=8, v_head_dim=16,
         qk_nope_head_dim=16, index_topk=16, index_head_dim=32, index_n_heads=16, first_k_dense_replace=1,
         max_position_embeddings=4096, initializer_range=0.1, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
-                         "original_max_position_embeddings": 1024, "mscale": 1.0, "mscale_all_dim": 1.0,
-                         "beta_fast": 32.0, "beta_slow": 1.0},
     )  # fmt: skip
+    # YaRN with factor 4 over a quarter of the context (transformers warns when the two disagree).
+    context = int(overrides.get("max_position_embeddings", values["max_position_embeddings"]))
+    values["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                 "original_max_position_embeddings": context // 4, "mscale": 1.0,
+                                 "mscale_all_dim": 1.0, "beta_fast": 32.0, "beta_slow": 1.0}  # fmt: skip
     if family == "deepseek_v32":
         config_class = transformers.DeepseekV32Config
     elif family == "glm_moe_dsa":

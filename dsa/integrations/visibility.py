@@ -38,6 +38,13 @@ class KeyRanges:
         """``[B, S]``, the queries the ranges describe."""
         return self.starts.shape
 
+    def contiguous(self) -> KeyRanges:
+        """The ranges with contiguous tensors (they are built so): frameworks that pass prepared masks on call
+        ``.contiguous()`` on each (transformers 5.23's ``generate`` does)."""
+        if self.starts.is_contiguous() and self.ends.is_contiguous():
+            return self
+        return KeyRanges(starts=self.starts.contiguous(), ends=self.ends.contiguous())
+
 
 def _ranges_without_holes(
     visible_count: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, what: str
