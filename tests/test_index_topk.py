@@ -123,8 +123,8 @@ def test_reference_index_topk_equals_the_full_selection(
     """The bounded walk (query rows x key blocks, running top-k merged block by block) selects exactly the full score
     matrix's tie-rule set, and its scores are exactly the full matrix's at those positions; ``block`` sets the key
     block and the chunk budget so that many blocks merge."""
-    monkeypatch.setattr(reference, "KEY_BLOCK", block)
-    monkeypatch.setattr(reference, "SELECT_CHUNK_ELEMENTS", 64 * block)
+    monkeypatch.setattr(reference.topk, "KEY_BLOCK", block)
+    monkeypatch.setattr(reference.topk, "SELECT_CHUNK_ELEMENTS", 64 * block)
     inputs = _inputs(dtype, batch, seq, seq_kv, heads, 8, ranged, seed)
     expected, scores = _full_selection(inputs, topk)
     indices, selected = reference.index_topk(inputs.pop("q"), inputs.pop("k"), inputs.pop("weights"), topk,
