@@ -380,6 +380,97 @@ def test_cpu_non_finite_rows_behind_invalid_entries_change_nothing(schedule: str
     check(p, out, lse, CPU_OUT_TOL, CPU_LSE_TOL)
 
 
+def _poisoned_query_and_row(p: Problem) -> tuple[int, int, int, int]:
+    """``(b, t, h, r)``: the first query with two or more valid entries, its last head (in the last, partly masked
+    head block when heads are padded), and the kv row of its first valid entry."""
+    valid = reference.valid_index_mask(p["indices"], p["kv"].shape[1], p["topk_length"])
+    b, t = (valid.sum(-1) >= 2).nonzero()[0].tolist()
+    r = int(p["indices"][b, t][valid[b, t]][0])
+    return b, t, p["q"].shape[2] - 1, r
+
+
+def _non_finite_case(p: Problem, case: str) -> tuple[Problem, Any]:
+    """``p`` with the non-finite values of ``case`` in it, and a predicate on the reference's ``(out, lse)`` that
+    says the case produced what it is about (so that the comparison cannot pass on a problem that missed it).
+
+    Column ``d_v + 1`` is a key-only column (its infinities reach the scores, not the values); column 2 a value one.
+    The last query's row is made empty (every index -1).
+    """
+    q, kv, indices = p["q"].clone(), p["kv"].clone(), p["indices"].clone()
+    indices[-1, -1] = -1
+    p = {**p, "indices": indices}
+    sink = None if p["attn_sink"] is None else p["attn_sink"].clone()
+    b, t, h, r = _poisoned_query_and_row(p)
+    key = p["d_v"] + 1
+    if case == "nan_query":
+        q[b, t, h, 3] = math.nan
+        expect = lambda out, lse: bool(torch.isnan(lse[b, t, h]) and torch.isnan(out[b, t, h]).all())  # noqa: E731
+    elif case == "inf_query":
+        q[b, t, h, 3] = math.inf  # +inf scores where kv[., 3] > 0, -inf where < 0
+        expect = lambda out, lse: bool(torch.isposinf(lse[b, t, h]) and torch.isnan(out[b, t, h]).all())  # noqa: E731
+    elif case == "neg_inf_query_every_score":
+        # Every score of (b, t, h) is -inf: lse -inf and out 0, as for an empty row (the row is not empty).
+        kv[..., key] = kv[..., key].abs() + 0.5
+        q[b, t, h, key] = -math.inf
+        expect = lambda out, lse: bool(torch.isneginf(lse[b, t, h]) and (out[b, t, h] == 0).all())  # noqa: E731
+    elif case == "nan_key":
+        kv[b, r, 2] = math.nan
+        expect = lambda out, lse: bool(torch.isnan(lse[b, t]).all() and torch.isnan(out[b, t]).all())  # noqa: E731
+    elif case == "inf_key":
+        # +inf scores on even heads (lse +inf, out NaN), -inf (the entry drops out) on odd ones.
+        kv[b, r, key] = math.inf
+        q[b, t, :, key] = q[b, t, :, key].abs() + 0.5
+        q[b, t, 1::2, key] = -q[b, t, 1::2, key]
+        expect = lambda out, lse: bool(  # noqa: E731
+            torch.isposinf(lse[b, t]).any() and torch.isfinite(lse[b, t]).any() and torch.isfinite(out[b, t]).any()
+        )
+    elif case == "neg_inf_value":
+        kv[b, r, 2] = -math.inf  # in the value too: 0 * -inf = NaN in column 2 where that score is -inf
+        expect = lambda out, lse: bool(torch.isnan(out[b, t]).any() and torch.isfinite(out[b, t]).any())  # noqa: E731
+    elif case == "nan_sink":
+        sink[h] = math.nan  # out NaN at head h in every row (empty ones too), lse untouched
+        expect = lambda out, lse: bool(  # noqa: E731
+            torch.isnan(out[:, :, h]).all() and not torch.isnan(lse).any() and torch.isneginf(lse[-1, -1, h])
+        )
+    elif case == "inf_sink_inf_key":
+        sink[h] = math.inf  # out 0 at head h (the empty row too), but NaN where one of its scores is +inf
+        kv[b, r, key] = math.inf
+        q[b, t, h, key] = q[b, t, h, key].abs() + 0.5
+        expect = lambda out, lse: bool(  # noqa: E731
+            torch.isnan(out[b, t, h]).all() and torch.isposinf(lse[b, t, h]) and (out[-1, -1, h] == 0).all()
+            and (out[:, :, h] == 0).all(dim=-1).sum() > 1
+        )
+    else:
+        raise AssertionError(case)
+    return {**p, "q": q, "kv": kv, "attn_sink": sink}, expect
+
+
+@pytest.mark.cpu_kernel
+@pytest.mark.parametrize(
+    ("static", "case"),
+    [(static, case) for static in (CPU_STATICS[0], CPU_STATICS[3]) for case in (
+        "nan_query", "inf_query", "neg_inf_query_every_score", "nan_key", "inf_key", "neg_inf_value")]
+    + [(CPU_STATICS[3], "nan_sink"), (CPU_STATICS[3], "inf_sink_inf_key")],
+    ids=lambda v: f"h{v[0]}" if isinstance(v, tuple) else v,
+)  # fmt: skip
+def test_cpu_non_finite_queries_keys_and_sinks_give_the_references_nan_and_inf(
+    static: tuple[int, int, int, bool, bool], case: str
+) -> None:
+    """NaN/+-inf in ``q``, in a referenced kv row (key or value columns) or in the sink: out and lse hold NaN and
+    infinities exactly where the reference does (NaN score: lse and out NaN; +inf score: lse +inf, out NaN; every
+    score -inf: lse -inf, out 0; NaN sink: out NaN, lse untouched), the finite rest within tolerance.
+
+    Issue 18: before the fix the kernel's lse was -inf for a NaN or +inf score (``l > 0 ? ... : -inf``) and a NaN
+    sink gave out = 0 (``d > 0 ? 1 / d : 0``)."""
+    p = _cpu_problem(static, batch=2, seq=3, seq_kv=90, topk=70, kind="mixed_rows", seed=41, sm_scale=0.1)
+    p, expect = _non_finite_case(p, case)
+    out, lse = run_kernel(p)
+    want_out, want_lse = run_reference(p)
+    assert expect(want_out.float(), want_lse), f"the problem does not exercise {case}"
+    assert_close(lse, want_lse, name="lse", **CPU_LSE_TOL)
+    assert_close(out.float(), want_out.float(), name="out", **CPU_OUT_TOL)
+
+
 @pytest.mark.cpu_kernel
 def test_cpu_topk_length_edges() -> None:
     """topk_length of 0 (empty row), 1, exactly k, and above k; negative lengths count as 0."""

@@ -13,6 +13,11 @@ domain, and accumulates ``P . V`` where V is the first ``d_v`` columns of the sa
   reach ``out`` through ``0 * V``;
 * a query with no valid entry gets ``out = 0`` and ``lse = -inf`` (no NaN on the way: the running maximum is replaced
   by 0 while it is still ``-inf``);
+* non-finite inputs give the reference's (``torch.logsumexp``'s) answer, NaN and infinities at the same places: a
+  NaN score (NaN in ``q`` or in a referenced row) makes ``lse`` and ``out`` NaN, a ``+inf`` score (and no NaN) makes
+  ``lse = +inf`` and ``out`` NaN, scores that are all ``-inf`` give ``lse = -inf`` and ``out = 0``; a NaN sink makes
+  ``out`` NaN, a ``+inf`` sink 0 (see ``tl_kernels.sparse_mla_fwd_steps.softmax_macros``, which adds nothing per
+  score: the shift and the final selects are per row);
 * ``attn_sink[h]`` joins only the final denominator; ``lse`` is the natural-log log-sum-exp of the valid scores alone;
 * any head count works: heads past ``heads`` in the last head block read zeros and are never written.
 

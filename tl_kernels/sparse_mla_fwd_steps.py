@@ -97,17 +97,44 @@ def softmax_macros(parallel: Any, block_h: int, block_k: int, heads: int, has_si
     normalises the output (the sink joins the denominator as ``exp2(sink * log2(e) - m)``; 0 for a row with nothing
     valid, whose output is then 0) and ``lse`` the natural-log log-sum-exp of the valid scores alone (``-inf`` for an
     empty row).
+
+    Non-finite scores give ``torch.logsumexp``'s answers, which the reference uses (``p = exp(s - lse)``):
+
+    =============================  ==========================  =========================================
+    valid scores of a row          ``lse``                     ``out``
+    =============================  ==========================  =========================================
+    a NaN among them               NaN                         NaN
+    a ``+inf``, no NaN             ``+inf``                    NaN (``exp(inf - inf)``)
+    all ``-inf`` (or none)         ``-inf``                    0 (NaN where a value is infinite: ``0*inf``)
+    =============================  ==========================  =========================================
+
+    A NaN sink makes ``out`` NaN (empty rows included), a ``+inf`` sink makes it 0 (NaN with a ``+inf`` score); the
+    sink never changes ``lse``. How: like ``torch.logsumexp``, the shift ``m_safe`` is the running maximum, or 0 when
+    that is infinite. A ``+inf`` score then adds ``exp2(inf) = inf`` to ``l`` (not ``exp2(inf - inf) = NaN``), so
+    ``l`` is NaN exactly when a NaN score was seen: ``exp2(NaN - m)`` poisons the running sum whether or not the
+    running maximum kept the NaN (``max``/``fmaxf`` drop it, so nothing may depend on the maximum seeing it), and a
+    NaN maximum poisons ``alpha``. ``log2(l) + m_safe`` is then NaN, ``+inf`` or ``-inf`` as above, and ``out``
+    inherits NaN through ``P . V`` (a NaN ``P`` or ``inf * V`` in ``acc_o``, times ``1 / l = 0``). The normaliser
+    is ``1 / d`` for every ``d`` but 0, so a NaN denominator stays NaN. All of it is per row (once per step, and in
+    ``finalize``), nothing is added per score.
     """
     neg_inf = -T.infinity(ACCUM_DTYPE)
+    pos_inf = T.infinity(ACCUM_DTYPE)
+
+    def shift(m: Any) -> Any:
+        # torch.logsumexp's shift: the maximum, or 0 when it is +-inf. While a row has seen no valid score its
+        # maximum is -inf, and exp2(-inf - 0) = 0 (exp2(-inf - -inf) would be NaN); once it is +inf, exp2(inf - 0)
+        # adds +inf to the sum instead of NaN, which keeps "+inf score" (lse +inf) apart from "NaN score" (lse NaN).
+        return T.if_then_else(T.Or(m == neg_inf, m == pos_inf), T.float32(0), m)
 
     @T.macro
     def online_softmax(acc_s, m_i, m_prev, m_safe, alpha, l_i, row_sum):  # noqa: ANN001, ANN202
         T.copy(m_i, m_prev)
         T.reduce_max(acc_s, m_i, dim=1, clear=False)
         for h in parallel(block_h):
-            # While a row has seen no valid score its maximum is -inf; subtracting 0 instead keeps exp2(-inf - m) at
-            # 0 rather than NaN.
-            m_safe[h] = T.if_then_else(m_i[h] == neg_inf, 0, m_i[h])
+            m_safe[h] = shift(m_i[h])
+            # With m_prev = -inf this is 0 (l and the output are still 0); with m_prev = +inf it is +inf, and l is
+            # +inf already, so the row's answer (lse +inf, out NaN) does not change.
             alpha[h] = T.exp2(m_prev[h] - m_safe[h])
         for h, j in parallel(block_h, block_k):
             acc_s[h, j] = T.exp2(acc_s[h, j] - m_safe[h])
@@ -118,13 +145,16 @@ def softmax_macros(parallel: Any, block_h: int, block_k: int, heads: int, has_si
     @T.macro
     def finalize(m_i, m_safe, l_i, inv, lse, attn_sink, h0):  # noqa: ANN001, ANN202
         for h in parallel(block_h):
-            m_safe[h] = T.if_then_else(m_i[h] == neg_inf, 0, m_i[h])
+            m_safe[h] = shift(m_i[h])
             if has_sink:
                 inv[h] = l_i[h] + T.exp2(attn_sink[T.min(h0 + h, heads - 1)] * T.float32(LOG2E) - m_safe[h])
             else:
                 inv[h] = l_i[h]
-            inv[h] = T.if_then_else(inv[h] > 0, 1.0 / inv[h], 0)
-            lse[h] = T.if_then_else(l_i[h] > 0, (T.log2(l_i[h]) + m_safe[h]) * T.float32(LN2), neg_inf)
+            # Only a zero denominator (an empty row: its output is 0) is special; a NaN one (NaN score or sink) must
+            # stay NaN, and "d > 0 ? 1 / d : 0" would turn it into an output of 0.
+            inv[h] = T.if_then_else(inv[h] == 0, T.float32(0), 1.0 / inv[h])
+            # l = 0 only for a row of -inf scores; NaN and +inf sums give NaN and +inf (log2(l) + 0).
+            lse[h] = T.if_then_else(l_i[h] == 0, neg_inf, (T.log2(l_i[h]) + m_safe[h]) * T.float32(LN2))
 
     return online_softmax, finalize
 
