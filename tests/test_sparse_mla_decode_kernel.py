@@ -270,6 +270,106 @@ def test_cpu_matches_reference(
     check(args, out, lse, OUT_TOL, LSE_TOL)
 
 
+_E4M3_NAN = 0x7F
+_NAN_COLUMN = 2
+"""A value column (NoPE in an FP8 row): a NaN there reaches every score and the value."""
+_KEY_COLUMN = CPU_D_QK - CPU_D_ROPE + 1
+"""A key-only column (past ``d_v``; a bf16 RoPE value in an FP8 row): an infinity there reaches the scores only."""
+_SPLITS = 3
+_SECOND_SPLIT_ENTRY = 70
+"""With 100-entry rows, 32-row steps (the C target's default ``block_k``) and 3 splits, split 1 holds entries 64-99
+(split 0 holds 0-63, split 2 none): a poisoned entry here leaves split 0 finite and split 2 empty."""
+
+
+def _poison_slot(pages: torch.Tensor, slot: int, column: int, value: float) -> torch.Tensor:
+    """A copy of a cache ``[num_pages, page_size, row]`` with ``value`` in column ``column`` of ``slot``: the element
+    itself in bf16 rows; in FP8 rows NaN as an e4m3 NaN byte of a NoPE column, an infinity as a bf16 RoPE value."""
+    out = pages.clone()
+    row = out.view(-1, out.shape[-1])[slot]
+    if out.dtype == torch.bfloat16:
+        row[column] = value
+        return out
+    layout = cache.FP8Layout.for_width(CPU_D_QK, CPU_D_ROPE)
+    if math.isnan(value):
+        assert column < layout.d_nope
+        row.view(torch.uint8)[column] = _E4M3_NAN
+    else:
+        assert column >= layout.d_nope
+        row.view(torch.uint8)[layout.rope_offset :].view(torch.bfloat16)[column - layout.d_nope] = value
+    return out
+
+
+def _signed_key_column(q: torch.Tensor) -> torch.Tensor:
+    """``q`` with the key column of query (0, 0) positive on even heads and negative on odd ones: a ``+inf`` there
+    makes even heads' score ``+inf`` (lse ``+inf``, out NaN) and odd heads' ``-inf`` (the entry drops out)."""
+    q = q.clone()
+    q[0, 0, :, _KEY_COLUMN] = q[0, 0, :, _KEY_COLUMN].abs() + 0.5
+    q[0, 0, 1::2, _KEY_COLUMN] = -q[0, 0, 1::2, _KEY_COLUMN]
+    return q
+
+
+def _decode_non_finite_case(fmt: str, case: str) -> tuple[dict[str, Any], Any]:
+    """One decode problem (2 sequences x 2 queries, 100 entries in 3 splits, an extra bf16 source, random sinks, the
+    last query's rows empty) with the non-finite values of ``case``, and a predicate on the reference's ``(out,
+    lse)`` that says the case produced what it is about."""
+    args = make_problem(seed=51, fmt=fmt, batch=2, s_q=2, context=120, topk=100, kind="regular", sink="random",
+                        extra_fmt="bf16")  # fmt: skip
+    args["indices"], args["extra_indices"] = args["indices"].clone(), args["extra_indices"].clone()
+    args["indices"][-1, -1], args["extra_indices"][-1, -1] = -1, -1
+    slot = int(args["indices"][0, 0, _SECOND_SPLIT_ENTRY])
+    assert 0 <= slot < args["kv_cache"].shape[0] * args["kv_cache"].shape[1]
+    h = CPU_HEADS - 1
+    if case == "nan_slot_in_one_split":
+        args["kv_cache"] = _poison_slot(args["kv_cache"], slot, _NAN_COLUMN, math.nan)
+        expect = lambda out, lse: bool(torch.isnan(lse[0, 0]).all() and torch.isnan(out[0, 0]).all())  # noqa: E731
+    elif case == "inf_key_in_one_split":
+        args["kv_cache"] = _poison_slot(args["kv_cache"], slot, _KEY_COLUMN, math.inf)
+        args["q"] = _signed_key_column(args["q"])
+        expect = lambda out, lse: bool(  # noqa: E731
+            torch.isposinf(lse[0, 0, 0::2]).all() and torch.isnan(out[0, 0, 0::2]).all()
+            and torch.isfinite(lse[0, 0, 1::2]).all() and torch.isfinite(out[0, 0, 1::2]).all()
+        )
+    elif case == "inf_key_in_extra_source":
+        extra_slot = int(args["extra_indices"][0, 0, 0])
+        args["extra_kv_cache"] = _poison_slot(args["extra_kv_cache"], extra_slot, _KEY_COLUMN, math.inf)
+        args["q"] = _signed_key_column(args["q"])
+        expect = lambda out, lse: bool(torch.isposinf(lse[0, 0, 0::2]).all() and torch.isfinite(lse[0, 0, 1::2]).all())  # noqa: E731
+    elif case == "nan_query":
+        args["q"] = args["q"].clone()
+        args["q"][0, 0, h, 3] = math.nan
+        expect = lambda out, lse: bool(torch.isnan(lse[0, 0, h]) and torch.isfinite(lse[0, 0, :h]).all())  # noqa: E731
+    elif case == "nan_sink":
+        args["attn_sink"] = args["attn_sink"].clone()
+        args["attn_sink"][h] = math.nan
+        expect = lambda out, lse: bool(  # noqa: E731
+            torch.isnan(out[:, :, h]).all() and torch.isneginf(lse[-1, -1]).all() and not torch.isnan(lse).any()
+        )
+    else:
+        raise AssertionError(case)
+    return args, expect
+
+
+@pytest.mark.cpu_kernel
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize(
+    "case", ["nan_slot_in_one_split", "inf_key_in_one_split", "inf_key_in_extra_source", "nan_query", "nan_sink"]
+)
+def test_cpu_non_finite_slots_queries_and_sinks_give_the_references_nan_and_inf(fmt: str, case: str) -> None:
+    """NaN/+inf in a referenced slot of one split (the others finite or empty), in the extra source, in ``q`` or in
+    the sink: out and lse hold NaN and infinities exactly where the reference (one softmax over every entry) does,
+    the finite rest within tolerance.
+
+    Issue 18: before the fix a split that saw a NaN or +inf score wrote lse -inf, which the combine weighs 0, so the
+    output was finite where the reference's is NaN; the combine turned a NaN sink into out = 0."""
+    args, expect = _decode_non_finite_case(fmt, case)
+    out, lse = run(args, splits=_SPLITS)
+    ref = _reference_args(args)
+    want_out, want_lse = reference.sparse_mla_decode(ref.pop("q"), ref.pop("kv_cache"), ref.pop("indices"), **ref)
+    assert expect(want_out.float(), want_lse), f"the problem does not exercise {case}"
+    assert_close(lse, want_lse, name="lse", **LSE_TOL)
+    assert_close(out.float(), want_out.float(), name="out", **OUT_TOL)
+
+
 @pytest.mark.cpu_kernel
 def test_cpu_splits_change_nothing_but_rounding() -> None:
     """1, 2, 3 and 7 splits of 200-entry rows give the same output (float32 partials: only the combine's sums move)."""

@@ -7,7 +7,8 @@ of the token's slot list: split ``z`` of ``Z`` takes the ``block_k``-entry steps
 (flash-decoding). Within its steps it runs the forward kernel's loop: gather the selected cache rows into a shared tile,
 ``Q . K^T``, the online softmax in the log2 domain (``tl_kernels.sparse_mla_fwd_steps``), ``P . V`` over the first
 ``d_v`` columns of the same rows. It writes its split's **normalised** float32 output and natural-log ``lse`` (``-inf``
-and 0 for a split with nothing valid); the sink is left to the combine.
+and 0 for a split with nothing valid; NaN and NaN for a split that saw a NaN score, ``+inf`` and NaN for one that saw
+a ``+inf`` score, as the forward); the sink is left to the combine.
 
 * Slots index the cache viewed as ``[num_slots, row]``; an entry is valid iff ``0 <= slot < num_slots`` and its
   position in the row is ``< min(k, topk_length[b, t])``. An invalid entry's tile row is zero and is never read, and
@@ -22,7 +23,9 @@ and 0 for a split with nothing valid); the sink is left to the combine.
 **Combine** (:func:`build_combine`): one thread block per ``(b, t, head)`` merges the ``P`` splits (of one source or
 of two, e.g. a sliding window beside the selected tokens): with ``m = max_p lse_p`` and ``w_p = exp(lse_p - m)``,
 ``lse = m + log(sum_p w_p)`` and ``out = sum_p w_p out_p / (sum_p w_p + exp(sink - m))``: the sink joins the
-denominator only, and a query with nothing valid gets ``out = 0`` and ``lse = -inf``.
+denominator only, and a query with nothing valid gets ``out = 0`` and ``lse = -inf``. As in ``torch.logsumexp``, ``m``
+is replaced by 0 when it is infinite, so the merge of the parts is the reference's one softmax over all of them for
+non-finite parts too: any NaN part (or NaN sink) gives NaN, a ``+inf`` part ``lse = +inf`` and ``out`` NaN.
 
 Batch, query count, slot count, top-k width and split count are symbolic: one compiled kernel serves every shape.
 """
@@ -317,6 +320,7 @@ def build_combine(*, heads: int, d_v: int, has_sink: bool = False, target: dsl.T
     alloc = dsl.allocators(target)
     data_storage = dsl.storage_dtype(DATA_DTYPE, target)
     neg_inf = -T.infinity(ACCUM_DTYPE)
+    pos_inf = T.infinity(ACCUM_DTYPE)
     parts, batch, seq_q = T.dynamic("parts"), T.dynamic("batch"), T.dynamic("seq_len")
 
     @T.prim_func
@@ -330,12 +334,17 @@ def build_combine(*, heads: int, d_v: int, has_sink: bool = False, target: dsl.T
         with T.Kernel(seq_q * heads, batch, threads=COMBINE_THREADS) as (bx, by):
             s = bx // heads
             h = bx % heads
-            # stats: the maximum part lse (0 while every part is empty), the sum of weights, 1 / denominator.
+            # stats: the shift (the maximum part lse, or 0 when that is +-inf: torch.logsumexp's rule), the sum of
+            # weights, 1 / denominator. A part's lse is NaN (its output NaN) when it saw a NaN score and +inf (output
+            # NaN) when it saw a +inf one; the union of the parts must give the same (the reference is one softmax
+            # over every part's entries). The shift keeps them apart: a +inf part adds exp(inf - 0) = +inf to the
+            # sum (not exp(inf - inf) = NaN), and a NaN part adds NaN whether or not T.max (fmaxf on CUDA, which drops
+            # NaN) kept it. An empty part (-inf) weighs exp(-inf - shift) = 0.
             stats = alloc.local([3], ACCUM_DTYPE)
             stats[0] = neg_inf
             for p in T.serial(parts):
                 stats[0] = T.max(stats[0], LsePartial[p, by, s, h])
-            stats[0] = T.if_then_else(stats[0] == neg_inf, 0, stats[0])
+            stats[0] = T.if_then_else(T.Or(stats[0] == neg_inf, stats[0] == pos_inf), T.float32(0), stats[0])
             stats[1] = 0
             for p in T.serial(parts):
                 stats[1] = stats[1] + T.exp(LsePartial[p, by, s, h] - stats[0])
@@ -343,7 +352,9 @@ def build_combine(*, heads: int, d_v: int, has_sink: bool = False, target: dsl.T
                 stats[2] = stats[1] + T.exp(AttnSink[h] - stats[0])
             else:
                 stats[2] = stats[1]
-            stats[2] = T.if_then_else(stats[2] > 0, 1.0 / stats[2], 0)
+            # Only a zero denominator (nothing valid, no sink mass: output 0) is special; a NaN one (a NaN part or
+            # sink) stays NaN, an infinite one gives 0 (times a NaN sum where a part was +inf).
+            stats[2] = T.if_then_else(stats[2] == 0, T.float32(0), 1.0 / stats[2])
             acc = alloc.fragment([d_v], ACCUM_DTYPE)
             weight = alloc.local([1], ACCUM_DTYPE)
             for d in alloc.parallel(d_v):
@@ -354,6 +365,7 @@ def build_combine(*, heads: int, d_v: int, has_sink: bool = False, target: dsl.T
                     acc[d] = acc[d] + weight[0] * OutPartial[p, by, s, h, d]
             for d in alloc.parallel(d_v):
                 Out[by, s, h, d] = dsl.store_bf16(acc[d] * stats[2], target)
-            Lse[by, s, h] = T.if_then_else(stats[1] > 0, T.log(stats[1]) + stats[0], neg_inf)
+            # A zero sum (every part empty) is -inf; NaN and +inf sums give NaN and +inf (log(sum) + 0).
+            Lse[by, s, h] = T.if_then_else(stats[1] == 0, neg_inf, T.log(stats[1]) + stats[0])
 
     return main
