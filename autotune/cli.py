@@ -23,8 +23,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from autotune import measure, space, tuner
-from autotune import sku as sku_mod
+from autotune import tuner
+from autotune.lookup import sku as sku_mod
+from autotune.lookup import space
+from benchmarks import measure
 from dsa import env, hardware
 
 logger = logging.getLogger(__name__)

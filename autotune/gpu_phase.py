@@ -1,8 +1,8 @@
 """The GPU phase of one tuning case: check every candidate against the reference, then time the correct ones.
 
 A case runs in steps: the reference at the case's check sizes, then each candidate's check (its kernel loaded and run
-once at the check sizes, compared with the reference by its :class:`autotune.runners.Runner`) one by one, then per
-size point the input sets (rotated over more than twice the L2 cache, :mod:`autotune.measure`) and each correct
+once at the check sizes, compared with the reference by its :class:`benchmarks.runners.Runner`) one by one, then per
+size point the input sets (rotated over more than twice the L2 cache, :mod:`benchmarks.measure`) and each correct
 candidate's timing. Before each step :func:`run_case` reports a :class:`Step`, after it a :class:`Result`; a
 :class:`Progress` holds the results, so that the step in progress when a worker process dies or hangs can be blamed
 and the rest handed to a fresh one (:mod:`autotune.gpu_worker`). :func:`time_case` runs the steps in this process.
@@ -23,9 +23,10 @@ from typing import Any
 
 import torch
 
-from autotune import measure as measure_mod
-from autotune import space, tuner
-from autotune.runners import SEED, Runner, runner_for
+from autotune import tuner
+from autotune.lookup import space
+from benchmarks import measure as measure_mod
+from benchmarks.runners import SEED, Runner, runner_for
 
 logger = logging.getLogger(__name__)
 
@@ -303,9 +304,9 @@ def time_case(
 
     Args:
         candidates: compiled survivors of the case (``tuner._Candidate``: ``.job``, ``.compiled``), default first.
-        runner: defaults to :func:`autotune.runners.runner_for` ``(case.kernel)``.
+        runner: defaults to :func:`benchmarks.runners.runner_for` ``(case.kernel)``.
         measure: ``measure(call, input_sets, warmup=, reps=) -> median ms``; default CUDA events
-            (:func:`autotune.measure.median_ms`).
+            (:func:`benchmarks.measure.median_ms`).
 
     Returns:
         ``(records, cache files written, ok)``; ``ok`` is false when some size point has no valid candidate.

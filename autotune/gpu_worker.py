@@ -31,9 +31,10 @@ from typing import Any
 
 import torch
 
-from autotune import gpu_phase, space, tuner
-from autotune import measure as measure_mod
-from autotune.runners import Runner, runner_for
+from autotune import gpu_phase, tuner
+from autotune.lookup import space
+from benchmarks import measure as measure_mod
+from benchmarks.runners import Runner, runner_for
 from dsa import env
 
 logger = logging.getLogger(__name__)
@@ -190,8 +191,8 @@ class GpuTimer:
     Args:
         sku: SKU id the winners are stored under.
         device: the CUDA device; default the current one.
-        runner: fixed runner for every case (tests); default :func:`autotune.runners.runner_for` ``(case.kernel)``. In the isolated
-            mode its callables must be importable by name (the worker is spawned).
+        runner: fixed runner for every case (tests); default :func:`benchmarks.runners.runner_for`
+            ``(case.kernel)``. In the isolated mode its callables must be importable by name (the worker is spawned).
         measure: as for :func:`autotune.gpu_phase.time_case`; same rule.
     """
 

@@ -3,7 +3,7 @@ correct config per (kernel, static parameters, size bucket).
 
 Phases:
 
-1. **Compile** every candidate config of every case (:mod:`autotune.space`) for the run's target (sm_90a, or the
+1. **Compile** every candidate config of every case (:mod:`autotune.lookup.space`) for the run's target (sm_90a, or the
    portable schedule of another architecture) in a process pool (``jobs`` workers; each calls
    ``tl_kernels.build.compile_cuda(module.build, target=..., **static, **config)``). Compiling in
    worker processes also fills TileLang's on-disk kernel cache, so the launchers (and the timing phase below) later
@@ -12,13 +12,13 @@ Phases:
    limit, a GEMM that is not the architecture's matrix instruction, wgmma on sm_90a and mma.sync elsewhere, where the
    kernel has GEMMs: ``StaticReport.problems(mma=...)``).
 3. **Check** (GPU) each survivor at the case's small ``check_sizes`` against ``dsa.reference``
-   (:mod:`autotune.runners`: scale-sensitive comparison); a wrong candidate never wins. Phases 3 and 4 run in a
+   (:mod:`benchmarks.runners`: scale-sensitive comparison); a wrong candidate never wins. Phases 3 and 4 run in a
    worker process by default, so that a candidate that crashes or hangs is recorded as failed and the others are
    still measured (:mod:`autotune.gpu_phase`, :mod:`autotune.gpu_worker`).
-4. **Time** (GPU) the correct ones at each size point with CUDA events (:mod:`autotune.measure`): warm-up calls,
+4. **Time** (GPU) the correct ones at each size point with CUDA events (:mod:`benchmarks.measure`): warm-up calls,
    then the median of repeated calls, the inputs rotated over enough copies to exceed twice the L2 cache so that no
    call finds its inputs in L2. The winner of each size point is stored in the user cache
-   (:func:`autotune.cache.store`).
+   (:func:`autotune.lookup.cache.store`).
 
 TileLang's own autotuner is not used (it times on the GPU only and writes ``autotuner.log`` into the working
 directory); this module never changes directory or writes outside the cache and the report.
@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from autotune import cache, measure, space
+from autotune.lookup import cache, space
+from benchmarks import flops, measure
 from dsa import env
 from tl_kernels import dsl
 
@@ -434,7 +435,8 @@ def select_and_store(
     Returns:
         The records (one per candidate) and the cache file written, or ``None`` when no candidate was valid.
     """
-    flops = space.spec(case.kernel).flops(case.static, sizes)
+    own = space.spec(case.kernel).flops
+    work = own(case.static, sizes) if own is not None else flops.call_flops(case.kernel, case.static, sizes)
     winner = pick_winner(latencies)
     params = {**case.static, **sizes}
     records = []
@@ -448,7 +450,7 @@ def select_and_store(
                 ok=lat is not None,
                 error=errors.get(i),
                 latency_ms=None if lat is None else round(lat, 6),
-                tflops=None if lat is None else _round(tflops_of(flops, lat)),
+                tflops=None if lat is None else _round(tflops_of(work, lat)),
                 chosen=i == winner,
             )
         )
@@ -459,7 +461,7 @@ def select_and_store(
         default_lat = latencies.get(default_at) if default_at is not None else None
         metrics = {
             "latency_ms": latencies[winner],
-            "tflops": tflops_of(flops, latencies[winner]),
+            "tflops": tflops_of(work, latencies[winner]),
             "default_latency_ms": default_lat,
             "candidates": len(candidates),
         }

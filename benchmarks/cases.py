@@ -1,16 +1,16 @@
 """The standard benchmark cases, declared once as data, with their FLOP and byte counts.
 
-``dsa-bench`` (``autotune.bench``) runs these (``--dry-run`` lists them); the one-shot GPU check runs them all. A case
+``dsa-bench`` (``benchmarks.bench``) runs these (``--dry-run`` lists them); the one-shot GPU check runs them all. A case
 names its kernel as the tuner does (``indexer``, ``topk``, ``sparse_mla_fwd``, ``sparse_mla_bwd``) and holds the
 kernel's static parameters and runtime sizes in the tuner's vocabulary (``batch``, ``seq_len``, ``seq_len_kv``,
-``topk``), so that its inputs come from the same makers as the tuner's (``autotune.runners``). The ``memory`` cases
+``topk``), so that its inputs come from the same makers as the tuner's (``benchmarks.runners``). The ``memory`` cases
 are not a kernel: they measure the peak device memory of the whole DSA path (FP8 indexer, top-k, sparse MLA forward)
 against dense attention. The ``selection`` cases measure time and peak device memory of long-context selection:
 ``dsa.ops.index_topk`` (never the ``S x S_kv`` scores) against the materialised scores with our top-k and with
 ``torch.topk``. The ``sparse_mla_decode`` and ``index_topk_decode`` cases are decoding over paged caches
 (``dsa.cache.PagedKVCache``: FP8 latent rows in FlashMLA's V3.2 layout, FP8 indexer keys), B sequences of one
-context length with ``s_q`` new queries each; they are not tuner kernels, so ``autotune.bench`` makes their inputs
-and checks them itself. FLOP and byte counts are those of ``autotune.flops`` (useful work only).
+context length with ``s_q`` new queries each; they are not tuner kernels, so ``benchmarks.bench`` makes their inputs
+and checks them itself. FLOP and byte counts are those of ``benchmarks.flops`` (useful work only).
 
 A case marked ``quick=False`` is left out of the default run (``dsa-bench`` without ``--full``, hence the one-shot
 GPU check, whose bench stage has a fixed time budget); ``--full`` runs it, and so does naming it with ``--cases``.
@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from autotune import flops
+from benchmarks import flops
 
 # DeepSeek-V3.2 dimensions.
 INDEX_HEADS = 64
@@ -64,11 +64,11 @@ QUICK_DECODE: tuple[str, ...] = ("sparse_mla_decode-fp8-b128-s2-kv32768", "index
 MEMORY = "memory"
 SELECTION = "selection"
 MEMORY_KINDS: tuple[str, ...] = (MEMORY, SELECTION)
-"""The cases measured by peak device memory and one call's wall time (``autotune.bench.run_memory_case``)."""
+"""The cases measured by peak device memory and one call's wall time (``benchmarks.bench.run_memory_case``)."""
 SPARSE_MLA_DECODE = "sparse_mla_decode"
 INDEX_TOPK_DECODE = "index_topk_decode"
 DECODE_KINDS: tuple[str, ...] = (SPARSE_MLA_DECODE, INDEX_TOPK_DECODE)
-"""The decode cases over paged caches: inputs and check in ``autotune.bench`` (no tuner runner)."""
+"""The decode cases over paged caches: inputs and check in ``benchmarks.bench`` (no tuner runner)."""
 KERNELS: tuple[str, ...] = (
     "indexer", "topk", "index_topk", "sparse_mla_fwd", "sparse_mla_bwd", MEMORY, SELECTION, *DECODE_KINDS
 )  # fmt: skip

@@ -4,5 +4,6 @@
 import os
 import sys
 
-# scripts/autotune.py would shadow the `autotune` package for a script run from this folder: run the module with -m.
-os.execv(sys.executable, [sys.executable, "-m", "autotune.bench", *sys.argv[1:]])
+# scripts/autotune.py would shadow the `autotune` package (which the harness imports) for a script run from this
+# folder: run the module with -m.
+os.execv(sys.executable, [sys.executable, "-m", "benchmarks.bench", *sys.argv[1:]])

@@ -189,7 +189,7 @@ echo "gpu_check.sh: the check exited $rc after $(since "$t")"
 # 5. what comes back
 if [ -n "${OUT:-}" ]; then
     t=$(now_us)
-    if ! "$PY" -m autotune.gpu_check --collect-into "$OUT" --work-dir "$WORK" --out-dir "$RESULTS" --since "$STAMP" \
+    if ! "$PY" -m benchmarks.gpu_check --collect-into "$OUT" --work-dir "$WORK" --out-dir "$RESULTS" --since "$STAMP" \
         --runner-rc "$rc"; then
         echo "gpu_check.sh: packing the outputs failed; copying the newest records alone" >&2
         mkdir -p "$OUT"

@@ -68,7 +68,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def gpu_kernel_shapes(modules: list[object]) -> dict[str, list[dict[str, object]]]:
     """A tuner shapes file (``dsa-autotune --shapes``) of every static parameter set the ``GPU_KERNELS`` of
     ``modules`` list, each once, with one nominal size point (the compile stage only compiles)."""
-    from autotune import space
+    from autotune.lookup import space
 
     shapes: dict[str, list[dict[str, object]]] = {}
     seen: set[tuple[str, str]] = set()
@@ -143,7 +143,7 @@ def fake_kernel() -> Iterator[types.ModuleType]:
 @pytest.fixture()
 def cache_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, Path]]:
     """A fresh user cache folder and a fresh shipped-configs folder; the in-process config cache forgotten."""
-    from autotune import cache
+    from autotune.lookup import cache
 
     user, shipped = tmp_path / "user", tmp_path / "shipped"
     monkeypatch.setenv("DSA_CACHE_DIR", str(user))

@@ -22,7 +22,9 @@ from typing import Any
 
 import torch
 
-from autotune import cache, runners, space, tuner
+from autotune import tuner
+from autotune.lookup import cache, space
+from benchmarks import runners
 from dsa import testing
 
 MODULE = "fake_dsa_kernel"

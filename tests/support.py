@@ -15,7 +15,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from autotune import space, tuner
+from autotune import tuner
+from autotune.lookup import space
 from dsa import env
 from tl_kernels import build as tl_build
 
@@ -40,7 +41,7 @@ def assert_wide_addressing(source: str) -> None:
 
 def hopper_configs(kernel: str, static: dict[str, Any]) -> list[Any]:
     """Every config of ``kernel``'s tuning space that ``check_config`` accepts for sm_90a at ``static``, the default
-    first: exactly what the tuner's ``--full`` search (``autotune.space.full_space``) compiles."""
+    first: exactly what the tuner's ``--full`` search (``autotune.lookup.space.full_space``) compiles."""
     module = space.kernel_module(kernel)
     return [module.Config(**config) for config in space.full_space(kernel, static)]
 

@@ -26,7 +26,8 @@ from typing import Any
 
 import pytest
 
-from autotune import cache, space, tuner
+from autotune import tuner
+from autotune.lookup import cache, space
 from dsa import env
 from tests import support
 from tl_kernels import build as tl_build

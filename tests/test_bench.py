@@ -1,4 +1,4 @@
-"""The benchmark (``dsa-bench``, ``autotune.bench``) on a CPU: a clear exit without a GPU, the cases' FLOP and byte
+"""The benchmark (``dsa-bench``, ``benchmarks.bench``) on a CPU: a clear exit without a GPU, the cases' FLOP and byte
 counts, the harness itself on tiny cases (host clock, C-target kernels), its check, and target evaluation."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from autotune import bench, flops
+from benchmarks import bench, flops
 from benchmarks import cases as case_data
 from dsa.launch import common
 from tests.support import ROOT, SCRIPTS
@@ -71,7 +71,7 @@ def test_dry_run_lists_every_standard_case_with_hand_checked_counts(tmp_path: Pa
 
 
 def test_tune_small_shapes_are_valid_for_the_tuner() -> None:
-    from autotune import space
+    from autotune.lookup import space
 
     shapes = ROOT / "benchmarks" / "tune_small.json"
     found = space.preset_cases(shapes)
@@ -206,7 +206,7 @@ def test_decode_inputs_and_providers_on_cpu() -> None:
     """The tiny decode cases' inputs: distinct visible positions as slots of each sequence's own pages, integer
     indexer inputs; every provider that runs on a CPU agrees with the reference (FlashMLA's call through the
     ``dsa.compat`` entry points, which take the same arguments)."""
-    from autotune import bench_providers
+    from benchmarks import providers as bench_providers
     from dsa import cache, compat, reference
 
     by_kernel = {c.kernel: c for c in case_data.tiny_cases(case_data.DECODE_KINDS)}

@@ -1,5 +1,5 @@
-"""The per-SKU config cache (``autotune.cache``): keys and buckets, the lookup order, robustness against corrupt or
-foreign files, concurrent writers, and the cost of a lookup."""
+"""The per-SKU config cache (``autotune.lookup.cache``): keys and buckets, the lookup order, robustness against
+corrupt or foreign files, concurrent writers, and the cost of a lookup."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from autotune import cache
+from autotune.lookup import cache
 
 
 def test_buckets_and_canonical_keys() -> None:
@@ -98,7 +98,11 @@ def test_lookup_order_exact_nearest_shipped(cache_dirs: tuple[Path, Path]) -> No
 
 
 def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.name == "autotune.cache"]
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.WARNING and r.name == "autotune.lookup.cache"
+    ]
 
 
 def test_corrupt_file_reported_once_and_ignored(

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from autotune import cli, space, tuner
+from autotune import cli, tuner
+from autotune.lookup import space
 from tests import fake_kernel as fake
 
 REPO = Path(__file__).resolve().parents[1]

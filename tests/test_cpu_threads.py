@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from autotune import bench
+from benchmarks import bench
 
 
 @pytest.fixture

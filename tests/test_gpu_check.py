@@ -1,4 +1,4 @@
-"""The one-shot GPU check (``autotune.gpu_check``) on a CPU: stages with budgets, their records, the order of the
+"""The one-shot GPU check (``benchmarks.gpu_check``) on a CPU: stages with budgets, their records, the order of the
 stages, the compile list written from the GPU test modules at run time, and the ws tests in a stage of their own."""
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 import torch
 
-from autotune import gpu_check, space
+from autotune.lookup import space
+from benchmarks import gpu_check
 from tests.support import ROOT
 from tests.support import run_python as _run
 

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 import torch
 
-from autotune import cache, cli, gpu_phase, gpu_worker, space, tuner
+from autotune import cli, gpu_phase, gpu_worker, tuner
+from autotune.lookup import cache, space
 from tests import fake_kernel as fake
 from tests.test_tuner import FakeRunner
 

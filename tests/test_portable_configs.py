@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from autotune import space
+from autotune.lookup import space
 from tl_kernels import dsl
 from tl_kernels import indexer as indexer_kernels
 from tl_kernels import sparse_mla_bwd as bwd_kernels

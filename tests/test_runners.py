@@ -1,4 +1,4 @@
-"""The tuner's runners (``autotune.runners``): inputs, the launcher call with ``config=``, the reference and the
+"""The tuner's runners (``benchmarks.runners``): inputs, the launcher call with ``config=``, the reference and the
 comparison of every kernel, run on the C target with each module's CPU default config (marker ``cpu_kernel``).
 
 This is the tuner's correctness gate: it must accept the kernels as they are and reject a candidate that is off by a
@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from autotune import runners, space
+from autotune.lookup import space
+from benchmarks import runners
 from dsa import testing
 
 SCALE_ERROR = 1.02

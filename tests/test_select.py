@@ -1,4 +1,4 @@
-"""Config selection for the launchers (``autotune.select``): a checked ``Config`` from the cache, or ``None``."""
+"""Config selection for the launchers (``autotune.lookup.select``): a checked ``Config`` from the cache, or ``None``."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ from typing import Any
 import pytest
 import torch
 
-from autotune import cache, select, sku, space
+from autotune.lookup import cache, select, sku, space
 from tests import fake_kernel as fake
 
 CUDA = torch.device("cuda", 0)
 
 
 def _select_warnings(caplog: pytest.LogCaptureFixture) -> int:
-    return len([r for r in caplog.records if r.name == "autotune.select"])
+    return len([r for r in caplog.records if r.name == "autotune.lookup.select"])
 
 
 def test_config_for_returns_the_checked_config_or_none(

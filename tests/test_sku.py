@@ -1,11 +1,12 @@
-"""SKU detection (``autotune.sku``): the table's rules, fallback ids, the capability of an id, per-device caching."""
+"""SKU detection (``autotune.lookup.sku``): the table's rules, fallback ids, the capability of an id, per-device
+caching."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from autotune import sku
+from autotune.lookup import sku
 
 GIB = 1 << 30
 

@@ -1,5 +1,5 @@
-"""Search spaces and presets (``autotune.space``): the fake kernel's spaces, presets, shapes files, and every real
-kernel's presets and spaces; the FLOP counts (``autotune.flops``)."""
+"""Search spaces and presets (``autotune.lookup.space``): the fake kernel's spaces, presets, shapes files, and every
+real kernel's presets and spaces; the FLOP counts (``benchmarks.flops``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from autotune import flops, space
+from autotune.lookup import space
+from benchmarks import flops
 from tests import fake_kernel as fake
 
 

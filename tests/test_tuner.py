@@ -12,7 +12,9 @@ from typing import Any
 import pytest
 import torch
 
-from autotune import cache, gpu_phase, runners, space, tuner
+from autotune import gpu_phase, tuner
+from autotune.lookup import cache, space
+from benchmarks import runners
 from dsa import testing
 from tests import fake_kernel as fake
 

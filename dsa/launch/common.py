@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from autotune import select
+from autotune.lookup import select
 from dsa import env, hardware
 from tl_kernels import build as tl_build
 from tl_kernels import dsl

@@ -1,6 +1,6 @@
 """Useful work of one kernel call: floating-point operations and minimal device-memory traffic.
 
-One definition serves the tuner (TFLOP/s of each candidate, :mod:`autotune.space`) and the benchmark cases
+One definition serves the tuner (TFLOP/s of each candidate, :func:`call_flops`) and the benchmark cases
 (``benchmarks/cases.py``). Counts are of useful work only, never of padding or invisible pairs:
 
 * indexer: ``2 * H_i * D_i`` FLOPs per *visible* (query, key) pair (bottom-right causal); bytes: ``q``, ``k``,
@@ -20,8 +20,11 @@ Plain arithmetic: nothing here imports torch or touches a device.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 __all__ = [
+    "call_flops",
     "causal_pairs",
     "dense_attention_flops",
     "fp8_kv_row_bytes",
@@ -141,3 +144,27 @@ def index_topk_decode_bytes(batch: int, context: int, row_bytes: int) -> float:
     """Every cached key row of every sequence read once (the ``s_q`` queries of a sequence share them; ``q``,
     ``weights`` and the ``[B, s_q, topk]`` outputs are negligible beside the keys)."""
     return float(batch * context * row_bytes)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A tuner kernel's call, as the tuner describes it: (static parameters, runtime sizes)
+# ----------------------------------------------------------------------------------------------------------------------
+def _topk_of(static: Mapping[str, Any], sizes: Mapping[str, int]) -> int:
+    # sparse_mla_fwd takes k at run time (a size); sparse_mla_bwd compiles it in (a static parameter).
+    return int(static["topk"] if "topk" in static else sizes["topk"])
+
+
+def call_flops(kernel: str, static: Mapping[str, Any], sizes: Mapping[str, int]) -> float | None:
+    """Useful FLOPs of one call of the tuner kernel ``kernel`` (a name of ``autotune.lookup.space.KERNEL_NAMES``) at
+    its static parameters and runtime sizes (``batch``, ``seq_len``, ``seq_len_kv``, and ``topk`` where it is a
+    size); ``None`` where FLOP/s mean nothing (top-k) or the kernel is not one of the built-in five.
+
+    The fused selection (``index_topk``) counts the indexer's FLOPs: its GEMMs are the work, the selection rides
+    along."""
+    if kernel in ("indexer", "index_topk"):
+        return indexer_flops(sizes["batch"], sizes["seq_len"], sizes["seq_len_kv"], static["heads"], static["dim"])
+    if kernel in ("sparse_mla_fwd", "sparse_mla_bwd"):
+        count = sparse_mla_fwd_flops if kernel == "sparse_mla_fwd" else sparse_mla_bwd_flops
+        return count(sizes["batch"], sizes["seq_len"], static["heads"], _topk_of(static, sizes), static["d_qk"],
+                     static["d_v"])  # fmt: skip
+    return None

@@ -1,6 +1,6 @@
 """The one-shot GPU check's record, read back: a PNG plot of the sparse MLA forward against dense attention, the
 summary table printed last, and the short stage-by-stage ``summary.txt`` returned beside the record
-(``autotune.gpu_check``)."""
+(``benchmarks.gpu_check``)."""
 
 from __future__ import annotations
 

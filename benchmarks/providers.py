@@ -2,9 +2,9 @@
 schedule (``dsa-portable``: mma.sync, what every other GPU runs), the reference, ``torch.topk``, dense attention (SDPA
 and chunked matmuls) and, where importable, FlashMLA's sparse prefill and decode and DeepGEMM's FP8 indexer.
 
-Every provider takes one input set as :mod:`autotune.runners` makes it for the case's kernel (``q``, ``k``,
+Every provider takes one input set as :mod:`benchmarks.runners` makes it for the case's kernel (``q``, ``k``,
 ``weights``, ``k_scale`` for the indexer; ``scores``, ``k`` for top-k; ``q``, ``kv``, ``indices``, ``sm_scale``,
-``d_v``, ... for sparse MLA); the decode cases' sets come from ``autotune.bench.decode_inputs`` (the paged caches'
+``d_v``, ... for sparse MLA); the decode cases' sets come from ``benchmarks.bench.decode_inputs`` (the paged caches'
 ``kv_cache``/``k_cache`` pages, slots or block tables, ...).
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from autotune import flops
+from benchmarks import flops
 from dsa import autograd, hardware, ops, reference
 
 __all__ = ["Provider", "dense_matmul", "dense_sdpa", "flashmla_decode", "providers_for"]

@@ -4,8 +4,8 @@
 The cases are declared once in ``benchmarks/cases.py`` (with their FLOP and byte counts). For each case and provider
 this harness:
 
-* makes its inputs with the tuner's makers (:mod:`autotune.runners`, on top of ``dsa.testing``), enough input sets
-  that together they exceed twice the L2 cache, and rotates through them (:mod:`autotune.measure`);
+* makes its inputs with the tuner's makers (:mod:`benchmarks.runners`, on top of ``dsa.testing``), enough input sets
+  that together they exceed twice the L2 cache, and rotates through them (:mod:`benchmarks.measure`);
 * makes one untimed call first (compilation, config lookup and allocator growth stay out of the numbers); a baseline
   whose first call alone exceeds the time budget is recorded with that one host-clock sample and skipped for the
   later cases of its kernel;
@@ -45,9 +45,10 @@ from typing import Any
 
 import torch
 
-from autotune import bench_providers, measure, runners, sku
-from autotune.bench_providers import Provider
+from autotune.lookup import sku
 from benchmarks import cases as case_data
+from benchmarks import measure, providers, runners
+from benchmarks.providers import Provider
 from dsa import cache, reference, testing
 from dsa.launch import common
 
@@ -565,8 +566,8 @@ def _memory_paths(case: case_data.Case, inp: dict[str, Any]) -> dict[str, Callab
         }
     return {
         "dsa": lambda: ops.sparse_mla(inp["q"], inp["kv"], select(), sm_scale=inp["sm_scale"], d_v=inp["d_v"]),
-        "dense-sdpa": lambda: bench_providers.dense_sdpa(inp["q"], inp["kv"], inp["d_v"], inp["sm_scale"]),
-        "dense-matmul": lambda: bench_providers.dense_matmul(inp["q"], inp["kv"], inp["d_v"], inp["sm_scale"]),
+        "dense-sdpa": lambda: providers.dense_sdpa(inp["q"], inp["kv"], inp["d_v"], inp["sm_scale"]),
+        "dense-matmul": lambda: providers.dense_matmul(inp["q"], inp["kv"], inp["d_v"], inp["sm_scale"]),
     }
 
 
@@ -629,7 +630,7 @@ def run_case(case: case_data.Case, options: RunOptions, ceilings: dict[str, Any]
     sets = _input_sets(case, options)
     result.rows.append(_row(case, "-", "input_sets", len(sets), "sets", f"{_tensor_bytes(sets[0])} B each"))
     medians: dict[str, float] = {}
-    for provider in bench_providers.providers_for(case):
+    for provider in providers.providers_for(case):
         if options.providers and provider.name not in options.providers:
             continue
         slow = _SLOW.get((case.kernel, provider.name))

@@ -1,8 +1,9 @@
 """How to exercise each kernel: its inputs, its launch with a given config, its reference, and the comparison.
 
-One :class:`Runner` per kernel name of :data:`autotune.space.KERNEL_NAMES`, shared by the tuner's GPU phase (every
-candidate is checked against the reference before it may be timed) and the benchmark (its ``dsa`` check). Inputs come
-from the makers of ``dsa.testing`` (the same ones the property tests draw from), comparisons from
+One :class:`Runner` per kernel name of :data:`autotune.lookup.space.KERNEL_NAMES`, shared by the tuner's GPU phase
+(every candidate is checked against the reference before it may be timed) and the benchmark (its ``dsa`` check): the
+measurement package's one description of a tuner kernel's problem, which is why it lives here, below the tuner. Inputs
+come from the makers of ``dsa.testing`` (the same ones the property tests draw from), comparisons from
 ``dsa.testing.compare`` (NaN/inf positions, per-output tolerances, and the scale-sensitive difference, so a candidate
 with a 2 % scale error is rejected), and kernels run through their launchers in ``dsa.launch`` with the launcher's
 ``config=`` override, i.e. exactly the call path of the ops.

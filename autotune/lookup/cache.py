@@ -46,12 +46,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from autotune import sku as _sku
+from autotune.lookup import sku as _sku
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-SHIPPED_DIR = Path(__file__).resolve().parent / "configs"
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "configs"
 _PACKAGE = "dsa-tilelang"
 
 
@@ -126,7 +126,7 @@ def _version(dist: str) -> str | None:
 @functools.lru_cache(maxsize=1)
 def versions() -> dict[str, str | None]:
     """Versions recorded in every file: this package, TileLang, torch and the CUDA torch was built with."""
-    import torch  # local: keep `import autotune.cache` light
+    import torch  # local: keep `import autotune.lookup.cache` light
 
     return {
         "package": _version(_PACKAGE),
@@ -290,7 +290,7 @@ def lookup(
         kernel: kernel name (``indexer``, ``topk``, ``sparse_mla_fwd``, ``sparse_mla_bwd``).
         static: the kernel's compile-time parameters (JSON values), as passed to its ``build``.
         sizes: runtime sizes (e.g. ``{"batch": 1, "seq_len": 4096, "seq_len_kv": 4096}``); rounded to buckets.
-        sku: canonical SKU id (:func:`autotune.sku.current_sku`).
+        sku: canonical SKU id (:func:`autotune.lookup.sku.current_sku`).
         cache_dir: the user cache folder (``dsa.env.cache_dir()``).
 
     Returns:

@@ -3,8 +3,8 @@
 Stages (each in its own subprocess with a time budget, so a crash or a hang in one is recorded and the later stages
 still run; the record is rewritten after every stage, so even a killed run leaves what it measured):
 
-1. ``host``: GPU name, SKU id (``autotune.sku``), driver, CUDA, torch and tilelang versions, and the host's measured
-   ceilings: device-to-device copy bandwidth, bf16 and FP8 matrix rates (``dsa-bench --measure-ceilings``);
+1. ``host``: GPU name, SKU id (``autotune.lookup.sku``), driver, CUDA, torch and tilelang versions, and the host's
+   measured ceilings: device-to-device copy bandwidth, bf16 and FP8 matrix rates (``dsa-bench --measure-ceilings``);
 2. ``compile``: every sm_90a kernel the GPU tests use, compiled in parallel on every usable CPU into TileLang's cache
    (``dsa-autotune --compile-only --full`` over a shapes file that ``pytest --collect-only --dsa-gpu-kernels FILE``
    writes from the GPU test modules' ``GPU_KERNELS`` at run time, so the list cannot drift from the tests), so that
@@ -70,7 +70,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from autotune import gpu_record
+from benchmarks import gpu_record
 from dsa import process
 
 logger = logging.getLogger(__name__)
@@ -461,7 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "host" not in args.skip and not out_of_time("host"):
         print("[gpu_check] stage host: versions, SKU, ceilings", flush=True)
         run = run_stage_process(
-            [py, "-m", "autotune.bench", "--measure-ceilings", "--json", str(ceilings_json)],
+            [py, "-m", "benchmarks.bench", "--measure-ceilings", "--json", str(ceilings_json)],
             budget_s=deadline.clip(budgets["host"]), env=env, log=work / "host.log",
         )  # fmt: skip
         doc["stages"].append(stage_record("host", run, budgets["host"]))
@@ -540,7 +540,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench_json = work / "bench.json"
     if "bench" not in args.skip and not out_of_time("bench"):
         print("[gpu_check] stage bench: standard cases side by side", flush=True)
-        cmd = [py, "-m", "autotune.bench", "--json", str(bench_json), *BENCH_DEFAULT_ARGS]
+        cmd = [py, "-m", "benchmarks.bench", "--json", str(bench_json), *BENCH_DEFAULT_ARGS]
         if ceilings_json.is_file():
             cmd += ["--ceilings", str(ceilings_json)]
         cmd += args.bench_args.split()
@@ -650,7 +650,7 @@ def collect_outputs(
     """Pack what a run left into at most ``MAX_OUT_FILES`` files in ``out``, each named in ``[A-Za-z0-9._-]``, none in
     a folder, each at most ``MAX_OUT_FILE_BYTES``: the newest record ``results/*.json`` modified at or after ``since``
     (a Unix time) and its PNG, the compile report, ``logs.tar.gz`` (every log, JUnit file and JSON of ``work``) and
-    ``summary.txt`` (:func:`autotune.gpu_record.brief`). A file over the size limit is left out and said so in the
+    ``summary.txt`` (:func:`benchmarks.gpu_record.brief`). A file over the size limit is left out and said so in the
     summary. Returns the files written."""
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []

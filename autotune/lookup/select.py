@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from autotune import cache, sku, space
+from autotune.lookup import cache, sku, space
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +49,9 @@ def config_for(
     """The tuned config of ``kernel`` for a launch on ``device``, or ``None`` (use the kernel's default config).
 
     Args:
-        kernel: a kernel name of :data:`autotune.space.KERNEL_NAMES`.
+        kernel: a kernel name of :data:`autotune.lookup.space.KERNEL_NAMES`.
         static: the kernel's compile-time parameters (the non-config keyword arguments of its ``build``).
-        sizes: the runtime sizes the kernel's tuning preset names (:func:`autotune.space.size_names`), e.g.
+        sizes: the runtime sizes the kernel's tuning preset names (:func:`autotune.lookup.space.size_names`), e.g.
             ``{"batch": B, "seq_len": S, "seq_len_kv": S_kv}``.
         device: where the kernel runs; only CUDA devices are tuned (anything else gets ``None``).
         target: the compile target of the launch; the config is checked against it.

@@ -15,7 +15,7 @@ This module maps kernel names to those modules (imported lazily), enumerates can
 presets: for each kernel a list of :class:`Case` s, i.e. one set of static parameters (compiled once: runtime sizes
 are symbolic) and the runtime size points at which it is timed and stored in the cache.
 
-Size names (what launchers pass to :func:`autotune.select.config_for` as ``sizes``): every kernel uses ``batch``,
+Size names (what launchers pass to :func:`autotune.lookup.select.config_for` as ``sizes``): every kernel uses ``batch``,
 ``seq_len`` (S, queries) and ``seq_len_kv`` (S_kv, keys); ``sparse_mla_fwd``, whose top-k is a runtime size, also
 ``topk`` (the ``k`` of ``indices [B, S, k]``). See :func:`size_names`.
 """
@@ -34,7 +34,6 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from autotune import flops
 
 KERNEL_NAMES: tuple[str, ...] = ("indexer", "topk", "index_topk", "sparse_mla_fwd", "sparse_mla_bwd")
 SIZE_NAMES: tuple[str, ...] = ("batch", "seq_len", "seq_len_kv")
@@ -61,8 +60,9 @@ class KernelSpec:
     Attributes:
         name: the kernel's name in the cache, reports and ``--kernels``.
         module: dotted path of the builder module (imported on first use).
-        flops: useful floating-point operations of one call at ``(static, sizes)``, or ``None`` when throughput in
-            FLOP/s means nothing for the kernel (top-k).
+        flops: useful floating-point operations of one call at ``(static, sizes)`` for a kernel registered at run
+            time (a test's fake kernel); ``None`` for the built-in kernels, whose counts the tuner takes from the
+            measurement package (:func:`benchmarks.flops.call_flops`: this lookup room sits below it).
         has_gemm: whether the kernel does its math in matrix instructions, so that every GEMM must use the
             target's MMA (wgmma on sm_90a, mma.sync elsewhere) for a candidate to pass its static check.
         size_names: the runtime sizes that key the cache (what launchers pass as ``sizes``).
@@ -72,7 +72,7 @@ class KernelSpec:
 
     name: str
     module: str
-    flops: Callable[[Static, Sizes], float | None]
+    flops: Callable[[Static, Sizes], float | None] | None = None
     has_gemm: bool = True
     size_names: tuple[str, ...] = SIZE_NAMES
     compile_fn: str = "tl_kernels.build:compile_cuda"
@@ -95,41 +95,12 @@ class Case:
     check_sizes: Sizes = field(default_factory=dict)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# FLOP counts (autotune.flops: useful work only, invisible or invalid pairs are not counted)
-# ----------------------------------------------------------------------------------------------------------------------
-def _topk_of(static: Static, sizes: Sizes) -> int:
-    # sparse_mla_fwd takes k at run time (a size); sparse_mla_bwd compiles it in (a static parameter).
-    return int(static["topk"] if "topk" in static else sizes["topk"])
-
-
-def _indexer_flops(static: Static, sizes: Sizes) -> float:
-    return flops.indexer_flops(sizes["batch"], sizes["seq_len"], sizes["seq_len_kv"], static["heads"], static["dim"])
-
-
-def _sparse_mla_fwd_flops(static: Static, sizes: Sizes) -> float:
-    dims = (static["heads"], _topk_of(static, sizes), static["d_qk"], static["d_v"])
-    return flops.sparse_mla_fwd_flops(sizes["batch"], sizes["seq_len"], *dims)
-
-
-def _sparse_mla_bwd_flops(static: Static, sizes: Sizes) -> float:
-    dims = (static["heads"], _topk_of(static, sizes), static["d_qk"], static["d_v"])
-    return flops.sparse_mla_bwd_flops(sizes["batch"], sizes["seq_len"], *dims)
-
-
-def _no_flops(static: Static, sizes: Sizes) -> None:
-    return None
-
-
 _BUILTIN_SPECS: dict[str, KernelSpec] = {
-    "indexer": KernelSpec("indexer", "tl_kernels.indexer", _indexer_flops),
-    "topk": KernelSpec("topk", "tl_kernels.topk", _no_flops, has_gemm=False),
-    # The fused selection's FLOPs are the indexer's: its GEMMs are the work, the selection rides along.
-    "index_topk": KernelSpec("index_topk", "tl_kernels.index_topk", _indexer_flops),
-    "sparse_mla_fwd": KernelSpec(
-        "sparse_mla_fwd", "tl_kernels.sparse_mla_fwd", _sparse_mla_fwd_flops, size_names=(*SIZE_NAMES, "topk")
-    ),
-    "sparse_mla_bwd": KernelSpec("sparse_mla_bwd", "tl_kernels.sparse_mla_bwd", _sparse_mla_bwd_flops),
+    "indexer": KernelSpec("indexer", "tl_kernels.indexer"),
+    "topk": KernelSpec("topk", "tl_kernels.topk", has_gemm=False),
+    "index_topk": KernelSpec("index_topk", "tl_kernels.index_topk"),
+    "sparse_mla_fwd": KernelSpec("sparse_mla_fwd", "tl_kernels.sparse_mla_fwd", size_names=(*SIZE_NAMES, "topk")),
+    "sparse_mla_bwd": KernelSpec("sparse_mla_bwd", "tl_kernels.sparse_mla_bwd"),
 }
 _specs: dict[str, KernelSpec] = dict(_BUILTIN_SPECS)
 # Extra presets registered at run time (tests register a fake kernel's cases here): preset -> kernel -> cases.
