@@ -33,7 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsa import generation, ops, training
+from dsa import ops, training
+from dsa.kv_format import quantize_fp8_blockwise  # noqa: F401 - public here too (the model's quantiser)
+from dsa.serving import model_cache as generation
 from dsa.reference import compute_dtype
 
 logger = logging.getLogger(__name__)
@@ -49,12 +51,6 @@ DENSE_SCORES: IndexerScores = "dense"
 
 # TinyDSAModel.save's file: {"format": this, "config": asdict(DSAConfig), "state_dict": ...}.
 CHECKPOINT_FORMAT = "dsa-tiny-model/1"
-
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0  # the largest finite float8_e4m3fn value
-# V3.2's activation quantiser floors a block's absolute maximum here so an all-zero block gets a finite scale.
-FP8_AMAX_FLOOR = 1e-4
-
 
 @dataclass(frozen=True)
 class DSAConfig:
@@ -235,29 +231,6 @@ def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
         y = torch.stack((a + b, a - b), dim=2).view(-1, n)
         half *= 2
     return (y * n**-0.5).view(x.shape).to(x.dtype)
-
-
-def quantize_fp8_blockwise(
-    x: torch.Tensor, *, block: int = 128, pow2_scale: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantise ``x [..., n]`` to float8_e4m3fn with one scale per ``block`` elements of the last dimension.
-
-    ``scale = max(amax, 1e-4) / 448`` per block (rounded up to a power of two with ``pow2_scale``, V3.2's ``ue8m0``),
-    ``q = clamp(x / scale, -448, 448)``. A last dimension shorter than ``block`` is one block.
-
-    Returns:
-        ``q [..., n]`` float8_e4m3fn and ``scale [..., ceil(n / block)]`` float32, so ``x ~= q * scale``.
-    """
-    n = x.shape[-1]
-    size = min(block, n)
-    if n % size:
-        raise ValueError(f"the last dimension ({n}) must be a multiple of the quantisation block ({size})")
-    blocks = x.float().reshape(*x.shape[:-1], n // size, size)
-    scale = blocks.abs().amax(dim=-1).clamp_min(FP8_AMAX_FLOOR) / FP8_MAX
-    if pow2_scale:
-        scale = torch.exp2(torch.ceil(torch.log2(scale)))
-    q = (blocks / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return q.reshape(x.shape), scale
 
 
 def _linear(in_features: int, out_features: int) -> nn.Linear:

@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dsa import cache, reference
+from dsa import cache, kv_format, reference
 from tests import strategies
 
 V32 = cache.V32_FP8_LAYOUT
@@ -66,7 +66,7 @@ def test_scale_rounding_equals_flashmla_for_every_bf16_amax() -> None:
     """Every positive finite bf16 value as a tile's amax, and zero: the exact power-of-two ceiling equals FlashMLA's
     ``2 ** ceil(log2(max(amax / 448, 1e-4)))`` bit for bit."""
     bits = torch.arange(0, 0x7F80, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)  # +0 .. largest finite
-    ours = cache._pow2_ceil(torch.clamp_min(bits.float() / cache.FP8_MAX, cache.SCALE_FLOOR))
+    ours = kv_format._pow2_ceil(torch.clamp_min(bits.float() / cache.FP8_MAX, cache.SCALE_FLOOR))
     assert torch.equal(ours.view(torch.int32), _flashmla_scale(bits).view(torch.int32))
 
 
@@ -364,13 +364,13 @@ def test_decode_reference_work_follows_the_context_not_the_cache(monkeypatch: py
     and the same number of elements allocated. Before the fix the reference dequantised (FP8) or copied the whole
     cache on every call: one FP8 step went from about 1 ms to 2 s between 64 and 262K cached tokens."""
     dequantised: list[int] = []
-    original = cache.dequantize_kv_fp8
+    original = kv_format.dequantize_kv_fp8
 
     def counting(blob: torch.Tensor, layout: cache.FP8Layout = V32) -> torch.Tensor:
         dequantised.append(blob.shape[:-1].numel())
         return original(blob, layout)
 
-    monkeypatch.setattr(cache, "dequantize_kv_fp8", counting)
+    monkeypatch.setattr(kv_format, "dequantize_kv_fp8", counting)
     results, allocated, rows_read = [], [], []
     for num_pages in (8, 4096):
         q, pages, slots = _decode_on_cache_of(num_pages, kind)

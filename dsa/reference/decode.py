@@ -6,14 +6,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dsa import cache, validation
+from dsa import kv_format, validation
 from dsa.reference.common import INVALID_INDEX, OptTensor, _chunk_rows, compute_dtype
 from dsa.reference.indexer import index_scores
 from dsa.reference.mla import sparse_mla
 from dsa.reference.topk import topk_indices
 
 
-def _cache_layout(kv_cache: Tensor, width: int, d_rope: int, name: str) -> cache.FP8Layout | None:
+def _cache_layout(kv_cache: Tensor, width: int, d_rope: int, name: str) -> kv_format.FP8Layout | None:
     """The FP8 row layout of a paged cache tensor (``None`` for a plain cache of ``width``-wide rows), after checking
     that its rows fit ``width`` and ``d_rope``."""
     if kv_cache.dim() != 3:
@@ -21,7 +21,7 @@ def _cache_layout(kv_cache: Tensor, width: int, d_rope: int, name: str) -> cache
     if kv_cache.dtype in (torch.uint8, torch.int8, torch.float8_e4m3fn):
         if not 0 <= d_rope < width:
             raise ValueError(f"sparse_mla_decode: d_rope must lie in [0, {width}) for {width}-wide rows, got {d_rope}")
-        layout = cache.FP8Layout.for_width(width, d_rope)
+        layout = kv_format.FP8Layout.for_width(width, d_rope)
         if kv_cache.shape[-1] != layout.bytes_per_token:
             raise ValueError(
                 f"sparse_mla_decode: {name} holds {kv_cache.shape[-1]}-byte FP8 rows; a {width}-wide row with "
@@ -44,7 +44,7 @@ def _per_query_lengths(topk_length: OptTensor, rows: int) -> OptTensor:
 
 
 def _source_rows(
-    kv_cache: Tensor, layout: cache.FP8Layout | None, slots: Tensor, topk_length: OptTensor, width: int
+    kv_cache: Tensor, layout: kv_format.FP8Layout | None, slots: Tensor, topk_length: OptTensor, width: int
 ) -> tuple[Tensor, Tensor]:
     """The cache rows that the valid entries of ``slots`` name, and nothing else: gathered first, then (FP8)
     dequantised, so the work is O(entries), whatever the size of the cache.
@@ -67,7 +67,7 @@ def _source_rows(
         valid &= position < topk_length.view(-1, 1).to(torch.int64)
     picked = slots[valid].to(torch.int64)  # the valid entries only, row-major; duplicates once per occurrence
     stored = kv_cache[picked // page_size, picked % page_size]  # [n_valid, row]
-    values = cache.dequantize_kv_fp8(stored, layout) if layout is not None else stored
+    values = kv_format.dequantize_kv_fp8(stored, layout) if layout is not None else stored
     rows = values.new_zeros((*slots.shape, width))
     rows[valid] = values
     return rows, valid
@@ -91,10 +91,10 @@ def sparse_mla_decode(
 
     Args:
         q (Tensor): ``[B, s_q, H, d_qk]`` (``s_q`` = 1 plus speculative tokens).
-        kv_cache (Tensor): the pages of a ``dsa.cache.PagedKVCache``: ``[num_pages, page_size, d_qk]`` in q's dtype
+        kv_cache (Tensor): the pages of a ``dsa.serving.cache.PagedKVCache``: ``[num_pages, page_size, d_qk]`` in q's dtype
             (bf16 or float32), or ``[num_pages, page_size, bytes]`` uint8/int8/float8 bytes in the FP8 layout of a
             ``d_qk``-wide row with ``d_rope`` RoPE values (dequantised here, exactly as
-            ``dsa.cache.dequantize_kv_fp8``).
+            ``dsa.kv_format.dequantize_kv_fp8``).
         indices (Tensor): ``[B, s_q, topk]`` int32 slots (``page * page_size + offset``); ``-1`` or out of range is
             invalid and never read.
         sm_scale (float), d_v (int), attn_sink (Tensor | None ``[H]`` float32): as in :func:`sparse_mla`.
@@ -160,21 +160,21 @@ def index_topk_decode(
     Args:
         q (Tensor): ``[B, s_q, H_i, D_i]``, as in :func:`index_scores` (FP8, bf16, float32/float64).
         k_cache (Tensor): ``[num_pages, page_size, D_i]`` in q's dtype, or for FP8 ``q`` the FP8 key rows
-            ``[num_pages, page_size, D_i + 4]`` uint8 (``dsa.cache.index_key_layout``: the key's FP8 bytes, then its
+            ``[num_pages, page_size, D_i + 4]`` uint8 (``dsa.kv_format.index_key_layout``: the key's FP8 bytes, then its
             float32 scale).
         weights (Tensor): ``[B, s_q, H_i]`` float32.
         topk (int): ``>= 1``.
-        block_table (Tensor): ``[B, pages_per_sequence]`` int32 (``dsa.cache.PagedKVCache.block_table``).
+        block_table (Tensor): ``[B, pages_per_sequence]`` int32 (``dsa.serving.cache.PagedKVCache.block_table``).
         ends, starts (Tensor): ``[B, s_q]`` int32: query ``t`` of sequence ``b`` sees the key positions ``starts <= s
             < ends`` (``starts`` default 0; for the newest tokens of sequences of ``L`` cached tokens, ``ends = L -
             s_q + t + 1``). A position whose page entry is negative, or whose slot lies past the cache, is invisible.
             The op has no record of which rows were written: ``ends`` must not pass a sequence's written length,
             or the rows past it are scored as they are stored (a fresh ``PagedKVCache`` holds zero keys there,
-            which score 0). ``dsa.generation.select_from_cache`` clamps ``ends`` to the cache's ``seq_lens``.
+            which score 0). ``dsa.serving.model_cache.select_from_cache`` clamps ``ends`` to the cache's ``seq_lens``.
         return_scores (bool): also return the selected positions' scores.
 
     Returns:
-        indices ``[B, s_q, topk]`` int32 logical **positions** (map them with ``dsa.cache.positions_to_slots``), a set
+        indices ``[B, s_q, topk]`` int32 logical **positions** (map them with ``dsa.kv_format.positions_to_slots``), a set
         per row, ``-1`` padding, ties to the smaller position; with ``return_scores`` also their scores (float32,
         ``-inf`` at padding): :func:`index_topk` over the keys gathered through the block table.
     """
@@ -185,14 +185,14 @@ def index_topk_decode(
     horizon = max(1, min(block_table.shape[1] * page_size, int(ends.max())))
     positions = torch.arange(horizon, device=q.device).expand(batch, -1)
     table = block_table[:, : -(-horizon // page_size)]  # the pages those positions lie on
-    slots = cache.positions_to_slots(table, page_size, positions, num_slots=k_cache.shape[0] * page_size)
+    slots = kv_format.positions_to_slots(table, page_size, positions, num_slots=k_cache.shape[0] * page_size)
     # Read by page and offset (any strides; the cache is never flattened or copied). An invalid slot reads row 0 of
     # page 0, and its score is replaced by -inf below.
     safe = slots.clamp_min(0).to(torch.int64)
     rows = k_cache[safe // page_size, safe % page_size]
     k_scale = None
     if q.dtype in validation.FP8_DTYPES:
-        k, k_scale = cache.unpack_index_keys_fp8(rows, q.shape[-1])
+        k, k_scale = kv_format.unpack_index_keys_fp8(rows, q.shape[-1])
     else:
         k = rows
     if starts is None:

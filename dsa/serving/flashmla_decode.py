@@ -32,7 +32,7 @@ top of ``dsa.ops.sparse_mla_decode``. The argument names, order, defaults, shape
 Where FlashMLA would reject an input, a ``ValueError``/``TypeError`` names ``flash_mla_with_kvcache`` and the
 argument. Relaxed here: ``q`` may be float32/float64/float16 (the reference runs; FlashMLA takes bf16 only), any head
 count (FlashMLA: 64 or 128), any ``head_dim_v <= d_qk`` (FlashMLA: 512) and any width whose FP8 row has 64 RoPE values
-(``dsa.cache.FP8Layout.for_width(d_qk, 64)``), and any strides on every tensor (FlashMLA wants each FP8 block's
+(``dsa.kv_format.FP8Layout.for_width(d_qk, 64)``), and any strides on every tensor (FlashMLA wants each FP8 block's
 tokens packed). Not supported: FlashMLA's dense decode path (``indices=None``) and its MODEL1 FP8 layout (512-wide
 rows, 584 bytes with e8m0 scales). Tensors go to ``dsa.ops.sparse_mla_decode`` as they arrive: on the kernel backend
 the op copies any that the kernels cannot read in place (e.g. a cache whose blocks are not adjacent in memory, as
@@ -48,7 +48,7 @@ from typing import Any
 
 import torch
 
-from dsa import cache, ops, validation
+from dsa import kv_format, ops, validation
 
 __all__ = ["FlashMLASchedMeta", "flash_mla_with_kvcache", "get_mla_metadata"]
 
@@ -141,7 +141,7 @@ def _check_cache(name: str, k_cache: object, q: torch.Tensor, is_fp8_kvcache: bo
                 TypeError,
             )
         try:
-            expected = cache.FP8Layout.for_width(d_qk, _D_ROPE).bytes_per_token
+            expected = kv_format.FP8Layout.for_width(d_qk, _D_ROPE).bytes_per_token
         except ValueError:
             expected = None
         if d_qk == _MODEL1_WIDTH and row == _MODEL1_ROW_BYTES:
