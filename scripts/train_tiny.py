@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from dsa.modules import DSAConfig, TinyDSAModel
-from dsa.training import markov_batches, train_two_stage
+from dsa.models import DSAConfig, TinyDSAModel
+from dsa.models.training import markov_batches, train_two_stage
 
 
 def parse_args() -> argparse.Namespace:
