@@ -9,7 +9,7 @@ against dense attention. The ``selection`` cases measure time and peak device me
 ``dsa.ops.index_topk`` (never the ``S x S_kv`` scores) against the materialised scores with our top-k and with
 ``torch.topk``. The ``sparse_mla_decode`` and ``index_topk_decode`` cases are decoding over paged caches
 (``dsa.cache.PagedKVCache``: FP8 latent rows in FlashMLA's V3.2 layout, FP8 indexer keys), B sequences of one
-context length with ``s_q`` new queries each; they are not tuner kernels, so ``benchmarks.bench`` makes their inputs
+context length with ``s_q`` new queries each; they are not tuner kernels, so ``benchmarks.inputs`` makes their inputs
 and checks them itself. FLOP and byte counts are those of ``benchmarks.flops`` (useful work only).
 
 A case marked ``quick=False`` is left out of the default run (``dsa-bench`` without ``--full``, hence the one-shot
@@ -64,11 +64,11 @@ QUICK_DECODE: tuple[str, ...] = ("sparse_mla_decode-fp8-b128-s2-kv32768", "index
 MEMORY = "memory"
 SELECTION = "selection"
 MEMORY_KINDS: tuple[str, ...] = (MEMORY, SELECTION)
-"""The cases measured by peak device memory and one call's wall time (``benchmarks.bench.run_memory_case``)."""
+"""The cases measured by peak device memory and one call's wall time (``benchmarks.harness.run_memory_case``)."""
 SPARSE_MLA_DECODE = "sparse_mla_decode"
 INDEX_TOPK_DECODE = "index_topk_decode"
 DECODE_KINDS: tuple[str, ...] = (SPARSE_MLA_DECODE, INDEX_TOPK_DECODE)
-"""The decode cases over paged caches: inputs and check in ``benchmarks.bench`` (no tuner runner)."""
+"""The decode cases over paged caches: inputs and check in ``benchmarks.inputs`` (no tuner runner)."""
 KERNELS: tuple[str, ...] = (
     "indexer", "topk", "index_topk", "sparse_mla_fwd", "sparse_mla_bwd", MEMORY, SELECTION, *DECODE_KINDS
 )  # fmt: skip

@@ -41,11 +41,11 @@ ends; each failed stage's record holds its first error (the first failing test's
 its log).
 
 ``--collect-into DIR`` runs no stage: it packs what a run left (the newest record and PNG in ``--out-dir`` written
-since ``--since FILE``'s mtime, the compile report and the logs of ``--work-dir``) into at most
-:data:`MAX_OUT_FILES` files in ``DIR``: the record, the PNG, ``compile-report.json``, ``logs.tar.gz`` (every log,
-JUnit file and intermediate JSON of the work folder) and ``summary.txt`` (stage by stage: passed, failed, timeout or
-skipped, with counts and the first error). ``scripts/gpu_check.sh`` runs it for the device tool's ``$OUT``, which
-returns at most 8 files of at most 16 MiB each.
+since ``--since FILE``'s mtime, the compile report and the logs of ``--work-dir``) into at most 8 files in ``DIR``
+(:mod:`benchmarks.gpu_collect`): the record, the PNG, ``compile-report.json``, ``logs.tar.gz`` (every log, JUnit file
+and intermediate JSON of the work folder) and ``summary.txt`` (stage by stage: passed, failed, timeout or skipped,
+with counts and the first error). ``scripts/gpu_check.sh`` runs it for the device tool's ``$OUT``, which returns at
+most 8 files of at most 16 MiB each.
 
 The default budgets add up to 9 minutes; ``--budget stage=seconds`` changes one, ``--skip stage`` leaves one out.
 It needs a checkout of the repository (it runs its ``tests/`` and writes into its ``benchmarks/results/``):
@@ -55,14 +55,10 @@ It needs a checkout of the repository (it runs its ``tests/`` and writes into it
 from __future__ import annotations
 
 import argparse
-import io
 import json
-import logging
 import os
-import re
 import shutil
 import sys
-import tarfile
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
@@ -71,14 +67,13 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import gpu_record
+from benchmarks.gpu_collect import COMPILE_REPORT_NAME, MAX_OUT_FILES, SUMMARY_NAME, collect_outputs
+from benchmarks.gpu_record import FIRST_ERROR_CHARS, STAGES, first_error
 from dsa import process
-
-logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
 EXIT_OK, EXIT_FAILED, EXIT_NO_GPU = 0, 1, 2
 NO_GPU_MESSAGE = "gpu_check: no CUDA device found (torch.cuda.is_available() is False); run this on a CUDA host"
-STAGES: tuple[str, ...] = ("host", "compile", "tests", "tests_ws", "tests_portable", "tests_decode", "bench", "tune")
 # Seconds per stage; their sum (540 s) keeps the whole check, with the bundle's unpacking, inside one 10-minute call.
 # Without the compile stage every stage compiled its kernels one after another on first use, which a cold TileLang
 # cache could not fit in the test stages' budgets; the compile stage builds all of them at once on the host's 16
@@ -142,29 +137,6 @@ DSA_CACHE_SUBDIR = "dsa-cache"
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 LOG_TAIL_CHARS = 4000
-# The first error line kept in a stage's record and in summary.txt.
-FIRST_ERROR_CHARS = 300
-# Lines that state an error: an exception (``ValueError: ...``, pytest's ``E   ...Error``), a fatal signal, pytest's
-# FAILED/ERROR summary lines, faulthandler's ``Timeout (0:00:30)!``, a command-line tool's ``...: error: ...``. Lines of
-# source code quoted in a traceback (``raise ValueError(...)``) start with something else and do not match.
-_ERROR_LINE = re.compile(
-    r"^\s*(?:E\s+)?(?:[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)\b(?::|$)|Fatal Python error|FAILED\b|ERROR\b"
-    r"|Segmentation fault|Timeout \()|\berror: "
-)
-# What the device tool returns from $OUT: at most 8 files, each at most 16 MiB, named in [A-Za-z0-9._-].
-MAX_OUT_FILES = 8
-MAX_OUT_FILE_BYTES = 16 * 1024 * 1024
-OUT_NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
-SUMMARY_NAME = "summary.txt"
-LOGS_ARCHIVE_NAME = "logs.tar.gz"
-COMPILE_REPORT_NAME = "compile-report.json"
-# The check's own output, as scripts/gpu_check.sh keeps it in the work folder.
-RUNNER_LOG_NAME = "gpu_check.log"
-# The work folder's files that go into logs.tar.gz (its folders, the bundle's site tree and the caches, do not).
-LOG_SUFFIXES: tuple[str, ...] = (".log", ".xml", ".json", ".txt")
-# A file larger than this goes into logs.tar.gz as its first eighth and its end (text logs compress 5-10x, so the
-# archive stays far below MAX_OUT_FILE_BYTES); halved until the archive fits.
-LOG_MEMBER_BYTES = 8 * 1024 * 1024
 
 
 @dataclass
@@ -242,14 +214,6 @@ def read_report(path: Path) -> list[dict[str, Any]] | None:
     except (OSError, ValueError):
         return None
     return records if isinstance(records, list) else None
-
-
-def first_error(text: str) -> str | None:
-    """The first line of ``text`` that states an error (see ``_ERROR_LINE``), else its last non-empty line, else None;
-    at most ``FIRST_ERROR_CHARS`` characters."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    found = next((line for line in lines if _ERROR_LINE.search(line)), lines[-1] if lines else None)
-    return None if found is None else found[:FIRST_ERROR_CHARS]
 
 
 def stage_record(name: str, run: StageRun, budget_s: float, **extra: Any) -> dict[str, Any]:
@@ -478,7 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "compile" not in args.skip and not out_of_time("compile"):
         jobs = compile_jobs()
         print(f"[gpu_check] stage compile: the GPU tests' kernels, {jobs} at a time", flush=True)
-        report = work / "compile-report.json"
+        report = work / COMPILE_REPORT_NAME
         shapes = work / COMPILE_SHAPES_NAME
         compile_env = {**env, "DSA_CACHE_DIR": str(dsa_cache)}
         started_compile = time.monotonic()
@@ -587,112 +551,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if failed:
         print(f"gpu_check: stages not ok: {', '.join(failed)}")
     return EXIT_FAILED if failed else EXIT_OK
-
-
-def _newest(paths: Sequence[Path], since: float | None) -> Path | None:
-    """The most recently modified of ``paths`` modified at or after ``since`` (any when None), or None."""
-    fresh = [(p.stat().st_mtime, p) for p in paths if p.is_file() and (since is None or p.stat().st_mtime >= since)]
-    return max(fresh, key=lambda item: item[0])[1] if fresh else None
-
-
-def out_name(name: str) -> str:
-    """``name`` with every character outside ``[A-Za-z0-9._-]`` replaced by ``_`` (what the device tool returns)."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", name) or "_"
-
-
-def _member_bytes(path: Path, cap: int) -> bytes:
-    """The bytes of ``path``; one larger than ``cap`` as its first eighth, a marker line, and its end."""
-    size = path.stat().st_size
-    with open(path, "rb") as src:
-        if size <= cap:
-            return src.read()
-        head = src.read(cap // 8)
-        src.seek(size - (cap - cap // 8))
-        tail = src.read()
-    marker = f"\n[gpu_check: {size - len(head) - len(tail)} bytes of {size} left out here]\n".encode()
-    return head + marker + tail
-
-
-def pack_logs(work: Path, archive: Path, *, exclude: Sequence[str] = ()) -> list[str]:
-    """Write ``archive`` (gzip tar) with every top-level ``.log``/``.xml``/``.json``/``.txt`` file of ``work`` but
-    ``exclude``; a large file keeps its head and end, cut harder until the archive is at most
-    ``MAX_OUT_FILE_BYTES``. Returns the member names."""
-    files = sorted(
-        p for p in work.iterdir() if p.is_file() and p.suffix in LOG_SUFFIXES and p.name not in exclude
-    ) if work.is_dir() else []
-    cap = LOG_MEMBER_BYTES
-    while True:
-        with tarfile.open(archive, "w:gz") as tar:
-            for path in files:
-                data = _member_bytes(path, cap)
-                info = tarfile.TarInfo(out_name(path.name))
-                info.size, info.mtime, info.mode = len(data), int(path.stat().st_mtime), 0o644
-                tar.addfile(info, io.BytesIO(data))
-        if archive.stat().st_size <= MAX_OUT_FILE_BYTES or cap <= 64 * 1024:
-            return [out_name(p.name) for p in files]
-        cap //= 2
-
-
-def _read_record(path: Path | None) -> dict[str, Any] | None:
-    if path is None:
-        return None
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        logger.warning("could not read the record %s: %s", path, exc)
-        return None
-    return doc if isinstance(doc, dict) else None
-
-
-def collect_outputs(
-    out: Path, *, work: Path, results: Path, since: float | None = None, runner_rc: int | None = None
-) -> list[Path]:
-    """Pack what a run left into at most ``MAX_OUT_FILES`` files in ``out``, each named in ``[A-Za-z0-9._-]``, none in
-    a folder, each at most ``MAX_OUT_FILE_BYTES``: the newest record ``results/*.json`` modified at or after ``since``
-    (a Unix time) and its PNG, the compile report, ``logs.tar.gz`` (every log, JUnit file and JSON of ``work``) and
-    ``summary.txt`` (:func:`benchmarks.gpu_record.brief`). A file over the size limit is left out and said so in the
-    summary. Returns the files written."""
-    out.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    notes: list[str] = []
-
-    def copy(src: Path | None) -> None:
-        if src is None or not src.is_file():
-            return
-        size = src.stat().st_size
-        if size > MAX_OUT_FILE_BYTES:
-            notes.append(f"{src.name} left out: {size} bytes, over the {MAX_OUT_FILE_BYTES} a returned file may hold")
-            return
-        dest = out / out_name(src.name)
-        shutil.copyfile(src, dest)
-        written.append(dest)
-
-    record = _newest(sorted(results.glob("*.json")), since) if results.is_dir() else None
-    doc = _read_record(record)
-    copy(record)
-    png = record.with_suffix(".png") if record is not None else None
-    if png is None or not png.is_file() or (since is not None and png.stat().st_mtime < since):
-        png = _newest(sorted(results.glob("*.png")), since) if results.is_dir() else None
-    copy(png)
-    copy(work / COMPILE_REPORT_NAME)
-    archive = out / LOGS_ARCHIVE_NAME
-    try:
-        members = pack_logs(work, archive, exclude=(COMPILE_REPORT_NAME,))
-        written.append(archive)
-    except OSError as exc:
-        notes.append(f"{LOGS_ARCHIVE_NAME} not written: {exc}")
-        members = []
-    runner_log = work / RUNNER_LOG_NAME
-    runner_error = first_error(runner_log.read_text(errors="replace")) if runner_log.is_file() else None
-    text = gpu_record.brief(doc, STAGES, runner_rc=runner_rc, record=record, runner_error=runner_error)
-    text += f"returned: {', '.join(p.name for p in written + [out / SUMMARY_NAME])}\n"
-    text += f"{LOGS_ARCHIVE_NAME}: {', '.join(members) or 'nothing'}\n"
-    text += "".join(f"note: {note}\n" for note in notes)
-    summary = out / SUMMARY_NAME
-    summary.write_text(text, encoding="utf-8")
-    written.append(summary)
-    assert len(written) <= MAX_OUT_FILES, written
-    return written
 
 
 if __name__ == "__main__":

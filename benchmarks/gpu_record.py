@@ -1,17 +1,40 @@
-"""The one-shot GPU check's record, read back: a PNG plot of the sparse MLA forward against dense attention, the
-summary table printed last, and the short stage-by-stage ``summary.txt`` returned beside the record
-(``benchmarks.gpu_check``)."""
+"""The one-shot GPU check's record, read back: its stages, the first error line of a stage's output, a PNG plot of the
+sparse MLA forward against dense attention, the summary table printed last, and the short stage-by-stage
+``summary.txt`` returned beside the record (:mod:`benchmarks.gpu_check` writes the record,
+:mod:`benchmarks.gpu_collect` packs it)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["brief", "plot", "summary"]
+__all__ = ["STAGES", "brief", "first_error", "plot", "summary"]
+
+STAGES: tuple[str, ...] = ("host", "compile", "tests", "tests_ws", "tests_portable", "tests_decode", "bench", "tune")
+"""The check's stages in the order they run; a record lists them in this order."""
+
+# The first error line kept in a stage's record and in summary.txt.
+FIRST_ERROR_CHARS = 300
+# Lines that state an error: an exception (``ValueError: ...``, pytest's ``E   ...Error``), a fatal signal, pytest's
+# FAILED/ERROR summary lines, faulthandler's ``Timeout (0:00:30)!``, a command-line tool's ``...: error: ...``. Lines of
+# source code quoted in a traceback (``raise ValueError(...)``) start with something else and do not match.
+_ERROR_LINE = re.compile(
+    r"^\s*(?:E\s+)?(?:[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)\b(?::|$)|Fatal Python error|FAILED\b|ERROR\b"
+    r"|Segmentation fault|Timeout \()|\berror: "
+)
 
 DENSE_PROVIDERS: tuple[str, ...] = ("dense-sdpa", "dense-matmul")
 """Providers drawn as dense attention in the plot, in order of preference."""
+
+
+def first_error(text: str) -> str | None:
+    """The first line of ``text`` that states an error (see ``_ERROR_LINE``), else its last non-empty line, else None;
+    at most ``FIRST_ERROR_CHARS`` characters."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    found = next((line for line in lines if _ERROR_LINE.search(line)), lines[-1] if lines else None)
+    return None if found is None else found[:FIRST_ERROR_CHARS]
 
 
 def _series(

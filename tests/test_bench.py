@@ -1,5 +1,6 @@
-"""The benchmark (``dsa-bench``, ``benchmarks.bench``) on a CPU: a clear exit without a GPU, the cases' FLOP and byte
-counts, the harness itself on tiny cases (host clock, C-target kernels), its check, and target evaluation."""
+"""The benchmark (``dsa-bench``: ``benchmarks.bench`` over ``benchmarks.harness`` and ``benchmarks.inputs``) on a CPU:
+a clear exit without a GPU, the cases' FLOP and byte counts, the harness itself on tiny cases (host clock, C-target
+kernels), its check, and target evaluation."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import bench, flops
+from benchmarks import bench, flops, harness, inputs
 from benchmarks import cases as case_data
 from dsa.launch import common
 from tests.support import ROOT, SCRIPTS
@@ -118,10 +119,10 @@ def test_check_catches_unwritten_outputs(monkeypatch: pytest.MonkeyPatch) -> Non
 
     by_kernel = {c.kernel: c for c in case_data.tiny_cases()}
     topk_case, fwd_case = by_kernel["topk"], by_kernel["sparse_mla_fwd"]
-    topk_inp = bench.make_inputs(topk_case, torch.device("cpu"), seed=1)
-    fwd_inp = bench.make_inputs(fwd_case, torch.device("cpu"), seed=1)
-    assert bench.check_dsa(topk_case, topk_inp) is None
-    assert bench.check_dsa(fwd_case, fwd_inp) is None
+    topk_inp = inputs.make_inputs(topk_case, torch.device("cpu"), seed=1)
+    fwd_inp = inputs.make_inputs(fwd_case, torch.device("cpu"), seed=1)
+    assert inputs.check_dsa(topk_case, topk_inp) is None
+    assert inputs.check_dsa(fwd_case, fwd_inp) is None
 
     def unwritten_topk(scores: torch.Tensor, k: int, **kw: object) -> torch.Tensor:
         return common.new_output((*scores.shape[:-1], k), torch.int32, scores.device)
@@ -135,8 +136,8 @@ def test_check_catches_unwritten_outputs(monkeypatch: pytest.MonkeyPatch) -> Non
 
     monkeypatch.setattr(topk, "topk_indices", unwritten_topk)
     monkeypatch.setattr(sparse_mla_fwd, "sparse_mla_fwd", unwritten_mla)
-    assert bench.check_dsa(topk_case, topk_inp) is not None
-    problem = bench.check_dsa(fwd_case, fwd_inp)
+    assert inputs.check_dsa(topk_case, topk_inp) is not None
+    problem = inputs.check_dsa(fwd_case, fwd_inp)
     assert problem is not None and "mismatch" in problem
 
 
@@ -144,14 +145,14 @@ def test_targets_are_evaluated_against_ceilings() -> None:
     case = case_data.Case(
         "indexer", "x", {}, {}, flops=7e11, bytes=1e9, targets=(case_data.Target("tflops", 0.6, of="fp8_tflops"),)
     )
-    met = bench.target_rows(case, {"dsa": 1.0}, {"fp8_tflops": 1000.0})  # 700 TFLOP/s = 70 %
+    met = harness.target_rows(case, {"dsa": 1.0}, {"fp8_tflops": 1000.0})  # 700 TFLOP/s = 70 %
     assert met[0]["value"] == pytest.approx(0.7) and met[0]["note"].endswith("met")
-    missed = bench.target_rows(case, {"dsa": 2.0}, {"fp8_tflops": 1000.0})
+    missed = harness.target_rows(case, {"dsa": 2.0}, {"fp8_tflops": 1000.0})
     assert missed[0]["note"].endswith("missed")
-    absent = bench.target_rows(case, {"dsa": 1.0}, {})
+    absent = harness.target_rows(case, {"dsa": 1.0}, {})
     assert absent[0]["value"] is None and "not evaluated" in absent[0]["note"]
     speed = case_data.Case("topk", "y", {}, {}, 0.0, 1e9, (case_data.Target("speedup", 10.0, against="torch.topk"),))
-    assert bench.target_rows(speed, {"dsa": 1.0, "torch.topk": 12.0}, {})[0]["note"].endswith("met")
+    assert harness.target_rows(speed, {"dsa": 1.0, "torch.topk": 12.0}, {})[0]["note"].endswith("met")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -211,7 +212,7 @@ def test_decode_inputs_and_providers_on_cpu() -> None:
 
     by_kernel = {c.kernel: c for c in case_data.tiny_cases(case_data.DECODE_KINDS)}
     mla = by_kernel[case_data.SPARSE_MLA_DECODE]
-    inp = bench.make_inputs(mla, torch.device("cpu"), seed=3)
+    inp = inputs.make_inputs(mla, torch.device("cpu"), seed=3)
     batch, s_q, context, topk = (mla.sizes[k] for k in ("batch", "seq_len", "seq_len_kv", "topk"))
     assert inp["kv_cache"].dtype == torch.uint8 and inp["kv_cache"].shape[-1] == flops.fp8_kv_row_bytes(128, 64)
     assert inp["indices"].shape == (batch, s_q, topk) and inp["indices"].dtype == torch.int32
@@ -238,7 +239,7 @@ def test_decode_inputs_and_providers_on_cpu() -> None:
     assert "FP8" in next(p for p in bench_providers.providers_for(bf16) if p.name == "flashmla").skip
 
     index = by_kernel[case_data.INDEX_TOPK_DECODE]
-    inp = bench.make_inputs(index, torch.device("cpu"), seed=3)
+    inp = inputs.make_inputs(index, torch.device("cpu"), seed=3)
     assert inp["k_cache"].dtype == torch.uint8 and inp["k_cache"].shape[-1] == index.static["dim"] + 4
     keys, scale = cache.unpack_index_keys_fp8(inp["k_cache"], index.static["dim"])
     assert torch.equal(keys.float(), keys.float().round()) and torch.equal(scale, torch.exp2(scale.log2().round()))
@@ -256,10 +257,10 @@ def test_decode_check_catches_unwritten_outputs(monkeypatch: pytest.MonkeyPatch)
 
     by_kernel = {c.kernel: c for c in case_data.tiny_cases(case_data.DECODE_KINDS)}
     mla, index = by_kernel[case_data.SPARSE_MLA_DECODE], by_kernel[case_data.INDEX_TOPK_DECODE]
-    mla_inp = bench.make_inputs(mla, torch.device("cpu"), seed=1)
-    index_inp = bench.make_inputs(index, torch.device("cpu"), seed=1)
-    assert bench.check_dsa(mla, mla_inp) is None
-    assert bench.check_dsa(index, index_inp) is None
+    mla_inp = inputs.make_inputs(mla, torch.device("cpu"), seed=1)
+    index_inp = inputs.make_inputs(index, torch.device("cpu"), seed=1)
+    assert inputs.check_dsa(mla, mla_inp) is None
+    assert inputs.check_dsa(index, index_inp) is None
     real_paged = index_topk.index_topk_paged
 
     def unwritten_mla(
@@ -275,9 +276,9 @@ def test_decode_check_catches_unwritten_outputs(monkeypatch: pytest.MonkeyPatch)
 
     monkeypatch.setattr(sparse_mla_decode, "sparse_mla_decode", unwritten_mla)
     monkeypatch.setattr(index_topk, "index_topk_paged", shifted)
-    problem = bench.check_dsa(mla, mla_inp)
+    problem = inputs.check_dsa(mla, mla_inp)
     assert problem is not None and "mismatch" in problem
-    problem = bench.check_dsa(index, index_inp)
+    problem = inputs.check_dsa(index, index_inp)
     assert problem is not None and "mismatch" in problem
 
 

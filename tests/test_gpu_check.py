@@ -1,5 +1,6 @@
-"""The one-shot GPU check (``benchmarks.gpu_check``) on a CPU: stages with budgets, their records, the order of the
-stages, the compile list written from the GPU test modules at run time, and the ws tests in a stage of their own."""
+"""The one-shot GPU check (``benchmarks.gpu_check``, ``gpu_collect`` and ``gpu_record``) on a CPU: stages with budgets,
+their records, the order of the stages, the compile list written from the GPU test modules at run time, and the ws
+tests in a stage of their own."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import pytest
 import torch
 
 from autotune.lookup import space
-from benchmarks import gpu_check
+from benchmarks import gpu_check, gpu_collect, gpu_record
 from tests.support import ROOT
 from tests.support import run_python as _run
 
@@ -619,7 +620,7 @@ def test_collect_outputs_picks_this_runs_record_and_packs_every_log(tmp_path: Pa
     (work / "site").mkdir()
     (work / "site" / "big.log").write_text("not packed")
     (work / "gpu_check.log").write_text("[gpu_check] stage host\nTraceback ...\nKeyError: 'sku'\n")
-    written = gpu_check.collect_outputs(out, work=work, results=results, since=since, runner_rc=3)
+    written = gpu_collect.collect_outputs(out, work=work, results=results, since=since, runner_rc=3)
     assert [p.name for p in written] == ["logs.tar.gz", "summary.txt"]
     with tarfile.open(out / "logs.tar.gz") as tar:
         members = tar.getnames()
@@ -633,22 +634,22 @@ def test_collect_outputs_picks_this_runs_record_and_packs_every_log(tmp_path: Pa
     new.write_text(json.dumps(write_doc))
     (results / "h200-20990101.png").write_bytes(b"png")
     shutil.rmtree(out)
-    written = gpu_check.collect_outputs(out, work=work, results=results, since=since)
+    written = gpu_collect.collect_outputs(out, work=work, results=results, since=since)
     assert sorted(p.name for p in written) == ["h200-20990101.json", "h200-20990101.png", "logs.tar.gz", "summary.txt"]
     assert (out / "summary.txt").read_text().startswith("gpu check: passed\n")
 
 
 def test_pack_logs_cuts_large_logs_until_the_archive_fits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A log too large for one returned file keeps its head and its end, cut until the archive fits."""
-    monkeypatch.setattr(gpu_check, "MAX_OUT_FILE_BYTES", 200_000)
-    monkeypatch.setattr(gpu_check, "LOG_MEMBER_BYTES", 1_000_000)
+    monkeypatch.setattr(gpu_collect, "MAX_OUT_FILE_BYTES", 200_000)
+    monkeypatch.setattr(gpu_collect, "LOG_MEMBER_BYTES", 1_000_000)
     work = tmp_path / "work"
     work.mkdir()
     noise = os.urandom(600_000)  # does not compress
     (work / "big.log").write_bytes(b"FIRST LINE\n" + noise + b"\nLAST LINE\n")
     (work / "small.log").write_text("small\n")
     archive = tmp_path / "logs.tar.gz"
-    assert gpu_check.pack_logs(work, archive) == ["big.log", "small.log"]
+    assert gpu_collect.pack_logs(work, archive) == ["big.log", "small.log"]
     assert archive.stat().st_size <= 200_000
     with tarfile.open(archive) as tar:
         big = tar.extractfile("big.log").read()  # type: ignore[union-attr]
@@ -661,15 +662,15 @@ def test_first_error_of_a_stage() -> None:
         "collecting ...\nTraceback (most recent call last):\n  File \"x.py\", line 3, in f\n"
         "    raise ValueError('bad')\nValueError: bad\nlater line\n"
     )
-    assert gpu_check.first_error(traceback) == "ValueError: bad"
+    assert gpu_record.first_error(traceback) == "ValueError: bad"
     fatal = "Fatal Python error: Segmentation fault"
-    assert gpu_check.first_error(f"ok\n{fatal}\n") == fatal
-    assert gpu_check.first_error("Timeout (0:00:30)!\nThread 0x1") == "Timeout (0:00:30)!"
-    assert gpu_check.first_error("usage: dsa-bench\ndsa-bench: error: unrecognized arguments: --x\n") == (
+    assert gpu_record.first_error(f"ok\n{fatal}\n") == fatal
+    assert gpu_record.first_error("Timeout (0:00:30)!\nThread 0x1") == "Timeout (0:00:30)!"
+    assert gpu_record.first_error("usage: dsa-bench\ndsa-bench: error: unrecognized arguments: --x\n") == (
         "dsa-bench: error: unrecognized arguments: --x"
     )
-    assert gpu_check.first_error("all good\n3 rows\n") == "3 rows"
-    assert gpu_check.first_error("") is None
+    assert gpu_record.first_error("all good\n3 rows\n") == "3 rows"
+    assert gpu_record.first_error("") is None
     run = gpu_check.StageRun(1, 2.0, False, "x\nRuntimeError: CUDA error: an illegal memory access\n")
     assert gpu_check.stage_record("bench", run, 85)["first_error"].startswith("RuntimeError: CUDA error")
     assert "first_error" not in gpu_check.stage_record("bench", gpu_check.StageRun(0, 1.0, False, "Error: x"), 85)
@@ -688,6 +689,6 @@ def test_junit_counts_give_the_first_failure(tmp_path: Path) -> None:
 
 
 def test_out_names_are_plain() -> None:
-    assert gpu_check.out_name("h200-20990101.json") == "h200-20990101.json"
-    assert gpu_check.out_name("a b/c:d.log") == "a_b_c_d.log"
-    assert all(gpu_check.OUT_NAME_RE.match(gpu_check.out_name(n)) for n in ("é.log", "", "x y"))
+    assert gpu_collect.out_name("h200-20990101.json") == "h200-20990101.json"
+    assert gpu_collect.out_name("a b/c:d.log") == "a_b_c_d.log"
+    assert all(gpu_collect.OUT_NAME_RE.match(gpu_collect.out_name(n)) for n in ("é.log", "", "x y"))
