@@ -11,7 +11,7 @@
 | ``DSA_LOG`` | ``warning`` (default), ``info``, ``debug`` | how much TileLang logs (its INFO lines: one per compile) |
 | ``DSA_TUNE_CANDIDATE_TIMEOUT_S`` | seconds > 0 | the tuner's time limit per candidate step on the GPU (default 120) |
 
-The lower layers (``tl_kernels``, ``autotune.cache``, ``autotune.select``) read none of these: the launchers and the
+The lower layers (``tl_kernels``, ``autotune.lookup``) read none of these: the launchers and the
 tuner pass the values down.
 """
 

@@ -1,6 +1,6 @@
 """Running a command in its own process group with a time limit, and stopping the whole group.
 
-The one-shot GPU check (``autotune.gpu_check``) runs each stage this way and the fuzzer (``dsa.fuzz``) each chunk of
+The one-shot GPU check (``benchmarks.gpu_check``) runs each stage this way and the fuzzer (``dsa.fuzz``) each chunk of
 examples: a stage or chunk that hangs (a deadlocked kernel, a compile that never ends) is stopped together with
 everything it started, without touching the caller's own process group.
 """

@@ -95,7 +95,7 @@ PORTABLE_TUNING_SPACE: dict[str, tuple] = {
     "num_stages": (2,),
     "threads": (128, 256),
 }
-"""The candidates on the portable schedule (``autotune.space`` uses it for every CUDA architecture but sm_90a)."""
+"""The candidates on the portable schedule (``autotune.lookup.space`` uses it for every CUDA architecture but sm_90a)."""
 
 # default_config tries these (block_N, num_stages, threads) in order; later ones need less shared memory. The portable
 # schedule (mma.sync) starts smaller: most of its architectures have 99 KB of shared memory per block.

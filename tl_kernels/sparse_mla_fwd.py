@@ -152,7 +152,7 @@ PORTABLE_TUNING_SPACE: dict[str, tuple[Any, ...]] = {
     "threads": PORTABLE_THREADS,
     "pipeline": (PIPELINE_NONE,),
 }
-"""The candidates on the portable schedule (``autotune.space`` uses it for every CUDA architecture but sm_90a); the
+"""The candidates on the portable schedule (``autotune.lookup.space`` uses it for every CUDA architecture but sm_90a); the
 compile-only tuner prunes those that spill (at V3.2 widths 64 x 32 with 128 threads spilled 4.9 KB on sm_80)."""
 
 _PORTABLE_LADDER: tuple[tuple[int, int, int], ...] = ((32, 32, CUDA_THREADS), (32, 16, WARPGROUP_THREADS))
@@ -168,7 +168,7 @@ PORTABLE_TUNING_PRESETS: tuple[dict[str, Any], ...] = ({"block_h": WGMMA_M, "blo
 include 64 x 32): 64 heads x 16 entries, half the KV reads of 32-head blocks in 96 KB."""
 
 TUNING_PRESETS: tuple[dict[str, Any], ...] = ({"pipeline": "ws", "block_k": WS_BLOCK_K, "threads": WS_THREADS},)
-"""Whole alternative schedules the pruned tuning space always tries (``autotune.space.pruned_space``)."""
+"""Whole alternative schedules the pruned tuning space always tries (``autotune.lookup.space.pruned_space``)."""
 
 
 def smem_bytes(static: dict[str, Any], config: Config) -> int:

@@ -50,7 +50,7 @@ def select_config(
     """The tuned config of ``kernels`` (a ``tl_kernels`` module) for this launch, else its default config.
 
     ``static`` holds the kernel's static parameters (without the target); ``sizes`` the runtime sizes (``batch``,
-    ``seq_len``, ``seq_len_kv``, ...). CPU launches are never tuned. :func:`autotune.select.config_for` returns a
+    ``seq_len``, ``seq_len_kv``, ...). CPU launches are never tuned. :func:`autotune.lookup.select.config_for` returns a
     config already checked for this target, or ``None`` (then the default, which works for every shape). The portable
     schedule on Hopper (``DSA_PORTABLE=1``) always runs its default.
     """

@@ -1,6 +1,6 @@
 """The testing library of the package: comparison, poisoning, the top-k contract check and one input maker per op.
 
-The test suite, the tuner's correctness gate (``autotune.runners``) and the benchmark's check (``autotune.bench``) all
+The test suite, the tuner's correctness gate (``benchmarks.runners``) and the benchmark's check (``benchmarks.bench``) all
 use these functions, so that "matches the reference" means the same thing everywhere:
 
 * :func:`compare` / :func:`assert_close`: shapes equal, NaN / ``+inf`` / ``-inf`` positions identical, the finite
