@@ -197,7 +197,7 @@ def train_two_stage(
     log_every: int = 25,
     seed: int = 0,
 ) -> Iterator[TrainRecord]:
-    """Train ``model`` (a ``dsa.modules.TinyDSAModel``) with the two-stage recipe, yielding a record every
+    """Train ``model`` (a ``dsa.models.TinyDSAModel``) with the two-stage recipe, yielding a record every
     ``log_every`` steps (and at the start and end of each stage).
 
     Stage 1 (``warmup_steps``): dense attention, main parameters frozen, indexer trained on ``dense_warmup_loss``.

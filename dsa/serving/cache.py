@@ -84,8 +84,8 @@ class PagedKVCache:
 
         A position on the sequence's pages that it has not written yet (``>= seq_lens[b]``) still maps to its slot,
         whose row holds zeros (or whatever was written there before); with ``written_only=True`` it is
-        ``INVALID_SLOT`` instead, so no op reads it (the serving path, ``dsa.generation``, asks for that; a tensor
-        op, no host sync)."""
+        ``INVALID_SLOT`` instead, so no op reads it (the serving path, ``dsa.serving.model_cache``, asks for that; a
+        tensor op, no host sync)."""
         slots = positions_to_slots(self.block_table, self.page_size, positions, num_slots=self.num_slots)
         if written_only:
             written = positions.to(self.seq_lens.device) < self.seq_lens.view(-1, 1)
@@ -142,15 +142,21 @@ class PagedKVCache:
     def _reserve(
         self, n: int, lengths: torch.Tensor | None, device: torch.device, caller: str
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The slots ``[B, n]`` int32 of the next ``n`` rows (``INVALID_SLOT`` past ``lengths``) and the new lengths."""
+        """The slots ``[B, n]`` int32 of the next ``n`` rows (``INVALID_SLOT`` past ``lengths``) and the new lengths.
+
+        One host sync per append, the one the lengths require: both checks (``lengths`` in ``[0, n]``, the new lengths
+        within the capacity) are reduced to one flag read together; the error path alone reads more."""
         batch = self.block_table.shape[0]
+        given = lengths is not None
         if lengths is None:
             lengths = torch.full((batch,), n, dtype=torch.int64, device=device)
         lengths = lengths.to(device=self.seq_lens.device, dtype=torch.int64)
-        if bool(((lengths < 0) | (lengths > n)).any()):
-            raise ValueError(f"{caller}: lengths must lie in [0, {n}], got {lengths.tolist()}")
         new_lens = self.seq_lens.to(torch.int64) + lengths
-        if bool((new_lens > self.capacity).any()):
+        bad_lengths = ((lengths < 0) | (lengths > n)).any() if given else None
+        over = (new_lens > self.capacity).any()
+        if bool(over if bad_lengths is None else over | bad_lengths):
+            if bad_lengths is not None and bool(bad_lengths):
+                raise ValueError(f"{caller}: lengths must lie in [0, {n}], got {lengths.tolist()}")
             raise ValueError(
                 f"{caller}: sequences would hold {new_lens.tolist()} tokens, over the capacity "
                 f"{self.capacity} (max_seq_len {self.max_seq_len} rounded up to pages of {self.page_size})"
