@@ -3,26 +3,8 @@
 
 from __future__ import annotations
 
-from dsa.serving.model_cache import (
-    CacheDtype,
-    LayerCache,
-    ModelCache,
-    compact_rows,
-    mask_runs,
-    packed_ranges,
-    padded_ranges,
-    restore_rows,
-    select_from_cache,
-)
+from dsa.serving import model_cache as _home
+from dsa.serving.model_cache import *  # noqa: F403 - the shim re-exports its home's public names
+from dsa.serving.model_cache import CacheDtype  # noqa: F401
 
-__all__ = [
-    "CacheDtype",
-    "LayerCache",
-    "ModelCache",
-    "compact_rows",
-    "mask_runs",
-    "packed_ranges",
-    "padded_ranges",
-    "restore_rows",
-    "select_from_cache",
-]
+__all__ = [*_home.__all__, "CacheDtype"]

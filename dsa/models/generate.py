@@ -4,18 +4,21 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from dsa.serving import model_cache
+
+if TYPE_CHECKING:
+    from dsa.models.tiny import TinyDSAModel
 
 logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
 def generate(
-    model: Any,
+    model: TinyDSAModel,
     input_ids: torch.Tensor,
     max_new_tokens: int,
     *,
@@ -23,8 +26,24 @@ def generate(
     attention_mask: torch.Tensor | None = None,
     page_size: int = 64,
 ) -> torch.Tensor:
-    """Greedy (argmax) continuation of ``input_ids [B, S]`` int64 by ``model`` (a ``TinyDSAModel``): see
-    ``TinyDSAModel.generate`` for the arguments, the result ``[B, S + max_new_tokens]`` int64 and the errors."""
+    """Greedy (argmax) continuation by ``model`` (a ``TinyDSAModel``; this is also its ``generate`` method): one
+    prefill call over the prompts, then one-token decode steps.
+
+    Args:
+        input_ids (torch.Tensor): ``[B, S]`` int64 prompts.
+        max_new_tokens (int): ``>= 0`` tokens to add to every row.
+        cache_dtype: the latent cache dtype (see ``TinyDSAModel.new_cache``).
+        attention_mask (torch.Tensor | None): ``[B, S]`` for padded prompts (see ``TinyDSAModel.forward``); every row
+            needs at least one real token. The new tokens follow column ``S - 1`` whatever the padding.
+
+    Returns:
+        torch.Tensor: ``[B, S + max_new_tokens]`` int64: the prompts, then the generated tokens.
+
+    Raises:
+        TypeError / ValueError naming ``TinyDSAModel.generate``, before anything runs: ``input_ids`` as in
+        ``TinyDSAModel.forward``, a bad ``max_new_tokens`` or ``attention_mask``, or sequences that would grow past
+        ``config.max_seq_len`` (the longest prompt's real tokens plus ``max_new_tokens``).
+    """
     caller = "TinyDSAModel.generate"
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"{caller}: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")

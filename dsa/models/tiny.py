@@ -237,35 +237,8 @@ class TinyDSAModel(nn.Module):
             device=self.embed.weight.device,
         )
 
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        max_new_tokens: int,
-        *,
-        cache_dtype: torch.dtype | str = torch.bfloat16,
-        attention_mask: torch.Tensor | None = None,
-        page_size: int = 64,
-    ) -> torch.Tensor:
-        """Greedy (argmax) continuation: one prefill call over the prompts, then one-token decode steps.
-
-        Args:
-            input_ids (torch.Tensor): ``[B, S]`` int64 prompts.
-            max_new_tokens (int): ``>= 0`` tokens to add to every row.
-            cache_dtype: the latent cache dtype (see :meth:`new_cache`).
-            attention_mask (torch.Tensor | None): ``[B, S]`` for padded prompts (see :meth:`forward`); every row needs
-                at least one real token. The new tokens follow column ``S - 1`` whatever the padding.
-
-        Returns:
-            torch.Tensor: ``[B, S + max_new_tokens]`` int64: the prompts, then the generated tokens.
-
-        Raises:
-            TypeError / ValueError naming ``TinyDSAModel.generate``, before anything runs: ``input_ids`` as in
-            :meth:`forward`, a bad ``max_new_tokens`` or ``attention_mask``, or sequences that would grow past
-            ``config.max_seq_len`` (the longest prompt's real tokens plus ``max_new_tokens``).
-        """
-        return generate_tokens(
-            self, input_ids, max_new_tokens, cache_dtype=cache_dtype, attention_mask=attention_mask, page_size=page_size
-        )
+    # Greedy generation over the model cache: ``dsa.models.generate.generate`` with this model as its first argument.
+    generate = generate_tokens
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the config (``dataclasses.asdict``) and the state dict to ``path`` (``torch.save`` of a plain dict,
