@@ -1,7 +1,7 @@
 """The testing library of the package: comparison, poisoning, the top-k contract check and one input maker per op.
 
-The test suite, the tuner's correctness gate (``benchmarks.runners``) and the benchmark's check (``benchmarks.bench``) all
-use these functions, so that "matches the reference" means the same thing everywhere:
+The test suite, the tuner's correctness gate (``benchmarks.runners``) and the benchmark's check
+(``benchmarks.inputs``) all use these functions, so that "matches the reference" means the same thing everywhere:
 
 * :func:`compare` / :func:`assert_close`: shapes equal, NaN / ``+inf`` / ``-inf`` positions identical, the finite
   values within ``atol + rtol * |expected|`` elementwise, and a **scale-sensitive** difference
