@@ -5,7 +5,7 @@ The front door: the public ops and the main classes are attributes of the packag
 
 - ops (``dsa.ops``): ``index_scores``, ``topk_indices``, ``index_topk``, ``sparse_mla``, ``sparse_mla_decode``,
   ``index_topk_decode``;
-- byte layouts (``dsa.kv_format``): ``FP8Layout``, ``V32_FP8_LAYOUT``;
+- byte layouts (``dsa.kv_format``): ``FP8Layout``, ``V32_FP8_LAYOUT``, ``MODEL1_FP8_LAYOUT``;
 - serving (``dsa.serving``): ``PagedKVCache``, ``ModelCache``;
 - models (``dsa.models``): ``DSAConfig``, ``DSAttention``, ``LightningIndexer``, ``TinyDSAModel``.
 
@@ -27,6 +27,7 @@ _EXPORTS = {
     "index_topk_decode": "dsa.ops",
     "FP8Layout": "dsa.kv_format",
     "V32_FP8_LAYOUT": "dsa.kv_format",
+    "MODEL1_FP8_LAYOUT": "dsa.kv_format",
     "PagedKVCache": "dsa.serving.cache",
     "ModelCache": "dsa.serving.model_cache",
     "DSAConfig": "dsa.models.config",

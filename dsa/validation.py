@@ -21,6 +21,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from dsa import kv_format
+
 FP8_DTYPES = (torch.float8_e4m3fn,)
 INDEXER_KERNEL_DTYPES = (torch.bfloat16, *FP8_DTYPES)
 INDEXER_REFERENCE_DTYPES = (*INDEXER_KERNEL_DTYPES, torch.float16, torch.float32, torch.float64)
@@ -298,6 +300,12 @@ def _check_decode_source(
     require_rank(cache_name, kv_cache, 3, "[num_pages, page_size, row]")
     require_nonempty(cache_name, kv_cache, "[num_pages, page_size, row]")
     if is_fp8_cache(kv_cache):
+        model1 = kv_format.MODEL1_FP8_LAYOUT
+        if d_qk == model1.width and kv_cache.shape[-1] == model1.bytes_per_token:
+            raise ValueError(
+                f"{cache_name} holds {model1.bytes_per_token}-byte rows of FlashMLA's MODEL1 FP8 layout "
+                f"(dsa.kv_format.MODEL1_FP8_LAYOUT), which sparse_mla_decode does not read yet"
+            )
         if fp8_row_bytes is None:
             raise ValueError(f"{cache_name} holds FP8 bytes, but d_rope leaves no FP8 layout for {d_qk}-wide rows")
         if kv_cache.shape[-1] != fp8_row_bytes:

@@ -21,6 +21,12 @@ def _cache_layout(kv_cache: Tensor, width: int, d_rope: int, name: str) -> kv_fo
     if kv_cache.dtype in (torch.uint8, torch.int8, torch.float8_e4m3fn):
         if not 0 <= d_rope < width:
             raise ValueError(f"sparse_mla_decode: d_rope must lie in [0, {width}) for {width}-wide rows, got {d_rope}")
+        model1 = kv_format.MODEL1_FP8_LAYOUT
+        if width == model1.width and kv_cache.shape[-1] == model1.bytes_per_token:
+            raise ValueError(
+                f"sparse_mla_decode: {name} holds {model1.bytes_per_token}-byte rows of FlashMLA's MODEL1 FP8 "
+                f"layout (dsa.kv_format.MODEL1_FP8_LAYOUT), which sparse_mla_decode does not read yet"
+            )
         layout = kv_format.FP8Layout.for_width(width, d_rope)
         if kv_cache.shape[-1] != layout.bytes_per_token:
             raise ValueError(

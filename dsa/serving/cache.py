@@ -1,7 +1,8 @@
-"""Paged KV caches for decoding: bf16 (or float32) latent rows, or FlashMLA's FP8 layout, behind a block table.
+"""Paged KV caches for decoding: bf16 (or float32) latent rows, or FlashMLA's FP8 layouts, behind a block table.
 
 A cache holds ``num_pages`` pages of ``page_size`` token rows; slots follow ``dsa.kv_format.positions_to_slots``
-(FlashMLA's ``indices_in_kvcache``) and FP8 rows ``dsa.kv_format.FP8Layout`` (656 bytes for V3.2's 576-wide row).
+(FlashMLA's ``indices_in_kvcache``) and FP8 rows ``dsa.kv_format.FP8Layout`` (656 bytes for V3.2's 576-wide row, one
+row per token; 584 for MODEL1's 512-wide row, whose pages keep every token's values first and the scales after them).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dsa.kv_format import (
     INVALID_SLOT,
     FP8Layout,
     dequantize_kv_fp8,
+    kv_page_sections,
     positions_to_slots,
     quantize_kv_fp8,
 )
@@ -29,11 +31,18 @@ class PagedKVCache:
     Attributes:
         max_seq_len (int): the length asked for; :attr:`capacity` is what a sequence can hold.
         pages (torch.Tensor): ``[num_pages, page_size, width]`` in ``dtype`` (bf16 or float32), or ``[num_pages,
-            page_size, layout.bytes_per_token]`` uint8 for ``dtype="fp8"`` (FlashMLA's ``k_cache`` is
-            ``pages.unsqueeze(2)``).
+            page_size, layout.bytes_per_token]`` uint8 for ``dtype="fp8"`` with a row-per-token layout (FlashMLA's
+            ``k_cache`` is ``pages.unsqueeze(2)``), or ``[num_pages, layout.page_bytes(page_size)]`` uint8 with a
+            split layout such as ``MODEL1_FP8_LAYOUT`` (``dsa.kv_format.quantize_kv_pages_fp8``'s pages; FlashMLA's
+            ``k_cache`` is ``dsa.kv_format.flash_mla_kv_view(pages, layout, page_size)``).
         block_table (torch.Tensor): ``[batch_size, pages_per_sequence]`` int32: the pages of each sequence in order.
         seq_lens (torch.Tensor): ``[batch_size]`` int32: tokens written per sequence.
-        layout (FP8Layout | None): the FP8 row layout, None for bf16/float32 caches.
+        layout (FP8Layout | None): the FP8 layout, None for bf16/float32 caches.
+        row_bytes (int): the size of one stored row (``stored_rows``, ``append_rows``): ``pages.shape[-1]``, or
+            ``layout.bytes_per_token`` for a split layout.
+
+    ``layout`` (``dtype="fp8"`` only) picks the FP8 layout; by default ``FP8Layout.for_width(width, d_rope)`` (V3.2's
+    for 576 + 64). ``MODEL1_FP8_LAYOUT`` needs ``width`` 512 (its ``d_rope``, 64, is the layout's own).
     """
 
     def __init__(
@@ -46,6 +55,7 @@ class PagedKVCache:
         dtype: torch.dtype | str = torch.bfloat16,
         d_rope: int = 64,
         device: torch.device | str = "cpu",
+        layout: FP8Layout | None = None,
     ) -> None:
         if batch_size < 1 or max_seq_len < 1 or page_size < 1 or width < 1:
             raise ValueError(
@@ -57,9 +67,19 @@ class PagedKVCache:
         self.max_seq_len = max_seq_len
         pages_per_sequence = -(-max_seq_len // page_size)
         num_pages = batch_size * pages_per_sequence
+        if layout is not None and dtype != "fp8":
+            raise ValueError(f"PagedKVCache: layout is for dtype='fp8' caches, got dtype {dtype!r}")
         if dtype == "fp8":
-            self.layout: FP8Layout | None = FP8Layout.for_width(width, d_rope)
-            self.pages = torch.zeros((num_pages, page_size, self.layout.bytes_per_token), dtype=torch.uint8, device=device)
+            self.layout: FP8Layout | None = FP8Layout.for_width(width, d_rope) if layout is None else layout
+            if self.layout.width != width:
+                raise ValueError(
+                    f"PagedKVCache: layout {self.layout} holds {self.layout.width}-wide rows, got width {width}"
+                )
+            if self.layout.scales_after_values:
+                shape: tuple[int, ...] = (num_pages, self.layout.page_bytes(page_size))
+            else:
+                shape = (num_pages, page_size, self.layout.bytes_per_token)
+            self.pages = torch.zeros(shape, dtype=torch.uint8, device=device)
         elif dtype in (torch.bfloat16, torch.float32):
             self.layout = None
             self.pages = torch.zeros((num_pages, page_size, width), dtype=dtype, device=device)
@@ -77,6 +97,12 @@ class PagedKVCache:
     @property
     def num_slots(self) -> int:
         return self.pages.shape[0] * self.page_size
+
+    @property
+    def row_bytes(self) -> int:
+        """The last dim of a stored row: ``pages.shape[-1]``, or ``layout.bytes_per_token`` for split pages."""
+        split = self.layout is not None and self.layout.scales_after_values
+        return self.layout.bytes_per_token if split else self.pages.shape[-1]
 
     def slots(self, positions: torch.Tensor, *, written_only: bool = False) -> torch.Tensor:
         """The slots of token ``positions`` (``[B, n]`` integers, one row per sequence): ``INVALID_SLOT`` where a
@@ -129,7 +155,7 @@ class PagedKVCache:
         Returns:
             torch.Tensor: ``[B, n]`` int32 slots, as in :meth:`append`.
         """
-        batch, row = self.block_table.shape[0], self.pages.shape[-1]
+        batch, row = self.block_table.shape[0], self.row_bytes
         if rows.dim() != 3 or rows.shape[0] != batch or rows.shape[2] != row or rows.dtype != self.pages.dtype:
             raise ValueError(
                 f"PagedKVCache.append_rows: rows must be [{batch}, n, {row}] {self.pages.dtype}, got "
@@ -165,19 +191,44 @@ class PagedKVCache:
         positions = torch.where(offsets < lengths.view(-1, 1), self.seq_lens.view(-1, 1).to(torch.int64) + offsets, -1)
         return self.slots(positions), new_lens
 
+    def _sections(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Split pages' values and scale groups as ``[num_pages, page_size, *]`` views (None for row-per-token)."""
+        if self.layout is None or not self.layout.scales_after_values:
+            return None
+        return kv_page_sections(self.pages, self.layout, self.page_size)
+
     def _write(self, rows: torch.Tensor, slots: torch.Tensor, new_lens: torch.Tensor) -> None:
         valid = slots >= 0
-        flat = self.pages.view(self.num_slots, self.pages.shape[-1])
-        flat[slots[valid].to(torch.int64)] = rows.to(flat.device)[valid.to(rows.device)]
+        picked = slots[valid].to(device=self.pages.device, dtype=torch.int64)
+        written = rows.to(self.pages.device)[valid.to(rows.device)]
+        sections = self._sections()
+        if sections is None:
+            flat = self.pages.view(self.num_slots, self.pages.shape[-1])
+            flat[picked] = written
+        else:
+            # A token's row is split between the page's two sections: its values, then its scale group.
+            values, scales = sections
+            page, offset = picked // self.page_size, picked % self.page_size
+            split = self.layout.value_bytes
+            values[page, offset] = written[:, :split]
+            scales[page, offset] = written[:, split:]
         self.seq_lens = new_lens.to(torch.int32)
 
+    def _read(self, slots: torch.Tensor) -> torch.Tensor:
+        """The stored rows at in-range ``slots`` (int64, any shape): ``[..., row_bytes]``."""
+        sections = self._sections()
+        if sections is None:
+            return self.pages.view(self.num_slots, self.pages.shape[-1])[slots]
+        page, offset = slots // self.page_size, slots % self.page_size
+        return torch.cat([sections[0][page, offset], sections[1][page, offset]], dim=-1)
+
     def stored_rows(self, slots: torch.Tensor) -> torch.Tensor:
-        """The rows at ``slots`` (any shape of integers) **as stored** (``[..., pages.shape[-1]]``, ``pages.dtype``:
-        FP8 bytes are not dequantised); zero at invalid slots."""
+        """The rows at ``slots`` (any shape of integers) **as stored** (``[..., row_bytes]``, ``pages.dtype``: FP8
+        bytes are not dequantised; a split layout's token row is its values then its scale group); zero at invalid
+        slots."""
         slots = slots.to(torch.int64)
         valid = (slots >= 0) & (slots < self.num_slots)
-        flat = self.pages.view(self.num_slots, self.pages.shape[-1])
-        rows = flat[torch.where(valid, slots, 0)]
+        rows = self._read(torch.where(valid, slots, 0))
         return torch.where(valid.unsqueeze(-1), rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
 
     def gather(self, slots: torch.Tensor) -> torch.Tensor:
@@ -185,8 +236,7 @@ class PagedKVCache:
         the cache dtype otherwise; zero at invalid slots (``-1`` or out of range)."""
         slots = slots.to(torch.int64)
         valid = (slots >= 0) & (slots < self.num_slots)
-        flat = self.pages.view(self.num_slots, self.pages.shape[-1])
-        rows = flat[torch.where(valid, slots, 0)]
+        rows = self._read(torch.where(valid, slots, 0))
         if self.layout is not None:
             rows = dequantize_kv_fp8(rows, self.layout)
         return torch.where(valid.unsqueeze(-1), rows, torch.zeros((), dtype=rows.dtype, device=rows.device))

@@ -56,7 +56,7 @@ _OP = "flash_mla_with_kvcache"
 # FlashMLA's FP8 rows keep 64 RoPE values in bf16 in both of its layouts.
 _D_ROPE = 64
 # MODEL1's FP8 row (448 e4m3 + 64 bf16 + 7 e8m0 scales + 1 pad byte): recognised only to say it is unsupported.
-_MODEL1_WIDTH, _MODEL1_ROW_BYTES = 512, 584
+_MODEL1_WIDTH, _MODEL1_ROW_BYTES = kv_format.MODEL1_FP8_LAYOUT.width, kv_format.MODEL1_FP8_LAYOUT.bytes_per_token
 
 
 @dataclasses.dataclass
@@ -145,7 +145,11 @@ def _check_cache(name: str, k_cache: object, q: torch.Tensor, is_fp8_kvcache: bo
         except ValueError:
             expected = None
         if d_qk == _MODEL1_WIDTH and row == _MODEL1_ROW_BYTES:
-            raise _fail(name, f"uses FlashMLA's MODEL1 FP8 layout ({row} bytes per token), which is not supported")
+            raise _fail(
+                name,
+                f"uses FlashMLA's MODEL1 FP8 layout ({row} bytes per token, dsa.kv_format.MODEL1_FP8_LAYOUT), which "
+                f"is not supported yet",
+            )
         if expected is None:
             raise _fail(name, f"has no FP8 layout for {d_qk}-wide rows with {_D_ROPE} RoPE values (q's head_dim)")
         if row != expected:
