@@ -200,6 +200,38 @@ def test_is_cpu_and_storage_dtype() -> None:
         assert dsl.storage_dtype(name, dsl.HOPPER_TARGET) == name
 
 
+def _optional_tensor_kernel(with_scale: bool) -> tvm.tirx.PrimFunc:
+    """``Y = X * S`` with the scale tensor ``S`` a parameter only when ``with_scale`` (else ``Y = X``)."""
+    n = T.dynamic("n")
+
+    def scale_rows(X=None, S=None, Y=None):
+        with T.Kernel(1, threads=1):
+            for i in T.serial(n):
+                Y[i] = X[i] * S[i] if S is not None else X[i]
+
+    tensor = T.Tensor([n], "float32")
+    return dsl.prim_func(scale_rows, "scaled" if with_scale else "plain", X=tensor, S=tensor if with_scale else None,
+                         Y=tensor)  # fmt: skip
+
+
+def test_prim_func_leaves_absent_parameters_out() -> None:
+    """One def, two signatures: a None parameter is not in the kernel, the others keep the def's order and the
+    kernel takes the given name."""
+    with_scale = _optional_tensor_kernel(True)
+    plain = _optional_tensor_kernel(False)
+    assert [p.name for p in with_scale.params] == ["X_handle", "S_handle", "Y_handle"]
+    assert [p.name for p in plain.params] == ["X_handle", "Y_handle"]
+    assert "def scaled(" in with_scale.script() and "def plain(" in plain.script()
+
+
+def test_prim_func_rejects_unknown_parameters() -> None:
+    def kernel(X=None):
+        pass
+
+    with pytest.raises(ValueError, match=r"dsl.prim_func\(k\): params \['Z'\] are not parameters"):
+        dsl.prim_func(kernel, "k", X=T.Tensor([4], "float32"), Z=T.Tensor([4], "float32"))
+
+
 def test_to_kernel_arg() -> None:
     bf16 = torch.randn(3, 5).to(torch.bfloat16)
     fp8 = torch.randn(4).to(torch.float8_e4m3fn)

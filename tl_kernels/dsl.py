@@ -24,6 +24,7 @@ import in builder modules, or make sure such names also appear in the body.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +53,7 @@ __all__ = [
     "is_hopper",
     "mma_sync_warps_fit",
     "load_f32",
+    "prim_func",
     "smem_limit_bytes",
     "static_target",
     "storage_dtype",
@@ -297,6 +299,24 @@ def with_pass_configs(func: tirx.PrimFunc, pass_configs: Mapping[str, Any]) -> t
     Builders return ``dsl.with_pass_configs(main, {"tl.disable_warp_specialized": True})`` instead of ``main``.
     """
     return func.with_attr(PASS_CONFIGS_ATTR, {str(k): v for k, v in pass_configs.items()})
+
+
+def prim_func(fn: Callable[..., None], name: str, **params: Any) -> tirx.PrimFunc:
+    """``fn`` as the ``T.prim_func`` named ``name`` whose parameters are the ``params`` (parameter name -> its
+    ``T.Tensor(...)`` annotation) that are not None, in ``fn``'s own parameter order; ``fn`` sees None for the others.
+
+    One def then serves every signature of a kernel whose tensors are optional (k_scale for FP8 only, starts/ends in
+    range mode only, a block table when paged): TileLang reads a prim_func's parameters from its def, so otherwise
+    each signature needs a def of its own, all calling the same body. Every parameter of ``fn`` must default to None
+    (the absent ones are never passed); ``name`` becomes the kernel's name in the generated source.
+    """
+    names = list(inspect.signature(fn).parameters)
+    unknown = sorted(set(params) - set(names))
+    if unknown:
+        raise ValueError(f"dsl.prim_func({name}): params {unknown} are not parameters of {fn.__name__}{names}")
+    fn.__name__ = fn.__qualname__ = name
+    fn.__annotations__ = {key: params[key] for key in names if params.get(key) is not None}
+    return T.prim_func(fn)
 
 
 def with_target_pass_configs(

@@ -392,97 +392,25 @@ def build(
     row_shape = [batch, seq]
     out_shape = [batch, seq, topk]
 
-    if paged and fp8:
+    def index_topk(
+        Q=None, K=None, W=None, KScale=None, BlockTable=None, Starts=None, Ends=None, Indices=None, Scores=None
+    ):
+        body(Q, K, W, KScale, BlockTable, Starts, Ends, Indices, Scores)
 
-        @T.prim_func
-        def index_topk_fp8_paged(
-            Q: T.Tensor(q_shape, io_dtype),
-            K: T.Tensor([num_slots, k_row], io_dtype),
-            W: T.Tensor(w_shape, ACCUM_DTYPE),
-            KScale: T.Tensor([num_slots, scale_row], ACCUM_DTYPE),
-            BlockTable: T.Tensor([batch, max_pages], INDEX_DTYPE),
-            Starts: T.Tensor(row_shape, INDEX_DTYPE),
-            Ends: T.Tensor(row_shape, INDEX_DTYPE),
-            Indices: T.Tensor(out_shape, INDEX_DTYPE),
-            Scores: T.Tensor(out_shape, ACCUM_DTYPE),
-        ):
-            body(Q, K, W, KScale, BlockTable, Starts, Ends, Indices, Scores)
-
-        func = index_topk_fp8_paged
-    elif paged:
-
-        @T.prim_func
-        def index_topk_bf16_paged(
-            Q: T.Tensor(q_shape, io_dtype),
-            K: T.Tensor([num_slots, k_row], io_dtype),
-            W: T.Tensor(w_shape, ACCUM_DTYPE),
-            BlockTable: T.Tensor([batch, max_pages], INDEX_DTYPE),
-            Starts: T.Tensor(row_shape, INDEX_DTYPE),
-            Ends: T.Tensor(row_shape, INDEX_DTYPE),
-            Indices: T.Tensor(out_shape, INDEX_DTYPE),
-            Scores: T.Tensor(out_shape, ACCUM_DTYPE),
-        ):
-            body(Q, K, W, None, BlockTable, Starts, Ends, Indices, Scores)
-
-        func = index_topk_bf16_paged
-    elif fp8 and causal:
-
-        @T.prim_func
-        def index_topk_fp8_causal(
-            Q: T.Tensor(q_shape, io_dtype),
-            K: T.Tensor(k_shape, io_dtype),
-            W: T.Tensor(w_shape, ACCUM_DTYPE),
-            KScale: T.Tensor([batch, seq_kv], ACCUM_DTYPE),
-            Indices: T.Tensor(out_shape, INDEX_DTYPE),
-            Scores: T.Tensor(out_shape, ACCUM_DTYPE),
-        ):
-            body(Q, K, W, KScale, None, None, None, Indices, Scores)
-
-        func = index_topk_fp8_causal
-    elif fp8:
-
-        @T.prim_func
-        def index_topk_fp8_range(
-            Q: T.Tensor(q_shape, io_dtype),
-            K: T.Tensor(k_shape, io_dtype),
-            W: T.Tensor(w_shape, ACCUM_DTYPE),
-            KScale: T.Tensor([batch, seq_kv], ACCUM_DTYPE),
-            Starts: T.Tensor(row_shape, INDEX_DTYPE),
-            Ends: T.Tensor(row_shape, INDEX_DTYPE),
-            Indices: T.Tensor(out_shape, INDEX_DTYPE),
-            Scores: T.Tensor(out_shape, ACCUM_DTYPE),
-        ):
-            body(Q, K, W, KScale, None, Starts, Ends, Indices, Scores)
-
-        func = index_topk_fp8_range
-    elif causal:
-
-        @T.prim_func
-        def index_topk_bf16_causal(
-            Q: T.Tensor(q_shape, io_dtype),
-            K: T.Tensor(k_shape, io_dtype),
-            W: T.Tensor(w_shape, ACCUM_DTYPE),
-            Indices: T.Tensor(out_shape, INDEX_DTYPE),
-            Scores: T.Tensor(out_shape, ACCUM_DTYPE),
-        ):
-            body(Q, K, W, None, None, None, None, Indices, Scores)
-
-        func = index_topk_bf16_causal
-    else:
-
-        @T.prim_func
-        def index_topk_bf16_range(
-            Q: T.Tensor(q_shape, io_dtype),
-            K: T.Tensor(k_shape, io_dtype),
-            W: T.Tensor(w_shape, ACCUM_DTYPE),
-            Starts: T.Tensor(row_shape, INDEX_DTYPE),
-            Ends: T.Tensor(row_shape, INDEX_DTYPE),
-            Indices: T.Tensor(out_shape, INDEX_DTYPE),
-            Scores: T.Tensor(out_shape, ACCUM_DTYPE),
-        ):
-            body(Q, K, W, None, None, Starts, Ends, Indices, Scores)
-
-        func = index_topk_bf16_range
+    ranged = not causal  # paged implies range mode (checked above)
+    func = dsl.prim_func(
+        index_topk,
+        f"index_topk_{'fp8' if fp8 else 'bf16'}_{'paged' if paged else mode}",
+        Q=T.Tensor(q_shape, io_dtype),
+        K=T.Tensor([num_slots, k_row] if paged else k_shape, io_dtype),
+        W=T.Tensor(w_shape, ACCUM_DTYPE),
+        KScale=(T.Tensor([num_slots, scale_row] if paged else [batch, seq_kv], ACCUM_DTYPE) if fp8 else None),
+        BlockTable=T.Tensor([batch, max_pages], INDEX_DTYPE) if paged else None,
+        Starts=T.Tensor(row_shape, INDEX_DTYPE) if ranged else None,
+        Ends=T.Tensor(row_shape, INDEX_DTYPE) if ranged else None,
+        Indices=T.Tensor(out_shape, INDEX_DTYPE),
+        Scores=T.Tensor(out_shape, ACCUM_DTYPE),
+    )
     if cpu:
         return dsl.with_pass_configs(func, rs.PASS_CONFIGS)
     return dsl.with_target_pass_configs(func, target, _PASS_CONFIGS)

@@ -326,58 +326,18 @@ def build(
     row_shape = [batch, seq]
     out_shape = [batch, seq, seq_kv]
 
-    if fp8 and causal:
+    def index_scores(Q=None, K=None, W=None, KScale=None, Starts=None, Ends=None, Out=None):
+        body(Q, K, W, KScale, Starts, Ends, Out)
 
-        @T.prim_func
-        def index_scores_fp8_causal(
-            Q: T.Tensor(q_shape, io_dtype),
-            K: T.Tensor(k_shape, io_dtype),
-            W: T.Tensor(w_shape, ACCUM_DTYPE),
-            KScale: T.Tensor([batch, seq_kv], ACCUM_DTYPE),
-            Out: T.Tensor(out_shape, ACCUM_DTYPE),
-        ):
-            body(Q, K, W, KScale, None, None, Out)
-
-        func = index_scores_fp8_causal
-    elif fp8:
-
-        @T.prim_func
-        def index_scores_fp8_range(
-            Q: T.Tensor(q_shape, io_dtype),
-            K: T.Tensor(k_shape, io_dtype),
-            W: T.Tensor(w_shape, ACCUM_DTYPE),
-            KScale: T.Tensor([batch, seq_kv], ACCUM_DTYPE),
-            Starts: T.Tensor(row_shape, INDEX_DTYPE),
-            Ends: T.Tensor(row_shape, INDEX_DTYPE),
-            Out: T.Tensor(out_shape, ACCUM_DTYPE),
-        ):
-            body(Q, K, W, KScale, Starts, Ends, Out)
-
-        func = index_scores_fp8_range
-    elif causal:
-
-        @T.prim_func
-        def index_scores_bf16_causal(
-            Q: T.Tensor(q_shape, io_dtype),
-            K: T.Tensor(k_shape, io_dtype),
-            W: T.Tensor(w_shape, ACCUM_DTYPE),
-            Out: T.Tensor(out_shape, ACCUM_DTYPE),
-        ):
-            body(Q, K, W, None, None, None, Out)
-
-        func = index_scores_bf16_causal
-    else:
-
-        @T.prim_func
-        def index_scores_bf16_range(
-            Q: T.Tensor(q_shape, io_dtype),
-            K: T.Tensor(k_shape, io_dtype),
-            W: T.Tensor(w_shape, ACCUM_DTYPE),
-            Starts: T.Tensor(row_shape, INDEX_DTYPE),
-            Ends: T.Tensor(row_shape, INDEX_DTYPE),
-            Out: T.Tensor(out_shape, ACCUM_DTYPE),
-        ):
-            body(Q, K, W, None, Starts, Ends, Out)
-
-        func = index_scores_bf16_range
+    func = dsl.prim_func(
+        index_scores,
+        f"index_scores_{'fp8' if fp8 else 'bf16'}_{mode}",
+        Q=T.Tensor(q_shape, io_dtype),
+        K=T.Tensor(k_shape, io_dtype),
+        W=T.Tensor(w_shape, ACCUM_DTYPE),
+        KScale=T.Tensor([batch, seq_kv], ACCUM_DTYPE) if fp8 else None,
+        Starts=None if causal else T.Tensor(row_shape, INDEX_DTYPE),
+        Ends=None if causal else T.Tensor(row_shape, INDEX_DTYPE),
+        Out=T.Tensor(out_shape, ACCUM_DTYPE),
+    )
     return dsl.with_target_pass_configs(func, target)
