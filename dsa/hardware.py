@@ -63,12 +63,21 @@ does not import the kernels, so that dispatch stays cheap to import)."""
 # Per-process caches: the capability of a CUDA device never changes, and each device is warned about once.
 _capabilities: dict[int, tuple[int, int]] = {}
 _warned_devices: set[int] = set()
+# Bumped by reset_caches(): launch plans (``dsa.launch.common``) hold a target chosen from a capability, and key on
+# this number, so a plan made before a reset is never reused after it.
+_epoch: list[int] = [0]
 
 
 def reset_caches() -> None:
-    """Forget cached capabilities and warnings (tests fake device capabilities)."""
+    """Forget cached capabilities and warnings (tests fake device capabilities), and with them every launch plan."""
     _capabilities.clear()
     _warned_devices.clear()
+    _epoch[0] += 1
+
+
+def cache_epoch() -> int:
+    """How many times :func:`reset_caches` ran in this process (part of every launch plan's key)."""
+    return _epoch[0]
 
 
 def _cuda_index(device: torch.device) -> int:

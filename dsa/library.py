@@ -160,8 +160,9 @@ def index_topk_impl(
     if backend == TILELANG:
         fused = launcher(_LAUNCH_INDEX_TOPK)
         if env.selection() == "fused":
-            if fused.fits(q, topk, ranged=starts is not None):
-                return fused.index_topk(q, k, weights, topk, k_scale=k_scale, starts=starts, ends=ends)
+            planned = fused.plan(q, k.shape[1], topk, ranged=starts is not None)
+            if planned is not None:
+                return fused.index_topk(q, k, weights, topk, k_scale=k_scale, starts=starts, ends=ends, planned=planned)
             logger.info("index_topk: no fused config fits topk=%d on %s; running the chunked kernels", topk, q.device)
         return unfused_index_topk(q, k, weights, k_scale, starts, ends, topk)
     with torch.no_grad():
@@ -276,13 +277,14 @@ def index_topk_decode_impl(
     large ``topk``) the reference, logged once per call."""
     if backend == TILELANG:
         launch = launcher(_LAUNCH_INDEX_TOPK)
-        if launch.fits(q, topk, ranged=True):
-            return launch.index_topk_paged(q, k_cache, weights, topk, block_table=block_table, ends=ends, starts=starts)
+        planned = launch.plan_paged(q, topk, page_size=k_cache.shape[1])
+        if planned is not None:
+            return launch.index_topk_paged(
+                q, k_cache, weights, topk, block_table=block_table, ends=ends, starts=starts, planned=planned
+            )
         logger.info("index_topk_decode: no fused config fits topk=%d here; running the reference", topk)
     with torch.no_grad():
-        return reference.index_topk_decode(
-            q, k_cache, weights, topk, block_table=block_table, ends=ends, starts=starts, return_scores=True
-        )
+        return reference.index_topk_decode_impl(q, k_cache, weights, topk, block_table, ends, starts)
 
 
 def sparse_mla_decode_impl(
@@ -308,13 +310,15 @@ def sparse_mla_decode_impl(
     )  # fmt: skip
     if backend == TILELANG:
         launch = launcher(_LAUNCH_SPARSE_MLA_DECODE)
-        caches = [c for c in (kv_cache, extra_kv_cache) if c is not None]
-        if launch.fits(q, d_v, caches, d_rope):
-            return launch.sparse_mla_decode(q, kv_cache, indices, **kwargs)
+        sources = [(kv_cache, indices)] + ([(extra_kv_cache, extra_indices)] if extra_kv_cache is not None else [])
+        planned = launch.plan(q, [c for c, _ in sources], [i.shape[-1] for _, i in sources], d_v=d_v, d_rope=d_rope,
+                              has_sink=attn_sink is not None)  # fmt: skip
+        if planned is not None:
+            return launch.sparse_mla_decode(q, kv_cache, indices, **kwargs, planned=planned)
         logger.info("sparse_mla_decode: no kernel for d_qk=%d, d_v=%d on %s; running the reference", q.shape[-1], d_v,
                     q.device)  # fmt: skip
     with torch.no_grad():
-        return reference.sparse_mla_decode(q, kv_cache, indices, **kwargs)
+        return reference.sparse_mla_decode_impl(q, kv_cache, indices, **kwargs)
 
 
 def sparse_mla_bwd_impl(

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from dsa import autograd, cache, validation
+from dsa import autograd, validation
 from dsa.hardware import TILELANG, select_backend
 
 __all__ = ["index_scores", "index_topk", "index_topk_decode", "sparse_mla", "sparse_mla_decode", "topk_indices"]
@@ -169,14 +169,6 @@ def sparse_mla(
     return autograd.call_sparse_mla(q, kv, indices, sm_scale, d_v, topk_length, attn_sink, backend)
 
 
-def _fp8_row_bytes(d_qk: int, d_rope: int) -> int | None:
-    """Bytes of one FP8 cache row of ``d_qk`` values with ``d_rope`` RoPE values, ``None`` when no layout fits."""
-    try:
-        return cache.FP8Layout.for_width(d_qk, d_rope).bytes_per_token if 0 <= d_rope < d_qk else None
-    except ValueError:
-        return None
-
-
 def sparse_mla_decode(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -216,7 +208,7 @@ def sparse_mla_decode(
     backend = select_backend(q.device, q.dtype in validation.ATTENTION_KERNEL_DTYPES)
     validation.check_sparse_mla_decode(
         q, kv_cache, indices, sm_scale, d_v, topk_length, attn_sink, extra_kv_cache, extra_indices,
-        extra_topk_length, _fp8_row_bytes(q.shape[-1], int(d_rope)), kernel=backend == TILELANG,
+        extra_topk_length, validation.fp8_row_bytes(q.shape[-1], int(d_rope)), kernel=backend == TILELANG,
     )  # fmt: skip
     q, kv_cache, indices, topk_length, attn_sink, extra_kv_cache, extra_indices, extra_topk_length = _kernel_layout(
         backend, q, kv_cache, indices, topk_length, attn_sink, extra_kv_cache, extra_indices, extra_topk_length

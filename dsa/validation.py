@@ -252,31 +252,58 @@ def check_sparse_mla(
     if kv.dtype != q.dtype:
         raise TypeError(f"kv must have the same dtype as q ({q.dtype}), got {kv.dtype}")
     require_dtype("indices", indices, (INDEX_DTYPE,))
-    batch, seq, heads, d_qk = q.shape
+    batch, seq, _, d_qk = q.shape
     if kv.shape[0] != batch:
         raise ValueError(f"kv must have batch size {batch} like q, got shape {_shape(kv.shape)}")
     if kv.shape[2] != d_qk:
         raise ValueError(f"kv must have d_qk = {d_qk} columns like q, got shape {_shape(kv.shape)}")
     if indices.shape[0] != batch or indices.shape[1] != seq:
         raise ValueError(f"indices must have shape [B, S, k] with B = {batch}, S = {seq} like q, got {_shape(indices.shape)}")
-    require_scale("sm_scale", sm_scale)
-    d_v = require_positive_int("d_v", d_v)
-    if d_v > d_qk:
-        raise ValueError(f"d_v must be <= d_qk = {d_qk} (V is the first d_v columns of kv), got {d_v}")
+    _check_attention_args(q, sm_scale, d_v, attn_sink, "kv")
     if topk_length is not None:
         require_tensor("topk_length", topk_length)
         require_dtype("topk_length", topk_length, (INDEX_DTYPE,))
         require_shape("topk_length", topk_length, (batch, seq), "[B, S]")
+    require_same_device("q", q, kv=kv, indices=indices, topk_length=topk_length, attn_sink=attn_sink)
+
+
+def _check_attention_args(
+    q: torch.Tensor, sm_scale: object, d_v: object, attn_sink: torch.Tensor | None, rows: str
+) -> None:
+    """What ``sparse_mla`` and ``sparse_mla_decode`` share: ``sm_scale``, ``d_v <= d_qk`` (the value is the first
+    ``d_v`` columns of ``rows``) and ``attn_sink [H]`` float32 (float64 too for float64 q) on q's device."""
+    require_scale("sm_scale", sm_scale)
+    d_v = require_positive_int("d_v", d_v)
+    heads, d_qk = q.shape[2], q.shape[3]
+    if d_v > d_qk:
+        raise ValueError(f"d_v must be <= d_qk = {d_qk} (V is the first d_v columns of {rows}), got {d_v}")
     if attn_sink is not None:
         require_tensor("attn_sink", attn_sink)
         sink_dtypes = (torch.float32,) if q.dtype != torch.float64 else (torch.float32, torch.float64)
         require_dtype("attn_sink", attn_sink, sink_dtypes)
         require_shape("attn_sink", attn_sink, (heads,), "[H]")
-    require_same_device("q", q, kv=kv, indices=indices, topk_length=topk_length, attn_sink=attn_sink)
+        require_same_device("q", q, attn_sink=attn_sink)
+
+
+@names_op("sparse_mla_decode")
+def check_decode_attention_args(q: torch.Tensor, sm_scale: object, d_v: object, attn_sink: torch.Tensor | None) -> None:
+    """``q``'s dtype (the reference's), ``sm_scale``, ``d_v`` and ``attn_sink`` of ``dsa.reference.sparse_mla_decode``,
+    whose caches may hold another floating dtype than q (it checks their rows itself)."""
+    require_dtype("q", q, ATTENTION_REFERENCE_DTYPES)
+    _check_attention_args(q, sm_scale, d_v, attn_sink, "a cache row")
 
 
 FP8_CACHE_DTYPES = (torch.uint8, torch.int8, torch.float8_e4m3fn)
 """Dtypes an FP8 paged cache may arrive in: its bytes (FlashMLA passes them as uint8, int8 or float8_e4m3fn)."""
+
+
+def fp8_row_bytes(d_qk: int, d_rope: int) -> int | None:
+    """Bytes of one FP8 cache row of ``d_qk`` values with ``d_rope`` RoPE values (``dsa.kv_format.FP8Layout``),
+    ``None`` when no layout fits them (what :func:`check_sparse_mla_decode` takes)."""
+    try:
+        return kv_format.FP8Layout.for_width(d_qk, d_rope).bytes_per_token if 0 <= d_rope < d_qk else None
+    except ValueError:
+        return None
 
 
 def is_fp8_cache(kv_cache: torch.Tensor) -> bool:
@@ -372,17 +399,7 @@ def check_sparse_mla_decode(
         raise ValueError("extra_topk_length needs extra_kv_cache and extra_indices")
     if extra_kv_cache is not None:
         _check_decode_source("extra_", q, extra_kv_cache, extra_indices, extra_topk_length, fp8_row_bytes)
-    require_scale("sm_scale", sm_scale)
-    d_v = require_positive_int("d_v", d_v)
-    heads, d_qk = q.shape[2], q.shape[3]
-    if d_v > d_qk:
-        raise ValueError(f"d_v must be <= d_qk = {d_qk} (V is the first d_v columns of a cache row), got {d_v}")
-    if attn_sink is not None:
-        require_tensor("attn_sink", attn_sink)
-        sink_dtypes = (torch.float32,) if q.dtype != torch.float64 else (torch.float32, torch.float64)
-        require_dtype("attn_sink", attn_sink, sink_dtypes)
-        require_shape("attn_sink", attn_sink, (heads,), "[H]")
-        require_same_device("q", q, attn_sink=attn_sink)
+    _check_attention_args(q, sm_scale, d_v, attn_sink, "a cache row")
 
 
 @names_op("index_topk_decode")

@@ -414,7 +414,7 @@ def test_selection_switch_and_the_fallback_when_the_fused_buffers_do_not_fit(mon
     launches = count_launches(monkeypatch)
     fused = ops.index_topk(q, k, w, 16)
     assert (launches["index_topk"], launches["index_scores"]) == (1, 0), launches
-    monkeypatch.setattr(fused_launch, "fits", lambda q, topk, *, ranged: False)
+    monkeypatch.setattr(fused_launch, "plan", lambda q, seq_kv, topk, *, ranged: None)
     chunked = ops.index_topk(q, k, w, 16)
     assert (launches["index_topk"], launches["index_scores"], launches["topk_indices"]) == (1, 1, 1), launches
     assert _as_sets(fused) == _as_sets(chunked) == _as_sets(_full_selection(inputs, 16)[0])

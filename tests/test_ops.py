@@ -297,19 +297,25 @@ def _install_spies(monkeypatch: pytest.MonkeyPatch) -> dict[str, _Spy]:
                 q, kv, indices, sm_scale=sm_scale, d_v=d_v, topk_length=topk_length, attn_sink=attn_sink
             )
 
+    def fused(q, k, w, topk, *, planned, **kw):  # noqa: ANN001, ANN202
+        assert planned == _FUSED_PLAN  # the library runs the plan it made
+        return reference.index_topk(q, k, w, topk, **kw, return_scores=True)
+
     spies = {
         "index_scores": _Spy(lambda q, k, w, **kw: reference.index_scores(q, k, w, **kw)),
         "topk_indices": _Spy(reference.topk_indices),
-        "index_topk": _Spy(lambda q, k, w, topk, **kw: reference.index_topk(q, k, w, topk, **kw, return_scores=True)),
+        "index_topk": _Spy(fused),
         "sparse_mla_fwd": _Spy(fwd),
         "sparse_mla_bwd": _Spy(_reference_bwd),
     }
     for module, fn in LAUNCHERS.items():
-        # The fused selection's launcher also answers whether its buffers fit: here they always do.
-        extra = {"fits": lambda q, topk, *, ranged: True} if fn == "index_topk" else {}
+        # The fused selection's launcher also plans (None: its buffers do not fit): here they always do.
+        extra = {"plan": lambda q, seq_kv, topk, *, ranged: _FUSED_PLAN} if fn == "index_topk" else {}
         monkeypatch.setitem(sys.modules, module, types.SimpleNamespace(**{fn: spies[fn]}, **extra))
     return spies
 
+
+_FUSED_PLAN = "fused-plan"  # what the spy fused launcher's plan() returns
 
 LAUNCHERS = {
     "dsa.launch.indexer": "index_scores",

@@ -201,15 +201,24 @@ def test_split_counts_fill_the_gpu_without_tiny_splits(monkeypatch: pytest.Monke
     assert launch.num_splits(batch=1, s_q=1, heads=128, topk=2048, config=config, device=torch.device("cpu")) == 1
 
 
-def test_widths_the_cuda_kernels_cannot_take_are_refused_by_fits(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On sm_90a the kernels take 64-aligned widths only: the tiny config's 40-wide rows do not fit (the op then runs
+def test_widths_the_cuda_kernels_cannot_take_get_no_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On sm_90a the kernels take 64-aligned widths only: the tiny config's 40-wide rows get no plan (the op then runs
     the reference, so one model serves everywhere), V3.2's 576/512 do, for both cache formats."""
     monkeypatch.setattr(common, "target_for", lambda device: dsl.HOPPER_TARGET)
-    tiny_q = torch.zeros(1, 1, 4, CPU_D_QK, dtype=torch.bfloat16)
-    assert not launch.fits(tiny_q, CPU_D_V, [torch.zeros(1, 4, CPU_D_QK, dtype=torch.bfloat16)], CPU_D_ROPE)
-    v32_q = torch.zeros(1, 1, 128, V32["d_qk"], dtype=torch.bfloat16)
-    fp8_cache = torch.zeros(1, 4, cache.V32_FP8_LAYOUT.bytes_per_token, dtype=torch.uint8)
-    assert launch.fits(v32_q, V32["d_v"], [fp8_cache, torch.zeros(1, 4, V32["d_qk"], dtype=torch.bfloat16)], 64)
+    # Plans are cached per process: the faked target must neither see nor leave a plan of the real one.
+    common.clear_plans()
+    monkeypatch.setattr(common, "get_kernel", lambda builder, target, **params: (builder, params))  # no compile
+    try:
+        tiny_q = torch.zeros(1, 1, 4, CPU_D_QK, dtype=torch.bfloat16)
+        tiny_cache = torch.zeros(1, 4, CPU_D_QK, dtype=torch.bfloat16)
+        assert launch.plan(tiny_q, [tiny_cache], [8], d_v=CPU_D_V, d_rope=CPU_D_ROPE, has_sink=False) is None
+        v32_q = torch.zeros(1, 1, 128, V32["d_qk"], dtype=torch.bfloat16)
+        fp8_cache = torch.zeros(1, 4, cache.V32_FP8_LAYOUT.bytes_per_token, dtype=torch.uint8)
+        caches = [fp8_cache, torch.zeros(1, 4, V32["d_qk"], dtype=torch.bfloat16)]
+        planned = launch.plan(v32_q, caches, [2048, 128], d_v=V32["d_v"], d_rope=64, has_sink=True)
+        assert planned is not None and planned.layouts == (cache.V32_FP8_LAYOUT, None)
+    finally:
+        common.clear_plans()
 
 
 @pytest.mark.parametrize(

@@ -1,12 +1,23 @@
 """What every launcher shares: the compile target of a device, the choice of a kernel config, compiling through the
-kernel cache, and allocating outputs."""
+kernel cache, the plan cache, and allocating outputs.
+
+Plan once, run per call (FlashMLA's scheduler metadata, flashinfer's ``plan()``/``run()``): each launcher's
+``plan(...)`` decides everything that depends only on shapes, dtypes, the device and static parameters (the target,
+the config, the compiled kernels, split counts, placeholder tensors), or returns ``None`` where its kernels cannot
+take the problem; its ``run(plan, ...)`` allocates the outputs and launches. Plans live in a :class:`PlanCache` per
+launcher, keyed by those cheap facts, so every layer of a decode step (and every step after the first) reuses one
+plan: no target or config is chosen twice. A key also holds what the environment contributes (``DSA_PORTABLE`` and
+``DSA_CACHE_DIR`` on CUDA, ``DSA_CPU_COMPILE_FLAGS`` on the CPU) and :func:`dsa.hardware.cache_epoch`; a tuned config
+that this same process writes later is seen after :func:`clear_plans`.
+"""
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Callable, Hashable
 from types import ModuleType
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 
@@ -38,6 +49,67 @@ def target_for(device: torch.device) -> dsl.Target:
     return target
 
 
+PLAN_CACHE_SIZE = 256
+"""Plans kept per launcher (least recently used dropped first): a prefill sees a few shapes, a decode step one."""
+
+_Plan = TypeVar("_Plan")
+
+
+def plan_settings(device: torch.device) -> tuple[Hashable, ...]:
+    """What the environment adds to a plan's key on ``device`` (cheap reads; see the module docstring)."""
+    if device.type == "cpu":
+        return (hardware.cache_epoch(), env.cpu_compile_flags())
+    return (hardware.cache_epoch(), env.portable(), env.cache_dir())
+
+
+class PlanCache(Generic[_Plan]):
+    """One launcher's plans by key. ``made`` counts the plans built (each one a target and config choice)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.made = 0
+        self._plans: collections.OrderedDict[Hashable, _Plan | None] = collections.OrderedDict()
+        _PLAN_CACHES.append(self)
+
+    def get(self, device: torch.device, key: tuple[Hashable, ...], make: Callable[[], _Plan | None]) -> _Plan | None:
+        """The plan of ``key`` on ``device`` (``None`` included: "the kernels cannot take it" is remembered too),
+        built by ``make()`` on first use."""
+        full = (device, key, plan_settings(device))
+        try:
+            plan = self._plans[full]
+        except KeyError:
+            pass
+        except TypeError:  # an unhashable part (a caller's config with list fields): plan without remembering
+            self.made += 1
+            return make()
+        else:
+            self._plans.move_to_end(full)
+            return plan
+        plan = make()
+        self.made += 1
+        self._plans[full] = plan
+        if len(self._plans) > PLAN_CACHE_SIZE:
+            self._plans.popitem(last=False)
+        return plan
+
+    def clear(self) -> None:
+        self._plans.clear()
+
+
+_PLAN_CACHES: list[PlanCache[Any]] = []
+
+
+def clear_plans() -> None:
+    """Forget every launcher's plans (the next call of each shape plans again)."""
+    for plan_cache in _PLAN_CACHES:
+        plan_cache.clear()
+
+
+def placeholder(dtype: torch.dtype, device: torch.device, shape: tuple[int, ...] = (1,)) -> torch.Tensor:
+    """A zero tensor a kernel takes for an absent optional input and never reads (made once per plan)."""
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
 def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A tensor a kernel fully overwrites, uninitialised (the tests replace this one function to poison every
     launcher's outputs with NaN, so that an element a kernel forgot to write fails)."""
@@ -45,16 +117,22 @@ def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
 
 
 def select_config(
-    kernel_name: str, kernels: ModuleType, static: dict[str, Any], sizes: dict[str, int], device: torch.device
+    kernel_name: str,
+    kernels: ModuleType,
+    static: dict[str, Any],
+    sizes: dict[str, int],
+    device: torch.device,
+    target: dsl.Target | None = None,
 ) -> Any:
     """The tuned config of ``kernels`` (a ``tl_kernels`` module) for this launch, else its default config.
 
     ``static`` holds the kernel's static parameters (without the target); ``sizes`` the runtime sizes (``batch``,
     ``seq_len``, ``seq_len_kv``, ...). CPU launches are never tuned. :func:`autotune.lookup.select.config_for` returns a
     config already checked for this target, or ``None`` (then the default, which works for every shape). The portable
-    schedule on Hopper (``DSA_PORTABLE=1``) always runs its default.
+    schedule on Hopper (``DSA_PORTABLE=1``) always runs its default. ``target``: the plan's (default
+    :func:`target_for`).
     """
-    target = target_for(device)
+    target = target_for(device) if target is None else target
     # Tuned configs are stored per SKU for its own schedule: the portable schedule that DSA_PORTABLE=1 builds on
     # Hopper (a check of the kernels other GPUs run) runs its default, never a config tuned for sm_90a.
     if device.type == "cuda" and not (env.portable() and hardware.is_hopper(device)):
@@ -64,24 +142,27 @@ def select_config(
     return kernels.default_config({**static, "target": target})
 
 
-def checked_config(kernels: ModuleType, static: dict[str, Any], config: Any, device: torch.device) -> Any:
-    """``config`` (a caller's override) after the kernel module's ``check_config`` for this launch's target."""
-    kernels.check_config({**static, "target": target_for(device)}, config)
-    return config
-
-
 def launch_config(
-    kernel_name: str,
+    kernel_name: str | None,
     kernels: ModuleType,
     static: dict[str, Any],
     sizes: dict[str, int],
     device: torch.device,
+    target: dsl.Target,
     config: Any = None,
 ) -> Any:
-    """The config a launch runs: the caller's ``config`` after :func:`checked_config`, else :func:`select_config`."""
-    if config is None:
-        return select_config(kernel_name, kernels, static, sizes, device)
-    return checked_config(kernels, static, config, device)
+    """The config a plan runs: the caller's ``config`` after the kernel module's ``check_config`` for ``target``,
+    else :func:`select_config` (``kernel_name=None``: an untuned kernel, always its default config).
+
+    Raises:
+        ValueError: the caller's config does not suit ``target``, or (no config given) no config fits at all.
+    """
+    if config is not None:
+        kernels.check_config({**static, "target": target}, config)
+        return config
+    if kernel_name is None:
+        return kernels.default_config({**static, "target": target})
+    return select_config(kernel_name, kernels, static, sizes, device, target)
 
 
 def get_kernel(builder: Callable[..., Any], target: dsl.Target, **params: Hashable) -> Any:

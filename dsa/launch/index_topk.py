@@ -1,9 +1,13 @@
-"""Launcher of the fused selection kernel: picks the config, compiles through the cache, allocates and runs it.
+"""Launcher of the fused selection kernel: plan (target, config, compiled kernel) once per shape, run per call.
 
-Inputs are assumed validated (``dsa.validation.check_index_topk(..., kernel=True)``): the indexer's dtypes, shapes,
-contiguity and device rules, ``topk >= 1``. On CPU the kernel is TileLang's C-target build of
-``tl_kernels.index_topk``; on CUDA the build for the device's architecture. ``B``, ``S`` and ``S_kv`` are symbolic:
-one compiled kernel serves every length for the static parameters (heads, dim, dtype, mode, topk).
+Inputs are assumed validated (``dsa.validation.check_index_topk(..., kernel=True)``, or ``check_index_topk_decode``
+for the paged variant): the indexer's dtypes, shapes, contiguity and device rules, ``topk >= 1``. On CPU the kernel is
+TileLang's C-target build of ``tl_kernels.index_topk``; on CUDA the build for the device's architecture. ``B``, ``S``
+and ``S_kv`` are symbolic: one compiled kernel serves every length for the static parameters (heads, dim, dtype,
+mode, topk; the paged variant adds the page size and the FP8 scale column).
+
+:func:`plan` and :func:`plan_paged` return ``None`` where no config fits (the candidate buffers of a very large
+``topk`` exceed shared memory): the caller runs another path.
 """
 
 import dataclasses
@@ -11,16 +15,20 @@ from typing import Any
 
 import torch
 
+from dsa import kv_format
 from dsa.launch import common
 from dsa.launch import indexer as indexer_launch
 from tl_kernels import build as tl_build
 from tl_kernels import index_topk as kernels
 
-__all__ = ["KERNEL_NAME", "fits", "index_topk", "index_topk_paged", "paged_static_params", "static_params"]
+__all__ = [
+    "KERNEL_NAME", "Plan", "index_topk", "index_topk_paged", "paged_static_params", "plan", "plan_paged", "run",
+    "run_paged", "static_params",
+]  # fmt: skip
 
 KERNEL_NAME = "index_topk"
-_SCALE_BYTES = 4
 """Name of the kernel in the tuner, the config cache and the benchmark."""
+_SCALE_BYTES = 4  # a float32 scale
 
 
 def static_params(q: torch.Tensor, topk: int, *, ranged: bool) -> dict[str, Any]:
@@ -28,15 +36,73 @@ def static_params(q: torch.Tensor, topk: int, *, ranged: bool) -> dict[str, Any]
     return {**indexer_launch.static_params(q, ranged=ranged), "topk": int(topk)}
 
 
-def fits(q: torch.Tensor, topk: int, *, ranged: bool) -> bool:
-    """Whether the fused kernel has a config for these static parameters on ``q``'s device (its candidate buffers
-    must fit in shared memory: ``topk`` up to about 16K on Hopper)."""
-    static = static_params(q, topk, ranged=ranged)
+def paged_static_params(q: torch.Tensor, topk: int, *, page_size: int) -> dict[str, Any]:
+    """The static parameters of the paged (decode) variant: the ranged indexer's, ``topk``, the page size and, for
+    FP8 keys, the float32 column of a key row's scale (``dsa.kv_format.index_key_layout``: after its ``D_i`` bytes)."""
+    static = {**static_params(q, topk, ranged=True), "page_size": int(page_size)}
+    fp8 = q.dtype == torch.float8_e4m3fn
+    # The scale's column when a key row is viewed as float32 words.
+    static["scale_col"] = kv_format.index_key_layout(int(q.shape[-1])).scale_offset // _SCALE_BYTES if fp8 else 0
+    return static
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a fused selection of one shape runs: its target, config, compiled kernel and ``topk``."""
+
+    target: Any
+    config: kernels.Config
+    kernel: Any
+    topk: int
+
+
+_PLANS: common.PlanCache[Plan] = common.PlanCache(KERNEL_NAME)
+_PAGED_PLANS: common.PlanCache[Plan] = common.PlanCache(f"{KERNEL_NAME}_paged")
+
+
+def _make(
+    static: dict[str, Any], sizes: dict[str, int] | None, device: torch.device, config: kernels.Config | None
+) -> Plan | None:
+    """A plan for ``static`` (``sizes=None``: untuned, the default config), ``None`` where no default config fits."""
+    target = common.target_for(device)
     try:
-        kernels.default_config({**static, "target": common.target_for(q.device)})
+        name = KERNEL_NAME if sizes else None
+        chosen = common.launch_config(name, kernels, static, sizes or {}, device, target, config)
     except ValueError:
-        return False
-    return True
+        if config is not None:
+            raise  # a caller's config that does not suit the target is an error, not a fallback
+        return None
+    kernel = common.get_kernel(kernels.build, target, **static, **dataclasses.asdict(chosen))
+    return Plan(target, chosen, kernel, static["topk"])
+
+
+def plan(
+    q: torch.Tensor, seq_kv: int, topk: int, *, ranged: bool, config: kernels.Config | None = None
+) -> Plan | None:
+    """The plan of ``index_topk`` for ``q [B, S, H_i, D_i]`` against ``seq_kv`` keys, or ``None`` where no config
+    fits (``config`` overrides the selection: tests and the tuner)."""
+    batch, seq = q.shape[:2]
+    static = static_params(q, topk, ranged=ranged)
+    sizes = {"batch": batch, "seq_len": seq, "seq_len_kv": seq_kv}
+    return _PLANS.get(q.device, (tuple(q.shape), q.dtype, seq_kv, int(topk), ranged, config),
+                      lambda: _make(static, sizes, q.device, config))  # fmt: skip
+
+
+def run(
+    p: Plan,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    weights: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    starts: torch.Tensor | None,
+    ends: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(indices, scores)``, each ``[B, S, topk]``, under plan ``p``."""
+    shape = (q.shape[0], q.shape[1], p.topk)
+    indices = common.new_output(shape, torch.int32, q.device)
+    scores = common.new_output(shape, torch.float32, q.device)
+    p.kernel(*indexer_launch.kernel_inputs(q, k, weights, k_scale, starts, ends, p.target), indices, scores)
+    return indices, scores
 
 
 def index_topk(
@@ -49,43 +115,58 @@ def index_topk(
     starts: torch.Tensor | None = None,
     ends: torch.Tensor | None = None,
     config: kernels.Config | None = None,
+    planned: Plan | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``index_topk`` (contract: ``dsa.reference.index_topk``) by the fused kernel: no ``[B, S, S_kv]`` buffer.
 
     Args:
-        q (torch.Tensor): ``[B, S, H_i, D_i]``, bfloat16 or float8_e4m3fn.
-        k (torch.Tensor): ``[B, S_kv, D_i]``, the dtype of ``q``.
-        weights (torch.Tensor): ``[B, S, H_i]``, float32.
-        topk (int): entries per query, ``>= 1``.
-        k_scale (torch.Tensor | None): ``[B, S_kv]``, float32; given for FP8 inputs, None for bf16.
-        starts, ends (torch.Tensor | None): ``[B, S]``, int32, together: query ``t`` sees ``starts <= s < ends``;
-            omitted: causal, aligned bottom-right (``s <= t + S_kv - S``).
+        q, k, weights, k_scale, starts, ends, topk: as the contract says, laid out by the op (row-major).
         config (Config | None): overrides the config selection (tests and the tuner).
+        planned (Plan | None): the caller's plan (``dsa.library`` planned to learn whether the kernel fits); default
+            :func:`plan` (``ValueError`` where none fits).
 
     Returns:
-        indices (torch.Tensor): ``[B, S, topk]``, int32, a set per row, ``-1`` padding.
-        scores (torch.Tensor): ``[B, S, topk]``, float32, the index score at each index, ``-inf`` at padding.
+        indices ``[B, S, topk]`` int32 (``-1`` padding) and scores ``[B, S, topk]`` float32 (``-inf`` at padding).
     """
-    batch, seq = q.shape[:2]
-    seq_kv = k.shape[1]
-    device = q.device
-    target = common.target_for(device)
-    static = static_params(q, topk, ranged=starts is not None)
-    sizes = {"batch": batch, "seq_len": seq, "seq_len_kv": seq_kv}
-    config = common.launch_config(KERNEL_NAME, kernels, static, sizes, device, config)
-    kernel = common.get_kernel(kernels.build, target, **static, **dataclasses.asdict(config))
-    indices = common.new_output((batch, seq, static["topk"]), torch.int32, device)
-    scores = common.new_output((batch, seq, static["topk"]), torch.float32, device)
-    kernel(*indexer_launch.kernel_inputs(q, k, weights, k_scale, starts, ends, target), indices, scores)
+    p = planned or plan(q, k.shape[1], topk, ranged=starts is not None, config=config)
+    if p is None:
+        raise ValueError(f"index_topk: no fused config fits topk={topk} for q {tuple(q.shape)} on {q.device}")
+    return run(p, q, k, weights, k_scale, starts, ends)
+
+
+def plan_paged(
+    q: torch.Tensor, topk: int, *, page_size: int, config: kernels.Config | None = None
+) -> Plan | None:
+    """The plan of the paged variant for ``q [B, s_q, H_i, D_i]`` over pages of ``page_size`` keys, or ``None``
+    where no config fits. The paged variant is not tuned yet: its default config runs (``config`` overrides)."""
+    static = paged_static_params(q, topk, page_size=page_size)
+    key = (q.dtype, q.shape[2], q.shape[3], int(topk), int(page_size), config)
+    return _PAGED_PLANS.get(q.device, key, lambda: _make(static, None, q.device, config))
+
+
+def run_paged(
+    p: Plan,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    weights: torch.Tensor,
+    block_table: torch.Tensor,
+    ends: torch.Tensor,
+    starts: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(positions, scores)``, each ``[B, s_q, topk]``, under paged plan ``p``."""
+    rows = k_cache.view(-1, k_cache.shape[-1])
+    if starts is None:
+        starts = torch.zeros_like(ends)
+    if q.dtype == torch.float8_e4m3fn:
+        raw = rows.view(torch.uint8)
+        keys = [tl_build.to_kernel_arg(raw.view(torch.float8_e4m3fn), p.target), weights, raw.view(torch.float32)]
+    else:
+        keys = [tl_build.to_kernel_arg(rows, p.target), weights]
+    shape = (q.shape[0], q.shape[1], p.topk)
+    indices = common.new_output(shape, torch.int32, q.device)
+    scores = common.new_output(shape, torch.float32, q.device)
+    p.kernel(tl_build.to_kernel_arg(q, p.target), *keys, block_table, starts, ends, indices, scores)
     return indices, scores
-
-
-def paged_static_params(q: torch.Tensor, topk: int, *, page_size: int) -> dict[str, Any]:
-    """The static parameters of the paged (decode) variant: the ranged indexer's, ``topk``, the page size and, for
-    FP8 keys, the float32 column of a key row's scale (``dsa.cache.index_key_layout``: after its ``D_i`` bytes)."""
-    static = {**static_params(q, topk, ranged=True), "page_size": int(page_size)}
-    static["scale_col"] = int(q.shape[-1]) // _SCALE_BYTES if q.dtype == torch.float8_e4m3fn else 0
-    return static
 
 
 def index_topk_paged(
@@ -98,40 +179,20 @@ def index_topk_paged(
     ends: torch.Tensor,
     starts: torch.Tensor | None = None,
     config: kernels.Config | None = None,
+    planned: Plan | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``index_topk_decode`` (contract: ``dsa.reference.index_topk_decode``) by the fused kernel reading the keys
     through the block table.
 
     Args:
-        q (torch.Tensor): ``[B, s_q, H_i, D_i]``, bfloat16 or float8_e4m3fn.
-        k_cache (torch.Tensor): ``[num_pages, page_size, D_i]`` bfloat16, or ``[num_pages, page_size, D_i + 4]``
-            uint8 FP8 key rows for FP8 q.
-        weights (torch.Tensor): ``[B, s_q, H_i]``, float32.
-        block_table (torch.Tensor): ``[B, pages_per_sequence]``, int32.
-        ends, starts (torch.Tensor): ``[B, s_q]``, int32 (``starts`` default 0).
-        config (Config | None): overrides the default config (tests). The paged variant is not tuned yet.
+        q, k_cache, weights, topk, block_table, ends, starts: as the contract says, laid out by the op (row-major).
+        config (Config | None): overrides the default config (tests).
+        planned (Plan | None): the caller's plan; default :func:`plan_paged` (``ValueError`` where none fits).
 
     Returns:
         positions ``[B, s_q, topk]`` int32 (``-1`` padding) and their scores ``[B, s_q, topk]`` float32.
     """
-    batch, s_q = q.shape[:2]
-    device = q.device
-    target = common.target_for(device)
-    static = paged_static_params(q, topk, page_size=k_cache.shape[1])
-    if config is None:
-        config = kernels.default_config({**static, "target": target})
-    else:
-        config = common.checked_config(kernels, static, config, device)
-    kernel = common.get_kernel(kernels.build, target, **static, **dataclasses.asdict(config))
-    rows = k_cache.view(-1, k_cache.shape[-1])
-    if starts is None:
-        starts = torch.zeros_like(ends)
-    if q.dtype == torch.float8_e4m3fn:
-        raw = rows.view(torch.uint8)
-        keys = [tl_build.to_kernel_arg(raw.view(torch.float8_e4m3fn), target), weights, raw.view(torch.float32)]
-    else:
-        keys = [tl_build.to_kernel_arg(rows, target), weights]
-    indices = common.new_output((batch, s_q, static["topk"]), torch.int32, device)
-    scores = common.new_output((batch, s_q, static["topk"]), torch.float32, device)
-    kernel(tl_build.to_kernel_arg(q, target), *keys, block_table, starts, ends, indices, scores)
-    return indices, scores
+    p = planned or plan_paged(q, topk, page_size=k_cache.shape[1], config=config)
+    if p is None:
+        raise ValueError(f"index_topk_decode: no fused config fits topk={topk} for q {tuple(q.shape)} on {q.device}")
+    return run_paged(p, q, k_cache, weights, block_table, ends, starts)

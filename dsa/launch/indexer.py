@@ -1,4 +1,4 @@
-"""Launcher of the lightning indexer: picks the config, compiles through the cache, allocates and runs the kernel.
+"""Launcher of the lightning indexer: plan (target, config, compiled kernel) once per shape, run per call.
 
 Inputs are assumed validated (``dsa.validation.check_index_scores(..., kernel=True)``): right dtypes, shapes,
 contiguity, one device (CPU or CUDA), ``k_scale`` exactly for FP8, ``starts``/``ends`` together. On CPU the kernel is
@@ -14,7 +14,7 @@ from dsa.launch import common
 from tl_kernels import build as tl_build
 from tl_kernels import indexer as kernels
 
-__all__ = ["KERNEL_NAME", "index_scores", "kernel_inputs", "static_params"]
+__all__ = ["KERNEL_NAME", "Plan", "index_scores", "kernel_inputs", "plan", "run", "static_params"]
 
 KERNEL_NAME = "indexer"
 """Name of the kernel in the tuner, the config cache and the benchmark."""
@@ -32,6 +32,50 @@ def static_params(q: torch.Tensor, *, ranged: bool) -> dict[str, Any]:
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What an indexer launch of one shape runs: its target, config and compiled kernel."""
+
+    target: Any
+    config: kernels.Config
+    kernel: Any
+
+
+_PLANS: common.PlanCache[Plan] = common.PlanCache(KERNEL_NAME)
+
+
+def plan(q: torch.Tensor, seq_kv: int, *, ranged: bool, config: kernels.Config | None = None) -> Plan:
+    """The plan for ``q [B, S, H_i, D_i]`` against ``seq_kv`` keys (``ranged``: starts/ends given; ``config``
+    overrides the selection: tests and the tuner)."""
+    batch, seq = q.shape[:2]
+    device = q.device
+    static = static_params(q, ranged=ranged)
+
+    def make() -> Plan:
+        target = common.target_for(device)
+        sizes = {"batch": batch, "seq_len": seq, "seq_len_kv": seq_kv}
+        chosen = common.launch_config(KERNEL_NAME, kernels, static, sizes, device, target, config)
+        kernel = common.get_kernel(kernels.build, target, **static, **dataclasses.asdict(chosen))
+        return Plan(target, chosen, kernel)
+
+    return _PLANS.get(device, (tuple(q.shape), q.dtype, seq_kv, ranged, config), make)
+
+
+def run(
+    p: Plan,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    weights: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    starts: torch.Tensor | None,
+    ends: torch.Tensor | None,
+) -> torch.Tensor:
+    """``scores [B, S, S_kv]`` float32 under plan ``p`` (inputs as :func:`index_scores` takes them)."""
+    scores = common.new_output((q.shape[0], q.shape[1], k.shape[1]), torch.float32, q.device)
+    p.kernel(*kernel_inputs(q, k, weights, k_scale, starts, ends, p.target), scores)
+    return scores
+
+
 def index_scores(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -42,32 +86,17 @@ def index_scores(
     ends: torch.Tensor | None = None,
     config: kernels.Config | None = None,
 ) -> torch.Tensor:
-    """Lightning-indexer scores (contract: ``dsa.reference.index_scores``) computed by the TileLang kernel.
+    """``index_scores`` (contract: ``dsa.reference.index_scores``) on the kernel: :func:`run` of :func:`plan`.
 
     Args:
-        q (torch.Tensor): ``[B, S, H_i, D_i]``, bfloat16 or float8_e4m3fn.
-        k (torch.Tensor): ``[B, S_kv, D_i]``, the dtype of ``q``.
-        weights (torch.Tensor): ``[B, S, H_i]``, float32.
-        k_scale (torch.Tensor | None): ``[B, S_kv]``, float32; given for FP8 inputs, None for bf16 (scale 1).
-        starts, ends (torch.Tensor | None): ``[B, S]``, int32, together: query ``t`` sees ``starts <= s < ends``;
-            omitted: causal, aligned bottom-right (``s <= t + S_kv - S``).
+        q, k, weights, k_scale, starts, ends: as the contract says, laid out by the op (row-major).
         config (Config | None): overrides the config selection (tests and the tuner).
 
     Returns:
-        scores (torch.Tensor): ``[B, S, S_kv]``, float32; exactly ``-inf`` at invisible positions.
+        scores (torch.Tensor): ``[B, S, S_kv]``, float32.
     """
-    batch, seq, _, _ = q.shape
-    seq_kv = k.shape[1]
-    device = q.device
-    target = common.target_for(device)
-    static = static_params(q, ranged=starts is not None)
-    sizes = {"batch": batch, "seq_len": seq, "seq_len_kv": seq_kv}
-    config = common.launch_config(KERNEL_NAME, kernels, static, sizes, device, config)
-
-    kernel = common.get_kernel(kernels.build, target, **static, **dataclasses.asdict(config))
-    scores = common.new_output((batch, seq, seq_kv), torch.float32, device)
-    kernel(*kernel_inputs(q, k, weights, k_scale, starts, ends, target), scores)
-    return scores
+    p = plan(q, k.shape[1], ranged=starts is not None, config=config)
+    return run(p, q, k, weights, k_scale, starts, ends)
 
 
 def kernel_inputs(

@@ -1,9 +1,10 @@
-"""Launcher of the sparse MLA backward: picks the config, compiles through the cache, allocates and runs 3 kernels.
+"""Launcher of the sparse MLA backward: plan (target, config, 3 kernels) once per shape, run per call.
 
 Inputs are assumed validated (``dsa.validation``): right dtypes, shapes, contiguity, one device (CPU or CUDA).
 On CPU the kernels are TileLang's C-target build (bf16 travels as uint16 bits); on CUDA the sm_90a build.
 """
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -12,7 +13,7 @@ from dsa.launch import common
 from tl_kernels import build as tl_build
 from tl_kernels import sparse_mla_bwd as kernels
 
-__all__ = ["KERNEL_NAME", "padded_topk", "sparse_mla_bwd", "static_params"]
+__all__ = ["KERNEL_NAME", "Plan", "padded_topk", "plan", "run", "sparse_mla_bwd", "static_params"]
 
 KERNEL_NAME = "sparse_mla_bwd"
 """Name of the main kernel in the tuner, the config cache and the benchmark."""
@@ -39,6 +40,102 @@ def static_params(
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a backward launch of one shape runs: target, config, its three compiled kernels (preprocess, main,
+    postprocess), the main kernel's padded ``topk``, and placeholders of absent optional inputs (never read)."""
+
+    target: Any
+    config: kernels.Config
+    preprocess: Any
+    main: Any
+    postprocess: Any
+    topk: int
+    no_topk_length: torch.Tensor
+    no_sink: torch.Tensor
+
+
+_PLANS: common.PlanCache[Plan] = common.PlanCache(KERNEL_NAME)
+
+
+def plan(
+    q: torch.Tensor,
+    seq_kv: int,
+    k: int,
+    *,
+    d_v: int,
+    has_topk_length: bool,
+    has_sink: bool,
+    config: kernels.Config | None = None,
+) -> Plan:
+    """The plan for ``q [B, S, H, d_qk]`` over ``seq_kv`` rows and ``k`` indices per query (``config`` overrides the
+    selection: tests and the tuner)."""
+    batch, seq, heads, d_qk = q.shape
+    device = q.device
+
+    def make() -> Plan:
+        target = common.target_for(device)
+        static = static_params(
+            heads=heads, d_qk=d_qk, d_v=d_v, k=k, has_topk_length=has_topk_length, has_sink=has_sink
+        )
+        sizes = {"batch": batch, "seq_len": seq, "seq_len_kv": seq_kv}
+        chosen = common.launch_config(KERNEL_NAME, kernels, static, sizes, device, target, config)
+        return Plan(
+            target, chosen,
+            common.get_kernel(kernels.build_preprocess, target, d_v=d_v),
+            common.get_kernel(kernels.build, target, **static, **kernels.config_params(chosen)),
+            common.get_kernel(kernels.build_postprocess, target, d_qk=d_qk),
+            static["topk"], common.placeholder(torch.int32, device), common.placeholder(torch.float32, device),
+        )  # fmt: skip
+
+    return _PLANS.get(device, (tuple(q.shape), seq_kv, k, int(d_v), has_topk_length, has_sink, config), make)
+
+
+def run(
+    p: Plan,
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    d_out: torch.Tensor,
+    indices: torch.Tensor,
+    sm_scale: float,
+    topk_length: torch.Tensor | None,
+    attn_sink: torch.Tensor | None,
+    d_lse: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dq [B, S, H, d_qk], dkv [B, S_kv, d_qk])`` bfloat16 under plan ``p`` (inputs as :func:`sparse_mla_bwd`)."""
+    batch, seq, heads, d_qk = q.shape
+    seq_kv, k, d_v = kv.shape[1], indices.shape[-1], out.shape[-1]
+    device = q.device
+    if p.topk != k:
+        # Pad with invalid entries (-1): the kernel gives them probability 0 and never uses them as addresses.
+        pad = torch.full((batch, seq, p.topk - k), _INVALID_INDEX, dtype=indices.dtype, device=device)
+        indices = torch.cat([indices, pad], dim=-1)
+    indices = indices.contiguous()
+
+    def arg(t: torch.Tensor) -> torch.Tensor:
+        return tl_build.to_kernel_arg(t, p.target)
+
+    delta = common.new_output((batch, seq, heads), torch.float32, device)
+    p.preprocess(arg(out.reshape(-1, d_v)), arg(d_out.reshape(-1, d_v)), delta.view(-1))
+    topk_length_arg = p.no_topk_length if topk_length is None else topk_length.to(torch.int32).contiguous()
+    sink_arg = p.no_sink if attn_sink is None else attn_sink.to(torch.float32).contiguous()
+    if d_lse is not None:
+        d_lse_arg = d_lse.to(torch.float32).contiguous()
+    else:
+        d_lse_arg = torch.zeros((batch, seq, heads), dtype=torch.float32, device=device)
+    dq = common.new_output(tuple(q.shape), q.dtype, device)
+    dkv_acc = torch.zeros((batch, seq_kv, d_qk), dtype=torch.float32, device=device)
+    p.main(
+        arg(q), arg(kv), arg(d_out), indices, lse.contiguous(), delta, d_lse_arg, topk_length_arg, sink_arg,
+        float(sm_scale), arg(dq), dkv_acc,
+    )  # fmt: skip
+    dkv = common.new_output((batch, seq_kv, d_qk), kv.dtype, device)
+    p.postprocess(dkv_acc, arg(dkv))
+    return dq, dkv
+
+
 def sparse_mla_bwd(
     q: torch.Tensor,
     kv: torch.Tensor,
@@ -54,85 +151,19 @@ def sparse_mla_bwd(
     d_lse: torch.Tensor | None = None,
     config: kernels.Config | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of ``dsa.reference.sparse_mla`` with respect to ``q`` and ``kv``.
+    """Gradients of ``dsa.reference.sparse_mla`` with respect to ``q`` and ``kv``: :func:`run` of :func:`plan`.
 
     Args:
-        q (torch.Tensor): ``[B, S, H, d_qk]``, bfloat16.
-        kv (torch.Tensor): ``[B, S_kv, d_qk]``, bfloat16.
+        q, kv, indices, sm_scale, d_v, topk_length, attn_sink: the forward's inputs (bfloat16/int32/float32).
         out (torch.Tensor): ``[B, S, H, d_v]``, bfloat16, the forward's output.
-        lse (torch.Tensor): ``[B, S, H]``, float32, the forward's natural-log lse (``-inf`` for empty rows; the sink
-            excluded).
+        lse (torch.Tensor): ``[B, S, H]``, float32, the forward's natural-log lse (sink excluded).
         d_out (torch.Tensor): ``[B, S, H, d_v]``, bfloat16.
-        indices (torch.Tensor): ``[B, S, k]``, int32; invalid entries (out of range, or beyond ``topk_length``) are
-            skipped and never read.
-        sm_scale (float): the forward's softmax scale.
-        d_v (int): value width (``kv[..., :d_v]`` is the value).
-        topk_length (torch.Tensor | None): ``[B, S]``, int32.
-        attn_sink (torch.Tensor | None): ``[H]``, float32.
         d_lse (torch.Tensor | None): ``[B, S, H]``, float32, the gradient arriving through ``lse`` (None: zero).
         config (Config | None): overrides the config selection (tests and the tuner).
 
     Returns:
-        dq (torch.Tensor): ``[B, S, H, d_qk]``, bfloat16.
-        dkv (torch.Tensor): ``[B, S_kv, d_qk]``, bfloat16, summed over every query and duplicate that used a row.
+        dq ``[B, S, H, d_qk]`` and dkv ``[B, S_kv, d_qk]`` (bfloat16; dkv summed over every query and duplicate).
     """
-    batch, seq, heads, d_qk = q.shape
-    seq_kv = kv.shape[1]
-    k = indices.shape[-1]
-    device = q.device
-    target = common.target_for(device)
-    static = static_params(
-        heads=heads, d_qk=d_qk, d_v=d_v, k=k, has_topk_length=topk_length is not None, has_sink=attn_sink is not None
-    )
-    topk = static["topk"]
-    sizes = {"batch": batch, "seq_len": seq, "seq_len_kv": seq_kv}
-    config = common.launch_config(KERNEL_NAME, kernels, static, sizes, device, config)
-
-    if topk != k:
-        # Pad with invalid entries (-1): the kernel gives them probability 0 and never uses them as addresses.
-        pad = torch.full((batch, seq, topk - k), _INVALID_INDEX, dtype=indices.dtype, device=device)
-        indices = torch.cat([indices, pad], dim=-1)
-    indices = indices.contiguous()
-
-    preprocess = common.get_kernel(kernels.build_preprocess, target, d_v=d_v)
-    main = common.get_kernel(kernels.build, target, **static, **kernels.config_params(config))
-    postprocess = common.get_kernel(kernels.build_postprocess, target, d_qk=d_qk)
-
-    def arg(t: torch.Tensor) -> torch.Tensor:
-        return tl_build.to_kernel_arg(t, target)
-
-    delta = common.new_output((batch, seq, heads), torch.float32, device)
-    preprocess(arg(out.reshape(-1, d_v)), arg(d_out.reshape(-1, d_v)), delta.view(-1))
-
-    # Absent optional inputs travel as 1-element placeholders (the kernel never reads them).
-    if topk_length is not None:
-        topk_length_arg = topk_length.to(torch.int32).contiguous()
-    else:
-        topk_length_arg = torch.zeros(1, dtype=torch.int32, device=device)
-    if attn_sink is not None:
-        sink_arg = attn_sink.to(torch.float32).contiguous()
-    else:
-        sink_arg = torch.zeros(1, dtype=torch.float32, device=device)
-    if d_lse is not None:
-        d_lse_arg = d_lse.to(torch.float32).contiguous()
-    else:
-        d_lse_arg = torch.zeros((batch, seq, heads), dtype=torch.float32, device=device)
-    dq = common.new_output(tuple(q.shape), q.dtype, device)
-    dkv_acc = torch.zeros((batch, seq_kv, d_qk), dtype=torch.float32, device=device)
-    main(
-        arg(q),
-        arg(kv),
-        arg(d_out),
-        indices,
-        lse.contiguous(),
-        delta,
-        d_lse_arg,
-        topk_length_arg,
-        sink_arg,
-        float(sm_scale),
-        arg(dq),
-        dkv_acc,
-    )
-    dkv = common.new_output((batch, seq_kv, d_qk), kv.dtype, device)
-    postprocess(dkv_acc, arg(dkv))
-    return dq, dkv
+    p = plan(q, kv.shape[1], indices.shape[-1], d_v=d_v, has_topk_length=topk_length is not None,
+             has_sink=attn_sink is not None, config=config)  # fmt: skip
+    return run(p, q, kv, out, lse, d_out, indices, sm_scale, topk_length, attn_sink, d_lse)

@@ -3,7 +3,7 @@ attention kernel once per source (the cache, and the extra cache when given) int
 the combine kernel (``tl_kernels.sparse_mla_decode``).
 
 Inputs are assumed validated (``dsa.validation.check_sparse_mla_decode(..., kernel=True)``): bfloat16 ``q``, a
-bfloat16 cache or FP8 bytes in ``dsa.cache.FP8Layout.for_width(d_qk, d_rope)``, int32 indices/lengths, contiguous,
+bfloat16 cache or FP8 bytes in ``dsa.kv_format.FP8Layout.for_width(d_qk, d_rope)``, int32 indices/lengths, contiguous,
 on one CPU or CUDA device. On CPU the kernels are TileLang's C-target builds (serial loops), on CUDA the sm_90a builds
 (or the portable schedule elsewhere). The kernel is not tuned yet: it runs the forward kernel's default schedule.
 """
@@ -16,12 +16,15 @@ from typing import Any
 
 import torch
 
-from dsa import cache, validation
+from dsa import kv_format, validation
 from dsa.launch import common
 from tl_kernels import build as tl_build
 from tl_kernels import sparse_mla_decode as kernels
 
-__all__ = ["KERNEL_NAME", "MIN_STEPS_PER_SPLIT", "WAVES", "fits", "num_splits", "sparse_mla_decode", "static_params"]
+__all__ = [
+    "KERNEL_NAME", "MIN_STEPS_PER_SPLIT", "WAVES", "Plan", "num_splits", "plan", "run", "sparse_mla_decode",
+    "static_params",
+]  # fmt: skip
 
 KERNEL_NAME = "sparse_mla_decode"
 WAVES = 2
@@ -32,7 +35,7 @@ MIN_STEPS_PER_SPLIT = 2
 the final normalisation, one partial row of ``d_v`` float32 per head) outweighs its gather."""
 
 
-def static_params(*, heads: int, d_qk: int, d_v: int, fp8_layout: cache.FP8Layout | None) -> dict[str, Any]:
+def static_params(*, heads: int, d_qk: int, d_v: int, fp8_layout: kv_format.FP8Layout | None) -> dict[str, Any]:
     """The attention kernel's static parameters for a bf16 cache (``fp8_layout=None``) or an FP8 one."""
     if fp8_layout is None:
         return {"heads": heads, "d_qk": d_qk, "d_v": d_v, "kv_format": kernels.KV_FORMAT_BF16, "d_rope": 0, "tile": 1}
@@ -40,21 +43,6 @@ def static_params(*, heads: int, d_qk: int, d_v: int, fp8_layout: cache.FP8Layou
         "heads": heads, "d_qk": d_qk, "d_v": d_v, "kv_format": kernels.KV_FORMAT_FP8, "d_rope": fp8_layout.d_rope,
         "tile": fp8_layout.tile,
     }  # fmt: skip
-
-
-def fits(q: torch.Tensor, d_v: int, caches: list[torch.Tensor], d_rope: int) -> bool:
-    """Whether the kernels serve these widths on ``q``'s device: CUDA wants ``d_qk`` and ``d_v`` in whole 64-column
-    swizzle atoms (V3.2: 576/512), the C target takes any (the op runs the reference where this is False)."""
-    heads, d_qk = q.shape[2], q.shape[3]
-    target = common.target_for(q.device)
-    for kv_cache in caches:
-        layout = cache.FP8Layout.for_width(d_qk, d_rope) if validation.is_fp8_cache(kv_cache) else None
-        static = {**static_params(heads=heads, d_qk=d_qk, d_v=d_v, fp8_layout=layout), "target": target}
-        try:
-            kernels.check_config(static, kernels.default_config(static))
-        except ValueError:
-            return False
-    return True
 
 
 def num_splits(
@@ -81,7 +69,7 @@ def _lengths(topk_length: torch.Tensor | None, indices: torch.Tensor) -> torch.T
     return topk_length
 
 
-def _cache_args(kv_cache: torch.Tensor, layout: cache.FP8Layout | None, target: Any) -> tuple[torch.Tensor, ...]:
+def _cache_args(kv_cache: torch.Tensor, layout: kv_format.FP8Layout | None, target: Any) -> tuple[torch.Tensor, ...]:
     """The kernel's cache arguments: the bf16 rows as ``[num_slots, d_qk]``, or three views of the FP8 bytes (e4m3
     values, float32 scales, bf16 RoPE values; ``tl_kernels.sparse_mla_decode.fp8_views``). No copies."""
     rows = kv_cache.view(-1, kv_cache.shape[-1])
@@ -93,6 +81,125 @@ def _cache_args(kv_cache: torch.Tensor, layout: cache.FP8Layout | None, target: 
         raw.view(torch.float32),
         tl_build.to_kernel_arg(raw.view(torch.bfloat16), target),
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a decode call of one shape runs, FlashMLA's scheduler metadata in spirit: the target, the config, per
+    source (the cache, then the extra one) its FP8 layout (None: bf16 rows), attention kernel, split count and part
+    slice, the combine kernel, and the per-call constants (full-width lengths, the absent sink's placeholder)."""
+
+    target: Any
+    config: kernels.Config
+    layouts: tuple[kv_format.FP8Layout | None, ...]
+    attention: tuple[Any, ...]
+    parts: tuple[slice, ...]
+    combine: Any
+    d_v: int
+    full_lengths: tuple[torch.Tensor, ...]
+    no_sink: torch.Tensor
+
+    @property
+    def splits(self) -> tuple[int, ...]:
+        """The split count of each source."""
+        return tuple(part.stop - part.start for part in self.parts)
+
+
+_PLANS: common.PlanCache[Plan] = common.PlanCache(KERNEL_NAME)
+
+
+def plan(
+    q: torch.Tensor,
+    caches: list[torch.Tensor],
+    widths: list[int],
+    *,
+    d_v: int,
+    d_rope: int,
+    has_sink: bool,
+    config: kernels.Config | None = None,
+    splits: int | None = None,
+) -> Plan | None:
+    """The plan for ``q [B, s_q, H, d_qk]`` over ``caches`` (the cache, then the extra one; each bf16 rows or FP8
+    bytes) with ``widths`` index columns each; ``None`` where the kernels cannot take these widths on ``q``'s device
+    (CUDA wants ``d_qk`` and ``d_v`` in whole 64-column swizzle atoms, V3.2: 576/512; the C target takes any; the op
+    then runs the reference). ``config`` overrides the default schedule and ``splits`` the split count of every
+    source (tests)."""
+    batch, s_q, heads, d_qk = q.shape
+    device = q.device
+    fp8 = tuple(validation.is_fp8_cache(c) for c in caches)
+
+    def make() -> Plan | None:
+        target = common.target_for(device)
+        layouts = tuple(kv_format.FP8Layout.for_width(d_qk, d_rope) if f else None for f in fp8)
+        statics = [static_params(heads=heads, d_qk=d_qk, d_v=d_v, fp8_layout=layout) for layout in layouts]
+        # Each source may be bf16 or FP8 on its own: one attention kernel per cache format, one config for both (the
+        # formats share every constraint but the FP8 layout's).
+        try:
+            chosen = config or kernels.default_config({**statics[0], "target": target})
+            for static in statics:
+                kernels.check_config({**static, "target": target}, chosen)
+        except ValueError:
+            if config is not None:
+                raise  # a caller's config that does not suit the target is an error, not a fallback
+            return None
+        counts = [
+            splits or num_splits(batch=batch, s_q=s_q, heads=heads, topk=width, config=chosen, device=device)
+            for width in widths
+        ]
+        firsts = [sum(counts[:i]) for i in range(len(counts))]
+        params = dataclasses.asdict(chosen)
+        return Plan(
+            target, chosen, layouts,
+            tuple(common.get_kernel(kernels.build, target, **static, **params) for static in statics),
+            tuple(slice(first, first + count) for first, count in zip(firsts, counts, strict=True)),
+            common.get_kernel(kernels.build_combine, target, heads=heads, d_v=d_v, has_sink=has_sink),
+            int(d_v),
+            tuple(torch.full((batch, s_q), width, dtype=torch.int32, device=device) for width in widths),
+            common.placeholder(torch.float32, device),
+        )  # fmt: skip
+
+    key = (tuple(q.shape), fp8, tuple(widths), int(d_v), int(d_rope), has_sink, config, splits)
+    return _PLANS.get(device, key, make)
+
+
+def _lengths(topk_length: torch.Tensor | None, full: torch.Tensor) -> torch.Tensor:
+    """``[B, s_q]`` int32 row lengths: ``topk_length`` broadcast over the queries of a sequence, else ``full`` (the
+    plan's full-width lengths)."""
+    if topk_length is None:
+        return full
+    if topk_length.dim() == 1:
+        return topk_length.view(-1, 1).expand(full.shape).contiguous()
+    return topk_length
+
+
+def run(
+    p: Plan,
+    q: torch.Tensor,
+    sources: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+    sm_scale: float,
+    attn_sink: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out [B, s_q, H, d_v] bfloat16, lse [B, s_q, H] float32)`` under plan ``p``; ``sources``: ``(cache,
+    indices, topk_length)`` per source, in the plan's order."""
+    batch, s_q, heads, _ = q.shape
+    device = q.device
+    total = p.parts[-1].stop
+    # Every part is written by the attention kernel (an empty split writes 0 and -inf), so new_output suffices.
+    out_partial = common.new_output((total, batch, s_q, heads, p.d_v), torch.float32, device)
+    lse_partial = common.new_output((total, batch, s_q, heads), torch.float32, device)
+    q_arg = tl_build.to_kernel_arg(q, p.target)
+    for (source, idx, length), layout, attention, part, full in zip(
+        sources, p.layouts, p.attention, p.parts, p.full_lengths, strict=True
+    ):
+        attention(
+            q_arg, *_cache_args(source, layout, p.target), idx, _lengths(length, full), float(sm_scale),
+            out_partial[part], lse_partial[part],
+        )  # fmt: skip
+    out = common.new_output((batch, s_q, heads, p.d_v), torch.bfloat16, device)
+    lse = common.new_output((batch, s_q, heads), torch.float32, device)
+    p.combine(out_partial, lse_partial, p.no_sink if attn_sink is None else attn_sink,
+              tl_build.to_kernel_arg(out, p.target), lse)  # fmt: skip
+    return out, lse
 
 
 def sparse_mla_decode(
@@ -110,61 +217,31 @@ def sparse_mla_decode(
     d_rope: int = 64,
     config: kernels.Config | None = None,
     splits: int | None = None,
+    planned: Plan | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sparse MLA decoding (contract: ``dsa.reference.sparse_mla_decode``).
+    """``sparse_mla_decode`` (contract: ``dsa.reference.sparse_mla_decode``) on the kernels: :func:`run` of
+    :func:`plan`.
 
     Args:
-        q (torch.Tensor): ``[B, s_q, H, d_qk]``, bfloat16.
-        kv_cache (torch.Tensor): ``[num_pages, page_size, d_qk]`` bfloat16, or ``[num_pages, page_size, bytes]``
-            FP8-layout bytes (uint8/int8/float8_e4m3fn).
-        indices (torch.Tensor): ``[B, s_q, topk]``, int32 slots.
-        sm_scale (float), d_v (int), d_rope (int): as in ``dsa.ops.sparse_mla_decode``.
-        topk_length (torch.Tensor | None): ``[B]`` or ``[B, s_q]``, int32.
-        attn_sink (torch.Tensor | None): ``[H]``, float32.
-        extra_kv_cache, extra_indices, extra_topk_length: the second source (same conventions and cache format).
+        q, kv_cache, indices, sm_scale, d_v, topk_length, attn_sink, extra_*, d_rope: as the contract says, laid out
+            by the op (row-major); a cache is bf16 rows or FP8-layout bytes (uint8/int8/float8_e4m3fn).
         config (Config | None): overrides the default schedule (tests).
         splits (int | None): overrides the split count of every source (tests; default :func:`num_splits`).
+        planned (Plan | None): the caller's plan (``dsa.library`` planned to learn whether the kernels take the
+            widths); default :func:`plan` (``ValueError`` where they do not).
 
     Returns:
-        out ``[B, s_q, H, d_v]`` bfloat16 and lse ``[B, s_q, H]`` float32 (natural log, the sink excluded; ``-inf``
-        and ``out = 0`` for a query with nothing valid).
+        out ``[B, s_q, H, d_v]`` bfloat16 and lse ``[B, s_q, H]`` float32.
     """
-    batch, s_q, heads, d_qk = q.shape
-    device = q.device
-    target = common.target_for(device)
     sources = [(kv_cache, indices, topk_length)]
     if extra_kv_cache is not None:
         sources.append((extra_kv_cache, extra_indices, extra_topk_length))
-    # Each source may be bf16 or FP8 on its own: one attention kernel per cache format, one config for both (the
-    # formats share every constraint but the FP8 layout's).
-    layouts = [cache.FP8Layout.for_width(d_qk, d_rope) if validation.is_fp8_cache(c) else None for c, _, _ in sources]
-    statics = [static_params(heads=heads, d_qk=d_qk, d_v=d_v, fp8_layout=layout) for layout in layouts]
-    if config is None:
-        config = kernels.default_config({**statics[0], "target": target})
-    for static in statics:
-        common.checked_config(kernels, static, config, device)
-    counts = [
-        splits or num_splits(batch=batch, s_q=s_q, heads=heads, topk=idx.shape[-1], config=config, device=device)
-        for _, idx, _ in sources
-    ]
-    # Every part is written by the attention kernel (an empty split writes 0 and -inf), so new_output suffices.
-    out_partial = common.new_output((sum(counts), batch, s_q, heads, d_v), torch.float32, device)
-    lse_partial = common.new_output((sum(counts), batch, s_q, heads), torch.float32, device)
-    q_arg = tl_build.to_kernel_arg(q, target)
-    first = 0
-    for (source, idx, length), layout, static, count in zip(sources, layouts, statics, counts, strict=True):
-        attention = common.get_kernel(kernels.build, target, **static, **dataclasses.asdict(config))
-        part = slice(first, first + count)
-        attention(
-            q_arg, *_cache_args(source, layout, target), idx, _lengths(length, idx), float(sm_scale),
-            out_partial[part], lse_partial[part],
+    p = planned
+    if p is None:
+        p = plan(
+            q, [c for c, _, _ in sources], [i.shape[-1] for _, i, _ in sources], d_v=d_v, d_rope=d_rope,
+            has_sink=attn_sink is not None, config=config, splits=splits,
         )  # fmt: skip
-        first += count
-
-    combine = common.get_kernel(kernels.build_combine, target, heads=heads, d_v=d_v, has_sink=attn_sink is not None)
-    if attn_sink is None:
-        attn_sink = torch.zeros((1,), dtype=torch.float32, device=device)
-    out = common.new_output((batch, s_q, heads, d_v), torch.bfloat16, device)
-    lse = common.new_output((batch, s_q, heads), torch.float32, device)
-    combine(out_partial, lse_partial, attn_sink, tl_build.to_kernel_arg(out, target), lse)
-    return out, lse
+        if p is None:
+            raise ValueError(f"sparse_mla_decode: no kernel for d_qk={q.shape[-1]}, d_v={d_v} on {q.device}")
+    return run(p, q, sources, sm_scale, attn_sink)

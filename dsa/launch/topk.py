@@ -1,4 +1,4 @@
-"""Launcher of the top-k selector: picks the config, compiles through the cache, allocates and runs the kernel.
+"""Launcher of the top-k selector: plan (target, config, compiled kernel) once per shape, run per call.
 
 Inputs are assumed validated (``dsa.validation.check_topk_indices(..., kernel=True)``): ``scores [B, S, S_kv]``
 float32, contiguous, non-empty, on CPU or CUDA, and ``k >= 1``. On CPU the kernel is TileLang's C-target build of
@@ -14,7 +14,7 @@ import torch
 from dsa.launch import common
 from tl_kernels import topk as kernels
 
-__all__ = ["KERNEL_NAME", "static_params", "topk_indices"]
+__all__ = ["KERNEL_NAME", "Plan", "plan", "run", "static_params", "topk_indices"]
 
 KERNEL_NAME = "topk"
 """Name of the kernel in the tuner, the config cache and the benchmark."""
@@ -25,8 +25,43 @@ def static_params(k: int) -> dict[str, Any]:
     return {"k": int(k)}
 
 
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a top-k launch of one shape runs: the config and its compiled kernel for ``k``."""
+
+    k: int
+    config: kernels.Config
+    kernel: Any
+
+
+_PLANS: common.PlanCache[Plan] = common.PlanCache(KERNEL_NAME)
+
+
+def plan(scores: torch.Tensor, k: int, *, config: kernels.Config | None = None) -> Plan:
+    """The plan for ``scores [B, S, S_kv]`` float32 and ``k`` (``config`` overrides the selection: tests, tuner)."""
+    batch, seq, seq_kv = scores.shape
+    device = scores.device
+    static = static_params(k)
+
+    def make() -> Plan:
+        target = common.target_for(device)
+        sizes = {"batch": batch, "seq_len": seq, "seq_len_kv": seq_kv}
+        chosen = common.launch_config(KERNEL_NAME, kernels, static, sizes, device, target, config)
+        kernel = common.get_kernel(kernels.build, target, **static, **dataclasses.asdict(chosen))
+        return Plan(static["k"], chosen, kernel)
+
+    return _PLANS.get(device, (batch, seq, seq_kv, static["k"], config), make)
+
+
+def run(p: Plan, scores: torch.Tensor) -> torch.Tensor:
+    """``indices [B, S, k]`` int32 of ``scores`` under plan ``p`` (a set per row, ``-1`` padding)."""
+    indices = common.new_output((*scores.shape[:2], p.k), torch.int32, scores.device)
+    p.kernel(scores, indices)
+    return indices
+
+
 def topk_indices(scores: torch.Tensor, k: int, *, config: kernels.Config | None = None) -> torch.Tensor:
-    """Positions of the ``k`` largest finite scores per row (contract: ``dsa.reference.topk_indices``).
+    """``topk_indices`` (contract: ``dsa.reference.topk_indices``) on the kernel: :func:`run` of :func:`plan`.
 
     Args:
         scores (torch.Tensor): ``[B, S, S_kv]``, float32, contiguous, CPU or CUDA.
@@ -34,15 +69,6 @@ def topk_indices(scores: torch.Tensor, k: int, *, config: kernels.Config | None 
         config (Config | None): overrides the config selection (tests and the tuner).
 
     Returns:
-        indices (torch.Tensor): ``[B, S, k]``, int32, on the device of ``scores``: a set per row (order unspecified),
-        ``-1`` padding when a row has fewer than ``k`` finite scores.
+        indices (torch.Tensor): ``[B, S, k]``, int32.
     """
-    batch, seq, seq_kv = scores.shape
-    device = scores.device
-    static = static_params(k)
-    sizes = {"batch": batch, "seq_len": seq, "seq_len_kv": seq_kv}
-    config = common.launch_config(KERNEL_NAME, kernels, static, sizes, device, config)
-    kernel = common.get_kernel(kernels.build, common.target_for(device), **static, **dataclasses.asdict(config))
-    indices = common.new_output((batch, seq, static["k"]), torch.int32, device)
-    kernel(scores, indices)
-    return indices
+    return run(plan(scores, k, config=config), scores)

@@ -182,19 +182,14 @@ class DSAttention(nn.Module):
             raise ValueError(
                 f"DSAttention.forward_cached: the cache holds {cache.kv.block_table.shape[0]} sequences, x has {batch}"
             )
-        device = x.device
-        if lengths is None:
-            lengths = torch.full((batch,), n, dtype=torch.int64, device=device)
-        lengths = lengths.to(device=device, dtype=torch.int64)
-        offsets = torch.arange(n, device=device).view(1, n)
-        positions = cache.seq_lens.to(device=device, dtype=torch.int64).view(batch, 1) + offsets
-        cos, sin = rope_cos_sin_at(self.inv_freq, positions)
+        # Positions, lengths and visible ranges are the same for every layer of a step: computed once, by the first
+        # layer (or ModelCache.begin_step), and read by the rest.
+        step = cache.step(n, lengths, x.device)
+        cos, sin = rope_cos_sin_at(self.inv_freq, step.positions)
         q, kv, q_lora = self.latent_qkv(x, cos, sin)
         proj = self.indexer.project(x, q_lora, cos, sin)
-        cache.append(kv.detach(), proj.k, proj.k_scale, lengths)
-        real = offsets < lengths.view(batch, 1)
+        cache.append(kv.detach(), proj.k, proj.k_scale, step.lengths)
         # A padding query sees nothing (ends = starts = 0): no top-k, output 0.
-        ends = torch.where(real, positions + 1, 0).to(torch.int32)
-        selected = cache.select(proj.q, proj.weights, config.index_topk, torch.zeros_like(ends), ends)
+        selected = cache.select(proj.q, proj.weights, config.index_topk, step.starts, step.ends)
         latent_out = cache.attend(q, selected, sm_scale=config.sm_scale, d_v=config.kv_lora_rank)
         return self._output(latent_out)

@@ -18,7 +18,7 @@ Every public name (and the ``*_impl`` entry points ``dsa.ops`` calls after valid
 from __future__ import annotations
 
 from dsa.reference.common import CHUNK_ELEMENTS, INVALID_INDEX, OptTensor, compute_dtype, valid_index_mask
-from dsa.reference.decode import index_topk_decode, sparse_mla_decode
+from dsa.reference.decode import index_topk_decode, index_topk_decode_impl, sparse_mla_decode, sparse_mla_decode_impl
 from dsa.reference.dense import dense_masked_attention
 from dsa.reference.indexer import index_scores, index_scores_impl, visibility_mask
 from dsa.reference.mla import sparse_mla, sparse_mla_backward, sparse_mla_impl
@@ -37,6 +37,7 @@ from dsa.reference.topk import (
 __all__ = [
     "CHUNK_ELEMENTS", "INVALID_INDEX", "KEY_BLOCK", "OptTensor", "SELECT_CHUNK_ELEMENTS", "compute_dtype",
     "dense_masked_attention", "gather_scores", "index_scores", "index_scores_impl", "index_topk", "index_topk_decode",
-    "index_topk_impl", "select_topk", "selected_scores", "sparse_mla", "sparse_mla_backward", "sparse_mla_decode",
-    "sparse_mla_impl", "topk_indices", "topk_indices_impl", "valid_index_mask", "visibility_mask",
+    "index_topk_decode_impl", "index_topk_impl", "select_topk", "selected_scores", "sparse_mla", "sparse_mla_backward",
+    "sparse_mla_decode", "sparse_mla_decode_impl", "sparse_mla_impl", "topk_indices", "topk_indices_impl",
+    "valid_index_mask", "visibility_mask",
 ]

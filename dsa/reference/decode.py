@@ -8,9 +8,9 @@ from torch import Tensor
 
 from dsa import kv_format, validation
 from dsa.reference.common import INVALID_INDEX, OptTensor, _chunk_rows, compute_dtype
-from dsa.reference.indexer import index_scores
-from dsa.reference.mla import sparse_mla
-from dsa.reference.topk import topk_indices
+from dsa.reference.indexer import index_scores_impl
+from dsa.reference.mla import sparse_mla_impl
+from dsa.reference.topk import topk_indices_impl
 
 
 def _cache_layout(kv_cache: Tensor, width: int, d_rope: int, name: str) -> kv_format.FP8Layout | None:
@@ -124,14 +124,44 @@ def sparse_mla_decode(
         )
     if (extra_kv_cache is None) != (extra_indices is None):
         raise ValueError("sparse_mla_decode: extra_kv_cache and extra_indices go together")
+    width = q.shape[-1]
+    for name, c in (("kv_cache", kv_cache), ("extra_kv_cache", extra_kv_cache)):
+        if c is not None:
+            _cache_layout(c, width, d_rope, name)
+    validation.check_decode_attention_args(q, sm_scale, d_v, attn_sink)
+    return sparse_mla_decode_impl(
+        q, kv_cache, indices, sm_scale=float(sm_scale), d_v=int(d_v), topk_length=topk_length, attn_sink=attn_sink,
+        extra_kv_cache=extra_kv_cache, extra_indices=extra_indices, extra_topk_length=extra_topk_length,
+        d_rope=int(d_rope),
+    )  # fmt: skip
+
+
+def sparse_mla_decode_impl(
+    q: Tensor,
+    kv_cache: Tensor,
+    indices: Tensor,
+    *,
+    sm_scale: float,
+    d_v: int,
+    topk_length: OptTensor,
+    attn_sink: OptTensor,
+    extra_kv_cache: OptTensor,
+    extra_indices: OptTensor,
+    extra_topk_length: OptTensor,
+    d_rope: int,
+) -> tuple[Tensor, Tensor]:
+    """:func:`sparse_mla_decode` without validation, for callers that validated the inputs already (``dsa.ops``)."""
     batch, s_q, heads, width = q.shape
     n = batch * s_q
+
+    def layout(c: Tensor) -> kv_format.FP8Layout | None:
+        return kv_format.FP8Layout.for_width(width, d_rope) if validation.is_fp8_cache(c) else None
+
     # One decode query is one row of every source: [B * s_q, topk] slots and [B * s_q] lengths.
-    sources = [(kv_cache, _cache_layout(kv_cache, width, d_rope, "kv_cache"), indices.reshape(n, -1),
-                _per_query_lengths(topk_length, n))]  # fmt: skip
+    sources = [(kv_cache, layout(kv_cache), indices.reshape(n, -1), _per_query_lengths(topk_length, n))]
     if extra_kv_cache is not None:
-        layout = _cache_layout(extra_kv_cache, width, d_rope, "extra_kv_cache")
-        sources.append((extra_kv_cache, layout, extra_indices.reshape(n, -1), _per_query_lengths(extra_topk_length, n)))
+        sources.append((extra_kv_cache, layout(extra_kv_cache), extra_indices.reshape(n, -1),
+                        _per_query_lengths(extra_topk_length, n)))  # fmt: skip
     entries = sum(s[2].shape[-1] for s in sources)
     q_rows = q.reshape(n, 1, heads, width)
     out = torch.empty((n, 1, heads, d_v), dtype=q.dtype, device=q.device)
@@ -146,7 +176,7 @@ def sparse_mla_decode(
         # Each query attends to its own gathered rows: position j of its row, -1 where the entry was invalid.
         local = torch.arange(entries, device=q.device).to(torch.int32).expand(valid.shape)
         local = torch.where(valid, local, INVALID_INDEX).unsqueeze(1)
-        out[r], lse[r] = sparse_mla(q_rows[r], rows, local, sm_scale=sm_scale, d_v=d_v, attn_sink=attn_sink)
+        out[r], lse[r] = sparse_mla_impl(q_rows[r], rows, local, sm_scale, d_v, None, attn_sink)
     return out.view(batch, s_q, heads, d_v), lse.view(batch, s_q, heads)
 
 
@@ -184,6 +214,16 @@ def index_topk_decode(
         per row, ``-1`` padding, ties to the smaller position; with ``return_scores`` also their scores (float32,
         ``-inf`` at padding): :func:`index_topk` over the keys gathered through the block table.
     """
+    validation.check_index_topk_decode(q, k_cache, weights, topk, block_table, ends, starts)
+    indices, scores = index_topk_decode_impl(q, k_cache, weights, int(topk), block_table, ends, starts)
+    return (indices, scores) if return_scores else indices
+
+
+def index_topk_decode_impl(
+    q: Tensor, k_cache: Tensor, weights: Tensor, topk: int, block_table: Tensor, ends: Tensor, starts: OptTensor
+) -> tuple[Tensor, Tensor]:
+    """:func:`index_topk_decode` without validation (for callers that validated the inputs already, ``dsa.ops``):
+    ``(positions, scores)``, each ``[B, s_q, topk]``."""
     batch = q.shape[0]
     page_size = k_cache.shape[1]
     # Keys at or past every query's end are invisible: read positions up to the largest end only, so the cost follows
@@ -203,10 +243,8 @@ def index_topk_decode(
         k = rows
     if starts is None:
         starts = torch.zeros_like(ends)
-    scores = index_scores(q, k, weights, k_scale=k_scale, starts=starts, ends=ends)
+    scores = index_scores_impl(q, k, weights, k_scale, starts, ends)
     scores = scores.masked_fill((slots < 0).unsqueeze(1), float("-inf"))
-    indices = topk_indices(scores, topk)
-    if not return_scores:
-        return indices
+    indices = topk_indices_impl(scores, topk)
     picked = scores.gather(-1, indices.clamp_min(0).long()).masked_fill(indices < 0, float("-inf"))
     return indices, picked

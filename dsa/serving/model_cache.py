@@ -11,13 +11,16 @@ One :class:`LayerCache` per layer holds two ``dsa.serving.cache.PagedKVCache``s 
   and FP8 caches.
 
 Positions: token ``i`` of a call lands at position ``seq_lens[b] + i`` of its sequence; prefill (``s_q`` = prompt
-length), chunked prefill and decode (``s_q = 1``) are the same call. Nothing here runs at import.
+length), chunked prefill and decode (``s_q = 1``) are the same call. What a step's tokens share across layers (their
+positions, real-token mask, the indexer's visible ranges) is a :class:`Step`, computed once per step
+(:meth:`ModelCache.begin_step`, or by the first layer that asks, :meth:`LayerCache.step`) and read by every layer.
+Nothing here runs at import.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,6 +30,7 @@ from dsa.serving.cache import PagedKVCache
 __all__ = [
     "LayerCache",
     "ModelCache",
+    "Step",
     "compact_rows",
     "mask_runs",
     "packed_ranges",
@@ -87,6 +91,55 @@ def select_from_cache(
     )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class Step:
+    """What the ``n`` new tokens of one call share across every layer, computed once per step from ``seq_lens``
+    before any layer appends.
+
+    Attributes:
+        n (int): new tokens per sequence (columns of the call).
+        positions (torch.Tensor): ``[B, n]`` int64: token ``i`` of sequence ``b`` sits at ``seq_lens[b] + i``.
+        lengths (torch.Tensor): ``[B]`` int64: real tokens per sequence (``n`` unless a right-padded chunk).
+        starts (torch.Tensor): ``[B, n]`` int32 zeros, ends ``[B, n]`` int32 ``position + 1`` for a real token and 0
+            for padding (a padding query sees nothing): the indexer's visible ranges.
+        ends (torch.Tensor): see ``starts``.
+        lengths_arg (object): the ``lengths`` the step was begun with (a later call with other lengths is another
+            step).
+        appends (int): how many appends each layer had made when the step began (host-side: a layer that has
+            appended since is in a later step).
+    """
+
+    n: int
+    positions: torch.Tensor
+    lengths: torch.Tensor
+    starts: torch.Tensor
+    ends: torch.Tensor
+    lengths_arg: object
+    appends: int
+
+    @classmethod
+    def begin(
+        cls, seq_lens: torch.Tensor, n: int, lengths: torch.Tensor | None, device: torch.device, appends: int
+    ) -> Step:
+        """The step of ``n`` new tokens after ``seq_lens [B]`` (``lengths [B]`` real ones, default all): tensor ops on
+        ``device`` only, no host sync."""
+        batch = seq_lens.shape[0]
+        real_lengths = torch.full((batch,), n, dtype=torch.int64, device=device) if lengths is None else lengths
+        real_lengths = real_lengths.to(device=device, dtype=torch.int64)
+        offsets = torch.arange(n, device=device).view(1, n)
+        positions = seq_lens.to(device=device, dtype=torch.int64).view(batch, 1) + offsets
+        real = offsets < real_lengths.view(batch, 1)
+        ends = torch.where(real, positions + 1, 0).to(torch.int32)
+        return cls(n, positions, real_lengths, torch.zeros_like(ends), ends, lengths, appends)
+
+
+@dataclass
+class _StepSlot:
+    """The step the layers of one model share (one slot per ``ModelCache``; a lone ``LayerCache`` has its own)."""
+
+    step: Step | None = None
+
+
 @dataclass
 class LayerCache:
     """One layer's caches (see the module docstring).
@@ -97,6 +150,7 @@ class LayerCache:
         index_fp8 (bool): whether ``index`` holds packed FP8 keys.
         index_dim (int): ``index_head_dim``.
         d_rope (int): the RoPE width of the latent rows (for the FP8 layout).
+        appends (int): calls of :meth:`append` so far (host-side; which step this layer is at).
     """
 
     kv: PagedKVCache
@@ -104,6 +158,21 @@ class LayerCache:
     index_fp8: bool
     index_dim: int
     d_rope: int
+    appends: int = 0
+    shared: _StepSlot = field(default_factory=_StepSlot, repr=False)
+
+    def step(self, n: int, lengths: torch.Tensor | None, device: torch.device) -> Step:
+        """The :class:`Step` of this layer's next ``n`` tokens: the one the model's layers share when it was begun
+        (by :meth:`ModelCache.begin_step` or an earlier layer) at this layer's point with the same ``n`` and
+        ``lengths``, else a new one, shared with the layers after it."""
+        step = self.shared.step
+        if (
+            step is None or step.appends != self.appends or step.n != n or step.lengths_arg is not lengths
+            or step.positions.device != device
+        ):  # fmt: skip
+            step = Step.begin(self.seq_lens, n, lengths, device, self.appends)
+            self.shared.step = step
+        return step
 
     @property
     def seq_lens(self) -> torch.Tensor:
@@ -121,6 +190,7 @@ class LayerCache:
                 f"{'missing' if k_scale is None else 'given'}"
             )
         self.kv.append(kv, lengths)
+        self.appends += 1
         if k_scale is not None:
             self.index.append_rows(kv_format.pack_index_keys_fp8(k, k_scale), lengths)
         else:
@@ -199,6 +269,7 @@ class ModelCache:
         self.max_seq_len = max_seq_len
         index_dtype: CacheDtype = "fp8" if index_fp8 else _index_key_dtype(dtype)
         geometry = {"page_size": page_size, "device": device}
+        shared = _StepSlot()  # every layer reads the step the first one begins
         self.layers = [
             LayerCache(
                 kv=PagedKVCache(batch_size, max_seq_len, latent_dim, dtype=dtype, d_rope=d_rope, **geometry),
@@ -207,6 +278,7 @@ class ModelCache:
                 index_fp8=index_fp8,
                 index_dim=index_dim,
                 d_rope=d_rope,
+                shared=shared,
             )
             for _ in range(n_layers)
         ]
@@ -219,6 +291,16 @@ class ModelCache:
     def seq_lens(self) -> torch.Tensor:
         """``[B]`` int32: tokens held per sequence (every layer holds the same)."""
         return self.layers[0].seq_lens
+
+    def begin_step(self, n: int, lengths: torch.Tensor | None = None, device: torch.device | None = None) -> Step:
+        """Compute the positions, real-token mask and indexer ranges of the next ``n`` tokens once, for every layer
+        (``lengths [B]``: real tokens per sequence, default ``n``; ``device``: the activations', default the
+        cache's). A layer's ``forward_cached`` of the same ``n`` and ``lengths`` reads it; a layer that finds no step
+        begun at its point begins one itself (:meth:`LayerCache.step`), so calling this is optional."""
+        first = self.layers[0]
+        step = Step.begin(first.seq_lens, n, lengths, device or first.seq_lens.device, first.appends)
+        first.shared.step = step
+        return step
 
     @property
     def batch_size(self) -> int:
