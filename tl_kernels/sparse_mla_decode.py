@@ -270,38 +270,31 @@ def build(
             if h0 + h < heads:
                 LsePartial[z, b, s, h0 + h] = row_sum[h]
 
-    if not fp8:
+    # The bf16 cache is one tensor (KV); the FP8 one three views of the same bytes (KVFp8, KVScale, KVRope).
+    def main(
+        Q=None, KV=None, KVFp8=None, KVScale=None, KVRope=None, Indices=None, TopkLength=None, sm_scale=None,
+        OutPartial=None, LsePartial=None,
+    ):  # fmt: skip
+        with T.Kernel(seq_q * head_blocks, batch, splits, threads=threads) as (bx, by, bz):
+            attend(
+                Q, KVFp8 if fp8 else KV, KVScale if fp8 else KV, KVRope if fp8 else KV, Indices, TopkLength, sm_scale,
+                OutPartial, LsePartial, bx, by, bz,
+            )  # fmt: skip
 
-        @T.prim_func
-        def main(
-            Q: T.Tensor([batch, seq_q, heads, d_qk], data_storage),  # type: ignore[valid-type]
-            KV: T.Tensor([num_slots, d_qk], data_storage),  # type: ignore[valid-type]
-            Indices: T.Tensor([batch, seq_q, width], INDEX_DTYPE),  # type: ignore[valid-type]
-            TopkLength: T.Tensor([batch, seq_q], INDEX_DTYPE),  # type: ignore[valid-type]
-            sm_scale: T.float32,
-            OutPartial: T.Tensor([splits, batch, seq_q, heads, d_v], ACCUM_DTYPE),  # type: ignore[valid-type]
-            LsePartial: T.Tensor([splits, batch, seq_q, heads], ACCUM_DTYPE),  # type: ignore[valid-type]
-        ):
-            with T.Kernel(seq_q * head_blocks, batch, splits, threads=threads) as (bx, by, bz):
-                attend(Q, KV, KV, KV, Indices, TopkLength, sm_scale, OutPartial, LsePartial, bx, by, bz)
-
-    else:
-
-        @T.prim_func
-        def main(
-            Q: T.Tensor([batch, seq_q, heads, d_qk], data_storage),  # type: ignore[valid-type]
-            KVFp8: T.Tensor([num_slots, row_bytes], fp8_storage),  # type: ignore[valid-type]
-            KVScale: T.Tensor([num_slots, row_bytes // SCALE_BYTES], ACCUM_DTYPE),  # type: ignore[valid-type]
-            KVRope: T.Tensor([num_slots, row_bytes // ROPE_BYTES], data_storage),  # type: ignore[valid-type]
-            Indices: T.Tensor([batch, seq_q, width], INDEX_DTYPE),  # type: ignore[valid-type]
-            TopkLength: T.Tensor([batch, seq_q], INDEX_DTYPE),  # type: ignore[valid-type]
-            sm_scale: T.float32,
-            OutPartial: T.Tensor([splits, batch, seq_q, heads, d_v], ACCUM_DTYPE),  # type: ignore[valid-type]
-            LsePartial: T.Tensor([splits, batch, seq_q, heads], ACCUM_DTYPE),  # type: ignore[valid-type]
-        ):
-            with T.Kernel(seq_q * head_blocks, batch, splits, threads=threads) as (bx, by, bz):
-                attend(Q, KVFp8, KVScale, KVRope, Indices, TopkLength, sm_scale, OutPartial, LsePartial, bx, by, bz)
-
+    main = dsl.prim_func(
+        main,
+        "main",
+        Q=T.Tensor([batch, seq_q, heads, d_qk], data_storage),
+        KV=None if fp8 else T.Tensor([num_slots, d_qk], data_storage),
+        KVFp8=T.Tensor([num_slots, row_bytes], fp8_storage) if fp8 else None,
+        KVScale=T.Tensor([num_slots, row_bytes // SCALE_BYTES], ACCUM_DTYPE) if fp8 else None,
+        KVRope=T.Tensor([num_slots, row_bytes // ROPE_BYTES], data_storage) if fp8 else None,
+        Indices=T.Tensor([batch, seq_q, width], INDEX_DTYPE),
+        TopkLength=T.Tensor([batch, seq_q], INDEX_DTYPE),
+        sm_scale=T.float32,
+        OutPartial=T.Tensor([splits, batch, seq_q, heads, d_v], ACCUM_DTYPE),
+        LsePartial=T.Tensor([splits, batch, seq_q, heads], ACCUM_DTYPE),
+    )
     return dsl.with_target_pass_configs(main, target, CUDA_PASS_CONFIGS)
 
 
