@@ -3,6 +3,7 @@ with their static reports logged, and running the repository's scripts in a subp
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import multiprocessing
@@ -14,6 +15,8 @@ from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from autotune import tuner
 from autotune.lookup import space
@@ -85,6 +88,36 @@ def prebuild_hopper(builds: Sequence[tuple[Callable[..., Any], dict[str, Any]]])
     logger.info("prebuilt %d sm_90a kernels on %d processes in %.1f s", len(jobs), workers, time.perf_counter() - start)
     for failure in failures:
         logger.warning("prebuild failed (the test will compile again and report it): %s", failure)
+
+
+Build = tuple[Callable[..., Any], dict[str, Any]]
+"""``(builder, params)``: one sm_90a compile."""
+
+
+def config_builds(builder: Callable[..., Any], cases: Sequence[tuple[dict[str, Any], Any]]) -> list[Build]:
+    """``builder`` at each ``(static, config)`` case: the static parameters plus the config's fields."""
+    return [(builder, {**static, **dataclasses.asdict(config)}) for static, config in cases]
+
+
+def prebuilt_fixture(builds: Callable[[], Sequence[Build]], doc: str = "") -> Any:
+    """A module's ``hopper_prebuilt`` fixture (module scope): ``builds()`` compiled in parallel first
+    (:func:`prebuild_hopper`), so that the module's build tests load them from TileLang's disk cache. Assign it to
+    ``hopper_prebuilt`` in the module and mark the build tests ``usefixtures("hopper_prebuilt")``."""
+
+    @pytest.fixture(scope="module", name="hopper_prebuilt")
+    def hopper_prebuilt() -> None:
+        prebuild_hopper(builds())
+
+    hopper_prebuilt.__doc__ = doc or "This module's sm_90a builds compiled in parallel first (``prebuild_hopper``)."
+    return hopper_prebuilt
+
+
+def hopper_build_case(
+    name: str, builder: Callable[..., Any], case: tuple[dict[str, Any], Any]
+) -> tuple[Any, tl_build.StaticReport]:
+    """:func:`hopper_build` of ``builder`` at one ``(static, config)`` case."""
+    static, config = case
+    return hopper_build(name, builder, **static, **dataclasses.asdict(config))
 
 
 def hopper_build(name: str, builder: Callable[..., Any], **params: Hashable) -> tuple[Any, tl_build.StaticReport]:

@@ -277,11 +277,11 @@ def _paged_builds() -> list[tuple[Any, dict[str, Any]]]:
     return builds
 
 
-@pytest.fixture(scope="module")
-def hopper_prebuilt() -> None:
-    """Both paged kernels of the GPU tier compiled in parallel first (the build tier needs only the FP8 one: CI does
-    not pay for the bf16 build)."""
-    support.prebuild_hopper(_paged_builds())
+hopper_prebuilt = support.prebuilt_fixture(
+    _paged_builds,
+    "Both paged kernels of the GPU tier compiled in parallel first (the build tier needs only the FP8 one: CI does not "
+    "pay for the bf16 build).",
+)
 
 
 @pytest.mark.build

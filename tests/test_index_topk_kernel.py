@@ -301,10 +301,7 @@ def _build_id(item: tuple[dict[str, Any], kernels.Config]) -> str:
     return f"{static['dtype']}_{static['mode']}_q{config.q_rows}_n{config.block_N}_f{config.cand_factor}"
 
 
-@pytest.fixture(scope="module")
-def hopper_prebuilt() -> None:
-    """This module's sm_90a builds compiled in parallel first (``support.prebuild_hopper``)."""
-    support.prebuild_hopper([(kernels.build, {**s, **dataclasses.asdict(c)}) for s, c in HOPPER_BUILDS])
+hopper_prebuilt = support.prebuilt_fixture(lambda: support.config_builds(kernels.build, HOPPER_BUILDS))
 
 
 @pytest.mark.build
@@ -314,7 +311,7 @@ def test_hopper_build_is_clean(item: tuple[dict[str, Any], kernels.Config]) -> N
     """No spills, every GEMM a wgmma, shared memory within the estimate, int64 addressing, and the selection's
     counters bound from atomics that return the previous value."""
     static, config = item
-    kernel, report = support.hopper_build(_build_id(item), kernels.build, **static, **dataclasses.asdict(config))
+    kernel, report = support.hopper_build_case(_build_id(item), kernels.build, item)
     assert report.problems() == [] and set(report.mma) == {"wgmma"}, report.ptxas_log
     assert report.smem_bytes <= kernels.smem_bytes(static, config) + 1024, (report.smem_bytes, config)
     source = kernel.get_kernel_source()

@@ -311,14 +311,10 @@ def test_default_config_fits_hopper(heads: int, dim: int, dtype: str) -> None:
 
 def hopper_build(item: tuple[dict[str, Any], kernels.Config]) -> tuple[Any, tl_build.StaticReport]:
     """One V3.2 indexer config compiled for sm_90a (once per session)."""
-    static, config = item
-    return support.hopper_build(_build_id(item), kernels.build, **static, **dataclasses.asdict(config))
+    return support.hopper_build_case(_build_id(item), kernels.build, item)
 
 
-@pytest.fixture(scope="module")
-def hopper_prebuilt() -> None:
-    """This module's sm_90a builds compiled in parallel first (``support.prebuild_hopper``)."""
-    support.prebuild_hopper([(kernels.build, {**static, **dataclasses.asdict(config)}) for static, config in HOPPER_BUILDS])
+hopper_prebuilt = support.prebuilt_fixture(lambda: support.config_builds(kernels.build, HOPPER_BUILDS))
 
 
 @pytest.mark.build

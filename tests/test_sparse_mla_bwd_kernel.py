@@ -466,11 +466,10 @@ HELPER_BUILDS: list[tuple[str, Any, dict[str, int]]] = [
 ]
 
 
-@pytest.fixture(scope="module")
-def hopper_prebuilt() -> None:
-    """This module's sm_90a builds compiled in parallel first (``support.prebuild_hopper``)."""
-    main = [(kernels.build, {**V32_STATIC, **kernels.config_params(c)}) for c in HOPPER_CONFIGS]
-    support.prebuild_hopper(main + [(builder, params) for _, builder, params in HELPER_BUILDS])
+hopper_prebuilt = support.prebuilt_fixture(
+    lambda: [(kernels.build, {**V32_STATIC, **kernels.config_params(c)}) for c in HOPPER_CONFIGS]
+    + [(builder, params) for _, builder, params in HELPER_BUILDS]
+)
 
 
 @pytest.mark.build

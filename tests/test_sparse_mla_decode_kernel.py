@@ -426,10 +426,10 @@ V32_BUILDS: tuple[tuple[Any, dict[str, Any]], ...] = (
 )
 
 
-@pytest.fixture(scope="module")
-def hopper_prebuilt() -> None:
-    """The V3.2 builds compiled in parallel first: the build tier's, which are also the GPU tier's kernels."""
-    support.prebuild_hopper(list(V32_BUILDS))
+hopper_prebuilt = support.prebuilt_fixture(
+    lambda: list(V32_BUILDS),
+    "The V3.2 builds compiled in parallel first: the build tier's, which are also the GPU tier's kernels.",
+)
 
 
 @pytest.mark.build

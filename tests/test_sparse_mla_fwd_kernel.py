@@ -522,10 +522,7 @@ def _case_id(case: tuple[dict[str, Any], kernels.Config]) -> str:
     return f"h{static['heads']}-{flags}-" + "-".join(f"{k}{v}" for k, v in dataclasses.asdict(config).items())
 
 
-@pytest.fixture(scope="module")
-def hopper_prebuilt() -> None:
-    """This module's sm_90a builds compiled in parallel first (``support.prebuild_hopper``)."""
-    support.prebuild_hopper([(kernels.build, {**static, **dataclasses.asdict(config)}) for static, config in V32_BUILD_CASES])
+hopper_prebuilt = support.prebuilt_fixture(lambda: support.config_builds(kernels.build, V32_BUILD_CASES))
 
 
 @pytest.mark.build
@@ -535,10 +532,7 @@ def test_hopper_build_is_clean(case: tuple[dict[str, Any], kernels.Config]) -> N
     """At V3.2 shapes: every GEMM a wgmma, no register spills, shared memory within 227 KB, an asynchronous gather
     (and, for the ws schedule, per-warpgroup register budgets and mbarrier hand-offs). A clean build says nothing about
     the ws kernel's barriers being right: that is the GPU tier's job."""
-    static, config = case
-    kernel, report = support.hopper_build(
-        f"sparse_mla_fwd {_case_id(case)}", kernels.build, **static, **dataclasses.asdict(config)
-    )
+    kernel, report = support.hopper_build_case(f"sparse_mla_fwd {_case_id(case)}", kernels.build, case)
     assert not report.problems(mma=tl_build.MMA_WGMMA), report.problems(mma=tl_build.MMA_WGMMA)
     source = kernel.get_kernel_source()
     assert "cp_async" in source, "the KV gather is not asynchronous"

@@ -297,10 +297,9 @@ def _build_id(item: tuple[int, kernels.Config]) -> str:
     return f"k{k}_t{config.threads}_c{config.cand_capacity}"
 
 
-@pytest.fixture(scope="module")
-def hopper_prebuilt() -> None:
-    """This module's sm_90a builds compiled in parallel first (``support.prebuild_hopper``)."""
-    support.prebuild_hopper([(kernels.build, {"k": k, **dataclasses.asdict(config)}) for k, config in HOPPER_BUILDS])
+hopper_prebuilt = support.prebuilt_fixture(
+    lambda: support.config_builds(kernels.build, [({"k": k}, config) for k, config in HOPPER_BUILDS])
+)
 
 
 @pytest.mark.build
