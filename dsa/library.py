@@ -33,6 +33,7 @@ import sys
 from types import ModuleType
 
 import torch
+from torch import Tensor
 
 from dsa import env, reference, selection, validation
 from dsa.hardware import TILELANG
@@ -45,7 +46,7 @@ _LAUNCH_SPARSE_MLA_FWD = "dsa.launch.sparse_mla_fwd"
 _LAUNCH_SPARSE_MLA_BWD = "dsa.launch.sparse_mla_bwd"
 _LAUNCH_SPARSE_MLA_DECODE = "dsa.launch.sparse_mla_decode"
 
-OptTensor = torch.Tensor | None
+OptTensor = Tensor | None
 logger = logging.getLogger(__name__)
 
 # Bound the index_scores backward's largest intermediate ([B, rows, H_i, S_kv] float32) like the reference does.
@@ -67,14 +68,8 @@ def launcher(name: str) -> ModuleType:
 
 
 def index_scores_impl(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    weights: torch.Tensor,
-    k_scale: torch.Tensor | None,
-    starts: torch.Tensor | None,
-    ends: torch.Tensor | None,
-    backend: str,
-) -> torch.Tensor:
+    q: Tensor, k: Tensor, weights: Tensor, k_scale: OptTensor, starts: OptTensor, ends: OptTensor, backend: str
+) -> Tensor:
     """Forward of ``index_scores`` (contract in ``dsa.reference.index_scores``): scores ``[B, S, S_kv]`` float32."""
     if backend == TILELANG:
         return launcher(_LAUNCH_INDEXER).index_scores(q, k, weights, k_scale=k_scale, starts=starts, ends=ends)
@@ -170,14 +165,8 @@ def index_topk_impl(
 
 
 def unfused_index_topk(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    weights: torch.Tensor,
-    k_scale: torch.Tensor | None,
-    starts: torch.Tensor | None,
-    ends: torch.Tensor | None,
-    topk: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    q: Tensor, k: Tensor, weights: Tensor, k_scale: OptTensor, starts: OptTensor, ends: OptTensor, topk: int
+) -> tuple[Tensor, Tensor]:
     """``index_topk`` through the indexer and top-k kernels, one chunk of query rows at a time under the memory budget
     (``dsa.selection``): what ``DSA_SELECTION=unfused`` runs, and the benchmark's ``chunked`` provider."""
     return selection.chunked_index_topk(
@@ -189,14 +178,8 @@ def unfused_index_topk(
 
 
 def index_topk_bwd_impl(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    weights: torch.Tensor,
-    k_scale: torch.Tensor | None,
-    indices: torch.Tensor,
-    d_scores: torch.Tensor,
-    need_qk: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q: Tensor, k: Tensor, weights: Tensor, k_scale: OptTensor, indices: Tensor, d_scores: Tensor, need_qk: bool
+) -> tuple[Tensor, Tensor, Tensor]:
     """Backward of ``index_topk``'s scores by recomputation at the selected keys, chunked over queries.
 
     The formula of ``index_scores_bwd_impl`` restricted to the gathered keys ``k[indices]``: with ``G = d_scores *
@@ -424,9 +407,8 @@ _LIB.impl("sparse_mla_decode", sparse_mla_decode_impl, _COMPOSITE)
 
 @torch.library.register_fake("dsa::index_scores")
 def _index_scores_fake(
-    q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, k_scale: OptTensor, starts: OptTensor, ends: OptTensor,
-    backend: str,
-) -> torch.Tensor:
+    q: Tensor, k: Tensor, weights: Tensor, k_scale: OptTensor, starts: OptTensor, ends: OptTensor, backend: str
+) -> Tensor:
     return q.new_empty((q.shape[0], q.shape[1], k.shape[1]), dtype=compute_dtype(q.dtype))
 
 
@@ -461,9 +443,8 @@ def _index_topk_fake(
 
 @torch.library.register_fake("dsa::index_topk_bwd")
 def _index_topk_bwd_fake(
-    q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, k_scale: OptTensor, indices: torch.Tensor,
-    d_scores: torch.Tensor, need_qk: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q: Tensor, k: Tensor, weights: Tensor, k_scale: OptTensor, indices: Tensor, d_scores: Tensor, need_qk: bool
+) -> tuple[Tensor, Tensor, Tensor]:
     return _indexer_grads_fake(q, k, weights, need_qk)
 
 

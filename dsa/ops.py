@@ -59,19 +59,9 @@ def index_scores(
     starts: torch.Tensor | None = None,
     ends: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Lightning-indexer scores of every key position for every query (contract: ``dsa.reference.index_scores``).
-
-    Args:
-        q (torch.Tensor): ``[B, S, H_i, D_i]``, bfloat16 or float8_e4m3fn (float32/float64 run the reference).
-        k (torch.Tensor): ``[B, S_kv, D_i]``, the dtype of ``q``.
-        weights (torch.Tensor): ``[B, S, H_i]``, float32 (V3.2 folds the q scale, ``H_i**-0.5``, ``D_i**-0.5`` in).
-        k_scale (torch.Tensor | None): ``[B, S_kv]``, float32, FP8 only.
-        starts, ends (torch.Tensor | None): ``[B, S]``, int32, together; default causal (bottom-right aligned).
-
-    Returns:
-        scores (torch.Tensor): ``[B, S, S_kv]``, float32; exactly ``-inf`` where invisible. Differentiable in
-        ``weights`` and (floating inputs) ``q``, ``k``.
-    """
+    """``index_scores`` (contract: ``dsa.reference.index_scores``): ``scores [B, S, S_kv]`` float32, ``-inf`` where
+    invisible. The kernels take bfloat16 and float8_e4m3fn ``q``/``k``; float32/float64 run the reference.
+    Differentiable in ``weights`` and (floating inputs) ``q``, ``k``."""
     backend = select_backend(q.device, q.dtype in validation.INDEXER_KERNEL_DTYPES)
     validation.check_index_scores(q, k, weights, k_scale, starts, ends, kernel=backend == TILELANG)
     q, k, weights, k_scale, starts, ends = _kernel_layout(backend, q, k, weights, k_scale, starts, ends)
@@ -81,16 +71,8 @@ def index_scores(
 
 
 def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Positions of the ``k`` largest finite scores per row (contract: ``dsa.reference.topk_indices``).
-
-    Args:
-        scores (torch.Tensor): ``[B, S, S_kv]``, float32 (float64 runs the reference).
-        k (int): ``>= 1``; may exceed ``S_kv``.
-
-    Returns:
-        indices (torch.Tensor): ``[B, S, k]``, int32, a set per row (order unspecified), ``-1`` padding when a row
-        has fewer than ``k`` finite scores. Not differentiable.
-    """
+    """``topk_indices`` (contract: ``dsa.reference.topk_indices``): ``indices [B, S, k]`` int32, a set per row,
+    ``-1`` padding. The kernels take float32 scores; float64 runs the reference. Not differentiable."""
     backend = select_backend(scores.device, scores.dtype == torch.float32)
     validation.check_topk_indices(scores, k, kernel=backend == TILELANG)
     (scores,) = _kernel_layout(backend, scores.detach())
@@ -108,21 +90,13 @@ def index_topk(
     ends: torch.Tensor | None = None,
     return_scores: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """The indexer's top-k selection without the ``[B, S, S_kv]`` scores (contract: ``dsa.reference.index_topk``).
+    """``index_topk`` (contract: ``dsa.reference.index_topk``): ``indices [B, S, topk]`` int32 (and with
+    ``return_scores`` their scores, differentiable in ``weights`` and floating ``q``/``k``), never an ``[B, S, S_kv]``
+    buffer.
 
-    Equal to ``topk_indices(index_scores(q, k, weights, ...), topk)``, ties included (the smaller position wins). The
-    kernels run one chunk of query rows at a time, holding at most ``DSA_INDEXER_MEMORY_BYTES`` of scores (default a
-    quarter of free GPU memory, 1 GiB on CPU); the reference walks query and key blocks of bounded size.
-
-    Args:
-        q, k, weights, k_scale, starts, ends: as in :func:`index_scores`.
-        topk (int): ``>= 1``; may exceed ``S_kv``.
-        return_scores (bool): also return the selected positions' scores.
-
-    Returns:
-        indices (torch.Tensor): ``[B, S, topk]``, int32, a set per row, ``-1`` padding. Not differentiable.
-        scores (torch.Tensor, with ``return_scores``): ``[B, S, topk]``, float32 (float64 for float64 inputs), ``-inf``
-        at padding; differentiable in ``weights`` and (floating inputs) ``q``, ``k``.
+    On the kernels the fused selection runs where its candidate buffers fit (``DSA_SELECTION=fused``, the default),
+    else the indexer and top-k kernels one chunk of query rows at a time, holding at most
+    ``DSA_INDEXER_MEMORY_BYTES`` of scores (default a quarter of free GPU memory, 1 GiB on CPU).
     """
     backend = select_backend(q.device, q.dtype in validation.INDEXER_KERNEL_DTYPES)
     validation.check_index_topk(q, k, weights, topk, k_scale, starts, ends, kernel=backend == TILELANG)
@@ -144,22 +118,9 @@ def sparse_mla(
     topk_length: torch.Tensor | None = None,
     attn_sink: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sparse MLA attention over the selected key positions (contract: ``dsa.reference.sparse_mla``).
-
-    Args:
-        q (torch.Tensor): ``[B, S, H, d_qk]``, bfloat16 (float32/float64 run the reference).
-        kv (torch.Tensor): ``[B, S_kv, d_qk]``, the dtype of ``q``; the value is ``kv[..., :d_v]``.
-        indices (torch.Tensor): ``[B, S, k]``, int32; entries outside ``[0, S_kv)`` or past ``topk_length`` ignored.
-        sm_scale (float): softmax scale (V3.2: ``192**-0.5 * mscale**2``).
-        d_v (int): value width, ``<= d_qk``.
-        topk_length (torch.Tensor | None): ``[B, S]``, int32.
-        attn_sink (torch.Tensor | None): ``[H]``, float32.
-
-    Returns:
-        out (torch.Tensor): ``[B, S, H, d_v]``, q's dtype; 0 for a query with no valid index.
-        lse (torch.Tensor): ``[B, S, H]``, float32, natural log, sink excluded; ``-inf`` for a query with no valid
-        index. Both outputs are differentiable (in ``q``, ``kv`` and ``attn_sink``): a loss may use ``lse``.
-    """
+    """``sparse_mla`` (contract: ``dsa.reference.sparse_mla``): ``(out [B, S, H, d_v] in q's dtype, lse [B, S, H]
+    float32)``, both differentiable in ``q``, ``kv`` and ``attn_sink``. The kernels take bfloat16; float32/float64
+    run the reference."""
     backend = select_backend(q.device, q.dtype in validation.ATTENTION_KERNEL_DTYPES)
     validation.check_sparse_mla(q, kv, indices, sm_scale, d_v, topk_length, attn_sink, kernel=backend == TILELANG)
     q, kv, indices, topk_length, attn_sink = _kernel_layout(backend, q, kv, indices, topk_length, attn_sink)
@@ -183,27 +144,13 @@ def sparse_mla_decode(
     extra_topk_length: torch.Tensor | None = None,
     d_rope: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sparse MLA for decoding over paged caches (contract: ``dsa.reference.sparse_mla_decode``). Forward only.
+    """``sparse_mla_decode`` (contract: ``dsa.reference.sparse_mla_decode``): ``(out [B, s_q, H, d_v], lse [B, s_q,
+    H] float32)`` over paged caches (``dsa.serving.cache.PagedKVCache`` pages, bf16 rows or FP8-layout bytes). Forward
+    only.
 
-    Args:
-        q (torch.Tensor): ``[B, s_q, H, d_qk]``, bfloat16 (float32/float64 run the reference); ``s_q`` is 1 plus
-            the speculative tokens.
-        kv_cache (torch.Tensor): the pages of a ``dsa.cache.PagedKVCache``: ``[num_pages, page_size, d_qk]`` in q's
-            dtype, or ``[num_pages, page_size, bytes]`` uint8/int8/float8_e4m3fn in the FP8 layout
-            (``dsa.cache.FP8Layout.for_width(d_qk, d_rope)``: 656 bytes for V3.2), dequantised inside the kernel.
-        indices (torch.Tensor): ``[B, s_q, topk]``, int32 slots (``page * page_size + offset``); ``-1`` or out of
-            range is invalid and never read.
-        sm_scale (float): softmax scale. d_v (int): value width (the first ``d_v`` columns of a row).
-        topk_length (torch.Tensor | None): ``[B]`` or ``[B, s_q]``, int32: only the leading entries count.
-        attn_sink (torch.Tensor | None): ``[H]``, float32, in the denominator only.
-        extra_kv_cache, extra_indices, extra_topk_length: a second source (say a sliding window) with the same
-            conventions, in the same softmax.
-        d_rope (int): the RoPE width of FP8 rows (stored as bf16, not quantised); ignored for plain caches.
-
-    Returns:
-        out (torch.Tensor): ``[B, s_q, H, d_v]``, q's dtype; 0 for a query with nothing valid.
-        lse (torch.Tensor): ``[B, s_q, H]``, float32, natural log, the sink excluded; ``-inf`` for a query with
-        nothing valid.
+    Unlike the reference, a plain cache must have q's dtype. The kernels take bfloat16 q (FP8 rows are dequantised
+    inside the kernel); float32/float64 run the reference, and so do widths the CUDA kernels cannot take (``d_qk``
+    or ``d_v`` not a multiple of 64), logged at info level.
     """
     backend = select_backend(q.device, q.dtype in validation.ATTENTION_KERNEL_DTYPES)
     validation.check_sparse_mla_decode(
@@ -230,25 +177,12 @@ def index_topk_decode(
     starts: torch.Tensor | None = None,
     return_scores: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """The indexer's top-k for decoding over a paged key cache (contract: ``dsa.reference.index_topk_decode``).
+    """``index_topk_decode`` (contract: ``dsa.reference.index_topk_decode``): ``[B, s_q, topk]`` int32 **positions**
+    (``-1`` padding; slots: ``dsa.kv_format.positions_to_slots``), and their scores with ``return_scores``. Not
+    differentiable.
 
-    On the kernel backend the fused selection kernel reads the keys through the block table (no gathered copy, no
-    ``[B, s_q, S_kv]`` scores). Not differentiable (decoding).
-
-    Args:
-        q (torch.Tensor): ``[B, s_q, H_i, D_i]``, bfloat16 or float8_e4m3fn (float32/float64 run the reference).
-        k_cache (torch.Tensor): ``[num_pages, page_size, D_i]`` in q's dtype, or for FP8 q ``[num_pages, page_size,
-            D_i + 4]`` uint8 key rows (``dsa.cache.index_key_layout``: FP8 values, then a float32 scale).
-        weights (torch.Tensor): ``[B, s_q, H_i]``, float32.
-        topk (int): ``>= 1``.
-        block_table (torch.Tensor): ``[B, pages_per_sequence]``, int32.
-        ends, starts (torch.Tensor): ``[B, s_q]``, int32: query ``t`` sees positions ``starts <= s < ends`` (``starts``
-            default 0); positions on unallocated pages (negative entries) are invisible.
-        return_scores (bool): also return the selected positions' scores.
-
-    Returns:
-        indices (torch.Tensor): ``[B, s_q, topk]``, int32 **positions**, a set per row, ``-1`` padding (slots:
-        ``dsa.cache.positions_to_slots``). scores (with ``return_scores``): ``[B, s_q, topk]`` float32.
+    On the kernels the fused selection reads the keys through the block table (no gathered copy, no ``[B, s_q,
+    S_kv]`` scores); a ``topk`` whose buffers do not fit runs the reference.
     """
     backend = select_backend(q.device, q.dtype in validation.INDEXER_KERNEL_DTYPES)
     validation.check_index_topk_decode(q, k_cache, weights, topk, block_table, ends, starts, kernel=backend == TILELANG)

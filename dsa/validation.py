@@ -20,8 +20,11 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import torch
+from torch import Tensor
 
 from dsa import kv_format
+
+OptTensor = Tensor | None
 
 FP8_DTYPES = (torch.float8_e4m3fn,)
 INDEXER_KERNEL_DTYPES = (torch.bfloat16, *FP8_DTYPES)
@@ -312,12 +315,7 @@ def is_fp8_cache(kv_cache: torch.Tensor) -> bool:
 
 
 def _check_decode_source(
-    prefix: str,
-    q: torch.Tensor,
-    kv_cache: torch.Tensor,
-    indices: torch.Tensor,
-    topk_length: torch.Tensor | None,
-    fp8_row_bytes: int | None,
+    prefix: str, q: Tensor, kv_cache: Tensor, indices: Tensor, topk_length: OptTensor, fp8_row_bytes: int | None
 ) -> None:
     """One KV source of ``sparse_mla_decode``: the cache pages, its slot indices and their lengths."""
     batch, s_q, _, d_qk = q.shape

@@ -14,7 +14,9 @@ that this same process writes later is seen after :func:`clear_plans`.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
+import threading
 from collections.abc import Callable, Hashable
 from types import ModuleType
 from typing import Any, Generic, TypeVar
@@ -69,6 +71,9 @@ class PlanCache(Generic[_Plan]):
         self.name = name
         self.made = 0
         self._plans: collections.OrderedDict[Hashable, _Plan | None] = collections.OrderedDict()
+        # Serving threads may share a launcher: the dict changes under the lock, plans are built outside it (two
+        # threads may both build a new shape's plan once; either result is the same).
+        self._lock = threading.Lock()
         _PLAN_CACHES.append(self)
 
     def get(self, device: torch.device, key: tuple[Hashable, ...], make: Callable[[], _Plan | None]) -> _Plan | None:
@@ -76,27 +81,38 @@ class PlanCache(Generic[_Plan]):
         built by ``make()`` on first use."""
         full = (device, key, plan_settings(device))
         try:
-            plan = self._plans[full]
+            with self._lock:
+                plan = self._plans[full]
+                self._plans.move_to_end(full)
+            return plan
         except KeyError:
             pass
         except TypeError:  # an unhashable part (a caller's config with list fields): plan without remembering
             self.made += 1
             return make()
-        else:
-            self._plans.move_to_end(full)
-            return plan
         plan = make()
-        self.made += 1
-        self._plans[full] = plan
-        if len(self._plans) > PLAN_CACHE_SIZE:
-            self._plans.popitem(last=False)
+        with self._lock:
+            self.made += 1
+            self._plans[full] = plan
+            if len(self._plans) > PLAN_CACHE_SIZE:
+                self._plans.popitem(last=False)
         return plan
 
     def clear(self) -> None:
-        self._plans.clear()
+        with self._lock:
+            self._plans.clear()
 
 
 _PLAN_CACHES: list[PlanCache[Any]] = []
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelPlan:
+    """The plan of a one-kernel launcher: the target, the config and the kernel compiled for them."""
+
+    target: dsl.Target
+    config: Any
+    kernel: Any
 
 
 def clear_plans() -> None:

@@ -14,12 +14,15 @@ import dataclasses
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from dsa import kv_format
 from dsa.launch import common
 from dsa.launch import indexer as indexer_launch
 from tl_kernels import build as tl_build
 from tl_kernels import index_topk as kernels
+
+OptTensor = Tensor | None
 
 __all__ = [
     "KERNEL_NAME", "Plan", "index_topk", "index_topk_paged", "paged_static_params", "plan", "plan_paged", "run",
@@ -89,14 +92,8 @@ def plan(
 
 
 def run(
-    p: Plan,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    weights: torch.Tensor,
-    k_scale: torch.Tensor | None,
-    starts: torch.Tensor | None,
-    ends: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    p: Plan, q: Tensor, k: Tensor, weights: Tensor, k_scale: OptTensor, starts: OptTensor, ends: OptTensor
+) -> tuple[Tensor, Tensor]:
     """``(indices, scores)``, each ``[B, S, topk]``, under plan ``p``."""
     shape = (q.shape[0], q.shape[1], p.topk)
     indices = common.new_output(shape, torch.int32, q.device)
@@ -145,14 +142,8 @@ def plan_paged(
 
 
 def run_paged(
-    p: Plan,
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    weights: torch.Tensor,
-    block_table: torch.Tensor,
-    ends: torch.Tensor,
-    starts: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    p: Plan, q: Tensor, k_cache: Tensor, weights: Tensor, block_table: Tensor, ends: Tensor, starts: OptTensor
+) -> tuple[Tensor, Tensor]:
     """``(positions, scores)``, each ``[B, s_q, topk]``, under paged plan ``p``."""
     rows = k_cache.view(-1, k_cache.shape[-1])
     if starts is None:

@@ -9,10 +9,13 @@ import dataclasses
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from dsa.launch import common
 from tl_kernels import build as tl_build
 from tl_kernels import indexer as kernels
+
+OptTensor = Tensor | None
 
 __all__ = ["KERNEL_NAME", "Plan", "index_scores", "kernel_inputs", "plan", "run", "static_params"]
 
@@ -32,13 +35,8 @@ def static_params(q: torch.Tensor, *, ranged: bool) -> dict[str, Any]:
     }
 
 
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    """What an indexer launch of one shape runs: its target, config and compiled kernel."""
-
-    target: Any
-    config: kernels.Config
-    kernel: Any
+Plan = common.KernelPlan
+"""What an indexer launch of one shape runs: its target, config and compiled kernel."""
 
 
 _PLANS: common.PlanCache[Plan] = common.PlanCache(KERNEL_NAME)
@@ -62,14 +60,8 @@ def plan(q: torch.Tensor, seq_kv: int, *, ranged: bool, config: kernels.Config |
 
 
 def run(
-    p: Plan,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    weights: torch.Tensor,
-    k_scale: torch.Tensor | None,
-    starts: torch.Tensor | None,
-    ends: torch.Tensor | None,
-) -> torch.Tensor:
+    p: Plan, q: Tensor, k: Tensor, weights: Tensor, k_scale: OptTensor, starts: OptTensor, ends: OptTensor
+) -> Tensor:
     """``scores [B, S, S_kv]`` float32 under plan ``p`` (inputs as :func:`index_scores` takes them)."""
     scores = common.new_output((q.shape[0], q.shape[1], k.shape[1]), torch.float32, q.device)
     p.kernel(*kernel_inputs(q, k, weights, k_scale, starts, ends, p.target), scores)
@@ -100,14 +92,8 @@ def index_scores(
 
 
 def kernel_inputs(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    weights: torch.Tensor,
-    k_scale: torch.Tensor | None,
-    starts: torch.Tensor | None,
-    ends: torch.Tensor | None,
-    target: Any,
-) -> list[torch.Tensor]:
+    q: Tensor, k: Tensor, weights: Tensor, k_scale: OptTensor, starts: OptTensor, ends: OptTensor, target: Any
+) -> list[Tensor]:
     """The input arguments of an indexer-family kernel (the indexer, the fused selection) in their order: q and k as
     the target carries them (bits on the C target), weights, then k_scale for FP8 and starts/ends when given."""
     args = [tl_build.to_kernel_arg(q, target), tl_build.to_kernel_arg(k, target), weights]

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from dsa.launch import common
+from dsa.launch import sparse_mla_fwd as fwd_launch
 from tl_kernels import build as tl_build
 from tl_kernels import sparse_mla_bwd as kernels
 
@@ -29,15 +30,12 @@ def padded_topk(k: int) -> int:
 def static_params(
     *, heads: int, d_qk: int, d_v: int, k: int, has_topk_length: bool, has_sink: bool
 ) -> dict[str, Any]:
-    """The main kernel's static parameters for ``k`` index columns (compiled in, padded by :func:`padded_topk`)."""
-    return {
-        "heads": int(heads),
-        "d_qk": int(d_qk),
-        "d_v": int(d_v),
-        "topk": padded_topk(k),
-        "has_topk_length": bool(has_topk_length),
-        "has_sink": bool(has_sink),
-    }
+    """The main kernel's static parameters: the forward's, and ``k`` index columns (compiled in, padded by
+    :func:`padded_topk`)."""
+    static = fwd_launch.static_params(
+        heads=heads, d_qk=d_qk, d_v=d_v, has_topk_length=has_topk_length, has_sink=has_sink
+    )
+    return {**static, "topk": padded_topk(k)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,11 +15,14 @@ import math
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from dsa import kv_format, validation
 from dsa.launch import common
 from tl_kernels import build as tl_build
 from tl_kernels import sparse_mla_decode as kernels
+
+OptTensor = Tensor | None
 
 __all__ = [
     "KERNEL_NAME", "MIN_STEPS_PER_SPLIT", "WAVES", "Plan", "num_splits", "plan", "run", "sparse_mla_decode",
@@ -173,12 +176,8 @@ def _lengths(topk_length: torch.Tensor | None, full: torch.Tensor) -> torch.Tens
 
 
 def run(
-    p: Plan,
-    q: torch.Tensor,
-    sources: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
-    sm_scale: float,
-    attn_sink: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    p: Plan, q: Tensor, sources: list[tuple[Tensor, Tensor, OptTensor]], sm_scale: float, attn_sink: OptTensor
+) -> tuple[Tensor, Tensor]:
     """``(out [B, s_q, H, d_v] bfloat16, lse [B, s_q, H] float32)`` under plan ``p``; ``sources``: ``(cache,
     indices, topk_length)`` per source, in the plan's order."""
     batch, s_q, heads, _ = q.shape

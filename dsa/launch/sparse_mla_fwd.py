@@ -16,10 +16,13 @@ import dataclasses
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from dsa.launch import common
 from tl_kernels import build as tl_build
 from tl_kernels import sparse_mla_fwd as kernels
+
+OptTensor = Tensor | None
 
 __all__ = ["KERNEL_NAME", "Plan", "plan", "run", "sparse_mla_fwd", "static_params"]
 
@@ -83,14 +86,8 @@ def plan(
 
 
 def run(
-    p: Plan,
-    q: torch.Tensor,
-    kv: torch.Tensor,
-    indices: torch.Tensor,
-    sm_scale: float,
-    topk_length: torch.Tensor | None,
-    attn_sink: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    p: Plan, q: Tensor, kv: Tensor, indices: Tensor, sm_scale: float, topk_length: OptTensor, attn_sink: OptTensor
+) -> tuple[Tensor, Tensor]:
     """``(out [B, S, H, d_v] bfloat16, lse [B, S, H] float32)`` under plan ``p``."""
     batch, seq, heads, _ = q.shape
     out = common.new_output((batch, seq, heads, p.d_v), torch.bfloat16, q.device)

@@ -26,12 +26,10 @@ def static_params(k: int) -> dict[str, Any]:
 
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
-    """What a top-k launch of one shape runs: the config and its compiled kernel for ``k``."""
+class Plan(common.KernelPlan):
+    """What a top-k launch of one shape runs: the target, config and compiled kernel, and ``k``."""
 
     k: int
-    config: kernels.Config
-    kernel: Any
 
 
 _PLANS: common.PlanCache[Plan] = common.PlanCache(KERNEL_NAME)
@@ -48,7 +46,7 @@ def plan(scores: torch.Tensor, k: int, *, config: kernels.Config | None = None) 
         sizes = {"batch": batch, "seq_len": seq, "seq_len_kv": seq_kv}
         chosen = common.launch_config(KERNEL_NAME, kernels, static, sizes, device, target, config)
         kernel = common.get_kernel(kernels.build, target, **static, **dataclasses.asdict(chosen))
-        return Plan(static["k"], chosen, kernel)
+        return Plan(target, chosen, kernel, static["k"])
 
     return _PLANS.get(device, (batch, seq, seq_kv, static["k"], config), make)
 
