@@ -77,6 +77,36 @@ def test_topk_error_checks_the_contract_as_sets() -> None:
     assert testing.topk_error(scores, poisoned, 5) is not None
 
 
+def test_topk_error_names_the_rows_and_an_example() -> None:
+    """Each row-wise breach of the contract says how many rows break it and shows the first one's numbers."""
+    g = testing.generator(11)
+    scores = torch.randperm(64, generator=g).float().view(2, 4, 8)  # distinct scores: one right answer per row
+    expected = reference.topk_indices(scores, 3)
+    dropped = expected.clone()
+    dropped[1, 2, 0] = -1
+    count = testing.topk_error(scores, dropped, 3)
+    assert count == (
+        "indices: the number of selected positions differs from min(k, finite scores) in 1 rows, e.g. row [1, 2]: "
+        "selected 2, expected 3"
+    ), count
+    lowest = scores.argsort(-1)[..., 0].to(torch.int32)  # each row's smallest score, never selected at k = 3
+    wrong = expected.clone()
+    wrong[0, :, 0] = lowest[0]
+    below = testing.topk_error(scores, wrong, 3)
+    row = scores[0, 0]
+    kept = row[wrong[0, 0].long()]
+    assert below == (
+        f"indices: a selected score is below an unselected finite score in 4 rows, e.g. row [0, 0]: min selected "
+        f"{float(kept.min())} < max unselected {float(row[[i for i in range(8) if i not in wrong[0, 0].tolist()]].max())}"
+    ), below
+    ties = torch.full((1, 1, 6), 2.0)  # every score equal: positions 0 and 1 must win
+    tie = testing.topk_error(ties, torch.tensor([[[0, 4]]], dtype=torch.int32), 2)
+    assert tie == (
+        "indices: the tie rule (among equal scores the smaller position wins) is broken in 1 rows, e.g. row [0, 0]: "
+        "position 1 is skipped but position 4 of the same score 2.0 is selected"
+    ), tie
+
+
 def test_causal_indices_are_unique_visible_positions_then_minus_one() -> None:
     batch, seq, seq_kv, topk = 2, 8, 12, 6
     idx = testing.causal_indices(batch, seq, seq_kv, topk, seed=0)

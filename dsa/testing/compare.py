@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -107,13 +108,12 @@ def topk_error(scores: torch.Tensor, indices: torch.Tensor, k: int) -> str | Non
     finite = torch.isfinite(s)
     expected_count = finite.sum(-1).clamp(max=k)
     count = (idx >= 0).sum(-1)
-    rows_bad = count != expected_count
-    if rows_bad.any():
-        row = rows_bad.nonzero()[0].tolist()
-        return (
-            f"indices: the number of selected positions differs from min(k, finite scores) in {int(rows_bad.sum())} "
-            f"rows, e.g. row {row}: selected {int(count[tuple(row)])}, expected {int(expected_count[tuple(row)])}"
-        )
+    problem = _rows_error(
+        count != expected_count, "the number of selected positions differs from min(k, finite scores)",
+        lambda row: f"selected {int(count[row])}, expected {int(expected_count[row])}",
+    )  # fmt: skip
+    if problem is not None:
+        return problem
     selected = torch.zeros((batch, seq, seq_kv + 1), dtype=torch.int64)
     selected.scatter_add_(-1, torch.where(idx >= 0, idx, seq_kv), torch.ones_like(idx))
     selected = selected[..., :seq_kv]
@@ -124,28 +124,32 @@ def topk_error(scores: torch.Tensor, indices: torch.Tensor, k: int) -> str | Non
         return "indices: a -inf, +inf or NaN position was selected"
     min_chosen = torch.where(chosen, s, torch.tensor(float("inf"))).amin(-1)
     max_unchosen = torch.where(~chosen & finite, s, torch.tensor(float("-inf"))).amax(-1)
-    bad = min_chosen < max_unchosen
-    if bad.any():
-        row = bad.nonzero()[0].tolist()
-        return (
-            f"indices: a selected score is below an unselected finite score in {int(bad.sum())} rows, e.g. row {row}: "
-            f"min selected {float(min_chosen[tuple(row)])} < max unselected {float(max_unchosen[tuple(row)])}"
-        )
+    problem = _rows_error(
+        min_chosen < max_unchosen, "a selected score is below an unselected finite score",
+        lambda row: f"min selected {float(min_chosen[row])} < max unselected {float(max_unchosen[row])}",
+    )  # fmt: skip
+    if problem is not None:
+        return problem
     # The tie rule: a score equal to the smallest selected one may stay unselected only at a larger position than
     # every selected one of that value (among equal scores the smaller position wins).
     position = torch.arange(seq_kv).expand_as(s)
     at_threshold = finite & (s == min_chosen.unsqueeze(-1))
     last_chosen = torch.where(chosen & at_threshold, position, -1).amax(-1)
     first_skipped = torch.where(~chosen & at_threshold, position, seq_kv).amin(-1)
-    bad = first_skipped < last_chosen
-    if bad.any():
-        row = bad.nonzero()[0].tolist()
-        return (
-            f"indices: the tie rule (among equal scores the smaller position wins) is broken in {int(bad.sum())} rows, "
-            f"e.g. row {row}: position {int(first_skipped[tuple(row)])} is skipped but position "
-            f"{int(last_chosen[tuple(row)])} of the same score {float(min_chosen[tuple(row)])} is selected"
-        )
-    return None
+    return _rows_error(
+        first_skipped < last_chosen, "the tie rule (among equal scores the smaller position wins) is broken",
+        lambda row: f"position {int(first_skipped[row])} is skipped but position {int(last_chosen[row])} of the same "
+        f"score {float(min_chosen[row])} is selected",
+    )  # fmt: skip
+
+
+def _rows_error(bad: torch.Tensor, what: str, detail: Callable[[tuple[int, ...]], str]) -> str | None:
+    """``"indices: <what> in <n> rows, e.g. row [b, t]: <detail((b, t))>"`` for the rows set in ``bad [B, S]`` bool
+    (the first one as the example), None when none is."""
+    if not bad.any():
+        return None
+    row = bad.nonzero()[0].tolist()
+    return f"indices: {what} in {int(bad.sum())} rows, e.g. row {row}: {detail(tuple(row))}"
 
 
 def assert_topk_valid(scores: torch.Tensor, indices: torch.Tensor, k: int) -> None:
