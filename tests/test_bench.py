@@ -113,6 +113,17 @@ def test_harness_runs_tiny_cases_on_cpu(tmp_path: Path) -> None:
     assert "tiny-sparse_mla_fwd" in proc.stdout  # the summary table
 
 
+def _unwritten_mla(
+    q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, **kw: object
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sparse_mla (forward or decode) launcher that returns its outputs unwritten (poisoned): the benchmark's
+    correctness check must catch it. ``q [B, S, H, D]``; ``out [B, S, H, d_v]`` in q's dtype, ``lse [B, S, H]``
+    float32."""
+    b, s, h, _ = q.shape
+    out = common.new_output((b, s, h, int(kw["d_v"])), q.dtype, q.device)
+    return out, common.new_output((b, s, h), torch.float32, q.device)
+
+
 def test_check_catches_unwritten_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
     """The check runs the launcher with poisoned outputs: a launcher that writes nothing fails it."""
     from dsa.launch import sparse_mla_fwd, topk
@@ -127,15 +138,8 @@ def test_check_catches_unwritten_outputs(monkeypatch: pytest.MonkeyPatch) -> Non
     def unwritten_topk(scores: torch.Tensor, k: int, **kw: object) -> torch.Tensor:
         return common.new_output((*scores.shape[:-1], k), torch.int32, scores.device)
 
-    def unwritten_mla(
-        q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, **kw: object
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        b, s, h, _ = q.shape
-        out = common.new_output((b, s, h, int(kw["d_v"])), q.dtype, q.device)
-        return out, common.new_output((b, s, h), torch.float32, q.device)
-
     monkeypatch.setattr(topk, "topk_indices", unwritten_topk)
-    monkeypatch.setattr(sparse_mla_fwd, "sparse_mla_fwd", unwritten_mla)
+    monkeypatch.setattr(sparse_mla_fwd, "sparse_mla_fwd", _unwritten_mla)
     assert inputs.check_dsa(topk_case, topk_inp) is not None
     problem = inputs.check_dsa(fwd_case, fwd_inp)
     assert problem is not None and "mismatch" in problem
@@ -263,18 +267,11 @@ def test_decode_check_catches_unwritten_outputs(monkeypatch: pytest.MonkeyPatch)
     assert inputs.check_dsa(index, index_inp) is None
     real_paged = index_topk.index_topk_paged
 
-    def unwritten_mla(
-        q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, **kw: object
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        b, s, h, _ = q.shape
-        out = common.new_output((b, s, h, int(kw["d_v"])), q.dtype, q.device)
-        return out, common.new_output((b, s, h), torch.float32, q.device)
-
     def shifted(*args: object, **kw: object) -> tuple[torch.Tensor, torch.Tensor]:
         positions, scores = real_paged(*args, **kw)
         return torch.where(positions > 0, positions - 1, positions), scores
 
-    monkeypatch.setattr(sparse_mla_decode, "sparse_mla_decode", unwritten_mla)
+    monkeypatch.setattr(sparse_mla_decode, "sparse_mla_decode", _unwritten_mla)
     monkeypatch.setattr(index_topk, "index_topk_paged", shifted)
     problem = inputs.check_dsa(mla, mla_inp)
     assert problem is not None and "mismatch" in problem

@@ -67,15 +67,6 @@ MLA_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", MLA_CASES, ids=[c[0] for c in MLA_CASES])
-def test_sparse_mla_rejects_bad_input(case):
-    _, overrides, error, message = case
-    args = _mla(**overrides)
-    with pytest.raises(error) as info:
-        reference.sparse_mla(args.pop("q"), args.pop("kv"), args.pop("indices"), **args)
-    assert str(info.value).startswith(f"sparse_mla: {message}"), str(info.value)
-
-
 def test_kernel_rules_are_stricter_in_dtype_only():
     """The kernel rules reject dtypes the kernels do not take; strides are never an error (the op lays inputs out)."""
     with pytest.raises(TypeError, match="q must have dtype bfloat16"):
@@ -153,13 +144,26 @@ INDEX_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", INDEX_CASES, ids=[c[0] for c in INDEX_CASES])
-def test_index_scores_rejects_bad_input(case):
+# (op, valid arguments maker, the op's positional arguments, its bad-input cases)
+BAD_INPUT_OPS = (
+    ("sparse_mla", _mla, ("q", "kv", "indices"), MLA_CASES),
+    ("index_scores", _idx, ("q", "k", "weights"), INDEX_CASES),
+)
+
+
+@pytest.mark.parametrize(
+    "op, make_args, positional, case",
+    [(op, make, pos, case) for op, make, pos, cases in BAD_INPUT_OPS for case in cases],
+    ids=[f"{op}: {case[0]}" for op, _, _, cases in BAD_INPUT_OPS for case in cases],
+)
+def test_reference_rejects_bad_input(op, make_args, positional, case):
+    """Each case's override of valid arguments raises the case's error, its message naming the op and argument."""
     _, overrides, error, message = case
-    args = _idx(**overrides)
+    args = make_args(**overrides)
+    leading = [args.pop(name) for name in positional]
     with pytest.raises(error) as info:
-        reference.index_scores(args.pop("q"), args.pop("k"), args.pop("weights"), **args)
-    assert str(info.value).startswith(f"index_scores: {message}"), str(info.value)
+        getattr(reference, op)(*leading, **args)
+    assert str(info.value).startswith(f"{op}: {message}"), str(info.value)
 
 
 @pytest.mark.parametrize(
