@@ -20,7 +20,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Callable, Collection
 from pathlib import Path
+from typing import TypeVar
 
 BACKENDS = ("auto", "tilelang", "reference")
 SELECTIONS = ("fused", "unfused")
@@ -46,20 +48,42 @@ STATIC_REPORT_SUBDIR = "static-reports"
 _cache_dir_memo: tuple[str | None, Path] | None = None
 
 
+_Number = TypeVar("_Number", int, float)
+
+
+def _choice(name: str, default: str, choices: Collection[str]) -> str:
+    """The environment variable ``name`` stripped and lower-cased (``default`` when unset or blank); ValueError naming
+    the variable and its choices when it is not one of ``choices``."""
+    value = os.environ.get(name, default).strip().lower() or default
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def _positive(name: str, parse: Callable[[str], _Number], unit: str) -> _Number | None:
+    """The environment variable ``name`` parsed by ``parse`` (``int`` or ``float``), None when unset or blank;
+    ValueError naming the variable unless it is a positive finite number (of ``unit``)."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        value: _Number | None = parse(raw)
+    except ValueError:
+        value = None
+    # A NaN or infinite bound would never bind (a timeout that never fires); zero or less leaves nothing.
+    if value is None or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive number of {unit}, got {raw!r}")
+    return value
+
+
 def backend() -> str:
     """The value of ``DSA_BACKEND`` (``auto`` when unset)."""
-    value = os.environ.get("DSA_BACKEND", "auto").strip().lower() or "auto"
-    if value not in BACKENDS:
-        raise ValueError(f"DSA_BACKEND must be one of {BACKENDS}, got {value!r}")
-    return value
+    return _choice("DSA_BACKEND", "auto", BACKENDS)
 
 
 def portable() -> bool:
     """``DSA_PORTABLE``: whether Hopper gets the portable schedule (sm_90) instead of the Hopper one (sm_90a)."""
-    value = os.environ.get("DSA_PORTABLE", "0").strip().lower() or "0"
-    if value not in _BOOL_VALUES:
-        raise ValueError(f"DSA_PORTABLE must be one of {tuple(_BOOL_VALUES)}, got {value!r}")
-    return _BOOL_VALUES[value]
+    return _BOOL_VALUES[_choice("DSA_PORTABLE", "0", _BOOL_VALUES)]
 
 
 def cache_dir() -> Path:
@@ -89,45 +113,21 @@ def cpu_compile_flags() -> tuple[str, ...] | None:
 def indexer_memory_bytes() -> int | None:
     """``DSA_INDEXER_MEMORY_BYTES``: the byte budget of one chunk of index scores, ``None`` when unset (the caller's
     device-dependent default)."""
-    raw = os.environ.get("DSA_INDEXER_MEMORY_BYTES", "").strip()
-    if not raw:
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise ValueError(f"DSA_INDEXER_MEMORY_BYTES must be a positive number of bytes, got {raw!r}")
-    return value
+    return _positive("DSA_INDEXER_MEMORY_BYTES", int, "bytes")
 
 
 def selection() -> str:
     """``DSA_SELECTION``: ``fused`` (default) or ``unfused``, the kernel path of ``index_topk``."""
-    value = os.environ.get("DSA_SELECTION", "fused").strip().lower() or "fused"
-    if value not in SELECTIONS:
-        raise ValueError(f"DSA_SELECTION must be one of {SELECTIONS}, got {value!r}")
-    return value
+    return _choice("DSA_SELECTION", "fused", SELECTIONS)
 
 
 def log_level() -> int:
     """The level of TileLang's logger that ``DSA_LOG`` asks for (``warning`` when unset: its per-compile INFO lines
     do not reach a user's stderr unless asked for)."""
-    value = os.environ.get("DSA_LOG", _DEFAULT_LOG).strip().lower() or _DEFAULT_LOG
-    if value not in LOG_LEVELS:
-        raise ValueError(f"DSA_LOG must be one of {tuple(LOG_LEVELS)}, got {value!r}")
-    return LOG_LEVELS[value]
+    return LOG_LEVELS[_choice("DSA_LOG", _DEFAULT_LOG, LOG_LEVELS)]
 
 
 def tune_candidate_timeout_s() -> float:
     """Seconds the tuner waits for one candidate step on the GPU (``DSA_TUNE_CANDIDATE_TIMEOUT_S``, default 120)."""
-    raw = os.environ.get("DSA_TUNE_CANDIDATE_TIMEOUT_S", "").strip()
-    if not raw:
-        return _DEFAULT_CANDIDATE_TIMEOUT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    # A NaN or infinite limit would never fire; zero or less would kill every candidate at once.
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"DSA_TUNE_CANDIDATE_TIMEOUT_S must be a positive number of seconds, got {raw!r}")
-    return value
+    value = _positive("DSA_TUNE_CANDIDATE_TIMEOUT_S", float, "seconds")
+    return _DEFAULT_CANDIDATE_TIMEOUT_S if value is None else value

@@ -55,18 +55,13 @@ from tl_kernels import dsl
 from tl_kernels import radix_select as rs
 from tl_kernels.radix_select import ALL_ONES, DIGIT_BITS, FINITE_KEY_MAX, FINITE_KEY_MIN, INVALID_INDEX, order_key
 
+# The radix constants and order_key imported above are tl_kernels.radix_select's public names, not this module's.
 __all__ = [
-    "ALL_ONES",
-    "DIGIT_BITS",
-    "FINITE_KEY_MAX",
-    "FINITE_KEY_MIN",
-    "INVALID_INDEX",
     "TUNING_SPACE",
     "Config",
     "build",
     "check_config",
     "default_config",
-    "order_key",
     "shared_memory_bytes",
 ]
 
