@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +35,7 @@ import torch
 from hypothesis import HealthCheck, settings
 
 from dsa import hardware, testing
+from tests import build_pool
 
 _SUPPRESSED = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
 
@@ -87,6 +89,8 @@ def gpu_kernel_shapes(modules: list[object]) -> dict[str, list[dict[str, object]
 def pytest_collection_finish(session: pytest.Session) -> None:
     target = session.config.getoption(GPU_KERNELS_OPTION)
     if not target:
+        if not session.config.option.collectonly:
+            build_pool.start(_session_build_jobs(session.items), Path(tempfile.mkdtemp(prefix="dsa-build-pool-")))
         return
     modules = list({id(item.module): item.module for item in session.items if hasattr(item, "module")}.values())
     Path(target).write_text(json.dumps(gpu_kernel_shapes(modules), indent=1) + "\n", encoding="utf-8")
@@ -120,6 +124,39 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(no_nvcc)
         if "network" in item.keywords and not network:
             item.add_marker(no_network)
+    if has_nvcc and build_pool.enabled():
+        # The build tier last: the session's build pool compiles its kernels in the background meanwhile.
+        items[:] = [i for i in items if "build" not in i.keywords] + [i for i in items if "build" in i.keywords]
+
+
+def _session_build_jobs(items: list[pytest.Item]) -> list[object]:
+    """Every build that the selected, runnable build-tier tests' fixtures declare: sm_90a builds through
+    ``support.prebuilt_fixture`` (the fixture's ``dsa_builds``), tuner compile jobs through a fixture's
+    ``dsa_compile_jobs``. Only fixtures a build test uses count (a module's GPU-tier builds stay out)."""
+    jobs: list[object] = []
+    seen: set[tuple[int, str]] = set()
+    for item in items:
+        if "build" not in item.keywords or item.get_closest_marker("skip") is not None or not hasattr(item, "module"):
+            continue
+        for name in getattr(item, "fixturenames", ()):
+            fixture = vars(item.module).get(name)
+            if (id(item.module), name) in seen or type(fixture).__name__ != "FixtureFunctionDefinition":
+                continue
+            seen.add((id(item.module), name))
+            builds = getattr(fixture, "dsa_builds", None)
+            if callable(builds):
+                jobs += [build_pool.HopperJob.of(builder, params) for builder, params in builds()]
+            compile_jobs = getattr(fixture, "dsa_compile_jobs", None)
+            if callable(compile_jobs):
+                jobs += list(compile_jobs())
+    return jobs
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    pool = build_pool.active()
+    build_pool.stop()
+    if pool is not None:
+        shutil.rmtree(pool.folder, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

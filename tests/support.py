@@ -21,6 +21,7 @@ import pytest
 from autotune import tuner
 from autotune.lookup import space
 from dsa import env
+from tests import build_pool
 from tl_kernels import build as tl_build
 
 logger = logging.getLogger(__name__)
@@ -67,8 +68,11 @@ def _compile_in_worker(job: tuple[str, str, dict[str, Any], str]) -> str | None:
 def prebuild_hopper(builds: Sequence[tuple[Callable[..., Any], dict[str, Any]]]) -> None:
     """Compile ``builds`` (``(builder, params)``) for sm_90a in parallel, one process per usable CPU, so that the
     tests' :func:`hopper_build` calls then load them from TileLang's disk cache: nvcc and ptxas run one file per
-    process, and the build tier is most of the suite's time on a 2-core machine. A failing compile is left for the
-    test to report."""
+    process, and the build tier is most of the suite's time on a 2-core machine. When the session's build pool
+    (``tests.build_pool``) has them, this waits for the pool instead. A failing compile is left for the test to
+    report."""
+    if build_pool.wait([build_pool.HopperJob.of(b, p) for b, p in builds]) is not None:
+        return  # the session's pool built them (a failed build is compiled again by its test, which reports it)
     pending: dict[tuple[Any, ...], tuple[Callable[..., Any], dict[str, Any]]] = {}
     for builder, params in builds:
         key = _build_key(builder, params)
@@ -109,6 +113,7 @@ def prebuilt_fixture(builds: Callable[[], Sequence[Build]], doc: str = "") -> An
         prebuild_hopper(builds())
 
     hopper_prebuilt.__doc__ = doc or "This module's sm_90a builds compiled in parallel first (``prebuild_hopper``)."
+    hopper_prebuilt.dsa_builds = builds  # for the session's build pool (``tests.build_pool``), read at collection
     return hopper_prebuilt
 
 
@@ -125,6 +130,7 @@ def hopper_build(name: str, builder: Callable[..., Any], **params: Hashable) -> 
     registers, spills, shared memory, matrix instructions and compile time logged under ``name``."""
     key = _build_key(builder, params)
     if key not in _BUILDS:
+        build_pool.wait([build_pool.HopperJob.of(builder, params)])  # when the session's pool has it: in the cache
         start = time.perf_counter()
         kernel, report = tl_build.compile_hopper(builder, report_cache_dir=env.static_report_dir(), **params)
         _BUILDS[key] = (kernel, report, time.perf_counter() - start)

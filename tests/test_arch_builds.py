@@ -16,7 +16,8 @@ forward (one default everywhere) builds on sm_80, on sm_90 (what the GPU tier ru
 block once spilled); top-k (no GEMM, no arch feature) on sm_80; the fused selection on sm_86 (bf16 tiles from FP8
 inputs and 99 KB: its tightest fit). ``dsa-autotune --compile-only --sku <id>`` builds
 every kernel for any one architecture. The builds are compiled up front in parallel (``autotune.tuner.compile_all``,
-as the tuner does), then each test reads its result.
+as the tuner does; in a full run the session's build pool has compiled them in the background already), then each
+test reads its result.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import pytest
 from autotune import tuner
 from autotune.lookup import cache, space
 from dsa import env
-from tests import support
+from tests import build_pool, support
 from tl_kernels import build as tl_build
 from tl_kernels import dsl
 
@@ -83,12 +84,24 @@ def _job(arch: str, kernel: str, static: dict[str, Any]) -> tuner.CompileJob:
     )
 
 
+def _jobs() -> dict[str, tuner.CompileJob]:
+    return {_build_id(build): _job(*build) for build in BUILDS}
+
+
 @pytest.fixture(scope="module")
 def compiled() -> dict[str, tuple[tuner.CompileJob, tuner.CompileResult]]:
-    """Every build of :data:`BUILDS`, compiled in parallel on the usable CPUs, by test id."""
-    jobs = {_build_id(build): _job(*build) for build in BUILDS}
-    results = tuner.compile_all(list(jobs.values()), workers=tuner.default_jobs(), progress=False)
+    """Every build of :data:`BUILDS` by test id: from the session's build pool (``tests.build_pool``), else compiled
+    here in parallel on the usable CPUs."""
+    jobs = _jobs()
+    pooled = build_pool.wait(list(jobs.values()))
+    if pooled is not None and all(done for done, _ in pooled.values()):
+        results = {job: result for job, (_, result) in pooled.items()}
+    else:
+        results = tuner.compile_all(list(jobs.values()), workers=tuner.default_jobs(), progress=False)
     return {name: (job, results[job]) for name, job in jobs.items()}
+
+
+compiled.dsa_compile_jobs = lambda: list(_jobs().values())  # for the session's build pool, read at collection
 
 
 @pytest.mark.build
