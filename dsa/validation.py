@@ -187,19 +187,9 @@ def _check_indexer_inputs(
     require_same_device("q", q, k=k, weights=weights, k_scale=k_scale, starts=starts, ends=ends)
 
 
-@names_op("index_scores")
-def check_index_scores(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    weights: torch.Tensor,
-    k_scale: torch.Tensor | None,
-    starts: torch.Tensor | None,
-    ends: torch.Tensor | None,
-    *,
-    kernel: bool = False,
-) -> None:
-    """Validate the inputs of ``index_scores`` (see ``dsa.reference.index_scores`` for the contract)."""
-    _check_indexer_inputs(q, k, weights, k_scale, starts, ends, kernel=kernel)
+check_index_scores = names_op("index_scores")(_check_indexer_inputs)
+"""Validate the inputs of ``index_scores`` (see ``dsa.reference.index_scores``): the indexer's inputs, named
+``index_scores: ...`` in every message."""
 
 
 @names_op("index_topk")

@@ -1,1 +1,2 @@
-"""Launchers: take validated tensors, pick a config, compile through the cache, allocate outputs, run kernels."""
+"""Launchers, one per kernel: ``plan(...)`` once per shape (target, config, compiled kernels; ``None`` where the kernel
+cannot take the problem) and ``run(plan, ...)`` per call on validated tensors (``common`` holds the plan cache)."""
