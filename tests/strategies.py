@@ -28,6 +28,14 @@ from dsa.testing import (  # noqa: F401 - re-exported: the tests draw from these
 
 SEEDS = st.integers(min_value=0, max_value=2**31 - 1)
 
+
+
+def sizes(**maxima: int) -> dict[str, st.SearchStrategy[int]]:
+    """One strategy per problem size, each drawing from 1 to its maximum (``@given(**sizes(batch=2, seq=4))``): the
+    sizes every property test draws, in one line."""
+    return {name: st.integers(1, most) for name, most in maxima.items()}
+
+
 NAN, POS_INF, NEG_INF = float("nan"), float("inf"), float("-inf")
 NON_FINITE = (NAN, POS_INF, NEG_INF)
 """The values :func:`sprinkle` scatters into inputs. float8_e4m3fn has no infinity (torch saturates ``+-inf`` to

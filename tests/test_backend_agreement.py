@@ -133,22 +133,22 @@ def _index_problem(dtype: str, mode: str, seed: int, batch: int, seq: int, seq_k
 
 
 INDEX_TENSORS = ("q", "k", "weights", "k_scale", "starts", "ends")
+INDEX_DRAWS: dict[str, st.SearchStrategy[Any]] = {
+    "dtype": st.sampled_from(["bfloat16", "float8_e4m3fn"]),
+    "mode": st.sampled_from(["causal", "range"]),
+    **strategies.sizes(batch=2, seq=6, seq_kv=70),
+    "poison": non_finite(("q", "k", "weights", "k_scale")),
+    "plan": layout_plan(INDEX_TENSORS),
+    "seed": strategies.SEEDS,
+}
+"""The draws of every indexer problem (:func:`_index_problem`) here: index_scores' and index_topk's."""
 
 
 # ---------------------------------------------------------------------------------------------------- index_scores
 
 
 @strategies.examples(SHARE)
-@given(
-    dtype=st.sampled_from(["bfloat16", "float8_e4m3fn"]),
-    mode=st.sampled_from(["causal", "range"]),
-    batch=st.integers(1, 2),
-    seq=st.integers(1, 6),
-    seq_kv=st.integers(1, 70),
-    poison=non_finite(("q", "k", "weights", "k_scale")),
-    plan=layout_plan(INDEX_TENSORS),
-    seed=strategies.SEEDS,
-)
+@given(**INDEX_DRAWS)
 @example(dtype="bfloat16", mode="causal", batch=1, seq=4, seq_kv=9, poison={"q": (), "k": (math.nan,), "weights": (),
          "k_scale": ()}, plan=dict.fromkeys(INDEX_TENSORS, "row_major"), seed=1)  # fmt: skip  # issue 18: NaN key
 def test_index_scores_agrees(
@@ -168,9 +168,7 @@ def test_index_scores_agrees(
 @given(
     kind=st.sampled_from(testing.SCORE_PATTERNS),
     k=st.sampled_from(TOPK_KS),
-    batch=st.integers(1, 2),
-    seq=st.integers(1, 5),
-    seq_kv=st.integers(1, 120),
+    **strategies.sizes(batch=2, seq=5, seq_kv=120),
     poison=non_finite(("scores",)),
     plan=layout_plan(("scores",)),
     seed=strategies.SEEDS,
@@ -190,17 +188,7 @@ def test_topk_indices_agrees(
 
 
 @strategies.examples(SHARE)
-@given(
-    dtype=st.sampled_from(["bfloat16", "float8_e4m3fn"]),
-    mode=st.sampled_from(["causal", "range"]),
-    selection=st.sampled_from(["fused", "unfused"]),
-    batch=st.integers(1, 2),
-    seq=st.integers(1, 6),
-    seq_kv=st.integers(1, 70),
-    poison=non_finite(("q", "k", "weights", "k_scale")),
-    plan=layout_plan(INDEX_TENSORS),
-    seed=strategies.SEEDS,
-)
+@given(**INDEX_DRAWS, selection=st.sampled_from(["fused", "unfused"]))
 @example(dtype="bfloat16", mode="causal", selection="fused", batch=1, seq=4, seq_kv=30,
          poison={"q": (), "k": (math.nan,), "weights": (), "k_scale": ()},
          plan=dict.fromkeys(INDEX_TENSORS, "row_major"), seed=2)  # fmt: skip  # issue 18: a NaN key was selected
@@ -239,10 +227,7 @@ def _poison_referenced_rows(kv: torch.Tensor, referenced: torch.Tensor, g: torch
 @strategies.examples(SHARE)
 @given(
     static=st.sampled_from(MLA_STATICS),
-    batch=st.integers(1, 2),
-    seq=st.integers(1, 4),
-    seq_kv=st.integers(1, 64),
-    topk=st.integers(1, 64),
+    **strategies.sizes(batch=2, seq=4, seq_kv=64, topk=64),
     kind=st.sampled_from(testing.INDEX_PATTERNS),
     poison=non_finite(("q", "kv", "attn_sink")),
     plan=layout_plan(MLA_TENSORS, keep_values=("kv",)),
@@ -327,10 +312,7 @@ def _poison_referenced_slots(pages: torch.Tensor, referenced: torch.Tensor, g: t
 @given(
     fmt=st.sampled_from(["bf16", "fp8"]),
     extra_fmt=st.sampled_from([None, "bf16", "fp8"]),
-    batch=st.integers(1, 2),
-    s_q=st.integers(1, 3),
-    context=st.integers(1, 60),
-    topk=st.integers(1, 48),
+    **strategies.sizes(batch=2, s_q=3, context=60, topk=48),
     page_size=st.sampled_from([1, 16]),
     kind=st.sampled_from(testing.INDEX_PATTERNS),
     length_kind=st.sampled_from([None, "per_sequence", "per_query"]),
@@ -425,8 +407,7 @@ def _poison_key_rows(k_cache: torch.Tensor, rows_mask: torch.Tensor, g: torch.Ge
 @strategies.examples(SHARE)
 @given(
     fmt=st.sampled_from(["bf16", "fp8"]),
-    batch=st.integers(1, 3),
-    s_q=st.integers(1, 4),
+    **strategies.sizes(batch=3, s_q=4),
     length=st.integers(0, 120),
     ranges=st.sampled_from(["decode", "random"]),
     unallocated=st.booleans(),

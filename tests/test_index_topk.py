@@ -77,10 +77,7 @@ def _full_selection(inputs: dict, topk: int) -> torch.Tensor:
 
 
 @given(
-    batch=st.integers(1, 2),
-    seq=st.integers(1, 4),
-    seq_kv=st.integers(1, 80),
-    k=st.integers(1, 40),
+    **strategies.sizes(batch=2, seq=4, seq_kv=80, k=40),
     kind=st.sampled_from(strategies.SCORE_PATTERNS),
     seed=strategies.SEEDS,
 )
@@ -106,11 +103,7 @@ def test_topk_check_rejects_a_broken_tie_rule() -> None:
 
 @given(
     dtype=st.sampled_from(["bfloat16", "float8_e4m3fn"]),
-    batch=st.integers(1, 2),
-    seq=st.integers(1, 24),
-    seq_kv=st.integers(1, 70),
-    heads=st.integers(1, 4),
-    topk=st.integers(1, 40),
+    **strategies.sizes(batch=2, seq=24, seq_kv=70, heads=4, topk=40),
     ranged=st.booleans(),
     block=st.sampled_from([1, 5, 64]),
     seed=strategies.SEEDS,
@@ -139,9 +132,7 @@ def test_reference_index_topk_equals_the_full_selection(
 @pytest.mark.cpu_kernel
 @given(
     dtype=st.sampled_from(["bfloat16", "float8_e4m3fn"]),
-    batch=st.integers(1, 2),
-    seq=st.integers(1, 12),
-    seq_kv=st.integers(1, 40),
+    **strategies.sizes(batch=2, seq=12, seq_kv=40),
     ranged=st.booleans(),
     selection=st.sampled_from(["fused", "unfused"]),
     seed=strategies.SEEDS,

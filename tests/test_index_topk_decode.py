@@ -104,8 +104,7 @@ def _reference(args: dict[str, Any], topk: int) -> tuple[torch.Tensor, torch.Ten
 
 @given(
     fmt=st.sampled_from(FORMATS),
-    batch=st.integers(1, 3),
-    s_q=st.integers(1, 4),
+    **strategies.sizes(batch=3, s_q=4),
     length=st.integers(0, 120),
     topk=st.integers(1, 40),
     ranges=st.sampled_from(["decode", "random"]),
@@ -165,17 +164,37 @@ def test_bad_input_names_the_argument(change: dict[str, Any], message: str) -> N
 # ------------------------------------------------------------------------------------------------------- CPU tier
 
 
+def _paged_draws(shortest: int) -> dict[str, st.SearchStrategy[Any]]:
+    """The CPU paged tests' draws: format, batch, queries per sequence, the first sequence's length (from
+    ``shortest`` to 300; see :func:`_paged_problem`), ranges, unallocated pages, seed."""
+    return {
+        "fmt": st.sampled_from(FORMATS),
+        **strategies.sizes(batch=3, s_q=4),
+        "length": st.integers(shortest, 300),
+        "ranges": st.sampled_from(["decode", "random"]),
+        "unallocated": st.booleans(),
+        "seed": strategies.SEEDS,
+    }
+
+
+def _paged_problem(
+    fmt: str, batch: int, s_q: int, length: int, ranges: str, unallocated: bool, seed: int, *, shortest: int
+) -> dict[str, Any]:
+    """:func:`make_problem` with sequence ``b`` holding ``length - 31 * b`` keys (at least ``shortest``)."""
+    lengths = [max(shortest, length - 31 * b) for b in range(batch)]
+    return make_problem(fmt=fmt, seed=seed, batch=batch, s_q=s_q, lengths=lengths, ranges=ranges,
+                        unallocated=unallocated)  # fmt: skip
+
+
+def _run_paged(args: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paged launcher on a :func:`make_problem` problem, at :data:`CPU_TOPK`."""
+    call = dict(args)
+    return launch.index_topk_paged(call.pop("q"), call.pop("k_cache"), call.pop("weights"), CPU_TOPK, **call)
+
+
 @pytest.mark.cpu_kernel
 @strategies.examples(0.3)
-@given(
-    fmt=st.sampled_from(FORMATS),
-    batch=st.integers(1, 3),
-    s_q=st.integers(1, 4),
-    length=st.integers(0, 300),
-    ranges=st.sampled_from(["decode", "random"]),
-    unallocated=st.booleans(),
-    seed=strategies.SEEDS,
-)
+@given(**_paged_draws(0))
 @example(fmt="fp8", batch=2, s_q=2, length=300, ranges="decode", unallocated=True, seed=1)
 @example(fmt="bf16", batch=3, s_q=4, length=250, ranges="random", unallocated=False, seed=2)
 @example(fmt="fp8", batch=1, s_q=1, length=5, ranges="decode", unallocated=True, seed=3)
@@ -184,12 +203,8 @@ def test_cpu_paged_kernel_matches_reference(
 ) -> None:
     """The C-target paged kernel (64-key blocks, so rows of up to 300 keys compact the candidate buffer several times)
     selects exactly the reference's sets and scores."""
-    lengths = [max(0, length - 31 * b) for b in range(batch)]
-    args = make_problem(fmt=fmt, seed=seed, batch=batch, s_q=s_q, lengths=lengths, ranges=ranges,
-                        unallocated=unallocated)  # fmt: skip
-    call = dict(args)
-    got = launch.index_topk_paged(call.pop("q"), call.pop("k_cache"), call.pop("weights"), CPU_TOPK, **call)
-    _assert_same_selection(got, _reference(args, CPU_TOPK))
+    args = _paged_problem(fmt, batch, s_q, length, ranges, unallocated, seed, shortest=0)
+    _assert_same_selection(_run_paged(args), _reference(args, CPU_TOPK))
 
 
 def _spoil_cache(k_cache: torch.Tensor, fmt: str, names: list[str], data: st.DataObject, seed: int) -> torch.Tensor:
@@ -214,25 +229,14 @@ def _spoil_cache(k_cache: torch.Tensor, fmt: str, names: list[str], data: st.Dat
 
 @pytest.mark.cpu_kernel
 @strategies.examples(0.3)
-@given(
-    fmt=st.sampled_from(FORMATS),
-    batch=st.integers(1, 3),
-    s_q=st.integers(1, 4),
-    length=st.integers(1, 300),
-    ranges=st.sampled_from(["decode", "random"]),
-    unallocated=st.booleans(),
-    seed=strategies.SEEDS,
-    data=st.data(),
-)
+@given(**_paged_draws(1), data=st.data())
 def test_cpu_paged_kernel_with_non_finite_inputs_matches_reference(
     fmt: str, batch: int, s_q: int, length: int, ranges: str, unallocated: bool, seed: int, data: st.DataObject
 ) -> None:
     """NaN and ``+-inf`` in the queries, the weights and anywhere in the paged cache (key values, FP8 key scales,
     rows no query sees): the C-target paged kernel selects exactly the reference's sets and scores, never a NaN or
     infinite score (FP8 q and key bytes take NaN only: e4m3fn has no infinity)."""
-    lengths = [max(1, length - 31 * b) for b in range(batch)]
-    args = make_problem(fmt=fmt, seed=seed, batch=batch, s_q=s_q, lengths=lengths, ranges=ranges,
-                        unallocated=unallocated)  # fmt: skip
+    args = _paged_problem(fmt, batch, s_q, length, ranges, unallocated, seed, shortest=1)
     parts = ["q", "weights", "keys"] + (["key_scales"] if fmt == "fp8" else [])
     spoiled = data.draw(st.lists(st.sampled_from(parts), min_size=1, max_size=len(parts), unique=True))
     args["k_cache"] = _spoil_cache(args["k_cache"], fmt, spoiled, data, seed)
@@ -241,8 +245,7 @@ def test_cpu_paged_kernel_with_non_finite_inputs_matches_reference(
         args["q"] = strategies.sprinkle(args["q"], data.draw(strategies.sprinkles(values)), seed + 2)
     if "weights" in spoiled:
         args["weights"] = strategies.sprinkle(args["weights"], data.draw(strategies.sprinkles()), seed + 3)
-    call = dict(args)
-    indices, scores = launch.index_topk_paged(call.pop("q"), call.pop("k_cache"), call.pop("weights"), CPU_TOPK, **call)
+    indices, scores = _run_paged(args)
     _assert_same_selection((indices, scores), _reference(args, CPU_TOPK))
     assert torch.isfinite(scores[indices >= 0]).all(), "a non-finite score was selected"
 

@@ -235,9 +235,7 @@ def _spoiled_inputs(draw: st.DrawFn, dtype: str, inputs: dict) -> dict:
 @strategies.examples(0.3)
 @given(
     dtype=st.sampled_from(["bfloat16", "float8_e4m3fn"]),
-    batch=st.integers(1, 2),
-    seq=st.integers(1, 12),
-    seq_kv=st.integers(1, 200),
+    **strategies.sizes(batch=2, seq=12, seq_kv=200),
     ranged=st.booleans(),
     selection=st.sampled_from(SELECTIONS),
     seed=strategies.SEEDS,

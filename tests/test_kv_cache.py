@@ -253,9 +253,7 @@ def _gapped(pages: torch.Tensor) -> torch.Tensor:
 @given(
     seed=strategies.SEEDS,
     kind=st.sampled_from([torch.bfloat16, torch.float32, "fp8"]),
-    batch=st.integers(1, 3),
-    s_q=st.integers(1, 4),
-    topk=st.integers(1, 20),
+    **strategies.sizes(batch=3, s_q=4, topk=20),
     with_length=st.sampled_from(["none", "per_batch", "per_query"]),
     extra=st.booleans(),
     sink=st.booleans(),

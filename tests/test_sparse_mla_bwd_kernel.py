@@ -48,6 +48,11 @@ class StaticCase:
     has_sink: bool
     config: kernels.Config
 
+    @property
+    def dims(self) -> dict[str, int]:
+        """``heads``, ``d_qk`` and ``d_v``, as :func:`make_problem` takes them."""
+        return {"heads": self.heads, "d_qk": self.d_qk, "d_v": self.d_v}
+
 
 # Few static cases, each one C-target compile; runtime sizes (B, S, S_kv, k <= 64, index pattern) vary freely.
 SMALL_CASES = (
@@ -90,8 +95,6 @@ class Problem:
 def make_problem(
     *,
     seed: int,
-    batch: int,
-    seq: int,
     seq_kv: int,
     heads: int,
     d_qk: int,
@@ -115,8 +118,9 @@ def make_problem(
 
     With ``with_d_lse`` the loss also has a random gradient ``d_lse [B, S, H]`` for ``lse`` (given to the kernel; the
     reference receives it plus ``c``). With ``poison_unreferenced`` every kv row that no valid entry selects holds
-    NaN/±inf (see ``tests.helpers.poison_unreferenced_rows``).
+    NaN/±inf (see ``tests.helpers.poison_unreferenced_rows``). Batch and queries are those of ``indices [B, S, k]``.
     """
+    batch, seq, _ = indices.shape
     g = strategies.generator(seed)
     q = torch.randn((batch, seq, heads, d_qk), generator=g).to(torch.bfloat16)
     kv = torch.randn((batch, seq_kv, d_qk), generator=g).to(torch.bfloat16)
@@ -236,19 +240,9 @@ def cpu_problems(
     sink = _sink(seed + 2, case.heads, sink_kind) if case.has_sink else None
     with_d_lse = draw(st.booleans())
     problem = make_problem(
-        seed=seed,
-        batch=batch,
-        seq=seq,
-        seq_kv=seq_kv,
-        heads=case.heads,
-        d_qk=case.d_qk,
-        d_v=case.d_v,
-        indices=indices,
-        sm_scale=sm_scale,
-        topk_length=topk_length,
-        attn_sink=sink,
-        with_d_lse=with_d_lse,
-    )
+        seed=seed, seq_kv=seq_kv, **case.dims, indices=indices, sm_scale=sm_scale, topk_length=topk_length,
+        attn_sink=sink, with_d_lse=with_d_lse,
+    )  # fmt: skip
     return case, kind, problem
 
 
@@ -291,18 +285,9 @@ def _fixed_problem(case: StaticCase, indices: torch.Tensor, seq_kv: int, *, topk
     if case.has_topk_length and topk_length is None:
         topk_length = torch.full((batch, seq), indices.shape[-1], dtype=torch.int32)
     return make_problem(
-        seed=seed,
-        batch=batch,
-        seq=seq,
-        seq_kv=seq_kv,
-        heads=case.heads,
-        d_qk=case.d_qk,
-        d_v=case.d_v,
-        indices=indices,
-        sm_scale=case.d_qk**-0.5,
-        topk_length=topk_length,
+        seed=seed, seq_kv=seq_kv, **case.dims, indices=indices, sm_scale=case.d_qk**-0.5, topk_length=topk_length,
         attn_sink=sink,
-    )
+    )  # fmt: skip
 
 
 @pytest.mark.cpu_kernel
@@ -383,8 +368,7 @@ def test_cpu_gradient_through_lse(case: StaticCase) -> None:
         sink[0::3] = float("inf")
         sink[1::3] = float("-inf")
     problem = make_problem(
-        seed=8, batch=batch, seq=seq, seq_kv=seq_kv, heads=case.heads, d_qk=case.d_qk, d_v=case.d_v,
-        indices=indices, sm_scale=case.d_qk**-0.5,
+        seed=8, seq_kv=seq_kv, **case.dims, indices=indices, sm_scale=case.d_qk**-0.5,
         topk_length=strategies.make_topk_length(9, batch, seq, k) if case.has_topk_length else None,
         attn_sink=sink, with_d_lse=True,
     )
@@ -408,8 +392,7 @@ def test_cpu_non_finite_rows_behind_invalid_entries_change_nothing(case: StaticC
         topk_length = None
         indices[..., k:] = torch.where(junk < 0, junk, -1 - junk.abs())
     problem = make_problem(
-        seed=15, batch=batch, seq=seq, seq_kv=seq_kv, heads=case.heads, d_qk=case.d_qk, d_v=case.d_v,
-        indices=indices, sm_scale=case.d_qk**-0.5, topk_length=topk_length,
+        seed=15, seq_kv=seq_kv, **case.dims, indices=indices, sm_scale=case.d_qk**-0.5, topk_length=topk_length,
         attn_sink=_sink(16, case.heads, "normal") if case.has_sink else None, poison_unreferenced=True,
     )
     assert not torch.isfinite(problem.kv.float()).all(), "the problem must hold non-finite rows"
@@ -426,7 +409,7 @@ def test_cpu_sharp_single_entry_row_with_sink() -> None:
     case = SMALL_CASES[1]
     batch, seq, heads = 1, 1, case.heads
     problem = make_problem(
-        seed=0, batch=batch, seq=seq, seq_kv=1, heads=heads, d_qk=case.d_qk, d_v=case.d_v,
+        seed=0, seq_kv=1, **case.dims,
         indices=torch.zeros((batch, seq, 1), dtype=torch.int32), sm_scale=0.3,
         topk_length=torch.ones((batch, seq), dtype=torch.int32), attn_sink=_sink(2, heads, "normal"),
     )
@@ -569,20 +552,10 @@ def gpu_problems(draw: st.DrawFn, device: torch.device):
     sink = _sink(seed + 2, V32["heads"], sink_kind) if static.has_sink else None
     with_d_lse = draw(st.booleans())
     problem = make_problem(
-        seed=seed,
-        batch=batch,
-        seq=seq,
-        seq_kv=seq_kv,
-        heads=static.heads,
-        d_qk=V32["d_qk"],
-        d_v=V32["d_v"],
-        indices=indices,
-        sm_scale=V32_SM_SCALE,
-        topk_length=topk_length,
-        attn_sink=None if sink is None else sink[: static.heads].contiguous(),
-        with_d_lse=with_d_lse,
-        device=device,
-    )
+        seed=seed, seq_kv=seq_kv, heads=static.heads, d_qk=V32["d_qk"], d_v=V32["d_v"], indices=indices,
+        sm_scale=V32_SM_SCALE, topk_length=topk_length,
+        attn_sink=None if sink is None else sink[: static.heads].contiguous(), with_d_lse=with_d_lse, device=device,
+    )  # fmt: skip
     return kind, problem
 
 
@@ -603,7 +576,7 @@ def _v32_gpu_problem(static: GpuStatic, kind: str, seed: int, seq: int, seq_kv: 
     given_options = (options["topk_length"] is not None, options["attn_sink"] is not None)
     assert given_options == (static.has_topk_length, static.has_sink), "options must match a GPU_STATICS combo"
     return make_problem(
-        seed=seed + 1, batch=1, seq=seq, seq_kv=seq_kv, heads=static.heads, d_qk=V32["d_qk"], d_v=V32["d_v"],
+        seed=seed + 1, seq_kv=seq_kv, heads=static.heads, d_qk=V32["d_qk"], d_v=V32["d_v"],
         indices=indices, sm_scale=V32_SM_SCALE, device=torch.device("cuda"), **options,
     )
 

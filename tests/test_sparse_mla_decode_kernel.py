@@ -247,10 +247,7 @@ def test_bad_input_names_the_argument(change: dict[str, Any], message: str) -> N
 @pytest.mark.cpu_kernel
 @given(
     fmt=st.sampled_from(FORMATS),
-    batch=st.integers(1, 3),
-    s_q=st.integers(1, 4),
-    context=st.integers(1, 90),
-    topk=st.integers(1, 120),
+    **strategies.sizes(batch=3, s_q=4, context=90, topk=120),
     page_size=st.sampled_from([1, 16, 64]),
     kind=st.sampled_from(strategies.INDEX_PATTERNS),
     length_kind=st.sampled_from([None, "per_sequence", "per_query"]),

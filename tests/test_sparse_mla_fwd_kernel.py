@@ -246,10 +246,7 @@ def _cpu_problem(static: tuple[int, int, int, bool, bool], **sizes: Any) -> Prob
 @pytest.mark.cpu_kernel
 @given(
     static=st.sampled_from(CPU_STATICS),
-    batch=st.integers(1, 2),
-    seq=st.integers(1, 4),
-    seq_kv=st.integers(1, 80),
-    topk=st.integers(1, 150),
+    **strategies.sizes(batch=2, seq=4, seq_kv=80, topk=150),
     kind=st.sampled_from(strategies.INDEX_PATTERNS),
     seed=strategies.SEEDS,
     sm_scale=st.sampled_from([80**-0.5, 0.05, 0.3]),
@@ -279,22 +276,10 @@ def _cpu_problem(static: tuple[int, int, int, bool, bool], **sizes: Any) -> Prob
     static=CPU_STATICS[3], batch=2, seq=4, seq_kv=60,
     topk=129, kind="mixed_rows", seed=7, sm_scale=0.05, value_scale=1.0,
 )
-def test_cpu_matches_reference(
-    static: tuple[int, int, int, bool, bool],
-    batch: int,
-    seq: int,
-    seq_kv: int,
-    topk: int,
-    kind: str,
-    seed: int,
-    sm_scale: float,
-    value_scale: float,
-) -> None:
-    """The C-target kernel matches the reference on every index pattern, with and without topk_length and sink."""
-    p = _cpu_problem(
-        static, batch=batch, seq=seq, seq_kv=seq_kv, topk=topk, kind=kind, seed=seed, sm_scale=sm_scale,
-        value_scale=value_scale,
-    )
+def test_cpu_matches_reference(static: tuple[int, int, int, bool, bool], **sizes: Any) -> None:
+    """The C-target kernel matches the reference on every index pattern, with and without topk_length and sink
+    (``sizes``: the drawn :func:`make_problem` arguments)."""
+    p = _cpu_problem(static, **sizes)
     out, lse = run_kernel(p)
     check(p, out, lse, CPU_OUT_TOL, CPU_LSE_TOL)
 
@@ -302,10 +287,7 @@ def test_cpu_matches_reference(
 @pytest.mark.cpu_kernel
 @strategies.examples(0.15)
 @given(
-    batch=st.integers(1, 2),
-    seq=st.integers(1, 4),
-    seq_kv=st.integers(1, 300),
-    topk=st.integers(1, 300),
+    **strategies.sizes(batch=2, seq=4, seq_kv=300, topk=300),
     kind=st.sampled_from(strategies.INDEX_PATTERNS),
     seed=strategies.SEEDS,
     sm_scale=st.sampled_from([80**-0.5, 0.3]),
@@ -579,9 +561,7 @@ def _gpu_case(static: tuple[int, int, int, bool, bool], **sizes: Any) -> dict[st
 GPU_CASES = st.builds(
     _gpu_case,
     static=st.sampled_from(GPU_STATICS),
-    batch=st.integers(1, 2),
-    seq=st.integers(1, 8),
-    seq_kv=st.integers(1, 3000),
+    **strategies.sizes(batch=2, seq=8, seq_kv=3000),
     topk=st.sampled_from([1, 63, 64, 65, 200, V32_TOPK]),
     kind=st.sampled_from(strategies.INDEX_PATTERNS),
     seed=strategies.SEEDS,

@@ -187,9 +187,7 @@ def test_digits_cover_the_key() -> None:
 @pytest.mark.cpu_kernel
 @given(
     case=st.sampled_from(CPU_CASES),
-    batch=st.integers(1, 2),
-    seq=st.integers(1, 3),
-    seq_kv=st.integers(1, 400),
+    **strategies.sizes(batch=2, seq=3, seq_kv=400),
     kind=st.sampled_from(strategies.SCORE_PATTERNS),
     seed=strategies.SEEDS,
 )
@@ -220,9 +218,7 @@ def test_cpu_matches_contract(case: tuple[int, int], batch: int, seq: int, seq_k
 @strategies.examples(0.3)
 @given(
     case=st.sampled_from(CPU_CASES),
-    batch=st.integers(1, 2),
-    seq=st.integers(1, 3),
-    seq_kv=st.integers(1, 400),
+    **strategies.sizes(batch=2, seq=3, seq_kv=400),
     kind=st.sampled_from(strategies.SCORE_PATTERNS),
     how=strategies.sprinkles(),
     seed=strategies.SEEDS,
