@@ -48,6 +48,7 @@ from tl_kernels.sparse_mla_fwd_steps import (
     entry_valid,
     gather_row,
     index_at,
+    plain_step_macros,
     softmax_macros,
 )
 
@@ -192,6 +193,11 @@ def build(
         value = dsl.load_f32(code, FP8_DTYPE, target) * scale
         return value if cpu else T.Cast(DATA_DTYPE, value)
 
+    open_rows, attend_step = plain_step_macros(
+        alloc, online_softmax, heads=heads, block_h=block_h, block_k=block_k, d_qk=d_qk, d_v=d_v,
+        tile_dtype=tile_dtype, load=load,
+    )  # fmt: skip
+
     fp8 = kv_format == KV_FORMAT_FP8
 
     @T.macro
@@ -219,24 +225,8 @@ def build(
         h0 = (bx % head_blocks) * block_h
         scale_log2 = sm_scale * T.float32(LOG2E)
         limit = T.min(TopkLength[b, s], width)
-        q_s = alloc.shared([block_h, d_qk], tile_dtype)
-        kv_s = alloc.shared([block_k, d_qk], tile_dtype)
-        p_s = alloc.shared([block_h, block_k], tile_dtype)
+        q_s, kv_s, p_s, acc_s, acc_o, m_i, m_prev, m_safe, alpha, l_i, row_sum = open_rows(Q, b, s, h0)
         rows_s = alloc.shared([block_k if fp8 else 1], ROW_DTYPE)  # the FP8 gather's cache rows of one step
-        acc_s = alloc.fragment([block_h, block_k], ACCUM_DTYPE)
-        acc_o = alloc.fragment([block_h, d_v], ACCUM_DTYPE)
-        m_i = alloc.fragment([block_h], ACCUM_DTYPE)
-        m_prev = alloc.fragment([block_h], ACCUM_DTYPE)
-        m_safe = alloc.fragment([block_h], ACCUM_DTYPE)
-        alpha = alloc.fragment([block_h], ACCUM_DTYPE)
-        l_i = alloc.fragment([block_h], ACCUM_DTYPE)
-        row_sum = alloc.fragment([block_h], ACCUM_DTYPE)
-
-        for h, d in alloc.parallel(block_h, d_qk):
-            q_s[h, d] = T.if_then_else(h0 + h < heads, load(Q[b, s, T.min(h0 + h, heads - 1), d]), 0)
-        T.fill(acc_o, 0)
-        T.fill(l_i, 0)
-        T.fill(m_i, neg_inf)
 
         # This split's steps: the row's steps are dealt out by position (a short topk_length row leaves the last
         # splits empty), so every split's bounds follow from the row alone.
@@ -245,20 +235,10 @@ def build(
         last = T.min(first + per_split, T.ceildiv(limit, block_k))
         for i in T.Pipelined(T.max(last - first, 0), num_stages=1):
             gather(KVA, KVB, KVC, Indices, kv_s, rows_s, b, s, first + i, limit)
-            T.clear(acc_s)
-            T.gemm(q_s, kv_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-            for h, j in alloc.parallel(block_h, block_k):
-                pos = (first + i) * block_k + j
-                acc_s[h, j] = T.if_then_else(
-                    entry_valid(index_at(Indices, b, s, pos, width), pos, limit, num_slots),
-                    acc_s[h, j] * scale_log2,
-                    neg_inf,
-                )
-            online_softmax(acc_s, m_i, m_prev, m_safe, alpha, l_i, row_sum)
-            for h, d in alloc.parallel(block_h, d_v):
-                acc_o[h, d] = acc_o[h, d] * alpha[h]
-            T.copy(acc_s, p_s)
-            T.gemm(p_s, kv_s[:, 0:d_v], acc_o, policy=T.GemmWarpPolicy.FullRow)
+            attend_step(
+                q_s, kv_s, p_s, acc_s, acc_o, m_i, m_prev, m_safe, alpha, l_i, row_sum, Indices, b, s, first + i, width,
+                limit, num_slots, scale_log2,
+            )  # fmt: skip
 
         # alpha: 1 / l (0 for an empty split, whose output is then 0); row_sum: the split's lse (-inf when empty).
         # No sink here (the combine adds it once): finalize's sink argument is never read.

@@ -49,6 +49,7 @@ from tl_kernels.sparse_mla_fwd_steps import (
     gather_row,
     index_at,
     kernel_dims,
+    plain_step_macros,
     softmax_macros,
     wide,
 )
@@ -339,27 +340,15 @@ def build(
         return dsl.load_tile(value, DATA_DTYPE, target)
 
     online_softmax, finalize = softmax_macros(alloc.parallel, block_h, block_k, heads, has_sink)
+    open_rows, attend = plain_step_macros(
+        alloc, online_softmax, heads=heads, block_h=block_h, block_k=block_k, d_qk=d_qk, d_v=d_v,
+        tile_dtype=tile_dtype, load=load,
+    )  # fmt: skip
 
     @T.macro
     def schedule(Q, KV, Indices, AttnSink, Out, Lse, b, s, h0, scale_log2, limit, num_steps):  # noqa: ANN001, ANN202
-        q_s = alloc.shared([block_h, d_qk], tile_dtype)
-        kv_s = alloc.shared([block_k, d_qk], tile_dtype)
-        p_s = alloc.shared([block_h, block_k], tile_dtype)
-        acc_s = alloc.fragment([block_h, block_k], ACCUM_DTYPE)
-        acc_o = alloc.fragment([block_h, d_v], ACCUM_DTYPE)
-        m_i = alloc.fragment([block_h], ACCUM_DTYPE)
-        m_prev = alloc.fragment([block_h], ACCUM_DTYPE)
-        m_safe = alloc.fragment([block_h], ACCUM_DTYPE)
-        alpha = alloc.fragment([block_h], ACCUM_DTYPE)
-        l_i = alloc.fragment([block_h], ACCUM_DTYPE)
-        row_sum = alloc.fragment([block_h], ACCUM_DTYPE)
-
         # Heads past `heads` (last head block) load zeros; they are never stored.
-        for h, d in alloc.parallel(block_h, d_qk):
-            q_s[h, d] = T.if_then_else(h0 + h < heads, load(Q[b, s, T.min(h0 + h, heads - 1), d]), 0)
-        T.fill(acc_o, 0)
-        T.fill(l_i, 0)
-        T.fill(m_i, neg_inf)
+        q_s, kv_s, p_s, acc_s, acc_o, m_i, m_prev, m_safe, alpha, l_i, row_sum = open_rows(Q, b, s, h0)
 
         for step in T.Pipelined(num_steps, num_stages=num_stages):
             # The gather: V is the first d_v columns of the same rows, so one tile feeds both GEMMs. Each element
@@ -372,23 +361,10 @@ def build(
                     KV[wide(b), gather_row(Indices, b, s, step * block_k + j, width, limit, seq_len_kv), d]
                 )
 
-            T.clear(acc_s)
-            T.gemm(q_s, kv_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-            # Select the mask: a masked entry's zero row gives a score of 0 that must become exactly -inf.
-            for h, j in alloc.parallel(block_h, block_k):
-                acc_s[h, j] = T.if_then_else(
-                    entry_valid(
-                        index_at(Indices, b, s, step * block_k + j, width), step * block_k + j, limit, seq_len_kv
-                    ),
-                    acc_s[h, j] * scale_log2,
-                    neg_inf,
-                )
-
-            online_softmax(acc_s, m_i, m_prev, m_safe, alpha, l_i, row_sum)
-            for h, d in alloc.parallel(block_h, d_v):
-                acc_o[h, d] = acc_o[h, d] * alpha[h]
-            T.copy(acc_s, p_s)
-            T.gemm(p_s, kv_s[:, 0:d_v], acc_o, policy=T.GemmWarpPolicy.FullRow)
+            attend(
+                q_s, kv_s, p_s, acc_s, acc_o, m_i, m_prev, m_safe, alpha, l_i, row_sum, Indices, b, s, step, width,
+                limit, seq_len_kv, scale_log2,
+            )  # fmt: skip
 
         # alpha: the output's normaliser (the sink in the denominator; 0 for an empty row, whose output is then
         # 0), row_sum: lse (-inf for an empty row).

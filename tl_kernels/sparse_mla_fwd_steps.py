@@ -27,6 +27,7 @@ __all__ = [
     "forward_kernel",
     "gather_row",
     "index_at",
+    "plain_step_macros",
     "softmax_macros",
 ]
 
@@ -157,6 +158,73 @@ def softmax_macros(parallel: Any, block_h: int, block_k: int, heads: int, has_si
             lse[h] = T.if_then_else(l_i[h] == 0, neg_inf, (T.log2(l_i[h]) + m_safe[h]) * T.float32(LN2))
 
     return online_softmax, finalize
+
+
+def plain_step_macros(
+    alloc: Any, online_softmax: Any, *, heads: int, block_h: int, block_k: int, d_qk: int, d_v: int, tile_dtype: str,
+    load: Any,
+) -> tuple[Any, Any]:
+    """The two macros of the plain schedule (every thread gathers, multiplies and normalises), which the forward
+    (``tl_kernels.sparse_mla_fwd``) and the split decode kernel (``tl_kernels.sparse_mla_decode``) both run.
+
+    ``open_rows(Q, b, s, h0) -> (q_s, kv_s, p_s, acc_s, acc_o, m_i, m_prev, m_safe, alpha, l_i, row_sum)``: the head
+    block's buffers (``q_s [block_h, d_qk]``, ``kv_s [block_k, d_qk]`` and ``p_s [block_h, block_k]`` of
+    ``tile_dtype`` in shared memory; the float32 scores ``acc_s [block_h, block_k]``, output accumulator ``acc_o
+    [block_h, d_v]`` and per-head softmax state), with the queries of heads ``h0 ..`` of ``Q[b, s]`` loaded (``load``
+    decodes an element; heads past ``heads`` are zeros, never stored) and the state cleared.
+
+    ``attend(<open_rows' buffers>, Indices, b, s, step, topk, limit, seq_len_kv, scale_log2)``: one step over the
+    ``block_k`` entries ``step * block_k ..`` of the row (``kv_s`` already gathered): the scores, ``-inf`` exactly
+    where an entry is invalid (see :func:`entry_valid`; ``seq_len_kv`` is the number of rows an index may name),
+    scaled to the log2 domain, one ``online_softmax`` step, and ``acc_o`` rescaled and accumulated (the value is
+    ``kv_s[:, :d_v]``). ``topk`` is the index rows' width. (The size parameters carry the names of the kernels'
+    symbolic sizes: TileLang names a variable after the macro parameter it is passed to.)
+    """
+    neg_inf = -T.infinity(ACCUM_DTYPE)
+
+    # Macro parameters carry no annotations on purpose: TileLang gives annotated macro parameters meaning (T.Ref).
+
+    @T.macro
+    def open_rows(Q, b, s, h0):  # noqa: ANN001, ANN202
+        q_s = alloc.shared([block_h, d_qk], tile_dtype)
+        kv_s = alloc.shared([block_k, d_qk], tile_dtype)
+        p_s = alloc.shared([block_h, block_k], tile_dtype)
+        acc_s = alloc.fragment([block_h, block_k], ACCUM_DTYPE)
+        acc_o = alloc.fragment([block_h, d_v], ACCUM_DTYPE)
+        m_i = alloc.fragment([block_h], ACCUM_DTYPE)
+        m_prev = alloc.fragment([block_h], ACCUM_DTYPE)
+        m_safe = alloc.fragment([block_h], ACCUM_DTYPE)
+        alpha = alloc.fragment([block_h], ACCUM_DTYPE)
+        l_i = alloc.fragment([block_h], ACCUM_DTYPE)
+        row_sum = alloc.fragment([block_h], ACCUM_DTYPE)
+        for h, d in alloc.parallel(block_h, d_qk):
+            q_s[h, d] = T.if_then_else(h0 + h < heads, load(Q[b, s, T.min(h0 + h, heads - 1), d]), 0)
+        T.fill(acc_o, 0)
+        T.fill(l_i, 0)
+        T.fill(m_i, neg_inf)
+        return q_s, kv_s, p_s, acc_s, acc_o, m_i, m_prev, m_safe, alpha, l_i, row_sum
+
+    @T.macro
+    def attend(  # noqa: ANN202
+        q_s, kv_s, p_s, acc_s, acc_o, m_i, m_prev, m_safe, alpha, l_i, row_sum,  # noqa: ANN001
+        Indices, b, s, step, topk, limit, seq_len_kv, scale_log2,  # noqa: ANN001
+    ):  # fmt: skip
+        T.clear(acc_s)
+        T.gemm(q_s, kv_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+        # Select the mask: a masked entry's zero row gives a score of 0 that must become exactly -inf.
+        for h, j in alloc.parallel(block_h, block_k):
+            acc_s[h, j] = T.if_then_else(
+                entry_valid(index_at(Indices, b, s, step * block_k + j, topk), step * block_k + j, limit, seq_len_kv),
+                acc_s[h, j] * scale_log2,
+                neg_inf,
+            )
+        online_softmax(acc_s, m_i, m_prev, m_safe, alpha, l_i, row_sum)
+        for h, d in alloc.parallel(block_h, d_v):
+            acc_o[h, d] = acc_o[h, d] * alpha[h]
+        T.copy(acc_s, p_s)
+        T.gemm(p_s, kv_s[:, 0:d_v], acc_o, policy=T.GemmWarpPolicy.FullRow)
+
+    return open_rows, attend
 
 
 @dataclass(frozen=True)
