@@ -10,6 +10,20 @@ import pytest
 
 from dsa import env
 
+def _assert_reads(
+    monkeypatch: pytest.MonkeyPatch, name: str, read: Callable[[], Any], spelling: str, value: Any, unset: Any
+) -> None:
+    """``read()`` gives ``unset`` with ``name`` unset or blank and ``value`` with ``name`` set to ``spelling``."""
+    for raw in (None, "", "  "):
+        if raw is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, raw)
+        assert read() == unset, raw
+    monkeypatch.setenv(name, spelling)
+    assert read() == value
+
+
 CHOICES: list[tuple[str, Callable[[], Any], str, Any, Any]] = [
     # (variable, reader, a spelling to accept, what it reads as, the value when unset)
     ("DSA_BACKEND", env.backend, " TileLang ", "tilelang", "auto"),
@@ -23,12 +37,7 @@ CHOICES: list[tuple[str, Callable[[], Any], str, Any, Any]] = [
 def test_choice_variables(
     monkeypatch: pytest.MonkeyPatch, name: str, read: Callable[[], Any], spelling: str, value: Any, unset: Any
 ) -> None:
-    monkeypatch.delenv(name, raising=False)
-    assert read() == unset
-    monkeypatch.setenv(name, "  ")
-    assert read() == unset
-    monkeypatch.setenv(name, spelling)
-    assert read() == value
+    _assert_reads(monkeypatch, name, read, spelling, value, unset)
     monkeypatch.setenv(name, "sometimes")
     with pytest.raises(ValueError, match=rf"^{name} must be one of \(.*\), got 'sometimes'$"):
         read()
@@ -47,12 +56,7 @@ def test_positive_number_variables(
     monkeypatch: pytest.MonkeyPatch, name: str, read: Callable[[], Any], unit: str, spelling: str, value: Any,
     unset: Any, bad: list[str],
 ) -> None:  # fmt: skip
-    monkeypatch.delenv(name, raising=False)
-    assert read() == unset
-    monkeypatch.setenv(name, "")
-    assert read() == unset
-    monkeypatch.setenv(name, spelling)
-    assert read() == value
+    _assert_reads(monkeypatch, name, read, spelling, value, unset)
     for raw in bad:
         monkeypatch.setenv(name, raw)
         with pytest.raises(ValueError, match=rf"^{name} must be a positive number of {unit}, got '{raw}'$"):
