@@ -114,7 +114,9 @@ def start(jobs: Sequence[Job], folder: Path) -> Pool | None:
         cwd=ROOT,
         stdout=log,
         stderr=subprocess.STDOUT,
-        start_new_session=True,
+        # Its own process group (stopped as one), but the tests' session: with the kernel's autogroup scheduling a new
+        # session would get an equal share of the CPUs whatever its nice value, and crowd out the tests.
+        process_group=0,
     )
     log.close()
     pool = Pool(process, folder, frozenset(job_key(j) for j in unique))
