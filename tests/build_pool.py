@@ -116,7 +116,7 @@ def start(jobs: Sequence[Job], folder: Path) -> Pool | None:
         stderr=subprocess.STDOUT,
         # Its own process group (stopped as one), but the tests' session: with the kernel's autogroup scheduling a new
         # session would get an equal share of the CPUs whatever its nice value, and crowd out the tests.
-        process_group=0,
+        preexec_fn=os.setpgrp,  # noqa: PLW1509 - no threads started yet at collection
     )
     log.close()
     pool = Pool(process, folder, frozenset(job_key(j) for j in unique))
