@@ -114,10 +114,7 @@ def start(jobs: Sequence[Job], folder: Path) -> Pool | None:
         cwd=ROOT,
         stdout=log,
         stderr=subprocess.STDOUT,
-        # Its own process group (stopped as one), but the tests' session: with the kernel's autogroup scheduling a new
-        # session would get an equal share of the CPUs whatever its nice value, and crowd out the tests.
-        preexec_fn=os.setpgrp,  # noqa: PLW1509 - no threads started yet at collection
-    )
+    )  # the tests' session (main() makes its own process group): see main() on why not a session of its own
     log.close()
     pool = Pool(process, folder, frozenset(job_key(j) for j in unique))
     _ACTIVE.append(pool)
@@ -131,9 +128,9 @@ def stop() -> None:
         pool = _ACTIVE.pop()
         if pool.process.poll() is None:
             try:
-                os.killpg(pool.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+                os.killpg(pool.process.pid, signal.SIGKILL)  # the pool and every compile it started
+            except ProcessLookupError:  # not yet its own group leader: the pool alone
+                pool.process.kill()
         pool.process.wait()
 
 
@@ -196,6 +193,10 @@ def main(folder: Path) -> int:
     from autotune import tuner
     from tests import build_pool  # run as __main__: the workers must see this module's real name and classes
 
+    # Its own process group, so the test session can stop it with every compile it started; but not its own session:
+    # with the kernel's autogroup scheduling a new session gets an equal share of the CPUs whatever its nice value,
+    # and would crowd out the tests in the foreground.
+    os.setpgrp()
     os.nice(NICENESS)
     jobs: list[Job] = pickle.loads((folder / JOBS_FILE).read_bytes())
     workers = min(len(jobs), tuner.default_jobs())
