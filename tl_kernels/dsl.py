@@ -278,10 +278,26 @@ def allocators(target: Target) -> Allocators:
 
 
 def first_valid_config(
-    check_config: Callable[[Mapping[str, Any], Any], None], static: Mapping[str, Any], candidates: Iterable[Any]
+    check_config: Callable[[Mapping[str, Any], Any], None],
+    static: Mapping[str, Any],
+    candidates: Iterable[Any],
+    *,
+    kernel: str | None = None,
 ) -> Any:
     """The first of ``candidates`` that ``check_config(static, config)`` accepts (a kernel module's default-config
-    ladder: later candidates need less shared memory); raises the last rejection's ``ValueError`` when none fits."""
+    ladder: later candidates need less shared memory); raises the last rejection's ``ValueError`` when none fits,
+    with ``kernel`` given as ``"no <kernel> config fits <static>: <rejection>"``."""
+    try:
+        return _first_valid_config(check_config, static, candidates)
+    except ValueError as exc:
+        if kernel is None:
+            raise
+        raise ValueError(f"no {kernel} config fits {static}: {exc}") from None
+
+
+def _first_valid_config(
+    check_config: Callable[[Mapping[str, Any], Any], None], static: Mapping[str, Any], candidates: Iterable[Any]
+) -> Any:
     error: ValueError | None = None
     for config in candidates:
         try:

@@ -166,10 +166,7 @@ def default_config(static: dict) -> Config:
     if dsl.is_cpu(dsl.static_target(static)):
         check_config(static, CPU_DEFAULT)
         return CPU_DEFAULT
-    try:
-        return dsl.first_valid_config(check_config, static, _DEFAULT_LADDER)
-    except ValueError as exc:
-        raise ValueError(f"no fused index_topk config fits {static}: {exc}") from None
+    return dsl.first_valid_config(check_config, static, _DEFAULT_LADDER, kernel="fused index_topk")
 
 
 def build(
@@ -221,7 +218,6 @@ def build(
     capacity = cand_capacity(topk, config)
     block_Q = indexer.block_queries(heads, q_rows)
     heads_pad = indexer.padded_heads(heads, block_Q)
-    rows = block_Q * heads_pad
     alloc = dsl.allocators(target)
     select = rs.select_macros(k=topk, cand_capacity=capacity, threads=threads, cpu=cpu)
     fp8 = dtype == indexer.FP8
@@ -314,12 +310,7 @@ def build(
     @T.macro
     def body(Q, K, W, KScale, BlockTable, Starts, Ends, Indices, Scores):
         with T.Kernel(T.ceildiv(seq, block_Q), batch, threads=threads) as (bq, bb):
-            q_tile = alloc.shared([rows, dim], tile_dtype)
-            k_tile = alloc.shared([block_N, dim], tile_dtype)
-            acc = alloc.fragment([block_N, rows], ACCUM_DTYPE)
-            acc_heads = T.reshape(acc, [block_N, block_Q, heads_pad])
-            w_tile = alloc.shared([block_Q, heads_pad], ACCUM_DTYPE)
-            logits = alloc.fragment([block_N, block_Q], ACCUM_DTYPE)
+            q_tile, k_tile, acc, acc_heads, w_tile, logits = math_.tiles()
             score_tile = alloc.shared([block_N, block_Q], ACCUM_DTYPE)
             fill = alloc.shared([block_Q], COUNT_DTYPE)
             threshold = alloc.shared([block_Q], rs.KEY_DTYPE)
@@ -336,13 +327,9 @@ def build(
             )  # fmt: skip
 
             # The key blocks [kb_lo, kb_hi) that at least one query of this block sees.
-            math_.key_range(Starts, Ends, bb, t0, seq, seq_kv, shift, bounds)
-            if bounds[0] < bounds[1]:
-                kb_lo = bounds[0] // block_N
-                kb_hi = T.ceildiv(bounds[1], block_N)
-            else:
-                kb_lo = 0
-                kb_hi = 0
+            math_.key_blocks(Starts, Ends, bb, t0, seq, seq_kv, shift, bounds)
+            kb_lo = bounds[0]
+            kb_hi = bounds[1]
             math_.load_queries(Q, W, q_tile, w_tile, bb, t0, seq)
             select.single(base, init_rows, (fill, threshold))
             select.barrier()

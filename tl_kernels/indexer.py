@@ -208,10 +208,7 @@ def default_config(static: dict) -> Config:
         return CPU_DEFAULT
     ladder = _DEFAULT_LADDER if dsl.is_hopper(dsl.static_target(static)) else _PORTABLE_LADDER
     configs = (Config(q_rows=q, block_N=n, num_stages=stages, threads=threads) for q, n, stages, threads in ladder)
-    try:
-        return dsl.first_valid_config(check_config, static, configs)
-    except ValueError as exc:
-        raise ValueError(f"no indexer config fits {static}: {exc}") from None
+    return dsl.first_valid_config(check_config, static, configs, kernel="indexer")
 
 
 def build(
@@ -254,7 +251,6 @@ def build(
     # count of a symbolic trip count), so this schedule's key loads do not overlap its MMAs (a known cost).
     element_k = not dsl.is_hopper(target)
     heads_pad = padded_heads(heads, block_Q)
-    rows = block_Q * heads_pad
     neg_inf = -T.infinity(ACCUM_DTYPE)
     math_ = indexer_math(
         heads=heads, heads_pad=heads_pad, block_Q=block_Q, block_N=block_N, dim=dim, dtype=dtype, mode=mode,
@@ -266,14 +262,7 @@ def build(
     @T.macro
     def body(Q, K, W, KScale, Starts, Ends, Out):
         with T.Kernel(T.ceildiv(seq, block_Q), batch, threads=threads) as (bq, bb):
-            q_tile = alloc.shared([rows, dim], tile_dtype)
-            k_tile = alloc.shared([block_N, dim], tile_dtype)
-            acc = alloc.fragment([block_N, rows], ACCUM_DTYPE)
-            acc_heads = T.reshape(acc, [block_N, block_Q, heads_pad])
-            # The weights live in shared memory, not registers: as a fragment every thread would hold the weights of
-            # all its accumulator columns (32 floats at 128 rows), which spilled at 4 consumer warpgroups.
-            w_tile = alloc.shared([block_Q, heads_pad], ACCUM_DTYPE)
-            logits = alloc.fragment([block_N, block_Q], ACCUM_DTYPE)
+            q_tile, k_tile, acc, acc_heads, w_tile, logits = math_.tiles()
             bounds = T.alloc_local([2], INDEX_DTYPE)
             kb_lo = T.alloc_var(INDEX_DTYPE)
             kb_hi = T.alloc_var(INDEX_DTYPE)
@@ -281,13 +270,9 @@ def build(
             shift = seq_kv - seq  # causal alignment: query t sees s <= t + shift
 
             # The key blocks [kb_lo, kb_hi) that at least one query of this block sees.
-            math_.key_range(Starts, Ends, bb, t0, seq, seq_kv, shift, bounds)
-            if bounds[0] < bounds[1]:
-                kb_lo = bounds[0] // block_N
-                kb_hi = T.ceildiv(bounds[1], block_N)
-            else:
-                kb_lo = 0
-                kb_hi = 0
+            math_.key_blocks(Starts, Ends, bb, t0, seq, seq_kv, shift, bounds)
+            kb_lo = bounds[0]
+            kb_hi = bounds[1]
             math_.load_queries(Q, W, q_tile, w_tile, bb, t0, seq)
 
             for step in T.Pipelined(kb_hi - kb_lo, num_stages=num_stages):

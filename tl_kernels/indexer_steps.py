@@ -15,11 +15,12 @@ import tilelang.language as T
 
 from tl_kernels import dsl
 
-__all__ = ["FP8", "INT32_MAX", "IndexerMath", "indexer_math"]
+__all__ = ["ACCUM_DTYPE", "FP8", "INT32_MAX", "IndexerMath", "indexer_math"]
 
 FP8 = "float8_e4m3fn"
 # A large int32 used as the "empty" lower bound when folding per-query ranges with min.
 INT32_MAX = 2**31 - 1
+ACCUM_DTYPE = "float32"  # accumulators, weights and logits
 
 
 class IndexerMath(NamedTuple):
@@ -29,8 +30,10 @@ class IndexerMath(NamedTuple):
     visible: Any  # visible(Starts, Ends, b, t, s, shift) -> whether query t sees key s
     scaled: Any  # scaled(value, KScale, b, s) -> value times k_scale[b, s] (FP8), else value
     key_range: Any  # key_range(Starts, Ends, b, t0, seq_len, seq_len_kv, shift, bounds): [lo, hi) into bounds[0:2]
+    key_blocks: Any  # key_blocks(<key_range's arguments>): the key blocks [lo, hi) of that range into bounds[0:2]
     load_queries: Any  # load_queries(Q, W, q_tile, w_tile, b, t0, seq_len): the block's q and weight tiles
     head_sum: Any  # macro head_sum(k_tile, q_tile, acc, acc_heads, w_tile, logits): logits[n, i] for one key block
+    tiles: Any  # macro tiles() -> (q_tile, k_tile, acc, acc_heads, w_tile, logits): a block's buffers for the above
 
 
 def indexer_math(
@@ -102,6 +105,18 @@ def indexer_math(
                         bounds[1] = T.max(bounds[1], hi_i)
 
     @T.macro
+    def key_blocks(Starts, Ends, b, t0, seq_len, seq_len_kv, shift, bounds):
+        """:func:`key_range`, then turned into the key blocks ``[bounds[0], bounds[1])`` of ``block_N`` keys that
+        cover it (both 0 when it is empty)."""
+        key_range(Starts, Ends, b, t0, seq_len, seq_len_kv, shift, bounds)
+        if bounds[0] < bounds[1]:
+            bounds[0] = bounds[0] // block_N
+            bounds[1] = T.ceildiv(bounds[1], block_N)
+        else:
+            bounds[0] = 0
+            bounds[1] = 0
+
+    @T.macro
     def load_queries(Q, W, q_tile, w_tile, b, t0, seq_len):
         """The block's ``[block_Q * heads_pad, dim]`` q tile and ``[block_Q, heads_pad]`` weights; padded heads and
         queries past ``seq_len`` are zero. (Zeros alone do not make a padded head add nothing: ``0 * inf`` is NaN,
@@ -127,4 +142,19 @@ def indexer_math(
             acc_heads[n, i, h] = weighted_relu(acc_heads[n, i, h], w_tile[i, h], h)
         T.reduce_sum(acc_heads, logits, dim=-1, clear=True)
 
-    return IndexerMath(load, visible, scaled, key_range, load_queries, head_sum)
+    @T.macro
+    def tiles():
+        """The block's buffers: the q tile ``[block_Q * heads_pad, dim]`` and a key tile ``[block_N, dim]`` (tile
+        dtype, shared), the GEMM accumulator ``[block_N, block_Q * heads_pad]`` with its per-head view ``[block_N,
+        block_Q, heads_pad]``, the weights ``[block_Q, heads_pad]`` and the logits ``[block_N, block_Q]`` (float32)."""
+        q_tile = alloc.shared([block_Q * heads_pad, dim], tile_dtype)
+        k_tile = alloc.shared([block_N, dim], tile_dtype)
+        acc = alloc.fragment([block_N, block_Q * heads_pad], ACCUM_DTYPE)
+        acc_heads = T.reshape(acc, [block_N, block_Q, heads_pad])
+        # The weights live in shared memory, not registers: as a fragment every thread would hold the weights of all
+        # its accumulator columns (32 floats at 128 rows), which spilled at 4 consumer warpgroups.
+        w_tile = alloc.shared([block_Q, heads_pad], ACCUM_DTYPE)
+        logits = alloc.fragment([block_N, block_Q], ACCUM_DTYPE)
+        return q_tile, k_tile, acc, acc_heads, w_tile, logits
+
+    return IndexerMath(load, visible, scaled, key_range, key_blocks, load_queries, head_sum, tiles)
