@@ -138,6 +138,47 @@ def require_scale(name: str, value: object) -> float:
     return float(value)
 
 
+def _require_query_and_keys(
+    q: torch.Tensor,
+    q_dtypes: Sequence[torch.dtype],
+    q_layout: str,
+    keys: tuple[str, torch.Tensor, str, str],
+    other: tuple[str, torch.Tensor, str | None, Sequence[torch.dtype] | None],
+) -> None:
+    """What the indexer and ``sparse_mla`` check first, in this order: ``q`` (rank 4, ``q_dtypes``), its keys (rank 3,
+    q's dtype, q's batch and last dim) and a third input, each a tensor and none empty.
+
+    Args:
+        q (torch.Tensor): ``[B, S, H, D]``, any of ``q_dtypes``; ``q_layout`` names its dims in messages.
+        keys: ``(name, t [B, S_kv, D], layout, width)``: ``width`` formats ``D`` for the last-dim message.
+        other: ``(name, t, layout, dtypes)``: with a layout, a rank-3 non-empty tensor ``[B, S, ...]``; with dtypes,
+            of those dtypes (checked after the keys' dtype, before their shape). Its shape is the caller's.
+    """
+    keys_name, keys_t, keys_layout, width = keys
+    other_name, other_t, other_layout, other_dtypes = other
+    require_tensor("q", q)
+    require_tensor(keys_name, keys_t)
+    require_tensor(other_name, other_t)
+    require_dtype("q", q, q_dtypes)
+    require_rank("q", q, 4, q_layout)
+    require_rank(keys_name, keys_t, 3, keys_layout)
+    if other_layout is not None:
+        require_rank(other_name, other_t, 3, other_layout)
+    require_nonempty("q", q, q_layout)
+    require_nonempty(keys_name, keys_t, keys_layout)
+    if other_layout is not None:
+        require_nonempty(other_name, other_t, other_layout)
+    if keys_t.dtype != q.dtype:
+        raise TypeError(f"{keys_name} must have the same dtype as q ({q.dtype}), got {keys_t.dtype}")
+    if other_dtypes is not None:
+        require_dtype(other_name, other_t, other_dtypes)
+    batch, dim = q.shape[0], q.shape[3]
+    if keys_t.shape[0] != batch:
+        raise ValueError(f"{keys_name} must have batch size {batch} like q, got shape {_shape(keys_t.shape)}")
+    if keys_t.shape[2] != dim:
+        raise ValueError(f"{keys_name} must have {width.format(dim)} like q, got shape {_shape(keys_t.shape)}")
+
+
 def _check_indexer_inputs(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -149,21 +190,11 @@ def _check_indexer_inputs(
     kernel: bool = False,
 ) -> None:
     """The indexer's inputs, shared by ``index_scores`` and ``index_topk`` (each names itself in the message)."""
-    require_tensor("q", q)
-    require_tensor("k", k)
-    require_tensor("weights", weights)
-    require_dtype("q", q, INDEXER_KERNEL_DTYPES if kernel else INDEXER_REFERENCE_DTYPES)
-    require_rank("q", q, 4, "[B, S, H_i, D_i]")
-    require_rank("k", k, 3, "[B, S_kv, D_i]")
-    require_nonempty("q", q, "[B, S, H_i, D_i]")
-    require_nonempty("k", k, "[B, S_kv, D_i]")
-    if k.dtype != q.dtype:
-        raise TypeError(f"k must have the same dtype as q ({q.dtype}), got {k.dtype}")
-    batch, seq, heads, dim = q.shape
-    if k.shape[0] != batch:
-        raise ValueError(f"k must have batch size {batch} like q, got shape {_shape(k.shape)}")
-    if k.shape[2] != dim:
-        raise ValueError(f"k must have head dim D_i = {dim} like q, got shape {_shape(k.shape)}")
+    _require_query_and_keys(
+        q, INDEXER_KERNEL_DTYPES if kernel else INDEXER_REFERENCE_DTYPES, "[B, S, H_i, D_i]",
+        ("k", k, "[B, S_kv, D_i]", "head dim D_i = {}"), ("weights", weights, None, None),
+    )  # fmt: skip
+    batch, seq, heads, _ = q.shape
     seq_kv = k.shape[1]
     weight_dtypes = (torch.float32,) if kernel or q.dtype != torch.float64 else (torch.float32, torch.float64)
     require_dtype("weights", weights, weight_dtypes)
@@ -232,24 +263,11 @@ def check_sparse_mla(
     kernel: bool = False,
 ) -> None:
     """Validate the inputs of ``sparse_mla`` (see ``dsa.reference.sparse_mla``)."""
-    require_tensor("q", q)
-    require_tensor("kv", kv)
-    require_tensor("indices", indices)
-    require_dtype("q", q, ATTENTION_KERNEL_DTYPES if kernel else ATTENTION_REFERENCE_DTYPES)
-    require_rank("q", q, 4, "[B, S, H, d_qk]")
-    require_rank("kv", kv, 3, "[B, S_kv, d_qk]")
-    require_rank("indices", indices, 3, "[B, S, k]")
-    require_nonempty("q", q, "[B, S, H, d_qk]")
-    require_nonempty("kv", kv, "[B, S_kv, d_qk]")
-    require_nonempty("indices", indices, "[B, S, k]")
-    if kv.dtype != q.dtype:
-        raise TypeError(f"kv must have the same dtype as q ({q.dtype}), got {kv.dtype}")
-    require_dtype("indices", indices, (INDEX_DTYPE,))
-    batch, seq, _, d_qk = q.shape
-    if kv.shape[0] != batch:
-        raise ValueError(f"kv must have batch size {batch} like q, got shape {_shape(kv.shape)}")
-    if kv.shape[2] != d_qk:
-        raise ValueError(f"kv must have d_qk = {d_qk} columns like q, got shape {_shape(kv.shape)}")
+    _require_query_and_keys(
+        q, ATTENTION_KERNEL_DTYPES if kernel else ATTENTION_REFERENCE_DTYPES, "[B, S, H, d_qk]",
+        ("kv", kv, "[B, S_kv, d_qk]", "d_qk = {} columns"), ("indices", indices, "[B, S, k]", (INDEX_DTYPE,)),
+    )  # fmt: skip
+    batch, seq = q.shape[0], q.shape[1]
     if indices.shape[0] != batch or indices.shape[1] != seq:
         raise ValueError(f"indices must have shape [B, S, k] with B = {batch}, S = {seq} like q, got {_shape(indices.shape)}")
     _check_attention_args(q, sm_scale, d_v, attn_sink, "kv")
