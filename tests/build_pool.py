@@ -164,7 +164,7 @@ def wait(jobs: Sequence[Job], timeout_s: float = WAIT_TIMEOUT_S) -> dict[Job, tu
 # ----------------------------------------------------------------------------------------------------------------------
 # The pool process
 # ----------------------------------------------------------------------------------------------------------------------
-def _run_job(job: Job) -> tuple[bool, Any]:
+def run_job(job: Job) -> tuple[bool, Any]:
     """Compile one job in a worker: ``(True, result)`` or ``(False, error text)``."""
     from autotune import tuner
     from dsa import env
@@ -204,7 +204,7 @@ def main(folder: Path) -> int:
     print(f"build pool: {len(jobs)} builds on {workers} processes", flush=True)
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-        futures = {pool.submit(build_pool._run_job, job): job for job in jobs}
+        futures = {pool.submit(build_pool.run_job, job): job for job in jobs}
         for future in concurrent.futures.as_completed(futures):
             job = futures[future]
             try:

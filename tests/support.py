@@ -4,7 +4,6 @@ with their static reports logged, and running the repository's scripts in a subp
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import logging
 import multiprocessing
 import re
@@ -54,17 +53,6 @@ def _build_key(builder: Callable[..., Any], params: dict[str, Any]) -> tuple[Any
     return (builder.__module__, builder.__qualname__, tuple(sorted(params.items())))
 
 
-def _compile_in_worker(job: tuple[str, str, dict[str, Any], str]) -> str | None:
-    """One sm_90a compile in a worker process (fills TileLang's kernel cache and the ptxas-report cache)."""
-    module_name, qualname, params, report_dir = job
-    try:
-        builder = getattr(importlib.import_module(module_name), qualname)
-        tl_build.compile_hopper(builder, report_cache_dir=Path(report_dir), **params)
-    except Exception as exc:  # noqa: BLE001 - the test's own compile reports it
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
 def prebuild_hopper(builds: Sequence[tuple[Callable[..., Any], dict[str, Any]]]) -> None:
     """Compile ``builds`` (``(builder, params)``) for sm_90a in parallel, one process per usable CPU, so that the
     tests' :func:`hopper_build` calls then load them from TileLang's disk cache: nvcc and ptxas run one file per
@@ -73,19 +61,15 @@ def prebuild_hopper(builds: Sequence[tuple[Callable[..., Any], dict[str, Any]]])
     report."""
     if build_pool.wait([build_pool.HopperJob.of(b, p) for b, p in builds]) is not None:
         return  # the session's pool built them (a failed build is compiled again by its test, which reports it)
-    pending: dict[tuple[Any, ...], tuple[Callable[..., Any], dict[str, Any]]] = {}
-    for builder, params in builds:
-        key = _build_key(builder, params)
-        if key not in _BUILDS:
-            pending.setdefault(key, (builder, params))
-    workers = min(len(pending), tuner.default_jobs())
+    # The pool's own job and worker function, run here for just these builds.
+    jobs = list(dict.fromkeys(build_pool.HopperJob.of(b, p) for b, p in builds if _build_key(b, p) not in _BUILDS))
+    workers = min(len(jobs), tuner.default_jobs())
     if workers < 2:
         return
-    jobs = [(b.__module__, b.__qualname__, p, str(env.static_report_dir())) for b, p in pending.values()]
     start = time.perf_counter()
     try:
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            failures = [f for f in pool.map(_compile_in_worker, jobs) if f]
+            failures = [error for done, error in pool.map(build_pool.run_job, jobs) if not done]
     except Exception as exc:  # noqa: BLE001 - only a speed-up: the tests compile whatever is missing themselves
         logger.warning("parallel prebuild stopped (%s: %s); the tests compile serially", type(exc).__name__, exc)
         return
