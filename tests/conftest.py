@@ -139,8 +139,8 @@ def _session_build_jobs(items: list[pytest.Item]) -> list[object]:
         if "build" not in item.keywords or item.get_closest_marker("skip") is not None or not hasattr(item, "module"):
             continue
         for name in getattr(item, "fixturenames", ()):
-            fixture = vars(item.module).get(name)
-            if (id(item.module), name) in seen or type(fixture).__name__ != "FixtureFunctionDefinition":
+            fixture = vars(item.module).get(name)  # a fixture defined in the test's module, or None
+            if fixture is None or (id(item.module), name) in seen:
                 continue
             seen.add((id(item.module), name))
             builds = getattr(fixture, "dsa_builds", None)
