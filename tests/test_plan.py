@@ -10,6 +10,7 @@ for all layers (``ModelCache.begin_step`` / ``LayerCache.step``).
 from __future__ import annotations
 
 import collections
+import pathlib
 import functools
 from collections.abc import Callable
 
@@ -143,3 +144,30 @@ def test_begin_step_is_shared_by_every_layer_and_matches_the_cache_positions() -
     following = cache.layers[0].step(1, None, torch.device("cpu"))
     assert following is not step and cache.layers[2].step(1, None, torch.device("cpu")) is following
     assert torch.equal(following.positions, torch.tensor([[3], [1]]))
+
+
+def test_a_config_stored_by_this_process_replans_cuda_launches(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+) -> None:
+    """A CUDA plan holds the tuned config it looked up: after the tuner stores a config in this same process, the next
+    call of that shape plans again (the key holds ``autotune.lookup.cache.generation()``), with no ``clear_plans``.
+    CPU plans never look up a tuned config and are kept. No CUDA device is needed: only the keys are exercised."""
+    from autotune.lookup import cache as tuned_cache
+
+    monkeypatch.setenv("DSA_CACHE_DIR", str(tmp_path))
+    plans = common.PlanCache("test_generation")
+    made: list[int] = []
+
+    def make() -> int:
+        made.append(len(made))
+        return made[-1]
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert plans.get(cuda, ("shape",), make) == 0 and plans.get(cuda, ("shape",), make) == 0
+    assert plans.get(cpu, ("shape",), make) == 1
+    tuned_cache.store("topk", {"k": 8}, {"rows": 4}, {"block": 64}, sku="h100-sxm", cache_dir=tmp_path)
+    assert plans.get(cuda, ("shape",), make) == 2
+    assert plans.get(cuda, ("shape",), make) == 2
+    assert plans.get(cpu, ("shape",), make) == 1
+    tuned_cache.clear_memory_cache()
+    assert plans.get(cuda, ("shape",), make) == 3

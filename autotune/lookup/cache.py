@@ -191,6 +191,8 @@ _state_lock = threading.Lock()
 # canonical JSON costs tens of microseconds; a hit here is a tuple hash. Cleared by store() and clear_memory_cache().
 _answers: dict[tuple[Any, ...], dict[str, Any] | None] = {}
 _MISS = object()
+# Bumped whenever the answers above are dropped (see generation()).
+_generation: list[int] = [0]
 
 
 def _report_once(path: Path, kind: str, message: str) -> None:
@@ -270,12 +272,20 @@ def _load(path: Path, *, kernel: str, sku: str) -> _LoadedFile | None:
     return loaded
 
 
+def generation() -> int:
+    """How many times this process changed what :func:`lookup` can answer (a :func:`store`, a
+    :func:`clear_memory_cache`). Launch plans key on it, so a config tuned by this same process is used by the next
+    call without clearing any plan by hand."""
+    return _generation[0]
+
+
 def clear_memory_cache() -> None:
     """Forget every file read by this process (the next lookup re-reads them) and which problems were reported."""
     with _state_lock:
         _files.clear()
         _reported.clear()
         _answers.clear()
+        _generation[0] += 1
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -417,4 +427,5 @@ def store(
     with _state_lock:
         _files.pop(path, None)
         _answers.clear()
+        _generation[0] += 1
     return path

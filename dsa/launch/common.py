@@ -7,8 +7,9 @@ the config, the compiled kernels, split counts, placeholder tensors), or returns
 take the problem; its ``run(plan, ...)`` allocates the outputs and launches. Plans live in a :class:`PlanCache` per
 launcher, keyed by those cheap facts, so every layer of a decode step (and every step after the first) reuses one
 plan: no target or config is chosen twice. A key also holds what the environment contributes (``DSA_PORTABLE`` and
-``DSA_CACHE_DIR`` on CUDA, ``DSA_CPU_COMPILE_FLAGS`` on the CPU) and :func:`dsa.hardware.cache_epoch`; a tuned config
-that this same process writes later is seen after :func:`clear_plans`.
+``DSA_CACHE_DIR`` on CUDA, ``DSA_CPU_COMPILE_FLAGS`` on the CPU), :func:`dsa.hardware.cache_epoch` and, on CUDA, the
+tuned-config cache's :func:`autotune.lookup.cache.generation`: a config that this same process tunes and stores later
+is used by the next call of that shape (its plan is made again), with no plan cleared by hand.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
+from autotune.lookup import cache as tuned_cache
 from autotune.lookup import select
 from dsa import env, hardware
 from tl_kernels import build as tl_build
@@ -61,7 +63,7 @@ def plan_settings(device: torch.device) -> tuple[Hashable, ...]:
     """What the environment adds to a plan's key on ``device`` (cheap reads; see the module docstring)."""
     if device.type == "cpu":
         return (hardware.cache_epoch(), env.cpu_compile_flags())
-    return (hardware.cache_epoch(), env.portable(), env.cache_dir())
+    return (hardware.cache_epoch(), tuned_cache.generation(), env.portable(), env.cache_dir())
 
 
 class PlanCache(Generic[_Plan]):
