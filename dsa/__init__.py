@@ -4,7 +4,7 @@ The front door: the public ops and the main classes are attributes of the packag
 ``__getattr__``), so ``import dsa`` costs almost nothing and runs nothing (no torch import, no device query):
 
 - ops (``dsa.ops``): ``index_scores``, ``topk_indices``, ``index_topk``, ``sparse_mla``, ``sparse_mla_decode``,
-  ``index_topk_decode``;
+  ``index_topk_decode``, ``compress_kv``;
 - byte layouts (``dsa.kv_format``): ``FP8Layout``, ``V32_FP8_LAYOUT``, ``MODEL1_FP8_LAYOUT``;
 - serving (``dsa.serving``): ``PagedKVCache``, ``ModelCache``;
 - models (``dsa.models``): ``DSAConfig``, ``DSAttention``, ``LightningIndexer``, ``TinyDSAModel``.
@@ -25,6 +25,7 @@ _EXPORTS = {
     "sparse_mla": "dsa.ops",
     "sparse_mla_decode": "dsa.ops",
     "index_topk_decode": "dsa.ops",
+    "compress_kv": "dsa.ops",
     "FP8Layout": "dsa.kv_format",
     "V32_FP8_LAYOUT": "dsa.kv_format",
     "MODEL1_FP8_LAYOUT": "dsa.kv_format",

@@ -27,12 +27,18 @@ checked (``dsa.reference.*_impl``).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
-from dsa import autograd, validation
-from dsa.hardware import TILELANG, select_backend
+from dsa import autograd, reference, validation
+from dsa.hardware import REFERENCE, TILELANG, select_backend
 
-__all__ = ["index_scores", "index_topk", "index_topk_decode", "sparse_mla", "sparse_mla_decode", "topk_indices"]
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "compress_kv", "index_scores", "index_topk", "index_topk_decode", "sparse_mla", "sparse_mla_decode", "topk_indices",
+]
 
 
 def _kernel_layout(backend: str, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
@@ -130,6 +136,24 @@ def sparse_mla(
     return autograd.call_sparse_mla(q, kv, indices, sm_scale, d_v, topk_length, attn_sink, backend)
 
 
+def _decode_backend(backend: str, d_qk: int, d_rope: int, *caches: torch.Tensor | None) -> str:
+    """The backend ``sparse_mla_decode`` runs on: ``backend``, except that FP8 caches in MODEL1's split layout run the
+    reference (the decode kernel's FP8 views know V3.2's row-per-token layout only: a token's scales inside its row,
+    float32; MODEL1 keeps them after the page's values, as UE8M0 bytes). Called after validation."""
+    if backend != TILELANG:
+        return backend
+    for cache in caches:
+        if cache is not None and validation.is_fp8_cache(cache):
+            layout = validation.fp8_cache_layout(d_qk, d_rope, cache.shape[-1])
+            if layout is not None and layout.scales_after_values:
+                logger.info(
+                    "sparse_mla_decode: the decode kernel reads row-per-token FP8 caches only, not the split layout "
+                    "of %d-byte rows (MODEL1); running the reference", cache.shape[-1],
+                )  # fmt: skip
+                return REFERENCE
+    return backend
+
+
 def sparse_mla_decode(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -145,18 +169,20 @@ def sparse_mla_decode(
     d_rope: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``sparse_mla_decode`` (contract: ``dsa.reference.sparse_mla_decode``): ``(out [B, s_q, H, d_v], lse [B, s_q,
-    H] float32)`` over paged caches (``dsa.serving.cache.PagedKVCache`` pages, bf16 rows or FP8-layout bytes). Forward
-    only.
+    H] float32)`` over paged caches (``dsa.serving.cache.PagedKVCache`` pages, bf16 rows or FP8-layout bytes: V3.2's
+    row per token, or MODEL1's split pages viewed as ``[num_pages, page_size, 584]``). Forward only.
 
     Unlike the reference, a plain cache must have q's dtype. The kernels take bfloat16 q (FP8 rows are dequantised
-    inside the kernel); float32/float64 run the reference, and so do widths the CUDA kernels cannot take (``d_qk``
-    or ``d_v`` not a multiple of 64), logged at info level.
+    inside the kernel); float32/float64 run the reference, and so do, logged at info level, widths the CUDA kernels
+    cannot take (``d_qk`` or ``d_v`` not a multiple of 64) and MODEL1 FP8 caches (the kernel reads row-per-token FP8
+    rows only; bf16 caches of V4's 512-wide rows run the kernel).
     """
     backend = select_backend(q.device, q.dtype in validation.ATTENTION_KERNEL_DTYPES)
     validation.check_sparse_mla_decode(
         q, kv_cache, indices, sm_scale, d_v, topk_length, attn_sink, extra_kv_cache, extra_indices,
-        extra_topk_length, validation.fp8_row_bytes(q.shape[-1], int(d_rope)), kernel=backend == TILELANG,
+        extra_topk_length, int(d_rope), kernel=backend == TILELANG,
     )  # fmt: skip
+    backend = _decode_backend(backend, q.shape[-1], int(d_rope), kv_cache, extra_kv_cache)
     q, kv_cache, indices, topk_length, attn_sink, extra_kv_cache, extra_indices, extra_topk_length = _kernel_layout(
         backend, q, kv_cache, indices, topk_length, attn_sink, extra_kv_cache, extra_indices, extra_topk_length
     )
@@ -191,3 +217,24 @@ def index_topk_decode(
     )
     indices, scores = autograd.index_topk_decode_impl(q, k_cache, weights, int(topk), block_table, ends, starts, backend)
     return (indices, scores) if return_scores else indices
+
+
+def compress_kv(
+    kv: torch.Tensor,
+    gate: torch.Tensor,
+    position_bias: torch.Tensor,
+    *,
+    rate: int,
+    overlap: bool,
+    prev_kv: torch.Tensor | None = None,
+    prev_gate: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``compress_kv`` (contract: ``dsa.reference.compress_kv``): DeepSeek-V4's gated pooling, ``[B, n, d]`` in kv's
+    dtype, differentiable in ``kv``, ``gate``, ``position_bias`` and the carried state.
+
+    One implementation runs on every backend: the reference's PyTorch code (a few fused elementwise ops and one
+    reduction per window). The op is memory-bound (it reads each row once and writes ``1 / rate`` of it) and no
+    TileLang kernel has been measured against it yet, so ``DSA_BACKEND`` does not change what runs here.
+    """
+    validation.check_compress_kv(kv, gate, position_bias, rate, overlap, prev_kv, prev_gate)
+    return reference.compress_kv_impl(kv, gate, position_bias, int(rate), bool(overlap), prev_kv, prev_gate)

@@ -254,28 +254,92 @@ def check_topk_indices(scores: torch.Tensor, k: object, *, kernel: bool = False)
 def check_sparse_mla(
     q: torch.Tensor,
     kv: torch.Tensor,
-    indices: torch.Tensor,
+    indices: torch.Tensor | None,
     sm_scale: object,
     d_v: object,
     topk_length: torch.Tensor | None,
     attn_sink: torch.Tensor | None,
     *,
     kernel: bool = False,
+    ranges: torch.Tensor | None = None,
+    extra_kv: torch.Tensor | None = None,
+    extra_indices: torch.Tensor | None = None,
+    extra_topk_length: torch.Tensor | None = None,
+    extra_ranges: torch.Tensor | None = None,
 ) -> None:
-    """Validate the inputs of ``sparse_mla`` (see ``dsa.reference.sparse_mla``)."""
+    """Validate the inputs of ``sparse_mla`` (see ``dsa.reference.sparse_mla``): one source (``kv`` with ``indices``
+    or ``ranges``) and optionally a second (``extra_kv`` with ``extra_indices`` or ``extra_ranges``)."""
+    _check_exactly_one("indices", indices, "ranges", ranges)
+    entries = ("indices", indices, "[B, S, k]") if indices is not None else ("ranges", ranges, "[B, S, 2]")
     _require_query_and_keys(
         q, ATTENTION_KERNEL_DTYPES if kernel else ATTENTION_REFERENCE_DTYPES, "[B, S, H, d_qk]",
-        ("kv", kv, "[B, S_kv, d_qk]", "d_qk = {} columns"), ("indices", indices, "[B, S, k]", (INDEX_DTYPE,)),
+        ("kv", kv, "[B, S_kv, d_qk]", "d_qk = {} columns"), (*entries, (INDEX_DTYPE,)),
     )  # fmt: skip
-    batch, seq = q.shape[0], q.shape[1]
-    if indices.shape[0] != batch or indices.shape[1] != seq:
-        raise ValueError(f"indices must have shape [B, S, k] with B = {batch}, S = {seq} like q, got {_shape(indices.shape)}")
+    _check_mla_entries(q, "", indices, topk_length, ranges, checked=True)
     _check_attention_args(q, sm_scale, d_v, attn_sink, "kv")
+    _check_topk_length(q, "", topk_length)
+    require_same_device("q", q, kv=kv, indices=indices, topk_length=topk_length, attn_sink=attn_sink, ranges=ranges)
+    if extra_kv is None:
+        for name, t in (("extra_indices", extra_indices), ("extra_topk_length", extra_topk_length),
+                        ("extra_ranges", extra_ranges)):  # fmt: skip
+            if t is not None:
+                raise ValueError(f"{name} is given without extra_kv (the second source's rows)")
+        return
+    require_tensor("extra_kv", extra_kv)
+    require_rank("extra_kv", extra_kv, 3, "[B, S_extra, d_qk]")
+    require_nonempty("extra_kv", extra_kv, "[B, S_extra, d_qk]")
+    if extra_kv.dtype != kv.dtype:
+        raise TypeError(f"extra_kv must have the same dtype as kv ({kv.dtype}), got {extra_kv.dtype}")
+    if extra_kv.shape[0] != q.shape[0] or extra_kv.shape[2] != q.shape[3]:
+        raise ValueError(
+            f"extra_kv must have shape [B, S_extra, d_qk] with B = {q.shape[0]}, d_qk = {q.shape[3]} like q, "
+            f"got {_shape(extra_kv.shape)}"
+        )
+    _check_exactly_one("extra_indices", extra_indices, "extra_ranges", extra_ranges)
+    _check_mla_entries(q, "extra_", extra_indices, extra_topk_length, extra_ranges, checked=False)
+    _check_topk_length(q, "extra_", extra_topk_length)
+    require_same_device(
+        "q", q, extra_kv=extra_kv, extra_indices=extra_indices, extra_topk_length=extra_topk_length,
+        extra_ranges=extra_ranges,
+    )  # fmt: skip
+
+
+def _check_exactly_one(name: str, t: torch.Tensor | None, other_name: str, other: torch.Tensor | None) -> None:
+    if (t is None) == (other is None):
+        given = "both" if t is not None else "neither"
+        raise ValueError(f"exactly one of {name} and {other_name} must be given, got {given}")
+
+
+def _check_mla_entries(
+    q: torch.Tensor, prefix: str, indices: torch.Tensor | None, topk_length: torch.Tensor | None,
+    ranges: torch.Tensor | None, *, checked: bool,
+) -> None:  # fmt: skip
+    """One source's entries of ``sparse_mla`` (``prefix`` names the second source's): an index list ``[B, S, k]``
+    int32, or ``ranges [B, S, 2]`` int32 (then no ``topk_length``). ``checked``: the tensor, dtype, rank and
+    emptiness were checked already (the first source's, by ``_require_query_and_keys``)."""
+    batch, seq = q.shape[0], q.shape[1]
+    name, t = (prefix + "indices", indices) if indices is not None else (prefix + "ranges", ranges)
+    if not checked:
+        require_tensor(name, t)
+        require_dtype(name, t, (INDEX_DTYPE,))
+        require_rank(name, t, 3, "[B, S, k]" if indices is not None else "[B, S, 2]")
+        require_nonempty(name, t, "[B, S, k]")
+    if indices is not None:
+        if indices.shape[0] != batch or indices.shape[1] != seq:
+            raise ValueError(
+                f"{name} must have shape [B, S, k] with B = {batch}, S = {seq} like q, got {_shape(indices.shape)}"
+            )
+        return
+    require_shape(name, ranges, (batch, seq, 2), "[B, S, 2]")
     if topk_length is not None:
-        require_tensor("topk_length", topk_length)
-        require_dtype("topk_length", topk_length, (INDEX_DTYPE,))
-        require_shape("topk_length", topk_length, (batch, seq), "[B, S]")
-    require_same_device("q", q, kv=kv, indices=indices, topk_length=topk_length, attn_sink=attn_sink)
+        raise ValueError(f"{prefix}topk_length applies to {prefix}indices only, not to {prefix}ranges")
+
+
+def _check_topk_length(q: torch.Tensor, prefix: str, topk_length: torch.Tensor | None) -> None:
+    if topk_length is not None:
+        require_tensor(prefix + "topk_length", topk_length)
+        require_dtype(prefix + "topk_length", topk_length, (INDEX_DTYPE,))
+        require_shape(prefix + "topk_length", topk_length, (q.shape[0], q.shape[1]), "[B, S]")
 
 
 def _check_attention_args(
@@ -308,13 +372,25 @@ FP8_CACHE_DTYPES = (torch.uint8, torch.int8, torch.float8_e4m3fn)
 """Dtypes an FP8 paged cache may arrive in: its bytes (FlashMLA passes them as uint8, int8 or float8_e4m3fn)."""
 
 
-def fp8_row_bytes(d_qk: int, d_rope: int) -> int | None:
-    """Bytes of one FP8 cache row of ``d_qk`` values with ``d_rope`` RoPE values (``dsa.kv_format.FP8Layout``),
-    ``None`` when no layout fits them (what :func:`check_sparse_mla_decode` takes)."""
+def fp8_cache_layouts(d_qk: int, d_rope: int) -> tuple[kv_format.FP8Layout, ...]:
+    """The FP8 layouts a ``sparse_mla_decode`` cache of ``d_qk``-wide rows with ``d_rope`` RoPE values may hold:
+    FlashMLA's MODEL1 (:data:`dsa.kv_format.MODEL1_FP8_LAYOUT`, 584 bytes per token, split pages) for 512-wide rows
+    with 64 RoPE values, and the row-per-token layout of the width (``dsa.kv_format.FP8Layout.for_width``: V3.2's 656
+    bytes for 576; 604 for 512) where one exists. Their row sizes differ, so a cache's row size picks one
+    (:func:`fp8_cache_layout`)."""
+    model1 = kv_format.MODEL1_FP8_LAYOUT
+    layouts = [model1] if (d_qk, d_rope) == (model1.width, model1.d_rope) else []
     try:
-        return kv_format.FP8Layout.for_width(d_qk, d_rope).bytes_per_token if 0 <= d_rope < d_qk else None
+        if 0 <= d_rope < d_qk:
+            layouts.append(kv_format.FP8Layout.for_width(d_qk, d_rope))
     except ValueError:
-        return None
+        pass  # no row-per-token layout for this split (d_nope not a multiple of 16)
+    return tuple(layouts)
+
+
+def fp8_cache_layout(d_qk: int, d_rope: int, row_bytes: int) -> kv_format.FP8Layout | None:
+    """The layout of :func:`fp8_cache_layouts` whose rows are ``row_bytes`` long, ``None`` when none is."""
+    return next((layout for layout in fp8_cache_layouts(d_qk, d_rope) if layout.bytes_per_token == row_bytes), None)
 
 
 def is_fp8_cache(kv_cache: torch.Tensor) -> bool:
@@ -323,7 +399,7 @@ def is_fp8_cache(kv_cache: torch.Tensor) -> bool:
 
 
 def _check_decode_source(
-    prefix: str, q: Tensor, kv_cache: Tensor, indices: Tensor, topk_length: OptTensor, fp8_row_bytes: int | None
+    prefix: str, q: Tensor, kv_cache: Tensor, indices: Tensor, topk_length: OptTensor, d_rope: int
 ) -> None:
     """One KV source of ``sparse_mla_decode``: the cache pages, its slot indices and their lengths."""
     batch, s_q, _, d_qk = q.shape
@@ -333,18 +409,16 @@ def _check_decode_source(
     require_rank(cache_name, kv_cache, 3, "[num_pages, page_size, row]")
     require_nonempty(cache_name, kv_cache, "[num_pages, page_size, row]")
     if is_fp8_cache(kv_cache):
-        model1 = kv_format.MODEL1_FP8_LAYOUT
-        if d_qk == model1.width and kv_cache.shape[-1] == model1.bytes_per_token:
+        layouts = fp8_cache_layouts(d_qk, d_rope)
+        if not layouts:
             raise ValueError(
-                f"{cache_name} holds {model1.bytes_per_token}-byte rows of FlashMLA's MODEL1 FP8 layout "
-                f"(dsa.kv_format.MODEL1_FP8_LAYOUT), which sparse_mla_decode does not read yet"
+                f"{cache_name} holds FP8 bytes, but d_rope = {d_rope} leaves no FP8 layout for {d_qk}-wide rows"
             )
-        if fp8_row_bytes is None:
-            raise ValueError(f"{cache_name} holds FP8 bytes, but d_rope leaves no FP8 layout for {d_qk}-wide rows")
-        if kv_cache.shape[-1] != fp8_row_bytes:
+        if fp8_cache_layout(d_qk, d_rope, kv_cache.shape[-1]) is None:
+            sizes = " or ".join(str(layout.bytes_per_token) for layout in layouts)
             raise ValueError(
-                f"{cache_name} holds {kv_cache.shape[-1]}-byte rows; the FP8 layout of a {d_qk}-wide row takes "
-                f"{fp8_row_bytes} bytes"
+                f"{cache_name} holds {kv_cache.shape[-1]}-byte rows; the FP8 layouts of a {d_qk}-wide row with "
+                f"{d_rope} RoPE values take {sizes} bytes"
             )
     else:
         if kv_cache.dtype != q.dtype:
@@ -385,26 +459,26 @@ def check_sparse_mla_decode(
     extra_kv_cache: torch.Tensor | None,
     extra_indices: torch.Tensor | None,
     extra_topk_length: torch.Tensor | None,
-    fp8_row_bytes: int | None,
+    d_rope: int,
     *,
     kernel: bool = False,
 ) -> None:
     """Validate the inputs of ``sparse_mla_decode`` (see ``dsa.reference.sparse_mla_decode``).
 
-    ``fp8_row_bytes``: the bytes of one FP8 cache row for q's width and the call's ``d_rope`` (``None`` when no FP8
-    layout exists for them); an FP8 cache must have exactly that row size.
+    ``d_rope``: the RoPE width of FP8 rows; an FP8 cache's rows must be one of the layouts :func:`fp8_cache_layout`
+    finds for q's width and ``d_rope`` (MODEL1's 584 bytes or the row-per-token size).
     """
     require_tensor("q", q)
     require_dtype("q", q, ATTENTION_KERNEL_DTYPES if kernel else ATTENTION_REFERENCE_DTYPES)
     require_rank("q", q, 4, "[B, s_q, H, d_qk]")
     require_nonempty("q", q, "[B, s_q, H, d_qk]")
-    _check_decode_source("", q, kv_cache, indices, topk_length, fp8_row_bytes)
+    _check_decode_source("", q, kv_cache, indices, topk_length, d_rope)
     if (extra_kv_cache is None) != (extra_indices is None):
         raise ValueError("extra_kv_cache and extra_indices go together (both or neither)")
     if extra_kv_cache is None and extra_topk_length is not None:
         raise ValueError("extra_topk_length needs extra_kv_cache and extra_indices")
     if extra_kv_cache is not None:
-        _check_decode_source("extra_", q, extra_kv_cache, extra_indices, extra_topk_length, fp8_row_bytes)
+        _check_decode_source("extra_", q, extra_kv_cache, extra_indices, extra_topk_length, d_rope)
     _check_attention_args(q, sm_scale, d_v, attn_sink, "a cache row")
 
 
@@ -460,4 +534,62 @@ def check_index_topk_decode(
             require_shape(name, t, (batch, s_q), "[B, s_q]")
     require_same_device(
         "q", q, k_cache=k_cache, weights=weights, block_table=block_table, ends=ends, starts=starts
+    )
+
+
+COMPRESS_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+"""The row dtypes ``compress_kv`` takes (one torch implementation serves every backend)."""
+
+
+@names_op("compress_kv")
+def check_compress_kv(
+    kv: torch.Tensor,
+    gate: torch.Tensor,
+    position_bias: torch.Tensor,
+    rate: object,
+    overlap: object,
+    prev_kv: torch.Tensor | None,
+    prev_gate: torch.Tensor | None,
+) -> None:
+    """Validate the inputs of ``compress_kv`` (see ``dsa.reference.compress_kv``)."""
+    layout = "[B, n * rate, W]"
+    require_tensor("kv", kv)
+    require_tensor("gate", gate)
+    require_tensor("position_bias", position_bias)
+    require_dtype("kv", kv, COMPRESS_DTYPES)
+    require_dtype("gate", gate, COMPRESS_DTYPES)
+    require_rank("kv", kv, 3, layout)
+    rate = require_positive_int("rate", rate)
+    if not isinstance(overlap, bool):
+        raise TypeError(f"overlap must be a bool, got {type(overlap).__name__}")
+    batch, length, width = kv.shape
+    if batch < 1 or width < 1:
+        raise ValueError(f"kv must have B >= 1 and W >= 1 in {layout}, got {_shape(kv.shape)}")
+    if length % rate:
+        raise ValueError(
+            f"kv must hold whole windows: its length must be a multiple of rate = {rate} (buffer a partial window "
+            f"until it is complete), got {_shape(kv.shape)}"
+        )
+    if overlap and width % 2:
+        raise ValueError(f"kv must have an even W = 2 d (Ca | Cb) with overlap=True, got {_shape(kv.shape)}")
+    require_shape("gate", gate, tuple(kv.shape), layout)
+    bias_dtypes = (torch.float32,) if kv.dtype != torch.float64 else (torch.float32, torch.float64)
+    require_dtype("position_bias", position_bias, bias_dtypes)
+    require_shape("position_bias", position_bias, (rate, width), "[rate, W]")
+    if (prev_kv is None) != (prev_gate is None):
+        raise ValueError("prev_kv and prev_gate must be given together (the carried window's rows and gates)")
+    if prev_kv is not None and prev_gate is not None:
+        if not overlap:
+            raise ValueError("prev_kv/prev_gate are the carried state of overlapping windows: pass them with overlap=True")
+        require_tensor("prev_kv", prev_kv)
+        require_tensor("prev_gate", prev_gate)
+        carried = (batch, rate, width // 2)
+        require_shape("prev_kv", prev_kv, carried, "[B, rate, d]")
+        require_shape("prev_gate", prev_gate, carried, "[B, rate, d]")
+        if prev_kv.dtype != kv.dtype:
+            raise TypeError(f"prev_kv must have kv's dtype ({kv.dtype}), got {prev_kv.dtype}")
+        if prev_gate.dtype != gate.dtype:
+            raise TypeError(f"prev_gate must have gate's dtype ({gate.dtype}), got {prev_gate.dtype}")
+    require_same_device(
+        "kv", kv, gate=gate, position_bias=position_bias, prev_kv=prev_kv, prev_gate=prev_gate
     )

@@ -9,6 +9,7 @@ The docstrings here are the contract: a kernel is correct when it matches these 
 - ``topk``: ``topk_indices``, ``index_topk`` (the bounded selection walk), ``gather_scores``, ``selected_scores``;
 - ``mla``: ``sparse_mla`` and ``sparse_mla_backward``;
 - ``decode``: ``sparse_mla_decode`` and ``index_topk_decode`` over paged caches;
+- ``compress``: ``compress_kv``, DeepSeek-V4's gated pooling of raw rows into compressed entries;
 - ``dense``: ``dense_masked_attention``, the deliberately obvious full-matrix version, an oracle for tests only.
 
 Every public name (and the ``*_impl`` entry points ``dsa.ops`` calls after validating) is re-exported here, so
@@ -18,6 +19,7 @@ Every public name (and the ``*_impl`` entry points ``dsa.ops`` calls after valid
 from __future__ import annotations
 
 from dsa.reference.common import CHUNK_ELEMENTS, INVALID_INDEX, OptTensor, compute_dtype, valid_index_mask
+from dsa.reference.compress import compress_kv, compress_kv_impl
 from dsa.reference.decode import index_topk_decode, index_topk_decode_impl, sparse_mla_decode, sparse_mla_decode_impl
 from dsa.reference.dense import dense_masked_attention
 from dsa.reference.indexer import index_scores, index_scores_impl, visibility_mask
@@ -35,7 +37,8 @@ from dsa.reference.topk import (
 )
 
 __all__ = [
-    "CHUNK_ELEMENTS", "INVALID_INDEX", "KEY_BLOCK", "OptTensor", "SELECT_CHUNK_ELEMENTS", "compute_dtype",
+    "CHUNK_ELEMENTS", "INVALID_INDEX", "KEY_BLOCK", "OptTensor", "SELECT_CHUNK_ELEMENTS", "compress_kv", "compress_kv_impl",
+    "compute_dtype",
     "dense_masked_attention", "gather_scores", "index_scores", "index_scores_impl", "index_topk", "index_topk_decode",
     "index_topk_decode_impl", "index_topk_impl", "select_topk", "selected_scores", "sparse_mla", "sparse_mla_backward",
     "sparse_mla_decode", "sparse_mla_decode_impl", "sparse_mla_impl", "topk_indices", "topk_indices_impl",
