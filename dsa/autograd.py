@@ -30,6 +30,7 @@ from dsa.library import (  # noqa: F401 - re-exported: dsa.ops, the benchmark an
     call_index_topk,
     call_sparse_mla,
     call_sparse_mla_decode,
+    call_sparse_mla_sources,
     call_topk_indices,
     index_scores_bwd_impl,
     index_scores_impl,
@@ -40,6 +41,8 @@ from dsa.library import (  # noqa: F401 - re-exported: dsa.ops, the benchmark an
     sparse_mla_bwd_impl,
     sparse_mla_decode_impl,
     sparse_mla_impl,
+    sparse_mla_sources_bwd_impl,
+    sparse_mla_sources_impl,
     topk_indices_impl,
     unfused_index_topk,
 )
@@ -154,3 +157,47 @@ class SparseMLAFunction(torch.autograd.Function):
             d_sink,
             None,
         )
+
+
+class SparseMLASourcesFunction(torch.autograd.Function):
+    """``sparse_mla`` over ranged or two sources (``dsa::sparse_mla_sources``) with gradients for ``q``, ``kv``,
+    ``extra_kv`` and ``attn_sink`` from the gradients of ``out`` and ``lse``. ``entries`` are a source's indices or,
+    when its ``ranged`` flag is set, its ranges."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        q: torch.Tensor, kv: torch.Tensor, entries: torch.Tensor, topk_length: OptTensor, extra_kv: OptTensor,
+        extra_entries: OptTensor, extra_topk_length: OptTensor, ranged: bool, extra_ranged: bool, sm_scale: float,
+        d_v: int, attn_sink: OptTensor, backend: str,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        sources = (q, kv, entries, topk_length, extra_kv, extra_entries, extra_topk_length, ranged, extra_ranged)
+        out, lse = library.call("sparse_mla_sources", *sources, sm_scale, d_v, attn_sink, backend)
+        ctx.save_for_backward(q, kv, entries, topk_length, extra_kv, extra_entries, extra_topk_length, attn_sink, out,
+                              lse)  # fmt: skip
+        ctx.ranged, ctx.sm_scale, ctx.d_v, ctx.backend = (ranged, extra_ranged), sm_scale, d_v, backend
+        ctx.set_materialize_grads(False)  # as SparseMLAFunction: no d_lse work when the loss ignores lse
+        return out, lse
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, d_out: OptTensor, d_lse: OptTensor
+    ) -> tuple:
+        *sources, attn_sink, out, lse = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if d_out is None and d_lse is None:
+            return (None,) * 13
+        if d_out is None:  # only lse reached the loss
+            d_out = torch.zeros_like(out)
+        dq = dkv = d_extra = d_sink = None
+        if need[0] or need[1] or need[4]:
+            dq, dkv, d_extra = library.call(
+                "sparse_mla_sources_bwd", *sources, *ctx.ranged, out, lse, d_out, ctx.sm_scale, ctx.d_v, attn_sink,
+                d_lse, ctx.backend,
+            )  # fmt: skip
+        if attn_sink is not None and need[11]:
+            d_sink = library.attn_sink_grad(out, lse, d_out, attn_sink)
+        return (
+            dq if need[0] else None, dkv if need[1] else None, None, None, d_extra if need[4] else None,
+            None, None, None, None, None, None, d_sink, None,
+        )  # fmt: skip

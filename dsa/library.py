@@ -12,6 +12,8 @@ compiled graph runs the implementation chosen when it was traced):
 | ``dsa::index_topk_bwd`` | (dq, dk, dweights) | PyTorch for both backends, chunked recomputation at the selected keys |
 | ``dsa::sparse_mla`` | (out, lse) | launcher ``dsa.launch.sparse_mla_fwd`` or the reference forward |
 | ``dsa::sparse_mla_bwd`` | (dq, dkv) | launcher ``dsa.launch.sparse_mla_bwd`` or the reference's recompute backward |
+| ``dsa::sparse_mla_sources`` | (out, lse) | ``sparse_mla`` over ranged or two sources: ``dsa.launch.two_source`` (a launch per source, combined) or the reference |
+| ``dsa::sparse_mla_sources_bwd`` | (dq, dkv, d extra_kv) | ``dsa.launch.two_source`` (the backward kernel per source) or the reference's recompute backward |
 | (eager only) ``index_topk_decode`` | (positions, scores) | launcher ``dsa.launch.index_topk`` (paged) or ``dsa.reference.index_topk_decode`` |
 | ``dsa::sparse_mla_decode`` | (out, lse) | launcher ``dsa.launch.sparse_mla_decode`` or ``dsa.reference.sparse_mla_decode`` (forward only) |
 
@@ -38,6 +40,8 @@ from torch import Tensor
 from dsa import env, reference, selection, validation
 from dsa.hardware import TILELANG
 from dsa.reference import compute_dtype
+from dsa.reference import mla as reference_mla
+from dsa.reference.sources import Source, unflat_sources
 
 _LAUNCH_INDEXER = "dsa.launch.indexer"
 _LAUNCH_INDEX_TOPK = "dsa.launch.index_topk"
@@ -45,6 +49,7 @@ _LAUNCH_TOPK = "dsa.launch.topk"
 _LAUNCH_SPARSE_MLA_FWD = "dsa.launch.sparse_mla_fwd"
 _LAUNCH_SPARSE_MLA_BWD = "dsa.launch.sparse_mla_bwd"
 _LAUNCH_SPARSE_MLA_DECODE = "dsa.launch.sparse_mla_decode"
+_LAUNCH_TWO_SOURCE = "dsa.launch.two_source"
 
 OptTensor = Tensor | None
 logger = logging.getLogger(__name__)
@@ -338,6 +343,46 @@ def sparse_mla_bwd_impl(
     return dq, dkv
 
 
+def _sources(ranged: bool, extra_ranged: bool, *flat: OptTensor) -> tuple[Source, ...]:
+    """The sources of a ``dsa::sparse_mla_sources`` call (``flat``: kv, entries, topk_length, then the extra ones)."""
+    return unflat_sources((ranged, extra_ranged)[: 1 if flat[3] is None else 2], flat)
+
+
+def sparse_mla_sources_impl(
+    q: Tensor, kv: Tensor, entries: Tensor, topk_length: OptTensor, extra_kv: OptTensor, extra_entries: OptTensor,
+    extra_topk_length: OptTensor, ranged: bool, extra_ranged: bool, sm_scale: float, d_v: int, attn_sink: OptTensor,
+    backend: str,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Forward of ``sparse_mla`` over ranged or two sources (contract in ``dsa.reference.sparse_mla``): ``(out [B, S,
+    H, d_v], lse [B, S, H])``; the kernels per source, combined (``dsa.launch.two_source``), or the reference."""
+    sources = _sources(ranged, extra_ranged, kv, entries, topk_length, extra_kv, extra_entries, extra_topk_length)
+    if backend == TILELANG:
+        return launcher(_LAUNCH_TWO_SOURCE).sparse_mla_sources_fwd(q, sources, sm_scale, d_v, attn_sink)
+    with torch.no_grad():
+        return reference_mla.sparse_mla_sources_impl(q, sources, sm_scale, d_v, attn_sink)
+
+
+def sparse_mla_sources_bwd_impl(
+    q: Tensor, kv: Tensor, entries: Tensor, topk_length: OptTensor, extra_kv: OptTensor, extra_entries: OptTensor,
+    extra_topk_length: OptTensor, ranged: bool, extra_ranged: bool, out: Tensor, lse: Tensor, d_out: Tensor,
+    sm_scale: float, d_v: int, attn_sink: OptTensor, d_lse: OptTensor, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """Backward of :func:`sparse_mla_sources_impl`: ``(dq [B, S, H, d_qk], dkv [B, S_kv, d_qk], d extra_kv [B,
+    S_extra, d_qk] or empty [0] without a second source)``, in the inputs' dtypes; strides as ``sparse_mla_bwd_impl``
+    takes them."""
+    sources = _sources(ranged, extra_ranged, kv, entries, topk_length, extra_kv, extra_entries, extra_topk_length)
+    if backend == TILELANG:
+        d_out, d_lse = validation.kernel_layout(d_out), validation.kernel_layout(d_lse)
+        dq, dkvs = launcher(_LAUNCH_TWO_SOURCE).sparse_mla_sources_bwd(
+            q, sources, sm_scale, d_v, attn_sink, out, lse, d_out, d_lse
+        )
+    else:
+        dq, dkvs, _ = reference_mla.sparse_mla_sources_backward(
+            q, sources, sm_scale, d_v, attn_sink, out, lse, d_out, d_lse
+        )
+    return dq, dkvs[0], dkvs[1] if len(dkvs) > 1 else q.new_empty((0,))
+
+
 def attn_sink_grad(out: torch.Tensor, lse: torch.Tensor, d_out: torch.Tensor, attn_sink: torch.Tensor) -> torch.Tensor:
     """Gradient of the loss with respect to ``attn_sink [H]``.
 
@@ -394,6 +439,18 @@ _LIB.define(
     " Tensor? attn_sink, Tensor? extra_kv_cache, Tensor? extra_indices, Tensor? extra_topk_length, int d_rope,"
     " str backend) -> (Tensor, Tensor)"
 )
+_SOURCES_ARGS = (
+    "Tensor q, Tensor kv, Tensor entries, Tensor? topk_length, Tensor? extra_kv, Tensor? extra_entries,"
+    " Tensor? extra_topk_length, bool ranged, bool extra_ranged"
+)
+_LIB.define(
+    f"sparse_mla_sources({_SOURCES_ARGS}, float sm_scale, int d_v, Tensor? attn_sink, str backend)"
+    " -> (Tensor, Tensor)"
+)
+_LIB.define(
+    f"sparse_mla_sources_bwd({_SOURCES_ARGS}, Tensor out, Tensor lse, Tensor d_out, float sm_scale, int d_v,"
+    " Tensor? attn_sink, Tensor? d_lse, str backend) -> (Tensor, Tensor, Tensor)"
+)
 _COMPOSITE = "CompositeExplicitAutograd"
 _LIB.impl("index_scores", index_scores_impl, _COMPOSITE)
 _LIB.impl("index_scores_bwd", index_scores_bwd_impl, _COMPOSITE)
@@ -403,6 +460,8 @@ _LIB.impl("index_topk_bwd", index_topk_bwd_impl, _COMPOSITE)
 _LIB.impl("sparse_mla", sparse_mla_impl, _COMPOSITE)
 _LIB.impl("sparse_mla_bwd", sparse_mla_bwd_impl, _COMPOSITE)
 _LIB.impl("sparse_mla_decode", sparse_mla_decode_impl, _COMPOSITE)
+_LIB.impl("sparse_mla_sources", sparse_mla_sources_impl, _COMPOSITE)
+_LIB.impl("sparse_mla_sources_bwd", sparse_mla_sources_bwd_impl, _COMPOSITE)
 
 
 @torch.library.register_fake("dsa::index_scores")
@@ -481,6 +540,25 @@ def _sparse_mla_bwd_fake(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.empty_like(q), torch.empty_like(kv)
 
+
+@torch.library.register_fake("dsa::sparse_mla_sources")
+def _sparse_mla_sources_fake(
+    q: Tensor, kv: Tensor, entries: Tensor, topk_length: OptTensor, extra_kv: OptTensor, extra_entries: OptTensor,
+    extra_topk_length: OptTensor, ranged: bool, extra_ranged: bool, sm_scale: float, d_v: int, attn_sink: OptTensor,
+    backend: str,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    return _sparse_mla_fake(q, kv, entries, sm_scale, d_v, topk_length, attn_sink, backend)
+
+
+@torch.library.register_fake("dsa::sparse_mla_sources_bwd")
+def _sparse_mla_sources_bwd_fake(
+    q: Tensor, kv: Tensor, entries: Tensor, topk_length: OptTensor, extra_kv: OptTensor, extra_entries: OptTensor,
+    extra_topk_length: OptTensor, ranged: bool, extra_ranged: bool, out: Tensor, lse: Tensor, d_out: Tensor,
+    sm_scale: float, d_v: int, attn_sink: OptTensor, d_lse: OptTensor, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    extra = q.new_empty((0,)) if extra_kv is None else torch.empty_like(extra_kv)
+    return torch.empty_like(q), torch.empty_like(kv), extra
+
 # --------------------------------------------------------------------------------------------------------------------
 # The one call helper: the registered op under torch.compile, the plain function in eager mode (same code, less
 # overhead).
@@ -495,6 +573,8 @@ _IMPLEMENTATIONS = {
     "sparse_mla": sparse_mla_impl,
     "sparse_mla_bwd": sparse_mla_bwd_impl,
     "sparse_mla_decode": sparse_mla_decode_impl,
+    "sparse_mla_sources": sparse_mla_sources_impl,
+    "sparse_mla_sources_bwd": sparse_mla_sources_bwd_impl,
 }
 
 
@@ -512,3 +592,4 @@ call_topk_indices = functools.partial(call, "topk_indices")
 call_index_topk = functools.partial(call, "index_topk")
 call_sparse_mla = functools.partial(call, "sparse_mla")
 call_sparse_mla_decode = functools.partial(call, "sparse_mla_decode")
+call_sparse_mla_sources = functools.partial(call, "sparse_mla_sources")

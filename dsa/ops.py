@@ -16,8 +16,8 @@ Signatures and semantics are those of ``dsa.reference`` (the contract, also summ
    works). The backend is chosen when a graph is traced: a compiled graph keeps the implementation it was traced
    with.
 
-Gradients: ``sparse_mla`` for ``q``, ``kv``, ``attn_sink`` (through ``out`` and ``lse``); ``index_scores`` for
-``weights`` and, for floating (bfloat16/float32/float64) ``q``/``k``, for those too; FP8 ``q``/``k`` get none;
+Gradients: ``sparse_mla`` for ``q``, ``kv``, ``extra_kv``, ``attn_sink`` (through ``out`` and ``lse``);
+``index_scores`` for ``weights`` and, for floating (bfloat16/float32/float64) ``q``/``k``, for those too; FP8 ``q``/``k`` get none;
 ``topk_indices`` returns integers (no gradient); ``index_topk``'s scores have ``index_scores``' gradients at the
 selected positions, its indices none.
 
@@ -117,23 +117,57 @@ def index_topk(
 def sparse_mla(
     q: torch.Tensor,
     kv: torch.Tensor,
-    indices: torch.Tensor,
+    indices: torch.Tensor | None = None,
     *,
     sm_scale: float,
     d_v: int = 512,
     topk_length: torch.Tensor | None = None,
     attn_sink: torch.Tensor | None = None,
+    ranges: torch.Tensor | None = None,
+    extra_kv: torch.Tensor | None = None,
+    extra_indices: torch.Tensor | None = None,
+    extra_topk_length: torch.Tensor | None = None,
+    extra_ranges: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``sparse_mla`` (contract: ``dsa.reference.sparse_mla``): ``(out [B, S, H, d_v] in q's dtype, lse [B, S, H]
-    float32)``, both differentiable in ``q``, ``kv`` and ``attn_sink``. The kernels take bfloat16; float32/float64
-    run the reference."""
+    float32)``, both differentiable in ``q``, ``kv``, ``extra_kv`` and ``attn_sink``. The kernels take bfloat16;
+    float32/float64 run the reference.
+
+    One index list runs the forward and backward kernels once each. Ranges or a second source (DeepSeek-V4's window
+    and compressed entries) run the kernels once per source and combine them exactly (``dsa.launch.two_source``)."""
     backend = select_backend(q.device, q.dtype in validation.ATTENTION_KERNEL_DTYPES)
-    validation.check_sparse_mla(q, kv, indices, sm_scale, d_v, topk_length, attn_sink, kernel=backend == TILELANG)
-    q, kv, indices, topk_length, attn_sink = _kernel_layout(backend, q, kv, indices, topk_length, attn_sink)
+    validation.check_sparse_mla(
+        q, kv, indices, sm_scale, d_v, topk_length, attn_sink, kernel=backend == TILELANG, ranges=ranges,
+        extra_kv=extra_kv, extra_indices=extra_indices, extra_topk_length=extra_topk_length, extra_ranges=extra_ranges,
+    )  # fmt: skip
     sm_scale, d_v = float(sm_scale), int(d_v)
+    if ranges is not None or extra_kv is not None:
+        return _sparse_mla_sources(
+            backend, q, kv, ranges if indices is None else indices, topk_length, extra_kv,
+            extra_ranges if extra_indices is None else extra_indices, extra_topk_length, indices is None,
+            extra_indices is None, sm_scale, d_v, attn_sink,
+        )  # fmt: skip
+    q, kv, indices, topk_length, attn_sink = _kernel_layout(backend, q, kv, indices, topk_length, attn_sink)
     if _needs_grad(q, kv, attn_sink):
         return autograd.SparseMLAFunction.apply(q, kv, indices, sm_scale, d_v, topk_length, attn_sink, backend)
     return autograd.call_sparse_mla(q, kv, indices, sm_scale, d_v, topk_length, attn_sink, backend)
+
+
+def _sparse_mla_sources(
+    backend: str, q: torch.Tensor, kv: torch.Tensor, entries: torch.Tensor, topk_length: torch.Tensor | None,
+    extra_kv: torch.Tensor | None, extra_entries: torch.Tensor | None, extra_topk_length: torch.Tensor | None,
+    ranged: bool, extra_ranged: bool, sm_scale: float, d_v: int, attn_sink: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``sparse_mla`` over ranged or two sources (validated): ``entries`` are a source's indices, or its ranges when
+    its ``ranged`` flag is set; through ``dsa::sparse_mla_sources``."""
+    q, kv, entries, topk_length, extra_kv, extra_entries, extra_topk_length, attn_sink = _kernel_layout(
+        backend, q, kv, entries, topk_length, extra_kv, extra_entries, extra_topk_length, attn_sink
+    )
+    args = (q, kv, entries, topk_length, extra_kv, extra_entries, extra_topk_length, ranged, extra_ranged, sm_scale,
+            d_v, attn_sink, backend)  # fmt: skip
+    if _needs_grad(q, kv, extra_kv, attn_sink):
+        return autograd.SparseMLASourcesFunction.apply(*args)
+    return autograd.call_sparse_mla_sources(*args)
 
 
 def _decode_backend(backend: str, d_qk: int, d_rope: int, *caches: torch.Tensor | None) -> str:

@@ -1,0 +1,140 @@
+"""``sparse_mla`` over ranged or two sources on the kernels: one launch of the existing kernels per source, combined.
+
+Forward: each source runs the forward kernel WITHOUT the sink, giving ``(out_k, lse_k)`` (softmax over that source's
+valid entries alone). One softmax over the union is then exact: ``lse = logaddexp(lse_1, lse_2)`` and, with the sink
+joining the denominator ``L = logaddexp(lse, sink)``, ``out = sum_k exp(lse_k - L) out_k``. The weights follow the
+reference's convention for an empty row (``L = -inf`` is replaced by 0, so an empty source weighs exactly 0 and an
+all-empty row gives ``out = 0``), so NaN and infinities land where the reference puts them: a NaN or ``+inf`` score
+makes its ``lse_k`` and so ``L`` NaN/``+inf`` and every weight NaN; a ``+inf`` sink gives weights 0.
+
+Backward: for one softmax over a union, an entry's gradient depends only on its score, the total ``lse``, the sink,
+``out``, ``d_out`` and ``d_lse``, so the backward kernel called per source with the COMBINED ``out``/``lse`` (and the
+sink) gives exactly that source's ``dkv`` and its share of ``dq``; ``dq`` is their sum. (``d_sink`` is
+``dsa.library.attn_sink_grad`` on the totals, in ``dsa.autograd``.)
+
+A ranged source runs through the kernels' ranged form where the launchers have it (``plan(..., ranged=True)``, the
+ranges ``[B, S, 2]`` passed as ``indices``); otherwise its ranges become index lists one chunk of query rows at a
+time (at most :data:`RANGE_INDEX_ELEMENTS` entries per chunk, never ``S x range length`` at once), each chunk one
+launch.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from dsa.launch import sparse_mla_bwd as bwd_launch
+from dsa.launch import sparse_mla_fwd as fwd_launch
+from dsa.reference.sources import Source, range_width, ranges_as_indices
+
+OptTensor = Tensor | None
+
+__all__ = ["RANGE_INDEX_ELEMENTS", "combine", "sparse_mla_sources_bwd", "sparse_mla_sources_fwd"]
+
+RANGE_INDEX_ELEMENTS = 1 << 22
+"""Entries (int32) of one chunk's index list when a range is turned into one (16 MiB)."""
+
+
+def _has_ranged_form(plan: object) -> bool:
+    """Whether a launcher's ``plan`` takes ``ranged`` (the kernels' own range form)."""
+    return "ranged" in inspect.signature(plan).parameters  # type: ignore[arg-type]
+
+
+def _range_chunks(q: Tensor, source: Source, width: int) -> Iterator[slice]:
+    """Query-row chunks whose index lists of ``width`` entries stay under :data:`RANGE_INDEX_ELEMENTS`."""
+    batch, seq = q.shape[0], q.shape[1]
+    step = max(1, min(seq, RANGE_INDEX_ELEMENTS // max(1, batch * width)))
+    return (slice(t0, min(seq, t0 + step)) for t0 in range(0, seq, step))
+
+
+def _rows(t: OptTensor, rows: slice) -> OptTensor:
+    """Query rows ``rows`` of a ``[B, S, ...]`` tensor, row-major (a kernel input), or None."""
+    return None if t is None else t[:, rows].contiguous()
+
+
+def _source_fwd(q: Tensor, source: Source, sm_scale: float, d_v: int) -> tuple[Tensor, Tensor]:
+    """``(out [B, S, H, d_v] bf16, lse [B, S, H] float32)`` of the softmax over ``source``'s entries alone."""
+    kv, seq_kv = source.kv, source.kv.shape[1]
+    if not source.ranged:
+        return fwd_launch.sparse_mla_fwd(q, kv, source.indices, sm_scale=sm_scale, d_v=d_v,
+                                         topk_length=source.topk_length)  # fmt: skip
+    if _has_ranged_form(fwd_launch.plan):
+        p = fwd_launch.plan(q, seq_kv, 2, d_v=d_v, has_topk_length=False, has_sink=False, ranged=True)
+        return fwd_launch.run(p, q, kv, source.indices, sm_scale, None, None)
+    width = range_width(source.indices, seq_kv)
+    batch, seq, heads, _ = q.shape
+    out = torch.empty((batch, seq, heads, d_v), dtype=torch.bfloat16, device=q.device)
+    lse = torch.empty((batch, seq, heads), dtype=torch.float32, device=q.device)
+    for rows in _range_chunks(q, source, width):
+        indices = ranges_as_indices(source.indices[:, rows], seq_kv, width)
+        out[:, rows], lse[:, rows] = fwd_launch.sparse_mla_fwd(_rows(q, rows), kv, indices, sm_scale=sm_scale, d_v=d_v)
+    return out, lse
+
+
+def combine(parts: Sequence[tuple[Tensor, Tensor]], attn_sink: OptTensor) -> tuple[Tensor, Tensor]:
+    """One softmax from per-source ones: ``parts`` = ``(out_k [B, S, H, d_v], lse_k [B, S, H] float32)`` each over
+    its own entries without the sink; ``attn_sink [H]`` float32 or None. Returns ``(out [B, S, H, d_v] in out_k's
+    dtype, lse [B, S, H] float32)`` with ``lse = logaddexp`` of the parts (sink excluded, as the contract says)."""
+    lse = parts[0][1]
+    for _, lse_k in parts[1:]:
+        lse = torch.logaddexp(lse, lse_k)
+    denominator = lse if attn_sink is None else torch.logaddexp(lse, attn_sink.to(lse.dtype).view(1, 1, -1))
+    # The reference's stand-in for an empty row: exp(-inf - 0) = 0, never exp(-inf - -inf) = NaN.
+    safe = torch.where(torch.isneginf(denominator), torch.zeros_like(denominator), denominator)
+    out = sum(torch.exp(lse_k - safe).unsqueeze(-1) * out_k.float() for out_k, lse_k in parts)
+    return out.to(parts[0][0].dtype), lse
+
+
+def sparse_mla_sources_fwd(
+    q: Tensor, sources: Sequence[Source], sm_scale: float, d_v: int, attn_sink: OptTensor
+) -> tuple[Tensor, Tensor]:
+    """``sparse_mla`` (contract: ``dsa.reference.sparse_mla``) over ``sources`` (one or two
+    ``dsa.reference.sources.Source``, at least one ranged or two of them) on the kernels: bf16 inputs laid out by
+    the op. Returns ``(out [B, S, H, d_v] bfloat16, lse [B, S, H] float32)``."""
+    parts = [_source_fwd(q, source, sm_scale, d_v) for source in sources]
+    if len(parts) == 1 and attn_sink is None:
+        return parts[0]
+    return combine(parts, attn_sink)
+
+
+def _source_bwd(
+    q: Tensor, source: Source, sm_scale: float, d_v: int, attn_sink: OptTensor, out: Tensor, lse: Tensor,
+    d_out: Tensor, d_lse: OptTensor,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """``(dq [B, S, H, d_qk] bf16, dkv [B, S_kv, d_qk] bf16)`` of ``source``'s entries under the combined softmax."""
+    kv, seq_kv = source.kv, source.kv.shape[1]
+    if not source.ranged:
+        return bwd_launch.sparse_mla_bwd(q, kv, out, lse, d_out, source.indices, sm_scale=sm_scale, d_v=d_v,
+                                         topk_length=source.topk_length, attn_sink=attn_sink, d_lse=d_lse)  # fmt: skip
+    if _has_ranged_form(bwd_launch.plan):
+        p = bwd_launch.plan(q, seq_kv, 2, d_v=d_v, has_topk_length=False, has_sink=attn_sink is not None, ranged=True)
+        return bwd_launch.run(p, q, kv, out, lse, d_out, source.indices, sm_scale, None, attn_sink, d_lse)
+    # One padded width for every chunk: the backward kernel compiles its top-k in.
+    width = bwd_launch.padded_topk(range_width(source.indices, seq_kv))
+    dq = torch.empty_like(q)
+    dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
+    for rows in _range_chunks(q, source, width):
+        indices = ranges_as_indices(source.indices[:, rows], seq_kv, width)
+        dq[:, rows], dkv_c = bwd_launch.sparse_mla_bwd(
+            _rows(q, rows), kv, _rows(out, rows), _rows(lse, rows), _rows(d_out, rows), indices, sm_scale=sm_scale,
+            d_v=d_v, attn_sink=attn_sink, d_lse=_rows(d_lse, rows),
+        )  # fmt: skip
+        dkv += dkv_c.float()
+    return dq, dkv.to(kv.dtype)
+
+
+def sparse_mla_sources_bwd(
+    q: Tensor, sources: Sequence[Source], sm_scale: float, d_v: int, attn_sink: OptTensor, out: Tensor, lse: Tensor,
+    d_out: Tensor, d_lse: OptTensor,
+) -> tuple[Tensor, list[Tensor]]:  # fmt: skip
+    """Gradients of :func:`sparse_mla_sources_fwd` for ``q`` and each source's ``kv``: ``(dq [B, S, H, d_qk] q's
+    dtype, [dkv [B, S_kv, d_qk] per source])``. ``out``/``lse`` are the combined forward's, ``d_out`` has ``out``'s
+    dtype, ``d_lse`` is float32 or None; all row-major."""
+    grads = [_source_bwd(q, source, sm_scale, d_v, attn_sink, out, lse, d_out, d_lse) for source in sources]
+    if len(grads) == 1:
+        return grads[0][0], [grads[0][1]]
+    dq = sum(dq_k.float() for dq_k, _ in grads).to(q.dtype)
+    return dq, [dkv for _, dkv in grads]
