@@ -19,7 +19,12 @@ domain, and accumulates ``P . V`` where V is the first ``d_v`` columns of the sa
   ``out`` NaN, a ``+inf`` sink 0 (see ``tl_kernels.sparse_mla_fwd_steps.softmax_macros``, which adds nothing per
   score: the shift and the final selects are per row);
 * ``attn_sink[h]`` joins only the final denominator; ``lse`` is the natural-log log-sum-exp of the valid scores alone;
-* any head count works: heads past ``heads`` in the last head block read zeros and are never written.
+* any head count works: heads past ``heads`` in the last head block read zeros and are never written;
+* ``ranged=True`` (static): each query's entries are a contiguous row range instead of an index list (DeepSeek-V4's
+  sliding window and HCA entries): ``indices [B, S, 2]`` holds (start, end), entry ``j`` is row ``start + j``, valid
+  iff ``start + j < end`` and ``0 <= start + j < S_kv``. Only the rows in ``[0, S_kv)`` take steps (the range is
+  clamped first: ``tl_kernels.sparse_mla_fwd_steps.range_length``), and everything else above holds unchanged: the
+  range only changes which (row, valid) an entry has (``steps.index_at``), for the gather and the mask alike.
 
 Batch, query length, KV length and the top-k width are symbolic, so one compiled kernel serves every such shape.
 
@@ -191,12 +196,14 @@ def smem_bytes(static: dict[str, Any], config: Config) -> int:
 def check_config(static: dict[str, Any], config: Config) -> None:
     """Raise ``ValueError`` when ``config`` cannot serve the static parameters ``static``.
 
-    ``static`` holds ``heads``, ``d_qk``, ``d_v``, ``has_topk_length``, ``has_sink`` and optionally ``target``
-    (default: sm_90a); the Hopper constraints apply to CUDA targets only.
+    ``static`` holds ``heads``, ``d_qk``, ``d_v``, ``has_topk_length``, ``has_sink`` and optionally ``ranged``
+    (default False) and ``target`` (default: sm_90a); the Hopper constraints apply to CUDA targets only.
     """
     d_qk, d_v, heads = int(static["d_qk"]), int(static["d_v"]), int(static["heads"])
     if heads < 1:
         raise ValueError(f"heads must be >= 1, got {heads}")
+    if static.get("ranged", False) and static.get("has_topk_length", False):
+        raise ValueError("ranged kernels take no topk_length: a range's end bounds its entries")
     if not 1 <= d_v <= d_qk:
         raise ValueError(f"need 1 <= d_v <= d_qk, got d_v={d_v}, d_qk={d_qk}")
     if config.block_h < 1 or config.block_h & (config.block_h - 1):
@@ -299,6 +306,7 @@ def build(
     d_v: int,
     has_topk_length: bool = False,
     has_sink: bool = False,
+    ranged: bool = False,
     block_h: int = Config.block_h,
     block_k: int = Config.block_k,
     num_stages: int = Config.num_stages,
@@ -309,8 +317,10 @@ def build(
     """The forward kernel for ``heads`` query heads of width ``d_qk`` and value width ``d_v``.
 
     Kernel arguments (B, S, S_kv and k symbolic; bf16 travels as ``uint16`` on the C target):
-        q: ``[B, S, heads, d_qk]`` bfloat16; kv: ``[B, S_kv, d_qk]`` bfloat16; indices: ``[B, S, k]`` int32;
-        topk_length: ``[B, S]`` int32 with ``has_topk_length``, else a ``[1, 1]`` int32 placeholder;
+        q: ``[B, S, heads, d_qk]`` bfloat16; kv: ``[B, S_kv, d_qk]`` bfloat16; indices: ``[B, S, k]`` int32, or with
+        ``ranged`` ``[B, S, 2]`` int32 (start, end) per query (see the module docstring);
+        topk_length: ``[B, S]`` int32 with ``has_topk_length`` (never with ``ranged``), else a ``[1, 1]`` int32
+        placeholder;
         attn_sink: ``[heads]`` float32 with ``has_sink``, else a ``[1]`` float32 placeholder;
         sm_scale: float32 scalar (the softmax scale, natural units);
         out: ``[B, S, heads, d_v]`` bfloat16 (written); lse: ``[B, S, heads]`` float32, natural log (written).
@@ -319,21 +329,23 @@ def build(
     on the C target it lowers to the same plain loop as ``"none"`` (the C target has no threads, barriers or asynchronous copies).
     """
     check_config(
-        {"heads": heads, "d_qk": d_qk, "d_v": d_v, "target": target},
+        {"heads": heads, "d_qk": d_qk, "d_v": d_v, "has_topk_length": has_topk_length, "ranged": ranged,
+         "target": target},
         Config(block_h=block_h, block_k=block_k, num_stages=num_stages, threads=threads, pipeline=pipeline),
-    )
+    )  # fmt: skip
     cpu = dsl.is_cpu(target)
     if pipeline == PIPELINE_WS and not cpu:
         return build_ws(
-            heads=heads, d_qk=d_qk, d_v=d_v, has_topk_length=has_topk_length, has_sink=has_sink, block_k=block_k
-        )
+            heads=heads, d_qk=d_qk, d_v=d_v, has_topk_length=has_topk_length, has_sink=has_sink, block_k=block_k,
+            ranged=ranged,
+        )  # fmt: skip
     alloc = dsl.allocators(target)
     data_storage = dsl.storage_dtype(DATA_DTYPE, target)
     # On the C target the tiles hold decoded float32 (its GEMM has no bf16); on CUDA they hold bf16 for wgmma.
     tile_dtype = ACCUM_DTYPE if cpu else DATA_DTYPE
     neg_inf = -T.infinity(ACCUM_DTYPE)
 
-    dims = kernel_dims(heads, has_topk_length, has_sink)
+    dims = kernel_dims(heads, has_topk_length, has_sink, ranged)
     width, seq_len_kv = dims.width, dims.seq_len_kv
 
     def load(value: Any) -> Any:
@@ -342,7 +354,7 @@ def build(
     online_softmax, finalize = softmax_macros(alloc.parallel, block_h, block_k, heads, has_sink)
     open_rows, attend = plain_step_macros(
         alloc, online_softmax, heads=heads, block_h=block_h, block_k=block_k, d_qk=d_qk, d_v=d_v,
-        tile_dtype=tile_dtype, load=load,
+        tile_dtype=tile_dtype, load=load, ranged=ranged,
     )  # fmt: skip
 
     @T.macro
@@ -358,7 +370,7 @@ def build(
             # An invalid entry's tile row is zero, never the memory its index names (see gather_row).
             for j, d in alloc.parallel(block_k, d_qk):
                 kv_s[j, d] = load(
-                    KV[wide(b), gather_row(Indices, b, s, step * block_k + j, width, limit, seq_len_kv), d]
+                    KV[wide(b), gather_row(Indices, b, s, step * block_k + j, width, limit, seq_len_kv, ranged), d]
                 )
 
             attend(
@@ -378,6 +390,6 @@ def build(
 
     main = forward_kernel(
         dims, heads=heads, d_qk=d_qk, d_v=d_v, has_topk_length=has_topk_length, block_h=block_h, block_k=block_k,
-        threads=threads, data_dtype=data_storage, body=schedule,
+        threads=threads, data_dtype=data_storage, body=schedule, ranged=ranged,
     )  # fmt: skip
     return dsl.with_target_pass_configs(main, target, CUDA_PASS_CONFIGS)

@@ -20,6 +20,7 @@ __all__ = [
     "INDEX_DTYPE",
     "LN2",
     "LOG2E",
+    "RANGE_WIDTH",
     "WARPGROUP_THREADS",
     "WGMMA_M",
     "Dims",
@@ -28,6 +29,8 @@ __all__ = [
     "gather_row",
     "index_at",
     "plain_step_macros",
+    "range_length",
+    "range_start",
     "softmax_macros",
 ]
 
@@ -38,6 +41,8 @@ LN2 = math.log(2.0)
 
 ACCUM_DTYPE = "float32"
 INDEX_DTYPE = "int32"
+RANGE_WIDTH = 2
+"""Columns of a ranged kernel's ``indices [B, S, 2]``: (start, end) of the query's contiguous row range."""
 DATA_DTYPE = "bfloat16"
 WGMMA_M = 64
 """Rows of one Hopper warpgroup MMA: the CUDA head block (64 heads, every warpgroup on wgmma)."""
@@ -52,10 +57,33 @@ CUDA_PASS_CONFIGS: dict[str, bool] = {
 }
 
 
-def index_at(indices: Any, b: Any, s: Any, pos: Any, width: Any) -> Any:
-    """Entry ``pos`` of query ``(b, s)``'s index row, read at ``min(pos, k - 1)``: the last step of a row whose width
-    is not a multiple of the step stays in bounds (positions ``>= k`` are masked by :func:`entry_valid`)."""
+def index_at(indices: Any, b: Any, s: Any, pos: Any, width: Any, ranged: bool = False) -> Any:
+    """The KV row that entry ``pos`` of query ``(b, s)`` names (before the validity check of :func:`entry_valid`).
+
+    An index list (``ranged=False``, ``indices [B, S, k]``) is read at ``min(pos, k - 1)``: the last step of a row
+    whose width is not a multiple of the step stays in bounds (positions ``>= k`` are masked by :func:`entry_valid`).
+    A range (``ranged=True``, ``indices [B, S, 2]`` = (start, end)) names row ``range_start + pos``: no index is
+    read per entry, only the row's start. This is the one place that knows which source a kernel reads; the gather
+    and the mask both go through it.
+    """
+    if ranged:
+        return range_start(indices, b, s) + pos
     return indices[b, s, T.min(pos, width - 1)]
+
+
+def range_start(indices: Any, b: Any, s: Any) -> Any:
+    """The first row of query ``(b, s)``'s range that can be valid: ``max(start, 0)`` (rows below 0 do not exist, so
+    they take no step)."""
+    return T.max(indices[b, s, 0], 0)
+
+
+def range_length(indices: Any, b: Any, s: Any, seq_len_kv: Any) -> Any:
+    """How many entries of query ``(b, s)``'s range ``[start, end)`` name existing rows: the length of
+    ``[max(start, 0), min(end, S_kv))``, at least 0. Both ends are clamped to ``[0, S_kv]`` before the subtraction,
+    so no pair of int32 values overflows it (``end - start`` itself would for ``start = -2**31``). Entry ``pos`` of
+    the range is row ``range_start + pos``, valid iff ``pos < range_length``."""
+    end = T.max(T.min(indices[b, s, 1], seq_len_kv), 0)
+    return T.max(end - range_start(indices, b, s), 0)
 
 
 def entry_valid(idx: Any, pos: Any, limit: Any, seq_len_kv: Any) -> Any:
@@ -69,7 +97,9 @@ def wide(batch_index: Any) -> Any:
     return T.Cast("int64", batch_index)
 
 
-def gather_row(indices: Any, b: Any, s: Any, pos: Any, width: Any, limit: Any, seq_len_kv: Any) -> Any:
+def gather_row(
+    indices: Any, b: Any, s: Any, pos: Any, width: Any, limit: Any, seq_len_kv: Any, ranged: bool = False
+) -> Any:
     """The KV row a gather reads for entry ``pos`` of query ``(b, s)``: its index (int64) when valid, else -1.
 
     TileLang's bound guard cannot prove this row in ``[0, S_kv)``, so it wraps the copy in the row's bounds check: on
@@ -78,7 +108,7 @@ def gather_row(indices: Any, b: Any, s: Any, pos: Any, width: Any, limit: Any, s
     row, not the memory an invalid index names, then meets the MMAs: Inf/NaN there (an unwritten cache slot) cannot
     leak into ``out`` through ``0 * V``.
     """
-    idx = index_at(indices, b, s, pos, width)
+    idx = index_at(indices, b, s, pos, width, ranged)
     # In int64, the type of the address arithmetic: with an int32 row the guard evaluates it twice (int64 for the
     # address, int32 for the predicate) and the ws producer issued 73 index loads per step instead of 37.
     return T.if_then_else(entry_valid(idx, pos, limit, seq_len_kv), T.Cast("int64", idx), T.int64(-1))
@@ -162,7 +192,7 @@ def softmax_macros(parallel: Any, block_h: int, block_k: int, heads: int, has_si
 
 def plain_step_macros(
     alloc: Any, online_softmax: Any, *, heads: int, block_h: int, block_k: int, d_qk: int, d_v: int, tile_dtype: str,
-    load: Any,
+    load: Any, ranged: bool = False,
 ) -> tuple[Any, Any]:
     """The two macros of the plain schedule (every thread gathers, multiplies and normalises), which the forward
     (``tl_kernels.sparse_mla_fwd``) and the split decode kernel (``tl_kernels.sparse_mla_decode``) both run.
@@ -177,7 +207,8 @@ def plain_step_macros(
     ``block_k`` entries ``step * block_k ..`` of the row (``kv_s`` already gathered): the scores, ``-inf`` exactly
     where an entry is invalid (see :func:`entry_valid`; ``seq_len_kv`` is the number of rows an index may name),
     scaled to the log2 domain, one ``online_softmax`` step, and ``acc_o`` rescaled and accumulated (the value is
-    ``kv_s[:, :d_v]``). ``topk`` is the index rows' width. (The size parameters carry the names of the kernels'
+    ``kv_s[:, :d_v]``). ``topk`` is the index rows' width; with ``ranged`` ``Indices`` holds (start, end) per query
+    and the entries are the range's rows (:func:`index_at`). (The size parameters carry the names of the kernels'
     symbolic sizes: TileLang names a variable after the macro parameter it is passed to.)
     """
     neg_inf = -T.infinity(ACCUM_DTYPE)
@@ -214,7 +245,9 @@ def plain_step_macros(
         # Select the mask: a masked entry's zero row gives a score of 0 that must become exactly -inf.
         for h, j in alloc.parallel(block_h, block_k):
             acc_s[h, j] = T.if_then_else(
-                entry_valid(index_at(Indices, b, s, step * block_k + j, topk), step * block_k + j, limit, seq_len_kv),
+                entry_valid(
+                    index_at(Indices, b, s, step * block_k + j, topk, ranged), step * block_k + j, limit, seq_len_kv
+                ),
                 acc_s[h, j] * scale_log2,
                 neg_inf,
             )
@@ -240,14 +273,15 @@ class Dims:
     sink_shape: list[Any]
 
 
-def kernel_dims(heads: int, has_topk_length: bool, has_sink: bool) -> Dims:
-    """Fresh symbolic sizes for one forward kernel (one compiled kernel serves every ``B``, ``S``, ``S_kv``, ``k``)."""
+def kernel_dims(heads: int, has_topk_length: bool, has_sink: bool, ranged: bool = False) -> Dims:
+    """Fresh symbolic sizes for one forward kernel (one compiled kernel serves every ``B``, ``S``, ``S_kv``, ``k``);
+    with ``ranged`` the index rows are (start, end) pairs, ``RANGE_WIDTH`` wide."""
     batch, seq_len = T.dynamic("batch"), T.dynamic("seq_len")
     return Dims(
         batch=batch,
         seq_len=seq_len,
         seq_len_kv=T.dynamic("seq_len_kv"),
-        width=T.dynamic("topk"),
+        width=RANGE_WIDTH if ranged else T.dynamic("topk"),
         topk_length_shape=[batch, seq_len] if has_topk_length else [1, 1],
         sink_shape=[heads] if has_sink else [1],
     )
@@ -265,19 +299,21 @@ def forward_kernel(
     threads: int,
     data_dtype: str,
     body: Any,
+    ranged: bool = False,
 ) -> Any:
     """The forward's ``prim_func``: its arguments (the kernel's ABI, the same for every schedule), one thread block
     per query token and ``block_h`` heads, and the row's bookkeeping; ``body`` (a ``T.macro``) is the schedule.
 
     Arguments (``data_dtype``: bfloat16, or its ``uint16`` storage on the C target): ``Q [B, S, heads, d_qk]``,
-    ``KV [B, S_kv, d_qk]``, ``Indices [B, S, k]`` int32, ``TopkLength`` (``[B, S]`` int32 or a placeholder),
-    ``AttnSink`` (``[heads]`` float32 or a placeholder), ``sm_scale`` float32, ``Out [B, S, heads, d_v]`` (written),
-    ``Lse [B, S, heads]`` float32 (written).
+    ``KV [B, S_kv, d_qk]``, ``Indices [B, S, k]`` int32 (``[B, S, 2]`` (start, end) with ``ranged``), ``TopkLength``
+    (``[B, S]`` int32 or a placeholder), ``AttnSink`` (``[heads]`` float32 or a placeholder), ``sm_scale`` float32,
+    ``Out [B, S, heads, d_v]`` (written), ``Lse [B, S, heads]`` float32 (written).
 
     ``body(Q, KV, Indices, AttnSink, Out, Lse, b, s, h0, scale_log2, limit, num_steps)`` runs inside the thread block
     of query ``s`` of batch row ``b`` and head block ``h0``: ``scale_log2 = sm_scale * log2(e)``; entries at positions
-    ``>= limit`` (the row width, or ``topk_length`` when smaller) are invalid; ``num_steps = ceil(limit / block_k)``
-    steps hold every valid entry (a short ``topk_length`` row skips the rest).
+    ``>= limit`` (the row width, or ``topk_length`` when smaller; with ``ranged`` the number of the range's rows in
+    ``[0, S_kv)``, :func:`range_length`) are invalid; ``num_steps = ceil(limit / block_k)`` steps hold every valid
+    entry (a short ``topk_length`` row skips the rest, an empty range runs none).
     """
     head_blocks = (heads + block_h - 1) // block_h
     batch, seq_len, seq_len_kv, width = dims.batch, dims.seq_len, dims.seq_len_kv, dims.width
@@ -298,7 +334,10 @@ def forward_kernel(
             s = bx // head_blocks
             h0 = (bx % head_blocks) * block_h
             scale_log2 = sm_scale * T.float32(LOG2E)
-            limit = T.min(TopkLength[b, s], width) if has_topk_length else width
+            if ranged:
+                limit = range_length(Indices, b, s, seq_len_kv)
+            else:
+                limit = T.min(TopkLength[b, s], width) if has_topk_length else width
             num_steps = T.ceildiv(limit, block_k)
             body(Q, KV, Indices, AttnSink, Out, Lse, b, s, h0, scale_log2, limit, num_steps)
 

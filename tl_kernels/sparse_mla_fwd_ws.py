@@ -50,8 +50,10 @@ def build_ws(
     has_topk_length: bool,
     has_sink: bool,
     block_k: int,
+    ranged: bool = False,
 ) -> Any:
-    """The warp-specialised CUDA kernel (``pipeline="ws"``); same arguments and semantics as :func:`build`.
+    """The warp-specialised CUDA kernel (``pipeline="ws"``); same arguments and semantics as :func:`build`
+    (``ranged``: ``indices`` holds (start, end) per query, whose rows the producer gathers).
 
     Three warpgroups (``WS_THREADS``) share two KV buffers of ``block_k`` rows, each split into the left and right
     halves of the value columns and the tail ``d_qk - d_v``:
@@ -85,8 +87,12 @@ def build_ws(
     neg_inf = -T.infinity(steps.ACCUM_DTYPE)
     consumers = 2 * steps.WARPGROUP_THREADS
     online_softmax, finalize = steps.softmax_macros(T.Parallel, block_h, block_k, heads, has_sink)
-    dims = steps.kernel_dims(heads, has_topk_length, has_sink)
+    dims = steps.kernel_dims(heads, has_topk_length, has_sink, ranged)
     width, seq_len_kv = dims.width, dims.seq_len_kv
+
+    def row(indices: Any, b: Any, s: Any, pos: Any, limit: Any) -> Any:
+        # The producer's gather row of an entry (steps.gather_row: -1 for an invalid one).
+        return steps.gather_row(indices, b, s, pos, width, limit, seq_len_kv, ranged)
 
     # Macros take TileLang buffers and expressions (no Python annotations: the eager builder binds them itself).
     @T.macro
@@ -115,21 +121,16 @@ def build_ws(
             valid[j] = T.Cast(
                 "uint8",
                 steps.entry_valid(
-                    steps.index_at(indices, b, s, step * block_k + j, width), step * block_k + j, limit, seq_len_kv
+                    steps.index_at(indices, b, s, step * block_k + j, width, ranged), step * block_k + j, limit,
+                    seq_len_kv,
                 ),
             )
         for j, d in T.Parallel(block_k, half_v, annotations=WS_ASYNC_COPY):
-            kv_l[j, d] = kv_src[
-                steps.wide(b), steps.gather_row(indices, b, s, step * block_k + j, width, limit, seq_len_kv), d
-            ]
+            kv_l[j, d] = kv_src[steps.wide(b), row(indices, b, s, step * block_k + j, limit), d]
         for j, d in T.Parallel(block_k, half_v, annotations=WS_ASYNC_COPY):
-            kv_r[j, d] = kv_src[
-                steps.wide(b), steps.gather_row(indices, b, s, step * block_k + j, width, limit, seq_len_kv), half_v + d
-            ]
+            kv_r[j, d] = kv_src[steps.wide(b), row(indices, b, s, step * block_k + j, limit), half_v + d]
         for j, d in T.Parallel(block_k, tail, annotations=WS_ASYNC_COPY):
-            k_t[j, d] = kv_src[
-                steps.wide(b), steps.gather_row(indices, b, s, step * block_k + j, width, limit, seq_len_kv), d_v + d
-            ]
+            k_t[j, d] = kv_src[steps.wide(b), row(indices, b, s, step * block_k + j, limit), d_v + d]
 
     # Every role runs the same step count (steps.forward_kernel's num_steps, from the same value). Step i uses buffer
     # i % 2 with phase parity (i // 2) & 1, which holds for any count, odd included (no padding step).
@@ -266,6 +267,6 @@ def build_ws(
 
     main = steps.forward_kernel(
         dims, heads=heads, d_qk=d_qk, d_v=d_v, has_topk_length=has_topk_length, block_h=block_h, block_k=block_k,
-        threads=WS_THREADS, data_dtype=steps.DATA_DTYPE, body=schedule,
+        threads=WS_THREADS, data_dtype=steps.DATA_DTYPE, body=schedule, ranged=ranged,
     )  # fmt: skip
     return dsl.with_pass_configs(main, WS_PASS_CONFIGS)
