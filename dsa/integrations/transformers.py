@@ -1,10 +1,10 @@
-"""transformers' DeepSeek-V3.2 and GLM-5 models served by the DSA ops, in one line: ``apply_dsa(model)``.
+"""transformers' DeepSeek-V3.2, GLM-5 and DeepSeek-V4 models served by the DSA ops, in one line: ``apply_dsa(model)``.
 
 ```python
 from transformers import AutoModelForCausalLM
 from dsa.integrations.transformers import apply_dsa
 
-model = apply_dsa(AutoModelForCausalLM.from_pretrained(path))   # DeepseekV32ForCausalLM or GlmMoeDsaForCausalLM
+model = apply_dsa(AutoModelForCausalLM.from_pretrained(path))   # DeepseekV32/GlmMoeDsa/DeepseekV4ForCausalLM
 out = model.generate(ids, attention_mask=mask, max_new_tokens=64)
 ```
 
@@ -14,6 +14,11 @@ layer's own indexer weights, sparse MLA in the latent form, transformers' own ca
 passes each layer one key range per query instead of the dense ``[B, 1, S, T]`` mask (``KeyRanges``, computed from
 the 2D padding mask, the cache length and packed position ids in O(B S)). Parameters, their names and
 ``state_dict()`` are untouched; ``remove_dsa`` restores the original forwards.
+
+DeepSeek-V4 (``DeepseekV4ForCausalLM``/``DeepseekV4Model``): every attention layer (sliding, CSA, HCA) runs
+``dsa.integrations.deepseek_v4.v4_attention_forward`` instead (``dsa.ops.compress_kv`` for the compressors,
+``dsa.ops.index_topk`` for CSA's indexer, ``dsa.ops.sparse_mla`` over the window and the compressed entries with the
+sink), with transformers' V4 cache layers; the same model wrapper passes the key ranges.
 
 Why not just swap transformers' top-k for ours: transformers' indexer takes ``min(index_topk, T)`` positions over
 ``-inf``-masked scores, so a query that sees fewer than ``index_topk`` keys gets masked future positions in its
@@ -52,14 +57,15 @@ from torch import nn
 try:
     import transformers
     from transformers.models.deepseek_v32 import modeling_deepseek_v32 as _v32
+    from transformers.models.deepseek_v4 import modeling_deepseek_v4 as _v4
     from transformers.models.glm_moe_dsa import modeling_glm_moe_dsa as _glm
 except ImportError as exc:  # the extra is optional: say how to get it
     raise ImportError(
-        "dsa.integrations.transformers needs transformers with DeepSeek-V3.2 and GLM-5 (>= 5.23): "
+        "dsa.integrations.transformers needs transformers with DeepSeek-V3.2, GLM-5 and DeepSeek-V4 (>= 5.23): "
         "pip install 'dsa-tilelang[hf]'"
     ) from exc
 
-from dsa.integrations import latent_attention
+from dsa.integrations import deepseek_v4, latent_attention
 from dsa.integrations.latent_attention import INDEXER_STAGES, LayerSpec
 from dsa.integrations.visibility import KeyRanges, from_padding_mask, from_packed_positions
 
@@ -83,6 +89,8 @@ _FAMILIES: dict[type, tuple[str, bool]] = {
     _v32.DeepseekV32Model: ("deepseek_v32", False),
     _glm.GlmMoeDsaForCausalLM: ("glm_moe_dsa", True),
     _glm.GlmMoeDsaModel: ("glm_moe_dsa", True),
+    _v4.DeepseekV4ForCausalLM: ("deepseek_v4", False),
+    _v4.DeepseekV4Model: ("deepseek_v4", False),
 }
 """Supported class -> (family, GLM-5 layout: interleaved indexer RoPE, shared layers, indices returned)."""
 
@@ -190,14 +198,15 @@ def _masks_for_generate(
 
 
 def apply_dsa(model: nn.Module) -> nn.Module:
-    """Serve a transformers DeepSeek-V3.2 or GLM-5 model with the DSA ops, in place (see the module docstring).
+    """Serve a transformers DeepSeek-V3.2, GLM-5 or DeepSeek-V4 model with the DSA ops, in place (see the module
+    docstring).
 
     Idempotent (a second call changes nothing) and reversible (``remove_dsa``). Parameters, their names and
     ``state_dict()`` are unchanged, so checkpoints load and save as before.
 
     Args:
-        model (nn.Module): ``DeepseekV32ForCausalLM``, ``DeepseekV32Model``, ``GlmMoeDsaForCausalLM`` or
-            ``GlmMoeDsaModel``.
+        model (nn.Module): ``DeepseekV32ForCausalLM``, ``DeepseekV32Model``, ``GlmMoeDsaForCausalLM``,
+            ``GlmMoeDsaModel``, ``DeepseekV4ForCausalLM`` or ``DeepseekV4Model``.
 
     Returns:
         The same ``model``.
@@ -212,6 +221,9 @@ def apply_dsa(model: nn.Module) -> nn.Module:
     indexer_types = getattr(base.config, "indexer_types", None)
     for layer in base.layers:
         attn = layer.self_attn
+        if family == "deepseek_v4":
+            attn.forward = types.MethodType(deepseek_v4.v4_attention_forward, attn)
+            continue
         shared = bool(glm and indexer_types is not None and indexer_types[attn.layer_idx] == "shared")
         attn._dsa_spec = LayerSpec(interleaved_index_rope=glm, returns_indices=glm, shared=shared)
         attn.forward = types.MethodType(latent_attention.latent_attention_forward, attn)
@@ -269,6 +281,8 @@ def set_indexer_training(model: nn.Module, stage: str | None) -> nn.Module:
         raise ValueError(f"set_indexer_training: stage must be one of {INDEXER_STAGES} or None, got {stage!r}")
     if not is_dsa_applied(model):
         raise ValueError("set_indexer_training: call apply_dsa(model) first")
+    if _family(model)[0] == "deepseek_v4":
+        raise ValueError("set_indexer_training: DeepSeek-V4's indexer training is not supported (V3.2 and GLM-5 only)")
     for layer in _base_model(model).layers:
         layer.self_attn._dsa_indexer_stage = stage
         layer.self_attn.__dict__.pop("dsa_indexer_loss", None)
@@ -304,11 +318,11 @@ def tiny_config(family: str, **overrides: Any) -> Any:
     mscale), eager attention for the reference model. GLM-5 gets ``indexer_types`` full, shared, full.
 
     Args:
-        family (str): ``"deepseek_v32"`` or ``"glm_moe_dsa"``.
+        family (str): ``"deepseek_v32"``, ``"glm_moe_dsa"`` or ``"deepseek_v4"`` (see ``_tiny_v4_config``).
         **overrides: config fields to change.
 
     Returns:
-        ``DeepseekV32Config`` or ``GlmMoeDsaConfig``.
+        ``DeepseekV32Config``, ``GlmMoeDsaConfig`` or ``DeepseekV4Config``.
     """
     values: dict[str, Any] = dict(
         vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
@@ -322,6 +336,8 @@ def tiny_config(family: str, **overrides: Any) -> Any:
     values["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                  "original_max_position_embeddings": context // 4, "mscale": 1.0,
                                  "mscale_all_dim": 1.0, "beta_fast": 32.0, "beta_slow": 1.0}  # fmt: skip
+    if family == "deepseek_v4":
+        return _tiny_v4_config(context, **overrides)
     if family == "deepseek_v32":
         config_class = transformers.DeepseekV32Config
     elif family == "glm_moe_dsa":
@@ -329,8 +345,29 @@ def tiny_config(family: str, **overrides: Any) -> Any:
         layers = int(overrides.get("num_hidden_layers", values["num_hidden_layers"]))
         values["indexer_types"] = ["shared" if i % 2 else "full" for i in range(layers)]
     else:
-        raise ValueError(f"tiny_config: family must be 'deepseek_v32' or 'glm_moe_dsa', got {family!r}")
+        raise ValueError(f"tiny_config: family must be 'deepseek_v32', 'glm_moe_dsa' or 'deepseek_v4', got {family!r}")
     values.update(overrides)
     config = config_class(**values)
+    config._attn_implementation = "eager"
+    return config
+
+
+def _tiny_v4_config(context: int, **overrides: Any) -> Any:
+    """``tiny_config("deepseek_v4")``: 3 layers (CSA, HCA, sliding), hidden 64, 4 heads of 32 (RoPE 8), a window of
+    8, CSA rate 2 with an indexer of 16 heads x 16 keeping the top 4 entries, HCA rate 4, 4 experts with 2 active,
+    2 hyper-connection streams, YaRN on the compressed layers' RoPE, eager attention. Sequences of a few dozen
+    tokens outgrow the window and the top-k, so both really drop keys."""
+    values: dict[str, Any] = dict(
+        vocab_size=256, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+        head_dim=32, q_lora_rank=32, partial_rotary_factor=0.25, n_routed_experts=4, n_shared_experts=1,
+        num_experts_per_tok=2, layer_types=[deepseek_v4.CSA, deepseek_v4.HCA, deepseek_v4.SLIDING],
+        mlp_layer_types=["moe"] * 3, compress_rates={deepseek_v4.CSA: 2, deepseek_v4.HCA: 4}, sliding_window=8,
+        o_groups=2, o_lora_rank=16, index_n_heads=16, index_head_dim=16, index_topk=4, hc_mult=2,
+        max_position_embeddings=context, initializer_range=0.1, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": context // 4,
+                         "beta_fast": 32.0, "beta_slow": 1.0},
+    )  # fmt: skip
+    values.update(overrides)
+    config = transformers.DeepseekV4Config(**values)
     config._attn_implementation = "eager"
     return config
