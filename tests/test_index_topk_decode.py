@@ -46,11 +46,14 @@ def make_problem(
     page_size: int = CPU_PAGE,
     ranges: str = "decode",
     unallocated: bool = False,
+    pattern: str = "random",
     device: Any = "cpu",
 ) -> dict[str, Any]:
     """One call's arguments: a cache holding ``lengths[b]`` integer-valued keys per sequence behind a shuffled block
     table (with ``unallocated``, the table's last entries of some sequences are ``-1``), queries at the sequence's
-    end (``ranges="decode"``: query ``t`` sees ``[0, L - s_q + t + 1)``) or random ``[starts, ends)``."""
+    end (``ranges="decode"``: query ``t`` sees ``[0, L - s_q + t + 1)``) or random ``[starts, ends)``. ``pattern``
+    (one of :data:`PATTERNS`) shapes the scores along a row: random small integers, or all equal (``"tied"``), or
+    non-decreasing (``"ordered"``) or non-increasing (``"reversed"``) with position, in runs of equal scores."""
     g = testing.generator(seed)
     longest = max(max(lengths), 1)
     dtype = "fp8" if fmt == "fp8" else torch.bfloat16
@@ -61,16 +64,16 @@ def make_problem(
         used = torch.tensor([-(-max(n, 1) // page_size) for n in lengths]).view(-1, 1)
         table = torch.where(torch.arange(table.shape[1]).view(1, -1) < used, table, -1).to(torch.int32)
     keys.block_table = table
-    values = torch.randint(-3, 4, (batch, longest, dim), generator=g).float()
+    values, scale, q, weights = _pattern_values(
+        pattern, g, fmt == "fp8", batch=batch, s_q=s_q, heads=heads, dim=dim, longest=longest
+    )
     if fmt == "fp8":
-        scale = torch.exp2(torch.randint(-2, 3, (batch, longest), generator=g).float())
         rows = cache.pack_index_keys_fp8(values.to(torch.float8_e4m3fn), scale)
         keys.append_rows(rows, torch.tensor(lengths))
-        q = torch.randint(-3, 4, (batch, s_q, heads, dim), generator=g).float().to(torch.float8_e4m3fn)
+        q = q.to(torch.float8_e4m3fn)
     else:
         keys.append(values.to(torch.bfloat16), torch.tensor(lengths))
-        q = torch.randint(-3, 4, (batch, s_q, heads, dim), generator=g).float().to(torch.bfloat16)
-    weights = torch.randint(-2, 3, (batch, s_q, heads), generator=g).float()
+        q = q.to(torch.bfloat16)
     lens = torch.tensor(lengths, dtype=torch.int32).view(-1, 1)
     if ranges == "decode":
         starts = None
@@ -83,6 +86,33 @@ def make_problem(
     args = {"q": q, "k_cache": keys.pages, "weights": weights, "block_table": keys.block_table, "ends": ends,
             "starts": starts}  # fmt: skip
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+
+
+PATTERNS = ("random", "tied", "ordered", "reversed")
+
+
+def _pattern_values(
+    pattern: str, g: torch.Generator, fp8: bool, *, batch: int, s_q: int, heads: int, dim: int, longest: int
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Float32 integer values of :func:`make_problem`'s ``pattern`` (exact in bf16 and e4m3): keys ``[B, L, D]``, key
+    scales ``[B, L]`` (powers of two; drawn for ``fp8`` only, so bf16 problems keep their draws), q ``[B, s_q, H,
+    D]`` and weights ``[B, s_q, H]``."""
+    if pattern == "random":
+        values = torch.randint(-3, 4, (batch, longest, dim), generator=g).float()
+        scale = torch.exp2(torch.randint(-2, 3, (batch, longest), generator=g).float()) if fp8 else None
+        q = torch.randint(-3, 4, (batch, s_q, heads, dim), generator=g).float()
+        return values, scale, q, torch.randint(-2, 3, (batch, s_q, heads), generator=g).float()
+    scale = torch.ones(batch, longest)
+    q = torch.randint(1, 3, (batch, s_q, heads, dim), generator=g).float()
+    weights = torch.randint(1, 3, (batch, s_q, heads), generator=g).float()
+    if pattern == "tied":  # one key row everywhere: every visible score of a query is the same
+        return torch.randint(-3, 4, (batch, 1, dim), generator=g).float().expand(-1, longest, -1), scale, q, weights
+    # Key s has its first m(s) entries 1 (the rest 0), m rising with position: positive q and weights give scores
+    # that rise with m, equal within a run of the same m.
+    rising = 1 + torch.arange(longest) * (dim - 1) // longest
+    m = rising if pattern == "ordered" else rising.flip(0)
+    values = (torch.arange(dim).view(1, 1, -1) < m.view(1, -1, 1)).float().expand(batch, -1, -1)
+    return values, scale, q, weights
 
 
 def _assert_same_selection(got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Tensor, torch.Tensor]) -> None:

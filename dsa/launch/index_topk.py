@@ -18,15 +18,17 @@ from torch import Tensor
 
 from dsa import kv_format
 from dsa.launch import common
+from dsa.launch import index_topk_split as split
 from dsa.launch import indexer as indexer_launch
 from tl_kernels import build as tl_build
 from tl_kernels import index_topk as kernels
+from tl_kernels import indexer as indexer_kernels
 
 OptTensor = Tensor | None
 
 __all__ = [
-    "KERNEL_NAME", "Plan", "index_topk", "index_topk_paged", "paged_static_params", "plan", "plan_paged", "run",
-    "run_paged", "static_params",
+    "KERNEL_NAME", "Plan", "index_topk", "index_topk_paged", "paged_splits", "paged_static_params", "plan",
+    "plan_paged", "run", "run_paged", "static_params",
 ]  # fmt: skip
 
 KERNEL_NAME = "index_topk"
@@ -141,13 +143,11 @@ def plan_paged(
     return _PAGED_PLANS.get(q.device, key, lambda: _make(static, None, q.device, config))
 
 
-def run_paged(
-    p: Plan, q: Tensor, k_cache: Tensor, weights: Tensor, block_table: Tensor, ends: Tensor, starts: OptTensor
+def _launch_paged(
+    p: Plan, q: Tensor, k_cache: Tensor, weights: Tensor, block_table: Tensor, ends: Tensor, starts: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """``(positions, scores)``, each ``[B, s_q, topk]``, under paged plan ``p``."""
+    """One launch of the paged kernel: ``(positions, scores)``, each ``[B, S, topk]``, for ``q [B, S, H_i, D_i]``."""
     rows = k_cache.view(-1, k_cache.shape[-1])
-    if starts is None:
-        starts = torch.zeros_like(ends)
     if q.dtype == torch.float8_e4m3fn:
         raw = rows.view(torch.uint8)
         keys = [tl_build.to_kernel_arg(raw.view(torch.float8_e4m3fn), p.target), weights, raw.view(torch.float32)]
@@ -158,6 +158,44 @@ def run_paged(
     scores = common.new_output(shape, torch.float32, q.device)
     p.kernel(tl_build.to_kernel_arg(q, p.target), *keys, block_table, starts, ends, indices, scores)
     return indices, scores
+
+
+def _split_shape(p: Plan, q: Tensor, block_table: Tensor, page_size: int) -> tuple[int, int, int]:
+    """``(block_Q, block_N, key_blocks)`` of a paged launch: the kernel's queries and keys per block, and the key
+    blocks of its logical key length ``max_pages * page_size``."""
+    block_N = p.config.block_N
+    key_blocks = -(-block_table.shape[1] * page_size // block_N)
+    return indexer_kernels.block_queries(q.shape[2], p.config.q_rows), block_N, key_blocks
+
+
+def paged_splits(p: Plan, q: Tensor, block_table: Tensor, page_size: int) -> int:
+    """The split count :func:`run_paged` uses by default (``dsa.launch.index_topk_split.num_splits``: two waves of
+    the device's SMs; one on the C target)."""
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.device.type == "cuda" else None
+    block_Q, _, key_blocks = _split_shape(p, q, block_table, page_size)
+    return split.num_splits(batch=q.shape[0], s_q=q.shape[1], block_Q=block_Q, key_blocks=key_blocks, sms=sms)
+
+
+def run_paged(
+    p: Plan, q: Tensor, k_cache: Tensor, weights: Tensor, block_table: Tensor, ends: Tensor, starts: OptTensor,
+    splits: int | None = None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """``(positions, scores)``, each ``[B, s_q, topk]``, under paged plan ``p``: one launch, or with ``splits > 1``
+    (default :func:`paged_splits`) each query's key range cut into ``splits`` sub-ranges, each on its own thread
+    blocks, and their candidates merged (``dsa.launch.index_topk_split``; the same result)."""
+    page_size = k_cache.shape[1]
+    splits = paged_splits(p, q, block_table, page_size) if splits is None else splits
+    if not isinstance(splits, int) or isinstance(splits, bool) or splits < 1:
+        raise ValueError(f"index_topk_decode: splits must be a positive int, got {splits!r}")
+    if splits == 1:
+        starts = torch.zeros_like(ends) if starts is None else starts
+        return _launch_paged(p, q, k_cache, weights, block_table, ends, starts)
+    block_Q, block_N, key_blocks = _split_shape(p, q, block_table, page_size)
+    v_q, v_w, v_starts, v_ends = split.expand(q, weights, starts, ends, splits=splits, block_Q=block_Q,
+                                              block_N=block_N, seq_kv=block_table.shape[1] * page_size)  # fmt: skip
+    positions, scores = _launch_paged(p, v_q, k_cache, v_w, block_table, v_ends, v_starts)
+    width = split.split_width(topk=p.topk, splits=splits, key_blocks=key_blocks, block_N=block_N)
+    return split.merge(positions, scores, s_q=q.shape[1], splits=splits, width=width, topk=p.topk)
 
 
 def index_topk_paged(
@@ -171,6 +209,7 @@ def index_topk_paged(
     starts: torch.Tensor | None = None,
     config: kernels.Config | None = None,
     planned: Plan | None = None,
+    splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``index_topk_decode`` (contract: ``dsa.reference.index_topk_decode``) by the fused kernel reading the keys
     through the block table.
@@ -179,6 +218,8 @@ def index_topk_paged(
         q, k_cache, weights, topk, block_table, ends, starts: as the contract says, laid out by the op (row-major).
         config (Config | None): overrides the default config (tests).
         planned (Plan | None): the caller's plan; default :func:`plan_paged` (``ValueError`` where none fits).
+        splits (int | None): sub-ranges per query's keys (split-K selection; tests force 1..7); default
+            :func:`paged_splits` (two waves of the GPU's SMs, one on the C target).
 
     Returns:
         positions ``[B, s_q, topk]`` int32 (``-1`` padding) and their scores ``[B, s_q, topk]`` float32.
@@ -186,4 +227,4 @@ def index_topk_paged(
     p = planned or plan_paged(q, topk, page_size=k_cache.shape[1], config=config)
     if p is None:
         raise ValueError(f"index_topk_decode: no fused config fits topk={topk} for q {tuple(q.shape)} on {q.device}")
-    return run_paged(p, q, k_cache, weights, block_table, ends, starts)
+    return run_paged(p, q, k_cache, weights, block_table, ends, starts, splits)

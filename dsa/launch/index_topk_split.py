@@ -1,0 +1,165 @@
+"""Split-K decode selection (flash-decoding for selection): each query's key range spread over thread blocks, exact.
+
+The paged fused kernel (``tl_kernels.index_topk`` with ``page_size > 0``) runs one thread block per ``block_Q``
+queries of a sequence, and each block walks all of its queries' key blocks in sequence: in decode that is ``B x
+ceil(s_q / block_Q)`` blocks, one at ``B = 1`` for a 128K context. Here, with no new kernel:
+
+1. :func:`expand`: every query's visible range ``[starts, ends)`` is cut into ``splits`` contiguous sub-ranges on
+   ``block_N`` boundaries (the key blocks of its sequence's union range dealt out evenly, so no key block is loaded by
+   two splits and every split of a long row gets work). The sub-ranges become virtual queries of the same sequence,
+   ``[B, splits * s_pad]`` laid out split-major (``s_pad``: ``s_q`` rounded up to whole kernel blocks, the padding
+   queries see nothing), so one kernel launch over the unchanged block table runs ``B x splits x s_pad / block_Q``
+   blocks, and the MTP queries of one split share a block (and its key tiles) whenever ``block_Q > 1``. The query
+   and weight rows are replicated (``splits x s_pad`` rows of ``H_i x D_i``; the block table is shared).
+2. The kernel leaves each sub-range's top-``topk`` positions and scores (the tie rule applies inside it).
+3. :func:`merge`: each sub-range's list is sorted by position (invalid ``-1`` last) and cut to the most keys a
+   sub-range can hold (``width``); the lists are laid side by side in split order, so a row's columns run in
+   increasing position, and the existing top-k kernel (``tl_kernels.topk`` through ``dsa.launch.topk``) selects
+   ``topk`` columns, whose positions and scores are gathered.
+
+Exactness (same sets, same scores, same tie rule as one launch). Order a row's keys by ``x < y`` iff ``score(x) >
+score(y)`` or (equal scores and ``pos(x) < pos(y)``), over finite scores only: the contract's top-k is the first
+``topk`` keys of that total order (all finite keys when fewer). Let ``x`` be selected and ``R`` its sub-range: fewer
+than ``topk`` keys of the row precede ``x``, so fewer than ``topk`` keys of ``R`` do, and ``x`` is in ``R``'s top-k
+(the kernel uses the same order). So the union ``U`` of the sub-ranges' lists contains the answer, and since ``U`` is
+a subset of the row, the first ``topk`` of ``U`` are the first ``topk`` of the row. The merge kernel orders its
+columns by score, then the smaller *column* first; the columns run in increasing position (split order, sorted within
+a split; sub-ranges are disjoint and increasing), so that is the same order. Padding columns hold ``-inf``, which is
+never selected. Scores are the kernel's own, gathered unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from dsa.launch import topk as topk_launch
+
+__all__ = ["MIN_KEY_BLOCKS_PER_SPLIT", "WAVES", "expand", "launched_blocks", "merge", "num_splits", "split_width"]
+
+WAVES = 2
+"""Thread blocks per streaming multiprocessor the split count aims for: a small batch spreads each query's key range
+over enough blocks to fill the GPU twice over."""
+MIN_KEY_BLOCKS_PER_SPLIT = 2
+"""The fewest key blocks a split walks: below it each split's fixed cost (its query tile, its final top-k written to
+``topk`` columns and merged again) outweighs its keys."""
+_NO_POSITION = torch.iinfo(torch.int32).max  # sorts an invalid (-1) entry after every position
+
+
+def padded_queries(s_q: int, block_Q: int) -> int:
+    """Virtual queries per split: ``s_q`` rounded up to whole kernel blocks of ``block_Q`` queries."""
+    return -(-s_q // block_Q) * block_Q
+
+
+def launched_blocks(*, batch: int, s_q: int, block_Q: int, splits: int) -> int:
+    """Thread blocks of the paged kernel for ``splits`` splits (``splits = 1``: the unsplit launch, ``B x
+    ceil(s_q / block_Q)``)."""
+    return batch * splits * (padded_queries(s_q, block_Q) // block_Q)
+
+
+def num_splits(*, batch: int, s_q: int, block_Q: int, key_blocks: int, sms: int | None) -> int:
+    """The split count: enough blocks for :data:`WAVES` per SM (``ceil(WAVES * sms / unsplit blocks)``), never
+    fewer than :data:`MIN_KEY_BLOCKS_PER_SPLIT` of the ``key_blocks`` (``ceil(max_pages * page_size / block_N)``) per
+    split, at least one. ``sms=None`` (the C target, whose blocks run one after another): one.
+
+    At V3.2 (64 heads, ``block_Q = 1``, ``block_N = 128``), ``B = 1``, ``s_q = 1``, a 128K context on 132 SMs: 264
+    splits of 3-4 key blocks, 264 blocks (the unsplit launch: one).
+    """
+    if sms is None:
+        return 1
+    unsplit = launched_blocks(batch=batch, s_q=s_q, block_Q=block_Q, splits=1)
+    most = max(1, key_blocks // MIN_KEY_BLOCKS_PER_SPLIT)
+    return max(1, min(math.ceil(WAVES * sms / unsplit), most))
+
+
+def split_width(*, topk: int, splits: int, key_blocks: int, block_N: int) -> int:
+    """Candidates a split can contribute: ``topk``, or fewer when no sub-range holds ``topk`` keys (a sub-range
+    spans at most ``ceil(key_blocks / splits)`` key blocks)."""
+    return min(topk, -(-key_blocks // splits) * block_N)
+
+
+def expand(
+    q: Tensor, weights: Tensor, starts: Tensor | None, ends: Tensor, *, splits: int, block_Q: int, block_N: int,
+    seq_kv: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """The virtual queries of a split launch (module docstring, step 1).
+
+    Args:
+        q (Tensor): ``[B, s_q, H_i, D_i]`` bfloat16 or float8_e4m3fn.
+        weights (Tensor): ``[B, s_q, H_i]`` float32.
+        starts (Tensor | None): ``[B, s_q]`` int32 (``None``: 0).
+        ends (Tensor): ``[B, s_q]`` int32.
+        splits, block_Q, block_N: the split count and the kernel's queries and keys per block.
+        seq_kv (int): the kernel's logical key length, ``max_pages * page_size`` (positions past it are invisible).
+
+    Returns:
+        q ``[B, splits * s_pad, H_i, D_i]``, weights ``[B, splits * s_pad, H_i]``, starts and ends ``[B, splits *
+        s_pad]`` int32: virtual query ``j * s_pad + t`` is query ``t`` restricted to sub-range ``j`` (``t >= s_q``,
+        and every empty restriction: ``[0, 0)``). Contiguous.
+    """
+    batch, s_q = ends.shape
+    s_pad = padded_queries(s_q, block_Q)
+    lo = torch.zeros_like(ends) if starts is None else starts
+    # Clamped to the kernel's keys, an empty range as lo == hi; int64 so that the block arithmetic cannot overflow.
+    lo = lo.to(torch.int64).clamp(0, seq_kv)
+    hi = torch.maximum(ends.to(torch.int64).clamp(0, seq_kv), lo)
+    seen = hi > lo
+    # The key blocks the sequence's queries see together: each split deals out a share of them to every query, so the
+    # MTP queries of a sequence (ranges one key apart) walk the same key blocks in the same split.
+    first = torch.where(seen, lo // block_N, seq_kv).amin(dim=1, keepdim=True)
+    last = torch.where(seen, -(-hi // block_N), 0).amax(dim=1, keepdim=True)
+    blocks = (last - first).clamp_min(0)
+    first = torch.where(blocks > 0, first, 0)
+    edges = first + blocks * torch.arange(splits + 1, device=ends.device) // splits  # [B, splits + 1] key blocks
+    sub_lo = torch.maximum(lo.unsqueeze(1), (edges[:, :-1] * block_N).unsqueeze(2))  # [B, splits, s_q]
+    sub_hi = torch.minimum(hi.unsqueeze(1), (edges[:, 1:] * block_N).unsqueeze(2))
+    empty = sub_hi <= sub_lo
+    v_starts = ends.new_zeros((batch, splits, s_pad))
+    v_ends = ends.new_zeros((batch, splits, s_pad))
+    v_starts[:, :, :s_q] = sub_lo.masked_fill(empty, 0).to(torch.int32)
+    v_ends[:, :, :s_q] = sub_hi.masked_fill(empty, 0).to(torch.int32)
+    # Padding queries repeat the last real one (any valid values do: they see no key).
+    rows = torch.arange(s_pad, device=q.device).clamp(max=s_q - 1)
+
+    def per_split(t: Tensor) -> Tensor:
+        """``t [B, s_q, ...]`` as ``[B, splits * s_pad, ...]``: its padded rows once per split."""
+        padded = t[:, rows]
+        return padded.unsqueeze(1).expand(batch, splits, *padded.shape[1:]).reshape(batch, -1, *t.shape[2:])
+
+    return per_split(q), per_split(weights), v_starts.view(batch, -1), v_ends.view(batch, -1)
+
+
+def merge(
+    positions: Tensor, scores: Tensor, *, s_q: int, splits: int, width: int, topk: int
+) -> tuple[Tensor, Tensor]:
+    """The top-``topk`` of the splits' candidates (module docstring, step 3).
+
+    Args:
+        positions (Tensor): ``[B, splits * s_pad, topk]`` int32, the split launch's positions (``-1`` padding).
+        scores (Tensor): ``[B, splits * s_pad, topk]`` float32, their scores (``-inf`` at padding).
+        s_q (int): real queries per sequence (virtual queries ``t >= s_q`` of each split are dropped).
+        splits (int): sub-ranges per query.
+        width (int): :func:`split_width`, the valid candidates a sub-range can hold at most.
+        topk (int): entries per query.
+
+    Returns:
+        positions ``[B, s_q, topk]`` int32 (``-1`` padding) and scores ``[B, s_q, topk]`` float32 (``-inf`` there).
+    """
+    batch = positions.shape[0]
+    shape = (batch, splits, -1, positions.shape[-1])
+    positions = positions.view(shape)[:, :, :s_q]
+    scores = scores.view(shape)[:, :, :s_q]
+    # Increasing position within each sub-range (invalid entries last, then cut: at most `width` are valid).
+    key, order = torch.where(positions < 0, _NO_POSITION, positions).sort(dim=-1)
+    key, picked = key[..., :width], scores.gather(-1, order[..., :width])
+    # [B, s_q, splits * width]: split-major columns, so column order is position order.
+    key = key.permute(0, 2, 1, 3).reshape(batch, s_q, splits * width)
+    picked = picked.permute(0, 2, 1, 3).reshape(batch, s_q, splits * width)
+    columns = topk_launch.topk_indices(picked, topk)
+    valid = columns >= 0
+    safe = columns.clamp_min(0).to(torch.int64)
+    out_positions = torch.where(valid, key.gather(-1, safe), -1).to(torch.int32)
+    out_scores = torch.where(valid, picked.gather(-1, safe), float("-inf"))
+    return out_positions, out_scores

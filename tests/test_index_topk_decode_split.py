@@ -1,0 +1,264 @@
+"""Split-K decode selection (``dsa.launch.index_topk_split`` under ``dsa.launch.index_topk.run_paged``): each query's
+key range over several thread blocks, merged by the top-k kernel, exactly the reference's selection.
+
+The problems are :func:`tests.test_index_topk_decode.make_problem`'s (integer-valued, so every score is exact and the
+tie rule decides every tie): random, tied (every score of a row equal), ordered and reversed rows; bf16 and FP8 key
+rows; 1-4 queries per sequence; lengths and ranges that are not multiples of the key block; unallocated pages. The
+split count is forced to 1..7 on the C target (whose default is 1). The CPU tier compiles nothing new: the paged
+kernels and the ``k = 16`` top-k kernel are the ones ``tests/test_index_topk_decode.py`` and ``tests/test_ops.py``
+compile. Tiers: rule and range arithmetic (pure Python/PyTorch), ``cpu_kernel``, ``gpu`` (V3.2 at 128K: the split
+count the rule picks against one launch and the reference).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from dsa import reference, testing
+from dsa.launch import index_topk as launch
+from dsa.launch import index_topk_split as split
+from tests import strategies
+from tests.test_index_topk_decode import (
+    CPU_TOPK, FORMATS, PATTERNS, V32, _assert_same_selection, _reference, _spoil_cache, make_problem,
+)  # fmt: skip
+from tl_kernels import dsl, indexer
+from tl_kernels import index_topk as kernels
+
+H100_SMS = 132
+V32_STATIC = {"heads": V32["heads"], "dim": V32["dim"], "dtype": "float8_e4m3fn", "mode": "range", "topk": V32["topk"],
+              "page_size": V32["page_size"], "target": dsl.HOPPER_TARGET}  # fmt: skip
+
+
+def _v32_tiling() -> tuple[int, int]:
+    """``(block_Q, block_N)`` of the V3.2 FP8 paged kernel's default Hopper config."""
+    config = kernels.default_config(V32_STATIC)
+    return indexer.block_queries(V32["heads"], config.q_rows), config.block_N
+
+
+# ----------------------------------------------------------------------------------------------- the rule
+
+
+def test_rule_fills_two_waves_at_one_sequence_of_128k() -> None:
+    """V3.2 (FP8, 64 heads, default sm_90a config), B = 1, s_q = 1, a 128K context on 132 SMs: the rule splits each
+    query's keys 264 ways, so 264 thread blocks run instead of one, each over 3-4 key blocks."""
+    block_Q, block_N = _v32_tiling()
+    key_blocks = -(-131_072 // block_N)
+    splits = split.num_splits(batch=1, s_q=1, block_Q=block_Q, key_blocks=key_blocks, sms=H100_SMS)
+    assert split.launched_blocks(batch=1, s_q=1, block_Q=block_Q, splits=1) == 1
+    assert split.launched_blocks(batch=1, s_q=1, block_Q=block_Q, splits=splits) == 264 == split.WAVES * H100_SMS
+    assert key_blocks // splits >= split.MIN_KEY_BLOCKS_PER_SPLIT
+    # Two MTP queries: the same number of blocks, each split's pair sharing nothing but the rule's wave count.
+    assert split.launched_blocks(batch=1, s_q=2, block_Q=block_Q, splits=split.num_splits(
+        batch=1, s_q=2, block_Q=block_Q, key_blocks=key_blocks, sms=H100_SMS)) >= 264  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("batch", "s_q", "block_Q", "key_blocks", "sms", "want"),
+    [
+        (1, 1, 1, 1024, None, 1),  # the C target: blocks run one after another
+        (128, 2, 1, 1024, 132, 2),  # 256 blocks are under two waves: two splits, 512 blocks
+        (128, 2, 2, 1024, 132, 3),  # MTP queries share a block: 128 blocks, three splits
+        (300, 1, 1, 1024, 132, 1),  # the batch alone fills two waves
+        (1, 1, 1, 9, 132, 4),  # a short context: no split under two key blocks
+        (1, 1, 1, 1, 132, 1),
+        (1, 3, 2, 1024, 132, 132),  # three queries in two blocks of two (the fourth a padding query)
+    ],
+)
+def test_rule_split_count(batch: int, s_q: int, block_Q: int, key_blocks: int, sms: int | None, want: int) -> None:
+    assert split.num_splits(batch=batch, s_q=s_q, block_Q=block_Q, key_blocks=key_blocks, sms=sms) == want
+
+
+@given(
+    **strategies.sizes(batch=3, s_q=4),
+    splits=st.integers(1, 7),
+    block_Q=st.sampled_from([1, 2, 16]),
+    block_N=st.sampled_from([1, 4, 64]),
+    seq_kv=st.integers(1, 300),
+    seed=strategies.SEEDS,
+)
+def test_expand_partitions_each_range_on_key_block_edges(
+    batch: int, s_q: int, splits: int, block_Q: int, block_N: int, seq_kv: int, seed: int
+) -> None:
+    """Each query's visible range (clamped to the kernel's keys) is the disjoint union of its sub-ranges, in split
+    order, each within one sequence-wide run of key blocks no longer than :func:`split_width`; padding queries and
+    empty sub-ranges are ``[0, 0)``; q and weights rows are the real query's (padding: the last one's)."""
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(-5, seq_kv + 5, (batch, s_q), generator=g, dtype=torch.int32)
+    ends = starts + torch.randint(-5, seq_kv + 5, (batch, s_q), generator=g, dtype=torch.int32)
+    q = torch.randn(batch, s_q, 2, 3, generator=g)
+    weights = torch.randn(batch, s_q, 2, generator=g)
+    v_q, v_w, v_starts, v_ends = split.expand(q, weights, starts, ends, splits=splits, block_Q=block_Q,
+                                              block_N=block_N, seq_kv=seq_kv)  # fmt: skip
+    s_pad = split.padded_queries(s_q, block_Q)
+    assert s_pad % block_Q == 0 and v_starts.shape == v_ends.shape == (batch, splits * s_pad)
+    width = split.split_width(topk=10**9, splits=splits, key_blocks=-(-seq_kv // block_N), block_N=block_N)
+    for b in range(batch):
+        for t in range(s_pad):
+            rows = [j * s_pad + t for j in range(splits)]
+            assert torch.equal(v_q[b, rows], q[b, min(t, s_q - 1)].expand(splits, -1, -1))
+            assert torch.equal(v_w[b, rows], weights[b, min(t, s_q - 1)].expand(splits, -1))
+            covered = [range(int(v_starts[b, r]), int(v_ends[b, r])) for r in rows]
+            if t >= s_q:
+                assert all(len(c) == 0 for c in covered) and not v_starts[b, rows].any()
+                continue
+            lo, hi = max(int(starts[b, t]), 0), min(int(ends[b, t]), seq_kv)
+            assert [p for c in covered for p in c] == list(range(lo, hi))  # disjoint, in order, complete
+            assert all(len(c) <= width for c in covered)
+            assert all(c.start == 0 for c in covered if len(c) == 0)
+    # The splits' key-block edges are shared by the sequence's queries: a key block belongs to one split.
+    for b in range(batch):
+        owner: dict[int, int] = {}
+        for j in range(splits):
+            for t in range(s_q):
+                r = j * s_pad + t
+                for kb in range(int(v_starts[b, r]) // block_N, -(-int(v_ends[b, r]) // block_N)):
+                    assert owner.setdefault(kb, j) == j, f"key block {kb} in splits {owner[kb]} and {j}"
+
+
+# ----------------------------------------------------------------------------------------------- CPU tier
+
+
+def _sub_range_lists(scores: torch.Tensor, edges: list[int], order_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a split launch leaves for ``scores [B, s_q, L]`` cut at ``edges``: per sub-range its reference top-k
+    positions (``-1`` padding) and scores (``-inf`` there), each list in a random order (a GPU block writes its
+    list in whatever order its threads win the output slots). ``[B, splits * s_q, topk]`` each, split-major."""
+    g = torch.Generator().manual_seed(order_seed)
+    positions, picked = [], []
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        local = reference.topk_indices(scores[..., lo:hi].contiguous(), CPU_TOPK)
+        shuffle = torch.rand(local.shape, generator=g).argsort(dim=-1)
+        local = local.gather(-1, shuffle)
+        picked.append(scores[..., lo:hi].gather(-1, local.clamp_min(0).long()).masked_fill(local < 0, float("-inf")))
+        positions.append(torch.where(local >= 0, local + lo, -1))
+    return torch.cat(positions, dim=1).to(torch.int32), torch.cat(picked, dim=1)
+
+
+@pytest.mark.cpu_kernel
+@strategies.examples(0.3)
+@given(
+    kind=st.sampled_from(testing.SCORE_PATTERNS),
+    **strategies.sizes(batch=2, s_q=4),
+    length=st.integers(1, 120),
+    cuts=st.lists(st.integers(0, 120), max_size=6),
+    seed=strategies.SEEDS,
+)
+@example(kind="all_equal", batch=1, s_q=1, length=100, cuts=[10, 40, 41, 90], seed=0)
+def test_merge_of_shuffled_sub_range_lists_is_the_rows_top_k(
+    kind: str, batch: int, s_q: int, length: int, cuts: list[int], seed: int
+) -> None:
+    """The merge alone (the top-k kernel at ``k = 16``) over lists in arbitrary order from arbitrary contiguous
+    sub-ranges (ties, equal rows, NaN and infinities of ``dsa.testing.SCORE_PATTERNS``): exactly the row's top-k,
+    ties to the smaller position, whichever sub-ranges the tied keys fall in."""
+    scores = testing.make_scores(kind, seed, batch, s_q, length, CPU_TOPK)
+    edges = sorted({0, length, *(min(c, length) for c in cuts)})
+    positions, picked = _sub_range_lists(scores, edges, seed + 1)
+    width = min(CPU_TOPK, max(hi - lo for lo, hi in zip(edges[:-1], edges[1:], strict=True)))
+    got = split.merge(positions, picked, s_q=s_q, splits=len(edges) - 1, width=width, topk=CPU_TOPK)
+    want = reference.topk_indices(scores, CPU_TOPK)
+    _assert_same_selection(got, (want, scores.gather(-1, want.clamp_min(0).long()).masked_fill(want < 0, -torch.inf)))
+
+
+def _run_split(args: dict[str, Any], splits: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paged launcher with ``splits`` forced (``None``: the rule's), at :data:`CPU_TOPK`."""
+    call = dict(args)
+    return launch.index_topk_paged(call.pop("q"), call.pop("k_cache"), call.pop("weights"), CPU_TOPK, **call,
+                                   splits=splits)  # fmt: skip
+
+
+@pytest.mark.cpu_kernel
+@strategies.examples(0.3)
+@given(
+    fmt=st.sampled_from(FORMATS),
+    pattern=st.sampled_from(PATTERNS),
+    splits=st.integers(1, 7),
+    **strategies.sizes(batch=3, s_q=4),
+    length=st.integers(0, 300),
+    ranges=st.sampled_from(["decode", "random"]),
+    unallocated=st.booleans(),
+    seed=strategies.SEEDS,
+)
+@example(fmt="fp8", pattern="tied", splits=7, batch=2, s_q=2, length=299, ranges="decode", unallocated=True, seed=1)
+@example(fmt="bf16", pattern="ordered", splits=5, batch=1, s_q=4, length=300, ranges="decode", unallocated=False,
+         seed=2)  # fmt: skip
+@example(fmt="fp8", pattern="reversed", splits=3, batch=3, s_q=3, length=250, ranges="random", unallocated=True,
+         seed=3)  # fmt: skip
+@example(fmt="bf16", pattern="random", splits=2, batch=2, s_q=1, length=130, ranges="random", unallocated=False,
+         seed=4)  # fmt: skip
+def test_cpu_split_selection_matches_reference(
+    fmt: str, pattern: str, splits: int, batch: int, s_q: int, length: int, ranges: str, unallocated: bool, seed: int
+) -> None:
+    """Forced 1..7 splits (64-key blocks, rows of up to 300 keys: empty, partial and several-block sub-ranges): the
+    same sets and scores as the reference, ties to the smaller position across and inside sub-ranges."""
+    lengths = [max(0, length - 37 * b) for b in range(batch)]
+    args = make_problem(fmt=fmt, seed=seed, batch=batch, s_q=s_q, lengths=lengths, ranges=ranges,
+                        unallocated=unallocated, pattern=pattern)  # fmt: skip
+    _assert_same_selection(_run_split(args, splits), _reference(args, CPU_TOPK))
+
+
+@pytest.mark.cpu_kernel
+@strategies.examples(0.1)
+@given(fmt=st.sampled_from(FORMATS), splits=st.integers(2, 7), **strategies.sizes(batch=2, s_q=4),
+       length=st.integers(1, 300), seed=strategies.SEEDS, data=st.data())  # fmt: skip
+def test_cpu_split_selection_with_non_finite_keys_matches_reference(
+    fmt: str, splits: int, batch: int, s_q: int, length: int, seed: int, data: st.DataObject
+) -> None:
+    """NaN and ``+-inf`` in the cached keys (and FP8 scales): no sub-range lets a non-finite score into the merge,
+    and the merged selection is the reference's."""
+    args = make_problem(fmt=fmt, seed=seed, batch=batch, s_q=s_q, lengths=[length] * batch, unallocated=True)
+    parts = ["keys"] + (["key_scales"] if fmt == "fp8" else [])
+    args["k_cache"] = _spoil_cache(args["k_cache"], fmt, parts, data, seed)
+    indices, scores = _run_split(args, splits)
+    _assert_same_selection((indices, scores), _reference(args, CPU_TOPK))
+    assert torch.isfinite(scores[indices >= 0]).all(), "a non-finite score was selected"
+
+
+@pytest.mark.cpu_kernel
+def test_cpu_default_is_one_launch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the C target the rule keeps one launch: the merge (the top-k launcher) never runs."""
+    calls = []
+    monkeypatch.setattr(split, "merge", lambda *a, **k: calls.append(1))
+    args = make_problem(fmt="bf16", seed=6, batch=1, s_q=2, lengths=[200])
+    p = launch.plan_paged(args["q"], CPU_TOPK, page_size=args["k_cache"].shape[1])
+    assert launch.paged_splits(p, args["q"], args["block_table"], args["k_cache"].shape[1]) == 1
+    _assert_same_selection(_run_split(args, None), _reference(args, CPU_TOPK))
+    assert calls == []
+
+
+@pytest.mark.parametrize("splits", [0, -2, 2.0, True])
+def test_bad_split_count_names_the_argument(splits: object) -> None:
+    args = make_problem(fmt="bf16", seed=8, batch=1, s_q=1, lengths=[20])
+    with pytest.raises(ValueError, match="^index_topk_decode: splits must be a positive int"):
+        _run_split(args, splits)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------------------------- GPU tier
+
+
+@pytest.mark.gpu
+@pytest.mark.decode
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize(("batch", "s_q", "context"), [(1, 1, 131_072), (1, 2, 131_072), (2, 4, 40_000)])
+def test_gpu_split_selection_matches_one_launch_and_reference(
+    cuda_device: torch.device, fmt: str, batch: int, s_q: int, context: int
+) -> None:
+    """V3.2 shapes at up to 128K: the rule's split count (more than one here) selects exactly what one launch and
+    the reference select."""
+    lengths = [context - 999 * b for b in range(batch)]
+    args = make_problem(fmt=fmt, seed=7, batch=batch, s_q=s_q, lengths=lengths, heads=V32["heads"], dim=V32["dim"],
+                        page_size=V32["page_size"], unallocated=True, device=cuda_device)  # fmt: skip
+    p = launch.plan_paged(args["q"], V32["topk"], page_size=V32["page_size"])
+    assert launch.paged_splits(p, args["q"], args["block_table"], V32["page_size"]) > 1
+    call = dict(args)
+    got = launch.index_topk_paged(call.pop("q"), call.pop("k_cache"), call.pop("weights"), V32["topk"], **call)
+    call = dict(args)
+    one = launch.index_topk_paged(call.pop("q"), call.pop("k_cache"), call.pop("weights"), V32["topk"], **call,
+                                  splits=1)  # fmt: skip
+    _assert_same_selection(got, one)
+    _assert_same_selection(got, _reference(args, V32["topk"]))
+
+
