@@ -412,7 +412,8 @@ def _check_decode_source(
         layouts = fp8_cache_layouts(d_qk, d_rope)
         if not layouts:
             raise ValueError(
-                f"{cache_name} holds FP8 bytes, but d_rope = {d_rope} leaves no FP8 layout for {d_qk}-wide rows"
+                f"{cache_name} holds FP8 bytes, but d_rope leaves no FP8 layout for {d_qk}-wide rows "
+                f"(d_rope = {d_rope})"
             )
         if fp8_cache_layout(d_qk, d_rope, kv_cache.shape[-1]) is None:
             sizes = " or ".join(str(layout.bytes_per_token) for layout in layouts)

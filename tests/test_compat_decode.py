@@ -18,14 +18,20 @@ from hypothesis import strategies as st
 from dsa import cache, compat, ops
 from dsa.testing import assert_close
 from tests import layouts
+from tests.test_kv_format_model1 import _flashmla_model1_dequantize as flashmla_model1_dequantize
 
 SCALE = 0.3
 FP8_BYTES = (torch.uint8, torch.int8, torch.float8_e4m3fn)
 
 
 def _rows(k_cache: torch.Tensor, d_qk: int) -> torch.Tensor:
-    """``[num_slots, d_qk]`` float64 rows of a ``[blocks, block_size, 1, row]`` cache (FP8 bytes dequantised)."""
-    flat = k_cache.reshape(-1, k_cache.shape[-1])
+    """``[num_slots, d_qk]`` float64 rows of a ``[blocks, block_size, 1, row]`` cache (FP8 bytes dequantised: a
+    512-wide cache of 584-byte rows holds MODEL1 blocks, read by the restatement of FlashMLA's own dequantiser)."""
+    blocks, block_size, _, row = k_cache.shape
+    if k_cache.dtype in FP8_BYTES and (d_qk, row) == (512, 584):
+        pages = k_cache.reshape(blocks, block_size * row).view(torch.uint8)
+        return flashmla_model1_dequantize(pages, block_size).reshape(-1, d_qk).double()
+    flat = k_cache.reshape(-1, row)
     if flat.dtype in FP8_BYTES:
         flat = cache.dequantize_kv_fp8(flat, cache.FP8Layout.for_width(d_qk, 64))
     return flat.double()
@@ -50,7 +56,8 @@ def _oracle(
         valid = (idx >= 0) & (idx < rows.shape[0])
         if length is not None:
             valid &= torch.arange(idx.shape[-1]).view(1, 1, -1) < length.long().view(-1, 1, 1)
-        keys.append(rows[idx.clamp(0, rows.shape[0] - 1)])  # [B, s_q, k, d_qk]
+        # Rows no valid entry names may hold anything (FlashMLA's tests fill them with NaN): zero them, never read.
+        keys.append(torch.where(valid.unsqueeze(-1), rows[idx.clamp(0, rows.shape[0] - 1)], 0.0))  # [B, s_q, k, d_qk]
         masks.append(valid)
     kv, valid = torch.cat(keys, dim=2), torch.cat(masks, dim=2)
     logits = torch.einsum("bshd,bskd->bshk", q.double(), kv) * scale
@@ -315,10 +322,10 @@ def _bad_inputs() -> list[tuple[str, dict[str, Any], type[Exception], str]]:
         ("bytes without flag", {"k_cache": fp8_576, "q_width": 576}, TypeError, r"k_cache holds FP8 bytes"),
         ("fp8 row bytes", {"k_cache": fp8_576[..., :600], "is_fp8_kvcache": True, "q_width": 576}, ValueError, r"656"),
         (
-            "MODEL1 layout",
-            {"k_cache": torch.zeros(1, 4, 1, 584, dtype=torch.uint8), "is_fp8_kvcache": True, "q_width": 512},
+            "512-wide fp8 row bytes",
+            {"k_cache": torch.zeros(1, 4, 1, 600, dtype=torch.uint8), "is_fp8_kvcache": True, "q_width": 512},
             ValueError,
-            r"MODEL1",
+            r"must have 584 or 604 bytes per token for 512-wide FP8 rows, got 600",
         ),
         ("cache dtype", {"k_cache": torch.zeros(2, 4, 1, 16, dtype=torch.float64)}, TypeError, r"k_cache must have"),
         ("h_k", {"k_cache": torch.zeros(2, 4, 2, 16)}, ValueError, r"k_cache must have h_k = 1"),

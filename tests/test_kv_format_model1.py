@@ -18,8 +18,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dsa import cache, kv_format, ops, reference
-from dsa.serving.flashmla_decode import flash_mla_with_kvcache, get_mla_metadata
+from dsa import cache
 from tests import strategies
 
 MODEL1 = cache.MODEL1_FP8_LAYOUT
@@ -275,27 +274,3 @@ def test_paged_cache_layout_errors_name_the_call() -> None:
     kv_cache = cache.PagedKVCache(1, 8, 512, page_size=4, dtype="fp8", layout=MODEL1)
     with pytest.raises(ValueError, match="^PagedKVCache.append_rows: rows must be \\[1, n, 584\\] torch.uint8"):
         kv_cache.append_rows(torch.zeros(1, 2, 604, dtype=torch.uint8))
-
-
-def test_decode_ops_refuse_model1_caches_by_name() -> None:
-    """The decode ops do not read MODEL1 yet: a MODEL1 cache in FlashMLA's ``k_cache`` shape (``[num_pages,
-    page_size, 584]``) is refused naming the op and the layout, not as a 604-byte row-size mismatch."""
-    kv_cache = cache.PagedKVCache(1, 8, 512, page_size=4, dtype="fp8", layout=MODEL1)
-    kv_cache.append(_spread_tokens(1, 1, 8))
-    pages = cache.flash_mla_kv_view(kv_cache.pages, MODEL1, 4)
-    q = torch.randn(1, 1, 2, 512)
-    slots = torch.arange(3, dtype=torch.int32).view(1, 1, 3)
-    message = "^sparse_mla_decode: kv_cache holds 584-byte rows of FlashMLA's MODEL1 FP8 layout"
-    with pytest.raises(ValueError, match=message):
-        reference.sparse_mla_decode(q, pages.squeeze(2), slots, sm_scale=1.0, d_v=512)
-    with pytest.raises(ValueError, match=message):
-        ops.sparse_mla_decode(q, pages.squeeze(2), slots, sm_scale=1.0, d_v=512)
-    with pytest.raises(ValueError, match="^sparse_mla_decode: extra_kv_cache holds 584-byte rows of FlashMLA's MODEL1"):
-        bf16 = torch.randn(1, 4, 512)
-        ops.sparse_mla_decode(q, bf16, slots, sm_scale=1.0, d_v=512, extra_kv_cache=pages.squeeze(2),
-                              extra_indices=slots)  # fmt: skip
-    with pytest.raises(ValueError, match="MODEL1 FP8 layout .*MODEL1_FP8_LAYOUT"):
-        flash_mla_with_kvcache(
-            q.to(torch.bfloat16), pages, None, None, 512, get_mla_metadata()[0], is_fp8_kvcache=True, indices=slots
-        )
-    assert kv_format.MODEL1_FP8_LAYOUT is MODEL1

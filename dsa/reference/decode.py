@@ -14,29 +14,25 @@ from dsa.reference.topk import topk_indices_impl
 
 
 def _cache_layout(kv_cache: Tensor, width: int, d_rope: int, name: str) -> kv_format.FP8Layout | None:
-    """The FP8 row layout of a paged cache tensor (``None`` for a plain cache of ``width``-wide rows), after checking
-    that its rows fit ``width`` and ``d_rope``."""
+    """The FP8 layout of a paged cache tensor (``validation.fp8_cache_layout``; ``None`` for a plain cache of
+    ``width``-wide rows), after checking that its rows fit ``width`` and ``d_rope``."""
     if kv_cache.dim() != 3:
         raise ValueError(f"sparse_mla_decode: {name} must be [num_pages, page_size, row], got {tuple(kv_cache.shape)}")
-    if kv_cache.dtype in (torch.uint8, torch.int8, torch.float8_e4m3fn):
-        if not 0 <= d_rope < width:
-            raise ValueError(f"sparse_mla_decode: d_rope must lie in [0, {width}) for {width}-wide rows, got {d_rope}")
-        model1 = kv_format.MODEL1_FP8_LAYOUT
-        if width == model1.width and kv_cache.shape[-1] == model1.bytes_per_token:
+    if not validation.is_fp8_cache(kv_cache):
+        if kv_cache.shape[-1] != width:
             raise ValueError(
-                f"sparse_mla_decode: {name} holds {model1.bytes_per_token}-byte rows of FlashMLA's MODEL1 FP8 "
-                f"layout (dsa.kv_format.MODEL1_FP8_LAYOUT), which sparse_mla_decode does not read yet"
+                f"sparse_mla_decode: {name} rows must be {width} wide (q's last dim), got {kv_cache.shape[-1]}"
             )
-        layout = kv_format.FP8Layout.for_width(width, d_rope)
-        if kv_cache.shape[-1] != layout.bytes_per_token:
-            raise ValueError(
-                f"sparse_mla_decode: {name} holds {kv_cache.shape[-1]}-byte FP8 rows; a {width}-wide row with "
-                f"{d_rope} RoPE values takes {layout.bytes_per_token} ({layout})"
-            )
-        return layout
-    if kv_cache.shape[-1] != width:
-        raise ValueError(f"sparse_mla_decode: {name} rows must be {width} wide (q's last dim), got {kv_cache.shape[-1]}")
-    return None
+        return None
+    layouts = validation.fp8_cache_layouts(width, d_rope)
+    layout = validation.fp8_cache_layout(width, d_rope, kv_cache.shape[-1])
+    if layout is None:
+        raise ValueError(
+            f"sparse_mla_decode: {name} holds {kv_cache.shape[-1]}-byte FP8 rows; a {width}-wide row with {d_rope} "
+            f"RoPE values takes {' or '.join(str(x.bytes_per_token) for x in layouts) or 'no FP8 layout'} "
+            f"({', '.join(map(str, layouts))})"
+        )
+    return layout
 
 
 def _per_query_lengths(topk_length: OptTensor, rows: int) -> OptTensor:
@@ -49,6 +45,33 @@ def _per_query_lengths(topk_length: OptTensor, rows: int) -> OptTensor:
     return topk_length.reshape(rows)
 
 
+def _stored_rows(kv_cache: Tensor, layout: kv_format.FP8Layout | None, slots: Tensor) -> Tensor:
+    """The stored rows of in-range ``slots`` (``[n]`` int64): ``[n, row]`` in the cache dtype, a token's bytes in
+    the order ``dsa.kv_format.dequantize_kv_fp8`` reads them.
+
+    A row-per-token cache holds a slot's row at ``[page, offset]``. A split-layout cache (MODEL1) is FlashMLA's view
+    of its pages, ``[num_pages, page_size, bytes_per_token]``: page ``p``'s bytes are ``kv_cache[p]`` in row-major
+    order, token ``o``'s values at ``o * value_bytes`` and its scale group at ``page_size * value_bytes + o *
+    scale_group_bytes`` of them (``dsa.kv_format.kv_page_sections``). When each page's rows lie back to back (as
+    FlashMLA lays them out) the sections are views and only the named tokens' bytes are read; otherwise the pages
+    the slots name are copied first (each once).
+    """
+    page_size = kv_cache.shape[1]
+    page, offset = slots // page_size, slots % page_size
+    if layout is None or not layout.scales_after_values:
+        return kv_cache[page, offset]
+    num_pages, _, row = kv_cache.shape
+    if page_size == 1 or kv_cache.stride(1) == row * kv_cache.stride(2):
+        pages = kv_cache.view(num_pages, page_size * row)
+    else:
+        named, page = torch.unique(page, return_inverse=True)
+        pages = kv_cache[named].reshape(named.numel(), page_size * row)
+    split = page_size * layout.value_bytes
+    values = pages[:, :split].unflatten(1, (page_size, layout.value_bytes))
+    scales = pages[:, split:].unflatten(1, (page_size, layout.scale_group_bytes))
+    return torch.cat([values[page, offset], scales[page, offset]], dim=-1)
+
+
 def _source_rows(
     kv_cache: Tensor, layout: kv_format.FP8Layout | None, slots: Tensor, topk_length: OptTensor, width: int
 ) -> tuple[Tensor, Tensor]:
@@ -58,7 +81,7 @@ def _source_rows(
     Args:
         kv_cache (Tensor): ``[num_pages, page_size, row]`` (any strides: rows are read by page and offset, the cache
             is never flattened or copied).
-        layout (FP8Layout | None): the FP8 row layout, None for a plain cache.
+        layout (FP8Layout | None): the FP8 layout (row per token, or MODEL1's split pages), None for a plain cache.
         slots (Tensor): ``[n, topk]`` integer slots; valid iff ``0 <= slot < num_pages * page_size`` and (with
             ``topk_length [n]``) the entry's position in its row is ``< topk_length``.
 
@@ -72,7 +95,7 @@ def _source_rows(
         position = torch.arange(slots.shape[-1], device=slots.device).view(1, -1)
         valid &= position < topk_length.view(-1, 1).to(torch.int64)
     picked = slots[valid].to(torch.int64)  # the valid entries only, row-major; duplicates once per occurrence
-    stored = kv_cache[picked // page_size, picked % page_size]  # [n_valid, row]
+    stored = _stored_rows(kv_cache, layout, picked)  # [n_valid, row]
     values = kv_format.dequantize_kv_fp8(stored, layout) if layout is not None else stored
     rows = values.new_zeros((*slots.shape, width))
     rows[valid] = values
@@ -97,10 +120,13 @@ def sparse_mla_decode(
 
     Args:
         q (Tensor): ``[B, s_q, H, d_qk]`` (``s_q`` = 1 plus speculative tokens).
-        kv_cache (Tensor): the pages of a ``dsa.serving.cache.PagedKVCache``: ``[num_pages, page_size, d_qk]`` in q's dtype
-            (bf16 or float32), or ``[num_pages, page_size, bytes]`` uint8/int8/float8 bytes in the FP8 layout of a
-            ``d_qk``-wide row with ``d_rope`` RoPE values (dequantised here, exactly as
-            ``dsa.kv_format.dequantize_kv_fp8``).
+        kv_cache (Tensor): the pages of a ``dsa.serving.cache.PagedKVCache``: ``[num_pages, page_size, d_qk]`` in q's
+            dtype (bf16 or float32), or ``[num_pages, page_size, bytes]`` uint8/int8/float8 bytes in an FP8 layout of a
+            ``d_qk``-wide row with ``d_rope`` RoPE values (``dsa.validation.fp8_cache_layouts``; dequantised here,
+            exactly as ``dsa.kv_format.dequantize_kv_fp8``): one row per token (V3.2's 656 bytes for 576 wide), or
+            MODEL1's split pages (512 wide, 64 RoPE values, 584 bytes per token) as FlashMLA passes them,
+            ``dsa.kv_format.flash_mla_kv_view(pages, MODEL1_FP8_LAYOUT, page_size).squeeze(2)``: page ``p``'s bytes
+            are ``kv_cache[p]`` in row-major order, all its tokens' values, then all their scale groups.
         indices (Tensor): ``[B, s_q, topk]`` int32 slots (``page * page_size + offset``); ``-1`` or out of range is
             invalid and never read.
         sm_scale (float), d_v (int), attn_sink (Tensor | None ``[H]`` float32): as in :func:`sparse_mla`.
@@ -155,7 +181,7 @@ def sparse_mla_decode_impl(
     n = batch * s_q
 
     def layout(c: Tensor) -> kv_format.FP8Layout | None:
-        return kv_format.FP8Layout.for_width(width, d_rope) if validation.is_fp8_cache(c) else None
+        return validation.fp8_cache_layout(width, d_rope, c.shape[-1]) if validation.is_fp8_cache(c) else None
 
     # One decode query is one row of every source: [B * s_q, topk] slots and [B * s_q] lengths.
     sources = [(kv_cache, layout(kv_cache), indices.reshape(n, -1), _per_query_lengths(topk_length, n))]

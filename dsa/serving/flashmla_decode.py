@@ -7,9 +7,15 @@ top of ``dsa.ops.sparse_mla_decode``. The argument names, order, defaults, shape
 ``tests/ref.py`` as the definition of the outputs. The conventions read there:
 
 - ``k_cache`` is ``[num_blocks, page_block_size, h_k = 1, row]``. FlashMLA's sparse path takes FP8 caches only
-  (``is_fp8_kvcache=True``; uint8, int8 or float8_e4m3fn bytes, 656 per token for V3.2's 576-wide rows: 512 e4m3
-  values, 4 float32 tile scales, 64 bf16 RoPE values). Here ``is_fp8_kvcache=False`` with a cache in q's dtype also
-  works (an extension); the flag must agree with the cache's dtype.
+  (``is_fp8_kvcache=True``; uint8, int8 or float8_e4m3fn bytes) in one of two layouts, chosen by q's head_dim:
+  V3.2's for 576-wide rows (656 bytes per token, one row per token: 512 e4m3 values, 4 float32 tile scales, 64 bf16
+  RoPE values) and MODEL1's (DeepSeek-V4) for 512-wide rows (584 bytes per token: 448 e4m3 values in 7 tiles of 64,
+  64 bf16 RoPE values, 7 UE8M0 scale bytes and a pad byte, ``dsa.kv_format.MODEL1_FP8_LAYOUT``). A MODEL1 block is
+  not its tokens' rows side by side: it holds every token's 576 value bytes, then every token's 8 scale bytes (and
+  is padded to a multiple of 576 bytes, so ``stride(0)`` exceeds ``page_block_size * 584``); block ``p``'s bytes
+  are ``k_cache[p]`` in row-major order (``dsa.kv_format.flash_mla_kv_view`` of ``quantize_kv_pages_fp8``'s pages,
+  or ``PagedKVCache(..., layout=MODEL1_FP8_LAYOUT)``'s). Here ``is_fp8_kvcache=False`` with a cache in q's dtype
+  also works (an extension); the flag must agree with the cache's dtype.
 - ``indices`` (FlashMLA's ``indices_in_kvcache``) is ``[B, s_q, topk]`` int32 slots, ``page * page_block_size +
   offset``; ``-1`` (or out of range) is invalid. ``extra_k_cache``/``extra_indices_in_kvcache`` add a second source
   in the same softmax. ``topk_length``/``extra_topk_length`` are ``[B]`` int32 (one length per sequence, for all its
@@ -32,12 +38,14 @@ top of ``dsa.ops.sparse_mla_decode``. The argument names, order, defaults, shape
 Where FlashMLA would reject an input, a ``ValueError``/``TypeError`` names ``flash_mla_with_kvcache`` and the
 argument. Relaxed here: ``q`` may be float32/float64/float16 (the reference runs; FlashMLA takes bf16 only), any head
 count (FlashMLA: 64 or 128), any ``head_dim_v <= d_qk`` (FlashMLA: 512) and any width whose FP8 row has 64 RoPE values
-(``dsa.kv_format.FP8Layout.for_width(d_qk, 64)``), and any strides on every tensor (FlashMLA wants each FP8 block's
-tokens packed). Not supported: FlashMLA's dense decode path (``indices=None``) and its MODEL1 FP8 layout (512-wide
-rows, 584 bytes with e8m0 scales). Tensors go to ``dsa.ops.sparse_mla_decode`` as they arrive: on the kernel backend
-the op copies any that the kernels cannot read in place (e.g. a cache whose blocks are not adjacent in memory, as
-FlashMLA's own test helper lays it out: one copy of the cache per call), the reference reads them as they are.
-Forward only, as in FlashMLA.
+(``dsa.kv_format.FP8Layout.for_width(d_qk, 64)``; for 512-wide rows both it, 604 bytes, and MODEL1's 584 are
+accepted, told apart by the row size), and any strides on every tensor (FlashMLA wants each FP8 block's tokens
+packed). Not supported: FlashMLA's dense decode path (``indices=None``). Tensors go to ``dsa.ops.sparse_mla_decode``
+as they arrive: on the kernel backend the op copies any that the kernels cannot read in place (e.g. a cache whose
+blocks are not adjacent in memory, as FlashMLA's own test helper lays it out: one copy of the cache per call), the
+reference reads them as they are. MODEL1 FP8 caches run the reference on every backend (the decode kernel reads
+row-per-token FP8 rows only), reading only the bytes of the tokens the valid slots name; bf16 caches of 512-wide
+rows run the kernels. Forward only, as in FlashMLA.
 """
 
 from __future__ import annotations
@@ -55,8 +63,6 @@ __all__ = ["FlashMLASchedMeta", "flash_mla_with_kvcache", "get_mla_metadata"]
 _OP = "flash_mla_with_kvcache"
 # FlashMLA's FP8 rows keep 64 RoPE values in bf16 in both of its layouts.
 _D_ROPE = 64
-# MODEL1's FP8 row (448 e4m3 + 64 bf16 + 7 e8m0 scales + 1 pad byte): recognised only to say it is unsupported.
-_MODEL1_WIDTH, _MODEL1_ROW_BYTES = kv_format.MODEL1_FP8_LAYOUT.width, kv_format.MODEL1_FP8_LAYOUT.bytes_per_token
 
 
 @dataclasses.dataclass
@@ -140,20 +146,12 @@ def _check_cache(name: str, k_cache: object, q: torch.Tensor, is_fp8_kvcache: bo
                 f"{_dtype_name(k_cache.dtype)}",
                 TypeError,
             )
-        try:
-            expected = kv_format.FP8Layout.for_width(d_qk, _D_ROPE).bytes_per_token
-        except ValueError:
-            expected = None
-        if d_qk == _MODEL1_WIDTH and row == _MODEL1_ROW_BYTES:
-            raise _fail(
-                name,
-                f"uses FlashMLA's MODEL1 FP8 layout ({row} bytes per token, dsa.kv_format.MODEL1_FP8_LAYOUT), which "
-                f"is not supported yet",
-            )
-        if expected is None:
+        layouts = validation.fp8_cache_layouts(d_qk, _D_ROPE)
+        if not layouts:
             raise _fail(name, f"has no FP8 layout for {d_qk}-wide rows with {_D_ROPE} RoPE values (q's head_dim)")
-        if row != expected:
-            raise _fail(name, f"must have {expected} bytes per token for {d_qk}-wide FP8 rows, got {row}")
+        if validation.fp8_cache_layout(d_qk, _D_ROPE, row) is None:
+            sizes = " or ".join(str(layout.bytes_per_token) for layout in layouts)
+            raise _fail(name, f"must have {sizes} bytes per token for {d_qk}-wide FP8 rows, got {row}")
     else:
         if holds_fp8:
             raise _fail(name, f"holds FP8 bytes ({_dtype_name(k_cache.dtype)}) but is_fp8_kvcache=False", TypeError)
@@ -227,10 +225,11 @@ def flash_mla_with_kvcache(
     Args:
         q (torch.Tensor): ``[B, s_q, H, d_qk]``, bfloat16 (float16/float32/float64 run the reference).
         k_cache (torch.Tensor): ``[num_blocks, page_block_size, 1, row]``: FP8 bytes (uint8/int8/float8_e4m3fn,
-            ``row`` = 656 for ``d_qk`` = 576) with ``is_fp8_kvcache=True``, or q's dtype (``row = d_qk``) with False.
+            ``row`` = 656 for ``d_qk`` = 576, 584 for MODEL1's 512) with ``is_fp8_kvcache=True``, or q's dtype
+            (``row = d_qk``) with False.
         block_table (torch.Tensor | None): ``[B, max_blocks]`` int32; not read (the slots name the pages).
         cache_seqlens (torch.Tensor | None): ``[B]`` int32; not read.
-        head_dim_v (int): value width, the first ``head_dim_v`` columns of a row (512 for V3.2).
+        head_dim_v (int): value width, the first ``head_dim_v`` columns of a row (512 for V3.2 and MODEL1).
         tile_scheduler_metadata (FlashMLASchedMeta): the first element of :func:`get_mla_metadata`'s result.
         num_splits (None): must be None (FlashMLA's placeholder for its old interface).
         softmax_scale (float | None): default ``d_qk ** -0.5``.
@@ -238,8 +237,9 @@ def flash_mla_with_kvcache(
         is_fp8_kvcache (bool): whether ``k_cache``/``extra_k_cache`` hold FP8 bytes.
         indices (torch.Tensor): ``[B, s_q, topk]`` int32 slots ``page * page_block_size + offset``; ``-1`` or out of
             range is invalid. Required (None selects FlashMLA's dense path, not provided here).
-        attn_sink (torch.Tensor | None): ``[H]`` float32.
-        extra_k_cache (torch.Tensor | None): ``[extra_num_blocks, extra_page_block_size, 1, row]``, like k_cache.
+        attn_sink (torch.Tensor | None): ``[H]`` float32 (DeepSeek-V4's learned sink per head).
+        extra_k_cache (torch.Tensor | None): ``[extra_num_blocks, extra_page_block_size, 1, row]``, like k_cache
+            (DeepSeek-V4: the compressed entries, with ``k_cache`` the sliding window).
         extra_indices_in_kvcache (torch.Tensor | None): ``[B, s_q, extra_topk]`` int32 slots of ``extra_k_cache``.
         topk_length, extra_topk_length (torch.Tensor | None): ``[B]`` int32: leading entries counted per sequence.
 
