@@ -45,7 +45,7 @@ import torch
 
 from autotune.lookup import sku
 from benchmarks import cases as case_data
-from benchmarks import harness, measure
+from benchmarks import cost, harness, measure
 from benchmarks.harness import DEFAULT_BUDGET_S, DEFAULT_REPS, DEFAULT_WARMUP, GIGA, CaseResult, RunOptions, run_case
 
 __all__ = ["host_info", "main", "select_cases"]
@@ -73,25 +73,39 @@ def select_cases(kernels: str, names: str | None, *, tiny: bool = False, full: b
     return selected
 
 
-def dry_run_rows(selected: Sequence[case_data.Case]) -> list[dict[str, Any]]:
-    """Rows with the FLOP and byte counts of ``selected`` (what ``--dry-run --json`` writes)."""
+def dry_run_rows(selected: Sequence[case_data.Case], sku_id: str = cost.DEFAULT_SKU) -> list[dict[str, Any]]:
+    """Rows with the FLOP and byte counts of ``selected`` and the cost model's estimate on ``sku_id`` (what
+    ``--dry-run --json`` writes)."""
     rows = []
     for case in selected:
         note = json.dumps({**case.static, **case.sizes}, sort_keys=True)
         for metric, value, unit in (("flops", case.flops, "FLOP"), ("bytes", case.bytes, "B")):
             rows.append(harness.row(case, "-", metric, value, unit, note=note))
+        rows += harness.model_rows(case, sku_id)[0]
     return rows
 
 
-def format_dry_run(selected: Sequence[case_data.Case]) -> str:
-    """A table of the cases: name, GFLOP, MB moved, arithmetic intensity, targets, parameters."""
-    header = ("case", "GFLOP", "MB", "FLOP/B", "targets", "params")
+def _model_columns(case: case_data.Case, sku_id: str) -> tuple[str, ...]:
+    estimate = cost.case_estimate(case, sku_id)
+    if estimate is None:
+        return ("-",) * 5
+    waves = f"{estimate.waves:.2f}" if estimate.blocks else "-"
+    rows = str(estimate.rows_dequantised) if estimate.rows_dequantised else "-"
+    return f"{estimate.model_s * 1e6:.1f}", f"{estimate.roofline_s * 1e6:.1f}", estimate.bound, waves, rows
+
+
+def format_dry_run(selected: Sequence[case_data.Case], sku_id: str = cost.DEFAULT_SKU) -> str:
+    """A table of the cases: name, GFLOP, MB moved, arithmetic intensity, the cost model's time, roofline, bound,
+    waves and dequantised rows on ``sku_id`` (``benchmarks.cost``), targets, parameters."""
+    header = ("case", "GFLOP", "MB", "FLOP/B", f"model us ({sku_id})", "roofline us", "bound", "waves", "deq rows",
+              "targets", "params")  # fmt: skip
     rows = []
     for c in selected:
         intensity = f"{c.flops / c.bytes:.1f}" if c.bytes and c.flops else "-"
         params = " ".join(f"{k}={v}" for k, v in {**c.static, **c.sizes}.items())
         targets = "; ".join(t.describe() for t in c.targets) or "-"
-        rows.append((c.name, f"{c.flops / GIGA:.3f}", f"{c.bytes / 1e6:.1f}", intensity, targets, params))
+        rows.append((c.name, f"{c.flops / GIGA:.3f}", f"{c.bytes / 1e6:.1f}", intensity, *_model_columns(c, sku_id),
+                     targets, params))  # fmt: skip
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]
@@ -208,7 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--providers", default=None, help="comma list of providers to run (default: all)")
     p.add_argument("--json", type=Path, default=None, help="write the result rows (and host, ceilings) here")
-    p.add_argument("--dry-run", action="store_true", help="list the cases with their FLOP/byte counts; needs no GPU")
+    p.add_argument(
+        "--dry-run", action="store_true", help="list the cases with their counts and cost model; needs no GPU"
+    )
+    p.add_argument(
+        "--sku", default=cost.DEFAULT_SKU, choices=sorted(sku.PERF_TABLE),
+        help="the SKU the dry run's cost model estimates for (a GPU run uses its own)",
+    )  # fmt: skip
     p.add_argument(
         "--ceilings", type=Path, default=None, help="read measured ceilings from this JSON (default: measure)"
     )
@@ -238,9 +258,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dsa-bench: {exc}", file=sys.stderr)
         return EXIT_NO_GPU
     if args.dry_run:
-        print(format_dry_run(selected))
+        print(format_dry_run(selected, args.sku))
         if args.json:
-            write_json(args.json, {"dry_run": True, "rows": dry_run_rows(selected)})
+            write_json(args.json, {"dry_run": True, "rows": dry_run_rows(selected, args.sku)})
         return EXIT_OK
     if args.device == "cuda" and not torch.cuda.is_available():
         print(NO_GPU_MESSAGE, file=sys.stderr)

@@ -98,7 +98,9 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def summary(doc: dict[str, Any]) -> str:
-    """The compact table printed last: host, ceilings, stages, tests, the DSA kernels against their baselines."""
+    """The compact table printed last: host, ceilings, stages, tests, the DSA kernels against their baselines and
+    their measured time as a multiple of the cost model's (``benchmarks.cost``; ``1.50x model``: 1.5 times as long as
+    the model says)."""
     host = doc.get("host", {})
     ceil = doc.get("ceilings", {})
     lines = [
@@ -133,7 +135,7 @@ def summary(doc: dict[str, Any]) -> str:
                 entry[r["metric"]] = r["value"]
             elif r["metric"] == "target":
                 entry["targets"].append(r.get("note", ""))
-            elif r["metric"].startswith("speedup_vs_"):
+            elif r["metric"].startswith("speedup_vs_") or r["metric"] == "time_vs_model":
                 entry[r["metric"]] = r["value"]
             elif r["metric"] == "peak_bytes":
                 entry["peak"] = r["value"]
@@ -153,7 +155,9 @@ def summary(doc: dict[str, Any]) -> str:
             lines.append(f"{case:40} {blank}  dsa peak {e['peak'] / 1e9:.2f} GB; dense/dsa {ratios or '-'}")
             continue
         check = {True: "ok", False: "FAIL"}.get(e.get("check"), "-")
-        tail = " | ".join(filter(None, [speedups, "; ".join(e["targets"]), e.get("error")]))
+        model = e.get("time_vs_model")
+        model_text = f"{model:.2f}x model" if isinstance(model, (int, float)) else ""
+        tail = " | ".join(filter(None, [model_text, speedups, "; ".join(e["targets"]), e.get("error")]))
         lines.append(
             f"{case[:40]:40} {_fmt(e.get('latency_ms'), '.3f'):>9} {_fmt(e.get('tflops'), '.1f'):>8} "
             f"{_fmt(e.get('gbps'), '.0f'):>6} {check:>6}  {tail[:110]}"

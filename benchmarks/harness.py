@@ -22,13 +22,13 @@ from typing import Any
 import torch
 
 from benchmarks import cases as case_data
-from benchmarks import measure, providers
+from benchmarks import cost, measure, providers
 from benchmarks.inputs import check_dsa, make_inputs, tensor_bytes
 from benchmarks.providers import Provider
 
 __all__ = [
-    "META", "CaseResult", "RunOptions", "empty_cache", "row", "run_case", "run_memory_case", "target_rows",
-    "timing_rows",
+    "META", "CaseResult", "RunOptions", "empty_cache", "model_rows", "row", "run_case",
+    "run_memory_case", "target_rows", "timing_rows",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
@@ -121,6 +121,34 @@ def target_rows(case: case_data.Case, medians: dict[str, float], ceilings: dict[
                 achieved, goal, unit = rate, target.value, "TFLOP/s" if target.metric == "tflops" else "GB/s"
         rows.append(row(case, "dsa", "target", achieved, unit, f"{desc}: {'met' if achieved >= goal else 'missed'}"))
     return rows
+
+
+def model_rows(case: case_data.Case, sku_id: str | None) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """The cost model's rows of ``case`` on ``sku_id`` (default :data:`benchmarks.cost.DEFAULT_SKU`), and the model's
+    time in ms per provider it models (``dsa``; ``flashmla`` for the FP8 decode cases). No rows for a SKU without
+    datasheet figures or a case the model does not cover."""
+    sku_id = sku_id or cost.DEFAULT_SKU
+    times: dict[str, float] = {}
+    rows: list[dict[str, Any]] = []
+    for provider in cost.MODELLED_PROVIDERS:
+        estimate = cost.case_estimate(case, sku_id, provider=provider)
+        if estimate is None:
+            continue
+        times[provider] = estimate.model_s * 1e3
+        label = "-" if provider == "dsa" else provider
+        note = f"{sku_id}, bound: {estimate.bound}"
+        rows += [
+            row(case, label, "model_ms", estimate.model_s * 1e3, "ms", note),
+            row(case, label, "roofline_ms", estimate.roofline_s * 1e3, "ms", note),
+            row(case, label, "model_dram_bytes", estimate.dram_bytes, "B"),
+            row(case, label, "model_rows_dequantised", estimate.rows_dequantised, "rows"),
+        ]
+        if estimate.blocks:
+            rows += [
+                row(case, label, "model_blocks", estimate.blocks, "blocks", f"{estimate.blocks_per_sm} per SM"),
+                row(case, label, "model_waves", estimate.waves, "waves"),
+            ]
+    return rows, times
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -269,6 +297,8 @@ def run_case(case: case_data.Case, options: RunOptions, ceilings: dict[str, Any]
         return run_memory_case(case, options)
     result = CaseResult()
     result.rows += [row(case, "-", "flops", case.flops, "FLOP"), row(case, "-", "bytes", case.bytes, "B")]
+    modelled, model_ms = model_rows(case, META.get("sku"))
+    result.rows += modelled
     sets = _input_sets(case, options)
     result.rows.append(row(case, "-", "input_sets", len(sets), "sets", f"{tensor_bytes(sets[0])} B each"))
     medians: dict[str, float] = {}
@@ -303,6 +333,9 @@ def run_case(case: case_data.Case, options: RunOptions, ceilings: dict[str, Any]
     for base in ("torch.topk", "dense-sdpa", "dense-matmul", "reference", "flashmla", "deepgemm"):
         if "dsa" in medians and base in medians:
             result.rows.append(row(case, "dsa", f"speedup_vs_{base}", medians[base] / medians["dsa"], "x"))
+    for name, modelled_ms in model_ms.items():
+        if name in medians:
+            result.rows.append(row(case, name, "time_vs_model", medians[name] / modelled_ms, "x model"))
     result.rows += target_rows(case, medians, ceilings)
     del sets
     empty_cache(options.device)

@@ -69,6 +69,12 @@ def test_dry_run_lists_every_standard_case_with_hand_checked_counts(tmp_path: Pa
     assert work["index_topk-fp8-s4096"] == work["indexer-fp8-s4096"]
     reads = 4096 * 64 * 128 + 4096 * 128 + 4096 * 64 * 4 + 4096 * 4
     assert nbytes["index_topk-fp8-s4096"] == reads + 4096 * 2048 * (4 + 4)
+    # The cost model (benchmarks.cost, H800 by default) beside every timed case: the table's columns and the rows.
+    assert re.search(r"model us \(h800\)\s+roofline us\s+bound\s+waves\s+deq rows", proc.stdout)
+    model = {r["case"] for r in rows if r["metric"] == "model_ms" and r["provider"] == "-"}
+    assert model == {c.name for c in case_data.standard_cases() if c.kernel not in case_data.MEMORY_KINDS}
+    waves = {r["case"]: r["value"] for r in rows if r["metric"] == "model_waves"}
+    assert set(waves) == {n for n in names if n.startswith(case_data.DECODE_KINDS)}
 
 
 def test_tune_small_shapes_are_valid_for_the_tuner() -> None:
@@ -292,5 +298,11 @@ def test_harness_runs_tiny_decode_cases_on_cpu(tmp_path: Path) -> None:
     timed = {(r["case"], r["provider"]) for r in rows if r["metric"] == "latency_ms"}
     assert {("tiny-sparse_mla_decode", "dsa"), ("tiny-sparse_mla_decode", "reference"),
             ("tiny-index_topk_decode", "dsa"), ("tiny-index_topk_decode", "reference")} <= timed  # fmt: skip
-    flashmla = [r for r in rows if r["case"] == "tiny-sparse_mla_decode" and r["provider"] == "flashmla"]
+    flashmla = [r for r in rows if r["case"] == "tiny-sparse_mla_decode" and r["provider"] == "flashmla"
+                and not r["metric"].startswith(("model_", "roofline_"))]  # fmt: skip
     assert flashmla and flashmla[0]["metric"] in ("skipped", "latency_ms")
+    # The cost model beside each timed case (H800's figures on a CPU host): dsa's time as a multiple of it.
+    modelled = {(r["case"], r["provider"]) for r in rows if r["metric"] == "model_ms"}
+    assert {("tiny-sparse_mla_decode", "-"), ("tiny-sparse_mla_decode", "flashmla"),
+            ("tiny-index_topk_decode", "-")} <= modelled  # fmt: skip
+    assert {r["case"] for r in rows if r["metric"] == "time_vs_model" and r["provider"] == "dsa"} == set(checks)

@@ -107,6 +107,79 @@ SKU_TABLE: tuple[SkuRule, ...] = (
     SkuRule("b300", r"\bB300\b", _BLACKWELL_ULTRA, frozenset({148, 160}), 270.0),
 )
 KNOWN_SKUS: tuple[str, ...] = tuple(rule.sku for rule in SKU_TABLE)
+
+
+@dataclass(frozen=True)
+class PerfSpec:
+    """A SKU's datasheet figures, for cost models (``benchmarks.cost``): never measured here.
+
+    Attributes:
+        sm_count: streaming multiprocessors of the full board (as in :data:`SKU_TABLE`).
+        bf16_tflops: peak dense bfloat16 tensor-core TFLOP/s (no structured sparsity); FP8 is twice this on Hopper.
+        dram_gbps: peak DRAM bandwidth in GB/s (1e9 bytes per second).
+        clock_mhz: the clock the tensor peak is quoted at (``bf16_tflops = sm_count * per-SM FLOP/cycle * clock``).
+    """
+
+    sm_count: int
+    bf16_tflops: float
+    dram_gbps: float
+    clock_mhz: float
+
+    @property
+    def mma_flops_per_cycle(self) -> float:
+        """bf16 tensor-core FLOPs one SM does per cycle (4096 on the full-rate Hopper parts)."""
+        return self.bf16_tflops * 1e12 / (self.sm_count * self.clock_mhz * 1e6)
+
+
+# NVIDIA's datasheets: H100 SXM5 / H800 SXM5 / H200 / GH200 989.4 dense bf16 TFLOP/s (132 SMs x 4096 FLOP/cycle x
+# 1830 MHz), H100 PCIe 756 (114 SMs, 1620 MHz), H20 148 (78 SMs, a cut tensor rate at 1980 MHz); HBM: H100 SXM and
+# H800 3.35 TB/s, H200 4.8, GH200 (96 GB HBM3) 4.0, H100 PCIe 2.0, H20 4.0.
+PERF_TABLE: dict[str, PerfSpec] = {
+    "h100-sxm": PerfSpec(132, 989.4, 3350.0, 1830.0),
+    "h800": PerfSpec(132, 989.4, 3350.0, 1830.0),
+    "h200": PerfSpec(132, 989.4, 4800.0, 1830.0),
+    "gh200": PerfSpec(132, 989.4, 4000.0, 1830.0),
+    "h100-pcie": PerfSpec(114, 756.0, 2000.0, 1620.0),
+    "h20": PerfSpec(78, 148.0, 4000.0, 1980.0),
+}
+"""Datasheet figures per known Hopper SKU id (the cost model's hardware; other SKUs have none)."""
+
+
+@dataclass(frozen=True)
+class SmLimits:
+    """Per-SM resources that bound how many thread blocks one SM holds at once (CUDA's occupancy rules).
+
+    Attributes:
+        registers: 32-bit registers per SM. register_unit: a warp's registers are allocated in multiples of this.
+        smem_bytes: shared memory per SM. smem_reserved: shared memory the system reserves per resident block.
+        threads: resident threads per SM. blocks: resident blocks per SM.
+    """
+
+    registers: int = 65536
+    register_unit: int = 256
+    smem_bytes: int = 228 * 1024
+    smem_reserved: int = 1024
+    threads: int = 2048
+    blocks: int = 32
+
+
+HOPPER_SM = SmLimits()
+"""Compute capability 9.0 (CUDA programming guide, occupancy table): 64K registers, 228 KB shared memory (227 KB to
+one block, 1 KB reserved per block), 2048 threads and 32 blocks per SM."""
+
+
+def blocks_per_sm(*, registers: int, threads: int, smem_bytes: int, limits: SmLimits = HOPPER_SM) -> int:
+    """Thread blocks of ``threads`` threads, ``registers`` registers per thread and ``smem_bytes`` shared memory each
+    that one SM holds at once (0 when one block does not fit)."""
+    if registers < 1 or threads < 1 or smem_bytes < 0:
+        raise ValueError(f"blocks_per_sm: needs registers, threads >= 1 and smem_bytes >= 0, got "
+                         f"{registers}, {threads}, {smem_bytes}")  # fmt: skip
+    warps = -(-threads // 32)
+    per_warp = -(-registers * 32 // limits.register_unit) * limits.register_unit
+    by_registers = limits.registers // (per_warp * warps)
+    by_smem = limits.smem_bytes // (smem_bytes + limits.smem_reserved)
+    by_threads = limits.threads // (warps * 32)
+    return max(0, min(by_registers, by_smem, by_threads, limits.blocks))
 _SKU_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 
 

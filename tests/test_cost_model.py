@@ -1,0 +1,153 @@
+"""The cost model (``benchmarks.cost``) and the SKU figures it reads (``autotune.lookup.sku``): checked against
+FlashMLA's published decode numbers, the DRAM time of a selection's key read, the byte layouts of ``dsa.kv_format``
+and the occupancy rules. Plain arithmetic: no kernel is built."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from autotune.lookup import sku
+from benchmarks import cases as case_data
+from benchmarks import cost, gpu_record, harness
+from dsa import kv_format
+from tl_kernels import sparse_mla_decode as decode_kernels
+
+H800 = sku.PERF_TABLE["h800"]
+V32 = {"heads": 128, "d_qk": 576, "d_v": 512, "topk": 2048}
+
+
+def _v32_decode(schedule: cost.DecodeSchedule, *, batch: int = 128, s_q: int = 2, splits: int = 1,
+                layout: kv_format.FP8Layout | None = kv_format.V32_FP8_LAYOUT) -> cost.Estimate:  # fmt: skip
+    return cost.sparse_mla_decode_estimate(batch=batch, s_q=s_q, **V32, layout=layout, spec=H800, schedule=schedule,
+                                           splits=splits)  # fmt: skip
+
+
+def _published_s(tflops: float, batch: int = 128, s_q: int = 2) -> float:
+    """FlashMLA's time at its reported TFLOP/s: its FLOP count is ``2 B s_q h_q topk (d_k + d_v)`` (the deep dive's
+    ``2 h_q s_q s_k (d_k + d_v)`` per request with ``s_k = topk``): 146.0 GFLOP at the V3.2 point."""
+    flops = 2.0 * batch * s_q * V32["heads"] * V32["topk"] * (V32["d_qk"] + V32["d_v"])
+    return flops / (tflops * 1e12)
+
+
+def test_flashmla_v32_decode_point_is_within_1_2x_of_its_published_time() -> None:
+    """B 128, H 128, s_q 2, topk 2048, V3.2 FP8 cache on H800: FlashMLA reports 410 TFLOP/s, 356 us; the model of its
+    schedule (each row dequantised once for both head halves) is within 1.2x, and so is that of its earlier kernel
+    (each half dequantising every row) against the 250 TFLOP/s it reported for it, within 1.3x."""
+    crossover = cost.flashmla_decode_schedule()
+    estimate = _v32_decode(crossover)
+    published = _published_s(410.0)
+    assert published == pytest.approx(356.2e-6, rel=1e-3)
+    assert 1 / 1.2 <= estimate.model_s / published <= 1.2, (estimate.model_s, published)
+    assert estimate.bound == "sm" and estimate.rows_dequantised == 128 * 2 * 2048
+    earlier = _v32_decode(cost.DecodeSchedule(**{**vars(crossover), "heads_per_dequant": 64}))
+    assert 1 / 1.3 <= earlier.model_s / _published_s(250.0) <= 1.3, earlier.model_s
+    assert earlier.rows_dequantised == 2 * estimate.rows_dequantised
+    # The roofline alone (tensor peak at the datasheet clock) is 2.4x too fast: dequantisation is what bounds it.
+    assert estimate.roofline_s < published / 2
+
+
+def test_b1_selection_at_128k_is_within_2x_of_reading_the_keys_once() -> None:
+    """B = 1, 128K context, 64 x 128 FP8 index keys (132 bytes a row, from kv_format), topk 2048 on H800: split over
+    two waves of blocks (264) the estimate is within 2x of the DRAM time of the keys; one block per query (today's
+    fused kernel) is tens of times slower."""
+    context = 131072
+    key_bytes = kv_format.index_key_layout(128).bytes_per_token
+    assert key_bytes == 132
+    keys_once_s = context * key_bytes / (H800.dram_gbps * 1e9)
+    args = {"batch": 1, "s_q": 1, "context": context, "heads": 64, "dim": 128, "topk": 2048, "page_size": 64,
+            "spec": H800}  # fmt: skip
+    split = cost.selection_estimate(**args, splits=2 * H800.sm_count)
+    assert split.blocks == 264 and split.bound == "dram"
+    assert keys_once_s <= split.model_s <= 2 * keys_once_s, (split.model_s, keys_once_s)
+    serial = cost.selection_estimate(**args)
+    assert serial.blocks == 1 and serial.model_s > 20 * keys_once_s
+
+
+def test_bytes_and_dequantised_rows_follow_the_layout_and_the_schedule() -> None:
+    """The FP8 and bf16 estimates differ by the rows' stored sizes (kv_format's 656 bytes against 2 * 576); our
+    schedule dequantises a row once per 64-head block, FlashMLA's once per token; partials cost a round trip."""
+    ours = cost.dsa_decode_schedule(decode_kernels.Config(), "fp8")
+    fp8 = _v32_decode(ours, splits=3)
+    bf16 = _v32_decode(ours, splits=3, layout=None)
+    rows = 128 * 2 * 2048
+    assert fp8.dram_bytes - bf16.dram_bytes == rows * (kv_format.V32_FP8_LAYOUT.bytes_per_token - 2 * 576)
+    assert fp8.rows_dequantised == 2 * rows and bf16.rows_dequantised == 0
+    direct = _v32_decode(cost.DecodeSchedule(**{**vars(ours), "partials": False}))
+    partials = _v32_decode(ours)
+    assert partials.dram_bytes - direct.dram_bytes == 2 * 128 * 2 * 128 * (512 + 1) * 4
+    assert fp8.blocks == 128 * 2 * 2 * 3 and fp8.waves == pytest.approx(fp8.blocks / 132)
+
+
+def test_blocks_per_sm_follows_registers_shared_memory_and_threads() -> None:
+    """Hopper's occupancy rules: the decode kernel's 184 registers x 256 threads and 117 KB hold one block; small
+    blocks are capped by registers, threads or the 32-block limit; a block that does not fit gives 0."""
+    registers, smem = decode_kernels.resources("fp8", decode_kernels.Config())
+    assert sku.blocks_per_sm(registers=registers, threads=256, smem_bytes=smem) == 1
+    assert sku.blocks_per_sm(registers=64, threads=128, smem_bytes=0) == 8  # 65536 / (64 * 128)
+    assert sku.blocks_per_sm(registers=32, threads=256, smem_bytes=0) == 8  # 2048 threads
+    assert sku.blocks_per_sm(registers=16, threads=32, smem_bytes=0) == 32  # the block limit
+    assert sku.blocks_per_sm(registers=32, threads=128, smem_bytes=100 * 1024) == 2  # (100 + 1) KB each of 228
+    assert sku.blocks_per_sm(registers=32, threads=128, smem_bytes=228 * 1024) == 0
+    with pytest.raises(ValueError, match="blocks_per_sm"):
+        sku.blocks_per_sm(registers=0, threads=128, smem_bytes=0)
+
+
+@given(registers=st.integers(1, 255), threads=st.sampled_from([32, 64, 128, 256, 384, 512, 1024]),
+       smem=st.integers(0, 227 * 1024))  # fmt: skip
+def test_blocks_per_sm_never_exceeds_a_resource(registers: int, threads: int, smem: int) -> None:
+    """Whatever the counts, the blocks an SM is said to hold fit in its registers, shared memory and threads, and
+    one more would not."""
+    limits = sku.HOPPER_SM
+    n = sku.blocks_per_sm(registers=registers, threads=threads, smem_bytes=smem)
+
+    def fits(k: int) -> bool:
+        warps = math.ceil(threads / 32)
+        per_warp = math.ceil(registers * 32 / limits.register_unit) * limits.register_unit
+        return (k * warps * per_warp <= limits.registers and k * (smem + limits.smem_reserved) <= limits.smem_bytes
+                and k * warps * 32 <= limits.threads and k <= limits.blocks)  # fmt: skip
+
+    assert fits(n) and not fits(n + 1)
+
+
+def test_perf_table_covers_the_hopper_skus_with_their_sm_counts() -> None:
+    """Every Hopper SKU of the detection table has datasheet figures, with the detection table's SM count; the
+    full-rate parts do 4096 bf16 tensor FLOPs per SM-cycle."""
+    hopper = {rule.sku: rule for rule in sku.SKU_TABLE if rule.capability == (9, 0)}
+    assert set(sku.PERF_TABLE) == set(hopper)
+    for sku_id, spec in sku.PERF_TABLE.items():
+        assert spec.sm_count in hopper[sku_id].sm_counts
+    for sku_id in ("h100-sxm", "h800", "h200"):
+        assert sku.PERF_TABLE[sku_id].mma_flops_per_cycle == pytest.approx(4096, rel=1e-3)
+    assert sku.PERF_TABLE["h200"].dram_gbps > sku.PERF_TABLE["h800"].dram_gbps
+
+
+def test_every_timed_case_has_an_estimate_and_rows() -> None:
+    """Every standard case but the peak-memory ones gets an estimate on every SKU of the table; the decode cases
+    model blocks and waves, and the FP8 decode cases FlashMLA's schedule too."""
+    for case in case_data.standard_cases(full=True):
+        for sku_id in sku.PERF_TABLE:
+            estimate = cost.case_estimate(case, sku_id)
+            if case.kernel in case_data.MEMORY_KINDS:
+                assert estimate is None
+                continue
+            assert estimate is not None and estimate.model_s > 0 and estimate.model_s >= estimate.roofline_s * 0.99
+        rows, times = harness.model_rows(case, "h800")
+        if case.kernel in case_data.DECODE_KINDS:
+            assert {r["metric"] for r in rows} >= {"model_ms", "model_waves", "model_blocks", "model_rows_dequantised"}
+        fp8_decode = case.kernel == case_data.SPARSE_MLA_DECODE and case.static["kv_format"] == "fp8"
+        assert ("flashmla" in times) == fp8_decode
+    assert cost.case_estimate(case_data.standard_cases()[0], "sm90-nvidia-foo") is None
+
+
+def test_gpu_record_summary_reports_time_as_a_multiple_of_the_model() -> None:
+    """The record's summary table shows dsa's measured time over the model's (``time_vs_model``)."""
+    rows = [
+        {"case": "sparse_mla_decode-fp8-b128-s2-kv32768", "provider": "dsa", "metric": "latency_ms", "value": 0.9},
+        {"case": "sparse_mla_decode-fp8-b128-s2-kv32768", "provider": "dsa", "metric": "time_vs_model", "value": 1.63},
+    ]
+    text = gpu_record.summary({"bench": {"rows": rows}})
+    assert "1.63x model" in text
