@@ -185,8 +185,9 @@ def test_fp8_views_match_the_cache_layout() -> None:
 
 
 def test_split_counts_fill_the_gpu_without_tiny_splits(monkeypatch: pytest.MonkeyPatch) -> None:
-    """One query of 128 heads at topk 2048 on a 132-SM GPU: 32 splits (the floor of 2 steps of 32 rows each);
-    a batch of 128 needs none; the CPU never splits."""
+    """On a 132-SM GPU with the default config's one block per SM (the build tier's registers and shared memory): one
+    query of 128 heads at topk 2048 takes 32 splits (the floor of 2 steps of 32 rows each); B = 32 takes 2 (one wave),
+    not 5 (2.4 waves); B = 128 and more none; the CPU never splits."""
 
     class _Props:
         multi_processor_count = 132
@@ -194,11 +195,42 @@ def test_split_counts_fill_the_gpu_without_tiny_splits(monkeypatch: pytest.Monke
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: _Props())
     cuda = torch.device("cuda")
     config = kernels.Config()
-    assert launch.num_splits(batch=1, s_q=1, heads=128, topk=2048, config=config, device=cuda) == 32
-    assert launch.num_splits(batch=1, s_q=1, heads=128, topk=100, config=config, device=cuda) == 2
-    assert launch.num_splits(batch=128, s_q=1, heads=128, topk=2048, config=config, device=cuda) == 2
-    assert launch.num_splits(batch=256, s_q=2, heads=128, topk=2048, config=config, device=cuda) == 1
-    assert launch.num_splits(batch=1, s_q=1, heads=128, topk=2048, config=config, device=torch.device("cpu")) == 1
+    for fmt in FORMATS:
+        count = lambda batch, s_q=1, topk=2048, device=cuda: launch.num_splits(  # noqa: E731
+            batch=batch, s_q=s_q, heads=128, topk=topk, config=config, device=device, kv_format_name=fmt
+        )
+        assert count(1) == 32
+        assert count(1, topk=100) == 2
+        assert count(32) == 2
+        assert count(128) == 1 and count(256, s_q=2) == 1
+        assert count(1, device=torch.device("cpu")) == 1
+
+
+def _waves(blocks: int, slots: int) -> int:
+    return -(-blocks // slots)
+
+
+@given(batch=st.integers(1, 300), s_q=st.integers(1, 4), heads=st.sampled_from([16, 64, 128]),
+       topk=st.integers(1, 4096), sms=st.sampled_from([78, 114, 132]), per_sm=st.integers(1, 3))  # fmt: skip
+def test_split_rule_picks_the_fewest_splits_with_the_least_wave_time(
+    batch: int, s_q: int, heads: int, topk: int, sms: int, per_sm: int
+) -> None:
+    """Against every split count the rule may pick: waves of ``batch * s_q * head_blocks * Z`` blocks on ``sms *
+    per_sm`` slots, each ``ceil(steps / Z)`` steps plus the split overhead long; no fewer splits does as well, no
+    other does better, and no split is shorter than the floor."""
+    config = kernels.Config()
+    z = launch.split_count(batch=batch, s_q=s_q, heads=heads, topk=topk, config=config, sms=sms,
+                           blocks_per_sm=per_sm)  # fmt: skip
+    blocks = batch * s_q * -(-heads // config.block_h)
+    steps = -(-topk // config.block_k)
+    most = max(1, steps // launch.MIN_STEPS_PER_SPLIT)
+    assert 1 <= z <= most
+
+    def cost(n: int) -> int:
+        return _waves(blocks * n, sms * per_sm) * (-(-steps // n) + launch.SPLIT_OVERHEAD_STEPS)
+
+    assert all(cost(z) <= cost(n) for n in range(1, most + 1))
+    assert all(cost(n) > cost(z) for n in range(1, z))
 
 
 def test_widths_the_cuda_kernels_cannot_take_get_no_plan(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -444,6 +476,8 @@ def test_hopper_build_is_clean(case: int) -> None:
         return
     assert not report.problems(mma=tl_build.MMA_WGMMA), report.problems(mma=tl_build.MMA_WGMMA)
     assert report.smem_bytes <= kernels.smem_bytes({**params, "target": dsl.HOPPER_TARGET}, kernels.Config())
+    # The launcher's split rule and the cost model read these figures instead of compiling.
+    assert kernels.resources(params["kv_format"], kernels.Config()) == (report.registers, report.smem_bytes)
     if params["kv_format"] == kernels.KV_FORMAT_BF16:
         assert "cp_async" in source, "the bf16 gather is not asynchronous"
     else:

@@ -57,12 +57,16 @@ __all__ = [
     "KV_FORMATS",
     "KV_FORMAT_BF16",
     "KV_FORMAT_FP8",
+    "MAX_REGISTERS",
+    "V32_RESOURCES",
     "Config",
     "build",
     "build_combine",
     "check_config",
     "default_config",
     "fp8_views",
+    "resources",
+    "smem_bytes",
 ]
 
 KV_FORMAT_BF16 = "bf16"
@@ -101,6 +105,28 @@ PORTABLE_TUNING_SPACE: dict[str, tuple[Any, ...]] = {
     "threads": forward.PORTABLE_THREADS,
 }
 """The candidates on the portable schedule (every CUDA architecture but sm_90a)."""
+
+
+V32_RESOURCES: dict[tuple[str, int, int, int], tuple[int, int]] = {
+    (KV_FORMAT_FP8, 64, 32, 256): (184, 116992),
+    (KV_FORMAT_BF16, 64, 32, 256): (218, 116736),
+}
+"""``(kv_format, block_h, block_k, threads) -> (registers per thread, shared memory bytes)`` of the sm_90a attention
+kernel at V3.2 widths (128 heads, 576/512, the V3.2 FP8 row), as ``ptxas -v`` reports them (the build tier checks
+every entry against its build), so that the launcher's split rule and the cost model know the blocks per SM without
+compiling."""
+MAX_REGISTERS = 255
+
+
+def resources(kv_format: str, config: Config) -> tuple[int, int]:
+    """``(registers per thread, shared memory bytes)`` of the sm_90a attention kernel in ``config``: the build tier's
+    figures at V3.2 widths (:data:`V32_RESOURCES`), else an upper bound (255 registers, :func:`smem_bytes`'s tiles at
+    V3.2 widths), which never overstates how many blocks an SM holds."""
+    key = (kv_format, config.block_h, config.block_k, config.threads)
+    if key in V32_RESOURCES:
+        return V32_RESOURCES[key]
+    static = {"heads": 128, "d_qk": 576, "d_v": 512, "kv_format": kv_format, "d_rope": 64, "tile": 128}
+    return MAX_REGISTERS, smem_bytes(static, config)
 
 
 def _as_forward(config: Config) -> forward.Config:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from autotune.lookup import sku
 from dsa import kv_format, validation
 from dsa.launch import common
 from tl_kernels import build as tl_build
@@ -25,17 +26,18 @@ from tl_kernels import sparse_mla_decode as kernels
 OptTensor = Tensor | None
 
 __all__ = [
-    "KERNEL_NAME", "MIN_STEPS_PER_SPLIT", "WAVES", "Plan", "num_splits", "plan", "run", "sparse_mla_decode",
+    "KERNEL_NAME", "MIN_STEPS_PER_SPLIT", "SPLIT_OVERHEAD_STEPS", "Plan", "num_splits", "plan", "run", "sparse_mla_decode", "split_count",
     "static_params",
 ]  # fmt: skip
 
 KERNEL_NAME = "sparse_mla_decode"
-WAVES = 2
-"""Thread blocks per streaming multiprocessor that the split count aims for (flash-decoding): a small batch spreads
-each query's slots over enough blocks to fill the GPU twice over."""
 MIN_STEPS_PER_SPLIT = 2
 """The fewest ``block_k``-row steps a split takes: below it each split's fixed cost (loading the 64 x 576 query tile,
 the final normalisation, one partial row of ``d_v`` float32 per head) outweighs its gather."""
+SPLIT_OVERHEAD_STEPS = 4
+"""A split's fixed cost in gather steps: the 64 x 576 bf16 query tile it loads (72 KB) and the 64 x 512 float32
+partial it writes and the combine reads back (128 KB twice) move about as many bytes as ten 32-row FP8 steps (21 KB
+each), mostly through L2; four steps is the rule's guess until a GPU record measures it."""
 
 
 def static_params(*, heads: int, d_qk: int, d_v: int, fp8_layout: kv_format.FP8Layout | None) -> dict[str, Any]:
@@ -48,18 +50,40 @@ def static_params(*, heads: int, d_qk: int, d_v: int, fp8_layout: kv_format.FP8L
     }  # fmt: skip
 
 
-def num_splits(
-    *, batch: int, s_q: int, heads: int, topk: int, config: kernels.Config, device: torch.device
+def split_count(
+    *, batch: int, s_q: int, heads: int, topk: int, config: kernels.Config, sms: int, blocks_per_sm: int
 ) -> int:
-    """How many splits each query's slot list gets: enough thread blocks for ``WAVES`` per SM on CUDA, never a split
-    shorter than ``MIN_STEPS_PER_SPLIT`` steps; one on CPU (the C target runs blocks one after another)."""
+    """Splits per query, chosen in whole waves (flash-decoding).
+
+    A grid of ``blocks = batch * s_q * ceil(heads / block_h) * Z`` blocks runs in ``ceil(blocks / (sms *
+    blocks_per_sm))`` waves, each as long as one split: its ``ceil(steps / Z)`` steps of ``block_k`` rows plus
+    ``SPLIT_OVERHEAD_STEPS``. The rule takes the ``Z`` that minimises waves times wave length, the smallest among
+    equals, never a split shorter than ``MIN_STEPS_PER_SPLIT`` steps. At B = 32, s_q = 1, 128 heads, topk 2048, one
+    block per SM on 132 SMs: 2 (one wave of 32-step splits), not 5 (2.4 waves, run as 3 of 13 steps)."""
+    blocks = batch * s_q * math.ceil(heads / config.block_h)
+    slots = max(1, sms * blocks_per_sm)
+    steps = math.ceil(topk / config.block_k)
+    most = max(1, steps // MIN_STEPS_PER_SPLIT)
+
+    def cost(z: int) -> int:
+        return math.ceil(blocks * z / slots) * (math.ceil(steps / z) + SPLIT_OVERHEAD_STEPS)
+
+    return min(range(1, most + 1), key=lambda z: (cost(z), z))
+
+
+def num_splits(
+    *, batch: int, s_q: int, heads: int, topk: int, config: kernels.Config, device: torch.device,
+    kv_format_name: str = kernels.KV_FORMAT_FP8,
+) -> int:  # fmt: skip
+    """:func:`split_count` on ``device``: its SM count, and the blocks per SM of ``config`` from the build tier's
+    registers and shared memory (``tl_kernels.sparse_mla_decode.resources``); one on CPU (the C target runs blocks
+    one after another)."""
     if device.type != "cuda":
         return 1
-    blocks = batch * s_q * math.ceil(heads / config.block_h)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    wanted = math.ceil(WAVES * sms / blocks)
-    most = max(1, math.ceil(topk / config.block_k) // MIN_STEPS_PER_SPLIT)
-    return max(1, min(wanted, most))
+    registers, smem = kernels.resources(kv_format_name, config)
+    per_sm = sku.blocks_per_sm(registers=registers, threads=config.threads, smem_bytes=smem)
+    return split_count(batch=batch, s_q=s_q, heads=heads, topk=topk, config=config, sms=sms, blocks_per_sm=per_sm)
 
 
 def _lengths(topk_length: torch.Tensor | None, indices: torch.Tensor) -> torch.Tensor:
@@ -146,8 +170,9 @@ def plan(
                 raise  # a caller's config that does not suit the target is an error, not a fallback
             return None
         counts = [
-            splits or num_splits(batch=batch, s_q=s_q, heads=heads, topk=width, config=chosen, device=device)
-            for width in widths
+            splits or num_splits(batch=batch, s_q=s_q, heads=heads, topk=width, config=chosen, device=device,
+                                 kv_format_name=static["kv_format"])
+            for width, static in zip(widths, statics, strict=True)
         ]
         firsts = [sum(counts[:i]) for i in range(len(counts))]
         params = dataclasses.asdict(chosen)
