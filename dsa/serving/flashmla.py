@@ -3,7 +3,9 @@
 their conventions). ``dsa.compat`` re-exports all of them under their first public name.
 
 ``flash_mla_sparse_fwd`` takes FlashMLA's shapes (no batch dimension, an explicit single KV head) and returns its
-triple ``(out, max_logits, lse)``. The conventions follow FlashMLA's ``tests/ref.py`` (the definition its docstring
+triple ``(out, max_logits, lse)``, for both of FlashMLA's head sizes: V3.2's ``d_qk`` 576 (``d_v`` 512, the value the
+first 512 columns of a row) and MODEL1's (DeepSeek-V4) ``d_qk = d_v = 512`` (K = V; FlashMLA's MODEL1 configs: 64
+heads with top-k 512, 128 heads with top-k 1024). The conventions follow FlashMLA's ``tests/ref.py`` (the definition its docstring
 points to, in the releases since January 2026):
 
 - ``lse`` and ``max_logits`` are **natural-log** quantities of the scaled logits ``P = sm_scale * q . kv[idx]``:
@@ -84,11 +86,12 @@ def flash_mla_sparse_fwd(
     """FlashMLA's ``flash_mla_sparse_fwd`` on top of ``dsa.ops.sparse_mla``.
 
     Args:
-        q (torch.Tensor): ``[s_q, h_q, d_qk]``, bfloat16 (float32/float64 run the reference).
+        q (torch.Tensor): ``[s_q, h_q, d_qk]``, bfloat16 (float32/float64 run the reference); ``d_qk`` 576 (V3.2)
+            or 512 (MODEL1), any width here.
         kv (torch.Tensor): ``[s_kv, 1, d_qk]``, q's dtype (``h_kv`` must be 1).
         indices (torch.Tensor): ``[s_q, 1, topk]``, int32; ``-1`` or ``>= s_kv`` marks an invalid entry.
         sm_scale (float): softmax scale.
-        d_v (int): value width (FlashMLA supports 512 only; any ``<= d_qk`` works here).
+        d_v (int): value width (FlashMLA supports 512 only, ``= d_qk`` for MODEL1; any ``<= d_qk`` works here).
         attn_sink (torch.Tensor | None): ``[h_q]``, float32.
         topk_length (torch.Tensor | None): ``[s_q]``, int32.
         base2 (bool): return ``max_logits``/``lse`` in base 2 (FlashMLA's first sparse release and README).
