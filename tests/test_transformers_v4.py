@@ -1,0 +1,172 @@
+"""``dsa.integrations.transformers.apply_dsa`` on transformers' DeepSeek-V4 (``dsa.integrations.deepseek_v4``).
+
+Every model is ``tiny_config("deepseek_v4")`` built in code (a CSA layer of rate 2 with top-4 selection, an HCA
+layer of rate 4, a sliding-only layer, window 8), with every parameter random: transformers initialises the sinks and
+position biases to zero and the pad token's embedding row to zero, which would hide a sink or bias that is dropped
+and make the pad token's indexer scores exactly tied. Sequences of 40 tokens outgrow the window and the top-k (20 CSA
+entries, 10 HCA entries), so both sources really drop keys. The reference is transformers' own eager model with the
+same weights (float32, the CPU reference backend of the ops).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+
+import torch  # noqa: E402
+
+from dsa import ops  # noqa: E402
+from dsa.integrations import transformers as hf  # noqa: E402
+from dsa.testing import assert_close  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+V4 = transformers.models.deepseek_v4.modeling_deepseek_v4
+FLOAT32_TOLERANCE = 1e-4
+"""Logits must equal eager's within this share of the logit scale (the largest |logit|) in float32."""
+SEQ = 40
+
+
+def _model(seed: int = 0, base: bool = False) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = (V4.DeepseekV4Model if base else V4.DeepseekV4ForCausalLM)(hf.tiny_config("deepseek_v4")).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(("sinks", "position_bias")):
+                parameter.normal_(0.0, 1.0)
+        embeddings = model.get_input_embeddings().weight
+        embeddings[0].normal_(0.0, float(embeddings[1:].std()))
+    return model
+
+
+def _served(model: torch.nn.Module) -> torch.nn.Module:
+    return hf.apply_dsa(copy.deepcopy(model))
+
+
+def _ids(seed: int, batch: int = 2, seq: int = SEQ) -> torch.Tensor:
+    return torch.randint(3, 256, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _left_padded(ids: torch.Tensor, pads: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    ids, mask = ids.clone(), torch.ones_like(ids)
+    for row, pad in enumerate(pads):
+        ids[row, :pad] = 0
+        mask[row, :pad] = 0
+    return ids, mask
+
+
+def _assert_logits_close(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
+    scale = float(expected.abs().max())
+    assert_close(actual, expected, atol=FLOAT32_TOLERANCE * scale, rtol=0.0, name=name)
+
+
+@pytest.fixture
+def op_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[Counter]:
+    """Counts the calls of the three public ops the V4 layers use (wrapped, not replaced), and records whether any
+    selection dropped visible entries (``topk`` below the entries' count); from here on transformers' own
+    compressors, indexer, eager attention and sliding mask builder raise if anything calls them."""
+    calls: Counter = Counter()
+    for name in ("compress_kv", "index_topk", "sparse_mla"):
+        real = getattr(ops, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            calls[_name] += 1
+            if _name == "index_topk" and args[3] < args[1].shape[1]:
+                calls["selections that drop entries"] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(ops, name, counted)
+    yield calls
+
+
+def _forbid_transformers_attention(monkeypatch: pytest.MonkeyPatch) -> None:
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("transformers' own V4 compressor, indexer, attention or mask ran under apply_dsa")
+
+    for cls in (V4.DeepseekV4HCACompressor, V4.DeepseekV4CSACompressor, V4.DeepseekV4Indexer):
+        monkeypatch.setattr(cls, "forward", forbidden)
+    monkeypatch.setattr(V4, "eager_attention_forward", forbidden)
+    monkeypatch.setattr(V4, "create_sliding_window_causal_mask", forbidden)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_float32_logits_equal_eager_through_the_ops_only(monkeypatch, op_calls, use_cache):
+    model, ids = _model(1), _ids(2)
+    with torch.no_grad():
+        expected = model(ids, use_cache=use_cache).logits
+        served = _served(model)
+        _forbid_transformers_attention(monkeypatch)
+        actual = served(ids, use_cache=use_cache).logits
+    _assert_logits_close(actual, expected, "logits")
+    # Two compressors (CSA, HCA) and CSA's indexer pool; one selection; three attention layers.
+    assert op_calls["compress_kv"] == 3 and op_calls["index_topk"] == 1 and op_calls["sparse_mla"] == 3, op_calls
+    assert op_calls["selections that drop entries"] == 1, op_calls
+
+
+def test_base_model_hidden_states_equal_eager():
+    model, ids = _model(3, base=True), _ids(4)
+    with torch.no_grad():
+        expected = model(ids).last_hidden_state
+        actual = _served(model)(ids).last_hidden_state
+    assert_close(actual, expected, atol=FLOAT32_TOLERANCE * float(expected.abs().max()), rtol=0.0)
+
+
+def test_left_padded_batch_equals_eager_at_real_positions():
+    model = _model(5)
+    ids, mask = _left_padded(_ids(6), [7, 0])
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).logits
+        actual = _served(model)(ids, attention_mask=mask).logits
+    _assert_logits_close(actual[0, 7:], expected[0, 7:], "padded row")
+    _assert_logits_close(actual[1], expected[1], "unpadded row")
+
+
+def test_prefill_then_decode_in_pieces_equals_eager_step_by_step():
+    """A prefill of 13 tokens, then steps of 1, 3 and 2 tokens (partial compression windows carried in the cache
+    across steps, CSA's overlap state included): every step's logits equal eager's on its own cache."""
+    model, ids = _model(7), _ids(8, seq=13 + 1 + 3 + 2 + 1 + 3)
+    served = _served(model)
+    caches = {}
+    with torch.no_grad():
+        start = 0
+        for length in (13, 1, 3, 2, 1, 3):
+            piece = ids[:, start : start + length]
+            results = {}
+            for name, m in (("eager", model), ("served", served)):
+                out = m(piece, cache=caches.get(name), use_cache=True)
+                caches[name], results[name] = out.cache, out.logits
+            _assert_logits_close(results["served"], results["eager"], f"logits of tokens {start}..{start + length}")
+            start += length
+
+
+def test_greedy_generate_gives_eager_tokens_with_left_padding(op_calls):
+    model = _model(9)
+    ids, mask = _left_padded(_ids(10, seq=24), [5, 0])
+    with torch.no_grad():
+        expected = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False)
+        actual = _served(model).generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False)
+    assert torch.equal(actual, expected)
+    assert op_calls["sparse_mla"] == 3 * 24 and op_calls["index_topk"] == 24, op_calls
+
+
+def test_state_dict_is_unchanged_apply_is_idempotent_and_remove_restores():
+    model, ids = _model(11), _ids(12)
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    with torch.no_grad():
+        eager = model(ids).logits
+        assert hf.apply_dsa(hf.apply_dsa(model)) is model and hf.is_dsa_applied(model)
+        after = model.state_dict()
+        assert list(after) == list(before)
+        assert all(torch.equal(after[name], t) for name, t in before.items())
+        attention = model.model.layers[1].self_attn
+        assert attention.forward.__func__.__name__ == "v4_attention_forward"
+        hf.remove_dsa(model)
+        assert not hf.is_dsa_applied(model) and "forward" not in attention.__dict__
+        assert torch.equal(model(ids).logits, eager)
+    with pytest.raises(ValueError, match="DeepSeek-V4"):
+        hf.set_indexer_training(hf.apply_dsa(model), "dense")
