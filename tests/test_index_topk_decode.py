@@ -208,12 +208,13 @@ def _paged_draws(shortest: int) -> dict[str, st.SearchStrategy[Any]]:
 
 
 def _paged_problem(
-    fmt: str, batch: int, s_q: int, length: int, ranges: str, unallocated: bool, seed: int, *, shortest: int
-) -> dict[str, Any]:
+    fmt: str, batch: int, s_q: int, length: int, ranges: str, unallocated: bool, seed: int, *, shortest: int,
+    pattern: str = "random",
+) -> dict[str, Any]:  # fmt: skip
     """:func:`make_problem` with sequence ``b`` holding ``length - 31 * b`` keys (at least ``shortest``)."""
     lengths = [max(shortest, length - 31 * b) for b in range(batch)]
     return make_problem(fmt=fmt, seed=seed, batch=batch, s_q=s_q, lengths=lengths, ranges=ranges,
-                        unallocated=unallocated)  # fmt: skip
+                        unallocated=unallocated, pattern=pattern)  # fmt: skip
 
 
 def _run_paged(args: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,7 +24,8 @@ from dsa.launch import index_topk as launch
 from dsa.launch import index_topk_split as split
 from tests import strategies
 from tests.test_index_topk_decode import (
-    CPU_TOPK, FORMATS, PATTERNS, V32, _assert_same_selection, _reference, _spoil_cache, make_problem,
+    CPU_TOPK, FORMATS, PATTERNS, V32, _assert_same_selection, _paged_draws, _paged_problem, _reference, _spoil_cache,
+    make_problem,
 )  # fmt: skip
 from tl_kernels import dsl, indexer
 from tl_kernels import index_topk as kernels
@@ -172,31 +173,20 @@ def _run_split(args: dict[str, Any], splits: int | None) -> tuple[torch.Tensor, 
 
 @pytest.mark.cpu_kernel
 @strategies.examples(0.3)
-@given(
-    fmt=st.sampled_from(FORMATS),
-    pattern=st.sampled_from(PATTERNS),
-    splits=st.integers(1, 7),
-    **strategies.sizes(batch=3, s_q=4),
-    length=st.integers(0, 300),
-    ranges=st.sampled_from(["decode", "random"]),
-    unallocated=st.booleans(),
-    seed=strategies.SEEDS,
-)
-@example(fmt="fp8", pattern="tied", splits=7, batch=2, s_q=2, length=299, ranges="decode", unallocated=True, seed=1)
-@example(fmt="bf16", pattern="ordered", splits=5, batch=1, s_q=4, length=300, ranges="decode", unallocated=False,
-         seed=2)  # fmt: skip
-@example(fmt="fp8", pattern="reversed", splits=3, batch=3, s_q=3, length=250, ranges="random", unallocated=True,
-         seed=3)  # fmt: skip
-@example(fmt="bf16", pattern="random", splits=2, batch=2, s_q=1, length=130, ranges="random", unallocated=False,
-         seed=4)  # fmt: skip
+@given(**_paged_draws(0), pattern=st.sampled_from(PATTERNS), splits=st.integers(1, 7))
+@example(fmt="fp8", batch=2, s_q=2, length=299, ranges="decode", unallocated=True, seed=1, pattern="tied", splits=7)
+@example(fmt="bf16", batch=1, s_q=4, length=300, ranges="decode", unallocated=False, seed=2, pattern="ordered",
+         splits=5)  # fmt: skip
+@example(fmt="fp8", batch=3, s_q=3, length=250, ranges="random", unallocated=True, seed=3, pattern="reversed",
+         splits=3)  # fmt: skip
+@example(fmt="bf16", batch=2, s_q=1, length=130, ranges="random", unallocated=False, seed=4, pattern="random",
+         splits=2)  # fmt: skip
 def test_cpu_split_selection_matches_reference(
-    fmt: str, pattern: str, splits: int, batch: int, s_q: int, length: int, ranges: str, unallocated: bool, seed: int
+    fmt: str, batch: int, s_q: int, length: int, ranges: str, unallocated: bool, seed: int, pattern: str, splits: int
 ) -> None:
     """Forced 1..7 splits (64-key blocks, rows of up to 300 keys: empty, partial and several-block sub-ranges): the
     same sets and scores as the reference, ties to the smaller position across and inside sub-ranges."""
-    lengths = [max(0, length - 37 * b) for b in range(batch)]
-    args = make_problem(fmt=fmt, seed=seed, batch=batch, s_q=s_q, lengths=lengths, ranges=ranges,
-                        unallocated=unallocated, pattern=pattern)  # fmt: skip
+    args = _paged_problem(fmt, batch, s_q, length, ranges, unallocated, seed, shortest=0, pattern=pattern)
     _assert_same_selection(_run_split(args, splits), _reference(args, CPU_TOPK))
 
 
