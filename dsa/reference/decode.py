@@ -24,6 +24,8 @@ def _cache_layout(kv_cache: Tensor, width: int, d_rope: int, name: str) -> kv_fo
                 f"sparse_mla_decode: {name} rows must be {width} wide (q's last dim), got {kv_cache.shape[-1]}"
             )
         return None
+    if not 0 <= d_rope < width:
+        raise ValueError(f"sparse_mla_decode: d_rope must lie in [0, {width}) for {width}-wide rows, got {d_rope}")
     layouts = validation.fp8_cache_layouts(width, d_rope)
     layout = validation.fp8_cache_layout(width, d_rope, kv_cache.shape[-1])
     if layout is None:
