@@ -164,10 +164,10 @@ def test_merge_of_shuffled_sub_range_lists_is_the_rows_top_k(
     _assert_same_selection(got, (want, scores.gather(-1, want.clamp_min(0).long()).masked_fill(want < 0, -torch.inf)))
 
 
-def _run_split(args: dict[str, Any], splits: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The paged launcher with ``splits`` forced (``None``: the rule's), at :data:`CPU_TOPK`."""
+def _run_split(args: dict[str, Any], splits: int | None, topk: int = CPU_TOPK) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paged launcher with ``splits`` forced (``None``: the rule's)."""
     call = dict(args)
-    return launch.index_topk_paged(call.pop("q"), call.pop("k_cache"), call.pop("weights"), CPU_TOPK, **call,
+    return launch.index_topk_paged(call.pop("q"), call.pop("k_cache"), call.pop("weights"), topk, **call,
                                    splits=splits)  # fmt: skip
 
 
@@ -231,24 +231,20 @@ def test_bad_split_count_names_the_argument(splits: object) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.decode
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize(("batch", "s_q", "context"), [(1, 1, 131_072), (1, 2, 131_072), (2, 4, 40_000)])
+@pytest.mark.parametrize(
+    ("fmt", "pattern", "batch", "s_q", "context"),
+    [("fp8", "random", 1, 1, 131_072), ("bf16", "tied", 1, 2, 131_072), ("fp8", "ordered", 2, 4, 40_000)],
+)
 def test_gpu_split_selection_matches_one_launch_and_reference(
-    cuda_device: torch.device, fmt: str, batch: int, s_q: int, context: int
+    cuda_device: torch.device, fmt: str, pattern: str, batch: int, s_q: int, context: int
 ) -> None:
-    """V3.2 shapes at up to 128K: the rule's split count (more than one here) selects exactly what one launch and
-    the reference select."""
+    """V3.2 shapes at up to 128K: the rule's split count (more than one here; each block writes its list in the
+    order its threads win the slots) selects exactly what one launch and the reference select, ties included."""
     lengths = [context - 999 * b for b in range(batch)]
     args = make_problem(fmt=fmt, seed=7, batch=batch, s_q=s_q, lengths=lengths, heads=V32["heads"], dim=V32["dim"],
-                        page_size=V32["page_size"], unallocated=True, device=cuda_device)  # fmt: skip
+                        page_size=V32["page_size"], unallocated=True, pattern=pattern, device=cuda_device)  # fmt: skip
     p = launch.plan_paged(args["q"], V32["topk"], page_size=V32["page_size"])
     assert launch.paged_splits(p, args["q"], args["block_table"], V32["page_size"]) > 1
-    call = dict(args)
-    got = launch.index_topk_paged(call.pop("q"), call.pop("k_cache"), call.pop("weights"), V32["topk"], **call)
-    call = dict(args)
-    one = launch.index_topk_paged(call.pop("q"), call.pop("k_cache"), call.pop("weights"), V32["topk"], **call,
-                                  splits=1)  # fmt: skip
-    _assert_same_selection(got, one)
+    got = _run_split(args, None, V32["topk"])
+    _assert_same_selection(got, _run_split(args, 1, V32["topk"]))
     _assert_same_selection(got, _reference(args, V32["topk"]))
-
-
