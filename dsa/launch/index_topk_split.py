@@ -112,23 +112,22 @@ def expand(
     last = torch.where(seen, -(-hi // block_N), 0).amax(dim=1, keepdim=True)
     blocks = (last - first).clamp_min(0)
     first = torch.where(blocks > 0, first, 0)
-    edges = first + blocks * torch.arange(splits + 1, device=ends.device) // splits  # [B, splits + 1] key blocks
-    sub_lo = torch.maximum(lo.unsqueeze(1), (edges[:, :-1] * block_N).unsqueeze(2))  # [B, splits, s_q]
-    sub_hi = torch.minimum(hi.unsqueeze(1), (edges[:, 1:] * block_N).unsqueeze(2))
-    empty = sub_hi <= sub_lo
-    v_starts = ends.new_zeros((batch, splits, s_pad))
-    v_ends = ends.new_zeros((batch, splits, s_pad))
-    v_starts[:, :, :s_q] = sub_lo.masked_fill(empty, 0).to(torch.int32)
-    v_ends[:, :, :s_q] = sub_hi.masked_fill(empty, 0).to(torch.int32)
+    edges = (first + blocks * torch.arange(splits + 1, device=ends.device) // splits) * block_N  # [B, splits + 1]
+    sub_lo = torch.maximum(lo.unsqueeze(1), edges[:, :-1].unsqueeze(2))  # [B, splits, s_q]
+    sub_hi = torch.minimum(hi.unsqueeze(1), edges[:, 1:].unsqueeze(2))
+    # [2, B, splits, s_pad]: each virtual query's range, [0, 0) where empty and for the padding queries.
+    ranges = torch.stack([sub_lo, sub_hi]).masked_fill(sub_hi <= sub_lo, 0).to(torch.int32)
+    if s_pad > s_q:
+        ranges = torch.nn.functional.pad(ranges, (0, s_pad - s_q))
     # Padding queries repeat the last real one (any valid values do: they see no key).
-    rows = torch.arange(s_pad, device=q.device).clamp(max=s_q - 1)
+    rows = torch.arange(s_pad, device=q.device).clamp(max=s_q - 1) if s_pad > s_q else slice(None)
 
     def per_split(t: Tensor) -> Tensor:
         """``t [B, s_q, ...]`` as ``[B, splits * s_pad, ...]``: its padded rows once per split."""
         padded = t[:, rows]
         return padded.unsqueeze(1).expand(batch, splits, *padded.shape[1:]).reshape(batch, -1, *t.shape[2:])
 
-    return per_split(q), per_split(weights), v_starts.view(batch, -1), v_ends.view(batch, -1)
+    return per_split(q), per_split(weights), ranges[0].view(batch, -1), ranges[1].view(batch, -1)
 
 
 def merge(
