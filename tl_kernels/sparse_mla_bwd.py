@@ -32,6 +32,11 @@ the rows invalid entries name (unwritten cache slots) cannot reach ``dq`` throug
 to exactly 0 and the atomics skip it. A row whose ``lse`` is ``-inf`` (no valid index in the forward) contributes
 nothing and produces no NaN: its probabilities are forced to 0 before any exponential of an infinity can happen.
 
+With ``ranged=True`` (static) each query's entries are a contiguous row range: ``Indices [B, S, 2]`` holds (start,
+end), entry ``j`` is row ``start + j``, valid iff ``start + j < end`` and ``0 <= start + j < S_kv``; the steps cover
+only the range's rows in ``[0, S_kv)``. The forward's helpers (``tl_kernels.sparse_mla_fwd_steps.index_at`` and
+``range_length``) give the row and the step count, so both directions read a range the same way.
+
 Heads are processed ``block_h`` at a time; the head count need not be a multiple (padded heads load zeros, get
 ``p = 0`` and are never stored). ``topk`` must be a multiple of ``block_topk`` (the launcher pads indices with -1).
 
@@ -51,6 +56,7 @@ import tilelang.language as T
 from tvm import tirx
 
 from tl_kernels import dsl
+from tl_kernels import sparse_mla_fwd_steps as fwd_steps
 
 __all__ = [
     "CPU_DEFAULT",
@@ -173,10 +179,13 @@ def chunk_bounds(d_qk: int, d_v: int, chunk: int) -> list[tuple[int, int]]:
 def check_config(static: dict[str, Any], config: Config) -> None:
     """Raise ``ValueError`` when ``config`` cannot serve the static parameters ``static``.
 
-    ``static`` holds ``heads``, ``d_qk``, ``d_v``, ``topk`` (already padded by the launcher), ``has_topk_length`` and
-    ``has_sink``; ``target`` (optional) enables the Hopper-specific constraints.
+    ``static`` holds ``heads``, ``d_qk``, ``d_v``, ``topk`` (already padded by the launcher; absent or 0 with
+    ``ranged``), ``has_topk_length``, ``has_sink`` and optionally ``ranged``; ``target`` (optional) enables the
+    Hopper-specific constraints.
     """
-    d_qk, d_v, topk = int(static["d_qk"]), int(static["d_v"]), int(static["topk"])
+    d_qk, d_v, topk = int(static["d_qk"]), int(static["d_v"]), int(static.get("topk", 0))
+    if static.get("ranged", False) and (static.get("has_topk_length", False) or topk):
+        raise ValueError("ranged kernels take no topk and no topk_length: a range's end bounds its entries")
     if not 0 < d_v <= d_qk:
         raise ValueError(f"need 0 < d_v <= d_qk, got d_v={d_v}, d_qk={d_qk}")
     for name in ("block_h", "block_topk", "dkv_chunk", "threads"):
@@ -341,9 +350,10 @@ def build(
     heads: int,
     d_qk: int,
     d_v: int,
-    topk: int,
+    topk: int = 0,
     has_topk_length: bool,
     has_sink: bool,
+    ranged: bool = False,
     block_h: int = Config.block_h,
     block_topk: int = Config.block_topk,
     dkv_chunk: int = Config.dkv_chunk,
@@ -356,7 +366,8 @@ def build(
     Kernel arguments (B, S, S_kv symbolic; bf16 travels as ``uint16`` on the C target):
 
     - ``Q [B, S, heads, d_qk]`` bf16, ``KV [B, S_kv, d_qk]`` bf16, ``dOut [B, S, heads, d_v]`` bf16;
-    - ``Indices [B, S, topk]`` int32 (any value: invalid entries get probability 0 and are never used as addresses);
+    - ``Indices [B, S, topk]`` int32 (any value: invalid entries get probability 0 and are never used as addresses),
+      or with ``ranged`` ``[B, S, 2]`` int32 (start, end) per query (``topk`` is then 0: the range sets the steps);
     - ``Lse [B, S, heads]`` float32 (natural log, ``-inf`` for empty rows), ``Delta [B, S, heads]`` float32,
       ``DLse [B, S, heads]`` float32 (the incoming gradient of ``lse``; zeros when ``lse`` is not differentiated);
     - ``TopkLength [B, S]`` int32 (only when ``has_topk_length``), ``Sink [heads]`` float32 (only when ``has_sink``);
@@ -364,7 +375,8 @@ def build(
     - ``dQ [B, S, heads, d_qk]`` bf16 (written), ``dKVAcc [B, S_kv, d_qk]`` float32 (accumulated atomically; zero it
       first).
     """
-    static = {"heads": heads, "d_qk": d_qk, "d_v": d_v, "topk": topk, "target": target}
+    static = {"heads": heads, "d_qk": d_qk, "d_v": d_v, "topk": topk, "has_topk_length": has_topk_length,
+              "ranged": ranged, "target": target}  # fmt: skip
     check_config(static, Config(block_h, block_topk, dkv_chunk, num_stages, threads))
     cpu = dsl.is_cpu(target)
     alloc = dsl.allocators(target)
@@ -394,6 +406,12 @@ def build(
     def load(value: Any) -> Any:
         return dsl.load_tile(value, IN_DTYPE, target)
 
+    def entry(indices: Any, b: Any, t: Any, pos: Any) -> Any:
+        # The row entry `pos` names, before the validity check: the list's index, or the range's row.
+        if ranged:
+            return fwd_steps.index_at(indices, b, t, pos, fwd_steps.RANGE_WIDTH, ranged)
+        return indices[b, t, pos]
+
     def slot_valid(idx: Any, pos: Any, limit: Any) -> Any:
         # An index takes part iff it names a kv row and its position is below topk_length (when given).
         return (idx >= 0) & (idx < seq_kv) & (pos < limit)
@@ -407,7 +425,7 @@ def build(
         Q: T.Tensor([batch, seq, heads, d_qk], storage),
         KV: T.Tensor([batch, seq_kv, d_qk], storage),
         dOut: T.Tensor([batch, seq, heads, d_v], storage),
-        Indices: T.Tensor([batch, seq, topk], INDEX_DTYPE),
+        Indices: T.Tensor([batch, seq, fwd_steps.RANGE_WIDTH if ranged else topk], INDEX_DTYPE),
         Lse: T.Tensor([batch, seq, heads], ACC_DTYPE),
         Delta: T.Tensor([batch, seq, heads], ACC_DTYPE),
         DLse: T.Tensor([batch, seq, heads], ACC_DTYPE),
@@ -444,10 +462,16 @@ def build(
             t = bx // n_head_blocks
             head0 = (bx % n_head_blocks) * bh
             scale2 = sm_scale * LOG2E
-            # Positions >= limit are invalid: topk_length[b, t] when given (the padded width bounds it anyway).
-            limit = TopkLength[b, t] if has_topk_length else topk
-            # Blocks past topk_length hold no valid index: a short row skips them (a row of length <= 0 runs none).
-            n_steps = T.ceildiv(T.min(limit, topk), bk) if has_topk_length else n_blocks
+            if ranged:
+                # Positions >= limit are invalid: the range's rows in [0, S_kv), which are all the steps.
+                limit = fwd_steps.range_length(Indices, b, t, seq_kv)
+                n_steps = T.ceildiv(limit, bk)
+            else:
+                # Positions >= limit are invalid: topk_length[b, t] when given (the padded width bounds it anyway).
+                limit = TopkLength[b, t] if has_topk_length else topk
+                # Blocks past topk_length hold no valid index: a short row skips them (a row of length <= 0 runs
+                # none).
+                n_steps = T.ceildiv(T.min(limit, topk), bk) if has_topk_length else n_blocks
 
             # Query and output-gradient rows of this head block; padded heads are zero (never read from memory).
             for ci, (start, size) in enumerate(chunks):
@@ -492,7 +516,9 @@ def build(
                 # straight from global memory like the gather's (see below).
                 for j in alloc.parallel(bk):
                     idx_tile[j] = T.if_then_else(
-                        slot_valid(Indices[b, t, kb * bk + j], kb * bk + j, limit), Indices[b, t, kb * bk + j], -1
+                        slot_valid(entry(Indices, b, t, kb * bk + j), kb * bk + j, limit),
+                        entry(Indices, b, t, kb * bk + j),
+                        -1,
                     )
                 # Gather the selected kv rows; an invalid slot's row is zero (never the memory its index names, which
                 # may hold Inf/NaN: 0 * NaN would be NaN in dq and dp). Its row number is -1, which TileLang's bound
@@ -505,8 +531,8 @@ def build(
                             KV[
                                 b,
                                 T.if_then_else(
-                                    slot_valid(Indices[b, t, kb * bk + r], kb * bk + r, limit),
-                                    Indices[b, t, kb * bk + r],
+                                    slot_valid(entry(Indices, b, t, kb * bk + r), kb * bk + r, limit),
+                                    entry(Indices, b, t, kb * bk + r),
                                     -1,
                                 ),
                                 start + c,

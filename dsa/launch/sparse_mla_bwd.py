@@ -2,6 +2,10 @@
 
 Inputs are assumed validated (``dsa.validation``): right dtypes, shapes, contiguity, one device (CPU or CUDA).
 On CPU the kernels are TileLang's C-target build (bf16 travels as uint16 bits); on CUDA the sm_90a build.
+
+``ranged=True`` plans the main kernel whose entries are a contiguous row range per query: ``run``'s ``indices`` is
+then ``ranges [B, S, 2]`` int32, (start, end) per query (as in ``dsa.launch.sparse_mla_fwd``), never padded, and
+``topk_length`` must be ``None``.
 """
 
 import dataclasses
@@ -28,20 +32,22 @@ def padded_topk(k: int) -> int:
 
 
 def static_params(
-    *, heads: int, d_qk: int, d_v: int, k: int, has_topk_length: bool, has_sink: bool
+    *, heads: int, d_qk: int, d_v: int, k: int, has_topk_length: bool, has_sink: bool, ranged: bool = False
 ) -> dict[str, Any]:
     """The main kernel's static parameters: the forward's, and ``k`` index columns (compiled in, padded by
-    :func:`padded_topk`)."""
+    :func:`padded_topk`); a ranged kernel (``ranged`` in the forward's parameters) has no index columns (``k`` is
+    ignored: the range sets the steps at run time)."""
     static = fwd_launch.static_params(
-        heads=heads, d_qk=d_qk, d_v=d_v, has_topk_length=has_topk_length, has_sink=has_sink
+        heads=heads, d_qk=d_qk, d_v=d_v, has_topk_length=has_topk_length, has_sink=has_sink, ranged=ranged
     )
-    return {**static, "topk": padded_topk(k)}
+    return static if ranged else {**static, "topk": padded_topk(k)}
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """What a backward launch of one shape runs: target, config, its three compiled kernels (preprocess, main,
-    postprocess), the main kernel's padded ``topk``, and placeholders of absent optional inputs (never read)."""
+    postprocess), the main kernel's padded ``topk`` (0 when ``ranged``), placeholders of absent optional inputs
+    (never read), and whether ``indices`` are ranges."""
 
     target: Any
     config: kernels.Config
@@ -51,6 +57,7 @@ class Plan:
     topk: int
     no_topk_length: torch.Tensor
     no_sink: torch.Tensor
+    ranged: bool = False
 
 
 _PLANS: common.PlanCache[Plan] = common.PlanCache(KERNEL_NAME)
@@ -65,16 +72,18 @@ def plan(
     has_topk_length: bool,
     has_sink: bool,
     config: kernels.Config | None = None,
+    ranged: bool = False,
 ) -> Plan:
     """The plan for ``q [B, S, H, d_qk]`` over ``seq_kv`` rows and ``k`` indices per query (``config`` overrides the
-    selection: tests and the tuner)."""
+    selection: tests and the tuner). With ``ranged`` the entries are a row range per query (``run`` then takes
+    ``ranges [B, S, 2]`` as its ``indices``; ``k`` is not used)."""
     batch, seq, heads, d_qk = q.shape
     device = q.device
 
     def make() -> Plan:
         target = common.target_for(device)
         static = static_params(
-            heads=heads, d_qk=d_qk, d_v=d_v, k=k, has_topk_length=has_topk_length, has_sink=has_sink
+            heads=heads, d_qk=d_qk, d_v=d_v, k=k, has_topk_length=has_topk_length, has_sink=has_sink, ranged=ranged
         )
         sizes = {"batch": batch, "seq_len": seq, "seq_len_kv": seq_kv}
         chosen = common.launch_config(KERNEL_NAME, kernels, static, sizes, device, target, config)
@@ -83,10 +92,12 @@ def plan(
             common.get_kernel(kernels.build_preprocess, target, d_v=d_v),
             common.get_kernel(kernels.build, target, **static, **kernels.config_params(chosen)),
             common.get_kernel(kernels.build_postprocess, target, d_qk=d_qk),
-            static["topk"], common.placeholder(torch.int32, device), common.placeholder(torch.float32, device),
+            static.get("topk", 0), common.placeholder(torch.int32, device),
+            common.placeholder(torch.float32, device), bool(ranged),
         )  # fmt: skip
 
-    return _PLANS.get(device, (tuple(q.shape), seq_kv, k, int(d_v), has_topk_length, has_sink, config), make)
+    key = (tuple(q.shape), seq_kv, 0 if ranged else k, int(d_v), has_topk_length, has_sink, config, bool(ranged))
+    return _PLANS.get(device, key, make)
 
 
 def run(
@@ -102,11 +113,12 @@ def run(
     attn_sink: torch.Tensor | None,
     d_lse: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dq [B, S, H, d_qk], dkv [B, S_kv, d_qk])`` bfloat16 under plan ``p`` (inputs as :func:`sparse_mla_bwd`)."""
+    """``(dq [B, S, H, d_qk], dkv [B, S_kv, d_qk])`` bfloat16 under plan ``p`` (inputs as :func:`sparse_mla_bwd`;
+    ``indices`` is ``ranges [B, S, 2]`` int32 when ``p`` was planned ``ranged``)."""
     batch, seq, heads, d_qk = q.shape
     seq_kv, k, d_v = kv.shape[1], indices.shape[-1], out.shape[-1]
     device = q.device
-    if p.topk != k:
+    if not p.ranged and p.topk != k:
         # Pad with invalid entries (-1): the kernel gives them probability 0 and never uses them as addresses.
         pad = torch.full((batch, seq, p.topk - k), _INVALID_INDEX, dtype=indices.dtype, device=device)
         indices = torch.cat([indices, pad], dim=-1)
@@ -148,6 +160,7 @@ def sparse_mla_bwd(
     attn_sink: torch.Tensor | None = None,
     d_lse: torch.Tensor | None = None,
     config: kernels.Config | None = None,
+    ranged: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of ``dsa.reference.sparse_mla`` with respect to ``q`` and ``kv``: :func:`run` of :func:`plan`.
 
@@ -158,10 +171,11 @@ def sparse_mla_bwd(
         d_out (torch.Tensor): ``[B, S, H, d_v]``, bfloat16.
         d_lse (torch.Tensor | None): ``[B, S, H]``, float32, the gradient arriving through ``lse`` (None: zero).
         config (Config | None): overrides the config selection (tests and the tuner).
+        ranged (bool): ``indices`` is ``ranges [B, S, 2]`` int32, (start, end) per query (see the module docstring).
 
     Returns:
         dq ``[B, S, H, d_qk]`` and dkv ``[B, S_kv, d_qk]`` (bfloat16; dkv summed over every query and duplicate).
     """
     p = plan(q, kv.shape[1], indices.shape[-1], d_v=d_v, has_topk_length=topk_length is not None,
-             has_sink=attn_sink is not None, config=config)  # fmt: skip
+             has_sink=attn_sink is not None, config=config, ranged=ranged)  # fmt: skip
     return run(p, q, kv, out, lse, d_out, indices, sm_scale, topk_length, attn_sink, d_lse)
