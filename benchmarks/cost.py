@@ -144,12 +144,13 @@ def flashmla_decode_schedule() -> DecodeSchedule:
 
 def dsa_decode_schedule(config: decode_kernels.Config | None = None, kv_format_name: str = "fp8") -> DecodeSchedule:
     """Our decode kernel in ``config`` (default: the default config) at V3.2 widths: its blocks per SM from the
-    registers and shared memory the build tier measured (``tl_kernels.sparse_mla_decode.resources``)."""
+    registers and shared memory the build tier measured (``tl_kernels.sparse_mla_decode.resources``); a lone split
+    writes the output itself (no partials)."""
     config = config or decode_kernels.Config()
     registers, smem = decode_kernels.resources(kv_format_name, config)
     per_sm = sku.blocks_per_sm(registers=registers, threads=config.threads, smem_bytes=smem)
     return DecodeSchedule(block_h=config.block_h, block_k=config.block_k, heads_per_dequant=config.block_h,
-                          blocks_per_sm=per_sm)  # fmt: skip
+                          blocks_per_sm=per_sm, partials=False)  # fmt: skip
 
 
 def _sustained_hz(spec: sku.PerfSpec) -> float:

@@ -10,8 +10,9 @@ NaN/±inf in every cache row that no valid entry selects (an unwritten slot may 
 Tiers:
 - ``cpu_kernel``: the C-target builds over random problems and split counts 1-4 (the combine merges them), s_q 1-4,
   and the V3.2 FP8 row (656 bytes: 512 e4m3 values, 4 scales, 64 bf16 RoPE values).
-- ``build``: the sm_90a builds at V3.2 widths (128 heads, 576/512) for both cache formats and the combine: wgmma,
-  no spills, shared memory within the estimate, a cp.async gather for bf16 rows, int64 slot addressing.
+- ``build``: the sm_90a builds at V3.2 widths (128 heads, 576/512) for both cache formats (split and direct) and the
+  combine: wgmma, no spills, shared memory within the estimate and equal to the launcher's table, a cp.async gather
+  for bf16 rows, int64 slot addressing.
 - ``gpu``: V3.2 shapes (topk 2048, B = 1 and 8, s_q 1 and 2, both formats, automatic splits) against the reference.
 """
 
@@ -409,6 +410,36 @@ def test_cpu_non_finite_slots_queries_and_sinks_give_the_references_nan_and_inf(
 
 
 @pytest.mark.cpu_kernel
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("case", [None, "nan_slot_in_one_split", "inf_key_in_one_split", "nan_query", "nan_sink"])
+def test_cpu_one_split_writes_the_output_itself_as_the_combine_would(fmt: str, case: str | None) -> None:
+    """One source in one split: the plan has no combine and the attention kernel writes bf16 ``out`` and ``lse``
+    (sink included) itself; they equal the float32-partials-and-combine path's (``direct=False``) bit for bit, NaN
+    and infinities included, and the reference's."""
+    if case is None:
+        args = make_problem(seed=12, fmt=fmt, batch=2, s_q=4, context=90, topk=70, length_kind="per_query",
+                            sink="extremes")  # fmt: skip
+    else:
+        args, _ = _decode_non_finite_case(fmt, case)
+        for name in ("extra_kv_cache", "extra_indices", "extra_topk_length"):
+            args.pop(name, None)
+    call = {k: v for k, v in args.items() if k not in ("q", "kv_cache", "indices")}
+    planned = launch.plan(args["q"], [args["kv_cache"]], [args["indices"].shape[-1]], d_v=args["d_v"],
+                          d_rope=args["d_rope"], has_sink="attn_sink" in args)  # fmt: skip
+    assert planned is not None and planned.direct and planned.combine is None and planned.splits == (1,)
+    out, lse = run(args)
+    want_out, want_lse = run(args, direct=False)
+    assert torch.equal(lse.isnan(), want_lse.isnan()) and torch.equal(out.isnan(), want_out.isnan())
+    assert torch.equal(lse.nan_to_num(), want_lse.nan_to_num()) and torch.equal(out.nan_to_num(), want_out.nan_to_num())
+    ref = _reference_args(args)
+    ref_out, ref_lse = reference.sparse_mla_decode(ref.pop("q"), ref.pop("kv_cache"), ref.pop("indices"), **ref)
+    assert_close(lse, ref_lse, name="lse", **LSE_TOL)
+    assert_close(out.float(), ref_out.float(), name="out", **OUT_TOL)
+    with pytest.raises(ValueError, match="direct output needs one source and one split"):
+        launch.sparse_mla_decode(args["q"], args["kv_cache"], args["indices"], **call, splits=2, direct=True)
+
+
+@pytest.mark.cpu_kernel
 def test_cpu_splits_change_nothing_but_rounding() -> None:
     """1, 2, 3 and 7 splits of 200-entry rows give the same output (float32 partials: only the combine's sums move)."""
     args = make_problem(seed=7, fmt="fp8", batch=2, s_q=3, context=250, topk=200, length_kind="per_query", sink="random")
@@ -452,6 +483,10 @@ V32_BUILDS: tuple[tuple[Any, dict[str, Any]], ...] = (
     (kernels.build, launch.static_params(heads=128, d_qk=576, d_v=512, fp8_layout=None)),
     (kernels.build, launch.static_params(heads=128, d_qk=576, d_v=512, fp8_layout=cache.V32_FP8_LAYOUT)),
     (kernels.build_combine, {"heads": 128, "d_v": 512, "has_sink": True}),
+    # One source in one split: the attention kernel writes out and lse itself.
+    (kernels.build, {**launch.static_params(heads=128, d_qk=576, d_v=512, fp8_layout=None), "direct": True}),
+    (kernels.build, {**launch.static_params(heads=128, d_qk=576, d_v=512, fp8_layout=cache.V32_FP8_LAYOUT),
+                     "direct": True}),  # fmt: skip
 )
 
 
@@ -463,7 +498,7 @@ hopper_prebuilt = support.prebuilt_fixture(
 
 @pytest.mark.build
 @pytest.mark.usefixtures("hopper_prebuilt")
-@pytest.mark.parametrize("case", range(len(V32_BUILDS)), ids=["bf16", "fp8", "combine"])
+@pytest.mark.parametrize("case", range(len(V32_BUILDS)), ids=["bf16", "fp8", "combine", "bf16-direct", "fp8-direct"])
 def test_hopper_build_is_clean(case: int) -> None:
     """At V3.2 widths: wgmma for both GEMMs, no spills, shared memory within the estimate; the bf16 gather is a
     predicated cp.async; slot addresses are int64."""
@@ -476,8 +511,9 @@ def test_hopper_build_is_clean(case: int) -> None:
         return
     assert not report.problems(mma=tl_build.MMA_WGMMA), report.problems(mma=tl_build.MMA_WGMMA)
     assert report.smem_bytes <= kernels.smem_bytes({**params, "target": dsl.HOPPER_TARGET}, kernels.Config())
-    # The launcher's split rule and the cost model read these figures instead of compiling.
-    assert kernels.resources(params["kv_format"], kernels.Config()) == (report.registers, report.smem_bytes)
+    # The launcher's split rule and the cost model read the split kernels' figures instead of compiling.
+    if not params.get("direct"):
+        assert kernels.resources(params["kv_format"], kernels.Config()) == (report.registers, report.smem_bytes)
     if params["kv_format"] == kernels.KV_FORMAT_BF16:
         assert "cp_async" in source, "the bf16 gather is not asynchronous"
     else:
@@ -501,4 +537,19 @@ def test_gpu_matches_reference(cuda_device: torch.device, fmt: str, batch: int, 
         sink="random", extra_fmt="bf16", extra_topk=128, device=cuda_device,
     )  # fmt: skip
     out, lse = run(args)
+    check(args, out, lse, GPU_OUT_TOL, GPU_LSE_TOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.decode
+@pytest.mark.usefixtures("hopper_prebuilt")
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gpu_one_split_writes_the_output_itself(cuda_device: torch.device, fmt: str) -> None:
+    """V3.2 shapes, one source in one split: the direct kernel (bf16 out and lse, sink included, no combine)."""
+    args = make_problem(
+        seed=21, fmt=fmt, heads=V32["heads"], d_qk=V32["d_qk"], d_v=V32["d_v"], d_rope=V32["d_rope"], batch=8, s_q=2,
+        context=4096, topk=V32_TOPK, page_size=64, kind="irregular", length_kind="per_query", sink="random",
+        device=cuda_device,
+    )  # fmt: skip
+    out, lse = run(args, splits=1, direct=True)
     check(args, out, lse, GPU_OUT_TOL, GPU_LSE_TOL)

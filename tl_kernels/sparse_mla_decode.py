@@ -8,7 +8,9 @@ of the token's slot list: split ``z`` of ``Z`` takes the ``block_k``-entry steps
 ``Q . K^T``, the online softmax in the log2 domain (``tl_kernels.sparse_mla_fwd_steps``), ``P . V`` over the first
 ``d_v`` columns of the same rows. It writes its split's **normalised** float32 output and natural-log ``lse`` (``-inf``
 and 0 for a split with nothing valid; NaN and NaN for a split that saw a NaN score, ``+inf`` and NaN for one that saw
-a ``+inf`` score, as the forward); the sink is left to the combine.
+a ``+inf`` score, as the forward); the sink is left to the combine. With ``direct`` (one split, one source: a batch
+large enough to fill the GPU by itself) the same kernel instead finishes the softmax with the sink as the forward does
+and writes the bf16 output and ``lse`` itself: no float32 partials (256 KB per token at V3.2), no combine launch.
 
 * Slots index the cache viewed as ``[num_slots, row]``; an entry is valid iff ``0 <= slot < num_slots`` and its
   position in the row is ``< min(k, topk_length[b, t])``. An invalid entry's tile row is zero and is never read, and
@@ -178,9 +180,11 @@ def build(
     block_h: int = Config.block_h,
     block_k: int = Config.block_k,
     threads: int = Config.threads,
+    direct: bool = False,
     target: dsl.Target = dsl.HOPPER_TARGET,
 ) -> Any:
-    """The split decode attention kernel for ``heads`` query heads of width ``d_qk`` and value width ``d_v``.
+    """The split decode attention kernel for ``heads`` query heads of width ``d_qk`` and value width ``d_v``; with
+    ``direct``, the one-split kernel that writes the decode output itself.
 
     Kernel arguments (B, s_q, num_slots, k and Z symbolic; bf16 travels as ``uint16`` and e4m3 as ``uint8`` on the C
     target):
@@ -192,6 +196,10 @@ def build(
         sm_scale: float32;
         out_partial: ``[Z, B, s_q, heads, d_v]`` float32, each split's normalised output (written);
         lse_partial: ``[Z, B, s_q, heads]`` float32, each split's natural-log lse, ``-inf`` when empty (written).
+        With ``direct`` (one split, one source: no partial round trip, no combine) the last two are instead
+        attn_sink: ``[heads]`` float32 (``-inf`` for none: it then adds nothing to the denominator);
+        out: ``[B, s_q, heads, d_v]`` bfloat16 and lse: ``[B, s_q, heads]`` float32, the sink excluded (written), as
+        :func:`build_combine` writes them from one part.
     """
     static = {
         "heads": heads, "d_qk": d_qk, "d_v": d_v, "kv_format": kv_format, "d_rope": d_rope, "tile": tile,
@@ -209,8 +217,10 @@ def build(
     row_bytes, scale_col, rope_col = fp8_views(d_qk, d_rope, tile) if kv_format == KV_FORMAT_FP8 else (1, 0, 0)
 
     batch, seq_q, num_slots = T.dynamic("batch"), T.dynamic("seq_len"), T.dynamic("seq_len_kv")
-    width, splits = T.dynamic("topk"), T.dynamic("splits")
-    online_softmax, finalize = softmax_macros(alloc.parallel, block_h, block_k, heads, False)
+    width = T.dynamic("topk")
+    splits = 1 if direct else T.dynamic("splits")
+    # The direct kernel's sink always joins (a -inf sink adds exp2(-inf) = 0): one kernel with and without a sink.
+    online_softmax, finalize = softmax_macros(alloc.parallel, block_h, block_k, heads, direct)
 
     def load(value: Any) -> Any:
         return dsl.load_tile(value, DATA_DTYPE, target)
@@ -246,7 +256,7 @@ def build(
                 kv_s[j, d] = load(KVA[gather_row(Indices, b, s, step * block_k + j, width, limit, num_slots), d])
 
     @T.macro
-    def attend(Q, KVA, KVB, KVC, Indices, TopkLength, sm_scale, OutPartial, LsePartial, bx, b, z):  # noqa: ANN001, ANN202
+    def attend(Q, KVA, KVB, KVC, Indices, TopkLength, sm_scale, AttnSink, Out, Lse, bx, b, z):  # noqa: ANN001, ANN202
         s = bx // head_blocks
         h0 = (bx % head_blocks) * block_h
         scale_log2 = sm_scale * T.float32(LOG2E)
@@ -267,24 +277,32 @@ def build(
             )  # fmt: skip
 
         # alpha: 1 / l (0 for an empty split, whose output is then 0); row_sum: the split's lse (-inf when empty).
-        # No sink here (the combine adds it once): finalize's sink argument is never read.
-        finalize(m_i, m_safe, l_i, alpha, row_sum, l_i, h0)
+        # Split kernels leave the sink to the combine (finalize's sink argument is never read); the direct kernel
+        # adds it here, as the forward does.
+        finalize(m_i, m_safe, l_i, alpha, row_sum, AttnSink if direct else l_i, h0)
         for h, d in alloc.parallel(block_h, d_v):
             if h0 + h < heads:
-                OutPartial[z, b, s, h0 + h, d] = acc_o[h, d] * alpha[h]
+                if direct:
+                    Out[b, s, h0 + h, d] = dsl.store_bf16(acc_o[h, d] * alpha[h], target)
+                else:
+                    Out[z, b, s, h0 + h, d] = acc_o[h, d] * alpha[h]
         for h in alloc.parallel(block_h):
             if h0 + h < heads:
-                LsePartial[z, b, s, h0 + h] = row_sum[h]
+                if direct:
+                    Lse[b, s, h0 + h] = row_sum[h]
+                else:
+                    Lse[z, b, s, h0 + h] = row_sum[h]
 
     # The bf16 cache is one tensor (KV); the FP8 one three views of the same bytes (KVFp8, KVScale, KVRope).
+    # Split kernels write OutPartial/LsePartial; the direct kernel reads AttnSink and writes Out/Lse.
     def main(
         Q=None, KV=None, KVFp8=None, KVScale=None, KVRope=None, Indices=None, TopkLength=None, sm_scale=None,
-        OutPartial=None, LsePartial=None,
+        AttnSink=None, OutPartial=None, LsePartial=None, Out=None, Lse=None,
     ):  # fmt: skip
         with T.Kernel(seq_q * head_blocks, batch, splits, threads=threads) as (bx, by, bz):
             attend(
                 Q, KVFp8 if fp8 else KV, KVScale if fp8 else KV, KVRope if fp8 else KV, Indices, TopkLength, sm_scale,
-                OutPartial, LsePartial, bx, by, bz,
+                AttnSink, Out if direct else OutPartial, Lse if direct else LsePartial, bx, by, bz,
             )  # fmt: skip
 
     main = dsl.prim_func(
@@ -298,8 +316,11 @@ def build(
         Indices=T.Tensor([batch, seq_q, width], INDEX_DTYPE),
         TopkLength=T.Tensor([batch, seq_q], INDEX_DTYPE),
         sm_scale=T.float32,
-        OutPartial=T.Tensor([splits, batch, seq_q, heads, d_v], ACCUM_DTYPE),
-        LsePartial=T.Tensor([splits, batch, seq_q, heads], ACCUM_DTYPE),
+        AttnSink=T.Tensor([heads], ACCUM_DTYPE) if direct else None,
+        OutPartial=None if direct else T.Tensor([splits, batch, seq_q, heads, d_v], ACCUM_DTYPE),
+        LsePartial=None if direct else T.Tensor([splits, batch, seq_q, heads], ACCUM_DTYPE),
+        Out=T.Tensor([batch, seq_q, heads, d_v], data_storage) if direct else None,
+        Lse=T.Tensor([batch, seq_q, heads], ACCUM_DTYPE) if direct else None,
     )
     return dsl.with_target_pass_configs(main, target, CUDA_PASS_CONFIGS)
 

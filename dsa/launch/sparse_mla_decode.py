@@ -1,6 +1,7 @@
 """Launcher of sparse MLA decoding over paged caches: splits each query's slot list over thread blocks, runs the split
 attention kernel once per source (the cache, and the extra cache when given) into one float32 partial buffer, then
-the combine kernel (``tl_kernels.sparse_mla_decode``).
+the combine kernel (``tl_kernels.sparse_mla_decode``). One source in one split (a large batch) skips both: its
+attention kernel writes the bf16 output and ``lse`` directly, sink included.
 
 Inputs are assumed validated (``dsa.validation.check_sparse_mla_decode(..., kernel=True)``): bfloat16 ``q``, a
 bfloat16 cache or FP8 bytes in ``dsa.kv_format.FP8Layout.for_width(d_qk, d_rope)``, int32 indices/lengths, contiguous,
@@ -114,7 +115,9 @@ def _cache_args(kv_cache: torch.Tensor, layout: kv_format.FP8Layout | None, targ
 class Plan:
     """What a decode call of one shape runs, FlashMLA's scheduler metadata in spirit: the target, the config, per
     source (the cache, then the extra one) its FP8 layout (None: bf16 rows), attention kernel, split count and part
-    slice, the combine kernel, and the per-call constants (full-width lengths, the absent sink's placeholder)."""
+    slice, the combine kernel, and the per-call constants (full-width lengths, the absent sink's stand-in). With
+    ``direct`` (one source, one split) the attention kernel writes ``out`` and ``lse`` itself and there is no
+    combine (``combine`` None)."""
 
     target: Any
     config: kernels.Config
@@ -125,6 +128,7 @@ class Plan:
     d_v: int
     full_lengths: tuple[torch.Tensor, ...]
     no_sink: torch.Tensor
+    direct: bool = False
 
     @property
     def splits(self) -> tuple[int, ...]:
@@ -145,12 +149,15 @@ def plan(
     has_sink: bool,
     config: kernels.Config | None = None,
     splits: int | None = None,
+    direct: bool | None = None,
 ) -> Plan | None:
     """The plan for ``q [B, s_q, H, d_qk]`` over ``caches`` (the cache, then the extra one; each bf16 rows or FP8
     bytes) with ``widths`` index columns each; ``None`` where the kernels cannot take these widths on ``q``'s device
     (CUDA wants ``d_qk`` and ``d_v`` in whole 64-column swizzle atoms, V3.2: 576/512; the C target takes any; the op
     then runs the reference). ``config`` overrides the default schedule and ``splits`` the split count of every
-    source (tests)."""
+    source (tests). ``direct`` (default: whenever there is one source and it gets one split) has the attention kernel
+    write the output itself, with no float32 partials and no combine; ``False`` keeps the partials and the combine
+    (tests)."""
     batch, s_q, heads, d_qk = q.shape
     device = q.device
     fp8 = tuple(validation.is_fp8_cache(c) for c in caches)
@@ -176,17 +183,28 @@ def plan(
         ]
         firsts = [sum(counts[:i]) for i in range(len(counts))]
         params = dataclasses.asdict(chosen)
+        single = counts == [1]
+        if direct and not single:
+            raise ValueError(f"sparse_mla_decode: direct output needs one source and one split, got splits {counts}")
+        use_direct = single if direct is None else direct
+        # The direct kernel always reads a sink; -inf stands for none (it adds nothing to the denominator).
+        no_sink = (torch.full((heads,), -math.inf, dtype=torch.float32, device=device) if use_direct
+                   else common.placeholder(torch.float32, device))  # fmt: skip
+        combine = None if use_direct else common.get_kernel(
+            kernels.build_combine, target, heads=heads, d_v=d_v, has_sink=has_sink
+        )  # fmt: skip
         return Plan(
             target, chosen, layouts,
-            tuple(common.get_kernel(kernels.build, target, **static, **params) for static in statics),
+            tuple(common.get_kernel(kernels.build, target, **static, **params, direct=use_direct) for static in statics),
             tuple(slice(first, first + count) for first, count in zip(firsts, counts, strict=True)),
-            common.get_kernel(kernels.build_combine, target, heads=heads, d_v=d_v, has_sink=has_sink),
+            combine,
             int(d_v),
             tuple(torch.full((batch, s_q), width, dtype=torch.int32, device=device) for width in widths),
-            common.placeholder(torch.float32, device),
+            no_sink,
+            use_direct,
         )  # fmt: skip
 
-    key = (tuple(q.shape), fp8, tuple(widths), int(d_v), int(d_rope), has_sink, config, splits)
+    key = (tuple(q.shape), fp8, tuple(widths), int(d_v), int(d_rope), has_sink, config, splits, direct)
     return _PLANS.get(device, key, make)
 
 
@@ -207,11 +225,21 @@ def run(
     indices, topk_length)`` per source, in the plan's order."""
     batch, s_q, heads, _ = q.shape
     device = q.device
+    q_arg = tl_build.to_kernel_arg(q, p.target)
+    sink = p.no_sink if attn_sink is None else attn_sink
+    out = common.new_output((batch, s_q, heads, p.d_v), torch.bfloat16, device)
+    lse = common.new_output((batch, s_q, heads), torch.float32, device)
+    if p.direct:
+        (source, idx, length), = sources
+        p.attention[0](
+            q_arg, *_cache_args(source, p.layouts[0], p.target), idx, _lengths(length, p.full_lengths[0]),
+            float(sm_scale), sink, tl_build.to_kernel_arg(out, p.target), lse,
+        )  # fmt: skip
+        return out, lse
     total = p.parts[-1].stop
     # Every part is written by the attention kernel (an empty split writes 0 and -inf), so new_output suffices.
     out_partial = common.new_output((total, batch, s_q, heads, p.d_v), torch.float32, device)
     lse_partial = common.new_output((total, batch, s_q, heads), torch.float32, device)
-    q_arg = tl_build.to_kernel_arg(q, p.target)
     for (source, idx, length), layout, attention, part, full in zip(
         sources, p.layouts, p.attention, p.parts, p.full_lengths, strict=True
     ):
@@ -219,10 +247,7 @@ def run(
             q_arg, *_cache_args(source, layout, p.target), idx, _lengths(length, full), float(sm_scale),
             out_partial[part], lse_partial[part],
         )  # fmt: skip
-    out = common.new_output((batch, s_q, heads, p.d_v), torch.bfloat16, device)
-    lse = common.new_output((batch, s_q, heads), torch.float32, device)
-    p.combine(out_partial, lse_partial, p.no_sink if attn_sink is None else attn_sink,
-              tl_build.to_kernel_arg(out, p.target), lse)  # fmt: skip
+    p.combine(out_partial, lse_partial, sink, tl_build.to_kernel_arg(out, p.target), lse)
     return out, lse
 
 
@@ -241,6 +266,7 @@ def sparse_mla_decode(
     d_rope: int = 64,
     config: kernels.Config | None = None,
     splits: int | None = None,
+    direct: bool | None = None,
     planned: Plan | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``sparse_mla_decode`` (contract: ``dsa.reference.sparse_mla_decode``) on the kernels: :func:`run` of
@@ -251,6 +277,7 @@ def sparse_mla_decode(
             by the op (row-major); a cache is bf16 rows or FP8-layout bytes (uint8/int8/float8_e4m3fn).
         config (Config | None): overrides the default schedule (tests).
         splits (int | None): overrides the split count of every source (tests; default :func:`num_splits`).
+        direct (bool | None): overrides whether one split writes the output itself (tests; default :func:`plan`'s).
         planned (Plan | None): the caller's plan (``dsa.library`` planned to learn whether the kernels take the
             widths); default :func:`plan` (``ValueError`` where they do not).
 
@@ -264,7 +291,7 @@ def sparse_mla_decode(
     if p is None:
         p = plan(
             q, [c for c, _, _ in sources], [i.shape[-1] for _, i, _ in sources], d_v=d_v, d_rope=d_rope,
-            has_sink=attn_sink is not None, config=config, splits=splits,
+            has_sink=attn_sink is not None, config=config, splits=splits, direct=direct,
         )  # fmt: skip
         if p is None:
             raise ValueError(f"sparse_mla_decode: no kernel for d_qk={q.shape[-1]}, d_v={d_v} on {q.device}")
