@@ -33,6 +33,7 @@ import torch
 
 from dsa import autograd, reference, validation
 from dsa.hardware import REFERENCE, TILELANG, select_backend
+from dsa.reference.decode import range_slots
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +192,7 @@ def _decode_backend(backend: str, d_qk: int, d_rope: int, *caches: torch.Tensor 
 def sparse_mla_decode(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
-    indices: torch.Tensor,
+    indices: torch.Tensor | None = None,
     *,
     sm_scale: float,
     d_v: int = 512,
@@ -201,6 +202,10 @@ def sparse_mla_decode(
     extra_indices: torch.Tensor | None = None,
     extra_topk_length: torch.Tensor | None = None,
     d_rope: int = 64,
+    ranges: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    extra_ranges: torch.Tensor | None = None,
+    extra_block_table: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``sparse_mla_decode`` (contract: ``dsa.reference.sparse_mla_decode``): ``(out [B, s_q, H, d_v], lse [B, s_q,
     H] float32)`` over paged caches (``dsa.serving.cache.PagedKVCache`` pages, bf16 rows or FP8-layout bytes: V3.2's
@@ -209,13 +214,21 @@ def sparse_mla_decode(
     Unlike the reference, a plain cache must have q's dtype. The kernels take bfloat16 q (FP8 rows are dequantised
     inside the kernel); float32/float64 run the reference, and so do, logged at info level, widths the CUDA kernels
     cannot take (``d_qk`` or ``d_v`` not a multiple of 64) and MODEL1 FP8 caches (the kernel reads row-per-token FP8
-    rows only; bf16 caches of V4's 512-wide rows run the kernel).
+    rows only; bf16 caches of V4's 512-wide rows run the kernel). A source in range form (``ranges`` with its
+    cache's ``block_table``, e.g. V4's sliding window) becomes its slot list here (``dsa.reference.decode
+    .range_slots``: ``B * s_q`` rows of the longest range, read from the ranges, so not under
+    ``torch.compile(fullgraph=True)``), on every backend.
     """
     backend = select_backend(q.device, q.dtype in validation.ATTENTION_KERNEL_DTYPES)
     validation.check_sparse_mla_decode(
         q, kv_cache, indices, sm_scale, d_v, topk_length, attn_sink, extra_kv_cache, extra_indices,
-        extra_topk_length, int(d_rope), kernel=backend == TILELANG,
+        extra_topk_length, int(d_rope), kernel=backend == TILELANG, ranges=ranges, block_table=block_table,
+        extra_ranges=extra_ranges, extra_block_table=extra_block_table,
     )  # fmt: skip
+    if ranges is not None:
+        indices = range_slots(ranges, block_table, kv_cache)
+    if extra_ranges is not None:
+        extra_indices = range_slots(extra_ranges, extra_block_table, extra_kv_cache)
     backend = _decode_backend(backend, q.shape[-1], int(d_rope), kv_cache, extra_kv_cache)
     q, kv_cache, indices, topk_length, attn_sink, extra_kv_cache, extra_indices, extra_topk_length = _kernel_layout(
         backend, q, kv_cache, indices, topk_length, attn_sink, extra_kv_cache, extra_indices, extra_topk_length

@@ -399,13 +399,14 @@ def is_fp8_cache(kv_cache: torch.Tensor) -> bool:
 
 
 def _check_decode_source(
-    prefix: str, q: Tensor, kv_cache: Tensor, indices: Tensor, topk_length: OptTensor, d_rope: int
-) -> None:
-    """One KV source of ``sparse_mla_decode``: the cache pages, its slot indices and their lengths."""
+    prefix: str, q: Tensor, kv_cache: Tensor, indices: OptTensor, topk_length: OptTensor, d_rope: int,
+    ranges: OptTensor = None, block_table: OptTensor = None,
+) -> None:  # fmt: skip
+    """One KV source of ``sparse_mla_decode``: the cache pages and either its slot indices (with their lengths) or
+    its position ranges with the cache's block table."""
     batch, s_q, _, d_qk = q.shape
     cache_name, indices_name, length_name = f"{prefix}kv_cache", f"{prefix}indices", f"{prefix}topk_length"
     require_tensor(cache_name, kv_cache)
-    require_tensor(indices_name, indices)
     require_rank(cache_name, kv_cache, 3, "[num_pages, page_size, row]")
     require_nonempty(cache_name, kv_cache, "[num_pages, page_size, row]")
     if is_fp8_cache(kv_cache):
@@ -429,6 +430,15 @@ def _check_decode_source(
             )
         if kv_cache.shape[-1] != d_qk:
             raise ValueError(f"{cache_name} rows must be d_qk = {d_qk} wide like q, got shape {_shape(kv_cache.shape)}")
+    _check_exactly_one(indices_name, indices, f"{prefix}ranges", ranges)
+    if ranges is not None:
+        _check_decode_ranges(prefix, q, topk_length, ranges, block_table)
+        require_same_device("q", q, **{cache_name: kv_cache, f"{prefix}ranges": ranges,
+                                       f"{prefix}block_table": block_table})  # fmt: skip
+        return
+    if block_table is not None:
+        raise ValueError(f"{prefix}block_table maps {prefix}ranges to slots; {indices_name} are slots already")
+    require_tensor(indices_name, indices)
     require_dtype(indices_name, indices, (INDEX_DTYPE,))
     require_rank(indices_name, indices, 3, "[B, s_q, topk]")
     require_nonempty(indices_name, indices, "[B, s_q, topk]")
@@ -448,11 +458,33 @@ def _check_decode_source(
     require_same_device("q", q, **{cache_name: kv_cache, indices_name: indices, length_name: topk_length})
 
 
+def _check_decode_ranges(
+    prefix: str, q: Tensor, topk_length: OptTensor, ranges: Tensor, block_table: OptTensor
+) -> None:
+    """A ranged source of ``sparse_mla_decode``: ``ranges [B, s_q, 2]`` int32 positions (no ``topk_length``) and
+    the cache's ``block_table [B, pages_per_sequence]`` int32 that maps them to slots."""
+    _check_mla_entries(q, prefix, None, topk_length, ranges, checked=False)
+    name = f"{prefix}block_table"
+    if block_table is None:
+        raise ValueError(f"{prefix}ranges need {name} [B, pages_per_sequence] int32 (positions are mapped to slots)")
+    require_tensor(name, block_table)
+    require_dtype(name, block_table, (INDEX_DTYPE,))
+    require_rank(name, block_table, 2, "[B, pages_per_sequence]")
+    require_nonempty(name, block_table, "[B, pages_per_sequence]")
+    if block_table.shape[0] != q.shape[0]:
+        raise ValueError(f"{name} must have shape [B, pages_per_sequence] with B = {q.shape[0]} like q, got "
+                         f"{_shape(block_table.shape)}")  # fmt: skip
+
+
+check_decode_ranges = names_op("sparse_mla_decode")(_check_decode_ranges)
+"""A ranged source's checks for the reference's own entry point (``dsa.reference.sparse_mla_decode``)."""
+
+
 @names_op("sparse_mla_decode")
 def check_sparse_mla_decode(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
-    indices: torch.Tensor,
+    indices: torch.Tensor | None,
     sm_scale: object,
     d_v: object,
     topk_length: torch.Tensor | None,
@@ -463,23 +495,32 @@ def check_sparse_mla_decode(
     d_rope: int,
     *,
     kernel: bool = False,
+    ranges: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    extra_ranges: torch.Tensor | None = None,
+    extra_block_table: torch.Tensor | None = None,
 ) -> None:
     """Validate the inputs of ``sparse_mla_decode`` (see ``dsa.reference.sparse_mla_decode``).
 
     ``d_rope``: the RoPE width of FP8 rows; an FP8 cache's rows must be one of the layouts :func:`fp8_cache_layout`
-    finds for q's width and ``d_rope`` (MODEL1's 584 bytes or the row-per-token size).
+    finds for q's width and ``d_rope`` (MODEL1's 584 bytes or the row-per-token size). Each source takes either
+    slot ``indices`` or position ``ranges`` with its cache's ``block_table``.
     """
     require_tensor("q", q)
     require_dtype("q", q, ATTENTION_KERNEL_DTYPES if kernel else ATTENTION_REFERENCE_DTYPES)
     require_rank("q", q, 4, "[B, s_q, H, d_qk]")
     require_nonempty("q", q, "[B, s_q, H, d_qk]")
-    _check_decode_source("", q, kv_cache, indices, topk_length, d_rope)
-    if (extra_kv_cache is None) != (extra_indices is None):
-        raise ValueError("extra_kv_cache and extra_indices go together (both or neither)")
-    if extra_kv_cache is None and extra_topk_length is not None:
-        raise ValueError("extra_topk_length needs extra_kv_cache and extra_indices")
-    if extra_kv_cache is not None:
-        _check_decode_source("extra_", q, extra_kv_cache, extra_indices, extra_topk_length, d_rope)
+    _check_decode_source("", q, kv_cache, indices, topk_length, d_rope, ranges, block_table)
+    if extra_kv_cache is None:
+        if extra_indices is not None:
+            raise ValueError("extra_kv_cache and extra_indices go together (both or neither)")
+        if extra_topk_length is not None:
+            raise ValueError("extra_topk_length needs extra_kv_cache and extra_indices")
+        if extra_ranges is not None or extra_block_table is not None:
+            raise ValueError("extra_ranges and extra_block_table need extra_kv_cache")
+    else:
+        _check_decode_source("extra_", q, extra_kv_cache, extra_indices, extra_topk_length, d_rope, extra_ranges,
+                             extra_block_table)  # fmt: skip
     _check_attention_args(q, sm_scale, d_v, attn_sink, "a cache row")
 
 

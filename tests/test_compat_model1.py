@@ -41,6 +41,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dsa import cache, compat, kv_format, ops, reference
+from dsa.reference.decode import range_slots as range_slots_of
 from dsa.testing import assert_close
 from tests import layouts, strategies
 from tests.test_compat_decode import _call, _oracle
@@ -305,7 +306,8 @@ def _no_kernel(*args: object, **kwargs: object) -> None:
 @pytest.mark.cpu_kernel
 def test_bf16_512_wide_caches_run_the_decode_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     """V4's bf16 caches (512-wide rows, K = V, a window and an extra source, a sink) run the C-target decode kernel
-    (a spy counts the launches; one build: 3 heads, d_qk = d_v = 512) and match the reference."""
+    (a spy counts the launches; one build: 3 heads, d_qk = d_v = 512) and match the reference, with the window as
+    slots and as ranges."""
     from dsa.launch import sparse_mla_decode as launch
 
     g = torch.Generator().manual_seed(31)
@@ -330,6 +332,132 @@ def test_bf16_512_wide_caches_run_the_decode_kernel(monkeypatch: pytest.MonkeyPa
     assert launches == [1]
     assert_close(out, want[0], atol=1e-2, rtol=1e-2, max_diff=2e-5, name="out")
     assert_close(lse, want[1], atol=1e-4, rtol=1e-4, name="lse")
+    # The window as ranges through a block table (the same kernel: the op lists the ranges' slots).
+    ranges = torch.tensor([[[-2, 3], [4, 8]], [[0, 0], [1, 6]]], dtype=torch.int32)
+    ranged = {**args, "indices": None, "topk_length": None, "ranges": ranges,
+              "block_table": torch.tensor([[3, 0], [4, 1]], dtype=torch.int32)}  # fmt: skip
+    want = reference.sparse_mla_decode(q, window, **ranged)
+    out, lse = ops.sparse_mla_decode(q, window, **ranged)
+    assert launches == [1, 1]
+    assert_close(out, want[0], atol=1e-2, rtol=1e-2, max_diff=2e-5, name="ranged out")
+    assert_close(lse, want[1], atol=1e-4, rtol=1e-4, name="ranged lse")
+
+
+# ------------------------------------------------------------------------------------------------ range form
+
+
+def _v4_caches(fmt: str, batch: int, tokens: int, entries: int) -> tuple[cache.PagedKVCache, cache.PagedKVCache]:
+    """A raw-token cache (pages of 3) and a compressed-entry cache (pages of 2) of DeepSeek-V4's 512-wide rows, bf16
+    or MODEL1 FP8, holding octave-spread rows."""
+    g = torch.Generator().manual_seed(41)
+    kind: dict[str, Any] = {"dtype": torch.bfloat16} if fmt == "bf16" else {"dtype": "fp8", "layout": MODEL1}
+    caches = []
+    for length, page_size in ((tokens, 3), (entries, 2)):
+        paged = cache.PagedKVCache(batch, length, D_QK, page_size=page_size, **kind)
+        paged.append(_octave_rows(g, batch * length).view(batch, length, D_QK).bfloat16())
+        caches.append(paged)
+    return caches[0], caches[1]
+
+
+def _cache_arg(paged: cache.PagedKVCache) -> torch.Tensor:
+    """What sparse_mla_decode takes: bf16 pages as they are, MODEL1 pages in FlashMLA's view."""
+    if paged.layout is None:
+        return paged.pages
+    return kv_format.flash_mla_kv_view(paged.pages, MODEL1, paged.page_size).squeeze(2)
+
+
+def _listed(paged: cache.PagedKVCache, ranges: torch.Tensor) -> torch.Tensor:
+    """The obvious slot lists of ``ranges [B, s_q, 2]``: per query, each position of ``[start, end)`` in order
+    through ``paged.slots``, ``-1`` padding."""
+    batch, s_q = ranges.shape[:2]
+    rows = [[list(range(int(ranges[b, t, 0]), int(ranges[b, t, 1]))) for t in range(s_q)] for b in range(batch)]
+    width = max(1, max(len(r) for row in rows for r in row))
+    positions = torch.full((batch, s_q, width), -1, dtype=torch.int64)
+    for b in range(batch):
+        for t in range(s_q):
+            positions[b, t, : len(rows[b][t])] = torch.tensor(rows[b][t], dtype=torch.int64)
+    return paged.slots(positions.view(batch, -1)).view(batch, s_q, width)
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "model1"])
+def test_decode_range_form_window_and_compressed_entries(fmt: str) -> None:
+    """DeepSeek-V4's decode step with both sources as ranges through their block tables: the sliding window
+    ``[t - W + 1, t + 1)`` over raw tokens (negative starts early on; one query's window cut to nothing) and HCA's
+    compressed entries ``[0, (t + 1) // rate)`` (empty before the first full window); then the window as a range and
+    CSA's selection as extra slots. Equal to the dense oracle over the slot lists the ranges name, written out."""
+    batch, s_q, heads, window, rate, tokens = 2, 3, 4, 5, 4, 11
+    raw, compressed = _v4_caches(fmt, batch, tokens, tokens // rate)
+    t = torch.tensor([[2, 7, 10], [0, 1, 10]]).view(batch, s_q, 1)  # each query's own position
+    ranges = torch.cat([t - window + 1, t + 1], dim=-1).int()
+    ranges[1, 1] = torch.tensor([4, 4])  # an empty window
+    extra_ranges = torch.cat([torch.zeros_like(t), (t + 1) // rate], dim=-1).int()
+    g = torch.Generator().manual_seed(42)
+    q = torch.randn(batch, s_q, heads, D_QK, generator=g).clamp(-1, 1).bfloat16()
+    sink = _sink(g, heads)
+    args = {"sm_scale": DECODE_SCALE, "d_v": D_V, "attn_sink": sink}
+    out, lse = ops.sparse_mla_decode(
+        q, _cache_arg(raw), ranges=ranges, block_table=raw.block_table, extra_kv_cache=_cache_arg(compressed),
+        extra_ranges=extra_ranges, extra_block_table=compressed.block_table, **args,
+    )  # fmt: skip
+    listed = [(_cache_arg(raw).unsqueeze(2), _listed(raw, ranges), None),
+              (_cache_arg(compressed).unsqueeze(2), _listed(compressed, extra_ranges), None)]  # fmt: skip
+    _check_decode(out, _as_flashmla_lse(lse), *_oracle(q, listed, DECODE_SCALE, D_V, sink))
+    selected = torch.randint(-1, compressed.num_slots, (batch, s_q, 3), generator=g, dtype=torch.int32)
+    mixed = reference.sparse_mla_decode(
+        q, _cache_arg(raw), ranges=ranges, block_table=raw.block_table, extra_kv_cache=_cache_arg(compressed),
+        extra_indices=selected, **args,
+    )  # fmt: skip
+    listed[1] = (_cache_arg(compressed).unsqueeze(2), selected, None)
+    _check_decode(mixed[0], _as_flashmla_lse(mixed[1]), *_oracle(q, listed, DECODE_SCALE, D_V, sink))
+
+
+def _as_flashmla_lse(lse: torch.Tensor) -> torch.Tensor:
+    """``sparse_mla_decode``'s ``lse [B, s_q, H]`` in FlashMLA's form (the oracle's): ``[B, H, s_q]``, ``+inf`` for
+    an empty row."""
+    return lse.transpose(1, 2).masked_fill(torch.isneginf(lse.transpose(1, 2)), float("inf"))
+
+
+def test_range_slots_clip_to_the_table() -> None:
+    """Ranges past the block table, below 0, reversed or huge map to the slots of their positions on the table
+    only (never an S-wide list), ``-1`` elsewhere, and pages marked ``-1`` in the table are invalid."""
+    kv_cache = torch.zeros(6, 4, 8)
+    table = torch.tensor([[2, 0, -1], [5, 4, 3]], dtype=torch.int32)
+    ranges = torch.tensor([[[-3, 2], [7, 5]], [[10, 2**31 - 1], [-(2**31), 1]]], dtype=torch.int32)
+    got = range_slots_of(ranges, table, kv_cache)
+    assert got.shape == (2, 2, 2)  # the longest clipped range: 0..2 of -3..2, 10..12 of 10..2**31-1
+    assert got[0, 0].tolist() == [8, 9] and got[0, 1].tolist() == [-1, -1]
+    assert got[1, 0].tolist() == [14, 15] and got[1, 1].tolist() == [20, -1]
+    window = torch.tensor([[[4, 6], [5, 9]], [[0, 1], [3, 3]]], dtype=torch.int32)
+    assert range_slots_of(window, table, kv_cache)[0, 1].tolist() == [1, 2, 3, -1]  # positions 5..7; 8 is page -1
+
+
+def _bad_ranged() -> list[tuple[str, dict[str, Any], str]]:
+    table = torch.zeros(1, 2, dtype=torch.int32)
+    ranges = torch.zeros(1, 1, 2, dtype=torch.int32)
+    slots = torch.zeros(1, 1, 3, dtype=torch.int32)
+    return [
+        ("both", {"indices": slots, "ranges": ranges, "block_table": table}, "exactly one of indices and ranges"),
+        ("neither", {}, "exactly one of indices and ranges must be given, got neither"),
+        ("no table", {"ranges": ranges}, r"ranges need block_table \[B, pages_per_sequence\]"),
+        ("table with slots", {"indices": slots, "block_table": table}, "block_table maps ranges to slots"),
+        ("length", {"ranges": ranges, "block_table": table, "topk_length": torch.ones(1, dtype=torch.int32)},
+         "topk_length applies to indices only"),
+        ("table dtype", {"ranges": ranges, "block_table": table.long()}, "block_table must have dtype int32"),
+        ("table batch", {"ranges": ranges, "block_table": table.expand(2, 2)}, r"block_table must have shape .*B = 1"),
+        ("ranges shape", {"ranges": torch.zeros(1, 1, 3, dtype=torch.int32), "block_table": table}, "ranges must"),
+        ("extra alone", {"indices": slots, "extra_ranges": ranges, "extra_block_table": table},
+         "extra_ranges and extra_block_table need extra_kv_cache"),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "change", "message"), _bad_ranged(), ids=[c[0] for c in _bad_ranged()])
+def test_range_form_bad_input_names_the_argument(case: str, change: dict[str, Any], message: str) -> None:
+    q = torch.zeros(1, 1, 2, 16)
+    with pytest.raises((TypeError, ValueError), match=f"^sparse_mla_decode: .*{message}"):
+        ops.sparse_mla_decode(q, torch.zeros(2, 4, 16), sm_scale=0.1, d_v=16, **change)
+    if case not in ("extra alone", "table with slots"):  # the reference's entry point checks ranged sources too
+        with pytest.raises((TypeError, ValueError), match="^sparse_mla_decode: "):
+            reference.sparse_mla_decode(q, torch.zeros(2, 4, 16), sm_scale=0.1, d_v=16, **change)
 
 
 # ------------------------------------------------------------------------------------------------ prefill

@@ -104,10 +104,60 @@ def _source_rows(
     return rows, valid
 
 
+def range_slots(ranges: Tensor, block_table: Tensor, kv_cache: Tensor) -> Tensor:
+    """The slots of per-query position ranges (DeepSeek-V4's sliding window ``[t - 127, t + 1)``, or HCA's compressed
+    entries ``[0, (t + 1) // 128)``) in a paged cache.
+
+    Args:
+        ranges (Tensor): ``[B, s_q, 2]`` int32 ``(start, end)``: query ``(b, t)`` attends positions ``start <= p <
+            end`` of sequence ``b`` (an empty or negative range is empty; positions below 0 or past the block table
+            are invalid).
+        block_table (Tensor): ``[B, pages_per_sequence]`` int32, the cache's (``dsa.kv_format.positions_to_slots``).
+        kv_cache (Tensor): ``[num_pages, page_size, row]``: its page size and slot count.
+
+    Returns:
+        Tensor: ``[B, s_q, L]`` int32 slots, ``L`` the longest range clipped to the table (at least 1): entry ``j`` of
+        a row is the slot of position ``max(start, 0) + j``, ``-1`` past the range's end or where
+        ``positions_to_slots`` finds no slot (a negative page, a slot past the cache).
+
+    Memory is ``B * s_q * L`` int32, the entries the attention reads anyway; ``L`` is read from the ranges (one
+    device-to-host copy).
+    """
+    num_pages, page_size = kv_cache.shape[:2]
+    capacity = block_table.shape[1] * page_size
+    start = ranges[..., 0].to(torch.int64).clamp(0, capacity)
+    end = ranges[..., 1].to(torch.int64).clamp(0, capacity)
+    width = max(1, int((end - start).max()))
+    positions = start.unsqueeze(-1) + torch.arange(width, device=ranges.device)
+    positions = positions.masked_fill(positions >= end.unsqueeze(-1), INVALID_INDEX)
+    batch, s_q = ranges.shape[:2]
+    num_slots = num_pages * page_size
+    return kv_format.positions_to_slots(block_table, page_size, positions.view(batch, -1), num_slots=num_slots).view(
+        batch, s_q, width
+    )
+
+
+def _source_slots(
+    prefix: str, q: Tensor, kv_cache: OptTensor, indices: OptTensor, topk_length: OptTensor, ranges: OptTensor,
+    block_table: OptTensor,
+) -> OptTensor:  # fmt: skip
+    """A source's slot indices for the reference's entry point: ``indices`` as given, or the slots of ``ranges``
+    through ``block_table`` (checked first)."""
+    if ranges is None and block_table is None:
+        return indices
+    if indices is not None or ranges is None:
+        raise ValueError(f"sparse_mla_decode: exactly one of {prefix}indices and {prefix}ranges must be given, with "
+                         f"{prefix}block_table for {prefix}ranges")  # fmt: skip
+    if kv_cache is None:
+        raise ValueError(f"sparse_mla_decode: {prefix}ranges need {prefix}kv_cache")
+    validation.check_decode_ranges(prefix, q, topk_length, ranges, block_table)
+    return range_slots(ranges, block_table, kv_cache)
+
+
 def sparse_mla_decode(
     q: Tensor,
     kv_cache: Tensor,
-    indices: Tensor,
+    indices: OptTensor = None,
     *,
     sm_scale: float,
     d_v: int = 512,
@@ -117,6 +167,10 @@ def sparse_mla_decode(
     extra_indices: OptTensor = None,
     extra_topk_length: OptTensor = None,
     d_rope: int = 64,
+    ranges: OptTensor = None,
+    block_table: OptTensor = None,
+    extra_ranges: OptTensor = None,
+    extra_block_table: OptTensor = None,
 ) -> tuple[Tensor, Tensor]:
     """Sparse MLA for decoding: the ``s_q`` newest queries of each sequence attend to cache slots.
 
@@ -129,13 +183,19 @@ def sparse_mla_decode(
             MODEL1's split pages (512 wide, 64 RoPE values, 584 bytes per token) as FlashMLA passes them,
             ``dsa.kv_format.flash_mla_kv_view(pages, MODEL1_FP8_LAYOUT, page_size).squeeze(2)``: page ``p``'s bytes
             are ``kv_cache[p]`` in row-major order, all its tokens' values, then all their scale groups.
-        indices (Tensor): ``[B, s_q, topk]`` int32 slots (``page * page_size + offset``); ``-1`` or out of range is
-            invalid and never read.
+        indices (Tensor | None): ``[B, s_q, topk]`` int32 slots (``page * page_size + offset``); ``-1`` or out of
+            range is invalid and never read. None when ``ranges`` is given.
         sm_scale (float), d_v (int), attn_sink (Tensor | None ``[H]`` float32): as in :func:`sparse_mla`.
-        topk_length (Tensor | None): ``[B]`` or ``[B, s_q]``: how many leading entries of each row count.
+        topk_length (Tensor | None): ``[B]`` or ``[B, s_q]``: how many leading entries of each row count (index
+            lists only).
         extra_kv_cache, extra_indices, extra_topk_length: a second source (e.g. a sliding window) with the same
             conventions, joining the same softmax.
-        d_rope (int): the RoPE width of FP8 rows (64 for V3.2).
+        d_rope (int): the RoPE width of FP8 rows (64 for V3.2 and MODEL1).
+        ranges, block_table (Tensor | None): the range form of the first source instead of ``indices``: ``[B, s_q,
+            2]`` int32 ``(start, end)`` positions per query, mapped to slots through the cache's ``[B,
+            pages_per_sequence]`` int32 block table (:func:`range_slots`; e.g. DeepSeek-V4's window ``[t - 127, t +
+            1)``). extra_ranges, extra_block_table: the same for the second source (e.g. HCA's ``[0, (t + 1) //
+            128)``).
 
     Returns:
         out ``[B, s_q, H, d_v]`` in q's dtype and lse ``[B, s_q, H]`` float32 (natural log, the sink excluded,
@@ -145,10 +205,15 @@ def sparse_mla_decode(
     whatever the cache holds; the caches may have any strides and are never copied. Queries are processed in chunks
     whose gathered rows stay under ``CHUNK_ELEMENTS``.
     """
-    if q.dim() != 4 or indices.dim() != 3 or tuple(indices.shape[:2]) != tuple(q.shape[:2]):
+    if q.dim() != 4:
+        raise ValueError(f"sparse_mla_decode: q must be [B, s_q, H, d_qk], got {tuple(q.shape)}")
+    indices = _source_slots("", q, kv_cache, indices, topk_length, ranges, block_table)
+    extra_indices = _source_slots("extra_", q, extra_kv_cache, extra_indices, extra_topk_length, extra_ranges,
+                                  extra_block_table)  # fmt: skip
+    if indices is None or indices.dim() != 3 or tuple(indices.shape[:2]) != tuple(q.shape[:2]):
         raise ValueError(
             f"sparse_mla_decode: q must be [B, s_q, H, d_qk] and indices [B, s_q, topk], got {tuple(q.shape)} and "
-            f"{tuple(indices.shape)}"
+            f"{None if indices is None else tuple(indices.shape)}"
         )
     if (extra_kv_cache is None) != (extra_indices is None):
         raise ValueError("sparse_mla_decode: extra_kv_cache and extra_indices go together")
