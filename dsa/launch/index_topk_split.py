@@ -24,7 +24,8 @@ than ``topk`` keys of the row precede ``x``, so fewer than ``topk`` keys of ``R`
 (the kernel uses the same order). So the union ``U`` of the sub-ranges' lists contains the answer, and since ``U`` is
 a subset of the row, the first ``topk`` of ``U`` are the first ``topk`` of the row. The merge kernel orders its
 columns by score, then the smaller *column* first; the columns run in increasing position (split order, sorted within
-a split; sub-ranges are disjoint and increasing), so that is the same order. Padding columns hold ``-inf``, which is
+a split; sub-ranges are disjoint and increasing), so that is the same order. The cut to ``width`` drops only padding
+(a list holds at most ``width`` valid entries, and the sort puts them first); padding columns hold ``-inf``, which is
 never selected. Scores are the kernel's own, gathered unchanged.
 """
 
@@ -37,7 +38,10 @@ from torch import Tensor
 
 from dsa.launch import topk as topk_launch
 
-__all__ = ["MIN_KEY_BLOCKS_PER_SPLIT", "WAVES", "expand", "launched_blocks", "merge", "num_splits", "split_width"]
+__all__ = [
+    "MIN_KEY_BLOCKS_PER_SPLIT", "WAVES", "expand", "launched_blocks", "merge", "num_splits", "padded_queries",
+    "split_width",
+]  # fmt: skip
 
 WAVES = 2
 """Thread blocks per streaming multiprocessor the split count aims for: a small batch spreads each query's key range
