@@ -1,10 +1,10 @@
 """``dsa.integrations.transformers.apply_dsa`` on transformers' DeepSeek-V4 (``dsa.integrations.deepseek_v4``).
 
-Every model is ``tiny_config("deepseek_v4")`` built in code (a CSA layer of rate 2 with top-4 selection, an HCA
+Every model is ``tiny_config("deepseek_v4")`` built in code (a CSA layer of rate 2 with top-16 selection, an HCA
 layer of rate 4, a sliding-only layer, window 8), with every parameter random: transformers initialises the sinks and
 position biases to zero and the pad token's embedding row to zero, which would hide a sink or bias that is dropped
-and make the pad token's indexer scores exactly tied. Sequences of 40 tokens outgrow the window and the top-k (20 CSA
-entries, 10 HCA entries), so both sources really drop keys. The reference is transformers' own eager model with the
+and make the pad token's indexer scores exactly tied. Sequences of 48 tokens outgrow the window and the top-k (24 CSA
+entries, 12 HCA entries), so both sources really drop keys. The reference is transformers' own eager model with the
 same weights (float32, the CPU reference backend of the ops).
 """
 
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 V4 = transformers.models.deepseek_v4.modeling_deepseek_v4
 FLOAT32_TOLERANCE = 1e-4
 """Logits must equal eager's within this share of the logit scale (the largest |logit|) in float32."""
-SEQ = 40
+SEQ = 48
 
 
 def _model(seed: int = 0, base: bool = False) -> torch.nn.Module:
@@ -127,14 +127,14 @@ def test_left_padded_batch_equals_eager_at_real_positions():
 
 
 def test_prefill_then_decode_in_pieces_equals_eager_step_by_step():
-    """A prefill of 13 tokens, then steps of 1, 3 and 2 tokens (partial compression windows carried in the cache
+    """A prefill of 37 tokens, then steps of 1, 3 and 2 tokens (partial compression windows carried in the cache
     across steps, CSA's overlap state included): every step's logits equal eager's on its own cache."""
-    model, ids = _model(7), _ids(8, seq=13 + 1 + 3 + 2 + 1 + 3)
+    model, ids = _model(7), _ids(8, seq=37 + 1 + 3 + 2 + 1 + 3)
     served = _served(model)
     caches = {}
     with torch.no_grad():
         start = 0
-        for length in (13, 1, 3, 2, 1, 3):
+        for length in (37, 1, 3, 2, 1, 3):
             piece = ids[:, start : start + length]
             results = {}
             for name, m in (("eager", model), ("served", served)):
@@ -170,3 +170,29 @@ def test_state_dict_is_unchanged_apply_is_idempotent_and_remove_restores():
         assert torch.equal(model(ids).logits, eager)
     with pytest.raises(ValueError, match="DeepSeek-V4"):
         hf.set_indexer_training(hf.apply_dsa(model), "dense")
+
+
+def test_bfloat16_c_target_kernels_track_eager_bfloat16(monkeypatch):
+    """A bf16 model under ``DSA_BACKEND=tilelang`` runs the C-target kernels (the fused selection, the two-source
+    sparse MLA forward) and its logits are within twice the error of transformers' own bf16 eager against its float32
+    eager (the largest and the RMS error). One new kernel compiles cold (sparse MLA, 4 heads, d_qk = d_v = 32); the
+    selection kernel is the V3.2/GLM-5 tiny indexer's. Not the real widths (d_qk = 512): those are H1's kernels."""
+    from tests.test_ops import count_launches
+
+    launches = count_launches(monkeypatch)
+    model32, ids = _model(13), _ids(14)
+    model16 = copy.deepcopy(model32).to(torch.bfloat16)
+    with torch.no_grad():
+        reference = model32(ids).logits
+        eager16 = model16(ids).logits.float()
+        monkeypatch.setenv("DSA_BACKEND", "tilelang")
+        served16 = hf.apply_dsa(model16)(ids).logits.float()
+
+    def errors(x: torch.Tensor) -> tuple[float, float]:
+        diff = x - reference
+        scale = float(reference.abs().max())
+        return float(diff.abs().max()) / scale, float(diff.pow(2).mean().sqrt() / reference.pow(2).mean().sqrt())
+
+    (eager_max, eager_rms), (served_max, served_rms) = errors(eager16), errors(served16)
+    assert served_max <= 2 * eager_max and served_rms <= 2 * eager_rms, (served_max, eager_max, served_rms, eager_rms)
+    assert launches["index_topk"] > 0 and launches["sparse_mla_fwd"] > 0, launches

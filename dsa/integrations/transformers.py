@@ -354,15 +354,16 @@ def tiny_config(family: str, **overrides: Any) -> Any:
 
 def _tiny_v4_config(context: int, **overrides: Any) -> Any:
     """``tiny_config("deepseek_v4")``: 3 layers (CSA, HCA, sliding), hidden 64, 4 heads of 32 (RoPE 8), a window of
-    8, CSA rate 2 with an indexer of 16 heads x 16 keeping the top 4 entries, HCA rate 4, 4 experts with 2 active,
-    2 hyper-connection streams, YaRN on the compressed layers' RoPE, eager attention. Sequences of a few dozen
-    tokens outgrow the window and the top-k, so both really drop keys."""
+    8, CSA rate 2 with an indexer of 16 heads x 32 keeping the top 16 entries (the V3.2/GLM-5 tiny indexer's
+    widths: one compiled selection kernel serves all three), HCA rate 4, 4 experts with 2 active, 2 hyper-connection
+    streams, YaRN on the compressed layers' RoPE, eager attention. Sequences of more than 32 tokens outgrow the
+    window and the top-k, so both really drop keys."""
     values: dict[str, Any] = dict(
         vocab_size=256, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
         head_dim=32, q_lora_rank=32, partial_rotary_factor=0.25, n_routed_experts=4, n_shared_experts=1,
         num_experts_per_tok=2, layer_types=[deepseek_v4.CSA, deepseek_v4.HCA, deepseek_v4.SLIDING],
         mlp_layer_types=["moe"] * 3, compress_rates={deepseek_v4.CSA: 2, deepseek_v4.HCA: 4}, sliding_window=8,
-        o_groups=2, o_lora_rank=16, index_n_heads=16, index_head_dim=16, index_topk=4, hc_mult=2,
+        o_groups=2, o_lora_rank=16, index_n_heads=16, index_head_dim=32, index_topk=16, hc_mult=2,
         max_position_embeddings=context, initializer_range=0.1, pad_token_id=0, bos_token_id=1, eos_token_id=2,
         rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": context // 4,
                          "beta_fast": 32.0, "beta_slow": 1.0},
