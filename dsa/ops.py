@@ -17,9 +17,9 @@ Signatures and semantics are those of ``dsa.reference`` (the contract, also summ
    with.
 
 Gradients: ``sparse_mla`` for ``q``, ``kv``, ``extra_kv``, ``attn_sink`` (through ``out`` and ``lse``);
-``index_scores`` for ``weights`` and, for floating (bfloat16/float32/float64) ``q``/``k``, for those too; FP8 ``q``/``k`` get none;
-``topk_indices`` returns integers (no gradient); ``index_topk``'s scores have ``index_scores``' gradients at the
-selected positions, its indices none.
+``index_scores`` for ``weights`` and, for floating (bfloat16/float32/float64) ``q``/``k``, for those too; FP8
+``q``/``k`` get none; ``topk_indices`` returns integers (no gradient); ``index_topk``'s scores have
+``index_scores``' gradients at the selected positions, its indices none.
 
 Validation runs once per call, here: the reference and the launchers the ops dispatch to take the inputs as
 checked (``dsa.reference.*_impl``).

@@ -12,10 +12,10 @@ Backward: for one softmax over a union, an entry's gradient depends only on its 
 sink) gives exactly that source's ``dkv`` and its share of ``dq``; ``dq`` is their sum. (``d_sink`` is
 ``dsa.library.attn_sink_grad`` on the totals, in ``dsa.autograd``.)
 
-A ranged source runs through the kernels' ranged form where the launchers have it (``plan(..., ranged=True)``, the
-ranges ``[B, S, 2]`` passed as ``indices``); otherwise its ranges become index lists one chunk of query rows at a
-time (at most :data:`RANGE_INDEX_ELEMENTS` entries per chunk, never ``S x range length`` at once), each chunk one
-launch.
+A ranged source runs through the kernels' ranged form where the launchers have it (``sparse_mla_fwd(...,
+ranged=True)``, the ranges ``[B, S, 2]`` passed as ``indices``); otherwise its ranges become index lists one chunk
+of query rows at a time (at most :data:`RANGE_INDEX_ELEMENTS` entries per chunk, never ``S x range length`` at
+once), each chunk one launch.
 """
 
 from __future__ import annotations
@@ -38,9 +38,10 @@ RANGE_INDEX_ELEMENTS = 1 << 22
 """Entries (int32) of one chunk's index list when a range is turned into one (16 MiB)."""
 
 
-def _has_ranged_form(plan: object) -> bool:
-    """Whether a launcher's ``plan`` takes ``ranged`` (the kernels' own range form)."""
-    return "ranged" in inspect.signature(plan).parameters  # type: ignore[arg-type]
+def _has_ranged_form(launch: object) -> bool:
+    """Whether a launcher function takes ``ranged`` (the kernels' own range form: ``indices`` is then ``ranges [B,
+    S, 2]``)."""
+    return "ranged" in inspect.signature(launch).parameters  # type: ignore[arg-type]
 
 
 def _range_chunks(q: Tensor, source: Source, width: int) -> Iterator[slice]:
@@ -61,9 +62,8 @@ def _source_fwd(q: Tensor, source: Source, sm_scale: float, d_v: int) -> tuple[T
     if not source.ranged:
         return fwd_launch.sparse_mla_fwd(q, kv, source.indices, sm_scale=sm_scale, d_v=d_v,
                                          topk_length=source.topk_length)  # fmt: skip
-    if _has_ranged_form(fwd_launch.plan):
-        p = fwd_launch.plan(q, seq_kv, 2, d_v=d_v, has_topk_length=False, has_sink=False, ranged=True)
-        return fwd_launch.run(p, q, kv, source.indices, sm_scale, None, None)
+    if _has_ranged_form(fwd_launch.sparse_mla_fwd):
+        return fwd_launch.sparse_mla_fwd(q, kv, source.indices, sm_scale=sm_scale, d_v=d_v, ranged=True)
     width = range_width(source.indices, seq_kv)
     batch, seq, heads, _ = q.shape
     out = torch.empty((batch, seq, heads, d_v), dtype=torch.bfloat16, device=q.device)
@@ -109,9 +109,9 @@ def _source_bwd(
     if not source.ranged:
         return bwd_launch.sparse_mla_bwd(q, kv, out, lse, d_out, source.indices, sm_scale=sm_scale, d_v=d_v,
                                          topk_length=source.topk_length, attn_sink=attn_sink, d_lse=d_lse)  # fmt: skip
-    if _has_ranged_form(bwd_launch.plan):
-        p = bwd_launch.plan(q, seq_kv, 2, d_v=d_v, has_topk_length=False, has_sink=attn_sink is not None, ranged=True)
-        return bwd_launch.run(p, q, kv, out, lse, d_out, source.indices, sm_scale, None, attn_sink, d_lse)
+    if _has_ranged_form(bwd_launch.sparse_mla_bwd):
+        return bwd_launch.sparse_mla_bwd(q, kv, out, lse, d_out, source.indices, sm_scale=sm_scale, d_v=d_v,
+                                         attn_sink=attn_sink, d_lse=d_lse, ranged=True)  # fmt: skip
     # One padded width for every chunk: the backward kernel compiles its top-k in.
     width = bwd_launch.padded_topk(range_width(source.indices, seq_kv))
     dq = torch.empty_like(q)
