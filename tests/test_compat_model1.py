@@ -91,10 +91,10 @@ def _positions(g: torch.Generator, seq_lens: torch.Tensor, s_q: int, topk: int) 
 
 
 def _model1_source(
-    g: torch.Generator, source: Source, batch: int, s_q: int, zero_lengths: bool
+    g: torch.Generator, source: Source, batch: int, s_q: int, zero_lengths: bool, byte_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """One source of a decode case: ``(k_cache [num_blocks, block_size, 1, 584] uint8 MODEL1 pages, indices
-    [b, s_q, topk] int32 slots, topk_length [b] int32 or None)``."""
+    """One source of a decode case: ``(k_cache [num_blocks, block_size, 1, 584] MODEL1 pages as byte_dtype,
+    indices [b, s_q, topk] int32 slots, topk_length [b] int32 or None)``."""
     seq_lens = (source.s_k + source.s_k / 2 * torch.randn(batch, generator=g)).round().long().clamp_min(s_q)
     if zero_lengths:
         seq_lens = seq_lens.masked_fill(torch.rand(batch, generator=g) < 0.5, 0)
@@ -116,7 +116,7 @@ def _model1_source(
     unused[slots[counted].long()] = False
     tokens[unused] = float("nan")  # never read: FlashMLA poisons every slot no counted entry names
     pages = kv_format.quantize_kv_pages_fp8(tokens.view(num_pages, source.block_size, D_QK).bfloat16(), MODEL1)
-    return kv_format.flash_mla_kv_view(pages, MODEL1, source.block_size), slots, length
+    return kv_format.flash_mla_kv_view(pages, MODEL1, source.block_size).view(byte_dtype), slots, length
 
 
 def _sink(g: torch.Generator, heads: int) -> torch.Tensor:
@@ -143,16 +143,17 @@ def _run_decode(
     *,
     sink: bool = True,
     zero_lengths: bool = False,
+    byte_dtype: torch.dtype = torch.uint8,
 ) -> None:
-    """Build one FlashMLA decode case, run ``compat.flash_mla_with_kvcache`` on it (q as a slice of a padded buffer)
-    and check it against the oracle."""
+    """Build one FlashMLA decode case, run ``compat.flash_mla_with_kvcache`` on it (q as a slice of a padded buffer,
+    the caches as ``byte_dtype``) and check it against the oracle."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, s_q, heads, D_QK, generator=g).clamp(-1, 1).bfloat16()
     attn_sink = _sink(g, heads) if sink else None
-    sources = [_model1_source(g, window, batch, s_q, zero_lengths)]
+    sources = [_model1_source(g, window, batch, s_q, zero_lengths, byte_dtype)]
     kwargs: dict[str, Any] = {"topk_length": sources[0][2], "attn_sink": attn_sink}
     if extra is not None:
-        sources.append(_model1_source(g, extra, batch, s_q, zero_lengths))
+        sources.append(_model1_source(g, extra, batch, s_q, zero_lengths, byte_dtype))
         kwargs.update(
             extra_k_cache=sources[1][0], extra_indices_in_kvcache=sources[1][1], extra_topk_length=sources[1][2]
         )
@@ -163,18 +164,18 @@ def _run_decode(
 
 # FlashMLA's "MODEL1 CONFIG1, 2 and 4" (its production decode shapes: a 128-entry window in pages of 256 plus 512 or
 # 1024 compressed entries in pages of 64 or 2, with and without the extra top-k length; its CONFIG3 is CONFIG4 with
-# 64 heads), caches cut to a few pages.
+# 64 heads), caches cut to a few pages; the cache bytes as each dtype FlashMLA takes (its own tests: float8_e4m3fn).
 PRODUCTION = {
-    "config1 h64 512": (64, Source(200, 128, 256), Source(640, 512, 64)),
-    "config2 h128 1024": (128, Source(200, 128, 256), Source(1280, 1024, 64)),
-    "config4 h128 1024 pages of 2": (128, Source(200, 128, 256), Source(1280, 1024, 2, with_length=True)),
+    "config1 h64 512": (64, Source(200, 128, 256), Source(640, 512, 64), torch.float8_e4m3fn),
+    "config2 h128 1024": (128, Source(200, 128, 256), Source(1280, 1024, 64), torch.int8),
+    "config4 h128 1024 pages of 2": (128, Source(200, 128, 256), Source(1280, 1024, 2, with_length=True), torch.uint8),
 }
 
 
 @pytest.mark.parametrize("case", list(PRODUCTION), ids=list(PRODUCTION))
 def test_flashmla_model1_production_configs(case: str) -> None:
-    heads, window, extra = PRODUCTION[case]
-    _run_decode(len(case), 2, heads, 2, window, extra)
+    heads, window, extra, byte_dtype = PRODUCTION[case]
+    _run_decode(len(case), 2, heads, 2, window, extra, byte_dtype=byte_dtype)
 
 
 # FlashMLA's corner cases (its page sizes 53/61/69/576 and top-k 64/576, three queries a sequence): every index
@@ -267,8 +268,9 @@ def test_model1_pages_decode_exactly_as_their_dequantised_rows() -> None:
     assert row_layout.bytes_per_token == 604
     bf16 = torch.randn(3, 4, D_QK, generator=g).bfloat16()
     rows604 = kv_format.quantize_kv_fp8(bf16, row_layout)
-    got = ops.sparse_mla_decode(q, rows604, window_slots.clamp_max(11), **args)
-    exact = ops.sparse_mla_decode(q, kv_format.dequantize_kv_fp8(rows604, row_layout), window_slots.clamp_max(11), **args)
+    slots = window_slots.clamp_max(11)
+    got = ops.sparse_mla_decode(q, rows604, slots, **args)
+    exact = ops.sparse_mla_decode(q, kv_format.dequantize_kv_fp8(rows604, row_layout), slots, **args)
     assert torch.equal(got[0], exact[0]) and torch.equal(got[1], exact[1])
 
 
