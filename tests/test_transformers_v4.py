@@ -23,6 +23,7 @@ import torch  # noqa: E402
 from dsa import ops  # noqa: E402
 from dsa.integrations import transformers as hf  # noqa: E402
 from dsa.testing import assert_close  # noqa: E402
+from tests.test_transformers_integration import _left_padded  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -50,14 +51,6 @@ def _served(model: torch.nn.Module) -> torch.nn.Module:
 
 def _ids(seed: int, batch: int = 2, seq: int = SEQ) -> torch.Tensor:
     return torch.randint(3, 256, (batch, seq), generator=torch.Generator().manual_seed(seed))
-
-
-def _left_padded(ids: torch.Tensor, pads: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    ids, mask = ids.clone(), torch.ones_like(ids)
-    for row, pad in enumerate(pads):
-        ids[row, :pad] = 0
-        mask[row, :pad] = 0
-    return ids, mask
 
 
 def _assert_logits_close(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:

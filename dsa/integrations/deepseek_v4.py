@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from dsa import ops
-from dsa.integrations.visibility import KeyRanges, from_dense_mask, from_padding_mask
+from dsa.integrations.visibility import from_layer_mask
 
 __all__ = ["CSA", "HCA", "SLIDING", "attend", "rope_v4", "v4_attention_forward"]
 
@@ -172,31 +172,6 @@ def attend(
     return out
 
 
-def _query_ranges(
-    attention_mask: object, cache: Any, layer_idx: int, batch: int, seq: int, offset: int, device: torch.device
-) -> KeyRanges:
-    """Each query's visible cache positions (causal, padding), from what the decoder layer passed: ``apply_dsa``'s
-    ``KeyRanges``, a dense mask over the window rows (shifted by ``offset``, the first row's cache position), or None
-    (causal behind the cache)."""
-    if isinstance(attention_mask, KeyRanges):
-        if tuple(attention_mask.shape) != (batch, seq):
-            raise ValueError(
-                f"v4_attention_forward: attention_mask ranges are {tuple(attention_mask.shape)}, expected "
-                f"[B={batch}, S={seq}]"
-            )
-        return attention_mask
-    if isinstance(attention_mask, torch.Tensor):
-        ranges = from_dense_mask(attention_mask)
-        return KeyRanges(starts=ranges.starts + offset, ends=ranges.ends + offset)
-    if attention_mask is None:
-        past = int(cache.get_seq_length(layer_idx)) - seq if cache is not None else 0
-        return from_padding_mask(None, batch=batch, seq=seq, past=past, device=device)
-    raise TypeError(
-        "v4_attention_forward: attention_mask must be the KeyRanges apply_dsa's model wrapper passes, a dense "
-        f"[B, 1, S, L] mask or None, got {type(attention_mask).__name__}"
-    )
-
-
 def v4_attention_forward(
     module: nn.Module,
     hidden_states: torch.Tensor,
@@ -237,8 +212,10 @@ def v4_attention_forward(
         window = cache.update(kv.unsqueeze(1), kv.unsqueeze(1), module.layer_idx)[0][:, 0]
     # The window rows' first cache position: the cache returns its last W - 1 rows before this forward's.
     offset = (int(cache.get_seq_length(module.layer_idx)) if cache is not None else seq) - window.shape[1]
-    ranges = _query_ranges(attention_mask, cache, module.layer_idx, batch, seq, offset, hidden_states.device)
-    query_positions = torch.arange(seq, device=q.device, dtype=torch.int32) + (offset + window.shape[1] - seq)
+    total = offset + window.shape[1]
+    ranges = from_layer_mask(attention_mask, batch=batch, seq=seq, past=total - seq, offset=offset,
+                             device=hidden_states.device, op="v4_attention_forward")  # fmt: skip
+    query_positions = torch.arange(seq, device=q.device, dtype=torch.int32) + (total - seq)
     window_starts = torch.maximum(ranges.starts, query_positions - window_size + 1) - offset
     window_ends = ranges.ends - offset
 

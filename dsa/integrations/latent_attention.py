@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from dsa import ops, training
-from dsa.integrations.visibility import KeyRanges, from_dense_mask, from_padding_mask
+from dsa.integrations.visibility import KeyRanges, from_layer_mask
 
 __all__ = [
     "DECODE_MAX_QUERIES",
@@ -107,29 +107,6 @@ def rope_half_split(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Where the absorption products run: float32 for the 16-bit dtypes, the model's dtype otherwise."""
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
-
-
-def _key_ranges(
-    attention_mask: object, cache: Any, layer_idx: int, batch: int, seq: int, device: torch.device
-) -> KeyRanges:
-    """The layer's visibility from what the decoder layer passed: the model wrapper's ``KeyRanges`` (the usual case),
-    a dense mask someone built (read once), or None (causal behind the cache)."""
-    if isinstance(attention_mask, KeyRanges):
-        if tuple(attention_mask.shape) != (batch, seq):
-            raise ValueError(
-                f"latent_attention_forward: attention_mask ranges are {tuple(attention_mask.shape)}, expected "
-                f"[B={batch}, S={seq}]"
-            )
-        return attention_mask
-    if isinstance(attention_mask, torch.Tensor):
-        return from_dense_mask(attention_mask)
-    if attention_mask is None:
-        past = int(cache.get_seq_length(layer_idx)) if cache is not None else 0
-        return from_padding_mask(None, batch=batch, seq=seq, past=past, device=device)
-    raise TypeError(
-        "latent_attention_forward: attention_mask must be the KeyRanges apply_dsa's model wrapper passes, a dense "
-        f"[B, 1, S, T] mask or None, got {type(attention_mask).__name__}"
-    )
 
 
 def _index_inputs(
@@ -216,7 +193,9 @@ def latent_attention_forward(
     heads, nope, rope = module.num_heads, module.qk_nope_head_dim, module.qk_rope_head_dim
     rank, d_v = module.kv_lora_rank, module.v_head_dim
     cos, sin = position_embeddings
-    ranges = _key_ranges(attention_mask, cache, module.layer_idx, batch, seq, hidden_states.device)
+    past = int(cache.get_seq_length(module.layer_idx)) if cache is not None else 0
+    ranges = from_layer_mask(attention_mask, batch=batch, seq=seq, past=past, offset=0, device=hidden_states.device,
+                             op="latent_attention_forward")  # fmt: skip
 
     q_resid = module.q_a_layernorm(module.q_a_proj(hidden_states))
     q = module.q_b_proj(q_resid).view(batch, seq, heads, nope + rope)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["KeyRanges", "from_dense_mask", "from_packed_positions", "from_padding_mask"]
+__all__ = ["KeyRanges", "from_dense_mask", "from_layer_mask", "from_packed_positions", "from_padding_mask"]
 
 
 @dataclass(frozen=True)
@@ -160,3 +160,43 @@ def from_dense_mask(mask: torch.Tensor) -> KeyRanges:
     starts = torch.where(any_visible, as_int.argmax(dim=-1), 0)
     ends = torch.where(any_visible, length - as_int.flip(-1).argmax(dim=-1), 0)
     return _ranges_without_holes(visible.sum(dim=-1), starts, ends, "from_dense_mask")
+
+
+def from_layer_mask(
+    attention_mask: object, *, batch: int, seq: int, past: int, offset: int, device: torch.device, op: str
+) -> KeyRanges:
+    """A layer's visibility from what its decoder layer passed: ``apply_dsa``'s model wrapper's ``KeyRanges`` (the
+    usual case), a dense mask someone built (read once), or None (causal behind the cache).
+
+    Args:
+        attention_mask (object): ``KeyRanges`` ``[B, S]``, a dense ``[B, 1, S, L]`` mask whose column ``j`` is cache
+            position ``offset + j``, or None.
+        batch (int): ``B``.
+        seq (int): ``S``, the queries of this forward.
+        past (int): tokens in the cache before this forward (used when the mask is None).
+        offset (int): the dense mask's first column's cache position (0 when its columns are the whole cache).
+        device (torch.device): where the ranges live.
+        op (str): the layer forward's name, for messages.
+
+    Returns:
+        KeyRanges ``[B, S]`` in cache positions.
+
+    Raises:
+        ValueError: ranges of another shape, or a dense mask with a hole.
+        TypeError: anything else.
+    """
+    if isinstance(attention_mask, KeyRanges):
+        if tuple(attention_mask.shape) != (batch, seq):
+            raise ValueError(
+                f"{op}: attention_mask ranges are {tuple(attention_mask.shape)}, expected [B={batch}, S={seq}]"
+            )
+        return attention_mask
+    if isinstance(attention_mask, torch.Tensor):
+        ranges = from_dense_mask(attention_mask)
+        return ranges if offset == 0 else KeyRanges(starts=ranges.starts + offset, ends=ranges.ends + offset)
+    if attention_mask is None:
+        return from_padding_mask(None, batch=batch, seq=seq, past=past, device=device)
+    raise TypeError(
+        f"{op}: attention_mask must be the KeyRanges apply_dsa's model wrapper passes, a dense [B, 1, S, T] mask or "
+        f"None, got {type(attention_mask).__name__}"
+    )
