@@ -585,14 +585,9 @@ COMPRESS_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 @names_op("compress_kv")
 def check_compress_kv(
-    kv: torch.Tensor,
-    gate: torch.Tensor,
-    position_bias: torch.Tensor,
-    rate: object,
-    overlap: object,
-    prev_kv: torch.Tensor | None,
-    prev_gate: torch.Tensor | None,
-) -> None:
+    kv: Tensor, gate: Tensor, position_bias: Tensor, rate: object, overlap: object, prev_kv: OptTensor,
+    prev_gate: OptTensor,
+) -> None:  # fmt: skip
     """Validate the inputs of ``compress_kv`` (see ``dsa.reference.compress_kv``)."""
     layout = "[B, n * rate, W]"
     require_tensor("kv", kv)

@@ -131,16 +131,10 @@ def _select(
 
 
 def attend(
-    q: torch.Tensor,
-    window: torch.Tensor,
-    window_starts: torch.Tensor,
-    window_ends: torch.Tensor,
-    entries: torch.Tensor | None,
-    selected: torch.Tensor | None,
-    entry_ends: torch.Tensor | None,
-    sinks: torch.Tensor,
+    q: torch.Tensor, window: torch.Tensor, window_starts: torch.Tensor, window_ends: torch.Tensor,
+    entries: torch.Tensor | None, selected: torch.Tensor | None, entry_ends: torch.Tensor | None, sinks: torch.Tensor,
     sm_scale: float,
-) -> torch.Tensor:
+) -> torch.Tensor:  # fmt: skip
     """V4's attention: the window rows and the compressed entries in one softmax with the sink, K = V, through
     ``dsa.ops.sparse_mla``'s two sources: the window as one row range per query, the entries as CSA's selection
     (an index list) or HCA's range ``[0, entry_ends)``, so nothing of size ``S x W`` or ``S x N`` is built.
