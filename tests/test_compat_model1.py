@@ -432,6 +432,34 @@ def test_range_slots_clip_to_the_table() -> None:
     assert range_slots_of(window, table, kv_cache)[0, 1].tolist() == [1, 2, 3, -1]  # positions 5..7; 8 is page -1
 
 
+@strategies.examples(0.2)
+@given(seed=strategies.SEEDS, **strategies.sizes(batch=3, s_q=3, page_size=5, pages=4))
+def test_range_form_equals_the_listed_positions(seed: int, batch: int, s_q: int, page_size: int, pages: int) -> None:
+    """Random ranges (empty, reversed, negative, past the table) through block tables with unallocated (-1) pages:
+    the same result as the slot list written out position by position with a loop (float32, a sink)."""
+    g = torch.Generator().manual_seed(seed)
+    num_pages = batch * pages + 1
+    kv = torch.randn(num_pages, page_size, 16, generator=g)
+    table = torch.randperm(num_pages, generator=g)[: batch * pages].view(batch, pages).int()
+    table[torch.rand(batch, pages, generator=g) < 0.2] = -1
+    capacity = pages * page_size
+    ranges = torch.randint(-4, capacity + 5, (batch, s_q, 2), generator=g, dtype=torch.int32)
+    listed = torch.full((batch, s_q, max(1, capacity + 9)), -1, dtype=torch.int32)
+    for b in range(batch):
+        for t in range(s_q):
+            j = 0
+            for p in range(int(ranges[b, t, 0]), int(ranges[b, t, 1])):
+                page = int(table[b, p // page_size]) if 0 <= p < capacity else -1
+                listed[b, t, j] = page * page_size + p % page_size if page >= 0 else -1
+                j += 1
+    q = torch.randn(batch, s_q, 2, 16, generator=g)
+    args = {"sm_scale": 0.3, "d_v": 8, "attn_sink": torch.randn(2, generator=g)}
+    got = ops.sparse_mla_decode(q, kv, ranges=ranges, block_table=table, **args)
+    want = ops.sparse_mla_decode(q, kv, listed, **args)
+    assert_close(got[0], want[0], atol=1e-6, rtol=1e-6, name="out")
+    assert_close(got[1], want[1], atol=1e-6, rtol=1e-6, name="lse")
+
+
 def _bad_ranged() -> list[tuple[str, dict[str, Any], str]]:
     table = torch.zeros(1, 2, dtype=torch.int32)
     ranges = torch.zeros(1, 1, 2, dtype=torch.int32)
