@@ -172,7 +172,7 @@ def _run_split(args: dict[str, Any], splits: int | None, topk: int = CPU_TOPK) -
 
 
 @pytest.mark.cpu_kernel
-@strategies.examples(0.3)
+@strategies.examples(0.5)
 @given(**_paged_draws(0), pattern=st.sampled_from(PATTERNS), splits=st.integers(1, 7))
 @example(fmt="fp8", batch=2, s_q=2, length=299, ranges="decode", unallocated=True, seed=1, pattern="tied", splits=7)
 @example(fmt="bf16", batch=1, s_q=4, length=300, ranges="decode", unallocated=False, seed=2, pattern="ordered",
@@ -191,7 +191,7 @@ def test_cpu_split_selection_matches_reference(
 
 
 @pytest.mark.cpu_kernel
-@strategies.examples(0.1)
+@strategies.examples(0.2)
 @given(fmt=st.sampled_from(FORMATS), splits=st.integers(2, 7), **strategies.sizes(batch=2, s_q=4),
        length=st.integers(1, 300), seed=strategies.SEEDS, data=st.data())  # fmt: skip
 def test_cpu_split_selection_with_non_finite_keys_matches_reference(
