@@ -82,7 +82,7 @@ def _source_rows(
 
     Args:
         kv_cache (Tensor): ``[num_pages, page_size, row]`` (any strides: rows are read by page and offset, the cache
-            is never flattened or copied).
+            is never flattened or copied; only MODEL1 pages whose rows do not lie back to back are, the named ones).
         layout (FP8Layout | None): the FP8 layout (row per token, or MODEL1's split pages), None for a plain cache.
         slots (Tensor): ``[n, topk]`` integer slots; valid iff ``0 <= slot < num_pages * page_size`` and (with
             ``topk_length [n]``) the entry's position in its row is ``< topk_length``.
@@ -202,7 +202,8 @@ def sparse_mla_decode(
         ``-inf`` and ``out = 0`` for a query with nothing valid): :func:`sparse_mla` over the gathered rows.
 
     Cost: only the rows the valid entries name are read (and dequantised), so a call costs O(B * s_q * topk) rows
-    whatever the cache holds; the caches may have any strides and are never copied. Queries are processed in chunks
+    whatever the cache holds; the caches may have any strides and are never copied (except the named pages of a
+    MODEL1 cache whose page rows do not lie back to back, as FlashMLA's never do). Queries are processed in chunks
     whose gathered rows stay under ``CHUNK_ELEMENTS``.
     """
     if q.dim() != 4:
