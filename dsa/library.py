@@ -40,7 +40,6 @@ from torch import Tensor
 from dsa import env, reference, selection, validation
 from dsa.hardware import TILELANG
 from dsa.reference import compute_dtype
-from dsa.reference import mla as reference_mla
 from dsa.reference.sources import Source, unflat_sources
 
 _LAUNCH_INDEXER = "dsa.launch.indexer"
@@ -359,7 +358,7 @@ def sparse_mla_sources_impl(
     if backend == TILELANG:
         return launcher(_LAUNCH_TWO_SOURCE).sparse_mla_sources_fwd(q, sources, sm_scale, d_v, attn_sink)
     with torch.no_grad():
-        return reference_mla.sparse_mla_sources_impl(q, sources, sm_scale, d_v, attn_sink)
+        return reference.sparse_mla_sources_impl(q, sources, sm_scale, d_v, attn_sink)
 
 
 def sparse_mla_sources_bwd_impl(
@@ -377,7 +376,7 @@ def sparse_mla_sources_bwd_impl(
             q, sources, sm_scale, d_v, attn_sink, out, lse, d_out, d_lse
         )
     else:
-        dq, dkvs, _ = reference_mla.sparse_mla_sources_backward(
+        dq, dkvs, _ = reference.sparse_mla_sources_backward(
             q, sources, sm_scale, d_v, attn_sink, out, lse, d_out, d_lse
         )
     return dq, dkvs[0], dkvs[1] if len(dkvs) > 1 else q.new_empty((0,))
