@@ -203,8 +203,8 @@ def sparse_mla_decode(
 
     Cost: only the rows the valid entries name are read (and dequantised), so a call costs O(B * s_q * topk) rows
     whatever the cache holds; the caches may have any strides and are never copied (except the named pages of a
-    MODEL1 cache whose page rows do not lie back to back, as FlashMLA's never do). Queries are processed in chunks
-    whose gathered rows stay under ``CHUNK_ELEMENTS``.
+    MODEL1 cache whose page rows do not lie back to back; FlashMLA's layout keeps them so). Queries are processed in
+    chunks whose gathered rows stay under ``CHUNK_ELEMENTS``.
     """
     if q.dim() != 4:
         raise ValueError(f"sparse_mla_decode: q must be [B, s_q, H, d_qk], got {tuple(q.shape)}")
