@@ -146,7 +146,7 @@ def dsa_decode_schedule(config: decode_kernels.Config | None = None, kv_format_n
     """Our decode kernel in ``config`` (default: the default config) at V3.2 widths: its blocks per SM from the
     registers and shared memory the build tier measured (``tl_kernels.sparse_mla_decode.resources``); a lone split
     writes the output itself (no partials)."""
-    config = config or decode_kernels.Config()
+    config = config or decode_kernels.default_config({"kv_format": kv_format_name})
     registers, smem = decode_kernels.resources(kv_format_name, config)
     per_sm = sku.blocks_per_sm(registers=registers, threads=config.threads, smem_bytes=smem)
     return DecodeSchedule(block_h=config.block_h, block_k=config.block_k, heads_per_dequant=config.block_h,
@@ -270,7 +270,7 @@ def case_estimate(case: case_data.Case, sku_id: str = DEFAULT_SKU, *, provider: 
     if case.kernel == case_data.SPARSE_MLA_DECODE:
         fp8 = static["kv_format"] == "fp8"
         layout = kv_format.FP8Layout.for_width(static["d_qk"], static["d_rope"]) if fp8 else None
-        config = decode_kernels.Config()
+        config = decode_kernels.default_config({"kv_format": static["kv_format"]})
         if provider == "flashmla":
             schedule, splits = flashmla_decode_schedule(), 1
         else:

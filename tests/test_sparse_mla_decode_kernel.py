@@ -9,7 +9,8 @@ NaN/±inf in every cache row that no valid entry selects (an unwritten slot may 
 
 Tiers:
 - ``cpu_kernel``: the C-target builds over random problems and split counts 1-4 (the combine merges them), s_q 1-4,
-  and the V3.2 FP8 row (656 bytes: 512 e4m3 values, 4 scales, 64 bf16 RoPE values).
+  and the V3.2 FP8 row (656 bytes: 512 e4m3 values, 4 scales, 64 bf16 RoPE values); one split writing the output
+  itself and the FP8 prefetch, each bit for bit against the path it replaces.
 - ``build``: the sm_90a builds at V3.2 widths (128 heads, 576/512) for both cache formats (split and direct) and the
   combine: wgmma, no spills, shared memory within the estimate and equal to the launcher's table, a cp.async gather
   for bf16 rows, int64 slot addressing.
@@ -440,6 +441,20 @@ def test_cpu_one_split_writes_the_output_itself_as_the_combine_would(fmt: str, c
 
 
 @pytest.mark.cpu_kernel
+@pytest.mark.parametrize("splits", [1, 3])
+def test_cpu_fp8_prefetch_matches_the_plain_gather(splits: int) -> None:
+    """The FP8 prefetch (step i+1's bytes loaded before step i's GEMMs, two row buffers) gives the plain gather's
+    output bit for bit, and the reference's: 1 split (direct output) and 3 (partials), s_q 4, per-query lengths
+    that end rows mid-step, duplicates and invalid slots (poisoned bytes never read), a sink."""
+    args = make_problem(seed=13, fmt="fp8", batch=2, s_q=4, context=200, topk=150, kind="duplicates",
+                        length_kind="per_query", sink="random")  # fmt: skip
+    out, lse = run(args, splits=splits, config=kernels.Config(prefetch=True))
+    plain_out, plain_lse = run(args, splits=splits, config=kernels.Config(prefetch=False))
+    assert torch.equal(out, plain_out) and torch.equal(lse, plain_lse)
+    check(args, out, lse, OUT_TOL, LSE_TOL)
+
+
+@pytest.mark.cpu_kernel
 def test_cpu_splits_change_nothing_but_rounding() -> None:
     """1, 2, 3 and 7 splits of 200-entry rows give the same output (float32 partials: only the combine's sums move)."""
     args = make_problem(seed=7, fmt="fp8", batch=2, s_q=3, context=250, topk=200, length_kind="per_query", sink="random")
@@ -479,14 +494,17 @@ def test_cpu_op_dispatches_to_the_kernels(monkeypatch: pytest.MonkeyPatch) -> No
 
 # ------------------------------------------------------------------------------------------------------- build tier
 
+_V32_BF16 = launch.static_params(heads=128, d_qk=576, d_v=512, fp8_layout=None)
+_V32_FP8 = launch.static_params(heads=128, d_qk=576, d_v=512, fp8_layout=cache.V32_FP8_LAYOUT)
 V32_BUILDS: tuple[tuple[Any, dict[str, Any]], ...] = (
-    (kernels.build, launch.static_params(heads=128, d_qk=576, d_v=512, fp8_layout=None)),
-    (kernels.build, launch.static_params(heads=128, d_qk=576, d_v=512, fp8_layout=cache.V32_FP8_LAYOUT)),
+    (kernels.build, _V32_BF16),
+    (kernels.build, _V32_FP8),
     (kernels.build_combine, {"heads": 128, "d_v": 512, "has_sink": True}),
     # One source in one split: the attention kernel writes out and lse itself.
-    (kernels.build, {**launch.static_params(heads=128, d_qk=576, d_v=512, fp8_layout=None), "direct": True}),
-    (kernels.build, {**launch.static_params(heads=128, d_qk=576, d_v=512, fp8_layout=cache.V32_FP8_LAYOUT),
-                     "direct": True}),  # fmt: skip
+    (kernels.build, {**_V32_BF16, "direct": True}),
+    # The FP8 default on sm_90a: the next step's bytes prefetched into registers (split and direct).
+    (kernels.build, {**_V32_FP8, "prefetch": True}),
+    (kernels.build, {**_V32_FP8, "prefetch": True, "direct": True}),
 )
 
 
@@ -498,7 +516,9 @@ hopper_prebuilt = support.prebuilt_fixture(
 
 @pytest.mark.build
 @pytest.mark.usefixtures("hopper_prebuilt")
-@pytest.mark.parametrize("case", range(len(V32_BUILDS)), ids=["bf16", "fp8", "combine", "bf16-direct", "fp8-direct"])
+@pytest.mark.parametrize(
+    "case", range(len(V32_BUILDS)), ids=["bf16", "fp8", "combine", "bf16-direct", "fp8-prefetch", "fp8-prefetch-direct"]
+)
 def test_hopper_build_is_clean(case: int) -> None:
     """At V3.2 widths: wgmma for both GEMMs, no spills, shared memory within the estimate; the bf16 gather is a
     predicated cp.async; slot addresses are int64."""
@@ -510,14 +530,17 @@ def test_hopper_build_is_clean(case: int) -> None:
         assert report.spill_bytes == 0, report.ptxas_log
         return
     assert not report.problems(mma=tl_build.MMA_WGMMA), report.problems(mma=tl_build.MMA_WGMMA)
-    assert report.smem_bytes <= kernels.smem_bytes({**params, "target": dsl.HOPPER_TARGET}, kernels.Config())
+    config = kernels.Config(prefetch=params.get("prefetch", False))
+    assert report.smem_bytes <= kernels.smem_bytes({**params, "target": dsl.HOPPER_TARGET}, config)
     # The launcher's split rule and the cost model read the split kernels' figures instead of compiling.
     if not params.get("direct"):
-        assert kernels.resources(params["kv_format"], kernels.Config()) == (report.registers, report.smem_bytes)
+        assert kernels.resources(params["kv_format"], config) == (report.registers, report.smem_bytes)
     if params["kv_format"] == kernels.KV_FORMAT_BF16:
         assert "cp_async" in source, "the bf16 gather is not asynchronous"
     else:
         assert "__tl_cvt_fp8x2_to_float2" in source, "the FP8 gather does not convert pairs"
+    if params.get("prefetch"):
+        assert "fp8_e4_16_t" in source, "the prefetched FP8 values are not loaded 16 bytes at a time"
 
 
 # ------------------------------------------------------------------------------------------------------- GPU tier
@@ -552,4 +575,18 @@ def test_gpu_one_split_writes_the_output_itself(cuda_device: torch.device, fmt: 
         device=cuda_device,
     )  # fmt: skip
     out, lse = run(args, splits=1, direct=True)
+    check(args, out, lse, GPU_OUT_TOL, GPU_LSE_TOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.decode
+@pytest.mark.usefixtures("hopper_prebuilt")
+def test_gpu_fp8_plain_gather_matches_reference(cuda_device: torch.device) -> None:
+    """The FP8 gather without the prefetch (the sm_90a default prefetches), split, against the reference."""
+    args = make_problem(
+        seed=23, fmt="fp8", heads=V32["heads"], d_qk=V32["d_qk"], d_v=V32["d_v"], d_rope=V32["d_rope"], batch=1,
+        s_q=2, context=4096, topk=V32_TOPK, page_size=64, kind="irregular", length_kind="per_query", sink="random",
+        device=cuda_device,
+    )  # fmt: skip
+    out, lse = run(args, config=kernels.Config(prefetch=False))
     check(args, out, lse, GPU_OUT_TOL, GPU_LSE_TOL)

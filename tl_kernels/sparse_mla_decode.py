@@ -92,14 +92,21 @@ class Config:
         block_h: query heads per thread block (the M of both GEMMs); 64 on sm_90a.
         block_k: cache rows gathered per step.
         threads: threads per block on CUDA (ignored by the C target).
+        prefetch: FP8 caches only (a bf16 cache's gather is a cp.async either way): load step i+1's e4m3 and RoPE
+            bytes into registers before step i's GEMMs, and dequantise them into the tile at the start of step i+1,
+            so the global loads are in flight while the tensor cores work (``False``: load, convert and store in one
+            go at the start of each step, the loads exposed).
     """
 
     block_h: int = forward.Config.block_h
     block_k: int = forward.Config.block_k
     threads: int = forward.Config.threads
+    prefetch: bool = False
 
 
-TUNING_SPACE: dict[str, tuple[Any, ...]] = {"block_h": (forward.WGMMA_M,), "block_k": (16, 32), "threads": (256,)}
+TUNING_SPACE: dict[str, tuple[Any, ...]] = {
+    "block_h": (forward.WGMMA_M,), "block_k": (16, 32), "threads": (256,), "prefetch": (False, True)
+}  # fmt: skip
 """Candidate values per :class:`Config` field on sm_90a (the forward's default schedule's)."""
 PORTABLE_TUNING_SPACE: dict[str, tuple[Any, ...]] = {
     "block_h": (32, forward.WGMMA_M),
@@ -109,14 +116,15 @@ PORTABLE_TUNING_SPACE: dict[str, tuple[Any, ...]] = {
 """The candidates on the portable schedule (every CUDA architecture but sm_90a)."""
 
 
-V32_RESOURCES: dict[tuple[str, int, int, int], tuple[int, int]] = {
-    (KV_FORMAT_FP8, 64, 32, 256): (184, 116992),
-    (KV_FORMAT_BF16, 64, 32, 256): (218, 116736),
+V32_RESOURCES: dict[tuple[str, int, int, int, bool], tuple[int, int]] = {
+    (KV_FORMAT_FP8, 64, 32, 256, False): (184, 116992),
+    (KV_FORMAT_FP8, 64, 32, 256, True): (198, 117760),
+    (KV_FORMAT_BF16, 64, 32, 256, False): (218, 116736),
 }
-"""``(kv_format, block_h, block_k, threads) -> (registers per thread, shared memory bytes)`` of the sm_90a attention
-kernel at V3.2 widths (128 heads, 576/512, the V3.2 FP8 row), as ``ptxas -v`` reports them (the build tier checks
-every entry against its build), so that the launcher's split rule and the cost model know the blocks per SM without
-compiling."""
+"""``(kv_format, block_h, block_k, threads, prefetch) -> (registers per thread, shared memory bytes)`` of the sm_90a
+attention kernel at V3.2 widths (128 heads, 576/512, the V3.2 FP8 row), as ``ptxas -v`` reports them (the build tier
+checks every entry against its build), so that the launcher's split rule and the cost model know the blocks per SM
+without compiling."""
 MAX_REGISTERS = 255
 
 
@@ -124,7 +132,7 @@ def resources(kv_format: str, config: Config) -> tuple[int, int]:
     """``(registers per thread, shared memory bytes)`` of the sm_90a attention kernel in ``config``: the build tier's
     figures at V3.2 widths (:data:`V32_RESOURCES`), else an upper bound (255 registers, :func:`smem_bytes`'s tiles at
     V3.2 widths), which never overstates how many blocks an SM holds."""
-    key = (kv_format, config.block_h, config.block_k, config.threads)
+    key = (kv_format, config.block_h, config.block_k, config.threads, config.prefetch and kv_format == KV_FORMAT_FP8)
     if key in V32_RESOURCES:
         return V32_RESOURCES[key]
     static = {"heads": 128, "d_qk": 576, "d_v": 512, "kv_format": kv_format, "d_rope": 64, "tile": 128}
@@ -150,14 +158,22 @@ def check_config(static: dict[str, Any], config: Config) -> None:
 
 
 def default_config(static: dict[str, Any]) -> Config:
-    """The forward's default config for the same target and widths (see ``tl_kernels.sparse_mla_fwd``)."""
+    """The forward's default config for the same target and widths (see ``tl_kernels.sparse_mla_fwd``), with the
+    FP8 prefetch on sm_90a (until a GPU record decides, the rule is the generated code's: it issues step i+1's
+    16-byte loads before step i's GEMMs, with one barrier fewer per step, no spills and the same blocks per SM;
+    :data:`V32_RESOURCES`). The portable schedule keeps the plain gather (its builds are not checked for it)."""
     chosen = forward.default_config(static)
-    return Config(block_h=chosen.block_h, block_k=chosen.block_k, threads=chosen.threads)
+    prefetch = static.get("kv_format") == KV_FORMAT_FP8 and dsl.is_hopper(static.get("target", dsl.HOPPER_TARGET))
+    return Config(block_h=chosen.block_h, block_k=chosen.block_k, threads=chosen.threads, prefetch=prefetch)
 
 
 def smem_bytes(static: dict[str, Any], config: Config) -> int:
-    """Shared memory of the CUDA kernel: the forward's default schedule's tiles (an upper estimate)."""
-    return forward.smem_bytes(static, _as_forward(config))
+    """Shared memory of the CUDA kernel: the forward's default schedule's tiles (an upper estimate), plus the FP8
+    gather's int64 row numbers (two steps' with ``prefetch``)."""
+    rows = 0
+    if static.get("kv_format") == KV_FORMAT_FP8:
+        rows = config.block_k * 8 * (2 if config.prefetch else 1)
+    return forward.smem_bytes(static, _as_forward(config)) + rows
 
 
 def fp8_views(d_qk: int, d_rope: int, tile: int) -> tuple[int, int, int]:
@@ -180,6 +196,7 @@ def build(
     block_h: int = Config.block_h,
     block_k: int = Config.block_k,
     threads: int = Config.threads,
+    prefetch: bool = Config.prefetch,
     direct: bool = False,
     target: dsl.Target = dsl.HOPPER_TARGET,
 ) -> Any:
@@ -205,7 +222,7 @@ def build(
         "heads": heads, "d_qk": d_qk, "d_v": d_v, "kv_format": kv_format, "d_rope": d_rope, "tile": tile,
         "target": target,
     }  # fmt: skip
-    check_config(static, Config(block_h=block_h, block_k=block_k, threads=threads))
+    check_config(static, Config(block_h=block_h, block_k=block_k, threads=threads, prefetch=prefetch))
     cpu = dsl.is_cpu(target)
     alloc = dsl.allocators(target)
     data_storage = dsl.storage_dtype(DATA_DTYPE, target)
@@ -235,6 +252,7 @@ def build(
     )  # fmt: skip
 
     fp8 = kv_format == KV_FORMAT_FP8
+    prefetched = fp8 and prefetch
 
     @T.macro
     def gather(KVA, KVB, KVC, Indices, kv_s, rows_s, b, s, step, limit):  # noqa: ANN001, ANN202
@@ -256,6 +274,33 @@ def build(
                 kv_s[j, d] = load(KVA[gather_row(Indices, b, s, step * block_k + j, width, limit, num_slots), d])
 
     @T.macro
+    def fetch(KVA, KVC, Indices, raw_f, rope_f, rows_s, b, s, step, limit, slot):  # noqa: ANN001, ANN202
+        # Prefetch (FP8): the step's cache rows into row buffer `slot`, then its e4m3 and RoPE bytes into registers
+        # (zeros for an invalid entry, whose row is never read). Nothing reads the registers until the next unpack,
+        # so the loads stay in flight through the GEMMs issued after this.
+        for j in alloc.parallel(block_k):
+            rows_s[slot, j] = gather_row(Indices, b, s, step * block_k + j, width, limit, num_slots)
+        for j, d in alloc.parallel(block_k, d_nope):
+            raw_f[j, d] = T.if_then_else(
+                rows_s[slot, j] >= 0, KVA[T.max(rows_s[slot, j], 0), d], T.Cast(fp8_storage, 0)
+            )
+        for j, d in alloc.parallel(block_k, d_rope):
+            rope_f[j, d] = T.if_then_else(
+                rows_s[slot, j] >= 0, KVC[T.max(rows_s[slot, j], 0), rope_col + d], T.Cast(data_storage, 0)
+            )
+
+    @T.macro
+    def unpack(KVB, raw_f, rope_f, kv_s, rows_s, slot):  # noqa: ANN001, ANN202
+        # The prefetched bytes into the bf16 tile: values times their tile's scale (one 4-byte load from the row's
+        # own cache line), RoPE values as they are.
+        for j, d in alloc.parallel(block_k, d_nope):
+            kv_s[j, d] = T.if_then_else(
+                rows_s[slot, j] >= 0, dequant(raw_f[j, d], KVB[T.max(rows_s[slot, j], 0), scale_col + d // tile]), 0
+            )
+        for j, d in alloc.parallel(block_k, d_rope):
+            kv_s[j, d_nope + d] = load(rope_f[j, d])
+
+    @T.macro
     def attend(Q, KVA, KVB, KVC, Indices, TopkLength, sm_scale, AttnSink, Out, Lse, bx, b, z):  # noqa: ANN001, ANN202
         s = bx // head_blocks
         h0 = (bx % head_blocks) * block_h
@@ -269,12 +314,29 @@ def build(
         per_split = T.ceildiv(T.ceildiv(width, block_k), splits)
         first = z * per_split
         last = T.min(first + per_split, T.ceildiv(limit, block_k))
-        for i in T.Pipelined(T.max(last - first, 0), num_stages=1):
-            gather(KVA, KVB, KVC, Indices, kv_s, rows_s, b, s, first + i, limit)
-            attend_step(
-                q_s, kv_s, p_s, acc_s, acc_o, m_i, m_prev, m_safe, alpha, l_i, row_sum, Indices, b, s, first + i, width,
-                limit, num_slots, scale_log2,
-            )  # fmt: skip
+        steps = T.max(last - first, 0)
+        if prefetched:
+            # Two row buffers: step i's rows stay readable (its scales) while step i+1's are looked up.
+            rows2_s = alloc.shared([2, block_k], ROW_DTYPE)
+            raw_f = alloc.fragment([block_k, d_nope], fp8_storage)
+            rope_f = alloc.fragment([block_k, d_rope], data_storage)
+            if steps > 0:
+                fetch(KVA, KVC, Indices, raw_f, rope_f, rows2_s, b, s, first, limit, 0)
+            for i in T.serial(steps):
+                unpack(KVB, raw_f, rope_f, kv_s, rows2_s, i % 2)
+                if i + 1 < steps:
+                    fetch(KVA, KVC, Indices, raw_f, rope_f, rows2_s, b, s, first + i + 1, limit, (i + 1) % 2)
+                attend_step(
+                    q_s, kv_s, p_s, acc_s, acc_o, m_i, m_prev, m_safe, alpha, l_i, row_sum, Indices, b, s, first + i,
+                    width, limit, num_slots, scale_log2,
+                )  # fmt: skip
+        else:
+            for i in T.Pipelined(steps, num_stages=1):
+                gather(KVA, KVB, KVC, Indices, kv_s, rows_s, b, s, first + i, limit)
+                attend_step(
+                    q_s, kv_s, p_s, acc_s, acc_o, m_i, m_prev, m_safe, alpha, l_i, row_sum, Indices, b, s, first + i,
+                    width, limit, num_slots, scale_log2,
+                )  # fmt: skip
 
         # alpha: 1 / l (0 for an empty split, whose output is then 0); row_sum: the split's lse (-inf when empty).
         # Split kernels leave the sink to the combine (finalize's sink argument is never read); the direct kernel

@@ -6,7 +6,8 @@ attention kernel writes the bf16 output and ``lse`` directly, sink included.
 Inputs are assumed validated (``dsa.validation.check_sparse_mla_decode(..., kernel=True)``): bfloat16 ``q``, a
 bfloat16 cache or FP8 bytes in ``dsa.kv_format.FP8Layout.for_width(d_qk, d_rope)``, int32 indices/lengths, contiguous,
 on one CPU or CUDA device. On CPU the kernels are TileLang's C-target builds (serial loops), on CUDA the sm_90a builds
-(or the portable schedule elsewhere). The kernel is not tuned yet: it runs the forward kernel's default schedule.
+(or the portable schedule elsewhere). The kernel is not tuned yet: it runs ``tl_kernels.sparse_mla_decode``'s default
+config (the forward's tiles; on sm_90a the FP8 gather prefetched a step ahead).
 """
 
 from __future__ import annotations
@@ -195,7 +196,8 @@ def plan(
         )  # fmt: skip
         return Plan(
             target, chosen, layouts,
-            tuple(common.get_kernel(kernels.build, target, **static, **params, direct=use_direct) for static in statics),
+            tuple(common.get_kernel(kernels.build, target, **static, **_source_params(params, static), direct=use_direct)
+                  for static in statics),
             tuple(slice(first, first + count) for first, count in zip(firsts, counts, strict=True)),
             combine,
             int(d_v),
@@ -206,6 +208,12 @@ def plan(
 
     key = (tuple(q.shape), fp8, tuple(widths), int(d_v), int(d_rope), has_sink, config, splits, direct)
     return _PLANS.get(device, key, make)
+
+
+def _source_params(params: dict[str, Any], static: dict[str, Any]) -> dict[str, Any]:
+    """The config's builder parameters for one source: the FP8 prefetch means nothing to a bf16 cache (its gather is
+    a cp.async either way), so a bf16 source builds without it (one kernel, whatever the other source's format)."""
+    return {**params, "prefetch": params["prefetch"] and static["kv_format"] == kernels.KV_FORMAT_FP8}
 
 
 def _lengths(topk_length: torch.Tensor | None, full: torch.Tensor) -> torch.Tensor:
