@@ -31,10 +31,17 @@ import dataclasses
 import math
 from typing import Any
 
+import torch
+
 from autotune.lookup import sku
 from benchmarks import cases as case_data
 from dsa import kv_format
+from dsa.launch import index_topk as selection_launch
+from dsa.launch import index_topk_split as selection_split
 from dsa.launch import sparse_mla_decode as decode_launch
+from tl_kernels import dsl
+from tl_kernels import index_topk as selection_kernels
+from tl_kernels import indexer as indexer_kernels
 from tl_kernels import sparse_mla_decode as decode_kernels
 
 __all__ = [
@@ -221,46 +228,64 @@ def sparse_mla_decode_estimate(
 
 def selection_estimate(
     *, batch: int, s_q: int, context: int, heads: int, dim: int, topk: int, page_size: int, spec: sku.PerfSpec,
-    splits: int = 1, blocks_per_sm: int = 1,
+    splits: int = 1, block_q: int = 1, block_n: int = 128, blocks_per_sm: int = 1,
 ) -> Estimate:  # fmt: skip
     """Decode selection (FP8 index keys, ``kv_format.index_key_layout``) of ``batch x s_q`` queries over ``context``
-    keys each, every query's keys split over ``splits`` blocks (1: one block walks them all, today's fused kernel),
-    each split keeping its best ``min(topk, keys)`` candidates for a merge pass.
+    keys each, ``block_q`` queries a block, every query's key blocks (``block_n`` keys) dealt out to ``splits``
+    sub-ranges (1: one block walks them all), each keeping its best ``min(topk, keys it spans)`` candidates
+    (``dsa.launch.index_topk_split``).
 
-    DRAM: every key row and block-table entry once per sequence, the queries and weights, the candidates (position and
-    score) written and read back by the merge, the indices written."""
+    DRAM: every key row and block-table entry once per sequence, the queries and weights, the indices written; split,
+    the candidates (position and score) written by the split kernel, read and written by the merge's position sort
+    and read by its top-k (four times their bytes, in a pass of their own)."""
     key_bytes = kv_format.index_key_layout(dim).bytes_per_token
     queries = batch * s_q
-    keys_per_split = math.ceil(context / splits)
-    candidates = queries * splits * min(topk, keys_per_split) * (_I32_BYTES + _F32_BYTES) if splits > 1 else 0
+    key_blocks = math.ceil(math.ceil(context / page_size) * page_size / block_n)
+    width = min(topk, math.ceil(key_blocks / splits) * block_n)
+    candidates = queries * splits * width * (_I32_BYTES + _F32_BYTES) if splits > 1 else 0
     reads = batch * (context * key_bytes + math.ceil(context / page_size) * _I32_BYTES)
     reads += queries * heads * (dim + _F32_BYTES)
     out = queries * topk * _I32_BYTES
     flops = 2.0 * queries * heads * context * dim
     # Per (query, key): the FP8 GEMM, then per head a ReLU and a weighted add, then the selection's share.
     per_key = heads * dim * 2 / (spec.mma_flops_per_cycle * _FP8_RATE) + (heads * 2 + SELECT_OPS_PER_KEY) * FP32_OP
-    blocks = queries * splits
+    blocks = batch * splits * math.ceil(s_q / block_q)
     dram_s = _dram_s(reads + (candidates or out), spec)
     sm_s = _busiest_sm_s(queries * context * per_key, blocks, spec, persistent=False)
-    merge_s = _dram_s(candidates + out, spec) if candidates else 0.0
+    merge_bytes = 3 * candidates + out if candidates else 0
     return Estimate(
         flops=flops,
-        dram_bytes=float(reads + (2 * candidates + out if candidates else out)),
+        dram_bytes=float(reads + (candidates + merge_bytes if candidates else out)),
         rows_dequantised=0,
         blocks=blocks,
         blocks_per_sm=blocks_per_sm,
         waves=blocks / (spec.sm_count * blocks_per_sm),
         roofline_s=roofline(flops, reads + out, spec, fp8=True),
-        model_s=max(dram_s, sm_s) + merge_s,
+        model_s=max(dram_s, sm_s) + _dram_s(merge_bytes, spec),
         bound="dram" if dram_s >= sm_s else "sm",
     )
+
+
+def _selection_schedule(static: dict[str, Any], sizes: dict[str, int], spec: sku.PerfSpec) -> dict[str, int]:
+    """The paged selection's schedule for a case as its launcher plans it on ``spec``: the default sm_90a config's
+    queries and keys per block, and the split count of ``dsa.launch.index_topk_split.num_splits``."""
+    dtype = getattr(torch, static["dtype"])
+    q = torch.empty(sizes["batch"], sizes["seq_len"], static["heads"], static["dim"], dtype=dtype, device="meta")
+    paged = selection_launch.paged_static_params(q, static["topk"], page_size=static["page_size"])
+    config = selection_kernels.default_config({**paged, "target": dict(dsl.HOPPER_TARGET)})
+    block_q = indexer_kernels.block_queries(static["heads"], config.q_rows)
+    key_blocks = math.ceil(math.ceil(sizes["seq_len_kv"] / static["page_size"]) * static["page_size"] / config.block_N)
+    splits = selection_split.num_splits(batch=sizes["batch"], s_q=sizes["seq_len"], block_Q=block_q,
+                                        key_blocks=key_blocks, sms=spec.sm_count)  # fmt: skip
+    return {"splits": splits, "block_q": block_q, "block_n": config.block_N}
 
 
 def case_estimate(case: case_data.Case, sku_id: str = DEFAULT_SKU, *, provider: str = "dsa") -> Estimate | None:
     """The estimate of a ``benchmarks.cases`` case on ``sku_id`` for ``provider`` (one of
     :data:`MODELLED_PROVIDERS`); None for a SKU without datasheet figures, for the memory/selection cases (measured
     by peak memory) and for FlashMLA on anything but an FP8 decode case. ``dsa``: the decode kernels as they are
-    scheduled today (default config, the launcher's split rule), the other kernels by their roofline."""
+    scheduled today (default config, the launcher's split rule; the selection split as ``dsa.launch.index_topk`` splits it), the
+    other kernels by their roofline."""
     spec = sku.PERF_TABLE.get(sku_id)
     if spec is None or case.kernel in case_data.MEMORY_KINDS:
         return None
@@ -287,6 +312,7 @@ def case_estimate(case: case_data.Case, sku_id: str = DEFAULT_SKU, *, provider: 
         return selection_estimate(
             batch=sizes["batch"], s_q=sizes["seq_len"], context=sizes["seq_len_kv"], heads=static["heads"],
             dim=static["dim"], topk=static["topk"], page_size=static["page_size"], spec=spec,
+            **_selection_schedule(static, sizes, spec),
         )  # fmt: skip
     fp8 = static.get("dtype") == "float8_e4m3fn"
     time_s = roofline(case.flops, case.bytes, spec, fp8=fp8)

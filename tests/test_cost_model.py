@@ -65,6 +65,11 @@ def test_b1_selection_at_128k_is_within_2x_of_reading_the_keys_once() -> None:
     assert keys_once_s <= split.model_s <= 2 * keys_once_s, (split.model_s, keys_once_s)
     serial = cost.selection_estimate(**args)
     assert serial.blocks == 1 and serial.model_s > 20 * keys_once_s
+    # The benchmark case, scheduled as dsa.launch.index_topk splits it (two waves: 264 blocks).
+    (case,) = [c for c in case_data.standard_cases(full=True) if c.name == "index_topk_decode-fp8-b1-s1-kv131072"]
+    planned = cost.case_estimate(case, "h800")
+    assert planned is not None and planned.blocks == 264
+    assert keys_once_s <= planned.model_s <= 2 * keys_once_s, (planned.model_s, keys_once_s)
 
 
 def test_bytes_and_dequantised_rows_follow_the_layout_and_the_schedule() -> None:
