@@ -25,7 +25,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dsa import ops, reference, testing
-from dsa.launch import two_source
 from dsa.testing import assert_close, index_mask
 from tests import strategies as sts
 
@@ -490,36 +489,3 @@ def test_c_kernels_give_the_references_nan_and_inf(
             flat[int(torch.randint(flat.numel(), (1,), generator=g))] = value
         p[name] = t
     check_against_reference(*kernels_and_reference(monkeypatch, p, backward=False))
-
-
-@pytest.mark.cpu_kernel
-def test_c_kernels_ranges_as_bounded_index_lists_chunk_by_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Where the launchers have no ranged form, a range becomes an index list one chunk of query rows at a time
-    (here chunks of a few rows under a tiny budget): forward and backward still equal the reference, and no chunk's
-    list is longer than the budget."""
-    seq, seq_kv = 24, 40
-    t = torch.arange(seq) + (seq_kv - seq)
-    window = torch.stack([t - 7, t + 1], -1).view(1, seq, 2).expand(2, seq, 2).to(torch.int32)
-    hca = torch.stack([torch.zeros_like(t), (t + 1) // 4], -1).view(1, seq, 2).expand(2, seq, 2).to(torch.int32)
-    g = testing.generator(2)
-    p = {
-        "q": torch.randn((2, seq, KERNEL_HEADS, KERNEL_D_QK), generator=g).bfloat16(),
-        "kv": torch.randn((2, seq_kv, KERNEL_D_QK), generator=g).bfloat16(),
-        "extra_kv": torch.randn((2, seq_kv // 4, KERNEL_D_QK), generator=g).bfloat16(),
-        "first": {"indices": None, "topk_length": None, "ranges": window},
-        "second": {"indices": None, "topk_length": None, "ranges": hca},
-        "d_v": KERNEL_D_V, "sm_scale": 0.1, "sink": torch.randn(KERNEL_HEADS, generator=g),
-    }  # fmt: skip
-    budget = 2 * 5 * 64
-    lists = []
-    ranges_as_indices = two_source.ranges_as_indices
-
-    def spy(ranges: torch.Tensor, seq_kv: int, width: int) -> torch.Tensor:
-        lists.append(ranges_as_indices(ranges, seq_kv, width))
-        return lists[-1]
-
-    monkeypatch.setattr(two_source, "_has_ranged_form", lambda plan: False)
-    monkeypatch.setattr(two_source, "RANGE_INDEX_ELEMENTS", budget)
-    monkeypatch.setattr(two_source, "ranges_as_indices", spy)
-    check_against_reference(*kernels_and_reference(monkeypatch, p, backward=True))
-    assert len(lists) > 4 and all(0 < x.numel() <= budget for x in lists)

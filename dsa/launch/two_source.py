@@ -12,66 +12,30 @@ Backward: for one softmax over a union, an entry's gradient depends only on its 
 sink) gives exactly that source's ``dkv`` and its share of ``dq``; ``dq`` is their sum. (``d_sink`` is
 ``dsa.library.attn_sink_grad`` on the totals, in ``dsa.autograd``.)
 
-A ranged source runs through the kernels' ranged form where the launchers have it (``sparse_mla_fwd(...,
-ranged=True)``, the ranges ``[B, S, 2]`` passed as ``indices``); otherwise its ranges become index lists one chunk
-of query rows at a time (at most :data:`RANGE_INDEX_ELEMENTS` entries per chunk, never ``S x range length`` at
-once), each chunk one launch.
+A ranged source runs through the kernels' ranged form (``ranged=True``: the ranges ``[B, S, 2]`` passed as
+``indices``, each query reading its own rows), so no ``S x range length`` index list exists on this path either.
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from dsa.launch import sparse_mla_bwd as bwd_launch
 from dsa.launch import sparse_mla_fwd as fwd_launch
-from dsa.reference.sources import Source, range_width, ranges_as_indices
+from dsa.reference.sources import Source
 
 OptTensor = Tensor | None
 
-__all__ = ["RANGE_INDEX_ELEMENTS", "combine", "sparse_mla_sources_bwd", "sparse_mla_sources_fwd"]
-
-RANGE_INDEX_ELEMENTS = 1 << 22
-"""Entries (int32) of one chunk's index list when a range is turned into one (16 MiB)."""
-
-
-def _has_ranged_form(launch: object) -> bool:
-    """Whether a launcher function takes ``ranged`` (the kernels' own range form: ``indices`` is then ``ranges [B,
-    S, 2]``)."""
-    return "ranged" in inspect.signature(launch).parameters  # type: ignore[arg-type]
-
-
-def _range_chunks(q: Tensor, source: Source, width: int) -> Iterator[slice]:
-    """Query-row chunks whose index lists of ``width`` entries stay under :data:`RANGE_INDEX_ELEMENTS`."""
-    batch, seq = q.shape[0], q.shape[1]
-    step = max(1, min(seq, RANGE_INDEX_ELEMENTS // max(1, batch * width)))
-    return (slice(t0, min(seq, t0 + step)) for t0 in range(0, seq, step))
-
-
-def _rows(t: OptTensor, rows: slice) -> OptTensor:
-    """Query rows ``rows`` of a ``[B, S, ...]`` tensor, row-major (a kernel input), or None."""
-    return None if t is None else t[:, rows].contiguous()
+__all__ = ["combine", "sparse_mla_sources_bwd", "sparse_mla_sources_fwd"]
 
 
 def _source_fwd(q: Tensor, source: Source, sm_scale: float, d_v: int) -> tuple[Tensor, Tensor]:
     """``(out [B, S, H, d_v] bf16, lse [B, S, H] float32)`` of the softmax over ``source``'s entries alone."""
-    kv, seq_kv = source.kv, source.kv.shape[1]
-    if not source.ranged:
-        return fwd_launch.sparse_mla_fwd(q, kv, source.indices, sm_scale=sm_scale, d_v=d_v,
-                                         topk_length=source.topk_length)  # fmt: skip
-    if _has_ranged_form(fwd_launch.sparse_mla_fwd):
-        return fwd_launch.sparse_mla_fwd(q, kv, source.indices, sm_scale=sm_scale, d_v=d_v, ranged=True)
-    width = range_width(source.indices, seq_kv)
-    batch, seq, heads, _ = q.shape
-    out = torch.empty((batch, seq, heads, d_v), dtype=torch.bfloat16, device=q.device)
-    lse = torch.empty((batch, seq, heads), dtype=torch.float32, device=q.device)
-    for rows in _range_chunks(q, source, width):
-        indices = ranges_as_indices(source.indices[:, rows], seq_kv, width)
-        out[:, rows], lse[:, rows] = fwd_launch.sparse_mla_fwd(_rows(q, rows), kv, indices, sm_scale=sm_scale, d_v=d_v)
-    return out, lse
+    return fwd_launch.sparse_mla_fwd(q, source.kv, source.indices, sm_scale=sm_scale, d_v=d_v,
+                                     topk_length=source.topk_length, ranged=source.ranged)  # fmt: skip
 
 
 def combine(parts: Sequence[tuple[Tensor, Tensor]], attn_sink: OptTensor) -> tuple[Tensor, Tensor]:
@@ -105,25 +69,9 @@ def _source_bwd(
     d_out: Tensor, d_lse: OptTensor,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """``(dq [B, S, H, d_qk] bf16, dkv [B, S_kv, d_qk] bf16)`` of ``source``'s entries under the combined softmax."""
-    kv, seq_kv = source.kv, source.kv.shape[1]
-    if not source.ranged:
-        return bwd_launch.sparse_mla_bwd(q, kv, out, lse, d_out, source.indices, sm_scale=sm_scale, d_v=d_v,
-                                         topk_length=source.topk_length, attn_sink=attn_sink, d_lse=d_lse)  # fmt: skip
-    if _has_ranged_form(bwd_launch.sparse_mla_bwd):
-        return bwd_launch.sparse_mla_bwd(q, kv, out, lse, d_out, source.indices, sm_scale=sm_scale, d_v=d_v,
-                                         attn_sink=attn_sink, d_lse=d_lse, ranged=True)  # fmt: skip
-    # One padded width for every chunk: the backward kernel compiles its top-k in.
-    width = bwd_launch.padded_topk(range_width(source.indices, seq_kv))
-    dq = torch.empty_like(q)
-    dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
-    for rows in _range_chunks(q, source, width):
-        indices = ranges_as_indices(source.indices[:, rows], seq_kv, width)
-        dq[:, rows], dkv_c = bwd_launch.sparse_mla_bwd(
-            _rows(q, rows), kv, _rows(out, rows), _rows(lse, rows), _rows(d_out, rows), indices, sm_scale=sm_scale,
-            d_v=d_v, attn_sink=attn_sink, d_lse=_rows(d_lse, rows),
-        )  # fmt: skip
-        dkv += dkv_c.float()
-    return dq, dkv.to(kv.dtype)
+    return bwd_launch.sparse_mla_bwd(q, source.kv, out, lse, d_out, source.indices, sm_scale=sm_scale, d_v=d_v,
+                                     topk_length=source.topk_length, attn_sink=attn_sink, d_lse=d_lse,
+                                     ranged=source.ranged)  # fmt: skip
 
 
 def sparse_mla_sources_bwd(

@@ -2,9 +2,8 @@
 
 DeepSeek-V4 attends over two sources in one softmax (the sliding window over raw tokens and the compressed entries).
 A source is passed between the internal layers (reference, autograd, library, launch glue) as one :class:`Source`
-instead of four loose arguments. A ranged source is never expanded for the whole sequence: the reference and the
-kernel glue turn a range into entries one chunk of query rows at a time (:func:`chunk_entries`,
-:func:`ranges_as_indices`).
+instead of four loose arguments. A ranged source is never expanded for the whole sequence: the reference turns a
+range into entries one chunk of query rows at a time (:func:`chunk_entries`); the kernels read ranges directly.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from dsa.reference.common import INVALID_INDEX, OptTensor, valid_index_mask
+from dsa.reference.common import OptTensor, valid_index_mask
 
 
 class Source(NamedTuple):
@@ -64,12 +63,11 @@ def entry_width(source: Source) -> int:
     (at least 1, so every chunk has a column)."""
     if not source.ranged:
         return source.indices.shape[-1]
-    return range_width(source.indices, source.kv.shape[1])
+    return _longest(clamped_ranges(source.indices, source.kv.shape[1])[1])
 
 
-def range_width(ranges: Tensor, seq_kv: int) -> int:
-    """The longest clamped range of ``ranges [..., 2]`` (at least 1)."""
-    _, length = clamped_ranges(ranges, seq_kv)
+def _longest(length: Tensor) -> int:
+    """The longest of the clamped range lengths ``length`` (at least 1: a chunk always has a column)."""
     return max(1, int(length.max())) if length.numel() else 1
 
 
@@ -90,17 +88,8 @@ def range_entries(ranges: Tensor, seq_kv: int) -> tuple[Tensor, Tensor]:
     """``ranges [B, c, 2]`` int32 as entries: ``(indices [B, c, w] int64, valid [B, c, w] bool)``, ``w`` the longest
     clamped range of these rows (at least 1); entry ``j`` of a row is ``start + j``, valid for ``j < length``."""
     start, length = clamped_ranges(ranges, seq_kv)
-    j = torch.arange(max(1, int(length.max())) if length.numel() else 1, device=start.device)
+    j = torch.arange(_longest(length), device=start.device)
     return start.unsqueeze(-1) + j, j < length.unsqueeze(-1)
-
-
-def ranges_as_indices(ranges: Tensor, seq_kv: int, width: int) -> Tensor:
-    """``ranges [B, c, 2]`` int32 as an index list ``[B, c, width]`` int32 (``-1`` past each clamped range), for a
-    kernel that reads index lists; ``width`` must cover the longest clamped range. Only a chunk's rows are passed."""
-    indices, valid = range_entries(ranges, seq_kv)
-    indices = torch.where(valid, indices, INVALID_INDEX).to(torch.int32)
-    pad = width - indices.shape[-1]
-    return torch.nn.functional.pad(indices, (0, pad), value=INVALID_INDEX) if pad > 0 else indices
 
 
 def flat_sources(sources: Sequence[Source]) -> tuple[tuple[bool, ...], tuple[OptTensor, ...]]:
