@@ -125,9 +125,10 @@ def _select(
     scorer = indexer.scorer
     # transformers scales relu(q . k) by softmax_scale and the weights by weights_scaling; both fold into the weights.
     weights = scorer.weights_proj(hidden).float() * (scorer.weights_scaling * scorer.softmax_scale)
+    # Always index_topk wide (-1 padding while fewer entries are visible), not min(index_topk, N) as transformers:
+    # the kernels compile per top-k width, and N grows by one every m tokens while decoding.
     starts = torch.zeros_like(entry_ends)
-    topk = min(int(indexer.index_topk), keys.shape[1])
-    return ops.index_topk(q, keys.to(q.dtype), weights, topk, starts=starts, ends=entry_ends)
+    return ops.index_topk(q, keys.to(q.dtype), weights, int(indexer.index_topk), starts=starts, ends=entry_ends)
 
 
 def attend(
