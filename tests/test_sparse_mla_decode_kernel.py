@@ -441,15 +441,15 @@ def test_cpu_one_split_writes_the_output_itself_as_the_combine_would(fmt: str, c
 
 
 @pytest.mark.cpu_kernel
-@pytest.mark.parametrize("splits", [1, 3])
-def test_cpu_fp8_prefetch_matches_the_plain_gather(splits: int) -> None:
+def test_cpu_fp8_prefetch_matches_the_plain_gather() -> None:
     """The FP8 prefetch (step i+1's bytes loaded before step i's GEMMs, two row buffers) gives the plain gather's
-    output bit for bit, and the reference's: 1 split (direct output) and 3 (partials), s_q 4, per-query lengths
-    that end rows mid-step, duplicates and invalid slots (poisoned bytes never read), a sink."""
+    output bit for bit, and the reference's: one split (the direct kernel; the prefetch is the same code whatever
+    writes the output, and each CPU compile costs ~20 s of CI), s_q 4, per-query lengths that end rows mid-step,
+    duplicates and invalid slots (poisoned bytes never read), a sink."""
     args = make_problem(seed=13, fmt="fp8", batch=2, s_q=4, context=200, topk=150, kind="duplicates",
                         length_kind="per_query", sink="random")  # fmt: skip
-    out, lse = run(args, splits=splits, config=kernels.Config(prefetch=True))
-    plain_out, plain_lse = run(args, splits=splits, config=kernels.Config(prefetch=False))
+    out, lse = run(args, splits=1, config=kernels.Config(prefetch=True))
+    plain_out, plain_lse = run(args, splits=1, config=kernels.Config(prefetch=False))
     assert torch.equal(out, plain_out) and torch.equal(lse, plain_lse)
     check(args, out, lse, OUT_TOL, LSE_TOL)
 
