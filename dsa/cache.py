@@ -7,6 +7,7 @@ from __future__ import annotations
 from dsa import kv_format
 from dsa.kv_format import (
     FP8_MAX,
+    INDEX_KEY_LAYOUTS,
     INVALID_SLOT,
     MODEL1_FP8_LAYOUT,
     SCALE_FLOOR,
@@ -16,12 +17,16 @@ from dsa.kv_format import (
     dequantize_kv_pages_fp8,
     flash_mla_kv_view,
     index_key_layout,
+    index_key_sections,
     kv_page_sections,
+    pack_index_key_pages_fp8,
     pack_index_keys_fp8,
     page_rows,
     positions_to_slots,
     quantize_kv_fp8,
     quantize_kv_pages_fp8,
+    relayout_index_keys,
+    unpack_index_key_pages_fp8,
     unpack_index_keys_fp8,
 )
 from dsa.serving.cache import PagedKVCache

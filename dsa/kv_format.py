@@ -33,6 +33,16 @@ and keys) is a different recipe with the same ``FP8_MAX``: it floors the block's
 scale), rounds the scale up to a power of two only on request (``ue8m0``) and clamps before the cast. Its keys are
 stored as they are (:func:`pack_index_keys_fp8`), never re-quantised with the cache recipe.
 
+**Index-key layouts** (:data:`INDEX_KEY_LAYOUTS`, :func:`index_key_layout`): ``"rows"``, one ``D + 4``-byte row per
+key (its ``D`` FP8 bytes, then its float32 scale: 132 bytes for V3.2, 4-byte aligned); ``"paged"``, DeepGEMM's and
+vLLM's paged indexer cache: a page of ``page_size`` keys holds their ``page_size * D`` FP8 bytes, then their
+``page_size`` float32 scales, so key ``o`` of page ``p`` has its values at byte ``p * page_size * (D + 4) + o * D``
+and its scale at ``p * page_size * (D + 4) + page_size * D + 4 * o`` (16-byte aligned values). Both are ``page_size
+* (D + 4)`` bytes per page and vLLM passes its cache as ``[num_blocks, block_size, 1, D + 4]`` uint8, so the layout
+cannot be read from a shape: the ops take it as a keyword. Read from vLLM's tests of DeepGEMM's
+``fp8_paged_mqa_logits`` (``kv_cache_cast_to_fp8``: a block's ``block_size * D`` FP8 bytes, then its ``block_size``
+float32 scales, viewed as ``[num_blocks, block_size, 1, D + 4]``).
+
 Values (``FP8Layout``) and pure functions only; tl_kernels cannot import ``dsa``, so the kernels take
 these numbers as builder parameters.
 """
@@ -48,6 +58,7 @@ __all__ = [
     "FP8_AMAX_FLOOR",
     "FP8_DTYPE",
     "FP8_MAX",
+    "INDEX_KEY_LAYOUTS",
     "INVALID_SLOT",
     "MODEL1_FP8_LAYOUT",
     "SCALE_FLOOR",
@@ -57,13 +68,17 @@ __all__ = [
     "dequantize_kv_pages_fp8",
     "flash_mla_kv_view",
     "index_key_layout",
+    "index_key_sections",
     "kv_page_sections",
+    "pack_index_key_pages_fp8",
     "pack_index_keys_fp8",
     "page_rows",
     "positions_to_slots",
     "quantize_fp8_blockwise",
     "quantize_kv_fp8",
     "quantize_kv_pages_fp8",
+    "relayout_index_keys",
+    "unpack_index_key_pages_fp8",
     "unpack_index_keys_fp8",
 ]
 
@@ -423,10 +438,57 @@ def quantize_fp8_blockwise(
     return q.reshape(x.shape), scale
 
 
-def index_key_layout(dim: int) -> FP8Layout:
+INDEX_KEY_LAYOUTS = ("rows", "paged")
+"""The byte layouts of a paged FP8 index-key cache (module docstring): ``"rows"`` (ours, one row per key) and
+``"paged"`` (DeepGEMM's and vLLM's: per page the values, then the scales)."""
+
+
+def index_key_layout(dim: int, key_layout: str = "rows") -> FP8Layout:
     """The byte layout of one FP8 indexer key of ``dim`` values: ``dim`` FP8 bytes then one float32 scale, no RoPE
-    part (``FP8Layout(dim, 0, dim)``; 132 bytes for V3.2's 128-wide keys)."""
-    return FP8Layout(d_nope=dim, d_rope=0, tile=dim)
+    part (``FP8Layout(dim, 0, dim)``; 132 bytes for V3.2's 128-wide keys); ``key_layout="paged"`` keeps a page's
+    values first and its scales after them (``scales_after_values``; the same 132 bytes per key, no page padding)."""
+    if key_layout not in INDEX_KEY_LAYOUTS:
+        raise ValueError(f"index_key_layout: key_layout must be one of {INDEX_KEY_LAYOUTS}, got {key_layout!r}")
+    return FP8Layout(d_nope=dim, d_rope=0, tile=dim, scales_after_values=key_layout == "paged")
+
+
+def index_key_sections(k_cache: torch.Tensor, dim: int, key_layout: str = "rows") -> tuple[torch.Tensor, torch.Tensor]:
+    """The values and scales of an FP8 index-key cache in either layout, as views where the pages are contiguous.
+
+    Args:
+        k_cache (torch.Tensor): ``[num_pages, page_size, dim + 4]`` (or vLLM's ``[num_pages, page_size, 1, dim +
+            4]``) uint8 / int8 / float8_e4m3fn bytes in ``key_layout`` (a ``"paged"`` cache with pages that are not
+            contiguous is copied).
+        dim (int): values per key. key_layout (str): one of :data:`INDEX_KEY_LAYOUTS`.
+
+    Returns:
+        values ``[num_pages, page_size, dim]`` and scales ``[num_pages, page_size, 4]`` uint8: key ``o`` of page
+        ``p`` has its FP8 bytes at ``values[p, o]`` and its float32 scale's bytes at ``scales[p, o]``.
+    """
+    layout = index_key_layout(dim, key_layout)
+    if k_cache.dim() == 4 and k_cache.shape[2] == 1:
+        k_cache = k_cache.squeeze(2)
+    if k_cache.dim() != 3 or k_cache.shape[-1] != layout.bytes_per_token or k_cache.dtype not in _BYTE_DTYPES:
+        raise ValueError(
+            f"index_key_sections: k_cache must be [num_pages, page_size, {layout.bytes_per_token}] bytes, got "
+            f"{tuple(k_cache.shape)} {k_cache.dtype}"
+        )
+    raw = k_cache.view(torch.uint8)
+    if key_layout == "rows":
+        return raw[..., :dim], raw[..., dim:]
+    return kv_page_sections(raw.reshape(raw.shape[0], -1), layout, raw.shape[1])
+
+
+def relayout_index_keys(k_cache: torch.Tensor, dim: int, *, src: str, dst: str) -> torch.Tensor:
+    """An FP8 index-key cache ``[num_pages, page_size, dim + 4]`` (bytes, :func:`index_key_sections`) converted from
+    layout ``src`` to ``dst``: a new ``[num_pages, page_size, dim + 4]`` uint8 tensor, the same keys and scales."""
+    values, scales = index_key_sections(k_cache, dim, src)
+    out = torch.empty(values.shape[:2] + (dim + _SCALE_FORMAT_BYTES["float32"],), dtype=torch.uint8,
+                      device=values.device)  # fmt: skip
+    out_values, out_scales = index_key_sections(out, dim, dst)
+    out_values.copy_(values)
+    out_scales.copy_(scales)
+    return out
 
 
 def pack_index_keys_fp8(k: torch.Tensor, k_scale: torch.Tensor) -> torch.Tensor:
@@ -451,6 +513,30 @@ def pack_index_keys_fp8(k: torch.Tensor, k_scale: torch.Tensor) -> torch.Tensor:
     out[..., : layout.d_nope] = k.contiguous().view(torch.uint8)
     out[..., layout.scale_offset :] = k_scale.contiguous().unsqueeze(-1).view(torch.uint8)
     return out
+
+
+def pack_index_key_pages_fp8(k: torch.Tensor, k_scale: torch.Tensor) -> torch.Tensor:
+    """Pages of indexer keys already quantised by the model in the ``"paged"`` layout (DeepGEMM's and vLLM's: a page's
+    values, then its scales; bytes copied, nothing re-quantised).
+
+    Args:
+        k (torch.Tensor): ``[num_pages, page_size, D]`` float8_e4m3fn.
+        k_scale (torch.Tensor): ``[num_pages, page_size]`` float32 (``key ~= k * k_scale``).
+
+    Returns:
+        torch.Tensor: ``[num_pages, page_size, D + 4]`` uint8, whose page ``p`` is the ``page_size * (D + 4)`` bytes
+        of :func:`index_key_sections` ``(..., "paged")`` (vLLM's cache is its ``unsqueeze(2)``).
+    """
+    if k.dim() != 3:
+        raise ValueError(f"pack_index_key_pages_fp8: k must be [num_pages, page_size, D], got {tuple(k.shape)}")
+    return relayout_index_keys(pack_index_keys_fp8(k, k_scale), k.shape[-1], src="rows", dst="paged")
+
+
+def unpack_index_key_pages_fp8(k_cache: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of :func:`pack_index_key_pages_fp8`: ``k_cache [num_pages, page_size, dim + 4]`` (or with vLLM's
+    unit dim 2) in the ``"paged"`` layout -> ``k [num_pages, page_size, dim]`` float8_e4m3fn and ``k_scale
+    [num_pages, page_size]`` float32."""
+    return unpack_index_keys_fp8(relayout_index_keys(k_cache, dim, src="paged", dst="rows"), dim)
 
 
 def unpack_index_keys_fp8(blob: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:

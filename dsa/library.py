@@ -258,20 +258,22 @@ def index_topk_decode_impl(
     ends: torch.Tensor,
     starts: OptTensor,
     backend: str,
+    *,
+    key_layout: str = "rows",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``index_topk_decode`` (contract in ``dsa.reference.index_topk_decode``): ``(positions, scores)``, each ``[B,
     s_q, topk]``. The kernel backend runs the fused kernel over the paged keys wherever a config fits, else (a very
-    large ``topk``) the reference, logged once per call."""
+    large ``topk``) the reference, logged once per call. ``key_layout``: the FP8 key cache's byte layout."""
     if backend == TILELANG:
         launch = launcher(_LAUNCH_INDEX_TOPK)
-        planned = launch.plan_paged(q, topk, page_size=k_cache.shape[1])
+        planned = launch.plan_paged(q, topk, page_size=k_cache.shape[1], key_layout=key_layout)
         if planned is not None:
             return launch.index_topk_paged(
                 q, k_cache, weights, topk, block_table=block_table, ends=ends, starts=starts, planned=planned
             )
         logger.info("index_topk_decode: no fused config fits topk=%d here; running the reference", topk)
     with torch.no_grad():
-        return reference.index_topk_decode_impl(q, k_cache, weights, topk, block_table, ends, starts)
+        return reference.index_topk_decode_impl(q, k_cache, weights, topk, block_table, ends, starts, key_layout)
 
 
 def sparse_mla_decode_impl(

@@ -249,20 +249,26 @@ def index_topk_decode(
     ends: torch.Tensor,
     starts: torch.Tensor | None = None,
     return_scores: bool = False,
+    key_layout: str = "rows",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``index_topk_decode`` (contract: ``dsa.reference.index_topk_decode``): ``[B, s_q, topk]`` int32 **positions**
     (``-1`` padding; slots: ``dsa.kv_format.positions_to_slots``), and their scores with ``return_scores``. Not
     differentiable.
 
     On the kernels the fused selection reads the keys through the block table (no gathered copy, no ``[B, s_q,
-    S_kv]`` scores); a ``topk`` whose buffers do not fit runs the reference.
+    S_kv]`` scores); a ``topk`` whose buffers do not fit runs the reference. ``key_layout="paged"`` takes an FP8 key
+    cache in DeepGEMM's and vLLM's per-page layout as it is (``dsa.kv_format.INDEX_KEY_LAYOUTS``; its key tiles load
+    as 16-byte vectors on a GPU).
     """
     backend = select_backend(q.device, q.dtype in validation.INDEXER_KERNEL_DTYPES)
-    validation.check_index_topk_decode(q, k_cache, weights, topk, block_table, ends, starts, kernel=backend == TILELANG)
+    validation.check_index_topk_decode(q, k_cache, weights, topk, block_table, ends, starts, kernel=backend == TILELANG,
+                                       key_layout=key_layout)  # fmt: skip
     q, k_cache, weights, block_table, ends, starts = _kernel_layout(
         backend, q, k_cache, weights, block_table, ends, starts
     )
-    indices, scores = autograd.index_topk_decode_impl(q, k_cache, weights, int(topk), block_table, ends, starts, backend)
+    indices, scores = autograd.index_topk_decode_impl(
+        q, k_cache, weights, int(topk), block_table, ends, starts, backend, key_layout=key_layout
+    )
     return (indices, scores) if return_scores else indices
 
 

@@ -535,17 +535,27 @@ def check_index_topk_decode(
     starts: torch.Tensor | None,
     *,
     kernel: bool = False,
+    key_layout: object = "rows",
 ) -> None:
-    """Validate the inputs of ``index_topk_decode`` (see ``dsa.reference.index_topk_decode``)."""
+    """Validate the inputs of ``index_topk_decode`` (see ``dsa.reference.index_topk_decode``): ``key_layout`` one of
+    ``dsa.kv_format.INDEX_KEY_LAYOUTS`` (``"paged"`` for FP8 ``q`` only); an FP8 ``k_cache`` may carry vLLM's unit
+    dim 2 (``[num_pages, page_size, 1, D_i + 4]``)."""
     require_tensor("q", q)
     require_dtype("q", q, INDEXER_KERNEL_DTYPES if kernel else INDEXER_REFERENCE_DTYPES)
     require_rank("q", q, 4, "[B, s_q, H_i, D_i]")
     require_nonempty("q", q, "[B, s_q, H_i, D_i]")
     batch, s_q, heads, dim = q.shape
+    fp8 = q.dtype in FP8_DTYPES
+    if key_layout not in kv_format.INDEX_KEY_LAYOUTS or (key_layout != "rows" and not fp8):
+        raise ValueError(
+            f"key_layout must be one of {kv_format.INDEX_KEY_LAYOUTS} ('paged' only for FP8 keys), got {key_layout!r} "
+            f"for a {str(q.dtype).removeprefix('torch.')} q"
+        )
     require_tensor("k_cache", k_cache)
-    require_rank("k_cache", k_cache, 3, "[num_pages, page_size, row]")
+    if not (fp8 and k_cache.dim() == 4 and k_cache.shape[2] == 1):  # vLLM's [num_pages, page_size, 1, row]
+        require_rank("k_cache", k_cache, 3, "[num_pages, page_size, row]")
     require_nonempty("k_cache", k_cache, "[num_pages, page_size, row]")
-    if q.dtype in FP8_DTYPES:
+    if fp8:
         # One FP8 key row: D_i FP8 bytes and a float32 scale (dsa.cache.index_key_layout).
         row = dim + 4
         if k_cache.dtype not in FP8_CACHE_DTYPES or k_cache.shape[-1] != row:

@@ -7,14 +7,19 @@ float32 on every path, so sets (tie rule included: the smaller position wins) an
 are shuffled and some of their entries unallocated (``-1``); such pages are invisible. Outputs are poisoned before
 every launch (tests/conftest.py).
 
+FP8 keys come in both byte layouts (``dsa.kv_format.INDEX_KEY_LAYOUTS``): format ``"fp8"`` is one 36-byte row per key,
+``"fp8-pages"`` DeepGEMM's and vLLM's per-page layout (a page's values, then its scales), passed with
+``key_layout="paged"``.
+
 Tiers: the reference against ``dsa.reference.index_topk`` over keys gathered through the block table (pure PyTorch);
-``cpu_kernel``: the C-target paged kernels (bf16 and FP8 key rows) against the reference; ``build``: the V3.2 FP8
-paged kernel for sm_90a; ``gpu``: V3.2 shapes at 8K-64K contexts.
+``cpu_kernel``: the C-target paged kernels (bf16 keys, FP8 key rows, FP8 key pages) against the reference; ``build``:
+the V3.2 FP8 paged kernels (both layouts) for sm_90a; ``gpu``: V3.2 shapes at 8K-64K contexts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import pytest
@@ -22,7 +27,7 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from dsa import cache, ops, reference, testing
+from dsa import cache, kv_format, ops, reference, testing
 from dsa.launch import index_topk as launch
 from tests import strategies, support
 from tl_kernels import build as tl_build
@@ -31,7 +36,17 @@ from tl_kernels import index_topk as kernels
 
 CPU_HEADS, CPU_DIM, CPU_TOPK, CPU_PAGE = 4, 32, 16, 16
 V32 = {"heads": 64, "dim": 128, "topk": 2048, "page_size": 64}
-FORMATS = ("bf16", "fp8")
+FORMATS = ("bf16", "fp8", "fp8-pages")
+"""Key formats: bf16 keys, FP8 keys in rows (``key_layout="rows"``) and in DeepGEMM's per-page layout (``"paged"``)."""
+
+
+def is_fp8(fmt: str) -> bool:
+    return fmt.startswith("fp8")
+
+
+def key_layout(fmt: str) -> str:
+    """The ``key_layout`` argument of format ``fmt``."""
+    return "paged" if fmt == "fp8-pages" else "rows"
 
 
 def make_problem(
@@ -53,11 +68,16 @@ def make_problem(
     table (with ``unallocated``, the table's last entries of some sequences are ``-1``), queries at the sequence's
     end (``ranges="decode"``: query ``t`` sees ``[0, L - s_q + t + 1)``) or random ``[starts, ends)``. ``pattern``
     (one of :data:`PATTERNS`) shapes the scores along a row: random small integers, or all equal (``"tied"``), or
-    non-decreasing (``"ordered"``) or non-increasing (``"reversed"``) with position, in runs of equal scores."""
+    non-decreasing (``"ordered"``) or non-increasing (``"reversed"``) with position, in runs of equal scores. FP8
+    keys are stored by a ``PagedKVCache`` in the format's layout (``"fp8-pages"``: its ``key_layout`` is in the
+    arguments, and ``k_cache`` is the pages viewed as ``[num_pages, page_size, D + 4]``)."""
     g = testing.generator(seed)
     longest = max(max(lengths), 1)
-    dtype = "fp8" if fmt == "fp8" else torch.bfloat16
-    keys = cache.PagedKVCache(batch, longest + page_size, dim, page_size=page_size, dtype=dtype, d_rope=0)
+    fp8 = is_fp8(fmt)
+    dtype = "fp8" if fp8 else torch.bfloat16
+    layout = kv_format.index_key_layout(dim, key_layout(fmt)) if fp8 else None
+    keys = cache.PagedKVCache(batch, longest + page_size, dim, page_size=page_size, dtype=dtype, d_rope=0,
+                              layout=layout)  # fmt: skip
     table = torch.randperm(keys.block_table.numel(), generator=g).to(torch.int32).view_as(keys.block_table)
     if unallocated:
         # Pages past each sequence's last token are not allocated (as a serving allocator leaves them).
@@ -65,9 +85,9 @@ def make_problem(
         table = torch.where(torch.arange(table.shape[1]).view(1, -1) < used, table, -1).to(torch.int32)
     keys.block_table = table
     values, scale, q, weights = _pattern_values(
-        pattern, g, fmt == "fp8", batch=batch, s_q=s_q, heads=heads, dim=dim, longest=longest
+        pattern, g, fp8, batch=batch, s_q=s_q, heads=heads, dim=dim, longest=longest
     )
-    if fmt == "fp8":
+    if fp8:
         rows = cache.pack_index_keys_fp8(values.to(torch.float8_e4m3fn), scale)
         keys.append_rows(rows, torch.tensor(lengths))
         q = q.to(torch.float8_e4m3fn)
@@ -83,8 +103,11 @@ def make_problem(
         starts = torch.randint(-2, capacity, (batch, s_q), generator=g).to(torch.int32)
         ends = (starts + torch.randint(-3, capacity, (batch, s_q), generator=g)).clamp(-1, capacity + 3)
         ends = ends.to(torch.int32)
-    args = {"q": q, "k_cache": keys.pages, "weights": weights, "block_table": keys.block_table, "ends": ends,
+    k_cache = keys.pages.view(keys.pages.shape[0], page_size, -1)
+    args = {"q": q, "k_cache": k_cache, "weights": weights, "block_table": keys.block_table, "ends": ends,
             "starts": starts}  # fmt: skip
+    if fmt == "fp8-pages":
+        args["key_layout"] = "paged"
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
 
 
@@ -145,7 +168,8 @@ def test_reference_is_index_topk_over_the_gathered_keys(
     fmt: str, batch: int, s_q: int, length: int, topk: int, ranges: str, unallocated: bool, seed: int
 ) -> None:
     """The paged reference equals ``reference.index_topk`` over the keys gathered into ``[B, L, D]`` (FP8 rows
-    unpacked into values and scales), with the positions past each sequence's pages made invisible by ``ends``."""
+    unpacked into values and scales; FP8 pages converted to rows), with the positions past each sequence's pages made
+    invisible by ``ends``."""
     lengths = [max(0, length - 7 * b) for b in range(batch)]
     args = make_problem(fmt=fmt, seed=seed, batch=batch, s_q=s_q, lengths=lengths, ranges=ranges,
                         unallocated=unallocated)  # fmt: skip
@@ -153,8 +177,12 @@ def test_reference_is_index_topk_over_the_gathered_keys(
     page_size = args["k_cache"].shape[1]
     capacity = args["block_table"].shape[1] * page_size
     slots = cache.positions_to_slots(args["block_table"], page_size, torch.arange(capacity).expand(batch, -1))
-    rows = args["k_cache"].reshape(-1, args["k_cache"].shape[-1])[slots.clamp_min(0).long()]
-    k, k_scale = cache.unpack_index_keys_fp8(rows, CPU_DIM) if fmt == "fp8" else (rows, None)
+    # The keys written out row by row (FP8 pages converted to rows first).
+    k_cache = args["k_cache"]
+    if fmt == "fp8-pages":
+        k_cache = kv_format.relayout_index_keys(k_cache, CPU_DIM, src="paged", dst="rows")
+    rows = k_cache.reshape(-1, k_cache.shape[-1])[slots.clamp_min(0).long()]
+    k, k_scale = cache.unpack_index_keys_fp8(rows, CPU_DIM) if is_fp8(fmt) else (rows, None)
     starts = args["starts"] if args["starts"] is not None else torch.zeros_like(args["ends"])
     # Unallocated pages only ever follow a sequence's allocated ones here, so clamping ends to them is exact.
     allocated = (slots >= 0).sum(dim=1, dtype=torch.int32).view(-1, 1)
@@ -182,6 +210,9 @@ def test_positions_to_slots_follows_the_block_table() -> None:
         ({"block_table": torch.zeros(3, 4, dtype=torch.int32)}, "block_table must have B = 2 rows"),
         ({"ends": torch.zeros(2, 2, dtype=torch.int64)}, "ends must have dtype int32"),
         ({"weights": torch.zeros(2, 1, 3)}, r"weights must have shape \[B, s_q, H_i\]"),
+        ({"key_layout": "pages"}, r"key_layout must be one of \('rows', 'paged'\)"),
+        ({"q": torch.zeros(2, 1, 4, 32, dtype=torch.bfloat16), "key_layout": "paged"},
+         r"key_layout must be one of .* \('paged' only for FP8 keys\)"),
     ],
 )
 def test_bad_input_names_the_argument(change: dict[str, Any], message: str) -> None:
@@ -229,6 +260,7 @@ def _run_paged(args: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
 @example(fmt="fp8", batch=2, s_q=2, length=300, ranges="decode", unallocated=True, seed=1)
 @example(fmt="bf16", batch=3, s_q=4, length=250, ranges="random", unallocated=False, seed=2)
 @example(fmt="fp8", batch=1, s_q=1, length=5, ranges="decode", unallocated=True, seed=3)
+@example(fmt="fp8-pages", batch=3, s_q=2, length=300, ranges="random", unallocated=True, seed=4)
 def test_cpu_paged_kernel_matches_reference(
     fmt: str, batch: int, s_q: int, length: int, ranges: str, unallocated: bool, seed: int
 ) -> None:
@@ -247,14 +279,15 @@ def _spoil_cache(k_cache: torch.Tensor, fmt: str, names: list[str], data: st.Dat
         if "keys" in names:
             pages = strategies.sprinkle(pages, data.draw(strategies.sprinkles()), seed)
         return pages
+    # Views of the copy's FP8 bytes and scale bytes, in the format's layout.
+    values, scales = kv_format.index_key_sections(pages, CPU_DIM, key_layout(fmt))
     if "keys" in names:
-        values = pages[..., :CPU_DIM].view(torch.float8_e4m3fn)
         how = data.draw(strategies.sprinkles((strategies.NAN,)))
-        pages[..., :CPU_DIM] = strategies.sprinkle(values, how, seed).view(torch.uint8)
+        values.copy_(strategies.sprinkle(values.contiguous().view(torch.float8_e4m3fn), how, seed).view(torch.uint8))
     if "key_scales" in names:
-        scales = pages[..., CPU_DIM:].contiguous().view(torch.float32)
         how = data.draw(strategies.sprinkles())
-        pages[..., CPU_DIM:] = strategies.sprinkle(scales, how, seed + 1).view(torch.uint8)
+        spoiled = strategies.sprinkle(scales.contiguous().view(torch.float32), how, seed + 1)
+        scales.copy_(spoiled.view(torch.uint8))
     return pages
 
 
@@ -268,11 +301,11 @@ def test_cpu_paged_kernel_with_non_finite_inputs_matches_reference(
     rows no query sees): the C-target paged kernel selects exactly the reference's sets and scores, never a NaN or
     infinite score (FP8 q and key bytes take NaN only: e4m3fn has no infinity)."""
     args = _paged_problem(fmt, batch, s_q, length, ranges, unallocated, seed, shortest=1)
-    parts = ["q", "weights", "keys"] + (["key_scales"] if fmt == "fp8" else [])
+    parts = ["q", "weights", "keys"] + (["key_scales"] if is_fp8(fmt) else [])
     spoiled = data.draw(st.lists(st.sampled_from(parts), min_size=1, max_size=len(parts), unique=True))
     args["k_cache"] = _spoil_cache(args["k_cache"], fmt, spoiled, data, seed)
     if "q" in spoiled:
-        values = (strategies.NAN,) if fmt == "fp8" else strategies.NON_FINITE
+        values = (strategies.NAN,) if is_fp8(fmt) else strategies.NON_FINITE
         args["q"] = strategies.sprinkle(args["q"], data.draw(strategies.sprinkles(values)), seed + 2)
     if "weights" in spoiled:
         args["weights"] = strategies.sprinkle(args["weights"], data.draw(strategies.sprinkles()), seed + 3)
@@ -282,14 +315,18 @@ def test_cpu_paged_kernel_with_non_finite_inputs_matches_reference(
 
 
 @pytest.mark.cpu_kernel
-def test_cpu_op_runs_the_paged_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``ops.index_topk_decode`` on the kernel backend calls the paged launcher (a spy counts) with the same result."""
+@pytest.mark.parametrize("fmt", ["fp8", "fp8-pages"])
+def test_cpu_op_runs_the_paged_kernel(monkeypatch: pytest.MonkeyPatch, fmt: str) -> None:
+    """``ops.index_topk_decode`` on the kernel backend calls the paged launcher (a spy counts) with the same result;
+    FP8 key pages go in as vLLM passes them (``[num_pages, page_size, 1, D + 4]`` uint8, ``key_layout="paged"``)."""
     monkeypatch.setenv("DSA_BACKEND", "tilelang")
     calls = []
     real = launch.index_topk_paged
     monkeypatch.setattr(launch, "index_topk_paged", lambda *a, **k: calls.append(1) or real(*a, **k))
-    args = make_problem(fmt="fp8", seed=4, batch=2, s_q=2, lengths=[90, 40], unallocated=True)
+    args = make_problem(fmt=fmt, seed=4, batch=2, s_q=2, lengths=[90, 40], unallocated=True)
     call = dict(args)
+    if fmt == "fp8-pages":
+        call["k_cache"] = call["k_cache"].unsqueeze(2)
     got = ops.index_topk_decode(call.pop("q"), call.pop("k_cache"), call.pop("weights"), CPU_TOPK, **call,
                                 return_scores=True)  # fmt: skip
     assert calls == [1]
@@ -302,10 +339,15 @@ V32_PAGED_STATIC = {"heads": V32["heads"], "dim": V32["dim"], "dtype": "float8_e
                     "topk": V32["topk"], "page_size": V32["page_size"], "scale_col": V32["dim"] // 4}  # fmt: skip
 
 
+V32_PAGES_STATIC = {**V32_PAGED_STATIC, "scale_col": 0, "key_layout": "paged"}
+"""The same kernel over FP8 key pages in DeepGEMM's per-page layout."""
+
+
 def _paged_builds() -> list[tuple[Any, dict[str, Any]]]:
-    """The V3.2 paged kernels the build and GPU tiers use (FP8 and bf16 keys), with their default Hopper configs."""
+    """The V3.2 paged kernels the build and GPU tiers use (FP8 key rows and pages, bf16 keys), with their default
+    Hopper configs."""
     builds = []
-    for static in (V32_PAGED_STATIC, {**V32_PAGED_STATIC, "dtype": "bfloat16", "scale_col": 0}):
+    for static in (V32_PAGED_STATIC, V32_PAGES_STATIC, {**V32_PAGED_STATIC, "dtype": "bfloat16", "scale_col": 0}):
         config = kernels.default_config({**static, "target": dsl.HOPPER_TARGET})
         builds.append((kernels.build, {**static, **dataclasses.asdict(config)}))
     return builds
@@ -313,7 +355,7 @@ def _paged_builds() -> list[tuple[Any, dict[str, Any]]]:
 
 hopper_prebuilt = support.prebuilt_fixture(
     _paged_builds,
-    "Both paged kernels of the GPU tier compiled in parallel first (the build tier needs only the FP8 one: CI does not "
+    "The paged kernels of the GPU tier compiled in parallel first (the build tier needs only the FP8 ones: CI does not "
     "pay for the bf16 build).",
 )
 
@@ -328,6 +370,26 @@ def test_hopper_paged_build_is_clean() -> None:
     assert not report.problems(mma=tl_build.MMA_WGMMA), report.problems(mma=tl_build.MMA_WGMMA)
     assert report.smem_bytes <= kernels.smem_bytes(V32_PAGED_STATIC, config)
     support.assert_wide_addressing(kernel.get_kernel_source())
+
+
+# A 16-byte vector of FP8 values read from the key cache K (TileLang's CUDA: `*(fp8_e4_16_t*)(K + ...)`).
+_K_VECTOR_LOAD = re.compile(r"\*\(fp8_e4_16_t\*\)\(K \+")
+_K_BYTE_LOAD = re.compile(r"= K\[")
+
+
+@pytest.mark.build
+def test_hopper_paged_build_over_key_pages_loads_16_byte_vectors() -> None:
+    """Over FP8 key pages in DeepGEMM's per-page layout (each key's 128 bytes 16-byte aligned) the V3.2 paged
+    variant compiles for sm_90a without spills and reads the key tile from global memory as 16-byte vectors only
+    (``fp8_e4_16_t``; the 132-byte rows are read a byte at a time), with int64 row addressing."""
+    config = kernels.default_config({**V32_PAGES_STATIC, "target": dsl.HOPPER_TARGET})
+    kernel, report = support.hopper_build("index_topk paged fp8 pages", kernels.build, **V32_PAGES_STATIC,
+                                          **dataclasses.asdict(config))  # fmt: skip
+    assert not report.problems(mma=tl_build.MMA_WGMMA), report.problems(mma=tl_build.MMA_WGMMA)
+    assert report.smem_bytes <= kernels.smem_bytes(V32_PAGES_STATIC, config)
+    source = kernel.get_kernel_source()
+    assert _K_VECTOR_LOAD.search(source) and not _K_BYTE_LOAD.search(source)
+    support.assert_wide_addressing(source)
 
 
 # ------------------------------------------------------------------------------------------------------- GPU tier

@@ -2,11 +2,11 @@
 key range over several thread blocks, merged by the top-k kernel, exactly the reference's selection.
 
 The problems are :func:`tests.test_index_topk_decode.make_problem`'s (integer-valued, so every score is exact and the
-tie rule decides every tie): random, tied (every score of a row equal), ordered and reversed rows; bf16 and FP8 key
-rows; 1-4 queries per sequence; lengths and ranges that are not multiples of the key block; unallocated pages. The
-split count is forced to 1..7 on the C target (whose default is 1). The CPU tier compiles nothing new: the paged
-kernels and the ``k = 16`` top-k kernel are the ones ``tests/test_index_topk_decode.py`` and ``tests/test_ops.py``
-compile. Tiers: rule and range arithmetic (pure Python/PyTorch), ``cpu_kernel``, ``gpu`` (V3.2 at 128K: the split
+tie rule decides every tie): random, tied (every score of a row equal), ordered and reversed rows; bf16 keys, FP8 key
+rows and FP8 key pages (DeepGEMM's per-page layout); 1-4 queries per sequence; lengths and ranges that are not
+multiples of the key block; unallocated pages. The split count is forced to 1..7 on the C target (whose default is
+1). The CPU tier compiles nothing new: the paged kernels and the ``k = 16`` top-k kernel are the ones
+``tests/test_index_topk_decode.py`` and ``tests/test_ops.py`` compile. Tiers: rule and range arithmetic (pure Python/PyTorch), ``cpu_kernel``, ``gpu`` (V3.2 at 128K: the split
 count the rule picks against one launch and the reference).
 """
 
@@ -25,7 +25,7 @@ from dsa.launch import index_topk_split as split
 from tests import strategies
 from tests.test_index_topk_decode import (
     CPU_TOPK, FORMATS, PATTERNS, V32, _assert_same_selection, _paged_draws, _paged_problem, _reference, _spoil_cache,
-    make_problem,
+    is_fp8, make_problem,
 )  # fmt: skip
 from tl_kernels import dsl, indexer
 from tl_kernels import index_topk as kernels
@@ -181,6 +181,8 @@ def _run_split(args: dict[str, Any], splits: int | None, topk: int = CPU_TOPK) -
          splits=3)  # fmt: skip
 @example(fmt="bf16", batch=2, s_q=1, length=130, ranges="random", unallocated=False, seed=4, pattern="random",
          splits=2)  # fmt: skip
+@example(fmt="fp8-pages", batch=2, s_q=3, length=280, ranges="decode", unallocated=True, seed=5, pattern="tied",
+         splits=4)  # fmt: skip
 def test_cpu_split_selection_matches_reference(
     fmt: str, batch: int, s_q: int, length: int, ranges: str, unallocated: bool, seed: int, pattern: str, splits: int
 ) -> None:
@@ -200,7 +202,7 @@ def test_cpu_split_selection_with_non_finite_keys_matches_reference(
     """NaN and ``+-inf`` in the cached keys (and FP8 scales): no sub-range lets a non-finite score into the merge,
     and the merged selection is the reference's."""
     args = make_problem(fmt=fmt, seed=seed, batch=batch, s_q=s_q, lengths=[length] * batch, unallocated=True)
-    parts = ["keys"] + (["key_scales"] if fmt == "fp8" else [])
+    parts = ["keys"] + (["key_scales"] if is_fp8(fmt) else [])
     args["k_cache"] = _spoil_cache(args["k_cache"], fmt, parts, data, seed)
     indices, scores = _run_split(args, splits)
     _assert_same_selection((indices, scores), _reference(args, CPU_TOPK))
@@ -233,7 +235,8 @@ def test_bad_split_count_names_the_argument(splits: object) -> None:
 @pytest.mark.decode
 @pytest.mark.parametrize(
     ("fmt", "pattern", "batch", "s_q", "context"),
-    [("fp8", "random", 1, 1, 131_072), ("bf16", "tied", 1, 2, 131_072), ("fp8", "ordered", 2, 4, 40_000)],
+    [("fp8", "random", 1, 1, 131_072), ("bf16", "tied", 1, 2, 131_072), ("fp8", "ordered", 2, 4, 40_000),
+     ("fp8-pages", "random", 1, 1, 131_072)],
 )
 def test_gpu_split_selection_matches_one_launch_and_reference(
     cuda_device: torch.device, fmt: str, pattern: str, batch: int, s_q: int, context: int
@@ -243,7 +246,7 @@ def test_gpu_split_selection_matches_one_launch_and_reference(
     lengths = [context - 999 * b for b in range(batch)]
     args = make_problem(fmt=fmt, seed=7, batch=batch, s_q=s_q, lengths=lengths, heads=V32["heads"], dim=V32["dim"],
                         page_size=V32["page_size"], unallocated=True, pattern=pattern, device=cuda_device)  # fmt: skip
-    p = launch.plan_paged(args["q"], V32["topk"], page_size=V32["page_size"])
+    p = launch.plan_paged(args["q"], V32["topk"], page_size=V32["page_size"], key_layout=args.get("key_layout", "rows"))
     assert launch.paged_splits(p, args["q"], args["block_table"], V32["page_size"]) > 1
     got = _run_split(args, None, V32["topk"])
     _assert_same_selection(got, _run_split(args, 1, V32["topk"]))

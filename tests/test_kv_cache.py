@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dsa import cache, kv_format, reference
+from dsa import cache, kv_format, reference, testing
 from tests import strategies
 
 V32 = cache.V32_FP8_LAYOUT
@@ -422,3 +422,50 @@ def test_index_topk_decode_reference_work_follows_the_context_not_the_block_tabl
         allocated.append(counter.elements)
     assert torch.equal(results[0], results[1])
     assert allocated[0] == allocated[1], f"elements allocated grew with the block table: {allocated}"
+
+
+# ------------------------------------------------------------------------------- FP8 index keys: per-page layout
+
+
+def _random_index_keys(g: torch.Generator, pages: int, page_size: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random FP8 keys ``[pages, page_size, dim]`` (any byte but NaN's) and float32 scales ``[pages, page_size]``."""
+    k = torch.randint(0, 0x7F, (pages, page_size, dim), generator=g, dtype=torch.uint8)
+    k = (k | (torch.randint(0, 2, k.shape, generator=g, dtype=torch.uint8) << 7)).view(torch.float8_e4m3fn)
+    return k, torch.randn(pages, page_size, generator=g) * 2.0 ** torch.randint(-8, 8, (pages, page_size), generator=g)
+
+
+@given(pages=st.integers(1, 3), page_size=st.integers(1, 9), dim=st.sampled_from([16, 32, 128]), seed=strategies.SEEDS)
+def test_index_key_pages_put_each_key_at_deepgemm_offsets(pages: int, page_size: int, dim: int, seed: int) -> None:
+    """``pack_index_key_pages_fp8``: key ``o`` of page ``p`` has its FP8 bytes at ``p * page_size * (D + 4) + o * D``
+    and its float32 scale at ``p * page_size * (D + 4) + page_size * D + 4 * o`` (read back byte by byte); unpacking
+    and converting to rows and back are exact round trips; a ``PagedKVCache`` with the paged layout stores the
+    packed rows (``append_rows``) as the same bytes."""
+    k, k_scale = _random_index_keys(testing.generator(seed), pages, page_size, dim)
+    blob = kv_format.pack_index_key_pages_fp8(k, k_scale)
+    assert blob.shape == (pages, page_size, dim + 4) and blob.dtype == torch.uint8
+    flat = blob.reshape(-1)
+    page_bytes = page_size * (dim + 4)
+    for p in range(pages):
+        for o in range(page_size):
+            start = p * page_bytes + o * dim
+            assert torch.equal(flat[start : start + dim], k[p, o].view(torch.uint8))
+            scale_at = p * page_bytes + page_size * dim + 4 * o
+            assert torch.equal(flat[scale_at : scale_at + 4].view(torch.float32), k_scale[p, o].view(1))
+    k2, scale2 = kv_format.unpack_index_key_pages_fp8(blob.unsqueeze(2), dim)  # vLLM's [.., 1, D + 4] view
+    assert torch.equal(k2.view(torch.uint8), k.view(torch.uint8)) and torch.equal(scale2, k_scale)
+    rows = kv_format.relayout_index_keys(blob, dim, src="paged", dst="rows")
+    assert torch.equal(rows, kv_format.pack_index_keys_fp8(k, k_scale))
+    assert torch.equal(kv_format.relayout_index_keys(rows, dim, src="rows", dst="paged"), blob)
+    # One sequence over every page in order: the cache's pages are the packed blob, byte for byte.
+    keys = cache.PagedKVCache(1, pages * page_size, dim, page_size=page_size, dtype="fp8", d_rope=0,
+                              layout=kv_format.index_key_layout(dim, "paged"))  # fmt: skip
+    keys.append_rows(rows.reshape(1, pages * page_size, dim + 4))
+    assert torch.equal(keys.pages.view(pages, page_size, dim + 4), blob)
+
+
+def test_index_key_layouts_name_their_errors() -> None:
+    """An unknown layout, and a cache of the wrong row size, raise ValueError naming the function."""
+    with pytest.raises(ValueError, match=r"^index_key_layout: key_layout must be one of \('rows', 'paged'\)"):
+        kv_format.index_key_layout(128, "deepgemm")
+    with pytest.raises(ValueError, match=r"^index_key_sections: k_cache must be \[num_pages, page_size, 36\] bytes"):
+        kv_format.index_key_sections(torch.zeros(2, 4, 35, dtype=torch.uint8), 32, "paged")

@@ -44,6 +44,7 @@ from tl_kernels.indexer_steps import indexer_math
 
 __all__ = [
     "CPU_DEFAULT",
+    "KEY_LAYOUTS",
     "PORTABLE_TUNING_SPACE",
     "TUNING_SPACE",
     "Config",
@@ -55,6 +56,11 @@ __all__ = [
 ]
 
 ACCUM_DTYPE = "float32"
+KEY_LAYOUTS = ("rows", "paged")
+"""Byte layouts of a paged FP8 key cache (``dsa.kv_format.index_key_layout``): ``"rows"``, one ``dim + 4``-byte row
+per key (the values, then the float32 scale); ``"paged"``, DeepGEMM's and vLLM's indexer cache, a page holds its
+``page_size`` keys' values (``page_size * dim`` bytes) and then their ``page_size`` float32 scales."""
+_SCALE_BYTES = 4
 INDEX_DTYPE = "int32"
 COUNT_DTYPE = "int32"
 SLOT_DTYPE = "int64"
@@ -182,6 +188,7 @@ def build(
     cand_factor: int = Config.cand_factor,
     page_size: int = 0,
     scale_col: int = 0,
+    key_layout: str = "rows",
     target: dsl.Target = dsl.CPU_TARGET,
 ) -> Any:
     """The fused ``index_topk`` prim_func for the given static parameters; B, S and S_kv are dynamic.
@@ -195,7 +202,10 @@ def build(
             (decoding, ``"range"`` mode only): key position ``s`` of sequence ``b`` is cache row ``block_table[b, s //
             page_size] * page_size + s % page_size``; a position whose page entry is negative or whose row is past the
             cache is invisible. The logical key length is ``pages_per_sequence * page_size``.
-        scale_col: paged FP8 only: the column of a row's float32 scale in the ``k_scale`` view (below).
+        scale_col: paged FP8 ``"rows"`` only: the column of a row's float32 scale in the ``k_scale`` view (below).
+        key_layout: paged FP8 only, one of :data:`KEY_LAYOUTS`. ``"paged"`` keeps each key's ``dim`` bytes
+            contiguous at a multiple of ``dim`` bytes into its page, so (with 16-byte aligned pages) the key tile is
+            loaded in 16-byte vectors; ``"rows"`` rows are ``dim + 4`` bytes apart (4-byte aligned), loaded bytewise.
         target: ``"c"`` or a CUDA target dict.
 
     Kernel arguments, in order (``k_scale`` only for FP8, ``starts``/``ends`` only in ``"range"`` mode):
@@ -206,12 +216,20 @@ def build(
         Paged (``page_size > 0``): k ``[num_slots, k_row]`` dtype (a row's first ``dim`` values are the key; FP8 rows
         may carry their scale bytes after them), [k_scale ``[num_slots, scale_row]`` float32, read at column
         ``scale_col``: for FP8-layout bytes a float32 view of the same rows], block_table ``[B, pages_per_sequence]``
-        int32, then starts, ends, indices, scores as above.
+        int32, then starts, ends, indices, scores as above. With ``key_layout="paged"``: k ``[num_pages, page_size *
+        (dim + 4)]`` dtype (whole pages; key ``o`` of page ``p`` at ``k[p, o * dim : (o + 1) * dim]``) and k_scale
+        ``[num_pages, page_size * (dim + 4) / 4]`` float32 (a view of the same bytes; its scale at column
+        ``page_size * dim / 4 + o``); slot ``p * page_size + o`` as before.
     """
     cpu = dsl.is_cpu(target)
     paged = page_size > 0
     if page_size < 0 or (paged and mode != "range"):
         raise ValueError(f"page_size must be >= 0, and a paged cache needs mode 'range'; got {page_size}, {mode!r}")
+    if key_layout not in KEY_LAYOUTS or (key_layout != "rows" and not (paged and dtype == indexer.FP8)):
+        raise ValueError(f"key_layout must be one of {KEY_LAYOUTS} ('paged' for paged FP8 keys), got {key_layout!r}")
+    # DeepGEMM's per-page layout: a page's values, then its scales (as float32 words, the page is `page_words`).
+    page_keys = key_layout == "paged"
+    page_words = page_size * (dim + _SCALE_BYTES) // _SCALE_BYTES
     static = {"heads": heads, "dim": dim, "dtype": dtype, "mode": mode, "topk": topk, "target": target}
     config = Config(q_rows=q_rows, block_N=block_N, threads=threads, cand_factor=cand_factor)
     check_config(static, config)
@@ -231,7 +249,11 @@ def build(
     )  # fmt: skip
 
     batch, seq = T.dynamic("batch, seq_len")
-    if paged:
+    if page_keys:
+        num_pages, max_pages = T.dynamic("num_pages, max_pages")
+        num_slots = num_pages * page_size
+        seq_kv = max_pages * page_size
+    elif paged:
         num_slots, k_row, scale_row, max_pages = T.dynamic("num_slots, k_row, scale_row, max_pages")
         seq_kv = max_pages * page_size
     else:
@@ -247,6 +269,11 @@ def build(
     def key_value(K: Any, slot_tile: Any, b: Any, pos: Any, n: Any, d: Any) -> Any:
         """Element ``d`` of key ``pos`` (row ``n`` of the key block) as a tile value, 0 past the keys (or at an
         invalid paged row, whose row ``slot_tile[n]`` is -1)."""
+        if page_keys:
+            # Page, then a dim-aligned offset into it: the vectoriser sees 16-byte aligned runs along d.
+            slot = T.max(slot_tile[n], 0)
+            value = K[slot // page_size, slot % page_size * dim + d]
+            return T.if_then_else(slot_tile[n] >= 0, math_.load(value), T.cast(0, tile_dtype))
         if paged:
             return T.if_then_else(slot_tile[n] >= 0, math_.load(K[T.max(slot_tile[n], 0), d]), T.cast(0, tile_dtype))
         return T.if_then_else(pos < seq_kv, math_.load(K[b, T.min(pos, seq_kv - 1), d]), T.cast(0, tile_dtype))
@@ -255,7 +282,11 @@ def build(
         """The score of a visible key from its head-weighted sum: times its FP8 scale; -inf at an invalid paged row."""
         if not paged:
             return math_.scaled(logit, KScale, b, T.min(pos, seq_kv - 1))
-        value = logit * KScale[T.max(slot_tile[n], 0), scale_col] if fp8 else logit
+        slot = T.max(slot_tile[n], 0)
+        if page_keys:
+            value = logit * KScale[slot // page_size, page_size * dim // _SCALE_BYTES + slot % page_size]
+        else:
+            value = logit * KScale[slot, scale_col] if fp8 else logit
         return T.if_then_else(slot_tile[n] >= 0, value, neg_inf)
 
     # Macro parameters carry no annotations on purpose: TileLang gives annotated macro parameters meaning (T.Ref).
@@ -385,13 +416,19 @@ def build(
         body(Q, K, W, KScale, BlockTable, Starts, Ends, Indices, Scores)
 
     ranged = not causal  # paged implies range mode (checked above)
+    if page_keys:
+        k_arg_shape, scale_shape = [num_pages, page_words * _SCALE_BYTES], [num_pages, page_words]
+    elif paged:
+        k_arg_shape, scale_shape = [num_slots, k_row], [num_slots, scale_row]
+    else:
+        k_arg_shape, scale_shape = k_shape, [batch, seq_kv]
     func = dsl.prim_func(
         index_topk,
-        f"index_topk_{'fp8' if fp8 else 'bf16'}_{'paged' if paged else mode}",
+        f"index_topk_{'fp8' if fp8 else 'bf16'}_{'paged' if paged else mode}{'_pages' if page_keys else ''}",
         Q=T.Tensor(q_shape, io_dtype),
-        K=T.Tensor([num_slots, k_row] if paged else k_shape, io_dtype),
+        K=T.Tensor(k_arg_shape, io_dtype),
         W=T.Tensor(w_shape, ACCUM_DTYPE),
-        KScale=(T.Tensor([num_slots, scale_row] if paged else [batch, seq_kv], ACCUM_DTYPE) if fp8 else None),
+        KScale=T.Tensor(scale_shape, ACCUM_DTYPE) if fp8 else None,
         BlockTable=T.Tensor([batch, max_pages], INDEX_DTYPE) if paged else None,
         Starts=T.Tensor(row_shape, INDEX_DTYPE) if ranged else None,
         Ends=T.Tensor(row_shape, INDEX_DTYPE) if ranged else None,

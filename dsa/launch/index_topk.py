@@ -4,7 +4,8 @@ Inputs are assumed validated (``dsa.validation.check_index_topk(..., kernel=True
 for the paged variant): the indexer's dtypes, shapes, contiguity and device rules, ``topk >= 1``. On CPU the kernel is
 TileLang's C-target build of ``tl_kernels.index_topk``; on CUDA the build for the device's architecture. ``B``, ``S``
 and ``S_kv`` are symbolic: one compiled kernel serves every length for the static parameters (heads, dim, dtype,
-mode, topk; the paged variant adds the page size and the FP8 scale column).
+mode, topk; the paged variant adds the page size, the FP8 scale column and, for DeepGEMM's per-page key layout,
+``key_layout="paged"``).
 
 :func:`plan` and :func:`plan_paged` return ``None`` where no config fits (the candidate buffers of a very large
 ``topk`` exceed shared memory): the caller runs another path.
@@ -41,24 +42,32 @@ def static_params(q: torch.Tensor, topk: int, *, ranged: bool) -> dict[str, Any]
     return {**indexer_launch.static_params(q, ranged=ranged), "topk": int(topk)}
 
 
-def paged_static_params(q: torch.Tensor, topk: int, *, page_size: int) -> dict[str, Any]:
+def paged_static_params(q: torch.Tensor, topk: int, *, page_size: int, key_layout: str = "rows") -> dict[str, Any]:
     """The static parameters of the paged (decode) variant: the ranged indexer's, ``topk``, the page size and, for
-    FP8 keys, the float32 column of a key row's scale (``dsa.kv_format.index_key_layout``: after its ``D_i`` bytes)."""
+    FP8 keys, the float32 column of a key row's scale (``dsa.kv_format.index_key_layout``: after its ``D_i`` bytes;
+    0 for ``key_layout="paged"``, whose scales follow the page's values, and then ``key_layout`` is a parameter too:
+    the row layout's parameters stay what they were, so its builds and caches are unchanged)."""
     static = {**static_params(q, topk, ranged=True), "page_size": int(page_size)}
     fp8 = q.dtype == torch.float8_e4m3fn
+    rows = key_layout == "rows"
     # The scale's column when a key row is viewed as float32 words.
-    static["scale_col"] = kv_format.index_key_layout(int(q.shape[-1])).scale_offset // _SCALE_BYTES if fp8 else 0
+    scale_offset = kv_format.index_key_layout(int(q.shape[-1])).scale_offset
+    static["scale_col"] = scale_offset // _SCALE_BYTES if fp8 and rows else 0
+    if not rows:
+        static["key_layout"] = key_layout
     return static
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """What a fused selection of one shape runs: its target, config, compiled kernel and ``topk``."""
+    """What a fused selection of one shape runs: its target, config, compiled kernel, ``topk`` and (paged FP8 keys)
+    the key cache's layout."""
 
     target: Any
     config: kernels.Config
     kernel: Any
     topk: int
+    key_layout: str = "rows"
 
 
 _PLANS: common.PlanCache[Plan] = common.PlanCache(KERNEL_NAME)
@@ -78,7 +87,7 @@ def _make(
             raise  # a caller's config that does not suit the target is an error, not a fallback
         return None
     kernel = common.get_kernel(kernels.build, target, **static, **dataclasses.asdict(chosen))
-    return Plan(target, chosen, kernel, static["topk"])
+    return Plan(target, chosen, kernel, static["topk"], static.get("key_layout", "rows"))
 
 
 def plan(
@@ -134,12 +143,13 @@ def index_topk(
 
 
 def plan_paged(
-    q: torch.Tensor, topk: int, *, page_size: int, config: kernels.Config | None = None
+    q: torch.Tensor, topk: int, *, page_size: int, config: kernels.Config | None = None, key_layout: str = "rows"
 ) -> Plan | None:
-    """The plan of the paged variant for ``q [B, s_q, H_i, D_i]`` over pages of ``page_size`` keys, or ``None``
-    where no config fits. The paged variant is not tuned yet: its default config runs (``config`` overrides)."""
-    static = paged_static_params(q, topk, page_size=page_size)
-    key = (q.dtype, q.shape[2], q.shape[3], int(topk), int(page_size), config)
+    """The plan of the paged variant for ``q [B, s_q, H_i, D_i]`` over pages of ``page_size`` keys (FP8 keys in
+    ``key_layout``, ``dsa.kv_format.INDEX_KEY_LAYOUTS``), or ``None`` where no config fits. The paged variant is not
+    tuned yet: its default config runs (``config`` overrides)."""
+    static = paged_static_params(q, topk, page_size=page_size, key_layout=key_layout)
+    key = (q.dtype, q.shape[2], q.shape[3], int(topk), int(page_size), config, key_layout)
     return _PAGED_PLANS.get(q.device, key, lambda: _make(static, None, q.device, config))
 
 
@@ -147,7 +157,8 @@ def _launch_paged(
     p: Plan, q: Tensor, k_cache: Tensor, weights: Tensor, block_table: Tensor, ends: Tensor, starts: Tensor
 ) -> tuple[Tensor, Tensor]:
     """One launch of the paged kernel: ``(positions, scores)``, each ``[B, S, topk]``, for ``q [B, S, H_i, D_i]``."""
-    rows = k_cache.view(-1, k_cache.shape[-1])
+    # Key rows, or whole pages for the per-page layout (its values and scales are addressed by page).
+    rows = k_cache.view(k_cache.shape[0], -1) if p.key_layout != "rows" else k_cache.view(-1, k_cache.shape[-1])
     if q.dtype == torch.float8_e4m3fn:
         raw = rows.view(torch.uint8)
         keys = [tl_build.to_kernel_arg(raw.view(torch.float8_e4m3fn), p.target), weights, raw.view(torch.float32)]
@@ -210,6 +221,7 @@ def index_topk_paged(
     config: kernels.Config | None = None,
     planned: Plan | None = None,
     splits: int | None = None,
+    key_layout: str = "rows",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``index_topk_decode`` (contract: ``dsa.reference.index_topk_decode``) by the fused kernel reading the keys
     through the block table.
@@ -220,11 +232,12 @@ def index_topk_paged(
         planned (Plan | None): the caller's plan; default :func:`plan_paged` (``ValueError`` where none fits).
         splits (int | None): sub-ranges per query's keys (split-K selection; tests force 1..7); default
             :func:`paged_splits` (two waves of the GPU's SMs, one on the C target).
+        key_layout (str): FP8 keys' byte layout (``dsa.kv_format.INDEX_KEY_LAYOUTS``; a ``planned`` plan has its own).
 
     Returns:
         positions ``[B, s_q, topk]`` int32 (``-1`` padding) and their scores ``[B, s_q, topk]`` float32.
     """
-    p = planned or plan_paged(q, topk, page_size=k_cache.shape[1], config=config)
+    p = planned or plan_paged(q, topk, page_size=k_cache.shape[1], config=config, key_layout=key_layout)
     if p is None:
         raise ValueError(f"index_topk_decode: no fused config fits topk={topk} for q {tuple(q.shape)} on {q.device}")
     return run_paged(p, q, k_cache, weights, block_table, ends, starts, splits)

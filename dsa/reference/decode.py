@@ -284,6 +284,7 @@ def index_topk_decode(
     ends: Tensor,
     starts: OptTensor = None,
     return_scores: bool = False,
+    key_layout: str = "rows",
 ) -> Tensor | tuple[Tensor, Tensor]:
     """The indexer's top-k for decoding: the ``s_q`` new queries of each sequence against its keys in a paged cache.
 
@@ -291,7 +292,8 @@ def index_topk_decode(
         q (Tensor): ``[B, s_q, H_i, D_i]``, as in :func:`index_scores` (FP8, bf16, float32/float64).
         k_cache (Tensor): ``[num_pages, page_size, D_i]`` in q's dtype, or for FP8 ``q`` the FP8 key rows
             ``[num_pages, page_size, D_i + 4]`` uint8 (``dsa.kv_format.index_key_layout``: the key's FP8 bytes, then its
-            float32 scale).
+            float32 scale); with ``key_layout="paged"`` the same bytes in DeepGEMM's and vLLM's per-page layout (a
+            page's values, then its scales; vLLM's ``[num_pages, page_size, 1, D_i + 4]`` view is taken too).
         weights (Tensor): ``[B, s_q, H_i]`` float32.
         topk (int): ``>= 1``.
         block_table (Tensor): ``[B, pages_per_sequence]`` int32 (``dsa.serving.cache.PagedKVCache.block_table``).
@@ -302,20 +304,23 @@ def index_topk_decode(
             or the rows past it are scored as they are stored (a fresh ``PagedKVCache`` holds zero keys there,
             which score 0). ``dsa.serving.model_cache.select_from_cache`` clamps ``ends`` to the cache's ``seq_lens``.
         return_scores (bool): also return the selected positions' scores.
+        key_layout (str): the FP8 key cache's byte layout, ``"rows"`` or ``"paged"``
+            (``dsa.kv_format.INDEX_KEY_LAYOUTS``; both are ``page_size * (D_i + 4)`` bytes a page, so it is a keyword).
 
     Returns:
         indices ``[B, s_q, topk]`` int32 logical **positions** (map them with ``dsa.kv_format.positions_to_slots``), a set
         per row, ``-1`` padding, ties to the smaller position; with ``return_scores`` also their scores (float32,
         ``-inf`` at padding): :func:`index_topk` over the keys gathered through the block table.
     """
-    validation.check_index_topk_decode(q, k_cache, weights, topk, block_table, ends, starts)
-    indices, scores = index_topk_decode_impl(q, k_cache, weights, int(topk), block_table, ends, starts)
+    validation.check_index_topk_decode(q, k_cache, weights, topk, block_table, ends, starts, key_layout=key_layout)
+    indices, scores = index_topk_decode_impl(q, k_cache, weights, int(topk), block_table, ends, starts, key_layout)
     return (indices, scores) if return_scores else indices
 
 
 def index_topk_decode_impl(
-    q: Tensor, k_cache: Tensor, weights: Tensor, topk: int, block_table: Tensor, ends: Tensor, starts: OptTensor
-) -> tuple[Tensor, Tensor]:
+    q: Tensor, k_cache: Tensor, weights: Tensor, topk: int, block_table: Tensor, ends: Tensor, starts: OptTensor,
+    key_layout: str = "rows",
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     """:func:`index_topk_decode` without validation (for callers that validated the inputs already, ``dsa.ops``):
     ``(positions, scores)``, each ``[B, s_q, topk]``."""
     batch = q.shape[0]
@@ -329,12 +334,15 @@ def index_topk_decode_impl(
     # Read by page and offset (any strides; the cache is never flattened or copied). An invalid slot reads row 0 of
     # page 0, and its score is replaced by -inf below.
     safe = slots.clamp_min(0).to(torch.int64)
-    rows = k_cache[safe // page_size, safe % page_size]
+    page, offset = safe // page_size, safe % page_size
     k_scale = None
     if q.dtype in validation.FP8_DTYPES:
-        k, k_scale = kv_format.unpack_index_keys_fp8(rows, q.shape[-1])
+        # Either layout: the keys' FP8 bytes and scale bytes as [num_pages, page_size, *] views.
+        values, scales = kv_format.index_key_sections(k_cache, q.shape[-1], key_layout)
+        k = values[page, offset].view(torch.float8_e4m3fn)
+        k_scale = scales[page, offset].view(torch.float32).squeeze(-1)
     else:
-        k = rows
+        k = k_cache[page, offset]
     if starts is None:
         starts = torch.zeros_like(ends)
     scores = index_scores_impl(q, k, weights, k_scale, starts, ends)

@@ -43,6 +43,12 @@ class PagedKVCache:
 
     ``layout`` (``dtype="fp8"`` only) picks the FP8 layout; by default ``FP8Layout.for_width(width, d_rope)`` (V3.2's
     for 576 + 64). ``MODEL1_FP8_LAYOUT`` needs ``width`` 512 (its ``d_rope``, 64, is the layout's own).
+
+    FP8 indexer keys (``width = D_i``, ``d_rope=0``, rows from ``pack_index_keys_fp8`` written with
+    :meth:`append_rows`): ``layout=index_key_layout(D_i)`` stores one ``D_i + 4``-byte row per key,
+    ``layout=index_key_layout(D_i, "paged")`` DeepGEMM's and vLLM's per-page layout (a page's values, then its
+    scales); either way ``pages.view(num_pages, page_size, D_i + 4)`` is the ``k_cache`` of ``index_topk_decode``
+    (with ``key_layout`` ``"rows"`` or ``"paged"``).
     """
 
     def __init__(
