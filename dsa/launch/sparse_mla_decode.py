@@ -88,16 +88,6 @@ def num_splits(
     return split_count(batch=batch, s_q=s_q, heads=heads, topk=topk, config=config, sms=sms, blocks_per_sm=per_sm)
 
 
-def _lengths(topk_length: torch.Tensor | None, indices: torch.Tensor) -> torch.Tensor:
-    """``[B, s_q]`` int32 row lengths: ``topk_length`` broadcast over the queries of a sequence, else the full width."""
-    batch, s_q, width = indices.shape
-    if topk_length is None:
-        return torch.full((batch, s_q), width, dtype=torch.int32, device=indices.device)
-    if topk_length.dim() == 1:
-        return topk_length.view(batch, 1).expand(batch, s_q).contiguous()
-    return topk_length
-
-
 def _cache_args(kv_cache: torch.Tensor, layout: kv_format.FP8Layout | None, target: Any) -> tuple[torch.Tensor, ...]:
     """The kernel's cache arguments: the bf16 rows as ``[num_slots, d_qk]``, or three views of the FP8 bytes (e4m3
     values, float32 scales, bf16 RoPE values; ``tl_kernels.sparse_mla_decode.fp8_views``). No copies."""
