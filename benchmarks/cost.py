@@ -202,7 +202,8 @@ def sparse_mla_decode_estimate(
     mma = schedule.block_h * (d_qk + d_v) * 2 / spec.mma_flops_per_cycle
     softmax = schedule.block_h * (MUFU_OP + SOFTMAX_FP32_OPS * FP32_OP + CVT_FLOAT_TO_BF16)
     rescale = schedule.block_h * d_v * FP32_OP / schedule.block_k
-    cycles = tokens * topk * head_blocks * (mma + softmax + rescale) + rows_dequantised * d_nope * schedule.dequant_cycles
+    dequant = rows_dequantised * d_nope * schedule.dequant_cycles
+    cycles = tokens * topk * head_blocks * (mma + softmax + rescale) + dequant
     # A persistent schedule launches one block per slot and deals the work (split as it needs) out to them.
     blocks = spec.sm_count * schedule.blocks_per_sm if schedule.persistent else tokens * head_blocks * splits
     reads = tokens * (topk * (row_bytes + _I32_BYTES) + heads * d_qk * _BF16_BYTES)
@@ -284,8 +285,8 @@ def case_estimate(case: case_data.Case, sku_id: str = DEFAULT_SKU, *, provider: 
     """The estimate of a ``benchmarks.cases`` case on ``sku_id`` for ``provider`` (one of
     :data:`MODELLED_PROVIDERS`); None for a SKU without datasheet figures, for the memory/selection cases (measured
     by peak memory) and for FlashMLA on anything but an FP8 decode case. ``dsa``: the decode kernels as they are
-    scheduled today (default config, the launcher's split rule; the selection split as ``dsa.launch.index_topk`` splits it), the
-    other kernels by their roofline."""
+    scheduled today (default config, the launcher's split rule; the selection split as ``dsa.launch.index_topk``
+    splits it), the other kernels by their roofline."""
     spec = sku.PERF_TABLE.get(sku_id)
     if spec is None or case.kernel in case_data.MEMORY_KINDS:
         return None

@@ -28,8 +28,8 @@ from tl_kernels import sparse_mla_decode as kernels
 OptTensor = Tensor | None
 
 __all__ = [
-    "KERNEL_NAME", "MIN_STEPS_PER_SPLIT", "SPLIT_OVERHEAD_STEPS", "Plan", "num_splits", "plan", "run", "sparse_mla_decode", "split_count",
-    "static_params",
+    "KERNEL_NAME", "MIN_STEPS_PER_SPLIT", "SPLIT_OVERHEAD_STEPS", "Plan", "num_splits", "plan", "run",
+    "sparse_mla_decode", "split_count", "static_params",
 ]  # fmt: skip
 
 KERNEL_NAME = "sparse_mla_decode"
@@ -186,8 +186,10 @@ def plan(
         )  # fmt: skip
         return Plan(
             target, chosen, layouts,
-            tuple(common.get_kernel(kernels.build, target, **static, **_source_params(params, static), direct=use_direct)
-                  for static in statics),
+            tuple(
+                common.get_kernel(kernels.build, target, **static, **_source_params(params, static), direct=use_direct)
+                for static in statics
+            ),
             tuple(slice(first, first + count) for first, count in zip(firsts, counts, strict=True)),
             combine,
             int(d_v),
