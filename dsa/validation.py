@@ -269,39 +269,35 @@ def check_sparse_mla(
 ) -> None:
     """Validate the inputs of ``sparse_mla`` (see ``dsa.reference.sparse_mla``): one source (``kv`` with ``indices``
     or ``ranges``) and optionally a second (``extra_kv`` with ``extra_indices`` or ``extra_ranges``)."""
-    _check_exactly_one("indices", indices, "ranges", ranges)
-    entries = ("indices", indices, "[B, S, k]") if indices is not None else ("ranges", ranges, "[B, S, 2]")
+    if indices is None or ranges is not None:  # (the common call, one index list, skips this)
+        _check_exactly_one("indices", indices, "ranges", ranges)
+    if indices is not None:
+        entries = ("indices", indices, "[B, S, k]", (INDEX_DTYPE,))
+    else:
+        entries = ("ranges", ranges, "[B, S, 2]", (INDEX_DTYPE,))
     _require_query_and_keys(
         q, ATTENTION_KERNEL_DTYPES if kernel else ATTENTION_REFERENCE_DTYPES, "[B, S, H, d_qk]",
-        ("kv", kv, "[B, S_kv, d_qk]", "d_qk = {} columns"), (*entries, (INDEX_DTYPE,)),
+        ("kv", kv, "[B, S_kv, d_qk]", "d_qk = {} columns"), entries,
     )  # fmt: skip
-    _check_mla_entries(q, "", indices, topk_length, ranges, checked=True)
-    _check_attention_args(q, sm_scale, d_v, attn_sink, "kv")
-    _check_topk_length(q, "", topk_length)
-    require_same_device("q", q, kv=kv, indices=indices, topk_length=topk_length, attn_sink=attn_sink, ranges=ranges)
-    if extra_kv is None:
-        for name, t in (("extra_indices", extra_indices), ("extra_topk_length", extra_topk_length),
-                        ("extra_ranges", extra_ranges)):  # fmt: skip
-            if t is not None:
-                raise ValueError(f"{name} is given without extra_kv (the second source's rows)")
-        return
-    require_tensor("extra_kv", extra_kv)
-    require_rank("extra_kv", extra_kv, 3, "[B, S_extra, d_qk]")
-    require_nonempty("extra_kv", extra_kv, "[B, S_extra, d_qk]")
-    if extra_kv.dtype != kv.dtype:
-        raise TypeError(f"extra_kv must have the same dtype as kv ({kv.dtype}), got {extra_kv.dtype}")
-    if extra_kv.shape[0] != q.shape[0] or extra_kv.shape[2] != q.shape[3]:
+    batch, seq = q.shape[0], q.shape[1]
+    if indices is None:
+        _check_ranges(q, "", ranges, topk_length)
+    elif indices.shape[0] != batch or indices.shape[1] != seq:
         raise ValueError(
-            f"extra_kv must have shape [B, S_extra, d_qk] with B = {q.shape[0]}, d_qk = {q.shape[3]} like q, "
-            f"got {_shape(extra_kv.shape)}"
+            f"indices must have shape [B, S, k] with B = {batch}, S = {seq} like q, got {_shape(indices.shape)}"
         )
-    _check_exactly_one("extra_indices", extra_indices, "extra_ranges", extra_ranges)
-    _check_mla_entries(q, "extra_", extra_indices, extra_topk_length, extra_ranges, checked=False)
-    _check_topk_length(q, "extra_", extra_topk_length)
-    require_same_device(
-        "q", q, extra_kv=extra_kv, extra_indices=extra_indices, extra_topk_length=extra_topk_length,
-        extra_ranges=extra_ranges,
-    )  # fmt: skip
+    _check_attention_args(q, sm_scale, d_v, attn_sink, "kv")
+    if topk_length is not None:
+        require_tensor("topk_length", topk_length)
+        require_dtype("topk_length", topk_length, (INDEX_DTYPE,))
+        require_shape("topk_length", topk_length, (batch, seq), "[B, S]")
+    require_same_device("q", q, kv=kv, indices=indices, topk_length=topk_length, attn_sink=attn_sink)
+    if extra_kv is not None:
+        _check_extra_source(q, kv, extra_kv, extra_indices, extra_topk_length, extra_ranges)
+    elif extra_indices is not None or extra_topk_length is not None or extra_ranges is not None:
+        name = next(n for n, t in (("extra_indices", extra_indices), ("extra_topk_length", extra_topk_length),
+                                   ("extra_ranges", extra_ranges)) if t is not None)  # fmt: skip
+        raise ValueError(f"{name} is given without extra_kv (the second source's rows)")
 
 
 def _check_exactly_one(name: str, t: torch.Tensor | None, other_name: str, other: torch.Tensor | None) -> None:
@@ -310,36 +306,51 @@ def _check_exactly_one(name: str, t: torch.Tensor | None, other_name: str, other
         raise ValueError(f"exactly one of {name} and {other_name} must be given, got {given}")
 
 
-def _check_mla_entries(
-    q: torch.Tensor, prefix: str, indices: torch.Tensor | None, topk_length: torch.Tensor | None,
-    ranges: torch.Tensor | None, *, checked: bool,
-) -> None:  # fmt: skip
-    """One source's entries of ``sparse_mla`` (``prefix`` names the second source's): an index list ``[B, S, k]``
-    int32, or ``ranges [B, S, 2]`` int32 (then no ``topk_length``). ``checked``: the tensor, dtype, rank and
-    emptiness were checked already (the first source's, by ``_require_query_and_keys``)."""
-    batch, seq = q.shape[0], q.shape[1]
-    name, t = (prefix + "indices", indices) if indices is not None else (prefix + "ranges", ranges)
-    if not checked:
-        require_tensor(name, t)
-        require_dtype(name, t, (INDEX_DTYPE,))
-        require_rank(name, t, 3, "[B, S, k]" if indices is not None else "[B, S, 2]")
-        require_nonempty(name, t, "[B, S, k]")
-    if indices is not None:
-        if indices.shape[0] != batch or indices.shape[1] != seq:
-            raise ValueError(
-                f"{name} must have shape [B, S, k] with B = {batch}, S = {seq} like q, got {_shape(indices.shape)}"
-            )
-        return
-    require_shape(name, ranges, (batch, seq, 2), "[B, S, 2]")
+def _check_ranges(q: torch.Tensor, prefix: str, ranges: torch.Tensor, topk_length: torch.Tensor | None) -> None:
+    """A source's ``ranges [B, S, 2]`` int32 (its tensor, dtype, rank and emptiness checked already) and the absence
+    of its ``topk_length``; ``prefix`` names the second source's."""
+    require_shape(prefix + "ranges", ranges, (q.shape[0], q.shape[1], 2), "[B, S, 2]")
     if topk_length is not None:
         raise ValueError(f"{prefix}topk_length applies to {prefix}indices only, not to {prefix}ranges")
+    require_same_device("q", q, **{prefix + "ranges": ranges})
 
 
-def _check_topk_length(q: torch.Tensor, prefix: str, topk_length: torch.Tensor | None) -> None:
-    if topk_length is not None:
-        require_tensor(prefix + "topk_length", topk_length)
-        require_dtype(prefix + "topk_length", topk_length, (INDEX_DTYPE,))
-        require_shape(prefix + "topk_length", topk_length, (q.shape[0], q.shape[1]), "[B, S]")
+def _check_extra_source(
+    q: torch.Tensor, kv: torch.Tensor, extra_kv: torch.Tensor, extra_indices: torch.Tensor | None,
+    extra_topk_length: torch.Tensor | None, extra_ranges: torch.Tensor | None,
+) -> None:  # fmt: skip
+    """``sparse_mla``'s second source: ``extra_kv [B, S_extra, d_qk]`` (kv's dtype, q's device) with
+    ``extra_indices [B, S, k2]`` int32 (+ ``extra_topk_length [B, S]`` int32) or ``extra_ranges [B, S, 2]`` int32."""
+    require_tensor("extra_kv", extra_kv)
+    require_rank("extra_kv", extra_kv, 3, "[B, S_extra, d_qk]")
+    require_nonempty("extra_kv", extra_kv, "[B, S_extra, d_qk]")
+    if extra_kv.dtype != kv.dtype:
+        raise TypeError(f"extra_kv must have the same dtype as kv ({kv.dtype}), got {extra_kv.dtype}")
+    batch, seq = q.shape[0], q.shape[1]
+    if extra_kv.shape[0] != batch or extra_kv.shape[2] != q.shape[3]:
+        raise ValueError(
+            f"extra_kv must have shape [B, S_extra, d_qk] with B = {batch}, d_qk = {q.shape[3]} like q, "
+            f"got {_shape(extra_kv.shape)}"
+        )
+    _check_exactly_one("extra_indices", extra_indices, "extra_ranges", extra_ranges)
+    name, t, layout = ("extra_indices", extra_indices, "[B, S, k]") if extra_ranges is None else (
+        "extra_ranges", extra_ranges, "[B, S, 2]")  # fmt: skip
+    require_tensor(name, t)
+    require_dtype(name, t, (INDEX_DTYPE,))
+    require_rank(name, t, 3, layout)
+    require_nonempty(name, t, layout)
+    if extra_ranges is not None:
+        _check_ranges(q, "extra_", extra_ranges, extra_topk_length)
+    elif extra_indices.shape[0] != batch or extra_indices.shape[1] != seq:
+        raise ValueError(
+            f"extra_indices must have shape [B, S, k] with B = {batch}, S = {seq} like q, "
+            f"got {_shape(extra_indices.shape)}"
+        )
+    if extra_topk_length is not None:
+        require_tensor("extra_topk_length", extra_topk_length)
+        require_dtype("extra_topk_length", extra_topk_length, (INDEX_DTYPE,))
+        require_shape("extra_topk_length", extra_topk_length, (batch, seq), "[B, S]")
+    require_same_device("q", q, extra_kv=extra_kv, extra_indices=extra_indices, extra_topk_length=extra_topk_length)
 
 
 def _check_attention_args(
