@@ -360,7 +360,17 @@ hopper_prebuilt = support.prebuilt_fixture(
 )
 
 
+@pytest.fixture(scope="module")
+def hopper_fp8_prebuilt() -> None:
+    """The build tier's two kernels (FP8 key rows and pages) compiled in parallel first, or by the session's pool."""
+    support.prebuild_hopper(_paged_builds()[:2])
+
+
+hopper_fp8_prebuilt.dsa_builds = lambda: _paged_builds()[:2]  # for the session's build pool, read at collection
+
+
 @pytest.mark.build
+@pytest.mark.usefixtures("hopper_fp8_prebuilt")
 def test_hopper_paged_build_is_clean() -> None:
     """The V3.2 FP8 paged variant (64 heads, 128-wide keys in 132-byte rows, topk 2048, 64-token pages) compiles for
     sm_90a with wgmma, without spills, within the shared-memory estimate, with int64 row addressing."""
@@ -378,6 +388,7 @@ _K_BYTE_LOAD = re.compile(r"= K\[")
 
 
 @pytest.mark.build
+@pytest.mark.usefixtures("hopper_fp8_prebuilt")
 def test_hopper_paged_build_over_key_pages_loads_16_byte_vectors() -> None:
     """Over FP8 key pages in DeepGEMM's per-page layout (each key's 128 bytes 16-byte aligned) the V3.2 paged
     variant compiles for sm_90a without spills and reads the key tile from global memory as 16-byte vectors only
