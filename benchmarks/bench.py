@@ -88,17 +88,20 @@ def dry_run_rows(selected: Sequence[case_data.Case], sku_id: str = cost.DEFAULT_
 def _model_columns(case: case_data.Case, sku_id: str) -> tuple[str, ...]:
     estimate = cost.case_estimate(case, sku_id)
     if estimate is None:
-        return ("-",) * 5
+        return ("-",) * 6
     waves = f"{estimate.waves:.2f}" if estimate.blocks else "-"
     rows = str(estimate.rows_dequantised) if estimate.rows_dequantised else "-"
-    return f"{estimate.model_s * 1e6:.1f}", f"{estimate.roofline_s * 1e6:.1f}", estimate.bound, waves, rows
+    flashmla = cost.case_estimate(case, sku_id, provider="flashmla")
+    flashmla_us = f"{flashmla.model_s * 1e6:.1f}" if flashmla else "-"
+    return f"{estimate.model_s * 1e6:.1f}", f"{estimate.roofline_s * 1e6:.1f}", estimate.bound, waves, rows, flashmla_us
 
 
 def format_dry_run(selected: Sequence[case_data.Case], sku_id: str = cost.DEFAULT_SKU) -> str:
     """A table of the cases: name, GFLOP, MB moved, arithmetic intensity, the cost model's time, roofline, bound,
-    waves and dequantised rows on ``sku_id`` (``benchmarks.cost``), targets, parameters."""
+    waves and dequantised rows on ``sku_id`` (``benchmarks.cost``), the model's time of FlashMLA's schedule (FP8
+    decode cases), targets, parameters."""
     header = ("case", "GFLOP", "MB", "FLOP/B", f"model us ({sku_id})", "roofline us", "bound", "waves", "deq rows",
-              "targets", "params")  # fmt: skip
+              "flashmla model us", "targets", "params")  # fmt: skip
     rows = []
     for c in selected:
         intensity = f"{c.flops / c.bytes:.1f}" if c.bytes and c.flops else "-"

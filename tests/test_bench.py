@@ -70,7 +70,7 @@ def test_dry_run_lists_every_standard_case_with_hand_checked_counts(tmp_path: Pa
     reads = 4096 * 64 * 128 + 4096 * 128 + 4096 * 64 * 4 + 4096 * 4
     assert nbytes["index_topk-fp8-s4096"] == reads + 4096 * 2048 * (4 + 4)
     # The cost model (benchmarks.cost, H800 by default) beside every timed case: the table's columns and the rows.
-    assert re.search(r"model us \(h800\)\s+roofline us\s+bound\s+waves\s+deq rows", proc.stdout)
+    assert re.search(r"model us \(h800\)\s+roofline us\s+bound\s+waves\s+deq rows\s+flashmla model us", proc.stdout)
     model = {r["case"] for r in rows if r["metric"] == "model_ms" and r["provider"] == "-"}
     assert model == {c.name for c in case_data.standard_cases() if c.kernel not in case_data.MEMORY_KINDS}
     waves = {r["case"]: r["value"] for r in rows if r["metric"] == "model_waves"}
