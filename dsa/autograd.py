@@ -1,9 +1,10 @@
 """The autograd Functions over the ``dsa::`` primitives (``dsa.library``): they only manage ``ctx``.
 
 Gradients:
-- ``sparse_mla``: ``dq``, ``dkv`` and ``d attn_sink``, from the gradients of both outputs: a loss may use ``lse``
-  (e.g. to merge partial attention results), and its gradient reaches ``dq``/``dkv`` through the backward kernel's
-  ``d_lse`` input. The sink gradient is computed in PyTorch from ``out``, ``d_out`` and ``lse``
+- ``sparse_mla``: ``dq``, ``dkv`` (and ``d extra_kv`` for a second source: ``SparseMLASourcesFunction``, one
+  backward per source against the combined ``out``/``lse``) and ``d attn_sink``, from the gradients of both
+  outputs: a loss may use ``lse`` (e.g. to merge partial attention results), and its gradient reaches ``dq``/``dkv``
+  through the backward kernel's ``d_lse`` input. The sink gradient is computed in PyTorch from ``out``, ``d_out`` and ``lse``
   (``-sum_{b,t} p_sink * rowsum(out * d_out)``; ``lse`` excludes the sink, so ``d_lse`` adds nothing to it), the same
   for both backends.
 - ``index_scores``: gradients for ``q``/``k`` when they are floating point (bfloat16, float32, float64) and for
