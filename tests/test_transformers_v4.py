@@ -119,6 +119,17 @@ def test_left_padded_batch_equals_eager_at_real_positions():
     _assert_logits_close(actual[1], expected[1], "unpadded row")
 
 
+def test_packed_sequences_equal_eager():
+    """Two sequences packed along one row (position ids restart, no mask, no cache): the window keeps them apart;
+    the compressed entries follow eager (raw rows pooled across the seam, visibility read from the position ids)."""
+    model, ids = _model(31), _ids(32, batch=1, seq=40)
+    positions = torch.cat([torch.arange(17), torch.arange(23)]).unsqueeze(0)
+    with torch.no_grad():
+        expected = model(ids, position_ids=positions, use_cache=False).logits
+        actual = _served(model)(ids, position_ids=positions, use_cache=False).logits
+    _assert_logits_close(actual, expected, "packed logits")
+
+
 def test_prefill_then_decode_in_pieces_equals_eager_step_by_step():
     """A prefill of 37 tokens, then steps of 1, 3 and 2 tokens (partial compression windows carried in the cache
     across steps, CSA's overlap state included): every step's logits equal eager's on its own cache."""
