@@ -14,7 +14,9 @@ Tiers:
   vary at run time.
 - ``build``: the default config and every valid tuning-space config (including the warp-specialised
   ``pipeline="ws"`` schedule) compile for sm_90a at V3.2 shapes (128 heads, 576/512) with wgmma, no register spills,
-  shared memory within the limit and a cp.async gather; the numbers are logged.
+  shared memory within the limit and a cp.async gather; so do both schedules of V4's ranged window kernel (64 heads,
+  d_qk = d_v = 512, sink); the numbers are logged. (The ranged kernels' CPU tier is
+  ``tests/test_sparse_mla_ranged_kernel.py``.)
 - ``gpu``: the same properties against the CUDA kernels at V3.2 widths, every valid tuning-space config (needs a
   Hopper GPU).
 
@@ -176,6 +178,18 @@ def test_tuning_space_is_small_and_valid() -> None:
     assert {config.pipeline for config in configs} == set(kernels.PIPELINES)
 
 
+@pytest.mark.parametrize("ranged", [False, True])
+@pytest.mark.parametrize("heads", [64, 128])
+def test_v4_widths_have_both_schedules(heads: int, ranged: bool) -> None:
+    """K = V at 512 (DeepSeek-V4, with a sink; index lists and ranges): the tuning space keeps the default and the
+    ws schedule (no key-only tail), all within shared memory."""
+    static = {"heads": heads, "d_qk": 512, "d_v": 512, "has_topk_length": False, "has_sink": True}
+    configs = support.hopper_configs(launch.KERNEL_NAME, {**static, **({"ranged": True} if ranged else {})})
+    assert kernels.Config() in configs and WS_CONFIG in configs and len(configs) <= 4
+    for config in configs:
+        assert kernels.smem_bytes({**static, "target": dsl.HOPPER_TARGET}, config) <= dsl.HOPPER_SMEM_BYTES
+
+
 def test_default_config_is_the_plain_schedule() -> None:
     """The default stays the plain schedule (one KV tile, no barriers); the ws schedule is opt-in (config or tuner)."""
     for target in (dsl.CPU_TARGET, dsl.HOPPER_TARGET):
@@ -212,7 +226,6 @@ def test_default_config_is_valid(heads: int) -> None:
         ({"heads": 8, "d_qk": 576, "d_v": 512}, dataclasses.replace(WS_CONFIG, threads=256), "threads must be 384"),
         ({"heads": 8, "d_qk": 576, "d_v": 512}, dataclasses.replace(WS_CONFIG, block_k=32), "block_k must be 64"),
         ({"heads": 8, "d_qk": 576, "d_v": 512}, dataclasses.replace(WS_CONFIG, num_stages=2), "num_stages"),
-        ({"heads": 8, "d_qk": 576, "d_v": 576}, WS_CONFIG, "d_qk > d_v"),  # ws needs a tail d_qk - d_v
         ({"heads": 8, "d_qk": 576, "d_v": 448}, WS_CONFIG, "d_v a multiple of 128"),  # halves of whole atoms
         ({"heads": 8, "d_qk": 64 * 12, "d_v": 512}, WS_CONFIG, "shared memory"),  # two 64-row buffers too big
     ],
@@ -493,27 +506,36 @@ def test_cpu_reuses_one_kernel_across_shapes() -> None:
 
 # ----------------------------------------------------------------------------------------------------- build tier
 
-V32_BUILD_CASES: list[tuple[dict[str, Any], kernels.Config]] = [
-    ({**V32, "has_topk_length": False, "has_sink": False}, config) for config in _tuning_configs()
-] + [({**V32, "has_topk_length": True, "has_sink": True}, config) for config in (kernels.Config(), WS_CONFIG)]
+V4_RANGED = {"heads": 64, "d_qk": 512, "d_v": 512, "has_topk_length": False, "has_sink": True, "ranged": True}
+"""DeepSeek-V4-Flash's window source: K = V (d_qk = d_v = 512), a sink, a row range per query. Its builds (the default
+and the ws schedule, which has no key-only tail at these widths) also stand for V4's index-list kernels (the same
+code up to how an entry's row is read) and for 128 heads (more head blocks, the same block)."""
+
+BUILD_CASES: list[tuple[dict[str, Any], kernels.Config]] = (
+    [({**V32, "has_topk_length": False, "has_sink": False}, config) for config in _tuning_configs()]
+    + [({**V32, "has_topk_length": True, "has_sink": True}, config) for config in (kernels.Config(), WS_CONFIG)]
+    + [(V4_RANGED, config) for config in (kernels.Config(), WS_CONFIG)]
+)
 
 
 def _case_id(case: tuple[dict[str, Any], kernels.Config]) -> str:
     static, config = case
     flags = f"tl{int(static['has_topk_length'])}sink{int(static['has_sink'])}"
-    return f"h{static['heads']}-{flags}-" + "-".join(f"{k}{v}" for k, v in dataclasses.asdict(config).items())
+    shape = f"h{static['heads']}" + ("" if static["d_qk"] == V32["d_qk"] else f"-d{static['d_qk']}")
+    shape += "-ranged" if static.get("ranged") else ""
+    return f"{shape}-{flags}-" + "-".join(f"{k}{v}" for k, v in dataclasses.asdict(config).items())
 
 
-hopper_prebuilt = support.prebuilt_fixture(lambda: support.config_builds(kernels.build, V32_BUILD_CASES))
+hopper_prebuilt = support.prebuilt_fixture(lambda: support.config_builds(kernels.build, BUILD_CASES))
 
 
 @pytest.mark.build
 @pytest.mark.usefixtures("hopper_prebuilt")
-@pytest.mark.parametrize("case", V32_BUILD_CASES, ids=_case_id)
+@pytest.mark.parametrize("case", BUILD_CASES, ids=_case_id)
 def test_hopper_build_is_clean(case: tuple[dict[str, Any], kernels.Config]) -> None:
-    """At V3.2 shapes: every GEMM a wgmma, no register spills, shared memory within 227 KB, an asynchronous gather
-    (and, for the ws schedule, per-warpgroup register budgets and mbarrier hand-offs). A clean build says nothing about
-    the ws kernel's barriers being right: that is the GPU tier's job."""
+    """At V3.2 shapes and V4's ranged window (K = V, 512 wide): every GEMM a wgmma, no register spills, shared memory
+    within 227 KB, an asynchronous gather (and, for the ws schedule, per-warpgroup register budgets and mbarrier
+    hand-offs). A clean build says nothing about the ws kernel's barriers being right: that is the GPU tier's job."""
     kernel, report = support.hopper_build_case(f"sparse_mla_fwd {_case_id(case)}", kernels.build, case)
     assert not report.problems(mma=tl_build.MMA_WGMMA), report.problems(mma=tl_build.MMA_WGMMA)
     source = kernel.get_kernel_source()

@@ -10,7 +10,10 @@ query, and the int32 extremes (whose ``end - start`` would overflow).
 
 Tier ``cpu_kernel`` (C target, bf16 inputs): the forward (plain loop; the ws config's 64-row step, which on the C
 target is the same plain loop) and the backward. Few static parameter sets (each one compile): a V3.2-like one
-(d_qk > d_v) and a V4-like one (K = V: d_qk = d_v, with a sink).
+(d_qk > d_v) and a V4-like one (K = V: d_qk = d_v, with a sink). Tier ``gpu``: both forward schedules (the ws one
+without a key-only tail at these widths: only this tier runs it) and the backward at V4-Flash widths (64 heads,
+d_qk = d_v = 512, sink). The sm_90a builds are in the build tiers of ``tests/test_sparse_mla_fwd_kernel.py`` and
+``tests/test_sparse_mla_bwd_kernel.py``.
 """
 
 from __future__ import annotations
@@ -28,7 +31,15 @@ from dsa.launch import sparse_mla_fwd as fwd_launch
 from dsa.testing import poison_unreferenced_rows
 from tests import strategies
 from tests import test_sparse_mla_bwd_kernel as bwd_tests
-from tests.test_sparse_mla_fwd_kernel import CPU_LSE_TOL, CPU_OUT_TOL, check, make_problem
+from tests.test_sparse_mla_fwd_kernel import (
+    CPU_LSE_TOL,
+    CPU_OUT_TOL,
+    GPU_LSE_TOL,
+    GPU_OUT_TOL,
+    check,
+    make_problem,
+    moved,
+)
 from tl_kernels import dsl
 from tl_kernels import sparse_mla_fwd as fwd_kernels
 
@@ -204,17 +215,71 @@ def test_cpu_ranged_backward_matches_reference(
 ) -> None:
     """The C-target ranged backward: dq and dkv equal float32 autograd through the reference over the materialised
     ranges (every range kind; rows outside every range get dkv = 0)."""
-    heads, d_qk, d_v, _ = BWD_STATIC
+    _check_ranged_backward(BWD_STATIC, batch, seq, seq_kv, seed, sm_scale, with_d_lse, torch.device("cpu"))
+
+
+def _check_ranged_backward(
+    static: tuple[int, int, int, bool], batch: int, seq: int, seq_kv: int, seed: int, sm_scale: float,
+    with_d_lse: bool, device: torch.device, *, atol: float = bwd_tests.ATOL, rtol: float = bwd_tests.RTOL,
+) -> None:  # fmt: skip
+    """The ranged backward launcher on ``device`` against float32 autograd through the reference over the
+    materialised ranges (every kv row no range covers holds NaN/±inf)."""
+    heads, d_qk, d_v, has_sink = static
     ranges = make_ranges(seed + 7, batch, seq, seq_kv)
-    sink = torch.randn((heads,), generator=strategies.generator(seed + 3))
+    sink = torch.randn((heads,), generator=strategies.generator(seed + 3)) if has_sink else None
     problem = bwd_tests.make_problem(
         seed=seed, seq_kv=seq_kv, heads=heads, d_qk=d_qk, d_v=d_v, indices=ranges_as_indices(ranges, seq_kv),
-        sm_scale=sm_scale, topk_length=None, attn_sink=sink, with_d_lse=with_d_lse,
-        poison_unreferenced=True,
+        sm_scale=sm_scale, topk_length=None, attn_sink=sink, with_d_lse=with_d_lse, poison_unreferenced=True,
+        device=device,
     )  # fmt: skip
     dq, dkv = bwd_launch.sparse_mla_bwd(
-        problem.q, problem.kv, problem.out, problem.lse, problem.d_out, ranges, sm_scale=sm_scale, d_v=d_v,
-        attn_sink=problem.attn_sink, d_lse=problem.d_lse, ranged=True,
+        problem.q, problem.kv, problem.out, problem.lse, problem.d_out, ranges.to(device), sm_scale=sm_scale,
+        d_v=d_v, attn_sink=problem.attn_sink, d_lse=problem.d_lse, ranged=True,
     )  # fmt: skip
-    bwd_tests.check_grad(dq, problem.dq_ref, "dq")
-    bwd_tests.check_grad(dkv, problem.dkv_ref, "dkv")
+    bwd_tests.check_grad(dq.cpu(), problem.dq_ref.cpu(), "dq", atol=atol, rtol=rtol)
+    bwd_tests.check_grad(dkv.cpu(), problem.dkv_ref.cpu(), "dkv", atol=atol, rtol=rtol)
+
+
+# ------------------------------------------------------------------------------------------------------ GPU tier
+
+V4_FLASH = (64, 512, 512, True)
+"""(heads, d_qk, d_v, has_sink) of DeepSeek-V4-Flash's window source: K = V at 512, a sink."""
+V4_SCALE = 512**-0.5
+WS_GPU_CONFIG = fwd_kernels.Config(
+    block_k=fwd_kernels.WS_BLOCK_K, threads=fwd_kernels.WS_THREADS, pipeline=fwd_kernels.PIPELINE_WS
+)
+"""The ws schedule on CUDA; at d_qk = d_v it has no key-only tail (only the GPU tier runs that code)."""
+
+
+@pytest.mark.gpu
+@strategies.examples(0.1)
+@given(**strategies.sizes(batch=2, seq=8, seq_kv=1200), seed=strategies.SEEDS)
+@example(batch=2, seq=8, seq_kv=1200, seed=1)
+@example(batch=1, seq=3, seq_kv=65, seed=2)
+@pytest.mark.parametrize(
+    "config", [None, pytest.param(WS_GPU_CONFIG, marks=pytest.mark.ws)], ids=["default", "ws"]
+)
+def test_gpu_ranged_forward_matches_reference(
+    cuda_device: torch.device, config: fwd_kernels.Config | None, batch: int, seq: int, seq_kv: int, seed: int
+) -> None:
+    """The sm_90a ranged forward at V4-Flash widths (both schedules) equals the reference over the materialised
+    ranges; rows outside every range hold NaN/±inf."""
+    p, ranges = ranged_problem(V4_FLASH, batch=batch, seq=seq, seq_kv=seq_kv, seed=seed, sm_scale=V4_SCALE)
+    kv, _ = poison_unreferenced_rows(p["kv"], p["indices"])
+    p = moved({**p, "kv": kv}, cuda_device)
+    out, lse = run_ranged_fwd(p, ranges.to(cuda_device), config)
+    torch.cuda.synchronize()
+    check(p, out, lse, GPU_OUT_TOL, GPU_LSE_TOL)
+
+
+@pytest.mark.gpu
+@strategies.examples(0.1)
+@given(**strategies.sizes(batch=2, seq=4, seq_kv=600), seed=strategies.SEEDS, with_d_lse=st.booleans())
+@example(batch=2, seq=4, seq_kv=600, seed=3, with_d_lse=True)
+def test_gpu_ranged_backward_matches_reference(
+    cuda_device: torch.device, batch: int, seq: int, seq_kv: int, seed: int, with_d_lse: bool
+) -> None:
+    """The sm_90a ranged backward at V4-Flash widths: dq and dkv equal float32 autograd over the materialised
+    ranges."""
+    _check_ranged_backward(V4_FLASH, batch, seq, seq_kv, seed, V4_SCALE, with_d_lse, cuda_device,
+                           atol=bwd_tests.GPU_ATOL, rtol=bwd_tests.GPU_RTOL)  # fmt: skip

@@ -406,10 +406,10 @@ def build(
     def load(value: Any) -> Any:
         return dsl.load_tile(value, IN_DTYPE, target)
 
-    def entry(indices: Any, b: Any, t: Any, pos: Any) -> Any:
+    def entry(indices: Any, b: Any, t: Any, pos: Any, limit: Any) -> Any:
         # The row entry `pos` names, before the validity check: the list's index, or the range's row.
         if ranged:
-            return fwd_steps.index_at(indices, b, t, pos, fwd_steps.RANGE_WIDTH, ranged)
+            return fwd_steps.index_at(indices, b, t, pos, fwd_steps.RANGE_WIDTH, ranged, limit)
         return indices[b, t, pos]
 
     def slot_valid(idx: Any, pos: Any, limit: Any) -> Any:
@@ -516,8 +516,8 @@ def build(
                 # straight from global memory like the gather's (see below).
                 for j in alloc.parallel(bk):
                     idx_tile[j] = T.if_then_else(
-                        slot_valid(entry(Indices, b, t, kb * bk + j), kb * bk + j, limit),
-                        entry(Indices, b, t, kb * bk + j),
+                        slot_valid(entry(Indices, b, t, kb * bk + j, limit), kb * bk + j, limit),
+                        entry(Indices, b, t, kb * bk + j, limit),
                         -1,
                     )
                 # Gather the selected kv rows; an invalid slot's row is zero (never the memory its index names, which
@@ -531,8 +531,8 @@ def build(
                             KV[
                                 b,
                                 T.if_then_else(
-                                    slot_valid(entry(Indices, b, t, kb * bk + r), kb * bk + r, limit),
-                                    entry(Indices, b, t, kb * bk + r),
+                                    slot_valid(entry(Indices, b, t, kb * bk + r, limit), kb * bk + r, limit),
+                                    entry(Indices, b, t, kb * bk + r, limit),
                                     -1,
                                 ),
                                 start + c,

@@ -232,12 +232,10 @@ def check_config(static: dict[str, Any], config: Config) -> None:
         raise ValueError(f"block_k must be {WS_BLOCK_K} with pipeline='ws', got {config.block_k}")
     if not ws and config.block_k > CUDA_MAX_BLOCK_K:
         raise ValueError(f"block_k must be <= {CUDA_MAX_BLOCK_K} on CUDA with pipeline='none', got {config.block_k}")
-    if ws and (d_v % (2 * CUDA_DIM_ALIGN) or d_qk == d_v):
-        # Each consumer warpgroup owns d_v / 2 output columns (whole swizzle atoms); the scores take three wgmma
-        # (left, right, tail), so the tail d_qk - d_v must be non-empty.
-        raise ValueError(
-            f"pipeline='ws' needs d_v a multiple of {2 * CUDA_DIM_ALIGN} and d_qk > d_v, got d_qk={d_qk}, d_v={d_v}"
-        )
+    if ws and d_v % (2 * CUDA_DIM_ALIGN):
+        # Each consumer warpgroup owns d_v / 2 output columns (whole swizzle atoms); the scores take a wgmma per half
+        # and one for the key-only tail d_qk - d_v when there is one.
+        raise ValueError(f"pipeline='ws' needs d_v a multiple of {2 * CUDA_DIM_ALIGN}, got d_v={d_v}")
     _check_cuda_common(static, config, target)
 
 

@@ -57,17 +57,23 @@ CUDA_PASS_CONFIGS: dict[str, bool] = {
 }
 
 
-def index_at(indices: Any, b: Any, s: Any, pos: Any, width: Any, ranged: bool = False) -> Any:
+def index_at(
+    indices: Any, b: Any, s: Any, pos: Any, width: Any, ranged: bool = False, limit: Any = None
+) -> Any:
     """The KV row that entry ``pos`` of query ``(b, s)`` names (before the validity check of :func:`entry_valid`).
 
     An index list (``ranged=False``, ``indices [B, S, k]``) is read at ``min(pos, k - 1)``: the last step of a row
     whose width is not a multiple of the step stays in bounds (positions ``>= k`` are masked by :func:`entry_valid`).
-    A range (``ranged=True``, ``indices [B, S, 2]`` = (start, end)) names row ``range_start + pos``: no index is
-    read per entry, only the row's start. This is the one place that knows which source a kernel reads; the gather
-    and the mask both go through it.
+    A range (``ranged=True``, ``indices [B, S, 2]`` = (start, end)) names row ``range_start + min(pos, limit)``
+    (``limit``: the row's :func:`range_length`; the same row as ``range_start + pos`` for every valid entry, and an
+    invalid one is masked by ``pos >= limit``): no index is read per entry, only the row's start. The ``min`` is
+    there for the CUDA code: with a row that is affine in the tile row (``start + pos``), TileLang 0.1.15 lowered the
+    gather to scalar synchronous loads instead of 16-byte cp.async (and the ws producer then spilled 500 bytes); the
+    runtime ``limit`` keeps the row opaque, as an index read from memory is. This is the one place that knows which
+    source a kernel reads; the gather and the mask both go through it.
     """
     if ranged:
-        return range_start(indices, b, s) + pos
+        return range_start(indices, b, s) + T.min(pos, limit)
     return indices[b, s, T.min(pos, width - 1)]
 
 
@@ -108,7 +114,7 @@ def gather_row(
     row, not the memory an invalid index names, then meets the MMAs: Inf/NaN there (an unwritten cache slot) cannot
     leak into ``out`` through ``0 * V``.
     """
-    idx = index_at(indices, b, s, pos, width, ranged)
+    idx = index_at(indices, b, s, pos, width, ranged, limit)
     # In int64, the type of the address arithmetic: with an int32 row the guard evaluates it twice (int64 for the
     # address, int32 for the predicate) and the ws producer issued 73 index loads per step instead of 37.
     return T.if_then_else(entry_valid(idx, pos, limit, seq_len_kv), T.Cast("int64", idx), T.int64(-1))
@@ -246,7 +252,8 @@ def plain_step_macros(
         for h, j in alloc.parallel(block_h, block_k):
             acc_s[h, j] = T.if_then_else(
                 entry_valid(
-                    index_at(Indices, b, s, step * block_k + j, topk, ranged), step * block_k + j, limit, seq_len_kv
+                    index_at(Indices, b, s, step * block_k + j, topk, ranged, limit), step * block_k + j, limit,
+                    seq_len_kv,
                 ),
                 acc_s[h, j] * scale_log2,
                 neg_inf,

@@ -56,7 +56,7 @@ def build_ws(
     (``ranged``: ``indices`` holds (start, end) per query, whose rows the producer gathers).
 
     Three warpgroups (``WS_THREADS``) share two KV buffers of ``block_k`` rows, each split into the left and right
-    halves of the value columns and the tail ``d_qk - d_v``:
+    halves of the value columns and the key-only tail ``d_qk - d_v`` (none when K = V, ``d_qk == d_v``):
 
     * the producer (threads 256-383, ``setmaxnreg`` 88) gathers step ``i`` into buffer ``i % 2`` with 16-byte
       cp.async copies (zero-filling for invalid entries) and writes each row's validity byte, then arrives on
@@ -105,7 +105,8 @@ def build_ws(
         T.clear(acc_s)
         T.wgmma_gemm(q_l, kv_l, acc_s, transpose_B=True)
         T.wgmma_gemm(q_r, kv_r, acc_s, transpose_B=True)
-        T.wgmma_gemm(q_t, k_t, acc_s, transpose_B=True)
+        if tail:
+            T.wgmma_gemm(q_t, k_t, acc_s, transpose_B=True)
         T.wait_wgmma(0)
         for h, j in T.Parallel(block_h, block_k):
             acc_s[h, j] = T.if_then_else(valid[j] != 0, acc_s[h, j] * scale_log2, neg_inf)
@@ -121,7 +122,7 @@ def build_ws(
             valid[j] = T.Cast(
                 "uint8",
                 steps.entry_valid(
-                    steps.index_at(indices, b, s, step * block_k + j, width, ranged), step * block_k + j, limit,
+                    steps.index_at(indices, b, s, step * block_k + j, width, ranged, limit), step * block_k + j, limit,
                     seq_len_kv,
                 ),
             )
@@ -129,8 +130,9 @@ def build_ws(
             kv_l[j, d] = kv_src[steps.wide(b), row(indices, b, s, step * block_k + j, limit), d]
         for j, d in T.Parallel(block_k, half_v, annotations=WS_ASYNC_COPY):
             kv_r[j, d] = kv_src[steps.wide(b), row(indices, b, s, step * block_k + j, limit), half_v + d]
-        for j, d in T.Parallel(block_k, tail, annotations=WS_ASYNC_COPY):
-            k_t[j, d] = kv_src[steps.wide(b), row(indices, b, s, step * block_k + j, limit), d_v + d]
+        if tail:
+            for j, d in T.Parallel(block_k, tail, annotations=WS_ASYNC_COPY):
+                k_t[j, d] = kv_src[steps.wide(b), row(indices, b, s, step * block_k + j, limit), d_v + d]
 
     # Every role runs the same step count (steps.forward_kernel's num_steps, from the same value). Step i uses buffer
     # i % 2 with phase parity (i // 2) & 1, which holds for any count, odd included (no padding step).
@@ -138,13 +140,14 @@ def build_ws(
     def schedule(Q, KV, Indices, AttnSink, Out, Lse, b, s, h0, scale_log2, limit, num_steps):  # noqa: ANN001, ANN202
         q_l = T.alloc_shared([block_h, half_v], steps.DATA_DTYPE)
         q_r = T.alloc_shared([block_h, half_v], steps.DATA_DTYPE)
-        q_t = T.alloc_shared([block_h, tail], steps.DATA_DTYPE)
+        # K = V (d_qk == d_v, DeepSeek-V4) has no key-only tail: its tiles stand in for the unused q_t / k_t.
+        q_t = T.alloc_shared([block_h, tail], steps.DATA_DTYPE) if tail else q_l
         kv_l0 = T.alloc_shared([block_k, half_v], steps.DATA_DTYPE)
         kv_r0 = T.alloc_shared([block_k, half_v], steps.DATA_DTYPE)
-        k_t0 = T.alloc_shared([block_k, tail], steps.DATA_DTYPE)
+        k_t0 = T.alloc_shared([block_k, tail], steps.DATA_DTYPE) if tail else kv_l0
         kv_l1 = T.alloc_shared([block_k, half_v], steps.DATA_DTYPE)
         kv_r1 = T.alloc_shared([block_k, half_v], steps.DATA_DTYPE)
-        k_t1 = T.alloc_shared([block_k, tail], steps.DATA_DTYPE)
+        k_t1 = T.alloc_shared([block_k, tail], steps.DATA_DTYPE) if tail else kv_l1
         p_s = T.alloc_shared([block_h, block_k], steps.DATA_DTYPE)
         # Whether each gathered row takes part in the softmax, per KV buffer (written by the producer).
         valid0 = T.alloc_shared([block_k], "uint8")
@@ -181,8 +184,9 @@ def build_ws(
         for h, d in T.Parallel(block_h, half_v):
             q_l[h, d] = T.if_then_else(h0 + h < heads, Q[b, s, T.min(h0 + h, heads - 1), d], 0)
             q_r[h, d] = T.if_then_else(h0 + h < heads, Q[b, s, T.min(h0 + h, heads - 1), half_v + d], 0)
-        for h, d in T.Parallel(block_h, tail):
-            q_t[h, d] = T.if_then_else(h0 + h < heads, Q[b, s, T.min(h0 + h, heads - 1), d_v + d], 0)
+        if tail:
+            for h, d in T.Parallel(block_h, tail):
+                q_t[h, d] = T.if_then_else(h0 + h < heads, Q[b, s, T.min(h0 + h, heads - 1), d_v + d], 0)
         # Each writer makes its Q stores visible to wgmma (async proxy) before releasing them.
         T.fence_proxy_async()
         T.barrier_arrive(bar_q)
