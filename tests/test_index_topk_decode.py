@@ -339,8 +339,9 @@ V32_PAGED_STATIC = {"heads": V32["heads"], "dim": V32["dim"], "dtype": "float8_e
                     "topk": V32["topk"], "page_size": V32["page_size"], "scale_col": V32["dim"] // 4}  # fmt: skip
 
 
-V32_PAGES_STATIC = {**V32_PAGED_STATIC, "scale_col": 0, "key_layout": "paged"}
-"""The same kernel over FP8 key pages in DeepGEMM's per-page layout."""
+V32_PAGES_STATIC = {**V32_PAGED_STATIC, "scale_col": 0, "key_layout": "paged", "prefetch": True}
+"""The same kernel over FP8 key pages in DeepGEMM's per-page layout, its key tile double-buffered through registers
+(the launcher's rule for that layout)."""
 
 
 def _paged_builds() -> list[tuple[Any, dict[str, Any]]]:
@@ -390,9 +391,10 @@ _K_BYTE_LOAD = re.compile(r"= K\[")
 @pytest.mark.build
 @pytest.mark.usefixtures("hopper_fp8_prebuilt")
 def test_hopper_paged_build_over_key_pages_loads_16_byte_vectors() -> None:
-    """Over FP8 key pages in DeepGEMM's per-page layout (each key's 128 bytes 16-byte aligned) the V3.2 paged
-    variant compiles for sm_90a without spills and reads the key tile from global memory as 16-byte vectors only
-    (``fp8_e4_16_t``; the 132-byte rows are read a byte at a time), with int64 row addressing."""
+    """Over FP8 key pages in DeepGEMM's per-page layout (each key's 128 bytes 16-byte aligned), with the key tile
+    double-buffered through registers, the V3.2 paged variant compiles for sm_90a without spills and reads the key
+    tile from global memory as 16-byte vectors only (``fp8_e4_16_t``; the 132-byte rows are read a byte at a time),
+    with int64 row addressing."""
     config = kernels.default_config({**V32_PAGES_STATIC, "target": dsl.HOPPER_TARGET})
     kernel, report = support.hopper_build("index_topk paged fp8 pages", kernels.build, **V32_PAGES_STATIC,
                                           **dataclasses.asdict(config))  # fmt: skip

@@ -27,8 +27,10 @@ about ``topk * ln(S_kv / topk)`` per query, so a few compactions per row; an inc
 ``cand_capacity - topk`` keys (linear, still correct).
 
 Targets: the C target (serial loops, the CPU tier) and CUDA. On sm_90a the GEMM is a wgmma; the key tile is loaded
-element by element without TMA or warp specialisation (the selection code indexes threads directly, which automatic
-warp specialisation would split), so key loads do not overlap the MMAs: a known cost of this first version.
+without TMA or warp specialisation (the selection code indexes threads directly, which automatic warp specialisation
+would split): element by element from contiguous keys and 132-byte FP8 key rows, in 16-byte vectors from FP8 key
+pages in DeepGEMM's per-page layout (``key_layout="paged"``), where ``prefetch`` also issues the next key block's
+loads into registers before the current block's selection, so they overlap it.
 """
 
 # No `from __future__ import annotations`: TileLang evaluates the prim_func annotations (closure shapes) eagerly.
@@ -189,6 +191,7 @@ def build(
     page_size: int = 0,
     scale_col: int = 0,
     key_layout: str = "rows",
+    prefetch: bool = False,
     target: dsl.Target = dsl.CPU_TARGET,
 ) -> Any:
     """The fused ``index_topk`` prim_func for the given static parameters; B, S and S_kv are dynamic.
@@ -206,6 +209,10 @@ def build(
         key_layout: paged FP8 only, one of :data:`KEY_LAYOUTS`. ``"paged"`` keeps each key's ``dim`` bytes
             contiguous at a multiple of ``dim`` bytes into its page, so (with 16-byte aligned pages) the key tile is
             loaded in 16-byte vectors; ``"rows"`` rows are ``dim + 4`` bytes apart (4-byte aligned), loaded bytewise.
+        prefetch: ``key_layout="paged"`` only: the key tile double-buffered through registers. Key block ``i + 1``'s
+            cache rows are looked up and its values loaded into a register fragment (4 x 16 bytes a thread at V3.2)
+            right after block ``i``'s scores, so the loads are in flight during block ``i``'s selection (candidate
+            inserts, compactions) and are only stored to the shared key tile at the start of step ``i + 1``.
         target: ``"c"`` or a CUDA target dict.
 
     Kernel arguments, in order (``k_scale`` only for FP8, ``starts``/``ends`` only in ``"range"`` mode):
@@ -227,6 +234,8 @@ def build(
         raise ValueError(f"page_size must be >= 0, and a paged cache needs mode 'range'; got {page_size}, {mode!r}")
     if key_layout not in KEY_LAYOUTS or (key_layout != "rows" and not (paged and dtype == indexer.FP8)):
         raise ValueError(f"key_layout must be one of {KEY_LAYOUTS} ('paged' for paged FP8 keys), got {key_layout!r}")
+    if prefetch and key_layout != "paged":
+        raise ValueError(f"prefetch needs key_layout 'paged', got {key_layout!r}")
     # DeepGEMM's per-page layout: a page's values, then its scales (as float32 words, the page is `page_words`).
     page_keys = key_layout == "paged"
     page_words = page_size * (dim + _SCALE_BYTES) // _SCALE_BYTES
@@ -339,6 +348,16 @@ def build(
             row.out_scores[row.b, row.s, j] = neg_inf
 
     @T.macro
+    def fetch_keys(K, BlockTable, slot_tile, dst, b, s0):
+        """Key block ``[s0, s0 + block_N)`` of sequence ``b`` (paged): its cache rows into ``slot_tile``, then its
+        values into ``dst`` (``[block_N, dim]`` tile values, 0 at invalid rows)."""
+        for n in alloc.parallel(block_N):
+            slot_tile[n] = key_slot(BlockTable, b, s0 + n)
+        select.barrier()
+        for n, d in alloc.parallel(block_N, dim):
+            dst[n, d] = key_value(K, slot_tile, b, s0 + n, n, d)
+
+    @T.macro
     def body(Q, K, W, KScale, BlockTable, Starts, Ends, Indices, Scores):
         with T.Kernel(T.ceildiv(seq, block_Q), batch, threads=threads) as (bq, bb):
             q_tile, k_tile, acc, acc_heads, w_tile, logits = math_.tiles()
@@ -368,15 +387,23 @@ def build(
             # One more step than key blocks: the last one selects every row's result. The select is written once
             # (for compactions and the final selection alike): each instance of it costs lowering time and code.
             n_steps = kb_hi - kb_lo
+            # With prefetch: the next key block's values, in registers between the steps (the double buffer's
+            # second half; the shared key tile is the first).
+            k_next = alloc.fragment([block_N, dim], tile_dtype) if prefetch else None
+            if prefetch:
+                if n_steps > 0:
+                    fetch_keys(K, BlockTable, slot_tile, k_next, bb, kb_lo * block_N)
             for step in T.serial(n_steps + 1):
                 s0 = (kb_lo + step) * block_N
                 if step < n_steps:
-                    if paged:
-                        for n in alloc.parallel(block_N):
-                            slot_tile[n] = key_slot(BlockTable, bb, s0 + n)
-                        select.barrier()
-                    for n, d in alloc.parallel(block_N, dim):
-                        k_tile[n, d] = key_value(K, slot_tile, bb, s0 + n, n, d)
+                    if prefetch:
+                        for n, d in alloc.parallel(block_N, dim):
+                            k_tile[n, d] = k_next[n, d]
+                    elif paged:
+                        fetch_keys(K, BlockTable, slot_tile, k_tile, bb, s0)
+                    else:
+                        for n, d in alloc.parallel(block_N, dim):
+                            k_tile[n, d] = key_value(K, slot_tile, bb, s0 + n, n, d)
                     select.barrier()
                     math_.head_sum(k_tile, q_tile, acc, acc_heads, w_tile, logits)
                     for n, i in alloc.parallel(block_N, block_Q):
@@ -386,6 +413,10 @@ def build(
                             neg_inf,
                         )
                     select.barrier()
+                    if prefetch:
+                        # Block i + 1's loads go out now and land while block i's candidates are selected.
+                        if step + 1 < n_steps:
+                            fetch_keys(K, BlockTable, slot_tile, k_next, bb, s0 + block_N)
                 for i in T.serial(block_Q):
                     row = base._replace(s=t0 + i, cand_base=i * capacity)
                     # Before a key block: make room where this block could overflow the buffer (it keeps its topk
