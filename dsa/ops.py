@@ -27,15 +27,11 @@ checked (``dsa.reference.*_impl``).
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from dsa import autograd, reference, validation
-from dsa.hardware import REFERENCE, TILELANG, select_backend
+from dsa.hardware import TILELANG, select_backend
 from dsa.reference.decode import range_slots
-
-logger = logging.getLogger(__name__)
 
 __all__ = [
     "compress_kv", "index_scores", "index_topk", "index_topk_decode", "sparse_mla", "sparse_mla_decode", "topk_indices",
@@ -171,22 +167,16 @@ def _sparse_mla_sources(
     return autograd.call_sparse_mla_sources(*args)
 
 
-def _decode_backend(backend: str, d_qk: int, d_rope: int, *caches: torch.Tensor | None) -> str:
-    """The backend ``sparse_mla_decode`` runs on: ``backend``, except that FP8 caches in MODEL1's split layout run the
-    reference (the decode kernel's FP8 views know V3.2's row-per-token layout only: a token's scales inside its row,
-    float32; MODEL1 keeps them after the page's values, as UE8M0 bytes). Called after validation."""
-    if backend != TILELANG:
-        return backend
-    for cache in caches:
-        if cache is not None and validation.is_fp8_cache(cache):
-            layout = validation.fp8_cache_layout(d_qk, d_rope, cache.shape[-1])
-            if layout is not None and layout.scales_after_values:
-                logger.info(
-                    "sparse_mla_decode: the decode kernel reads row-per-token FP8 caches only, not the split layout "
-                    "of %d-byte rows (MODEL1); running the reference", cache.shape[-1],
-                )  # fmt: skip
-                return REFERENCE
-    return backend
+def _decode_cache(backend: str, d_qk: int, d_rope: int, cache: torch.Tensor | None) -> torch.Tensor | None:
+    """A ``sparse_mla_decode`` cache as the kernels read it (:func:`_kernel_layout`), except an FP8 cache in MODEL1's
+    split layout: FlashMLA's view of its pages is not row-major (a page's padding lies past its rows), and the
+    launcher reads the pages in place (``dsa.launch.sparse_mla_decode.page_stride``), copying only pages it cannot.
+    Called after validation."""
+    if backend == TILELANG and cache is not None and validation.is_fp8_cache(cache):
+        layout = validation.fp8_cache_layout(d_qk, d_rope, cache.shape[-1])
+        if layout is not None and layout.scales_after_values:
+            return cache
+    return _kernel_layout(backend, cache)[0]
 
 
 def sparse_mla_decode(
@@ -212,10 +202,9 @@ def sparse_mla_decode(
     row per token, or MODEL1's split pages viewed as ``[num_pages, page_size, 584]``). Forward only.
 
     Unlike the reference, a plain cache must have q's dtype. The kernels take bfloat16 q (FP8 rows are dequantised
-    inside the kernel); float32/float64 run the reference, and so do, logged at info level, widths the CUDA kernels
-    cannot take (``d_qk`` or ``d_v`` not a multiple of 64) and MODEL1 FP8 caches (the kernel reads row-per-token FP8
-    rows only; bf16 caches of V4's 512-wide rows run the kernel). A source in range form (``ranges`` with its
-    cache's ``block_table``, e.g. V4's sliding window) becomes its slot list here (``dsa.reference.decode
+    inside the kernel, MODEL1's split pages read in place); float32/float64 run the reference, and so do, logged at
+    info level, widths the CUDA kernels cannot take (``d_qk`` or ``d_v`` not a multiple of 64). A source in range
+    form (``ranges`` with its cache's ``block_table``, e.g. V4's sliding window) becomes its slot list here (``dsa.reference.decode
     .range_slots``: ``B * s_q`` rows of the longest range, read from the ranges, so not under
     ``torch.compile(fullgraph=True)``), on every backend.
     """
@@ -229,9 +218,9 @@ def sparse_mla_decode(
         indices = range_slots(ranges, block_table, kv_cache)
     if extra_ranges is not None:
         extra_indices = range_slots(extra_ranges, extra_block_table, extra_kv_cache)
-    backend = _decode_backend(backend, q.shape[-1], int(d_rope), kv_cache, extra_kv_cache)
-    q, kv_cache, indices, topk_length, attn_sink, extra_kv_cache, extra_indices, extra_topk_length = _kernel_layout(
-        backend, q, kv_cache, indices, topk_length, attn_sink, extra_kv_cache, extra_indices, extra_topk_length
+    kv_cache, extra_kv_cache = (_decode_cache(backend, q.shape[-1], int(d_rope), c) for c in (kv_cache, extra_kv_cache))
+    q, indices, topk_length, attn_sink, extra_indices, extra_topk_length = _kernel_layout(
+        backend, q, indices, topk_length, attn_sink, extra_indices, extra_topk_length
     )
     return autograd.call_sparse_mla_decode(
         q, kv_cache, indices, float(sm_scale), int(d_v), topk_length, attn_sink, extra_kv_cache, extra_indices,

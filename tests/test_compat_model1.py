@@ -31,7 +31,6 @@ tiles over several octaves and some rows are zero.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 from typing import Any
 
@@ -273,35 +272,82 @@ def test_model1_pages_decode_exactly_as_their_dequantised_rows() -> None:
     assert torch.equal(got[0], exact[0]) and torch.equal(got[1], exact[1])
 
 
-def test_model1_on_the_kernel_backend_runs_the_reference_with_one_info_log(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """DSA_BACKEND=tilelang: the decode kernel reads row-per-token FP8 rows only, so a MODEL1 cache (window or extra)
-    runs the reference, logged once per call at info level naming the layout, with the reference's exact result
-    (no kernel is built or launched)."""
-    paged, slots = _paged_model1(21, 1, 9, 2)
-    pages = kv_format.flash_mla_kv_view(paged.pages, MODEL1, paged.page_size).squeeze(2)
-    q = torch.randn(1, 3, 2, D_QK, generator=torch.Generator().manual_seed(22)).bfloat16()
-    bf16 = kv_format.dequantize_kv_pages_fp8(paged.pages, MODEL1, paged.page_size)
-    calls = [
-        {"kv_cache": pages},
-        {"kv_cache": bf16, "extra_kv_cache": pages, "extra_indices": slots},
-    ]
-    for call in calls:
-        monkeypatch.setenv("DSA_BACKEND", "reference")
-        want = ops.sparse_mla_decode(q, indices=slots, sm_scale=0.1, d_v=D_V, **call)
-        monkeypatch.setenv("DSA_BACKEND", "tilelang")
-        monkeypatch.setattr("dsa.launch.sparse_mla_decode.sparse_mla_decode", _no_kernel)
-        caplog.clear()
-        with caplog.at_level(logging.INFO, logger="dsa.ops"):
-            got = ops.sparse_mla_decode(q, indices=slots, sm_scale=0.1, d_v=D_V, **call)
-        records = [r for r in caplog.records if r.name == "dsa.ops"]
-        assert len(records) == 1 and "584-byte rows (MODEL1)" in records[0].getMessage()
-        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+def _poisoned_model1(seed: int, page_size: int, slots: torch.Tensor, length: torch.Tensor) -> tuple[Any, Any]:
+    """MODEL1 pages (2 sequences of 21 octave-spread tokens) with every byte that no valid entry of ``slots [B, s_q,
+    k]`` (its first ``length [B, s_q]`` entries) names set to 0xFF: other tokens' values (e4m3 NaN, bf16 NaN) and
+    scale groups (UE8M0 NaN), and the page padding. Returns ``(the pages in FlashMLA's view [num_pages, page_size,
+    584], the bf16 rows they dequantise to [num_pages, page_size, 512])``."""
+    paged, _ = _paged_model1(seed, 2, 21, page_size)
+    blob = paged.pages.clone()
+    used = torch.zeros(paged.num_slots, dtype=torch.bool)
+    valid = (torch.arange(slots.shape[-1]) < length.unsqueeze(-1)) & (slots >= 0) & (slots < paged.num_slots)
+    used[slots[valid].long()] = True
+    values, scales = kv_format.kv_page_sections(blob, MODEL1, page_size)
+    values.reshape(-1, MODEL1.value_bytes)[~used] = 0xFF
+    scales.reshape(-1, MODEL1.scale_group_bytes)[~used] = 0xFF
+    blob[:, page_size * MODEL1.bytes_per_token :] = 0xFF
+    rows = kv_format.dequantize_kv_pages_fp8(blob, MODEL1, page_size)
+    return kv_format.flash_mla_kv_view(blob, MODEL1, page_size).squeeze(2), rows
 
 
-def _no_kernel(*args: object, **kwargs: object) -> None:
-    raise AssertionError("the decode kernel must not run on a MODEL1 cache")
+@pytest.mark.cpu_kernel
+def test_model1_pages_run_the_decode_kernel_as_their_dequantised_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DSA_BACKEND=tilelang: MODEL1 pages (window and extra source, a sink with infinities) run the C-target decode
+    kernel (a spy counts the launches; 3 heads, d_qk = d_v = 512, pages of 4: paged-FP8 builds beside the bf16
+    test's), reading FlashMLA's padded view in place, with every byte no valid entry names (values, scales, padding)
+    0xFF. The kernel dequantises exactly as the reference: out and lse equal, bit for bit, the bf16 kernel's over the
+    dequantised rows, at one split and three; one source in one split (the kernel that writes the output itself,
+    over a column-major copy of the pages) equals the split kernel's part through the combine; all within the decode
+    tolerances of the reference. A NaN scale
+    (UE8M0 255) in a named token makes out and lse NaN exactly where the reference's are."""
+    from dsa.launch import sparse_mla_decode as launch
+
+    g = torch.Generator().manual_seed(23)
+    heads, page_size = 3, 4
+    q = torch.randn(2, 2, heads, D_QK, generator=g).clamp(-1, 1).bfloat16()
+    num_slots = 2 * math.ceil(21 / page_size) * page_size
+    indices = torch.randint(-1, num_slots + 2, (2, 2, 9), generator=g, dtype=torch.int32)
+    indices[0, 0, 0] = 5  # a valid entry of query (0, 0), whose scale is poisoned below
+    extra_indices = torch.randint(-1, num_slots, (2, 2, 6), generator=g, dtype=torch.int32)
+    length = torch.tensor([[9, 4], [0, 7]], dtype=torch.int32)
+    window, window_rows = _poisoned_model1(24, page_size, indices, length)
+    extra, extra_rows = _poisoned_model1(25, page_size, extra_indices, torch.full((2, 2), 6, dtype=torch.int32))
+    assert launch.page_stride(window) == MODEL1.page_bytes(page_size)  # FlashMLA's view: read in place
+    args: dict[str, Any] = {"topk_length": length, "attn_sink": _sink(g, heads), "sm_scale": DECODE_SCALE, "d_v": D_V}
+    monkeypatch.setenv("DSA_BACKEND", "tilelang")
+    launches: list[int] = []
+    real = launch.sparse_mla_decode
+    monkeypatch.setattr(launch, "sparse_mla_decode", lambda *a, **k: launches.append(1) or real(*a, **k))
+
+    def both(kv: torch.Tensor, extra_kv: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        more = {} if extra_kv is None else {"extra_kv_cache": extra_kv, "extra_indices": extra_indices}
+        return ops.sparse_mla_decode(q, kv, indices, **args, **more)
+
+    out, lse = both(window, extra)
+    assert launches == [1]
+    want = reference.sparse_mla_decode(q, window, indices, extra_kv_cache=extra, extra_indices=extra_indices, **args)
+    assert_close(out, want[0], atol=1e-2, rtol=1e-2, max_diff=2e-5, name="out")
+    assert_close(lse, want[1], atol=1e-4, rtol=1e-4, name="lse")
+    call = {**args, "extra_kv_cache": extra, "extra_indices": extra_indices, "d_rope": 64, "splits": 3}
+    rows_call = {**call, "extra_kv_cache": extra_rows}
+    single = {**args, "d_rope": 64, "splits": 1, "direct": False}
+    for got, exact in (
+        ((out, lse), both(window_rows, extra_rows)),
+        (real(q, window, indices, **call), real(q, window_rows, indices, **rows_call)),
+        # The direct kernel against the split kernel's one part through the combine (the path it replaces).
+        (both(layouts.relaid(window, "column_major"), None), real(q, window, indices, **single)),
+    ):
+        assert torch.equal(got[0], exact[0]) and torch.equal(got[1], exact[1])
+    assert_close(got[0], reference.sparse_mla_decode(q, window, indices, **args)[0], atol=1e-2, rtol=1e-2,
+                 max_diff=2e-5, name="direct out")  # fmt: skip
+    # UE8M0 255 (NaN) as the first scale of slot 5, which query (0, 0) names: its first tile dequantises to NaN.
+    blob = torch.as_strided(window, (window.shape[0], MODEL1.page_bytes(page_size)), (window.stride(0), 1)).clone()
+    blob[5 // page_size, page_size * MODEL1.value_bytes + 5 % page_size * MODEL1.scale_group_bytes] = 0xFF
+    poisoned = kv_format.flash_mla_kv_view(blob, MODEL1, page_size).squeeze(2)
+    got = both(poisoned, extra)
+    want = reference.sparse_mla_decode(q, poisoned, indices, extra_kv_cache=extra, extra_indices=extra_indices, **args)
+    assert torch.isnan(got[1][0, 0]).all() and torch.equal(got[1].isnan(), want[1].isnan())
+    assert torch.equal(got[0].isnan(), want[0].isnan())
 
 
 @pytest.mark.cpu_kernel

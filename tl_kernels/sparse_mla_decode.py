@@ -21,6 +21,13 @@ and writes the bf16 output and ``lse`` itself: no float32 partials (256 KB per t
   ``float32 [num_slots, row_bytes / 4]`` (the scales) and ``bfloat16 [num_slots, row_bytes / 2]`` (the RoPE values),
   and dequantises while it gathers: ``fp8 * scale`` (exact in bf16 for power-of-two scales) into the bf16 tile. The
   gather is then a load-convert-store instead of a ``cp.async``.
+* **Paged FP8 cache** (``kv_format="fp8_paged"``, FlashMLA's MODEL1 for DeepSeek-V4): a page of ``page_size`` tokens
+  holds every token's ``value_bytes`` value bytes (``d_nope`` e4m3, then ``d_rope`` bf16), then every token's
+  ``scale_group_bytes`` scale group (one UE8M0 byte per tile: ``2^(byte - 127)``, 255 NaN), and pages are
+  ``page_bytes`` apart. Slot ``s`` is token ``s % page_size`` of page ``s // page_size``: its values at ``page_bytes *
+  page + offset * value_bytes``, its scales at ``page_size * value_bytes + offset * scale_group_bytes`` of the page.
+  The three views are then per page (``[num_pages, page_bytes]`` e4m3 and uint8, ``[num_pages, page_bytes / 2]``
+  bf16) and the gather is the FP8 one with these addresses.
 
 **Combine** (:func:`build_combine`): one thread block per ``(b, t, head)`` merges the ``P`` splits (of one source or
 of two, e.g. a sliding window beside the selected tokens): with ``m = max_p lse_p`` and ``w_p = exp(lse_p - m)``,
@@ -59,6 +66,8 @@ __all__ = [
     "KV_FORMATS",
     "KV_FORMAT_BF16",
     "KV_FORMAT_FP8",
+    "KV_FORMAT_FP8_PAGED",
+    "FP8_FORMATS",
     "MAX_REGISTERS",
     "V32_RESOURCES",
     "Config",
@@ -75,11 +84,19 @@ KV_FORMAT_BF16 = "bf16"
 """Cache rows are ``d_qk`` bfloat16 values."""
 KV_FORMAT_FP8 = "fp8"
 """Cache rows are FlashMLA's FP8 bytes: ``d_nope`` e4m3 values, ``d_nope / tile`` float32 scales, ``d_rope`` bf16."""
-KV_FORMATS = (KV_FORMAT_BF16, KV_FORMAT_FP8)
+KV_FORMAT_FP8_PAGED = "fp8_paged"
+"""FP8 in split pages (FlashMLA's MODEL1): a page's value bytes, then its tokens' UE8M0 scale groups."""
+KV_FORMATS = (KV_FORMAT_BF16, KV_FORMAT_FP8, KV_FORMAT_FP8_PAGED)
+FP8_FORMATS = (KV_FORMAT_FP8, KV_FORMAT_FP8_PAGED)
 FP8_DTYPE = "float8_e4m3fn"
 SCALE_BYTES = 4
 ROPE_BYTES = 2
 ROW_DTYPE = "int64"
+SCALE_CODE_DTYPE = "uint8"
+_UE8M0_NAN = 255
+_F32_MANTISSA_BITS = 23
+_F32_QUIET_NAN_BITS = 0x7FC00000
+_F32_TWO_POW_MINUS_127_BITS = 0x00400000  # the subnormal 2^-127: UE8M0 byte 0, which has no normal float32
 COMBINE_THREADS = 128
 """Threads of a combine block: 128 output columns at a time (V3.2: four per thread for ``d_v = 512``)."""
 
@@ -132,11 +149,27 @@ def resources(kv_format: str, config: Config) -> tuple[int, int]:
     """``(registers per thread, shared memory bytes)`` of the sm_90a attention kernel in ``config``: the build tier's
     figures at V3.2 widths (:data:`V32_RESOURCES`), else an upper bound (255 registers, :func:`smem_bytes`'s tiles at
     V3.2 widths), which never overstates how many blocks an SM holds."""
-    key = (kv_format, config.block_h, config.block_k, config.threads, config.prefetch and kv_format == KV_FORMAT_FP8)
+    key = (kv_format, config.block_h, config.block_k, config.threads, config.prefetch and kv_format in FP8_FORMATS)
     if key in V32_RESOURCES:
         return V32_RESOURCES[key]
     static = {"heads": 128, "d_qk": 576, "d_v": 512, "kv_format": kv_format, "d_rope": 64, "tile": 128}
     return MAX_REGISTERS, smem_bytes(static, config)
+
+
+def _check_pages(static: dict[str, Any], d_nope: int, d_rope: int, tile: int) -> None:
+    """The paged FP8 layout's rules: a token's values (e4m3, then bf16 RoPE at an even byte) fit its value bytes, its
+    scale bytes its scale group, and a page's sections its ``page_bytes`` (even: the bf16 view)."""
+    page_size, page_bytes = int(static["page_size"]), int(static["page_bytes"])
+    value_bytes, group_bytes = int(static["value_bytes"]), int(static["scale_group_bytes"])
+    if (
+        page_size < 1 or d_nope % ROPE_BYTES or value_bytes % ROPE_BYTES or page_bytes % ROPE_BYTES
+        or value_bytes < d_nope + d_rope * ROPE_BYTES or group_bytes < d_nope // tile
+        or page_bytes < page_size * (value_bytes + group_bytes)
+    ):  # fmt: skip
+        raise ValueError(
+            f"a paged FP8 cache needs even byte offsets and its sections within a page, got page_size {page_size}, "
+            f"page_bytes {page_bytes}, value_bytes {value_bytes}, scale_group_bytes {group_bytes}"
+        )
 
 
 def _as_forward(config: Config) -> forward.Config:
@@ -145,15 +178,19 @@ def _as_forward(config: Config) -> forward.Config:
 
 def check_config(static: dict[str, Any], config: Config) -> None:
     """Raise ``ValueError`` when ``config`` cannot serve ``static`` (``heads``, ``d_qk``, ``d_v``, ``kv_format``,
-    ``d_rope``, ``tile``, optionally ``target``): the forward's rules for its default schedule, plus the FP8 layout's."""
+    ``d_rope``, ``tile``, for ``"fp8_paged"`` also ``page_size``, ``page_bytes``, ``value_bytes`` and
+    ``scale_group_bytes``, optionally ``target``): the forward's rules for its default schedule, plus the FP8
+    layout's."""
     kv_format = static.get("kv_format", KV_FORMAT_BF16)
     if kv_format not in KV_FORMATS:
         raise ValueError(f"kv_format must be one of {KV_FORMATS}, got {kv_format!r}")
-    if kv_format == KV_FORMAT_FP8:
+    if kv_format in FP8_FORMATS:
         d_qk, d_rope, tile = int(static["d_qk"]), int(static["d_rope"]), int(static["tile"])
         d_nope = d_qk - d_rope
         if not 0 <= d_rope < d_qk or tile < 1 or d_nope % tile:
             raise ValueError(f"an FP8 cache needs 0 <= d_rope < d_qk and tile | d_qk - d_rope, got {d_qk}, {d_rope}, {tile}")
+    if kv_format == KV_FORMAT_FP8_PAGED:
+        _check_pages(static, d_nope, d_rope, tile)
     forward.check_config(static, _as_forward(config))
 
 
@@ -163,7 +200,7 @@ def default_config(static: dict[str, Any]) -> Config:
     16-byte loads before step i's GEMMs, with one barrier fewer per step, no spills and the same blocks per SM;
     :data:`V32_RESOURCES`). The portable schedule keeps the plain gather (its builds are not checked for it)."""
     chosen = forward.default_config(static)
-    prefetch = static.get("kv_format") == KV_FORMAT_FP8 and dsl.is_hopper(static.get("target", dsl.HOPPER_TARGET))
+    prefetch = static.get("kv_format") in FP8_FORMATS and dsl.is_hopper(static.get("target", dsl.HOPPER_TARGET))
     return Config(block_h=chosen.block_h, block_k=chosen.block_k, threads=chosen.threads, prefetch=prefetch)
 
 
@@ -171,7 +208,7 @@ def smem_bytes(static: dict[str, Any], config: Config) -> int:
     """Shared memory of the CUDA kernel: the forward's default schedule's tiles (an upper estimate), plus the FP8
     gather's int64 row numbers (two steps' with ``prefetch``)."""
     rows = 0
-    if static.get("kv_format") == KV_FORMAT_FP8:
+    if static.get("kv_format") in FP8_FORMATS:
         rows = config.block_k * 8 * (2 if config.prefetch else 1)
     return forward.smem_bytes(static, _as_forward(config)) + rows
 
@@ -193,6 +230,10 @@ def build(
     kv_format: str = KV_FORMAT_BF16,
     d_rope: int = 0,
     tile: int = 1,
+    page_size: int = 1,
+    page_bytes: int = 0,
+    value_bytes: int = 0,
+    scale_group_bytes: int = 0,
     block_h: int = Config.block_h,
     block_k: int = Config.block_k,
     threads: int = Config.threads,
@@ -208,7 +249,9 @@ def build(
         q: ``[B, s_q, heads, d_qk]`` bfloat16;
         the cache: ``kv_format="bf16"``: ``kv [num_slots, d_qk]`` bfloat16; ``"fp8"``: three views of the same bytes,
         ``kv_fp8 [num_slots, row_bytes]`` float8_e4m3fn, ``kv_scale [num_slots, row_bytes / 4]`` float32,
-        ``kv_rope [num_slots, row_bytes / 2]`` bfloat16 (:func:`fp8_views`);
+        ``kv_rope [num_slots, row_bytes / 2]`` bfloat16 (:func:`fp8_views`); ``"fp8_paged"``: the same three views
+        per page, ``[num_pages, page_bytes]`` float8_e4m3fn and uint8 (the scale codes), ``[num_pages, page_bytes /
+        2]`` bfloat16, with ``num_slots = num_pages * page_size``;
         indices: ``[B, s_q, k]`` int32 slots; topk_length: ``[B, s_q]`` int32 (entries past it are invalid);
         sm_scale: float32;
         out_partial: ``[Z, B, s_q, heads, d_v]`` float32, each split's normalised output (written);
@@ -220,7 +263,8 @@ def build(
     """
     static = {
         "heads": heads, "d_qk": d_qk, "d_v": d_v, "kv_format": kv_format, "d_rope": d_rope, "tile": tile,
-        "target": target,
+        "page_size": page_size, "page_bytes": page_bytes, "value_bytes": value_bytes,
+        "scale_group_bytes": scale_group_bytes, "target": target,
     }  # fmt: skip
     check_config(static, Config(block_h=block_h, block_k=block_k, threads=threads, prefetch=prefetch))
     cpu = dsl.is_cpu(target)
@@ -232,8 +276,14 @@ def build(
     head_blocks = (heads + block_h - 1) // block_h
     d_nope = d_qk - d_rope
     row_bytes, scale_col, rope_col = fp8_views(d_qk, d_rope, tile) if kv_format == KV_FORMAT_FP8 else (1, 0, 0)
+    paged = kv_format == KV_FORMAT_FP8_PAGED
 
-    batch, seq_q, num_slots = T.dynamic("batch"), T.dynamic("seq_len"), T.dynamic("seq_len_kv")
+    batch, seq_q = T.dynamic("batch"), T.dynamic("seq_len")
+    if paged:
+        num_pages = T.dynamic("num_pages")
+        num_slots = num_pages * page_size
+    else:
+        num_slots = T.dynamic("seq_len_kv")
     width = T.dynamic("topk")
     splits = 1 if direct else T.dynamic("splits")
     # The direct kernel's sink always joins (a -inf sink adds exp2(-inf) = 0): one kernel with and without a sink.
@@ -246,12 +296,31 @@ def build(
         value = dsl.load_f32(code, FP8_DTYPE, target) * scale
         return value if cpu else T.Cast(DATA_DTYPE, value)
 
+    # Where a cache row's bytes are (row: an int64 slot >= 0): in its own row of the views (V3.2), or in its page's
+    # sections (paged). These are the only lines that know the byte layout; the gather and the prefetch share them.
+    def nope_at(KVA: Any, row: Any, d: Any) -> Any:
+        if paged:
+            return KVA[row // page_size, row % page_size * value_bytes + d]
+        return KVA[row, d]
+
+    def scale_at(KVB: Any, row: Any, d: Any) -> Any:
+        if paged:
+            return ue8m0_scale(
+                KVB[row // page_size, page_size * value_bytes + row % page_size * scale_group_bytes + d // tile]
+            )
+        return KVB[row, scale_col + d // tile]
+
+    def rope_at(KVC: Any, row: Any, d: Any) -> Any:
+        if paged:
+            return KVC[row // page_size, row % page_size * (value_bytes // ROPE_BYTES) + d_nope // ROPE_BYTES + d]
+        return KVC[row, rope_col + d]
+
     open_rows, attend_step = plain_step_macros(
         alloc, online_softmax, heads=heads, block_h=block_h, block_k=block_k, d_qk=d_qk, d_v=d_v,
         tile_dtype=tile_dtype, load=load,
     )  # fmt: skip
 
-    fp8 = kv_format == KV_FORMAT_FP8
+    fp8 = kv_format in FP8_FORMATS
     prefetched = fp8 and prefetch
 
     @T.macro
@@ -263,11 +332,9 @@ def build(
                 rows_s[j] = gather_row(Indices, b, s, step * block_k + j, width, limit, num_slots)
             for j, d in alloc.parallel(block_k, d_nope):
                 row = T.max(rows_s[j], 0)
-                kv_s[j, d] = T.if_then_else(rows_s[j] >= 0, dequant(KVA[row, d], KVB[row, scale_col + d // tile]), 0)
+                kv_s[j, d] = T.if_then_else(rows_s[j] >= 0, dequant(nope_at(KVA, row, d), scale_at(KVB, row, d)), 0)
             for j, d in alloc.parallel(block_k, d_rope):
-                kv_s[j, d_nope + d] = T.if_then_else(
-                    rows_s[j] >= 0, load(KVC[T.max(rows_s[j], 0), rope_col + d]), 0
-                )
+                kv_s[j, d_nope + d] = T.if_then_else(rows_s[j] >= 0, load(rope_at(KVC, T.max(rows_s[j], 0), d)), 0)
         else:
             # bf16 rows in KVA: the forward's guarded copy, which zero-fills invalid rows (cp.async on CUDA).
             for j, d in alloc.parallel(block_k, d_qk):
@@ -282,11 +349,11 @@ def build(
             rows_s[slot, j] = gather_row(Indices, b, s, step * block_k + j, width, limit, num_slots)
         for j, d in alloc.parallel(block_k, d_nope):
             raw_f[j, d] = T.if_then_else(
-                rows_s[slot, j] >= 0, KVA[T.max(rows_s[slot, j], 0), d], T.Cast(fp8_storage, 0)
+                rows_s[slot, j] >= 0, nope_at(KVA, T.max(rows_s[slot, j], 0), d), T.Cast(fp8_storage, 0)
             )
         for j, d in alloc.parallel(block_k, d_rope):
             rope_f[j, d] = T.if_then_else(
-                rows_s[slot, j] >= 0, KVC[T.max(rows_s[slot, j], 0), rope_col + d], T.Cast(data_storage, 0)
+                rows_s[slot, j] >= 0, rope_at(KVC, T.max(rows_s[slot, j], 0), d), T.Cast(data_storage, 0)
             )
 
     @T.macro
@@ -295,7 +362,7 @@ def build(
         # own cache line), RoPE values as they are.
         for j, d in alloc.parallel(block_k, d_nope):
             kv_s[j, d] = T.if_then_else(
-                rows_s[slot, j] >= 0, dequant(raw_f[j, d], KVB[T.max(rows_s[slot, j], 0), scale_col + d // tile]), 0
+                rows_s[slot, j] >= 0, dequant(raw_f[j, d], scale_at(KVB, T.max(rows_s[slot, j], 0), d)), 0
             )
         for j, d in alloc.parallel(block_k, d_rope):
             kv_s[j, d_nope + d] = load(rope_f[j, d])
@@ -367,14 +434,20 @@ def build(
                 AttnSink, Out if direct else OutPartial, Lse if direct else LsePartial, bx, by, bz,
             )  # fmt: skip
 
+    if paged:
+        fp8_view = scale_view = [num_pages, page_bytes]
+        rope_view = [num_pages, page_bytes // ROPE_BYTES]
+    else:
+        fp8_view, scale_view = [num_slots, row_bytes], [num_slots, row_bytes // SCALE_BYTES]
+        rope_view = [num_slots, row_bytes // ROPE_BYTES]
     main = dsl.prim_func(
         main,
         "main",
         Q=T.Tensor([batch, seq_q, heads, d_qk], data_storage),
         KV=None if fp8 else T.Tensor([num_slots, d_qk], data_storage),
-        KVFp8=T.Tensor([num_slots, row_bytes], fp8_storage) if fp8 else None,
-        KVScale=T.Tensor([num_slots, row_bytes // SCALE_BYTES], ACCUM_DTYPE) if fp8 else None,
-        KVRope=T.Tensor([num_slots, row_bytes // ROPE_BYTES], data_storage) if fp8 else None,
+        KVFp8=T.Tensor(fp8_view, fp8_storage) if fp8 else None,
+        KVScale=T.Tensor(scale_view, SCALE_CODE_DTYPE if paged else ACCUM_DTYPE) if fp8 else None,
+        KVRope=T.Tensor(rope_view, data_storage) if fp8 else None,
         Indices=T.Tensor([batch, seq_q, width], INDEX_DTYPE),
         TopkLength=T.Tensor([batch, seq_q], INDEX_DTYPE),
         sm_scale=T.float32,
@@ -385,6 +458,23 @@ def build(
         Lse=T.Tensor([batch, seq_q, heads], ACCUM_DTYPE) if direct else None,
     )
     return dsl.with_target_pass_configs(main, target, CUDA_PASS_CONFIGS)
+
+
+def ue8m0_scale(code: Any) -> Any:
+    """float32 ``2^(code - 127)`` of a UE8M0 scale byte (a ``uint8`` expression), bit for bit
+    ``dsa.kv_format``'s decoding: the byte is the float32's exponent field; 255 is NaN and 0 the subnormal
+    ``2^-127``."""
+    bits = T.Cast("uint32", code)
+    return T.reinterpret(
+        T.if_then_else(
+            bits == T.uint32(_UE8M0_NAN),
+            T.uint32(_F32_QUIET_NAN_BITS),
+            T.if_then_else(
+                bits == T.uint32(0), T.uint32(_F32_TWO_POW_MINUS_127_BITS), T.shift_left(bits, T.uint32(_F32_MANTISSA_BITS))
+            ),
+        ),
+        "float32",
+    )
 
 
 def build_combine(*, heads: int, d_v: int, has_sink: bool = False, target: dsl.Target = dsl.HOPPER_TARGET) -> Any:

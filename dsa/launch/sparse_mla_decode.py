@@ -4,8 +4,10 @@ the combine kernel (``tl_kernels.sparse_mla_decode``). One source in one split (
 attention kernel writes the bf16 output and ``lse`` directly, sink included.
 
 Inputs are assumed validated (``dsa.validation.check_sparse_mla_decode(..., kernel=True)``): bfloat16 ``q``, a
-bfloat16 cache or FP8 bytes in ``dsa.kv_format.FP8Layout.for_width(d_qk, d_rope)``, int32 indices/lengths, contiguous,
-on one CPU or CUDA device. On CPU the kernels are TileLang's C-target builds (serial loops), on CUDA the sm_90a builds
+bfloat16 cache or FP8 bytes in ``dsa.kv_format.FP8Layout.for_width(d_qk, d_rope)`` or FlashMLA's MODEL1 pages
+(``dsa.kv_format.MODEL1_FP8_LAYOUT``, 584-byte rows: FlashMLA's view of its split pages, whose page stride may exceed
+``page_size * 584`` by the page's padding; the kernel reads the pages in place), int32 indices/lengths, contiguous
+(the MODEL1 pages: rows back to back within a page), on one CPU or CUDA device. On CPU the kernels are TileLang's C-target builds (serial loops), on CUDA the sm_90a builds
 (or the portable schedule elsewhere). The kernel is not tuned yet: it runs ``tl_kernels.sparse_mla_decode``'s default
 config (the forward's tiles; on sm_90a the FP8 gather prefetched a step ahead).
 """
@@ -28,7 +30,7 @@ from tl_kernels import sparse_mla_decode as kernels
 OptTensor = Tensor | None
 
 __all__ = [
-    "KERNEL_NAME", "MIN_STEPS_PER_SPLIT", "SPLIT_OVERHEAD_STEPS", "Plan", "num_splits", "plan", "run",
+    "KERNEL_NAME", "MIN_STEPS_PER_SPLIT", "SPLIT_OVERHEAD_STEPS", "Plan", "num_splits", "page_stride", "plan", "run",
     "sparse_mla_decode", "split_count", "static_params",
 ]  # fmt: skip
 
@@ -42,13 +44,24 @@ partial it writes and the combine reads back (128 KB twice) move about as many b
 each), mostly through L2; four steps is the rule's guess until a GPU record measures it."""
 
 
-def static_params(*, heads: int, d_qk: int, d_v: int, fp8_layout: kv_format.FP8Layout | None) -> dict[str, Any]:
-    """The attention kernel's static parameters for a bf16 cache (``fp8_layout=None``) or an FP8 one."""
+def static_params(
+    *, heads: int, d_qk: int, d_v: int, fp8_layout: kv_format.FP8Layout | None, page_size: int = 1,
+    page_bytes: int | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """The attention kernel's static parameters for a bf16 cache (``fp8_layout=None``) or an FP8 one; a split layout
+    (MODEL1) also takes its ``page_size`` and the bytes from one page to the next (default: the layout's padded
+    page, ``fp8_layout.page_bytes(page_size)``)."""
     if fp8_layout is None:
         return {"heads": heads, "d_qk": d_qk, "d_v": d_v, "kv_format": kernels.KV_FORMAT_BF16, "d_rope": 0, "tile": 1}
+    static = {"heads": heads, "d_qk": d_qk, "d_v": d_v, "d_rope": fp8_layout.d_rope, "tile": fp8_layout.tile}
+    if not fp8_layout.scales_after_values:
+        return {**static, "kv_format": kernels.KV_FORMAT_FP8}
+    if fp8_layout.scale_format != "ue8m0" or fp8_layout.rope_offset != fp8_layout.d_nope:
+        raise ValueError(f"sparse_mla_decode: the paged FP8 kernel reads UE8M0 scales after the NoPE values, got {fp8_layout}")
     return {
-        "heads": heads, "d_qk": d_qk, "d_v": d_v, "kv_format": kernels.KV_FORMAT_FP8, "d_rope": fp8_layout.d_rope,
-        "tile": fp8_layout.tile,
+        **static, "kv_format": kernels.KV_FORMAT_FP8_PAGED, "page_size": int(page_size),
+        "page_bytes": int(fp8_layout.page_bytes(page_size) if page_bytes is None else page_bytes),
+        "value_bytes": fp8_layout.value_bytes, "scale_group_bytes": fp8_layout.scale_group_bytes,
     }  # fmt: skip
 
 
@@ -88,16 +101,47 @@ def num_splits(
     return split_count(batch=batch, s_q=s_q, heads=heads, topk=topk, config=config, sms=sms, blocks_per_sm=per_sm)
 
 
+def page_stride(kv_cache: torch.Tensor) -> int | None:
+    """The bytes from one page of a split-layout (MODEL1) cache ``[num_pages, page_size, row]`` to the next when the
+    kernel can read its pages in place: each page's rows back to back (FlashMLA's view), the stride even and the
+    storage holding every page's full stride; ``None`` otherwise (the pages are then copied, :func:`_page_bytes`)."""
+    num_pages, page_size, row = kv_cache.shape  # FP8 caches hold bytes: strides are in bytes
+    stride = kv_cache.stride(0) if num_pages > 1 else page_size * row
+    if (page_size > 1 and kv_cache.stride(1) != row) or kv_cache.stride(2) != 1 or stride % 2:
+        return None
+    if stride < page_size * row or kv_cache.data_ptr() % validation.KERNEL_ALIGNMENT_BYTES:
+        return None
+    available = kv_cache.untyped_storage().nbytes() - kv_cache.storage_offset()
+    return stride if available >= num_pages * stride else None
+
+
+def _page_bytes(kv_cache: torch.Tensor) -> torch.Tensor:
+    """A split-layout cache as ``[num_pages, page_stride]`` uint8, its pages in place where :func:`page_stride`
+    allows, else a row-major copy (pages ``page_size * row`` bytes apart)."""
+    num_pages, page_size, row = kv_cache.shape
+    stride = page_stride(kv_cache)
+    if stride is None:
+        kv_cache, stride = kv_cache.clone(memory_format=torch.contiguous_format), page_size * row
+    return torch.as_strided(kv_cache.view(torch.uint8), (num_pages, stride), (stride, 1))
+
+
 def _cache_args(kv_cache: torch.Tensor, layout: kv_format.FP8Layout | None, target: Any) -> tuple[torch.Tensor, ...]:
     """The kernel's cache arguments: the bf16 rows as ``[num_slots, d_qk]``, or three views of the FP8 bytes (e4m3
-    values, float32 scales, bf16 RoPE values; ``tl_kernels.sparse_mla_decode.fp8_views``). No copies."""
-    rows = kv_cache.view(-1, kv_cache.shape[-1])
-    if layout is None:
-        return (tl_build.to_kernel_arg(rows, target),)
-    raw = rows.view(torch.uint8)
+    values, float32 scales, bf16 RoPE values; ``tl_kernels.sparse_mla_decode.fp8_views``); for a split layout
+    (MODEL1) the same views per page (e4m3 values, UE8M0 scale codes as uint8, bf16 RoPE values). No copies but
+    :func:`_page_bytes`'s."""
+    if layout is not None and layout.scales_after_values:
+        raw = _page_bytes(kv_cache)
+        scales = raw
+    else:
+        rows = kv_cache.view(-1, kv_cache.shape[-1])
+        if layout is None:
+            return (tl_build.to_kernel_arg(rows, target),)
+        raw = rows.view(torch.uint8)
+        scales = raw.view(torch.float32)
     return (
         tl_build.to_kernel_arg(raw.view(torch.float8_e4m3fn), target),
-        raw.view(torch.float32),
+        scales,
         tl_build.to_kernel_arg(raw.view(torch.bfloat16), target),
     )
 
@@ -151,12 +195,17 @@ def plan(
     (tests)."""
     batch, s_q, heads, d_qk = q.shape
     device = q.device
-    fp8 = tuple(validation.is_fp8_cache(c) for c in caches)
+    # Per source: None (bf16 rows), the FP8 layout's row size, and a split layout's page size and page stride.
+    formats = tuple(_cache_format(c, d_qk, d_rope) for c in caches)
 
     def make() -> Plan | None:
         target = common.target_for(device)
-        layouts = tuple(kv_format.FP8Layout.for_width(d_qk, d_rope) if f else None for f in fp8)
-        statics = [static_params(heads=heads, d_qk=d_qk, d_v=d_v, fp8_layout=layout) for layout in layouts]
+        layouts = tuple(None if f is None else validation.fp8_cache_layout(d_qk, d_rope, f[0]) for f in formats)
+        statics = [
+            static_params(heads=heads, d_qk=d_qk, d_v=d_v, fp8_layout=layout, page_size=f[1], page_bytes=f[2])
+            if f is not None else static_params(heads=heads, d_qk=d_qk, d_v=d_v, fp8_layout=None)
+            for layout, f in zip(layouts, formats, strict=True)
+        ]
         # Each source may be bf16 or FP8 on its own: one attention kernel per cache format, one config for both (the
         # formats share every constraint but the FP8 layout's).
         try:
@@ -198,14 +247,28 @@ def plan(
             use_direct,
         )  # fmt: skip
 
-    key = (tuple(q.shape), fp8, tuple(widths), int(d_v), int(d_rope), has_sink, config, splits, direct)
+    key = (tuple(q.shape), formats, tuple(widths), int(d_v), int(d_rope), has_sink, config, splits, direct)
     return _PLANS.get(device, key, make)
+
+
+def _cache_format(kv_cache: torch.Tensor, d_qk: int, d_rope: int) -> tuple[int, int, int | None] | None:
+    """What a plan needs of a cache: ``None`` for bf16 rows, else ``(row bytes, page size, page stride)``; the page
+    stride is a split layout's (MODEL1's) bytes from page to page as the kernel reads them (:func:`_page_bytes`),
+    None for a row-per-token layout."""
+    if not validation.is_fp8_cache(kv_cache):
+        return None
+    row, page_size = kv_cache.shape[-1], kv_cache.shape[1]
+    layout = validation.fp8_cache_layout(d_qk, d_rope, row)
+    if layout is None or not layout.scales_after_values:
+        return row, 1, None
+    stride = page_stride(kv_cache)
+    return row, page_size, page_size * row if stride is None else stride
 
 
 def _source_params(params: dict[str, Any], static: dict[str, Any]) -> dict[str, Any]:
     """The config's builder parameters for one source: the FP8 prefetch means nothing to a bf16 cache (its gather is
     a cp.async either way), so a bf16 source builds without it (one kernel, whatever the other source's format)."""
-    return {**params, "prefetch": params["prefetch"] and static["kv_format"] == kernels.KV_FORMAT_FP8}
+    return {**params, "prefetch": params["prefetch"] and static["kv_format"] in kernels.FP8_FORMATS}
 
 
 def _lengths(topk_length: torch.Tensor | None, full: torch.Tensor) -> torch.Tensor:
