@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from dsa import ops
+from dsa.integrations.latent_attention import DECODE_MAX_QUERIES
 from dsa.integrations.visibility import from_layer_mask
 
 __all__ = ["CSA", "HCA", "SLIDING", "attend", "rope_v4", "v4_attention_forward"]
@@ -156,15 +157,57 @@ def attend(
         ``[B, S, H, D]`` in q's dtype (0 where a query sees nothing).
     """
     ranges = torch.stack([window_starts, window_ends], dim=-1).to(torch.int32)
+    entry_ranges = None
+    if entries is not None and entries.shape[1] > 0 and selected is None:
+        entry_ranges = torch.stack([torch.zeros_like(entry_ends), entry_ends], dim=-1).to(torch.int32)
+    has_entries = entries is not None and entries.shape[1] > 0
+    tensors = (q, window, entries) if has_entries else (q, window)
+    if q.shape[1] <= DECODE_MAX_QUERIES and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return _attend_decode(q, window, ranges, entries if has_entries else None, selected, entry_ranges, sinks,
+                              sm_scale)  # fmt: skip
     extra: dict[str, torch.Tensor] = {}
-    if entries is not None and entries.shape[1] > 0:
+    if has_entries:
         extra["extra_kv"] = entries.to(window.dtype)
         if selected is not None:
             extra["extra_indices"] = selected.to(torch.int32)
         else:
-            extra["extra_ranges"] = torch.stack([torch.zeros_like(entry_ends), entry_ends], dim=-1).to(torch.int32)
+            extra["extra_ranges"] = entry_ranges
     out, _ = ops.sparse_mla(q, window, sm_scale=sm_scale, d_v=q.shape[-1], attn_sink=sinks, ranges=ranges, **extra)
     return out
+
+
+def _attend_decode(
+    q: torch.Tensor, window: torch.Tensor, ranges: torch.Tensor, entries: torch.Tensor | None,
+    selected: torch.Tensor | None, entry_ranges: torch.Tensor | None, sinks: torch.Tensor, sm_scale: float,
+) -> torch.Tensor:  # fmt: skip
+    """:func:`attend` for a step of a few tokens without gradients: ``dsa.ops.sparse_mla_decode`` over the window rows
+    and the entries each viewed as ``B`` pages of one sequence (its kernel splits each query's keys over thread
+    blocks, where ``sparse_mla``'s has ``B * ceil(H / 64)`` blocks for one token). Slots are ``b * rows + row``; a
+    step's ``s_q <= DECODE_MAX_QUERIES`` queries make the slot lists ``O(B * s_q * (W + N))``, what the kernel reads."""
+    extra: dict[str, torch.Tensor] = {}
+    if entries is not None:
+        extra["extra_kv_cache"] = entries.to(window.dtype).contiguous()
+        count = entries.shape[1]
+        extra["extra_indices"] = _slots(entry_ranges, count) if selected is None else _paged(selected, count)
+    # d_rope only describes FP8 rows; these caches hold the model's dtype, so any width <= d_qk serves.
+    out, _ = ops.sparse_mla_decode(q, window.contiguous(), _slots(ranges, window.shape[1]), sm_scale=sm_scale,
+                                   d_v=q.shape[-1], attn_sink=sinks, d_rope=min(64, q.shape[-1]), **extra)  # fmt: skip
+    return out
+
+
+def _paged(rows: torch.Tensor, count: int) -> torch.Tensor:
+    """Row numbers ``[B, s_q, k]`` (``-1`` invalid) of a ``[B, count, D]`` tensor as slots of its ``B`` pages."""
+    base = torch.arange(rows.shape[0], device=rows.device, dtype=torch.int32).view(-1, 1, 1) * count
+    return torch.where(rows >= 0, rows + base, -1).to(torch.int32)
+
+
+def _slots(ranges: torch.Tensor, count: int) -> torch.Tensor:
+    """The rows ``[start, end)`` of each query (``ranges [B, s_q, 2]``, clipped to ``[0, count)``) as slots of ``B``
+    pages of ``count`` rows, ``[B, s_q, longest]`` with ``-1`` padding."""
+    start, end = ranges[..., 0].clamp(0, count), ranges[..., 1].clamp(0, count)
+    width = max(1, int((end - start).max()))
+    rows = start.unsqueeze(-1) + torch.arange(width, device=ranges.device, dtype=torch.int32)
+    return _paged(torch.where(rows < end.unsqueeze(-1), rows, -1), count)
 
 
 def v4_attention_forward(
