@@ -24,7 +24,8 @@ Per layer and forward (``B`` batch, ``S`` new tokens, ``W`` the sliding window, 
 4. **Attention** (:func:`attend`, ``dsa.ops.sparse_mla`` with two sources): the window rows (a row range per query)
    and the compressed entries (CSA's selection, or HCA's range of visible entries) in one softmax with the per-head
    sink, K = V (``d_v = D``), ``sm_scale = module.scaling``; then inverse RoPE on the output's RoPE dims and the
-   grouped output projection.
+   grouped output projection. Steps of at most ``DECODE_MAX_QUERIES`` tokens without gradients run
+   ``dsa.ops.sparse_mla_decode`` over the same rows instead (as the V3.2/GLM-5 layers do).
 
 Visibility follows transformers' eager model exactly: the window is ``[p - W + 1, p]`` in cache positions
 intersected with the padding mask's range (``KeyRanges``); compressed entries use the layer's ``position_ids``
