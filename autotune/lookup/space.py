@@ -41,13 +41,18 @@ SIZE_NAMES: tuple[str, ...] = ("batch", "seq_len", "seq_len_kv")
 # ``static["target"]`` (the dict form of ``tl_kernels.dsl.HOPPER_TARGET``, repeated here to keep this import light).
 HOPPER_TARGET: dict[str, str] = {"kind": "cuda", "arch": "sm_90a"}
 _HOPPER_ARCH = HOPPER_TARGET["arch"]
-PRESETS: tuple[str, ...] = ("deepseek-v3.2", "tiny")
+PRESETS: tuple[str, ...] = ("deepseek-v3.2", "deepseek-v4", "tiny")
 # The pruned ("default") space: the default config plus at most this many one-field neighbours per static case, so
 # that the default run of all five kernels compiles in a few minutes on 2 cores.
 PRUNED_NEIGHBOURS = 3
 # Sequence lengths of the deepseek-v3.2 preset: 4K .. 64K tokens, prefill/training with S == S_kv.
 DEEPSEEK_SEQ_LENS: tuple[int, ...] = (4096, 8192, 16384, 32768, 65536)
 TINY_SEQ_LENS: tuple[int, ...] = (256, 1024)
+V4_CSA_RATE = 4
+"""DeepSeek-V4's CSA layers select among one compressed entry per 4 tokens: the selection kernels and the sparse
+attention over the entries see ``S_kv = S / 4``."""
+V4_MODELS: tuple[tuple[int, int], ...] = ((64, 512), (128, 1024))
+"""(query heads, top-k) of V4-Flash and V4-Pro."""
 
 Static = dict[str, Any]
 Sizes = dict[str, int]
@@ -311,9 +316,14 @@ def _builtin_cases(preset: str) -> dict[str, list[Case]]:
     ``deepseek-v3.2``: 128 query heads, d_qk 576 (512 latent + 64 RoPE), d_v 512, top-k 2048; indexer 64 heads x 128
     dims in fp8 (with per-key scales) and bf16, causal; prefill/training shapes from 4K to 64K tokens. Candidates are
     checked against the reference at 512 queries x 4096 keys.
+    ``deepseek-v4``: the CSA layers of V4-Flash (64 heads, top-k 512) and V4-Pro (128 heads, top-k 1024): sparse MLA
+    with K = V (d_qk = d_v = 512: 448 NoPE + 64 RoPE) and a sink over ``S / 4`` compressed entries, the indexer (64
+    heads x 128 dims, fp8, visibility by per-query ranges) over the same entries; 4K .. 64K tokens.
     ``tiny``: small heads and dims for CI that still meet every kernel's sm_90a constraints (dims multiples of 64 for
     the backward's column chunks, of 32 for the fp8 indexer).
     """
+    if preset == "deepseek-v4":
+        return _deepseek_v4_cases()
     if preset == "deepseek-v3.2":
         seqs, check_seq, check_kv = DEEPSEEK_SEQ_LENS, 512, 4096
         indexer = [
@@ -339,6 +349,33 @@ def _builtin_cases(preset: str) -> dict[str, list[Case]]:
             Case("sparse_mla_fwd", {**mla, **no_options}, _points(seqs, topk=topk), {**check, "topk": topk})
         ],
         "sparse_mla_bwd": [Case("sparse_mla_bwd", {**mla, "topk": topk, **no_options}, plain, check)],
+    }
+
+
+def _deepseek_v4_cases() -> dict[str, list[Case]]:
+    """The ``deepseek-v4`` preset (see :func:`_builtin_cases`). The sliding-window and HCA sources (per-query ranges,
+    the kernels' ``ranged`` static parameter) are not tuned here: the measurement runners feed index lists."""
+    seqs = DEEPSEEK_SEQ_LENS
+    compressed = tuple({**point, "seq_len_kv": point["seq_len"] // V4_CSA_RATE} for point in _points(seqs))
+    check = {"batch": 1, "seq_len": 512, "seq_len_kv": 4096 // V4_CSA_RATE}
+    indexer = {"heads": 64, "dim": 128, "dtype": "float8_e4m3fn", "mode": "range"}
+    mla = {"d_qk": 512, "d_v": 512, "has_topk_length": False, "has_sink": True}
+    topks = sorted({topk for _, topk in V4_MODELS})
+    return {
+        "indexer": [Case("indexer", indexer, compressed, check)],
+        "topk": [Case("topk", {"k": topk}, compressed, check) for topk in topks],
+        "index_topk": [Case("index_topk", {**indexer, "topk": topk}, compressed, check) for topk in topks],
+        "sparse_mla_fwd": [
+            Case(
+                "sparse_mla_fwd", {"heads": heads, **mla}, tuple({**point, "topk": topk} for point in compressed),
+                {**check, "topk": topk},
+            )
+            for heads, topk in V4_MODELS
+        ],
+        "sparse_mla_bwd": [
+            Case("sparse_mla_bwd", {"heads": heads, **mla, "topk": topk}, compressed, check)
+            for heads, topk in V4_MODELS
+        ],
     }
 
 
