@@ -221,3 +221,38 @@ def test_bfloat16_c_target_kernels_track_eager_bfloat16(monkeypatch):
     (eager_max, eager_rms), (served_max, served_rms) = errors(eager16), errors(served16)
     assert served_max <= 2 * eager_max and served_rms <= 2 * eager_rms, (served_max, eager_max, served_rms, eager_rms)
     assert launches["index_topk"] > 0 and launches["sparse_mla_fwd"] > 0, launches
+
+
+@pytest.mark.parametrize("layer_type", ["compressed_sparse_attention", "heavily_compressed_attention"])
+def test_compressed_entries_equal_transformers_bit_for_bit_in_bfloat16(layer_type):
+    """The compressor's entries through ``dsa.ops.compress_kv`` (then ``kv_norm`` and RoPE) equal transformers'
+    compressor's bit for bit in bf16 (position_bias and kv_norm kept float32, as ``from_pretrained`` keeps them),
+    fed in pieces of 5, 3 and 4 tokens through each side's own V4 cache (partial windows and CSA's overlap rows
+    carried)."""
+    from dsa.integrations import deepseek_v4
+
+    config = hf.tiny_config("deepseek_v4")
+    layer_idx = config.layer_types.index(layer_type)
+    torch.manual_seed(15)
+    compressor = (V4.DeepseekV4CSACompressor if layer_type == deepseek_v4.CSA else V4.DeepseekV4HCACompressor)(config)
+    with torch.no_grad():
+        for parameter in compressor.parameters():
+            parameter.normal_(0.0, 0.5)
+    compressor.to(torch.bfloat16).position_bias.data = compressor.position_bias.data.float()
+    compressor.kv_norm.float()
+    hidden = torch.randn((2, 12, config.hidden_size), generator=torch.Generator().manual_seed(16)).bfloat16()
+    q_residual = torch.randn((2, 12, config.q_lora_rank), generator=torch.Generator().manual_seed(17)).bfloat16()
+    caches = {side: transformers.DynamicCache(config=config) for side in ("eager", "ops")}
+    overlap = layer_type == deepseek_v4.CSA
+    start = 0
+    with torch.no_grad():
+        for length in (5, 3, 4):
+            piece = slice(start, start + length)
+            positions = torch.arange(start, start + length).unsqueeze(0)
+            expected = compressor(hidden[:, piece], q_residual[:, piece], positions, caches["eager"], layer_idx)[0][:, 0]
+            actual = deepseek_v4._compressed_entries(
+                compressor, hidden[:, piece], caches["ops"].layers[layer_idx], "compressor",
+                compressor.compress_rate, overlap, config.head_dim,
+            )  # fmt: skip
+            assert actual.dtype == torch.bfloat16 and torch.equal(actual, expected), (start, length)
+            start += length
