@@ -25,6 +25,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dsa import ops, reference, testing
+from dsa.launch import sparse_mla_bwd as bwd_launch
+from dsa.launch import sparse_mla_fwd as fwd_launch
 from dsa.testing import assert_close, index_mask
 from tests import strategies as sts
 
@@ -489,3 +491,85 @@ def test_c_kernels_give_the_references_nan_and_inf(
             flat[int(torch.randint(flat.numel(), (1,), generator=g))] = value
         p[name] = t
     check_against_reference(*kernels_and_reference(monkeypatch, p, backward=False))
+
+
+# ------------------------------------------------------------------------------------------------------ GPU tier
+
+V4_HEADS, V4_DIM, V4_WINDOW, V4_CSA_TOPK = 64, 512, 128, 512
+"""DeepSeek-V4-Flash: 64 heads, K = V at 512, a 128-token window over the raw tokens, CSA's top 512 compressed
+entries (rate 4); HCA attends to every visible entry of rate 128."""
+_V4 = {"heads": V4_HEADS, "d_qk": V4_DIM, "d_v": V4_DIM, "has_topk_length": False}
+GPU_KERNELS: dict[str, tuple[dict[str, Any], ...]] = {
+    fwd_launch.KERNEL_NAME: (
+        fwd_launch.static_params(**_V4, has_sink=False),
+        fwd_launch.static_params(**_V4, has_sink=False, ranged=True),
+    ),
+    bwd_launch.KERNEL_NAME: (
+        bwd_launch.static_params(**_V4, k=V4_CSA_TOPK, has_sink=True),
+        bwd_launch.static_params(**_V4, k=V4_CSA_TOPK, has_sink=True, ranged=True),
+    ),
+}
+"""What the GPU test compiles (sink-less forwards, sink backwards; index list and ranged), for the GPU check's
+prebuild (``pytest --collect-only --dsa-gpu-kernels FILE``)."""
+
+
+@pytest.mark.gpu
+@sts.examples(0.1)
+@given(**sts.sizes(batch=2, seq=300), compressed=st.sampled_from(["csa", "hca"]), seed=sts.SEEDS)
+def test_gpu_v4_window_and_compressed_entries_match_the_reference(
+    cuda_device: torch.device, batch: int, seq: int, compressed: str, seed: int
+) -> None:
+    """V4-Flash prefill on the sm_90a kernels: the window ``[t - 127, t + 1)`` over the raw tokens plus CSA's
+    selected entries or HCA's ``[0, (t + 1) // 128)``, with the sink, in one softmax: out, lse and the gradients
+    of q, kv, the compressed kv and the sink equal the float32 reference (on the GPU) on the same bf16 values."""
+    t = torch.arange(seq)
+    window = torch.stack([t - V4_WINDOW + 1, t + 1], -1).view(1, seq, 2).expand(batch, seq, 2).to(torch.int32)
+    rate = 4 if compressed == "csa" else 128
+    entries = max(1, seq // rate)
+    second: Source = {"indices": None, "topk_length": None, "ranges": None}
+    if compressed == "csa":
+        second["indices"] = testing.make_indices("irregular", seed, batch, seq, entries, V4_CSA_TOPK)
+    else:
+        second["ranges"] = torch.stack([torch.zeros_like(t), (t + 1) // rate], -1).view(1, seq, 2).expand(
+            batch, seq, 2).to(torch.int32)  # fmt: skip
+    g = testing.generator(seed)
+    p = {
+        "q": torch.randn((batch, seq, V4_HEADS, V4_DIM), generator=g).bfloat16(),
+        "kv": torch.randn((batch, seq, V4_DIM), generator=g).bfloat16(),
+        "extra_kv": torch.randn((batch, entries, V4_DIM), generator=g).bfloat16(),
+        "first": {"indices": None, "topk_length": None, "ranges": window}, "second": second,
+        "d_v": V4_DIM, "sm_scale": V4_DIM**-0.5, "sink": torch.randn(V4_HEADS, generator=g),
+    }  # fmt: skip
+    on_device = {
+        **{name: p[name].to(cuda_device) for name in ("q", "kv", "extra_kv", "sink")},
+        **{key: {name: None if v is None else v.to(cuda_device) for name, v in p[key].items()}
+           for key in ("first", "second")},
+    }  # fmt: skip
+    got, want = _gpu_kernels_and_reference({**p, **on_device})
+    # A kv row's gradient sums 128 window queries x 64 heads: its error (bf16 out, P and dS in the MMAs) is judged
+    # against the gradient's scale, elementwise and scale-sensitively. The bf16 reference itself stays within 0.5 %
+    # of the scale (scale-sensitive difference 3e-6) of the float32 one.
+    for name, a, b in zip(("out", "lse", "dq", "dkv", "dextra_kv", "dsink"), got, want):
+        a, b = a.cpu(), b.cpu()
+        if name == "lse":
+            assert_close(a, b, name=name, atol=2e-3, rtol=1e-3, max_diff=None)
+        else:
+            scale = 1.0 if name == "out" else float(b[torch.isfinite(b)].abs().max())
+            assert_close(a, b, name=name, atol=2e-2 * scale, rtol=2e-2, max_diff=2e-4)
+
+
+def _gpu_kernels_and_reference(p: dict[str, Any]) -> tuple[tuple, tuple]:
+    """:func:`kernels_and_reference` on the problem's device (the public op picks the kernels for bf16 CUDA
+    tensors; the reference runs in float32 there too)."""
+    g = torch.Generator(device=p["q"].device).manual_seed(11)
+    d_out = torch.randn((*p["q"].shape[:3], p["d_v"]), generator=g, device=p["q"].device)
+    d_lse = torch.randn(p["q"].shape[:3], generator=g, device=p["q"].device)
+    results = []
+    for op, dtype in ((ops.sparse_mla, torch.bfloat16), (reference.sparse_mla, torch.float32)):
+        leaves = {name: p[name].to(dtype).clone().requires_grad_(True) for name in ("q", "kv", "extra_kv")}
+        leaves["sink"] = p["sink"].clone().requires_grad_(True)
+        out, lse = run(p, op, **leaves)
+        loss = (out.float() * d_out).sum() + (finite_lse(lse) * d_lse).sum()
+        grads = torch.autograd.grad(loss, list(leaves.values()))
+        results.append((out.float(), lse, *(gr.float() for gr in grads)))
+    return results[0], results[1]
