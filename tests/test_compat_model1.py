@@ -312,7 +312,7 @@ def test_model1_pages_run_the_decode_kernel_as_their_dequantised_rows(monkeypatc
     length = torch.tensor([[9, 4], [0, 7]], dtype=torch.int32)
     window, window_rows = _poisoned_model1(24, page_size, indices, length)
     extra, extra_rows = _poisoned_model1(25, page_size, extra_indices, torch.full((2, 2), 6, dtype=torch.int32))
-    assert launch.page_stride(window) == MODEL1.page_bytes(page_size)  # FlashMLA's view: read in place
+    assert launch.page_stride(window, MODEL1) == MODEL1.page_bytes(page_size)  # FlashMLA's view: read in place
     args: dict[str, Any] = {"topk_length": length, "attn_sink": _sink(g, heads), "sm_scale": DECODE_SCALE, "d_v": D_V}
     monkeypatch.setenv("DSA_BACKEND", "tilelang")
     launches: list[int] = []

@@ -12,8 +12,9 @@ Tiers:
   and the V3.2 FP8 row (656 bytes: 512 e4m3 values, 4 scales, 64 bf16 RoPE values); one split writing the output
   itself and the FP8 prefetch, each bit for bit against the path it replaces.
 - ``build``: the sm_90a builds at V3.2 widths (128 heads, 576/512) for both cache formats (split and direct) and the
-  combine: wgmma, no spills, shared memory within the estimate and equal to the launcher's table, a cp.async gather
-  for bf16 rows, int64 slot addressing.
+  combine, and the default build for MODEL1 pages (DeepSeek-V4: 128 heads, 512/512, pages of 64): wgmma, no spills,
+  shared memory within the estimate and equal to the launcher's table, a cp.async gather for bf16 rows, int64 slot
+  addressing. (The MODEL1 kernel's C-target tier is in tests/test_compat_model1.py.)
 - ``gpu``: V3.2 shapes (topk 2048, B = 1 and 8, s_q 1 and 2, both formats, automatic splits) against the reference.
 """
 
@@ -184,6 +185,28 @@ def test_fp8_views_match_the_cache_layout() -> None:
         assert row_bytes == layout.bytes_per_token
         assert scale_col * kernels.SCALE_BYTES == layout.scale_offset
         assert rope_col * kernels.ROPE_BYTES == layout.rope_offset
+
+
+def test_model1_pages_are_read_in_place_with_the_layouts_numbers() -> None:
+    """The paged-FP8 kernel's static parameters are ``dsa.kv_format.MODEL1_FP8_LAYOUT``'s (576 value bytes, 8-byte
+    scale groups, tiles of 64, pages padded to 576 bytes); FlashMLA's view of the pages (page stride past the rows)
+    is read in place; a view whose pages the kernel cannot address in place (rows not back to back, a misaligned
+    start, pages of ``page_size * 584`` bytes: not whole 576-byte value rows) is copied."""
+    layout = cache.MODEL1_FP8_LAYOUT
+    for page_size in (3, 16, 64):
+        static = launch.static_params(heads=4, d_qk=512, d_v=512, fp8_layout=layout, page_size=page_size)
+        assert static["kv_format"] == kernels.KV_FORMAT_FP8_PAGED and static["page_bytes"] == layout.page_bytes(page_size)
+        assert (static["value_bytes"], static["scale_group_bytes"], static["tile"]) == (576, 8, 64)
+        kernels.check_config({**static, "target": dsl.CPU_TARGET}, kernels.Config())
+        blob = torch.zeros(5, layout.page_bytes(page_size), dtype=torch.uint8)
+        view = cache.flash_mla_kv_view(blob, layout, page_size).squeeze(2)
+        assert launch.page_stride(view, layout) == layout.page_bytes(page_size)
+        assert launch.page_stride(view.transpose(0, 1).contiguous().transpose(0, 1), layout) is None
+        assert launch.page_stride(view.contiguous(), layout) is None
+        shifted = torch.zeros(blob.numel() + 1, dtype=torch.uint8)[1:].view(blob.shape)
+        assert launch.page_stride(cache.flash_mla_kv_view(shifted, layout, page_size).squeeze(2), layout) is None
+    with pytest.raises(ValueError, match="paged FP8 cache needs"):
+        kernels.check_config({**static, "page_bytes": 64 * 584, "target": dsl.CPU_TARGET}, kernels.Config())
 
 
 def test_split_counts_fill_the_gpu_without_tiny_splits(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -506,23 +529,31 @@ V32_BUILDS: tuple[tuple[Any, dict[str, Any]], ...] = (
     (kernels.build, {**_V32_FP8, "prefetch": True}),
     (kernels.build, {**_V32_FP8, "prefetch": True, "direct": True}),
 )
+_MODEL1 = launch.static_params(heads=128, d_qk=512, d_v=512, fp8_layout=cache.MODEL1_FP8_LAYOUT, page_size=64)
+MODEL1_BUILDS: tuple[tuple[Any, dict[str, Any]], ...] = (
+    # DeepSeek-V4's MODEL1 pages (FlashMLA's compressed-cache pages of 64) in the sm_90a default config (prefetch).
+    (kernels.build, {**_MODEL1, "prefetch": True}),
+)
+BUILDS = V32_BUILDS + MODEL1_BUILDS
 
 
 hopper_prebuilt = support.prebuilt_fixture(
-    lambda: list(V32_BUILDS),
-    "The V3.2 builds compiled in parallel first: the build tier's, which are also the GPU tier's kernels.",
+    lambda: list(BUILDS),
+    "The V3.2 and MODEL1 builds compiled in parallel first: the build tier's, which are also the GPU tier's kernels.",
 )
 
 
 @pytest.mark.build
 @pytest.mark.usefixtures("hopper_prebuilt")
 @pytest.mark.parametrize(
-    "case", range(len(V32_BUILDS)), ids=["bf16", "fp8", "combine", "bf16-direct", "fp8-prefetch", "fp8-prefetch-direct"]
+    "case",
+    range(len(BUILDS)),
+    ids=["bf16", "fp8", "combine", "bf16-direct", "fp8-prefetch", "fp8-prefetch-direct", "model1-prefetch"],
 )
 def test_hopper_build_is_clean(case: int) -> None:
-    """At V3.2 widths: wgmma for both GEMMs, no spills, shared memory within the estimate; the bf16 gather is a
-    predicated cp.async; slot addresses are int64."""
-    builder, params = V32_BUILDS[case]
+    """At V3.2 widths and for MODEL1 pages: wgmma for both GEMMs, no spills, shared memory within the estimate; the
+    bf16 gather is a predicated cp.async; slot addresses are int64; the FP8 prefetch loads 16 bytes at a time."""
+    builder, params = BUILDS[case]
     kernel, report = support.hopper_build(f"sparse_mla_decode {case}", builder, **params)
     source = kernel.get_kernel_source()
     support.assert_wide_addressing(source)
@@ -537,10 +568,12 @@ def test_hopper_build_is_clean(case: int) -> None:
         assert kernels.resources(params["kv_format"], config) == (report.registers, report.smem_bytes)
     if params["kv_format"] == kernels.KV_FORMAT_BF16:
         assert "cp_async" in source, "the bf16 gather is not asynchronous"
-    else:
+    elif params["kv_format"] == kernels.KV_FORMAT_FP8:
         assert "__tl_cvt_fp8x2_to_float2" in source, "the FP8 gather does not convert pairs"
     if params.get("prefetch"):
-        assert "fp8_e4_16_t" in source, "the prefetched FP8 values are not loaded 16 bytes at a time"
+        # MODEL1's 448 values of 32 rows are 56 bytes per thread: 8-byte vectors.
+        vector = "fp8_e4_8_t" if params["kv_format"] == kernels.KV_FORMAT_FP8_PAGED else "fp8_e4_16_t"
+        assert vector in source, f"the prefetched FP8 values are not loaded as {vector}"
 
 
 # ------------------------------------------------------------------------------------------------------- GPU tier

@@ -26,8 +26,10 @@ and writes the bf16 output and ``lse`` itself: no float32 partials (256 KB per t
   ``scale_group_bytes`` scale group (one UE8M0 byte per tile: ``2^(byte - 127)``, 255 NaN), and pages are
   ``page_bytes`` apart. Slot ``s`` is token ``s % page_size`` of page ``s // page_size``: its values at ``page_bytes *
   page + offset * value_bytes``, its scales at ``page_size * value_bytes + offset * scale_group_bytes`` of the page.
-  The three views are then per page (``[num_pages, page_bytes]`` e4m3 and uint8, ``[num_pages, page_bytes / 2]``
-  bf16) and the gather is the FP8 one with these addresses.
+  The views cut the pages into value rows (``[num_pages * page_bytes / value_bytes, value_bytes]`` e4m3,
+  ``[.., value_bytes / 2]`` bf16) and scale groups (``[num_pages * page_bytes / scale_group_bytes,
+  scale_group_bytes]`` uint8), so a token's values are one row as in V3.2's view (row ``page * page_bytes /
+  value_bytes + offset``; its 16-byte loads stay vectorised) and its scales another.
 
 **Combine** (:func:`build_combine`): one thread block per ``(b, t, head)`` merges the ``P`` splits (of one source or
 of two, e.g. a sliding window beside the selected tokens): with ``m = max_p lse_p`` and ``w_p = exp(lse_p - m)``,
@@ -137,11 +139,14 @@ V32_RESOURCES: dict[tuple[str, int, int, int, bool], tuple[int, int]] = {
     (KV_FORMAT_FP8, 64, 32, 256, False): (184, 116992),
     (KV_FORMAT_FP8, 64, 32, 256, True): (198, 117760),
     (KV_FORMAT_BF16, 64, 32, 256, False): (218, 116736),
+    # MODEL1 pages (DeepSeek-V4: 128 heads, 512/512, pages of 64). The 448 e4m3 values of 32 rows are 56 bytes per
+    # thread, so the prefetch loads 8 bytes at a time (16 at V3.2's 512).
+    (KV_FORMAT_FP8_PAGED, 64, 32, 256, True): (253, 105472),
 }
 """``(kv_format, block_h, block_k, threads, prefetch) -> (registers per thread, shared memory bytes)`` of the sm_90a
-attention kernel at V3.2 widths (128 heads, 576/512, the V3.2 FP8 row), as ``ptxas -v`` reports them (the build tier
-checks every entry against its build), so that the launcher's split rule and the cost model know the blocks per SM
-without compiling."""
+attention kernel at V3.2 widths (128 heads, 576/512, the V3.2 FP8 row) and for MODEL1 pages, as ``ptxas -v``
+reports them (the build tier checks every entry against its build), so that the launcher's split rule and the cost
+model know the blocks per SM without compiling."""
 MAX_REGISTERS = 255
 
 
@@ -158,16 +163,19 @@ def resources(kv_format: str, config: Config) -> tuple[int, int]:
 
 def _check_pages(static: dict[str, Any], d_nope: int, d_rope: int, tile: int) -> None:
     """The paged FP8 layout's rules: a token's values (e4m3, then bf16 RoPE at an even byte) fit its value bytes, its
-    scale bytes its scale group, and a page's sections its ``page_bytes`` (even: the bf16 view)."""
+    scale bytes its scale group, a page's sections its ``page_bytes``, and the pages and their scale section start
+    on whole value rows and scale groups (the views')."""
     page_size, page_bytes = int(static["page_size"]), int(static["page_bytes"])
     value_bytes, group_bytes = int(static["value_bytes"]), int(static["scale_group_bytes"])
     if (
         page_size < 1 or d_nope % ROPE_BYTES or value_bytes % ROPE_BYTES or page_bytes % ROPE_BYTES
         or value_bytes < d_nope + d_rope * ROPE_BYTES or group_bytes < d_nope // tile
-        or page_bytes < page_size * (value_bytes + group_bytes)
+        or page_bytes < page_size * (value_bytes + group_bytes) or page_bytes % value_bytes or page_bytes % group_bytes
+        or page_size * value_bytes % group_bytes
     ):  # fmt: skip
         raise ValueError(
-            f"a paged FP8 cache needs even byte offsets and its sections within a page, got page_size {page_size}, "
+            f"a paged FP8 cache needs even byte offsets, its sections within a page and pages of whole value rows and "
+            f"scale groups, got page_size {page_size}, "
             f"page_bytes {page_bytes}, value_bytes {value_bytes}, scale_group_bytes {group_bytes}"
         )
 
@@ -249,9 +257,11 @@ def build(
         q: ``[B, s_q, heads, d_qk]`` bfloat16;
         the cache: ``kv_format="bf16"``: ``kv [num_slots, d_qk]`` bfloat16; ``"fp8"``: three views of the same bytes,
         ``kv_fp8 [num_slots, row_bytes]`` float8_e4m3fn, ``kv_scale [num_slots, row_bytes / 4]`` float32,
-        ``kv_rope [num_slots, row_bytes / 2]`` bfloat16 (:func:`fp8_views`); ``"fp8_paged"``: the same three views
-        per page, ``[num_pages, page_bytes]`` float8_e4m3fn and uint8 (the scale codes), ``[num_pages, page_bytes /
-        2]`` bfloat16, with ``num_slots = num_pages * page_size``;
+        ``kv_rope [num_slots, row_bytes / 2]`` bfloat16 (:func:`fp8_views`); ``"fp8_paged"``: three views of the
+        pages, ``[value_rows, value_bytes]`` float8_e4m3fn, ``[scale_rows, scale_group_bytes]`` uint8 (the scale
+        codes), ``[value_rows, value_bytes / 2]`` bfloat16, with ``value_rows = num_pages * page_bytes /
+        value_bytes``, ``scale_rows = num_pages * page_bytes / scale_group_bytes`` and ``num_slots = num_pages *
+        page_size``;
         indices: ``[B, s_q, k]`` int32 slots; topk_length: ``[B, s_q]`` int32 (entries past it are invalid);
         sm_scale: float32;
         out_partial: ``[Z, B, s_q, heads, d_v]`` float32, each split's normalised output (written);
@@ -280,8 +290,10 @@ def build(
 
     batch, seq_q = T.dynamic("batch"), T.dynamic("seq_len")
     if paged:
-        num_pages = T.dynamic("num_pages")
-        num_slots = num_pages * page_size
+        value_rows, scale_rows = T.dynamic("value_rows"), T.dynamic("scale_rows")
+        rows_per_page, groups_per_page = page_bytes // max(value_bytes, 1), page_bytes // max(scale_group_bytes, 1)
+        scales_first = page_size * value_bytes // max(scale_group_bytes, 1)  # the page's first scale group
+        num_slots = value_rows // rows_per_page * page_size
     else:
         num_slots = T.dynamic("seq_len_kv")
     width = T.dynamic("topk")
@@ -300,19 +312,17 @@ def build(
     # sections (paged). These are the only lines that know the byte layout; the gather and the prefetch share them.
     def nope_at(KVA: Any, row: Any, d: Any) -> Any:
         if paged:
-            return KVA[row // page_size, row % page_size * value_bytes + d]
+            return KVA[row // page_size * rows_per_page + row % page_size, d]
         return KVA[row, d]
 
     def scale_at(KVB: Any, row: Any, d: Any) -> Any:
         if paged:
-            return ue8m0_scale(
-                KVB[row // page_size, page_size * value_bytes + row % page_size * scale_group_bytes + d // tile]
-            )
+            return ue8m0_scale(KVB[row // page_size * groups_per_page + scales_first + row % page_size, d // tile])
         return KVB[row, scale_col + d // tile]
 
     def rope_at(KVC: Any, row: Any, d: Any) -> Any:
         if paged:
-            return KVC[row // page_size, row % page_size * (value_bytes // ROPE_BYTES) + d_nope // ROPE_BYTES + d]
+            return KVC[row // page_size * rows_per_page + row % page_size, d_nope // ROPE_BYTES + d]
         return KVC[row, rope_col + d]
 
     open_rows, attend_step = plain_step_macros(
@@ -435,8 +445,8 @@ def build(
             )  # fmt: skip
 
     if paged:
-        fp8_view = scale_view = [num_pages, page_bytes]
-        rope_view = [num_pages, page_bytes // ROPE_BYTES]
+        fp8_view, scale_view = [value_rows, value_bytes], [scale_rows, scale_group_bytes]
+        rope_view = [value_rows, value_bytes // ROPE_BYTES]
     else:
         fp8_view, scale_view = [num_slots, row_bytes], [num_slots, row_bytes // SCALE_BYTES]
         rope_view = [num_slots, row_bytes // ROPE_BYTES]

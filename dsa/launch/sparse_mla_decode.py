@@ -101,48 +101,54 @@ def num_splits(
     return split_count(batch=batch, s_q=s_q, heads=heads, topk=topk, config=config, sms=sms, blocks_per_sm=per_sm)
 
 
-def page_stride(kv_cache: torch.Tensor) -> int | None:
+def page_stride(kv_cache: torch.Tensor, layout: kv_format.FP8Layout) -> int | None:
     """The bytes from one page of a split-layout (MODEL1) cache ``[num_pages, page_size, row]`` to the next when the
-    kernel can read its pages in place: each page's rows back to back (FlashMLA's view), the stride even and the
+    kernel can read its pages in place: each page's rows back to back (FlashMLA's view), the stride a whole number of
+    value rows and scale groups (FlashMLA's pages are padded to a multiple of 576 bytes), the start aligned and the
     storage holding every page's full stride; ``None`` otherwise (the pages are then copied, :func:`_page_bytes`)."""
     num_pages, page_size, row = kv_cache.shape  # FP8 caches hold bytes: strides are in bytes
-    stride = kv_cache.stride(0) if num_pages > 1 else page_size * row
-    if (page_size > 1 and kv_cache.stride(1) != row) or kv_cache.stride(2) != 1 or stride % 2:
+    stride = kv_cache.stride(0) if num_pages > 1 else layout.page_bytes(page_size)
+    if (page_size > 1 and kv_cache.stride(1) != row) or kv_cache.stride(2) != 1 or stride < page_size * row:
         return None
-    if stride < page_size * row or kv_cache.data_ptr() % validation.KERNEL_ALIGNMENT_BYTES:
+    if stride % layout.value_bytes or stride % layout.scale_group_bytes:
+        return None
+    if kv_cache.data_ptr() % validation.KERNEL_ALIGNMENT_BYTES:
         return None
     available = kv_cache.untyped_storage().nbytes() - kv_cache.storage_offset()
     return stride if available >= num_pages * stride else None
 
 
-def _page_bytes(kv_cache: torch.Tensor) -> torch.Tensor:
-    """A split-layout cache as ``[num_pages, page_stride]`` uint8, its pages in place where :func:`page_stride`
-    allows, else a row-major copy (pages ``page_size * row`` bytes apart)."""
+def _page_bytes(kv_cache: torch.Tensor, layout: kv_format.FP8Layout) -> torch.Tensor:
+    """A split-layout cache as ``[num_pages, page_stride]`` uint8: its pages in place where :func:`page_stride`
+    allows, else copied into the layout's padded pages (``layout.page_bytes(page_size)`` apart)."""
     num_pages, page_size, row = kv_cache.shape
-    stride = page_stride(kv_cache)
+    stride = page_stride(kv_cache, layout)
     if stride is None:
-        kv_cache, stride = kv_cache.clone(memory_format=torch.contiguous_format), page_size * row
+        stride = layout.page_bytes(page_size)
+        pages = torch.zeros((num_pages, stride), dtype=torch.uint8, device=kv_cache.device)
+        pages[:, : page_size * row] = kv_cache.reshape(num_pages, page_size * row).view(torch.uint8)
+        return pages
     return torch.as_strided(kv_cache.view(torch.uint8), (num_pages, stride), (stride, 1))
 
 
 def _cache_args(kv_cache: torch.Tensor, layout: kv_format.FP8Layout | None, target: Any) -> tuple[torch.Tensor, ...]:
     """The kernel's cache arguments: the bf16 rows as ``[num_slots, d_qk]``, or three views of the FP8 bytes (e4m3
     values, float32 scales, bf16 RoPE values; ``tl_kernels.sparse_mla_decode.fp8_views``); for a split layout
-    (MODEL1) the same views per page (e4m3 values, UE8M0 scale codes as uint8, bf16 RoPE values). No copies but
-    :func:`_page_bytes`'s."""
+    (MODEL1) the pages cut into value rows (e4m3 values, bf16 RoPE values) and scale groups (UE8M0 codes as uint8).
+    No copies but :func:`_page_bytes`'s."""
     if layout is not None and layout.scales_after_values:
-        raw = _page_bytes(kv_cache)
-        scales = raw
+        pages = _page_bytes(kv_cache, layout)
+        values, scales = pages.view(-1, layout.value_bytes), pages.view(-1, layout.scale_group_bytes)
     else:
         rows = kv_cache.view(-1, kv_cache.shape[-1])
         if layout is None:
             return (tl_build.to_kernel_arg(rows, target),)
-        raw = rows.view(torch.uint8)
-        scales = raw.view(torch.float32)
+        values = rows.view(torch.uint8)
+        scales = values.view(torch.float32)
     return (
-        tl_build.to_kernel_arg(raw.view(torch.float8_e4m3fn), target),
+        tl_build.to_kernel_arg(values.view(torch.float8_e4m3fn), target),
         scales,
-        tl_build.to_kernel_arg(raw.view(torch.bfloat16), target),
+        tl_build.to_kernel_arg(values.view(torch.bfloat16), target),
     )
 
 
@@ -261,8 +267,8 @@ def _cache_format(kv_cache: torch.Tensor, d_qk: int, d_rope: int) -> tuple[int, 
     layout = validation.fp8_cache_layout(d_qk, d_rope, row)
     if layout is None or not layout.scales_after_values:
         return row, 1, None
-    stride = page_stride(kv_cache)
-    return row, page_size, page_size * row if stride is None else stride
+    stride = page_stride(kv_cache, layout)
+    return row, page_size, layout.page_bytes(page_size) if stride is None else stride
 
 
 def _source_params(params: dict[str, Any], static: dict[str, Any]) -> dict[str, Any]:
