@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from dsa import ops, reference, testing
 from dsa.launch import sparse_mla_bwd as bwd_launch
 from dsa.launch import sparse_mla_fwd as fwd_launch
+from dsa.launch import two_source
 from dsa.testing import assert_close, index_mask
 from tests import strategies as sts
 
@@ -431,7 +432,9 @@ def _kernel_sink(g: torch.Generator, kind: str) -> torch.Tensor:
 
 def kernels_and_reference(monkeypatch: pytest.MonkeyPatch, p: dict[str, Any], *, backward: bool) -> tuple[tuple, tuple]:
     """``(kernel results, reference results)``: out, lse and (with ``backward``) dq, dkv, d extra_kv, d sink of
-    ``sum(out * d_out) + sum(finite lse * d_lse)``; the reference runs in float32 on the same bf16 values."""
+    ``sum(out * d_out) + sum(finite lse * d_lse)``; the reference runs in float32 on the same bf16 values. The
+    kernel path's combines walk the query rows a few at a time (a tiny chunk budget), as a long prefill does."""
+    monkeypatch.setattr(two_source, "_COMBINE_ELEMENTS", 500)
     g = testing.generator(11)
     d_out = torch.randn((*p["q"].shape[:3], p["d_v"]), generator=g)
     d_lse = torch.randn(p["q"].shape[:3], generator=g)

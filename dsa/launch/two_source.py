@@ -38,18 +38,38 @@ def _source_fwd(q: Tensor, source: Source, sm_scale: float, d_v: int) -> tuple[T
                                      topk_length=source.topk_length, ranged=source.ranged)  # fmt: skip
 
 
+_COMBINE_ELEMENTS = 1 << 25
+"""Elements of one float32 temporary of the combines (128 MiB): they walk the query rows in chunks, so a V4 prefill
+(``[1, 64K, 64, 512]`` outputs: 4 GiB in bf16) never holds a float32 copy of a whole output."""
+
+
+def _row_chunks(t: Tensor) -> list[slice]:
+    """Chunks of the query rows (dim 1) of ``t [B, S, ...]`` with at most :data:`_COMBINE_ELEMENTS` elements."""
+    per_row = max(1, t[:, :1].numel())
+    step = max(1, _COMBINE_ELEMENTS // per_row)
+    return [slice(t0, min(t.shape[1], t0 + step)) for t0 in range(0, t.shape[1], step)]
+
+
 def combine(parts: Sequence[tuple[Tensor, Tensor]], attn_sink: OptTensor) -> tuple[Tensor, Tensor]:
     """One softmax from per-source ones: ``parts`` = ``(out_k [B, S, H, d_v], lse_k [B, S, H] float32)`` each over
     its own entries without the sink; ``attn_sink [H]`` float32 or None. Returns ``(out [B, S, H, d_v] in out_k's
-    dtype, lse [B, S, H] float32)`` with ``lse = logaddexp`` of the parts (sink excluded, as the contract says)."""
+    dtype, lse [B, S, H] float32)`` with ``lse = logaddexp`` of the parts (sink excluded, as the contract says).
+    ``out`` is written into the first part's output (a fresh kernel output), in float32 one chunk of rows at a time.
+    """
     lse = parts[0][1]
     for _, lse_k in parts[1:]:
         lse = torch.logaddexp(lse, lse_k)
     denominator = lse if attn_sink is None else torch.logaddexp(lse, attn_sink.to(lse.dtype).view(1, 1, -1))
     # The reference's stand-in for an empty row: exp(-inf - 0) = 0, never exp(-inf - -inf) = NaN.
     safe = torch.where(torch.isneginf(denominator), torch.zeros_like(denominator), denominator)
-    out = sum(torch.exp(lse_k - safe).unsqueeze(-1) * out_k.float() for out_k, lse_k in parts)
-    return out.to(parts[0][0].dtype), lse
+    weights = [torch.exp(lse_k - safe).unsqueeze(-1) for _, lse_k in parts]
+    out = parts[0][0]
+    for rows in _row_chunks(out):
+        acc = out[:, rows].float().mul_(weights[0][:, rows])
+        for (out_k, _), weight in zip(parts[1:], weights[1:]):
+            acc.addcmul_(out_k[:, rows].float(), weight[:, rows])
+        out[:, rows] = acc
+    return out, lse
 
 
 def sparse_mla_sources_fwd(
@@ -82,7 +102,10 @@ def sparse_mla_sources_bwd(
     dtype, [dkv [B, S_kv, d_qk] per source])``. ``out``/``lse`` are the combined forward's, ``d_out`` has ``out``'s
     dtype, ``d_lse`` is float32 or None; all row-major."""
     grads = [_source_bwd(q, source, sm_scale, d_v, attn_sink, out, lse, d_out, d_lse) for source in sources]
-    if len(grads) == 1:
-        return grads[0][0], [grads[0][1]]
-    dq = sum(dq_k.float() for dq_k, _ in grads).to(q.dtype)
+    dq = grads[0][0]  # a fresh kernel output: the sum is written into it, one chunk of rows at a time
+    for rows in _row_chunks(dq) if len(grads) > 1 else ():
+        acc = dq[:, rows].float()
+        for dq_k, _ in grads[1:]:
+            acc += dq_k[:, rows].float()
+        dq[:, rows] = acc
     return dq, [dkv for _, dkv in grads]
