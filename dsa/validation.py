@@ -474,7 +474,11 @@ def _check_decode_ranges(
 ) -> None:
     """A ranged source of ``sparse_mla_decode``: ``ranges [B, s_q, 2]`` int32 positions (no ``topk_length``) and
     the cache's ``block_table [B, pages_per_sequence]`` int32 that maps them to slots."""
-    _check_mla_entries(q, prefix, None, topk_length, ranges, checked=False)
+    name = f"{prefix}ranges"
+    require_tensor(name, ranges)
+    require_dtype(name, ranges, (INDEX_DTYPE,))
+    require_rank(name, ranges, 3, "[B, s_q, 2]")
+    _check_ranges(q, prefix, ranges, topk_length)
     name = f"{prefix}block_table"
     if block_table is None:
         raise ValueError(f"{prefix}ranges need {name} [B, pages_per_sequence] int32 (positions are mapped to slots)")
