@@ -12,14 +12,23 @@ against dense attention. The ``selection`` cases measure time and peak device me
 context length with ``s_q`` new queries each; they are not tuner kernels, so ``benchmarks.inputs`` makes their inputs
 and checks them itself. FLOP and byte counts are those of ``benchmarks.flops`` (useful work only).
 
+The ``v4_prefill`` and ``v4_decode`` cases are DeepSeek-V4's attention (V4-Flash: 64 heads, top-512; V4-Pro: 128
+heads, top-1024; ``d_qk = d_v = 512``, K = V, a sink per head, a 128-token window): prefill of one sequence over two
+sources (the window as one row range per query, plus CSA's selected compressed entries, rate 4, or HCA's range of
+visible entries, rate 128), and CSA decoding over paged caches (MODEL1 FP8, ``dsa.kv_format.MODEL1_FP8_LAYOUT``, or
+bf16: the window as a range through its block table, the selected entries as slots of a second cache). Their inputs
+and check are in ``benchmarks.inputs`` too. None is in the default run (``quick=False``): the one-shot GPU check's
+bench stage (85 s for the V3.2 cases) has no time left for their 512-wide kernel builds (17-55 s each on sm_90a);
+``--cases v4`` or ``--full`` runs them.
+
 A case marked ``quick=False`` is left out of the default run (``dsa-bench`` without ``--full``, hence the one-shot
 GPU check, whose bench stage has a fixed time budget); ``--full`` runs it, and so does naming it with ``--cases``.
 
 Targets are fractions of the host's measured ceilings (``fp8_tflops``, ``bf16_tflops``, ``copy_gbps``) or absolute
 TFLOP/s, and ``min_speedup`` against another provider; the harness evaluates them into result rows.
 
-Nothing here touches torch or a device: the module is plain data and arithmetic (the dry run and the CPU tests
-import it on any machine).
+Nothing here touches a device: the module is plain data and arithmetic (the dry run and the CPU tests import it on
+any machine); the V4 decode cases read their cache's bytes per token from ``dsa.kv_format`` when they are built.
 """
 
 from __future__ import annotations
@@ -61,6 +70,16 @@ INDEX_DECODE_SEQ = 1
 QUICK_DECODE: tuple[str, ...] = ("sparse_mla_decode-fp8-b128-s2-kv32768", "index_topk_decode-fp8-b32-s1-kv32768")
 """The decode cases in the default run; every other decode case runs with ``--full`` (or named by ``--cases``)."""
 
+# DeepSeek-V4 (FlashMLA's MODEL1 configurations): heads and CSA's top-k per model.
+V4_MODELS: dict[str, tuple[int, int]] = {"flash": (64, 512), "pro": (128, 1024)}
+V4_D = 512
+V4_D_ROPE = 64
+V4_WINDOW = 128
+V4_RATES: dict[str, int] = {"csa": 4, "hca": 128}
+V4_PREFILL_SEQS: tuple[int, ...] = (8192, 32768, 65536, 131072)
+V4_DECODE_CONTEXT = 32768
+"""Tokens of context per sequence in the V4 decode cases (8192 compressed entries per sequence, CSA)."""
+
 MEMORY = "memory"
 SELECTION = "selection"
 MEMORY_KINDS: tuple[str, ...] = (MEMORY, SELECTION)
@@ -69,8 +88,13 @@ SPARSE_MLA_DECODE = "sparse_mla_decode"
 INDEX_TOPK_DECODE = "index_topk_decode"
 DECODE_KINDS: tuple[str, ...] = (SPARSE_MLA_DECODE, INDEX_TOPK_DECODE)
 """The decode cases over paged caches: inputs and check in ``benchmarks.inputs`` (no tuner runner)."""
+V4_PREFILL = "v4_prefill"
+V4_DECODE = "v4_decode"
+V4_KINDS: tuple[str, ...] = (V4_PREFILL, V4_DECODE)
+"""DeepSeek-V4's two-source attention: inputs and check in ``benchmarks.inputs`` (no tuner runner)."""
 KERNELS: tuple[str, ...] = (
-    "indexer", "topk", "index_topk", "sparse_mla_fwd", "sparse_mla_bwd", MEMORY, SELECTION, *DECODE_KINDS
+    "indexer", "topk", "index_topk", "sparse_mla_fwd", "sparse_mla_bwd", MEMORY, SELECTION, *DECODE_KINDS,
+    *V4_KINDS,
 )  # fmt: skip
 _NO_OPTIONS = {"has_topk_length": False, "has_sink": False}
 
@@ -230,6 +254,71 @@ def _index_topk_decode_case(name: str, batch: int, seq: int, context: int, heads
     )
 
 
+def _v4_prefill_case(name: str, seq: int, heads: int, d: int, window: int, layer: str, rate: int, topk: int,
+                     quick: bool = False) -> Case:  # fmt: skip
+    """One sequence of ``seq`` tokens (B = 1): the window range plus CSA's ``topk`` selected entries (``layer="csa"``)
+    or HCA's range of visible entries (``"hca"``, ``topk`` unused: 0)."""
+    static = {"heads": heads, "d_qk": d, "d_v": d, "window": window, "layer": layer, "rate": rate}
+    csa = layer == "csa"
+    window_pairs = flops.v4_window_pairs(seq, window)
+    entry_pairs = flops.v4_compressed_pairs(seq, rate, topk if csa else None)
+    pairs = window_pairs + entry_pairs
+    return Case(
+        V4_PREFILL,
+        name,
+        static,
+        _sizes(1, seq, seq, topk=topk if csa else 0),
+        flops.pairs_attention_flops(pairs, heads, d, d),
+        flops.v4_prefill_bytes(seq, heads, d, d, pairs, entry_pairs if csa else 0),
+        context=seq,
+        quick=quick,
+    )
+
+
+def _v4_decode_case(name: str, batch: int, seq: int, context: int, heads: int, d: int, d_rope: int, window: int,
+                    rate: int, topk: int, kv_format: str, page_size: int, quick: bool = False) -> Case:  # fmt: skip
+    """CSA decoding: each query's window (``window`` rows, a range) and ``topk`` selected compressed entries (slots of
+    the compressed cache, ``context // rate`` entries per sequence), over MODEL1 FP8 or bf16 caches."""
+    from dsa import kv_format as formats
+
+    static = {"heads": heads, "d_qk": d, "d_v": d, "d_rope": d_rope, "window": window, "rate": rate,
+              "kv_format": kv_format, "page_size": page_size}  # fmt: skip
+    row_bytes = formats.MODEL1_FP8_LAYOUT.bytes_per_token if kv_format == "fp8" else d * flops.BF16_BYTES
+    rows = window + topk
+    return Case(
+        V4_DECODE,
+        name,
+        static,
+        _sizes(batch, seq, context, topk=topk),
+        flops.sparse_mla_fwd_flops(batch, seq, heads, rows, d, d),
+        flops.v4_decode_bytes(batch, seq, heads, d, d, rows, row_bytes, topk),
+        context=context,
+        quick=quick,
+    )
+
+
+def _v4_prefill_cases() -> list[Case]:
+    out = []
+    for model, (heads, topk) in V4_MODELS.items():
+        for layer, rate in V4_RATES.items():
+            for seq in V4_PREFILL_SEQS:
+                name = f"{V4_PREFILL}-{model}-{layer}-s{seq}"
+                out.append(_v4_prefill_case(name, seq, heads, V4_D, V4_WINDOW, layer, rate, topk if layer == "csa" else 0))
+    return out
+
+
+def _v4_decode_cases() -> list[Case]:
+    out = []
+    for model, (heads, topk) in V4_MODELS.items():
+        for fmt in ("fp8", "bf16"):
+            for batch in DECODE_BATCHES:
+                for seq in DECODE_SEQS:
+                    name = f"{V4_DECODE}-{model}-{fmt}-b{batch}-s{seq}-kv{V4_DECODE_CONTEXT}"
+                    out.append(_v4_decode_case(name, batch, seq, V4_DECODE_CONTEXT, heads, V4_D, V4_D_ROPE, V4_WINDOW,
+                                               V4_RATES["csa"], topk, fmt, PAGE_SIZE))  # fmt: skip
+    return out
+
+
 def _indexer_cases() -> list[Case]:
     cases = []
     for dtype, short, target in (
@@ -314,6 +403,8 @@ _BUILDERS: dict[str, Callable[[], list[Case]]] = {
     SELECTION: _selection_cases,
     SPARSE_MLA_DECODE: _sparse_mla_decode_cases,
     INDEX_TOPK_DECODE: _index_topk_decode_cases,
+    V4_PREFILL: _v4_prefill_cases,
+    V4_DECODE: _v4_decode_cases,
 }
 
 
@@ -340,6 +431,12 @@ def tiny_cases(kernels: tuple[str, ...] = KERNELS) -> list[Case]:
         out.append(_sparse_mla_decode_case("tiny-sparse_mla_decode", 2, 2, 96, 16, 128, 64, 64, 32, "fp8", 16, ()))
     if INDEX_TOPK_DECODE in kernels:
         out.append(_index_topk_decode_case("tiny-index_topk_decode", 2, 1, 96, 4, 32, "float8_e4m3fn", 16, 16))
+    # V4 with few heads and tokens, window 8: prefill at 64-wide rows, decode at MODEL1's 512-wide FP8 rows.
+    if V4_PREFILL in kernels:
+        out.append(_v4_prefill_case("tiny-v4_prefill-csa", 96, 4, 64, 8, "csa", 4, 8, quick=True))
+        out.append(_v4_prefill_case("tiny-v4_prefill-hca", 96, 4, 64, 8, "hca", 16, 0, quick=True))
+    if V4_DECODE in kernels:
+        out.append(_v4_decode_case("tiny-v4_decode", 2, 2, 96, 4, V4_D, V4_D_ROPE, 8, 4, 8, "fp8", 16, quick=True))
     return out
 
 

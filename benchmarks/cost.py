@@ -62,6 +62,7 @@ __all__ = [
     "roofline",
     "selection_estimate",
     "sparse_mla_decode_estimate",
+    "v4_flashmla_decode_estimate",
 ]
 
 MODELLED_PROVIDERS: tuple[str, ...] = ("dsa", "flashmla")
@@ -281,6 +282,20 @@ def _selection_schedule(static: dict[str, Any], sizes: dict[str, int], spec: sku
     return {"splits": splits, "block_q": block_q, "block_n": config.block_N}
 
 
+def v4_flashmla_decode_estimate(case: case_data.Case, spec: sku.PerfSpec) -> Estimate | None:
+    """FlashMLA's MODEL1 decode on a V4 decode case (FP8 only; None for bf16): its V3.2 schedule over each query's
+    window and selected rows (``window + topk`` MODEL1 rows of ``kv_format.MODEL1_FP8_LAYOUT``). Our op reads
+    MODEL1 pages on the reference today, so ``dsa`` gets the roofline of the case's counts."""
+    static, sizes = case.static, case.sizes
+    if static["kv_format"] != "fp8":
+        return None
+    return sparse_mla_decode_estimate(
+        batch=sizes["batch"], s_q=sizes["seq_len"], heads=static["heads"], topk=static["window"] + sizes["topk"],
+        d_qk=static["d_qk"], d_v=static["d_v"], layout=kv_format.MODEL1_FP8_LAYOUT, spec=spec,
+        schedule=flashmla_decode_schedule(),
+    )  # fmt: skip
+
+
 def case_estimate(case: case_data.Case, sku_id: str = DEFAULT_SKU, *, provider: str = "dsa") -> Estimate | None:
     """The estimate of a ``benchmarks.cases`` case on ``sku_id`` for ``provider`` (one of
     :data:`MODELLED_PROVIDERS`); None for a SKU without datasheet figures, for the memory/selection cases (measured
@@ -291,6 +306,8 @@ def case_estimate(case: case_data.Case, sku_id: str = DEFAULT_SKU, *, provider: 
     if spec is None or case.kernel in case_data.MEMORY_KINDS:
         return None
     static, sizes = case.static, case.sizes
+    if case.kernel == case_data.V4_DECODE and provider == "flashmla":
+        return v4_flashmla_decode_estimate(case, spec)
     if provider == "flashmla" and not (case.kernel == case_data.SPARSE_MLA_DECODE and static["kv_format"] == "fp8"):
         return None
     if case.kernel == case_data.SPARSE_MLA_DECODE:

@@ -12,7 +12,11 @@ One definition serves the tuner (TFLOP/s of each candidate, :func:`call_flops`) 
 * sparse MLA decode (paged cache): the forward's FLOPs; bytes: each query's ``topk`` gathered cache rows as stored
   (656 bytes per FP8 row for V3.2, ``2 * d_qk`` for bf16), ``q`` and ``out``;
 * indexer top-k for decoding (paged keys): ``2 * B * s_q * H_i * L * D_i`` over the context ``L``; bytes: every key
-  row of every sequence read once (``B * L`` rows of ``D_i + 4`` bytes for FP8 keys and their scales).
+  row of every sequence read once (``B * L`` rows of ``D_i + 4`` bytes for FP8 keys and their scales);
+* DeepSeek-V4 attention (two sources, K = V): the forward's FLOPs over the entries each query really sees (the
+  window's ``min(W, t + 1)`` rows plus CSA's ``min(topk, (t + 1) // m)`` selected or HCA's ``(t + 1) // m`` visible
+  compressed entries); bytes: ``q``, each query's entries as stored (bf16 rows in prefill, the cache's bytes per
+  token in decode), CSA's indices, ``out`` and ``lse``.
 
 Plain arithmetic: nothing here imports torch or touches a device.
 """
@@ -32,12 +36,17 @@ __all__ = [
     "index_topk_decode_flops",
     "indexer_bytes",
     "indexer_flops",
+    "pairs_attention_flops",
     "sparse_mla_bwd_bytes",
     "sparse_mla_bwd_flops",
     "sparse_mla_decode_bytes",
     "sparse_mla_fwd_bytes",
     "sparse_mla_fwd_flops",
     "topk_bytes",
+    "v4_compressed_pairs",
+    "v4_decode_bytes",
+    "v4_prefill_bytes",
+    "v4_window_pairs",
 ]
 
 FP8_BYTES = 1
@@ -144,6 +153,52 @@ def index_topk_decode_bytes(batch: int, context: int, row_bytes: int) -> float:
     """Every cached key row of every sequence read once (the ``s_q`` queries of a sequence share them; ``q``,
     ``weights`` and the ``[B, s_q, topk]`` outputs are negligible beside the keys)."""
     return float(batch * context * row_bytes)
+
+
+def v4_window_pairs(seq: int, window: int) -> int:
+    """(query, row) pairs of a causal sliding window over ``seq`` tokens: query ``t`` sees ``min(W, t + 1)`` rows."""
+    return _clamped_prefix(seq, window)
+
+
+def _floor_prefix(n: int, rate: int) -> int:
+    """``sum(u // rate for u in 1..n)`` in closed form: ``q = n // rate`` whole groups, then the partial one."""
+    q = n // rate
+    return rate * q * (q - 1) // 2 + q * (n - q * rate + 1)
+
+
+def v4_compressed_pairs(seq: int, rate: int, topk: int | None) -> int:
+    """(query, compressed entry) pairs of a V4 prefill over ``seq`` tokens: query ``t`` sees ``(t + 1) // rate``
+    entries (HCA, ``topk=None``: all of them) or at most ``topk`` of them (CSA's selection)."""
+    if seq <= 0:
+        return 0
+    if topk is None or seq // rate <= topk:
+        return _floor_prefix(seq, rate)
+    first = topk * rate  # the first u = t + 1 that sees topk entries
+    return _floor_prefix(first - 1, rate) + topk * (seq - first + 1)
+
+
+def pairs_attention_flops(pairs: int, heads: int, d_qk: int, d_v: int) -> float:
+    """``Q K^T`` over ``d_qk`` and ``P V`` over ``d_v`` for every head of ``pairs`` (query, entry) pairs."""
+    return 2.0 * heads * pairs * (d_qk + d_v)
+
+
+def v4_prefill_bytes(seq: int, heads: int, d_qk: int, d_v: int, entry_pairs: int, indexed_pairs: int) -> float:
+    """One V4 prefill attention of ``seq`` tokens (B = 1): ``q`` read, ``entry_pairs`` bf16 rows gathered (each
+    query's rows once, shared by its heads), ``indexed_pairs`` int32 indices read (CSA's selection; ranges cost
+    nothing per entry), ``out`` and ``lse`` written."""
+    return float(
+        seq * heads * d_qk * BF16_BYTES + entry_pairs * d_qk * BF16_BYTES + indexed_pairs * I32_BYTES
+        + seq * heads * (d_v * BF16_BYTES + F32_BYTES)
+    )  # fmt: skip
+
+
+def v4_decode_bytes(batch: int, seq: int, heads: int, d_qk: int, d_v: int, rows: int, row_bytes: int,
+                    indexed: int) -> float:  # fmt: skip
+    """One V4 decode step: each of the ``batch * seq`` queries gathers ``rows`` cache rows of ``row_bytes`` (window
+    and compressed entries), reads ``indexed`` int32 slots, and ``q`` is read and ``out`` and ``lse`` written."""
+    tokens = batch * seq
+    return float(tokens * (rows * row_bytes + indexed * I32_BYTES) + tokens * heads * (d_qk * BF16_BYTES
+                 + d_v * BF16_BYTES + F32_BYTES))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------------

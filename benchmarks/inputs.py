@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from benchmarks import cases as case_data
-from benchmarks import runners
+from benchmarks import runners, v4
 from dsa import cache, reference, testing
 from dsa.launch import common
 
@@ -38,9 +38,12 @@ def tensor_bytes(obj: Any) -> int:
 def make_inputs(case: case_data.Case, device: torch.device, seed: int) -> dict[str, Any]:
     """One input set of ``case`` on ``device`` (random, never zeros): the runner's inputs of its kernel; for the
     ``memory`` and ``selection`` cases the FP8 indexer's (``iq``, ``ik``, ``iw``, ``iscale``, and ``topk``) and for
-    ``memory`` also the attention's (``q``, ``kv``); for the decode cases :func:`decode_inputs`."""
+    ``memory`` also the attention's (``q``, ``kv``); for the decode cases :func:`decode_inputs`; for DeepSeek-V4's
+    ``benchmarks.v4.inputs``."""
     if case.kernel in case_data.DECODE_KINDS:
         return decode_inputs(case, device, seed)
+    if case.kernel in case_data.V4_KINDS:
+        return v4.inputs(case, device, seed)
     if case.kernel not in case_data.MEMORY_KINDS:
         return runners.runner_for(case.kernel).make_inputs(case.static, case.sizes, device, seed)
     s = case.static
@@ -250,6 +253,8 @@ def check_dsa(case: case_data.Case, inputs: dict[str, Any]) -> str | None:
         with poisoned_outputs(), torch.no_grad():
             if case.kernel in case_data.DECODE_KINDS:
                 problem = _check_decode(case, inputs)
+            elif case.kernel in case_data.V4_KINDS:
+                        problem = v4.check(case, inputs)
             else:
                 runner = runners.runner_for(case.kernel)
                 outputs = runner.launch(None, case.static, inputs)

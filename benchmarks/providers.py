@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from benchmarks import flops
+from benchmarks import flops, v4
 from dsa import autograd, hardware, ops, reference
 
 __all__ = ["Provider", "dense_matmul", "dense_sdpa", "flashmla_decode", "providers_for"]
@@ -311,4 +311,6 @@ def providers_for(case: Any) -> list[Provider]:
                 skip="" if pairs <= REFERENCE_INDEXER_MAX_PAIRS else f"capped at B*s_q*L <= {REFERENCE_INDEXER_MAX_PAIRS}",
             ),
         ]
+    if case.kernel in v4.KINDS:
+        return v4.providers(case, Provider, _importable)
     raise ValueError(f"no providers for kernel {case.kernel!r}")

@@ -206,7 +206,7 @@ def test_default_run_leaves_out_the_decode_sweep() -> None:
     default = {c.name for c in bench.select_cases("all", None)}
     full = {c.name for c in bench.select_cases("all", None, full=True)}
     assert set(case_data.QUICK_DECODE) <= default < full
-    assert len(full - default) == 25 - len(case_data.QUICK_DECODE)
+    assert len({n for n in full - default if not n.startswith("v4_")}) == 25 - len(case_data.QUICK_DECODE)
     # Naming a case runs it without --full.
     named = bench.select_cases("sparse_mla_decode", "sparse_mla_decode-fp8-b1-s1-kv8192")
     assert [c.name for c in named] == ["sparse_mla_decode-fp8-b1-s1-kv8192"]
@@ -306,3 +306,140 @@ def test_harness_runs_tiny_decode_cases_on_cpu(tmp_path: Path) -> None:
     assert {("tiny-sparse_mla_decode", "-"), ("tiny-sparse_mla_decode", "flashmla"),
             ("tiny-index_topk_decode", "-")} <= modelled  # fmt: skip
     assert {r["case"] for r in rows if r["metric"] == "time_vs_model" and r["provider"] == "dsa"} == set(checks)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# DeepSeek-V4 cases (benchmarks.v4) and the memory of one layer's CPU prefill (benchmarks.memory_v4)
+# ----------------------------------------------------------------------------------------------------------------------
+def test_v4_pair_counts_match_the_loops() -> None:
+    for seq in range(0, 70):
+        for window in (1, 3, 8):
+            assert flops.v4_window_pairs(seq, window) == sum(min(window, t + 1) for t in range(seq))
+        for rate, topk in ((1, 3), (4, 2), (4, 5), (7, 1), (4, None), (16, None)):
+            want = sum(min(topk, (t + 1) // rate) if topk else (t + 1) // rate for t in range(seq))
+            assert flops.v4_compressed_pairs(seq, rate, topk) == want, (seq, rate, topk)
+
+
+def test_v4_cases_exist_with_hand_checked_counts() -> None:
+    """V4-Flash and V4-Pro prefill (CSA and HCA, 8K-128K) and CSA decode (B 1/32/128, s_q 1/2, MODEL1 FP8 and bf16)
+    cases, none in the default run; counts worked by hand at 8K and B = 128, s_q = 2."""
+    from dsa import kv_format
+
+    v4 = {c.name: c for c in case_data.standard_cases(case_data.V4_KINDS, full=True)}
+    assert len(v4) == 2 * 2 * 4 + 2 * 2 * 3 * 2
+    assert not {c.name for c in bench.select_cases("all", None)} & set(v4)
+    assert {c.name for c in bench.select_cases("all", "v4_")} == set(v4)  # naming them runs them
+    hca = v4["v4_prefill-flash-hca-s8192"]
+    # Window: 128 * 129 / 2 pairs for the first 128 queries, 128 each after; HCA: sum of (t + 1) // 128.
+    window_pairs = 128 * 129 // 2 + (8192 - 128) * 128
+    entry_pairs = sum((t + 1) // 128 for t in range(8192))
+    assert hca.flops == 2 * 64 * (window_pairs + entry_pairs) * (512 + 512)
+    rows = (window_pairs + entry_pairs) * 512 * 2
+    assert hca.bytes == 8192 * 64 * 512 * 2 + rows + 8192 * 64 * (512 * 2 + 4)  # q, rows, out + lse; no indices
+    csa = v4["v4_prefill-pro-csa-s8192"]
+    csa_pairs = sum(min(1024, (t + 1) // 4) for t in range(8192))
+    assert csa.flops == 2 * 128 * (window_pairs + csa_pairs) * 1024 and csa.static["heads"] == 128
+    decode = v4["v4_decode-pro-fp8-b128-s2-kv32768"]
+    assert kv_format.MODEL1_FP8_LAYOUT.bytes_per_token == 584
+    assert decode.flops == 2 * 128 * 2 * 128 * (128 + 1024) * 1024
+    assert decode.bytes == 256 * ((128 + 1024) * 584 + 1024 * 4) + 256 * 128 * (512 * 2 * 2 + 4)
+    bf16 = v4["v4_decode-pro-bf16-b128-s2-kv32768"]
+    assert bf16.bytes - decode.bytes == 256 * (128 + 1024) * (1024 - 584)
+
+
+def test_v4_dry_run_lists_the_cases_with_the_cost_model() -> None:
+    selected = bench.select_cases("all", "v4_prefill-flash-csa-s8192,v4_decode-flash-fp8-b32")
+    lines = {line.split()[0]: line.split() for line in bench.format_dry_run(selected).splitlines()[1:]}
+    assert set(lines) == {"v4_prefill-flash-csa-s8192", "v4_decode-flash-fp8-b32-s1-kv32768",
+                          "v4_decode-flash-fp8-b32-s2-kv32768"}  # fmt: skip
+    # GFLOP, MB, FLOP/B, the model's time (dsa: the roofline of the counts), ..., FlashMLA's modelled MODEL1 decode.
+    assert float(lines["v4_decode-flash-fp8-b32-s1-kv32768"][4]) > 0
+    assert float(lines["v4_decode-flash-fp8-b32-s1-kv32768"][9]) > 0
+    assert lines["v4_prefill-flash-csa-s8192"][9] == "-"
+    rows = bench.dry_run_rows(selected)
+    assert {r["case"] for r in rows if r["metric"] == "flops"} == set(lines)
+
+
+@pytest.fixture
+def reference_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ops on the reference: the tiny V4 cases check the inputs, providers and check plumbing without building
+    the 64- and 512-wide two-source kernels on the CPU (the GPU tier runs those)."""
+    monkeypatch.setenv("DSA_BACKEND", "reference")
+
+
+def test_v4_spread_selection_is_distinct_visible_and_padded() -> None:
+    from benchmarks import v4
+
+    g = torch.Generator().manual_seed(0)
+    visible = torch.tensor([0, 1, 5, 8, 9, 100, 4096])
+    picks = v4.spread_selection(visible, 8, g)
+    for row, v in zip(picks.tolist(), visible.tolist(), strict=True):
+        valid = [p for p in row if p >= 0]
+        assert len(valid) == min(8, v) == len(set(valid)) and all(p < v for p in valid)
+        assert row[len(valid):] == [-1] * (8 - len(valid))  # fmt: skip
+    assert int(picks[-1].max()) > 4096 * 7 // 8  # spread over the whole visible range
+
+
+def test_v4_tiny_prefill_inputs_providers_and_check(reference_backend: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tiny V4 prefill cases: window ranges ``[t - W + 1, t + 1)``, CSA's selection among the visible entries,
+    HCA's entry range; the CPU providers agree; the check passes, and fails when the op writes nothing."""
+    from benchmarks import providers as bench_providers
+    from benchmarks import v4
+
+    by_name = {c.name: c for c in case_data.tiny_cases(case_data.V4_KINDS)}
+    csa, hca = by_name["tiny-v4_prefill-csa"], by_name["tiny-v4_prefill-hca"]
+    for case in (csa, hca):
+        inp = inputs.make_inputs(case, torch.device("cpu"), seed=2)
+        seq, window, rate = case.sizes["seq_len"], case.static["window"], case.static["rate"]
+        t = torch.arange(seq)
+        assert torch.equal(inp["ranges"][0, :, 0], (t - window + 1).clamp_min(0).int())
+        assert torch.equal(inp["ranges"][0, :, 1], (t + 1).int())
+        if case is csa:
+            sel = inp["extra_indices"][0]
+            assert bool(((sel < ((t + 1) // rate).view(-1, 1)) | (sel == -1)).all())
+        else:
+            assert torch.equal(inp["extra_ranges"][0, :, 1], ((t + 1) // rate).int())
+        results = {p.name: p.fn(inp) for p in bench_providers.providers_for(case) if not p.skip}
+        assert set(results) == {"dsa", "reference"}
+        assert torch.equal(results["dsa"][0], results["reference"][0])
+        assert inputs.check_dsa(case, inp) is None
+    monkeypatch.setattr(v4.ops, "sparse_mla", lambda q, kv, **kw: (torch.full_like(q, float("nan")),
+                                                                   torch.zeros(q.shape[:3])))  # fmt: skip
+    problem = inputs.check_dsa(csa, inputs.make_inputs(csa, torch.device("cpu"), seed=2))
+    assert problem is not None and "mismatch" in problem
+
+
+def test_v4_tiny_decode_inputs_providers_and_check(reference_backend: None) -> None:
+    """The tiny V4 decode case: MODEL1 FP8 pages, the window as a range, the entries as slots; ``dsa``, the reference
+    and FlashMLA's call (through ``dsa.compat``) agree, and the check passes."""
+    from benchmarks import providers as bench_providers
+    from benchmarks import v4
+    from dsa import compat
+
+    decode = next(c for c in case_data.tiny_cases(case_data.V4_KINDS) if c.name == "tiny-v4_decode")
+    inp = inputs.make_inputs(decode, torch.device("cpu"), seed=2)
+    assert inp["kv_cache"].dtype == torch.uint8 and inp["kv_cache"].shape[-1] == 584
+    results = {p.name: p.fn(inp) for p in bench_providers.providers_for(decode) if not p.skip}
+    out, lse = v4.flashmla_decode(inp, compat)
+    assert torch.equal(out, results["reference"][0]) and torch.equal(results["dsa"][0], results["reference"][0])
+    assert inputs.check_dsa(decode, inp) is None
+
+
+def test_v4_layer_memory_record_and_table_at_tiny_sizes() -> None:
+    """benchmarks.memory_v4 at a hundred tokens (narrow heads, window 8): both layer kinds run through the ops, each
+    record counts its inputs and output; the table reports the working memory's growth between lengths."""
+    from benchmarks import memory_v4
+
+    records = []
+    for kind in memory_v4.KINDS:
+        layer = memory_v4.V4Layer.of(kind, heads=2, head_dim=64, window=8, index_heads=2, index_dim=32, topk=8,
+                                     **({"rate": 16} if kind == "hca" else {}))  # fmt: skip
+        record = memory_v4.memory_record(layer, 128)
+        assert record["output_bytes"] == 128 * 2 * 64 * 4 and record["peak_increase_bytes"] >= 0
+        assert record["input_bytes"] > record["output_bytes"]
+        records.append(record)
+    mib = 1 << 20
+    hca = [{**records[1], "seq_len": n, "output_bytes": n * mib // 64, "peak_increase_bytes": n * mib // 32}
+           for n in (1024, 2048)]  # fmt: skip
+    table = memory_v4.memory_table([records[0], *hca])
+    assert "| CSA | 128 |" in table and "| HCA | 2048 | " in table and "2.00x for 2x S" in table
