@@ -45,6 +45,7 @@ from dsa.testing import assert_close
 from tests import layouts, strategies
 from tests.test_compat_decode import _call, _oracle
 from tests.test_ops import _flashmla_oracle
+from tests.test_sparse_mla_decode_kernel import poison_model1_pages
 
 MODEL1 = kv_format.MODEL1_FP8_LAYOUT
 D_QK = D_V = 512
@@ -282,11 +283,9 @@ def _poisoned_model1(seed: int, page_size: int, slots: torch.Tensor, length: tor
     used = torch.zeros(paged.num_slots, dtype=torch.bool)
     valid = (torch.arange(slots.shape[-1]) < length.unsqueeze(-1)) & (slots >= 0) & (slots < paged.num_slots)
     used[slots[valid].long()] = True
-    values, scales = kv_format.kv_page_sections(blob, MODEL1, page_size)
-    values.reshape(-1, MODEL1.value_bytes)[~used] = 0xFF
-    scales.reshape(-1, MODEL1.scale_group_bytes)[~used] = 0xFF
-    blob[:, page_size * MODEL1.bytes_per_token :] = 0xFF
+    poison_model1_pages(blob, page_size, used)
     rows = kv_format.dequantize_kv_pages_fp8(blob, MODEL1, page_size)
+    assert rows.view(-1, D_QK)[~used].isnan().all() and not rows.view(-1, D_QK)[used].isnan().any()
     return kv_format.flash_mla_kv_view(blob, MODEL1, page_size).squeeze(2), rows
 
 

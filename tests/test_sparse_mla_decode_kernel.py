@@ -15,7 +15,8 @@ Tiers:
   combine, and the default build for MODEL1 pages (DeepSeek-V4: 128 heads, 512/512, pages of 64): wgmma, no spills,
   shared memory within the estimate and equal to the launcher's table, a cp.async gather for bf16 rows, int64 slot
   addressing. (The MODEL1 kernel's C-target tier is in tests/test_compat_model1.py.)
-- ``gpu``: V3.2 shapes (topk 2048, B = 1 and 8, s_q 1 and 2, both formats, automatic splits) against the reference.
+- ``gpu``: V3.2 shapes (topk 2048, B = 1 and 8, s_q 1 and 2, both formats, automatic splits) and DeepSeek-V4's over
+  MODEL1 pages (a 128-entry window and 512 selected entries) against the reference.
 """
 
 from __future__ import annotations
@@ -56,8 +57,31 @@ _FP8_POISON_BYTE = 0xFF
 
 
 def _new_cache(fmt: str, batch: int, max_len: int, d_qk: int, d_rope: int, page_size: int, device: Any) -> Any:
-    dtype = "fp8" if fmt == "fp8" else torch.bfloat16
-    return cache.PagedKVCache(batch, max_len, d_qk, page_size=page_size, dtype=dtype, d_rope=d_rope, device=device)
+    """``fmt``: ``"bf16"``, ``"fp8"`` (the row-per-token layout of the width) or ``"model1"`` (MODEL1's pages)."""
+    if fmt == "model1":
+        kind: dict[str, Any] = {"dtype": "fp8", "layout": cache.MODEL1_FP8_LAYOUT}
+    else:
+        kind = {"dtype": "fp8" if fmt == "fp8" else torch.bfloat16, "d_rope": d_rope}
+    return cache.PagedKVCache(batch, max_len, d_qk, page_size=page_size, device=device, **kind)
+
+
+def cache_arg(kv_cache: cache.PagedKVCache) -> torch.Tensor:
+    """What sparse_mla_decode takes: the pages, MODEL1's in FlashMLA's view ``[num_pages, page_size, 584]``."""
+    layout = kv_cache.layout
+    if layout is None or not layout.scales_after_values:
+        return kv_cache.pages
+    return cache.flash_mla_kv_view(kv_cache.pages, layout, kv_cache.page_size).squeeze(2)
+
+
+def poison_model1_pages(pages: torch.Tensor, page_size: int, referenced: torch.Tensor) -> None:
+    """0xFF (e4m3 NaN, bf16 NaN, UE8M0 NaN) in place in every byte of MODEL1 ``pages [num_pages, page_bytes]`` that
+    no slot marked in ``referenced [num_slots]`` owns: other tokens' values and scale groups, and the page padding."""
+    layout = cache.MODEL1_FP8_LAYOUT
+    values, scales = cache.kv_page_sections(pages, layout, page_size)
+    unused = (~referenced).nonzero().squeeze(1)
+    for section in (values, scales):  # indexed as [page, offset]: the sections are views of the pages
+        section[unused // page_size, unused % page_size] = _FP8_POISON_BYTE
+    pages[:, page_size * layout.bytes_per_token :] = _FP8_POISON_BYTE
 
 
 def _filled_cache(
@@ -75,11 +99,14 @@ def _filled_cache(
 
 def _poison_unreferenced(kv_cache: cache.PagedKVCache, indices: torch.Tensor, lengths: torch.Tensor) -> None:
     """NaN/±inf (bf16) or 0xFF bytes (FP8) in every slot that no valid entry selects, in place."""
-    flat = kv_cache.pages.view(kv_cache.num_slots, -1)
     batch, s_q, width = indices.shape
     per_query = lengths.view(batch, 1).expand(batch, s_q) if lengths.dim() == 1 else lengths
     referenced = testing.index_mask(indices.reshape(1, batch * s_q, width), kv_cache.num_slots,
                                     per_query.reshape(1, batch * s_q)).any(dim=1)[0]  # fmt: skip
+    if kv_cache.layout is not None and kv_cache.layout.scales_after_values:
+        poison_model1_pages(kv_cache.pages, kv_cache.page_size, referenced)
+        return
+    flat = kv_cache.pages.view(kv_cache.num_slots, -1)
     if kv_cache.layout is not None:
         flat[~referenced] = _FP8_POISON_BYTE
         return
@@ -106,6 +133,7 @@ def make_problem(
     sink: str | None = None,
     extra_fmt: str | None = None,
     extra_topk: int = 8,
+    extra_page_size: int | None = None,
     device: Any = "cpu",
 ) -> dict[str, Any]:
     """The keyword arguments of one ``sparse_mla_decode`` call (plus ``kv_cache`` objects for poisoning)."""
@@ -121,7 +149,7 @@ def make_problem(
         topk_length = None
     args: dict[str, Any] = {
         "q": (torch.randn(batch, s_q, heads, d_qk, generator=g) * 0.5).to(torch.bfloat16).to(device),
-        "kv_cache": main.pages,
+        "kv_cache": cache_arg(main),
         "indices": indices,
         "sm_scale": d_qk**-0.5,
         "d_v": d_v,
@@ -136,9 +164,10 @@ def make_problem(
             values[0::3], values[1::3] = math.inf, -math.inf
         args["attn_sink"] = values.to(device)
     if extra_fmt is not None:
-        window = _filled_cache(extra_fmt, seed + 4, batch, lengths, d_qk, d_rope, page_size // 2 or 1, device)
+        window = _filled_cache(extra_fmt, seed + 4, batch, lengths, d_qk, d_rope, extra_page_size or page_size // 2 or 1,
+                               device)  # fmt: skip
         extra = testing.make_indices("irregular", seed + 5, batch, s_q, window.num_slots, extra_topk).to(device)
-        args["extra_kv_cache"], args["extra_indices"] = window.pages, extra
+        args["extra_kv_cache"], args["extra_indices"] = cache_arg(window), extra
         if length_kind is not None:
             args["extra_topk_length"] = testing.make_topk_length(seed + 6, batch, s_q, extra_topk).to(device)
         extra_len = args.get("extra_topk_length", torch.full((batch,), extra_topk, dtype=torch.int32, device=device))
@@ -622,4 +651,21 @@ def test_gpu_fp8_plain_gather_matches_reference(cuda_device: torch.device) -> No
         device=cuda_device,
     )  # fmt: skip
     out, lse = run(args, config=kernels.Config(prefetch=False))
+    check(args, out, lse, GPU_OUT_TOL, GPU_LSE_TOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.decode
+@pytest.mark.usefixtures("hopper_prebuilt")
+@pytest.mark.parametrize(("batch", "s_q"), [(1, 1), (8, 2)])
+def test_gpu_model1_pages_match_reference(cuda_device: torch.device, batch: int, s_q: int) -> None:
+    """DeepSeek-V4 shapes over MODEL1 pages of 64 (the build tier's kernel): 128 heads, d_qk = d_v = 512, a 128-entry
+    window source and 512 selected compressed entries, lengths per query, a sink, the automatic split count, every
+    unreferenced byte 0xFF."""
+    args = make_problem(
+        seed=31 + batch + s_q, fmt="model1", heads=128, d_qk=512, d_v=512, d_rope=64, batch=batch, s_q=s_q,
+        context=2048, topk=128, page_size=64, kind="irregular", length_kind="per_query", sink="random",
+        extra_fmt="model1", extra_topk=512, extra_page_size=64, device=cuda_device,
+    )  # fmt: skip
+    out, lse = run(args)
     check(args, out, lse, GPU_OUT_TOL, GPU_LSE_TOL)
