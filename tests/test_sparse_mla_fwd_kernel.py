@@ -14,7 +14,7 @@ Tiers:
   vary at run time.
 - ``build``: the default config and every valid tuning-space config (including the warp-specialised
   ``pipeline="ws"`` schedule) compile for sm_90a at V3.2 shapes (128 heads, 576/512) with wgmma, no register spills,
-  shared memory within the limit and a cp.async gather; so do both schedules of V4's ranged window kernel (64 heads,
+  shared memory within the limit and a cp.async gather; so does the default of V4's ranged window kernel (64 heads,
   d_qk = d_v = 512, sink); the numbers are logged. (The ranged kernels' CPU tier is
   ``tests/test_sparse_mla_ranged_kernel.py``.)
 - ``gpu``: the same properties against the CUDA kernels at V3.2 widths, every valid tuning-space config (needs a
@@ -507,14 +507,15 @@ def test_cpu_reuses_one_kernel_across_shapes() -> None:
 # ----------------------------------------------------------------------------------------------------- build tier
 
 V4_RANGED = {"heads": 64, "d_qk": 512, "d_v": 512, "has_topk_length": False, "has_sink": True, "ranged": True}
-"""DeepSeek-V4-Flash's window source: K = V (d_qk = d_v = 512), a sink, a row range per query. Its builds (the default
-and the ws schedule, which has no key-only tail at these widths) also stand for V4's index-list kernels (the same
-code up to how an entry's row is read) and for 128 heads (more head blocks, the same block)."""
+"""DeepSeek-V4-Flash's window source: K = V (d_qk = d_v = 512), a sink, a row range per query. Its default build also
+stands for V4's index-list kernels (the same code up to how an entry's row is read) and for 128 heads (more head
+blocks, the same block). Its ws build (no key-only tail at these widths: 168 registers at launch, 0 spills, 206,464 B)
+is left to the GPU tier (``tests/test_sparse_mla_ranged_kernel.py``), which compiles it, for CI's time."""
 
 BUILD_CASES: list[tuple[dict[str, Any], kernels.Config]] = (
     [({**V32, "has_topk_length": False, "has_sink": False}, config) for config in _tuning_configs()]
     + [({**V32, "has_topk_length": True, "has_sink": True}, config) for config in (kernels.Config(), WS_CONFIG)]
-    + [(V4_RANGED, config) for config in (kernels.Config(), WS_CONFIG)]
+    + [(V4_RANGED, kernels.Config())]
 )
 
 
