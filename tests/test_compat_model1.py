@@ -291,14 +291,12 @@ def _poisoned_model1(seed: int, page_size: int, slots: torch.Tensor, length: tor
 
 @pytest.mark.cpu_kernel
 def test_model1_pages_run_the_decode_kernel_as_their_dequantised_rows(monkeypatch: pytest.MonkeyPatch) -> None:
-    """DSA_BACKEND=tilelang: MODEL1 pages (window and extra source, a sink with infinities) run the C-target decode
-    kernel (a spy counts the launches; 3 heads, d_qk = d_v = 512, pages of 4: paged-FP8 builds beside the bf16
-    test's), reading FlashMLA's padded view in place, with every byte no valid entry names (values, scales, padding)
-    0xFF. The kernel dequantises exactly as the reference: out and lse equal, bit for bit, the bf16 kernel's over the
-    dequantised rows, at one split and three; one source in one split (the kernel that writes the output itself,
-    over a column-major copy of the pages) equals the split kernel's part through the combine; all within the decode
-    tolerances of the reference. A NaN scale
-    (UE8M0 255) in a named token makes out and lse NaN exactly where the reference's are."""
+    """DSA_BACKEND=tilelang: MODEL1 pages (window and extra source, a sink with infinities; every byte no valid entry
+    names 0xFF) run the C-target decode kernel (a spy counts launches; 3 heads, d_qk = d_v = 512, pages of 4: two
+    paged-FP8 builds beside the bf16 test's), FlashMLA's padded view read in place. It dequantises as the reference:
+    out and lse equal the bf16 kernel's over the dequantised rows bit for bit, at one split and three; one source in
+    one split (the direct kernel, a column-major copy of the pages) equals the split kernel through the combine; all
+    within the reference's tolerances. A NaN scale (UE8M0 255) gives NaN exactly where the reference does."""
     from dsa.launch import sparse_mla_decode as launch
 
     g = torch.Generator().manual_seed(23)
@@ -328,11 +326,10 @@ def test_model1_pages_run_the_decode_kernel_as_their_dequantised_rows(monkeypatc
     assert_close(out, want[0], atol=1e-2, rtol=1e-2, max_diff=2e-5, name="out")
     assert_close(lse, want[1], atol=1e-4, rtol=1e-4, name="lse")
     call = {**args, "extra_kv_cache": extra, "extra_indices": extra_indices, "d_rope": 64, "splits": 3}
-    rows_call = {**call, "extra_kv_cache": extra_rows}
     single = {**args, "d_rope": 64, "splits": 1, "direct": False}
     for got, exact in (
         ((out, lse), both(window_rows, extra_rows)),
-        (real(q, window, indices, **call), real(q, window_rows, indices, **rows_call)),
+        (real(q, window, indices, **call), real(q, window_rows, indices, **{**call, "extra_kv_cache": extra_rows})),
         # The direct kernel against the split kernel's one part through the combine (the path it replaces).
         (both(layouts.relaid(window, "column_major"), None), real(q, window, indices, **single)),
     ):
