@@ -15,6 +15,11 @@ reference backend and on the kernels (``DSA_BACKEND=reference`` / ``tilelang``).
   rows no valid index references must not reach the output (the kernels must not read them); in a referenced row or
   in ``q`` they give the reference's NaN/infinities.
 
+Where a fallback to the reference on both backends would prove nothing, a spy checks that the kernel launcher ran
+(``index_topk_decode``: the paged selection, over bf16 keys, FP8 key rows and FP8 key pages, ``key_layout="paged"``).
+DeepSeek-V4's forms (two-source ``sparse_mla``, the decode range form, MODEL1 pages) are in
+tests/test_backend_agreement_v4.py, with these helpers.
+
 Cost: ``strategies.examples(0.5)`` per op (50 examples under the ``ci`` profile), one process-wide set of compiled
 kernels.
 """
@@ -30,7 +35,8 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from dsa import cache, ops, testing
+from dsa import cache, kv_format, ops, testing
+from dsa.launch import index_topk as topk_launch
 from dsa.testing import assert_close
 from tests import layouts, strategies
 from tests.test_index_topk_decode import CPU_DIM, CPU_PAGE, CPU_TOPK
@@ -100,6 +106,15 @@ def _sprinkle(t: torch.Tensor, g: torch.Generator, values: Sequence[float]) -> t
 
 def _relaid(inputs: Inputs, plan: dict[str, str]) -> Inputs:
     return {name: layouts.relaid(value, plan[name]) if name in plan else value for name, value in inputs.items()}
+
+
+def count_calls(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[int]:
+    """A list that grows by one at each call of ``module.name`` (which still runs): proof that a kernel launcher
+    ran, where a path that fell back to the reference on both backends would prove nothing."""
+    calls: list[int] = []
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
 
 
 def _on_both(monkeypatch: pytest.MonkeyPatch, call: Callable[[], Any]) -> tuple[Any, Any]:
@@ -356,6 +371,9 @@ def test_sparse_mla_decode_agrees(
 # ------------------------------------------------------------------------------------------------ index_topk_decode
 
 TOPK_DECODE_TENSORS = ("q", "k_cache", "weights", "block_table", "ends", "starts")
+TOPK_DECODE_FORMATS = ("bf16", "fp8", "fp8-pages")
+"""tests/test_index_topk_decode.py's key formats: bf16 keys, FP8 key rows and FP8 key pages (``key_layout="paged"``,
+DeepGEMM's and vLLM's per-page layout)."""
 
 
 def _visible_slots(block_table: torch.Tensor, page_size: int, starts: torch.Tensor | None, ends: torch.Tensor,
@@ -406,7 +424,7 @@ def _poison_key_rows(k_cache: torch.Tensor, rows_mask: torch.Tensor, g: torch.Ge
 
 @strategies.examples(SHARE)
 @given(
-    fmt=st.sampled_from(["bf16", "fp8"]),
+    fmt=st.sampled_from(TOPK_DECODE_FORMATS),
     **strategies.sizes(batch=3, s_q=4),
     length=st.integers(0, 120),
     ranges=st.sampled_from(["decode", "random"]),
@@ -428,12 +446,20 @@ def test_index_topk_decode_agrees(
     num_slots = args["k_cache"].shape[0] * args["k_cache"].shape[1]
     visible = _visible_slots(args["block_table"], CPU_PAGE, args["starts"], args["ends"], num_slots)
     g = testing.generator(seed + 13)
-    k_cache = _poison_key_rows(args["k_cache"], ~visible, g, (), CPU_DIM, every=True)
-    args["k_cache"] = _poison_key_rows(k_cache, visible, g, poison["k_cache"], CPU_DIM, every=False)
+    layout = args.pop("key_layout", "rows")
+    # Poisoned as rows (a key's bytes together), then moved back into the per-page layout.
+    k_cache = kv_format.relayout_index_keys(args["k_cache"], CPU_DIM, src=layout, dst="rows") if (
+        layout != "rows") else args["k_cache"]  # fmt: skip
+    k_cache = _poison_key_rows(k_cache, ~visible, g, (), CPU_DIM, every=True)
+    k_cache = _poison_key_rows(k_cache, visible, g, poison["k_cache"], CPU_DIM, every=False)
+    args["k_cache"] = kv_format.relayout_index_keys(k_cache, CPU_DIM, src="rows", dst=layout) if (
+        layout != "rows") else k_cache  # fmt: skip
     args["q"] = _sprinkle(args["q"], g, poison["q"])
     args["weights"] = _sprinkle(args["weights"], g, poison["weights"])
     a = _relaid(args, plan)
+    calls = count_calls(monkeypatch, topk_launch, "index_topk_paged")
     want, got = _on_both(monkeypatch, lambda: ops.index_topk_decode(
         a["q"], a["k_cache"], a["weights"], CPU_TOPK, block_table=a["block_table"], ends=a["ends"],
-        starts=a["starts"], return_scores=True))  # fmt: skip
+        starts=a["starts"], return_scores=True, key_layout=layout))  # fmt: skip
+    assert calls == [1], "the paged selection kernel must run on the kernel backend (and only there)"
     _assert_same_selection(got, want)

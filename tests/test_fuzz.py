@@ -52,3 +52,16 @@ def test_fuzz_finds_and_keeps_a_planted_failure(tmp_path: Path) -> None:
     assert "fuzz: FAILED" in proc.stdout and "test_planted.py::test_small" in proc.stdout
     assert "x=1000" in proc.stdout, "the shrunk falsifying example must be printed"
     assert any(p.is_file() for p in (db / "examples").rglob("*")), "the failing example must be saved for replay"
+
+
+def test_fuzz_covers_every_op_form_including_deepseek_v4() -> None:
+    """The fuzzer runs every property file (it finds them by ``@given``), so the V4 forms' properties are in its
+    run: two-source and ranged sparse_mla, the decode range form and MODEL1 pages, the paged index keys and
+    compress_kv, on the reference and (tests/test_backend_agreement*.py) on both backends."""
+    from dsa import fuzz
+
+    files = set(fuzz.property_test_files())
+    v4 = {"tests/test_backend_agreement.py", "tests/test_backend_agreement_v4.py", "tests/test_sparse_mla_two_source.py",
+          "tests/test_compat_model1.py", "tests/test_index_topk_decode.py", "tests/test_compress_kv.py"}  # fmt: skip
+    assert v4 <= files, sorted(v4 - files)
+    assert not files & {f"tests/{name}" for name in fuzz.NEVER_FUZZ}
