@@ -13,16 +13,27 @@ Strides are never an error, on any backend: the kernels read row-major tensors, 
 
 from __future__ import annotations
 
-import functools
-import math
-import numbers
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from dsa import kv_format
+from dsa.checks import (  # noqa: F401 (re-exported: callers use dsa.validation.kernel_layout and the require_* checks)
+    KERNEL_ALIGNMENT_BYTES,
+    dtype_names,
+    kernel_layout,
+    names_op,
+    require_dtype,
+    require_nonempty,
+    require_positive_int,
+    require_rank,
+    require_same_device,
+    require_scale,
+    require_shape,
+    require_tensor,
+    shape_text,
+)
 
 OptTensor = Tensor | None
 
@@ -32,110 +43,6 @@ INDEXER_REFERENCE_DTYPES = (*INDEXER_KERNEL_DTYPES, torch.float16, torch.float32
 ATTENTION_KERNEL_DTYPES = (torch.bfloat16,)
 ATTENTION_REFERENCE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 INDEX_DTYPE = torch.int32
-
-_Check = TypeVar("_Check", bound=Callable[..., Any])
-
-
-def names_op(op: str) -> Callable[[_Check], _Check]:
-    """Decorate a check so that every ``TypeError``/``ValueError`` it raises starts with ``"<op>: "``: two ops take a
-    ``q``, and a user must see which one complained."""
-
-    def decorate(check: _Check) -> _Check:
-        @functools.wraps(check)
-        def named(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return check(*args, **kwargs)
-            except (TypeError, ValueError) as exc:
-                raise type(exc)(f"{op}: {exc}") from None
-
-        return named  # type: ignore[return-value]
-
-    return decorate
-
-
-def _names(dtypes: Sequence[torch.dtype]) -> str:
-    return " or ".join(str(d).removeprefix("torch.") for d in dtypes)
-
-
-def _shape(shape: Sequence[int]) -> str:
-    return "[" + ", ".join(str(s) for s in shape) + "]"
-
-
-def require_tensor(name: str, t: object) -> torch.Tensor:
-    """Return ``t`` if it is a tensor, else raise ``TypeError`` naming ``name``."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    return t
-
-
-def require_dtype(name: str, t: torch.Tensor, dtypes: Sequence[torch.dtype]) -> None:
-    if t.dtype not in dtypes:
-        raise TypeError(f"{name} must have dtype {_names(dtypes)}, got {str(t.dtype).removeprefix('torch.')}")
-
-
-def require_rank(name: str, t: torch.Tensor, rank: int, layout: str) -> None:
-    if t.dim() != rank:
-        raise ValueError(f"{name} must be a {rank}-D tensor {layout}, got shape {_shape(t.shape)}")
-
-
-def require_shape(name: str, t: torch.Tensor, expected: Sequence[int], layout: str) -> None:
-    if tuple(t.shape) != tuple(expected):
-        raise ValueError(f"{name} must have shape {layout} = {_shape(expected)}, got {_shape(t.shape)}")
-
-
-def require_nonempty(name: str, t: torch.Tensor, layout: str) -> None:
-    if t.numel() == 0:
-        raise ValueError(f"{name} must not be empty: every dimension of {layout} must be >= 1, got {_shape(t.shape)}")
-
-
-def require_same_device(reference_name: str, reference: torch.Tensor, **others: torch.Tensor | None) -> None:
-    for name, t in others.items():
-        if t is not None and t.device != reference.device:
-            raise ValueError(f"{name} must be on the same device as {reference_name} ({reference.device}), got {t.device}")
-
-
-KERNEL_ALIGNMENT_BYTES = 16
-"""The byte boundary a kernel input must start on: the CUDA kernels load 16 bytes at a time (``cp.async``, vector
-loads), and the launchers view FP8 cache bytes as float32 scales, which needs a 4-byte-aligned start."""
-
-
-def kernel_layout(t: torch.Tensor | None) -> torch.Tensor | None:
-    """``t`` as the kernels read it: row-major (``is_contiguous()``) and starting on a
-    :data:`KERNEL_ALIGNMENT_BYTES` boundary. A tensor already laid out so is returned as it is (no copy); any other
-    (transposed, sliced, expanded with stride 0, or a contiguous view starting mid-word) is copied once into a fresh
-    row-major tensor. The copy is differentiable: gradients reach the strided original. ``None`` stays ``None``.
-
-    Under ``torch.compile`` (fake tensors have no address) only row-major order is enforced.
-    """
-    if t is None:
-        return None
-    if torch.compiler.is_compiling():
-        return t.contiguous()
-    if t.is_contiguous() and t.data_ptr() % KERNEL_ALIGNMENT_BYTES == 0:
-        return t
-    # clone, not contiguous(): a contiguous view that starts mid-word must move too.
-    return t.clone(memory_format=torch.contiguous_format)
-
-
-def require_positive_int(name: str, value: object) -> int:
-    # The exact-type test first: an ABC isinstance check costs most of a microsecond on every launch.
-    if type(value) is int and value >= 1:
-        return value
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return int(value)
-
-
-def require_scale(name: str, value: object) -> float:
-    if type(value) is float and 0.0 < value < math.inf:
-        return value
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite positive float, got {value}")
-    return float(value)
 
 
 def _require_query_and_keys(
@@ -174,9 +81,9 @@ def _require_query_and_keys(
         require_dtype(other_name, other_t, other_dtypes)
     batch, dim = q.shape[0], q.shape[3]
     if keys_t.shape[0] != batch:
-        raise ValueError(f"{keys_name} must have batch size {batch} like q, got shape {_shape(keys_t.shape)}")
+        raise ValueError(f"{keys_name} must have batch size {batch} like q, got shape {shape_text(keys_t.shape)}")
     if keys_t.shape[2] != dim:
-        raise ValueError(f"{keys_name} must have {width.format(dim)} like q, got shape {_shape(keys_t.shape)}")
+        raise ValueError(f"{keys_name} must have {width.format(dim)} like q, got shape {shape_text(keys_t.shape)}")
 
 
 def _check_indexer_inputs(
@@ -284,7 +191,7 @@ def check_sparse_mla(
         _check_ranges(q, "", ranges, topk_length)
     elif indices.shape[0] != batch or indices.shape[1] != seq:
         raise ValueError(
-            f"indices must have shape [B, S, k] with B = {batch}, S = {seq} like q, got {_shape(indices.shape)}"
+            f"indices must have shape [B, S, k] with B = {batch}, S = {seq} like q, got {shape_text(indices.shape)}"
         )
     _check_attention_args(q, sm_scale, d_v, attn_sink, "kv")
     if topk_length is not None:
@@ -330,7 +237,7 @@ def _check_extra_source(
     if extra_kv.shape[0] != batch or extra_kv.shape[2] != q.shape[3]:
         raise ValueError(
             f"extra_kv must have shape [B, S_extra, d_qk] with B = {batch}, d_qk = {q.shape[3]} like q, "
-            f"got {_shape(extra_kv.shape)}"
+            f"got {shape_text(extra_kv.shape)}"
         )
     _check_exactly_one("extra_indices", extra_indices, "extra_ranges", extra_ranges)
     name, t, layout = ("extra_indices", extra_indices, "[B, S, k]") if extra_ranges is None else (
@@ -344,7 +251,7 @@ def _check_extra_source(
     elif extra_indices.shape[0] != batch or extra_indices.shape[1] != seq:
         raise ValueError(
             f"extra_indices must have shape [B, S, k] with B = {batch}, S = {seq} like q, "
-            f"got {_shape(extra_indices.shape)}"
+            f"got {shape_text(extra_indices.shape)}"
         )
     if extra_topk_length is not None:
         require_tensor("extra_topk_length", extra_topk_length)
@@ -437,10 +344,10 @@ def _check_decode_source(
         if kv_cache.dtype != q.dtype:
             raise TypeError(
                 f"{cache_name} must have q's dtype ({str(q.dtype).removeprefix('torch.')}) or hold FP8 bytes "
-                f"({_names(FP8_CACHE_DTYPES)}), got {str(kv_cache.dtype).removeprefix('torch.')}"
+                f"({dtype_names(FP8_CACHE_DTYPES)}), got {str(kv_cache.dtype).removeprefix('torch.')}"
             )
         if kv_cache.shape[-1] != d_qk:
-            raise ValueError(f"{cache_name} rows must be d_qk = {d_qk} wide like q, got shape {_shape(kv_cache.shape)}")
+            raise ValueError(f"{cache_name} rows must be d_qk = {d_qk} wide like q, got shape {shape_text(kv_cache.shape)}")
     _check_exactly_one(indices_name, indices, f"{prefix}ranges", ranges)
     if ranges is not None:
         _check_decode_ranges(prefix, q, topk_length, ranges, block_table)
@@ -456,7 +363,7 @@ def _check_decode_source(
     if tuple(indices.shape[:2]) != (batch, s_q):
         raise ValueError(
             f"{indices_name} must have shape [B, s_q, topk] with B = {batch}, s_q = {s_q} like q, got "
-            f"{_shape(indices.shape)}"
+            f"{shape_text(indices.shape)}"
         )
     if topk_length is not None:
         require_tensor(length_name, topk_length)
@@ -464,7 +371,7 @@ def _check_decode_source(
         if tuple(topk_length.shape) not in ((batch,), (batch, s_q)):
             raise ValueError(
                 f"{length_name} must have shape [B] = [{batch}] or [B, s_q] = [{batch}, {s_q}], got "
-                f"{_shape(topk_length.shape)}"
+                f"{shape_text(topk_length.shape)}"
             )
     require_same_device("q", q, **{cache_name: kv_cache, indices_name: indices, length_name: topk_length})
 
@@ -488,7 +395,7 @@ def _check_decode_ranges(
     require_nonempty(name, block_table, "[B, pages_per_sequence]")
     if block_table.shape[0] != q.shape[0]:
         raise ValueError(f"{name} must have shape [B, pages_per_sequence] with B = {q.shape[0]} like q, got "
-                         f"{_shape(block_table.shape)}")  # fmt: skip
+                         f"{shape_text(block_table.shape)}")  # fmt: skip
 
 
 check_decode_ranges = names_op("sparse_mla_decode")(_check_decode_ranges)
@@ -576,13 +483,13 @@ def check_index_topk_decode(
         if k_cache.dtype not in FP8_CACHE_DTYPES or k_cache.shape[-1] != row:
             raise ValueError(
                 f"k_cache must hold FP8 key rows of {row} bytes ({dim} FP8 values, one float32 scale) for float8 q, "
-                f"got shape {_shape(k_cache.shape)} {str(k_cache.dtype).removeprefix('torch.')}"
+                f"got shape {shape_text(k_cache.shape)} {str(k_cache.dtype).removeprefix('torch.')}"
             )
     else:
         if k_cache.dtype != q.dtype:
             raise TypeError(f"k_cache must have q's dtype ({q.dtype}) for a {q.dtype} q, got {k_cache.dtype}")
         if k_cache.shape[-1] != dim:
-            raise ValueError(f"k_cache rows must be D_i = {dim} wide like q, got shape {_shape(k_cache.shape)}")
+            raise ValueError(f"k_cache rows must be D_i = {dim} wide like q, got shape {shape_text(k_cache.shape)}")
     require_tensor("weights", weights)
     weight_dtypes = (torch.float32,) if kernel or q.dtype != torch.float64 else (torch.float32, torch.float64)
     require_dtype("weights", weights, weight_dtypes)
@@ -593,7 +500,7 @@ def check_index_topk_decode(
     require_rank("block_table", block_table, 2, "[B, pages_per_sequence]")
     require_nonempty("block_table", block_table, "[B, pages_per_sequence]")
     if block_table.shape[0] != batch:
-        raise ValueError(f"block_table must have B = {batch} rows like q, got shape {_shape(block_table.shape)}")
+        raise ValueError(f"block_table must have B = {batch} rows like q, got shape {shape_text(block_table.shape)}")
     for name, t in (("ends", ends), ("starts", starts)):
         if t is not None:
             require_tensor(name, t)
@@ -626,14 +533,14 @@ def check_compress_kv(
         raise TypeError(f"overlap must be a bool, got {type(overlap).__name__}")
     batch, length, width = kv.shape
     if batch < 1 or width < 1:
-        raise ValueError(f"kv must have B >= 1 and W >= 1 in {layout}, got {_shape(kv.shape)}")
+        raise ValueError(f"kv must have B >= 1 and W >= 1 in {layout}, got {shape_text(kv.shape)}")
     if length % rate:
         raise ValueError(
             f"kv must hold whole windows: its length must be a multiple of rate = {rate} (buffer a partial window "
-            f"until it is complete), got {_shape(kv.shape)}"
+            f"until it is complete), got {shape_text(kv.shape)}"
         )
     if overlap and width % 2:
-        raise ValueError(f"kv must have an even W = 2 d (Ca | Cb) with overlap=True, got {_shape(kv.shape)}")
+        raise ValueError(f"kv must have an even W = 2 d (Ca | Cb) with overlap=True, got {shape_text(kv.shape)}")
     require_shape("gate", gate, tuple(kv.shape), layout)
     bias_dtypes = (torch.float32,) if kv.dtype != torch.float64 else (torch.float32, torch.float64)
     require_dtype("position_bias", position_bias, bias_dtypes)
