@@ -274,10 +274,8 @@ def test_model1_pages_decode_exactly_as_their_dequantised_rows() -> None:
 
 
 def _poisoned_model1(seed: int, page_size: int, slots: torch.Tensor, length: torch.Tensor) -> tuple[Any, Any]:
-    """MODEL1 pages (2 sequences of 21 octave-spread tokens) with every byte that no valid entry of ``slots [B, s_q,
-    k]`` (its first ``length [B, s_q]`` entries) names set to 0xFF: other tokens' values (e4m3 NaN, bf16 NaN) and
-    scale groups (UE8M0 NaN), and the page padding. Returns ``(the pages in FlashMLA's view [num_pages, page_size,
-    584], the bf16 rows they dequantise to [num_pages, page_size, 512])``."""
+    """``(MODEL1 pages in FlashMLA's view, the bf16 rows they dequantise to)`` of 2 sequences of 21 tokens, every byte
+    that no valid entry of ``slots [B, s_q, k]`` (first ``length [B, s_q]``) names 0xFF (``poison_model1_pages``)."""
     paged, _ = _paged_model1(seed, 2, 21, page_size)
     blob = paged.pages.clone()
     used = torch.zeros(paged.num_slots, dtype=torch.bool)
@@ -295,9 +293,10 @@ def test_model1_pages_run_the_decode_kernel_as_their_dequantised_rows(monkeypatc
     names 0xFF) run the C-target decode kernel (a spy counts launches; 3 heads, d_qk = d_v = 512, pages of 4: two
     paged-FP8 builds beside the bf16 test's), FlashMLA's padded view read in place. It dequantises as the reference:
     out and lse equal the bf16 kernel's over the dequantised rows bit for bit, at one split and three; one source in
-    one split (the direct kernel, a column-major copy of the pages) equals the split kernel through the combine; all
-    within the reference's tolerances. A NaN scale (UE8M0 255) gives NaN exactly where the reference does."""
+    one split (the direct kernel with the prefetch, a column-major copy of the pages) equals the split kernel through
+    the combine; all within the reference's tolerances. A NaN scale (UE8M0 255) gives NaN where the reference does."""
     from dsa.launch import sparse_mla_decode as launch
+    from tl_kernels.sparse_mla_decode import Config
 
     g = torch.Generator().manual_seed(23)
     heads, page_size = 3, 4
@@ -326,12 +325,13 @@ def test_model1_pages_run_the_decode_kernel_as_their_dequantised_rows(monkeypatc
     assert_close(out, want[0], atol=1e-2, rtol=1e-2, max_diff=2e-5, name="out")
     assert_close(lse, want[1], atol=1e-4, rtol=1e-4, name="lse")
     call = {**args, "extra_kv_cache": extra, "extra_indices": extra_indices, "d_rope": 64, "splits": 3}
-    single = {**args, "d_rope": 64, "splits": 1, "direct": False}
+    single = {**args, "d_rope": 64, "splits": 1}
     for got, exact in (
         ((out, lse), both(window_rows, extra_rows)),
         (real(q, window, indices, **call), real(q, window_rows, indices, **{**call, "extra_kv_cache": extra_rows})),
-        # The direct kernel against the split kernel's one part through the combine (the path it replaces).
-        (both(layouts.relaid(window, "column_major"), None), real(q, window, indices, **single)),
+        # The direct kernel with sm_90a's FP8 prefetch (the second build) against one split through the combine.
+        (real(q, layouts.relaid(window, "column_major"), indices, **single, config=Config(prefetch=True)),
+         real(q, window, indices, **single, direct=False)),
     ):
         assert torch.equal(got[0], exact[0]) and torch.equal(got[1], exact[1])
     assert_close(got[0], reference.sparse_mla_decode(q, window, indices, **args)[0], atol=1e-2, rtol=1e-2,

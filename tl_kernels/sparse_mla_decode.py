@@ -141,7 +141,7 @@ V32_RESOURCES: dict[tuple[str, int, int, int, bool], tuple[int, int]] = {
     (KV_FORMAT_BF16, 64, 32, 256, False): (218, 116736),
     # MODEL1 pages (DeepSeek-V4: 128 heads, 512/512, pages of 64). The 448 e4m3 values of 32 rows are 56 bytes per
     # thread, so the prefetch loads 8 bytes at a time (16 at V3.2's 512).
-    (KV_FORMAT_FP8_PAGED, 64, 32, 256, True): (253, 105472),
+    (KV_FORMAT_FP8_PAGED, 64, 32, 256, True): (252, 106368),
 }
 """``(kv_format, block_h, block_k, threads, prefetch) -> (registers per thread, shared memory bytes)`` of the sm_90a
 attention kernel at V3.2 widths (128 heads, 576/512, the V3.2 FP8 row) and for MODEL1 pages, as ``ptxas -v``
@@ -214,10 +214,13 @@ def default_config(static: dict[str, Any]) -> Config:
 
 def smem_bytes(static: dict[str, Any], config: Config) -> int:
     """Shared memory of the CUDA kernel: the forward's default schedule's tiles (an upper estimate), plus the FP8
-    gather's int64 row numbers (two steps' with ``prefetch``)."""
+    gather's int64 row numbers (two steps' with ``prefetch``) and, for paged FP8 with ``prefetch``, a step's decoded
+    float32 scales."""
     rows = 0
     if static.get("kv_format") in FP8_FORMATS:
         rows = config.block_k * 8 * (2 if config.prefetch else 1)
+    if static.get("kv_format") == KV_FORMAT_FP8_PAGED and config.prefetch:
+        rows += config.block_k * (int(static["d_qk"]) - int(static["d_rope"])) // int(static["tile"]) * 4
     return forward.smem_bytes(static, _as_forward(config)) + rows
 
 
@@ -376,6 +379,22 @@ def build(
             )
         for j, d in alloc.parallel(block_k, d_rope):
             kv_s[j, d_nope + d] = load(rope_f[j, d])
+
+    @T.macro
+    def unpack_paged(KVB, raw_f, rope_f, kv_s, rows_s, slot):  # noqa: ANN001, ANN202
+        # Paged FP8: the step's UE8M0 scales decoded once per row and tile into shared float32 first, so that the
+        # values dequantise as V3.2's do (times a float32 scale: converted in pairs on sm_90a), not with a bit decode
+        # per element (which TileLang 0.1.15 did not vectorise).
+        scale_s = alloc.shared([block_k, d_nope // tile], ACCUM_DTYPE)
+        for j, t in alloc.parallel(block_k, d_nope // tile):
+            scale_s[j, t] = scale_at(KVB, T.max(rows_s[slot, j], 0), t * tile)
+        for j, d in alloc.parallel(block_k, d_nope):
+            kv_s[j, d] = T.if_then_else(rows_s[slot, j] >= 0, dequant(raw_f[j, d], scale_s[j, d // tile]), 0)
+        for j, d in alloc.parallel(block_k, d_rope):
+            kv_s[j, d_nope + d] = load(rope_f[j, d])
+
+    if paged:
+        unpack = unpack_paged  # noqa: F811 (the prefetch's unpack for paged caches; V3.2's is generated unchanged)
 
     @T.macro
     def attend(Q, KVA, KVB, KVC, Indices, TopkLength, sm_scale, AttnSink, Out, Lse, bx, b, z):  # noqa: ANN001, ANN202
