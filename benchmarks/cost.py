@@ -284,8 +284,8 @@ def _selection_schedule(static: dict[str, Any], sizes: dict[str, int], spec: sku
 
 def v4_flashmla_decode_estimate(case: case_data.Case, spec: sku.PerfSpec) -> Estimate | None:
     """FlashMLA's MODEL1 decode on a V4 decode case (FP8 only; None for bf16): its V3.2 schedule over each query's
-    window and selected rows (``window + topk`` MODEL1 rows of ``kv_format.MODEL1_FP8_LAYOUT``). Our op reads
-    MODEL1 pages on the reference today, so ``dsa`` gets the roofline of the case's counts."""
+    window and selected rows (``window + topk`` MODEL1 rows of ``kv_format.MODEL1_FP8_LAYOUT``). ``dsa`` gets the
+    roofline of the case's counts: the model has our decode schedule at V3.2's widths only, not at MODEL1's."""
     static, sizes = case.static, case.sizes
     if static["kv_format"] != "fp8":
         return None
