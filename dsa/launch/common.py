@@ -183,6 +183,21 @@ def launch_config(
     return select_config(kernel_name, kernels, static, sizes, device, target)
 
 
+def compile_plan(
+    kernel_name: str,
+    kernels: ModuleType,
+    static: dict[str, Any],
+    sizes: dict[str, int],
+    device: torch.device,
+    config: Any = None,
+) -> KernelPlan:
+    """What a one-kernel plan holds: the target of ``device``, the config (:func:`launch_config`) and ``kernels.build``
+    compiled for them (the static parameters plus every field of the config)."""
+    target = target_for(device)
+    chosen = launch_config(kernel_name, kernels, static, sizes, device, target, config)
+    return KernelPlan(target, chosen, get_kernel(kernels.build, target, **static, **dataclasses.asdict(chosen)))
+
+
 def get_kernel(builder: Callable[..., Any], target: dsl.Target, **params: Hashable) -> Any:
     """``tl_kernels.build.get_kernel`` with the settings of ``dsa.env``: the g++ flags of C-target kernels, and
     TileLang's log level (``DSA_LOG``; its per-compile INFO lines stay off a user's stderr unless asked for)."""

@@ -5,7 +5,6 @@ contiguity, one device (CPU or CUDA), ``k_scale`` exactly for FP8, ``starts``/``
 TileLang's C-target build (bf16 travels as uint16 bits, e4m3 as uint8); on CUDA the sm_90a build.
 """
 
-import dataclasses
 from typing import Any
 
 import torch
@@ -50,11 +49,8 @@ def plan(q: torch.Tensor, seq_kv: int, *, ranged: bool, config: kernels.Config |
     static = static_params(q, ranged=ranged)
 
     def make() -> Plan:
-        target = common.target_for(device)
         sizes = {"batch": batch, "seq_len": seq, "seq_len_kv": seq_kv}
-        chosen = common.launch_config(KERNEL_NAME, kernels, static, sizes, device, target, config)
-        kernel = common.get_kernel(kernels.build, target, **static, **dataclasses.asdict(chosen))
-        return Plan(target, chosen, kernel)
+        return common.compile_plan(KERNEL_NAME, kernels, static, sizes, device, config)
 
     return _PLANS.get(device, (tuple(q.shape), q.dtype, seq_kv, ranged, config), make)
 

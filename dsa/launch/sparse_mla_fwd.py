@@ -90,15 +90,16 @@ def plan(
     device = q.device
 
     def make() -> Plan:
-        target = common.target_for(device)
         static = static_params(
             heads=heads, d_qk=d_qk, d_v=d_v, has_topk_length=has_topk_length, has_sink=has_sink, ranged=ranged
         )
         sizes = {"batch": batch, "seq_len": seq, "seq_len_kv": seq_kv, "topk": topk}
-        chosen = common.launch_config(KERNEL_NAME, kernels, static, sizes, device, target, config)
-        kernel = common.get_kernel(kernels.build, target, **static, **dataclasses.asdict(chosen))
+        compiled = common.compile_plan(KERNEL_NAME, kernels, static, sizes, device, config)
         no_topk_length = common.placeholder(torch.int32, device, (1, 1))
-        return Plan(target, chosen, kernel, int(d_v), no_topk_length, common.placeholder(torch.float32, device))
+        return Plan(
+            compiled.target, compiled.config, compiled.kernel, int(d_v), no_topk_length,
+            common.placeholder(torch.float32, device),
+        )  # fmt: skip
 
     key = (tuple(q.shape), seq_kv, topk, int(d_v), has_topk_length, has_sink, config, bool(ranged))
     return _PLANS.get(device, key, make)

@@ -42,11 +42,9 @@ def plan(scores: torch.Tensor, k: int, *, config: kernels.Config | None = None) 
     static = static_params(k)
 
     def make() -> Plan:
-        target = common.target_for(device)
         sizes = {"batch": batch, "seq_len": seq, "seq_len_kv": seq_kv}
-        chosen = common.launch_config(KERNEL_NAME, kernels, static, sizes, device, target, config)
-        kernel = common.get_kernel(kernels.build, target, **static, **dataclasses.asdict(chosen))
-        return Plan(target, chosen, kernel, static["k"])
+        compiled = common.compile_plan(KERNEL_NAME, kernels, static, sizes, device, config)
+        return Plan(compiled.target, compiled.config, compiled.kernel, static["k"])
 
     return _PLANS.get(device, (batch, seq, seq_kv, static["k"], config), make)
 
