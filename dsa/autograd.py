@@ -50,6 +50,12 @@ from dsa.library import (  # noqa: F401 - re-exported: dsa.ops, the benchmark an
 from dsa.validation import FP8_DTYPES
 
 
+def _needs_qk_grads(ctx: torch.autograd.function.FunctionCtx, q: torch.Tensor) -> bool:
+    """Whether an indexer backward computes ``dq``/``dk``: ``q`` or ``k`` (the Function's first two inputs) wants a
+    gradient and they are floating (FP8 inputs have none)."""
+    return q.dtype not in FP8_DTYPES and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
+
+
 def _wanted_indexer_grads(
     ctx: torch.autograd.function.FunctionCtx, grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor], need_qk: bool
 ) -> tuple[OptTensor, OptTensor, OptTensor]:
@@ -79,7 +85,7 @@ class IndexScoresFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, d_scores: torch.Tensor) -> tuple:  # type: ignore[override]
         q, k, weights, k_scale, starts, ends = ctx.saved_tensors
-        need_qk = q.dtype not in FP8_DTYPES and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
+        need_qk = _needs_qk_grads(ctx, q)
         grads = library.call("index_scores_bwd", q, k, weights, k_scale, starts, ends, d_scores, need_qk)
         return (*_wanted_indexer_grads(ctx, grads, need_qk), None, None, None, None)
 
@@ -107,7 +113,7 @@ class IndexTopkFunction(torch.autograd.Function):
         if d_scores is None:
             return (None,) * 8
         q, k, weights, k_scale, indices = ctx.saved_tensors
-        need_qk = q.dtype not in FP8_DTYPES and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
+        need_qk = _needs_qk_grads(ctx, q)
         grads = library.call("index_topk_bwd", q, k, weights, k_scale, indices, d_scores, need_qk)
         return (*_wanted_indexer_grads(ctx, grads, need_qk), None, None, None, None, None)
 
