@@ -69,6 +69,17 @@ def require_nonempty(name: str, t: torch.Tensor, layout: str) -> None:
         raise ValueError(f"{name} must not be empty: every dimension of {layout} must be >= 1, got {shape_text(t.shape)}")
 
 
+def require_array(name: str, t: object, dtypes: Sequence[torch.dtype], rank: int, layout: str) -> torch.Tensor:
+    """Return ``t`` if it is a non-empty tensor of one of ``dtypes`` with ``rank`` dimensions (``layout`` names them),
+    checked in that order, else raise as :func:`require_tensor`, :func:`require_dtype`, :func:`require_rank` and
+    :func:`require_nonempty` do."""
+    t = require_tensor(name, t)
+    require_dtype(name, t, dtypes)
+    require_rank(name, t, rank, layout)
+    require_nonempty(name, t, layout)
+    return t
+
+
 def require_same_device(reference_name: str, reference: torch.Tensor, **others: torch.Tensor | None) -> None:
     for name, t in others.items():
         if t is not None and t.device != reference.device:

@@ -24,6 +24,7 @@ from dsa.checks import (  # noqa: F401 (re-exported: callers use dsa.validation.
     dtype_names,
     kernel_layout,
     names_op,
+    require_array,
     require_dtype,
     require_nonempty,
     require_positive_int,
@@ -119,10 +120,15 @@ def _check_indexer_inputs(
         raise ValueError("starts and ends must be given together (both [B, S] int32) or both omitted for causal")
     for name, t in (("starts", starts), ("ends", ends)):
         if t is not None:
-            require_tensor(name, t)
-            require_dtype(name, t, (INDEX_DTYPE,))
-            require_shape(name, t, (batch, seq), "[B, S]")
+            _require_per_query_ints(name, t, (batch, seq), "[B, S]")
     require_same_device("q", q, k=k, weights=weights, k_scale=k_scale, starts=starts, ends=ends)
+
+
+def _require_per_query_ints(name: str, t: object, shape: tuple[int, int], layout: str) -> None:
+    """``t`` an int32 tensor of one value per query (``topk_length``, ``starts``, ``ends``) of ``shape``."""
+    t = require_tensor(name, t)
+    require_dtype(name, t, (INDEX_DTYPE,))
+    require_shape(name, t, shape, layout)
 
 
 check_index_scores = names_op("index_scores")(_check_indexer_inputs)
@@ -150,10 +156,7 @@ def check_index_topk(
 @names_op("topk_indices")
 def check_topk_indices(scores: torch.Tensor, k: object, *, kernel: bool = False) -> None:
     """Validate the inputs of ``topk_indices`` (see ``dsa.reference.topk_indices``)."""
-    require_tensor("scores", scores)
-    require_dtype("scores", scores, (torch.float32,) if kernel else (torch.float32, torch.float64))
-    require_rank("scores", scores, 3, "[B, S, S_kv]")
-    require_nonempty("scores", scores, "[B, S, S_kv]")
+    require_array("scores", scores, (torch.float32,) if kernel else (torch.float32, torch.float64), 3, "[B, S, S_kv]")
     require_positive_int("k", k)
 
 
@@ -195,9 +198,7 @@ def check_sparse_mla(
         )
     _check_attention_args(q, sm_scale, d_v, attn_sink, "kv")
     if topk_length is not None:
-        require_tensor("topk_length", topk_length)
-        require_dtype("topk_length", topk_length, (INDEX_DTYPE,))
-        require_shape("topk_length", topk_length, (batch, seq), "[B, S]")
+        _require_per_query_ints("topk_length", topk_length, (batch, seq), "[B, S]")
     require_same_device("q", q, kv=kv, indices=indices, topk_length=topk_length, attn_sink=attn_sink)
     if extra_kv is not None:
         _check_extra_source(q, kv, extra_kv, extra_indices, extra_topk_length, extra_ranges)
@@ -242,10 +243,7 @@ def _check_extra_source(
     _check_exactly_one("extra_indices", extra_indices, "extra_ranges", extra_ranges)
     name, t, layout = ("extra_indices", extra_indices, "[B, S, k]") if extra_ranges is None else (
         "extra_ranges", extra_ranges, "[B, S, 2]")  # fmt: skip
-    require_tensor(name, t)
-    require_dtype(name, t, (INDEX_DTYPE,))
-    require_rank(name, t, 3, layout)
-    require_nonempty(name, t, layout)
+    require_array(name, t, (INDEX_DTYPE,), 3, layout)
     if extra_ranges is not None:
         _check_ranges(q, "extra_", extra_ranges, extra_topk_length)
     elif extra_indices.shape[0] != batch or extra_indices.shape[1] != seq:
@@ -254,9 +252,7 @@ def _check_extra_source(
             f"got {shape_text(extra_indices.shape)}"
         )
     if extra_topk_length is not None:
-        require_tensor("extra_topk_length", extra_topk_length)
-        require_dtype("extra_topk_length", extra_topk_length, (INDEX_DTYPE,))
-        require_shape("extra_topk_length", extra_topk_length, (batch, seq), "[B, S]")
+        _require_per_query_ints("extra_topk_length", extra_topk_length, (batch, seq), "[B, S]")
     require_same_device("q", q, extra_kv=extra_kv, extra_indices=extra_indices, extra_topk_length=extra_topk_length)
 
 
@@ -356,10 +352,7 @@ def _check_decode_source(
         return
     if block_table is not None:
         raise ValueError(f"{prefix}block_table maps {prefix}ranges to slots; {indices_name} are slots already")
-    require_tensor(indices_name, indices)
-    require_dtype(indices_name, indices, (INDEX_DTYPE,))
-    require_rank(indices_name, indices, 3, "[B, s_q, topk]")
-    require_nonempty(indices_name, indices, "[B, s_q, topk]")
+    require_array(indices_name, indices, (INDEX_DTYPE,), 3, "[B, s_q, topk]")
     if tuple(indices.shape[:2]) != (batch, s_q):
         raise ValueError(
             f"{indices_name} must have shape [B, s_q, topk] with B = {batch}, s_q = {s_q} like q, got "
@@ -389,10 +382,7 @@ def _check_decode_ranges(
     name = f"{prefix}block_table"
     if block_table is None:
         raise ValueError(f"{prefix}ranges need {name} [B, pages_per_sequence] int32 (positions are mapped to slots)")
-    require_tensor(name, block_table)
-    require_dtype(name, block_table, (INDEX_DTYPE,))
-    require_rank(name, block_table, 2, "[B, pages_per_sequence]")
-    require_nonempty(name, block_table, "[B, pages_per_sequence]")
+    require_array(name, block_table, (INDEX_DTYPE,), 2, "[B, pages_per_sequence]")
     if block_table.shape[0] != q.shape[0]:
         raise ValueError(f"{name} must have shape [B, pages_per_sequence] with B = {q.shape[0]} like q, got "
                          f"{shape_text(block_table.shape)}")  # fmt: skip
@@ -428,10 +418,7 @@ def check_sparse_mla_decode(
     finds for q's width and ``d_rope`` (MODEL1's 584 bytes or the row-per-token size). Each source takes either
     slot ``indices`` or position ``ranges`` with its cache's ``block_table``.
     """
-    require_tensor("q", q)
-    require_dtype("q", q, ATTENTION_KERNEL_DTYPES if kernel else ATTENTION_REFERENCE_DTYPES)
-    require_rank("q", q, 4, "[B, s_q, H, d_qk]")
-    require_nonempty("q", q, "[B, s_q, H, d_qk]")
+    require_array("q", q, ATTENTION_KERNEL_DTYPES if kernel else ATTENTION_REFERENCE_DTYPES, 4, "[B, s_q, H, d_qk]")
     _check_decode_source("", q, kv_cache, indices, topk_length, d_rope, ranges, block_table)
     if extra_kv_cache is None:
         if extra_indices is not None:
@@ -462,10 +449,7 @@ def check_index_topk_decode(
     """Validate the inputs of ``index_topk_decode`` (see ``dsa.reference.index_topk_decode``): ``key_layout`` one of
     ``dsa.kv_format.INDEX_KEY_LAYOUTS`` (``"paged"`` for FP8 ``q`` only); an FP8 ``k_cache`` may carry vLLM's unit
     dim 2 (``[num_pages, page_size, 1, D_i + 4]``)."""
-    require_tensor("q", q)
-    require_dtype("q", q, INDEXER_KERNEL_DTYPES if kernel else INDEXER_REFERENCE_DTYPES)
-    require_rank("q", q, 4, "[B, s_q, H_i, D_i]")
-    require_nonempty("q", q, "[B, s_q, H_i, D_i]")
+    require_array("q", q, INDEXER_KERNEL_DTYPES if kernel else INDEXER_REFERENCE_DTYPES, 4, "[B, s_q, H_i, D_i]")
     batch, s_q, heads, dim = q.shape
     fp8 = q.dtype in FP8_DTYPES
     if key_layout not in kv_format.INDEX_KEY_LAYOUTS or (key_layout != "rows" and not fp8):
@@ -495,17 +479,12 @@ def check_index_topk_decode(
     require_dtype("weights", weights, weight_dtypes)
     require_shape("weights", weights, (batch, s_q, heads), "[B, s_q, H_i]")
     require_positive_int("topk", topk)
-    require_tensor("block_table", block_table)
-    require_dtype("block_table", block_table, (INDEX_DTYPE,))
-    require_rank("block_table", block_table, 2, "[B, pages_per_sequence]")
-    require_nonempty("block_table", block_table, "[B, pages_per_sequence]")
+    require_array("block_table", block_table, (INDEX_DTYPE,), 2, "[B, pages_per_sequence]")
     if block_table.shape[0] != batch:
         raise ValueError(f"block_table must have B = {batch} rows like q, got shape {shape_text(block_table.shape)}")
     for name, t in (("ends", ends), ("starts", starts)):
         if t is not None:
-            require_tensor(name, t)
-            require_dtype(name, t, (INDEX_DTYPE,))
-            require_shape(name, t, (batch, s_q), "[B, s_q]")
+            _require_per_query_ints(name, t, (batch, s_q), "[B, s_q]")
     require_same_device(
         "q", q, k_cache=k_cache, weights=weights, block_table=block_table, ends=ends, starts=starts
     )
