@@ -20,6 +20,8 @@ re-exported here for the callers that reach them as ``dsa.autograd.*`` (``dsa.op
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from dsa import library
@@ -67,6 +69,41 @@ def _wanted_indexer_grads(
         dk if need_qk and ctx.needs_input_grad[1] else None,
         dw if ctx.needs_input_grad[2] else None,
     )
+
+
+def _mla_backward(
+    ctx: torch.autograd.function.FunctionCtx,
+    d_out: OptTensor,
+    d_lse: OptTensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    attn_sink: OptTensor,
+    kernel_inputs: tuple[int, ...],
+    kernel_grads: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
+    sink_at: int,
+) -> tuple[OptTensor, ...]:
+    """The backward both ``sparse_mla`` Functions share: one gradient (or ``None``) per input of the Function.
+
+    Args:
+        d_out (OptTensor): ``[B, S, H, d_v]``, the gradient of ``out`` (None: only ``lse`` reached the loss, zero).
+        d_lse (OptTensor): ``[B, S, H]`` float32, the gradient of ``lse`` (None when the loss ignores it).
+        out, lse, attn_sink: the forward's output ``[B, S, H, d_v]``, lse ``[B, S, H]`` and sink ``[H]`` (or None).
+        kernel_inputs (tuple[int, ...]): the positions of the inputs whose gradients ``kernel_grads(d_out)`` returns
+            (in that order); it runs only when one of them needs a gradient.
+        sink_at (int): the position of ``attn_sink`` among the inputs.
+    """
+    need = ctx.needs_input_grad
+    grads: list[OptTensor] = [None] * len(need)
+    if d_out is None and d_lse is None:
+        return tuple(grads)
+    if d_out is None:  # only lse reached the loss
+        d_out = torch.zeros_like(out)
+    if any(need[i] for i in kernel_inputs):
+        for i, grad in zip(kernel_inputs, kernel_grads(d_out), strict=True):
+            grads[i] = grad if need[i] else None
+    if attn_sink is not None and need[sink_at]:
+        grads[sink_at] = library.attn_sink_grad(out, lse, d_out, attn_sink)
+    return tuple(grads)
 
 
 class IndexScoresFunction(torch.autograd.Function):
@@ -142,28 +179,14 @@ class SparseMLAFunction(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, d_out: OptTensor, d_lse: OptTensor
     ) -> tuple:
         q, kv, indices, topk_length, attn_sink, out, lse = ctx.saved_tensors
-        dq = dkv = d_sink = None
-        if d_out is None and d_lse is None:
-            return (None,) * 8
-        if d_out is None:  # only lse reached the loss
-            d_out = torch.zeros_like(out)
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+
+        def kernel_grads(d_out: torch.Tensor) -> tuple[torch.Tensor, ...]:
             args = (
                 q, kv, out, lse, d_out, indices, ctx.sm_scale, ctx.d_v, topk_length, attn_sink, d_lse, ctx.backend
             )
-            dq, dkv = library.call("sparse_mla_bwd", *args)
-        if attn_sink is not None and ctx.needs_input_grad[6]:
-            d_sink = library.attn_sink_grad(out, lse, d_out, attn_sink)
-        return (
-            dq if ctx.needs_input_grad[0] else None,
-            dkv if ctx.needs_input_grad[1] else None,
-            None,
-            None,
-            None,
-            None,
-            d_sink,
-            None,
-        )
+            return library.call("sparse_mla_bwd", *args)
+
+        return _mla_backward(ctx, d_out, d_lse, out, lse, attn_sink, (0, 1), kernel_grads, sink_at=6)
 
 
 class SparseMLASourcesFunction(torch.autograd.Function):
@@ -191,20 +214,12 @@ class SparseMLASourcesFunction(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, d_out: OptTensor, d_lse: OptTensor
     ) -> tuple:
         *sources, attn_sink, out, lse = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        if d_out is None and d_lse is None:
-            return (None,) * 13
-        if d_out is None:  # only lse reached the loss
-            d_out = torch.zeros_like(out)
-        dq = dkv = d_extra = d_sink = None
-        if need[0] or need[1] or need[4]:
-            dq, dkv, d_extra = library.call(
+
+        def kernel_grads(d_out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return library.call(
                 "sparse_mla_sources_bwd", *sources, *ctx.ranged, out, lse, d_out, ctx.sm_scale, ctx.d_v, attn_sink,
                 d_lse, ctx.backend,
             )  # fmt: skip
-        if attn_sink is not None and need[11]:
-            d_sink = library.attn_sink_grad(out, lse, d_out, attn_sink)
-        return (
-            dq if need[0] else None, dkv if need[1] else None, None, None, d_extra if need[4] else None,
-            None, None, None, None, None, None, d_sink, None,
-        )  # fmt: skip
+
+        # q, kv and extra_kv are inputs 0, 1 and 4; attn_sink input 11.
+        return _mla_backward(ctx, d_out, d_lse, out, lse, attn_sink, (0, 1, 4), kernel_grads, sink_at=11)
