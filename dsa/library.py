@@ -6,10 +6,10 @@ compiled graph runs the implementation chosen when it was traced):
 | op | returns | implementation |
 |---|---|---|
 | ``dsa::index_scores`` | scores | launcher ``dsa.launch.indexer`` or ``dsa.reference.index_scores`` |
-| ``dsa::index_scores_bwd`` | (dq, dk, dweights) | PyTorch for both backends (``dsa.indexer_grads``; there is no indexer backward kernel) |
+| ``dsa::index_scores_bwd`` | (dq, dk, dweights) | PyTorch for both backends (there is no indexer backward kernel) |
 | ``dsa::topk_indices`` | indices | launcher ``dsa.launch.topk`` or ``dsa.reference.topk_indices`` |
 | ``dsa::index_topk`` | (indices, scores) | the fused kernel, or ``dsa.selection`` over the indexer and top-k launchers (chunked), or ``dsa.reference.select_topk`` |
-| ``dsa::index_topk_bwd`` | (dq, dk, dweights) | PyTorch for both backends (``dsa.indexer_grads``), chunked recomputation at the selected keys |
+| ``dsa::index_topk_bwd`` | (dq, dk, dweights) | PyTorch for both backends, chunked recomputation at the selected keys |
 | ``dsa::sparse_mla`` | (out, lse) | launcher ``dsa.launch.sparse_mla_fwd`` or the reference forward |
 | ``dsa::sparse_mla_bwd`` | (dq, dkv) | launcher ``dsa.launch.sparse_mla_bwd`` or the reference's recompute backward |
 | ``dsa::sparse_mla_sources`` | (out, lse) | ``sparse_mla`` over ranged or two sources: ``dsa.launch.two_source`` (a launch per source, combined) or the reference |
@@ -37,9 +37,8 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from dsa import env, reference, selection, validation
+from dsa import env, indexer_grads, reference, selection, validation
 from dsa.hardware import TILELANG
-from dsa.indexer_grads import index_scores_bwd_impl, index_topk_bwd_impl
 from dsa.reference import compute_dtype
 from dsa.reference.sources import Source, unflat_sources
 
@@ -53,6 +52,9 @@ _LAUNCH_TWO_SOURCE = "dsa.launch.two_source"
 
 OptTensor = Tensor | None
 logger = logging.getLogger(__name__)
+
+# Bound the index_scores backward's largest intermediate ([B, rows, H_i, S_kv] float32) like the reference does.
+_BWD_CHUNK_ELEMENTS = 1 << 24
 
 
 def launcher(name: str) -> ModuleType:
@@ -77,6 +79,53 @@ def index_scores_impl(
         return launcher(_LAUNCH_INDEXER).index_scores(q, k, weights, k_scale=k_scale, starts=starts, ends=ends)
     with torch.no_grad():
         return reference.index_scores_impl(q, k, weights, k_scale, starts, ends)
+
+
+def index_scores_bwd_impl(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    weights: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    starts: torch.Tensor | None,
+    ends: torch.Tensor | None,
+    d_scores: torch.Tensor,
+    need_qk: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of ``index_scores`` by recomputation, in float32 (float64 for float64 inputs), chunked over queries.
+
+    With ``G = d_scores * k_scale`` on visible positions (0 elsewhere) and ``L = q . k``:
+    ``dweights[t, j] = sum_s G[t, s] relu(L[t, j, s])``, ``dL = G * weights * (L > 0)``, ``dq = dL k``, ``dk = dL^T q``.
+
+    Args:
+        q ``[B, S, H_i, D_i]``, k ``[B, S_kv, D_i]``, weights ``[B, S, H_i]``, k_scale ``[B, S_kv]`` or None,
+        starts/ends ``[B, S]`` int32 or None: the forward's inputs.
+        d_scores (torch.Tensor): ``[B, S, S_kv]``, float: the gradient of the scores (ignored where invisible).
+        need_qk (bool): compute ``dq``/``dk``; when False they are returned empty (``[0]``), e.g. for FP8 inputs.
+
+    Returns:
+        dq ``[B, S, H_i, D_i]`` (q's dtype), dk ``[B, S_kv, D_i]`` (k's dtype), dweights ``[B, S, H_i]`` (weights'
+        dtype).
+    """
+    batch, seq, heads, _ = q.shape
+    seq_kv = k.shape[1]
+    dtype = compute_dtype(q.dtype)
+    kf = k.to(dtype)
+    dw, dq, dk = indexer_grads.new_grads(q, k, need_qk)
+    step = max(1, min(seq, _BWD_CHUNK_ELEMENTS // max(1, batch * heads * seq_kv)))
+    for t0 in range(0, seq, step):
+        rows = slice(t0, min(seq, t0 + step))
+        visible = reference.visibility_mask(batch, seq, seq_kv, starts=starts, ends=ends, rows=rows, device=q.device)
+        # where (not a product): the upstream gradient at -inf positions may be anything, NaN included.
+        g = torch.where(visible, d_scores[:, rows].to(dtype), torch.zeros((), dtype=dtype, device=q.device))
+        if k_scale is not None:
+            g = g * k_scale.to(dtype).unsqueeze(1)
+        dw[:, rows], dq_c, dk_c = indexer_grads.chunk_grads(
+            q[:, rows].to(dtype), kf, "bkd", g, weights[:, rows], need_qk
+        )
+        if need_qk:
+            dq[:, rows] = dq_c
+            dk += dk_c
+    return indexer_grads.grads_out(q, k, weights, dw, dq, dk)
 
 
 def topk_indices_impl(scores: torch.Tensor, k: int, backend: str) -> torch.Tensor:
@@ -123,6 +172,47 @@ def unfused_index_topk(
         topk_indices=launcher(_LAUNCH_TOPK).topk_indices,
         budget_bytes=selection.memory_budget_bytes(q.device),
     )  # fmt: skip
+
+
+def index_topk_bwd_impl(
+    q: Tensor, k: Tensor, weights: Tensor, k_scale: OptTensor, indices: Tensor, d_scores: Tensor, need_qk: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward of ``index_topk``'s scores by recomputation at the selected keys, chunked over queries.
+
+    The formula of ``index_scores_bwd_impl`` restricted to the gathered keys ``k[indices]``: with ``G = d_scores *
+    k_scale[idx]`` at valid entries (0 at ``-1`` padding, whatever ``d_scores`` holds there) and ``L = q . k[idx]``:
+    ``dweights = sum_i G relu(L)``, ``dL = G * weights * (L > 0)``, ``dq = dL k[idx]``, ``dk[idx] += dL^T q``.
+
+    Args:
+        q ``[B, S, H_i, D_i]``, k ``[B, S_kv, D_i]``, weights ``[B, S, H_i]``, k_scale ``[B, S_kv]`` or None: the
+        forward's inputs. indices ``[B, S, topk]`` int32: the selection. d_scores ``[B, S, topk]``: the scores'
+        gradient. need_qk (bool): compute ``dq``/``dk`` (False: returned empty, e.g. for FP8 inputs).
+
+    Returns:
+        dq ``[B, S, H_i, D_i]`` (q's dtype), dk ``[B, S_kv, D_i]`` (k's dtype), dweights ``[B, S, H_i]`` (weights').
+    """
+    batch, seq, heads, dim = q.shape
+    seq_kv, top = k.shape[1], indices.shape[-1]
+    dtype = compute_dtype(q.dtype)
+    dw, dq, dk = indexer_grads.new_grads(q, k, need_qk)
+    valid = reference.valid_index_mask(indices, seq_kv)
+    rows_all = torch.where(valid, indices.to(torch.int64), 0)
+    b = torch.arange(batch, device=q.device).view(batch, 1, 1)
+    step = max(1, min(seq, _BWD_CHUNK_ELEMENTS // max(1, batch * top * max(heads, dim))))
+    for t0 in range(0, seq, step):
+        rows = slice(t0, min(seq, t0 + step))
+        key_rows = rows_all[:, rows]
+        k_sel = k[b, key_rows].to(dtype)  # [B, c, topk, D_i]
+        g = torch.where(valid[:, rows], d_scores[:, rows].to(dtype), torch.zeros((), dtype=dtype, device=q.device))
+        if k_scale is not None:
+            g = g * k_scale.to(dtype)[b, key_rows]
+        dw[:, rows], dq_c, dk_sel = indexer_grads.chunk_grads(
+            q[:, rows].to(dtype), k_sel, "btkd", g, weights[:, rows], need_qk
+        )
+        if need_qk:
+            dq[:, rows] = dq_c
+            dk.view(batch * seq_kv, dim).index_add_(0, (b * seq_kv + key_rows).reshape(-1), dk_sel.reshape(-1, dim))
+    return indexer_grads.grads_out(q, k, weights, dw, dq, dk)
 
 
 def sparse_mla_impl(
