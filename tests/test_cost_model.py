@@ -133,7 +133,7 @@ def test_perf_table_covers_the_hopper_skus_with_their_sm_counts() -> None:
 
 def test_every_timed_case_has_an_estimate_and_rows() -> None:
     """Every standard case but the peak-memory ones gets an estimate on every SKU of the table; the decode cases
-    model blocks and waves, and the FP8 decode cases FlashMLA's schedule too."""
+    model blocks and waves, and the FP8 decode cases (V3.2 and V4) FlashMLA's schedule too."""
     for case in case_data.standard_cases(full=True):
         for sku_id in sku.PERF_TABLE:
             estimate = cost.case_estimate(case, sku_id)
@@ -144,7 +144,9 @@ def test_every_timed_case_has_an_estimate_and_rows() -> None:
         rows, times = harness.model_rows(case, "h800")
         if case.kernel in case_data.DECODE_KINDS:
             assert {r["metric"] for r in rows} >= {"model_ms", "model_waves", "model_blocks", "model_rows_dequantised"}
-        fp8_decode = case.kernel == case_data.SPARSE_MLA_DECODE and case.static["kv_format"] == "fp8"
+        # FlashMLA's schedule is modelled for its FP8 decode: V3.2's rows and DeepSeek-V4's MODEL1 pages.
+        decode_kinds = (case_data.SPARSE_MLA_DECODE, case_data.V4_DECODE)
+        fp8_decode = case.kernel in decode_kinds and case.static["kv_format"] == "fp8"
         assert ("flashmla" in times) == fp8_decode
     assert cost.case_estimate(case_data.standard_cases()[0], "sm90-nvidia-foo") is None
 
