@@ -49,6 +49,9 @@ pytestmark = pytest.mark.cpu_kernel
 NON_FINITE = (math.nan, math.inf, -math.inf)
 _E4M3_NAN = 0x7F  # an float8_e4m3fn NaN byte (the format has no infinities)
 SHARE = 0.5
+# The two selection properties cost ~1.3 s per example on the C target (the heaviest of the suite): 30 examples in CI
+# (cold CI budget); `python -m dsa.fuzz --backend tilelang` runs them for as long as asked.
+SELECTION_SHARE = 0.3
 
 # Widths the kernel tests compile: the indexer family at 4 heads x 32 (top-k 16), the sparse MLA forward's static
 # sets, the decode kernels' 5 heads x 40/24 with 8 RoPE values.
@@ -202,7 +205,7 @@ def test_topk_indices_agrees(
 # ------------------------------------------------------------------------------------------------------ index_topk
 
 
-@strategies.examples(SHARE)
+@strategies.examples(SELECTION_SHARE)
 @given(**INDEX_DRAWS, selection=st.sampled_from(["fused", "unfused"]))
 @example(dtype="bfloat16", mode="causal", selection="fused", batch=1, seq=4, seq_kv=30,
          poison={"q": (), "k": (math.nan,), "weights": (), "k_scale": ()},
@@ -422,7 +425,7 @@ def _poison_key_rows(k_cache: torch.Tensor, rows_mask: torch.Tensor, g: torch.Ge
     return out
 
 
-@strategies.examples(SHARE)
+@strategies.examples(SELECTION_SHARE)
 @given(
     fmt=st.sampled_from(TOPK_DECODE_FORMATS),
     **strategies.sizes(batch=3, s_q=4),

@@ -17,7 +17,7 @@ no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behav
 
 def test_fuzz_reference_runs_and_reports_examples(tmp_path: Path) -> None:
     proc = _run(
-        str(SCRIPTS / "fuzz.py"), "--backend", "reference", "--minutes", "0.4", "--chunk", "3",
+        str(SCRIPTS / "fuzz.py"), "--backend", "reference", "--minutes", "0.2", "--chunk", "3",
         "--db", str(tmp_path / "db"), "--tests", "tests/test_reference.py",
         "-k", "test_sparse_mla_matches_dense_masked_attention",
     )  # fmt: skip
