@@ -10,6 +10,7 @@ from dsa import kv_format, validation
 from dsa.reference.common import INVALID_INDEX, OptTensor, _chunk_rows, compute_dtype
 from dsa.reference.indexer import index_scores_impl
 from dsa.reference.mla import sparse_mla_impl
+from dsa.reference.sources import range_entries
 from dsa.reference.topk import topk_indices_impl
 
 
@@ -124,13 +125,10 @@ def range_slots(ranges: Tensor, block_table: Tensor, kv_cache: Tensor) -> Tensor
     device-to-host copy).
     """
     num_pages, page_size = kv_cache.shape[:2]
-    capacity = block_table.shape[1] * page_size
-    start = ranges[..., 0].to(torch.int64).clamp(0, capacity)
-    end = ranges[..., 1].to(torch.int64).clamp(0, capacity)
-    width = max(1, int((end - start).max()))
-    positions = start.unsqueeze(-1) + torch.arange(width, device=ranges.device)
-    positions = positions.masked_fill(positions >= end.unsqueeze(-1), INVALID_INDEX)
-    batch, s_q = ranges.shape[:2]
+    # The prefill's range expansion, over the positions the block table can hold.
+    positions, valid = range_entries(ranges, block_table.shape[1] * page_size)
+    positions = positions.masked_fill(~valid, INVALID_INDEX)
+    batch, s_q, width = positions.shape
     num_slots = num_pages * page_size
     return kv_format.positions_to_slots(block_table, page_size, positions.view(batch, -1), num_slots=num_slots).view(
         batch, s_q, width
