@@ -1,8 +1,8 @@
 """The autograd Functions over the ``dsa::`` primitives (``dsa.library``): they only manage ``ctx``.
 
 Gradients:
-- ``sparse_mla``: ``dq``, ``dkv`` (and ``d extra_kv`` for a second source: ``SparseMLASourcesFunction``, one
-  backward per source against the combined ``out``/``lse``) and ``d attn_sink``, from the gradients of both
+- ``sparse_mla``: ``dq``, ``dkv`` (and ``d extra_kv`` for a second source: one backward per source against the
+  combined ``out``/``lse``) and ``d attn_sink``, from the gradients of both
   outputs: a loss may use ``lse`` (e.g. to merge partial attention results), and its gradient reaches ``dq``/``dkv``
   through the backward kernel's ``d_lse`` input. The sink gradient is computed in PyTorch from ``out``, ``d_out`` and ``lse``
   (``-sum_{b,t} p_sink * rowsum(out * d_out)``; ``lse`` excludes the sink, so ``d_lse`` adds nothing to it), the same
@@ -19,8 +19,6 @@ re-exported here for the callers that reach them as ``dsa.autograd.*`` (``dsa.op
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 
@@ -69,41 +67,6 @@ def _wanted_indexer_grads(
         dk if need_qk and ctx.needs_input_grad[1] else None,
         dw if ctx.needs_input_grad[2] else None,
     )
-
-
-def _mla_backward(
-    ctx: torch.autograd.function.FunctionCtx,
-    d_out: OptTensor,
-    d_lse: OptTensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    attn_sink: OptTensor,
-    kernel_inputs: tuple[int, ...],
-    kernel_grads: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
-    sink_at: int,
-) -> tuple[OptTensor, ...]:
-    """The backward both ``sparse_mla`` Functions share: one gradient (or ``None``) per input of the Function.
-
-    Args:
-        d_out (OptTensor): ``[B, S, H, d_v]``, the gradient of ``out`` (None: only ``lse`` reached the loss, zero).
-        d_lse (OptTensor): ``[B, S, H]`` float32, the gradient of ``lse`` (None when the loss ignores it).
-        out, lse, attn_sink: the forward's output ``[B, S, H, d_v]``, lse ``[B, S, H]`` and sink ``[H]`` (or None).
-        kernel_inputs (tuple[int, ...]): the positions of the inputs whose gradients ``kernel_grads(d_out)`` returns
-            (in that order); it runs only when one of them needs a gradient.
-        sink_at (int): the position of ``attn_sink`` among the inputs.
-    """
-    need = ctx.needs_input_grad
-    grads: list[OptTensor] = [None] * len(need)
-    if d_out is None and d_lse is None:
-        return tuple(grads)
-    if d_out is None:  # only lse reached the loss
-        d_out = torch.zeros_like(out)
-    if any(need[i] for i in kernel_inputs):
-        for i, grad in zip(kernel_inputs, kernel_grads(d_out), strict=True):
-            grads[i] = grad if need[i] else None
-    if attn_sink is not None and need[sink_at]:
-        grads[sink_at] = library.attn_sink_grad(out, lse, d_out, attn_sink)
-    return tuple(grads)
 
 
 class IndexScoresFunction(torch.autograd.Function):
@@ -156,43 +119,11 @@ class IndexTopkFunction(torch.autograd.Function):
 
 
 class SparseMLAFunction(torch.autograd.Function):
-    """``sparse_mla`` with gradients for ``q``, ``kv`` and ``attn_sink`` from the gradients of ``out`` and ``lse``."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
-        q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float, d_v: int, topk_length: OptTensor,
-        attn_sink: OptTensor, backend: str,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        out, lse = library.call("sparse_mla", q, kv, indices, sm_scale, d_v, topk_length, attn_sink, backend)
-        ctx.save_for_backward(q, kv, indices, topk_length, attn_sink, out, lse)
-        ctx.sm_scale = sm_scale
-        ctx.d_v = d_v
-        ctx.backend = backend
-        # Unused outputs' gradients arrive as None instead of materialised zeros: no d_lse work when the loss
-        # ignores lse (the common case).
-        ctx.set_materialize_grads(False)
-        return out, lse
-
-    @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, d_out: OptTensor, d_lse: OptTensor
-    ) -> tuple:
-        q, kv, indices, topk_length, attn_sink, out, lse = ctx.saved_tensors
-
-        def kernel_grads(d_out: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            args = (
-                q, kv, out, lse, d_out, indices, ctx.sm_scale, ctx.d_v, topk_length, attn_sink, d_lse, ctx.backend
-            )
-            return library.call("sparse_mla_bwd", *args)
-
-        return _mla_backward(ctx, d_out, d_lse, out, lse, attn_sink, (0, 1), kernel_grads, sink_at=6)
-
-
-class SparseMLASourcesFunction(torch.autograd.Function):
-    """``sparse_mla`` over ranged or two sources (``dsa::sparse_mla_sources``) with gradients for ``q``, ``kv``,
-    ``extra_kv`` and ``attn_sink`` from the gradients of ``out`` and ``lse``. ``entries`` are a source's indices or,
-    when its ``ranged`` flag is set, its ranges."""
+    """``sparse_mla`` over one or two sources with gradients for ``q``, ``kv``, ``extra_kv`` and ``attn_sink`` from
+    the gradients of ``out`` and ``lse``. ``entries`` are a source's indices or, when its ``ranged`` flag is set, its
+    ranges. The forward is ``dsa::sparse_mla`` for one index list (the sink inside the kernel) and
+    ``dsa::sparse_mla_sources`` otherwise (:func:`sparse_mla_forward`); the backward is ``dsa::sparse_mla_sources_bwd``
+    for both."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -202,11 +133,13 @@ class SparseMLASourcesFunction(torch.autograd.Function):
         d_v: int, attn_sink: OptTensor, backend: str,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         sources = (q, kv, entries, topk_length, extra_kv, extra_entries, extra_topk_length, ranged, extra_ranged)
-        out, lse = library.call("sparse_mla_sources", *sources, sm_scale, d_v, attn_sink, backend)
+        out, lse = sparse_mla_forward(*sources, sm_scale, d_v, attn_sink, backend)
         ctx.save_for_backward(q, kv, entries, topk_length, extra_kv, extra_entries, extra_topk_length, attn_sink, out,
                               lse)  # fmt: skip
         ctx.ranged, ctx.sm_scale, ctx.d_v, ctx.backend = (ranged, extra_ranged), sm_scale, d_v, backend
-        ctx.set_materialize_grads(False)  # as SparseMLAFunction: no d_lse work when the loss ignores lse
+        # Unused outputs' gradients arrive as None instead of materialised zeros: no d_lse work when the loss
+        # ignores lse (the common case).
+        ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
@@ -214,12 +147,37 @@ class SparseMLASourcesFunction(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, d_out: OptTensor, d_lse: OptTensor
     ) -> tuple:
         *sources, attn_sink, out, lse = ctx.saved_tensors
-
-        def kernel_grads(d_out: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            return library.call(
+        need = ctx.needs_input_grad
+        grads: list[OptTensor] = [None] * len(need)
+        if d_out is None and d_lse is None:
+            return tuple(grads)
+        if d_out is None:  # only lse reached the loss
+            d_out = torch.zeros_like(out)
+        kernel_inputs = (0, 1, 4)  # q, kv and extra_kv
+        if any(need[i] for i in kernel_inputs):
+            kernel_grads = library.call(
                 "sparse_mla_sources_bwd", *sources, *ctx.ranged, out, lse, d_out, ctx.sm_scale, ctx.d_v, attn_sink,
                 d_lse, ctx.backend,
             )  # fmt: skip
+            for i, grad in zip(kernel_inputs, kernel_grads, strict=True):
+                grads[i] = grad if need[i] else None
+        sink_at = 11
+        if attn_sink is not None and need[sink_at]:
+            grads[sink_at] = library.attn_sink_grad(out, lse, d_out, attn_sink)
+        return tuple(grads)
 
-        # q, kv and extra_kv are inputs 0, 1 and 4; attn_sink input 11.
-        return _mla_backward(ctx, d_out, d_lse, out, lse, attn_sink, (0, 1, 4), kernel_grads, sink_at=11)
+
+def sparse_mla_forward(
+    q: torch.Tensor, kv: torch.Tensor, entries: torch.Tensor, topk_length: OptTensor, extra_kv: OptTensor,
+    extra_entries: OptTensor, extra_topk_length: OptTensor, ranged: bool, extra_ranged: bool, sm_scale: float,
+    d_v: int, attn_sink: OptTensor, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(out, lse)`` of ``sparse_mla`` (arguments as :class:`SparseMLAFunction` takes them), no gradient: one index
+    list runs ``dsa::sparse_mla`` (one kernel launch, the sink inside it), ranges or two sources
+    ``dsa::sparse_mla_sources``."""
+    if extra_kv is None and not ranged:
+        return library.call("sparse_mla", q, kv, entries, sm_scale, d_v, topk_length, attn_sink, backend)
+    return library.call(
+        "sparse_mla_sources", q, kv, entries, topk_length, extra_kv, extra_entries, extra_topk_length, ranged,
+        extra_ranged, sm_scale, d_v, attn_sink, backend,
+    )  # fmt: skip

@@ -10,10 +10,9 @@ compiled graph runs the implementation chosen when it was traced):
 | ``dsa::topk_indices`` | indices | launcher ``dsa.launch.topk`` or ``dsa.reference.topk_indices`` |
 | ``dsa::index_topk`` | (indices, scores) | the fused kernel, or ``dsa.selection`` over the indexer and top-k launchers (chunked), or ``dsa.reference.select_topk`` |
 | ``dsa::index_topk_bwd`` | (dq, dk, dweights) | PyTorch for both backends, chunked recomputation at the selected keys |
-| ``dsa::sparse_mla`` | (out, lse) | launcher ``dsa.launch.sparse_mla_fwd`` or the reference forward |
-| ``dsa::sparse_mla_bwd`` | (dq, dkv) | launcher ``dsa.launch.sparse_mla_bwd`` or the reference's recompute backward |
+| ``dsa::sparse_mla`` | (out, lse) | one index list: launcher ``dsa.launch.sparse_mla_fwd`` or the reference forward |
 | ``dsa::sparse_mla_sources`` | (out, lse) | ``sparse_mla`` over ranged or two sources: ``dsa.launch.two_source`` (a launch per source, combined) or the reference |
-| ``dsa::sparse_mla_sources_bwd`` | (dq, dkv, d extra_kv) | ``dsa.launch.two_source`` (the backward kernel per source) or the reference's recompute backward |
+| ``dsa::sparse_mla_sources_bwd`` | (dq, dkv, d extra_kv) | the backward of both: ``dsa.launch.two_source`` (launcher ``dsa.launch.sparse_mla_bwd`` per source) or the reference's recompute backward |
 | (eager only) ``index_topk_decode`` | (positions, scores) | launcher ``dsa.launch.index_topk`` (paged) or ``dsa.reference.index_topk_decode`` |
 | ``dsa::sparse_mla_decode`` | (out, lse) | launcher ``dsa.launch.sparse_mla_decode`` or ``dsa.reference.sparse_mla_decode`` (forward only) |
 
@@ -29,16 +28,14 @@ The launchers are imported lazily on the first TileLang call (importing them com
 from __future__ import annotations
 
 import functools
-import importlib
 import logging
-import sys
-from types import ModuleType
 
 import torch
 from torch import Tensor
 
 from dsa import env, indexer_grads, reference, selection, validation
 from dsa.hardware import TILELANG
+from dsa.launch import launcher
 from dsa.reference import compute_dtype
 from dsa.reference.sources import Source, unflat_sources
 
@@ -46,7 +43,6 @@ _LAUNCH_INDEXER = "dsa.launch.indexer"
 _LAUNCH_INDEX_TOPK = "dsa.launch.index_topk"
 _LAUNCH_TOPK = "dsa.launch.topk"
 _LAUNCH_SPARSE_MLA_FWD = "dsa.launch.sparse_mla_fwd"
-_LAUNCH_SPARSE_MLA_BWD = "dsa.launch.sparse_mla_bwd"
 _LAUNCH_SPARSE_MLA_DECODE = "dsa.launch.sparse_mla_decode"
 _LAUNCH_TWO_SOURCE = "dsa.launch.two_source"
 
@@ -55,15 +51,6 @@ logger = logging.getLogger(__name__)
 
 # Bound the index_scores backward's largest intermediate ([B, rows, H_i, S_kv] float32) like the reference does.
 _BWD_CHUNK_ELEMENTS = 1 << 24
-
-
-def launcher(name: str) -> ModuleType:
-    """The launcher module ``name``, imported on first use (a ``sys.modules`` hit afterwards).
-
-    The function is looked up on the module at every call, so tests can replace it with a spy.
-    """
-    module = sys.modules.get(name)
-    return module if module is not None else importlib.import_module(name)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -295,40 +282,6 @@ def sparse_mla_decode_impl(
         return reference.sparse_mla_decode_impl(q, kv_cache, indices, **kwargs)
 
 
-def sparse_mla_bwd_impl(
-    q: torch.Tensor,
-    kv: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    d_out: torch.Tensor,
-    indices: torch.Tensor,
-    sm_scale: float,
-    d_v: int,
-    topk_length: torch.Tensor | None,
-    attn_sink: torch.Tensor | None,
-    d_lse: torch.Tensor | None,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backward of ``sparse_mla``: ``(dq [B, S, H, d_qk] q's dtype, dkv [B, S_kv, d_qk] kv's dtype)``.
-
-    ``d_out [B, S, H, d_v]`` must have ``out``'s dtype; ``d_lse [B, S, H]`` (float, or None for no gradient through
-    ``lse``); both may arrive with any strides (autograd hands over expanded or transposed gradients), and the kernel
-    path gets each laid out as it reads it (``validation.kernel_layout``: one copy where needed). ``q``, ``kv``,
-    ``indices`` and the rest are the forward's inputs, already laid out by the op. The reference path is the
-    reference's recompute backward, which takes any strides.
-    """
-    if backend == TILELANG:
-        d_out, d_lse = validation.kernel_layout(d_out), validation.kernel_layout(d_lse)
-        return launcher(_LAUNCH_SPARSE_MLA_BWD).sparse_mla_bwd(
-            q, kv, out, lse, d_out, indices, sm_scale=sm_scale, d_v=d_v, topk_length=topk_length,
-            attn_sink=attn_sink, d_lse=d_lse,
-        )
-    dq, dkv, _ = reference.sparse_mla_backward(
-        q, kv, indices, sm_scale, d_v, topk_length, attn_sink, out, lse, d_out, d_lse
-    )
-    return dq, dkv
-
-
 def _sources(ranged: bool, extra_ranged: bool, *flat: OptTensor) -> tuple[Source, ...]:
     """The sources of a ``dsa::sparse_mla_sources`` call (``flat``: kv, entries, topk_length, then the extra ones)."""
     return unflat_sources((ranged, extra_ranged)[: 1 if flat[3] is None else 2], flat)
@@ -353,9 +306,15 @@ def sparse_mla_sources_bwd_impl(
     extra_topk_length: OptTensor, ranged: bool, extra_ranged: bool, out: Tensor, lse: Tensor, d_out: Tensor,
     sm_scale: float, d_v: int, attn_sink: OptTensor, d_lse: OptTensor, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """Backward of :func:`sparse_mla_sources_impl`: ``(dq [B, S, H, d_qk], dkv [B, S_kv, d_qk], d extra_kv [B,
-    S_extra, d_qk] or empty [0] without a second source)``, in the inputs' dtypes; strides as ``sparse_mla_bwd_impl``
-    takes them."""
+    """Backward of ``sparse_mla`` over one or two sources (:func:`sparse_mla_sources_impl`, and
+    :func:`sparse_mla_impl`'s one index list: ``extra_kv`` None, neither source ranged): ``(dq [B, S, H, d_qk], dkv
+    [B, S_kv, d_qk], d extra_kv [B, S_extra, d_qk] or empty [0] without a second source)``, in the inputs' dtypes.
+
+    ``d_out [B, S, H, d_v]`` must have ``out``'s dtype; ``d_lse [B, S, H]`` (float, or None for no gradient through
+    ``lse``); both may arrive with any strides (autograd hands over expanded or transposed gradients), and the kernel
+    path gets each laid out as it reads it (``validation.kernel_layout``: one copy where needed). The sources and
+    the rest are the forward's inputs, already laid out by the op. The reference path is the reference's recompute
+    backward, which takes any strides. The sink's gradient is ``dsa.autograd``'s."""
     sources = _sources(ranged, extra_ranged, kv, entries, topk_length, extra_kv, extra_entries, extra_topk_length)
     if backend == TILELANG:
         d_out, d_lse = validation.kernel_layout(d_out), validation.kernel_layout(d_lse)
@@ -367,6 +326,20 @@ def sparse_mla_sources_bwd_impl(
             q, sources, sm_scale, d_v, attn_sink, out, lse, d_out, d_lse
         )
     return dq, dkvs[0], dkvs[1] if len(dkvs) > 1 else q.new_empty((0,))
+
+
+def sparse_mla_bwd_impl(
+    q: Tensor, kv: Tensor, out: Tensor, lse: Tensor, d_out: Tensor, indices: Tensor, sm_scale: float, d_v: int,
+    topk_length: OptTensor, attn_sink: OptTensor, d_lse: OptTensor, backend: str,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Backward of ``sparse_mla`` over one index list: ``(dq [B, S, H, d_qk] q's dtype, dkv [B, S_kv, d_qk] kv's
+    dtype)``, :func:`sparse_mla_sources_bwd_impl` of that one source (no registered op of its own; the benchmark's
+    providers call it)."""
+    dq, dkv, _ = sparse_mla_sources_bwd_impl(
+        q, kv, indices, topk_length, None, None, None, False, False, out, lse, d_out, sm_scale, d_v, attn_sink,
+        d_lse, backend,
+    )  # fmt: skip
+    return dq, dkv
 
 
 def attn_sink_grad(out: torch.Tensor, lse: torch.Tensor, d_out: torch.Tensor, attn_sink: torch.Tensor) -> torch.Tensor:
@@ -417,10 +390,6 @@ _LIB.define(
     " Tensor? attn_sink, str backend) -> (Tensor, Tensor)"
 )
 _LIB.define(
-    "sparse_mla_bwd(Tensor q, Tensor kv, Tensor out, Tensor lse, Tensor d_out, Tensor indices, float sm_scale,"
-    " int d_v, Tensor? topk_length, Tensor? attn_sink, Tensor? d_lse, str backend) -> (Tensor, Tensor)"
-)
-_LIB.define(
     "sparse_mla_decode(Tensor q, Tensor kv_cache, Tensor indices, float sm_scale, int d_v, Tensor? topk_length,"
     " Tensor? attn_sink, Tensor? extra_kv_cache, Tensor? extra_indices, Tensor? extra_topk_length, int d_rope,"
     " str backend) -> (Tensor, Tensor)"
@@ -444,7 +413,6 @@ _LIB.impl("topk_indices", topk_indices_impl, _COMPOSITE)
 _LIB.impl("index_topk", index_topk_impl, _COMPOSITE)
 _LIB.impl("index_topk_bwd", index_topk_bwd_impl, _COMPOSITE)
 _LIB.impl("sparse_mla", sparse_mla_impl, _COMPOSITE)
-_LIB.impl("sparse_mla_bwd", sparse_mla_bwd_impl, _COMPOSITE)
 _LIB.impl("sparse_mla_decode", sparse_mla_decode_impl, _COMPOSITE)
 _LIB.impl("sparse_mla_sources", sparse_mla_sources_impl, _COMPOSITE)
 _LIB.impl("sparse_mla_sources_bwd", sparse_mla_sources_bwd_impl, _COMPOSITE)
@@ -518,15 +486,6 @@ def _sparse_mla_decode_fake(
     return _sparse_mla_fake(q, kv_cache, indices, sm_scale, d_v, topk_length, attn_sink, backend)
 
 
-@torch.library.register_fake("dsa::sparse_mla_bwd")
-def _sparse_mla_bwd_fake(
-    q: torch.Tensor, kv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, d_out: torch.Tensor,
-    indices: torch.Tensor, sm_scale: float, d_v: int,
-    topk_length: OptTensor, attn_sink: OptTensor, d_lse: OptTensor, backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.empty_like(q), torch.empty_like(kv)
-
-
 @torch.library.register_fake("dsa::sparse_mla_sources")
 def _sparse_mla_sources_fake(
     q: Tensor, kv: Tensor, entries: Tensor, topk_length: OptTensor, extra_kv: OptTensor, extra_entries: OptTensor,
@@ -557,7 +516,6 @@ _IMPLEMENTATIONS = {
     "index_topk": index_topk_impl,
     "index_topk_bwd": index_topk_bwd_impl,
     "sparse_mla": sparse_mla_impl,
-    "sparse_mla_bwd": sparse_mla_bwd_impl,
     "sparse_mla_decode": sparse_mla_decode_impl,
     "sparse_mla_sources": sparse_mla_sources_impl,
     "sparse_mla_sources_bwd": sparse_mla_sources_bwd_impl,

@@ -137,34 +137,16 @@ def sparse_mla(
         q, kv, indices, sm_scale, d_v, topk_length, attn_sink, kernel=backend == TILELANG, ranges=ranges,
         extra_kv=extra_kv, extra_indices=extra_indices, extra_topk_length=extra_topk_length, extra_ranges=extra_ranges,
     )  # fmt: skip
-    sm_scale, d_v = float(sm_scale), int(d_v)
-    if ranges is not None or extra_kv is not None:
-        return _sparse_mla_sources(
-            backend, q, kv, ranges if indices is None else indices, topk_length, extra_kv,
-            extra_ranges if extra_indices is None else extra_indices, extra_topk_length, indices is None,
-            extra_indices is None, sm_scale, d_v, attn_sink,
-        )  # fmt: skip
-    q, kv, indices, topk_length, attn_sink = _kernel_layout(backend, q, kv, indices, topk_length, attn_sink)
-    if _needs_grad(q, kv, attn_sink):
-        return autograd.SparseMLAFunction.apply(q, kv, indices, sm_scale, d_v, topk_length, attn_sink, backend)
-    return autograd.call_sparse_mla(q, kv, indices, sm_scale, d_v, topk_length, attn_sink, backend)
-
-
-def _sparse_mla_sources(
-    backend: str, q: torch.Tensor, kv: torch.Tensor, entries: torch.Tensor, topk_length: torch.Tensor | None,
-    extra_kv: torch.Tensor | None, extra_entries: torch.Tensor | None, extra_topk_length: torch.Tensor | None,
-    ranged: bool, extra_ranged: bool, sm_scale: float, d_v: int, attn_sink: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """``sparse_mla`` over ranged or two sources (validated): ``entries`` are a source's indices, or its ranges when
-    its ``ranged`` flag is set; through ``dsa::sparse_mla_sources``."""
+    ranged, extra_ranged = indices is None, extra_indices is None
+    entries, extra_entries = ranges if ranged else indices, extra_ranges if extra_ranged else extra_indices
     q, kv, entries, topk_length, extra_kv, extra_entries, extra_topk_length, attn_sink = _kernel_layout(
         backend, q, kv, entries, topk_length, extra_kv, extra_entries, extra_topk_length, attn_sink
     )
-    args = (q, kv, entries, topk_length, extra_kv, extra_entries, extra_topk_length, ranged, extra_ranged, sm_scale,
-            d_v, attn_sink, backend)  # fmt: skip
+    args = (q, kv, entries, topk_length, extra_kv, extra_entries, extra_topk_length, ranged, extra_ranged,
+            float(sm_scale), int(d_v), attn_sink, backend)  # fmt: skip
     if _needs_grad(q, kv, extra_kv, attn_sink):
-        return autograd.SparseMLASourcesFunction.apply(*args)
-    return autograd.call_sparse_mla_sources(*args)
+        return autograd.SparseMLAFunction.apply(*args)
+    return autograd.sparse_mla_forward(*args)
 
 
 def _decode_cache(backend: str, d_qk: int, d_rope: int, cache: torch.Tensor | None) -> torch.Tensor | None:

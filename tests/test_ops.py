@@ -279,8 +279,10 @@ class _Spy:
 
 
 def _reference_bwd(  # noqa: ANN202
-    q, kv, out, lse, d_out, indices, *, sm_scale, d_v, topk_length=None, attn_sink=None, d_lse=None  # noqa: ANN001
+    q, kv, out, lse, d_out, indices, *, sm_scale, d_v, topk_length=None, attn_sink=None, d_lse=None,  # noqa: ANN001
+    ranged=False,  # noqa: ANN001
 ):
+    assert not ranged  # the routing tests pass index lists
     return autograd.sparse_mla_bwd_impl(
         q, kv, out, lse, d_out, indices, sm_scale, d_v, topk_length, attn_sink, d_lse, hardware.REFERENCE
     )
@@ -485,7 +487,7 @@ def test_registered_ops_have_fakes_and_run() -> None:
     ref_out, ref_lse = reference.sparse_mla(q, kv, indices, sm_scale=SM_SCALE, d_v=8)
     assert_close(out, ref_out, atol=1e-6, rtol=1e-6)
     assert_close(lse, ref_lse, atol=1e-6, rtol=1e-6, name="lse")
-    for op in ("index_scores", "index_scores_bwd", "topk_indices", "sparse_mla", "sparse_mla_bwd"):
+    for op in ("index_scores", "index_scores_bwd", "topk_indices", "sparse_mla", "sparse_mla_sources_bwd"):
         checks = ("test_schema", "test_faketensor")
         torch.library.opcheck(getattr(torch.ops.dsa, op), _opcheck_args(op), test_utils=checks)
 
@@ -500,8 +502,9 @@ def _opcheck_args(op: str) -> tuple:
         "index_scores_bwd": (qi, ki, w, None, None, None, torch.randn_like(scores), True),
         "topk_indices": (scores, 3, "reference"),
         "sparse_mla": (q, kv, indices, SM_SCALE, 8, None, None, "reference"),
-        "sparse_mla_bwd": (
-            q, kv, out, lse, torch.randn_like(out), indices, SM_SCALE, 8, None, None, torch.randn_like(lse), "reference"
+        "sparse_mla_sources_bwd": (
+            q, kv, indices, None, None, None, None, False, False, out, lse, torch.randn_like(out), SM_SCALE, 8, None,
+            torch.randn_like(lse), "reference",
         ),
     }[op]
 

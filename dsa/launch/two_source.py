@@ -23,19 +23,22 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from dsa.launch import sparse_mla_bwd as bwd_launch
-from dsa.launch import sparse_mla_fwd as fwd_launch
+from dsa.launch import launcher
 from dsa.reference.sources import Source
 
 OptTensor = Tensor | None
+
+# Looked up at every call (``dsa.launch.launcher``), as ``dsa.library`` does, so a test's spy launcher is the one run.
+_FWD_LAUNCHER = "dsa.launch.sparse_mla_fwd"
+_BWD_LAUNCHER = "dsa.launch.sparse_mla_bwd"
 
 __all__ = ["combine", "sparse_mla_sources_bwd", "sparse_mla_sources_fwd"]
 
 
 def _source_fwd(q: Tensor, source: Source, sm_scale: float, d_v: int) -> tuple[Tensor, Tensor]:
     """``(out [B, S, H, d_v] bf16, lse [B, S, H] float32)`` of the softmax over ``source``'s entries alone."""
-    return fwd_launch.sparse_mla_fwd(q, source.kv, source.indices, sm_scale=sm_scale, d_v=d_v,
-                                     topk_length=source.topk_length, ranged=source.ranged)  # fmt: skip
+    return launcher(_FWD_LAUNCHER).sparse_mla_fwd(q, source.kv, source.indices, sm_scale=sm_scale, d_v=d_v,
+                                                 topk_length=source.topk_length, ranged=source.ranged)  # fmt: skip
 
 
 _COMBINE_ELEMENTS = 1 << 25
@@ -89,9 +92,9 @@ def _source_bwd(
     d_out: Tensor, d_lse: OptTensor,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """``(dq [B, S, H, d_qk] bf16, dkv [B, S_kv, d_qk] bf16)`` of ``source``'s entries under the combined softmax."""
-    return bwd_launch.sparse_mla_bwd(q, source.kv, out, lse, d_out, source.indices, sm_scale=sm_scale, d_v=d_v,
-                                     topk_length=source.topk_length, attn_sink=attn_sink, d_lse=d_lse,
-                                     ranged=source.ranged)  # fmt: skip
+    return launcher(_BWD_LAUNCHER).sparse_mla_bwd(q, source.kv, out, lse, d_out, source.indices, sm_scale=sm_scale,
+                                                 d_v=d_v, topk_length=source.topk_length, attn_sink=attn_sink,
+                                                 d_lse=d_lse, ranged=source.ranged)  # fmt: skip
 
 
 def sparse_mla_sources_bwd(
