@@ -12,9 +12,11 @@ import dataclasses
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from dsa.launch import common
 from dsa.launch import sparse_mla_fwd as fwd_launch
+from dsa.reference.sources import Source
 from tl_kernels import build as tl_build
 from tl_kernels import sparse_mla_bwd as kernels
 
@@ -24,6 +26,7 @@ KERNEL_NAME = "sparse_mla_bwd"
 """Name of the main kernel in the tuner, the config cache and the benchmark."""
 
 _INVALID_INDEX = -1
+OptTensor = Tensor | None
 
 
 def padded_topk(k: int) -> int:
@@ -101,20 +104,13 @@ def plan(
 
 
 def run(
-    p: Plan,
-    q: torch.Tensor,
-    kv: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    d_out: torch.Tensor,
-    indices: torch.Tensor,
-    sm_scale: float,
-    topk_length: torch.Tensor | None,
-    attn_sink: torch.Tensor | None,
-    d_lse: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dq [B, S, H, d_qk], dkv [B, S_kv, d_qk])`` bfloat16 under plan ``p`` (inputs as :func:`sparse_mla_bwd`;
-    ``indices`` is ``ranges [B, S, 2]`` int32 when ``p`` was planned ``ranged``)."""
+    p: Plan, q: Tensor, source: Source, sm_scale: float, attn_sink: OptTensor, out: Tensor, lse: Tensor, d_out: Tensor,
+    d_lse: OptTensor,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """``(dq [B, S, H, d_qk], dkv [B, S_kv, d_qk])`` bfloat16 under plan ``p`` for one key ``source``
+    (``dsa.reference.sources.Source``: ``kv``, its ``indices`` or, when ``p`` was planned ``ranged``, its ranges
+    ``[B, S, 2]`` int32, and ``topk_length``); the rest as :func:`sparse_mla_bwd` takes them."""
+    kv, indices, topk_length = source.kv, source.indices, source.topk_length
     batch, seq, heads, d_qk = q.shape
     seq_kv, k, d_v = kv.shape[1], indices.shape[-1], out.shape[-1]
     device = q.device
@@ -178,4 +174,4 @@ def sparse_mla_bwd(
     """
     p = plan(q, kv.shape[1], indices.shape[-1], d_v=d_v, has_topk_length=topk_length is not None,
              has_sink=attn_sink is not None, config=config, ranged=ranged)  # fmt: skip
-    return run(p, q, kv, out, lse, d_out, indices, sm_scale, topk_length, attn_sink, d_lse)
+    return run(p, q, Source(kv, indices, topk_length, ranged), sm_scale, attn_sink, out, lse, d_out, d_lse)

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from dsa.launch import common
+from dsa.reference.sources import Source
 from tl_kernels import build as tl_build
 from tl_kernels import sparse_mla_fwd as kernels
 
@@ -105,11 +106,11 @@ def plan(
     return _PLANS.get(device, key, make)
 
 
-def run(
-    p: Plan, q: Tensor, kv: Tensor, indices: Tensor, sm_scale: float, topk_length: OptTensor, attn_sink: OptTensor
-) -> tuple[Tensor, Tensor]:
-    """``(out [B, S, H, d_v] bfloat16, lse [B, S, H] float32)`` under plan ``p``; ``indices`` is ``[B, S, k]``
-    int32, or ``ranges [B, S, 2]`` int32 when ``p`` was planned ``ranged`` (then ``topk_length`` is ``None``)."""
+def run(p: Plan, q: Tensor, source: Source, sm_scale: float, attn_sink: OptTensor) -> tuple[Tensor, Tensor]:
+    """``(out [B, S, H, d_v] bfloat16, lse [B, S, H] float32)`` under plan ``p`` over one key ``source``
+    (``dsa.reference.sources.Source``: ``kv``, its ``indices [B, S, k]`` int32 or, when ``p`` was planned ``ranged``,
+    its ranges ``[B, S, 2]`` int32 (then ``topk_length`` is ``None``), and ``topk_length``)."""
+    kv, indices, topk_length = source.kv, source.indices, source.topk_length
     batch, seq, heads, _ = q.shape
     out = common.new_output((batch, seq, heads, p.d_v), torch.bfloat16, q.device)
     lse = common.new_output((batch, seq, heads), torch.float32, q.device)
@@ -153,4 +154,4 @@ def sparse_mla_fwd(
     width = kv.shape[1] if ranged else indices.shape[-1]
     p = plan(q, kv.shape[1], width, d_v=d_v, has_topk_length=topk_length is not None,
              has_sink=attn_sink is not None, config=config, ranged=ranged)  # fmt: skip
-    return run(p, q, kv, indices, sm_scale, topk_length, attn_sink)
+    return run(p, q, Source(kv, indices, topk_length, ranged), sm_scale, attn_sink)
