@@ -5,14 +5,16 @@ The problems are :func:`tests.test_index_topk_decode.make_problem`'s (integer-va
 tie rule decides every tie): random, tied (every score of a row equal), ordered and reversed rows; bf16 keys, FP8 key
 rows and FP8 key pages (DeepGEMM's per-page layout); 1-4 queries per sequence; lengths and ranges that are not
 multiples of the key block; unallocated pages. The split count is forced to 1..7 on the C target (whose default is
-1). The CPU tier compiles nothing new: the paged kernels and the ``k = 16`` top-k kernel are the ones
+1), and the merge's first-level group count to 1..4 (two levels from 2; the C target's default is one level). The CPU tier compiles nothing new: the paged kernels and the ``k = 16`` top-k kernel are the ones
 ``tests/test_index_topk_decode.py`` and ``tests/test_ops.py`` compile. Tiers: rule and range arithmetic (pure Python/PyTorch), ``cpu_kernel``, ``gpu`` (V3.2 at 128K: the split
 count the rule picks against one launch and the reference).
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -22,6 +24,7 @@ from hypothesis import strategies as st
 from dsa import reference, testing
 from dsa.launch import index_topk as launch
 from dsa.launch import index_topk_split as split
+from dsa.launch import topk as topk_launch
 from tests import strategies
 from tests.test_index_topk_decode import (
     CPU_TOPK, FORMATS, PATTERNS, V32, _assert_same_selection, _paged_draws, _paged_problem, _reference, _spoil_cache,
@@ -72,6 +75,46 @@ def test_rule_fills_two_waves_at_one_sequence_of_128k() -> None:
 )
 def test_rule_split_count(batch: int, s_q: int, block_Q: int, key_blocks: int, sms: int | None, want: int) -> None:
     assert split.num_splits(batch=batch, s_q=s_q, block_Q=block_Q, key_blocks=key_blocks, sms=sms) == want
+
+
+def test_merge_rule_uses_two_levels_at_one_sequence_of_128k() -> None:
+    """V3.2 at B = 1, s_q = 1, 128K on 132 SMs: 264 lists of 512 candidates; the merge runs 8 groups of 33 lists
+    (rows of 16,896 candidates), then one row of 8 x 2048: the longest rows add up to a quarter of one level's."""
+    block_Q, block_N = _v32_tiling()
+    key_blocks = -(-131_072 // block_N)
+    splits = split.num_splits(batch=1, s_q=1, block_Q=block_Q, key_blocks=key_blocks, sms=H100_SMS)
+    width = split.split_width(topk=V32["topk"], splits=splits, key_blocks=key_blocks, block_N=block_N)
+    assert (splits, width) == (264, 512)
+    groups = split.merge_groups(batch=1, s_q=1, splits=splits, width=width, topk=V32["topk"], sms=H100_SMS)
+    assert groups == 8
+    rows = split.merge_rows(splits=splits, width=width, topk=V32["topk"], groups=groups)
+    assert rows == (33 * 512, 8 * 2048) and 4 * sum(rows) < split.merge_rows(splits=splits, width=width,
+                                                                             topk=V32["topk"], groups=1)[0]
+
+
+@pytest.mark.parametrize(
+    ("batch", "s_q", "splits", "width", "sms", "want"),
+    [
+        (1, 1, 264, 512, None, 1),  # the C target: rows run one after another, a level only adds work
+        (1, 2, 132, 1024, 132, 7),  # two MTP queries: 7 groups of 19 lists (19,456 + 14,336 of 135,168)
+        (32, 2, 5, 2048, 132, 1),  # 10,240 candidates: two levels would not halve the row
+        (1, 1, 128, 256, 132, 4),  # 32K context: 32,768 candidates, exactly 16 x topk: 8,192 + 8,192
+        (1, 1, 64, 256, 132, 1),  # 16K context: under 16 x topk
+        (200, 1, 264, 512, 132, 1),  # B x s_q rows alone fill the two waves: no room for groups
+        (50, 1, 264, 512, 132, 5),  # at most two waves of first-level rows (250 of 264): five groups, not eight
+        (4, 1, 66, 2048, 132, 6),  # 6 and 8 groups tie (11 + 6 and 9 + 8 lists of 2048): the fewer
+    ],
+)
+def test_merge_rule_group_count(batch: int, s_q: int, splits: int, width: int, sms: int | None, want: int) -> None:
+    got = split.merge_groups(batch=batch, s_q=s_q, splits=splits, width=width, topk=V32["topk"], sms=sms)
+    assert got == want
+    if want > 1:  # the chosen count is the best one the cap allows, and halves the longest rows' sum
+        def path(g: int) -> int:
+            return sum(split.merge_rows(splits=splits, width=width, topk=V32["topk"], groups=g))
+
+        allowed = range(2, min(splits, split.WAVES * sms // (batch * s_q)) + 1)
+        assert path(want) == min(path(g) for g in allowed)
+        assert split.MERGE_GAIN * path(want) <= splits * width
 
 
 @given(
@@ -146,50 +189,64 @@ def _sub_range_lists(scores: torch.Tensor, edges: list[int], order_seed: int) ->
     **strategies.sizes(batch=2, s_q=4),
     length=st.integers(1, 120),
     cuts=st.lists(st.integers(0, 120), max_size=6),
+    groups=st.integers(1, 4),
     seed=strategies.SEEDS,
 )
-@example(kind="all_equal", batch=1, s_q=1, length=100, cuts=[10, 40, 41, 90], seed=0)
+@example(kind="all_equal", batch=1, s_q=1, length=100, cuts=[10, 40, 41, 90], groups=1, seed=0)
+@example(kind="all_equal", batch=2, s_q=3, length=120, cuts=[7, 30, 31, 64, 90, 100], groups=3, seed=1)
+@example(kind="all_equal", batch=1, s_q=2, length=50, cuts=[20], groups=4, seed=2)  # more groups than lists
 def test_merge_of_shuffled_sub_range_lists_is_the_rows_top_k(
-    kind: str, batch: int, s_q: int, length: int, cuts: list[int], seed: int
+    kind: str, batch: int, s_q: int, length: int, cuts: list[int], groups: int, seed: int
 ) -> None:
-    """The merge alone (the top-k kernel at ``k = 16``) over lists in arbitrary order from arbitrary contiguous
-    sub-ranges (ties, equal rows, NaN and infinities of ``dsa.testing.SCORE_PATTERNS``): exactly the row's top-k,
-    ties to the smaller position, whichever sub-ranges the tied keys fall in."""
+    """The merge alone (the top-k kernel at ``k = 16``, in one level or two: 2-4 groups of lists) over lists in
+    arbitrary order from arbitrary contiguous sub-ranges (ties, equal rows, NaN and infinities of
+    ``dsa.testing.SCORE_PATTERNS``): exactly the row's top-k, ties to the smaller position, whichever sub-ranges and
+    groups the tied keys fall in."""
     scores = testing.make_scores(kind, seed, batch, s_q, length, CPU_TOPK)
     edges = sorted({0, length, *(min(c, length) for c in cuts)})
     positions, picked = _sub_range_lists(scores, edges, seed + 1)
     width = min(CPU_TOPK, max(hi - lo for lo, hi in zip(edges[:-1], edges[1:], strict=True)))
-    got = split.merge(positions, picked, s_q=s_q, splits=len(edges) - 1, width=width, topk=CPU_TOPK)
+    got = split.merge(positions, picked, s_q=s_q, splits=len(edges) - 1, width=width, topk=CPU_TOPK, groups=groups)
     want = reference.topk_indices(scores, CPU_TOPK)
     _assert_same_selection(got, (want, scores.gather(-1, want.clamp_min(0).long()).masked_fill(want < 0, -torch.inf)))
 
 
-def _run_split(args: dict[str, Any], splits: int | None, topk: int = CPU_TOPK) -> tuple[torch.Tensor, torch.Tensor]:
-    """The paged launcher with ``splits`` forced (``None``: the rule's)."""
+def _run_split(
+    args: dict[str, Any], splits: int | None, topk: int = CPU_TOPK, groups: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paged launcher with ``splits`` forced (``None``: the rule's) and the merge's first-level group count
+    forced to ``groups`` (``None``: the rule's)."""
     call = dict(args)
-    return launch.index_topk_paged(call.pop("q"), call.pop("k_cache"), call.pop("weights"), topk, **call,
-                                   splits=splits)  # fmt: skip
+    forced = mock.patch.object(split, "merge_groups", lambda **_: groups) if groups is not None else nullcontext()
+    with forced:
+        return launch.index_topk_paged(call.pop("q"), call.pop("k_cache"), call.pop("weights"), topk, **call,
+                                       splits=splits)  # fmt: skip
 
 
 @pytest.mark.cpu_kernel
 @strategies.examples(0.5)
-@given(**_paged_draws(0), pattern=st.sampled_from(PATTERNS), splits=st.integers(1, 7))
-@example(fmt="fp8", batch=2, s_q=2, length=299, ranges="decode", unallocated=True, seed=1, pattern="tied", splits=7)
+@given(**_paged_draws(0), pattern=st.sampled_from(PATTERNS), splits=st.integers(1, 7), groups=st.integers(1, 4))
+@example(fmt="fp8", batch=2, s_q=2, length=299, ranges="decode", unallocated=True, seed=1, pattern="tied", splits=7,
+         groups=3)  # fmt: skip
 @example(fmt="bf16", batch=1, s_q=4, length=300, ranges="decode", unallocated=False, seed=2, pattern="ordered",
-         splits=5)  # fmt: skip
+         splits=5, groups=2)  # fmt: skip
 @example(fmt="fp8", batch=3, s_q=3, length=250, ranges="random", unallocated=True, seed=3, pattern="reversed",
-         splits=3)  # fmt: skip
+         splits=3, groups=4)  # fmt: skip
 @example(fmt="bf16", batch=2, s_q=1, length=130, ranges="random", unallocated=False, seed=4, pattern="random",
-         splits=2)  # fmt: skip
+         splits=2, groups=1)  # fmt: skip
 @example(fmt="fp8-pages", batch=2, s_q=3, length=280, ranges="decode", unallocated=True, seed=5, pattern="tied",
-         splits=4)  # fmt: skip
+         splits=4, groups=2)  # fmt: skip
+@example(fmt="bf16", batch=1, s_q=3, length=300, ranges="decode", unallocated=False, seed=6, pattern="tied",
+         splits=7, groups=3)  # fmt: skip
 def test_cpu_split_selection_matches_reference(
-    fmt: str, batch: int, s_q: int, length: int, ranges: str, unallocated: bool, seed: int, pattern: str, splits: int
-) -> None:
-    """Forced 1..7 splits (64-key blocks, rows of up to 300 keys: empty, partial and several-block sub-ranges): the
-    same sets and scores as the reference, ties to the smaller position across and inside sub-ranges."""
+    fmt: str, batch: int, s_q: int, length: int, ranges: str, unallocated: bool, seed: int, pattern: str, splits: int,
+    groups: int,
+) -> None:  # fmt: skip
+    """Forced 1..7 splits (64-key blocks, rows of up to 300 keys: empty, partial and several-block sub-ranges),
+    merged in one level or two (1..4 groups of splits, the last groups short or empty): the same sets and scores as
+    the reference, ties to the smaller position across and inside sub-ranges and groups."""
     args = _paged_problem(fmt, batch, s_q, length, ranges, unallocated, seed, shortest=0, pattern=pattern)
-    _assert_same_selection(_run_split(args, splits), _reference(args, CPU_TOPK))
+    _assert_same_selection(_run_split(args, splits, groups=groups), _reference(args, CPU_TOPK))
 
 
 @pytest.mark.cpu_kernel
@@ -239,15 +296,27 @@ def test_bad_split_count_names_the_argument(splits: object) -> None:
      ("fp8-pages", "random", 1, 1, 131_072)],
 )
 def test_gpu_split_selection_matches_one_launch_and_reference(
-    cuda_device: torch.device, fmt: str, pattern: str, batch: int, s_q: int, context: int
-) -> None:
+    cuda_device: torch.device, monkeypatch: pytest.MonkeyPatch, fmt: str, pattern: str, batch: int, s_q: int,
+    context: int,
+) -> None:  # fmt: skip
     """V3.2 shapes at up to 128K: the rule's split count (more than one here; each block writes its list in the
-    order its threads win the slots) selects exactly what one launch and the reference select, ties included."""
+    order its threads win the slots) and its two-level merge (the top-k kernel launched twice: over the groups,
+    then over their lists) select exactly what one launch and the reference select, ties included."""
     lengths = [context - 999 * b for b in range(batch)]
     args = make_problem(fmt=fmt, seed=7, batch=batch, s_q=s_q, lengths=lengths, heads=V32["heads"], dim=V32["dim"],
                         page_size=V32["page_size"], unallocated=True, pattern=pattern, device=cuda_device)  # fmt: skip
     p = launch.plan_paged(args["q"], V32["topk"], page_size=V32["page_size"], key_layout=args.get("key_layout", "rows"))
     assert launch.paged_splits(p, args["q"], args["block_table"], V32["page_size"]) > 1
+    merges: list[tuple[int, ...]] = []
+    topk_indices = topk_launch.topk_indices
+
+    def spy(scores: torch.Tensor, k: int) -> torch.Tensor:
+        merges.append(tuple(scores.shape))
+        return topk_indices(scores, k)
+
+    monkeypatch.setattr(topk_launch, "topk_indices", spy)
     got = _run_split(args, None, V32["topk"])
+    monkeypatch.undo()
+    assert len(merges) == 2 and merges[1][:2] == (batch, s_q), merges  # [B * G, s_q, ...], then [B, s_q, G * topk]
     _assert_same_selection(got, _run_split(args, 1, V32["topk"]))
     _assert_same_selection(got, _reference(args, V32["topk"]))

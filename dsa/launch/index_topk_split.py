@@ -16,6 +16,12 @@ ceil(s_q / block_Q)`` blocks, one at ``B = 1`` for a 128K context. Here, with no
    sub-range can hold (``width``); the lists are laid side by side in split order, so a row's columns run in
    increasing position, and the existing top-k kernel (``tl_kernels.topk`` through ``dsa.launch.topk``) selects
    ``topk`` columns, whose positions and scores are gathered.
+4. Two levels (:func:`merge_groups`): one top-k block per query over ``splits x width`` candidates is the longest
+   step at a small batch (``B = 1``, a 128K context, 132 SMs: 264 lists of 512, one block over 135K candidates). The
+   splits are then dealt into ``G`` contiguous groups (``ceil(splits / G)`` each, in split order; the last groups
+   padded with empty lists); step 3 runs over ``B x s_q x G`` rows, one per group, and again over the groups' ``G``
+   lists. The same compiled top-k kernel serves both levels (its ``B``, ``S`` and ``S_kv`` are symbolic). There:
+   ``G = 8``, rows of ``33 x 512`` then ``8 x 2048`` candidates (a quarter of the longest row).
 
 Exactness (same sets, same scores, same tie rule as one launch). Order a row's keys by ``x < y`` iff ``score(x) >
 score(y)`` or (equal scores and ``pos(x) < pos(y)``), over finite scores only: the contract's top-k is the first
@@ -27,6 +33,13 @@ columns by score, then the smaller *column* first; the columns run in increasing
 a split; sub-ranges are disjoint and increasing), so that is the same order. The cut to ``width`` drops only padding
 (a list holds at most ``width`` valid entries, and the sort puts them first); padding columns hold ``-inf``, which is
 never selected. Scores are the kernel's own, gathered unchanged.
+
+Two levels are exact by the same argument applied twice. A group is a run of consecutive sub-ranges, so its keys are
+themselves a sub-range (disjoint from the other groups' and increasing in group order), and the candidates of its
+splits contain its top-``topk``: step 3 over one group leaves exactly that group's top-``topk`` (a list of at most
+``min(topk, ceil(splits / G) x width)`` valid entries, padding ``-1``/``-inf``, in any order). These ``G`` lists are
+lists of the kind step 3 takes, from ``G`` increasing sub-ranges, so step 3 over them is the row's top-``topk``, with
+the same scores and the same tie rule. Empty padding lists hold only padding, never selected.
 """
 
 from __future__ import annotations
@@ -39,8 +52,8 @@ from torch import Tensor
 from dsa.launch import topk as topk_launch
 
 __all__ = [
-    "MIN_KEY_BLOCKS_PER_SPLIT", "WAVES", "expand", "launched_blocks", "merge", "num_splits", "padded_queries",
-    "split_width",
+    "MERGE_GAIN", "MIN_KEY_BLOCKS_PER_SPLIT", "WAVES", "device_sms", "expand", "launched_blocks", "merge",
+    "merge_groups", "merge_rows", "num_splits", "padded_queries", "split_width",
 ]  # fmt: skip
 
 WAVES = 2
@@ -49,6 +62,9 @@ over enough blocks to fill the GPU twice over."""
 MIN_KEY_BLOCKS_PER_SPLIT = 2
 """The fewest key blocks a split walks: below it each split's fixed cost (its query tile, its final top-k written to
 ``topk`` columns and merged again) outweighs its keys."""
+MERGE_GAIN = 2
+"""A second merge level runs only where it shortens the merge's critical path (its levels' longest rows, added) at
+least this many times: each level costs a position sort, a launch and the top-k kernel's fixed radix rounds."""
 _NO_POSITION = torch.iinfo(torch.int32).max  # sorts an invalid (-1) entry after every position
 
 
@@ -76,6 +92,48 @@ def num_splits(*, batch: int, s_q: int, block_Q: int, key_blocks: int, sms: int 
     unsplit = launched_blocks(batch=batch, s_q=s_q, block_Q=block_Q, splits=1)
     most = max(1, key_blocks // MIN_KEY_BLOCKS_PER_SPLIT)
     return max(1, min(math.ceil(WAVES * sms / unsplit), most))
+
+
+def device_sms(device: torch.device) -> int | None:
+    """The streaming multiprocessors of a CUDA ``device``; ``None`` elsewhere (the C target runs blocks in turn)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
+
+
+def merge_rows(*, splits: int, width: int, topk: int, groups: int) -> tuple[int, ...]:
+    """Candidates in one row of each merge level: ``(splits * width,)`` for one level; for ``groups > 1``, a group's
+    ``ceil(splits / groups)`` lists of ``width``, then ``groups`` lists of what a group holds (at most ``topk``)."""
+    if groups == 1:
+        return (splits * width,)
+    group = -(-splits // groups) * width
+    return group, groups * min(topk, group)
+
+
+def merge_groups(*, batch: int, s_q: int, splits: int, width: int, topk: int, sms: int | None) -> int:
+    """The merge's group count ``G`` (module docstring, step 4; 1: one level).
+
+    Rule: a level's rows run side by side, so a level costs its longest row and the merge the sum of its levels'
+    (:func:`merge_rows`, added). ``G`` minimises that sum over ``2 <= G <= splits`` with the first level's ``B x s_q
+    x G`` rows at most :data:`WAVES` per SM (the top-k kernel's 1024-thread blocks: two fit an SM at once, so those
+    rows all run together; more would queue behind each other and add work), and two levels are used only where the
+    sum is at most ``1 / MERGE_GAIN`` of one level's row. ``sms=None`` (the C target): one level.
+
+    The optimum is near ``sqrt(splits * width / topk)``, so two levels pay from about ``16 x topk`` candidates per
+    query. V3.2 (``topk = 2048``), ``B = 1``, ``s_q = 1``, 128K, 132 SMs: 264 lists of 512, ``G = 8``, rows of
+    16,896 then 16,384 candidates against 135,168 (4.1x shorter). ``B = 32``, ``s_q = 2``: 5 lists of 2048, one
+    level. Filling two waves with the first level instead (``G = 264`` at ``B = 1``) would make the second level's row
+    ``264 x 512`` again: the rule bounds the work, not the block count.
+    """
+    most = min(splits, WAVES * sms // (batch * s_q)) if sms is not None else 1
+    if most < 2:
+        return 1
+    single = splits * width
+    # The sum is smallest near sqrt(splits * width / topk); ceil(splits / G) makes it uneven, so look around it.
+    centre = math.isqrt(max(1, single // topk))
+    choices = range(max(2, min(centre - 2, most)), min(most, centre + 2) + 1)
+    best = min(choices, key=lambda g: (sum(merge_rows(splits=splits, width=width, topk=topk, groups=g)), g))
+    if best > 1 and MERGE_GAIN * sum(merge_rows(splits=splits, width=width, topk=topk, groups=best)) <= single:
+        return best
+    return 1
 
 
 def split_width(*, topk: int, splits: int, key_blocks: int, block_N: int) -> int:
@@ -135,9 +193,9 @@ def expand(
 
 
 def merge(
-    positions: Tensor, scores: Tensor, *, s_q: int, splits: int, width: int, topk: int
+    positions: Tensor, scores: Tensor, *, s_q: int, splits: int, width: int, topk: int, groups: int | None = None
 ) -> tuple[Tensor, Tensor]:
-    """The top-``topk`` of the splits' candidates (module docstring, step 3).
+    """The top-``topk`` of the splits' candidates (module docstring, steps 3 and 4).
 
     Args:
         positions (Tensor): ``[B, splits * s_pad, topk]`` int32, the split launch's positions (``-1`` padding).
@@ -146,6 +204,8 @@ def merge(
         splits (int): sub-ranges per query.
         width (int): :func:`split_width`, the valid candidates a sub-range can hold at most.
         topk (int): entries per query.
+        groups (int | None): the first level's groups of splits (1: one level; any ``>= 1``, tests force it);
+            default :func:`merge_groups` for the tensors' device.
 
     Returns:
         positions ``[B, s_q, topk]`` int32 (``-1`` padding) and scores ``[B, s_q, topk]`` float32 (``-inf`` there).
@@ -154,12 +214,34 @@ def merge(
     shape = (batch, splits, -1, positions.shape[-1])
     positions = positions.view(shape)[:, :, :s_q]
     scores = scores.view(shape)[:, :, :s_q]
+    if groups is None:
+        groups = merge_groups(batch=batch, s_q=s_q, splits=splits, width=width, topk=topk,
+                              sms=device_sms(positions.device))  # fmt: skip
+    if groups > 1:
+        per_group = -(-splits // groups)
+        # Empty lists after the last split: whole groups of per_group lists, still in position order.
+        missing = (0, 0, 0, 0, 0, groups * per_group - splits)
+        if missing[-1]:
+            positions = torch.nn.functional.pad(positions, missing, value=-1)
+            scores = torch.nn.functional.pad(scores, missing, value=float("-inf"))
+        # [B * G, per_group, s_q, topk]: a group's lists are consecutive splits, so each group is one merge row.
+        flat = (batch * groups, per_group, s_q, -1)
+        positions, scores = _merge_level(positions.reshape(flat), scores.reshape(flat), width=width, topk=topk)
+        positions, scores = positions.view(batch, groups, s_q, topk), scores.view(batch, groups, s_q, topk)
+        width = min(topk, per_group * width)
+    return _merge_level(positions, scores, width=width, topk=topk)
+
+
+def _merge_level(positions: Tensor, scores: Tensor, *, width: int, topk: int) -> tuple[Tensor, Tensor]:
+    """One top-k launch over ``[N, lists, s_q, L]`` int32 positions and float32 scores (a row's lists from increasing
+    sub-ranges, each in any order, at most ``width`` valid entries each): ``[N, s_q, topk]`` positions and scores."""
+    rows, lists, s_q = positions.shape[:3]
     # Increasing position within each sub-range (invalid entries last, then cut: at most `width` are valid).
     key, order = torch.where(positions < 0, _NO_POSITION, positions).sort(dim=-1)
     key, picked = key[..., :width], scores.gather(-1, order[..., :width])
-    # [B, s_q, splits * width]: split-major columns, so column order is position order.
-    key = key.permute(0, 2, 1, 3).reshape(batch, s_q, splits * width)
-    picked = picked.permute(0, 2, 1, 3).reshape(batch, s_q, splits * width)
+    # [N, s_q, lists * width]: list-major columns, so column order is position order.
+    key = key.permute(0, 2, 1, 3).reshape(rows, s_q, lists * width)
+    picked = picked.permute(0, 2, 1, 3).reshape(rows, s_q, lists * width)
     columns = topk_launch.topk_indices(picked, topk)
     valid = columns >= 0
     safe = columns.clamp_min(0).to(torch.int64)
