@@ -6,23 +6,24 @@ times:
 
 * the **roofline** ``max(DRAM bytes / bandwidth, FLOPs / peak bf16 tensor rate)`` from the datasheet
   (``autotune.lookup.sku.PERF_TABLE``);
-* the **model**: per pass (the attention kernel, then the combine; the selection's split kernel, then its merge),
-  ``max(DRAM time, cycles of the busiest SM / sustained clock)``, the passes added. An SM's cycles are its tensor-core
-  cycles (``block_h (d_qk + d_v) 2 / (FLOP per SM-cycle)`` per row and head block) **plus** its CUDA-core cycles
-  (dequantisation, softmax, rescale, selection), at the per-value costs FlashMLA's FP8 deep dive gives for H800
-  (``docs/20250929-hopper-fp8-sparse-deep-dive.md``: 1/64 cycle to convert e4m3 to half, 1/64 half to float32, 1/16
-  float32 to bf16, 1/256 for the scale multiply, per value per SM). Adding rather than overlapping the two is what
-  FlashMLA's own measurements support: with ``max(tensor, CUDA cores)`` these counts make both of its FP8 decode
-  kernels (410 and 250 TFLOP/s at the V3.2 point) 1.8x faster than it measured them; with the sum the model gives
-  403 and 300 TFLOP/s (``tests/test_cost_model.py``). The clock is the datasheet's
-  scaled by :data:`SUSTAINED_CLOCK_SHARE` (FlashMLA saw its H800 throttle to about 1600 of 1830 MHz under load).
+* the **model**: per pass (the attention kernel, then the combine; the selection's split kernel, then each level
+  of its merge), ``max(DRAM time, cycles of the busiest SM / sustained clock)``, the passes added. An SM's cycles
+  are its tensor-core cycles (``block_h (d_qk + d_v) 2 / (FLOP per SM-cycle)`` per row and head block) **plus** its
+  CUDA-core cycles (dequantisation, softmax, rescale, selection), at the per-value costs FlashMLA's FP8 deep dive
+  gives for H800 (``docs/20250929-hopper-fp8-sparse-deep-dive.md``: 1/64 cycle to convert e4m3 to half, 1/64 half to
+  float32, 1/16 float32 to bf16, 1/256 for the scale multiply, per value per SM). Adding rather than overlapping the
+  two is what FlashMLA's own measurements support: with ``max(tensor, CUDA cores)`` these counts make both of its FP8
+  decode kernels (410 and 250 TFLOP/s at the V3.2 point) 1.8x faster than it measured them; with the sum the model
+  gives 403 and 300 TFLOP/s (``tests/test_cost_model.py``). The clock is the datasheet's scaled by
+  :data:`SUSTAINED_CLOCK_SHARE` (FlashMLA saw its H800 throttle to about 1600 of 1830 MHz under load).
 
 Blocks are spread evenly: the busiest SM holds ``ceil(blocks / SMs)`` of them, so a grid of 2.4 waves costs 3 waves
 of work (a persistent schedule, FlashMLA's, has no tail). Blocks per SM come from the config's registers, threads and
 shared memory (``autotune.lookup.sku.blocks_per_sm``).
 
 Byte counts read the layouts from ``dsa.kv_format`` (656 bytes per V3.2 FP8 row, 132 per FP8 index key). Estimates
-are ±30 %: launch latency, the prologue and epilogue of each block and L2 hits are left out.
+are ±30 %: launch latency, the prologue and epilogue of each block (but for the selection merge's top-k rows,
+:data:`TOPK_ROW_CYCLES`) and L2 hits are left out.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ __all__ = [
     "case_estimate",
     "dsa_decode_schedule",
     "flashmla_decode_schedule",
+    "merge_estimate",
     "roofline",
     "selection_estimate",
     "sparse_mla_decode_estimate",
@@ -89,7 +91,12 @@ SOFTMAX_FP32_OPS = 4
 """FP32 operations per score besides its ``ex2``: scale, running max, subtract, running sum."""
 SELECT_OPS_PER_KEY = 8
 """CUDA-core operations the selection spends per scored key beyond its heads' ReLU and weighted sum (the radix
-select's histogram and compaction passes)."""
+select's histogram and compaction passes); the split selection's merge (the top-k kernel) spends as many per
+candidate."""
+TOPK_ROW_CYCLES = 1500
+"""Fixed cycles of one top-k row (``tl_kernels.topk``, a 1024-thread block): about three radix rounds, each clearing
+2048 bins and scanning them in 11 barrier-separated steps. Counted for the merge only, whose rows are few and short
+enough for it to matter; a guess until a GPU record."""
 _BF16_BYTES, _F32_BYTES, _I32_BYTES = 2, 4, 4
 _FP8_RATE = 2  # Hopper's FP8 tensor rate is twice its bf16 rate
 
@@ -228,58 +235,94 @@ def sparse_mla_decode_estimate(
     )
 
 
+def merge_estimate(
+    *, queries: int, splits: int, width: int, topk: int, groups: int, spec: sku.PerfSpec
+) -> tuple[float, float]:  # fmt: skip
+    """``(seconds, DRAM bytes)`` of the split selection's merge (``dsa.launch.index_topk_split.merge``) for
+    ``queries`` queries of ``splits`` lists (``topk`` entries, at most ``width`` valid) in ``groups`` first-level
+    groups (1: one level).
+
+    Per level: the position sort reads and writes its lists (``topk`` wide, padding included) and the layout writes
+    the cut columns (position and score, ``width`` per list) in a pass of their own; then the top-k kernel, one
+    1024-thread block per row, reads them and writes ``topk`` positions and scores: ``max(DRAM time, busiest SM)``,
+    a row costing :data:`TOPK_ROW_CYCLES` plus :data:`SELECT_OPS_PER_KEY` CUDA-core operations per candidate."""
+    rows = selection_split.merge_rows(splits=splits, width=width, topk=topk, groups=groups)
+    # (rows, lists per row) of each level: the first over each group's lists, the second over the groups' lists.
+    shapes = [(queries, splits)] if groups == 1 else [(queries * groups, -(-splits // groups)), (queries, groups)]
+    seconds = nbytes = 0.0
+    for (n_rows, lists), row in zip(shapes, rows, strict=True):
+        entry = _I32_BYTES + _F32_BYTES
+        sort_bytes = 2 * n_rows * lists * topk * entry + n_rows * row * entry
+        topk_bytes = n_rows * (row + topk) * entry
+        cycles = n_rows * (TOPK_ROW_CYCLES + row * SELECT_OPS_PER_KEY * FP32_OP)
+        sm_s = _busiest_sm_s(cycles, n_rows, spec, persistent=False)
+        seconds += _dram_s(sort_bytes, spec) + max(_dram_s(topk_bytes, spec), sm_s)
+        nbytes += sort_bytes + topk_bytes
+    return seconds, nbytes
+
+
 def selection_estimate(
     *, batch: int, s_q: int, context: int, heads: int, dim: int, topk: int, page_size: int, spec: sku.PerfSpec,
-    splits: int = 1, block_q: int = 1, block_n: int = 128, blocks_per_sm: int = 1,
+    splits: int = 1, block_q: int = 1, block_n: int = 128, blocks_per_sm: int = 1, groups: int = 1,
 ) -> Estimate:  # fmt: skip
     """Decode selection (FP8 index keys, ``kv_format.index_key_layout``) of ``batch x s_q`` queries over ``context``
     keys each, ``block_q`` queries a block, every query's key blocks (``block_n`` keys) dealt out to ``splits``
-    sub-ranges (1: one block walks them all), each keeping its best ``min(topk, keys it spans)`` candidates
-    (``dsa.launch.index_topk_split``).
+    sub-ranges (1: one block walks them all), each keeping its best ``min(topk, keys it spans)`` candidates, merged
+    in one level or two (``groups``, :func:`merge_estimate`; ``dsa.launch.index_topk_split``).
 
     DRAM: every key row and block-table entry once per sequence, the queries and weights, the indices written; split,
-    the candidates (position and score) written by the split kernel, read and written by the merge's position sort
-    and read by its top-k (four times their bytes, in a pass of their own)."""
+    every virtual query's ``topk``-wide list (position and score; ``s_q`` padded to whole blocks of ``block_q``)
+    written by the split kernel, then the merge's passes."""
     key_bytes = kv_format.index_key_layout(dim).bytes_per_token
     queries = batch * s_q
     key_blocks = math.ceil(math.ceil(context / page_size) * page_size / block_n)
-    width = min(topk, math.ceil(key_blocks / splits) * block_n)
-    candidates = queries * splits * width * (_I32_BYTES + _F32_BYTES) if splits > 1 else 0
+    width = selection_split.split_width(topk=topk, splits=splits, key_blocks=key_blocks, block_N=block_n)
+    virtual = batch * splits * selection_split.padded_queries(s_q, block_q)
+    lists = virtual * topk * (_I32_BYTES + _F32_BYTES) if splits > 1 else 0
     reads = batch * (context * key_bytes + math.ceil(context / page_size) * _I32_BYTES)
     reads += queries * heads * (dim + _F32_BYTES)
     out = queries * topk * _I32_BYTES
     flops = 2.0 * queries * heads * context * dim
     # Per (query, key): the FP8 GEMM, then per head a ReLU and a weighted add, then the selection's share.
     per_key = heads * dim * 2 / (spec.mma_flops_per_cycle * _FP8_RATE) + (heads * 2 + SELECT_OPS_PER_KEY) * FP32_OP
-    blocks = batch * splits * math.ceil(s_q / block_q)
-    dram_s = _dram_s(reads + (candidates or out), spec)
+    blocks = virtual // block_q
+    dram_s = _dram_s(reads + (lists or out), spec)
     sm_s = _busiest_sm_s(queries * context * per_key, blocks, spec, persistent=False)
-    merge_bytes = 3 * candidates + out if candidates else 0
+    merge_s, merge_bytes = (
+        merge_estimate(queries=queries, splits=splits, width=width, topk=topk, groups=groups, spec=spec)
+        if lists else (0.0, 0.0)
+    )  # fmt: skip
     return Estimate(
         flops=flops,
-        dram_bytes=float(reads + (candidates + merge_bytes if candidates else out)),
+        dram_bytes=float(reads + (lists + merge_bytes if lists else out)),
         rows_dequantised=0,
         blocks=blocks,
         blocks_per_sm=blocks_per_sm,
         waves=blocks / (spec.sm_count * blocks_per_sm),
         roofline_s=roofline(flops, reads + out, spec, fp8=True),
-        model_s=max(dram_s, sm_s) + _dram_s(merge_bytes, spec),
+        model_s=max(dram_s, sm_s) + merge_s,
         bound="dram" if dram_s >= sm_s else "sm",
     )
 
 
 def _selection_schedule(static: dict[str, Any], sizes: dict[str, int], spec: sku.PerfSpec) -> dict[str, int]:
     """The paged selection's schedule for a case as its launcher plans it on ``spec``: the default sm_90a config's
-    queries and keys per block, and the split count of ``dsa.launch.index_topk_split.num_splits``."""
+    queries and keys per block, the split count of ``dsa.launch.index_topk_split.num_splits`` and the merge's groups
+    of ``merge_groups``."""
     dtype = getattr(torch, static["dtype"])
-    q = torch.empty(sizes["batch"], sizes["seq_len"], static["heads"], static["dim"], dtype=dtype, device="meta")
+    batch, s_q = sizes["batch"], sizes["seq_len"]
+    q = torch.empty(batch, s_q, static["heads"], static["dim"], dtype=dtype, device="meta")
     paged = selection_launch.paged_static_params(q, static["topk"], page_size=static["page_size"])
     config = selection_kernels.default_config({**paged, "target": dict(dsl.HOPPER_TARGET)})
     block_q = indexer_kernels.block_queries(static["heads"], config.q_rows)
     key_blocks = math.ceil(math.ceil(sizes["seq_len_kv"] / static["page_size"]) * static["page_size"] / config.block_N)
-    splits = selection_split.num_splits(batch=sizes["batch"], s_q=sizes["seq_len"], block_Q=block_q,
-                                        key_blocks=key_blocks, sms=spec.sm_count)  # fmt: skip
-    return {"splits": splits, "block_q": block_q, "block_n": config.block_N}
+    splits = selection_split.num_splits(batch=batch, s_q=s_q, block_Q=block_q, key_blocks=key_blocks,
+                                        sms=spec.sm_count)  # fmt: skip
+    width = selection_split.split_width(topk=static["topk"], splits=splits, key_blocks=key_blocks,
+                                        block_N=config.block_N)  # fmt: skip
+    groups = selection_split.merge_groups(batch=batch, s_q=s_q, splits=splits, width=width, topk=static["topk"],
+                                          sms=spec.sm_count)  # fmt: skip
+    return {"splits": splits, "block_q": block_q, "block_n": config.block_N, "groups": groups}
 
 
 def v4_flashmla_decode_estimate(case: case_data.Case, spec: sku.PerfSpec) -> Estimate | None:

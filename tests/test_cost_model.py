@@ -50,26 +50,48 @@ def test_flashmla_v32_decode_point_is_within_1_2x_of_its_published_time() -> Non
     assert estimate.roofline_s < published / 2
 
 
-def test_b1_selection_at_128k_is_within_2x_of_reading_the_keys_once() -> None:
-    """B = 1, 128K context, 64 x 128 FP8 index keys (132 bytes a row, from kv_format), topk 2048 on H800: split over
-    two waves of blocks (264) the estimate is within 2x of the DRAM time of the keys; one block per query (today's
-    fused kernel) is tens of times slower."""
+def test_b1_selection_at_128k_against_reading_the_keys_once() -> None:
+    """B = 1, 128K context, 64 x 128 FP8 index keys (132 bytes a row, from kv_format), topk 2048 on H800, split over
+    two waves of blocks (264): the split kernel is DRAM-bound, the merge adds its sorts and its top-k rows. One merge
+    level (one block over 264 lists of 512) models 3.0x the DRAM time of the keys; the two-level merge the launcher
+    picks (8 groups) 2.45x: above the issue's 2x, the rest being the split kernel's 2048-wide lists (512 valid) that
+    it writes and the merge sorts whole. One block per query (the unsplit kernel) is tens of times slower."""
     context = 131072
     key_bytes = kv_format.index_key_layout(128).bytes_per_token
     assert key_bytes == 132
     keys_once_s = context * key_bytes / (H800.dram_gbps * 1e9)
     args = {"batch": 1, "s_q": 1, "context": context, "heads": 64, "dim": 128, "topk": 2048, "page_size": 64,
-            "spec": H800}  # fmt: skip
-    split = cost.selection_estimate(**args, splits=2 * H800.sm_count)
-    assert split.blocks == 264 and split.bound == "dram"
-    assert keys_once_s <= split.model_s <= 2 * keys_once_s, (split.model_s, keys_once_s)
-    serial = cost.selection_estimate(**args)
+            "spec": H800, "splits": 2 * H800.sm_count}  # fmt: skip
+    one_level = cost.selection_estimate(**args)
+    two_levels = cost.selection_estimate(**args, groups=8)
+    assert one_level.blocks == two_levels.blocks == 264 and two_levels.bound == "dram"
+    assert one_level.model_s / keys_once_s == pytest.approx(3.02, abs=0.05)
+    assert two_levels.model_s / keys_once_s == pytest.approx(2.45, abs=0.05)
+    serial = cost.selection_estimate(**{**args, "splits": 1})
     assert serial.blocks == 1 and serial.model_s > 20 * keys_once_s
-    # The benchmark case, scheduled as dsa.launch.index_topk splits it (two waves: 264 blocks).
+    # The benchmark case, scheduled as dsa.launch.index_topk splits and merges it (264 blocks, 8 groups).
     (case,) = [c for c in case_data.standard_cases(full=True) if c.name == "index_topk_decode-fp8-b1-s1-kv131072"]
     planned = cost.case_estimate(case, "h800")
     assert planned is not None and planned.blocks == 264
-    assert keys_once_s <= planned.model_s <= 2 * keys_once_s, (planned.model_s, keys_once_s)
+    assert planned.model_s == pytest.approx(two_levels.model_s)
+
+
+def test_merge_levels_cost_their_longest_rows() -> None:
+    """The merge's top-k rows (one 1024-thread block each) cost ``TOPK_ROW_CYCLES`` plus 1/16 cycle a candidate: at
+    B = 1, 128K one level is one row of 135,168 candidates; two levels (8 groups) eight rows of 16,896 side by side,
+    then one of 16,384; the sorts read and write the 2048-wide lists at both levels."""
+    args = {"queries": 1, "splits": 264, "width": 512, "topk": 2048, "spec": H800}
+    one_s, one_bytes = cost.merge_estimate(**args, groups=1)
+    two_s, two_bytes = cost.merge_estimate(**args, groups=8)
+    clock = H800.clock_mhz * 1e6 * cost.SUSTAINED_CLOCK_SHARE
+    entry = 8  # a candidate's position and score
+    lists = 264 * 2048 * entry
+    sort_s = (2 * lists + 264 * 512 * entry) / (H800.dram_gbps * 1e9)
+    assert one_s == pytest.approx(sort_s + (cost.TOPK_ROW_CYCLES + 135_168 / 16) / clock)
+    rows_s = (2 * cost.TOPK_ROW_CYCLES + (16_896 + 16_384) / 16) / clock
+    second_sort_s = (2 * 8 * 2048 * entry + 8 * 2048 * entry) / (H800.dram_gbps * 1e9)
+    assert two_s == pytest.approx(sort_s + second_sort_s + rows_s)
+    assert two_bytes > one_bytes  # a second level moves more bytes and runs shorter rows
 
 
 def test_bytes_and_dequantised_rows_follow_the_layout_and_the_schedule() -> None:
