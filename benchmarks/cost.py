@@ -60,6 +60,7 @@ __all__ = [
     "case_estimate",
     "dsa_decode_schedule",
     "flashmla_decode_schedule",
+    "key_row_memory_ops",
     "merge_estimate",
     "roofline",
     "selection_estimate",
@@ -84,6 +85,8 @@ FP32_OP = 1 / 128
 """An FP32 add, multiply or FMA (128 lanes per SM)."""
 MUFU_OP = 1 / 16
 """An ``ex2`` on the special-function units (16 per SM per cycle)."""
+LSU_OP = 1 / 32
+"""A load or store of one thread (32 load/store lanes per SM), whatever its width: 1 or 16 bytes."""
 DEQUANT_CHAIN = CVT_FP8_TO_HALF + CVT_HALF_TO_FLOAT + CVT_FLOAT_TO_BF16 + SCALE_MULTIPLY
 """e4m3 -> half -> float32 -> bf16 and the scale: ~0.098 cycles a value, 50 per V3.2 row (Hopper has no direct e4m3
 to bf16 conversion)."""
@@ -235,6 +238,16 @@ def sparse_mla_decode_estimate(
     )
 
 
+def key_row_memory_ops(dim: int, key_layout: str) -> int:
+    """Per-thread loads and shared-memory stores a selection block spends on one FP8 index key of ``dim`` values in
+    ``key_layout`` (``dsa.kv_format.INDEX_KEY_LAYOUTS``), as the sm_90a code does it: a 132-byte row (4-byte
+    aligned) is loaded and stored a byte at a time (264 at V3.2); per-page keys as 16-byte vectors and one 4-byte
+    scale (18)."""
+    if key_layout == "paged":
+        return 2 * (dim // 16 + 1)
+    return 2 * kv_format.index_key_layout(dim, key_layout).bytes_per_token
+
+
 def merge_estimate(
     *, queries: int, splits: int, width: int, topk: int, groups: int, spec: sku.PerfSpec
 ) -> tuple[float, float]:  # fmt: skip
@@ -264,11 +277,16 @@ def merge_estimate(
 def selection_estimate(
     *, batch: int, s_q: int, context: int, heads: int, dim: int, topk: int, page_size: int, spec: sku.PerfSpec,
     splits: int = 1, block_q: int = 1, block_n: int = 128, blocks_per_sm: int = 1, groups: int = 1,
+    key_layout: str = "rows",
 ) -> Estimate:  # fmt: skip
     """Decode selection (FP8 index keys, ``kv_format.index_key_layout``) of ``batch x s_q`` queries over ``context``
     keys each, ``block_q`` queries a block, every query's key blocks (``block_n`` keys) dealt out to ``splits``
     sub-ranges (1: one block walks them all), each keeping its best ``min(topk, keys it spans)`` candidates, merged
     in one level or two (``groups``, :func:`merge_estimate`; ``dsa.launch.index_topk_split``).
+
+    SM: per (query, key) the FP8 GEMM, the heads' ReLU and weighted sum and the selection's share; per (block, key)
+    the key's loads and shared-memory stores (:func:`key_row_memory_ops` in ``key_layout``), which ``block_q``
+    queries of a block share (``block_q = 2``: both MTP queries of a token, ``q_rows = 128`` at 64 heads).
 
     DRAM: every key row and block-table entry once per sequence, the queries and weights, the indices written; split,
     every virtual query's ``topk``-wide list (position and score; ``s_q`` padded to whole blocks of ``block_q``)
@@ -286,8 +304,9 @@ def selection_estimate(
     # Per (query, key): the FP8 GEMM, then per head a ReLU and a weighted add, then the selection's share.
     per_key = heads * dim * 2 / (spec.mma_flops_per_cycle * _FP8_RATE) + (heads * 2 + SELECT_OPS_PER_KEY) * FP32_OP
     blocks = virtual // block_q
+    loads = batch * math.ceil(s_q / block_q) * context * key_row_memory_ops(dim, key_layout) * LSU_OP
     dram_s = _dram_s(reads + (lists or out), spec)
-    sm_s = _busiest_sm_s(queries * context * per_key, blocks, spec, persistent=False)
+    sm_s = _busiest_sm_s(queries * context * per_key + loads, blocks, spec, persistent=False)
     merge_s, merge_bytes = (
         merge_estimate(queries=queries, splits=splits, width=width, topk=topk, groups=groups, spec=spec)
         if lists else (0.0, 0.0)
@@ -305,14 +324,16 @@ def selection_estimate(
     )
 
 
-def _selection_schedule(static: dict[str, Any], sizes: dict[str, int], spec: sku.PerfSpec) -> dict[str, int]:
+def _selection_schedule(static: dict[str, Any], sizes: dict[str, int], spec: sku.PerfSpec) -> dict[str, Any]:
     """The paged selection's schedule for a case as its launcher plans it on ``spec``: the default sm_90a config's
-    queries and keys per block, the split count of ``dsa.launch.index_topk_split.num_splits`` and the merge's groups
-    of ``merge_groups``."""
+    queries and keys per block, the split count of ``dsa.launch.index_topk_split.num_splits``, the merge's groups
+    of ``merge_groups`` and the case's key layout (rows unless it names one)."""
     dtype = getattr(torch, static["dtype"])
     batch, s_q = sizes["batch"], sizes["seq_len"]
+    key_layout = static.get("key_layout", "rows")
     q = torch.empty(batch, s_q, static["heads"], static["dim"], dtype=dtype, device="meta")
-    paged = selection_launch.paged_static_params(q, static["topk"], page_size=static["page_size"])
+    paged = selection_launch.paged_static_params(q, static["topk"], page_size=static["page_size"],
+                                                 key_layout=key_layout)  # fmt: skip
     config = selection_kernels.default_config({**paged, "target": dict(dsl.HOPPER_TARGET)})
     block_q = indexer_kernels.block_queries(static["heads"], config.q_rows)
     key_blocks = math.ceil(math.ceil(sizes["seq_len_kv"] / static["page_size"]) * static["page_size"] / config.block_N)
@@ -322,7 +343,7 @@ def _selection_schedule(static: dict[str, Any], sizes: dict[str, int], spec: sku
                                         block_N=config.block_N)  # fmt: skip
     groups = selection_split.merge_groups(batch=batch, s_q=s_q, splits=splits, width=width, topk=static["topk"],
                                           sms=spec.sm_count)  # fmt: skip
-    return {"splits": splits, "block_q": block_q, "block_n": config.block_N, "groups": groups}
+    return {"splits": splits, "block_q": block_q, "block_n": config.block_N, "groups": groups, "key_layout": key_layout}
 
 
 def v4_flashmla_decode_estimate(case: case_data.Case, spec: sku.PerfSpec) -> Estimate | None:

@@ -14,6 +14,7 @@ from autotune.lookup import sku
 from benchmarks import cases as case_data
 from benchmarks import cost, gpu_record, harness
 from dsa import kv_format
+from dsa.launch import index_topk_split as split_rules
 from tl_kernels import sparse_mla_decode as decode_kernels
 
 H800 = sku.PERF_TABLE["h800"]
@@ -52,28 +53,58 @@ def test_flashmla_v32_decode_point_is_within_1_2x_of_its_published_time() -> Non
 
 def test_b1_selection_at_128k_against_reading_the_keys_once() -> None:
     """B = 1, 128K context, 64 x 128 FP8 index keys (132 bytes a row, from kv_format), topk 2048 on H800, split over
-    two waves of blocks (264): the split kernel is DRAM-bound, the merge adds its sorts and its top-k rows. One merge
-    level (one block over 264 lists of 512) models 3.0x the DRAM time of the keys; the two-level merge the launcher
-    picks (8 groups) 2.45x: above the issue's 2x, the rest being the split kernel's 2048-wide lists (512 valid) that
-    it writes and the merge sorts whole. One block per query (the unsplit kernel) is tens of times slower."""
+    two waves of blocks (264). Per-page keys (16-byte loads): the split kernel is DRAM-bound, the merge adds its
+    sorts and its top-k rows; one merge level (one block over 264 lists of 512) models 3.0x the DRAM time of the
+    keys, the two-level merge the launcher picks (8 groups) 2.45x: above the issue's 2x, the rest being the split
+    kernel's 2048-wide lists (512 valid) that it writes and the merge sorts whole. Key rows (the benchmark case's
+    layout, loaded a byte at a time) make the split kernel SM-bound: 2.56x. One block per query (the unsplit
+    kernel) is tens of times slower."""
     context = 131072
     key_bytes = kv_format.index_key_layout(128).bytes_per_token
     assert key_bytes == 132
     keys_once_s = context * key_bytes / (H800.dram_gbps * 1e9)
     args = {"batch": 1, "s_q": 1, "context": context, "heads": 64, "dim": 128, "topk": 2048, "page_size": 64,
             "spec": H800, "splits": 2 * H800.sm_count}  # fmt: skip
-    one_level = cost.selection_estimate(**args)
-    two_levels = cost.selection_estimate(**args, groups=8)
+    one_level = cost.selection_estimate(**args, key_layout="paged")
+    two_levels = cost.selection_estimate(**args, groups=8, key_layout="paged")
     assert one_level.blocks == two_levels.blocks == 264 and two_levels.bound == "dram"
     assert one_level.model_s / keys_once_s == pytest.approx(3.02, abs=0.05)
     assert two_levels.model_s / keys_once_s == pytest.approx(2.45, abs=0.05)
+    rows = cost.selection_estimate(**args, groups=8)
+    assert rows.bound == "sm" and rows.model_s / keys_once_s == pytest.approx(2.56, abs=0.05)
     serial = cost.selection_estimate(**{**args, "splits": 1})
     assert serial.blocks == 1 and serial.model_s > 20 * keys_once_s
-    # The benchmark case, scheduled as dsa.launch.index_topk splits and merges it (264 blocks, 8 groups).
+    # The benchmark case (key rows), scheduled as dsa.launch.index_topk splits and merges it (264 blocks, 8 groups).
     (case,) = [c for c in case_data.standard_cases(full=True) if c.name == "index_topk_decode-fp8-b1-s1-kv131072"]
     planned = cost.case_estimate(case, "h800")
     assert planned is not None and planned.blocks == 264
-    assert planned.model_s == pytest.approx(two_levels.model_s)
+    assert planned.model_s == pytest.approx(rows.model_s)
+
+
+def _mtp_selection(batch: int, block_q: int, key_layout: str, context: int = 32768) -> cost.Estimate:
+    """Two MTP queries a token (V3.2 selection on H800), ``block_q`` of them a block, split and merged as
+    ``dsa.launch.index_topk_split``'s rules say."""
+    key_blocks = context // 128
+    splits = split_rules.num_splits(batch=batch, s_q=2, block_Q=block_q, key_blocks=key_blocks, sms=H800.sm_count)
+    width = split_rules.split_width(topk=2048, splits=splits, key_blocks=key_blocks, block_N=128)
+    groups = split_rules.merge_groups(batch=batch, s_q=2, splits=splits, width=width, topk=2048, sms=H800.sm_count)
+    return cost.selection_estimate(batch=batch, s_q=2, context=context, heads=64, dim=128, topk=2048, page_size=64,
+                                   spec=H800, splits=splits, block_q=block_q, groups=groups,
+                                   key_layout=key_layout)  # fmt: skip
+
+
+@pytest.mark.parametrize("context", [32768, 131072])
+@pytest.mark.parametrize("batch", [8, 32, 128])
+def test_mtp_queries_share_a_block_where_key_loads_bound_the_selection(batch: int, context: int) -> None:
+    """Key rows are loaded and stored a byte at a time (264 operations a key, 8.3 cycles: more than the 3.1 cycles
+    of one query's scores), so two MTP queries in one block (``q_rows = 128``) model at least 20% faster there;
+    per-page keys (18 operations) gain nothing from it (the extra splits' lists cost more than the shared loads)."""
+    assert cost.key_row_memory_ops(128, "rows") == 264 and cost.key_row_memory_ops(128, "paged") == 18
+    rows_one, rows_both = (_mtp_selection(batch, q, "rows", context).model_s for q in (1, 2))
+    assert rows_both < 0.8 * rows_one, (rows_one, rows_both)
+    paged_one, paged_both = (_mtp_selection(batch, q, "paged", context).model_s for q in (1, 2))
+    assert paged_both >= 0.97 * paged_one, (paged_one, paged_both)
+    assert paged_one < 0.8 * rows_both  # the per-page layout is the larger lever
 
 
 def test_merge_levels_cost_their_longest_rows() -> None:
