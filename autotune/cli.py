@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--kernels",
         default="all",
-        help=f"'all' or a comma-separated subset of: {', '.join(space.KERNEL_NAMES)}",
+        help=f"'all' or a comma-separated subset of: {', '.join(space.TUNED_KERNEL_NAMES)}",
     )
     parser.add_argument(
         "--shapes",
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _parse_kernels(value: str) -> tuple[str, ...]:
     if value.strip() == "all":
-        return space.KERNEL_NAMES  # the five DSA kernels (kernels registered by tests are named explicitly)
+        return space.TUNED_KERNEL_NAMES  # the built-in kernels (kernels registered by tests are named explicitly)
     names = tuple(dict.fromkeys(name.strip() for name in value.split(",") if name.strip()))
     if not names:
         raise ValueError("--kernels needs 'all' or at least one kernel name")

@@ -114,7 +114,8 @@ class CompileJob:
 
     ``target_json`` is the CUDA target (canonical JSON of ``{"kind": "cuda", "arch": ...}``); ``mma`` the matrix
     instruction every GEMM must use (``None`` for a kernel without GEMMs); ``report_cache_dir`` where ptxas reports
-    are cached (``None``: not cached).
+    are cached (``None``: not cached); ``variants_json`` the spec's ``variants`` (a JSON list of extra static
+    parameters the candidate is also compiled with, e.g. the decode attention's one-split ``direct`` kernel).
     """
 
     kernel: str
@@ -125,6 +126,7 @@ class CompileJob:
     target_json: str = cache.canonical(dsl.HOPPER_TARGET)
     mma: str | None = dsl.MMA_WGMMA
     report_cache_dir: str | None = None
+    variants_json: str = "[]"
 
     @property
     def static(self) -> dict[str, Any]:
@@ -139,11 +141,6 @@ class CompileJob:
         return json.loads(self.target_json)
 
 
-def _resolve(path: str) -> Callable[..., Any]:
-    module_name, _, attr = path.partition(":")
-    return getattr(importlib.import_module(module_name), attr)
-
-
 def short_error(exc: BaseException) -> str:
     """``Type: message`` of ``exc``, cut to a few thousand characters (reports keep one line per candidate)."""
     text = f"{type(exc).__name__}: {exc}".strip()
@@ -155,7 +152,7 @@ def compile_candidate(job: CompileJob) -> CompileResult:
     start = time.perf_counter()
     try:
         module = importlib.import_module(job.module)
-        compile_fn = _resolve(job.compile_fn)
+        compile_fn = space.resolve(job.compile_fn)
     except Exception as exc:  # noqa: BLE001 - e.g. the module does not import
         return CompileResult(ok=False, error=short_error(exc), compile_s=0.0)
     try:
@@ -164,19 +161,26 @@ def compile_candidate(job: CompileJob) -> CompileResult:
     except (TypeError, ValueError) as exc:
         return CompileResult(ok=False, error=f"invalid config: {exc}", compile_s=0.0)
     cache_dir = None if job.report_cache_dir is None else Path(job.report_cache_dir)
-    try:
-        _, report = compile_fn(module.build, target=job.target, report_cache_dir=cache_dir, **job.static, **job.config)
-    except Exception as exc:  # noqa: BLE001 - a failing candidate is a result, not a crash
-        return CompileResult(ok=False, error=short_error(exc), compile_s=time.perf_counter() - start)
+    reports = []
+    # The candidate itself, then each variant (another kernel a launcher runs with the same config): the candidate
+    # passes only if every one of them compiles clean, and the record shows the worst figures among them.
+    for variant in ({}, *json.loads(job.variants_json)):
+        label = "".join(f"{name}={value}: " for name, value in variant.items())
+        try:
+            _, report = compile_fn(module.build, target=job.target, report_cache_dir=cache_dir,
+                                   **{**job.static, **variant}, **job.config)  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - a failing candidate is a result, not a crash
+            return CompileResult(ok=False, error=label + short_error(exc), compile_s=time.perf_counter() - start)
+        reports.append((label, report))
     elapsed = time.perf_counter() - start
-    problems = list(report.problems(mma=job.mma))
+    problems = [label + problem for label, report in reports for problem in report.problems(mma=job.mma)]
     return CompileResult(
         ok=not problems,
         error="; ".join(problems) or None,
-        registers=report.registers,
-        spill_bytes=report.spill_bytes,
-        smem_bytes=report.smem_bytes,
-        mma=report.mma_text,
+        registers=max(report.registers for _, report in reports),
+        spill_bytes=max(report.spill_bytes for _, report in reports),
+        smem_bytes=max(report.smem_bytes for _, report in reports),
+        mma="+".join(sorted({name for _, report in reports for name in report.mma})) or "-",
         compile_s=elapsed,
     )
 
@@ -327,6 +331,7 @@ def _plan(
                 target_json=cache.canonical(target),
                 mma=arch.mma if kernel_spec.has_gemm else None,
                 report_cache_dir=str(options.cache_dir / env.STATIC_REPORT_SUBDIR),
+                variants_json=json.dumps(list(kernel_spec.variants), sort_keys=True),
             )
             for config in configs
         ]

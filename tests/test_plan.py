@@ -30,16 +30,22 @@ BATCH, PROMPT, STEPS = 2, 6, 3
 
 
 def _counting(monkeypatch: pytest.MonkeyPatch) -> collections.Counter[str]:
-    """Count every ``check_*`` validator, every target choice and every config choice of this process."""
+    """Count every ``check_*`` validator, every target choice and every config choice of this process (a choice that
+    calls another function of its label, ``select_config`` falling back to ``default_config``, counts once)."""
     counts: collections.Counter[str] = collections.Counter()
+    inside: collections.Counter[str] = collections.Counter()
 
     def wrap(owner: object, name: str, label: str) -> None:
         real: Callable[..., object] = getattr(owner, name)
 
         @functools.wraps(real)
         def counted(*args: object, **kwargs: object) -> object:
-            counts[label] += 1
-            return real(*args, **kwargs)
+            counts[label] += not inside[label]
+            inside[label] += 1
+            try:
+                return real(*args, **kwargs)
+            finally:
+                inside[label] -= 1
 
         monkeypatch.setattr(owner, name, counted)
 

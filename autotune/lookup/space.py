@@ -15,9 +15,11 @@ This module maps kernel names to those modules (imported lazily), enumerates can
 presets: for each kernel a list of :class:`Case` s, i.e. one set of static parameters (compiled once: runtime sizes
 are symbolic) and the runtime size points at which it is timed and stored in the cache.
 
-Size names (what launchers pass to :func:`autotune.lookup.select.config_for` as ``sizes``): every kernel uses ``batch``,
-``seq_len`` (S, queries) and ``seq_len_kv`` (S_kv, keys); ``sparse_mla_fwd``, whose top-k is a runtime size, also
-``topk`` (the ``k`` of ``indices [B, S, k]``). See :func:`size_names`.
+Size names (what launchers pass to :func:`autotune.lookup.select.config_for` as ``sizes``): every prefill/training
+kernel uses ``batch``, ``seq_len`` (S, queries) and ``seq_len_kv`` (S_kv, keys); ``sparse_mla_fwd``, whose top-k is a
+runtime size, also ``topk`` (the ``k`` of ``indices [B, S, k]``); the decode attention ``sparse_mla_decode`` uses
+``batch``, ``s_q`` and ``topk`` (:mod:`autotune.lookup.decode`, which also holds the decode presets: the paged
+selection's are ``index_topk`` cases). See :func:`size_names`.
 """
 
 from __future__ import annotations
@@ -36,6 +38,12 @@ from typing import Any
 
 
 KERNEL_NAMES: tuple[str, ...] = ("indexer", "topk", "index_topk", "sparse_mla_fwd", "sparse_mla_bwd")
+"""The prefill/training kernels (one problem shape: ``B x S`` queries over ``S_kv`` keys)."""
+DECODE_KERNEL_NAMES: tuple[str, ...] = ("sparse_mla_decode",)
+"""The decode attention over a paged cache (its own size names; the decode selection is ``index_topk``'s paged
+variant, tuned as ``index_topk`` cases)."""
+TUNED_KERNEL_NAMES: tuple[str, ...] = KERNEL_NAMES + DECODE_KERNEL_NAMES
+"""Every built-in tuner kernel: what ``dsa-autotune --kernels all`` tunes."""
 SIZE_NAMES: tuple[str, ...] = ("batch", "seq_len", "seq_len_kv")
 # The default target candidates are checked for: kernel modules apply an architecture's constraints from
 # ``static["target"]`` (the dict form of ``tl_kernels.dsl.HOPPER_TARGET``, repeated here to keep this import light).
@@ -73,6 +81,11 @@ class KernelSpec:
         size_names: the runtime sizes that key the cache (what launchers pass as ``sizes``).
         compile_fn: ``"module:function"`` that compiles ``build`` for a CUDA ``target=`` and returns
             ``(kernel, StaticReport)`` (tests substitute a fake).
+        screen: ``"module:function"`` taking ``(static, config dict, target or None)`` that raises ``ValueError`` for
+            a candidate not worth compiling beyond what ``check_config`` rejects (a repeat of another, or one that
+            cannot fit an SM by the kernel's own resource figures); ``None``: none.
+        variants: extra static parameters each candidate is also compiled with (other kernels of the same builder
+            that a launcher runs with the same config); its static report is the worst of all of them.
     """
 
     name: str
@@ -81,6 +94,8 @@ class KernelSpec:
     has_gemm: bool = True
     size_names: tuple[str, ...] = SIZE_NAMES
     compile_fn: str = "tl_kernels.build:compile_cuda"
+    screen: str | None = None
+    variants: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -106,6 +121,10 @@ _BUILTIN_SPECS: dict[str, KernelSpec] = {
     "index_topk": KernelSpec("index_topk", "tl_kernels.index_topk"),
     "sparse_mla_fwd": KernelSpec("sparse_mla_fwd", "tl_kernels.sparse_mla_fwd", size_names=(*SIZE_NAMES, "topk")),
     "sparse_mla_bwd": KernelSpec("sparse_mla_bwd", "tl_kernels.sparse_mla_bwd"),
+    "sparse_mla_decode": KernelSpec(
+        "sparse_mla_decode", "tl_kernels.sparse_mla_decode", size_names=("batch", "s_q", "topk"),
+        screen="autotune.lookup.decode:screen", variants=({"direct": True},),
+    ),
 }
 _specs: dict[str, KernelSpec] = dict(_BUILTIN_SPECS)
 # Extra presets registered at run time (tests register a fake kernel's cases here): preset -> kernel -> cases.
@@ -137,8 +156,8 @@ def spec(kernel: str) -> KernelSpec:
 
 
 def known_kernels() -> tuple[str, ...]:
-    """Every kernel name: the five DSA kernels first, then any registered ones."""
-    return KERNEL_NAMES + tuple(name for name in _specs if name not in KERNEL_NAMES)
+    """Every kernel name: the built-in tuner kernels first (:data:`TUNED_KERNEL_NAMES`), then any registered ones."""
+    return TUNED_KERNEL_NAMES + tuple(name for name in _specs if name not in TUNED_KERNEL_NAMES)
 
 
 def kernel_module(kernel: str) -> ModuleType:
@@ -206,9 +225,25 @@ def default_config(kernel: str, static: Static, *, target: Any = None) -> dict[s
     return config_to_dict(kernel_module(kernel).default_config(_checked_static(static, target)))
 
 
-def _is_valid(module: ModuleType, static: Static, config: Any, target: Any) -> bool:
+def resolve(path: str) -> Callable[..., Any]:
+    """The function ``"module:function"`` names (a spec's ``compile_fn`` or ``screen``), its module imported."""
+    module_name, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def screen_candidate(kernel: str, static: Static, config: Mapping[str, Any], *, target: Any = None) -> None:
+    """Raise ``ValueError`` when ``config`` is not worth compiling for ``static`` on ``target`` (default: sm_90a):
+    the kernel module's ``check_config`` rejects it, or the spec's ``screen`` does (:class:`KernelSpec`)."""
+    module = kernel_module(kernel)
+    module.check_config(_checked_static(static, target), module.Config(**config))
+    screen = spec(kernel).screen
+    if screen is not None:
+        resolve(screen)(static, dict(config), target)
+
+
+def _is_valid(kernel: str, static: Static, config: Mapping[str, Any], target: Any) -> bool:
     try:
-        module.check_config(_checked_static(static, target), config)
+        screen_candidate(kernel, static, config, target=target)
     except ValueError:
         return False
     return True
@@ -229,7 +264,7 @@ def full_space(kernel: str, static: Static, *, target: Any = None) -> list[dict[
         if key in seen:
             continue
         seen.add(key)
-        if _is_valid(module, static, module.Config(**candidate), target):
+        if _is_valid(kernel, static, candidate, target):
             out.append(candidate)
     return out
 
@@ -263,7 +298,7 @@ def pruned_space(
     for preset in presets:
         candidate = {**default, **preset}
         key = json.dumps(candidate, sort_keys=True)
-        if key not in seen and _is_valid(module, static, module.Config(**candidate), target):
+        if key not in seen and _is_valid(kernel, static, candidate, target):
             seen.add(key)
             out.append(candidate)
     for step in itertools.zip_longest(*per_field):
@@ -271,7 +306,7 @@ def pruned_space(
             if candidate is None or len(out) > neighbours:
                 continue
             key = json.dumps(candidate, sort_keys=True)
-            if key not in seen and _is_valid(module, static, module.Config(**candidate), target):
+            if key not in seen and _is_valid(kernel, static, candidate, target):
                 seen.add(key)
                 out.append(candidate)
     return out
@@ -297,7 +332,7 @@ def check_static(kernel: str, static: Static) -> None:
         raise ValueError(f"{kernel}: static parameters {clash} are config fields or the target")
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
-    unknown = sorted(set(static) - set(params))
+    unknown = sorted((set(static) | {name for variant in spec(kernel).variants for name in variant}) - set(params))
     if unknown:
         raise ValueError(f"{kernel}: build() takes no parameter(s) {unknown}")
 
@@ -321,9 +356,18 @@ def _builtin_cases(preset: str) -> dict[str, list[Case]]:
     heads x 128 dims, fp8, visibility by per-query ranges) over the same entries; 4K .. 64K tokens.
     ``tiny``: small heads and dims for CI that still meet every kernel's sm_90a constraints (dims multiples of 64 for
     the backward's column chunks, of 32 for the fp8 indexer).
+    Each preset also holds its decode cases (:func:`autotune.lookup.decode.cases`).
     """
-    if preset == "deepseek-v4":
-        return _deepseek_v4_cases()
+    from autotune.lookup import decode
+
+    table = _deepseek_v4_cases() if preset == "deepseek-v4" else _prefill_cases(preset)
+    for kernel, kernel_cases in decode.cases(preset).items():
+        table[kernel] = table.get(kernel, []) + kernel_cases
+    return table
+
+
+def _prefill_cases(preset: str) -> dict[str, list[Case]]:
+    """The prefill/training kernels' cases of the ``deepseek-v3.2`` and ``tiny`` presets (:func:`_builtin_cases`)."""
     if preset == "deepseek-v3.2":
         seqs, check_seq, check_kv = DEEPSEEK_SEQ_LENS, 512, 4096
         indexer = [

@@ -8,8 +8,15 @@ bfloat16 cache or FP8 bytes in ``dsa.kv_format.FP8Layout.for_width(d_qk, d_rope)
 (``dsa.kv_format.MODEL1_FP8_LAYOUT``, 584-byte rows: FlashMLA's view of its split pages, whose page stride may exceed
 ``page_size * 584`` by the page's padding; the kernel reads the pages in place), int32 indices/lengths, contiguous
 (the MODEL1 pages: rows back to back within a page), on one CPU or CUDA device. On CPU the kernels are TileLang's C-target builds (serial loops), on CUDA the sm_90a builds
-(or the portable schedule elsewhere). The kernel is not tuned yet: it runs ``tl_kernels.sparse_mla_decode``'s default
-config (the forward's tiles; on sm_90a the FP8 gather prefetched a step ahead).
+(or the portable schedule elsewhere).
+
+The config is chosen as the prefill launchers choose theirs (``dsa.launch.common.select_config``): on CUDA the tuned
+config of the first source's kernel (its ``static_params``) for the sizes ``batch``, ``s_q`` and ``topk`` (that
+source's width) from the config cache (``dsa-autotune --kernels sparse_mla_decode``), else, and always on the C
+target, ``tl_kernels.sparse_mla_decode``'s default (the rule until a GPU record decides: the forward's tiles, on
+sm_90a the FP8 gather prefetched a step ahead). A second source runs the same config, or the default where the tuned
+one does not suit its format. The split count is not part of the config: it stays the launcher's whole-wave rule
+(:func:`split_count`), which follows the chosen config's blocks per SM.
 """
 
 from __future__ import annotations
@@ -215,9 +222,10 @@ def plan(
         # Each source may be bf16 or FP8 on its own: one attention kernel per cache format, one config for both (the
         # formats share every constraint but the FP8 layout's).
         try:
-            chosen = config or kernels.default_config({**statics[0], "target": target})
-            for static in statics:
-                kernels.check_config({**static, "target": target}, chosen)
+            if config is not None:
+                for static in statics:
+                    kernels.check_config({**static, "target": target}, config)
+            chosen = config or _choose_config(statics, {"batch": batch, "s_q": s_q, "topk": widths[0]}, device, target)
         except ValueError:
             if config is not None:
                 raise  # a caller's config that does not suit the target is an error, not a fallback
@@ -255,6 +263,29 @@ def plan(
 
     key = (tuple(q.shape), formats, tuple(widths), int(d_v), int(d_rope), has_sink, config, splits, direct)
     return _PLANS.get(device, key, make)
+
+
+def _choose_config(
+    statics: list[dict[str, Any]], sizes: dict[str, int], device: torch.device, target: Any
+) -> kernels.Config:
+    """The tuned config of the first source's kernel at ``sizes`` (``common.select_config``; the default where none
+    is tuned, and on the C target), or the default where the tuned one does not suit another source's format.
+
+    Raises:
+        ValueError: not even the default config suits every source (the plan is then ``None``).
+    """
+    tuned = common.select_config(KERNEL_NAME, kernels, statics[0], sizes, device, target)
+    try:
+        for static in statics:
+            kernels.check_config({**static, "target": target}, tuned)
+        return tuned
+    except ValueError:
+        default = kernels.default_config({**statics[0], "target": target})
+        if tuned == default:
+            raise
+    for static in statics:
+        kernels.check_config({**static, "target": target}, default)
+    return default
 
 
 def _cache_format(kv_cache: torch.Tensor, d_qk: int, d_rope: int) -> tuple[int, int, int | None] | None:
