@@ -211,6 +211,29 @@ def test_merge_of_shuffled_sub_range_lists_is_the_rows_top_k(
     _assert_same_selection(got, (want, scores.gather(-1, want.clamp_min(0).long()).masked_fill(want < 0, -torch.inf)))
 
 
+@pytest.mark.cpu_kernel
+def test_merge_default_takes_the_rules_levels_for_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``groups=None``: the merge asks :func:`merge_groups` for the tensors' device; with 132 SMs and 64 lists of 16
+    it runs two levels (8 groups: the top-k kernel over ``[B * 8, s_q, 128]``, then ``[B, s_q, 128]``), the row's
+    top-k exactly; with ``device_sms`` left to the CPU, one level."""
+    scores = testing.make_scores("random", 9, 2, 3, 1024, CPU_TOPK)
+    positions, picked = _sub_range_lists(scores, list(range(0, 1025, 16)), 10)
+    want = reference.topk_indices(scores, CPU_TOPK)
+    want = (want, scores.gather(-1, want.clamp_min(0).long()).masked_fill(want < 0, -torch.inf))
+    shapes: list[tuple[int, ...]] = []
+    topk_indices = topk_launch.topk_indices
+
+    def spy(rows: torch.Tensor, k: int) -> torch.Tensor:
+        shapes.append(tuple(rows.shape))
+        return topk_indices(rows, k)
+
+    monkeypatch.setattr(topk_launch, "topk_indices", spy)
+    _assert_same_selection(split.merge(positions, picked, s_q=3, splits=64, width=CPU_TOPK, topk=CPU_TOPK), want)
+    monkeypatch.setattr(split, "device_sms", lambda device: H100_SMS)
+    _assert_same_selection(split.merge(positions, picked, s_q=3, splits=64, width=CPU_TOPK, topk=CPU_TOPK), want)
+    assert shapes == [(2, 3, 1024), (16, 3, 128), (2, 3, 128)]
+
+
 def _run_split(
     args: dict[str, Any], splits: int | None, topk: int = CPU_TOPK, groups: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
