@@ -5,9 +5,11 @@ The problems are :func:`tests.test_index_topk_decode.make_problem`'s (integer-va
 tie rule decides every tie): random, tied (every score of a row equal), ordered and reversed rows; bf16 keys, FP8 key
 rows and FP8 key pages (DeepGEMM's per-page layout); 1-4 queries per sequence; lengths and ranges that are not
 multiples of the key block; unallocated pages. The split count is forced to 1..7 on the C target (whose default is
-1), and the merge's first-level group count to 1..4 (two levels from 2; the C target's default is one level). The CPU tier compiles nothing new: the paged kernels and the ``k = 16`` top-k kernel are the ones
-``tests/test_index_topk_decode.py`` and ``tests/test_ops.py`` compile. Tiers: rule and range arithmetic (pure Python/PyTorch), ``cpu_kernel``, ``gpu`` (V3.2 at 128K: the split
-count the rule picks against one launch and the reference).
+1), and the merge's first-level group count to 1..4 (two levels from 2; the C target's default is one level). The
+CPU tier compiles nothing new: the paged kernels and the ``k = 16`` top-k kernel are the ones
+``tests/test_index_topk_decode.py`` and ``tests/test_ops.py`` compile (both merge levels run that one top-k kernel).
+Tiers: rule and range arithmetic (pure Python/PyTorch), ``cpu_kernel``, ``gpu`` (V3.2 at 128K: the split count and
+merge levels the rules pick against one launch and the reference).
 """
 
 from __future__ import annotations
@@ -211,6 +213,20 @@ def test_merge_of_shuffled_sub_range_lists_is_the_rows_top_k(
     _assert_same_selection(got, (want, scores.gather(-1, want.clamp_min(0).long()).masked_fill(want < 0, -torch.inf)))
 
 
+def _count_merge_levels(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
+    """A list that receives the ``[rows, s_q, columns]`` shape of every top-k launch (one per merge level) from now
+    on; the launches still run."""
+    shapes: list[tuple[int, ...]] = []
+    topk_indices = topk_launch.topk_indices
+
+    def spy(scores: torch.Tensor, k: int) -> torch.Tensor:
+        shapes.append(tuple(scores.shape))
+        return topk_indices(scores, k)
+
+    monkeypatch.setattr(topk_launch, "topk_indices", spy)
+    return shapes
+
+
 @pytest.mark.cpu_kernel
 def test_merge_default_takes_the_rules_levels_for_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
     """``groups=None``: the merge asks :func:`merge_groups` for the tensors' device; with 132 SMs and 64 lists of 16
@@ -220,14 +236,7 @@ def test_merge_default_takes_the_rules_levels_for_the_device(monkeypatch: pytest
     positions, picked = _sub_range_lists(scores, list(range(0, 1025, 16)), 10)
     want = reference.topk_indices(scores, CPU_TOPK)
     want = (want, scores.gather(-1, want.clamp_min(0).long()).masked_fill(want < 0, -torch.inf))
-    shapes: list[tuple[int, ...]] = []
-    topk_indices = topk_launch.topk_indices
-
-    def spy(rows: torch.Tensor, k: int) -> torch.Tensor:
-        shapes.append(tuple(rows.shape))
-        return topk_indices(rows, k)
-
-    monkeypatch.setattr(topk_launch, "topk_indices", spy)
+    shapes = _count_merge_levels(monkeypatch)
     _assert_same_selection(split.merge(positions, picked, s_q=3, splits=64, width=CPU_TOPK, topk=CPU_TOPK), want)
     monkeypatch.setattr(split, "device_sms", lambda device: H100_SMS)
     _assert_same_selection(split.merge(positions, picked, s_q=3, splits=64, width=CPU_TOPK, topk=CPU_TOPK), want)
@@ -330,16 +339,9 @@ def test_gpu_split_selection_matches_one_launch_and_reference(
                         page_size=V32["page_size"], unallocated=True, pattern=pattern, device=cuda_device)  # fmt: skip
     p = launch.plan_paged(args["q"], V32["topk"], page_size=V32["page_size"], key_layout=args.get("key_layout", "rows"))
     assert launch.paged_splits(p, args["q"], args["block_table"], V32["page_size"]) > 1
-    merges: list[tuple[int, ...]] = []
-    topk_indices = topk_launch.topk_indices
-
-    def spy(scores: torch.Tensor, k: int) -> torch.Tensor:
-        merges.append(tuple(scores.shape))
-        return topk_indices(scores, k)
-
-    monkeypatch.setattr(topk_launch, "topk_indices", spy)
-    got = _run_split(args, None, V32["topk"])
-    monkeypatch.undo()
+    with monkeypatch.context() as patch:  # only this call counted (undo() would drop the poisoned outputs too)
+        merges = _count_merge_levels(patch)
+        got = _run_split(args, None, V32["topk"])
     assert len(merges) == 2 and merges[1][:2] == (batch, s_q), merges  # [B * G, s_q, ...], then [B, s_q, G * topk]
     _assert_same_selection(got, _run_split(args, 1, V32["topk"]))
     _assert_same_selection(got, _reference(args, V32["topk"]))
