@@ -37,6 +37,7 @@ from dsa import env, indexer_grads, reference, selection, validation
 from dsa.hardware import TILELANG
 from dsa.launch import launcher
 from dsa.reference import compute_dtype
+from dsa.reference.decode import PagedKeys, decode_sources
 from dsa.reference.sources import Source, unflat_sources
 
 _LAUNCH_INDEXER = "dsa.launch.indexer"
@@ -154,7 +155,7 @@ def unfused_index_topk(
     """``index_topk`` through the indexer and top-k kernels, one chunk of query rows at a time under the memory budget
     (``dsa.selection``): what ``DSA_SELECTION=unfused`` runs, and the benchmark's ``chunked`` provider."""
     return selection.chunked_index_topk(
-        q, k, weights, topk, k_scale, starts, ends,
+        selection.IndexerInputs(q, k, weights, k_scale, starts, ends), topk,
         index_scores=launcher(_LAUNCH_INDEXER).index_scores,
         topk_indices=launcher(_LAUNCH_TOPK).topk_indices,
         budget_bytes=selection.memory_budget_bytes(q.device),
@@ -222,30 +223,22 @@ def sparse_mla_impl(
 
 
 def index_topk_decode_impl(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    weights: torch.Tensor,
-    topk: int,
-    block_table: torch.Tensor,
-    ends: torch.Tensor,
-    starts: OptTensor,
-    backend: str,
-    *,
-    key_layout: str = "rows",
-) -> tuple[torch.Tensor, torch.Tensor]:
+    q: Tensor, keys: PagedKeys, weights: Tensor, topk: int, ends: Tensor, starts: OptTensor, backend: str
+) -> tuple[Tensor, Tensor]:
     """``index_topk_decode`` (contract in ``dsa.reference.index_topk_decode``): ``(positions, scores)``, each ``[B,
-    s_q, topk]``. The kernel backend runs the fused kernel over the paged keys wherever a config fits, else (a very
-    large ``topk``) the reference, logged once per call. ``key_layout``: the FP8 key cache's byte layout."""
+    s_q, topk]``, over the paged ``keys`` (``dsa.reference.decode.PagedKeys``: cache, block table, FP8 byte layout).
+    The kernel backend runs the fused kernel over the paged keys wherever a config fits, else (a very large
+    ``topk``) the reference, logged once per call."""
     if backend == TILELANG:
         launch = launcher(_LAUNCH_INDEX_TOPK)
-        planned = launch.plan_paged(q, topk, page_size=k_cache.shape[1], key_layout=key_layout)
+        planned = launch.plan_paged(q, topk, page_size=keys.cache.shape[1], key_layout=keys.layout)
         if planned is not None:
             return launch.index_topk_paged(
-                q, k_cache, weights, topk, block_table=block_table, ends=ends, starts=starts, planned=planned
+                q, keys.cache, weights, topk, block_table=keys.block_table, ends=ends, starts=starts, planned=planned
             )
         logger.info("index_topk_decode: no fused config fits topk=%d here; running the reference", topk)
     with torch.no_grad():
-        return reference.index_topk_decode_impl(q, k_cache, weights, topk, block_table, ends, starts, key_layout)
+        return reference.index_topk_decode_impl(q, keys, weights, topk, ends, starts)
 
 
 def sparse_mla_decode_impl(
@@ -265,21 +258,21 @@ def sparse_mla_decode_impl(
     """``sparse_mla_decode`` (contract in ``dsa.reference.sparse_mla_decode``): ``(out [B, s_q, H, d_v], lse [B, s_q,
     H])``. On the kernel backend widths the kernels cannot take (CUDA: ``d_qk``/``d_v`` not multiples of 64, e.g. the
     tiny config's 40) run the reference, logged at info level, so one model serves on every device."""
-    kwargs = dict(
-        sm_scale=sm_scale, d_v=d_v, topk_length=topk_length, attn_sink=attn_sink, extra_kv_cache=extra_kv_cache,
-        extra_indices=extra_indices, extra_topk_length=extra_topk_length, d_rope=d_rope,
-    )  # fmt: skip
+    sources = decode_sources(kv_cache, indices, topk_length, extra_kv_cache, extra_indices, extra_topk_length)
     if backend == TILELANG:
         launch = launcher(_LAUNCH_SPARSE_MLA_DECODE)
-        sources = [(kv_cache, indices)] + ([(extra_kv_cache, extra_indices)] if extra_kv_cache is not None else [])
-        planned = launch.plan(q, [c for c, _ in sources], [i.shape[-1] for _, i in sources], d_v=d_v, d_rope=d_rope,
-                              has_sink=attn_sink is not None)  # fmt: skip
+        planned = launch.plan(q, [s.kv for s in sources], [s.indices.shape[-1] for s in sources], d_v=d_v,
+                              d_rope=d_rope, has_sink=attn_sink is not None)  # fmt: skip
         if planned is not None:
-            return launch.sparse_mla_decode(q, kv_cache, indices, **kwargs, planned=planned)
+            return launch.sparse_mla_decode(
+                q, kv_cache, indices, sm_scale=sm_scale, d_v=d_v, topk_length=topk_length, attn_sink=attn_sink,
+                extra_kv_cache=extra_kv_cache, extra_indices=extra_indices, extra_topk_length=extra_topk_length,
+                d_rope=d_rope, planned=planned,
+            )  # fmt: skip
         logger.info("sparse_mla_decode: no kernel for d_qk=%d, d_v=%d on %s; running the reference", q.shape[-1], d_v,
                     q.device)  # fmt: skip
     with torch.no_grad():
-        return reference.sparse_mla_decode_impl(q, kv_cache, indices, **kwargs)
+        return reference.sparse_mla_decode_impl(q, sources, sm_scale, d_v, attn_sink, d_rope)
 
 
 def _sources(ranged: bool, extra_ranged: bool, *flat: OptTensor) -> tuple[Source, ...]:

@@ -31,7 +31,7 @@ import torch
 
 from dsa import autograd, reference, validation
 from dsa.hardware import TILELANG, select_backend
-from dsa.reference.decode import range_slots
+from dsa.reference.decode import PagedKeys, range_slots
 
 __all__ = [
     "compress_kv", "index_scores", "index_topk", "index_topk_decode", "sparse_mla", "sparse_mla_decode", "topk_indices",
@@ -133,16 +133,16 @@ def sparse_mla(
     One index list runs the forward and backward kernels once each. Ranges or a second source (DeepSeek-V4's window
     and compressed entries) run the kernels once per source and combine them exactly (``dsa.launch.two_source``)."""
     backend = select_backend(q.device, q.dtype in validation.ATTENTION_KERNEL_DTYPES)
+    extra = validation.SourceArgs(extra_kv, extra_indices, extra_topk_length, extra_ranges)
     validation.check_sparse_mla(
-        q, kv, indices, sm_scale, d_v, topk_length, attn_sink, kernel=backend == TILELANG, ranges=ranges,
-        extra_kv=extra_kv, extra_indices=extra_indices, extra_topk_length=extra_topk_length, extra_ranges=extra_ranges,
-    )  # fmt: skip
-    ranged, extra_ranged = indices is None, extra_indices is None
-    entries, extra_entries = ranges if ranged else indices, extra_ranges if extra_ranged else extra_indices
-    q, kv, entries, topk_length, extra_kv, extra_entries, extra_topk_length, attn_sink = _kernel_layout(
-        backend, q, kv, entries, topk_length, extra_kv, extra_entries, extra_topk_length, attn_sink
+        q, kv, indices, sm_scale, d_v, topk_length, attn_sink, kernel=backend == TILELANG, ranges=ranges, extra=extra
     )
-    args = (q, kv, entries, topk_length, extra_kv, extra_entries, extra_topk_length, ranged, extra_ranged,
+    ranged = indices is None
+    q, kv, entries, topk_length, extra_kv, extra_entries, extra_topk_length, attn_sink = _kernel_layout(
+        backend, q, kv, ranges if ranged else indices, topk_length, extra_kv, extra.entries, extra_topk_length,
+        attn_sink,
+    )  # fmt: skip
+    args = (q, kv, entries, topk_length, extra_kv, extra_entries, extra_topk_length, ranged, extra.ranged,
             float(sm_scale), int(d_v), attn_sink, backend)  # fmt: skip
     if _needs_grad(q, kv, extra_kv, attn_sink):
         return autograd.SparseMLAFunction.apply(*args)
@@ -191,11 +191,11 @@ def sparse_mla_decode(
     ``torch.compile(fullgraph=True)``), on every backend.
     """
     backend = select_backend(q.device, q.dtype in validation.ATTENTION_KERNEL_DTYPES)
+    source = validation.SourceArgs(kv_cache, indices, topk_length, ranges, block_table)
+    extra = validation.SourceArgs(extra_kv_cache, extra_indices, extra_topk_length, extra_ranges, extra_block_table)
     validation.check_sparse_mla_decode(
-        q, kv_cache, indices, sm_scale, d_v, topk_length, attn_sink, extra_kv_cache, extra_indices,
-        extra_topk_length, int(d_rope), kernel=backend == TILELANG, ranges=ranges, block_table=block_table,
-        extra_ranges=extra_ranges, extra_block_table=extra_block_table,
-    )  # fmt: skip
+        q, source, sm_scale, d_v, attn_sink, int(d_rope), kernel=backend == TILELANG, extra=extra
+    )
     if ranges is not None:
         indices = range_slots(ranges, block_table, kv_cache)
     if extra_ranges is not None:
@@ -237,9 +237,8 @@ def index_topk_decode(
     q, k_cache, weights, block_table, ends, starts = _kernel_layout(
         backend, q, k_cache, weights, block_table, ends, starts
     )
-    indices, scores = autograd.index_topk_decode_impl(
-        q, k_cache, weights, int(topk), block_table, ends, starts, backend, key_layout=key_layout
-    )
+    keys = PagedKeys(k_cache, block_table, key_layout)
+    indices, scores = autograd.index_topk_decode_impl(q, keys, weights, int(topk), ends, starts, backend)
     return (indices, scores) if return_scores else indices
 
 

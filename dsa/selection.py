@@ -13,12 +13,13 @@ original one. Ranged problems (``starts``/``ends``) pass each chunk's slice of t
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
 from dsa import env, reference
 
-__all__ = ["CPU_DEFAULT_BUDGET_BYTES", "chunk_rows", "chunked_index_topk", "memory_budget_bytes"]
+__all__ = ["CPU_DEFAULT_BUDGET_BYTES", "IndexerInputs", "chunk_rows", "chunked_index_topk", "memory_budget_bytes"]
 
 CPU_DEFAULT_BUDGET_BYTES = 1 << 30
 # Of the free GPU memory, the share one chunk of scores may take: the rest is the caller's (activations, caches).
@@ -57,24 +58,47 @@ def chunk_rows(batch: int, seq: int, seq_kv: int, budget_bytes: int) -> int:
     return min(seq, rows)
 
 
+class IndexerInputs(NamedTuple):
+    """The validated inputs of one indexer call (``index_scores``/``index_topk``), passed as one value.
+
+    Attributes:
+        q (Tensor): ``[B, S, H_i, D_i]``.
+        k (Tensor): ``[B, S_kv, D_i]``, q's dtype.
+        weights (Tensor): ``[B, S, H_i]`` float32.
+        k_scale (Tensor | None): ``[B, S_kv]`` float32 (FP8 keys only).
+        starts, ends (Tensor | None): ``[B, S]`` int32, together: query ``t`` sees ``starts <= s < ends``; None:
+            causal, aligned bottom-right.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    weights: torch.Tensor
+    k_scale: torch.Tensor | None
+    starts: torch.Tensor | None
+    ends: torch.Tensor | None
+
+    def rows(self, t0: int, t1: int) -> IndexerInputs | None:
+        """The inputs of query rows ``t0 .. t1 - 1`` alone, contiguous: their ``q``, ``weights`` and ranges, and (causal)
+        only the keys they can see, ``[0, t1 + S_kv - S)``, where the kernel's bottom-right alignment over that prefix
+        is the original one. None when they see no key at all (causal, ``S_kv < S``)."""
+        q, k, weights, k_scale, starts, ends = self
+        q_c, w_c = q[:, t0:t1].contiguous(), weights[:, t0:t1].contiguous()
+        if starts is None or ends is None:
+            visible = min(k.shape[1], t1 + k.shape[1] - q.shape[1])
+            if visible <= 0:
+                return None
+            ks_c = None if k_scale is None else k_scale[:, :visible].contiguous()
+            return IndexerInputs(q_c, k[:, :visible].contiguous(), w_c, ks_c, None, None)
+        return IndexerInputs(q_c, k, w_c, k_scale, starts[:, t0:t1].contiguous(), ends[:, t0:t1].contiguous())
+
+
 def chunked_index_topk(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    weights: torch.Tensor,
-    topk: int,
-    k_scale: torch.Tensor | None,
-    starts: torch.Tensor | None,
-    ends: torch.Tensor | None,
-    *,
-    index_scores: ScoresFn,
-    topk_indices: TopkFn,
-    budget_bytes: int,
+    inputs: IndexerInputs, topk: int, *, index_scores: ScoresFn, topk_indices: TopkFn, budget_bytes: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``topk_indices(index_scores(q, k, weights, ...), topk)`` and the selected scores, one chunk of rows at a time.
 
     Args:
-        q ``[B, S, H_i, D_i]``, k ``[B, S_kv, D_i]``, weights ``[B, S, H_i]`` float32, k_scale ``[B, S_kv]`` float32
-            or None, starts/ends ``[B, S]`` int32 or None: validated inputs of ``index_topk``.
+        inputs (IndexerInputs): validated inputs of ``index_topk``.
         topk (int): entries per row.
         index_scores: the scores primitive, called as ``index_scores(q, k, weights, k_scale=, starts=, ends=)`` with
             contiguous chunk tensors; returns ``[B, rows, n]`` float32.
@@ -84,25 +108,18 @@ def chunked_index_topk(
     Returns:
         indices ``[B, S, topk]`` int32 (``-1`` padding) and scores ``[B, S, topk]`` float32 (``-inf`` at padding).
     """
+    q = inputs.q
     batch, seq = q.shape[:2]
-    seq_kv = k.shape[1]
-    step = chunk_rows(batch, seq, seq_kv, budget_bytes)
+    step = chunk_rows(batch, seq, inputs.k.shape[1], budget_bytes)
     indices = torch.full((batch, seq, topk), reference.INVALID_INDEX, dtype=torch.int32, device=q.device)
     scores = torch.full((batch, seq, topk), float("-inf"), dtype=torch.float32, device=q.device)
-    causal = starts is None
     for t0 in range(0, seq, step):
         t1 = min(seq, t0 + step)
-        q_c, w_c = q[:, t0:t1].contiguous(), weights[:, t0:t1].contiguous()
-        if causal:
-            visible = min(seq_kv, t1 + seq_kv - seq)
-            if visible <= 0:  # S_kv < S: these rows see no key at all
-                continue
-            k_c = k[:, :visible].contiguous()
-            ks_c = None if k_scale is None else k_scale[:, :visible].contiguous()
-            chunk = index_scores(q_c, k_c, w_c, k_scale=ks_c, starts=None, ends=None)
-        else:
-            st_c, en_c = starts[:, t0:t1].contiguous(), ends[:, t0:t1].contiguous()
-            chunk = index_scores(q_c, k, w_c, k_scale=k_scale, starts=st_c, ends=en_c)
+        chunk_inputs = inputs.rows(t0, t1)
+        if chunk_inputs is None:  # S_kv < S: these rows see no key at all
+            continue
+        q_c, k_c, w_c, ks_c, st_c, en_c = chunk_inputs
+        chunk = index_scores(q_c, k_c, w_c, k_scale=ks_c, starts=st_c, ends=en_c)
         picked = topk_indices(chunk, topk)
         indices[:, t0:t1] = picked
         scores[:, t0:t1] = reference.gather_scores(chunk, picked)

@@ -14,6 +14,7 @@ Strides are never an error, on any backend: the kernels read row-major tensors, 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -44,6 +45,42 @@ INDEXER_REFERENCE_DTYPES = (*INDEXER_KERNEL_DTYPES, torch.float16, torch.float32
 ATTENTION_KERNEL_DTYPES = (torch.bfloat16,)
 ATTENTION_REFERENCE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 INDEX_DTYPE = torch.int32
+
+
+class SourceArgs(NamedTuple):
+    """One key source of ``sparse_mla`` or ``sparse_mla_decode`` as the caller passes it, before validation: its rows
+    and either an index list or ranges. The ops (and the reference's entry points) group each source's arguments in
+    one of these for the checks; ``sparse_mla``'s second source is ``extra_kv`` with ``extra_indices``...
+
+    Attributes:
+        kv (Tensor | None): ``sparse_mla``'s ``kv [B, S_kv, d_qk]`` or ``sparse_mla_decode``'s ``kv_cache`` pages;
+            None where a call has no second source.
+        indices (Tensor | None): ``[B, S, k]`` int32 row numbers (slots for decode); None with ``ranges``.
+        topk_length (Tensor | None): index lists only: how many leading entries of each row count.
+        ranges (Tensor | None): ``[B, S, 2]`` int32 ``(start, end)`` per query instead of ``indices``.
+        block_table (Tensor | None): ``sparse_mla_decode``'s ranged sources: ``[B, pages_per_sequence]`` int32, maps
+            the ranges' positions to slots.
+    """
+
+    kv: OptTensor
+    indices: OptTensor = None
+    topk_length: OptTensor = None
+    ranges: OptTensor = None
+    block_table: OptTensor = None
+
+    @property
+    def ranged(self) -> bool:
+        """Whether the entries are ranges (no index list given)."""
+        return self.indices is None
+
+    @property
+    def entries(self) -> OptTensor:
+        """The index list, or the ranges of a ranged source."""
+        return self.ranges if self.indices is None else self.indices
+
+
+NO_SOURCE = SourceArgs(None)
+"""The absent second source."""
 
 
 def _require_query_and_keys(
@@ -172,13 +209,11 @@ def check_sparse_mla(
     *,
     kernel: bool = False,
     ranges: torch.Tensor | None = None,
-    extra_kv: torch.Tensor | None = None,
-    extra_indices: torch.Tensor | None = None,
-    extra_topk_length: torch.Tensor | None = None,
-    extra_ranges: torch.Tensor | None = None,
+    extra: SourceArgs = NO_SOURCE,
 ) -> None:
     """Validate the inputs of ``sparse_mla`` (see ``dsa.reference.sparse_mla``): one source (``kv`` with ``indices``
-    or ``ranges``) and optionally a second (``extra_kv`` with ``extra_indices`` or ``extra_ranges``)."""
+    or ``ranges``) and optionally a second, ``extra`` (``extra_kv`` with ``extra_indices`` or ``extra_ranges``, named
+    so in messages)."""
     if indices is None or ranges is not None:  # (the common call, one index list, skips this)
         _check_exactly_one("indices", indices, "ranges", ranges)
     if indices is not None:
@@ -200,11 +235,11 @@ def check_sparse_mla(
     if topk_length is not None:
         _require_per_query_ints("topk_length", topk_length, (batch, seq), "[B, S]")
     require_same_device("q", q, kv=kv, indices=indices, topk_length=topk_length, attn_sink=attn_sink)
-    if extra_kv is not None:
-        _check_extra_source(q, kv, extra_kv, extra_indices, extra_topk_length, extra_ranges)
-    elif extra_indices is not None or extra_topk_length is not None or extra_ranges is not None:
-        name = next(n for n, t in (("extra_indices", extra_indices), ("extra_topk_length", extra_topk_length),
-                                   ("extra_ranges", extra_ranges)) if t is not None)  # fmt: skip
+    if extra.kv is not None:
+        _check_extra_source(q, kv, extra)
+    elif extra.indices is not None or extra.topk_length is not None or extra.ranges is not None:
+        name = next(n for n, t in (("extra_indices", extra.indices), ("extra_topk_length", extra.topk_length),
+                                   ("extra_ranges", extra.ranges)) if t is not None)  # fmt: skip
         raise ValueError(f"{name} is given without extra_kv (the second source's rows)")
 
 
@@ -223,12 +258,10 @@ def _check_ranges(q: torch.Tensor, prefix: str, ranges: torch.Tensor, topk_lengt
     require_same_device("q", q, **{prefix + "ranges": ranges})
 
 
-def _check_extra_source(
-    q: torch.Tensor, kv: torch.Tensor, extra_kv: torch.Tensor, extra_indices: torch.Tensor | None,
-    extra_topk_length: torch.Tensor | None, extra_ranges: torch.Tensor | None,
-) -> None:  # fmt: skip
+def _check_extra_source(q: torch.Tensor, kv: torch.Tensor, extra: SourceArgs) -> None:
     """``sparse_mla``'s second source: ``extra_kv [B, S_extra, d_qk]`` (kv's dtype, q's device) with
     ``extra_indices [B, S, k2]`` int32 (+ ``extra_topk_length [B, S]`` int32) or ``extra_ranges [B, S, 2]`` int32."""
+    extra_kv, extra_indices, extra_topk_length, extra_ranges, _ = extra
     require_tensor("extra_kv", extra_kv)
     require_rank("extra_kv", extra_kv, 3, "[B, S_extra, d_qk]")
     require_nonempty("extra_kv", extra_kv, "[B, S_extra, d_qk]")
@@ -312,12 +345,10 @@ def is_fp8_cache(kv_cache: torch.Tensor) -> bool:
     return kv_cache.dtype in FP8_CACHE_DTYPES
 
 
-def _check_decode_source(
-    prefix: str, q: Tensor, kv_cache: Tensor, indices: OptTensor, topk_length: OptTensor, d_rope: int,
-    ranges: OptTensor = None, block_table: OptTensor = None,
-) -> None:  # fmt: skip
+def _check_decode_source(prefix: str, q: Tensor, source: SourceArgs, d_rope: int) -> None:
     """One KV source of ``sparse_mla_decode``: the cache pages and either its slot indices (with their lengths) or
-    its position ranges with the cache's block table."""
+    its position ranges with the cache's block table; ``prefix`` (``""`` or ``"extra_"``) names its arguments."""
+    kv_cache, indices, topk_length, ranges, block_table = source
     batch, s_q, _, d_qk = q.shape
     cache_name, indices_name, length_name = f"{prefix}kv_cache", f"{prefix}indices", f"{prefix}topk_length"
     require_tensor(cache_name, kv_cache)
@@ -394,42 +425,27 @@ check_decode_ranges = names_op("sparse_mla_decode")(_check_decode_ranges)
 
 @names_op("sparse_mla_decode")
 def check_sparse_mla_decode(
-    q: torch.Tensor,
-    kv_cache: torch.Tensor,
-    indices: torch.Tensor | None,
-    sm_scale: object,
-    d_v: object,
-    topk_length: torch.Tensor | None,
-    attn_sink: torch.Tensor | None,
-    extra_kv_cache: torch.Tensor | None,
-    extra_indices: torch.Tensor | None,
-    extra_topk_length: torch.Tensor | None,
-    d_rope: int,
-    *,
-    kernel: bool = False,
-    ranges: torch.Tensor | None = None,
-    block_table: torch.Tensor | None = None,
-    extra_ranges: torch.Tensor | None = None,
-    extra_block_table: torch.Tensor | None = None,
-) -> None:
-    """Validate the inputs of ``sparse_mla_decode`` (see ``dsa.reference.sparse_mla_decode``).
+    q: Tensor, source: SourceArgs, sm_scale: object, d_v: object, attn_sink: OptTensor, d_rope: int, *,
+    kernel: bool = False, extra: SourceArgs = NO_SOURCE,
+) -> None:  # fmt: skip
+    """Validate the inputs of ``sparse_mla_decode`` (see ``dsa.reference.sparse_mla_decode``): the first ``source``
+    (``kv_cache`` with ``indices`` and ``topk_length``, or ``ranges`` with ``block_table``) and the ``extra`` one.
 
     ``d_rope``: the RoPE width of FP8 rows; an FP8 cache's rows must be one of the layouts :func:`fp8_cache_layout`
     finds for q's width and ``d_rope`` (MODEL1's 584 bytes or the row-per-token size). Each source takes either
     slot ``indices`` or position ``ranges`` with its cache's ``block_table``.
     """
     require_array("q", q, ATTENTION_KERNEL_DTYPES if kernel else ATTENTION_REFERENCE_DTYPES, 4, "[B, s_q, H, d_qk]")
-    _check_decode_source("", q, kv_cache, indices, topk_length, d_rope, ranges, block_table)
-    if extra_kv_cache is None:
-        if extra_indices is not None:
+    _check_decode_source("", q, source, d_rope)
+    if extra.kv is None:
+        if extra.indices is not None:
             raise ValueError("extra_kv_cache and extra_indices go together (both or neither)")
-        if extra_topk_length is not None:
+        if extra.topk_length is not None:
             raise ValueError("extra_topk_length needs extra_kv_cache and extra_indices")
-        if extra_ranges is not None or extra_block_table is not None:
+        if extra.ranges is not None or extra.block_table is not None:
             raise ValueError("extra_ranges and extra_block_table need extra_kv_cache")
     else:
-        _check_decode_source("extra_", q, extra_kv_cache, extra_indices, extra_topk_length, d_rope, extra_ranges,
-                             extra_block_table)  # fmt: skip
+        _check_decode_source("extra_", q, extra, d_rope)
     _check_attention_args(q, sm_scale, d_v, attn_sink, "a cache row")
 
 

@@ -3,6 +3,9 @@ block table name (dequantising FP8 rows) and run the prefill references on them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -10,7 +13,7 @@ from dsa import kv_format, validation
 from dsa.reference.common import INVALID_INDEX, OptTensor, _chunk_rows, compute_dtype
 from dsa.reference.indexer import index_scores_impl
 from dsa.reference.mla import sparse_mla_impl
-from dsa.reference.sources import range_entries
+from dsa.reference.sources import Source, range_entries
 from dsa.reference.topk import topk_indices_impl
 
 
@@ -135,12 +138,10 @@ def range_slots(ranges: Tensor, block_table: Tensor, kv_cache: Tensor) -> Tensor
     )
 
 
-def _source_slots(
-    prefix: str, q: Tensor, kv_cache: OptTensor, indices: OptTensor, topk_length: OptTensor, ranges: OptTensor,
-    block_table: OptTensor,
-) -> OptTensor:  # fmt: skip
+def _source_slots(prefix: str, q: Tensor, source: validation.SourceArgs) -> OptTensor:
     """A source's slot indices for the reference's entry point: ``indices`` as given, or the slots of ``ranges``
-    through ``block_table`` (checked first)."""
+    through ``block_table`` (checked first); ``prefix`` (``""`` or ``"extra_"``) names its arguments."""
+    kv_cache, indices, topk_length, ranges, block_table = source
     if ranges is None and block_table is None:
         return indices
     if indices is not None or ranges is None:
@@ -206,9 +207,9 @@ def sparse_mla_decode(
     """
     if q.dim() != 4:
         raise ValueError(f"sparse_mla_decode: q must be [B, s_q, H, d_qk], got {tuple(q.shape)}")
-    indices = _source_slots("", q, kv_cache, indices, topk_length, ranges, block_table)
-    extra_indices = _source_slots("extra_", q, extra_kv_cache, extra_indices, extra_topk_length, extra_ranges,
-                                  extra_block_table)  # fmt: skip
+    indices = _source_slots("", q, validation.SourceArgs(kv_cache, indices, topk_length, ranges, block_table))
+    extra_indices = _source_slots("extra_", q, validation.SourceArgs(extra_kv_cache, extra_indices, extra_topk_length,
+                                                                     extra_ranges, extra_block_table))  # fmt: skip
     if indices is None or indices.dim() != 3 or tuple(indices.shape[:2]) != tuple(q.shape[:2]):
         raise ValueError(
             f"sparse_mla_decode: q must be [B, s_q, H, d_qk] and indices [B, s_q, topk], got {tuple(q.shape)} and "
@@ -221,28 +222,28 @@ def sparse_mla_decode(
         if c is not None:
             _cache_layout(c, width, d_rope, name)
     validation.check_decode_attention_args(q, sm_scale, d_v, attn_sink)
-    return sparse_mla_decode_impl(
-        q, kv_cache, indices, sm_scale=float(sm_scale), d_v=int(d_v), topk_length=topk_length, attn_sink=attn_sink,
-        extra_kv_cache=extra_kv_cache, extra_indices=extra_indices, extra_topk_length=extra_topk_length,
-        d_rope=int(d_rope),
-    )  # fmt: skip
+    sources = decode_sources(kv_cache, indices, topk_length, extra_kv_cache, extra_indices, extra_topk_length)
+    return sparse_mla_decode_impl(q, sources, float(sm_scale), int(d_v), attn_sink, int(d_rope))
+
+
+def decode_sources(
+    kv_cache: Tensor, indices: Tensor, topk_length: OptTensor, extra_kv_cache: OptTensor, extra_indices: OptTensor,
+    extra_topk_length: OptTensor,
+) -> tuple[Source, ...]:  # fmt: skip
+    """The one or two slot-list sources of a ``sparse_mla_decode`` call (ranges already turned into slots; the
+    second one only with ``extra_kv_cache``)."""
+    sources = [Source(kv_cache, indices, topk_length, False)]
+    if extra_kv_cache is not None:
+        sources.append(Source(extra_kv_cache, extra_indices, extra_topk_length, False))
+    return tuple(sources)
 
 
 def sparse_mla_decode_impl(
-    q: Tensor,
-    kv_cache: Tensor,
-    indices: Tensor,
-    *,
-    sm_scale: float,
-    d_v: int,
-    topk_length: OptTensor,
-    attn_sink: OptTensor,
-    extra_kv_cache: OptTensor,
-    extra_indices: OptTensor,
-    extra_topk_length: OptTensor,
-    d_rope: int,
+    q: Tensor, sources: Sequence[Source], sm_scale: float, d_v: int, attn_sink: OptTensor, d_rope: int
 ) -> tuple[Tensor, Tensor]:
-    """:func:`sparse_mla_decode` without validation, for callers that validated the inputs already (``dsa.ops``)."""
+    """:func:`sparse_mla_decode` without validation, for callers that validated the inputs already (``dsa.ops``):
+    ``sources`` are the one or two caches with their slot lists (``dsa.reference.sources.Source``: ``kv`` the cache
+    pages, ``indices [B, s_q, topk]`` int32 slots, ``topk_length [B]`` or ``[B, s_q]`` int32 or None; never ranged)."""
     batch, s_q, heads, width = q.shape
     n = batch * s_q
 
@@ -250,10 +251,7 @@ def sparse_mla_decode_impl(
         return validation.fp8_cache_layout(width, d_rope, c.shape[-1]) if validation.is_fp8_cache(c) else None
 
     # One decode query is one row of every source: [B * s_q, topk] slots and [B * s_q] lengths.
-    sources = [(kv_cache, layout(kv_cache), indices.reshape(n, -1), _per_query_lengths(topk_length, n))]
-    if extra_kv_cache is not None:
-        sources.append((extra_kv_cache, layout(extra_kv_cache), extra_indices.reshape(n, -1),
-                        _per_query_lengths(extra_topk_length, n)))  # fmt: skip
+    sources = [(s.kv, layout(s.kv), s.indices.reshape(n, -1), _per_query_lengths(s.topk_length, n)) for s in sources]
     entries = sum(s[2].shape[-1] for s in sources)
     q_rows = q.reshape(n, 1, heads, width)
     out = torch.empty((n, 1, heads, d_v), dtype=q.dtype, device=q.device)
@@ -311,16 +309,33 @@ def index_topk_decode(
         ``-inf`` at padding): :func:`index_topk` over the keys gathered through the block table.
     """
     validation.check_index_topk_decode(q, k_cache, weights, topk, block_table, ends, starts, key_layout=key_layout)
-    indices, scores = index_topk_decode_impl(q, k_cache, weights, int(topk), block_table, ends, starts, key_layout)
+    keys = PagedKeys(k_cache, block_table, key_layout)
+    indices, scores = index_topk_decode_impl(q, keys, weights, int(topk), ends, starts)
     return (indices, scores) if return_scores else indices
 
 
+class PagedKeys(NamedTuple):
+    """The indexer's keys in a paged cache, as ``index_topk_decode`` reads them (passed as one value from the op to
+    the implementations).
+
+    Attributes:
+        cache (Tensor): ``k_cache``: ``[num_pages, page_size, D_i]`` in q's dtype, or FP8 key rows ``[num_pages,
+            page_size, D_i + 4]`` bytes (vLLM's ``[num_pages, page_size, 1, D_i + 4]`` too).
+        block_table (Tensor): ``[B, pages_per_sequence]`` int32: the pages of each sequence's positions.
+        layout (str): the FP8 bytes' order, ``"rows"`` or ``"paged"`` (``dsa.kv_format.INDEX_KEY_LAYOUTS``).
+    """
+
+    cache: Tensor
+    block_table: Tensor
+    layout: str = "rows"
+
+
 def index_topk_decode_impl(
-    q: Tensor, k_cache: Tensor, weights: Tensor, topk: int, block_table: Tensor, ends: Tensor, starts: OptTensor,
-    key_layout: str = "rows",
-) -> tuple[Tensor, Tensor]:  # fmt: skip
+    q: Tensor, keys: PagedKeys, weights: Tensor, topk: int, ends: Tensor, starts: OptTensor
+) -> tuple[Tensor, Tensor]:
     """:func:`index_topk_decode` without validation (for callers that validated the inputs already, ``dsa.ops``):
     ``(positions, scores)``, each ``[B, s_q, topk]``."""
+    k_cache, block_table, key_layout = keys
     batch = q.shape[0]
     page_size = k_cache.shape[1]
     # Keys at or past every query's end are invisible: read positions up to the largest end only, so the cost follows

@@ -224,11 +224,9 @@ def sparse_mla(
     Differentiable in ``q``, ``kv`` and ``extra_kv`` (summed over every query and duplicate that used a row) and
     ``attn_sink``; the gradient also flows through ``lse``.
     """
-    validation.check_sparse_mla(
-        q, kv, indices, sm_scale, d_v, topk_length, attn_sink, ranges=ranges, extra_kv=extra_kv,
-        extra_indices=extra_indices, extra_topk_length=extra_topk_length, extra_ranges=extra_ranges,
-    )  # fmt: skip
-    sources = sources_of(kv, indices, topk_length, ranges, extra_kv, extra_indices, extra_topk_length, extra_ranges)
+    extra = validation.SourceArgs(extra_kv, extra_indices, extra_topk_length, extra_ranges)
+    validation.check_sparse_mla(q, kv, indices, sm_scale, d_v, topk_length, attn_sink, ranges=ranges, extra=extra)
+    sources = sources_of(validation.SourceArgs(kv, indices, topk_length, ranges), extra)
     return sparse_mla_sources_impl(q, sources, float(sm_scale), int(d_v), attn_sink)
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from dsa.reference.common import OptTensor, valid_index_mask
+from dsa.validation import SourceArgs
 
 
 class Source(NamedTuple):
@@ -35,18 +36,11 @@ class Source(NamedTuple):
     ranged: bool
 
 
-def sources_of(
-    kv: Tensor, indices: OptTensor, topk_length: OptTensor, ranges: OptTensor,
-    extra_kv: OptTensor, extra_indices: OptTensor, extra_topk_length: OptTensor, extra_ranges: OptTensor,
-) -> tuple[Source, ...]:  # fmt: skip
-    """The one or two sources of a ``sparse_mla`` call (arguments as validated by ``dsa.validation``: exactly one of
-    indices/ranges per source, the extra ones only with ``extra_kv``)."""
-    first = Source(kv, ranges if indices is None else indices, topk_length, indices is None)
-    if extra_kv is None:
-        return (first,)
-    second = Source(extra_kv, extra_ranges if extra_indices is None else extra_indices, extra_topk_length,
-                    extra_indices is None)  # fmt: skip
-    return first, second
+def sources_of(*given: SourceArgs) -> tuple[Source, ...]:
+    """The sources of a ``sparse_mla`` call from its arguments as validated by ``dsa.validation`` (one
+    ``dsa.validation.SourceArgs`` per source: exactly one of indices/ranges each; one whose ``kv`` is None is
+    absent)."""
+    return tuple(Source(a.kv, a.entries, a.topk_length, a.ranged) for a in given if a.kv is not None)
 
 
 def clamped_ranges(ranges: Tensor, seq_kv: int) -> tuple[Tensor, Tensor]:
