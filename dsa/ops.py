@@ -31,6 +31,7 @@ import torch
 
 from dsa import autograd, reference, validation
 from dsa.hardware import TILELANG, select_backend
+from dsa.reference.compress import compress_kv  # one implementation for every backend: the op is the reference's
 from dsa.reference.decode import PagedKeys, range_slots
 
 __all__ = [
@@ -240,24 +241,3 @@ def index_topk_decode(
     keys = PagedKeys(k_cache, block_table, key_layout)
     indices, scores = autograd.index_topk_decode_impl(q, keys, weights, int(topk), ends, starts, backend)
     return (indices, scores) if return_scores else indices
-
-
-def compress_kv(
-    kv: torch.Tensor,
-    gate: torch.Tensor,
-    position_bias: torch.Tensor,
-    *,
-    rate: int,
-    overlap: bool,
-    prev_kv: torch.Tensor | None = None,
-    prev_gate: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``compress_kv`` (contract: ``dsa.reference.compress_kv``): DeepSeek-V4's gated pooling, ``[B, n, d]`` in kv's
-    dtype, differentiable in ``kv``, ``gate``, ``position_bias`` and the carried state.
-
-    One implementation runs on every backend: the reference's PyTorch code (a few fused elementwise ops and one
-    reduction per window). The op is memory-bound (it reads each row once and writes ``1 / rate`` of it) and no
-    TileLang kernel has been measured against it yet, so ``DSA_BACKEND`` does not change what runs here.
-    """
-    validation.check_compress_kv(kv, gate, position_bias, rate, overlap, prev_kv, prev_gate)
-    return reference.compress_kv_impl(kv, gate, position_bias, int(rate), bool(overlap), prev_kv, prev_gate)

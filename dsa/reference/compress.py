@@ -61,6 +61,11 @@ def compress_kv(
 
     Raises:
         TypeError, ValueError: bad input (named, e.g. ``compress_kv: kv must have ...``).
+
+    This function is also the op ``dsa.ops.compress_kv``: one implementation runs on every backend, this PyTorch
+    code (a few fused elementwise ops and one reduction per window), differentiable in ``kv``, ``gate``,
+    ``position_bias`` and the carried state. The op is memory-bound (it reads each row once and writes ``1 / rate``
+    of it) and no TileLang kernel has been measured against it yet, so ``DSA_BACKEND`` does not change what runs.
     """
     validation.check_compress_kv(kv, gate, position_bias, rate, overlap, prev_kv, prev_gate)
     return compress_kv_impl(kv, gate, position_bias, int(rate), bool(overlap), prev_kv, prev_gate)
