@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from dsa import autograd, compat, hardware, ops, reference, testing
 from dsa.testing import assert_close, assert_topk_valid
 from tests import layouts
+from tests.strategies import AttentionShape
 
 SM_SCALE = 0.37
 
@@ -31,18 +32,14 @@ def _fresh_hardware_state(monkeypatch: pytest.MonkeyPatch) -> None:
     hardware.reset_caches()
 
 
+SMALL = AttentionShape(batch=2, seq=5, seq_kv=9, heads=3, d_qk=12, d_v=8, topk=6)
+"""The sizes of most tests here (``d_v`` is each test's own)."""
+
+
 def _attention_inputs(
-    dtype: torch.dtype,
-    *,
-    batch: int = 2,
-    seq: int = 5,
-    heads: int = 3,
-    d_qk: int = 12,
-    seq_kv: int = 9,
-    top: int = 6,
-    seed: int = 0,
-    grad: bool = False,
+    dtype: torch.dtype, shape: AttentionShape = SMALL, *, seed: int = 0, grad: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch, seq, seq_kv, heads, d_qk, top = shape.batch, shape.seq, shape.seq_kv, shape.heads, shape.d_qk, shape.topk
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, seq, heads, d_qk, generator=g).to(dtype)
     kv = torch.randn(batch, seq_kv, d_qk, generator=g).to(dtype)
@@ -124,7 +121,8 @@ def test_float16_runs_the_reference_at_float32_accuracy(monkeypatch: pytest.Monk
 
 
 def test_sparse_mla_gradcheck() -> None:
-    q, kv, indices = _attention_inputs(torch.float64, seq=3, heads=2, d_qk=6, seq_kv=5, top=4, grad=True)
+    shape = AttentionShape(batch=2, seq=3, seq_kv=5, heads=2, d_qk=6, d_v=4, topk=4)
+    q, kv, indices = _attention_inputs(torch.float64, shape, grad=True)
     sink = torch.randn(2, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
         lambda a, b, s: ops.sparse_mla(a, b, indices, sm_scale=SM_SCALE, d_v=4, attn_sink=s)[0], (q, kv, sink)
