@@ -225,17 +225,21 @@ def _sparse_mla_decode_case(name: str, batch: int, seq: int, context: int, heads
         "heads": heads, "d_qk": d_qk, "d_v": d_v, "d_rope": d_rope, "kv_format": kv_format, "page_size": page_size
     }  # fmt: skip
     row_bytes = flops.fp8_kv_row_bytes(d_qk, d_rope) if kv_format == "fp8" else d_qk * flops.BF16_BYTES
-    return Case(
-        SPARSE_MLA_DECODE,
-        name,
-        static,
-        _sizes(batch, seq, context, topk=topk),
-        flops.sparse_mla_fwd_flops(batch, seq, heads, topk, d_qk, d_v),
-        flops.sparse_mla_decode_bytes(batch, seq, heads, topk, d_qk, d_v, row_bytes),
-        targets,
-        context=context,
-        quick=quick,
-    )
+    traffic = flops.sparse_mla_decode_bytes(batch, seq, heads, topk, d_qk, d_v, row_bytes)
+    return _decode_attention_case(SPARSE_MLA_DECODE, name, static, batch, seq, context, topk, topk, traffic, targets,
+                                  quick)  # fmt: skip
+
+
+def _decode_attention_case(
+    kernel: str, name: str, static: dict[str, Any], batch: int, seq: int, context: int, topk: int, rows: int,
+    traffic: float, targets: tuple = (), quick: bool = True,
+) -> Case:  # fmt: skip
+    """A sparse MLA decode case (V3.2's or V4's): ``batch`` sequences of ``context`` tokens, ``seq`` queries each
+    attending to ``rows`` cache rows (the ``topk`` selected ones, and for V4 its window too) of ``static``'s
+    ``heads``/``d_qk``/``d_v``; its FLOPs are the forward's over those rows, its bytes the caller's ``traffic``."""
+    work = flops.sparse_mla_fwd_flops(batch, seq, static["heads"], rows, static["d_qk"], static["d_v"])
+    sizes = _sizes(batch, seq, context, topk=topk)
+    return Case(kernel, name, static, sizes, work, traffic, targets, context=context, quick=quick)
 
 
 def _index_topk_decode_case(name: str, batch: int, seq: int, context: int, heads: int, dim: int, dtype: str,
@@ -285,16 +289,8 @@ def _v4_decode_case(name: str, batch: int, seq: int, context: int, heads: int, d
               "kv_format": kv_format, "page_size": page_size}  # fmt: skip
     row_bytes = formats.MODEL1_FP8_LAYOUT.bytes_per_token if kv_format == "fp8" else d * flops.BF16_BYTES
     rows = window + topk
-    return Case(
-        V4_DECODE,
-        name,
-        static,
-        _sizes(batch, seq, context, topk=topk),
-        flops.sparse_mla_fwd_flops(batch, seq, heads, rows, d, d),
-        flops.v4_decode_bytes(batch, seq, heads, d, d, rows, row_bytes, topk),
-        context=context,
-        quick=quick,
-    )
+    traffic = flops.v4_decode_bytes(batch, seq, heads, d, d, rows, row_bytes, topk)
+    return _decode_attention_case(V4_DECODE, name, static, batch, seq, context, topk, rows, traffic, quick=quick)
 
 
 def _v4_prefill_cases() -> list[Case]:
