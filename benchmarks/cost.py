@@ -240,12 +240,14 @@ def sparse_mla_decode_estimate(
 
 def key_row_memory_ops(dim: int, key_layout: str) -> int:
     """Per-thread loads and shared-memory stores a selection block spends on one FP8 index key of ``dim`` values in
-    ``key_layout`` (``dsa.kv_format.INDEX_KEY_LAYOUTS``), as the sm_90a code does it: a 132-byte row (4-byte
-    aligned) is loaded and stored a byte at a time (264 at V3.2); per-page keys as 16-byte vectors and one 4-byte
-    scale (18)."""
-    if key_layout == "paged":
-        return 2 * (dim // 16 + 1)
-    return 2 * kv_format.index_key_layout(dim, key_layout).bytes_per_token
+    ``key_layout`` (``dsa.kv_format.INDEX_KEY_LAYOUTS``), as the sm_90a code does it: the values of a key row (132
+    bytes, 4-byte aligned) a byte at a time, per-page keys' values as 16-byte vectors; the scale as one float32. V3.2:
+    258 and 18."""
+    if key_layout not in kv_format.INDEX_KEY_LAYOUTS:
+        raise ValueError(f"key_row_memory_ops: key_layout must be one of {kv_format.INDEX_KEY_LAYOUTS}, got "
+                         f"{key_layout!r}")  # fmt: skip
+    value_bytes_per_load = 16 if key_layout == "paged" else 1
+    return 2 * (dim // value_bytes_per_load + 1)
 
 
 def merge_estimate(
