@@ -78,9 +78,9 @@ class IndexerInputs(NamedTuple):
     ends: torch.Tensor | None
 
     def rows(self, t0: int, t1: int) -> IndexerInputs | None:
-        """The inputs of query rows ``t0 .. t1 - 1`` alone, contiguous: their ``q``, ``weights`` and ranges, and (causal)
-        only the keys they can see, ``[0, t1 + S_kv - S)``, where the kernel's bottom-right alignment over that prefix
-        is the original one. None when they see no key at all (causal, ``S_kv < S``)."""
+        """The inputs of query rows ``t0 .. t1 - 1`` alone, contiguous: their ``q``, ``weights`` and ranges, and
+        (causal) only the keys they can see, ``[0, t1 + S_kv - S)``, where the kernel's bottom-right alignment over
+        that prefix is the original one. None when they see no key at all (causal, ``S_kv < S``)."""
         q, k, weights, k_scale, starts, ends = self
         q_c, w_c = q[:, t0:t1].contiguous(), weights[:, t0:t1].contiguous()
         if starts is None or ends is None:
