@@ -44,6 +44,7 @@ the same scores and the same tie rule. Empty padding lists hold only padding, ne
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -126,14 +127,17 @@ def merge_groups(*, batch: int, s_q: int, splits: int, width: int, topk: int, sm
     most = min(splits, WAVES * sms // (batch * s_q)) if sms is not None else 1
     if most < 2:
         return 1
-    single = splits * width
-    # The sum is smallest near sqrt(splits * width / topk); ceil(splits / G) makes it uneven, so look around it.
-    centre = math.isqrt(max(1, single // topk))
-    choices = range(max(2, min(centre - 2, most)), min(most, centre + 2) + 1)
-    best = min(choices, key=lambda g: (sum(merge_rows(splits=splits, width=width, topk=topk, groups=g)), g))
-    if best > 1 and MERGE_GAIN * sum(merge_rows(splits=splits, width=width, topk=topk, groups=best)) <= single:
-        return best
-    return 1
+    return _best_groups(splits, width, topk, most)
+
+
+@functools.lru_cache(maxsize=1024)
+def _best_groups(splits: int, width: int, topk: int, most: int) -> int:
+    """:func:`merge_groups` once its cap ``most >= 2`` is known: every count searched (once per shape, cached)."""
+    def path(groups: int) -> int:
+        return sum(merge_rows(splits=splits, width=width, topk=topk, groups=groups))
+
+    best = min(range(2, most + 1), key=path)  # the first (fewest groups) of equal sums
+    return best if MERGE_GAIN * path(best) <= splits * width else 1
 
 
 def split_width(*, topk: int, splits: int, key_blocks: int, block_N: int) -> int:
