@@ -5,7 +5,8 @@ Phases:
 
 1. **Compile** every candidate config of every case (:mod:`autotune.lookup.space`) for the run's target (sm_90a, or the
    portable schedule of another architecture) in a process pool (``jobs`` workers; each calls
-   ``tl_kernels.build.compile_cuda(module.build, target=..., **static, **config)``). Compiling in
+   ``tl_kernels.build.compile_cuda(module.build, target=..., **static, **config)``, and again with each of the
+   spec's ``variants``: the decode attention's one-split ``direct`` kernel). Compiling in
    worker processes also fills TileLang's on-disk kernel cache, so the launchers (and the timing phase below) later
    load the same kernels in milliseconds. Without a GPU this is all that runs.
 2. **Prune** candidates whose compile failed or whose static report has problems (spills, shared memory over the
