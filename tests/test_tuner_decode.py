@@ -140,6 +140,34 @@ def test_a_stored_config_is_the_launchers_choice(monkeypatch: pytest.MonkeyPatch
         select._checked.clear()
 
 
+def test_the_plan_asks_for_its_shape_key_and_runs_the_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decode plan asks ``common.select_config`` once, for the first source's static parameters and the sizes
+    ``batch``, ``s_q`` and that source's width, and builds both sources' kernels with the answer (nothing compiled:
+    the kernel getter is faked)."""
+    from dsa.launch import common
+
+    asked: list[tuple[Any, ...]] = []
+    answer = dataclasses.replace(kernels.default_config({**CPU_DECODE, "target": dsl.CPU_TARGET}), block_k=16)
+
+    def select_config(name: str, module: Any, static: dict, sizes: dict, device: Any, target: Any = None) -> Any:
+        asked.append((name, static, sizes))
+        return answer
+
+    monkeypatch.setattr(common, "select_config", select_config)
+    monkeypatch.setattr(common, "get_kernel", lambda builder, target, **params: (builder.__name__, params))
+    common.clear_plans()
+    try:
+        q = torch.zeros(3, 2, 5, 40, dtype=torch.bfloat16)
+        fp8 = torch.zeros(4, 16, kv_format.FP8Layout.for_width(40, 8).bytes_per_token, dtype=torch.uint8)
+        bf16 = torch.zeros(4, 16, 40, dtype=torch.bfloat16)
+        planned = launch.plan(q, [fp8, bf16], [24, 8], d_v=24, d_rope=8, has_sink=False)
+    finally:
+        common.clear_plans()
+    assert asked == [(KERNEL, CPU_DECODE, {"batch": 3, "s_q": 2, "topk": 24})]
+    assert planned is not None and planned.config == answer
+    assert all(params["block_k"] == 16 for _, params in planned.attention)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The compile phase: each candidate with its variants
 # ----------------------------------------------------------------------------------------------------------------------
