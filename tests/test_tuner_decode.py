@@ -1,8 +1,8 @@
 """The decode kernels as tuner kernels (``autotune.lookup.decode``): ``sparse_mla_decode`` registered, its presets and
 spaces valid on sm_90a and the portable schedule, the static screen, the launcher reading a stored config, the
-compile phase building the one-split variant beside each candidate, the runners' checks on the C target (marker
-``cpu_kernel``: the kernels ``tests/test_sparse_mla_decode_kernel.py`` and ``tests/test_index_topk_decode.py``
-compile, so a full session compiles nothing more), and a compile-only run of ``dsa-autotune`` that lists the decode
+compile phase building the one-split variant beside each candidate, the runners' checks and the GPU phase's check,
+timing and store on the C target (marker ``cpu_kernel``: the kernels ``tests/test_sparse_mla_decode_kernel.py`` and
+``tests/test_index_topk_decode.py`` compile, so a full session compiles nothing more), and a compile-only run of ``dsa-autotune`` that lists the decode
 attention (marker ``build``: the two sm_90a builds the decode build tier makes too)."""
 
 from __future__ import annotations
@@ -237,6 +237,57 @@ def test_paged_selection_runner_accepts_the_kernel_and_rejects_planted_errors() 
     assert runner.compare((out[0], out[1] + 1), expected) is not None
     narrowed, narrowed_out = runner.narrow(inputs, out)
     assert runner.compare(narrowed_out, runner.reference(CPU_SELECTION, narrowed)) is None
+
+
+@pytest.mark.cpu_kernel
+def test_gpu_phase_checks_times_and_stores_the_winner_the_launcher_reads(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The tuner's GPU phase on a decode case, run on the C target with a fake clock (the prefetch candidate is the
+    faster): both candidates pass the runner's check against the reference, the faster one is stored at every size
+    point, and the launcher's lookup (a faked CUDA device key, configs checked for the C target) returns it. The
+    candidates are the kernels ``test_cpu_fp8_prefetch_matches_the_plain_gather`` compiles."""
+    from autotune import gpu_phase
+
+    configs = [dataclasses.asdict(kernels.Config(prefetch=prefetch)) for prefetch in (False, True)]
+    case = space.Case(KERNEL, dict(CPU_DECODE), ({"batch": 2, "s_q": 1, "topk": 24}, {"batch": 8, "s_q": 2, "topk": 24}),
+                      {"batch": 3, "s_q": 2, "topk": 24})  # fmt: skip
+    candidates = [
+        tuner._Candidate(
+            tuner.CompileJob(KERNEL, space.spec(KERNEL).module, space.spec(KERNEL).compile_fn,
+                             tuned_cache.canonical(case.static), tuned_cache.canonical(config)),  # fmt: skip
+            tuner.CompileResult(ok=True),
+        )
+        for config in configs
+    ]
+    real = runners.runner_for(KERNEL)
+    launched: list[Any] = []
+
+    def launch_and_record(config: Any, static: dict[str, Any], inputs: Any) -> Any:
+        launched.append(config)
+        return real.launch(config, static, inputs)
+
+    def measure(call: Any, input_sets: list[Any], *, warmup: int, reps: int) -> float:
+        call(input_sets[0])
+        return 1.0 if launched[-1].prefetch else 2.0
+
+    options = tuner.TuneOptions(kernels=(KERNEL,), target=dsl.CPU_TARGET, progress=False, cache_dir=tmp_path)
+    records, written, ok = gpu_phase.time_case(
+        case, candidates, options, sku="h100-sxm", device=torch.device("cpu"),
+        runner=dataclasses.replace(real, launch=launch_and_record), measure=measure,
+    )  # fmt: skip
+    assert ok and len(written) == 1 and all(r.error is None for r in records)
+    assert [r.config["prefetch"] for r in records if r.chosen] == [True, True]
+    monkeypatch.setenv("DSA_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(sku, "current_sku", lambda device=None: "h100-sxm")
+    tuned_cache.clear_memory_cache()
+    try:
+        chosen = launch._choose_config([CPU_DECODE], {"batch": 4, "s_q": 2, "topk": 24}, torch.device("cuda", 0),
+                                       dsl.CPU_TARGET)  # fmt: skip
+    finally:
+        tuned_cache.clear_memory_cache()
+        select._checked.clear()
+    assert chosen == kernels.Config(**configs[1])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
