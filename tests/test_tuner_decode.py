@@ -140,10 +140,11 @@ def test_a_stored_config_is_the_launchers_choice(monkeypatch: pytest.MonkeyPatch
         select._checked.clear()
 
 
-def test_the_plan_asks_for_its_shape_key_and_runs_the_answer(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A decode plan asks ``common.select_config`` once, for the first source's static parameters and the sizes
-    ``batch``, ``s_q`` and that source's width, and builds both sources' kernels with the answer (nothing compiled:
-    the kernel getter is faked)."""
+@pytest.mark.parametrize("widths", [(24, 8), (8, 24)])
+def test_the_plan_asks_for_its_shape_key_and_runs_the_answer(monkeypatch: pytest.MonkeyPatch, widths: tuple) -> None:
+    """A decode plan asks ``common.select_config`` once, for the widest source's static parameters (DeepSeek-V4's
+    selected entries beside its window) and the sizes ``batch``, ``s_q`` and that source's width, and builds both
+    sources' kernels with the answer (nothing compiled: the kernel getter is faked)."""
     from dsa.launch import common
 
     asked: list[tuple[Any, ...]] = []
@@ -160,10 +161,11 @@ def test_the_plan_asks_for_its_shape_key_and_runs_the_answer(monkeypatch: pytest
         q = torch.zeros(3, 2, 5, 40, dtype=torch.bfloat16)
         fp8 = torch.zeros(4, 16, kv_format.FP8Layout.for_width(40, 8).bytes_per_token, dtype=torch.uint8)
         bf16 = torch.zeros(4, 16, 40, dtype=torch.bfloat16)
-        planned = launch.plan(q, [fp8, bf16], [24, 8], d_v=24, d_rope=8, has_sink=False)
+        planned = launch.plan(q, [fp8, bf16], list(widths), d_v=24, d_rope=8, has_sink=False)
     finally:
         common.clear_plans()
-    assert asked == [(KERNEL, CPU_DECODE, {"batch": 3, "s_q": 2, "topk": 24})]
+    widest = CPU_DECODE if widths[0] > widths[1] else launch.static_params(heads=5, d_qk=40, d_v=24, fp8_layout=None)
+    assert asked == [(KERNEL, widest, {"batch": 3, "s_q": 2, "topk": 24})]
     assert planned is not None and planned.config == answer
     assert all(params["block_k"] == 16 for _, params in planned.attention)
 

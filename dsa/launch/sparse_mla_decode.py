@@ -11,11 +11,12 @@ bfloat16 cache or FP8 bytes in ``dsa.kv_format.FP8Layout.for_width(d_qk, d_rope)
 (or the portable schedule elsewhere).
 
 The config is chosen as the prefill launchers choose theirs (``dsa.launch.common.select_config``): on CUDA the tuned
-config of the first source's kernel (its ``static_params``) for the sizes ``batch``, ``s_q`` and ``topk`` (that
-source's width) from the config cache (``dsa-autotune --kernels sparse_mla_decode``), else, and always on the C
-target, ``tl_kernels.sparse_mla_decode``'s default (the rule until a GPU record decides: the forward's tiles, on
-sm_90a the FP8 gather prefetched a step ahead). A second source runs the same config, or the default where the tuned
-one does not suit its format. The split count is not part of the config: it stays the launcher's whole-wave rule
+config of the widest source's kernel (its ``static_params``; the source with the most entries per query, which takes
+most of the time: DeepSeek-V4's selected entries, not its 128-token window; the cache among equals) for the sizes
+``batch``, ``s_q`` and ``topk`` (that source's width) from the config cache (``dsa-autotune --kernels
+sparse_mla_decode``), else, and always on the C target, ``tl_kernels.sparse_mla_decode``'s default (the rule until a
+GPU record decides: the forward's tiles, on sm_90a the FP8 gather prefetched a step ahead). The other source runs
+the same config, or both the default where the tuned one does not suit its format. The split count is not part of the config: it stays the launcher's whole-wave rule
 (:func:`split_count`), which follows the chosen config's blocks per SM.
 """
 
@@ -225,7 +226,10 @@ def plan(
             if config is not None:
                 for static in statics:
                     kernels.check_config({**static, "target": target}, config)
-            chosen = config or _choose_config(statics, {"batch": batch, "s_q": s_q, "topk": widths[0]}, device, target)
+            widest = max(range(len(widths)), key=lambda i: (widths[i], -i))
+            sizes = {"batch": batch, "s_q": s_q, "topk": widths[widest]}
+            chosen = config or _choose_config([statics[widest], *statics[:widest], *statics[widest + 1:]], sizes,
+                                              device, target)  # fmt: skip
         except ValueError:
             if config is not None:
                 raise  # a caller's config that does not suit the target is an error, not a fallback
@@ -268,8 +272,9 @@ def plan(
 def _choose_config(
     statics: list[dict[str, Any]], sizes: dict[str, int], device: torch.device, target: Any
 ) -> kernels.Config:
-    """The tuned config of the first source's kernel at ``sizes`` (``common.select_config``; the default where none
-    is tuned, and on the C target), or the default where the tuned one does not suit another source's format.
+    """The tuned config of the first source's kernel in ``statics`` (the widest) at ``sizes`` (``common.select_config``;
+    the default where none is tuned, and on the C target), or the default where the tuned one does not suit another
+    source's format.
 
     Raises:
         ValueError: not even the default config suits every source (the plan is then ``None``).
