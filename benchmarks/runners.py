@@ -416,7 +416,9 @@ _RUNNERS: dict[str, Runner] = {
     ),
     sparse_mla_fwd.KERNEL_NAME: Runner(_fwd_inputs, _fwd_launch, _fwd_reference, _fwd_compare, _fwd_narrow),
     sparse_mla_bwd.KERNEL_NAME: Runner(_bwd_inputs, _bwd_launch, _bwd_reference, _bwd_compare, _bwd_narrow),
-    sparse_mla_decode.KERNEL_NAME: Runner(_decode_inputs, _decode_launch, _decode_reference, _fwd_compare, _decode_narrow),
+    sparse_mla_decode.KERNEL_NAME: Runner(
+        _decode_inputs, _decode_launch, _decode_reference, _fwd_compare, _decode_narrow
+    ),
 }
 
 

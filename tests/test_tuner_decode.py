@@ -2,8 +2,9 @@
 spaces valid on sm_90a and the portable schedule, the static screen, the launcher reading a stored config, the
 compile phase building the one-split variant beside each candidate, the runners' checks and the GPU phase's check,
 timing and store on the C target (marker ``cpu_kernel``: the kernels ``tests/test_sparse_mla_decode_kernel.py`` and
-``tests/test_index_topk_decode.py`` compile, so a full session compiles nothing more), and a compile-only run of ``dsa-autotune`` that lists the decode
-attention (marker ``build``: the two sm_90a builds the decode build tier makes too)."""
+``tests/test_index_topk_decode.py`` compile, so a full session compiles nothing more), and a compile-only run of
+``dsa-autotune`` that lists the decode attention (marker ``build``: the two sm_90a builds the decode build tier makes
+too)."""
 
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ CPU_SELECTION = decode.paged_index_static("rows", heads=4, dim=32, topk=16, page
 
 def _decode_cases(preset: str) -> list[space.Case]:
     """The decode cases of ``preset``: the attention's and the paged selection's."""
-    return [c for c in space.preset_cases(preset, space.TUNED_KERNEL_NAMES) if c.kernel == KERNEL or "page_size" in c.static]
+    cases = space.preset_cases(preset, space.TUNED_KERNEL_NAMES)
+    return [c for c in cases if c.kernel == KERNEL or "page_size" in c.static]
 
 
 def test_decode_attention_is_a_tuner_kernel() -> None:
@@ -252,8 +254,8 @@ def test_gpu_phase_checks_times_and_stores_the_winner_the_launcher_reads(
     from autotune import gpu_phase
 
     configs = [dataclasses.asdict(kernels.Config(prefetch=prefetch)) for prefetch in (False, True)]
-    case = space.Case(KERNEL, dict(CPU_DECODE), ({"batch": 2, "s_q": 1, "topk": 24}, {"batch": 8, "s_q": 2, "topk": 24}),
-                      {"batch": 3, "s_q": 2, "topk": 24})  # fmt: skip
+    points = ({"batch": 2, "s_q": 1, "topk": 24}, {"batch": 8, "s_q": 2, "topk": 24})
+    case = space.Case(KERNEL, dict(CPU_DECODE), points, {"batch": 3, "s_q": 2, "topk": 24})
     candidates = [
         tuner._Candidate(
             tuner.CompileJob(KERNEL, space.spec(KERNEL).module, space.spec(KERNEL).compile_fn,
@@ -298,7 +300,7 @@ def test_gpu_phase_checks_times_and_stores_the_winner_the_launcher_reads(
 _V32_DEFAULT = dataclasses.asdict(kernels.default_config(decode.V32_MLA_FP8))
 hopper_prebuilt = support.prebuilt_fixture(
     lambda: [(kernels.build, {**decode.V32_MLA_FP8, "prefetch": True, **direct}) for direct in ({}, {"direct": True})],
-    "V3.2's default FP8 decode kernels, split and direct: the decode build tier's own, so the session builds them once.",
+    "V3.2's default FP8 decode kernels, split and direct: the decode build tier's, so a session builds them once.",
 )
 
 

@@ -102,18 +102,18 @@ def cases(preset: str) -> dict[str, list[Case]]:
     if preset == "deepseek-v3.2":
         attention = [Case(KERNEL, dict(V32_MLA_FP8), _decode_points(DECODE_BATCHES, V32_TOPK),
                           {"batch": 2, "s_q": 2, "topk": V32_TOPK})]  # fmt: skip
-        points = tuple(
-            {"batch": b, "seq_len": s, "seq_len_kv": n} for b in INDEX_BATCHES for s in DECODE_S_Q for n in INDEX_CONTEXTS
-        )
+        points = tuple({"batch": b, "seq_len": s, "seq_len_kv": n}
+                       for b in INDEX_BATCHES for s in DECODE_S_Q for n in INDEX_CONTEXTS)  # fmt: skip
         check = {"batch": 2, "seq_len": 2, "seq_len_kv": 8192}
         selection = [Case("index_topk", paged_index_static(layout), points, check) for layout in ("rows", "paged")]
         return {KERNEL: attention, "index_topk": selection}
     if preset == "deepseek-v4":
         return {
             KERNEL: [
-                Case(KERNEL, model1_static(heads), _decode_points(DECODE_BATCHES, topk), {"batch": 2, "s_q": 2, "topk": topk})
+                Case(KERNEL, model1_static(heads), _decode_points(DECODE_BATCHES, topk),
+                     {"batch": 2, "s_q": 2, "topk": topk})
                 for heads, topk in V4_MODELS
-            ]
+            ]  # fmt: skip
         }
     if preset == "tiny":
         static = {"heads": 16, "d_qk": 128, "d_v": 64, "d_rope": 64, "tile": 64, "kv_format": "fp8"}

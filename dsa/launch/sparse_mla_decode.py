@@ -16,8 +16,9 @@ most of the time: DeepSeek-V4's selected entries, not its 128-token window; the 
 ``batch``, ``s_q`` and ``topk`` (that source's width) from the config cache (``dsa-autotune --kernels
 sparse_mla_decode``), else, and always on the C target, ``tl_kernels.sparse_mla_decode``'s default (the rule until a
 GPU record decides: the forward's tiles, on sm_90a the FP8 gather prefetched a step ahead). The other source runs
-the same config, or both the default where the tuned one does not suit its format. The split count is not part of the config: it stays the launcher's whole-wave rule
-(:func:`split_count`), which follows the chosen config's blocks per SM.
+the same config, or both the default where the tuned one does not suit its format. The split count is not part of
+the config: it stays the launcher's whole-wave rule (:func:`split_count`), which follows the chosen config's blocks
+per SM.
 """
 
 from __future__ import annotations
