@@ -339,9 +339,9 @@ V32_PAGED_STATIC = {"heads": V32["heads"], "dim": V32["dim"], "dtype": "float8_e
                     "topk": V32["topk"], "page_size": V32["page_size"], "scale_col": V32["dim"] // 4}  # fmt: skip
 
 
-V32_PAGES_STATIC = {**V32_PAGED_STATIC, "scale_col": 0, "key_layout": "paged", "prefetch": True}
-"""The same kernel over FP8 key pages in DeepGEMM's per-page layout, its key tile double-buffered through registers
-(the launcher's rule for that layout)."""
+V32_PAGES_STATIC = {**V32_PAGED_STATIC, "scale_col": 0, "key_layout": "paged"}
+"""The same kernel over FP8 key pages in DeepGEMM's per-page layout (its default config double-buffers the key tile
+through registers: ``kernels.prefetch_by_default``)."""
 
 
 def _paged_builds() -> list[tuple[Any, dict[str, Any]]]:
@@ -383,25 +383,31 @@ def test_hopper_paged_build_is_clean() -> None:
     support.assert_wide_addressing(kernel.get_kernel_source())
 
 
-# A 16-byte vector of FP8 values read from the key cache K (TileLang's CUDA: `*(fp8_e4_16_t*)(K + ...)`).
+# A 16-byte vector of FP8 values read from the key cache K (TileLang's CUDA: `*(fp8_e4_16_t*)(K + ...)`), and of four
+# float32 scales from its float32 view KScale (`*(float4*)(KScale + ...)`); element reads of either.
 _K_VECTOR_LOAD = re.compile(r"\*\(fp8_e4_16_t\*\)\(K \+")
 _K_BYTE_LOAD = re.compile(r"= K\[")
+_SCALE_VECTOR_LOAD = re.compile(r"\*\(float4\*\)\(KScale \+")
+_SCALE_ELEMENT_LOAD = re.compile(r"KScale\[")
 
 
 @pytest.mark.build
 @pytest.mark.usefixtures("hopper_fp8_prebuilt")
 def test_hopper_paged_build_over_key_pages_loads_16_byte_vectors() -> None:
-    """Over FP8 key pages in DeepGEMM's per-page layout (each key's 128 bytes 16-byte aligned), with the key tile
-    double-buffered through registers, the V3.2 paged variant compiles for sm_90a without spills and reads the key
-    tile from global memory as 16-byte vectors only (``fp8_e4_16_t``; the 132-byte rows are read a byte at a time),
-    with int64 row addressing."""
+    """Over FP8 key pages in DeepGEMM's per-page layout (each key's 128 bytes 16-byte aligned, a page's 64 scales
+    after its values), with the key tile double-buffered through registers (the default), the V3.2 paged variant
+    compiles for sm_90a without spills and reads the key tile from global memory as 16-byte vectors only
+    (``fp8_e4_16_t``; the 132-byte rows are read a byte at a time) and the key block's scales as 16-byte vectors only
+    (``float4``, once per key block; they were one scalar load per score), with int64 row addressing."""
     config = kernels.default_config({**V32_PAGES_STATIC, "target": dsl.HOPPER_TARGET})
     kernel, report = support.hopper_build("index_topk paged fp8 pages", kernels.build, **V32_PAGES_STATIC,
                                           **dataclasses.asdict(config))  # fmt: skip
     assert not report.problems(mma=tl_build.MMA_WGMMA), report.problems(mma=tl_build.MMA_WGMMA)
     assert report.smem_bytes <= kernels.smem_bytes(V32_PAGES_STATIC, config)
     source = kernel.get_kernel_source()
+    assert config.prefetch
     assert _K_VECTOR_LOAD.search(source) and not _K_BYTE_LOAD.search(source)
+    assert _SCALE_VECTOR_LOAD.search(source) and not _SCALE_ELEMENT_LOAD.search(source)
     support.assert_wide_addressing(source)
 
 

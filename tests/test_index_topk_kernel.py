@@ -8,12 +8,13 @@ scores at them. Outputs are poisoned before every launch (``tests/conftest.py``)
 Tiers:
 - ``cpu_kernel``: the C-target build on rows ordered to stress the candidate buffer (increasing scores compact it
   after every key block, decreasing ones never refill it, random order, many exact ties, all scores equal), with
-  several queries per block, causal and ranged, bf16 and FP8; the op-level property tests live in
-  ``tests/test_index_topk.py``.
+  several queries per block, causal and ranged, bf16 and FP8, the key tile double-buffered (``prefetch``, the
+  default) and not (the older schedule); the op-level property tests live in ``tests/test_index_topk.py``.
 - structure: the prim_func allocates nothing whose size depends on ``S`` or ``S_kv`` (on sm_90a at V3.2 shapes and
   on the C target), and its only outputs are ``[B, S, topk]``.
-- ``build``: the Hopper tuning space of the V3.2 FP8 causal case and the bf16 ranged default compile for sm_90a
-  without spills, with wgmma and shared memory within the estimate.
+- ``build``: the Hopper tuning space of the V3.2 FP8 causal case (with the default ``prefetch``, and the default
+  without it) and the bf16 ranged default compile for sm_90a without spills, with wgmma, shared memory within the
+  estimate and the key tile read in 16-byte vectors (twice with ``prefetch``: before the walk and inside it).
 - ``gpu``: rows past 131,072 keys in every order, and every Hopper config, against the reference (the op-level GPU
   tests are in ``tests/test_index_topk.py``).
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any
 
 import pytest
@@ -117,6 +119,23 @@ def test_configs_bound_the_candidate_buffers() -> None:
         assert name in launch.static_params(torch.empty(1, 1, 64, 128, dtype=torch.bfloat16), 8, ranged=False)
 
 
+def test_default_prefetch_rule() -> None:
+    """The key tile is double-buffered by default where the rule says (``kernels.prefetch_by_default``): contiguous
+    keys and FP8 key pages on sm_90a and on the C target; not on the portable schedule, nor for paged key rows. The
+    double buffer lives in registers: it adds no shared memory."""
+    static = {**V32, "dtype": "float8_e4m3fn", "mode": "causal", "topk": V32_TOPK}
+    paged = {**static, "mode": "range", "page_size": 64}
+    for target, case, expected in [
+        (dsl.HOPPER_TARGET, static, True), (dsl.CPU_TARGET, static, True), (dsl.cuda_target("sm_80"), static, False),
+        (dsl.HOPPER_TARGET, {**paged, "key_layout": "paged"}, True), (dsl.HOPPER_TARGET, paged, False),
+        (dsl.CPU_TARGET, paged, False),
+    ]:  # fmt: skip
+        config = kernels.default_config({**case, "target": target})
+        assert config.prefetch is expected, (target, case)
+        other = dataclasses.replace(config, prefetch=not expected)
+        assert kernels.smem_bytes(case, other) == kernels.smem_bytes(case, config)
+
+
 # -------------------------------------------------------------------------------------------------- structure
 
 
@@ -181,14 +200,15 @@ def test_cpu_fused_kernel_on_long_ordered_rows(order: str) -> None:
 
 @pytest.mark.cpu_kernel
 def test_cpu_fused_kernel_with_one_query_per_block_and_ranges() -> None:
-    """A config with one query per block (``q_rows`` = heads) and no spare buffer (``cand_factor`` 1: exactly
-    ``topk`` + one key block), ranged rows of random extent and position, some empty, two batches."""
+    """A config with one query per block (``q_rows`` = heads), no spare buffer (``cand_factor`` 1: exactly ``topk`` +
+    one key block) and the older schedule (no ``prefetch``: each key block loaded at the start of its step), ranged
+    rows of random extent and position, some empty, two batches."""
     g = torch.Generator().manual_seed(5)
     inputs = _ordered_inputs("ties", 2, 20, 700, CPU_HEADS, CPU_DIM)
     starts = torch.randint(0, 700, (2, 20), generator=g, dtype=torch.int32)
     inputs["starts"] = starts
     inputs["ends"] = (starts + torch.randint(-5, 500, (2, 20), generator=g, dtype=torch.int32)).clamp(0, 700)
-    config = dataclasses.replace(kernels.CPU_DEFAULT, q_rows=CPU_HEADS, cand_factor=1)
+    config = dataclasses.replace(kernels.CPU_DEFAULT, q_rows=CPU_HEADS, cand_factor=1, prefetch=False)
     _assert_exact(inputs, CPU_TOPK, *_run(inputs, CPU_TOPK, config))
 
 
@@ -289,25 +309,38 @@ HOPPER_STATICS: tuple[dict[str, Any], ...] = (
     {**V32, "dtype": "float8_e4m3fn", "mode": "causal", "topk": V32_TOPK},
     {**V32, "dtype": "bfloat16", "mode": "range", "topk": V32_TOPK},
 )
+_FP8_DEFAULT = kernels.default_config(HOPPER_STATICS[0])
+# The V3.2 FP8 case's tuning space with the default's prefetch, plus the older schedule at the default's q_rows. The
+# older schedule at the other q_rows is the tuner's (it compiled clean, 110 registers, when this was written): every
+# sm_90a build here costs CI about 20-40 s on 2 cores.
 HOPPER_BUILDS: list[tuple[dict[str, Any], kernels.Config]] = [
-    (HOPPER_STATICS[0], config) for config in support.hopper_configs("index_topk", HOPPER_STATICS[0])
+    (HOPPER_STATICS[0], config)
+    for config in support.hopper_configs("index_topk", HOPPER_STATICS[0])
+    if config.prefetch == _FP8_DEFAULT.prefetch or config.q_rows == _FP8_DEFAULT.q_rows
 ] + [(HOPPER_STATICS[1], kernels.default_config(HOPPER_STATICS[1]))]
 
 
 def _build_id(item: tuple[dict[str, Any], kernels.Config]) -> str:
     static, config = item
-    return f"{static['dtype']}_{static['mode']}_q{config.q_rows}_n{config.block_N}_f{config.cand_factor}"
+    return (f"{static['dtype']}_{static['mode']}_q{config.q_rows}_n{config.block_N}_f{config.cand_factor}"
+            f"_p{int(config.prefetch)}")  # fmt: skip
 
 
 hopper_prebuilt = support.prebuilt_fixture(lambda: support.config_builds(kernels.build, HOPPER_BUILDS))
+
+# A 16-byte vector read from the keys K (TileLang's CUDA: `*(fp8_e4_16_t*)(K + ...)` for FP8, `*(uint4*)(K + ...)`
+# for bf16; both are `ld.global.nc.v4` in the PTX), and an element read.
+_K_VECTOR_LOAD = re.compile(r"\*\((?:fp8_e4_16_t|uint4)\*\)\(K \+")
+_K_ELEMENT_LOAD = re.compile(r"= K\[")
 
 
 @pytest.mark.build
 @pytest.mark.usefixtures("hopper_prebuilt")
 @pytest.mark.parametrize("item", HOPPER_BUILDS, ids=_build_id)
 def test_hopper_build_is_clean(item: tuple[dict[str, Any], kernels.Config]) -> None:
-    """No spills, every GEMM a wgmma, shared memory within the estimate, int64 addressing, and the selection's
-    counters bound from atomics that return the previous value."""
+    """No spills, every GEMM a wgmma, shared memory within the estimate, int64 addressing, the selection's counters
+    bound from atomics that return the previous value, and the keys read as 16-byte vectors only: once per step, or
+    with ``prefetch`` twice (the first key block before the walk, each next one inside it)."""
     static, config = item
     kernel, report = support.hopper_build_case(_build_id(item), kernels.build, item)
     assert report.problems() == [] and set(report.mma) == {"wgmma"}, report.ptxas_log
@@ -315,6 +348,8 @@ def test_hopper_build_is_clean(item: tuple[dict[str, Any], kernels.Config]) -> N
     source = kernel.get_kernel_source()
     assert "AtomicAddRet" in source
     assert f"__launch_bounds__({config.threads}" in source
+    vector_loads = len(_K_VECTOR_LOAD.findall(source))
+    assert vector_loads == (2 if config.prefetch else 1) and not _K_ELEMENT_LOAD.search(source), vector_loads
     support.assert_wide_addressing(source)
 
 
@@ -345,7 +380,7 @@ def test_gpu_fused_kernel_on_rows_past_128k(order: str, cuda_device: torch.devic
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", GPU_CONFIGS, ids=lambda c: f"q{c.q_rows}_n{c.block_N}_f{c.cand_factor}")
+@pytest.mark.parametrize("config", GPU_CONFIGS, ids=lambda c: _build_id((HOPPER_STATICS[0], c)))
 def test_gpu_every_hopper_config(config: kernels.Config, cuda_device: torch.device) -> None:
     """Every Hopper config on 300 queries x 6,000 keys with many ties (two queries per block where ``q_rows`` is
     128: several buffers per block)."""

@@ -28,13 +28,18 @@ about ``topk * ln(S_kv / topk)`` per query, so a few compactions per row; an inc
 
 Targets: the C target (serial loops, the CPU tier) and CUDA. On sm_90a the GEMM is a wgmma; the key tile is loaded
 without TMA or warp specialisation (the selection code indexes threads directly, which automatic warp specialisation
-would split): element by element from contiguous keys and 132-byte FP8 key rows, in 16-byte vectors from FP8 key
-pages in DeepGEMM's per-page layout (``key_layout="paged"``), where ``prefetch`` also issues the next key block's
-loads into registers before the current block's selection, so they overlap it.
+would split): in 16-byte vectors from contiguous keys (FP8 and bf16) and from FP8 key pages in DeepGEMM's per-page
+layout (``key_layout="paged"``, whose per-page scales load as 16-byte vectors too, once per key block), a byte at a
+time from 132-byte FP8 key rows. ``Config.prefetch`` (every layout; the default by :func:`prefetch_by_default`)
+double-buffers the key tile through registers: the next key block's loads are issued before the current block's
+selection, so they overlap it. (Not ``cp.async`` into a second shared tile: the same 2 blocks per SM at V3.2 for
+16 KB more shared memory, and TileLang 0.1.15 cannot pipeline a copy over a symbolic trip count on the portable
+schedule, see ``tl_kernels.indexer``.)
 """
 
 # No `from __future__ import annotations`: TileLang evaluates the prim_func annotations (closure shapes) eagerly.
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +59,7 @@ __all__ = [
     "cand_capacity",
     "check_config",
     "default_config",
+    "prefetch_by_default",
     "smem_bytes",
 ]
 
@@ -63,6 +69,7 @@ KEY_LAYOUTS = ("rows", "paged")
 per key (the values, then the float32 scale); ``"paged"``, DeepGEMM's and vLLM's indexer cache, a page holds its
 ``page_size`` keys' values (``page_size * dim`` bytes) and then their ``page_size`` float32 scales."""
 _SCALE_BYTES = 4
+_SCALE_VECTOR = 4  # float32 scales per 16-byte load
 INDEX_DTYPE = "int32"
 COUNT_DTYPE = "int32"
 SLOT_DTYPE = "int64"
@@ -91,12 +98,18 @@ class Config:
     threads: threads per block (whole warpgroups on CUDA; the C target ignores it).
     cand_factor: candidate slots per query are ``max(cand_factor * topk, topk + block_N)``; larger means fewer
         compactions and more shared memory.
+    prefetch: the key tile double-buffered through registers: key block ``i + 1``'s loads are issued right after
+        block ``i``'s scores, into a ``[block_N, dim]`` register fragment (at V3.2 FP8: 4 x 16 bytes a thread), so
+        they are in flight during block ``i``'s selection (candidate inserts, compactions) and are stored to the
+        shared key tile at the start of step ``i + 1``. ``False``: each block's loads are issued and waited for at
+        the start of its step (the older schedule; fewer registers).
     """
 
     q_rows: int = 64
     block_N: int = 128
     threads: int = 256
     cand_factor: int = 2
+    prefetch: bool = False
 
 
 TUNING_SPACE: dict[str, tuple] = {
@@ -104,16 +117,19 @@ TUNING_SPACE: dict[str, tuple] = {
     "block_N": (128,),
     "threads": (256,),
     "cand_factor": (2,),
+    "prefetch": (True, False),
 }
 PORTABLE_TUNING_SPACE: dict[str, tuple] = {
     "q_rows": (64,),
     "block_N": (64, 128),
     "threads": (128, 256),
     "cand_factor": (2,),
+    "prefetch": (False, True),
 }
 """The candidates on the portable schedule (mma.sync; most of its architectures have 99 KB of shared memory)."""
-CPU_DEFAULT = Config(q_rows=64, block_N=64, threads=128, cand_factor=2)
-"""C-target default: short key tiles and small buffers, so the CPU tests compact often."""
+CPU_DEFAULT = Config(q_rows=64, block_N=64, threads=128, cand_factor=2, prefetch=True)
+"""C-target default: short key tiles and small buffers, so the CPU tests compact often; ``prefetch`` as on sm_90a
+(:func:`default_config` turns it off where the rule says so)."""
 
 # default_config tries these in order; later ones need less shared memory (large topk, large head dims).
 _DEFAULT_LADDER = (
@@ -146,7 +162,9 @@ def smem_bytes(static: dict, config: Config) -> int:
     buffers = block_Q * (cand_capacity(static["topk"], config) * CAND_ENTRY_BYTES + ROW_STATE_BYTES)
     # A paged key block's cache rows (with the alignment TileLang gives the extra tile: 184 B on sm_90a at V3.2).
     slots = config.block_N * SLOT_BYTES + SLOT_ALIGN_SLACK_BYTES if static.get("page_size", 0) else SLOT_BYTES
-    return tiles + score_tile + rs.hist_bytes() + rs.state_bytes() + buffers + slots
+    # Key pages: a key block's scales (the prefetch's registers take no shared memory).
+    scales = config.block_N * _SCALE_BYTES if static.get("key_layout", "rows") == "paged" else 0
+    return tiles + score_tile + rs.hist_bytes() + rs.state_bytes() + buffers + slots + scales
 
 
 def check_config(static: dict, config: Config) -> None:
@@ -167,14 +185,35 @@ def check_config(static: dict, config: Config) -> None:
         raise ValueError(f"shared memory {smem} B exceeds {limit} B (topk {topk}, {config})")
 
 
+def prefetch_by_default(static: dict) -> bool:
+    """The ``prefetch`` rule of :func:`default_config` until a GPU record decides: on for contiguous keys (prefill)
+    and FP8 key pages, on sm_90a and on the C target (which checks the schedule Hopper runs); off for paged key rows
+    (their builds stay what they were) and on the portable schedule (unmeasured there; its default build stays what
+    it was, and ``PORTABLE_TUNING_SPACE`` holds both).
+
+    Why on for sm_90a, at V3.2 (64 heads x 128 FP8 keys, topk 2048, 256 threads, ptxas): the 72 registers of the
+    old schedule become 94 (0 spills, same shared memory), so an SM holds 2 blocks instead of 3 at 64 q-head rows
+    (unchanged at 128: its 116,736 B already allow one); each step's key loads then overlap its own block's
+    selection instead of waiting at the step's start and relying on a third block to cover them. Forcing 3 blocks
+    (``__launch_bounds__(256, 3)``) caps it at 80 registers and spills 8 bytes. Which one is faster is the GPU
+    record's question: both are in :data:`TUNING_SPACE`."""
+    target = dsl.static_target(static)
+    if static.get("page_size", 0) and static.get("key_layout", "rows") == "rows":
+        return False
+    return dsl.is_cpu(target) or dsl.is_hopper(target)
+
+
 def default_config(static: dict) -> Config:
     """A config that builds for ``static`` and serves every shape: :data:`CPU_DEFAULT` on the C target, else the
     first of the ladder that fits (ValueError when none does: too many heads, or a ``topk`` whose buffers exceed
-    shared memory even one query per block)."""
+    shared memory even one query per block); ``prefetch`` by :func:`prefetch_by_default`."""
     if dsl.is_cpu(dsl.static_target(static)):
-        check_config(static, CPU_DEFAULT)
-        return CPU_DEFAULT
-    return dsl.first_valid_config(check_config, static, _DEFAULT_LADDER, kernel="fused index_topk")
+        config = CPU_DEFAULT
+    else:
+        config = dsl.first_valid_config(check_config, static, _DEFAULT_LADDER, kernel="fused index_topk")
+    config = dataclasses.replace(config, prefetch=prefetch_by_default(static))
+    check_config(static, config)
+    return config
 
 
 def build(
@@ -188,10 +227,10 @@ def build(
     block_N: int = Config.block_N,
     threads: int = Config.threads,
     cand_factor: int = Config.cand_factor,
+    prefetch: bool = Config.prefetch,
     page_size: int = 0,
     scale_col: int = 0,
     key_layout: str = "rows",
-    prefetch: bool = False,
     target: dsl.Target = dsl.CPU_TARGET,
 ) -> Any:
     """The fused ``index_topk`` prim_func for the given static parameters; B, S and S_kv are dynamic.
@@ -200,7 +239,8 @@ def build(
         heads, dim, dtype, mode: as ``tl_kernels.indexer.build`` (``"causal"``: ``s <= t + S_kv - S``; ``"range"``:
             ``starts[b, t] <= s < ends[b, t]``).
         topk: entries per query (any positive int; rows with fewer visible keys are padded).
-        q_rows, block_N, threads, cand_factor: the :class:`Config` fields.
+        q_rows, block_N, threads, cand_factor, prefetch: the :class:`Config` fields (``prefetch`` for every key
+            layout: contiguous keys, paged key rows and key pages).
         page_size: 0 for contiguous keys; else the keys live in a **paged cache** of ``page_size``-token pages
             (decoding, ``"range"`` mode only): key position ``s`` of sequence ``b`` is cache row ``block_table[b, s //
             page_size] * page_size + s % page_size``; a position whose page entry is negative or whose row is past the
@@ -209,10 +249,6 @@ def build(
         key_layout: paged FP8 only, one of :data:`KEY_LAYOUTS`. ``"paged"`` keeps each key's ``dim`` bytes
             contiguous at a multiple of ``dim`` bytes into its page, so (with 16-byte aligned pages) the key tile is
             loaded in 16-byte vectors; ``"rows"`` rows are ``dim + 4`` bytes apart (4-byte aligned), loaded bytewise.
-        prefetch: ``key_layout="paged"`` only: the key tile double-buffered through registers. Key block ``i + 1``'s
-            cache rows are looked up and its values loaded into a register fragment (4 x 16 bytes a thread at V3.2)
-            right after block ``i``'s scores, so the loads are in flight during block ``i``'s selection (candidate
-            inserts, compactions) and are only stored to the shared key tile at the start of step ``i + 1``.
         target: ``"c"`` or a CUDA target dict.
 
     Kernel arguments, in order (``k_scale`` only for FP8, ``starts``/``ends`` only in ``"range"`` mode):
@@ -234,13 +270,17 @@ def build(
         raise ValueError(f"page_size must be >= 0, and a paged cache needs mode 'range'; got {page_size}, {mode!r}")
     if key_layout not in KEY_LAYOUTS or (key_layout != "rows" and not (paged and dtype == indexer.FP8)):
         raise ValueError(f"key_layout must be one of {KEY_LAYOUTS} ('paged' for paged FP8 keys), got {key_layout!r}")
-    if prefetch and key_layout != "paged":
-        raise ValueError(f"prefetch needs key_layout 'paged', got {key_layout!r}")
     # DeepGEMM's per-page layout: a page's values, then its scales (as float32 words, the page is `page_words`).
     page_keys = key_layout == "paged"
     page_words = page_size * (dim + _SCALE_BYTES) // _SCALE_BYTES
+    # Key pages: a key block's scales are runs of `_SCALE_VECTOR` consecutive float32 scales of one page (16 bytes,
+    # 16-byte aligned when pages are), loaded as vectors into a shared `[block_N]` scale tile once per key block
+    # (instead of one scalar load per score), where every run lies in one page: page_size and block_N (so every
+    # key block's start) multiples of the run. Whole runs are valid or invalid together (one page).
+    scale_runs = page_keys and page_size % _SCALE_VECTOR == 0 and block_N % _SCALE_VECTOR == 0
+    scale_run_count = block_N // _SCALE_VECTOR
     static = {"heads": heads, "dim": dim, "dtype": dtype, "mode": mode, "topk": topk, "target": target}
-    config = Config(q_rows=q_rows, block_N=block_N, threads=threads, cand_factor=cand_factor)
+    config = Config(q_rows=q_rows, block_N=block_N, threads=threads, cand_factor=cand_factor, prefetch=prefetch)
     check_config(static, config)
     capacity = cand_capacity(topk, config)
     block_Q = indexer.block_queries(heads, q_rows)
@@ -287,12 +327,23 @@ def build(
             return T.if_then_else(slot_tile[n] >= 0, math_.load(K[T.max(slot_tile[n], 0), d]), T.cast(0, tile_dtype))
         return T.if_then_else(pos < seq_kv, math_.load(K[b, T.min(pos, seq_kv - 1), d]), T.cast(0, tile_dtype))
 
-    def key_score(logit: Any, KScale: Any, slot_tile: Any, b: Any, pos: Any, n: Any) -> Any:
+    def run_scale(KScale: Any, slot_tile: Any, s0: Any, r: Any, v: Any) -> Any:
+        """Scale ``v`` of run ``r`` of the key block at ``s0`` (key pages with ``scale_runs``): the run's page from
+        its first key's cache row (page 0 for an invalid run, whose scales are never used), its offset in the page
+        from the position (a multiple of the run length, so the loads vectorise)."""
+        page = T.max(slot_tile[r * _SCALE_VECTOR], 0) // page_size
+        # The run's offset in runs, so that it is a visible multiple of 4 whatever the analyser knows of s0.
+        offset = (s0 // _SCALE_VECTOR + r) % (page_size // _SCALE_VECTOR) * _SCALE_VECTOR
+        return KScale[page, page_size * dim // _SCALE_BYTES + offset + v]
+
+    def key_score(logit: Any, KScale: Any, slot_tile: Any, scale_tile: Any, b: Any, pos: Any, n: Any) -> Any:
         """The score of a visible key from its head-weighted sum: times its FP8 scale; -inf at an invalid paged row."""
         if not paged:
             return math_.scaled(logit, KScale, b, T.min(pos, seq_kv - 1))
         slot = T.max(slot_tile[n], 0)
-        if page_keys:
+        if scale_runs:
+            value = logit * scale_tile[n]
+        elif page_keys:
             value = logit * KScale[slot // page_size, page_size * dim // _SCALE_BYTES + slot % page_size]
         else:
             value = logit * KScale[slot, scale_col] if fp8 else logit
@@ -348,14 +399,38 @@ def build(
             row.out_scores[row.b, row.s, j] = neg_inf
 
     @T.macro
-    def fetch_keys(K, BlockTable, slot_tile, dst, b, s0):
-        """Key block ``[s0, s0 + block_N)`` of sequence ``b`` (paged): its cache rows into ``slot_tile``, then its
-        values into ``dst`` (``[block_N, dim]`` tile values, 0 at invalid rows)."""
-        for n in alloc.parallel(block_N):
-            slot_tile[n] = key_slot(BlockTable, b, s0 + n)
-        select.barrier()
+    def fetch_keys(K, KScale, BlockTable, slot_tile, dst, scale_regs, b, s0):
+        """Key block ``[s0, s0 + block_N)`` of sequence ``b``: (paged) its cache rows into ``slot_tile``, then its
+        values into ``dst`` (``[block_N, dim]`` tile values, 0 past the keys and at invalid rows) and (key pages with
+        ``scale_runs``) its scales into ``scale_regs`` (per thread on CUDA: one run of the first ``block_N / 4``
+        threads, a 16-byte load; the whole block's on the C target; :func:`store_scales` stores them)."""
+        if paged:
+            for n in alloc.parallel(block_N):
+                slot_tile[n] = key_slot(BlockTable, b, s0 + n)
+            select.barrier()
         for n, d in alloc.parallel(block_N, dim):
             dst[n, d] = key_value(K, slot_tile, b, s0 + n, n, d)
+        if scale_runs:
+            if cpu:
+                for r, v in T.grid(scale_run_count, _SCALE_VECTOR):
+                    scale_regs[r * _SCALE_VECTOR + v] = run_scale(KScale, slot_tile, s0, r, v)
+            else:
+                # Explicit threads and a vectorised loop: a parallel loop spreads 128 scales over 256 threads, one
+                # scalar load each.
+                if T.get_thread_binding() < scale_run_count:
+                    for v in T.vectorized(_SCALE_VECTOR):
+                        scale_regs[v] = run_scale(KScale, slot_tile, s0, T.get_thread_binding(), v)
+
+    @T.macro
+    def store_scales(scale_regs, scale_tile):
+        """The scales :func:`fetch_keys` loaded into the shared ``[block_N]`` scale tile."""
+        if cpu:
+            for n in T.serial(block_N):
+                scale_tile[n] = scale_regs[n]
+        else:
+            if T.get_thread_binding() < scale_run_count:
+                for v in T.vectorized(_SCALE_VECTOR):
+                    scale_tile[T.get_thread_binding() * _SCALE_VECTOR + v] = scale_regs[v]
 
     @T.macro
     def body(Q, K, W, KScale, BlockTable, Starts, Ends, Indices, Scores):
@@ -367,6 +442,8 @@ def build(
             bounds = T.alloc_local([2], INDEX_DTYPE)
             # Paged keys: each key block's cache rows, looked up in the block table once per key (not per element).
             slot_tile = alloc.shared([block_N if paged else 1], SLOT_DTYPE)
+            # Key pages: each key block's scales (see scale_runs).
+            scale_tile = alloc.shared([block_N], ACCUM_DTYPE) if scale_runs else None
             kb_lo = T.alloc_var(INDEX_DTYPE)
             kb_hi = T.alloc_var(INDEX_DTYPE)
             t0 = bq * block_Q
@@ -390,33 +467,34 @@ def build(
             # With prefetch: the next key block's values, in registers between the steps (the double buffer's
             # second half; the shared key tile is the first).
             k_next = alloc.fragment([block_N, dim], tile_dtype) if prefetch else None
+            # Key pages: this thread's loaded scales (with prefetch: the next key block's, between the steps).
+            scale_regs = T.alloc_local([block_N if cpu else _SCALE_VECTOR], ACCUM_DTYPE) if scale_runs else None
             if prefetch:
                 if n_steps > 0:
-                    fetch_keys(K, BlockTable, slot_tile, k_next, bb, kb_lo * block_N)
+                    fetch_keys(K, KScale, BlockTable, slot_tile, k_next, scale_regs, bb, kb_lo * block_N)
             for step in T.serial(n_steps + 1):
                 s0 = (kb_lo + step) * block_N
                 if step < n_steps:
                     if prefetch:
                         for n, d in alloc.parallel(block_N, dim):
                             k_tile[n, d] = k_next[n, d]
-                    elif paged:
-                        fetch_keys(K, BlockTable, slot_tile, k_tile, bb, s0)
                     else:
-                        for n, d in alloc.parallel(block_N, dim):
-                            k_tile[n, d] = key_value(K, slot_tile, bb, s0 + n, n, d)
+                        fetch_keys(K, KScale, BlockTable, slot_tile, k_tile, scale_regs, bb, s0)
+                    if scale_runs:
+                        store_scales(scale_regs, scale_tile)
                     select.barrier()
                     math_.head_sum(k_tile, q_tile, acc, acc_heads, w_tile, logits)
                     for n, i in alloc.parallel(block_N, block_Q):
                         score_tile[n, i] = T.if_then_else(
                             t0 + i < seq and s0 + n < seq_kv and math_.visible(Starts, Ends, bb, t0 + i, s0 + n, shift),
-                            key_score(logits[n, i], KScale, slot_tile, bb, s0 + n, n),
+                            key_score(logits[n, i], KScale, slot_tile, scale_tile, bb, s0 + n, n),
                             neg_inf,
                         )
                     select.barrier()
                     if prefetch:
                         # Block i + 1's loads go out now and land while block i's candidates are selected.
                         if step + 1 < n_steps:
-                            fetch_keys(K, BlockTable, slot_tile, k_next, bb, s0 + block_N)
+                            fetch_keys(K, KScale, BlockTable, slot_tile, k_next, scale_regs, bb, s0 + block_N)
                 for i in T.serial(block_Q):
                     row = base._replace(s=t0 + i, cand_base=i * capacity)
                     # Before a key block: make room where this block could overflow the buffer (it keeps its topk

@@ -46,11 +46,9 @@ def paged_static_params(q: torch.Tensor, topk: int, *, page_size: int, key_layou
     """The static parameters of the paged (decode) variant: the ranged indexer's, ``topk``, the page size and, for
     FP8 keys, the float32 column of a key row's scale (``dsa.kv_format.index_key_layout``: after its ``D_i`` bytes;
     0 for ``key_layout="paged"``, whose scales follow the page's values, and then ``key_layout`` is a parameter too:
-    the row layout's parameters stay what they were, so its builds and caches are unchanged).
-
-    Rule until a GPU record decides: the per-page layout double-buffers its key tile (``prefetch``: the next key
-    block's 16-byte loads in flight during the current block's selection; 96 registers instead of 72 on sm_90a at
-    V3.2, no spills, no more shared memory), on every target so that the C target checks the same schedule."""
+    the row layout's parameters stay what they were, so its builds and caches are unchanged). Whether the key tile is
+    double-buffered is the config's ``prefetch`` (its default: ``tl_kernels.index_topk.prefetch_by_default``, on for
+    the per-page layout: 96 registers instead of 80 on sm_90a at V3.2, no spills, no more shared memory)."""
     static = {**static_params(q, topk, ranged=True), "page_size": int(page_size)}
     fp8 = q.dtype == torch.float8_e4m3fn
     rows = key_layout == "rows"
@@ -58,7 +56,7 @@ def paged_static_params(q: torch.Tensor, topk: int, *, page_size: int, key_layou
     scale_offset = kv_format.index_key_layout(int(q.shape[-1])).scale_offset
     static["scale_col"] = scale_offset // _SCALE_BYTES if fp8 and rows else 0
     if not rows:
-        static.update(key_layout=key_layout, prefetch=True)
+        static["key_layout"] = key_layout
     return static
 
 
