@@ -210,9 +210,10 @@ def _topk_of(static: Mapping[str, Any], sizes: Mapping[str, int]) -> int:
 
 
 def call_flops(kernel: str, static: Mapping[str, Any], sizes: Mapping[str, int]) -> float | None:
-    """Useful FLOPs of one call of the tuner kernel ``kernel`` (a name of ``autotune.lookup.space.KERNEL_NAMES``) at
+    """Useful FLOPs of one call of the tuner kernel ``kernel`` (a name of ``autotune.lookup.space.TUNED_KERNEL_NAMES``) at
     its static parameters and runtime sizes (``batch``, ``seq_len``, ``seq_len_kv``, and ``topk`` where it is a
-    size); ``None`` where FLOP/s mean nothing (top-k) or the kernel is not one of the built-in five.
+    size; the decode attention's ``batch``, ``s_q``, ``topk``); ``None`` where FLOP/s mean nothing (top-k) or the
+    kernel is not a built-in one.
 
     The fused selection (``index_topk``) counts the indexer's FLOPs: its GEMMs are the work, the selection rides
     along."""
@@ -222,4 +223,8 @@ def call_flops(kernel: str, static: Mapping[str, Any], sizes: Mapping[str, int])
         count = sparse_mla_fwd_flops if kernel == "sparse_mla_fwd" else sparse_mla_bwd_flops
         return count(sizes["batch"], sizes["seq_len"], static["heads"], _topk_of(static, sizes), static["d_qk"],
                      static["d_v"])  # fmt: skip
+    if kernel == "sparse_mla_decode":
+        # B x s_q queries, each attending to its topk gathered cache rows: the forward's count with S = s_q.
+        return sparse_mla_fwd_flops(sizes["batch"], sizes["s_q"], static["heads"], sizes["topk"], static["d_qk"],
+                                    static["d_v"])  # fmt: skip
     return None

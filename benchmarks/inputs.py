@@ -79,13 +79,6 @@ def _chunks(batch: int, length: int, width: int) -> Iterator[int]:
         yield min(step, length - start)
 
 
-def _decode_ends(batch: int, s_q: int, context: int, device: torch.device) -> torch.Tensor:
-    """``[B, s_q]`` int32: query ``t`` is the token at ``context - s_q + t`` and sees the positions before it and
-    itself."""
-    ends = torch.arange(s_q, dtype=torch.int32, device=device) + (context - s_q + 1)
-    return ends.view(1, s_q).expand(batch, s_q).contiguous()
-
-
 def _sparse_mla_decode_inputs(case: case_data.Case, device: torch.device, seed: int) -> dict[str, Any]:
     """A paged cache of ``context`` random latent rows per sequence (FP8 in FlashMLA's layout, or bf16; each
     sequence on its own run of pages, ``PagedKVCache``'s allocation), bf16 queries, and for each query ``topk``
@@ -99,7 +92,7 @@ def _sparse_mla_decode_inputs(case: case_data.Case, device: torch.device, seed: 
     )  # fmt: skip
     for n in _chunks(batch, context, d_qk):
         kv.append(torch.randn((batch, n, d_qk), generator=g, device=device).to(torch.bfloat16))
-    ends = _decode_ends(batch, s_q, context, device)
+    ends = runners.newest_ends(batch, s_q, context, device)
     keys = torch.rand((batch, s_q, context), generator=g, device=device)
     keys.masked_fill_(torch.arange(context, device=device).view(1, 1, -1) >= ends.unsqueeze(-1), -1.0)
     positions = keys.topk(topk, dim=-1).indices  # distinct; all visible while topk <= context - s_q + 1
@@ -146,7 +139,7 @@ def _index_topk_decode_inputs(case: case_data.Case, device: torch.device, seed: 
         "k_cache": keys.pages,
         "weights": small_integers((batch, s_q, heads), 2),
         "block_table": keys.block_table,
-        "ends": _decode_ends(batch, s_q, context, device),
+        "ends": runners.newest_ends(batch, s_q, context, device),
         "starts": None,
         "topk": s["topk"],
     }
@@ -200,20 +193,6 @@ def _decode_reference(case: case_data.Case, i: dict[str, Any]) -> tuple[torch.Te
     )  # fmt: skip
 
 
-def _same_selection(out: tuple[torch.Tensor, ...], expected: tuple[torch.Tensor, ...]) -> str | None:
-    """``None`` when both selections hold the same positions per row (any order) with the same scores."""
-    (indices, scores), (want, want_scores) = ((a.cpu(), b.cpu().float()) for a, b in (out, expected))
-    if indices.dtype != torch.int32 or indices.shape != want.shape:
-        return f"indices: {indices.dtype} {tuple(indices.shape)}, expected torch.int32 {tuple(want.shape)}"
-    order, want_order = indices.argsort(-1), want.argsort(-1)
-    differ = (indices.gather(-1, order) != want.gather(-1, want_order)).any(-1)
-    if differ.any():
-        return f"indices: another set of positions in {int(differ.sum())} of {differ.numel()} rows"
-    if not torch.equal(scores.gather(-1, order), want_scores.gather(-1, want_order)):
-        return "scores: not the exact index scores at the selected positions"
-    return None
-
-
 def _check_decode(case: case_data.Case, inputs: dict[str, Any]) -> str | None:
     """:func:`check_dsa` for a decode case: the launcher on the whole input set, its outputs narrowed, the reference
     on the narrowed problem; attention compared as the forward's runner compares, the selection exactly."""
@@ -221,7 +200,7 @@ def _check_decode(case: case_data.Case, inputs: dict[str, Any]) -> str | None:
     narrowed, narrowed_outputs = _decode_narrow(case, inputs, outputs)
     expected = _decode_reference(case, narrowed)
     if case.kernel == case_data.INDEX_TOPK_DECODE:
-        return _same_selection(narrowed_outputs, expected)
+        return runners.same_selection(narrowed_outputs, expected)
     problems = [
         testing.compare(narrowed_outputs[0], expected[0], **runners.BF16_TOL, name="out"),
         testing.compare(narrowed_outputs[1], expected[1], **runners.LSE_TOL, max_diff=None, name="lse"),

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from autotune.lookup import sku
 from benchmarks import cases as case_data
-from benchmarks import cost, gpu_record, harness
+from benchmarks import cost, flops, gpu_record, harness
 from dsa import kv_format
 from dsa.launch import index_topk_split as split_rules
 from tl_kernels import sparse_mla_decode as decode_kernels
@@ -212,3 +212,12 @@ def test_gpu_record_summary_reports_time_as_a_multiple_of_the_model() -> None:
     ]
     text = gpu_record.summary({"bench": {"rows": rows}})
     assert "1.63x model" in text
+
+
+def test_tuner_counts_decode_flops_as_flashmla_does_at_the_v32_point() -> None:
+    """The tuner's FLOP count of a decode call (``benchmarks.flops.call_flops``) is FlashMLA's ``2 B s_q h_q topk
+    (d_k + d_v)``: 146.0 GFLOP at B 128, s_q 2, H 128, topk 2048 (so a candidate's TFLOP/s reads as FlashMLA's)."""
+    static = {"heads": V32["heads"], "d_qk": V32["d_qk"], "d_v": V32["d_v"], "kv_format": "fp8"}
+    got = flops.call_flops("sparse_mla_decode", static, {"batch": 128, "s_q": 2, "topk": V32["topk"]})
+    assert got == pytest.approx(_published_s(1e-12))
+    assert got == pytest.approx(146.0e9, rel=1e-3)
