@@ -193,10 +193,11 @@ def prefetch_by_default(static: dict) -> bool:
 
     Why on for sm_90a, at V3.2 (64 heads x 128 FP8 keys, topk 2048, 256 threads, ptxas): the 72 registers of the
     old schedule become 94 (0 spills, same shared memory), so an SM holds 2 blocks instead of 3 at 64 q-head rows
-    (unchanged at 128: its 116,736 B already allow one); each step's key loads then overlap its own block's
-    selection instead of waiting at the step's start and relying on a third block to cover them. Forcing 3 blocks
-    (``__launch_bounds__(256, 3)``) caps it at 80 registers and spills 8 bytes. Which one is faster is the GPU
-    record's question: both are in :data:`TUNING_SPACE`."""
+    (unchanged at 128, 110 -> 128 registers: its 116,736 B allow one; bf16 keys, 80 -> 110 registers, keep the 2
+    that their 99,344 B allow); each step's key loads then overlap its own block's selection instead of waiting at
+    the step's start and relying on a third block to cover them. Forcing 3 blocks (``__launch_bounds__(256, 3)``)
+    caps it at 80 registers and spills 8 bytes. Which one is faster is the GPU record's question: both are in
+    :data:`TUNING_SPACE`."""
     target = dsl.static_target(static)
     if static.get("page_size", 0) and static.get("key_layout", "rows") == "rows":
         return False
