@@ -231,7 +231,9 @@ def index_topk_decode_impl(
     ``topk``) the reference, logged once per call."""
     if backend == TILELANG:
         launch = launcher(_LAUNCH_INDEX_TOPK)
-        planned = launch.plan_paged(q, topk, page_size=keys.cache.shape[1], key_layout=keys.layout)
+        planned = launch.plan_paged(
+            q, topk, page_size=keys.cache.shape[1], key_layout=keys.layout, max_pages=keys.block_table.shape[1]
+        )
         if planned is not None:
             return launch.index_topk_paged(
                 q, keys.cache, weights, topk, block_table=keys.block_table, ends=ends, starts=starts, planned=planned

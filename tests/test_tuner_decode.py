@@ -27,6 +27,7 @@ from dsa.launch import sparse_mla_decode as launch
 from tests import fake_kernel as fake
 from tests import support
 from tl_kernels import dsl
+from tl_kernels import index_topk as index_kernels
 from tl_kernels import sparse_mla_decode as kernels
 
 KERNEL = decode.KERNEL
@@ -140,6 +141,41 @@ def test_a_stored_config_is_the_launchers_choice(monkeypatch: pytest.MonkeyPatch
     finally:
         tuned_cache.clear_memory_cache()
         select._checked.clear()
+
+
+def test_a_stored_paged_selection_config_is_the_paged_plans_choice(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The decode selection's plan asks for ``(batch, s_q, block-table width x page size)``: a config the tuner stored
+    for that bucket (a paged ``index_topk`` case of ``autotune.lookup.decode``) is what its plan runs on a CUDA device
+    (faked key, kernel build stubbed); without a block-table width the plan keeps the default."""
+    monkeypatch.setenv("DSA_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(sku, "current_sku", lambda device=None: "h100-sxm")
+    monkeypatch.setattr(index_launch.common, "get_kernel", lambda *args, **kwargs: "kernel")
+    tuned_cache.clear_memory_cache()
+    q = torch.zeros(2, 1, 64, 128, dtype=torch.float8_e4m3fn)
+    static = index_launch.paged_static_params(q, 2048, page_size=64, key_layout="paged")
+    default = index_kernels.default_config({**static, "target": dsl.HOPPER_TARGET})
+    tuned = {**dataclasses.asdict(default), "prefetch": not default.prefetch}
+    sizes = {"batch": 2, "seq_len": 1, "seq_len_kv": 65536}
+    tuned_cache.store("index_topk", static, sizes, tuned, sku="h100-sxm", cache_dir=tmp_path)
+    made: list[dict[str, int] | None] = []
+    real_make = index_launch._make
+
+    def spy(static: dict[str, Any], sizes: dict[str, int] | None, device: torch.device, config: Any) -> Any:
+        made.append(sizes)
+        return real_make(static, sizes, torch.device("cuda", 0), config)
+
+    monkeypatch.setattr(index_launch, "_make", spy)
+    monkeypatch.setattr(index_launch.common, "target_for", lambda device: dsl.HOPPER_TARGET)
+    try:
+        p = index_launch.plan_paged(q, 2048, page_size=64, key_layout="paged", max_pages=65536 // 64)
+        assert made == [sizes] and p.config == index_kernels.Config(**tuned)
+        assert index_launch.plan_paged(q, 2048, page_size=64, key_layout="paged").config == default
+    finally:
+        tuned_cache.clear_memory_cache()
+        select._checked.clear()
+        index_launch._PAGED_PLANS.clear()
 
 
 @pytest.mark.parametrize("widths", [(24, 8), (8, 24)])

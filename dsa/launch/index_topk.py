@@ -145,14 +145,26 @@ def index_topk(
 
 
 def plan_paged(
-    q: torch.Tensor, topk: int, *, page_size: int, config: kernels.Config | None = None, key_layout: str = "rows"
+    q: torch.Tensor,
+    topk: int,
+    *,
+    page_size: int,
+    config: kernels.Config | None = None,
+    key_layout: str = "rows",
+    max_pages: int | None = None,
 ) -> Plan | None:
     """The plan of the paged variant for ``q [B, s_q, H_i, D_i]`` over pages of ``page_size`` keys (FP8 keys in
-    ``key_layout``, ``dsa.kv_format.INDEX_KEY_LAYOUTS``), or ``None`` where no config fits. The paged variant is not
-    tuned yet: its default config runs (``config`` overrides)."""
+    ``key_layout``, ``dsa.kv_format.INDEX_KEY_LAYOUTS``), or ``None`` where no config fits. With ``max_pages`` (the
+    block table's width) the config is the tuned one for ``(batch, s_q, max_pages * page_size)`` where the user's
+    cache has one (the tuner's paged ``index_topk`` cases, ``autotune.lookup.decode``), else the default; without it
+    the default config runs (``config`` overrides either)."""
     static = paged_static_params(q, topk, page_size=page_size, key_layout=key_layout)
-    key = (q.dtype, q.shape[2], q.shape[3], int(topk), int(page_size), config, key_layout)
-    return _PAGED_PLANS.get(q.device, key, lambda: _make(static, None, q.device, config))
+    sizes = None
+    if max_pages is not None:
+        sizes = {"batch": q.shape[0], "seq_len": q.shape[1], "seq_len_kv": int(max_pages) * int(page_size)}
+    shape = None if sizes is None else tuple(sizes.values())
+    key = (q.dtype, q.shape[2], q.shape[3], int(topk), int(page_size), config, key_layout, shape)
+    return _PAGED_PLANS.get(q.device, key, lambda: _make(static, sizes, q.device, config))
 
 
 def _launch_paged(
@@ -239,7 +251,8 @@ def index_topk_paged(
     Returns:
         positions ``[B, s_q, topk]`` int32 (``-1`` padding) and their scores ``[B, s_q, topk]`` float32.
     """
-    p = planned or plan_paged(q, topk, page_size=k_cache.shape[1], config=config, key_layout=key_layout)
+    p = planned or plan_paged(q, topk, page_size=k_cache.shape[1], config=config, key_layout=key_layout,
+                              max_pages=block_table.shape[1])  # fmt: skip
     if p is None:
         raise ValueError(f"index_topk_decode: no fused config fits topk={topk} for q {tuple(q.shape)} on {q.device}")
     return run_paged(p, q, k_cache, weights, block_table, ends, starts, splits)
