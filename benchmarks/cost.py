@@ -327,16 +327,19 @@ def selection_estimate(
 
 
 def _selection_schedule(static: dict[str, Any], sizes: dict[str, int], spec: sku.PerfSpec) -> dict[str, Any]:
-    """The paged selection's schedule for a case as its launcher plans it on ``spec``: the default sm_90a config's
-    queries and keys per block, the split count of ``dsa.launch.index_topk_split.num_splits``, the merge's groups
-    of ``merge_groups`` and the case's key layout (rows unless it names one)."""
+    """The paged selection's schedule for a case as its launcher plans it on ``spec``: the untuned sm_90a config's
+    queries and keys per block (with the launcher's MTP rule), the split count of
+    ``dsa.launch.index_topk_split.num_splits``, the merge's groups of ``merge_groups`` and the case's key layout (rows
+    unless it names one)."""
     dtype = getattr(torch, static["dtype"])
     batch, s_q = sizes["batch"], sizes["seq_len"]
     key_layout = static.get("key_layout", "rows")
     q = torch.empty(batch, s_q, static["heads"], static["dim"], dtype=dtype, device="meta")
     paged = selection_launch.paged_static_params(q, static["topk"], page_size=static["page_size"],
                                                  key_layout=key_layout)  # fmt: skip
-    config = selection_kernels.default_config({**paged, "target": dict(dsl.HOPPER_TARGET)})
+    hopper = dict(dsl.HOPPER_TARGET)
+    rule = selection_launch.mtp_default(paged, s_q, hopper)
+    config = rule or selection_kernels.default_config({**paged, "target": hopper})
     block_q = indexer_kernels.block_queries(static["heads"], config.q_rows)
     key_blocks = math.ceil(math.ceil(sizes["seq_len_kv"] / static["page_size"]) * static["page_size"] / config.block_N)
     splits = selection_split.num_splits(batch=batch, s_q=s_q, block_Q=block_q, key_blocks=key_blocks,

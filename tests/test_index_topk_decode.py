@@ -346,12 +346,12 @@ through registers: ``kernels.prefetch_by_default``)."""
 
 def _paged_builds() -> list[tuple[Any, dict[str, Any]]]:
     """The V3.2 paged kernels the build and GPU tiers use (FP8 key rows and pages, bf16 keys), with their default
-    Hopper configs."""
-    builds = []
-    for static in (V32_PAGED_STATIC, V32_PAGES_STATIC, {**V32_PAGED_STATIC, "dtype": "bfloat16", "scale_col": 0}):
-        config = kernels.default_config({**static, "target": dsl.HOPPER_TARGET})
-        builds.append((kernels.build, {**static, **dataclasses.asdict(config)}))
-    return builds
+    Hopper configs, then (GPU tier only) the configs of the launcher's MTP rule that its ``s_q = 2`` cases run over
+    key rows (``dsa.launch.index_topk.mtp_default``: two queries a block)."""
+    statics = (V32_PAGED_STATIC, V32_PAGES_STATIC, {**V32_PAGED_STATIC, "dtype": "bfloat16", "scale_col": 0})
+    configs = [(s, kernels.default_config({**s, "target": dsl.HOPPER_TARGET})) for s in statics]
+    configs += [(s, rule) for s in statics if (rule := launch.mtp_default(s, 2, dsl.HOPPER_TARGET)) is not None]
+    return [(kernels.build, {**static, **dataclasses.asdict(config)}) for static, config in configs]
 
 
 hopper_prebuilt = support.prebuilt_fixture(

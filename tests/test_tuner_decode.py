@@ -162,9 +162,10 @@ def test_a_stored_paged_selection_config_is_the_paged_plans_choice(
     made: list[dict[str, int] | None] = []
     real_make = index_launch._make
 
-    def spy(static: dict[str, Any], sizes: dict[str, int] | None, device: torch.device, config: Any) -> Any:
+    def spy(static: dict[str, Any], sizes: dict[str, int] | None, device: torch.device, config: Any,
+            paged: bool = False) -> Any:  # fmt: skip
         made.append(sizes)
-        return real_make(static, sizes, torch.device("cuda", 0), config)
+        return real_make(static, sizes, torch.device("cuda", 0), config, paged)
 
     monkeypatch.setattr(index_launch, "_make", spy)
     monkeypatch.setattr(index_launch.common, "target_for", lambda device: dsl.HOPPER_TARGET)
@@ -172,10 +173,34 @@ def test_a_stored_paged_selection_config_is_the_paged_plans_choice(
         p = index_launch.plan_paged(q, 2048, page_size=64, key_layout="paged", max_pages=65536 // 64)
         assert made == [sizes] and p.config == index_kernels.Config(**tuned)
         assert index_launch.plan_paged(q, 2048, page_size=64, key_layout="paged").config == default
+        # Key rows, two MTP queries and nothing tuned: the launcher's rule (both queries in one block).
+        mtp = torch.zeros(2, 2, 64, 128, dtype=torch.float8_e4m3fn)
+        rows = index_launch.plan_paged(mtp, 2048, page_size=64, max_pages=1024).config
+        assert rows == dataclasses.replace(index_kernels.default_config({**index_launch.paged_static_params(
+            mtp, 2048, page_size=64), "target": dsl.HOPPER_TARGET}), q_rows=128)  # fmt: skip
     finally:
         tuned_cache.clear_memory_cache()
         select._checked.clear()
         index_launch._PAGED_PLANS.clear()
+
+
+def test_mtp_rule_puts_both_queries_of_a_step_in_one_block_over_key_rows() -> None:
+    """``mtp_default``: on sm_90a at V3.2 (64 heads x 128 FP8 key rows, top-2048) two or more queries a sequence get
+    ``q_rows`` 128 (two queries a block, about 117 KB: it fits); one query, key pages, or a default block that already
+    holds two queries (the C target's 4 heads) keep the default (``None``)."""
+    hopper = dsl.HOPPER_TARGET
+    for s_q in (2, 3, 4):
+        q = torch.zeros(1, s_q, 64, 128, dtype=torch.float8_e4m3fn)
+        static = index_launch.paged_static_params(q, 2048, page_size=64)
+        got = index_launch.mtp_default(static, s_q, hopper)
+        assert got is not None and got.q_rows == 128
+        assert index_kernels.smem_bytes(static, got) <= dsl.smem_limit_bytes(hopper)
+    q = torch.zeros(1, 2, 64, 128, dtype=torch.float8_e4m3fn)
+    assert index_launch.mtp_default(index_launch.paged_static_params(q, 2048, page_size=64), 1, hopper) is None
+    pages = index_launch.paged_static_params(q, 2048, page_size=64, key_layout="paged")
+    assert index_launch.mtp_default(pages, 2, hopper) is None
+    small = index_launch.paged_static_params(torch.zeros(1, 2, 4, 32, dtype=torch.float8_e4m3fn), 16, page_size=16)
+    assert index_launch.mtp_default(small, 2, dsl.CPU_TARGET) is None
 
 
 @pytest.mark.parametrize("widths", [(24, 8), (8, 24)])

@@ -141,8 +141,10 @@ def select_config(
     sizes: dict[str, int],
     device: torch.device,
     target: dsl.Target | None = None,
+    default: Any = None,
 ) -> Any:
-    """The tuned config of ``kernels`` (a ``tl_kernels`` module) for this launch, else its default config.
+    """The tuned config of ``kernels`` (a ``tl_kernels`` module) for this launch, else ``default`` (the launcher's
+    rule for this shape), else the module's default config.
 
     ``static`` holds the kernel's static parameters (without the target); ``sizes`` the runtime sizes (``batch``,
     ``seq_len``, ``seq_len_kv``, ...). CPU launches are never tuned. :func:`autotune.lookup.select.config_for` returns a
@@ -157,7 +159,7 @@ def select_config(
         tuned = select.config_for(kernel_name, static, sizes, device, target=target, cache_dir=env.cache_dir())
         if tuned is not None:
             return tuned
-    return kernels.default_config({**static, "target": target})
+    return default if default is not None else kernels.default_config({**static, "target": target})
 
 
 def launch_config(
@@ -168,9 +170,11 @@ def launch_config(
     device: torch.device,
     target: dsl.Target,
     config: Any = None,
+    default: Any = None,
 ) -> Any:
     """The config a plan runs: the caller's ``config`` after the kernel module's ``check_config`` for ``target``,
-    else :func:`select_config` (``kernel_name=None``: an untuned kernel, always its default config).
+    else :func:`select_config` (``kernel_name=None``: an untuned kernel, always its default config; ``default``: the
+    launcher's rule where nothing is tuned).
 
     Raises:
         ValueError: the caller's config does not suit ``target``, or (no config given) no config fits at all.
@@ -179,8 +183,8 @@ def launch_config(
         kernels.check_config({**static, "target": target}, config)
         return config
     if kernel_name is None:
-        return kernels.default_config({**static, "target": target})
-    return select_config(kernel_name, kernels, static, sizes, device, target)
+        return default if default is not None else kernels.default_config({**static, "target": target})
+    return select_config(kernel_name, kernels, static, sizes, device, target, default)
 
 
 def compile_plan(

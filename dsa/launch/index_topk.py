@@ -28,13 +28,15 @@ from tl_kernels import indexer as indexer_kernels
 OptTensor = Tensor | None
 
 __all__ = [
-    "KERNEL_NAME", "Plan", "index_topk", "index_topk_paged", "paged_splits", "paged_static_params", "plan",
-    "plan_paged", "run", "run_paged", "static_params",
+    "KERNEL_NAME", "MTP_QUERIES", "Plan", "index_topk", "index_topk_paged", "mtp_default", "paged_splits",
+    "paged_static_params", "plan", "plan_paged", "run", "run_paged", "static_params",
 ]  # fmt: skip
 
 KERNEL_NAME = "index_topk"
 """Name of the kernel in the tuner, the config cache and the benchmark."""
 _SCALE_BYTES = 4  # a float32 scale
+MTP_QUERIES = 2
+"""Queries of one sequence a decode selection block holds by default over key rows (:func:`mtp_default`)."""
 
 
 def static_params(q: torch.Tensor, topk: int, *, ranged: bool) -> dict[str, Any]:
@@ -76,14 +78,43 @@ _PLANS: common.PlanCache[Plan] = common.PlanCache(KERNEL_NAME)
 _PAGED_PLANS: common.PlanCache[Plan] = common.PlanCache(f"{KERNEL_NAME}_paged")
 
 
+def mtp_default(static: dict[str, Any], s_q: int, target: Any) -> kernels.Config | None:
+    """The paged selection's default for ``s_q >= 2`` queries a sequence over key rows (``key_layout="rows"``), until
+    a GPU record decides: the default config with ``q_rows`` doubled, so that a block holds :data:`MTP_QUERIES`
+    queries of one sequence (both MTP queries of a decode step) and each key tile it loads serves both. ``None``
+    where the rule does not apply: one query a step, key pages, a default block that already holds them (small
+    ``H_i``, the C target's tests), or a doubled tile that does not fit the target.
+
+    Why key rows only (``benchmarks.cost``, H800, V3.2: 64 heads x 128 FP8, top-2048, s_q 2): a 132-byte key row
+    loads a byte at a time, so a block is bound by its key loads (about 8 cycles a key against 3 for one query's
+    scores) and sharing them makes B 8-128 model 24-50 % faster (12 % at B 1); per-page keys load as 16-byte
+    vectors and gain nothing (the doubled block needs twice the splits at small batches and one block per SM:
+    about 117 KB of shared memory, 110-128 registers)."""
+    if s_q < 2 or static.get("key_layout", "rows") != "rows":
+        return None
+    default = kernels.default_config({**static, "target": target})
+    wanted = min(s_q, MTP_QUERIES)
+    if indexer_kernels.block_queries(static["heads"], default.q_rows) >= wanted:
+        return None
+    doubled = dataclasses.replace(default, q_rows=default.q_rows * wanted)
+    try:
+        kernels.check_config({**static, "target": target}, doubled)
+    except ValueError:
+        return None
+    return doubled
+
+
 def _make(
-    static: dict[str, Any], sizes: dict[str, int] | None, device: torch.device, config: kernels.Config | None
-) -> Plan | None:
-    """A plan for ``static`` (``sizes=None``: untuned, the default config), ``None`` where no default config fits."""
+    static: dict[str, Any], sizes: dict[str, int] | None, device: torch.device, config: kernels.Config | None,
+    paged: bool = False,
+) -> Plan | None:  # fmt: skip
+    """A plan for ``static`` (``sizes=None``: untuned, the default config), ``None`` where no default config fits;
+    ``paged``: a decode selection's plan, whose untuned default follows :func:`mtp_default`."""
     target = common.target_for(device)
     try:
         name = KERNEL_NAME if sizes else None
-        chosen = common.launch_config(name, kernels, static, sizes or {}, device, target, config)
+        rule = mtp_default(static, sizes["seq_len"], target) if paged and sizes and config is None else None
+        chosen = common.launch_config(name, kernels, static, sizes or {}, device, target, config, rule)
     except ValueError:
         if config is not None:
             raise  # a caller's config that does not suit the target is an error, not a fallback
@@ -164,7 +195,7 @@ def plan_paged(
         sizes = {"batch": q.shape[0], "seq_len": q.shape[1], "seq_len_kv": int(max_pages) * int(page_size)}
     shape = None if sizes is None else tuple(sizes.values())
     key = (q.dtype, q.shape[2], q.shape[3], int(topk), int(page_size), config, key_layout, shape)
-    return _PAGED_PLANS.get(q.device, key, lambda: _make(static, sizes, q.device, config))
+    return _PAGED_PLANS.get(q.device, key, lambda: _make(static, sizes, q.device, config, paged=True))
 
 
 def _launch_paged(
