@@ -9,8 +9,10 @@ against dense attention. The ``selection`` cases measure time and peak device me
 ``dsa.ops.index_topk`` (never the ``S x S_kv`` scores) against the materialised scores with our top-k and with
 ``torch.topk``. The ``sparse_mla_decode`` and ``index_topk_decode`` cases are decoding over paged caches
 (``dsa.cache.PagedKVCache``: FP8 latent rows in FlashMLA's V3.2 layout, FP8 indexer keys), B sequences of one
-context length with ``s_q`` new queries each; they are not tuner kernels, so ``benchmarks.inputs`` makes their inputs
-and checks them itself. FLOP and byte counts are those of ``benchmarks.flops`` (useful work only).
+context length with ``s_q`` new queries each (the attention is the ``sparse_mla_decode`` tuner kernel, the selection
+the ``index_topk`` kernel's paged problem). A kernel case's FLOP and byte counts are its problem description's
+(``benchmarks.problems``, on top of ``benchmarks.flops``: useful work only); the V4 cases count with
+``benchmarks.flops`` directly.
 
 The ``v4_prefill`` and ``v4_decode`` cases are DeepSeek-V4's attention (V4-Flash: 64 heads, top-512; V4-Pro: 128
 heads, top-1024; ``d_qk = d_v = 512``, K = V, a sink per head, a 128-token window): prefill of one sequence over two
@@ -27,8 +29,8 @@ GPU check, whose bench stage has a fixed time budget); ``--full`` runs it, and s
 Targets are fractions of the host's measured ceilings (``fp8_tflops``, ``bf16_tflops``, ``copy_gbps``) or absolute
 TFLOP/s, and ``min_speedup`` against another provider; the harness evaluates them into result rows.
 
-Nothing here touches a device: the module is plain data and arithmetic (the dry run and the CPU tests import it on
-any machine); the V4 decode cases read their cache's bytes per token from ``dsa.kv_format`` when they are built.
+Nothing here touches a device: the module is data and arithmetic (the dry run and the CPU tests import it on any
+machine); the V4 decode cases read their cache's bytes per token from ``dsa.kv_format`` when they are built.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from benchmarks import flops
+from benchmarks import flops, problems
 
 # DeepSeek-V3.2 dimensions.
 INDEX_HEADS = 64
@@ -87,7 +89,7 @@ MEMORY_KINDS: tuple[str, ...] = (MEMORY, SELECTION)
 SPARSE_MLA_DECODE = "sparse_mla_decode"
 INDEX_TOPK_DECODE = "index_topk_decode"
 DECODE_KINDS: tuple[str, ...] = (SPARSE_MLA_DECODE, INDEX_TOPK_DECODE)
-"""The decode cases over paged caches: inputs and check in ``benchmarks.inputs`` (no tuner runner)."""
+"""The decode cases over paged caches (``index_topk_decode`` runs the ``index_topk`` kernel's runner)."""
 V4_PREFILL = "v4_prefill"
 V4_DECODE = "v4_decode"
 V4_KINDS: tuple[str, ...] = (V4_PREFILL, V4_DECODE)
@@ -155,53 +157,39 @@ def _sizes(batch: int, seq: int, seq_kv: int, **extra: int) -> dict[str, int]:
     return {"batch": batch, "seq_len": seq, "seq_len_kv": seq_kv, **extra}
 
 
+def _kernel_case(kernel: str, name: str, static: dict[str, Any], sizes: dict[str, int], targets: tuple = (), *,
+                 context: int, quick: bool = True) -> Case:  # fmt: skip
+    """A case of a kernel with a problem description (``benchmarks.problems``): its FLOPs and bytes are the
+    problem's."""
+    problem = problems.problem_for(kernel, static, sizes)
+    work = problem.flops()
+    return Case(kernel, name, static, sizes, 0.0 if work is None else work, problem.bytes(), targets, context=context,
+                quick=quick)  # fmt: skip
+
+
 def _indexer_case(name: str, seq: int, seq_kv: int, heads: int, dim: int, dtype: str, targets: tuple) -> Case:
-    element_bytes = flops.FP8_BYTES if dtype == "float8_e4m3fn" else flops.BF16_BYTES
-    return Case(
-        "indexer",
-        name,
-        {"heads": heads, "dim": dim, "dtype": dtype, "mode": "causal"},
-        _sizes(1, seq, seq_kv),
-        flops.indexer_flops(1, seq, seq_kv, heads, dim),
-        flops.indexer_bytes(1, seq, seq_kv, heads, dim, element_bytes),
-        targets,
-        context=seq_kv,
-    )
+    static = {"heads": heads, "dim": dim, "dtype": dtype, "mode": "causal"}
+    return _kernel_case("indexer", name, static, _sizes(1, seq, seq_kv), targets, context=seq_kv)
 
 
 def _index_topk_case(name: str, seq: int, heads: int, dim: int, dtype: str, topk: int, targets: tuple) -> Case:
-    element_bytes = flops.FP8_BYTES if dtype == "float8_e4m3fn" else flops.BF16_BYTES
-    return Case(
-        "index_topk",
-        name,
-        {"heads": heads, "dim": dim, "dtype": dtype, "mode": "causal", "topk": topk},
-        _sizes(1, seq, seq),
-        flops.indexer_flops(1, seq, seq, heads, dim),
-        flops.index_topk_bytes(1, seq, seq, heads, dim, element_bytes, topk),
-        targets,
-        context=seq,
-    )
+    static = {"heads": heads, "dim": dim, "dtype": dtype, "mode": "causal", "topk": topk}
+    return _kernel_case("index_topk", name, static, _sizes(1, seq, seq), targets, context=seq)
 
 
 def _topk_case(name: str, rows: int, length: int, k: int, targets: tuple) -> Case:
-    return Case(
-        "topk", name, {"k": k}, _sizes(1, rows, length), 0.0, flops.topk_bytes(rows, length, k), targets, context=length
-    )
+    return _kernel_case("topk", name, {"k": k}, _sizes(1, rows, length), targets, context=length)
 
 
 def _mla_case(kernel: str, name: str, batch: int, seq: int, seq_kv: int, heads: int, d_qk: int, d_v: int,
               topk: int, targets: tuple) -> Case:  # fmt: skip
-    dims = (batch, seq, heads, topk, d_qk, d_v)
     if kernel == "sparse_mla_fwd":
         static = {"heads": heads, "d_qk": d_qk, "d_v": d_v, **_NO_OPTIONS}
         sizes = _sizes(batch, seq, seq_kv, topk=topk)
-        work, traffic = flops.sparse_mla_fwd_flops(*dims), flops.sparse_mla_fwd_bytes(*dims)
     else:
         static = {"heads": heads, "d_qk": d_qk, "d_v": d_v, "topk": topk, **_NO_OPTIONS}
         sizes = _sizes(batch, seq, seq_kv)
-        work = flops.sparse_mla_bwd_flops(*dims)
-        traffic = flops.sparse_mla_bwd_bytes(batch, seq, seq_kv, heads, topk, d_qk, d_v)
-    return Case(kernel, name, static, sizes, work, traffic, targets, context=seq_kv)
+    return _kernel_case(kernel, name, static, sizes, targets, context=seq_kv)
 
 
 def _memory_case(name: str, seq: int, index_heads: int, index_dim: int, heads: int, d_qk: int, d_v: int,
@@ -212,10 +200,8 @@ def _memory_case(name: str, seq: int, index_heads: int, index_dim: int, heads: i
 
 def _selection_case(name: str, seq: int, index_heads: int, index_dim: int, topk: int) -> Case:
     static = {"index_heads": index_heads, "index_dim": index_dim, "topk": topk}
-    element_bytes = flops.FP8_BYTES
-    work = flops.indexer_flops(1, seq, seq, index_heads, index_dim)
-    traffic = flops.indexer_bytes(1, seq, seq, index_heads, index_dim, element_bytes)
-    return Case(SELECTION, name, static, _sizes(1, seq, seq), work, traffic, context=seq)
+    indexer = problems.IndexerProblem(1, seq, seq, index_heads, index_dim, problems.FP8)
+    return Case(SELECTION, name, static, _sizes(1, seq, seq), indexer.flops(), indexer.bytes(), context=seq)
 
 
 def _sparse_mla_decode_case(name: str, batch: int, seq: int, context: int, heads: int, d_qk: int, d_v: int,
@@ -224,10 +210,8 @@ def _sparse_mla_decode_case(name: str, batch: int, seq: int, context: int, heads
     static = {
         "heads": heads, "d_qk": d_qk, "d_v": d_v, "d_rope": d_rope, "kv_format": kv_format, "page_size": page_size
     }  # fmt: skip
-    row_bytes = flops.fp8_kv_row_bytes(d_qk, d_rope) if kv_format == "fp8" else d_qk * flops.BF16_BYTES
-    traffic = flops.sparse_mla_decode_bytes(batch, seq, heads, topk, d_qk, d_v, row_bytes)
-    return _decode_attention_case(SPARSE_MLA_DECODE, name, static, batch, seq, context, topk, topk, traffic, targets,
-                                  quick)  # fmt: skip
+    sizes = _sizes(batch, seq, context, topk=topk)
+    return _kernel_case(SPARSE_MLA_DECODE, name, static, sizes, targets, context=context, quick=quick)
 
 
 def _decode_attention_case(
@@ -245,17 +229,7 @@ def _decode_attention_case(
 def _index_topk_decode_case(name: str, batch: int, seq: int, context: int, heads: int, dim: int, dtype: str,
                             topk: int, page_size: int, quick: bool = True) -> Case:  # fmt: skip
     static = {"heads": heads, "dim": dim, "dtype": dtype, "topk": topk, "page_size": page_size}
-    row_bytes = dim + flops.F32_BYTES if dtype == "float8_e4m3fn" else dim * flops.BF16_BYTES  # key (+ its scale)
-    return Case(
-        INDEX_TOPK_DECODE,
-        name,
-        static,
-        _sizes(batch, seq, context),
-        flops.index_topk_decode_flops(batch, seq, context, heads, dim),
-        flops.index_topk_decode_bytes(batch, context, row_bytes),
-        context=context,
-        quick=quick,
-    )
+    return _kernel_case(INDEX_TOPK_DECODE, name, static, _sizes(batch, seq, context), context=context, quick=quick)
 
 
 def _v4_prefill_case(name: str, seq: int, heads: int, d: int, window: int, layer: str, rate: int, topk: int,

@@ -18,7 +18,8 @@ One definition serves the tuner (TFLOP/s of each candidate, :func:`call_flops`) 
   compressed entries); bytes: ``q``, each query's entries as stored (bf16 rows in prefill, the cache's bytes per
   token in decode), CSA's indices, ``out`` and ``lse``.
 
-Plain arithmetic: nothing here imports torch or touches a device.
+Plain arithmetic: nothing here imports torch or touches a device (:func:`call_flops` asks the kernel's problem
+description, ``benchmarks.problems``, which does).
 """
 
 from __future__ import annotations
@@ -201,30 +202,19 @@ def v4_decode_bytes(batch: int, seq: int, heads: int, d_qk: int, d_v: int, rows:
                  + d_v * BF16_BYTES + F32_BYTES))  # fmt: skip
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# A tuner kernel's call, as the tuner describes it: (static parameters, runtime sizes)
-# ----------------------------------------------------------------------------------------------------------------------
-def _topk_of(static: Mapping[str, Any], sizes: Mapping[str, int]) -> int:
-    # sparse_mla_fwd takes k at run time (a size); sparse_mla_bwd compiles it in (a static parameter).
-    return int(static["topk"] if "topk" in static else sizes["topk"])
-
-
 def call_flops(kernel: str, static: Mapping[str, Any], sizes: Mapping[str, int]) -> float | None:
-    """Useful FLOPs of one call of the tuner kernel ``kernel`` (a name of ``autotune.lookup.space.TUNED_KERNEL_NAMES``) at
-    its static parameters and runtime sizes (``batch``, ``seq_len``, ``seq_len_kv``, and ``topk`` where it is a
-    size; the decode attention's ``batch``, ``s_q``, ``topk``); ``None`` where FLOP/s mean nothing (top-k) or the
-    kernel is not a built-in one.
+    """Useful FLOPs of one call of the tuner kernel ``kernel`` (a name of
+    ``autotune.lookup.space.TUNED_KERNEL_NAMES``) at its static parameters and runtime sizes: its problem
+    description's count (``benchmarks.problems.problem_for``);
+    ``None`` where FLOP/s mean nothing (top-k) or the kernel is not a built-in one.
 
     The fused selection (``index_topk``) counts the indexer's FLOPs: its GEMMs are the work, the selection rides
     along."""
-    if kernel in ("indexer", "index_topk"):
-        return indexer_flops(sizes["batch"], sizes["seq_len"], sizes["seq_len_kv"], static["heads"], static["dim"])
-    if kernel in ("sparse_mla_fwd", "sparse_mla_bwd"):
-        count = sparse_mla_fwd_flops if kernel == "sparse_mla_fwd" else sparse_mla_bwd_flops
-        return count(sizes["batch"], sizes["seq_len"], static["heads"], _topk_of(static, sizes), static["d_qk"],
-                     static["d_v"])  # fmt: skip
-    if kernel == "sparse_mla_decode":
-        # B x s_q queries, each attending to its topk gathered cache rows: the forward's count with S = s_q.
-        return sparse_mla_fwd_flops(sizes["batch"], sizes["s_q"], static["heads"], sizes["topk"], static["d_qk"],
-                                    static["d_v"])  # fmt: skip
-    return None
+    # Imported here: the problems build on this module's counts (and on torch, which the counts themselves never need).
+    from benchmarks import problems
+
+    try:
+        problems.family_for(kernel, static)
+    except KeyError:
+        return None
+    return problems.problem_for(kernel, static, sizes).flops()
