@@ -18,6 +18,10 @@ NaN-poisoned allocator for every test, so an element a kernel forgot to write fa
 ``--dsa-gpu-kernels FILE`` (used with ``--collect-only -m gpu`` by the one-shot GPU check) writes every kernel the
 collected GPU tests compile, from their modules' ``GPU_KERNELS`` (kernel name -> static parameter sets), as a tuner
 shapes file: the GPU check compiles exactly that list, read from the tests at run time.
+
+The session's build pool (``tests/build_pool.py``) compiles in the background the selected tests' sm_90a builds and
+the C-target kernels listed in ``tests/cpu_kernels.json``; ``--dsa-record-cpu-kernels FILE`` writes that list from
+the C-target kernels this session compiles (run the whole suite with ``CI=1`` to refresh it after adding kernels).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-from dsa import hardware, testing
+from dsa import env, hardware, testing
 from tests import build_pool
 
 _SUPPRESSED = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
@@ -53,6 +57,11 @@ settings.load_profile(_profile)
 
 NETWORK_OPTION = "--network"
 GPU_KERNELS_OPTION = "--dsa-gpu-kernels"
+RECORD_CPU_KERNELS_OPTION = "--dsa-record-cpu-kernels"
+
+_CURRENT_TEST = [""]  # the node id of the running test, for the C-target kernel recorder
+_RECORDED: list[tuple[str, build_pool.CpuJob]] = []
+_POOL_SUMMARY: list[str] = []
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -64,6 +73,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         metavar="FILE",
         help="write the kernels the collected tests' modules list in GPU_KERNELS as a tuner shapes file",
+    )
+    parser.addoption(
+        RECORD_CPU_KERNELS_OPTION,
+        default=None,
+        metavar="FILE",
+        help="write the C-target kernels this session compiles, in order, as the build pool's list "
+        "(tests/cpu_kernels.json)",
     )
 
 
@@ -90,7 +106,11 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     target = session.config.getoption(GPU_KERNELS_OPTION)
     if not target:
         if not session.config.option.collectonly:
-            build_pool.start(_session_build_jobs(session.items), Path(tempfile.mkdtemp(prefix="dsa-build-pool-")))
+            jobs = _session_cpu_jobs(session.items) + _session_build_jobs(session.items)
+            pool = build_pool.start(jobs, Path(tempfile.mkdtemp(prefix="dsa-build-pool-")))
+            recording = session.config.getoption(RECORD_CPU_KERNELS_OPTION) is not None
+            if recording or (pool is not None and any(isinstance(job, build_pool.CpuJob) for job in jobs)):
+                build_pool.install_cpu_hook(_record_cpu_kernel if recording else None)
         return
     modules = list({id(item.module): item.module for item in session.items if hasattr(item, "module")}.values())
     Path(target).write_text(json.dumps(gpu_kernel_shapes(modules), indent=1) + "\n", encoding="utf-8")
@@ -129,6 +149,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = [i for i in items if "build" not in i.keywords] + [i for i in items if "build" in i.keywords]
 
 
+def _session_cpu_jobs(items: list[pytest.Item]) -> list[object]:
+    """The recorded C-target kernels (``tests/cpu_kernels.json``) that the selected, runnable tests compile first,
+    in the order they will ask for them, at this session's g++ flags."""
+    from tl_kernels import build as tl_build  # imports TileLang's parts only when a session starts
+
+    flags = env.cpu_compile_flags()
+    flags = tl_build.DEFAULT_CPU_COMPILE_FLAGS if flags is None else flags
+    runnable = [item.nodeid for item in items if item.get_closest_marker("skip") is None]
+    return list(build_pool.cpu_jobs(build_pool.read_cpu_kernels(), runnable, flags))
+
+
+def _record_cpu_kernel(job: build_pool.CpuJob) -> None:
+    _RECORDED.append((_CURRENT_TEST[0], job))
+
+
+def pytest_runtest_logstart(nodeid: str, location: tuple[str, int | None, str]) -> None:
+    _CURRENT_TEST[0] = nodeid
+
+
 def _session_build_jobs(items: list[pytest.Item]) -> list[object]:
     """Every build that the selected, runnable build-tier tests' fixtures declare: sm_90a builds through
     ``support.prebuilt_fixture`` (the fixture's ``dsa_builds``), tuner compile jobs through a fixture's
@@ -153,10 +192,21 @@ def _session_build_jobs(items: list[pytest.Item]) -> list[object]:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    record = session.config.getoption(RECORD_CPU_KERNELS_OPTION)
+    if record is not None:
+        build_pool.write_cpu_kernels(Path(record), _RECORDED)
+    build_pool.uninstall_cpu_hook()
     pool = build_pool.active()
+    _POOL_SUMMARY[:] = [line for line in [build_pool.summary()] if line]
     build_pool.stop()
     if pool is not None:
         shutil.rmtree(pool.folder, ignore_errors=True)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The build pool's line (how long it ran and how long the tests waited for it): what CI time is made of."""
+    for line in _POOL_SUMMARY:
+        terminalreporter.write_line(line)
 
 
 @pytest.fixture(autouse=True)

@@ -3,12 +3,17 @@
 CPU tier (``cpu_kernel``): bit-exact bf16/e4m3 decoding and bf16 rounding against torch, allocator aliases, the
 in-process kernel cache. Build tier (``build``): a 64x64x64 bf16 GEMM written with the dsl allocators compiles for
 sm_90a with wgmma and a clean static report; a shared-memory-hungry kernel is flagged by ``StaticReport.problems``.
+The test session's build pool (``tests.build_pool``): its recorded list of C-target kernels still names builders
+that take their parameters, it orders them as the tests ask for them, and one process compiles each (claims).
 """
 
 # No ``from __future__ import annotations`` here: T.prim_func evaluates its parameter annotations, and as strings
 # they cannot see the builder's local variables (NameError on e.g. a local dtype name).
 import dataclasses
+import inspect
+import importlib
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -19,6 +24,7 @@ import tvm
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from tests import build_pool
 from tl_kernels import build, dsl
 
 # Output sentinels written before each kernel call. Bit-exact comparisons need sentinels that no correct result can
@@ -424,3 +430,63 @@ def test_static_report_flags_shared_memory_hog() -> None:
     assert tile_bytes <= report.smem_bytes <= tile_bytes + _STATIC_SMEM_SLACK, report.smem_bytes
     problems = report.problems()
     assert any("shared memory" in p for p in problems), problems
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The session's build pool: the recorded C-target kernels and the claims
+# ----------------------------------------------------------------------------------------------------------------------
+def test_recorded_cpu_kernels_name_builders_that_take_their_parameters() -> None:
+    """Every entry of ``tests/cpu_kernels.json`` names a builder that accepts its parameters and a test that exists
+    (a stale entry would cost the pool a compile nobody asks for; rerecord with ``--dsa-record-cpu-kernels``)."""
+    entries = build_pool.read_cpu_kernels()
+    assert entries, "tests/cpu_kernels.json is missing or empty"
+    root = Path(__file__).resolve().parent.parent
+    for entry in entries:
+        module, qualname = entry["builder"].split(":")
+        builder = getattr(importlib.import_module(module), qualname)
+        inspect.signature(builder).bind(**entry["params"], target=dsl.CPU_TARGET)
+        path, name = entry["test"].split("::")
+        assert f"def {name}(" in (root / path).read_text(), entry["test"]
+
+
+def _cpu_job(n: int) -> build_pool.CpuJob:
+    return build_pool.CpuJob.of("tests.test_build_infra", "tile_builder", {"tile": n}, ["-O2"])
+
+
+def test_cpu_kernels_round_trip_and_come_in_the_order_the_tests_ask(tmp_path: Path) -> None:
+    """Recorded once per kernel (parameters stripped from the test id); the pool gets the kernels of the selected
+    tests at this session's flags, ordered by the first test that asks for each."""
+    path = tmp_path / "kernels.json"
+    recorded = [("t.py::a[x]", _cpu_job(1)), ("t.py::b", _cpu_job(2)), ("t.py::c", _cpu_job(1))]
+    recorded.append(("t.py::d", _cpu_job(3)))
+    build_pool.write_cpu_kernels(path, recorded)
+    entries = build_pool.read_cpu_kernels(path)
+    assert [(e["test"], e["params"]) for e in entries] == [("t.py::a", {"tile": 1}), ("t.py::b", {"tile": 2}),
+                                                            ("t.py::d", {"tile": 3})]  # fmt: skip
+    order = ["t.py::d", "t.py::a[y]", "t.py::a[x]", "t.py::e"]  # b not selected
+    assert build_pool.cpu_jobs(entries, order, ("-O2",)) == [_cpu_job(3), _cpu_job(1)]
+    assert build_pool.cpu_jobs(entries, order, ("-O0",)) == []
+
+
+def test_one_process_compiles_each_cpu_kernel_and_the_other_waits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first claim wins; a test asking for a kernel the pool claimed waits for the pool's marker (then loads it
+    from the disk cache), and one it claimed itself is not waited for."""
+    mine, pools = _cpu_job(5), _cpu_job(6)
+    sleeper = build_pool.subprocess.Popen(["sleep", "30"])  # stands in for the pool process: alive
+    pool = build_pool.Pool(sleeper, tmp_path, frozenset({build_pool.job_key(mine), build_pool.job_key(pools)}))
+    monkeypatch.setattr(build_pool, "_ACTIVE", [pool])
+    try:
+        assert build_pool.claim(tmp_path, pools) and not build_pool.claim(tmp_path, pools)
+        build_pool._before_cpu_compile(mine)  # claims it: no wait
+        assert not build_pool.claim(tmp_path, mine) and pool.waited_s == 0
+        assert build_pool.run_pooled(mine, tmp_path) == (True, build_pool.CLAIMED)
+        timer = threading.Timer(0.5, build_pool._write_marker, (tmp_path, pools, (True, None)))
+        timer.start()
+        build_pool._before_cpu_compile(pools)
+        assert pool.waited_s >= 0.4
+        timer.join()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
