@@ -34,6 +34,7 @@ import torch
 from autotune.lookup import decode
 from benchmarks import flops
 from dsa import cache, reference, testing
+from dsa.testing import same_selection
 
 __all__ = [
     "BF16_TOL",
@@ -337,20 +338,6 @@ def newest_ends(batch: int, s_q: int, context: int, device: torch.device | str) 
     """``[B, s_q]`` int32 ends of the newest ``s_q`` tokens of sequences of ``context`` tokens (each sees itself)."""
     ends = torch.arange(s_q, dtype=torch.int32, device=device) + (context - s_q + 1)
     return ends.view(1, s_q).expand(batch, s_q).contiguous()
-
-
-def same_selection(out: Outputs, expected: Any) -> str | None:
-    """``None`` when both selections hold the same positions per row (any order) with the same scores."""
-    (indices, scores), (want, want_scores) = ((a.cpu(), b.cpu().float()) for a, b in (out, expected))
-    if indices.dtype != torch.int32 or indices.shape != want.shape:
-        return f"indices: {indices.dtype} {tuple(indices.shape)}, expected torch.int32 {tuple(want.shape)}"
-    order, want_order = indices.argsort(-1), want.argsort(-1)
-    differ = (indices.gather(-1, order) != want.gather(-1, want_order)).any(-1)
-    if differ.any():
-        return f"indices: another set of positions in {int(differ.sum())} of {differ.numel()} rows"
-    if not torch.equal(scores.gather(-1, order), want_scores.gather(-1, want_order)):
-        return "scores: not the exact index scores at the selected positions"
-    return None
 
 
 @dataclass(frozen=True)

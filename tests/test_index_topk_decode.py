@@ -139,11 +139,9 @@ def _pattern_values(
 
 
 def _assert_same_selection(got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Tensor, torch.Tensor]) -> None:
-    """Equal sets per row and equal scores at them (any order)."""
-    (indices, scores), (expected, expected_scores) = ((a.cpu(), b.cpu()) for a, b in (got, want))
-    order, expected_order = indices.argsort(-1), expected.argsort(-1)
-    assert torch.equal(indices.gather(-1, order), expected.gather(-1, expected_order))
-    assert torch.equal(scores.gather(-1, order), expected_scores.float().gather(-1, expected_order))
+    """Equal sets per row and equal scores at them (any order): ``dsa.testing.same_selection``."""
+    error = testing.same_selection(got, want)
+    assert error is None, error
 
 
 def _reference(args: dict[str, Any], topk: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,8 @@ The test suite, the tuner's correctness gate (``benchmarks.runners``) and the be
   values within ``atol + rtol * |expected|`` elementwise, and a **scale-sensitive** difference
   ``1 - 2 <x, y> / (|x|^2 + |y|^2)`` (DeepGEMM's ``calc_diff``) at most ``max_diff``. Unlike cosine similarity it
   sees a global scale error: ``x = (1 + e) y`` gives ``e^2 / (2 + 2e + e^2)``, about ``2e-4`` for a 2 % error;
-* :func:`topk_error` / :func:`assert_topk_valid`: the ``topk_indices`` contract, as sets;
+* :func:`topk_error` / :func:`assert_topk_valid`: the ``topk_indices`` contract, as sets; :func:`same_selection`:
+  two selections (indices and scores) equal as sets per row;
 * :func:`poison` / :func:`poisoned_empty`: NaN (or a sentinel) in every output a kernel must write;
 * input makers with random, never-zero values: :func:`make_indices` (the index patterns of FlashMLA's test groups),
   :func:`causal_indices`, :func:`make_scores`, :func:`causal_scores`, :func:`make_ranges`, :func:`indexer_inputs`,
@@ -25,6 +26,7 @@ from dsa.testing.compare import (
     assert_close,
     assert_topk_valid,
     compare,
+    same_selection,
     scale_sensitive_diff,
     topk_error,
 )
@@ -66,6 +68,7 @@ __all__ = [
     "poison",
     "poison_unreferenced_rows",
     "poisoned_empty",
+    "same_selection",
     "scale_sensitive_diff",
     "sparse_mla_bwd_inputs",
     "sparse_mla_inputs",

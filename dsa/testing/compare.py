@@ -1,9 +1,9 @@
-"""Comparison: the one helper behind tests, the tuner's correctness gate and the benchmark's check, and the
-``topk_indices`` contract checked as sets."""
+"""Comparison: the one helper behind tests, the tuner's correctness gate and the benchmark's check, the
+``topk_indices`` contract checked as sets, and two selections compared as sets (:func:`same_selection`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -157,3 +157,19 @@ def assert_topk_valid(scores: torch.Tensor, indices: torch.Tensor, k: int) -> No
     problem = topk_error(scores, indices, k)
     if problem is not None:
         raise AssertionError(problem)
+
+
+def same_selection(out: Sequence[torch.Tensor], expected: Sequence[torch.Tensor]) -> str | None:
+    """``None`` when two selections ``(indices [..., k] int32, scores [..., k])`` hold the same positions per row
+    (any order) with the same scores (compared as float32, exactly); else the first difference. ``out`` is the one
+    checked (its indices must be int32), ``expected`` e.g. a reference's ``return_scores=True`` selection."""
+    (indices, scores), (want, want_scores) = ((a.cpu(), b.cpu().float()) for a, b in (out, expected))
+    if indices.dtype != torch.int32 or indices.shape != want.shape:
+        return f"indices: {indices.dtype} {tuple(indices.shape)}, expected torch.int32 {tuple(want.shape)}"
+    order, want_order = indices.argsort(-1), want.argsort(-1)
+    differ = (indices.gather(-1, order) != want.gather(-1, want_order)).any(-1)
+    if differ.any():
+        return f"indices: another set of positions in {int(differ.sum())} of {differ.numel()} rows"
+    if not torch.equal(scores.gather(-1, order), want_scores.gather(-1, want_order)):
+        return "scores: not the exact index scores at the selected positions"
+    return None
