@@ -34,6 +34,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from tvm import tirx
 
+from benchmarks import problems
 from dsa import ops, reference, testing
 from dsa.launch import index_topk as launch
 from tests import strategies, support
@@ -78,14 +79,10 @@ def _ordered_inputs(order: str, batch: int, seq: int, seq_kv: int, heads: int, d
 def _assert_exact(inputs: dict, topk: int, indices: torch.Tensor, scores: torch.Tensor) -> None:
     """``indices`` is the reference's set in every row and ``scores`` the exact scores at it (any order). The
     reference runs where the inputs are (on the GPU in the GPU tier: its bounded walk is plain PyTorch)."""
-    expected, expected_scores = reference.index_topk(
-        inputs["q"], inputs["k"], inputs["weights"], topk, k_scale=inputs["k_scale"], starts=inputs["starts"],
-        ends=inputs["ends"], return_scores=True,
-    )  # fmt: skip
-    indices, scores, expected, expected_scores = (t.cpu() for t in (indices, scores, expected, expected_scores))
-    order, expected_order = indices.argsort(-1), expected.argsort(-1)
-    assert torch.equal(indices.gather(-1, order), expected.gather(-1, expected_order))
-    assert torch.equal(scores.gather(-1, order), expected_scores.float().gather(-1, expected_order))
+    args, kwargs = problems.IndexerProblem.args(inputs)
+    expected = reference.index_topk(*args, topk, **kwargs, return_scores=True)
+    error = testing.same_selection((indices, scores), expected)
+    assert error is None, error
 
 
 def _run(inputs: dict, topk: int, config: kernels.Config | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -270,10 +267,9 @@ def test_cpu_non_finite_inputs_select_the_reference_sets(
     """NaN and ``+-inf`` sprinkled into keys, queries, weights and FP8 key scales (single entries or whole rows):
     both kernel paths select exactly the reference's sets (integer-valued inputs: every finite score is exact, ties
     included) with its scores, never a NaN or infinite score. The ``@example`` rows spoil every key row 5."""
-    inputs = testing.indexer_inputs(
-        batch=batch, seq=seq, seq_kv=seq_kv, heads=CPU_HEADS, dim=CPU_DIM, dtype=dtype, seed=seed,
-        mode="range" if ranged else "causal", integer_valued=True,
-    )  # fmt: skip
+    mode = "range" if ranged else "causal"
+    problem = problems.IndexTopkProblem(batch, seq, seq_kv, CPU_HEADS, CPU_DIM, dtype, mode, "random", topk=CPU_TOPK)
+    inputs = problem.inputs("cpu", seed)
     if data is None:
         inputs["k"][:, 5] = float("nan")
     else:

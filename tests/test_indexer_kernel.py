@@ -20,6 +20,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from benchmarks import problems
 from dsa import reference, testing
 from dsa.launch import common
 from dsa.launch import indexer as launch
@@ -89,7 +90,7 @@ V32_CPU_CASES = (
 # ------------------------------------------------------------------------------------------------- problems
 
 Problem = dict[str, Any]
-"""The arguments of one indexer call (``dsa.testing.indexer_inputs``), on the CPU."""
+"""The arguments of one indexer call (``benchmarks.problems.IndexerProblem``'s inputs), on the CPU."""
 
 
 def make_problem(
@@ -97,10 +98,9 @@ def make_problem(
 ) -> Problem:
     """Random inputs of ``case``'s dtype and mode: normal q/k times ``spread`` (FP8: many exponents, subnormals
     included), weights of both signs, positive per-key scales (FP8 only) and, in range mode, ``starts``/``ends``."""
-    return testing.indexer_inputs(
-        batch=batch, seq=seq, seq_kv=seq_kv, heads=case.heads, dim=case.dim, dtype=case.dtype, mode=case.mode,
-        range_kind=range_kind, spread=spread, seed=seed,
-    )  # fmt: skip
+    problem = problems.IndexerProblem(batch, seq, seq_kv, case.heads, case.dim, case.dtype, case.mode, range_kind,
+                                      weight_scale=1.0, spread=spread)  # fmt: skip
+    return problem.inputs("cpu", seed)
 
 
 def run_and_check(
@@ -117,8 +117,8 @@ def run_and_check(
         p["q"], p["k"], p["weights"], k_scale=p["k_scale"], starts=p["starts"], ends=p["ends"], config=config
     )
     assert scores.dtype == torch.float32 and scores.device.type == torch.device(device).type
+    (expected,) = problems.IndexerProblem.reference(problem)
     kwargs = {"k_scale": problem["k_scale"], "starts": problem["starts"], "ends": problem["ends"]}
-    expected = reference.index_scores(problem["q"], problem["k"], problem["weights"], **kwargs)
     magnitude = reference.index_scores(problem["q"], problem["k"], problem["weights"].abs(), **kwargs)
     finite = torch.isfinite(magnitude)
     scale = float(magnitude[finite].max()) if finite.any() else 0.0

@@ -39,7 +39,8 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from dsa import reference, testing
+from benchmarks import problems
+from dsa import reference
 from dsa.launch import sparse_mla_fwd as launch
 from dsa.testing import assert_close, poison_unreferenced_rows
 from tests import strategies, support
@@ -73,7 +74,7 @@ GPU_LSE_TOL = {"atol": 2e-3, "rtol": 1e-3}
 
 
 Problem = dict[str, Any]
-"""The arguments of one forward call (``dsa.testing.sparse_mla_inputs``), on the CPU."""
+"""The arguments of one forward call (``benchmarks.problems.SparseMlaProblem``'s inputs), on the CPU."""
 
 
 def make_problem(
@@ -94,11 +95,11 @@ def make_problem(
     sink_scale: float = 2.0,
 ) -> Problem:
     """Random bf16 q/kv (never zeros), indices of pattern ``kind``, optional topk_length and sink."""
-    return testing.sparse_mla_inputs(
-        batch=batch, seq=seq, seq_kv=seq_kv, heads=heads, d_qk=d_qk, d_v=d_v, topk=topk, seed=seed,
-        sm_scale=sm_scale, kind=kind, has_topk_length=has_topk_length, has_sink=has_sink, value_scale=value_scale,
-        sink_scale=sink_scale,
+    problem = problems.SparseMlaProblem(
+        batch, seq, seq_kv, heads, d_qk, d_v, topk, has_topk_length, has_sink, kind, sm_scale=sm_scale,
+        value_scale=value_scale, sink_scale=sink_scale,
     )  # fmt: skip
+    return problem.inputs("cpu", seed)
 
 
 def moved(p: Problem, device: torch.device | str) -> Problem:
@@ -106,8 +107,7 @@ def moved(p: Problem, device: torch.device | str) -> Problem:
     return {name: value.to(device) if isinstance(value, torch.Tensor) else value for name, value in p.items()}
 
 
-def _kwargs(p: Problem) -> dict[str, Any]:
-    return {name: p[name] for name in ("sm_scale", "d_v", "topk_length", "attn_sink")}
+_kwargs = problems.SparseMlaProblem.kwargs
 
 
 def run_kernel(p: Problem, config: kernels.Config | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,7 +120,7 @@ def run_kernel(p: Problem, config: kernels.Config | None = None) -> tuple[torch.
 def run_reference(p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
     """The contract in float32 from the same bf16 values (moved to the CPU)."""
     c = moved(p, "cpu")
-    return reference.sparse_mla(c["q"].float(), c["kv"].float(), c["indices"], **_kwargs(c))
+    return problems.SparseMlaProblem.reference({**c, "q": c["q"].float(), "kv": c["kv"].float()})
 
 
 def check(

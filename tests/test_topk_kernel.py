@@ -29,6 +29,7 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from benchmarks import problems
 from dsa import reference
 from dsa.launch import topk as launch
 from dsa.testing import assert_topk_valid
@@ -210,8 +211,10 @@ def test_cpu_matches_contract(case: tuple[int, int], batch: int, seq: int, seq_k
     This proves the shared selection logic; the CUDA kernel itself is only proven by the ``gpu`` tier.
     """
     k, capacity = case
-    scores = strategies.make_scores(kind, seed, batch, seq, seq_kv, k)
-    check_topk(scores, run(scores, k, capacity), k)
+    problem = problems.TopkProblem(batch, seq, seq_kv, k, kind)
+    inputs = problem.inputs("cpu", seed)
+    error = problem.compare((run(inputs["scores"], k, capacity),), problem.reference(inputs))
+    assert error is None, error
 
 
 @pytest.mark.cpu_kernel
