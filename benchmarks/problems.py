@@ -215,6 +215,15 @@ class TopkProblem:
 # ----------------------------------------------------------------------------------------------------------------------
 # sparse_mla forward and backward
 # ----------------------------------------------------------------------------------------------------------------------
+def compare_attention(out: Outputs, expected: Any) -> str | None:
+    """An attention's ``(out, lse)`` against the reference's: ``out`` within :data:`BF16_TOL` and the scale-sensitive
+    difference, ``lse`` within :data:`LSE_TOL`."""
+    return _first_problem([
+        testing.compare(out[0], expected[0], **BF16_TOL, name="out"),
+        testing.compare(out[1], expected[1], **LSE_TOL, max_diff=None, name="lse"),
+    ])  # fmt: skip
+
+
 @dataclass(frozen=True)
 class SparseMlaProblem:
     """``sparse_mla`` forward: ``batch x seq`` queries of ``heads x d_qk`` over ``seq_kv`` latent rows, ``topk``
@@ -259,10 +268,7 @@ class SparseMlaProblem:
         """``(out [B, S, H, d_v], lse [B, S, H])`` from ``dsa.reference.sparse_mla``."""
         return reference.sparse_mla(inputs["q"], inputs["kv"], inputs["indices"], **SparseMlaProblem.kwargs(inputs))
 
-    @staticmethod
-    def compare(out: Outputs, expected: Any) -> str | None:
-        """``out`` within :data:`BF16_TOL` and the scale-sensitive difference, ``lse`` within :data:`LSE_TOL`."""
-        return compare_attention(out, expected)
+    compare = staticmethod(compare_attention)
 
     def flops(self) -> float | None:
         """``Q K^T`` over ``d_qk`` and ``P V`` over ``d_v`` for every selected entry of every head."""
@@ -271,15 +277,6 @@ class SparseMlaProblem:
     def bytes(self) -> float:
         """``q``, the gathered rows, indices, ``out`` and ``lse``."""
         return flops.sparse_mla_fwd_bytes(self.batch, self.seq, self.heads, self.topk, self.d_qk, self.d_v)
-
-
-def compare_attention(out: Outputs, expected: Any) -> str | None:
-    """An attention's ``(out, lse)`` against the reference's: ``out`` within :data:`BF16_TOL` and the scale-sensitive
-    difference, ``lse`` within :data:`LSE_TOL`."""
-    return _first_problem([
-        testing.compare(out[0], expected[0], **BF16_TOL, name="out"),
-        testing.compare(out[1], expected[1], **LSE_TOL, max_diff=None, name="lse"),
-    ])  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -469,10 +466,7 @@ class SparseMlaDecodeProblem:
         return reference.sparse_mla_decode(inputs["q"], inputs["kv_cache"], inputs["indices"],
                                            **SparseMlaDecodeProblem.kwargs(inputs))
 
-    @staticmethod
-    def compare(out: Outputs, expected: Any) -> str | None:
-        """As the forward's (:func:`compare_attention`)."""
-        return compare_attention(out, expected)
+    compare = staticmethod(compare_attention)
 
     def flops(self) -> float | None:
         """The forward's count with ``S = s_q``: each query attends to its ``topk`` gathered rows."""

@@ -16,6 +16,7 @@ import torch
 from hypothesis import settings
 from hypothesis import strategies as st
 
+from benchmarks import problems
 from dsa.testing import (  # noqa: F401 - re-exported: the tests draw from these names
     INDEX_PATTERNS,
     SCORE_PATTERNS,
@@ -42,17 +43,8 @@ NON_FINITE = (NAN, POS_INF, NEG_INF)
 ``+-448`` when converting), so FP8 tensors take NaN only."""
 
 
-@dataclass(frozen=True)
-class AttentionShape:
-    """Sizes of one sparse-MLA problem."""
-
-    batch: int
-    seq: int
-    seq_kv: int
-    heads: int
-    d_qk: int
-    d_v: int
-    topk: int
+AttentionShape = problems.SparseMlaProblem
+"""Sizes of one sparse-MLA problem: the forward's problem description (``benchmarks.problems``)."""
 
 
 @st.composite
