@@ -38,22 +38,27 @@ from dsa.testing import same_selection
 
 __all__ = [
     "BF16_TOL",
+    "FP8",
     "LSE_TOL",
     "IndexTopkProblem",
     "IndexerProblem",
     "PagedSelectionProblem",
+    "Problem",
     "SparseMlaBwdProblem",
     "SparseMlaDecodeProblem",
     "SparseMlaProblem",
     "TopkProblem",
-    "newest_ends",
+    "compare_attention",
     "family_for",
+    "newest_ends",
     "problem_for",
-    "same_selection",
 ]
 
 Inputs = dict[str, Any]
 Outputs = tuple[Any, ...]
+# The tuner's tolerances (the test suite holds the kernels to stricter ones): bf16 outputs carry about 3 significant
+# digits; P and dS enter the MMAs as bf16 on CUDA. The scale-sensitive difference (testing.DEFAULT_MAX_DIFF) is what
+# rejects a kernel that is off by a constant factor these elementwise bounds would forgive.
 BF16_TOL = {"atol": 2e-2, "rtol": 2e-2}
 LSE_TOL = {"atol": 1e-2, "rtol": 1e-3}
 SCORE_RTOL = 2e-2
@@ -489,11 +494,12 @@ class SparseMlaDecodeProblem:
 # A tuner kernel's call, as the tuner and the benchmark cases describe it: (static parameters, runtime sizes)
 # ----------------------------------------------------------------------------------------------------------------------
 DECODE_PAGE = 64
+"""Tokens per page of a row-per-token decode cache when the static parameters name none (FlashMLA's and vLLM's)."""
 DEFAULT_D_ROPE = 64
 """The op's ``d_rope`` where the static parameters name none (V3.2's rope width; ``dsa.ops.sparse_mla_decode``'s)."""
-"""Tokens per page of a row-per-token decode cache when the static parameters name none (FlashMLA's and vLLM's)."""
 
 Problem = IndexerProblem | TopkProblem | SparseMlaProblem | PagedSelectionProblem | SparseMlaDecodeProblem
+"""Any problem description (the subclasses ``IndexTopkProblem`` and ``SparseMlaBwdProblem`` included)."""
 _FAMILIES: dict[str, type[Problem]] = {
     "indexer": IndexerProblem,
     "index_topk": IndexTopkProblem,

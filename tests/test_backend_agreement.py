@@ -35,6 +35,7 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from benchmarks import problems
 from dsa import cache, kv_format, ops, testing
 from dsa.launch import index_topk as topk_launch
 from dsa.testing import assert_close
@@ -139,10 +140,9 @@ def _assert_same_selection(got: tuple[torch.Tensor, torch.Tensor], want: tuple[t
 def _index_problem(dtype: str, mode: str, seed: int, batch: int, seq: int, seq_kv: int,
                    poison: dict[str, tuple[float, ...]]) -> Inputs:  # fmt: skip
     """Integer-valued indexer inputs (exact scores) with ``poison``'s values in q, k, weights and k_scale."""
-    inputs = testing.indexer_inputs(
-        batch=batch, seq=seq, seq_kv=seq_kv, heads=INDEX_HEADS, dim=INDEX_DIM, dtype=dtype, mode=mode,
-        range_kind="random", seed=seed, integer_valued=True,
-    )  # fmt: skip
+    problem = problems.IndexerProblem(batch, seq, seq_kv, INDEX_HEADS, INDEX_DIM, dtype, mode, "random",
+                                      integer_valued=True)  # fmt: skip
+    inputs = problem.inputs("cpu", seed)
     g = testing.generator(seed + 7)
     for name, values in poison.items():
         if inputs.get(name) is not None:
@@ -265,10 +265,9 @@ def test_sparse_mla_agrees(
     topk: int, kind: str, poison: dict[str, tuple[float, ...]], plan: dict[str, str], seed: int,
 ) -> None:  # fmt: skip
     heads, d_qk, d_v, has_topk_length, has_sink = static
-    p = testing.sparse_mla_inputs(
-        batch=batch, seq=seq, seq_kv=seq_kv, heads=heads, d_qk=d_qk, d_v=d_v, topk=topk, seed=seed,
-        sm_scale=MLA_SCALE, kind=kind, has_topk_length=has_topk_length, has_sink=has_sink,
-    )  # fmt: skip
+    problem = problems.SparseMlaProblem(batch, seq, seq_kv, heads, d_qk, d_v, topk, has_topk_length, has_sink, kind,
+                                        sm_scale=MLA_SCALE)  # fmt: skip
+    p = problem.inputs("cpu", seed)
     # The index tensors' layouts first: a broadcast one changes which rows are referenced.
     indices = layouts.relaid(p["indices"], plan["indices"])
     topk_length = layouts.relaid(p["topk_length"], plan["topk_length"])

@@ -16,6 +16,7 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from benchmarks import problems
 from dsa import autograd, compat, hardware, ops, reference, testing
 from dsa.testing import assert_close, assert_topk_valid
 from tests import layouts
@@ -633,7 +634,7 @@ Inputs = dict[str, torch.Tensor | None]
 
 def _indexer_problem(dtype: str, mode: str) -> Inputs:
     """Index inputs at the C-target kernels' widths of the kernel tests (4 heads x 32, top-k 16): compiled there."""
-    return testing.indexer_inputs(batch=2, seq=5, seq_kv=40, heads=4, dim=32, dtype=dtype, mode=mode, seed=11)
+    return problems.IndexerProblem(2, 5, 40, 4, 32, dtype, mode, "random", weight_scale=1.0).inputs("cpu", 11)
 
 
 def _index_scores(a: Inputs) -> tuple[torch.Tensor, ...]:
@@ -649,10 +650,9 @@ def _sparse_mla_problem() -> Inputs:
     """17 heads, d_qk 96, d_v 64 with topk_length and a sink: a static set of the forward kernel's tests."""
     return {
         key: value
-        for key, value in testing.sparse_mla_inputs(
-            batch=2, seq=4, seq_kv=50, heads=17, d_qk=96, d_v=64, topk=20, seed=12, sm_scale=SM_SCALE,
-            kind="irregular", has_topk_length=True, has_sink=True,
-        ).items()  # fmt: skip
+        for key, value in problems.SparseMlaProblem(
+            2, 4, 50, 17, 96, 64, 20, has_topk_length=True, has_sink=True, kind="irregular", sm_scale=SM_SCALE
+        ).inputs("cpu", 12).items()
         if isinstance(value, torch.Tensor)
     }
 
