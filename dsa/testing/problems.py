@@ -1,5 +1,7 @@
 """One input maker per op: the arguments of an ``indexer``, ``sparse_mla`` forward or backward call, drawn
-from the patterns of :mod:`dsa.testing.inputs`."""
+from the patterns of :mod:`dsa.testing.inputs`. The problem descriptions that the tests, the tuner and the benchmark
+share (``benchmarks.problems``: inputs, reference, comparison, FLOPs and bytes per op family) draw through these; they
+live above ``dsa`` because their counts are the measurement package's."""
 
 from __future__ import annotations
 
