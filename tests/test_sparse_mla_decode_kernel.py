@@ -14,9 +14,10 @@ Tiers:
 - ``build``: the sm_90a builds at V3.2 widths (128 heads, 576/512) for both cache formats (split and direct) and the
   combine, and the default build for MODEL1 pages (DeepSeek-V4: 128 heads, 512/512, pages of 64): wgmma, no spills,
   shared memory within the estimate and equal to the launcher's table, a cp.async gather for bf16 rows, int64 slot
-  addressing. (The MODEL1 kernel's C-target tier is in tests/test_compat_model1.py.)
+  addressing; the FP8 cluster config (two CTAs per token share each step's dequantised rows) gathers half a step per
+  block and stores it into the peer's tile. (The MODEL1 kernel's C-target tier is in tests/test_compat_model1.py.)
 - ``gpu``: V3.2 shapes (topk 2048, B = 1 and 8, s_q 1 and 2, both formats, automatic splits) and DeepSeek-V4's over
-  MODEL1 pages (a 128-entry window and 512 selected entries) against the reference.
+  MODEL1 pages (a 128-entry window and 512 selected entries), and the FP8 cluster config, against the reference.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from dsa.launch import sparse_mla_decode as launch
 from dsa.testing import assert_close
 from tests import strategies, support
 from tl_kernels import build as tl_build
+from tl_kernels import decode_cluster_steps as cluster_steps
 from tl_kernels import dsl
 from tl_kernels import sparse_mla_decode as kernels
 
@@ -557,6 +559,8 @@ V32_BUILDS: tuple[tuple[Any, dict[str, Any]], ...] = (
     # The FP8 default on sm_90a: the next step's bytes prefetched into registers (split and direct).
     (kernels.build, {**_V32_FP8, "prefetch": True}),
     (kernels.build, {**_V32_FP8, "prefetch": True, "direct": True}),
+    # The two head blocks of a token as a two-CTA cluster sharing each step's dequantised rows (not the default).
+    (kernels.build, {**_V32_FP8, "prefetch": True, "cluster": True}),
 )
 _MODEL1 = launch.static_params(heads=128, d_qk=512, d_v=512, fp8_layout=cache.MODEL1_FP8_LAYOUT, page_size=64)
 MODEL1_BUILDS: tuple[tuple[Any, dict[str, Any]], ...] = (
@@ -577,7 +581,10 @@ hopper_prebuilt = support.prebuilt_fixture(
 @pytest.mark.parametrize(
     "case",
     range(len(BUILDS)),
-    ids=["bf16", "fp8", "combine", "bf16-direct", "fp8-prefetch", "fp8-prefetch-direct", "model1-prefetch"],
+    ids=[
+        "bf16", "fp8", "combine", "bf16-direct", "fp8-prefetch", "fp8-prefetch-direct", "fp8-prefetch-cluster",
+        "model1-prefetch",
+    ],  # fmt: skip
 )
 def test_hopper_build_is_clean(case: int) -> None:
     """At V3.2 widths and for MODEL1 pages: wgmma for both GEMMs, no spills, shared memory within the estimate; the
@@ -590,7 +597,7 @@ def test_hopper_build_is_clean(case: int) -> None:
         assert report.spill_bytes == 0, report.ptxas_log
         return
     assert not report.problems(mma=tl_build.MMA_WGMMA), report.problems(mma=tl_build.MMA_WGMMA)
-    config = kernels.Config(prefetch=params.get("prefetch", False))
+    config = kernels.Config(prefetch=params.get("prefetch", False), cluster=params.get("cluster", False))
     assert report.smem_bytes <= kernels.smem_bytes({**params, "target": dsl.HOPPER_TARGET}, config)
     # The launcher's split rule and the cost model read the split kernels' figures instead of compiling.
     if not params.get("direct"):
@@ -603,6 +610,41 @@ def test_hopper_build_is_clean(case: int) -> None:
         # MODEL1's 448 values of 32 rows are 56 bytes per thread: 8-byte vectors.
         vector = "fp8_e4_8_t" if params["kv_format"] == kernels.KV_FORMAT_FP8_PAGED else "fp8_e4_16_t"
         assert vector in source, f"the prefetched FP8 values are not loaded as {vector}"
+
+
+_CLUSTER_CASE = BUILDS.index((kernels.build, {**_V32_FP8, "prefetch": True, "cluster": True}))
+
+
+@pytest.mark.build
+@pytest.mark.usefixtures("hopper_prebuilt")
+def test_hopper_cluster_build_dequantises_each_row_once_per_token() -> None:
+    """The cluster config at V3.2 widths: each block of the pair gathers its half of a step's 32 rows (rows from
+    ``(blockIdx.x & 1) * 16``), stores them into its peer's tile with 16-byte
+    ``st.shared::cluster`` stores (one loop per column range: 512 and 64 columns) and waits at the cluster barrier:
+    one arrival before the loop, wait / arrive / wait / arrive per step, one wait after it."""
+    builder, params = BUILDS[_CLUSTER_CASE]
+    kernel, _ = support.hopper_build(f"sparse_mla_decode {_CLUSTER_CASE}", builder, **params)
+    source = kernel.get_kernel_source()
+    assert "((int)blockIdx.x) & 1) * 16)" in source, "a block does not gather from its half of the step"
+    assert "st.shared::cluster.v4.u32" in source and "mapa.shared::cluster" in source
+    assert source.count(f"{cluster_steps.STORE_PEER}((&") == len(cluster_steps.column_parts(V32["d_qk"])) == 2
+    assert (source.count("tl::cluster_arrive();"), source.count("tl::cluster_wait();")) == (3, 3)
+    assert "map_shared_rank" not in source, "a one-element cluster copy (a __syncthreads per element) came back"
+
+
+def test_cluster_config_needs_sm90a_and_whole_pairs_of_head_blocks() -> None:
+    """The C target and the portable schedule have no clusters, and a cluster pairs head blocks; a bf16 cache
+    builds without the cluster (as without the prefetch)."""
+    static = {**_V32_FP8, "target": dsl.HOPPER_TARGET}
+    kernels.check_config(static, kernels.Config(cluster=True))
+    kernels.check_config({**_V32_BF16, "target": dsl.CPU_TARGET}, kernels.Config(cluster=True))
+    for target in (dsl.CPU_TARGET, dsl.cuda_target("sm_80")):
+        with pytest.raises(ValueError, match="sm_90a only"):
+            kernels.check_config({**static, "target": target}, kernels.Config(cluster=True))
+    with pytest.raises(ValueError, match="multiples of 2 .*, got 1 head blocks"):
+        kernels.check_config({**static, "heads": 64}, kernels.Config(cluster=True))
+    assert cluster_steps.column_parts(576) == [(0, 512), (512, 576)]
+    assert cluster_steps.column_parts(512) == [(0, 512)]
 
 
 # ------------------------------------------------------------------------------------------------------- GPU tier
@@ -651,6 +693,23 @@ def test_gpu_fp8_plain_gather_matches_reference(cuda_device: torch.device) -> No
         device=cuda_device,
     )  # fmt: skip
     out, lse = run(args, config=kernels.Config(prefetch=False))
+    check(args, out, lse, GPU_OUT_TOL, GPU_LSE_TOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.decode
+@pytest.mark.usefixtures("hopper_prebuilt")
+@pytest.mark.parametrize(("batch", "s_q", "splits"), [(1, 2, None), (8, 2, 1)])
+def test_gpu_fp8_cluster_matches_reference(cuda_device: torch.device, batch: int, s_q: int, splits: int | None) -> None:
+    """The cluster config at V3.2 shapes (two CTAs per token exchange their halves of each step through distributed
+    shared memory): the build tier's split kernel with automatic splits, and one split (the direct kernel, built
+    here), lengths per query (the two halves of a step differ in validity), against the reference."""
+    args = make_problem(
+        seed=41 + batch + s_q, fmt="fp8", heads=V32["heads"], d_qk=V32["d_qk"], d_v=V32["d_v"], d_rope=V32["d_rope"],
+        batch=batch, s_q=s_q, context=4096, topk=V32_TOPK, page_size=64, kind="irregular", length_kind="per_query",
+        sink="random", device=cuda_device,
+    )  # fmt: skip
+    out, lse = run(args, config=kernels.Config(prefetch=True, cluster=True), splits=splits)
     check(args, out, lse, GPU_OUT_TOL, GPU_LSE_TOL)
 
 

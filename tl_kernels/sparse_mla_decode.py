@@ -50,6 +50,7 @@ import tilelang.language as T
 
 from tl_kernels import dsl
 from tl_kernels import sparse_mla_fwd as forward
+from tl_kernels import decode_cluster_steps as cluster_steps
 from tl_kernels.sparse_mla_fwd_steps import (
     ACCUM_DTYPE,
     CUDA_PASS_CONFIGS,
@@ -115,12 +116,16 @@ class Config:
             bytes into registers before step i's GEMMs, and dequantise them into the tile at the start of step i+1,
             so the global loads are in flight while the tensor cores work (``False``: load, convert and store in one
             go at the start of each step, the loads exposed).
+        cluster: FP8 on sm_90a (bf16 builds without it): the two head blocks of a query token run as a 2-CTA cluster,
+            each dequantises half of every step's rows into both blocks' tiles (``tl_kernels.decode_cluster_steps``):
+            every cache row once per token, not once per head block. Needs an even number of head blocks.
     """
 
     block_h: int = forward.Config.block_h
     block_k: int = forward.Config.block_k
     threads: int = forward.Config.threads
     prefetch: bool = False
+    cluster: bool = False
 
 
 TUNING_SPACE: dict[str, tuple[Any, ...]] = {
@@ -147,6 +152,9 @@ V32_RESOURCES: dict[tuple[str, int, int, int, bool], tuple[int, int]] = {
 attention kernel at V3.2 widths (128 heads, 576/512, the V3.2 FP8 row) and for MODEL1 pages, as ``ptxas -v``
 reports them (the build tier checks every entry against its build), so that the launcher's split rule and the cost
 model know the blocks per SM without compiling."""
+V32_CLUSTER_RESOURCES: dict[tuple[str, int, int, int, bool], tuple[int, int]] = {
+    (KV_FORMAT_FP8, 64, 32, 256, True): (201, 117760),
+}  # the same figures for the cluster config (cluster=True), keyed as V32_RESOURCES
 MAX_REGISTERS = 255
 
 
@@ -155,8 +163,9 @@ def resources(kv_format: str, config: Config) -> tuple[int, int]:
     figures at V3.2 widths (:data:`V32_RESOURCES`), else an upper bound (255 registers, :func:`smem_bytes`'s tiles at
     V3.2 widths), which never overstates how many blocks an SM holds."""
     key = (kv_format, config.block_h, config.block_k, config.threads, config.prefetch and kv_format in FP8_FORMATS)
-    if key in V32_RESOURCES:
-        return V32_RESOURCES[key]
+    table = V32_CLUSTER_RESOURCES if config.cluster and kv_format in FP8_FORMATS else V32_RESOURCES
+    if key in table:
+        return table[key]
     static = {"heads": 128, "d_qk": 576, "d_v": 512, "kv_format": kv_format, "d_rope": 64, "tile": 128}
     return MAX_REGISTERS, smem_bytes(static, config)
 
@@ -199,6 +208,8 @@ def check_config(static: dict[str, Any], config: Config) -> None:
             raise ValueError(f"an FP8 cache needs 0 <= d_rope < d_qk and tile | d_qk - d_rope, got {d_qk}, {d_rope}, {tile}")
     if kv_format == KV_FORMAT_FP8_PAGED:
         _check_pages(static, d_nope, d_rope, tile)
+    if config.cluster and kv_format in FP8_FORMATS:
+        cluster_steps.check(static, config.block_h, config.block_k)
     forward.check_config(static, _as_forward(config))
 
 
@@ -249,6 +260,7 @@ def build(
     block_k: int = Config.block_k,
     threads: int = Config.threads,
     prefetch: bool = Config.prefetch,
+    cluster: bool = Config.cluster,
     direct: bool = False,
     target: dsl.Target = dsl.HOPPER_TARGET,
 ) -> Any:
@@ -279,7 +291,8 @@ def build(
         "page_size": page_size, "page_bytes": page_bytes, "value_bytes": value_bytes,
         "scale_group_bytes": scale_group_bytes, "target": target,
     }  # fmt: skip
-    check_config(static, Config(block_h=block_h, block_k=block_k, threads=threads, prefetch=prefetch))
+    config = Config(block_h=block_h, block_k=block_k, threads=threads, prefetch=prefetch, cluster=cluster)
+    check_config(static, config)
     cpu = dsl.is_cpu(target)
     alloc = dsl.allocators(target)
     data_storage = dsl.storage_dtype(DATA_DTYPE, target)
@@ -335,19 +348,26 @@ def build(
 
     fp8 = kv_format in FP8_FORMATS
     prefetched = fp8 and prefetch
+    cl = cluster_steps.steps(block_k=block_k, d_qk=d_qk, enabled=fp8 and cluster)
+    part_k, rows_from = cl.part_k, cl.first_row  # a block's rows of a step: half of them in a cluster
 
     @T.macro
     def gather(KVA, KVB, KVC, Indices, kv_s, rows_s, b, s, step, limit):  # noqa: ANN001, ANN202
         if fp8:
             # FP8 (KVA e4m3 bytes, KVB scales, KVC RoPE values): dequantise while gathering. The step's cache rows are
             # looked up once (int64, -1 for an invalid entry, which the selects never read), not once per element.
-            for j in alloc.parallel(block_k):
-                rows_s[j] = gather_row(Indices, b, s, step * block_k + j, width, limit, num_slots)
-            for j, d in alloc.parallel(block_k, d_nope):
+            r0 = rows_from()
+            for j in alloc.parallel(part_k):
+                rows_s[j] = gather_row(Indices, b, s, step * block_k + r0 + j, width, limit, num_slots)
+            for j, d in alloc.parallel(part_k, d_nope):
                 row = T.max(rows_s[j], 0)
-                kv_s[j, d] = T.if_then_else(rows_s[j] >= 0, dequant(nope_at(KVA, row, d), scale_at(KVB, row, d)), 0)
-            for j, d in alloc.parallel(block_k, d_rope):
-                kv_s[j, d_nope + d] = T.if_then_else(rows_s[j] >= 0, load(rope_at(KVC, T.max(rows_s[j], 0), d)), 0)
+                kv_s[r0 + j, d] = T.if_then_else(
+                    rows_s[j] >= 0, dequant(nope_at(KVA, row, d), scale_at(KVB, row, d)), 0
+                )
+            for j, d in alloc.parallel(part_k, d_rope):
+                kv_s[r0 + j, d_nope + d] = T.if_then_else(
+                    rows_s[j] >= 0, load(rope_at(KVC, T.max(rows_s[j], 0), d)), 0
+                )
         else:
             # bf16 rows in KVA: the forward's guarded copy, which zero-fills invalid rows (cp.async on CUDA).
             for j, d in alloc.parallel(block_k, d_qk):
@@ -358,13 +378,13 @@ def build(
         # Prefetch (FP8): the step's cache rows into row buffer `slot`, then its e4m3 and RoPE bytes into registers
         # (zeros for an invalid entry, whose row is never read). Nothing reads the registers until the next unpack,
         # so the loads stay in flight through the GEMMs issued after this.
-        for j in alloc.parallel(block_k):
-            rows_s[slot, j] = gather_row(Indices, b, s, step * block_k + j, width, limit, num_slots)
-        for j, d in alloc.parallel(block_k, d_nope):
+        for j in alloc.parallel(part_k):
+            rows_s[slot, j] = gather_row(Indices, b, s, step * block_k + rows_from() + j, width, limit, num_slots)
+        for j, d in alloc.parallel(part_k, d_nope):
             raw_f[j, d] = T.if_then_else(
                 rows_s[slot, j] >= 0, nope_at(KVA, T.max(rows_s[slot, j], 0), d), T.Cast(fp8_storage, 0)
             )
-        for j, d in alloc.parallel(block_k, d_rope):
+        for j, d in alloc.parallel(part_k, d_rope):
             rope_f[j, d] = T.if_then_else(
                 rows_s[slot, j] >= 0, rope_at(KVC, T.max(rows_s[slot, j], 0), d), T.Cast(data_storage, 0)
             )
@@ -373,25 +393,27 @@ def build(
     def unpack(KVB, raw_f, rope_f, kv_s, rows_s, slot):  # noqa: ANN001, ANN202
         # The prefetched bytes into the bf16 tile: values times their tile's scale (one 4-byte load from the row's
         # own cache line), RoPE values as they are.
-        for j, d in alloc.parallel(block_k, d_nope):
-            kv_s[j, d] = T.if_then_else(
+        r0 = rows_from()
+        for j, d in alloc.parallel(part_k, d_nope):
+            kv_s[r0 + j, d] = T.if_then_else(
                 rows_s[slot, j] >= 0, dequant(raw_f[j, d], scale_at(KVB, T.max(rows_s[slot, j], 0), d)), 0
             )
-        for j, d in alloc.parallel(block_k, d_rope):
-            kv_s[j, d_nope + d] = load(rope_f[j, d])
+        for j, d in alloc.parallel(part_k, d_rope):
+            kv_s[r0 + j, d_nope + d] = load(rope_f[j, d])
 
     @T.macro
     def unpack_paged(KVB, raw_f, rope_f, kv_s, rows_s, slot):  # noqa: ANN001, ANN202
         # Paged FP8: the step's UE8M0 scales decoded once per row and tile into shared float32 first, so that the
         # values dequantise as V3.2's do (times a float32 scale: converted in pairs on sm_90a), not with a bit decode
         # per element (which TileLang 0.1.15 did not vectorise).
-        scale_s = alloc.shared([block_k, d_nope // tile], ACCUM_DTYPE)
-        for j, t in alloc.parallel(block_k, d_nope // tile):
+        r0 = rows_from()
+        scale_s = alloc.shared([part_k, d_nope // tile], ACCUM_DTYPE)
+        for j, t in alloc.parallel(part_k, d_nope // tile):
             scale_s[j, t] = scale_at(KVB, T.max(rows_s[slot, j], 0), t * tile)
-        for j, d in alloc.parallel(block_k, d_nope):
-            kv_s[j, d] = T.if_then_else(rows_s[slot, j] >= 0, dequant(raw_f[j, d], scale_s[j, d // tile]), 0)
-        for j, d in alloc.parallel(block_k, d_rope):
-            kv_s[j, d_nope + d] = load(rope_f[j, d])
+        for j, d in alloc.parallel(part_k, d_nope):
+            kv_s[r0 + j, d] = T.if_then_else(rows_s[slot, j] >= 0, dequant(raw_f[j, d], scale_s[j, d // tile]), 0)
+        for j, d in alloc.parallel(part_k, d_rope):
+            kv_s[r0 + j, d_nope + d] = load(rope_f[j, d])
 
     if paged:
         unpack = unpack_paged  # noqa: F811 (the prefetch's unpack for paged caches; V3.2's is generated unchanged)
@@ -403,7 +425,7 @@ def build(
         scale_log2 = sm_scale * T.float32(LOG2E)
         limit = T.min(TopkLength[b, s], width)
         q_s, kv_s, p_s, acc_s, acc_o, m_i, m_prev, m_safe, alpha, l_i, row_sum = open_rows(Q, b, s, h0)
-        rows_s = alloc.shared([block_k if fp8 else 1], ROW_DTYPE)  # the FP8 gather's cache rows of one step
+        rows_s = alloc.shared([part_k if fp8 else 1], ROW_DTYPE)  # the FP8 gather's cache rows of one step
 
         # This split's steps: the row's steps are dealt out by position (a short topk_length row leaves the last
         # splits empty), so every split's bounds follow from the row alone.
@@ -411,28 +433,34 @@ def build(
         first = z * per_split
         last = T.min(first + per_split, T.ceildiv(limit, block_k))
         steps = T.max(last - first, 0)
+        cl.open_exchange()
         if prefetched:
             # Two row buffers: step i's rows stay readable (its scales) while step i+1's are looked up.
-            rows2_s = alloc.shared([2, block_k], ROW_DTYPE)
-            raw_f = alloc.fragment([block_k, d_nope], fp8_storage)
-            rope_f = alloc.fragment([block_k, d_rope], data_storage)
+            rows2_s = alloc.shared([2, part_k], ROW_DTYPE)
+            raw_f = alloc.fragment([part_k, d_nope], fp8_storage)
+            rope_f = alloc.fragment([part_k, d_rope], data_storage)
             if steps > 0:
                 fetch(KVA, KVC, Indices, raw_f, rope_f, rows2_s, b, s, first, limit, 0)
             for i in T.serial(steps):
                 unpack(KVB, raw_f, rope_f, kv_s, rows2_s, i % 2)
                 if i + 1 < steps:
                     fetch(KVA, KVC, Indices, raw_f, rope_f, rows2_s, b, s, first + i + 1, limit, (i + 1) % 2)
+                cl.share_half(kv_s)
                 attend_step(
                     q_s, kv_s, p_s, acc_s, acc_o, m_i, m_prev, m_safe, alpha, l_i, row_sum, Indices, b, s, first + i,
                     width, limit, num_slots, scale_log2,
                 )  # fmt: skip
+                cl.release_tile()
         else:
             for i in T.Pipelined(steps, num_stages=1):
                 gather(KVA, KVB, KVC, Indices, kv_s, rows_s, b, s, first + i, limit)
+                cl.share_half(kv_s)
                 attend_step(
                     q_s, kv_s, p_s, acc_s, acc_o, m_i, m_prev, m_safe, alpha, l_i, row_sum, Indices, b, s, first + i,
                     width, limit, num_slots, scale_log2,
                 )  # fmt: skip
+                cl.release_tile()
+        cl.close_exchange()
 
         # alpha: 1 / l (0 for an empty split, whose output is then 0); row_sum: the split's lse (-inf when empty).
         # Split kernels leave the sink to the combine (finalize's sink argument is never read); the direct kernel
@@ -457,7 +485,7 @@ def build(
         Q=None, KV=None, KVFp8=None, KVScale=None, KVRope=None, Indices=None, TopkLength=None, sm_scale=None,
         AttnSink=None, OutPartial=None, LsePartial=None, Out=None, Lse=None,
     ):  # fmt: skip
-        with T.Kernel(seq_q * head_blocks, batch, splits, threads=threads) as (bx, by, bz):
+        with T.Kernel(seq_q * head_blocks, batch, splits, threads=threads, **cl.launch) as (bx, by, bz):
             attend(
                 Q, KVFp8 if fp8 else KV, KVScale if fp8 else KV, KVRope if fp8 else KV, Indices, TopkLength, sm_scale,
                 AttnSink, Out if direct else OutPartial, Lse if direct else LsePartial, bx, by, bz,
