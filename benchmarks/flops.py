@@ -11,8 +11,8 @@ One definition serves the tuner (TFLOP/s of each candidate, :func:`call_flops`) 
   ``dV = P^T dO``, ``dQ = dS K``, ``dK = dS^T Q``);
 * sparse MLA decode (paged cache): the forward's FLOPs; bytes: each query's ``topk`` gathered cache rows as stored
   (656 bytes per FP8 row for V3.2, ``2 * d_qk`` for bf16), ``q`` and ``out``;
-* indexer top-k for decoding (paged keys): ``2 * B * s_q * H_i * L * D_i`` over the context ``L``; bytes: every key
-  row of every sequence read once (``B * L`` rows of ``D_i + 4`` bytes for FP8 keys and their scales);
+* indexer top-k for decoding (paged keys): the indexer's FLOPs over the newest ``s_q`` queries of a context of ``L``
+  keys (``2 * B * H_i * L * D_i`` at ``s_q = 1``); bytes: every key row of every sequence read once (``B * L`` rows of ``D_i + 4`` bytes for FP8 keys and their scales);
 * DeepSeek-V4 attention (two sources, K = V): the forward's FLOPs over the entries each query really sees (the
   window's ``min(W, t + 1)`` rows plus CSA's ``min(topk, (t + 1) // m)`` selected or HCA's ``(t + 1) // m`` visible
   compressed entries); bytes: ``q``, each query's entries as stored (bf16 rows in prefill, the cache's bytes per
@@ -34,7 +34,6 @@ __all__ = [
     "dense_attention_flops",
     "fp8_kv_row_bytes",
     "index_topk_decode_bytes",
-    "index_topk_decode_flops",
     "indexer_bytes",
     "indexer_flops",
     "pairs_attention_flops",
@@ -143,11 +142,6 @@ def sparse_mla_decode_bytes(batch: int, seq: int, heads: int, topk: int, d_qk: i
     its heads), ``q`` read and ``out`` written (the indices and ``lse``, under 1 %, are left out)."""
     rows = batch * seq * topk * row_bytes
     return float(rows + batch * seq * heads * (d_qk + d_v) * BF16_BYTES)
-
-
-def index_topk_decode_flops(batch: int, seq: int, context: int, heads: int, dim: int) -> float:
-    """One ``D_i``-dot per head per (query, cached key) pair over the whole context."""
-    return 2.0 * batch * seq * heads * context * dim
 
 
 def index_topk_decode_bytes(batch: int, context: int, row_bytes: int) -> float:
