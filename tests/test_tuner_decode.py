@@ -97,14 +97,19 @@ def test_preset_statics_are_what_the_launchers_look_up() -> None:
 
 
 def test_screen_drops_repeats_and_candidates_no_sm_holds(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A bf16 cache gets no ``prefetch`` candidate (the launcher builds it without), an FP8 cache gets both; a
+    """A bf16 cache gets no ``prefetch`` or ``cluster`` candidate (the launcher builds it without), an FP8 cache gets
+    both values of each (``cluster`` only with whole pairs of head blocks); a
     candidate whose shared memory (the kernel's estimate, row numbers included) or registers leave no block on an SM
     is dropped before compiling, while the default stays first (the compile phase then says why it fails)."""
     bf16 = launch.static_params(heads=128, d_qk=576, d_v=512, fp8_layout=None)
-    assert {c["prefetch"] for c in space.full_space(KERNEL, bf16)} == {False}
-    assert {c["prefetch"] for c in space.full_space(KERNEL, decode.V32_MLA_FP8)} == {False, True}
+    for field in ("prefetch", "cluster"):
+        assert {c[field] for c in space.full_space(KERNEL, bf16)} == {False}
+        assert {c[field] for c in space.full_space(KERNEL, decode.V32_MLA_FP8)} == {False, True}
+    # V4-Flash's 64 heads are one head block: no cluster pair.
+    assert {c["cluster"] for c in space.full_space(KERNEL, decode.model1_static(64))} == {False}
     monkeypatch.setattr(kernels, "smem_bytes", lambda static, config: 200_000 + 40_000 * (config.block_k == 32))
-    assert [c["block_k"] for c in space.full_space(KERNEL, decode.V32_MLA_FP8)] == [32, 16, 16]
+    # The default (block_k 32) first, then the four block_k 16 candidates (prefetch x cluster).
+    assert [c["block_k"] for c in space.full_space(KERNEL, decode.V32_MLA_FP8)] == [32, 16, 16, 16, 16]
     with pytest.raises(ValueError, match="no SM holds a block"):
         space.screen_candidate(KERNEL, decode.V32_MLA_FP8, space.default_config(KERNEL, decode.V32_MLA_FP8))
     monkeypatch.undo()

@@ -128,10 +128,9 @@ class Config:
     cluster: bool = False
 
 
-TUNING_SPACE: dict[str, tuple[Any, ...]] = {
-    "block_h": (forward.WGMMA_M,), "block_k": (16, 32), "threads": (256,), "prefetch": (False, True)
-}  # fmt: skip
-"""Candidate values per :class:`Config` field on sm_90a (the forward's default schedule's)."""
+TUNING_SPACE: dict[str, tuple[Any, ...]] = {"block_h": (forward.WGMMA_M,), "block_k": (16, 32), "threads": (256,),
+                                            "prefetch": (False, True), "cluster": (False, True)}  # fmt: skip
+"""Candidate values per :class:`Config` field on sm_90a (``cluster``: where :func:`check_config` allows it)."""
 PORTABLE_TUNING_SPACE: dict[str, tuple[Any, ...]] = {
     "block_h": (32, forward.WGMMA_M),
     "block_k": (16, 32),
