@@ -40,6 +40,7 @@ from dsa import kv_format
 from dsa.launch import index_topk as selection_launch
 from dsa.launch import index_topk_split as selection_split
 from dsa.launch import sparse_mla_decode as decode_launch
+from tl_kernels import decode_cluster_steps as cluster_steps
 from tl_kernels import dsl
 from tl_kernels import index_topk as selection_kernels
 from tl_kernels import indexer as indexer_kernels
@@ -163,11 +164,13 @@ def flashmla_decode_schedule() -> DecodeSchedule:
 def dsa_decode_schedule(config: decode_kernels.Config | None = None, kv_format_name: str = "fp8") -> DecodeSchedule:
     """Our decode kernel in ``config`` (default: the default config) at V3.2 widths: its blocks per SM from the
     registers and shared memory the build tier measured (``tl_kernels.sparse_mla_decode.resources``); a lone split
-    writes the output itself (no partials)."""
+    writes the output itself (no partials). With ``cluster`` the two head blocks of a token share each row's
+    dequantisation (``tl_kernels.decode_cluster_steps``); the cluster barriers of each step are not modelled."""
     config = config or decode_kernels.default_config({"kv_format": kv_format_name})
     registers, smem = decode_kernels.resources(kv_format_name, config)
     per_sm = sku.blocks_per_sm(registers=registers, threads=config.threads, smem_bytes=smem)
-    return DecodeSchedule(block_h=config.block_h, block_k=config.block_k, heads_per_dequant=config.block_h,
+    sharing = cluster_steps.CLUSTER_SIZE if config.cluster else 1
+    return DecodeSchedule(block_h=config.block_h, block_k=config.block_k, heads_per_dequant=config.block_h * sharing,
                           blocks_per_sm=per_sm, partials=False)  # fmt: skip
 
 

@@ -4,6 +4,7 @@ and the occupancy rules. Plain arithmetic: no kernel is built."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -221,3 +222,18 @@ def test_tuner_counts_decode_flops_as_flashmla_does_at_the_v32_point() -> None:
     got = flops.call_flops("sparse_mla_decode", static, {"batch": 128, "s_q": 2, "topk": V32["topk"]})
     assert got == pytest.approx(_published_s(1e-12))
     assert got == pytest.approx(146.0e9, rel=1e-3)
+
+
+def test_cluster_decode_dequantises_each_row_once_per_token() -> None:
+    """The ``cluster`` config (two head blocks of a token share each step's dequantised rows) halves the rows
+    dequantised at the V3.2 point, as FlashMLA's crossover does, and its model comes within 1.2x of FlashMLA's
+    (cluster barriers unmodelled); the default config dequantises every row once per head block."""
+    default = decode_kernels.default_config({"kv_format": "fp8"})
+    cluster = dataclasses.replace(default, cluster=True)
+    plain, shared = (_v32_decode(cost.dsa_decode_schedule(c)) for c in (default, cluster))
+    flashmla = _v32_decode(cost.flashmla_decode_schedule())
+    tokens = 128 * 2
+    assert plain.rows_dequantised == 2 * tokens * V32["topk"]
+    assert shared.rows_dequantised == tokens * V32["topk"] == flashmla.rows_dequantised
+    assert shared.model_s < plain.model_s
+    assert shared.model_s / flashmla.model_s < 1.2
