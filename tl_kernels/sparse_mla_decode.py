@@ -440,25 +440,21 @@ def build(
             rope_f = alloc.fragment([part_k, d_rope], data_storage)
             if steps > 0:
                 fetch(KVA, KVC, Indices, raw_f, rope_f, rows2_s, b, s, first, limit, 0)
-            for i in T.serial(steps):
+        # One loop body for both gathers (`prefetched` is static): this step's rows into kv_s (and, prefetched, the
+        # next step's bytes in flight), this block's half shared with the cluster peer, the step's attention.
+        for i in T.serial(steps) if prefetched else T.Pipelined(steps, num_stages=1):
+            if prefetched:
                 unpack(KVB, raw_f, rope_f, kv_s, rows2_s, i % 2)
                 if i + 1 < steps:
                     fetch(KVA, KVC, Indices, raw_f, rope_f, rows2_s, b, s, first + i + 1, limit, (i + 1) % 2)
-                cl.share_half(kv_s)
-                attend_step(
-                    q_s, kv_s, p_s, acc_s, acc_o, m_i, m_prev, m_safe, alpha, l_i, row_sum, Indices, b, s, first + i,
-                    width, limit, num_slots, scale_log2,
-                )  # fmt: skip
-                cl.release_tile()
-        else:
-            for i in T.Pipelined(steps, num_stages=1):
+            else:
                 gather(KVA, KVB, KVC, Indices, kv_s, rows_s, b, s, first + i, limit)
-                cl.share_half(kv_s)
-                attend_step(
-                    q_s, kv_s, p_s, acc_s, acc_o, m_i, m_prev, m_safe, alpha, l_i, row_sum, Indices, b, s, first + i,
-                    width, limit, num_slots, scale_log2,
-                )  # fmt: skip
-                cl.release_tile()
+            cl.share_half(kv_s)
+            attend_step(
+                q_s, kv_s, p_s, acc_s, acc_o, m_i, m_prev, m_safe, alpha, l_i, row_sum, Indices, b, s, first + i,
+                width, limit, num_slots, scale_log2,
+            )  # fmt: skip
+            cl.release_tile()
         cl.close_exchange()
 
         # alpha: 1 / l (0 for an empty split, whose output is then 0); row_sum: the split's lse (-inf when empty).
