@@ -55,7 +55,6 @@ def _counting(monkeypatch: pytest.MonkeyPatch) -> collections.Counter[str]:
     wrap(common, "target_for", "target")
     wrap(hardware, "device_target", "target")
     wrap(common, "select_config", "config")
-    wrap(common, "launch_config", "config")
     wrap(decode_launch.kernels, "default_config", "config")
     wrap(model_cache.Step, "begin", "step")
     return counts

@@ -135,56 +135,39 @@ def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
 
 
 def select_config(
-    kernel_name: str,
+    kernel_name: str | None,
     kernels: ModuleType,
     static: dict[str, Any],
     sizes: dict[str, int],
     device: torch.device,
     target: dsl.Target | None = None,
     default: Any = None,
+    config: Any = None,
 ) -> Any:
-    """The tuned config of ``kernels`` (a ``tl_kernels`` module) for this launch, else ``default`` (the launcher's
-    rule for this shape), else the module's default config.
+    """The config a plan of ``kernels`` (a ``tl_kernels`` module) runs: the caller's ``config`` after the module's
+    ``check_config`` for ``target``; else the tuned config for this launch; else ``default`` (the launcher's rule for
+    this shape); else the module's default config.
 
     ``static`` holds the kernel's static parameters (without the target); ``sizes`` the runtime sizes (``batch``,
-    ``seq_len``, ``seq_len_kv``, ...). CPU launches are never tuned. :func:`autotune.lookup.select.config_for` returns a
-    config already checked for this target, or ``None`` (then the default, which works for every shape). The portable
-    schedule on Hopper (``DSA_PORTABLE=1``) always runs its default. ``target``: the plan's (default
+    ``seq_len``, ``seq_len_kv``, ...). ``kernel_name=None`` (an untuned kernel) and CPU launches are never tuned.
+    :func:`autotune.lookup.select.config_for` returns a config already checked for this target, or ``None``. The
+    portable schedule on Hopper (``DSA_PORTABLE=1``) always runs its default. ``target``: the plan's (default
     :func:`target_for`).
-    """
-    target = target_for(device) if target is None else target
-    # Tuned configs are stored per SKU for its own schedule: the portable schedule that DSA_PORTABLE=1 builds on
-    # Hopper (a check of the kernels other GPUs run) runs its default, never a config tuned for sm_90a.
-    if device.type == "cuda" and not (env.portable() and hardware.is_hopper(device)):
-        tuned = select.config_for(kernel_name, static, sizes, device, target=target, cache_dir=env.cache_dir())
-        if tuned is not None:
-            return tuned
-    return default if default is not None else kernels.default_config({**static, "target": target})
-
-
-def launch_config(
-    kernel_name: str | None,
-    kernels: ModuleType,
-    static: dict[str, Any],
-    sizes: dict[str, int],
-    device: torch.device,
-    target: dsl.Target,
-    config: Any = None,
-    default: Any = None,
-) -> Any:
-    """The config a plan runs: the caller's ``config`` after the kernel module's ``check_config`` for ``target``,
-    else :func:`select_config` (``kernel_name=None``: an untuned kernel, always its default config; ``default``: the
-    launcher's rule where nothing is tuned).
 
     Raises:
         ValueError: the caller's config does not suit ``target``, or (no config given) no config fits at all.
     """
+    target = target_for(device) if target is None else target
     if config is not None:
         kernels.check_config({**static, "target": target}, config)
         return config
-    if kernel_name is None:
-        return default if default is not None else kernels.default_config({**static, "target": target})
-    return select_config(kernel_name, kernels, static, sizes, device, target, default)
+    # Tuned configs are stored per SKU for its own schedule: the portable schedule that DSA_PORTABLE=1 builds on
+    # Hopper (a check of the kernels other GPUs run) runs its default, never a config tuned for sm_90a.
+    if kernel_name is not None and device.type == "cuda" and not (env.portable() and hardware.is_hopper(device)):
+        tuned = select.config_for(kernel_name, static, sizes, device, target=target, cache_dir=env.cache_dir())
+        if tuned is not None:
+            return tuned
+    return default if default is not None else kernels.default_config({**static, "target": target})
 
 
 def compile_plan(
@@ -195,10 +178,10 @@ def compile_plan(
     device: torch.device,
     config: Any = None,
 ) -> KernelPlan:
-    """What a one-kernel plan holds: the target of ``device``, the config (:func:`launch_config`) and ``kernels.build``
+    """What a one-kernel plan holds: the target of ``device``, the config (:func:`select_config`) and ``kernels.build``
     compiled for them (the static parameters plus every field of the config)."""
     target = target_for(device)
-    chosen = launch_config(kernel_name, kernels, static, sizes, device, target, config)
+    chosen = select_config(kernel_name, kernels, static, sizes, device, target, config=config)
     return KernelPlan(target, chosen, get_kernel(kernels.build, target, **static, **dataclasses.asdict(chosen)))
 
 

@@ -114,7 +114,7 @@ def _make(
     try:
         name = KERNEL_NAME if sizes else None
         rule = mtp_default(static, sizes["seq_len"], target) if paged and sizes and config is None else None
-        chosen = common.launch_config(name, kernels, static, sizes or {}, device, target, config, rule)
+        chosen = common.select_config(name, kernels, static, sizes or {}, device, target, rule, config)
     except ValueError:
         if config is not None:
             raise  # a caller's config that does not suit the target is an error, not a fallback

@@ -89,7 +89,7 @@ def plan(
             heads=heads, d_qk=d_qk, d_v=d_v, k=k, has_topk_length=has_topk_length, has_sink=has_sink, ranged=ranged
         )
         sizes = {"batch": batch, "seq_len": seq, "seq_len_kv": seq_kv}
-        chosen = common.launch_config(KERNEL_NAME, kernels, static, sizes, device, target, config)
+        chosen = common.select_config(KERNEL_NAME, kernels, static, sizes, device, target, config=config)
         return Plan(
             target, chosen,
             common.get_kernel(kernels.build_preprocess, target, d_v=d_v),
