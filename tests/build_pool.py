@@ -214,7 +214,10 @@ def summary() -> str | None:
     line += f"; the tests waited {pool.waited_s:.0f} s"
     unused, unlisted = len(pool.cpu_jobs - pool.asked), len(pool.asked - pool.cpu_jobs)
     if pool.cpu_jobs and (unused or unlisted):
-        line += f"; C-target list: {unused} unused, {unlisted} compiled unlisted (rerecord {CPU_KERNELS_FILE.name})"
+        line += (
+            f"; C-target kernels: {unused} listed and unused, {unlisted} not listed for these tests (in a full run,"
+            f" either means: rerecord {CPU_KERNELS_FILE.name})"
+        )
     return line
 
 
