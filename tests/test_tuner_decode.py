@@ -168,9 +168,9 @@ def test_a_stored_paged_selection_config_is_the_paged_plans_choice(
     real_make = index_launch._make
 
     def spy(static: dict[str, Any], sizes: dict[str, int] | None, device: torch.device, config: Any,
-            paged: bool = False) -> Any:  # fmt: skip
+            s_q: int | None = None) -> Any:  # fmt: skip
         made.append(sizes)
-        return real_make(static, sizes, torch.device("cuda", 0), config, paged)
+        return real_make(static, sizes, torch.device("cuda", 0), config, s_q)
 
     monkeypatch.setattr(index_launch, "_make", spy)
     monkeypatch.setattr(index_launch.common, "target_for", lambda device: dsl.HOPPER_TARGET)

@@ -106,14 +106,14 @@ def mtp_default(static: dict[str, Any], s_q: int, target: Any) -> kernels.Config
 
 def _make(
     static: dict[str, Any], sizes: dict[str, int] | None, device: torch.device, config: kernels.Config | None,
-    paged: bool = False,
+    s_q: int | None = None,
 ) -> Plan | None:  # fmt: skip
     """A plan for ``static`` (``sizes=None``: untuned, the default config), ``None`` where no default config fits;
-    ``paged``: a decode selection's plan, whose untuned default follows :func:`mtp_default`."""
+    ``s_q``: a decode selection's queries a sequence, whose untuned default follows :func:`mtp_default`."""
     target = common.target_for(device)
     try:
         name = KERNEL_NAME if sizes else None
-        rule = mtp_default(static, sizes["seq_len"], target) if paged and sizes and config is None else None
+        rule = mtp_default(static, s_q, target) if s_q is not None and config is None else None
         chosen = common.select_config(name, kernels, static, sizes or {}, device, target, rule, config)
     except ValueError:
         if config is not None:
@@ -188,14 +188,15 @@ def plan_paged(
     ``key_layout``, ``dsa.kv_format.INDEX_KEY_LAYOUTS``), or ``None`` where no config fits. With ``max_pages`` (the
     block table's width) the config is the tuned one for ``(batch, s_q, max_pages * page_size)`` where the user's
     cache has one (the tuner's paged ``index_topk`` cases, ``autotune.lookup.decode``), else the default; without it
-    the default config runs (``config`` overrides either)."""
+    the default config runs; either way, untuned, :func:`mtp_default` applies (``config`` overrides all)."""
     static = paged_static_params(q, topk, page_size=page_size, key_layout=key_layout)
+    s_q = q.shape[1]
     sizes = None
     if max_pages is not None:
-        sizes = {"batch": q.shape[0], "seq_len": q.shape[1], "seq_len_kv": int(max_pages) * int(page_size)}
-    shape = None if sizes is None else tuple(sizes.values())
+        sizes = {"batch": q.shape[0], "seq_len": s_q, "seq_len_kv": int(max_pages) * int(page_size)}
+    shape = (s_q,) if sizes is None else tuple(sizes.values())
     key = (q.dtype, q.shape[2], q.shape[3], int(topk), int(page_size), config, key_layout, shape)
-    return _PAGED_PLANS.get(q.device, key, lambda: _make(static, sizes, q.device, config, paged=True))
+    return _PAGED_PLANS.get(q.device, key, lambda: _make(static, sizes, q.device, config, s_q))
 
 
 def _launch_paged(
