@@ -39,7 +39,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from autotune.lookup import space
 from benchmarks import flops, problems
+from dsa import kv_format as formats
 
 # DeepSeek-V3.2 dimensions.
 INDEX_HEADS = 64
@@ -73,11 +75,11 @@ QUICK_DECODE: tuple[str, ...] = ("sparse_mla_decode-fp8-b128-s2-kv32768", "index
 """The decode cases in the default run; every other decode case runs with ``--full`` (or named by ``--cases``)."""
 
 # DeepSeek-V4 (FlashMLA's MODEL1 configurations): heads and CSA's top-k per model.
-V4_MODELS: dict[str, tuple[int, int]] = {"flash": (64, 512), "pro": (128, 1024)}
+V4_MODELS: dict[str, tuple[int, int]] = dict(zip(("flash", "pro"), space.V4_MODELS))
 V4_D = 512
 V4_D_ROPE = 64
 V4_WINDOW = 128
-V4_RATES: dict[str, int] = {"csa": 4, "hca": 128}
+V4_RATES: dict[str, int] = {"csa": space.V4_CSA_RATE, "hca": space.V4_HCA_RATE}
 V4_PREFILL_SEQS: tuple[int, ...] = (8192, 32768, 65536, 131072)
 V4_DECODE_CONTEXT = 32768
 """Tokens of context per sequence in the V4 decode cases (8192 compressed entries per sequence, CSA)."""
@@ -214,18 +216,6 @@ def _sparse_mla_decode_case(name: str, batch: int, seq: int, context: int, heads
     return _kernel_case(SPARSE_MLA_DECODE, name, static, sizes, targets, context=context, quick=quick)
 
 
-def _decode_attention_case(
-    kernel: str, name: str, static: dict[str, Any], batch: int, seq: int, context: int, topk: int, rows: int,
-    traffic: float, targets: tuple = (), quick: bool = True,
-) -> Case:  # fmt: skip
-    """A sparse MLA decode case (V3.2's or V4's): ``batch`` sequences of ``context`` tokens, ``seq`` queries each
-    attending to ``rows`` cache rows (the ``topk`` selected ones, and for V4 its window too) of ``static``'s
-    ``heads``/``d_qk``/``d_v``; its FLOPs are the forward's over those rows, its bytes the caller's ``traffic``."""
-    work = flops.sparse_mla_fwd_flops(batch, seq, static["heads"], rows, static["d_qk"], static["d_v"])
-    sizes = _sizes(batch, seq, context, topk=topk)
-    return Case(kernel, name, static, sizes, work, traffic, targets, context=context, quick=quick)
-
-
 def _index_topk_decode_case(name: str, batch: int, seq: int, context: int, heads: int, dim: int, dtype: str,
                             topk: int, page_size: int, quick: bool = True) -> Case:  # fmt: skip
     static = {"heads": heads, "dim": dim, "dtype": dtype, "topk": topk, "page_size": page_size}
@@ -256,15 +246,16 @@ def _v4_prefill_case(name: str, seq: int, heads: int, d: int, window: int, layer
 def _v4_decode_case(name: str, batch: int, seq: int, context: int, heads: int, d: int, d_rope: int, window: int,
                     rate: int, topk: int, kv_format: str, page_size: int, quick: bool = False) -> Case:  # fmt: skip
     """CSA decoding: each query's window (``window`` rows, a range) and ``topk`` selected compressed entries (slots of
-    the compressed cache, ``context // rate`` entries per sequence), over MODEL1 FP8 or bf16 caches."""
-    from dsa import kv_format as formats
-
+    the compressed cache, ``context // rate`` entries per sequence), over MODEL1 FP8 or bf16 caches; its FLOPs are
+    the forward's over those ``window + topk`` rows."""
     static = {"heads": heads, "d_qk": d, "d_v": d, "d_rope": d_rope, "window": window, "rate": rate,
               "kv_format": kv_format, "page_size": page_size}  # fmt: skip
     row_bytes = formats.MODEL1_FP8_LAYOUT.bytes_per_token if kv_format == "fp8" else d * flops.BF16_BYTES
     rows = window + topk
+    work = flops.sparse_mla_fwd_flops(batch, seq, heads, rows, d, d)
     traffic = flops.v4_decode_bytes(batch, seq, heads, d, d, rows, row_bytes, topk)
-    return _decode_attention_case(V4_DECODE, name, static, batch, seq, context, topk, rows, traffic, quick=quick)
+    return Case(V4_DECODE, name, static, _sizes(batch, seq, context, topk=topk), work, traffic, context=context,
+                quick=quick)  # fmt: skip
 
 
 def _v4_prefill_cases() -> list[Case]:

@@ -279,6 +279,11 @@ def merge_estimate(
     return seconds, nbytes
 
 
+def _key_blocks(context: int, page_size: int, block_n: int) -> int:
+    """Key blocks a paged selection walks over ``context`` keys: whole pages, then whole ``block_n`` blocks."""
+    return math.ceil(math.ceil(context / page_size) * page_size / block_n)
+
+
 def selection_estimate(
     *, batch: int, s_q: int, context: int, heads: int, dim: int, topk: int, page_size: int, spec: sku.PerfSpec,
     splits: int = 1, block_q: int = 1, block_n: int = 128, blocks_per_sm: int = 1, groups: int = 1,
@@ -298,7 +303,7 @@ def selection_estimate(
     written by the split kernel, then the merge's passes."""
     key_bytes = kv_format.index_key_layout(dim).bytes_per_token
     queries = batch * s_q
-    key_blocks = math.ceil(math.ceil(context / page_size) * page_size / block_n)
+    key_blocks = _key_blocks(context, page_size, block_n)
     width = selection_split.split_width(topk=topk, splits=splits, key_blocks=key_blocks, block_N=block_n)
     virtual = batch * splits * selection_split.padded_queries(s_q, block_q)
     lists = virtual * topk * (_I32_BYTES + _F32_BYTES) if splits > 1 else 0
@@ -308,7 +313,7 @@ def selection_estimate(
     flops = 2.0 * queries * heads * context * dim
     # Per (query, key): the FP8 GEMM, then per head a ReLU and a weighted add, then the selection's share.
     per_key = heads * dim * 2 / (spec.mma_flops_per_cycle * _FP8_RATE) + (heads * 2 + SELECT_OPS_PER_KEY) * FP32_OP
-    blocks = virtual // block_q
+    blocks = selection_split.launched_blocks(batch=batch, s_q=s_q, block_Q=block_q, splits=splits)
     loads = batch * math.ceil(s_q / block_q) * context * key_row_memory_ops(dim, key_layout) * LSU_OP
     dram_s = _dram_s(reads + (lists or out), spec)
     sm_s = _busiest_sm_s(queries * context * per_key + loads, blocks, spec, persistent=False)
@@ -344,7 +349,7 @@ def _selection_schedule(static: dict[str, Any], sizes: dict[str, int], spec: sku
     rule = selection_launch.mtp_default(paged, s_q, hopper)
     config = rule or selection_kernels.default_config({**paged, "target": hopper})
     block_q = indexer_kernels.block_queries(static["heads"], config.q_rows)
-    key_blocks = math.ceil(math.ceil(sizes["seq_len_kv"] / static["page_size"]) * static["page_size"] / config.block_N)
+    key_blocks = _key_blocks(sizes["seq_len_kv"], static["page_size"], config.block_N)
     splits = selection_split.num_splits(batch=batch, s_q=s_q, block_Q=block_q, key_blocks=key_blocks,
                                         sms=spec.sm_count)  # fmt: skip
     width = selection_split.split_width(topk=static["topk"], splits=splits, key_blocks=key_blocks,

@@ -21,7 +21,7 @@ from benchmarks import problems, runners, v4
 from dsa import testing
 from dsa.launch import common
 
-__all__ = ["check_dsa", "decode_inputs", "make_inputs", "poisoned_outputs", "tensor_bytes"]
+__all__ = ["check_dsa", "make_inputs", "poisoned_outputs", "tensor_bytes"]
 
 _RUNNER_KERNEL = {case_data.INDEX_TOPK_DECODE: "index_topk"}
 """The tuner kernel that runs a case kind of another name (the decode selection is ``index_topk`` with pages)."""
@@ -53,11 +53,6 @@ def make_inputs(case: case_data.Case, device: torch.device, seed: int) -> dict[s
         return selection
     attention = problems.SparseMlaProblem(*dims, s["heads"], s["d_qk"], s["d_v"], topk=1).inputs(device, seed + 1)
     return {**selection, "q": attention["q"], "kv": attention["kv"], "sm_scale": attention["sm_scale"], "d_v": s["d_v"]}
-
-
-def decode_inputs(case: case_data.Case, device: torch.device, seed: int) -> dict[str, Any]:
-    """One input set of a decode case (:func:`make_inputs`): the keyword arguments its providers take."""
-    return make_inputs(case, device, seed)
 
 
 @contextlib.contextmanager

@@ -74,7 +74,9 @@ class V4Layer:
         """V4's layer of ``kind`` (rate 4 for CSA, 128 for HCA) with ``overrides``."""
         if kind not in KINDS:
             raise ValueError(f"memory_v4: kind must be one of {KINDS}, got {kind!r}")
-        return cls(kind=kind, **{"rate": 4 if kind == "csa" else 128, **overrides})
+        from benchmarks.cases import V4_RATES  # the cases' rates (imported here: this module stays light)
+
+        return cls(kind=kind, **{"rate": V4_RATES[kind], **overrides})
 
 
 def layer_inputs(layer: V4Layer, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -50,6 +50,7 @@ __all__ = [
     "TopkProblem",
     "compare_attention",
     "family_for",
+    "fill_cache",
     "newest_ends",
     "problem_for",
 ]
@@ -327,7 +328,9 @@ class SparseMlaBwdProblem(SparseMlaProblem):
 # ----------------------------------------------------------------------------------------------------------------------
 # Paged caches: the decode selection and sparse_mla_decode
 # ----------------------------------------------------------------------------------------------------------------------
-def _fill(kv: cache.PagedKVCache, batch: int, length: int, width: int, rows: Callable[[int], torch.Tensor]) -> None:
+def fill_cache(
+    kv: cache.PagedKVCache, batch: int, length: int, width: int, rows: Callable[[int], torch.Tensor]
+) -> None:
     """Append ``length`` tokens to every sequence of ``kv``, ``rows(n)`` giving the next ``[batch, n, *]`` rows (written
     as stored when they are bytes, else through ``append``), in chunks of at most ``FILL_ELEMENTS`` values."""
     step = max(1, FILL_ELEMENTS // (batch * width))
@@ -378,7 +381,7 @@ class PagedSelectionProblem:
                 return values.to(torch.bfloat16)
             return cache.pack_index_keys_fp8(values.to(torch.float8_e4m3fn), torch.exp2(ints((batch, n), 2)))
 
-        _fill(keys, batch, self.context, dim, rows)
+        fill_cache(keys, batch, self.context, dim, rows)
         return {
             "q": ints((batch, self.s_q, self.heads, dim), 3).to(torch.float8_e4m3fn if fp8 else torch.bfloat16),
             "k_cache": keys.pages.view(keys.pages.shape[0], self.page_size, -1),
@@ -441,7 +444,7 @@ class SparseMlaDecodeProblem:
         else:
             kind = {"dtype": torch.bfloat16 if self.kv_format == "bf16" else "fp8", "d_rope": self.d_rope}
         kv = cache.PagedKVCache(batch, context, d_qk, page_size=self.page_size, device=device, **kind)
-        _fill(kv, batch, context, d_qk,
+        fill_cache(kv, batch, context, d_qk,
               lambda n: torch.randn((batch, n, d_qk), generator=g, device=device).to(torch.bfloat16))  # fmt: skip
         ends = newest_ends(batch, s_q, context, device)
         keys = torch.rand((batch, s_q, context), generator=g, device=device)

@@ -4,7 +4,7 @@ and chunked matmuls) and, where importable, FlashMLA's sparse prefill and decode
 
 Every provider takes one input set as :mod:`benchmarks.runners` makes it for the case's kernel (``q``, ``k``,
 ``weights``, ``k_scale`` for the indexer; ``scores``, ``k`` for top-k; ``q``, ``kv``, ``indices``, ``sm_scale``,
-``d_v``, ... for sparse MLA); the decode cases' sets come from ``benchmarks.inputs.decode_inputs`` (the paged caches'
+``d_v``, ... for sparse MLA); the decode cases' sets come from ``benchmarks.inputs.make_inputs`` (the paged caches'
 ``kv_cache``/``k_cache`` pages, slots or block tables, ...).
 """
 

@@ -20,10 +20,9 @@ from typing import Any
 import torch
 
 from benchmarks import problems
-from benchmarks.problems import BF16_TOL, LSE_TOL
 from dsa.launch import index_topk, indexer, sparse_mla_bwd, sparse_mla_decode, sparse_mla_fwd, topk
 
-__all__ = ["BF16_TOL", "LSE_TOL", "SEED", "Runner", "register_runner", "runner_for"]
+__all__ = ["SEED", "Runner", "register_runner", "runner_for"]
 
 Inputs = dict[str, Any]
 Outputs = tuple[Any, ...]

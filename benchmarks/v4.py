@@ -25,15 +25,15 @@ from typing import Any
 import torch
 
 from benchmarks import cases as case_data
-from benchmarks import runners
+from benchmarks import problems, runners
 from dsa import cache, kv_format, ops, reference, testing
 
 __all__ = ["KINDS", "check", "inputs", "providers", "spread_selection"]
 
 KINDS = case_data.V4_KINDS
-CHECK_ROWS = 64
+CHECK_ROWS = runners.CHECK_ROWS
 """Queries of a prefill the check compares (the last ones: every source is widest there)."""
-CHECK_BATCHES = 4
+CHECK_BATCHES = runners.CHECK_BATCHES
 """Sequences of a decode the check compares."""
 
 
@@ -76,14 +76,6 @@ def _prefill_inputs(case: case_data.Case, device: torch.device, seed: int) -> di
     return out
 
 
-def _fill(paged: cache.PagedKVCache, rows: int, g: torch.Generator, device: torch.device) -> None:
-    """``rows`` random rows per sequence appended to ``paged`` (in chunks: the FP8 quantisation's temporaries)."""
-    batch = paged.block_table.shape[0]
-    step = max(1, (1 << 26) // (batch * paged.width))
-    for start in range(0, rows, step):
-        paged.append(_randn(g, device, batch, min(step, rows - start), paged.width).bfloat16())
-
-
 def _decode_inputs(case: case_data.Case, device: torch.device, seed: int) -> dict[str, Any]:
     s, z = case.static, case.sizes
     batch, s_q, context, topk, d, window = z["batch"], z["seq_len"], z["seq_len_kv"], z["topk"], s["d_qk"], s["window"]
@@ -95,7 +87,8 @@ def _decode_inputs(case: case_data.Case, device: torch.device, seed: int) -> dic
         layout = kv_format.MODEL1_FP8_LAYOUT if fp8 else None
         paged = cache.PagedKVCache(batch, rows, d, page_size=s["page_size"], dtype=kind, d_rope=s["d_rope"],
                                    device=device, layout=layout)  # fmt: skip
-        _fill(paged, rows, g, device)
+        problems.fill_cache(paged, batch, rows, paged.width,
+                            lambda n: _randn(g, device, batch, n, paged.width).bfloat16())  # fmt: skip
         return paged
 
     def rows_of(paged: cache.PagedKVCache) -> torch.Tensor:
@@ -242,13 +235,10 @@ def _narrow(case: case_data.Case, i: dict[str, Any], out: tuple[torch.Tensor, ..
 
 def check(case: case_data.Case, i: dict[str, Any]) -> str | None:
     """``None`` when ``dsa`` (on the whole input set, run by the caller under poisoned outputs) matches the
-    reference on a slice of the problem; else the first problem. Tolerances are the tuner's (``benchmarks.runners``)."""
-    run = _prefill(ops.sparse_mla) if case.kernel == case_data.V4_PREFILL else _decode(ops.sparse_mla_decode)
-    want = _prefill(reference.sparse_mla) if case.kernel == case_data.V4_PREFILL else _decode(reference.sparse_mla_decode)
+    reference on a slice of the problem; else the first problem. Tolerances are the tuner's
+    (``benchmarks.problems.compare_attention``)."""
+    prefill = case.kernel == case_data.V4_PREFILL
+    run = _prefill(ops.sparse_mla) if prefill else _decode(ops.sparse_mla_decode)
+    want = _prefill(reference.sparse_mla) if prefill else _decode(reference.sparse_mla_decode)
     narrowed, got = _narrow(case, i, run(i))
-    expected = want(narrowed)
-    problems = [
-        testing.compare(got[0], expected[0], **runners.BF16_TOL, name="out"),
-        testing.compare(got[1], expected[1], **runners.LSE_TOL, max_diff=None, name="lse"),
-    ]
-    return next((p for p in problems if p is not None), None)
+    return problems.compare_attention(got, want(narrowed))

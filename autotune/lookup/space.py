@@ -59,6 +59,8 @@ TINY_SEQ_LENS: tuple[int, ...] = (256, 1024)
 V4_CSA_RATE = 4
 """DeepSeek-V4's CSA layers select among one compressed entry per 4 tokens: the selection kernels and the sparse
 attention over the entries see ``S_kv = S / 4``."""
+V4_HCA_RATE = 128
+"""DeepSeek-V4's HCA layers attend to every compressed entry, one per 128 tokens (no selection kernel)."""
 V4_MODELS: tuple[tuple[int, int], ...] = ((64, 512), (128, 1024))
 """(query heads, top-k) of V4-Flash and V4-Pro."""
 
