@@ -256,3 +256,25 @@ def test_compressed_entries_equal_transformers_bit_for_bit_in_bfloat16(layer_typ
             )  # fmt: skip
             assert actual.dtype == torch.bfloat16 and torch.equal(actual, expected), (start, length)
             start += length
+
+
+def test_a_short_step_that_trains_only_the_sinks_gets_their_gradient() -> None:
+    """A decode-sized step (2 queries) with grad on where only the per-head sinks are trainable runs ``sparse_mla``
+    (the decode op is forward only), so the sinks get a gradient; without grad the same step takes the decode path
+    and gives the same output."""
+    from dsa.integrations import deepseek_v4 as v4
+
+    torch.manual_seed(0)
+    batch, seq, heads, d, rows, entries, k = 2, 2, 3, 16, 6, 4, 2
+    q, window = torch.randn(batch, seq, heads, d), torch.randn(batch, rows, d)
+    kv_entries = torch.randn(batch, entries, d)
+    ends = torch.tensor([[rows - 1, rows]] * batch, dtype=torch.int32)
+    starts = (ends - 4).clamp_min(0)
+    selected = torch.randint(0, entries, (batch, seq, k), dtype=torch.int32)
+    sinks = torch.randn(heads, requires_grad=True)
+    args = (q, window, starts, ends, kv_entries, selected, None)
+    out = v4.attend(*args, sinks, d**-0.5)
+    out.square().sum().backward()
+    assert sinks.grad is not None and bool(sinks.grad.abs().sum() > 0)
+    with torch.no_grad():
+        assert_close(v4.attend(*args, sinks, d**-0.5), out.detach(), name="out", atol=1e-5, rtol=1e-5)

@@ -24,7 +24,7 @@ Per layer and forward (``B`` batch, ``S`` new tokens, ``W`` the sliding window, 
 4. **Attention** (:func:`attend`, ``dsa.ops.sparse_mla`` with two sources): the window rows (a row range per query)
    and the compressed entries (CSA's selection, or HCA's range of visible entries) in one softmax with the per-head
    sink, K = V (``d_v = D``), ``sm_scale = module.scaling``; then inverse RoPE on the output's RoPE dims and the
-   grouped output projection. Steps of at most ``DECODE_MAX_QUERIES`` tokens without gradients run
+   grouped output projection. Steps of at most ``latent_attention.DECODE_MAX_QUERIES`` tokens without gradients run
    ``dsa.ops.sparse_mla_decode`` over the same rows instead (as the V3.2/GLM-5 layers do).
 
 Visibility follows transformers' eager model exactly: the window is ``[p - W + 1, p]`` in cache positions
@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from dsa import ops
-from dsa.integrations.latent_attention import DECODE_MAX_QUERIES
+from dsa.integrations.latent_attention import decode_step, page_slots
 from dsa.integrations.visibility import from_layer_mask
 
 __all__ = ["CSA", "HCA", "SLIDING", "attend", "rope_v4", "v4_attention_forward"]
@@ -158,12 +158,13 @@ def attend(
         ``[B, S, H, D]`` in q's dtype (0 where a query sees nothing).
     """
     ranges = torch.stack([window_starts, window_ends], dim=-1).to(torch.int32)
-    entry_ranges = None
-    if entries is not None and entries.shape[1] > 0 and selected is None:
-        entry_ranges = torch.stack([torch.zeros_like(entry_ends), entry_ends], dim=-1).to(torch.int32)
     has_entries = entries is not None and entries.shape[1] > 0
-    tensors = (q, window, entries) if has_entries else (q, window)
-    if q.shape[1] <= DECODE_MAX_QUERIES and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+    entry_ranges = None
+    if has_entries and selected is None:
+        entry_ranges = torch.stack([torch.zeros_like(entry_ends), entry_ends], dim=-1).to(torch.int32)
+    # The sinks are trainable: a step that wants their gradient runs sparse_mla (the decode op is forward only).
+    tensors = (q, window, sinks, entries) if has_entries else (q, window, sinks)
+    if decode_step(q.shape[1], *tensors):
         return _attend_decode(q, window, ranges, entries if has_entries else None, selected, entry_ranges, sinks,
                               sm_scale)  # fmt: skip
     extra: dict[str, torch.Tensor] = {}
@@ -182,33 +183,22 @@ def _attend_decode(
     selected: torch.Tensor | None, entry_ranges: torch.Tensor | None, sinks: torch.Tensor, sm_scale: float,
 ) -> torch.Tensor:  # fmt: skip
     """:func:`attend` for a step of a few tokens without gradients: ``dsa.ops.sparse_mla_decode`` over the window rows
-    and the entries each viewed as ``B`` pages of one sequence (its kernel splits each query's keys over thread
-    blocks, where ``sparse_mla``'s has ``B * ceil(H / 64)`` blocks for one token). Slots are ``b * rows + row``; a
-    step's ``s_q <= DECODE_MAX_QUERIES`` queries make the slot lists ``O(B * s_q * (W + N))``, what the kernel reads."""
+    and the entries, each viewed as ``B`` pages of one sequence (its kernel splits each query's keys over thread
+    blocks, where ``sparse_mla``'s has ``B * ceil(H / 64)`` blocks for one token): the ranges through a one-page
+    block table per sequence (the op lists their slots: ``O(B * s_q * (W + N))``, what the kernel reads), CSA's
+    selected entries as slots ``b * N + entry``."""
+    pages = torch.arange(q.shape[0], device=q.device, dtype=torch.int32).view(-1, 1)
     extra: dict[str, torch.Tensor] = {}
     if entries is not None:
         extra["extra_kv_cache"] = entries.to(window.dtype).contiguous()
-        count = entries.shape[1]
-        extra["extra_indices"] = _slots(entry_ranges, count) if selected is None else _paged(selected, count)
+        if selected is None:
+            extra["extra_ranges"], extra["extra_block_table"] = entry_ranges, pages
+        else:
+            extra["extra_indices"] = page_slots(selected, entries.shape[1])
     # d_rope only describes FP8 rows; these caches hold the model's dtype, so any width <= d_qk serves.
-    out, _ = ops.sparse_mla_decode(q, window.contiguous(), _slots(ranges, window.shape[1]), sm_scale=sm_scale,
+    out, _ = ops.sparse_mla_decode(q, window.contiguous(), ranges=ranges, block_table=pages, sm_scale=sm_scale,
                                    d_v=q.shape[-1], attn_sink=sinks, d_rope=min(64, q.shape[-1]), **extra)  # fmt: skip
     return out
-
-
-def _paged(rows: torch.Tensor, count: int) -> torch.Tensor:
-    """Row numbers ``[B, s_q, k]`` (``-1`` invalid) of a ``[B, count, D]`` tensor as slots of its ``B`` pages."""
-    base = torch.arange(rows.shape[0], device=rows.device, dtype=torch.int32).view(-1, 1, 1) * count
-    return torch.where(rows >= 0, rows + base, -1).to(torch.int32)
-
-
-def _slots(ranges: torch.Tensor, count: int) -> torch.Tensor:
-    """The rows ``[start, end)`` of each query (``ranges [B, s_q, 2]``, clipped to ``[0, count)``) as slots of ``B``
-    pages of ``count`` rows, ``[B, s_q, longest]`` with ``-1`` padding."""
-    start, end = ranges[..., 0].clamp(0, count), ranges[..., 1].clamp(0, count)
-    width = max(1, int((end - start).max()))
-    rows = start.unsqueeze(-1) + torch.arange(width, device=ranges.device, dtype=torch.int32)
-    return _paged(torch.where(rows < end.unsqueeze(-1), rows, -1), count)
 
 
 def v4_attention_forward(

@@ -43,13 +43,29 @@ __all__ = [
     "DECODE_MAX_QUERIES",
     "INDEXER_STAGES",
     "LayerSpec",
+    "decode_step",
     "latent_attention_forward",
+    "page_slots",
     "rope_half_split",
     "rope_interleaved",
 ]
 
 DECODE_MAX_QUERIES = 4
 """Steps with at most this many new tokens (one token plus speculative ones) attend with ``sparse_mla_decode``."""
+
+
+def decode_step(seq: int, *tensors: torch.Tensor) -> bool:
+    """Whether a step of ``seq`` new tokens attends with ``sparse_mla_decode`` (forward only): at most
+    :data:`DECODE_MAX_QUERIES` tokens and no gradient wanted for any of ``tensors``."""
+    return seq <= DECODE_MAX_QUERIES and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def page_slots(rows: torch.Tensor, count: int) -> torch.Tensor:
+    """Row numbers ``[B, ...]`` (``-1`` invalid) of a ``[B, count, D]`` tensor as slots of it viewed as ``B`` pages
+    of ``count`` rows (``b * count + row``), int32."""
+    base = torch.arange(rows.shape[0], device=rows.device, dtype=torch.int32) * count
+    base = base.view(-1, *[1] * (rows.dim() - 1))
+    return torch.where(rows >= 0, rows + base, -1).to(torch.int32)
 
 INDEXER_STAGES = ("dense", "sparse")
 """Indexer training stages of the V3.2 recipe (``dsa.training``): dense warm-up, sparse training."""
@@ -149,13 +165,9 @@ def _attend(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [B, S, H, d_v], lse [B, S, H])`` of sparse MLA: the decode op for short steps without gradients (its
     slots are ``b * T + position`` over the rows viewed as ``B`` pages of ``T``), ``sparse_mla`` otherwise."""
-    batch, seq = q.shape[:2]
-    seq_kv = kv.shape[1]
-    decoding = seq <= DECODE_MAX_QUERIES and not (torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad))
-    if not decoding:
+    if not decode_step(q.shape[1], q, kv):
         return ops.sparse_mla(q, kv, indices, sm_scale=sm_scale, d_v=d_v)
-    base = (torch.arange(batch, device=indices.device, dtype=torch.int32) * seq_kv).view(batch, 1, 1)
-    slots = torch.where(indices >= 0, indices + base, -1)
+    slots = page_slots(indices, kv.shape[1])
     return ops.sparse_mla_decode(q, kv.contiguous(), slots, sm_scale=sm_scale, d_v=d_v, d_rope=d_rope)
 
 
