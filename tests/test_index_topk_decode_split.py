@@ -197,6 +197,7 @@ def _sub_range_lists(scores: torch.Tensor, edges: list[int], order_seed: int) ->
 @example(kind="all_equal", batch=1, s_q=1, length=100, cuts=[10, 40, 41, 90], groups=1, seed=0)
 @example(kind="all_equal", batch=2, s_q=3, length=120, cuts=[7, 30, 31, 64, 90, 100], groups=3, seed=1)
 @example(kind="all_equal", batch=1, s_q=2, length=50, cuts=[20], groups=4, seed=2)  # more groups than lists
+@example(kind="random", batch=1, s_q=2, length=1, cuts=[], groups=2, seed=0)  # a width-1 list: a strided view
 def test_merge_of_shuffled_sub_range_lists_is_the_rows_top_k(
     kind: str, batch: int, s_q: int, length: int, cuts: list[int], groups: int, seed: int
 ) -> None:

@@ -245,7 +245,9 @@ def _merge_level(positions: Tensor, scores: Tensor, *, width: int, topk: int) ->
     key, picked = key[..., :width], scores.gather(-1, order[..., :width])
     # [N, s_q, lists * width]: list-major columns, so column order is position order.
     key = key.permute(0, 2, 1, 3).reshape(rows, s_q, lists * width)
-    picked = picked.permute(0, 2, 1, 3).reshape(rows, s_q, lists * width)
+    # reshape keeps a view where it can (e.g. one list of width 1 or a cut last dimension): the kernel takes
+    # row-major rows only.
+    picked = picked.permute(0, 2, 1, 3).reshape(rows, s_q, lists * width).contiguous()
     columns = topk_launch.topk_indices(picked, topk)
     valid = columns >= 0
     safe = columns.clamp_min(0).to(torch.int64)
