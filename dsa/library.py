@@ -529,6 +529,4 @@ def call(op: str, *args: object) -> object:
 call_index_scores = functools.partial(call, "index_scores")
 call_topk_indices = functools.partial(call, "topk_indices")
 call_index_topk = functools.partial(call, "index_topk")
-call_sparse_mla = functools.partial(call, "sparse_mla")
 call_sparse_mla_decode = functools.partial(call, "sparse_mla_decode")
-call_sparse_mla_sources = functools.partial(call, "sparse_mla_sources")

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from dsa import autograd, reference, validation
+from dsa import autograd, validation
 from dsa.hardware import TILELANG, select_backend
 from dsa.reference.compress import compress_kv  # one implementation for every backend: the op is the reference's
 from dsa.reference.decode import PagedKeys, range_slots

@@ -237,10 +237,11 @@ def check_sparse_mla(
     require_same_device("q", q, kv=kv, indices=indices, topk_length=topk_length, attn_sink=attn_sink)
     if extra.kv is not None:
         _check_extra_source(q, kv, extra)
-    elif extra.indices is not None or extra.topk_length is not None or extra.ranges is not None:
-        name = next(n for n, t in (("extra_indices", extra.indices), ("extra_topk_length", extra.topk_length),
-                                   ("extra_ranges", extra.ranges)) if t is not None)  # fmt: skip
-        raise ValueError(f"{name} is given without extra_kv (the second source's rows)")
+        return
+    for name, t in (("extra_indices", extra.indices), ("extra_topk_length", extra.topk_length),
+                    ("extra_ranges", extra.ranges)):  # fmt: skip
+        if t is not None:
+            raise ValueError(f"{name} is given without extra_kv (the second source's rows)")
 
 
 def _check_exactly_one(name: str, t: torch.Tensor | None, other_name: str, other: torch.Tensor | None) -> None:

@@ -228,7 +228,7 @@ def _split_shape(p: Plan, q: Tensor, block_table: Tensor, page_size: int) -> tup
 def paged_splits(p: Plan, q: Tensor, block_table: Tensor, page_size: int) -> int:
     """The split count :func:`run_paged` uses by default (``dsa.launch.index_topk_split.num_splits``: two waves of
     the device's SMs; one on the C target)."""
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.device.type == "cuda" else None
+    sms = split.device_sms(q.device)
     block_Q, _, key_blocks = _split_shape(p, q, block_table, page_size)
     return split.num_splits(batch=q.shape[0], s_q=q.shape[1], block_Q=block_Q, key_blocks=key_blocks, sms=sms)
 
