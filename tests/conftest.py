@@ -106,10 +106,12 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     target = session.config.getoption(GPU_KERNELS_OPTION)
     if not target:
         if not session.config.option.collectonly:
-            jobs = _session_cpu_jobs(session.items) + _session_build_jobs(session.items)
-            pool = build_pool.start(jobs, Path(tempfile.mkdtemp(prefix="dsa-build-pool-")))
+            # The C-target list is read (and TileLang imported) only for a pool that will build it.
+            cpu = _session_cpu_jobs(session.items) if build_pool.enabled() else []
+            pool = build_pool.start(cpu + _session_build_jobs(session.items),
+                                    Path(tempfile.mkdtemp(prefix="dsa-build-pool-")))  # fmt: skip
             recording = session.config.getoption(RECORD_CPU_KERNELS_OPTION) is not None
-            if recording or (pool is not None and any(isinstance(job, build_pool.CpuJob) for job in jobs)):
+            if recording or (pool is not None and cpu):
                 build_pool.install_cpu_hook(_record_cpu_kernel if recording else None)
         return
     modules = list({id(item.module): item.module for item in session.items if hasattr(item, "module")}.values())

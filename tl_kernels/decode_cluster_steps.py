@@ -74,8 +74,8 @@ def check(static: Mapping[str, Any], block_h: int, block_k: int) -> None:
     """Raise ``ValueError`` unless a cluster can serve a kernel of ``static`` (``heads``, ``d_qk``, optionally
     ``target``) with ``block_h`` heads and ``block_k`` rows per block: sm_90a (the C target and the portable schedule
     have no clusters), head blocks in whole clusters, a step's rows in whole halves, rows in whole 16-byte stores."""
-    head_blocks, d_qk, target = -(-int(static["heads"]) // block_h), int(static["d_qk"]), static.get("target")
-    if not dsl.is_hopper(target or dsl.HOPPER_TARGET):
+    head_blocks, d_qk, target = -(-int(static["heads"]) // block_h), int(static["d_qk"]), dsl.static_target(static)
+    if not dsl.is_hopper(target):
         raise ValueError(f"the cluster config builds for sm_90a only, got target {target!r}")
     if head_blocks % CLUSTER_SIZE or block_k % CLUSTER_SIZE or d_qk % VECTOR:
         raise ValueError(

@@ -127,9 +127,9 @@ PORTABLE_TUNING_SPACE: dict[str, tuple] = {
     "prefetch": (False, True),
 }
 """The candidates on the portable schedule (mma.sync; most of its architectures have 99 KB of shared memory)."""
-CPU_DEFAULT = Config(q_rows=64, block_N=64, threads=128, cand_factor=2, prefetch=True)
-"""C-target default: short key tiles and small buffers, so the CPU tests compact often; ``prefetch`` as on sm_90a
-(:func:`default_config` turns it off where the rule says so)."""
+CPU_DEFAULT = Config(q_rows=64, block_N=64, threads=128, cand_factor=2)
+"""C-target default: short key tiles and small buffers, so the CPU tests compact often (its ``prefetch`` is
+:func:`prefetch_by_default`'s, set by :func:`default_config`, so the C target runs what sm_90a runs)."""
 
 # default_config tries these in order; later ones need less shared memory (large topk, large head dims).
 _DEFAULT_LADDER = (

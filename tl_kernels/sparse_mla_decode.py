@@ -71,6 +71,7 @@ __all__ = [
     "KV_FORMAT_FP8",
     "KV_FORMAT_FP8_PAGED",
     "FP8_FORMATS",
+    "FP8_ONLY_FIELDS",
     "MAX_REGISTERS",
     "V32_RESOURCES",
     "Config",
@@ -91,6 +92,8 @@ KV_FORMAT_FP8_PAGED = "fp8_paged"
 """FP8 in split pages (FlashMLA's MODEL1): a page's value bytes, then its tokens' UE8M0 scale groups."""
 KV_FORMATS = (KV_FORMAT_BF16, KV_FORMAT_FP8, KV_FORMAT_FP8_PAGED)
 FP8_FORMATS = (KV_FORMAT_FP8, KV_FORMAT_FP8_PAGED)
+FP8_ONLY_FIELDS = ("prefetch", "cluster")
+"""Config fields that change only an FP8 cache's kernel: a bf16 cache's build ignores them (launchers clear them)."""
 FP8_DTYPE = "float8_e4m3fn"
 SCALE_BYTES = 4
 ROPE_BYTES = 2
@@ -218,7 +221,7 @@ def default_config(static: dict[str, Any]) -> Config:
     16-byte loads before step i's GEMMs, with one barrier fewer per step, no spills and the same blocks per SM;
     :data:`V32_RESOURCES`). The portable schedule keeps the plain gather (its builds are not checked for it)."""
     chosen = forward.default_config(static)
-    prefetch = static.get("kv_format") in FP8_FORMATS and dsl.is_hopper(static.get("target", dsl.HOPPER_TARGET))
+    prefetch = static.get("kv_format") in FP8_FORMATS and dsl.is_hopper(dsl.static_target(static))
     return Config(block_h=chosen.block_h, block_k=chosen.block_k, threads=chosen.threads, prefetch=prefetch)
 
 
@@ -306,8 +309,8 @@ def build(
     batch, seq_q = T.dynamic("batch"), T.dynamic("seq_len")
     if paged:
         value_rows, scale_rows = T.dynamic("value_rows"), T.dynamic("scale_rows")
-        rows_per_page, groups_per_page = page_bytes // max(value_bytes, 1), page_bytes // max(scale_group_bytes, 1)
-        scales_first = page_size * value_bytes // max(scale_group_bytes, 1)  # the page's first scale group
+        rows_per_page, groups_per_page = page_bytes // value_bytes, page_bytes // scale_group_bytes  # checked >= 1
+        scales_first = page_size * value_bytes // scale_group_bytes  # the page's first scale group
         num_slots = value_rows // rows_per_page * page_size
     else:
         num_slots = T.dynamic("seq_len_kv")

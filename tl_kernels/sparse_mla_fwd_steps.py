@@ -57,9 +57,7 @@ CUDA_PASS_CONFIGS: dict[str, bool] = {
 }
 
 
-def index_at(
-    indices: Any, b: Any, s: Any, pos: Any, width: Any, ranged: bool = False, limit: Any = None
-) -> Any:
+def index_at(indices: Any, b: Any, s: Any, pos: Any, width: Any, ranged: bool, limit: Any) -> Any:
     """The KV row that entry ``pos`` of query ``(b, s)`` names (before the validity check of :func:`entry_valid`).
 
     An index list (``ranged=False``, ``indices [B, S, k]``) is read at ``min(pos, k - 1)``: the last step of a row

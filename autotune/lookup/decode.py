@@ -58,10 +58,6 @@ INDEX_PAGE = 64
 INDEX_BATCHES: tuple[int, ...] = (1, 32, 128)
 INDEX_CONTEXTS: tuple[int, ...] = (65536, 131072)
 _SCALE_BYTES = 4
-FP8_ONLY_FIELDS: tuple[str, ...] = ("prefetch", "cluster")
-"""Config fields that change only an FP8 cache's kernel (the FP8 gather's prefetch, the two-CTA cluster that shares a
-step's dequantised rows): the launcher builds a bf16 source without them, so a bf16 candidate with one set repeats
-the candidate without it."""
 
 
 def model1_static(heads: int, page_size: int = _MODEL1_PAGE) -> dict[str, Any]:
@@ -124,7 +120,8 @@ def cases(preset: str) -> dict[str, list[Case]]:
 def screen(static: Mapping[str, Any], config: Mapping[str, Any], target: Mapping[str, Any] | None) -> None:
     """Raise ``ValueError`` for a decode attention candidate the tuner need not compile (beyond ``check_config``):
 
-    * an FP8-only field (:data:`FP8_ONLY_FIELDS`) set on a bf16 cache: the launcher builds a bf16 source without it
+    * an FP8-only field (``tl_kernels.sparse_mla_decode.FP8_ONLY_FIELDS``: the FP8 gather's prefetch, the two-CTA
+      cluster that shares a step's dequantised rows) set on a bf16 cache: the launcher builds a bf16 source without it
       (its gather is a cp.async either way), so the candidate would repeat the one without;
     * a candidate no SM can hold one block of, by the kernel's shared memory estimate (``smem_bytes``: the forward's
       tiles plus the FP8 gather's row numbers and decoded scales, which ``check_config`` leaves out) and, on sm_90a,
@@ -135,7 +132,7 @@ def screen(static: Mapping[str, Any], config: Mapping[str, Any], target: Mapping
     from tl_kernels import sparse_mla_decode as kernels
 
     kv_format = static.get("kv_format", kernels.KV_FORMAT_BF16)
-    fp8_only = [name for name in FP8_ONLY_FIELDS if config.get(name)]
+    fp8_only = [name for name in kernels.FP8_ONLY_FIELDS if config.get(name)]
     if fp8_only and kv_format not in kernels.FP8_FORMATS:
         raise ValueError(f"{fp8_only} mean nothing to a bf16 cache (the launcher builds the candidate without them)")
     target = target or dsl.HOPPER_TARGET

@@ -7,8 +7,8 @@ Inputs are assumed validated (``dsa.validation.check_sparse_mla_decode(..., kern
 bfloat16 cache or FP8 bytes in ``dsa.kv_format.FP8Layout.for_width(d_qk, d_rope)`` or FlashMLA's MODEL1 pages
 (``dsa.kv_format.MODEL1_FP8_LAYOUT``, 584-byte rows: FlashMLA's view of its split pages, whose page stride may exceed
 ``page_size * 584`` by the page's padding; the kernel reads the pages in place), int32 indices/lengths, contiguous
-(the MODEL1 pages: rows back to back within a page), on one CPU or CUDA device. On CPU the kernels are TileLang's C-target builds (serial loops), on CUDA the sm_90a builds
-(or the portable schedule elsewhere).
+(the MODEL1 pages: rows back to back within a page), on one CPU or CUDA device. On CPU the kernels are TileLang's
+C-target builds (serial loops), on CUDA the sm_90a builds (or the portable schedule elsewhere).
 
 The config is chosen as the prefill launchers choose theirs (``dsa.launch.common.select_config``): on CUDA the tuned
 config of the widest source's kernel (its ``static_params``; the source with the most entries per query, which takes
@@ -66,7 +66,9 @@ def static_params(
     if not fp8_layout.scales_after_values:
         return {**static, "kv_format": kernels.KV_FORMAT_FP8}
     if fp8_layout.scale_format != "ue8m0" or fp8_layout.rope_offset != fp8_layout.d_nope:
-        raise ValueError(f"sparse_mla_decode: the paged FP8 kernel reads UE8M0 scales after the NoPE values, got {fp8_layout}")
+        raise ValueError(
+            f"sparse_mla_decode: the paged FP8 kernel reads UE8M0 scales after the NoPE values, got {fp8_layout}"
+        )
     return {
         **static, "kv_format": kernels.KV_FORMAT_FP8_PAGED, "page_size": int(page_size),
         "page_bytes": int(fp8_layout.page_bytes(page_size) if page_bytes is None else page_bytes),
@@ -309,9 +311,12 @@ def _cache_format(kv_cache: torch.Tensor, d_qk: int, d_rope: int) -> tuple[int, 
 
 
 def _source_params(params: dict[str, Any], static: dict[str, Any]) -> dict[str, Any]:
-    """The config's builder parameters for one source: the FP8 prefetch means nothing to a bf16 cache (its gather is
-    a cp.async either way), so a bf16 source builds without it (one kernel, whatever the other source's format)."""
-    return {**params, "prefetch": params["prefetch"] and static["kv_format"] in kernels.FP8_FORMATS}
+    """The config's builder parameters for one source: the FP8-only fields (``kernels.FP8_ONLY_FIELDS``: the
+    prefetch, the cluster) mean nothing to a bf16 cache, so a bf16 source builds without them (one kernel, whatever
+    the other source's format)."""
+    if static["kv_format"] in kernels.FP8_FORMATS:
+        return params
+    return {**params, **{name: False for name in kernels.FP8_ONLY_FIELDS}}
 
 
 def _lengths(topk_length: torch.Tensor | None, full: torch.Tensor) -> torch.Tensor:
