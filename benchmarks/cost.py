@@ -254,28 +254,32 @@ def key_row_memory_ops(dim: int, key_layout: str) -> int:
 
 
 def merge_estimate(
-    *, queries: int, splits: int, width: int, topk: int, groups: int, spec: sku.PerfSpec
+    *, batch: int, s_q: int, splits: int, width: int, topk: int, groups: int, spec: sku.PerfSpec
 ) -> tuple[float, float]:  # fmt: skip
-    """``(seconds, DRAM bytes)`` of the split selection's merge (``dsa.launch.index_topk_split.merge``) for
-    ``queries`` queries of ``splits`` lists (``topk`` entries, at most ``width`` valid) in ``groups`` first-level
-    groups (1: one level).
+    """``(seconds, DRAM bytes)`` of the split selection's merge (``dsa.launch.index_topk_split.merge``) for ``batch x
+    s_q`` queries of ``splits`` lists of ``width`` candidates in ``groups`` first-level groups (1: one level).
 
-    Per level: the position sort reads and writes its lists (``topk`` wide, padding included) and the layout writes
-    the cut columns (position and score, ``width`` per list) in a pass of their own; then the top-k kernel, one
-    1024-thread block per row, reads them and writes ``topk`` positions and scores: ``max(DRAM time, busiest SM)``,
-    a row costing :data:`TOPK_ROW_CYCLES` plus :data:`SELECT_OPS_PER_KEY` CUDA-core operations per candidate."""
+    Per level, one keyed top-k launch (one 1024-thread block per row) reads its rows' candidates (position and
+    score) and writes ``topk`` of them: ``max(DRAM time, busiest SM)``, a row costing :data:`TOPK_ROW_CYCLES` plus
+    :data:`SELECT_OPS_PER_KEY` CUDA-core operations per candidate. With ``s_q > 1`` (or groups padded with empty
+    lists) a level's rows are first laid out in a copy pass of their own (read and written once); at ``s_q = 1`` the
+    split launch's output already is the rows."""
     rows = selection_split.merge_rows(splits=splits, width=width, topk=topk, groups=groups)
-    # (rows, lists per row) of each level: the first over each group's lists, the second over the groups' lists.
-    shapes = [(queries, splits)] if groups == 1 else [(queries * groups, -(-splits // groups)), (queries, groups)]
+    queries = batch * s_q
+    per_group = -(-splits // groups)
+    # (rows, copied) of each level: the first over each group's lists, the second over the groups' lists.
+    levels = [(queries, s_q > 1)] if groups == 1 else [
+        (queries * groups, s_q > 1 or per_group * groups != splits), (queries, s_q > 1)
+    ]  # fmt: skip
     seconds = nbytes = 0.0
-    for (n_rows, lists), row in zip(shapes, rows, strict=True):
-        entry = _I32_BYTES + _F32_BYTES
-        sort_bytes = 2 * n_rows * lists * topk * entry + n_rows * row * entry
+    entry = _I32_BYTES + _F32_BYTES
+    for (n_rows, copied), row in zip(levels, rows, strict=True):
+        copy_bytes = 2 * n_rows * row * entry if copied else 0
         topk_bytes = n_rows * (row + topk) * entry
         cycles = n_rows * (TOPK_ROW_CYCLES + row * SELECT_OPS_PER_KEY * FP32_OP)
         sm_s = _busiest_sm_s(cycles, n_rows, spec, persistent=False)
-        seconds += _dram_s(sort_bytes, spec) + max(_dram_s(topk_bytes, spec), sm_s)
-        nbytes += sort_bytes + topk_bytes
+        seconds += _dram_s(copy_bytes, spec) + max(_dram_s(topk_bytes, spec), sm_s)
+        nbytes += copy_bytes + topk_bytes
     return seconds, nbytes
 
 
@@ -292,21 +296,22 @@ def selection_estimate(
     """Decode selection (FP8 index keys, ``kv_format.index_key_layout``) of ``batch x s_q`` queries over ``context``
     keys each, ``block_q`` queries a block, every query's key blocks (``block_n`` keys) dealt out to ``splits``
     sub-ranges (1: one block walks them all), each keeping its best ``min(topk, keys it spans)`` candidates, merged
-    in one level or two (``groups``, :func:`merge_estimate`; ``dsa.launch.index_topk_split``).
+    in one level or two (``groups``, :func:`merge_estimate`; ``dsa.launch.index_topk_split``); each split's list is
+    ``list_width`` entries (the split kernel is compiled for that many).
 
     SM: per (query, key) the FP8 GEMM, the heads' ReLU and weighted sum and the selection's share; per (block, key)
     the key's loads and shared-memory stores (:func:`key_row_memory_ops` in ``key_layout``), which ``block_q``
     queries of a block share (``block_q = 2``: both MTP queries of a token, ``q_rows = 128`` at 64 heads).
 
     DRAM: every key row and block-table entry once per sequence, the queries and weights, the indices written; split,
-    every virtual query's ``topk``-wide list (position and score; ``s_q`` padded to whole blocks of ``block_q``)
+    every virtual query's ``list_width``-wide list (position and score; ``s_q`` padded to whole blocks of ``block_q``)
     written by the split kernel, then the merge's passes."""
     key_bytes = kv_format.index_key_layout(dim).bytes_per_token
     queries = batch * s_q
     key_blocks = _key_blocks(context, page_size, block_n)
-    width = selection_split.split_width(topk=topk, splits=splits, key_blocks=key_blocks, block_N=block_n)
+    width = selection_split.list_width(topk=topk, splits=splits, key_blocks=key_blocks, block_N=block_n)
     virtual = batch * splits * selection_split.padded_queries(s_q, block_q)
-    lists = virtual * topk * (_I32_BYTES + _F32_BYTES) if splits > 1 else 0
+    lists = virtual * width * (_I32_BYTES + _F32_BYTES) if splits > 1 else 0
     reads = batch * (context * key_bytes + math.ceil(context / page_size) * _I32_BYTES)
     reads += queries * heads * (dim + _F32_BYTES)
     out = queries * topk * _I32_BYTES
@@ -318,7 +323,7 @@ def selection_estimate(
     dram_s = _dram_s(reads + (lists or out), spec)
     sm_s = _busiest_sm_s(queries * context * per_key + loads, blocks, spec, persistent=False)
     merge_s, merge_bytes = (
-        merge_estimate(queries=queries, splits=splits, width=width, topk=topk, groups=groups, spec=spec)
+        merge_estimate(batch=batch, s_q=s_q, splits=splits, width=width, topk=topk, groups=groups, spec=spec)
         if lists else (0.0, 0.0)
     )  # fmt: skip
     return Estimate(
@@ -352,7 +357,7 @@ def _selection_schedule(static: dict[str, Any], sizes: dict[str, int], spec: sku
     key_blocks = _key_blocks(sizes["seq_len_kv"], static["page_size"], config.block_N)
     splits = selection_split.num_splits(batch=batch, s_q=s_q, block_Q=block_q, key_blocks=key_blocks,
                                         sms=spec.sm_count)  # fmt: skip
-    width = selection_split.split_width(topk=static["topk"], splits=splits, key_blocks=key_blocks,
+    width = selection_split.list_width(topk=static["topk"], splits=splits, key_blocks=key_blocks,
                                         block_N=config.block_N)  # fmt: skip
     groups = selection_split.merge_groups(batch=batch, s_q=s_q, splits=splits, width=width, topk=static["topk"],
                                           sms=spec.sm_count)  # fmt: skip

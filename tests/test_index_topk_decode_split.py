@@ -1,19 +1,21 @@
 """Split-K decode selection (``dsa.launch.index_topk_split`` under ``dsa.launch.index_topk.run_paged``): each query's
-key range over several thread blocks, merged by the top-k kernel, exactly the reference's selection.
+key range over several thread blocks, merged by the top-k kernel's keyed form, exactly the reference's selection.
 
 The problems are :func:`tests.test_index_topk_decode.make_problem`'s (integer-valued, so every score is exact and the
 tie rule decides every tie): random, tied (every score of a row equal), ordered and reversed rows; bf16 keys, FP8 key
 rows and FP8 key pages (DeepGEMM's per-page layout); 1-4 queries per sequence; lengths and ranges that are not
 multiples of the key block; unallocated pages. The split count is forced to 1..7 on the C target (whose default is
 1), and the merge's first-level group count to 1..4 (two levels from 2; the C target's default is one level). The
-CPU tier compiles nothing new: the paged kernels and the ``k = 16`` top-k kernel are the ones
-``tests/test_index_topk_decode.py`` and ``tests/test_ops.py`` compile (both merge levels run that one top-k kernel).
+CPU tier compiles two kernels of its own: the keyed ``k = 16`` top-k kernel (both merge levels run it) and, for
+lists narrower than ``topk``, the key-pages kernel at 8 entries with 8-key blocks; the other paged kernels are the
+ones ``tests/test_index_topk_decode.py`` compiles.
 Tiers: rule and range arithmetic (pure Python/PyTorch), ``cpu_kernel``, ``gpu`` (V3.2 at 128K: the split count and
 merge levels the rules pick against one launch and the reference).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import nullcontext
 from typing import Any
 from unittest import mock
@@ -85,7 +87,7 @@ def test_merge_rule_uses_two_levels_at_one_sequence_of_128k() -> None:
     block_Q, block_N = _v32_tiling()
     key_blocks = -(-131_072 // block_N)
     splits = split.num_splits(batch=1, s_q=1, block_Q=block_Q, key_blocks=key_blocks, sms=H100_SMS)
-    width = split.split_width(topk=V32["topk"], splits=splits, key_blocks=key_blocks, block_N=block_N)
+    width = split.list_width(topk=V32["topk"], splits=splits, key_blocks=key_blocks, block_N=block_N)
     assert (splits, width) == (264, 512)
     groups = split.merge_groups(batch=1, s_q=1, splits=splits, width=width, topk=V32["topk"], sms=H100_SMS)
     assert groups == 8
@@ -131,7 +133,7 @@ def test_expand_partitions_each_range_on_key_block_edges(
     batch: int, s_q: int, splits: int, block_Q: int, block_N: int, seq_kv: int, seed: int
 ) -> None:
     """Each query's visible range (clamped to the kernel's keys) is the disjoint union of its sub-ranges, in split
-    order, each within one sequence-wide run of key blocks no longer than :func:`split_width`; padding queries and
+    order, each within one sequence-wide run of key blocks no longer than :func:`list_width`; padding queries and
     empty sub-ranges are ``[0, 0)``; q and weights rows are the real query's (padding: the last one's)."""
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(-5, seq_kv + 5, (batch, s_q), generator=g, dtype=torch.int32)
@@ -142,7 +144,7 @@ def test_expand_partitions_each_range_on_key_block_edges(
                                               block_N=block_N, seq_kv=seq_kv)  # fmt: skip
     s_pad = split.padded_queries(s_q, block_Q)
     assert s_pad % block_Q == 0 and v_starts.shape == v_ends.shape == (batch, splits * s_pad)
-    width = split.split_width(topk=10**9, splits=splits, key_blocks=-(-seq_kv // block_N), block_N=block_N)
+    width = split.list_width(topk=10**9, splits=splits, key_blocks=-(-seq_kv // block_N), block_N=block_N)
     for b in range(batch):
         for t in range(s_pad):
             rows = [j * s_pad + t for j in range(splits)]
@@ -208,23 +210,22 @@ def test_merge_of_shuffled_sub_range_lists_is_the_rows_top_k(
     scores = testing.make_scores(kind, seed, batch, s_q, length, CPU_TOPK)
     edges = sorted({0, length, *(min(c, length) for c in cuts)})
     positions, picked = _sub_range_lists(scores, edges, seed + 1)
-    width = min(CPU_TOPK, max(hi - lo for lo, hi in zip(edges[:-1], edges[1:], strict=True)))
-    got = split.merge(positions, picked, s_q=s_q, splits=len(edges) - 1, width=width, topk=CPU_TOPK, groups=groups)
+    got = split.merge(positions, picked, s_q=s_q, splits=len(edges) - 1, topk=CPU_TOPK, groups=groups)
     want = reference.topk_indices(scores, CPU_TOPK)
     _assert_same_selection(got, (want, scores.gather(-1, want.clamp_min(0).long()).masked_fill(want < 0, -torch.inf)))
 
 
 def _count_merge_levels(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
-    """A list that receives the ``[rows, s_q, columns]`` shape of every top-k launch (one per merge level) from now
-    on; the launches still run."""
+    """A list that receives the ``[rows, s_q, columns]`` shape of every keyed top-k launch (one per merge level)
+    from now on; the launches still run."""
     shapes: list[tuple[int, ...]] = []
-    topk_indices = topk_launch.topk_indices
+    topk_of_candidates = topk_launch.topk_of_candidates
 
-    def spy(scores: torch.Tensor, k: int) -> torch.Tensor:
+    def spy(scores: torch.Tensor, positions: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         shapes.append(tuple(scores.shape))
-        return topk_indices(scores, k)
+        return topk_of_candidates(scores, positions, k)
 
-    monkeypatch.setattr(topk_launch, "topk_indices", spy)
+    monkeypatch.setattr(topk_launch, "topk_of_candidates", spy)
     return shapes
 
 
@@ -238,9 +239,9 @@ def test_merge_default_takes_the_rules_levels_for_the_device(monkeypatch: pytest
     want = reference.topk_indices(scores, CPU_TOPK)
     want = (want, scores.gather(-1, want.clamp_min(0).long()).masked_fill(want < 0, -torch.inf))
     shapes = _count_merge_levels(monkeypatch)
-    _assert_same_selection(split.merge(positions, picked, s_q=3, splits=64, width=CPU_TOPK, topk=CPU_TOPK), want)
+    _assert_same_selection(split.merge(positions, picked, s_q=3, splits=64, topk=CPU_TOPK), want)
     monkeypatch.setattr(split, "device_sms", lambda device: H100_SMS)
-    _assert_same_selection(split.merge(positions, picked, s_q=3, splits=64, width=CPU_TOPK, topk=CPU_TOPK), want)
+    _assert_same_selection(split.merge(positions, picked, s_q=3, splits=64, topk=CPU_TOPK), want)
     assert shapes == [(2, 3, 1024), (16, 3, 128), (2, 3, 128)]
 
 
@@ -297,6 +298,41 @@ def test_cpu_split_selection_with_non_finite_keys_matches_reference(
     indices, scores = _run_split(args, splits)
     _assert_same_selection((indices, scores), _reference(args, CPU_TOPK))
     assert torch.isfinite(scores[indices >= 0]).all(), "a non-finite score was selected"
+
+
+NARROW_BLOCK_N = 8
+"""Keys per block of the narrow-list test: a sub-range of one 8-key block fits a list of 8 < ``CPU_TOPK``."""
+
+
+@pytest.mark.cpu_kernel
+@strategies.examples(0.3)
+@given(**strategies.sizes(batch=2, s_q=3), length=st.integers(1, 120), extra=st.integers(0, 3),
+       pattern=st.sampled_from(PATTERNS), seed=strategies.SEEDS)  # fmt: skip
+@example(batch=2, s_q=3, length=120, extra=0, pattern="tied", seed=1)
+@example(batch=1, s_q=2, length=7, extra=3, pattern="ordered", seed=2)
+def test_cpu_narrow_lists_match_reference(
+    monkeypatch: pytest.MonkeyPatch, batch: int, s_q: int, length: int, extra: int, pattern: str, seed: int
+) -> None:  # fmt: skip
+    """Lists narrower than ``topk``: FP8 key pages in 8-key blocks, split into one key block per sub-range (and up to
+    3 empty ones): the split launch runs the kernel compiled for 8 entries (:func:`list_width`), the merge's rows are
+    ``splits x 8`` wide, and the selection is the reference's, ties included.
+
+    The wide plan is handed in without a kernel: with splits only its config (the geometry) is used, so this test
+    compiles one paged kernel, the 8-entry one."""
+    args = _paged_problem("fp8-pages", batch, s_q, length, "decode", True, seed, shortest=0, pattern=pattern)
+    q, page_size = args["q"], args["k_cache"].shape[1]
+    static = launch.paged_static_params(q, CPU_TOPK, page_size=page_size, key_layout="paged")
+    config = dataclasses.replace(kernels.default_config({**static, "target": dsl.CPU_TARGET}), block_N=NARROW_BLOCK_N)
+    wide = launch.Plan(dsl.CPU_TARGET, config, None, CPU_TOPK, "paged")
+    key_blocks = -(-args["block_table"].shape[1] * page_size // NARROW_BLOCK_N)
+    splits = key_blocks + extra
+    assert split.list_width(topk=CPU_TOPK, splits=splits, key_blocks=key_blocks, block_N=NARROW_BLOCK_N) == 8
+    shapes = _count_merge_levels(monkeypatch)
+    call = dict(args)
+    got = launch.index_topk_paged(call.pop("q"), call.pop("k_cache"), call.pop("weights"), CPU_TOPK, **call,
+                                  planned=wide, splits=splits)  # fmt: skip
+    assert shapes == [(batch, s_q, splits * 8)]
+    _assert_same_selection(got, _reference(args, CPU_TOPK))
 
 
 @pytest.mark.cpu_kernel

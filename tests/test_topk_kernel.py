@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import re
 import time
 from typing import Any
@@ -278,6 +279,75 @@ def test_cpu_launcher_default_config_and_speed() -> None:
     logger.info("C-target top-k, 64 x 8192 rows, k = %d: %.2f ms", V32_K, 1e3 * elapsed)
 
 
+# The keyed form (candidate lists: scores with their own positions; the split selection's merge) at the merge's k on
+# the C target (tests/test_index_topk_decode_split.py runs the same kernel).
+KEYED_CPU_K = 16
+
+
+def keyed_reference(scores: torch.Tensor, positions: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The contract's answer for candidate rows: the top-``k`` of each row once its columns are put in position
+    order (so the tie rule's smaller column is the smaller position), as ``(positions, scores)`` sorted by position
+    (``-1``/``-inf`` padding last)."""
+    finite = torch.isfinite(scores)
+    order = torch.where(finite, positions.long(), torch.iinfo(torch.int64).max).argsort(dim=-1, stable=True)
+    ordered = scores.gather(-1, order)
+    columns = reference.topk_indices(ordered.contiguous(), k)
+    valid = columns >= 0
+    safe = columns.clamp_min(0).long()
+    picked = torch.where(valid, positions.gather(-1, order.gather(-1, safe)), -1)
+    return _by_position(picked, torch.where(valid, ordered.gather(-1, safe), float("-inf")))
+
+
+def _by_position(positions: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(positions, scores)`` rows sorted by position, ``-1`` padding last."""
+    key = torch.where(positions < 0, torch.iinfo(torch.int64).max, positions.long())
+    order = key.argsort(dim=-1)
+    return positions.gather(-1, order).to(torch.int32), scores.gather(-1, order)
+
+
+def candidate_positions(scores: torch.Tensor, seed: int) -> torch.Tensor:
+    """Distinct non-negative positions in no particular column order (drawn from three times the row width), and
+    ``-1`` at the non-finite scores' columns, where the kernel must not read them."""
+    g = torch.Generator().manual_seed(seed)
+    *rows, width = scores.shape
+    positions = torch.stack([torch.randperm(3 * width, generator=g)[:width] for _ in range(math.prod(rows))])
+    return positions.view(scores.shape).to(torch.int32).masked_fill(~torch.isfinite(scores), -1).contiguous()
+
+
+def check_keyed(scores: torch.Tensor, positions: torch.Tensor, k: int) -> None:
+    """The keyed kernel's positions and scores are the reference's (as sets; each position with its score)."""
+    got = launch.topk_of_candidates(scores, positions, k)
+    want = keyed_reference(scores.cpu(), positions.cpu(), k)
+    got = _by_position(got[0].cpu(), got[1].cpu())
+    assert torch.equal(got[0], want[0]), (got[0], want[0])
+    assert torch.equal(got[1], want[1])
+
+
+@pytest.mark.cpu_kernel
+@strategies.examples(0.5)
+@given(
+    **strategies.sizes(batch=2, seq=3, seq_kv=300),
+    kind=st.sampled_from(strategies.SCORE_PATTERNS),
+    seed=strategies.SEEDS,
+)
+@example(batch=1, seq=2, seq_kv=100, kind="all_equal", seed=1)  # every tie decided by position, not column
+@example(batch=2, seq=1, seq_kv=40, kind="k_boundary", seed=2)
+def test_cpu_keyed_rows_select_by_position(batch: int, seq: int, seq_kv: int, kind: str, seed: int) -> None:
+    """Candidate rows (every score pattern, positions shuffled against the columns, ``-1`` at non-finite scores): the
+    keyed kernel selects the contract's top-k in *position* order, ties to the smaller position, and writes each
+    selected position with its score."""
+    scores = strategies.make_scores(kind, seed, batch, seq, seq_kv, KEYED_CPU_K).contiguous()
+    check_keyed(scores, candidate_positions(scores, seed + 1), KEYED_CPU_K)
+
+
+@pytest.mark.cpu_kernel
+@pytest.mark.parametrize("width", [1, 15, 16, 17, 33, 300])
+def test_cpu_keyed_adversarial_rows(width: int) -> None:
+    """Every adversarial row kind around ``k`` and ``2k``, with shuffled positions."""
+    scores = adversarial_batch(width, KEYED_CPU_K, seed=width)
+    check_keyed(scores, candidate_positions(scores, width), KEYED_CPU_K)
+
+
 # ----------------------------------------------------------------------------------------------------- build tier
 
 HOPPER_BUILDS: list[tuple[int, kernels.Config]] = [
@@ -296,8 +366,14 @@ def _build_id(item: tuple[int, kernels.Config]) -> str:
     return f"k{k}_t{config.threads}_c{config.cand_capacity}"
 
 
+KEYED_BUILD = (V32_K, kernels.default_config({"k": V32_K}))
+"""The keyed form's sm_90a build: the split selection's merge at V3.2's ``topk``, default config."""
+
 hopper_prebuilt = support.prebuilt_fixture(
-    lambda: support.config_builds(kernels.build, [({"k": k}, config) for k, config in HOPPER_BUILDS])
+    lambda: support.config_builds(
+        kernels.build,
+        [({"k": k}, config) for k, config in HOPPER_BUILDS] + [({"k": KEYED_BUILD[0], "keyed": True}, KEYED_BUILD[1])],
+    )
 )
 
 
@@ -319,6 +395,22 @@ def test_hopper_build_is_clean(item: tuple[int, kernels.Config]) -> None:
     support.assert_wide_addressing(source)
 
 
+@pytest.mark.build
+@pytest.mark.usefixtures("hopper_prebuilt")
+def test_hopper_keyed_build_is_clean() -> None:
+    """The keyed form (four arguments: scores, positions, indices, scores out) builds as cleanly as the plain one,
+    and reads a candidate's position only where its score is finite (one ``positions`` load per visit)."""
+    k, config = KEYED_BUILD
+    kernel, report = support.hopper_build(f"keyed_{_build_id(KEYED_BUILD)}", kernels.build, k=k, keyed=True,
+                                          **dataclasses.asdict(config))  # fmt: skip
+    assert report.problems() == [] and report.mma == {}, report.ptxas_log
+    assert report.smem_bytes <= kernels.shared_memory_bytes(config) + 1024, (report.smem_bytes, config)
+    source = kernel.get_kernel_source()
+    assert "topk_keyed_kernel(" in source and "out_scores[" in source and "positions[" in source
+    assert not re.search(r"\[[^\]\n]*Atomic", source), "an atomic is used inside an index expression"
+    support.assert_wide_addressing(source)
+
+
 # ------------------------------------------------------------------------------------------------------- GPU tier
 
 # Rows up to at least 131,072 wide (the longest V3.2 contexts the brief asks for).
@@ -327,7 +419,7 @@ LONG_WIDTH = 131_072
 # compile of 5-30 s).
 GPU_KERNEL_STATICS: tuple[dict[str, Any], ...] = tuple(
     launch.static_params(k) for k in dict.fromkeys(k for k, _ in HOPPER_BUILDS)
-)
+) + (launch.static_params(KEYED_BUILD[0], keyed=True),)
 GPU_CONFIGS: tuple[kernels.Config, ...] = tuple(dict.fromkeys(config for _, config in HOPPER_BUILDS))
 """The configs the GPU tests pass explicitly (the others run the launcher's choice, the default on a fresh host)."""
 GPU_KERNELS: dict[str, tuple[dict[str, Any], ...]] = {launch.KERNEL_NAME: GPU_KERNEL_STATICS}
@@ -391,6 +483,16 @@ def test_gpu_launcher_default_config(cuda_device: torch.device) -> None:
     indices = launch.topk_indices(scores.to(cuda_device), V32_K)
     torch.cuda.synchronize()
     check_topk(scores, indices, V32_K)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("width", [1, 2047, 2049, 16_896, LONG_WIDTH])
+def test_gpu_keyed_adversarial_rows(width: int, cuda_device: torch.device) -> None:
+    """The keyed form at k = 2048 (the split selection's merge; 16,896: a first-level row of its B = 1, 128K case)
+    on every adversarial row kind with shuffled positions: the reference's positions and scores."""
+    scores = adversarial_batch(width, V32_K, seed=width + 2)
+    positions = candidate_positions(scores, width)
+    check_keyed(scores.to(cuda_device), positions.to(cuda_device), V32_K)
 
 
 @pytest.mark.gpu

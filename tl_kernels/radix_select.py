@@ -11,6 +11,9 @@ Sources and sinks a caller chooses through the :class:`Row`:
 
 * ``scores`` (``[B, S, W]`` float32) is the row in global memory; ``None`` when the keys already sit in the
   candidate buffer (``cand_idx``/``cand_key`` from ``cand_base``), which the select then never leaves;
+* ``positions`` (``[B, S, W]`` int32, optional, with ``scores``): element ``j``'s position is ``positions[b, s, j]``
+  instead of ``j``, both for what is written to ``indices`` and for the tie rule (distinct non-negative positions
+  among the finite scores make the tie select exact);
 * the selected positions go to ``indices[b, s, :k]``, and, when ``out_scores`` is given, their scores (decoded from
   the keys) to ``out_scores[b, s, :k]``; padding is ``-1`` and ``-inf``.
 """
@@ -216,13 +219,15 @@ class Row(NamedTuple):
     local_count: Any  # [1] int32 local: an atomic's previous value
     local_key: Any  # [1] uint32 local: one element's key
     local_tie: Any  # [1] uint32 local: one element's tie key
+    positions: Any = None  # [B, S, W] int32: each score's position (its index and tie key); None: its column
 
 
 def new_row(alloc: Any, *, cand_entries: int, **sources: Any) -> Row:
     """A :class:`Row` with its state, histogram and ``cand_entries`` candidate slots allocated through ``alloc``
     (``tl_kernels.dsl.Allocators``: shared memory on CUDA, local arrays on the C target), called inside a kernel.
 
-    ``sources`` gives the remaining fields: ``scores``, ``indices``, ``out_scores``, ``b``, ``s``, ``width``, ``tx``.
+    ``sources`` gives the remaining fields: ``scores``, ``indices``, ``out_scores``, ``b``, ``s``, ``width``, ``tx``
+    and optionally ``positions``.
     """
     return Row(
         **sources,
@@ -289,7 +294,10 @@ def select_macros(*, k: int, cand_capacity: int, threads: int, cpu: bool) -> Sel
     def visit_global(row, j, body):
         row.local_key[0] = order_key(row.scores[row.b, row.s, j])
         if is_finite_key(row.local_key[0]):
-            body[0](row, j, row.local_key[0], body[1])
+            if row.positions is None:
+                body[0](row, j, row.local_key[0], body[1])
+            else:  # a keyed row: the element's position is its index (written out, and its tie key)
+                body[0](row, row.positions[row.b, row.s, j], row.local_key[0], body[1])
 
     @T.macro
     def visit_buffer(row, j, body):

@@ -118,8 +118,21 @@ def default_config(static: dict) -> Config:
     return config
 
 
-def build(*, k: int, threads: int = Config.threads, cand_capacity: int = Config.cand_capacity, target: dsl.Target) -> Any:
-    """The top-k prim_func ``(scores [B, S, S_kv] float32, indices [B, S, k] int32)``; ``B``, ``S``, ``S_kv`` symbolic.
+def build(
+    *, k: int, threads: int = Config.threads, cand_capacity: int = Config.cand_capacity, keyed: bool = False,
+    target: dsl.Target,
+) -> Any:  # fmt: skip
+    """The top-k prim_func; ``B``, ``S``, ``S_kv`` symbolic.
+
+    ``keyed=False``: ``(scores [B, S, S_kv] float32, indices [B, S, k] int32)``, the contract above (a position is a
+    column).
+
+    ``keyed=True`` (candidate lists, e.g. the split selection's merge): ``(scores [B, S, S_kv] float32, positions
+    [B, S, S_kv] int32, indices [B, S, k] int32, out_scores [B, S, k] float32)``. Column ``j`` of a row is the
+    candidate at position ``positions[b, s, j]``, in any column order: ``indices`` holds the positions of the row's
+    ``k`` best finite scores, ties to the smaller *position*, and ``out_scores`` their scores (``-1`` / ``-inf``
+    padding). The finite scores' positions must be distinct and non-negative (the tie select's key); a column with
+    a non-finite score is never read for its position (padding may hold anything there, e.g. ``-1``).
 
     Grid: one block per row (``S`` x ``B``). ``k`` is the only compile-time shape; any ``k >= 1`` works, also
     ``k > S_kv``. On the C target ``threads`` is ignored.
@@ -133,18 +146,37 @@ def build(*, k: int, threads: int = Config.threads, cand_capacity: int = Config.
     seq = T.dynamic("seq")
     seq_kv = T.dynamic("seq_kv")
 
-    @T.prim_func
-    def topk_indices(
-        scores: T.Tensor((batch, seq, seq_kv), SCORE_DTYPE),
-        indices: T.Tensor((batch, seq, k), INDEX_DTYPE),
-    ):
+    @T.macro
+    def select_rows(scores, positions, indices, out_scores):
         with T.Kernel(seq, batch, threads=threads) as (s, b):
             row = rs.new_row(
-                alloc, cand_entries=cand_capacity, scores=scores, indices=indices, out_scores=None, b=b, s=s,
-                width=seq_kv, tx=None if cpu else T.get_thread_binding(),
+                alloc, cand_entries=cand_capacity, scores=scores, indices=indices, out_scores=out_scores, b=b, s=s,
+                width=seq_kv, tx=None if cpu else T.get_thread_binding(), positions=positions,
             )  # fmt: skip
             select.select_row(row, 0)
 
+    if keyed:
+
+        @T.prim_func
+        def topk_keyed(
+            scores: T.Tensor((batch, seq, seq_kv), SCORE_DTYPE),
+            positions: T.Tensor((batch, seq, seq_kv), INDEX_DTYPE),
+            indices: T.Tensor((batch, seq, k), INDEX_DTYPE),
+            out_scores: T.Tensor((batch, seq, k), SCORE_DTYPE),
+        ):
+            select_rows(scores, positions, indices, out_scores)
+
+        func = topk_keyed
+    else:
+
+        @T.prim_func
+        def topk_indices(
+            scores: T.Tensor((batch, seq, seq_kv), SCORE_DTYPE),
+            indices: T.Tensor((batch, seq, k), INDEX_DTYPE),
+        ):
+            select_rows(scores, None, indices, None)
+
+        func = topk_indices
     if cpu:
-        return dsl.with_pass_configs(topk_indices, rs.PASS_CONFIGS)
-    return dsl.with_target_pass_configs(topk_indices, target, rs.PASS_CONFIGS)
+        return dsl.with_pass_configs(func, rs.PASS_CONFIGS)
+    return dsl.with_target_pass_configs(func, target, rs.PASS_CONFIGS)

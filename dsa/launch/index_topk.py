@@ -87,9 +87,9 @@ def mtp_default(static: dict[str, Any], s_q: int, target: Any) -> kernels.Config
 
     Why key rows only (``benchmarks.cost``, H800, V3.2: 64 heads x 128 FP8, top-2048, s_q 2): a 132-byte key row
     loads a byte at a time, so a block is bound by its key loads (about 8 cycles a key against 3 for one query's
-    scores) and sharing them makes B 8-128 model 24-50 % faster (12 % at B 1); per-page keys load as 16-byte
-    vectors and gain nothing (the doubled block needs twice the splits at small batches and one block per SM:
-    about 117 KB of shared memory, 110-128 registers)."""
+    scores) and sharing them makes B 8-128 model 25-50 % faster (20-27 % at B 1); per-page keys load as 16-byte
+    vectors and gain little, not at every batch (B 8: 5-9 % faster, B 32: 4-10 % slower; the doubled block needs
+    twice the splits at small batches and one block per SM: about 117 KB of shared memory, 110-128 registers)."""
     if s_q < 2 or static.get("key_layout", "rows") != "rows":
         return None
     default = kernels.default_config({**static, "target": target})
@@ -250,9 +250,20 @@ def run_paged(
     block_Q, block_N, key_blocks = _split_shape(p, q, block_table, page_size)
     v_q, v_w, v_starts, v_ends = split.expand(q, weights, starts, ends, splits=splits, block_Q=block_Q,
                                               block_N=block_N, seq_kv=block_table.shape[1] * page_size)  # fmt: skip
-    positions, scores = _launch_paged(p, v_q, k_cache, v_w, block_table, v_ends, v_starts)
-    width = split.split_width(topk=p.topk, splits=splits, key_blocks=key_blocks, block_N=block_N)
-    return split.merge(positions, scores, s_q=q.shape[1], splits=splits, width=width, topk=p.topk)
+    width = split.list_width(topk=p.topk, splits=splits, key_blocks=key_blocks, block_N=block_N)
+    positions, scores = _launch_paged(_list_plan(p, q, page_size, width), v_q, k_cache, v_w, block_table, v_ends,
+                                      v_starts)  # fmt: skip
+    return split.merge(positions, scores, s_q=q.shape[1], splits=splits, topk=p.topk)
+
+
+def _list_plan(p: Plan, q: Tensor, page_size: int, width: int) -> Plan:
+    """The split launch's plan: ``p`` itself, or for lists narrower than ``p.topk`` the kernel compiled for
+    ``width`` entries with ``p``'s config (the same blocks and key tiles; its candidate buffers are smaller)."""
+    if width == p.topk:
+        return p
+    narrow = plan_paged(q, width, page_size=page_size, config=p.config, key_layout=p.key_layout)
+    assert narrow is not None  # a config that fits topk fits fewer entries: smaller buffers, the same tiles
+    return narrow
 
 
 def index_topk_paged(

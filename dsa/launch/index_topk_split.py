@@ -11,35 +11,38 @@ ceil(s_q / block_Q)`` blocks, one at ``B = 1`` for a 128K context. Here, with no
    queries see nothing), so one kernel launch over the unchanged block table runs ``B x splits x s_pad / block_Q``
    blocks, and the MTP queries of one split share a block (and its key tiles) whenever ``block_Q > 1``. The query
    and weight rows are replicated (``splits x s_pad`` rows of ``H_i x D_i``; the block table is shared).
-2. The kernel leaves each sub-range's top-``topk`` positions and scores (the tie rule applies inside it).
-3. :func:`merge`: each sub-range's list is sorted by position (invalid ``-1`` last) and cut to the most keys a
-   sub-range can hold (``width``); the lists are laid side by side in split order, so a row's columns run in
-   increasing position, and the existing top-k kernel (``tl_kernels.topk`` through ``dsa.launch.topk``) selects
-   ``topk`` columns, whose positions and scores are gathered.
+2. The launch runs the same kernel compiled for ``width`` entries (:func:`list_width`: ``topk``, or the keys one
+   sub-range can hold at most, rounded up to a power of two of key blocks where that is fewer): each sub-range's list
+   is its top-``width`` positions and scores (the tie rule applies inside it), ``-1``/``-inf`` padding, in any order.
+   A sub-range holding fewer than ``topk`` keys thus writes and hands on no ``topk``-wide padding, and the rounding
+   bounds the kernels a growing context compiles (at most ``log2(topk / block_N)`` list widths besides ``topk``).
+3. :func:`merge`: a row's lists are laid side by side (one copy when ``s_q > 1``; at ``s_q = 1`` the split-major
+   launch output already is the rows), and the top-k kernel's keyed form (``tl_kernels.topk`` with ``keyed=True``,
+   through ``dsa.launch.topk.topk_of_candidates``) selects the ``topk`` best (score, position) candidates of each
+   row, ties to the smaller *position*, and writes their positions and scores: one launch, no sort, no gather.
 4. Two levels (:func:`merge_groups`): one top-k block per query over ``splits x width`` candidates is the longest
    step at a small batch (``B = 1``, a 128K context, 132 SMs: 264 lists of 512, one block over 135K candidates). The
    splits are then dealt into ``G`` contiguous groups (``ceil(splits / G)`` each, in split order; the last groups
    padded with empty lists); step 3 runs over ``B x s_q x G`` rows, one per group, and again over the groups' ``G``
-   lists. The same compiled top-k kernel serves both levels (its ``B``, ``S`` and ``S_kv`` are symbolic). There:
+   lists of ``topk``. The same compiled kernel serves both levels (its ``B``, ``S`` and ``S_kv`` are symbolic). There:
    ``G = 8``, rows of ``33 x 512`` then ``8 x 2048`` candidates (a quarter of the longest row).
 
 Exactness (same sets, same scores, same tie rule as one launch). Order a row's keys by ``x < y`` iff ``score(x) >
 score(y)`` or (equal scores and ``pos(x) < pos(y)``), over finite scores only: the contract's top-k is the first
 ``topk`` keys of that total order (all finite keys when fewer). Let ``x`` be selected and ``R`` its sub-range: fewer
 than ``topk`` keys of the row precede ``x``, so fewer than ``topk`` keys of ``R`` do, and ``x`` is in ``R``'s top-k
-(the kernel uses the same order). So the union ``U`` of the sub-ranges' lists contains the answer, and since ``U`` is
-a subset of the row, the first ``topk`` of ``U`` are the first ``topk`` of the row. The merge kernel orders its
-columns by score, then the smaller *column* first; the columns run in increasing position (split order, sorted within
-a split; sub-ranges are disjoint and increasing), so that is the same order. The cut to ``width`` drops only padding
-(a list holds at most ``width`` valid entries, and the sort puts them first); padding columns hold ``-inf``, which is
-never selected. Scores are the kernel's own, gathered unchanged.
+(the kernel uses the same order); where the list is narrower than ``topk``, ``R`` holds at most ``width`` keys and
+its list is all of its finite ones. So the union ``U`` of the sub-ranges' lists contains the answer, and since ``U``
+is a subset of the row, the first ``topk`` of ``U`` are the first ``topk`` of the row. The keyed top-k kernel orders
+its candidates by score, then the smaller position: the same order; positions are distinct (sub-ranges are
+disjoint), so its tie select is exact. Padding holds ``-inf``, which is never selected. Scores are the kernel's own,
+passed on unchanged.
 
 Two levels are exact by the same argument applied twice. A group is a run of consecutive sub-ranges, so its keys are
-themselves a sub-range (disjoint from the other groups' and increasing in group order), and the candidates of its
-splits contain its top-``topk``: step 3 over one group leaves exactly that group's top-``topk`` (a list of at most
-``min(topk, ceil(splits / G) x width)`` valid entries, padding ``-1``/``-inf``, in any order). These ``G`` lists are
-lists of the kind step 3 takes, from ``G`` increasing sub-ranges, so step 3 over them is the row's top-``topk``, with
-the same scores and the same tie rule. Empty padding lists hold only padding, never selected.
+themselves a sub-range (disjoint from the other groups'), and the candidates of its splits contain its top-``topk``:
+step 3 over one group leaves exactly that group's top-``topk`` (padding ``-1``/``-inf``, in any order). These ``G``
+lists are lists of the kind step 3 takes, from ``G`` disjoint sub-ranges, so step 3 over them is the row's
+top-``topk``, with the same scores and the same tie rule. Empty padding lists hold only padding, never selected.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ from dsa.launch import topk as topk_launch
 
 __all__ = [
     "MERGE_GAIN", "MIN_KEY_BLOCKS_PER_SPLIT", "WAVES", "device_sms", "expand", "launched_blocks", "merge",
-    "merge_groups", "merge_rows", "num_splits", "padded_queries", "split_width",
+    "list_width", "merge_groups", "merge_rows", "num_splits", "padded_queries",
 ]  # fmt: skip
 
 WAVES = 2
@@ -66,7 +69,6 @@ MIN_KEY_BLOCKS_PER_SPLIT = 2
 MERGE_GAIN = 2
 """A second merge level runs only where it shortens the merge's critical path (its levels' longest rows, added) at
 least this many times: each level costs a position sort, a launch and the top-k kernel's fixed radix rounds."""
-_NO_POSITION = torch.iinfo(torch.int32).max  # sorts an invalid (-1) entry after every position
 
 
 def padded_queries(s_q: int, block_Q: int) -> int:
@@ -102,11 +104,10 @@ def device_sms(device: torch.device) -> int | None:
 
 def merge_rows(*, splits: int, width: int, topk: int, groups: int) -> tuple[int, ...]:
     """Candidates in one row of each merge level: ``(splits * width,)`` for one level; for ``groups > 1``, a group's
-    ``ceil(splits / groups)`` lists of ``width``, then ``groups`` lists of what a group holds (at most ``topk``)."""
+    ``ceil(splits / groups)`` lists of ``width``, then ``groups`` lists of ``topk`` (the first level's rows)."""
     if groups == 1:
         return (splits * width,)
-    group = -(-splits // groups) * width
-    return group, groups * min(topk, group)
+    return -(-splits // groups) * width, groups * topk
 
 
 def merge_groups(*, batch: int, s_q: int, splits: int, width: int, topk: int, sms: int | None) -> int:
@@ -140,10 +141,13 @@ def _best_groups(splits: int, width: int, topk: int, most: int) -> int:
     return best if MERGE_GAIN * path(best) <= splits * width else 1
 
 
-def split_width(*, topk: int, splits: int, key_blocks: int, block_N: int) -> int:
-    """Candidates a split can contribute: ``topk``, or fewer when no sub-range holds ``topk`` keys (a sub-range
-    spans at most ``ceil(key_blocks / splits)`` key blocks)."""
-    return min(topk, -(-key_blocks // splits) * block_N)
+def list_width(*, topk: int, splits: int, key_blocks: int, block_N: int) -> int:
+    """Entries of each split's list (the split launch's ``topk``): ``topk``, or, where fewer, the keys a sub-range
+    can hold (it spans at most ``ceil(key_blocks / splits)`` key blocks) rounded up to a power of two of key blocks,
+    so that a context growing one page at a time compiles few list widths. V3.2, ``B = 1``, 128K, 264 splits: 4 key
+    blocks, 512."""
+    blocks = -(-key_blocks // splits)
+    return min(topk, (1 << (blocks - 1).bit_length()) * block_N)
 
 
 def expand(
@@ -197,16 +201,16 @@ def expand(
 
 
 def merge(
-    positions: Tensor, scores: Tensor, *, s_q: int, splits: int, width: int, topk: int, groups: int | None = None
+    positions: Tensor, scores: Tensor, *, s_q: int, splits: int, topk: int, groups: int | None = None
 ) -> tuple[Tensor, Tensor]:
     """The top-``topk`` of the splits' candidates (module docstring, steps 3 and 4).
 
     Args:
-        positions (Tensor): ``[B, splits * s_pad, topk]`` int32, the split launch's positions (``-1`` padding).
-        scores (Tensor): ``[B, splits * s_pad, topk]`` float32, their scores (``-inf`` at padding).
+        positions (Tensor): ``[B, splits * s_pad, width]`` int32, the split launch's positions (``-1`` padding, any
+            order; ``width``: :func:`list_width`).
+        scores (Tensor): ``[B, splits * s_pad, width]`` float32, their scores (``-inf`` at padding).
         s_q (int): real queries per sequence (virtual queries ``t >= s_q`` of each split are dropped).
         splits (int): sub-ranges per query.
-        width (int): :func:`split_width`, the valid candidates a sub-range can hold at most.
         topk (int): entries per query.
         groups (int | None): the first level's groups of splits (1: one level; any ``>= 1``, tests force it);
             default :func:`merge_groups` for the tensors' device.
@@ -214,8 +218,8 @@ def merge(
     Returns:
         positions ``[B, s_q, topk]`` int32 (``-1`` padding) and scores ``[B, s_q, topk]`` float32 (``-inf`` there).
     """
-    batch = positions.shape[0]
-    shape = (batch, splits, -1, positions.shape[-1])
+    batch, width = positions.shape[0], positions.shape[-1]
+    shape = (batch, splits, -1, width)
     positions = positions.view(shape)[:, :, :s_q]
     scores = scores.view(shape)[:, :, :s_q]
     if groups is None:
@@ -223,34 +227,24 @@ def merge(
                               sms=device_sms(positions.device))  # fmt: skip
     if groups > 1:
         per_group = -(-splits // groups)
-        # Empty lists after the last split: whole groups of per_group lists, still in position order.
+        # Empty lists after the last split: whole groups of per_group lists.
         missing = (0, 0, 0, 0, 0, groups * per_group - splits)
         if missing[-1]:
             positions = torch.nn.functional.pad(positions, missing, value=-1)
             scores = torch.nn.functional.pad(scores, missing, value=float("-inf"))
-        # [B * G, per_group, s_q, topk]: a group's lists are consecutive splits, so each group is one merge row.
-        flat = (batch * groups, per_group, s_q, -1)
-        positions, scores = _merge_level(positions.reshape(flat), scores.reshape(flat), width=width, topk=topk)
+        # [B * G, per_group, s_q, width]: a group's lists are consecutive splits, so each group is one merge row.
+        flat = (batch * groups, per_group, s_q, width)
+        positions, scores = _merge_level(positions.reshape(flat), scores.reshape(flat), topk=topk)
         positions, scores = positions.view(batch, groups, s_q, topk), scores.view(batch, groups, s_q, topk)
-        width = min(topk, per_group * width)
-    return _merge_level(positions, scores, width=width, topk=topk)
+    return _merge_level(positions, scores, topk=topk)
 
 
-def _merge_level(positions: Tensor, scores: Tensor, *, width: int, topk: int) -> tuple[Tensor, Tensor]:
-    """One top-k launch over ``[N, lists, s_q, L]`` int32 positions and float32 scores (a row's lists from increasing
-    sub-ranges, each in any order, at most ``width`` valid entries each): ``[N, s_q, topk]`` positions and scores."""
-    rows, lists, s_q = positions.shape[:3]
-    # Increasing position within each sub-range (invalid entries last, then cut: at most `width` are valid).
-    key, order = torch.where(positions < 0, _NO_POSITION, positions).sort(dim=-1)
-    key, picked = key[..., :width], scores.gather(-1, order[..., :width])
-    # [N, s_q, lists * width]: list-major columns, so column order is position order.
-    key = key.permute(0, 2, 1, 3).reshape(rows, s_q, lists * width)
-    # reshape keeps a view where it can (e.g. one list of width 1 or a cut last dimension): the kernel takes
-    # row-major rows only.
-    picked = picked.permute(0, 2, 1, 3).reshape(rows, s_q, lists * width).contiguous()
-    columns = topk_launch.topk_indices(picked, topk)
-    valid = columns >= 0
-    safe = columns.clamp_min(0).to(torch.int64)
-    out_positions = torch.where(valid, key.gather(-1, safe), -1).to(torch.int32)
-    out_scores = torch.where(valid, picked.gather(-1, safe), float("-inf"))
-    return out_positions, out_scores
+def _merge_level(positions: Tensor, scores: Tensor, *, topk: int) -> tuple[Tensor, Tensor]:
+    """One keyed top-k launch over ``[N, lists, s_q, L]`` int32 positions and float32 scores (a row's lists from
+    disjoint sub-ranges, any order): ``[N, s_q, topk]`` positions and scores."""
+    rows, lists, s_q, length = positions.shape
+    # [N, s_q, lists * L], row-major (the kernel's layout): a view of the launch's output at s_q = 1, else a copy.
+    flat = (rows, s_q, lists * length)
+    positions = positions.transpose(1, 2).reshape(flat).contiguous()
+    scores = scores.transpose(1, 2).reshape(flat).contiguous()
+    return topk_launch.topk_of_candidates(scores, positions, topk)

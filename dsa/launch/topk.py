@@ -14,15 +14,16 @@ import torch
 from dsa.launch import common
 from tl_kernels import topk as kernels
 
-__all__ = ["KERNEL_NAME", "Plan", "plan", "run", "static_params", "topk_indices"]
+__all__ = ["KERNEL_NAME", "Plan", "plan", "run", "run_keyed", "static_params", "topk_indices", "topk_of_candidates"]
 
 KERNEL_NAME = "topk"
 """Name of the kernel in the tuner, the config cache and the benchmark."""
 
 
-def static_params(k: int) -> dict[str, Any]:
-    """The kernel's static parameters: ``{"k": k}``."""
-    return {"k": int(k)}
+def static_params(k: int, *, keyed: bool = False) -> dict[str, Any]:
+    """The kernel's static parameters: ``{"k": k}``, plus ``"keyed": True`` for the candidate-list form
+    (``tl_kernels.topk.build``), so the plain kernel's tuned configs and cache entries keep their key."""
+    return {"k": int(k), "keyed": True} if keyed else {"k": int(k)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,18 +36,19 @@ class Plan(common.KernelPlan):
 _PLANS: common.PlanCache[Plan] = common.PlanCache(KERNEL_NAME)
 
 
-def plan(scores: torch.Tensor, k: int, *, config: kernels.Config | None = None) -> Plan:
-    """The plan for ``scores [B, S, S_kv]`` float32 and ``k`` (``config`` overrides the selection: tests, tuner)."""
+def plan(scores: torch.Tensor, k: int, *, config: kernels.Config | None = None, keyed: bool = False) -> Plan:
+    """The plan for ``scores [B, S, S_kv]`` float32 and ``k`` (``config`` overrides the selection: tests, tuner;
+    ``keyed``: the candidate-list kernel of :func:`topk_of_candidates`)."""
     batch, seq, seq_kv = scores.shape
     device = scores.device
-    static = static_params(k)
+    static = static_params(k, keyed=keyed)
 
     def make() -> Plan:
         sizes = {"batch": batch, "seq_len": seq, "seq_len_kv": seq_kv}
         compiled = common.compile_plan(KERNEL_NAME, kernels, static, sizes, device, config)
         return Plan(compiled.target, compiled.config, compiled.kernel, static["k"])
 
-    return _PLANS.get(device, (batch, seq, seq_kv, static["k"], config), make)
+    return _PLANS.get(device, (batch, seq, seq_kv, static["k"], keyed, config), make)
 
 
 def run(p: Plan, scores: torch.Tensor) -> torch.Tensor:
@@ -54,6 +56,30 @@ def run(p: Plan, scores: torch.Tensor) -> torch.Tensor:
     indices = common.new_output((*scores.shape[:2], p.k), torch.int32, scores.device)
     p.kernel(scores, indices)
     return indices
+
+
+def run_keyed(p: Plan, scores: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(positions [B, S, k] int32, scores [B, S, k] float32)`` of the candidates under keyed plan ``p``."""
+    out_positions = common.new_output((*scores.shape[:2], p.k), torch.int32, scores.device)
+    out_scores = common.new_output((*scores.shape[:2], p.k), torch.float32, scores.device)
+    p.kernel(scores, positions, out_positions, out_scores)
+    return out_positions, out_scores
+
+
+def topk_of_candidates(scores: torch.Tensor, positions: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` best of each row's candidates: :func:`run_keyed` of the keyed :func:`plan`.
+
+    Args:
+        scores (torch.Tensor): ``[B, S, L]`` float32, contiguous: the candidates' scores (non-finite: no candidate).
+        positions (torch.Tensor): ``[B, S, L]`` int32, contiguous: their positions, distinct and non-negative where
+            the score is finite (read nowhere else), in any column order.
+        k (int): ``>= 1``; may exceed ``L``.
+
+    Returns:
+        positions ``[B, S, k]`` int32 (``-1`` padding) and scores ``[B, S, k]`` float32 (``-inf`` there): the ``k``
+        largest finite scores, ties to the smaller position (the contract's tie rule, in positions, not columns).
+    """
+    return run_keyed(plan(scores, k, keyed=True), scores, positions)
 
 
 def topk_indices(scores: torch.Tensor, k: int, *, config: kernels.Config | None = None) -> torch.Tensor:
