@@ -134,7 +134,8 @@ def test_expand_partitions_each_range_on_key_block_edges(
 ) -> None:
     """Each query's visible range (clamped to the kernel's keys) is the disjoint union of its sub-ranges, in split
     order, each within one sequence-wide run of key blocks no longer than :func:`list_width`; padding queries and
-    empty sub-ranges are ``[0, 0)``; q and weights rows are the real query's (padding: the last one's)."""
+    empty sub-ranges are ``[0, 0)``; q and weights hold one row per padded query, the real query's (padding: the last
+    one's)."""
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(-5, seq_kv + 5, (batch, s_q), generator=g, dtype=torch.int32)
     ends = starts + torch.randint(-5, seq_kv + 5, (batch, s_q), generator=g, dtype=torch.int32)
@@ -144,12 +145,14 @@ def test_expand_partitions_each_range_on_key_block_edges(
                                               block_N=block_N, seq_kv=seq_kv)  # fmt: skip
     s_pad = split.padded_queries(s_q, block_Q)
     assert s_pad % block_Q == 0 and v_starts.shape == v_ends.shape == (batch, splits * s_pad)
+    # One row per (padded) query, not per split: the kernel reads virtual query v's row at v % s_pad.
+    assert v_q.shape == (batch, s_pad, 2, 3) and v_w.shape == (batch, s_pad, 2)
+    assert torch.equal(v_q, q[:, [min(t, s_q - 1) for t in range(s_pad)]])
+    assert torch.equal(v_w, weights[:, [min(t, s_q - 1) for t in range(s_pad)]])
     width = split.list_width(topk=10**9, splits=splits, key_blocks=-(-seq_kv // block_N), block_N=block_N)
     for b in range(batch):
         for t in range(s_pad):
             rows = [j * s_pad + t for j in range(splits)]
-            assert torch.equal(v_q[b, rows], q[b, min(t, s_q - 1)].expand(splits, -1, -1))
-            assert torch.equal(v_w[b, rows], weights[b, min(t, s_q - 1)].expand(splits, -1))
             covered = [range(int(v_starts[b, r]), int(v_ends[b, r])) for r in rows]
             if t >= s_q:
                 assert all(len(c) == 0 for c in covered) and not v_starts[b, rows].any()

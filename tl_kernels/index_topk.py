@@ -260,7 +260,10 @@ def build(
         Paged (``page_size > 0``): k ``[num_slots, k_row]`` dtype (a row's first ``dim`` values are the key; FP8 rows
         may carry their scale bytes after them), [k_scale ``[num_slots, scale_row]`` float32, read at column
         ``scale_col``: for FP8-layout bytes a float32 view of the same rows], block_table ``[B, pages_per_sequence]``
-        int32, then starts, ends, indices, scores as above. With ``key_layout="paged"``: k ``[num_pages, page_size *
+        int32, then starts, ends, indices, scores as above; q ``[B, Q, heads, dim]`` and weights ``[B, Q, heads]``
+        have their own length ``Q``, and query ``t`` reads row ``t % Q``: ``Q = S`` for one query per row, or (a split
+        launch's virtual queries, ``S = splits x Q``) ``Q`` a multiple of the block's queries, so that every split's
+        queries read the same rows. With ``key_layout="paged"``: k ``[num_pages, page_size *
         (dim + 4)]`` dtype (whole pages; key ``o`` of page ``p`` at ``k[p, o * dim : (o + 1) * dim]``) and k_scale
         ``[num_pages, page_size * (dim + 4) / 4]`` float32 (a view of the same bytes; its scale at column
         ``page_size * dim / 4 + o``); slot ``p * page_size + o`` as before.
@@ -299,6 +302,9 @@ def build(
     )  # fmt: skip
 
     batch, seq = T.dynamic("batch, seq_len")
+    # Paged: the query rows are their own length, and query t reads row t % q_len (a split launch's virtual queries
+    # share their real query's row instead of copies of it; dsa.launch.index_topk_split). Otherwise q_len is seq.
+    q_len = T.dynamic("q_len") if paged else seq
     if page_keys:
         num_pages, max_pages = T.dynamic("num_pages, max_pages")
         num_slots = num_pages * page_size
@@ -458,7 +464,14 @@ def build(
             math_.key_blocks(Starts, Ends, bb, t0, seq, seq_kv, shift, bounds)
             kb_lo = bounds[0]
             kb_hi = bounds[1]
-            math_.load_queries(Q, W, q_tile, w_tile, bb, t0, seq)
+            # t0 % q_len + i is t0 + i's row: q_len is a multiple of block_Q (the split launcher pads to it) or seq;
+            # truncmod: both are non-negative, and floormod's sign fix-ups would be generated at every use.
+            # T.max(q_len, 1) (q_len >= 1 anyway): TileLang 0.1.15 renames a bare Var passed to a macro after the
+            # macro's parameter (seq_len), and two Vars named seq_len break the C target's host call.
+            if paged:
+                math_.load_queries(Q, W, q_tile, w_tile, bb, T.truncmod(t0, q_len), T.max(q_len, 1))
+            else:
+                math_.load_queries(Q, W, q_tile, w_tile, bb, t0, seq)
             select.single(base, init_rows, (fill, threshold))
             select.barrier()
 
@@ -514,9 +527,9 @@ def build(
                     select.for_range(base, block_N * block_Q, insert, (s0, fill, threshold, score_tile))
                     select.barrier()
 
-    q_shape = [batch, seq, heads, dim]
+    q_shape = [batch, q_len, heads, dim]
     k_shape = [batch, seq_kv, dim]
-    w_shape = [batch, seq, heads]
+    w_shape = [batch, q_len, heads]
     row_shape = [batch, seq]
     out_shape = [batch, seq, topk]
 

@@ -202,7 +202,8 @@ def plan_paged(
 def _launch_paged(
     p: Plan, q: Tensor, k_cache: Tensor, weights: Tensor, block_table: Tensor, ends: Tensor, starts: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """One launch of the paged kernel: ``(positions, scores)``, each ``[B, S, topk]``, for ``q [B, S, H_i, D_i]``."""
+    """One launch of the paged kernel: ``(positions, scores)``, each ``[B, S, topk]``, for ``ends [B, S]`` and ``q
+    [B, Q, H_i, D_i]`` (``Q = S``, or a split launch's padded queries, which its ``S`` virtual queries share)."""
     # Key rows, or whole pages for the per-page layout (its values and scales are addressed by page).
     rows = k_cache.view(k_cache.shape[0], -1) if p.key_layout != "rows" else k_cache.view(-1, k_cache.shape[-1])
     if q.dtype == torch.float8_e4m3fn:
@@ -210,7 +211,7 @@ def _launch_paged(
         keys = [tl_build.to_kernel_arg(raw.view(torch.float8_e4m3fn), p.target), weights, raw.view(torch.float32)]
     else:
         keys = [tl_build.to_kernel_arg(rows, p.target), weights]
-    shape = (q.shape[0], q.shape[1], p.topk)
+    shape = (*ends.shape, p.topk)  # one row per (virtual) query: q may hold fewer rows (a split launch)
     indices = common.new_output(shape, torch.int32, q.device)
     scores = common.new_output(shape, torch.float32, q.device)
     p.kernel(tl_build.to_kernel_arg(q, p.target), *keys, block_table, starts, ends, indices, scores)

@@ -10,7 +10,8 @@ ceil(s_q / block_Q)`` blocks, one at ``B = 1`` for a 128K context. Here, with no
    ``[B, splits * s_pad]`` laid out split-major (``s_pad``: ``s_q`` rounded up to whole kernel blocks, the padding
    queries see nothing), so one kernel launch over the unchanged block table runs ``B x splits x s_pad / block_Q``
    blocks, and the MTP queries of one split share a block (and its key tiles) whenever ``block_Q > 1``. The query
-   and weight rows are replicated (``splits x s_pad`` rows of ``H_i x D_i``; the block table is shared).
+   and weight rows are not copied per split: virtual query ``j * s_pad + t`` reads row ``t`` (the paged kernel reads
+   query row ``v % s_pad``), so only ``s_q`` is padded to ``s_pad`` rows; the block table is shared.
 2. The launch runs the same kernel compiled for ``width`` entries (:func:`list_width`: ``topk``, or the keys one
    sub-range can hold at most, rounded up to a power of two of key blocks where that is fewer): each sub-range's list
    is its top-``width`` positions and scores (the tie rule applies inside it), ``-1``/``-inf`` padding, in any order.
@@ -165,9 +166,10 @@ def expand(
         seq_kv (int): the kernel's logical key length, ``max_pages * page_size`` (positions past it are invisible).
 
     Returns:
-        q ``[B, splits * s_pad, H_i, D_i]``, weights ``[B, splits * s_pad, H_i]``, starts and ends ``[B, splits *
-        s_pad]`` int32: virtual query ``j * s_pad + t`` is query ``t`` restricted to sub-range ``j`` (``t >= s_q``,
-        and every empty restriction: ``[0, 0)``). Contiguous.
+        q ``[B, s_pad, H_i, D_i]`` and weights ``[B, s_pad, H_i]`` (the inputs, padded with copies of the last real
+        query; the inputs themselves when ``s_pad = s_q``), starts and ends ``[B, splits * s_pad]`` int32: virtual
+        query ``j * s_pad + t`` is query ``t`` (row ``t`` of q) restricted to sub-range ``j`` (``t >= s_q``, and every
+        empty restriction: ``[0, 0)``). Contiguous.
     """
     batch, s_q = ends.shape
     s_pad = padded_queries(s_q, block_Q)
@@ -189,15 +191,10 @@ def expand(
     ranges = torch.stack([sub_lo, sub_hi]).masked_fill(sub_hi <= sub_lo, 0).to(torch.int32)
     if s_pad > s_q:
         ranges = torch.nn.functional.pad(ranges, (0, s_pad - s_q))
-    # Padding queries repeat the last real one (any valid values do: they see no key).
-    rows = torch.arange(s_pad, device=q.device).clamp(max=s_q - 1) if s_pad > s_q else slice(None)
-
-    def per_split(t: Tensor) -> Tensor:
-        """``t [B, s_q, ...]`` as ``[B, splits * s_pad, ...]``: its padded rows once per split."""
-        padded = t[:, rows]
-        return padded.unsqueeze(1).expand(batch, splits, *padded.shape[1:]).reshape(batch, -1, *t.shape[2:])
-
-    return per_split(q), per_split(weights), ranges[0].view(batch, -1), ranges[1].view(batch, -1)
+    if s_pad > s_q:  # padding queries repeat the last real one (any valid values do: they see no key)
+        rows = torch.arange(s_pad, device=q.device).clamp(max=s_q - 1)
+        q, weights = q[:, rows], weights[:, rows]
+    return q, weights, ranges[0].view(batch, -1), ranges[1].view(batch, -1)
 
 
 def merge(
