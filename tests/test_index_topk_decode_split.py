@@ -6,11 +6,11 @@ tie rule decides every tie): random, tied (every score of a row equal), ordered 
 rows and FP8 key pages (DeepGEMM's per-page layout); 1-4 queries per sequence; lengths and ranges that are not
 multiples of the key block; unallocated pages. The split count is forced to 1..7 on the C target (whose default is
 1), and the merge's first-level group count to 1..4 (two levels from 2; the C target's default is one level). The
-CPU tier compiles two kernels of its own: the keyed ``k = 16`` top-k kernel (both merge levels run it) and, for
-lists narrower than ``topk``, the key-pages kernel at 8 entries with 8-key blocks; the other paged kernels are the
-ones ``tests/test_index_topk_decode.py`` compiles.
-Tiers: rule and range arithmetic (pure Python/PyTorch), ``cpu_kernel``, ``gpu`` (V3.2 at 128K: the split count and
-merge levels the rules pick against one launch and the reference).
+CPU tier compiles kernels of its own: the keyed ``k = 16`` top-k kernel (both merge levels run it), the sub-range
+kernel (``tl_kernels.split_ranges``, about a second each) and, for lists narrower than ``topk``, the key-pages kernel
+at 8 entries with 8-key blocks; the other paged kernels are the ones ``tests/test_index_topk_decode.py`` compiles.
+Tiers: the rules (pure Python), ``cpu_kernel`` (the sub-ranges, the merge, the whole split launch), ``gpu`` (V3.2
+at 128K: the split count and merge levels the rules pick against one launch and the reference).
 """
 
 from __future__ import annotations
@@ -29,13 +29,14 @@ from dsa import reference, testing
 from dsa.launch import index_topk as launch
 from dsa.launch import index_topk_split as split
 from dsa.launch import topk as topk_launch
-from tests import strategies
+from tests import strategies, support
 from tests.test_index_topk_decode import (
     CPU_TOPK, FORMATS, PATTERNS, V32, _assert_same_selection, _paged_draws, _paged_problem, _reference, _spoil_cache,
     is_fp8, make_problem,
 )  # fmt: skip
 from tl_kernels import dsl, indexer
 from tl_kernels import index_topk as kernels
+from tl_kernels import split_ranges as range_kernels
 
 H100_SMS = 132
 V32_STATIC = {"heads": V32["heads"], "dim": V32["dim"], "dtype": "float8_e4m3fn", "mode": "range", "topk": V32["topk"],
@@ -121,6 +122,10 @@ def test_merge_rule_group_count(batch: int, s_q: int, splits: int, width: int, s
         assert split.MERGE_GAIN * path(want) <= splits * width
 
 
+# ----------------------------------------------------------------------------------------------- CPU tier
+
+
+@pytest.mark.cpu_kernel
 @given(
     **strategies.sizes(batch=3, s_q=4),
     splits=st.integers(1, 7),
@@ -132,7 +137,8 @@ def test_merge_rule_group_count(batch: int, s_q: int, splits: int, width: int, s
 def test_expand_partitions_each_range_on_key_block_edges(
     batch: int, s_q: int, splits: int, block_Q: int, block_N: int, seq_kv: int, seed: int
 ) -> None:
-    """Each query's visible range (clamped to the kernel's keys) is the disjoint union of its sub-ranges, in split
+    """The sub-range kernel (``tl_kernels.split_ranges``, C target: one build per ``block_N``, about a second each):
+    each query's visible range (clamped to the kernel's keys) is the disjoint union of its sub-ranges, in split
     order, each within one sequence-wide run of key blocks no longer than :func:`list_width`; padding queries and
     empty sub-ranges are ``[0, 0)``; q and weights hold one row per padded query, the real query's (padding: the last
     one's)."""
@@ -169,9 +175,6 @@ def test_expand_partitions_each_range_on_key_block_edges(
                 r = j * s_pad + t
                 for kb in range(int(v_starts[b, r]) // block_N, -(-int(v_ends[b, r]) // block_N)):
                     assert owner.setdefault(kb, j) == j, f"key block {kb} in splits {owner[kb]} and {j}"
-
-
-# ----------------------------------------------------------------------------------------------- CPU tier
 
 
 def _sub_range_lists(scores: torch.Tensor, edges: list[int], order_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -355,6 +358,23 @@ def test_bad_split_count_names_the_argument(splits: object) -> None:
     args = make_problem(fmt="bf16", seed=8, batch=1, s_q=1, lengths=[20])
     with pytest.raises(ValueError, match="^index_topk_decode: splits must be a positive int"):
         _run_split(args, splits)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------------------------- build tier
+
+
+@pytest.mark.build
+@pytest.mark.parametrize("has_starts", [False, True])
+def test_hopper_build_of_the_sub_range_kernel_is_clean(has_starts: bool) -> None:
+    """The sub-range kernel at V3.2's 128-key blocks builds for sm_90a without spills, shared memory or matrix
+    instructions, and writes both outputs (one block per sequence, its sub-ranges strided over its threads)."""
+    kernel, report = support.hopper_build(f"split_ranges_{has_starts}", range_kernels.build, block_N=128,
+                                          has_starts=has_starts)  # fmt: skip
+    assert report.problems() == [] and report.mma == {} and report.smem_bytes == 0, report.ptxas_log
+    source = kernel.get_kernel_source()
+    assert "SubStarts[" in source and "SubEnds[" in source
+    assert ("Starts[" in source.replace("SubStarts[", "")) == has_starts
+    assert f"__launch_bounds__({range_kernels.THREADS}" in source
 
 
 # ----------------------------------------------------------------------------------------------- GPU tier

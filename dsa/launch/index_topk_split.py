@@ -2,16 +2,17 @@
 
 The paged fused kernel (``tl_kernels.index_topk`` with ``page_size > 0``) runs one thread block per ``block_Q``
 queries of a sequence, and each block walks all of its queries' key blocks in sequence: in decode that is ``B x
-ceil(s_q / block_Q)`` blocks, one at ``B = 1`` for a 128K context. Here, with no new kernel:
+ceil(s_q / block_Q)`` blocks, one at ``B = 1`` for a 128K context. Here, with the same kernel:
 
 1. :func:`expand`: every query's visible range ``[starts, ends)`` is cut into ``splits`` contiguous sub-ranges on
-   ``block_N`` boundaries (the key blocks of its sequence's union range dealt out evenly, so no key block is loaded by
-   two splits and every split of a long row gets work). The sub-ranges become virtual queries of the same sequence,
-   ``[B, splits * s_pad]`` laid out split-major (``s_pad``: ``s_q`` rounded up to whole kernel blocks, the padding
-   queries see nothing), so one kernel launch over the unchanged block table runs ``B x splits x s_pad / block_Q``
-   blocks, and the MTP queries of one split share a block (and its key tiles) whenever ``block_Q > 1``. The query
-   and weight rows are not copied per split: virtual query ``j * s_pad + t`` reads row ``t`` (the paged kernel reads
-   query row ``v % s_pad``), so only ``s_q`` is padded to ``s_pad`` rows; the block table is shared.
+   ``block_N`` boundaries (the key blocks of its sequence's union range dealt out evenly, so no key block is loaded
+   by two splits and every split of a long row gets work; one small launch, ``tl_kernels.split_ranges``). The
+   sub-ranges become virtual queries of the same sequence, ``[B, splits * s_pad]`` laid out split-major (``s_pad``:
+   ``s_q`` rounded up to whole kernel blocks, the padding queries see nothing), so one kernel launch over the
+   unchanged block table runs ``B x splits x s_pad / block_Q`` blocks, and the MTP queries of one split share a block
+   (and its key tiles) whenever ``block_Q > 1``. The query and weight rows are not copied per split: virtual query
+   ``j * s_pad + t`` reads row ``t`` (the paged kernel reads query row ``v % s_pad``), so only ``s_q`` is padded to
+   ``s_pad`` rows; the block table is shared.
 2. The launch runs the same kernel compiled for ``width`` entries (:func:`list_width`: ``topk``, or the keys one
    sub-range can hold at most, rounded up to a power of two of key blocks where that is fewer): each sub-range's list
    is its top-``width`` positions and scores (the tie rule applies inside it), ``-1``/``-inf`` padding, in any order.
@@ -54,7 +55,9 @@ import math
 import torch
 from torch import Tensor
 
+from dsa.launch import common
 from dsa.launch import topk as topk_launch
+from tl_kernels import split_ranges as range_kernels
 
 __all__ = [
     "MERGE_GAIN", "MIN_KEY_BLOCKS_PER_SPLIT", "WAVES", "device_sms", "expand", "launched_blocks", "merge",
@@ -173,28 +176,16 @@ def expand(
     """
     batch, s_q = ends.shape
     s_pad = padded_queries(s_q, block_Q)
-    lo = torch.zeros_like(ends) if starts is None else starts
-    # Clamped to the kernel's keys, an empty range as lo == hi; int64 so that the block arithmetic cannot overflow.
-    lo = lo.to(torch.int64).clamp(0, seq_kv)
-    hi = torch.maximum(ends.to(torch.int64).clamp(0, seq_kv), lo)
-    seen = hi > lo
-    # The key blocks the sequence's queries see together: each split deals out a share of them to every query, so the
-    # MTP queries of a sequence (ranges one key apart) walk the same key blocks in the same split.
-    first = torch.where(seen, lo // block_N, seq_kv).amin(dim=1, keepdim=True)
-    last = torch.where(seen, -(-hi // block_N), 0).amax(dim=1, keepdim=True)
-    blocks = (last - first).clamp_min(0)
-    first = torch.where(blocks > 0, first, 0)
-    edges = (first + blocks * torch.arange(splits + 1, device=ends.device) // splits) * block_N  # [B, splits + 1]
-    sub_lo = torch.maximum(lo.unsqueeze(1), edges[:, :-1].unsqueeze(2))  # [B, splits, s_q]
-    sub_hi = torch.minimum(hi.unsqueeze(1), edges[:, 1:].unsqueeze(2))
-    # [2, B, splits, s_pad]: each virtual query's range, [0, 0) where empty and for the padding queries.
-    ranges = torch.stack([sub_lo, sub_hi]).masked_fill(sub_hi <= sub_lo, 0).to(torch.int32)
-    if s_pad > s_q:
-        ranges = torch.nn.functional.pad(ranges, (0, s_pad - s_q))
+    shape = (batch, splits, s_pad)
+    sub_starts = common.new_output(shape, torch.int32, ends.device)
+    sub_ends = common.new_output(shape, torch.int32, ends.device)
+    kernel = common.get_kernel(range_kernels.build, common.target_for(ends.device), block_N=int(block_N),
+                               has_starts=starts is not None)  # fmt: skip
+    kernel(*([] if starts is None else [starts]), ends, sub_starts, sub_ends, int(seq_kv))
     if s_pad > s_q:  # padding queries repeat the last real one (any valid values do: they see no key)
         rows = torch.arange(s_pad, device=q.device).clamp(max=s_q - 1)
         q, weights = q[:, rows], weights[:, rows]
-    return q, weights, ranges[0].view(batch, -1), ranges[1].view(batch, -1)
+    return q, weights, sub_starts.view(batch, -1), sub_ends.view(batch, -1)
 
 
 def merge(
