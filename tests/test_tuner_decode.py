@@ -119,16 +119,17 @@ def test_screen_drops_repeats_and_candidates_no_sm_holds(monkeypatch: pytest.Mon
     space.screen_candidate(KERNEL, CPU_DECODE, dataclasses.asdict(kernels.Config()), target=dsl.CPU_TARGET)
 
 
-def test_a_stored_config_is_the_launchers_choice(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_a_stored_config_is_the_launchers_choice(
+    monkeypatch: pytest.MonkeyPatch, cache_dirs: tuple[Path, Path]
+) -> None:
     """A config the tuner stored for this SKU, static parameters and bucket is what the launcher chooses on a CUDA
     device (a faked device key: no GPU needed); another bucket gets the nearest tuned one, another cache format the
-    default; the C target never looks one up."""
-    monkeypatch.setenv("DSA_CACHE_DIR", str(tmp_path))
+    default; the C target never looks one up. Fresh user and shipped config folders (``cache_dirs``)."""
+    user, _ = cache_dirs
     monkeypatch.setattr(sku, "current_sku", lambda device=None: "h100-sxm")
-    tuned_cache.clear_memory_cache()
     tuned = {**dataclasses.asdict(kernels.Config()), "block_k": 16, "prefetch": False}
     tuned_cache.store(KERNEL, decode.V32_MLA_FP8, {"batch": 8, "s_q": 1, "topk": 2048}, tuned, sku="h100-sxm",
-                      cache_dir=tmp_path)  # fmt: skip
+                      cache_dir=user)  # fmt: skip
     cuda, target = torch.device("cuda", 0), dsl.HOPPER_TARGET
     bf16 = launch.static_params(heads=128, d_qk=576, d_v=512, fp8_layout=None)
     try:
@@ -144,26 +145,24 @@ def test_a_stored_config_is_the_launchers_choice(monkeypatch: pytest.MonkeyPatch
                                     dsl.CPU_TARGET)  # fmt: skip
         assert cpu == cpu_default
     finally:
-        tuned_cache.clear_memory_cache()
         select._checked.clear()
 
 
 def test_a_stored_paged_selection_config_is_the_paged_plans_choice(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    monkeypatch: pytest.MonkeyPatch, cache_dirs: tuple[Path, Path]
 ) -> None:
     """The decode selection's plan asks for ``(batch, s_q, block-table width x page size)``: a config the tuner stored
     for that bucket (a paged ``index_topk`` case of ``autotune.lookup.decode``) is what its plan runs on a CUDA device
     (faked key, kernel build stubbed); without a block-table width the plan keeps the default."""
-    monkeypatch.setenv("DSA_CACHE_DIR", str(tmp_path))
+    user, _ = cache_dirs
     monkeypatch.setattr(sku, "current_sku", lambda device=None: "h100-sxm")
     monkeypatch.setattr(index_launch.common, "get_kernel", lambda *args, **kwargs: "kernel")
-    tuned_cache.clear_memory_cache()
     q = torch.zeros(2, 1, 64, 128, dtype=torch.float8_e4m3fn)
     static = index_launch.paged_static_params(q, 2048, page_size=64, key_layout="paged")
     default = index_kernels.default_config({**static, "target": dsl.HOPPER_TARGET})
     tuned = {**dataclasses.asdict(default), "prefetch": not default.prefetch}
     sizes = {"batch": 2, "seq_len": 1, "seq_len_kv": 65536}
-    tuned_cache.store("index_topk", static, sizes, tuned, sku="h100-sxm", cache_dir=tmp_path)
+    tuned_cache.store("index_topk", static, sizes, tuned, sku="h100-sxm", cache_dir=user)
     made: list[dict[str, int] | None] = []
     real_make = index_launch._make
 
@@ -184,7 +183,6 @@ def test_a_stored_paged_selection_config_is_the_paged_plans_choice(
         assert rows == dataclasses.replace(index_kernels.default_config({**index_launch.paged_static_params(
             mtp, 2048, page_size=64), "target": dsl.HOPPER_TARGET}), q_rows=128)  # fmt: skip
     finally:
-        tuned_cache.clear_memory_cache()
         select._checked.clear()
         index_launch._PAGED_PLANS.clear()
 
@@ -311,7 +309,7 @@ def test_paged_selection_runner_accepts_the_kernel_and_rejects_planted_errors() 
 
 @pytest.mark.cpu_kernel
 def test_gpu_phase_checks_times_and_stores_the_winner_the_launcher_reads(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    monkeypatch: pytest.MonkeyPatch, cache_dirs: tuple[Path, Path]
 ) -> None:
     """The tuner's GPU phase on a decode case, run on the C target with a fake clock (the prefetch candidate is the
     faster): both candidates pass the runner's check against the reference, the faster one is stored at every size
@@ -341,21 +339,20 @@ def test_gpu_phase_checks_times_and_stores_the_winner_the_launcher_reads(
         call(input_sets[0])
         return 1.0 if launched[-1].prefetch else 2.0
 
-    options = tuner.TuneOptions(kernels=(KERNEL,), target=dsl.CPU_TARGET, progress=False, cache_dir=tmp_path)
+    user, _ = cache_dirs
+    options = tuner.TuneOptions(kernels=(KERNEL,), target=dsl.CPU_TARGET, progress=False, cache_dir=user)
     records, written, ok = gpu_phase.time_case(
         case, candidates, options, sku="h100-sxm", device=torch.device("cpu"),
         runner=dataclasses.replace(real, launch=launch_and_record), measure=measure,
     )  # fmt: skip
     assert ok and len(written) == 1 and all(r.error is None for r in records)
     assert [r.config["prefetch"] for r in records if r.chosen] == [True, True]
-    monkeypatch.setenv("DSA_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(sku, "current_sku", lambda device=None: "h100-sxm")
-    tuned_cache.clear_memory_cache()
+    tuned_cache.clear_memory_cache()  # the store above went through the in-process cache too: read the files
     try:
         chosen = launch._choose_config([CPU_DECODE], {"batch": 4, "s_q": 2, "topk": 24}, torch.device("cuda", 0),
                                        dsl.CPU_TARGET)  # fmt: skip
     finally:
-        tuned_cache.clear_memory_cache()
         select._checked.clear()
     assert chosen == kernels.Config(**configs[1])
 
