@@ -97,6 +97,25 @@ def test_merge_rule_uses_two_levels_at_one_sequence_of_128k() -> None:
                                                                              topk=V32["topk"], groups=1)[0]
 
 
+def test_list_width_holds_a_sub_range_and_few_widths_serve_a_growing_context() -> None:
+    """A list holds every key of its sub-range (at most ``ceil(key_blocks / splits)`` blocks) or ``topk``, rounded up
+    to a power of two of key blocks: V3.2 at B = 1 on 132 SMs, every context from one page to 512K (one page at a
+    time) compiles at most ``log2(topk / block_N)`` list widths besides ``topk``."""
+    block_Q, block_N = _v32_tiling()
+    topk = V32["topk"]
+    widths = set()
+    for pages in range(1, 512 * 1024 // V32["page_size"] + 1):
+        key_blocks = -(-pages * V32["page_size"] // block_N)
+        splits = split.num_splits(batch=1, s_q=1, block_Q=block_Q, key_blocks=key_blocks, sms=H100_SMS)
+        width = split.list_width(topk=topk, splits=splits, key_blocks=key_blocks, block_N=block_N)
+        assert width >= min(topk, -(-key_blocks // splits) * block_N)
+        blocks = width // block_N
+        assert width == topk or (width % block_N == 0 and blocks & (blocks - 1) == 0)
+        widths.add(width)
+    assert widths - {topk} and len(widths - {topk}) <= (topk // block_N).bit_length() - 1, widths
+    assert split.list_width(topk=topk, splits=3, key_blocks=0, block_N=block_N) == block_N  # an empty table
+
+
 @pytest.mark.parametrize(
     ("batch", "s_q", "splits", "width", "sms", "want"),
     [

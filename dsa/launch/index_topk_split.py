@@ -150,7 +150,7 @@ def list_width(*, topk: int, splits: int, key_blocks: int, block_N: int) -> int:
     can hold (it spans at most ``ceil(key_blocks / splits)`` key blocks) rounded up to a power of two of key blocks,
     so that a context growing one page at a time compiles few list widths. V3.2, ``B = 1``, 128K, 264 splits: 4 key
     blocks, 512."""
-    blocks = -(-key_blocks // splits)
+    blocks = max(1, -(-key_blocks // splits))  # an empty table still launches one key block's list
     return min(topk, (1 << (blocks - 1).bit_length()) * block_N)
 
 
