@@ -9,9 +9,11 @@ that take their parameters, it orders them as the tests ask for them, and one pr
 
 # No ``from __future__ import annotations`` here: T.prim_func evaluates its parameter annotations, and as strings
 # they cannot see the builder's local variables (NameError on e.g. a local dtype name).
+import contextlib
 import dataclasses
 import inspect
 import importlib
+import logging
 import os
 import threading
 from pathlib import Path
@@ -25,7 +27,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from tests import build_pool
-from tl_kernels import build, dsl
+from tl_kernels import build, dsl, split_ranges
 
 # Output sentinels written before each kernel call. Bit-exact comparisons need sentinels that no correct result can
 # equal: a float32 NaN whose low 16 bits are set (a bf16 decode always has them clear, an e4m3 NaN decodes to the
@@ -430,6 +432,81 @@ def test_static_report_flags_shared_memory_hog() -> None:
     assert tile_bytes <= report.smem_bytes <= tile_bytes + _STATIC_SMEM_SLACK, report.smem_bytes
     problems = report.problems()
     assert any("shared memory" in p for p in problems), problems
+
+
+def _report_figures(report: build.StaticReport) -> tuple[object, ...]:
+    """What a static report says, less the ptxas log's timing line (``Compile time = ... ms``)."""
+    lines = [line for line in report.ptxas_log.splitlines() if "Compile time" not in line]
+    return report.registers, report.spill_bytes, report.smem_bytes, dict(report.mma), lines
+
+
+@pytest.mark.build
+def test_static_report_from_the_compiles_own_ptxas_output_equals_rerunning_ptxas(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``compile_cuda`` of a kernel TileLang has not cached takes the report from ptxas's verbose output of TileLang's
+    own nvcc run (no PTX regenerated) and caches it for ``static_report``; it equals the report of regenerating the
+    PTX and running ptxas, which is what a compile that captured nothing (an in-process hit) does. TileLang's logger
+    is at WARNING as in the tuner: nothing reaches the console and its level comes back.
+
+    Not through the session's build pool on purpose: the point is an nvcc run in this process (a fresh TileLang cache
+    and a ``block_N`` no other test builds, so neither TileLang's memory cache nor ``get_kernel``'s can answer)."""
+    monkeypatch.setenv("TILELANG_CACHE_DIR", str(tmp_path / "tilelang"))
+    ptx_runs: list[object] = []
+    kernel_ptx = build._kernel_ptx
+    monkeypatch.setattr(build, "_kernel_ptx", lambda kernel: ptx_runs.append(kernel) or kernel_ptx(kernel))
+    tl_logger = logging.getLogger("tilelang")
+    params = {"block_N": 96, "has_starts": True}
+    reports = tmp_path / "reports"
+    level = tl_logger.level
+    tl_logger.setLevel(logging.WARNING)  # setLevel, not an attribute: it clears the loggers' cached isEnabledFor
+    try:
+        kernel, captured = build.compile_hopper(split_ranges.build, report_cache_dir=reports, **params)
+        assert tl_logger.level == logging.WARNING and tl_logger.filters == []
+        assert all(handler.filters == [] for handler in tl_logger.handlers)
+    finally:
+        tl_logger.setLevel(level)
+    assert ptx_runs == [] and len(list(reports.iterdir())) == 1
+    assert tilelang.env.get_default_verbose() is False
+    assert build.static_report(kernel, cache_dir=reports).ptxas_log == captured.ptxas_log  # from the cache
+    assert ptx_runs == []
+    # An in-process hit captures nothing: the old path, PTX regenerated and run through ptxas (no cache given).
+    again, rerun = build.compile_hopper(split_ranges.build, **params)
+    assert again is kernel and ptx_runs == [kernel]
+    assert captured.registers > 0 and _report_figures(captured) == _report_figures(rerun)
+    out, err = capsys.readouterr()
+    assert "PTXAS" not in out + err and "NVCC" not in out + err and "TileLang begins" not in out + err
+
+
+def test_ptxas_capture_takes_each_threads_own_log_and_prints_nothing(capsys: pytest.CaptureFixture[str]) -> None:
+    """Two threads capture at once (records logged the way ``tilelang.contrib.nvcc`` logs them): each gets its own
+    ptxas log, a third thread's is dropped, nothing is printed, and TileLang's verbose flag comes back when the last
+    capture ends."""
+    tl_logger = logging.getLogger("tilelang")
+    assert not tilelang.env.get_default_verbose()
+    capture = build._PtxasCapture()
+    logs: dict[str, list[str]] = {}
+    inside, done = threading.Barrier(3, timeout=30), threading.Barrier(3, timeout=30)
+
+    def nvcc_run(name: str, captures: bool) -> None:
+        with capture.capture() if captures else contextlib.nullcontext([]) as mine:
+            inside.wait()
+            assert tilelang.env.get_default_verbose() and not capture.user_verbose()
+            tl_logger.info("NVCC compilation command: %s", f"nvcc {name}")
+            tl_logger.info("PTXAS verbose output:\n%s", f"ptxas log of {name}")
+            done.wait()
+        logs[name] = mine
+
+    threads = [threading.Thread(target=nvcc_run, args=(name, name != "c")) for name in "ab"]
+    threads[0].start()
+    threads[1].start()
+    nvcc_run("c", False)
+    for thread in threads:
+        thread.join()
+    assert logs == {"a": ["ptxas log of a"], "b": ["ptxas log of b"], "c": []}
+    assert not tilelang.env.get_default_verbose() and tl_logger.filters == []
+    out, err = capsys.readouterr()
+    assert "ptxas log" not in out + err and "nvcc" not in out + err
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ What the layers above configure (g++ flags of C-target kernels, where ptxas repo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -21,7 +22,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -126,8 +127,11 @@ def _compile(
             execution_backend=_CPU_EXECUTION_BACKEND,
             compile_flags=list(cpu_flags),
             pass_configs=pass_configs,
+            verbose=_PTXAS_CAPTURE.user_verbose(),
         )
-    return tilelang.compile(func, target=_compile_target(target), pass_configs=pass_configs)
+    return tilelang.compile(
+        func, target=_compile_target(target), pass_configs=pass_configs, verbose=_PTXAS_CAPTURE.user_verbose()
+    )
 
 
 def get_kernel(
@@ -373,23 +377,28 @@ def _run_ptxas(ptx: str, arch: str) -> str:
     return log
 
 
-def _ptxas_log(kernel: Any, device_source: str, arch: str, cache_dir: Path | None) -> str:
+def _ptxas_log(
+    kernel: Any, device_source: str, arch: str, cache_dir: Path | None, captured: str | None = None
+) -> str:
     """The ptxas report of ``kernel``, cached in ``cache_dir`` (when given) by the hash of its CUDA source and the
     ptxas binary.
 
-    Getting the PTX reruns nvcc (TileLang keeps only the cubin), which costs as much as the compile itself; the log
-    depends only on the source and the toolchain, so a warm build tier (or a second tuning run) skips both.
+    ``captured`` is ptxas's verbose output of the kernel's own nvcc compile (see :class:`_PtxasCapture`): when given
+    it is the report, and it is written to the cache for later calls. Otherwise getting the PTX reruns nvcc (TileLang
+    keeps only the cubin), which costs as much as the compile itself; the log depends only on the source and the
+    toolchain, so a warm build tier (or a second tuning run) skips both.
     """
     ptxas = _find_ptxas()
     path: Path | None = None
     if cache_dir is not None:
         stamp = f"{ptxas}\0{Path(ptxas).stat().st_mtime_ns}\0{arch}\0{device_source}"
         path = Path(cache_dir) / f"{hashlib.sha256(stamp.encode()).hexdigest()}.log"
-        try:
-            return path.read_text()
-        except OSError:
-            pass
-    log = _run_ptxas(_kernel_ptx(kernel), arch)
+        if captured is None:
+            try:
+                return path.read_text()
+            except OSError:
+                pass
+    log = _run_ptxas(_kernel_ptx(kernel), arch) if captured is None else captured
     if path is None:
         return log
     try:
@@ -402,6 +411,118 @@ def _ptxas_log(kernel: Any, device_source: str, arch: str, cache_dir: Path | Non
     return log
 
 
+class _PtxasCapture(logging.Filter):
+    """Captures ptxas's verbose output of TileLang's own nvcc runs, per compiling thread.
+
+    With TileLang's verbose flag on, its CUDA backend passes ``--ptxas-options=--verbose`` to nvcc and
+    ``tilelang.contrib.nvcc`` logs the output on the package logger ``tilelang`` itself (``from tilelang import
+    logger``; TileLang gives it its own console handler and turns propagation off). The flag is process-wide (read at
+    each nvcc call), so it is switched on while any capture runs (a reference count under a lock; the old value comes
+    back when the last capture ends) and this object, a filter on that logger, takes the ``PTXAS verbose output``
+    record of each capturing thread. Compiles in other threads meanwhile also run nvcc verbose: their records are
+    dropped like ours, so nothing reaches the console unless the user had asked for verbose output themselves; the
+    ``-w`` TileLang adds with it changes no binary. :func:`get_kernel` passes the user's own verbose value to
+    ``tilelang.compile`` (:meth:`user_verbose`) so the cache's chatter stays as the user set it. When TileLang's
+    logger drops INFO records (e.g. the tuner's WARNING), its level goes to INFO during captures and its handlers get
+    a filter that keeps the old threshold; a logger that propagates to other handlers is left alone and nothing is
+    captured. A compile that captures nothing (a disk-cache hit) just takes the slow path.
+    """
+
+    _MESSAGES = ("NVCC compilation command: %s", "PTXAS verbose output:\n%s")  # tilelang.contrib.nvcc.compile_cuda
+    _PTXAS_MESSAGE = _MESSAGES[1]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self._users = 0
+        self._logs: dict[int, list[str]] = {}  # thread id -> its capture's logs; read unlocked by filter (GIL-atomic)
+        self._undo: list[Callable[[], None]] = []
+        self._user_verbose = False  # TileLang's verbose flag before the first capture
+        self._pass_on = False  # whether nvcc's verbose records still reach TileLang's handlers (the user wants them)
+
+    def user_verbose(self) -> bool:
+        """TileLang's verbose flag as the user set it (not as a running capture forces it)."""
+        from tilelang.env import env
+
+        with self._lock:
+            return self._user_verbose if self._users else env.get_default_verbose()
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[list[str]]:
+        """Collects the ptxas logs of this thread's nvcc runs inside the block (into the yielded list)."""
+        logs: list[str] = []
+        me = threading.get_ident()
+        with self._lock:
+            if not self._users:
+                try:
+                    self._start()
+                except Exception as error:  # noqa: BLE001 - TileLang's internals moved: capture nothing, never fail
+                    logger.debug("cannot capture ptxas output from TileLang's compiles: %s", error)
+                    self._stop()
+            self._users += 1
+            outer = self._logs.get(me)
+            self._logs[me] = logs
+        try:
+            yield logs
+        finally:
+            with self._lock:
+                if outer is None:
+                    del self._logs[me]
+                else:
+                    self._logs[me] = outer
+                self._users -= 1
+                if not self._users:
+                    self._stop()
+
+    def _stop(self) -> None:
+        """Undo what :meth:`_start` changed, last change first (under the lock)."""
+        while self._undo:
+            self._undo.pop()()
+
+    def _start(self) -> None:
+        """Turn the verbose flag on and route nvcc's records here (the first capture; under the lock)."""
+        import tilelang  # noqa: F401 - importing it installs the "tilelang" logger's handler
+        from tilelang.env import env
+
+        tl_logger = logging.getLogger("tilelang")
+        self._user_verbose = env.get_default_verbose()
+        self._pass_on = self._user_verbose and tl_logger.isEnabledFor(logging.INFO)
+        if not tl_logger.isEnabledFor(logging.INFO):
+            if tl_logger.propagate or not tl_logger.handlers:
+                return  # records below the old level would reach handlers we cannot filter: capture nothing
+            old_level = tl_logger.getEffectiveLevel()
+
+            def keeps_old_level(record: logging.LogRecord) -> bool:
+                return record.levelno >= old_level
+
+            for handler in list(tl_logger.handlers):
+                handler.addFilter(keeps_old_level)
+                self._undo.append(lambda handler=handler: handler.removeFilter(keeps_old_level))
+            level = tl_logger.level
+            tl_logger.setLevel(logging.INFO)
+            self._undo.append(lambda: tl_logger.setLevel(level))
+        tl_logger.addFilter(self)
+        self._undo.append(lambda: tl_logger.removeFilter(self))
+        if not self._user_verbose:
+            # The descriptor's forced value (not os.environ): nvcc subprocesses and other readers keep their env.
+            forced = vars(type(env))["TILELANG_DEFAULT_VERBOSE"]._forced_value  # None unless someone forced it
+            env.TILELANG_DEFAULT_VERBOSE = "1"
+            self._undo.append(lambda: setattr(env, "TILELANG_DEFAULT_VERBOSE", forced))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Keep ``record`` from TileLang's handlers if it is nvcc verbose output the user did not ask for; take a
+        capturing thread's ptxas log."""
+        if record.msg not in self._MESSAGES:
+            return True
+        logs = self._logs.get(threading.get_ident())
+        if logs is not None and record.msg == self._PTXAS_MESSAGE and record.args:
+            logs.append(str(record.args[0]))
+        return self._pass_on
+
+
+_PTXAS_CAPTURE = _PtxasCapture()
+
+
 def static_report(kernel: Any, *, arch: str = "sm_90a", cache_dir: Path | None = None) -> StaticReport:
     """Registers, spills, shared memory and matrix instructions of a kernel compiled for ``arch`` (max over entries).
 
@@ -409,9 +530,17 @@ def static_report(kernel: Any, *, arch: str = "sm_90a", cache_dir: Path | None =
     when given), adds each entry's dynamic shared memory (from the generated host code, see ``_dynamic_smem_bytes``)
     to ptxas's static figure, and counts the matrix-instruction call sites of the CUDA source.
     """
+    return _static_report(kernel, arch, cache_dir, ())
+
+
+def _static_report(kernel: Any, arch: str, cache_dir: Path | None, captured: Sequence[str]) -> StaticReport:
+    """:func:`static_report`, using the first of the ``captured`` ptxas logs that covers every entry of the kernel's
+    CUDA source (a compile thread captures only its own kernel's log, but checking costs nothing)."""
     device_source = kernel.get_kernel_source()
     host_source = kernel.get_host_source() or ""
-    log = _ptxas_log(kernel, device_source, arch, cache_dir)
+    wanted = set(_CUDA_ENTRY.findall(device_source))
+    usable = (log for log in captured if wanted and wanted <= _parse_ptxas(log).keys())
+    log = _ptxas_log(kernel, device_source, arch, cache_dir, next(usable, None))
     usage = _parse_ptxas(log)
     if not usage:
         raise RuntimeError(f"no entry functions in the ptxas output:\n{log}")
@@ -437,9 +566,15 @@ def compile_cuda(
     **params: Hashable,
 ) -> tuple[Any, StaticReport]:
     """Compile ``builder(**params)`` for a CUDA ``target`` (through :func:`get_kernel`) and return it with its static
-    report (ptxas for the target's architecture; logs cached in ``report_cache_dir`` when given)."""
-    kernel = get_kernel(builder, target=target, **params)
-    return kernel, static_report(kernel, arch=dsl.arch_of(target).name, cache_dir=report_cache_dir)
+    report (ptxas for the target's architecture; logs cached in ``report_cache_dir`` when given).
+
+    When this call runs nvcc, the report comes from ptxas's verbose output of that run (:class:`_PtxasCapture`), the
+    same figures :func:`static_report` gets by regenerating the PTX, about 2 s sooner per kernel."""
+    # ptxas's verbose output of TileLang's own nvcc run (when this call compiles) spares static_report a second nvcc
+    # run for the PTX; a kernel from TileLang's disk cache, or from this process, captures nothing and takes that path.
+    with _PTXAS_CAPTURE.capture() as captured:
+        kernel = get_kernel(builder, target=target, **params)
+    return kernel, _static_report(kernel, dsl.arch_of(target).name, report_cache_dir, captured)
 
 
 def compile_hopper(
