@@ -2,7 +2,9 @@
 
 CPU tier (``cpu_kernel``): bit-exact bf16/e4m3 decoding and bf16 rounding against torch, allocator aliases, the
 in-process kernel cache. Build tier (``build``): a 64x64x64 bf16 GEMM written with the dsl allocators compiles for
-sm_90a with wgmma and a clean static report; a shared-memory-hungry kernel is flagged by ``StaticReport.problems``.
+sm_90a with wgmma and a clean static report; a shared-memory-hungry kernel is flagged by ``StaticReport.problems``;
+the report taken from ptxas's output of TileLang's own nvcc run equals the one from rerunning ptxas (plus a CPU test
+of the per-thread capture).
 The test session's build pool (``tests.build_pool``): its recorded list of C-target kernels still names builders
 that take their parameters, it orders them as the tests ask for them, and one process compiles each (claims).
 """
