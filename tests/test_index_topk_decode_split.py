@@ -111,9 +111,41 @@ def test_list_width_holds_a_sub_range_and_few_widths_serve_a_growing_context() -
         assert width >= min(topk, -(-key_blocks // splits) * block_N)
         blocks = width // block_N
         assert width == topk or (width % block_N == 0 and blocks & (blocks - 1) == 0)
+        assert width == topk or width in split.list_widths(topk=topk, block_N=block_N)
         widths.add(width)
     assert widths - {topk} and len(widths - {topk}) <= (topk // block_N).bit_length() - 1, widths
     assert split.list_width(topk=topk, splits=3, key_blocks=0, block_N=block_N) == block_N  # an empty table
+
+
+def test_a_gpus_first_narrow_list_plans_every_width_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU (faked SM count; kernel builds stubbed) the first narrow list of a plan plans every width
+    :func:`list_width` can pick, so a growing context never compiles mid-stream; later narrow lists plan only their
+    own (a cached plan); the C target plans only what it launches."""
+    monkeypatch.setattr(launch.common, "get_kernel", lambda *args, **kwargs: "kernel")
+    monkeypatch.setattr(launch.common, "target_for", lambda device: dsl.HOPPER_TARGET)
+    monkeypatch.setattr(launch, "_WARMED_LISTS", set())
+    planned: list[int] = []
+    real = launch.plan_paged
+
+    def spy(q: torch.Tensor, topk: int, **kwargs: Any) -> Any:
+        planned.append(topk)
+        return real(q, topk, **kwargs)
+
+    monkeypatch.setattr(launch, "plan_paged", spy)
+    q = torch.zeros(1, 1, V32["heads"], V32["dim"], dtype=torch.float8_e4m3fn)
+    try:  # stub plans on a CPU device key: forgotten afterwards
+        wide = real(q, V32["topk"], page_size=V32["page_size"], key_layout="paged")
+        monkeypatch.setattr(split, "device_sms", lambda device: None)
+        assert launch._list_plan(wide, q, V32["page_size"], 512).topk == 512 and planned == [512]
+        monkeypatch.setattr(split, "device_sms", lambda device: H100_SMS)
+        planned.clear()
+        assert launch._list_plan(wide, q, V32["page_size"], 512).topk == 512
+        assert sorted(set(planned)) == [128, 256, 512, 1024] == list(split.list_widths(topk=2048, block_N=128))
+        planned.clear()
+        assert launch._list_plan(wide, q, V32["page_size"], 256).topk == 256 and planned == [256]
+        assert launch._list_plan(wide, q, V32["page_size"], V32["topk"]) is wide
+    finally:
+        launch._PAGED_PLANS.clear()
 
 
 @pytest.mark.parametrize(

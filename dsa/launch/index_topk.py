@@ -259,12 +259,27 @@ def run_paged(
 
 def _list_plan(p: Plan, q: Tensor, page_size: int, width: int) -> Plan:
     """The split launch's plan: ``p`` itself, or for lists narrower than ``p.topk`` the kernel compiled for
-    ``width`` entries with ``p``'s config (the same blocks and key tiles; its candidate buffers are smaller)."""
+    ``width`` entries with ``p``'s config (the same blocks and key tiles; its candidate buffers are smaller).
+
+    On a GPU the first narrow list of ``p`` plans (compiles) every width the rule can pick
+    (``index_topk_split.list_widths``, at most ``log2(topk / block_N)``): a context that grows into another width
+    later finds its kernel built, so a serving step does not stall on a compile mid-stream (with TileLang's disk
+    cache, later processes only load them). The C target, whose default never splits, compiles what it launches."""
     if width == p.topk:
         return p
+    family = (q.device, q.dtype, tuple(q.shape[2:]), p.topk, p.config, p.key_layout, page_size)
+    if family not in _WARMED_LISTS and split.device_sms(q.device) is not None:
+        for other in split.list_widths(topk=p.topk, block_N=p.config.block_N):
+            plan_paged(q, other, page_size=page_size, config=p.config, key_layout=p.key_layout)
+        _WARMED_LISTS.add(family)
     narrow = plan_paged(q, width, page_size=page_size, config=p.config, key_layout=p.key_layout)
     assert narrow is not None  # a config that fits topk fits fewer entries: smaller buffers, the same tiles
     return narrow
+
+
+_WARMED_LISTS: set[tuple[Any, ...]] = set()
+"""The (device, q dtype and head shape, topk, config, key layout, page size) families whose narrow list kernels are
+all planned (a GPU's first narrow list plans every width, :func:`_list_plan`)."""
 
 
 def index_topk_paged(

@@ -61,7 +61,7 @@ from tl_kernels import split_ranges as range_kernels
 
 __all__ = [
     "MERGE_GAIN", "MIN_KEY_BLOCKS_PER_SPLIT", "WAVES", "device_sms", "expand", "launched_blocks", "merge",
-    "list_width", "merge_groups", "merge_rows", "num_splits", "padded_queries",
+    "list_width", "list_widths", "merge_groups", "merge_rows", "num_splits", "padded_queries",
 ]  # fmt: skip
 
 WAVES = 2
@@ -152,6 +152,17 @@ def list_width(*, topk: int, splits: int, key_blocks: int, block_N: int) -> int:
     blocks, 512."""
     blocks = max(1, -(-key_blocks // splits))  # an empty table still launches one key block's list
     return min(topk, (1 << (blocks - 1).bit_length()) * block_N)
+
+
+def list_widths(*, topk: int, block_N: int) -> tuple[int, ...]:
+    """Every list width narrower than ``topk`` that :func:`list_width` can pick for ``block_N``-key blocks (powers of
+    two of key blocks below ``topk``, at most ``log2(topk / block_N)``), narrowest first. V3.2: 128, 256, 512, 1024."""
+    widths = []
+    blocks = 1
+    while blocks * block_N < topk:
+        widths.append(blocks * block_N)
+        blocks *= 2
+    return tuple(widths)
 
 
 def expand(
