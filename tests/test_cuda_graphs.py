@@ -21,7 +21,7 @@ import torch
 
 from benchmarks import problems
 from dsa import ops, testing
-from tests.test_index_topk_decode import V32, make_problem
+from tests.test_index_topk_decode import V32, hopper_prebuilt, make_problem  # the paged kernels, built in parallel
 
 REPLAYS = 3
 """New inputs replayed through one captured graph."""
@@ -50,6 +50,7 @@ def _select(args: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.gpu
 @pytest.mark.decode
+@pytest.mark.usefixtures("hopper_prebuilt")
 @pytest.mark.parametrize(
     ("fmt", "batch", "s_q", "context"),
     [("fp8-pages", 1, 1, 131_072), ("fp8", 1, 2, 65_536), ("fp8", 64, 2, 8_192)],

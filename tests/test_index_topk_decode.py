@@ -29,10 +29,13 @@ from hypothesis import strategies as st
 
 from dsa import cache, kv_format, ops, reference, testing
 from dsa.launch import index_topk as launch
+from dsa.launch import index_topk_split as split
 from tests import strategies, support
 from tl_kernels import build as tl_build
 from tl_kernels import dsl
 from tl_kernels import index_topk as kernels
+from tl_kernels import split_ranges as range_kernels
+from tl_kernels import topk as topk_kernels
 
 CPU_HEADS, CPU_DIM, CPU_TOPK, CPU_PAGE = 4, 32, 16, 16
 V32 = {"heads": 64, "dim": 128, "topk": 2048, "page_size": 64}
@@ -345,11 +348,24 @@ through registers: ``kernels.prefetch_by_default``)."""
 def _paged_builds() -> list[tuple[Any, dict[str, Any]]]:
     """The V3.2 paged kernels the build and GPU tiers use (FP8 key rows and pages, bf16 keys), with their default
     Hopper configs, then (GPU tier only) the configs of the launcher's MTP rule that its ``s_q = 2`` cases run over
-    key rows (``dsa.launch.index_topk.mtp_default``: two queries a block)."""
+    key rows (``dsa.launch.index_topk.mtp_default``: two queries a block), then (GPU tier only) what a GPU's split
+    selection launches besides: each config's narrow list kernels (every width its first split plans,
+    ``dsa.launch.index_topk._list_plan``), the keyed top-k merge and the sub-range kernels. One parallel prebuild, so
+    the decode stage's tests do not compile them one after another."""
     statics = (V32_PAGED_STATIC, V32_PAGES_STATIC, {**V32_PAGED_STATIC, "dtype": "bfloat16", "scale_col": 0})
     configs = [(s, kernels.default_config({**s, "target": dsl.HOPPER_TARGET})) for s in statics]
     configs += [(s, rule) for s in statics if (rule := launch.mtp_default(s, 2, dsl.HOPPER_TARGET)) is not None]
-    return [(kernels.build, {**static, **dataclasses.asdict(config)}) for static, config in configs]
+    builds = [(kernels.build, {**static, **dataclasses.asdict(config)}) for static, config in configs]
+    builds += [
+        (kernels.build, {**static, **dataclasses.asdict(config), "topk": width})
+        for static, config in configs
+        for width in split.list_widths(topk=static["topk"], block_N=config.block_N)
+    ]
+    merge = topk_kernels.default_config({"k": V32["topk"]})
+    builds.append((topk_kernels.build, {"k": V32["topk"], "keyed": True, **dataclasses.asdict(merge)}))
+    block_N = configs[0][1].block_N
+    builds += [(range_kernels.build, {"block_N": block_N, "has_starts": starts}) for starts in (False, True)]
+    return builds
 
 
 hopper_prebuilt = support.prebuilt_fixture(

@@ -30,9 +30,9 @@ from dsa.launch import index_topk as launch
 from dsa.launch import index_topk_split as split
 from dsa.launch import topk as topk_launch
 from tests import strategies, support
-from tests.test_index_topk_decode import (
+from tests.test_index_topk_decode import (  # hopper_prebuilt: the GPU tier's paged kernels, built in parallel
     CPU_TOPK, FORMATS, PATTERNS, V32, _assert_same_selection, _paged_draws, _paged_problem, _reference, _spoil_cache,
-    is_fp8, make_problem,
+    hopper_prebuilt, is_fp8, make_problem,
 )  # fmt: skip
 from tl_kernels import dsl, indexer
 from tl_kernels import index_topk as kernels
@@ -433,6 +433,7 @@ def test_hopper_build_of_the_sub_range_kernel_is_clean(has_starts: bool) -> None
 
 @pytest.mark.gpu
 @pytest.mark.decode
+@pytest.mark.usefixtures("hopper_prebuilt")
 @pytest.mark.parametrize(
     ("fmt", "pattern", "batch", "s_q", "context"),
     [("fp8", "random", 1, 1, 131_072), ("bf16", "tied", 1, 2, 131_072), ("fp8", "ordered", 2, 4, 40_000),
