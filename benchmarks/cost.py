@@ -254,27 +254,31 @@ def key_row_memory_ops(dim: int, key_layout: str) -> int:
 
 
 def merge_estimate(
-    *, batch: int, s_q: int, splits: int, width: int, topk: int, groups: int, spec: sku.PerfSpec
+    *, batch: int, s_q: int, splits: int, width: int, topk: int, groups: int, spec: sku.PerfSpec, block_q: int = 1
 ) -> tuple[float, float]:  # fmt: skip
     """``(seconds, DRAM bytes)`` of the split selection's merge (``dsa.launch.index_topk_split.merge``) for ``batch x
-    s_q`` queries of ``splits`` lists of ``width`` candidates in ``groups`` first-level groups (1: one level).
+    s_q`` queries of ``splits`` lists of ``width`` candidates in ``groups`` first-level groups (1: one level), the
+    split launch's queries padded to whole blocks of ``block_q``.
 
     Per level, one keyed top-k launch (one 1024-thread block per row) reads its rows' candidates (position and
     score) and writes ``topk`` of them: ``max(DRAM time, busiest SM)``, a row costing :data:`TOPK_ROW_CYCLES` plus
-    :data:`SELECT_OPS_PER_KEY` CUDA-core operations per candidate. With ``s_q > 1`` (or groups padded with empty
-    lists) a level's rows are first laid out in a copy pass of their own (read and written once); at ``s_q = 1`` the
-    split launch's output already is the rows."""
+    :data:`SELECT_OPS_PER_KEY` CUDA-core operations per candidate. Before it, the copy passes the code makes to lay
+    the rows out (each reads and writes the level's candidates once): the first level pads missing lists when the
+    groups are uneven, and lays the queries' rows side by side when ``s_q > 1`` (or drops padding queries when
+    ``s_q`` is not a whole number of blocks, unless the padding copy already did); the second level lays them out
+    when ``s_q > 1``. At ``s_q = 1`` with whole groups the split launch's output already is the rows."""
     rows = selection_split.merge_rows(splits=splits, width=width, topk=topk, groups=groups)
     queries = batch * s_q
+    padded_queries = selection_split.padded_queries(s_q, block_q) > s_q
     per_group = -(-splits // groups)
-    # (rows, copied) of each level: the first over each group's lists, the second over the groups' lists.
-    levels = [(queries, s_q > 1)] if groups == 1 else [
-        (queries * groups, s_q > 1 or per_group * groups != splits), (queries, s_q > 1)
-    ]  # fmt: skip
+    uneven = groups > 1 and per_group * groups != splits
+    first_copies = int(uneven) + int(s_q > 1 or (padded_queries and not uneven))
+    # (rows, copy passes) of each level: the first over each group's lists, the second over the groups' lists.
+    levels = [(queries * groups, first_copies)] + ([(queries, int(s_q > 1))] if groups > 1 else [])
     seconds = nbytes = 0.0
     entry = _I32_BYTES + _F32_BYTES
-    for (n_rows, copied), row in zip(levels, rows, strict=True):
-        copy_bytes = 2 * n_rows * row * entry if copied else 0
+    for (n_rows, copies), row in zip(levels, rows, strict=True):
+        copy_bytes = copies * 2 * n_rows * row * entry
         topk_bytes = n_rows * (row + topk) * entry
         cycles = n_rows * (TOPK_ROW_CYCLES + row * SELECT_OPS_PER_KEY * FP32_OP)
         sm_s = _busiest_sm_s(cycles, n_rows, spec, persistent=False)
@@ -323,7 +327,8 @@ def selection_estimate(
     dram_s = _dram_s(reads + (lists or out), spec)
     sm_s = _busiest_sm_s(queries * context * per_key + loads, blocks, spec, persistent=False)
     merge_s, merge_bytes = (
-        merge_estimate(batch=batch, s_q=s_q, splits=splits, width=width, topk=topk, groups=groups, spec=spec)
+        merge_estimate(batch=batch, s_q=s_q, splits=splits, width=width, topk=topk, groups=groups, spec=spec,
+                       block_q=block_q)
         if lists else (0.0, 0.0)
     )  # fmt: skip
     return Estimate(

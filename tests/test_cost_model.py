@@ -114,7 +114,8 @@ def test_merge_levels_cost_their_longest_rows() -> None:
     """The merge's keyed top-k rows (one 1024-thread block each) cost ``TOPK_ROW_CYCLES`` plus 1/16 cycle a
     candidate: at B = 1, 128K one level is one row of 135,168 candidates; two levels (8 groups) eight rows of 16,896
     side by side, then one of 16,384. At ``s_q = 1`` the split launch's output is the rows (no copy, no sort); with
-    two queries each level first lays its rows out (read and written once)."""
+    two queries each level first lays its rows out (read and written once), uneven groups add a padding copy, and
+    padding queries (``s_q`` not a whole number of blocks) a copy that drops them."""
     args = {"batch": 1, "splits": 264, "width": 512, "topk": 2048, "spec": H800}
     one_s, one_bytes = cost.merge_estimate(**args, s_q=1, groups=1)
     two_s, two_bytes = cost.merge_estimate(**args, s_q=1, groups=8)
@@ -124,12 +125,20 @@ def test_merge_levels_cost_their_longest_rows() -> None:
     assert one_bytes == (135_168 + 2048) * entry
     assert two_s == pytest.approx((2 * cost.TOPK_ROW_CYCLES + (16_896 + 16_384) / 16) / clock)
     assert two_bytes == (8 * (16_896 + 2048) + 16_384 + 2048) * entry
-    # Two queries: twice the rows, each level's layout copy read and written once.
-    mtp_s, mtp_bytes = cost.merge_estimate(**{**args, "splits": 132}, s_q=2, groups=8)
+    # Two queries, 128 splits in 8 whole groups: twice the rows, each level's layout copy read and written once.
+    mtp_s, mtp_bytes = cost.merge_estimate(**{**args, "splits": 128}, s_q=2, groups=8)
+    rows = split_rules.merge_rows(splits=128, width=512, topk=2048, groups=8)
+    topk_bytes = (2 * 8 * (rows[0] + 2048) + 2 * (rows[1] + 2048)) * entry
+    assert mtp_bytes == 2 * (2 * 8 * rows[0] + 2 * rows[1]) * entry + topk_bytes
+    assert mtp_s > two_s
+    # 132 splits in 8 groups (17, the last ones padded): the first level copies twice (the padding, then the layout).
+    uneven_s, uneven_bytes = cost.merge_estimate(**{**args, "splits": 132}, s_q=2, groups=8)
     rows = split_rules.merge_rows(splits=132, width=512, topk=2048, groups=8)
-    copies = 2 * (2 * 8 * rows[0] + 2 * rows[1]) * entry
-    assert mtp_bytes == copies + (2 * 8 * (rows[0] + 2048) + 2 * (rows[1] + 2048)) * entry
-    assert mtp_s > two_s * rows[0] / 16_896 * 0.99
+    topk_bytes = (2 * 8 * (rows[0] + 2048) + 2 * (rows[1] + 2048)) * entry
+    assert uneven_bytes == 2 * (2 * 2 * 8 * rows[0] + 2 * rows[1]) * entry + topk_bytes
+    # One query in blocks of two (a padding query per split): one copy drops it.
+    _, padded_bytes = cost.merge_estimate(**args, s_q=1, groups=1, block_q=2)
+    assert padded_bytes == one_bytes + 2 * 135_168 * entry
 
 
 def test_bytes_and_dequantised_rows_follow_the_layout_and_the_schedule() -> None:

@@ -67,7 +67,7 @@ def test_decode_selection_replays_in_a_cuda_graph(
     graph, captured = _captured(cuda_device, lambda: _select(static))
     for replay in range(REPLAYS):
         fresh = make_problem(fmt=fmt, seed=100 + replay, batch=batch, s_q=s_q,
-                             lengths=[context - 97 * (replay + 1) * (b + 1) for b in range(batch)],
+                             lengths=[max(1, context - 97 * (replay + 1) - 13 * b) for b in range(batch)],
                              heads=V32["heads"], dim=V32["dim"], page_size=V32["page_size"], device=cuda_device)
         # The same cache and block table (a serving step appends to them in place); new queries and lengths.
         for name in ("q", "weights", "ends"):

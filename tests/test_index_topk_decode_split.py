@@ -120,7 +120,7 @@ def test_list_width_holds_a_sub_range_and_few_widths_serve_a_growing_context() -
 def test_a_gpus_first_narrow_list_plans_every_width_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """On a GPU (faked SM count; kernel builds stubbed) the first narrow list of a plan plans every width
     :func:`list_width` can pick, so a growing context never compiles mid-stream; later narrow lists plan only their
-    own (a cached plan); the C target plans only what it launches."""
+    own (a cached plan); the C target, and a caller's one-off config (``warm=False``), plan only what they launch."""
     monkeypatch.setattr(launch.common, "get_kernel", lambda *args, **kwargs: "kernel")
     monkeypatch.setattr(launch.common, "target_for", lambda device: dsl.HOPPER_TARGET)
     monkeypatch.setattr(launch, "_WARMED_LISTS", set())
@@ -138,6 +138,8 @@ def test_a_gpus_first_narrow_list_plans_every_width_once(monkeypatch: pytest.Mon
         monkeypatch.setattr(split, "device_sms", lambda device: None)
         assert launch._list_plan(wide, q, V32["page_size"], 512).topk == 512 and planned == [512]
         monkeypatch.setattr(split, "device_sms", lambda device: H100_SMS)
+        planned.clear()
+        assert launch._list_plan(wide, q, V32["page_size"], 512, warm=False).topk == 512 and planned == [512]
         planned.clear()
         assert launch._list_plan(wide, q, V32["page_size"], 512).topk == 512
         assert sorted(set(planned)) == [128, 256, 512, 1024] == list(split.list_widths(topk=2048, block_N=128))

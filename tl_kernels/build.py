@@ -426,6 +426,11 @@ class _PtxasCapture(logging.Filter):
     logger drops INFO records (e.g. the tuner's WARNING), its level goes to INFO during captures and its handlers get
     a filter that keeps the old threshold; a logger that propagates to other handlers is left alone and nothing is
     captured. A compile that captures nothing (a disk-cache hit) just takes the slow path.
+
+    Side effects while a capture is open, on every thread's compiles: nvcc runs with ``-w`` (its warnings are not
+    shown), and TileLang's CUDA binary cache stores such cubins under another key (its options differ; TileLang's
+    kernel cache, whose key does not hold them, normally answers first). With the logger lowered to INFO, the
+    handlers' filter also holds back INFO records of child loggers that set their own lower level.
     """
 
     _MESSAGES = ("NVCC compilation command: %s", "PTXAS verbose output:\n%s")  # tilelang.contrib.nvcc.compile_cuda
@@ -534,13 +539,15 @@ def static_report(kernel: Any, *, arch: str = "sm_90a", cache_dir: Path | None =
 
 
 def _static_report(kernel: Any, arch: str, cache_dir: Path | None, captured: Sequence[str]) -> StaticReport:
-    """:func:`static_report`, using the first of the ``captured`` ptxas logs that covers every entry of the kernel's
-    CUDA source (a compile thread captures only its own kernel's log, but checking costs nothing)."""
+    """:func:`static_report`, using the ``captured`` ptxas log when there is exactly one and it covers every entry of
+    the kernel's CUDA source."""
     device_source = kernel.get_kernel_source()
     host_source = kernel.get_host_source() or ""
     wanted = set(_CUDA_ENTRY.findall(device_source))
-    usable = (log for log in captured if wanted and wanted <= _parse_ptxas(log).keys())
-    log = _ptxas_log(kernel, device_source, arch, cache_dir, next(usable, None))
+    # Only a lone log is this kernel's for sure: kernels of one builder share their entry names, so a capture that
+    # ever held two nvcc runs could not tell them apart (then the PTX is regenerated).
+    ours = captured[0] if len(captured) == 1 and wanted and wanted <= _parse_ptxas(captured[0]).keys() else None
+    log = _ptxas_log(kernel, device_source, arch, cache_dir, ours)
     usage = _parse_ptxas(log)
     if not usage:
         raise RuntimeError(f"no entry functions in the ptxas output:\n{log}")

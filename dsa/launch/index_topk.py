@@ -236,11 +236,13 @@ def paged_splits(p: Plan, q: Tensor, block_table: Tensor, page_size: int) -> int
 
 def run_paged(
     p: Plan, q: Tensor, k_cache: Tensor, weights: Tensor, block_table: Tensor, ends: Tensor, starts: OptTensor,
-    splits: int | None = None,
+    splits: int | None = None, warm_lists: bool = True,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """``(positions, scores)``, each ``[B, s_q, topk]``, under paged plan ``p``: one launch, or with ``splits > 1``
     (default :func:`paged_splits`) each query's key range cut into ``splits`` sub-ranges, each on its own thread
-    blocks, and their candidates merged (``dsa.launch.index_topk_split``; the same result)."""
+    blocks, and their candidates merged (``dsa.launch.index_topk_split``; the same result). ``warm_lists``: a GPU's
+    first narrow list plans every width (:func:`_list_plan`); off, only the width launched (a caller's one-off
+    config, e.g. a tuning candidate)."""
     page_size = k_cache.shape[1]
     splits = paged_splits(p, q, block_table, page_size) if splits is None else splits
     if not isinstance(splits, int) or isinstance(splits, bool) or splits < 1:
@@ -252,23 +254,25 @@ def run_paged(
     v_q, v_w, v_starts, v_ends = split.expand(q, weights, starts, ends, splits=splits, block_Q=block_Q,
                                               block_N=block_N, seq_kv=block_table.shape[1] * page_size)  # fmt: skip
     width = split.list_width(topk=p.topk, splits=splits, key_blocks=key_blocks, block_N=block_N)
-    positions, scores = _launch_paged(_list_plan(p, q, page_size, width), v_q, k_cache, v_w, block_table, v_ends,
-                                      v_starts)  # fmt: skip
+    positions, scores = _launch_paged(_list_plan(p, q, page_size, width, warm_lists), v_q, k_cache, v_w, block_table,
+                                      v_ends, v_starts)  # fmt: skip
     return split.merge(positions, scores, s_q=q.shape[1], splits=splits, topk=p.topk)
 
 
-def _list_plan(p: Plan, q: Tensor, page_size: int, width: int) -> Plan:
+def _list_plan(p: Plan, q: Tensor, page_size: int, width: int, warm: bool = True) -> Plan:
     """The split launch's plan: ``p`` itself, or for lists narrower than ``p.topk`` the kernel compiled for
     ``width`` entries with ``p``'s config (the same blocks and key tiles; its candidate buffers are smaller).
 
     On a GPU the first narrow list of ``p`` plans (compiles) every width the rule can pick
     (``index_topk_split.list_widths``, at most ``log2(topk / block_N)``): a context that grows into another width
     later finds its kernel built, so a serving step does not stall on a compile mid-stream (with TileLang's disk
-    cache, later processes only load them). The C target, whose default never splits, compiles what it launches."""
+    cache, later processes only load them). The C target, whose default never splits, and ``warm=False`` (a caller's
+    one-off config: a tuning candidate) compile what they launch."""
     if width == p.topk:
         return p
-    family = (q.device, q.dtype, tuple(q.shape[2:]), p.topk, p.config, p.key_layout, page_size)
-    if family not in _WARMED_LISTS and split.device_sms(q.device) is not None:
+    family = (q.device, common.plan_settings(q.device), q.dtype, tuple(q.shape[2:]), p.topk, p.config, p.key_layout,
+              page_size)  # fmt: skip
+    if warm and family not in _WARMED_LISTS and split.device_sms(q.device) is not None:
         for other in split.list_widths(topk=p.topk, block_N=p.config.block_N):
             plan_paged(q, other, page_size=page_size, config=p.config, key_layout=p.key_layout)
         _WARMED_LISTS.add(family)
@@ -278,8 +282,8 @@ def _list_plan(p: Plan, q: Tensor, page_size: int, width: int) -> Plan:
 
 
 _WARMED_LISTS: set[tuple[Any, ...]] = set()
-"""The (device, q dtype and head shape, topk, config, key layout, page size) families whose narrow list kernels are
-all planned (a GPU's first narrow list plans every width, :func:`_list_plan`)."""
+"""The (device and its plan settings, q dtype and head shape, topk, config, key layout, page size) families whose
+narrow list kernels are all planned (a GPU's first narrow list plans every width, :func:`_list_plan`)."""
 
 
 def index_topk_paged(
@@ -301,7 +305,8 @@ def index_topk_paged(
 
     Args:
         q, k_cache, weights, topk, block_table, ends, starts: as the contract says, laid out by the op (row-major).
-        config (Config | None): overrides the default config (tests).
+        config (Config | None): overrides the default config (tests, tuning candidates; a split launch then plans
+            only the list width it runs, :func:`_list_plan`).
         planned (Plan | None): the caller's plan; default :func:`plan_paged` (``ValueError`` where none fits).
         splits (int | None): sub-ranges per query's keys (split-K selection; tests force 1..7); default
             :func:`paged_splits` (two waves of the GPU's SMs, one on the C target).
@@ -314,4 +319,4 @@ def index_topk_paged(
                               max_pages=block_table.shape[1])  # fmt: skip
     if p is None:
         raise ValueError(f"index_topk_decode: no fused config fits topk={topk} for q {tuple(q.shape)} on {q.device}")
-    return run_paged(p, q, k_cache, weights, block_table, ends, starts, splits)
+    return run_paged(p, q, k_cache, weights, block_table, ends, starts, splits, warm_lists=config is None)
