@@ -68,11 +68,12 @@ WAVES = 2
 """Thread blocks per streaming multiprocessor the split count aims for: a small batch spreads each query's key range
 over enough blocks to fill the GPU twice over."""
 MIN_KEY_BLOCKS_PER_SPLIT = 2
-"""The fewest key blocks a split walks: below it each split's fixed cost (its query tile, its final top-k written to
-``topk`` columns and merged again) outweighs its keys."""
+"""The fewest key blocks a split walks: below it each split's fixed cost (its query tile, its list written and merged
+again) outweighs its keys."""
 MERGE_GAIN = 2
 """A second merge level runs only where it shortens the merge's critical path (its levels' longest rows, added) at
-least this many times: each level costs a position sort, a launch and the top-k kernel's fixed radix rounds."""
+least this many times: each level costs a launch (with ``s_q > 1`` a layout copy too) and the top-k kernel's
+fixed radix rounds."""
 
 
 def padded_queries(s_q: int, block_Q: int) -> int:
